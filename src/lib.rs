@@ -1,0 +1,10 @@
+//! hesscope: exact Hessian eigenvalue densities of CNNs on any GPU.
+//!
+//! Data flows model + data -> passes (forward, backward, R-forward,
+//! R-backward) run by the float64 CPU reference or the GPU executor ->
+//! the operator v -> Hv -> spectral solvers -> reports.
+
+pub mod error;
+pub mod spectral;
+
+pub use error::{Error, Result};

@@ -1,0 +1,47 @@
+//! The matrix-free symmetric operator every solver works on: the GPU HVP,
+//! the float64 CPU reference, a layer's diagonal block, or a test matrix.
+
+use crate::error::Result;
+
+pub trait SymOperator {
+    /// Dimension n of the (n x n) operator.
+    fn dim(&self) -> usize;
+    /// out = A v. `v` and `out` have length `dim()`.
+    fn apply(&mut self, v: &[f64], out: &mut [f64]) -> Result<()>;
+}
+
+/// A dense symmetric matrix (row-major), for tests and small models.
+pub struct DenseOperator {
+    pub n: usize,
+    pub a: Vec<f64>,
+}
+
+impl SymOperator for DenseOperator {
+    fn dim(&self) -> usize {
+        self.n
+    }
+    fn apply(&mut self, v: &[f64], out: &mut [f64]) -> Result<()> {
+        for (i, o) in out.iter_mut().enumerate() {
+            let row = &self.a[i * self.n..(i + 1) * self.n];
+            *o = row.iter().zip(v).map(|(a, b)| a * b).sum();
+        }
+        Ok(())
+    }
+}
+
+/// A diagonal operator, for orthogonality tests with wide spectra.
+pub struct DiagonalOperator {
+    pub d: Vec<f64>,
+}
+
+impl SymOperator for DiagonalOperator {
+    fn dim(&self) -> usize {
+        self.d.len()
+    }
+    fn apply(&mut self, v: &[f64], out: &mut [f64]) -> Result<()> {
+        for ((o, d), x) in out.iter_mut().zip(&self.d).zip(v) {
+            *o = d * x;
+        }
+        Ok(())
+    }
+}
