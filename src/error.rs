@@ -33,7 +33,9 @@ pub enum Error {
     Argument { flag: String, msg: String },
     #[error("GPU: {0}")]
     Gpu(String),
-    #[error("tensor `{tensor}` needs {bytes} bytes but the device limit {limit_name} is {limit} bytes")]
+    #[error(
+        "tensor `{tensor}` needs {bytes} bytes but the device limit {limit_name} is {limit} bytes"
+    )]
     DeviceLimit {
         tensor: String,
         bytes: u64,

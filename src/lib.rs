@@ -8,3 +8,8 @@ pub mod error;
 pub mod spectral;
 
 pub use error::{Error, Result};
+pub mod cpu;
+pub mod data;
+pub mod engine;
+pub mod model;
+pub mod ops;

@@ -1,0 +1,105 @@
+//! What every executor (float64 CPU reference, GPU) offers the solvers:
+//! the loss, its gradient and exact Hessian-vector products over a data set.
+
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::model::{Model, Weights};
+use crate::spectral::SymOperator;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BnMode {
+    /// PyTorch train(): normalise by each batch's own statistics.
+    Batch,
+    /// PyTorch eval(): normalise by the running buffers.
+    Running,
+}
+
+/// A model, its weights and the data the loss is taken over.
+#[derive(Clone, Debug)]
+pub struct Problem {
+    pub model: Model,
+    pub weights: Weights,
+    pub data: Dataset,
+    pub batch: usize,
+    pub bn: BnMode,
+}
+
+impl Problem {
+    pub fn new(
+        model: Model,
+        weights: Weights,
+        data: Dataset,
+        batch: usize,
+        bn: BnMode,
+    ) -> Result<Problem> {
+        data.validate(&model)?;
+        if batch == 0 {
+            return Err(Error::Argument {
+                flag: "--batch".into(),
+                msg: "must be at least 1".into(),
+            });
+        }
+        if weights.theta.len() != model.n_params {
+            return Err(Error::Argument {
+                flag: "--weights".into(),
+                msg: format!(
+                    "{} values for {} parameters",
+                    weights.theta.len(),
+                    model.n_params
+                ),
+            });
+        }
+        if bn == BnMode::Batch {
+            // PyTorch refuses this too: one value per channel has no variance.
+            let smallest = data
+                .batches(batch)
+                .iter()
+                .map(|(_, c)| *c)
+                .min()
+                .unwrap_or(0);
+            let one_value = model.nodes.iter().any(|n| {
+                matches!(n.op, crate::model::Op::BatchNorm { .. })
+                    && smallest * n.in_shape.spatial() == 1
+            });
+            if one_value {
+                return Err(Error::Argument {
+                    flag: "--batch".into(),
+                    msg: "a batch of one sample leaves one value per channel at a 1x1 batch norm: no batch statistics".into(),
+                });
+            }
+        }
+        Ok(Problem {
+            model,
+            weights,
+            data,
+            batch,
+            bn,
+        })
+    }
+}
+
+/// Loss, gradient and Hv of L = (1/N)·Σ per-sample losses.
+pub trait Curvature {
+    fn n_params(&self) -> usize;
+    /// (L, ∇L).
+    fn loss_grad(&mut self) -> Result<(f64, Vec<f64>)>;
+    /// out = H v, exactly (R-operator), over every batch.
+    fn hvp(&mut self, v: &[f64], out: &mut [f64]) -> Result<()>;
+    /// `cpu`, `vulkan`, `gl`, ...
+    fn backend(&self) -> String;
+    /// The adapter's name (`float64 reference` for the CPU).
+    fn adapter(&self) -> String;
+}
+
+/// The Hessian as a symmetric operator for the spectral solvers.
+pub struct Hessian<'a>(pub &'a mut dyn Curvature);
+
+impl SymOperator for Hessian<'_> {
+    fn dim(&self) -> usize {
+        self.0.n_params()
+    }
+    fn apply(&mut self, v: &[f64], out: &mut [f64]) -> Result<()> {
+        self.0.hvp(v, out)
+    }
+}

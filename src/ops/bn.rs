@@ -1,0 +1,193 @@
+//! Batch norm over [n, c, hw] in float64, with the R-operator terms.
+//!
+//! With x̂ = (x − μ)·s, y = γx̂ + β. In `batch` mode μ and s = 1/√(σ²+ε)
+//! are the batch's own statistics and depend on x; in `running` mode they
+//! are constants from the running buffers. R-forward:
+//!   batch:   x̂̇ = s(ẋ − mean ẋ − x̂·mean(x̂ẋ)),  ṡ = −s²·mean(x̂ẋ)
+//!   running: x̂̇ = s·ẋ
+//!   ẏ = γ̇x̂ + γx̂̇ + β̇
+//! Backward, with ĝ = γ·gy and T = ĝ − mean ĝ − x̂·mean(ĝx̂):
+//!   batch: gx = s·T;  running: gx = s·ĝ
+//! R-backward, with R(ĝ) = γ̇·gy + γ·R(gy):
+//!   batch: R(gx) = ṡ·T + s·(R(ĝ) − mean R(ĝ) − x̂̇·mean(ĝx̂) − x̂·mean(R(ĝ)x̂ + ĝx̂̇))
+//!   running: R(gx) = s·R(ĝ)
+//!   R(gγ) = Σ(R(gy)x̂ + gy·x̂̇),  R(gβ) = Σ R(gy)
+
+pub const EPS: f64 = 1e-5;
+
+#[derive(Clone, Copy, Debug)]
+pub struct BnGeom {
+    pub n: usize,
+    pub c: usize,
+    pub hw: usize,
+}
+
+impl BnGeom {
+    fn count(&self) -> f64 {
+        (self.n * self.hw) as f64
+    }
+    /// Per channel: Σ over the channel's elements of f(flat index).
+    fn channel_sums(&self, f: impl Fn(usize) -> f64) -> Vec<f64> {
+        let mut out = vec![0.0; self.c];
+        for n in 0..self.n {
+            for (ch, o) in out.iter_mut().enumerate() {
+                let base = (n * self.c + ch) * self.hw;
+                *o += (base..base + self.hw).map(&f).sum::<f64>();
+            }
+        }
+        out
+    }
+    /// Apply f(flat index, channel) to every element.
+    fn each(&self, out: &mut [f64], f: impl Fn(usize, usize) -> f64) {
+        for n in 0..self.n {
+            for ch in 0..self.c {
+                let base = (n * self.c + ch) * self.hw;
+                for i in base..base + self.hw {
+                    out[i] = f(i, ch);
+                }
+            }
+        }
+    }
+}
+
+/// Per-channel normalisation constants: (mean, 1/sqrt(var + eps)).
+pub fn batch_stats(g: &BnGeom, x: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let m = g.count();
+    let mean: Vec<f64> = g
+        .channel_sums(|i| x[i])
+        .into_iter()
+        .map(|s| s / m)
+        .collect();
+    let ch_of = |i: usize| (i / g.hw) % g.c;
+    let var = g.channel_sums(|i| (x[i] - mean[ch_of(i)]).powi(2));
+    let s = var.iter().map(|v| 1.0 / (v / m + EPS).sqrt()).collect();
+    (mean, s)
+}
+
+pub fn running_stats(rm: &[f64], rv: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    (
+        rm.to_vec(),
+        rv.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect(),
+    )
+}
+
+/// x̂ and y = γx̂ + β.
+pub fn forward(
+    g: &BnGeom,
+    x: &[f64],
+    mean: &[f64],
+    s: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+) -> (Vec<f64>, Vec<f64>) {
+    let mut xhat = vec![0.0; x.len()];
+    g.each(&mut xhat, |i, c| (x[i] - mean[c]) * s[c]);
+    let mut y = vec![0.0; x.len()];
+    g.each(&mut y, |i, c| gamma[c] * xhat[i] + beta[c]);
+    (xhat, y)
+}
+
+/// Returns (x̂̇, ẏ, mean(x̂ẋ) per channel — zero in running mode).
+#[allow(clippy::too_many_arguments)]
+pub fn r_forward(
+    g: &BnGeom,
+    batch: bool,
+    xdot: &[f64],
+    xhat: &[f64],
+    s: &[f64],
+    gamma: &[f64],
+    dgamma: &[f64],
+    dbeta: &[f64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let m = g.count();
+    let mut xhat_dot = vec![0.0; xdot.len()];
+    let mut m_xx = vec![0.0; g.c];
+    if batch {
+        let m_x: Vec<f64> = g.channel_sums(|i| xdot[i]).iter().map(|v| v / m).collect();
+        m_xx = g
+            .channel_sums(|i| xhat[i] * xdot[i])
+            .iter()
+            .map(|v| v / m)
+            .collect();
+        g.each(&mut xhat_dot, |i, c| {
+            s[c] * (xdot[i] - m_x[c] - xhat[i] * m_xx[c])
+        });
+    } else {
+        g.each(&mut xhat_dot, |i, c| s[c] * xdot[i]);
+    }
+    let mut ydot = vec![0.0; xdot.len()];
+    g.each(&mut ydot, |i, c| {
+        dgamma[c] * xhat[i] + gamma[c] * xhat_dot[i] + dbeta[c]
+    });
+    (xhat_dot, ydot, m_xx)
+}
+
+/// Returns (gx, gγ, gβ).
+pub fn backward(
+    g: &BnGeom,
+    batch: bool,
+    gy: &[f64],
+    xhat: &[f64],
+    s: &[f64],
+    gamma: &[f64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let m = g.count();
+    let dgamma = g.channel_sums(|i| gy[i] * xhat[i]);
+    let dbeta = g.channel_sums(|i| gy[i]);
+    let mut gx = vec![0.0; gy.len()];
+    if batch {
+        // mean(ĝ) = γ·Σgy/m and mean(ĝx̂) = γ·Σgy·x̂/m.
+        g.each(&mut gx, |i, c| {
+            s[c] * gamma[c] * (gy[i] - dbeta[c] / m - xhat[i] * dgamma[c] / m)
+        });
+    } else {
+        g.each(&mut gx, |i, c| s[c] * gamma[c] * gy[i]);
+    }
+    (gx, dgamma, dbeta)
+}
+
+/// The R-backward pass. Returns (R(gx), R(gγ), R(gβ)).
+#[allow(clippy::too_many_arguments)]
+pub fn r_backward(
+    g: &BnGeom,
+    batch: bool,
+    gy: &[f64],
+    rgy: &[f64],
+    xhat: &[f64],
+    xhat_dot: &[f64],
+    s: &[f64],
+    m_xx: &[f64],
+    gamma: &[f64],
+    dgamma: &[f64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let m = g.count();
+    let ch = |i: usize| (i / g.hw) % g.c;
+    let r_ghat = |i: usize| dgamma[ch(i)] * gy[i] + gamma[ch(i)] * rgy[i];
+    let r_dgamma = g.channel_sums(|i| rgy[i] * xhat[i] + gy[i] * xhat_dot[i]);
+    let r_dbeta = g.channel_sums(|i| rgy[i]);
+    let mut rgx = vec![0.0; gy.len()];
+    if batch {
+        let ghat = |i: usize| gamma[ch(i)] * gy[i];
+        let m_g: Vec<f64> = g.channel_sums(ghat).iter().map(|v| v / m).collect();
+        let m_gx: Vec<f64> = g
+            .channel_sums(|i| ghat(i) * xhat[i])
+            .iter()
+            .map(|v| v / m)
+            .collect();
+        let m_rg: Vec<f64> = g.channel_sums(r_ghat).iter().map(|v| v / m).collect();
+        let m_mix: Vec<f64> = g
+            .channel_sums(|i| r_ghat(i) * xhat[i] + ghat(i) * xhat_dot[i])
+            .iter()
+            .map(|v| v / m)
+            .collect();
+        g.each(&mut rgx, |i, c| {
+            let t = ghat(i) - m_g[c] - xhat[i] * m_gx[c];
+            let sdot = -s[c] * s[c] * m_xx[c];
+            let tdot = r_ghat(i) - m_rg[c] - xhat_dot[i] * m_gx[c] - xhat[i] * m_mix[c];
+            sdot * t + s[c] * tdot
+        });
+    } else {
+        g.each(&mut rgx, |i, c| s[c] * r_ghat(i));
+    }
+    (rgx, r_dgamma, r_dbeta)
+}

@@ -1,0 +1,93 @@
+//! Max pooling and global average pooling in float64.
+
+/// Max pool over [n·c planes of h×w]; returns y and, per output, the flat
+/// input index (within the plane) of the first maximum in row-major window
+/// order, as PyTorch picks it. Padding never wins.
+#[allow(clippy::too_many_arguments)]
+pub fn maxpool_forward(
+    planes: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
+    x: &[f64],
+) -> (Vec<f64>, Vec<u32>) {
+    let mut y = vec![0.0; planes * oh * ow];
+    let mut arg = vec![0u32; planes * oh * ow];
+    for p in 0..planes {
+        let xp = &x[p * h * w..(p + 1) * h * w];
+        for r in 0..oh {
+            for c in 0..ow {
+                let mut best = f64::NEG_INFINITY;
+                let mut bi = u32::MAX;
+                for kh in 0..k {
+                    let ir = (r * stride + kh) as isize - pad as isize;
+                    if ir < 0 || ir >= h as isize {
+                        continue;
+                    }
+                    for kw in 0..k {
+                        let ic = (c * stride + kw) as isize - pad as isize;
+                        if ic < 0 || ic >= w as isize {
+                            continue;
+                        }
+                        let idx = ir as usize * w + ic as usize;
+                        // NaN-propagating like PyTorch: a NaN always wins.
+                        if xp[idx] > best || bi == u32::MAX || xp[idx].is_nan() && !best.is_nan() {
+                            best = xp[idx];
+                            bi = idx as u32;
+                        }
+                    }
+                }
+                y[(p * oh + r) * ow + c] = best;
+                arg[(p * oh + r) * ow + c] = bi;
+            }
+        }
+    }
+    (y, arg)
+}
+
+/// Gather through the argmax (R-forward): out[o] = x[arg[o]].
+pub fn maxpool_gather(
+    planes: usize,
+    in_plane: usize,
+    out_plane: usize,
+    arg: &[u32],
+    x: &[f64],
+) -> Vec<f64> {
+    (0..planes * out_plane)
+        .map(|o| x[(o / out_plane) * in_plane + arg[o] as usize])
+        .collect()
+}
+
+/// Scatter-add through the argmax (backward).
+pub fn maxpool_scatter(
+    planes: usize,
+    in_plane: usize,
+    out_plane: usize,
+    arg: &[u32],
+    gy: &[f64],
+) -> Vec<f64> {
+    let mut gx = vec![0.0; planes * in_plane];
+    for (o, g) in gy.iter().enumerate() {
+        gx[(o / out_plane) * in_plane + arg[o] as usize] += g;
+    }
+    gx
+}
+
+pub fn gap_forward(planes: usize, hw: usize, x: &[f64]) -> Vec<f64> {
+    x.chunks(hw)
+        .take(planes)
+        .map(|p| p.iter().sum::<f64>() / hw as f64)
+        .collect()
+}
+
+pub fn gap_backward(planes: usize, hw: usize, gy: &[f64]) -> Vec<f64> {
+    let mut gx = vec![0.0; planes * hw];
+    for (p, chunk) in gx.chunks_mut(hw).enumerate() {
+        chunk.iter_mut().for_each(|v| *v = gy[p] / hw as f64);
+    }
+    gx
+}

@@ -1,0 +1,77 @@
+//! Helpers shared by the integration tests: the PyTorch fixtures.
+#![allow(dead_code)]
+
+use hesscope::data::Dataset;
+use hesscope::engine::{BnMode, Problem};
+use hesscope::model::{params, Model, Weights};
+use std::path::PathBuf;
+
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
+}
+
+/// Every (model, bn mode) pair the fixtures hold a reference for.
+pub fn fixture_cases() -> Vec<(String, BnMode)> {
+    let mut out = vec![];
+    let mut dirs: Vec<_> = std::fs::read_dir(fixtures_dir())
+        .expect("../shared/fixtures must exist (see README)")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("meta.json").exists())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    dirs.sort();
+    for d in dirs {
+        for (sub, mode) in [
+            ("ref-batch", BnMode::Batch),
+            ("ref-running", BnMode::Running),
+        ] {
+            if fixtures_dir().join(&d).join(sub).exists() {
+                out.push((d.clone(), mode));
+            }
+        }
+    }
+    out
+}
+
+pub fn ref_dir(model: &str, bn: BnMode) -> PathBuf {
+    fixtures_dir().join(model).join(match bn {
+        BnMode::Batch => "ref-batch",
+        BnMode::Running => "ref-running",
+    })
+}
+
+pub fn json(path: PathBuf) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+pub fn meta(model: &str) -> serde_json::Value {
+    json(fixtures_dir().join(model).join("meta.json"))
+}
+
+pub fn problem(model_name: &str, bn: BnMode) -> Problem {
+    let dir = fixtures_dir().join(model_name);
+    let model = Model::load(model_name).unwrap();
+    let weights = Weights::load(&model, &dir.join("weights.safetensors")).unwrap();
+    let data = Dataset::load(&dir.join("data.safetensors")).unwrap();
+    let batch = meta(model_name)["batch"].as_u64().unwrap() as usize;
+    Problem::new(model, weights, data, batch, bn).unwrap()
+}
+
+pub fn vector(p: &Problem, path: PathBuf) -> Vec<f64> {
+    params::load_vector(&p.model, &path).unwrap()
+}
+
+pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    num / den
+}
+
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
