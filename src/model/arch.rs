@@ -267,6 +267,28 @@ impl<'a> Parser<'a> {
 
     fn line(&mut self, words: &[&str]) -> Result<()> {
         let (kw, rest) = (words[0], &words[1..]);
+        const KEYWORDS: &[&str] = &[
+            "model",
+            "input",
+            "classes",
+            "conv",
+            "bn",
+            "relu",
+            "maxpool",
+            "gap",
+            "flatten",
+            "linear",
+            "residual",
+            "shortcut",
+            "end",
+            "basicblock",
+        ];
+        if !KEYWORDS.contains(&kw) {
+            return Err(self.e(format!(
+                "unknown layer `{kw}` (known: {})",
+                KEYWORDS.join(", ")
+            )));
+        }
         let mut pos = Vec::new();
         let mut kv = HashMap::new();
         for w in rest {
@@ -461,7 +483,7 @@ impl<'a> Parser<'a> {
                 let cout = num(pos[1], "COUT")?;
                 self.basicblock(pos[0], cout, opt("stride", 1)?, flag("bn", true)?, &sc)?;
             }
-            other => return Err(self.e(format!("unknown layer `{other}`"))),
+            _ => unreachable!("keyword list and match disagree on `{kw}`"),
         }
         Ok(())
     }

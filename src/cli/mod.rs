@@ -1,0 +1,131 @@
+//! The `hesscope` command line (see ../shared/spec/cli.md). The library
+//! returns typed errors; this layer adds the context a user needs.
+
+mod common;
+mod output;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use common::Inputs;
+use output::{emit, vnorm};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hesscope",
+    version,
+    about = "Exact Hessian eigenvalue densities of CNNs on any GPU"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Loss and gradient.
+    Grad {
+        #[command(flatten)]
+        inputs: Inputs,
+        /// Write the gradient as safetensors with the parameter names.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Hessian-vector product Hv for a direction v.
+    Hvp {
+        #[command(flatten)]
+        inputs: Inputs,
+        /// The direction, as safetensors with the trainable tensors' names
+        /// (default: a random unit Gaussian direction from --seed).
+        #[arg(long)]
+        vector: Option<PathBuf>,
+        /// Write Hv as safetensors with the parameter names.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Write the model's deterministic initial weights (a PyTorch state_dict).
+    Init {
+        #[command(flatten)]
+        inputs: Inputs,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write the built-in synthetic data set as safetensors `x`/`y`.
+    Synth {
+        #[command(flatten)]
+        inputs: Inputs,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Grad { inputs, out } => {
+            let mut engine = inputs.engine()?;
+            let t = Instant::now();
+            let (loss, grad) = engine.loss_grad().context("computing the gradient")?;
+            let seconds = t.elapsed().as_secs_f64();
+            if let Some(path) = &out {
+                inputs.save_vector(path, &grad)?;
+            }
+            emit(
+                inputs.json,
+                serde_json::json!({
+                    "loss": loss, "grad_norm": vnorm(&grad),
+                    "backend": engine.backend(), "adapter": engine.adapter(), "seconds": seconds,
+                    "out": out,
+                }),
+            )
+        }
+        Command::Hvp {
+            inputs,
+            vector,
+            out,
+        } => {
+            let mut engine = inputs.engine()?;
+            let v = match &vector {
+                Some(p) => inputs.load_vector(p)?,
+                None => common::random_unit(engine.n_params(), inputs.seed),
+            };
+            let t = Instant::now();
+            let (loss, grad) = engine.loss_grad().context("computing the gradient")?;
+            let mut hv = vec![0.0; v.len()];
+            engine.hvp(&v, &mut hv).context("computing Hv")?;
+            let seconds = t.elapsed().as_secs_f64();
+            if let Some(path) = &out {
+                inputs.save_vector(path, &hv)?;
+            }
+            let vhv: f64 = v.iter().zip(&hv).map(|(a, b)| a * b).sum();
+            emit(
+                inputs.json,
+                serde_json::json!({
+                    "loss": loss, "grad_norm": vnorm(&grad), "hv_norm": vnorm(&hv), "vhv": vhv,
+                    "backend": engine.backend(), "adapter": engine.adapter(), "seconds": seconds,
+                    "vector": vector.map(|p| p.display().to_string()).unwrap_or_else(|| format!("random unit Gaussian (seed {})", inputs.seed)),
+                    "out": out,
+                }),
+            )
+        }
+        Command::Init { inputs, out } => {
+            let (model, weights) = inputs.model_and_weights()?;
+            hesscope::model::params::save_state_dict(&model, &out, &weights)
+                .with_context(|| format!("writing {}", out.display()))?;
+            emit(
+                inputs.json,
+                serde_json::json!({"model": model.name, "n_params": model.n_params, "out": out}),
+            )
+        }
+        Command::Synth { inputs, out } => {
+            let (model, _) = inputs.model_and_weights()?;
+            let data = inputs.dataset(&model)?;
+            data.save(&out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            emit(
+                inputs.json,
+                serde_json::json!({"samples": data.len(), "shape": [data.shape.c, data.shape.h, data.shape.w], "out": out}),
+            )
+        }
+    }
+}
