@@ -595,6 +595,10 @@ impl Curvature for CpuReference {
         out.copy_from_slice(&o.hv.unwrap());
         Ok(())
     }
+    fn loss_grad_hvp(&mut self, v: &[f64]) -> Result<(f64, Vec<f64>, Vec<f64>)> {
+        let o = self.pass(Some(v))?;
+        Ok((o.loss, o.grad, o.hv.unwrap()))
+    }
     fn backend(&self) -> String {
         "cpu".into()
     }

@@ -86,6 +86,13 @@ pub trait Curvature {
     fn loss_grad(&mut self) -> Result<(f64, Vec<f64>)>;
     /// out = H v, exactly (R-operator), over every batch.
     fn hvp(&mut self, v: &[f64], out: &mut [f64]) -> Result<()>;
+    /// (L, ∇L, Hv) together; executors that share the forward pass override it.
+    fn loss_grad_hvp(&mut self, v: &[f64]) -> Result<(f64, Vec<f64>, Vec<f64>)> {
+        let (loss, grad) = self.loss_grad()?;
+        let mut hv = vec![0.0; v.len()];
+        self.hvp(v, &mut hv)?;
+        Ok((loss, grad, hv))
+    }
     /// `cpu`, `vulkan`, `gl`, ...
     fn backend(&self) -> String;
     /// The adapter's name (`float64 reference` for the CPU).

@@ -90,9 +90,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 None => common::random_unit(engine.n_params(), inputs.seed),
             };
             let t = Instant::now();
-            let (loss, grad) = engine.loss_grad().context("computing the gradient")?;
-            let mut hv = vec![0.0; v.len()];
-            engine.hvp(&v, &mut hv).context("computing Hv")?;
+            let (loss, grad, hv) = engine.loss_grad_hvp(&v).context("computing Hv")?;
             let seconds = t.elapsed().as_secs_f64();
             if let Some(path) = &out {
                 inputs.save_vector(path, &hv)?;
