@@ -26,22 +26,32 @@ impl ConvGeom {
     fn out_plane(&self) -> usize {
         self.oh * self.ow
     }
-    /// For kernel offset `kh` (or `kw`): valid output rows and the input offset.
-    fn rows(&self, kh: usize) -> (usize, usize, isize) {
-        let off = kh as isize - self.pad as isize;
-        let (lo, hi) = valid_range(self.oh, self.h, self.stride, off);
-        (lo, hi, off)
+    /// Per kernel row offset: the valid output rows and the input offset,
+    /// computed once per call rather than in the hot loops.
+    fn row_table(&self) -> Vec<(usize, usize, isize)> {
+        (0..self.k)
+            .map(|kh| {
+                let off = kh as isize - self.pad as isize;
+                let (lo, hi) = valid_range(self.oh, self.h, self.stride, off);
+                (lo, hi, off)
+            })
+            .collect()
     }
-    fn cols(&self, kw: usize) -> (usize, usize, isize) {
-        let off = kw as isize - self.pad as isize;
-        let (lo, hi) = valid_range(self.ow, self.w, self.stride, off);
-        (lo, hi, off)
+    fn col_table(&self) -> Vec<(usize, usize, isize)> {
+        (0..self.k)
+            .map(|kw| {
+                let off = kw as isize - self.pad as isize;
+                let (lo, hi) = valid_range(self.ow, self.w, self.stride, off);
+                (lo, hi, off)
+            })
+            .collect()
     }
 }
 
 /// y += conv(x, w): x [n, cin, h, w], w [cout, cin, k, k], y [n, cout, oh, ow].
 pub fn forward_acc(g: &ConvGeom, x: &[f64], w: &[f64], y: &mut [f64]) {
     let (ip, op) = (g.in_plane(), g.out_plane());
+    let (rows, cols) = (g.row_table(), g.col_table());
     y.par_chunks_mut(g.cout * op)
         .enumerate()
         .for_each(|(n, yn)| {
@@ -51,10 +61,10 @@ pub fn forward_acc(g: &ConvGeom, x: &[f64], w: &[f64], y: &mut [f64]) {
                 for ci in 0..g.cin {
                     let xp = &xn[ci * ip..(ci + 1) * ip];
                     for kh in 0..g.k {
-                        let (r0, r1, roff) = g.rows(kh);
+                        let (r0, r1, roff) = rows[kh];
                         for kw in 0..g.k {
                             let wv = w[((co * g.cin + ci) * g.k + kh) * g.k + kw];
-                            let (c0, c1, coff) = g.cols(kw);
+                            let (c0, c1, coff) = cols[kw];
                             for o_r in r0..r1 {
                                 let ir = (o_r * g.stride) as isize + roff;
                                 let xrow = &xp[ir as usize * g.w..];
@@ -74,6 +84,7 @@ pub fn forward_acc(g: &ConvGeom, x: &[f64], w: &[f64], y: &mut [f64]) {
 /// gx += conv_transpose(gy, w): the data gradient.
 pub fn backward_data_acc(g: &ConvGeom, gy: &[f64], w: &[f64], gx: &mut [f64]) {
     let (ip, op) = (g.in_plane(), g.out_plane());
+    let (rows, cols) = (g.row_table(), g.col_table());
     gx.par_chunks_mut(g.cin * ip)
         .enumerate()
         .for_each(|(n, gxn)| {
@@ -83,10 +94,10 @@ pub fn backward_data_acc(g: &ConvGeom, gy: &[f64], w: &[f64], gx: &mut [f64]) {
                 for ci in 0..g.cin {
                     let xp = &mut gxn[ci * ip..(ci + 1) * ip];
                     for kh in 0..g.k {
-                        let (r0, r1, roff) = g.rows(kh);
+                        let (r0, r1, roff) = rows[kh];
                         for kw in 0..g.k {
                             let wv = w[((co * g.cin + ci) * g.k + kh) * g.k + kw];
-                            let (c0, c1, coff) = g.cols(kw);
+                            let (c0, c1, coff) = cols[kw];
                             for o_r in r0..r1 {
                                 let ir = ((o_r * g.stride) as isize + roff) as usize;
                                 for o_c in c0..c1 {
@@ -104,6 +115,7 @@ pub fn backward_data_acc(g: &ConvGeom, gy: &[f64], w: &[f64], gx: &mut [f64]) {
 /// gw += sum over batch and positions of gy * x: the weight gradient.
 pub fn backward_weight_acc(g: &ConvGeom, gy: &[f64], x: &[f64], gw: &mut [f64]) {
     let (ip, op) = (g.in_plane(), g.out_plane());
+    let (rows, cols) = (g.row_table(), g.col_table());
     let kk = g.k * g.k;
     gw.par_chunks_mut(g.cin * kk)
         .enumerate()
@@ -113,9 +125,9 @@ pub fn backward_weight_acc(g: &ConvGeom, gy: &[f64], x: &[f64], gw: &mut [f64]) 
                 for ci in 0..g.cin {
                     let xp = &x[(n * g.cin + ci) * ip..(n * g.cin + ci + 1) * ip];
                     for kh in 0..g.k {
-                        let (r0, r1, roff) = g.rows(kh);
+                        let (r0, r1, roff) = rows[kh];
                         for kw in 0..g.k {
-                            let (c0, c1, coff) = g.cols(kw);
+                            let (c0, c1, coff) = cols[kw];
                             let mut acc = 0.0;
                             for o_r in r0..r1 {
                                 let ir = ((o_r * g.stride) as isize + roff) as usize;
