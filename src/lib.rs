@@ -5,6 +5,7 @@
 //! the operator v -> Hv -> spectral solvers -> reports.
 
 pub mod error;
+pub mod gpu;
 pub mod spectral;
 
 pub use error::{Error, Result};

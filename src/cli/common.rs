@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 use hesscope::cpu::CpuReference;
 use hesscope::data::{self, Dataset};
 use hesscope::engine::{BnMode, Curvature, Problem};
+use hesscope::gpu::BackendChoice;
 use hesscope::model::{params, Model, Weights};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -23,6 +24,24 @@ pub enum Backend {
     Gl,
     /// The float64 CPU reference.
     Cpu,
+}
+
+impl Backend {
+    pub fn gpu(self) -> Option<BackendChoice> {
+        match self {
+            Backend::Auto => Some(BackendChoice::Auto),
+            Backend::Vulkan => Some(BackendChoice::Vulkan),
+            Backend::Metal => Some(BackendChoice::Metal),
+            Backend::Dx12 => Some(BackendChoice::Dx12),
+            Backend::Gl => Some(BackendChoice::Gl),
+            Backend::Cpu => None,
+        }
+    }
+    pub fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -99,9 +118,14 @@ impl Inputs {
         let problem = self.problem()?;
         match self.backend {
             Backend::Cpu => Ok(Box::new(CpuReference::new(problem))),
-            other => bail!(
-                "--backend {other:?}: the GPU engine is not built into this binary yet; use --backend cpu"
-            ),
+            other => {
+                let choice = other.gpu().expect("every backend but cpu is a GPU one");
+                let engine =
+                    hesscope::gpu::open(&problem, choice, self.adapter).with_context(|| {
+                        format!("--backend {} --adapter {}", other.name(), self.adapter)
+                    })?;
+                Ok(Box::new(engine))
+            }
         }
     }
 

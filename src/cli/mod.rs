@@ -24,6 +24,12 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Adapters per backend, with the features and limits that matter.
+    Devices {
+        /// Print one JSON object on stdout instead of prose.
+        #[arg(long)]
+        json: bool,
+    },
     /// Loss and gradient.
     Grad {
         #[command(flatten)]
@@ -62,6 +68,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Devices { json } => devices(json),
         Command::Grad { inputs, out } => {
             let mut engine = inputs.engine()?;
             let t = Instant::now();
@@ -126,4 +133,28 @@ pub fn run(cli: Cli) -> Result<()> {
             )
         }
     }
+}
+
+fn devices(json: bool) -> Result<()> {
+    let list = hesscope::gpu::list_adapters();
+    if json {
+        println!("{}", serde_json::json!({ "adapters": list }));
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("no GPU adapter found (without a GPU on Linux, install Mesa's software drivers: apt-get install mesa-vulkan-drivers libegl-mesa0)");
+        return Ok(());
+    }
+    for a in &list {
+        let mib = |b: u64| b / (1 << 20);
+        println!(
+            "{} adapter {}: {} ({})\n  driver: {} {}\n  features: f64 {}, f16 {}, subgroups {}, timestamps {}\n  limits: storage binding {} MiB, buffer {} MiB, {} storage buffers/stage, {} B workgroup memory, {} invocations/workgroup, {} workgroups/dimension",
+            a.backend, a.index, a.name, a.device_type, a.driver, a.driver_info,
+            a.f64, a.f16, a.subgroups, a.timestamps,
+            mib(a.max_storage_buffer_binding_size), mib(a.max_buffer_size),
+            a.max_storage_buffers_per_shader_stage, a.max_compute_workgroup_storage_size,
+            a.max_compute_invocations_per_workgroup, a.max_compute_workgroups_per_dimension,
+        );
+    }
+    Ok(())
 }

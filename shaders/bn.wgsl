@@ -1,0 +1,192 @@
+// Batch norm over [n, c, hw] with its R-operator passes. With x̂ = (x − μ)·s,
+// y = γx̂ + β; in batch mode μ and s = 1/√(σ² + ε) are the batch's own and
+// depend on x, in running mode they are constants. The formulas are those
+// of the float64 reference (src/ops/bn.rs); per-channel sums come from
+// reduce.wgsl's channel_sums into this node's stats buffer, laid out as
+// ten rows of c values:
+//   0 μ, 1 s, 2 Σẋ, 3 Σx̂ẋ, 4 Σgy, 5 Σgy·x̂, 6 Σ R(gy), 7 Σ R(gy)·x̂,
+//   8 (scratch), 9 Σgy·x̂̇.
+
+struct BnParams {
+    n: u32, c: u32, hw: u32, gamma_off: u32,
+    beta_off: u32, flags: u32, eps: f32, _p0: u32,
+}
+
+const WG: u32 = 256u;
+const BATCH: u32 = 1u;
+const ACC: u32 = 2u;
+
+@group(0) @binding(0) var<uniform> p: BnParams;
+
+fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * WG + lid;
+}
+
+fn channel_of(i: u32) -> u32 {
+    return (i / p.hw) % p.c;
+}
+
+fn count() -> f32 {
+    return f32(p.n * p.hw);
+}
+
+// ---- batch statistics: two-pass (mean, then Σ(x − μ)²) so that a large
+// mean does not cancel the variance, one workgroup per channel.
+@group(0) @binding(1) var<storage, read> st_x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> st_out: array<f32>;
+
+var<workgroup> partial: array<f32, 256>;
+
+fn tree_sum(lid: u32, v: f32) -> f32 {
+    partial[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            partial[lid] += partial[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let r = partial[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(256)
+fn bn_stats(@builtin(workgroup_id) wid: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let ch = wid.x;
+    let m = p.n * p.hw;
+    var s = 0.0;
+    for (var j = lid; j < m; j += WG) {
+        s += st_x[((j / p.hw) * p.c + ch) * p.hw + j % p.hw];
+    }
+    let mean = tree_sum(lid, s) / f32(m);
+    var q = 0.0;
+    for (var j = lid; j < m; j += WG) {
+        let d = st_x[((j / p.hw) * p.c + ch) * p.hw + j % p.hw] - mean;
+        q += d * d;
+    }
+    let var_ = tree_sum(lid, q) / f32(m);
+    if (lid == 0u) {
+        st_out[ch] = mean;
+        st_out[p.c + ch] = 1.0 / sqrt(var_ + p.eps);
+    }
+}
+
+// ---- forward: x̂ and y.
+@group(0) @binding(1) var<storage, read> f_x: array<f32>;
+@group(0) @binding(2) var<storage, read> f_stats: array<f32>;
+@group(0) @binding(3) var<storage, read> f_theta: array<f32>;
+@group(0) @binding(4) var<storage, read_write> f_xhat: array<f32>;
+@group(0) @binding(5) var<storage, read_write> f_y: array<f32>;
+
+@compute @workgroup_size(256)
+fn bn_forward(@builtin(workgroup_id) wid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n * p.c * p.hw) { return; }
+    let ch = channel_of(i);
+    let xh = (f_x[i] - f_stats[ch]) * f_stats[p.c + ch];
+    f_xhat[i] = xh;
+    f_y[i] = f_theta[p.gamma_off + ch] * xh + f_theta[p.beta_off + ch];
+}
+
+// ---- R-forward: x̂̇ and ẏ = γ̇x̂ + γx̂̇ + β̇.
+@group(0) @binding(1) var<storage, read> rf_dx: array<f32>;
+@group(0) @binding(2) var<storage, read> rf_xhat: array<f32>;
+@group(0) @binding(3) var<storage, read> rf_stats: array<f32>;
+@group(0) @binding(4) var<storage, read> rf_theta: array<f32>;
+@group(0) @binding(5) var<storage, read> rf_v: array<f32>;
+@group(0) @binding(6) var<storage, read_write> rf_xhd: array<f32>;
+@group(0) @binding(7) var<storage, read_write> rf_dy: array<f32>;
+
+@compute @workgroup_size(256)
+fn bn_r_forward(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n * p.c * p.hw) { return; }
+    let ch = channel_of(i);
+    let s = rf_stats[p.c + ch];
+    let xh = rf_xhat[i];
+    var xhd = s * rf_dx[i];
+    if ((p.flags & BATCH) != 0u) {
+        let m = count();
+        xhd = s * (rf_dx[i] - rf_stats[2u * p.c + ch] / m - xh * rf_stats[3u * p.c + ch] / m);
+    }
+    rf_xhd[i] = xhd;
+    rf_dy[i] = rf_v[p.gamma_off + ch] * xh + rf_theta[p.gamma_off + ch] * xhd
+        + rf_v[p.beta_off + ch];
+}
+
+// ---- backward: gx (parameter gradients are rows 4 and 5 of the stats).
+@group(0) @binding(1) var<storage, read> b_gy: array<f32>;
+@group(0) @binding(2) var<storage, read> b_xhat: array<f32>;
+@group(0) @binding(3) var<storage, read> b_stats: array<f32>;
+@group(0) @binding(4) var<storage, read> b_theta: array<f32>;
+@group(0) @binding(5) var<storage, read_write> b_gx: array<f32>;
+
+@compute @workgroup_size(256)
+fn bn_backward(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n * p.c * p.hw) { return; }
+    let ch = channel_of(i);
+    let sg = b_stats[p.c + ch] * b_theta[p.gamma_off + ch];
+    var g = sg * b_gy[i];
+    if ((p.flags & BATCH) != 0u) {
+        let m = count();
+        g = sg * (b_gy[i] - b_stats[4u * p.c + ch] / m - b_xhat[i] * b_stats[5u * p.c + ch] / m);
+    }
+    if ((p.flags & ACC) != 0u) {
+        g += b_gx[i];
+    }
+    b_gx[i] = g;
+}
+
+// ---- R-backward: R(gx) (R(gγ), R(gβ) are rows 7 + 9 and 6 of the stats).
+@group(0) @binding(1) var<storage, read> rb_gy: array<f32>;
+@group(0) @binding(2) var<storage, read> rb_rgy: array<f32>;
+@group(0) @binding(3) var<storage, read> rb_xhat: array<f32>;
+@group(0) @binding(4) var<storage, read> rb_xhd: array<f32>;
+@group(0) @binding(5) var<storage, read> rb_stats: array<f32>;
+@group(0) @binding(6) var<storage, read> rb_theta: array<f32>;
+@group(0) @binding(7) var<storage, read> rb_v: array<f32>;
+@group(0) @binding(8) var<storage, read_write> rb_rgx: array<f32>;
+
+@compute @workgroup_size(256)
+fn bn_r_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n * p.c * p.hw) { return; }
+    let c = p.c;
+    let ch = channel_of(i);
+    let s = rb_stats[c + ch];
+    let gamma = rb_theta[p.gamma_off + ch];
+    let dgamma = rb_v[p.gamma_off + ch];
+    let gy = rb_gy[i];
+    let r_ghat = dgamma * gy + gamma * rb_rgy[i];
+    var r = s * r_ghat;
+    if ((p.flags & BATCH) != 0u) {
+        let m = count();
+        let xh = rb_xhat[i];
+        let sum_gy = rb_stats[4u * c + ch];
+        let sum_gy_xh = rb_stats[5u * c + ch];
+        let m_g = gamma * sum_gy / m;
+        let m_gx = gamma * sum_gy_xh / m;
+        let m_rg = (dgamma * sum_gy + gamma * rb_stats[6u * c + ch]) / m;
+        let m_mix = (dgamma * sum_gy_xh + gamma * rb_stats[7u * c + ch]
+            + gamma * rb_stats[9u * c + ch]) / m;
+        let t = gamma * gy - m_g - xh * m_gx;
+        let sdot = -s * s * rb_stats[3u * c + ch] / m;
+        let tdot = r_ghat - m_rg - rb_xhd[i] * m_gx - xh * m_mix;
+        r = sdot * t + s * tdot;
+    }
+    if ((p.flags & ACC) != 0u) {
+        r += rb_rgx[i];
+    }
+    rb_rgx[i] = r;
+}

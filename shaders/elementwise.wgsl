@@ -1,0 +1,57 @@
+// Elementwise ops: ReLU and its mask, residual adds, offset copies.
+
+struct EwParams {
+    len: u32, a_off: u32, out_off: u32, flags: u32,
+}
+
+const WG: u32 = 256u;
+const ACC: u32 = 1u;
+
+@group(0) @binding(0) var<uniform> p: EwParams;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * WG + lid;
+}
+
+fn store(i: u32, v: f32) {
+    if ((p.flags & ACC) != 0u) {
+        out[i] += v;
+    } else {
+        out[i] = v;
+    }
+}
+
+// out = b where a > 0, else 0: with a the ReLU's input this is the forward
+// pass (b = a), the R-forward pass (b = ẋ) and both backward passes.
+@compute @workgroup_size(256)
+fn relu_mask(@builtin(workgroup_id) wid: vec3<u32>,
+             @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.len) { return; }
+    store(i, select(0.0, b[i], a[i] > 0.0));
+}
+
+// out = a + b.
+@compute @workgroup_size(256)
+fn add(@builtin(workgroup_id) wid: vec3<u32>,
+       @builtin(num_workgroups) nwg: vec3<u32>,
+       @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.len) { return; }
+    store(i, a[i] + b[i]);
+}
+
+// out[out_off + i] (+)= a[a_off + i]: adjoints of residual adds, and
+// per-channel sums into the gradient.
+@compute @workgroup_size(256)
+fn copy(@builtin(workgroup_id) wid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.len) { return; }
+    store(p.out_off + i, a[p.a_off + i]);
+}

@@ -1,0 +1,66 @@
+// Softmax cross-entropy, scaled by 1/N so that summing over batches gives
+// the sample-weighted mean loss. One thread per sample (10 to 1000 classes).
+
+struct LossParams {
+    n: u32, k: u32, scale: f32, _p0: u32,
+}
+
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<uniform> p: LossParams;
+
+fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * WG + lid;
+}
+
+// ---- forward + backward: softmax p, per-sample loss, gz = scale·(p − onehot).
+@group(0) @binding(1) var<storage, read> f_z: array<f32>;
+@group(0) @binding(2) var<storage, read> f_labels: array<u32>;
+@group(0) @binding(3) var<storage, read_write> f_p: array<f32>;
+@group(0) @binding(4) var<storage, read_write> f_loss: array<f32>;
+@group(0) @binding(5) var<storage, read_write> f_gz: array<f32>;
+
+@compute @workgroup_size(256)
+fn xent_forward_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                         @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) lid: u32) {
+    let s = flat_index(wid, nwg, lid);
+    if (s >= p.n) { return; }
+    let base = s * p.k;
+    var m = f_z[base];
+    for (var j = 1u; j < p.k; j++) {
+        m = max(m, f_z[base + j]);
+    }
+    var t = 0.0;
+    for (var j = 0u; j < p.k; j++) {
+        t += exp(f_z[base + j] - m);
+    }
+    let y = f_labels[s];
+    f_loss[s] = p.scale * (m + log(t) - f_z[base + y]);
+    for (var j = 0u; j < p.k; j++) {
+        let pj = exp(f_z[base + j] - m) / t;
+        f_p[base + j] = pj;
+        f_gz[base + j] = p.scale * (pj - select(0.0, 1.0, j == y));
+    }
+}
+
+// ---- R-backward: R(gz) = scale·(p ⊙ ż − p·(p·ż)), the softmax Jacobian on ż.
+@group(0) @binding(1) var<storage, read> r_p: array<f32>;
+@group(0) @binding(2) var<storage, read> r_dz: array<f32>;
+@group(0) @binding(3) var<storage, read_write> r_rgz: array<f32>;
+
+@compute @workgroup_size(256)
+fn xent_r_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let s = flat_index(wid, nwg, lid);
+    if (s >= p.n) { return; }
+    let base = s * p.k;
+    var pz = 0.0;
+    for (var j = 0u; j < p.k; j++) {
+        pz += r_p[base + j] * r_dz[base + j];
+    }
+    for (var j = 0u; j < p.k; j++) {
+        r_rgz[base + j] = p.scale * r_p[base + j] * (r_dz[base + j] - pz);
+    }
+}

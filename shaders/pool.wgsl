@@ -1,0 +1,145 @@
+// Max pooling (argmax kept for the gather/scatter passes) and global
+// average pooling over planes of [n·c, h, w].
+
+struct PoolParams {
+    planes: u32, h: u32, w: u32, k: u32,
+    stride: u32, pad: u32, oh: u32, ow: u32,
+    flags: u32, _p0: u32, _p1: u32, _p2: u32,
+}
+
+const WG: u32 = 256u;
+const ACC: u32 = 1u;
+const NONE: u32 = 0xffffffffu;
+
+@group(0) @binding(0) var<uniform> p: PoolParams;
+
+fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * WG + lid;
+}
+
+// ---- max pool forward: the first maximum in row-major window order, as
+// PyTorch picks it; padding never wins; a NaN wins as in PyTorch.
+@group(0) @binding(1) var<storage, read> mp_x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> mp_y: array<f32>;
+@group(0) @binding(3) var<storage, read_write> mp_arg: array<u32>;
+
+@compute @workgroup_size(256)
+fn maxpool_forward(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let o = flat_index(wid, nwg, lid);
+    let plane_out = p.oh * p.ow;
+    if (o >= p.planes * plane_out) { return; }
+    let pl = o / plane_out;
+    let oy = (o % plane_out) / p.ow;
+    let ox = o % p.ow;
+    let base = pl * p.h * p.w;
+    var best = 0.0;
+    var arg = NONE;
+    for (var ky = 0u; ky < p.k; ky++) {
+        let iy = i32(oy * p.stride + ky) - i32(p.pad);
+        if (iy < 0 || iy >= i32(p.h)) { continue; }
+        for (var kx = 0u; kx < p.k; kx++) {
+            let ix = i32(ox * p.stride + kx) - i32(p.pad);
+            if (ix < 0 || ix >= i32(p.w)) { continue; }
+            let idx = u32(iy) * p.w + u32(ix);
+            let v = mp_x[base + idx];
+            let v_nan = v != v;
+            let best_nan = best != best;
+            if (arg == NONE || v > best || (v_nan && !best_nan)) {
+                best = v;
+                arg = idx;
+            }
+        }
+    }
+    mp_y[o] = best;
+    mp_arg[o] = arg;
+}
+
+// ---- gather through the argmax (R-forward).
+@group(0) @binding(1) var<storage, read> g_x: array<f32>;
+@group(0) @binding(2) var<storage, read> g_arg: array<u32>;
+@group(0) @binding(3) var<storage, read_write> g_y: array<f32>;
+
+@compute @workgroup_size(256)
+fn maxpool_gather(@builtin(workgroup_id) wid: vec3<u32>,
+                  @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let o = flat_index(wid, nwg, lid);
+    let plane_out = p.oh * p.ow;
+    if (o >= p.planes * plane_out) { return; }
+    g_y[o] = g_x[(o / plane_out) * p.h * p.w + g_arg[o]];
+}
+
+// ---- backward: each input sums the outputs whose argmax it is. Written
+// as a gather over the (at most ⌈k/s⌉²) windows covering the input, so
+// overlapping windows need no float atomics.
+@group(0) @binding(1) var<storage, read> s_gy: array<f32>;
+@group(0) @binding(2) var<storage, read> s_arg: array<u32>;
+@group(0) @binding(3) var<storage, read_write> s_gx: array<f32>;
+
+@compute @workgroup_size(256)
+fn maxpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                    @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    let plane_in = p.h * p.w;
+    if (i >= p.planes * plane_in) { return; }
+    let pl = i / plane_in;
+    let idx = i % plane_in;
+    let iy = idx / p.w;
+    let ix = idx % p.w;
+    // Outputs oy with oy·s − pad ≤ iy ≤ oy·s − pad + k − 1.
+    let ty = i32(iy + p.pad);
+    let tx = i32(ix + p.pad);
+    let oy0 = max(0, (ty - i32(p.k) + i32(p.stride)) / i32(p.stride));
+    let oy1 = min(i32(p.oh) - 1, ty / i32(p.stride));
+    let ox0 = max(0, (tx - i32(p.k) + i32(p.stride)) / i32(p.stride));
+    let ox1 = min(i32(p.ow) - 1, tx / i32(p.stride));
+    var acc = 0.0;
+    for (var oy = oy0; oy <= oy1; oy++) {
+        for (var ox = ox0; ox <= ox1; ox++) {
+            let o = (pl * p.oh + u32(oy)) * p.ow + u32(ox);
+            if (s_arg[o] == idx) {
+                acc += s_gy[o];
+            }
+        }
+    }
+    if ((p.flags & ACC) != 0u) {
+        acc += s_gx[i];
+    }
+    s_gx[i] = acc;
+}
+
+// ---- global average pool: y[plane] = mean of the plane (h·w = 64 or fewer
+// terms in the reference models, so one serial sum per plane).
+@group(0) @binding(1) var<storage, read> ga_x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ga_y: array<f32>;
+
+@compute @workgroup_size(256)
+fn gap_forward(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let pl = flat_index(wid, nwg, lid);
+    if (pl >= p.planes) { return; }
+    let hw = p.h * p.w;
+    var s = 0.0;
+    for (var j = 0u; j < hw; j++) {
+        s += ga_x[pl * hw + j];
+    }
+    ga_y[pl] = s / f32(hw);
+}
+
+@compute @workgroup_size(256)
+fn gap_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    let hw = p.h * p.w;
+    if (i >= p.planes * hw) { return; }
+    var g = ga_x[i / hw] / f32(hw);
+    if ((p.flags & ACC) != 0u) {
+        g += ga_y[i];
+    }
+    ga_y[i] = g;
+}

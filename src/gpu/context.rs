@@ -1,0 +1,505 @@
+//! The wgpu runtime: instance and adapter selection, the device with the
+//! adapter's real limits, checked buffer creation, a lazy pipeline
+//! registry, one readback path, and GPU errors turned into typed errors.
+//! Every wgpu call of the crate lives under `src/gpu/`.
+
+use crate::error::{Error, Result};
+use crate::gpu::kernels::Kernel;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+/// Which wgpu backend to open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The first adapter in the order Vulkan, Metal, DX12, GL, preferring
+    /// hardware over software rasterisers.
+    Auto,
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+}
+
+impl BackendChoice {
+    fn backends(self) -> wgpu::Backends {
+        match self {
+            BackendChoice::Auto => wgpu::Backends::all(),
+            BackendChoice::Vulkan => wgpu::Backends::VULKAN,
+            BackendChoice::Metal => wgpu::Backends::METAL,
+            BackendChoice::Dx12 => wgpu::Backends::DX12,
+            BackendChoice::Gl => wgpu::Backends::GL,
+        }
+    }
+}
+
+/// One adapter as `hesscope devices` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AdapterReport {
+    pub index: usize,
+    pub backend: String,
+    pub name: String,
+    pub device_type: String,
+    pub driver: String,
+    pub driver_info: String,
+    pub f64: bool,
+    pub f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_storage_buffers_per_shader_stage: u32,
+    pub max_compute_workgroup_storage_size: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub max_compute_workgroups_per_dimension: u32,
+}
+
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = backends;
+    wgpu::Instance::new(desc)
+}
+
+fn backend_name(b: wgpu::Backend) -> String {
+    match b {
+        wgpu::Backend::Vulkan => "vulkan",
+        wgpu::Backend::Metal => "metal",
+        wgpu::Backend::Dx12 => "dx12",
+        wgpu::Backend::Gl => "gl",
+        wgpu::Backend::BrowserWebGpu => "webgpu",
+        wgpu::Backend::Noop => "noop",
+    }
+    .to_string()
+}
+
+fn report(index: usize, a: &wgpu::Adapter) -> AdapterReport {
+    let info = a.get_info();
+    let f = a.features();
+    let l = a.limits();
+    AdapterReport {
+        index,
+        backend: backend_name(info.backend),
+        name: info.name,
+        device_type: format!("{:?}", info.device_type),
+        driver: info.driver,
+        driver_info: info.driver_info,
+        f64: f.contains(wgpu::Features::SHADER_F64),
+        f16: f.contains(wgpu::Features::SHADER_F16),
+        subgroups: f.contains(wgpu::Features::SUBGROUP),
+        timestamps: f.contains(wgpu::Features::TIMESTAMP_QUERY),
+        max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
+        max_buffer_size: l.max_buffer_size,
+        max_storage_buffers_per_shader_stage: l.max_storage_buffers_per_shader_stage,
+        max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
+        max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
+        max_compute_workgroups_per_dimension: l.max_compute_workgroups_per_dimension,
+    }
+}
+
+/// The adapters of one backend choice, in the order `--adapter N` counts
+/// them: hardware first, then software, each in enumeration order.
+fn adapters(choice: BackendChoice) -> Vec<wgpu::Adapter> {
+    let inst = instance(choice.backends());
+    let mut all = pollster::block_on(inst.enumerate_adapters(choice.backends()));
+    let rank = |a: &wgpu::Adapter| {
+        let info = a.get_info();
+        let ty = match info.device_type {
+            wgpu::DeviceType::DiscreteGpu => 0,
+            wgpu::DeviceType::IntegratedGpu => 1,
+            wgpu::DeviceType::VirtualGpu => 2,
+            wgpu::DeviceType::Other => 3,
+            wgpu::DeviceType::Cpu => 4,
+        };
+        let be = match info.backend {
+            wgpu::Backend::Vulkan => 0,
+            wgpu::Backend::Metal => 1,
+            wgpu::Backend::Dx12 => 2,
+            wgpu::Backend::Gl => 3,
+            _ => 4,
+        };
+        (ty, be)
+    };
+    all.sort_by_key(rank);
+    all
+}
+
+/// Every adapter of every backend, for `hesscope devices`.
+pub fn list_adapters() -> Vec<AdapterReport> {
+    let mut out = vec![];
+    for choice in [
+        BackendChoice::Vulkan,
+        BackendChoice::Metal,
+        BackendChoice::Dx12,
+        BackendChoice::Gl,
+    ] {
+        for (i, a) in adapters(choice).iter().enumerate() {
+            out.push(report(i, a));
+        }
+    }
+    out
+}
+
+/// Errors wgpu reports outside any error scope, and device loss: recorded
+/// here instead of wgpu's default handler, which panics.
+#[derive(Default)]
+struct Faults {
+    lost: Option<String>,
+    uncaptured: Vec<String>,
+}
+
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: AdapterReport,
+    pub limits: wgpu::Limits,
+    faults: Arc<Mutex<Faults>>,
+    pipelines: RefCell<HashMap<Kernel, Rc<Pipeline>>>,
+}
+
+pub struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+/// A storage buffer with the tensor name that errors will use.
+pub struct GpuBuffer {
+    pub name: String,
+    pub buffer: wgpu::Buffer,
+    /// Length in 4-byte elements.
+    pub len: usize,
+}
+
+impl GpuContext {
+    pub fn open(choice: BackendChoice, index: usize) -> Result<GpuContext> {
+        let list = adapters(choice);
+        if list.is_empty() {
+            return Err(Error::Gpu(format!(
+                "no {choice:?} adapter found (Linux without a GPU: install Mesa's \
+                 software drivers, `apt-get install mesa-vulkan-drivers libegl-mesa0`)"
+            )));
+        }
+        let n = list.len();
+        let Some(adapter) = list.into_iter().nth(index) else {
+            return Err(Error::Argument {
+                flag: "--adapter".into(),
+                msg: format!("{index} is out of range: the {choice:?} backend has {n} adapter(s); see `hesscope devices`"),
+            });
+        };
+        let info = report(index, &adapter);
+        // The adapter's own limits, not wgpu's portable defaults (128 MiB
+        // storage bindings would refuse resnet18 at batch 128).
+        let limits = adapter.limits();
+        let wanted =
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        let features = adapter.features() & wanted;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("hesscope"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| {
+            Error::Gpu(format!(
+                "{} ({}): cannot open the device: {e}",
+                info.name, info.backend
+            ))
+        })?;
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let f = faults.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            f.lock().unwrap().lost = Some(format!("{reason:?}: {msg}"));
+        });
+        let f = faults.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            f.lock().unwrap().uncaptured.push(e.to_string());
+        }));
+        Ok(GpuContext {
+            device,
+            queue,
+            info,
+            limits,
+            faults,
+            pipelines: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// Turns recorded faults into an error.
+    pub fn check(&self) -> Result<()> {
+        let mut f = self.faults.lock().unwrap();
+        if let Some(l) = &f.lost {
+            return Err(Error::DeviceLost(format!(
+                "{} ({}): {l}",
+                self.info.name, self.info.backend
+            )));
+        }
+        if !f.uncaptured.is_empty() {
+            let msg = f.uncaptured.join("; ");
+            f.uncaptured.clear();
+            return Err(Error::Gpu(msg));
+        }
+        Ok(())
+    }
+
+    /// Runs `body` inside validation and out-of-memory error scopes.
+    pub fn scoped<T>(&self, what: &str, body: impl FnOnce() -> T) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = body();
+        let v = pollster::block_on(val.pop());
+        let o = pollster::block_on(oom.pop());
+        if let Some(e) = o {
+            return Err(Error::Gpu(format!("{what}: out of device memory: {e}")));
+        }
+        if let Some(e) = v {
+            return Err(Error::Gpu(format!("{what}: {e}")));
+        }
+        self.check()?;
+        Ok(out)
+    }
+
+    /// A zeroed storage buffer of `len` f32/u32 elements, refused with an
+    /// error naming the tensor when it exceeds the device's limits.
+    pub fn storage(&self, name: &str, len: usize) -> Result<GpuBuffer> {
+        let bytes = (len.max(1) * 4) as u64;
+        if bytes > self.limits.max_storage_buffer_binding_size {
+            return Err(Error::DeviceLimit {
+                tensor: name.to_string(),
+                bytes,
+                limit_name: "max_storage_buffer_binding_size",
+                limit: self.limits.max_storage_buffer_binding_size,
+            });
+        }
+        if bytes > self.limits.max_buffer_size {
+            return Err(Error::DeviceLimit {
+                tensor: name.to_string(),
+                bytes,
+                limit_name: "max_buffer_size",
+                limit: self.limits.max_buffer_size,
+            });
+        }
+        let buffer = self.scoped(&format!("allocating `{name}` ({bytes} bytes)"), || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(name),
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        })?;
+        Ok(GpuBuffer {
+            name: name.to_string(),
+            buffer,
+            len,
+        })
+    }
+
+    pub fn uniform(&self, name: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
+        if bytes.len() as u64 > self.limits.max_buffer_size {
+            return Err(Error::DeviceLimit {
+                tensor: name.to_string(),
+                bytes: bytes.len() as u64,
+                limit_name: "max_buffer_size",
+                limit: self.limits.max_buffer_size,
+            });
+        }
+        let buf = self.scoped(&format!("allocating `{name}`"), || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(name),
+                size: bytes.len().max(16) as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        self.queue.write_buffer(&buf, 0, bytes);
+        Ok(buf)
+    }
+
+    pub fn write_f32(&self, buf: &GpuBuffer, offset: usize, data: &[f32]) -> Result<()> {
+        if offset + data.len() > buf.len {
+            return Err(Error::Gpu(format!(
+                "writing {} values at {offset} into `{}` of {}",
+                data.len(),
+                buf.name,
+                buf.len
+            )));
+        }
+        if !data.is_empty() {
+            self.queue
+                .write_buffer(&buf.buffer, (offset * 4) as u64, bytemuck::cast_slice(data));
+        }
+        Ok(())
+    }
+
+    pub fn write_u32(&self, buf: &GpuBuffer, data: &[u32]) -> Result<()> {
+        if data.len() > buf.len {
+            return Err(Error::Gpu(format!(
+                "writing {} values into `{}`",
+                data.len(),
+                buf.name
+            )));
+        }
+        self.queue
+            .write_buffer(&buf.buffer, 0, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    /// The compute pipeline of a kernel, compiled on first use.
+    pub fn pipeline(&self, k: Kernel) -> Result<Rc<Pipeline>> {
+        if let Some(p) = self.pipelines.borrow().get(&k) {
+            return Ok(p.clone());
+        }
+        let (file, src) = k.source();
+        let bindings = k.bindings();
+        if bindings.iter().filter(|b| b.is_some()).count() as u32
+            > self.limits.max_storage_buffers_per_shader_stage
+        {
+            return Err(Error::Gpu(format!(
+                "kernel {}::{} binds {} storage buffers; the device allows {}",
+                file,
+                k.entry(),
+                bindings.len(),
+                self.limits.max_storage_buffers_per_shader_stage
+            )));
+        }
+        let p = self.scoped(&format!("compiling {file}::{}", k.entry()), || {
+            let module = self
+                .device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(file),
+                    source: wgpu::ShaderSource::Wgsl(src.into()),
+                });
+            let mut entries = vec![wgpu::BindGroupLayoutEntry {
+                binding: 0,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            }];
+            for (i, b) in bindings.iter().enumerate() {
+                let Some(read_only) = b else { continue };
+                entries.push(wgpu::BindGroupLayoutEntry {
+                    binding: i as u32 + 1,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage {
+                            read_only: *read_only,
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                });
+            }
+            let layout = self
+                .device
+                .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some(k.entry()),
+                    entries: &entries,
+                });
+            let pl = self
+                .device
+                .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some(k.entry()),
+                    bind_group_layouts: &[Some(&layout)],
+                    immediate_size: 0,
+                });
+            let pipeline = self
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(k.entry()),
+                    layout: Some(&pl),
+                    module: &module,
+                    entry_point: Some(k.entry()),
+                    compilation_options: wgpu::PipelineCompilationOptions::default(),
+                    cache: None,
+                });
+            Pipeline { pipeline, layout }
+        })?;
+        let p = Rc::new(p);
+        self.pipelines.borrow_mut().insert(k, p.clone());
+        Ok(p)
+    }
+
+    /// Waits for the queue; a lost device or a timeout becomes an error.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
+            .map_err(|e| {
+                self.check().err().unwrap_or_else(|| {
+                    Error::DeviceLost(format!("{} ({}): {e}", self.info.name, self.info.backend))
+                })
+            })?;
+        self.check()
+    }
+
+    /// Reads `(buffer, offset, len)` ranges back in one staging copy and one map.
+    pub fn read_f32(&self, ranges: &[(&GpuBuffer, usize, usize)]) -> Result<Vec<Vec<f32>>> {
+        let total: usize = ranges.iter().map(|r| r.2).sum();
+        let staging = self.scoped("allocating the readback buffer", || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size: (total.max(1) * 4) as u64,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mut at = 0u64;
+        for (buf, off, len) in ranges {
+            if off + len > buf.len {
+                return Err(Error::Gpu(format!(
+                    "reading {len} values at {off} from `{}` of {}",
+                    buf.name, buf.len
+                )));
+            }
+            if *len > 0 {
+                enc.copy_buffer_to_buffer(
+                    &buf.buffer,
+                    (*off * 4) as u64,
+                    &staging,
+                    at,
+                    (*len * 4) as u64,
+                );
+            }
+            at += (*len * 4) as u64;
+        }
+        self.scoped("reading results back", || {
+            self.queue.submit([enc.finish()]);
+        })?;
+        let slot = Arc::new(Mutex::new(None));
+        let s = slot.clone();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            *s.lock().unwrap() = Some(r);
+        });
+        self.wait()?;
+        match slot.lock().unwrap().take() {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Error::Gpu(format!("mapping the readback buffer: {e}"))),
+            None => return Err(Error::DeviceLost("the readback never completed".into())),
+        }
+        let view = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu(format!("mapping the readback buffer: {e}")))?;
+        let all: &[f32] = bytemuck::cast_slice(&view[..total * 4]);
+        let mut out = vec![];
+        let mut at = 0;
+        for (_, _, len) in ranges {
+            out.push(all[at..at + len].to_vec());
+            at += len;
+        }
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+}

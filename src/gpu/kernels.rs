@@ -1,0 +1,165 @@
+//! The WGSL kernels: which file and entry point, and the bind-group layout
+//! each declares. Binding 0 is always the kernel's uniform parameters;
+//! bindings 1.. are storage buffers (`Some(true)` read-only, `Some(false)`
+//! read-write). No kernel binds more than 8 storage buffers (GL allows 16).
+
+pub const CONV: &str = include_str!("../../shaders/conv.wgsl");
+pub const REDUCE: &str = include_str!("../../shaders/reduce.wgsl");
+pub const ELEMENTWISE: &str = include_str!("../../shaders/elementwise.wgsl");
+pub const BN: &str = include_str!("../../shaders/bn.wgsl");
+pub const POOL: &str = include_str!("../../shaders/pool.wgsl");
+pub const LOSS: &str = include_str!("../../shaders/loss.wgsl");
+
+/// Threads per workgroup of every kernel.
+pub const WORKGROUP: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    ConvForward,
+    ConvBackwardData,
+    ConvBackwardWeight,
+    ChannelSums,
+    SumAll,
+    ReluMask,
+    Add,
+    Copy,
+    BnStats,
+    BnForward,
+    BnRForward,
+    BnBackward,
+    BnRBackward,
+    MaxPoolForward,
+    MaxPoolGather,
+    MaxPoolBackward,
+    GapForward,
+    GapBackward,
+    XentForwardBackward,
+    XentRBackward,
+}
+
+const R: Option<bool> = Some(true);
+const W: Option<bool> = Some(false);
+
+impl Kernel {
+    pub const ALL: [Kernel; 20] = [
+        Kernel::ConvForward,
+        Kernel::ConvBackwardData,
+        Kernel::ConvBackwardWeight,
+        Kernel::ChannelSums,
+        Kernel::SumAll,
+        Kernel::ReluMask,
+        Kernel::Add,
+        Kernel::Copy,
+        Kernel::BnStats,
+        Kernel::BnForward,
+        Kernel::BnRForward,
+        Kernel::BnBackward,
+        Kernel::BnRBackward,
+        Kernel::MaxPoolForward,
+        Kernel::MaxPoolGather,
+        Kernel::MaxPoolBackward,
+        Kernel::GapForward,
+        Kernel::GapBackward,
+        Kernel::XentForwardBackward,
+        Kernel::XentRBackward,
+    ];
+
+    /// (file name, WGSL source).
+    pub fn source(self) -> (&'static str, &'static str) {
+        use Kernel::*;
+        match self {
+            ConvForward | ConvBackwardData | ConvBackwardWeight => ("conv.wgsl", CONV),
+            ChannelSums | SumAll => ("reduce.wgsl", REDUCE),
+            ReluMask | Add | Copy => ("elementwise.wgsl", ELEMENTWISE),
+            BnStats | BnForward | BnRForward | BnBackward | BnRBackward => ("bn.wgsl", BN),
+            MaxPoolForward | MaxPoolGather | MaxPoolBackward | GapForward | GapBackward => {
+                ("pool.wgsl", POOL)
+            }
+            XentForwardBackward | XentRBackward => ("loss.wgsl", LOSS),
+        }
+    }
+
+    pub fn entry(self) -> &'static str {
+        use Kernel::*;
+        match self {
+            ConvForward => "conv_forward",
+            ConvBackwardData => "conv_backward_data",
+            ConvBackwardWeight => "conv_backward_weight",
+            ChannelSums => "channel_sums",
+            SumAll => "sum_all",
+            ReluMask => "relu_mask",
+            Add => "add",
+            Copy => "copy",
+            BnStats => "bn_stats",
+            BnForward => "bn_forward",
+            BnRForward => "bn_r_forward",
+            BnBackward => "bn_backward",
+            BnRBackward => "bn_r_backward",
+            MaxPoolForward => "maxpool_forward",
+            MaxPoolGather => "maxpool_gather",
+            MaxPoolBackward => "maxpool_backward",
+            GapForward => "gap_forward",
+            GapBackward => "gap_backward",
+            XentForwardBackward => "xent_forward_backward",
+            XentRBackward => "xent_r_backward",
+        }
+    }
+
+    /// Storage bindings 1.., in order.
+    pub fn bindings(self) -> &'static [Option<bool>] {
+        use Kernel::*;
+        match self {
+            ConvForward | ConvBackwardData | ConvBackwardWeight => &[R, R, R, R, W],
+            ChannelSums | SumAll | ReluMask | Add | Copy => &[R, R, W],
+            BnStats => &[R, W],
+            BnForward => &[R, R, R, W, W],
+            BnRForward => &[R, R, R, R, R, W, W],
+            BnBackward => &[R, R, R, R, W],
+            BnRBackward => &[R, R, R, R, R, R, R, W],
+            MaxPoolForward => &[R, W, W],
+            MaxPoolGather | MaxPoolBackward => &[R, R, W],
+            GapForward | GapBackward => &[R, W],
+            XentForwardBackward => &[R, R, W, W, W],
+            XentRBackward => &[R, R, W],
+        }
+    }
+}
+
+/// Flags shared by the kernels' uniform `flags` fields.
+pub mod flags {
+    /// Add into the output instead of overwriting it.
+    pub const CONV_ACC: u32 = 1;
+    pub const CONV_PAIR_B: u32 = 2;
+    pub const CONV_BIAS: u32 = 4;
+    pub const SUMS_HAS_B: u32 = 1;
+    pub const SUMS_ACC: u32 = 2;
+    pub const EW_ACC: u32 = 1;
+    pub const BN_BATCH: u32 = 1;
+    pub const BN_ACC: u32 = 2;
+    pub const POOL_ACC: u32 = 1;
+}
+
+/// Rows of a batch-norm node's stats buffer (see shaders/bn.wgsl).
+pub mod bn_rows {
+    pub const MEAN: usize = 0;
+    pub const S: usize = 1;
+    pub const SUM_DX: usize = 2;
+    pub const SUM_XHAT_DX: usize = 3;
+    pub const SUM_GY: usize = 4;
+    pub const SUM_GY_XHAT: usize = 5;
+    pub const SUM_RGY: usize = 6;
+    pub const SUM_RGY_XHAT: usize = 7;
+    pub const SCRATCH: usize = 8;
+    pub const SUM_GY_XHD: usize = 9;
+    pub const COUNT: usize = 10;
+}
+
+/// A kernel's uniform block: 16 words (u32 or f32 bits), 64 bytes.
+pub type Params = [u32; 16];
+
+/// Params from the leading words; the rest are zero.
+pub fn params(words: &[u32]) -> Params {
+    let mut p = [0u32; 16];
+    p[..words.len()].copy_from_slice(words);
+    p
+}
