@@ -651,6 +651,17 @@ impl Builder<'_> {
 
 impl GpuEngine {
     pub fn new(ctx: GpuContext, problem: &Problem) -> Result<GpuEngine> {
+        Self::with_cache_budget(ctx, problem, CACHE_BUDGET_BYTES)
+    }
+
+    /// As `new`, keeping every batch's activations resident only while
+    /// they take at most `budget` bytes; otherwise one workspace is shared
+    /// and each HVP recomputes the forward and backward passes.
+    pub fn with_cache_budget(
+        ctx: GpuContext,
+        problem: &Problem,
+        budget: usize,
+    ) -> Result<GpuEngine> {
         let model = problem.model.clone();
         let data = problem.data.clone();
         let batches = data.batches(problem.batch);
@@ -697,7 +708,7 @@ impl GpuEngine {
                 ws_bytes += 2 * 4 * max_count * node.in_shape.numel();
             }
         }
-        let n_ws = if ws_bytes * batches.len() <= CACHE_BUDGET_BYTES {
+        let n_ws = if ws_bytes * batches.len() <= budget {
             batches.len()
         } else {
             1
@@ -878,6 +889,17 @@ impl GpuEngine {
         } else {
             0
         }
+    }
+
+    /// Per-kernel wall times of the first batch's forward/backward and
+    /// R-pass programs, each dispatch submitted and waited for alone.
+    pub fn profile(&mut self) -> Result<(Vec<(Kernel, f64)>, Vec<(Kernel, f64)>)> {
+        self.upload_batch(0)?;
+        let p = &self.programs[0];
+        let fb = p.forward_backward.profile(&self.ctx)?;
+        let r = p.r_pass.profile(&self.ctx)?;
+        self.workspaces[p.ws].resident = Some(0);
+        Ok((fb, r))
     }
 
     fn upload_batch(&mut self, bi: usize) -> Result<()> {

@@ -36,6 +36,7 @@ pub struct Step {
 pub struct Compiled {
     _uniforms: Option<wgpu::Buffer>,
     steps: Vec<(Rc<Pipeline>, wgpu::BindGroup, (u32, u32))>,
+    kernels: Vec<Kernel>,
 }
 
 /// Folds a launch of `g` workgroups into x·y ≤ the per-dimension limit; the
@@ -65,6 +66,7 @@ impl Compiled {
             return Ok(Compiled {
                 _uniforms: None,
                 steps: vec![],
+                kernels: vec![],
             });
         }
         let align = (ctx.limits.min_uniform_buffer_offset_alignment as usize).max(64);
@@ -107,6 +109,7 @@ impl Compiled {
         Ok(Compiled {
             _uniforms: Some(uniforms),
             steps: out,
+            kernels: steps.iter().map(|s| s.kernel).collect(),
         })
     }
 
@@ -123,6 +126,26 @@ impl Compiled {
             pass.set_bind_group(0, bg, &[]);
             pass.dispatch_workgroups(*x, *y, 1);
         }
+    }
+
+    /// Runs each step in its own submission and returns its wall time:
+    /// a per-kernel profile (host-timed, so it includes submit latency).
+    pub fn profile(&self, ctx: &GpuContext) -> Result<Vec<(Kernel, f64)>> {
+        let mut out = vec![];
+        for (k, (p, bg, (x, y))) in self.kernels.iter().zip(&self.steps) {
+            let t = std::time::Instant::now();
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&p.pipeline);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(*x, *y, 1);
+            }
+            ctx.queue.submit([enc.finish()]);
+            ctx.wait()?;
+            out.push((*k, t.elapsed().as_secs_f64()));
+        }
+        Ok(out)
     }
 
     pub fn len(&self) -> usize {

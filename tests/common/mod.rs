@@ -75,3 +75,25 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
+
+/// The GPU adapter of a backend for tests. Without one, a test is skipped
+/// with a message on a developer machine, but fails under `CI=true`: CI
+/// installs Mesa's software drivers, so a missing adapter there is a
+/// broken setup, never a pass.
+pub fn gpu_context(choice: hesscope::gpu::BackendChoice) -> Option<hesscope::gpu::GpuContext> {
+    match hesscope::gpu::GpuContext::open(choice, 0) {
+        Ok(ctx) => Some(ctx),
+        Err(e) => {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(!ci, "CI=true but no {choice:?} adapter: {e}");
+            eprintln!("SKIPPED: no {choice:?} adapter ({e})");
+            None
+        }
+    }
+}
+
+/// The backends every GPU test runs on: lavapipe and llvmpipe in CI.
+pub const GPU_BACKENDS: [hesscope::gpu::BackendChoice; 2] = [
+    hesscope::gpu::BackendChoice::Vulkan,
+    hesscope::gpu::BackendChoice::Gl,
+];

@@ -1,0 +1,229 @@
+//! The GPU engine against the float64 reference: every PyTorch fixture on
+//! Vulkan (lavapipe in CI) and GL (llvmpipe), resnet20 against the CPU
+//! reference, symmetry, and bad input.
+
+mod common;
+
+use common::*;
+use hesscope::cpu::CpuReference;
+use hesscope::engine::{BnMode, Curvature, Problem};
+use hesscope::gpu::{BackendChoice, GpuEngine};
+use hesscope::model::{Model, Weights};
+
+/// f32 kernels against f64: PyTorch's own f32 reaches ≤ 5e-7 on these
+/// fixtures; 1e-5 leaves room for a different (but accurate) summation
+/// order, and would still catch any wrong term, which errs by ≥ 1e-3.
+const FIXTURE_TOL: f64 = 1e-5;
+
+fn engine(ctx: hesscope::gpu::GpuContext, p: &Problem) -> GpuEngine {
+    GpuEngine::new(ctx, p).unwrap()
+}
+
+#[test]
+fn every_fixture_matches_on_every_gpu_backend() {
+    let mut rows = vec![];
+    for choice in GPU_BACKENDS {
+        for (model, bn) in fixture_cases() {
+            let Some(ctx) = gpu_context(choice) else {
+                continue;
+            };
+            let p = problem(&model, bn);
+            let dir = ref_dir(&model, bn);
+            let reference = json(dir.join("reference.json"));
+            let grad_ref = vector(&p, dir.join("grad.safetensors"));
+            let hv_ref = vector(&p, dir.join("hv.safetensors"));
+            let v = vector(&p, fixtures_dir().join(&model).join("v.safetensors"));
+            let mut e = engine(ctx, &p);
+            let (loss, grad, hv) = e.loss_grad_hvp(&v).unwrap();
+            let loss_ref = reference["loss"].as_f64().unwrap();
+            let el = (loss - loss_ref).abs() / loss_ref.abs();
+            let eg = rel_err(&grad, &grad_ref);
+            let eh = rel_err(&hv, &hv_ref);
+            // An HVP alone (the cached path Lanczos uses) must agree too.
+            let mut hv2 = vec![0.0; v.len()];
+            e.hvp(&v, &mut hv2).unwrap();
+            let eh2 = rel_err(&hv2, &hv_ref);
+            let row = format!(
+                "{choice:?} {model} {bn:?}: loss {el:.1e} grad {eg:.1e} hv {eh:.1e} (cached hv {eh2:.1e})"
+            );
+            eprintln!("{row}");
+            rows.push((row, el.max(eg).max(eh).max(eh2)));
+        }
+    }
+    let bad: Vec<_> = rows.iter().filter(|r| !(r.1 <= FIXTURE_TOL)).collect();
+    assert!(bad.is_empty(), "above {FIXTURE_TOL}: {bad:?}");
+}
+
+/// With no cache budget the batches share one workspace and every HVP
+/// re-uploads its batch and recomputes the forward/backward passes.
+#[test]
+fn the_uncached_path_matches_too() {
+    let Some(ctx) = gpu_context(BackendChoice::Vulkan) else {
+        return;
+    };
+    let p = problem("cnn-tiny", BnMode::Batch);
+    assert!(p.data.batches(p.batch).len() > 1);
+    let dir = ref_dir("cnn-tiny", BnMode::Batch);
+    let hv_ref = vector(&p, dir.join("hv.safetensors"));
+    let v = vector(&p, fixtures_dir().join("cnn-tiny").join("v.safetensors"));
+    let mut e = GpuEngine::with_cache_budget(ctx, &p, 0).unwrap();
+    assert_eq!(e.cached_batches(), 0);
+    let mut hv = vec![0.0; v.len()];
+    for _ in 0..2 {
+        e.hvp(&v, &mut hv).unwrap();
+        let err = rel_err(&hv, &hv_ref);
+        assert!(err <= FIXTURE_TOL, "{err:.1e}");
+    }
+}
+
+#[test]
+fn hessian_is_symmetric_on_the_gpu() {
+    let Some(ctx) = gpu_context(BackendChoice::Vulkan) else {
+        return;
+    };
+    let p = problem("cnn-tiny", BnMode::Batch);
+    let n = p.model.n_params;
+    let u = hesscope_random(n, 1);
+    let v = hesscope_random(n, 2);
+    let mut e = engine(ctx, &p);
+    let (mut hu, mut hv) = (vec![0.0; n], vec![0.0; n]);
+    e.hvp(&u, &mut hu).unwrap();
+    e.hvp(&v, &mut hv).unwrap();
+    let (a, b) = (dot(&u, &hv), dot(&v, &hu));
+    let scale = norm(&hu) * norm(&v);
+    // f32 rounding of two length-1400 dot products of O(1) terms.
+    let asym = (a - b).abs() / scale;
+    eprintln!("u·Hv = {a:.9e}, v·Hu = {b:.9e}, |diff|/(|Hu||v|) = {asym:.1e}");
+    assert!(asym < 1e-6, "asymmetry {asym:.1e}");
+}
+
+fn norm(a: &[f64]) -> f64 {
+    dot(a, a).sqrt()
+}
+
+fn hesscope_random(n: usize, seed: u64) -> Vec<f64> {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let v: Vec<f64> = (0..n).map(|_| r.random::<f64>() - 0.5).collect();
+    let s = norm(&v);
+    v.into_iter().map(|x| x / s).collect()
+}
+
+fn resnet20_problem(bn: BnMode) -> Problem {
+    let model = Model::load("resnet20").unwrap();
+    let mut weights = Weights::init(&model, 3);
+    // Non-trivial running statistics, so running mode is not the identity.
+    for (i, b) in weights.buffers.iter_mut().enumerate() {
+        let is_var = model.buffers[i].name.ends_with("running_var");
+        for (j, x) in b.iter_mut().enumerate() {
+            let t = ((i * 31 + j * 7) % 17) as f64 / 17.0;
+            *x = if is_var { 0.5 + t } else { 0.2 * (t - 0.5) };
+        }
+    }
+    let data = hesscope::data::synthetic(model.input, model.classes, 32, 5);
+    Problem::new(model, weights, data, 32, bn).unwrap()
+}
+
+/// resnet20 at batch 32 in running mode: no batch statistics spread a kink
+/// flip, so the GPU must match the float64 reference to 1e-4 outright.
+#[test]
+fn resnet20_running_matches_the_cpu_reference() {
+    let Some(ctx) = gpu_context(BackendChoice::Vulkan) else {
+        return;
+    };
+    let p = resnet20_problem(BnMode::Running);
+    let v = hesscope_random(p.model.n_params, 9);
+    let mut e = engine(ctx, &p);
+    let (_, g, hv) = e.loss_grad_hvp(&v).unwrap();
+    let cpu = CpuReference::new(p);
+    let o = cpu.pass(Some(&v)).unwrap();
+    let (eg, eh) = (rel_err(&g, &o.grad), rel_err(&hv, o.hv.as_ref().unwrap()));
+    eprintln!("resnet20 running, batch 32: grad {eg:.2e}, hv {eh:.2e}");
+    assert!(eg <= 1e-4 && eh <= 1e-4, "grad {eg:.2e} hv {eh:.2e}");
+}
+
+/// resnet20 at batch 32 in batch mode: the float64 reference is run with
+/// the GPU's own ReLU masks, which isolates kernel error from the f32/f64
+/// kink flips that batch statistics spread over whole channels.
+#[test]
+fn resnet20_batch_mode_matches_with_the_gpu_relu_masks() {
+    let Some(ctx) = gpu_context(BackendChoice::Vulkan) else {
+        return;
+    };
+    let p = resnet20_problem(BnMode::Batch);
+    let v = hesscope_random(p.model.n_params, 11);
+    let mut e = engine(ctx, &p);
+    let (_, g, hv) = e.loss_grad_hvp(&v).unwrap();
+    let masks = e.relu_masks().unwrap();
+    let mut cpu = CpuReference::new(p);
+    let raw = cpu.pass(Some(&v)).unwrap();
+    let f64_masks = cpu.relu_mask_of();
+    let flips: usize = masks
+        .iter()
+        .flatten()
+        .flatten()
+        .zip(f64_masks.iter().flatten().flatten())
+        .filter(|(a, b)| a != b)
+        .count();
+    cpu.relu_masks = Some(masks);
+    let o = cpu.pass(Some(&v)).unwrap();
+    let (eg, eh) = (rel_err(&g, &o.grad), rel_err(&hv, o.hv.as_ref().unwrap()));
+    let raw_h = rel_err(&hv, raw.hv.as_ref().unwrap());
+    eprintln!(
+        "resnet20 batch mode, batch 32: with GPU masks grad {eg:.2e} hv {eh:.2e}; raw hv {raw_h:.2e} ({flips} ReLU inputs flip)"
+    );
+    assert!(eg <= 1e-5 && eh <= 1e-5, "grad {eg:.2e} hv {eh:.2e}");
+}
+
+#[test]
+fn a_tensor_beyond_the_binding_limit_is_refused_by_name() {
+    let Some(ctx) = gpu_context(BackendChoice::Vulkan) else {
+        return;
+    };
+    let limit = ctx.limits.max_storage_buffer_binding_size;
+    let len = (limit / 4 + 1) as usize;
+    let err = ctx.storage("layer3.0.conv1 output", len).err().unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("layer3.0.conv1 output") && msg.contains("max_storage_buffer_binding_size"),
+        "{msg}"
+    );
+    // The engine reports it for a model whose activations are too large.
+    let model = Model::load("resnet20").unwrap();
+    let per_sample = 16 * 32 * 32 * 4;
+    let n = (limit as usize / per_sample) + 1;
+    let data = hesscope::data::synthetic(model.input, model.classes, n, 0);
+    let weights = Weights::init(&model, 0);
+    let p = Problem::new(model, weights, data, n, BnMode::Running).unwrap();
+    let err = GpuEngine::new(ctx, &p).err().expect("refused").to_string();
+    eprintln!("{err}");
+    assert!(
+        err.contains("max_storage_buffer_binding_size") && err.contains("output"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_adapter_index_out_of_range_names_the_flag() {
+    let Some(_) = gpu_context(BackendChoice::Vulkan) else {
+        return;
+    };
+    let err = hesscope::gpu::GpuContext::open(BackendChoice::Vulkan, 99)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("--adapter") && err.contains("99"), "{err}");
+}
+
+#[test]
+fn non_finite_weights_give_a_numerical_error_not_garbage() {
+    let Some(ctx) = gpu_context(BackendChoice::Vulkan) else {
+        return;
+    };
+    let mut p = problem("mlp-tiny", BnMode::Batch);
+    // Finite in f64, infinite in f32.
+    p.weights.theta[0] = 1e300;
+    let mut e = engine(ctx, &p);
+    let err = e.loss_grad().err().expect("refused").to_string();
+    assert!(err.contains("float32"), "{err}");
+}
