@@ -95,7 +95,15 @@ fn main() -> anyhow::Result<()> {
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_pipeline(&pipe);
             pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(groups, 1, 1);
+            if entry == "v_uni" {
+                pass.dispatch_workgroups(
+                    ((n * oh * ow) as u32).div_ceil(256),
+                    (cout / 8) as u32,
+                    1,
+                );
+            } else {
+                pass.dispatch_workgroups(groups, 1, 1);
+            }
         }
         ctx.queue.submit([enc.finish()]);
         ctx.wait()?;

@@ -32,145 +32,294 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid;
 }
 
+// Register blocking: llvmpipe and GPUs alike pay more for a load than for
+// an FMA, so each thread computes a CB × XB block of outputs and reuses
+// every loaded input and weight CB or XB times.
+const CB: u32 = 4u;
+const XB: u32 = 4u;
+
+// A weight of channel `c`, or 0 past the last channel (blocks may overhang).
+fn weight_a(c: u32, climit: u32, i: u32) -> f32 {
+    return select(0.0, wa[min(i, arrayLength(&wa) - 1u)], c < climit);
+}
+fn weight_b(c: u32, climit: u32, i: u32) -> f32 {
+    return select(0.0, wb[min(i, arrayLength(&wb) - 1u)], c < climit);
+}
+
 // y[n, co, oy, ox] = Σ_{ci, ky, kx} W[co, ci, ky, kx] · x[n, ci, oy·s + ky − pad, ox·s + kx − pad]
+// One thread: channels co0..co0+CB of row oy, columns ox0..ox0+XB.
 @compute @workgroup_size(256)
 fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     let idx = flat_index(wid, nwg, lid);
-    let total = p.n * p.cout * p.oh * p.ow;
+    let cblocks = (p.cout + CB - 1u) / CB;
+    let xblocks = (p.ow + XB - 1u) / XB;
+    let total = p.n * cblocks * p.oh * xblocks;
     if (idx >= total) { return; }
-    let ox = idx % p.ow;
-    let oy = (idx / p.ow) % p.oh;
-    let co = (idx / (p.ow * p.oh)) % p.cout;
-    let n = idx / (p.ow * p.oh * p.cout);
+    let xb_ = idx % xblocks;
+    let oy = (idx / xblocks) % p.oh;
+    let cb = (idx / (xblocks * p.oh)) % cblocks;
+    let n = idx / (xblocks * p.oh * cblocks);
+    let co0 = cb * CB;
+    let ox0 = xb_ * XB;
     let kk = p.k * p.k;
-    let iy0 = i32(oy * p.stride) - i32(p.pad);
-    let ix0 = i32(ox * p.stride) - i32(p.pad);
-    // The kernel window clipped to the image, so the inner loops need no tests.
-    let ky0 = u32(max(0, -iy0));
-    let ky1 = u32(clamp(i32(p.h) - iy0, 0, i32(p.k)));
-    let kx0 = u32(max(0, -ix0));
-    let kx1 = u32(clamp(i32(p.w) - ix0, 0, i32(p.k)));
+    let wstride = p.cin * kk;
     let two = (p.flags & PAIR_B) != 0u;
-    var acc = 0.0;
+    var acc: array<array<f32, 4>, 4>;
     for (var ci = 0u; ci < p.cin; ci++) {
         let xbase = (n * p.cin + ci) * p.h * p.w;
-        let wbase = (co * p.cin + ci) * kk;
-        for (var ky = ky0; ky < ky1; ky++) {
-            let xrow = xbase + u32(iy0 + i32(ky)) * p.w;
-            let wrow = wbase + ky * p.k;
-            for (var kx = kx0; kx < kx1; kx++) {
-                let xi = xrow + u32(ix0 + i32(kx));
-                acc += wa[p.wa_off + wrow + kx] * xa[xi];
-                if (two) {
-                    acc += wb[p.wb_off + wrow + kx] * xb[xi];
+        for (var ky = 0u; ky < p.k; ky++) {
+            let iy = i32(oy * p.stride + ky) - i32(p.pad);
+            if (iy < 0 || iy >= i32(p.h)) { continue; }
+            let xrow = xbase + u32(iy) * p.w;
+            for (var kx = 0u; kx < p.k; kx++) {
+                var xv: array<f32, 4>;
+                var xv2: array<f32, 4>;
+                for (var i = 0u; i < XB; i++) {
+                    let ix = i32((ox0 + i) * p.stride + kx) - i32(p.pad);
+                    let ok = ix >= 0 && ix < i32(p.w) && ox0 + i < p.ow;
+                    let xi = min(xrow + u32(max(ix, 0)), arrayLength(&xa) - 1u);
+                    xv[i] = select(0.0, xa[xi], ok);
+                    if (two) {
+                        xv2[i] = select(0.0, xb[xi], ok);
+                    }
+                }
+                let tap = (co0 * p.cin + ci) * kk + ky * p.k + kx;
+                for (var j = 0u; j < CB; j++) {
+                    let wv = weight_a(co0 + j, p.cout, p.wa_off + tap + j * wstride);
+                    for (var i = 0u; i < XB; i++) {
+                        acc[j][i] += wv * xv[i];
+                    }
+                    if (two) {
+                        let wv2 = weight_b(co0 + j, p.cout, p.wb_off + tap + j * wstride);
+                        for (var i = 0u; i < XB; i++) {
+                            acc[j][i] += wv2 * xv2[i];
+                        }
+                    }
                 }
             }
         }
     }
-    if ((p.flags & BIAS) != 0u) {
-        acc += wb[p.bias_off + co];
+    let plane = p.oh * p.ow;
+    for (var j = 0u; j < CB; j++) {
+        let co = co0 + j;
+        if (co >= p.cout) { break; }
+        var bias = 0.0;
+        if ((p.flags & BIAS) != 0u) {
+            bias = wb[p.bias_off + co];
+        }
+        for (var i = 0u; i < XB; i++) {
+            if (ox0 + i >= p.ow) { break; }
+            let o = (n * p.cout + co) * plane + oy * p.ow + ox0 + i;
+            var r = acc[j][i] + bias;
+            if ((p.flags & ACC) != 0u) {
+                r += out[o];
+            }
+            out[o] = r;
+        }
     }
-    if ((p.flags & ACC) != 0u) {
-        acc += out[idx];
-    }
-    out[idx] = acc;
 }
 
 // gx[n, ci, iy, ix] = Σ_{co, ky, kx} W[co, ci, ky, kx] · gy[n, co, oy, ox]
 // over the outputs (oy, ox) whose window puts tap (ky, kx) on (iy, ix).
+// One thread: channels ci0..ci0+CB of row iy, columns ix0..ix0+XB.
 @compute @workgroup_size(256)
 fn conv_backward_data(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
     let idx = flat_index(wid, nwg, lid);
-    let total = p.n * p.cin * p.h * p.w;
+    let cblocks = (p.cin + CB - 1u) / CB;
+    let xblocks = (p.w + XB - 1u) / XB;
+    let total = p.n * cblocks * p.h * xblocks;
     if (idx >= total) { return; }
-    let ix = idx % p.w;
-    let iy = (idx / p.w) % p.h;
-    let ci = (idx / (p.w * p.h)) % p.cin;
-    let n = idx / (p.w * p.h * p.cin);
+    let xb_ = idx % xblocks;
+    let iy = (idx / xblocks) % p.h;
+    let cb = (idx / (xblocks * p.h)) % cblocks;
+    let n = idx / (xblocks * p.h * cblocks);
+    let ci0 = cb * CB;
+    let ix0 = xb_ * XB;
     let kk = p.k * p.k;
     let two = (p.flags & PAIR_B) != 0u;
-    var acc = 0.0;
+    var acc: array<array<f32, 4>, 4>;
     for (var ky = 0u; ky < p.k; ky++) {
         let ty = i32(iy + p.pad) - i32(ky);
         if (ty < 0 || (u32(ty) % p.stride) != 0u) { continue; }
         let oy = u32(ty) / p.stride;
         if (oy >= p.oh) { continue; }
         for (var kx = 0u; kx < p.k; kx++) {
-            let tx = i32(ix + p.pad) - i32(kx);
-            if (tx < 0 || (u32(tx) % p.stride) != 0u) { continue; }
-            let ox = u32(tx) / p.stride;
-            if (ox >= p.ow) { continue; }
+            // Which of the XB columns this tap reaches, and from which output.
+            var ok: array<bool, 4>;
+            var ox: array<u32, 4>;
+            var any_ok = false;
+            for (var i = 0u; i < XB; i++) {
+                let tx = i32(ix0 + i + p.pad) - i32(kx);
+                let o = u32(max(tx, 0)) / p.stride;
+                ok[i] = tx >= 0 && (u32(tx) % p.stride) == 0u && o < p.ow && ix0 + i < p.w;
+                ox[i] = o;
+                any_ok = any_ok || ok[i];
+            }
+            if (!any_ok) { continue; }
             let tap = ky * p.k + kx;
             for (var co = 0u; co < p.cout; co++) {
-                let gi = ((n * p.cout + co) * p.oh + oy) * p.ow + ox;
-                let wi = (co * p.cin + ci) * kk + tap;
-                acc += wa[p.wa_off + wi] * xa[gi];
-                if (two) {
-                    acc += wb[p.wb_off + wi] * xb[gi];
+                let grow = ((n * p.cout + co) * p.oh + oy) * p.ow;
+                var g: array<f32, 4>;
+                var g2: array<f32, 4>;
+                for (var i = 0u; i < XB; i++) {
+                    let gi = min(grow + ox[i], arrayLength(&xa) - 1u);
+                    g[i] = select(0.0, xa[gi], ok[i]);
+                    if (two) {
+                        g2[i] = select(0.0, xb[gi], ok[i]);
+                    }
+                }
+                let wbase = (co * p.cin + ci0) * kk + tap;
+                for (var j = 0u; j < CB; j++) {
+                    let wv = weight_a(ci0 + j, p.cin, p.wa_off + wbase + j * kk);
+                    for (var i = 0u; i < XB; i++) {
+                        acc[j][i] += wv * g[i];
+                    }
+                    if (two) {
+                        let wv2 = weight_b(ci0 + j, p.cin, p.wb_off + wbase + j * kk);
+                        for (var i = 0u; i < XB; i++) {
+                            acc[j][i] += wv2 * g2[i];
+                        }
+                    }
                 }
             }
         }
     }
-    if ((p.flags & ACC) != 0u) {
-        acc += out[idx];
+    let plane = p.h * p.w;
+    for (var j = 0u; j < CB; j++) {
+        let ci = ci0 + j;
+        if (ci >= p.cin) { break; }
+        for (var i = 0u; i < XB; i++) {
+            if (ix0 + i >= p.w) { break; }
+            let o = (n * p.cin + ci) * plane + iy * p.w + ix0 + i;
+            var r = acc[j][i];
+            if ((p.flags & ACC) != 0u) {
+                r += out[o];
+            }
+            out[o] = r;
+        }
     }
-    out[idx] = acc;
 }
 
-var<workgroup> partial: array<f32, 256>;
+const KMAX: u32 = 7u;
+// Reductions use 64-thread workgroups: software rasterisers run a
+// workgroup with barriers as one coroutine per invocation, so smaller
+// workgroups cost less to start.
+const WGR: u32 = 64u;
+var<workgroup> partial: array<f32, 448>;
+var<workgroup> partial2: array<f32, 56>;
 
-// out[wa_off + (co, ci, ky, kx)] += Σ_{n, oy, ox} ga[n, co, oy, ox] · xa[n, ci, iy, ix]
+// out[wa_off + (co, ci, ky, ·)] += Σ_{n, oy, ox} ga[n, co, oy, ox] · xa[n, ci, iy, ix]
 //                                  (+ the same for gb, xb).
 // Here `xa`/`xb` are adjoints, `wa`/`wb` are the layer inputs, and `out` is
-// the gradient (or Hv) buffer. One workgroup reduces one weight: each thread
-// sums a strided share, then a tree combines the 256 partial sums, so no
-// serial chain is longer than n·oh·ow / 256.
-@compute @workgroup_size(256)
+// the gradient (or Hv) buffer. One workgroup reduces one kernel row
+// (co, ci, ky) — up to 7 taps kx, each adjoint load reused by all of them.
+// Each thread sums whole output rows (n, oy), strided by 64, then a tree
+// combines the 64 partial sums: no serial chain is longer than
+// n·oh·ow / 64 terms.
+@compute @workgroup_size(64)
 fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
                         @builtin(num_workgroups) nwg: vec3<u32>,
                         @builtin(local_invocation_index) lid: u32) {
     let widx = wid.x + wid.y * nwg.x;
-    let kk = p.k * p.k;
-    let total = p.cout * p.cin * kk;
+    let total = p.cout * p.cin * p.k;
     // widx is uniform across the workgroup, so this return keeps barriers uniform.
     if (widx >= total) { return; }
-    let tap = widx % kk;
-    let ky = tap / p.k;
-    let kx = tap % p.k;
-    let ci = (widx / kk) % p.cin;
-    let co = widx / (kk * p.cin);
+    let ky = widx % p.k;
+    let ci = (widx / p.k) % p.cin;
+    let co = widx / (p.k * p.cin);
     let two = (p.flags & PAIR_B) != 0u;
     let plane = p.oh * p.ow;
-    let count = p.n * plane;
-    var acc = 0.0;
-    for (var j = lid; j < count; j += WG) {
-        let n = j / plane;
-        let r = j % plane;
-        let oy = r / p.ow;
-        let ox = r % p.ow;
+    let rows = p.n * p.oh;
+    var acc: array<f32, 7>;
+    if (p.k <= 3u) {
+        // The common 1x1 and 3x3 kernels, with the taps in named registers.
+        var a0 = 0.0;
+        var a1 = 0.0;
+        var a2 = 0.0;
+        let last = arrayLength(&wa) - 1u;
+        for (var row = lid; row < rows; row += WGR) {
+            let n = row / p.oh;
+            let oy = row % p.oh;
+            let iy = i32(oy * p.stride + ky) - i32(p.pad);
+            if (iy < 0 || iy >= i32(p.h)) { continue; }
+            let grow = (n * p.cout + co) * plane + oy * p.ow;
+            let xrow = ((n * p.cin + ci) * p.h + u32(iy)) * p.w;
+            for (var ox = 0u; ox < p.ow; ox++) {
+                let g = xa[grow + ox];
+                let ix0 = i32(ox * p.stride) - i32(p.pad);
+                let i0 = min(xrow + u32(max(ix0, 0)), last);
+                let i1 = min(xrow + u32(max(ix0 + 1, 0)), last);
+                let i2 = min(xrow + u32(max(ix0 + 2, 0)), last);
+                let ok0 = ix0 >= 0 && ix0 < i32(p.w);
+                let ok1 = ix0 + 1 >= 0 && ix0 + 1 < i32(p.w) && p.k > 1u;
+                let ok2 = ix0 + 2 >= 0 && ix0 + 2 < i32(p.w) && p.k > 2u;
+                a0 += g * select(0.0, wa[i0], ok0);
+                a1 += g * select(0.0, wa[i1], ok1);
+                a2 += g * select(0.0, wa[i2], ok2);
+                if (two) {
+                    let h = xb[grow + ox];
+                    a0 += h * select(0.0, wb[i0], ok0);
+                    a1 += h * select(0.0, wb[i1], ok1);
+                    a2 += h * select(0.0, wb[i2], ok2);
+                }
+            }
+        }
+        acc[0] = a0;
+        acc[1] = a1;
+        acc[2] = a2;
+    } else {
+    for (var row = lid; row < rows; row += WGR) {
+        let n = row / p.oh;
+        let oy = row % p.oh;
         let iy = i32(oy * p.stride + ky) - i32(p.pad);
-        let ix = i32(ox * p.stride + kx) - i32(p.pad);
-        if (iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w)) { continue; }
-        let gi = (n * p.cout + co) * plane + r;
-        let xi = ((n * p.cin + ci) * p.h + u32(iy)) * p.w + u32(ix);
-        acc += xa[gi] * wa[xi];
-        if (two) {
-            acc += xb[gi] * wb[xi];
+        if (iy < 0 || iy >= i32(p.h)) { continue; }
+        let grow = (n * p.cout + co) * plane + oy * p.ow;
+        let xrow = ((n * p.cin + ci) * p.h + u32(iy)) * p.w;
+        for (var ox = 0u; ox < p.ow; ox++) {
+            let g = xa[grow + ox];
+            var g2 = 0.0;
+            if (two) {
+                g2 = xb[grow + ox];
+            }
+            let ix0 = i32(ox * p.stride) - i32(p.pad);
+            for (var kx = 0u; kx < KMAX; kx++) {
+                if (kx >= p.k) { break; }
+                let ix = ix0 + i32(kx);
+                if (ix < 0 || ix >= i32(p.w)) { continue; }
+                acc[kx] += g * wa[xrow + u32(ix)];
+                if (two) {
+                    acc[kx] += g2 * wb[xrow + u32(ix)];
+                }
+            }
         }
     }
-    partial[lid] = acc;
+    }
+    // A fan-in-8 tree: three barriers whatever k is (barriers, not adds,
+    // are what a reduction costs on software rasterisers).
+    for (var kx = 0u; kx < KMAX; kx++) {
+        if (kx >= p.k) { break; }
+        partial[kx * WGR + lid] = acc[kx];
+    }
     workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            partial[lid] += partial[lid + s];
+    if (lid < 8u * p.k) {
+        let tap = lid / 8u;
+        let part = lid % 8u;
+        var s = 0.0;
+        for (var i = 0u; i < 8u; i++) {
+            s += partial[tap * WGR + part * 8u + i];
         }
-        workgroupBarrier();
+        partial2[lid] = s;
     }
-    if (lid == 0u) {
-        out[p.wa_off + widx] += partial[0];
+    workgroupBarrier();
+    if (lid < p.k) {
+        var s = 0.0;
+        for (var i = 0u; i < 8u; i++) {
+            s += partial2[lid * 8u + i];
+        }
+        out[p.wa_off + widx * p.k + lid] += s;
     }
 }

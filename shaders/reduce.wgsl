@@ -18,6 +18,34 @@ const ACC: u32 = 2u;
 
 var<workgroup> sum_a: array<f32, 256>;
 var<workgroup> sum_ab: array<f32, 256>;
+var<workgroup> part_a: array<f32, 16>;
+var<workgroup> part_ab: array<f32, 16>;
+
+// Fan-in-16 trees over the 256 partial sums: two barriers instead of eight
+// (barriers, not adds, are what a reduction costs on software rasterisers).
+fn reduce_pair(lid: u32, a: f32, ab: f32) -> vec2<f32> {
+    sum_a[lid] = a;
+    sum_ab[lid] = ab;
+    workgroupBarrier();
+    if (lid < 16u) {
+        var s = 0.0;
+        var t = 0.0;
+        for (var i = 0u; i < 16u; i++) {
+            s += sum_a[lid * 16u + i];
+            t += sum_ab[lid * 16u + i];
+        }
+        part_a[lid] = s;
+        part_ab[lid] = t;
+    }
+    workgroupBarrier();
+    var s = 0.0;
+    var t = 0.0;
+    for (var i = 0u; i < 16u; i++) {
+        s += part_a[i];
+        t += part_ab[i];
+    }
+    return vec2<f32>(s, t);
+}
 
 // Per channel ch of [n, c, hw]: out[out_a + ch] = Σ a, and with HAS_B
 // out[out_b + ch] = Σ a·b. One workgroup per channel.
@@ -37,19 +65,10 @@ fn channel_sums(@builtin(workgroup_id) wid: vec3<u32>,
             sab += av * b[i];
         }
     }
-    sum_a[lid] = sa;
-    sum_ab[lid] = sab;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            sum_a[lid] += sum_a[lid + s];
-            sum_ab[lid] += sum_ab[lid + s];
-        }
-        workgroupBarrier();
-    }
+    let r = reduce_pair(lid, sa, sab);
     if (lid == 0u) {
-        var ra = sum_a[0];
-        var rab = sum_ab[0];
+        var ra = r.x;
+        var rab = r.y;
         if ((p.flags & ACC) != 0u) {
             ra += out[p.out_a + ch];
             if (has_b) { rab += out[p.out_b + ch]; }
@@ -66,15 +85,8 @@ fn sum_all(@builtin(local_invocation_index) lid: u32) {
     for (var j = lid; j < p.len; j += WG) {
         s += a[j];
     }
-    sum_a[lid] = s;
-    workgroupBarrier();
-    for (var k = WG / 2u; k > 0u; k >>= 1u) {
-        if (lid < k) {
-            sum_a[lid] += sum_a[lid + k];
-        }
-        workgroupBarrier();
-    }
+    let r = reduce_pair(lid, s, 0.0);
     if (lid == 0u) {
-        out[p.out_a] = sum_a[0];
+        out[p.out_a] = r.x;
     }
 }

@@ -4,6 +4,7 @@
 //! R-backward) run by the float64 CPU reference or the GPU executor ->
 //! the operator v -> Hv -> spectral solvers -> reports.
 
+pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod spectral;

@@ -41,7 +41,8 @@ fn check(path: &PathBuf) -> Result<usize, String> {
     let mut out = String::new();
     let opts = hlsl::Options::default();
     let fragment_entry_point = None;
-    let mut w = hlsl::Writer::new(&mut out, &opts, &hlsl::PipelineOptions::default());
+    let pipeline_opts = hlsl::PipelineOptions::default();
+    let mut w = hlsl::Writer::new(&mut out, &opts, &pipeline_opts);
     w.write(&module, &info, fragment_entry_point)
         .map_err(|e| format!("HLSL: {e}"))?;
 

@@ -50,6 +50,18 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Kernel throughput at the model's layer shapes and end-to-end
+    /// gradient / HVP times on the chosen backend.
+    Bench {
+        #[command(flatten)]
+        inputs: Inputs,
+        /// Timed repetitions per measurement (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Skip the per-kernel table.
+        #[arg(long)]
+        no_kernels: bool,
+    },
     /// Write the model's deterministic initial weights (a PyTorch state_dict).
     Init {
         #[command(flatten)]
@@ -69,6 +81,11 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Devices { json } => devices(json),
+        Command::Bench {
+            inputs,
+            reps,
+            no_kernels,
+        } => bench(&inputs, reps, no_kernels),
         Command::Grad { inputs, out } => {
             let mut engine = inputs.engine()?;
             let t = Instant::now();
@@ -155,6 +172,61 @@ fn devices(json: bool) -> Result<()> {
             a.max_storage_buffers_per_shader_stage, a.max_compute_workgroup_storage_size,
             a.max_compute_invocations_per_workgroup, a.max_compute_workgroups_per_dimension,
         );
+    }
+    Ok(())
+}
+
+fn bench(inputs: &Inputs, reps: usize, no_kernels: bool) -> Result<()> {
+    if reps == 0 {
+        anyhow::bail!("--reps must be at least 1");
+    }
+    let mut engine = inputs.engine()?;
+    let (model, _) = inputs.model_and_weights()?;
+    let e2e =
+        hesscope::bench::end_to_end(engine.as_mut(), reps).context("timing gradient and HVP")?;
+    let adapter = engine.adapter();
+    let backend = engine.backend();
+    drop(engine);
+    let mut kernels = vec![];
+    if let (Some(choice), false) = (inputs.backend.gpu(), no_kernels) {
+        let ctx = hesscope::gpu::GpuContext::open(choice, inputs.adapter)?;
+        let n = inputs.batch.min(inputs.samples.unwrap_or(inputs.batch));
+        kernels = hesscope::bench::kernel_table(&ctx, &model, n, reps).context("timing kernels")?;
+    }
+    if inputs.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": model.name, "batch": inputs.batch, "bn": inputs.bn,
+                "backend": backend, "adapter": adapter, "reps": reps,
+                "end_to_end": e2e, "kernels": kernels,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "hesscope bench: {} on {} ({backend}), batch {}, bn {:?}, median of {reps}",
+        model.name, adapter, inputs.batch, inputs.bn
+    );
+    println!(
+        "  gradient {:.4} s   HVP (cached) {:.4} s   HVP/gradient {:.2}",
+        e2e.grad_seconds, e2e.hvp_seconds, e2e.hvp_over_grad
+    );
+    if !kernels.is_empty() {
+        println!(
+            "  {:<22} {:<28} {:>10} {:>9} {:>8}",
+            "kernel", "shape", "ms", "GFLOP/s", "GB/s"
+        );
+        for r in &kernels {
+            println!(
+                "  {:<22} {:<28} {:>10.3} {:>9.2} {:>8.2}",
+                r.kernel,
+                r.shape,
+                r.seconds * 1e3,
+                r.gflops,
+                r.gbs
+            );
+        }
     }
     Ok(())
 }

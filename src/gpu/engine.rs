@@ -9,7 +9,7 @@ use crate::data::Dataset;
 use crate::engine::{BnMode, Curvature, Problem};
 use crate::error::{Error, Result};
 use crate::gpu::context::{GpuBuffer, GpuContext};
-use crate::gpu::kernels::{bn_rows, flags, params, Kernel};
+use crate::gpu::kernels::{self, bn_rows, flags, params, Kernel};
 use crate::gpu::program::{Compiled, Grid, Step};
 use crate::model::{Model, Node, Op};
 use crate::ops::bn::EPS;
@@ -84,6 +84,35 @@ fn conv_dims(node: &Node) -> [u32; 10] {
         Op::Linear { din, dout, .. } => [0, din as u32, 1, 1, dout as u32, 1, 1, 0, 1, 1],
         _ => unreachable!("conv_dims on {}", node.kind()),
     }
+}
+
+fn conv_forward_grid(node: &Node, n: usize) -> Grid {
+    let d = conv_dims(node);
+    Grid::Threads(kernels::conv_forward_threads(
+        n,
+        d[4] as usize,
+        d[8] as usize,
+        d[9] as usize,
+    ))
+}
+
+fn conv_backward_data_grid(node: &Node, n: usize) -> Grid {
+    let d = conv_dims(node);
+    Grid::Threads(kernels::conv_backward_data_threads(
+        n,
+        d[1] as usize,
+        d[2] as usize,
+        d[3] as usize,
+    ))
+}
+
+fn conv_backward_weight_grid(node: &Node) -> Grid {
+    let d = conv_dims(node);
+    Grid::Groups(kernels::conv_backward_weight_groups(
+        d[4] as usize,
+        d[1] as usize,
+        d[5] as usize,
+    ))
 }
 
 /// ConvParams: dims, then wa_off, wb_off, flags, bias_off.
@@ -198,7 +227,7 @@ impl Builder<'_> {
                         Kernel::ConvForward,
                         p,
                         vec![x, self.theta, x, self.theta, out],
-                        Grid::Threads(n * node.out_shape.numel()),
+                        conv_forward_grid(node, n),
                     );
                 }
                 Op::BatchNorm { gamma, beta, c, .. } => {
@@ -367,7 +396,7 @@ impl Builder<'_> {
                             Kernel::ConvBackwardData,
                             p,
                             bufs,
-                            Grid::Threads(n * node.in_shape.numel()),
+                            conv_backward_data_grid(node, n),
                         );
                     }
                     // Hv's weight block: Σ R(gy)·x + Σ gy·ẋ (ẋ = 0 at the input).
@@ -379,25 +408,11 @@ impl Builder<'_> {
                     } else {
                         vec![gy, x, gy, x, target]
                     };
-                    let Op::Conv { cin: ci, k, .. } = node.op else {
-                        let Op::Linear { din, .. } = node.op else {
-                            unreachable!()
-                        };
-                        self.push(Kernel::ConvBackwardWeight, p, bufs, Grid::Groups(co * din));
-                        if let Some(b) = bias {
-                            let boff = self.param_off(b);
-                            self.channel_sums(gy, None, n, co, plane, target, boff, 0, true);
-                        }
-                        if needs_gx {
-                            written[cin] = true;
-                        }
-                        continue;
-                    };
                     self.push(
                         Kernel::ConvBackwardWeight,
                         p,
                         bufs,
-                        Grid::Groups(co * ci * k * k),
+                        conv_backward_weight_grid(node),
                     );
                     if let Some(b) = bias {
                         let boff = self.param_off(b);
@@ -541,7 +556,7 @@ impl Builder<'_> {
                         Some(b) => (flags::CONV_BIAS, self.param_off(b)),
                         None => (0, 0),
                     };
-                    let grid = Grid::Threads(n * node.out_shape.numel());
+                    let grid = conv_forward_grid(node, n);
                     if zero[cin] {
                         let p = conv_params(node, n, woff, 0, bfl, boff);
                         self.push(

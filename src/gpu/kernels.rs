@@ -163,3 +163,22 @@ pub fn params(words: &[u32]) -> Params {
     p[..words.len()].copy_from_slice(words);
     p
 }
+
+/// Output channels and columns one conv thread computes (shaders/conv.wgsl).
+pub const CONV_CB: usize = 4;
+pub const CONV_XB: usize = 4;
+
+/// Threads of conv_forward: one per (n, co block, oy, ox block).
+pub fn conv_forward_threads(n: usize, cout: usize, oh: usize, ow: usize) -> usize {
+    n * cout.div_ceil(CONV_CB) * oh * ow.div_ceil(CONV_XB)
+}
+
+/// Threads of conv_backward_data: one per (n, ci block, iy, ix block).
+pub fn conv_backward_data_threads(n: usize, cin: usize, h: usize, w: usize) -> usize {
+    n * cin.div_ceil(CONV_CB) * h * w.div_ceil(CONV_XB)
+}
+
+/// Workgroups of conv_backward_weight: one per kernel row (co, ci, ky).
+pub fn conv_backward_weight_groups(cout: usize, cin: usize, k: usize) -> usize {
+    cout * cin * k
+}

@@ -1,0 +1,276 @@
+//! Measuring instruments: kernel throughput at a model's layer shapes and
+//! end-to-end gradient / HVP times. Every time is wall time around a
+//! submission that is waited for (device synchronisation), the median of
+//! several repetitions after a warm-up that compiles the pipeline.
+
+use crate::engine::Curvature;
+use crate::error::Result;
+use crate::gpu::kernels::{self, bn_rows, flags, params, Kernel};
+use crate::gpu::program::{dispatch_once, Grid};
+use crate::gpu::{GpuBuffer, GpuContext};
+use crate::model::{Model, Op};
+use std::time::Instant;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KernelRow {
+    pub kernel: String,
+    /// Shape in words: `n=32 16→16 32x32 k3 s1`.
+    pub shape: String,
+    pub seconds: f64,
+    pub gflops: f64,
+    pub gbs: f64,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    xs[xs.len() / 2]
+}
+
+/// Median wall time of `reps` runs of `f` after one warm-up run.
+pub fn time_it(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut t = vec![];
+    for _ in 0..reps.max(1) {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    Ok(median(t))
+}
+
+fn filled(ctx: &GpuContext, name: &str, len: usize, seed: u32) -> Result<GpuBuffer> {
+    let b = ctx.storage(name, len)?;
+    let data: Vec<f32> = (0..len)
+        .map(|i| {
+            (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32
+                / (1u32 << 24) as f32)
+                - 0.5
+        })
+        .collect();
+    ctx.write_f32(&b, 0, &data)?;
+    Ok(b)
+}
+
+/// The distinct conv shapes of a model: (cin, cout, h, w, k, stride, pad, oh, ow).
+pub fn conv_shapes(model: &Model) -> Vec<[usize; 9]> {
+    let mut out: Vec<[usize; 9]> = vec![];
+    for n in &model.nodes {
+        if let Op::Conv {
+            cin,
+            cout,
+            k,
+            stride,
+            pad,
+            ..
+        } = n.op
+        {
+            let s = [
+                cin,
+                cout,
+                n.in_shape.h,
+                n.in_shape.w,
+                k,
+                stride,
+                pad,
+                n.out_shape.h,
+                n.out_shape.w,
+            ];
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
+/// Throughput of the conv kernels at every conv shape of `model` at batch
+/// `n`, and of batch norm and the elementwise kernels at its largest
+/// activation.
+pub fn kernel_table(
+    ctx: &GpuContext,
+    model: &Model,
+    n: usize,
+    reps: usize,
+) -> Result<Vec<KernelRow>> {
+    let mut rows = vec![];
+    for s in conv_shapes(model) {
+        let [cin, cout, h, w, k, stride, pad, oh, ow] = s;
+        let x = filled(ctx, "bench input", n * cin * h * w, 1)?;
+        let wt = filled(ctx, "bench weights", cout * cin * k * k, 2)?;
+        let gy = filled(ctx, "bench adjoint", n * cout * oh * ow, 3)?;
+        let y = ctx.storage("bench output", n * cout * oh * ow)?;
+        let gx = ctx.storage("bench input adjoint", n * cin * h * w)?;
+        let gw = ctx.storage("bench weight gradient", cout * cin * k * k)?;
+        let p = params(&[
+            n as u32,
+            cin as u32,
+            h as u32,
+            w as u32,
+            cout as u32,
+            k as u32,
+            stride as u32,
+            pad as u32,
+            oh as u32,
+            ow as u32,
+            0,
+            0,
+            0,
+            0,
+        ]);
+        let flops = 2.0 * (n * cout * oh * ow * cin * k * k) as f64;
+        let shape = format!("n={n} {cin}→{cout} {h}x{w} k{k} s{stride}");
+        let io = |a: usize, b: usize, c: usize| 4.0 * (a + b + c) as f64;
+        let cases: [(Kernel, [&GpuBuffer; 5], Grid, f64); 3] = [
+            (
+                Kernel::ConvForward,
+                [&x, &wt, &x, &wt, &y],
+                Grid::Threads(kernels::conv_forward_threads(n, cout, oh, ow)),
+                io(x.len, wt.len, y.len),
+            ),
+            (
+                Kernel::ConvBackwardData,
+                [&gy, &wt, &gy, &wt, &gx],
+                Grid::Threads(kernels::conv_backward_data_threads(n, cin, h, w)),
+                io(gy.len, wt.len, gx.len),
+            ),
+            (
+                Kernel::ConvBackwardWeight,
+                [&gy, &x, &gy, &x, &gw],
+                Grid::Groups(kernels::conv_backward_weight_groups(cout, cin, k)),
+                io(gy.len, x.len, gw.len),
+            ),
+        ];
+        for (kern, bufs, grid, bytes) in cases {
+            let t = time_it(reps, || dispatch_once(ctx, kern, &p, &bufs, grid))?;
+            rows.push(KernelRow {
+                kernel: kern.entry().into(),
+                shape: shape.clone(),
+                seconds: t,
+                gflops: flops / t / 1e9,
+                gbs: bytes / t / 1e9,
+            });
+        }
+    }
+    // Batch norm and elementwise kernels at the largest activation.
+    let biggest = model
+        .nodes
+        .iter()
+        .filter(|nd| matches!(nd.op, Op::BatchNorm { .. }))
+        .max_by_key(|nd| nd.in_shape.numel());
+    let (c, hw) = match biggest {
+        Some(nd) => (nd.in_shape.c, nd.in_shape.spatial()),
+        None => (model.input.c, model.input.spatial()),
+    };
+    let len = n * c * hw;
+    let shape = format!("n={n} c={c} {hw} px");
+    let x = filled(ctx, "bench activation", len, 4)?;
+    let g = filled(ctx, "bench adjoint", len, 5)?;
+    let theta = filled(ctx, "bench parameters", 2 * c, 6)?;
+    let stats = ctx.storage("bench statistics", bn_rows::COUNT * c)?;
+    let xhat = ctx.storage("bench x̂", len)?;
+    let y = ctx.storage("bench output", len)?;
+    let bp = params(&[
+        n as u32,
+        c as u32,
+        hw as u32,
+        0,
+        c as u32,
+        flags::BN_BATCH,
+        1e-5f32.to_bits(),
+    ]);
+    let ew = params(&[len as u32, 0, 0, 0]);
+    let sums = params(&[
+        n as u32,
+        c as u32,
+        hw as u32,
+        0,
+        c as u32,
+        flags::SUMS_HAS_B,
+    ]);
+    let mb = |k: usize| 4.0 * (k * len) as f64;
+    let cases: Vec<(Kernel, [u32; 16], Vec<&GpuBuffer>, Grid, f64, f64)> = vec![
+        (
+            Kernel::BnStats,
+            bp,
+            vec![&x, &stats],
+            Grid::Groups(c),
+            mb(2),
+            3.0 * len as f64,
+        ),
+        (
+            Kernel::BnForward,
+            bp,
+            vec![&x, &stats, &theta, &xhat, &y],
+            Grid::Threads(len),
+            mb(3),
+            4.0 * len as f64,
+        ),
+        (
+            Kernel::ChannelSums,
+            sums,
+            vec![&g, &x, &stats],
+            Grid::Groups(c),
+            mb(2),
+            3.0 * len as f64,
+        ),
+        (
+            Kernel::BnBackward,
+            bp,
+            vec![&g, &xhat, &stats, &theta, &y],
+            Grid::Threads(len),
+            mb(3),
+            6.0 * len as f64,
+        ),
+        (
+            Kernel::ReluMask,
+            ew,
+            vec![&x, &g, &y],
+            Grid::Threads(len),
+            mb(3),
+            len as f64,
+        ),
+        (
+            Kernel::Add,
+            ew,
+            vec![&x, &g, &y],
+            Grid::Threads(len),
+            mb(3),
+            len as f64,
+        ),
+    ];
+    for (kern, p, bufs, grid, bytes, flops) in cases {
+        let t = time_it(reps, || dispatch_once(ctx, kern, &p, &bufs, grid))?;
+        rows.push(KernelRow {
+            kernel: kern.entry().into(),
+            shape: shape.clone(),
+            seconds: t,
+            gflops: flops / t / 1e9,
+            gbs: bytes / t / 1e9,
+        });
+    }
+    Ok(rows)
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EndToEnd {
+    pub grad_seconds: f64,
+    /// An HVP with the batch's activations cached (what Lanczos runs).
+    pub hvp_seconds: f64,
+    pub hvp_over_grad: f64,
+}
+
+/// Gradient and cached-HVP times of an engine.
+pub fn end_to_end(engine: &mut dyn Curvature, reps: usize) -> Result<EndToEnd> {
+    let n = engine.n_params();
+    let v: Vec<f64> = (0..n)
+        .map(|i| ((i * 7919 % 1000) as f64 / 1000.0) - 0.5)
+        .collect();
+    let grad = time_it(reps, || engine.loss_grad().map(|_| ()))?;
+    let mut out = vec![0.0; n];
+    let hvp = time_it(reps, || engine.hvp(&v, &mut out))?;
+    Ok(EndToEnd {
+        grad_seconds: grad,
+        hvp_seconds: hvp,
+        hvp_over_grad: hvp / grad,
+    })
+}
