@@ -3,6 +3,7 @@
 
 mod common;
 mod output;
+mod spectral_cmds;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -50,6 +51,16 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Stochastic Lanczos quadrature: the Hessian eigenvalue density.
+    Density(spectral_cmds::DensityArgs),
+    /// Extreme eigenvalues with Ritz vectors and residuals.
+    Eigs(spectral_cmds::EigsArgs),
+    /// Hutchinson and Hutch++ trace estimates.
+    Trace(spectral_cmds::TraceArgs),
+    /// The whole spectrum of a small model from its dense Hessian.
+    Exact(spectral_cmds::ExactArgs),
+    /// Per-layer λmax, trace and density similarity.
+    Layers(spectral_cmds::LayersArgs),
     /// Kernel throughput at the model's layer shapes and end-to-end
     /// gradient / HVP times on the chosen backend.
     Bench {
@@ -81,6 +92,11 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Devices { json } => devices(json),
+        Command::Density(a) => spectral_cmds::density(a),
+        Command::Eigs(a) => spectral_cmds::eigs_cmd(a),
+        Command::Trace(a) => spectral_cmds::trace_cmd(a),
+        Command::Exact(a) => spectral_cmds::exact_cmd(a),
+        Command::Layers(a) => spectral_cmds::layers_cmd(a),
         Command::Bench {
             inputs,
             reps,
