@@ -1,0 +1,227 @@
+//! The spectral engine against the PyTorch fixtures' exact spectra: eigs,
+//! SLQ densities, traces, per-layer blocks, gradient concentration, and a
+//! rounded summary that must be the same on every backend (insta).
+
+mod common;
+
+use common::*;
+use hesscope::cpu::CpuReference;
+use hesscope::engine::{BnMode, Curvature, Hessian};
+use hesscope::spectral::eigs::{eigs, gradient_fractions, EigsSettings, Which};
+use hesscope::spectral::exact::exact_spectrum;
+use hesscope::spectral::layers::BlockOperator;
+use hesscope::spectral::slq;
+use hesscope::spectral::trace::hutchinson;
+use hesscope::spectral::DenseOperator;
+use rayon::prelude::*;
+
+fn f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+/// The dense Hessian by the float64 reference, columns in parallel (the
+/// reference pass is `&self`), as a dense operator for the cheaper checks.
+fn dense_hessian(cpu: &CpuReference) -> DenseOperator {
+    let n = cpu.problem.model.n_params;
+    let cols: Vec<Vec<f64>> = (0..n)
+        .into_par_iter()
+        .map(|j| {
+            let mut e = vec![0.0; n];
+            e[j] = 1.0;
+            cpu.pass(Some(&e)).unwrap().hv.unwrap()
+        })
+        .collect();
+    let mut a = vec![0.0; n * n];
+    for (j, c) in cols.iter().enumerate() {
+        for i in 0..n {
+            a[i * n + j] = c[i];
+        }
+    }
+    for i in 0..n {
+        for j in 0..i {
+            let m = 0.5 * (a[i * n + j] + a[j * n + i]);
+            a[i * n + j] = m;
+            a[j * n + i] = m;
+        }
+    }
+    DenseOperator { n, a }
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-300)
+}
+
+#[test]
+fn fixtures_spectra_eigs_density_traces_layers_and_gradient_concentration() {
+    for (model, bn) in fixture_cases() {
+        let dir = ref_dir(&model, bn);
+        let evals = f64s(&json(dir.join("eigenvalues.json"))["eigenvalues"]);
+        let reference = json(dir.join("reference.json"));
+        let dense_ref = &reference["dense"];
+        let density_ref = json(dir.join("density.json"));
+        let per_layer = json(dir.join("per_layer.json"));
+        let p = problem(&model, bn);
+        let n = p.model.n_params;
+        let mut cpu = CpuReference::new(p.clone());
+        let (_, grad) = cpu.loss_grad().unwrap();
+
+        // eigs through the real HVP: top 5 (algebraic) to 1e-5 relative.
+        let mut s = EigsSettings::new(10, Which::Largest);
+        s.seed = 1;
+        let r = eigs(&mut Hessian(&mut cpu), &s).unwrap();
+        let top: Vec<f64> = evals.iter().rev().take(10).copied().collect();
+        let e_top = (0..5).map(|i| rel(r.values[i], top[i])).fold(0.0, f64::max);
+        assert!(
+            r.converged,
+            "{model} {bn:?}: eigs residuals {:?}",
+            r.residuals
+        );
+        assert!(e_top <= 1e-5, "{model} {bn:?}: top-5 rel err {e_top:.1e}");
+        // Gradient concentration in the top-k Ritz vectors.
+        let fr = gradient_fractions(&grad, &r.vectors);
+        let fr_ref = f64s(&dense_ref["grad_frac_in_top_k"]);
+        let e_fr = fr
+            .iter()
+            .zip(&fr_ref)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            e_fr <= 1e-6,
+            "{model} {bn:?}: gradient fractions off by {e_fr:.1e}: {fr:?} vs {fr_ref:?}"
+        );
+
+        let mut h = dense_hessian(&cpu);
+        // The dense spectrum.
+        let ex = exact_spectrum(&mut h, usize::MAX).unwrap();
+        let e_ex = ex
+            .values
+            .iter()
+            .zip(&evals)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max)
+            / evals.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        assert!(
+            e_ex <= 1e-8,
+            "{model} {bn:?}: exact spectrum off by {e_ex:.1e} of |λ|max"
+        );
+
+        // SLQ with Ghorbani's defaults vs the exact smoothed density, at the
+        // fixture's own sigma and grid: L1 = ∫|p − q| dt.
+        let runs = slq::slq(&mut h, slq::DEFAULT_STEPS, slq::DEFAULT_RUNS, 0).unwrap();
+        let grid = f64s(&density_ref["grid"]);
+        let want = f64s(&density_ref["density"]);
+        let sigma = density_ref["sigma"].as_f64().unwrap();
+        let got = slq::density_on(&runs, &grid, sigma);
+        let l1 = slq::l1_distance(&grid, &got, &want);
+        assert!(l1 <= 0.05, "{model} {bn:?}: SLQ density L1 {l1:.3}");
+
+        // Hutchinson within 3 standard errors of the exact trace.
+        let tr = dense_ref["trace"].as_f64().unwrap();
+        let hu = hutchinson(&mut h, 200, 7).unwrap();
+        let z = (hu.estimate - tr) / hu.stderr;
+        assert!(z.abs() <= 3.0, "{model} {bn:?}: Hutchinson z = {z:.2}");
+
+        // Per-layer blocks: λmax by eigs, trace by a full Lanczos basis
+        // (tr T = tr H on the block once the basis spans it).
+        let mut worst_l: f64 = 0.0;
+        for b in per_layer["blocks"].as_array().unwrap() {
+            let name = b["module"].as_str().unwrap();
+            let range = p.model.prefix_range(name).unwrap();
+            assert_eq!(range.len() as u64, b["size"].as_u64().unwrap(), "{name}");
+            let mut blk = BlockOperator::new(&mut h, range.clone());
+            let mut s = EigsSettings::new(1, Which::Largest);
+            s.max_steps = range.len();
+            let lmax = eigs(&mut blk, &s).unwrap().values[0];
+            let mut lz = hesscope::spectral::lanczos::Lanczos::new(
+                &mut blk,
+                &vec![1.0; range.len()],
+                hesscope::spectral::lanczos::BasisPrecision::F64,
+                0,
+            )
+            .unwrap();
+            while lz.step().unwrap() {}
+            let trace: f64 = lz.alpha.iter().sum();
+            let (lref, tref) = (b["max_eig"].as_f64().unwrap(), b["trace"].as_f64().unwrap());
+            let scale = f64s(&b["eigenvalues"])
+                .iter()
+                .fold(0.0f64, |m, x| m.max(x.abs()));
+            worst_l = worst_l
+                .max((lmax - lref).abs() / scale)
+                .max((trace - tref).abs() / scale);
+        }
+        assert!(
+            worst_l <= 1e-8,
+            "{model} {bn:?}: per-layer λmax/trace off by {worst_l:.1e}"
+        );
+
+        eprintln!(
+            "{model} {bn:?} (n={n}): eigs top-5 {e_top:.1e}, grad fractions {e_fr:.1e}, exact {e_ex:.1e}, \
+             SLQ L1 {l1:.4}, Hutchinson z {z:+.2} ({:.4} ± {:.4} vs {tr:.4}), per-layer {worst_l:.1e}",
+            hu.estimate, hu.stderr
+        );
+    }
+}
+
+fn sig3(x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let d = 2 - x.abs().log10().floor() as i32;
+    let f = 10f64.powi(d);
+    (x * f).round() / f
+}
+
+/// The summary every backend must agree on, rounded to 3 significant digits
+/// (f32 kernels and the f64 reference differ around 1e-7 relative).
+fn summary(engine: &mut dyn Curvature) -> serde_json::Value {
+    let n = engine.n_params();
+    let mut s = EigsSettings::new(3, Which::Largest);
+    s.seed = 2;
+    s.tol = 1e-4;
+    let top = eigs(&mut Hessian(engine), &s).unwrap().values;
+    let runs = slq::slq(&mut Hessian(engine), 30, 2, 3).unwrap();
+    let sm = slq::summarize(&runs, n);
+    let grid = slq::linspace(-4.0, 5.0, 33);
+    // Mass per bin of a coarse 32-bin density at a fixed sigma.
+    let fine = slq::linspace(-4.0, 5.0, 3201);
+    let d = slq::density_on(&runs, &fine, 0.1);
+    let bins: Vec<f64> = grid
+        .windows(2)
+        .map(|w| {
+            let (a, b) = (w[0], w[1]);
+            let idx: Vec<usize> = (0..fine.len())
+                .filter(|&i| fine[i] >= a && fine[i] <= b)
+                .collect();
+            let g: Vec<f64> = idx.iter().map(|&i| fine[i]).collect();
+            let v: Vec<f64> = idx.iter().map(|&i| d[i]).collect();
+            sig3(slq::integrate(&g, &v))
+        })
+        .collect();
+    serde_json::json!({
+        "lambda_max": sig3(sm.lambda_max), "lambda_min": sig3(sm.lambda_min),
+        "trace": sig3(sm.trace), "negative_mass": sig3(sm.negative_mass),
+        "top3": top.iter().map(|x| sig3(*x)).collect::<Vec<_>>(),
+        "density_32_bins": bins,
+    })
+}
+
+#[test]
+fn the_summary_is_the_same_on_every_backend() {
+    let p = problem("cnn-tiny", BnMode::Batch);
+    let mut cpu = CpuReference::new(p.clone());
+    let reference = summary(&mut cpu);
+    insta::assert_json_snapshot!("cnn-tiny-batch-summary", reference);
+    for choice in GPU_BACKENDS {
+        let Some(ctx) = gpu_context(choice) else {
+            continue;
+        };
+        let mut gpu = hesscope::gpu::GpuEngine::new(ctx, &p).unwrap();
+        let got = summary(&mut gpu);
+        // The same snapshot, so a backend that drifts fails here.
+        insta::assert_json_snapshot!("cnn-tiny-batch-summary", got);
+    }
+}
