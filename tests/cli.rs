@@ -115,3 +115,138 @@ fn bad_flags_are_named() {
         "{stderr}"
     );
 }
+
+fn fixture_args(dir: &std::path::Path) -> Vec<String> {
+    let fx = fixtures_dir().join("cnn-tiny");
+    let _ = dir;
+    [
+        "--model",
+        "cnn-tiny",
+        "--batch",
+        "32",
+        "--weights",
+        fx.join("weights.safetensors").to_str().unwrap(),
+        "--data",
+        fx.join("data.safetensors").to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn density_writes_the_spec_json_and_an_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json_path, svg) = (dir.path().join("d.json"), dir.path().join("d.svg"));
+    let mut args: Vec<String> = [
+        "density",
+        "--backend",
+        "cpu",
+        "--steps",
+        "20",
+        "--runs",
+        "2",
+        "--grid",
+        "500",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(fixture_args(dir.path()));
+    args.extend([
+        "--out".into(),
+        json_path.display().to_string(),
+        "--plot".into(),
+        svg.display().to_string(),
+    ]);
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let (ok, stdout, stderr) = hesscope(&a);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("λmax"), "{stdout}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let grid: Vec<f64> = v["grid"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let dens: Vec<f64> = v["density"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(grid.len(), 500);
+    let integral: f64 = grid
+        .windows(2)
+        .zip(dens.windows(2))
+        .map(|(g, d)| 0.5 * (g[1] - g[0]) * (d[0] + d[1]))
+        .sum();
+    assert!((integral - 1.0).abs() < 1e-9, "{integral}");
+    assert_eq!(v["runs"].as_array().unwrap().len(), 2);
+    for key in ["lambda_max", "lambda_min", "trace", "negative_mass"] {
+        assert!(v[key].is_number(), "{key}");
+    }
+    let top = json(ref_dir("cnn-tiny", hesscope::engine::BnMode::Batch).join("reference.json"))
+        ["dense"]["lambda_max"]
+        .as_f64()
+        .unwrap();
+    let lmax = v["lambda_max"].as_f64().unwrap();
+    assert!(
+        lmax <= top * (1.0 + 1e-9) && lmax > 0.9 * top,
+        "{lmax} vs {top}"
+    );
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+}
+
+#[test]
+fn eigs_writes_ritz_vectors_with_parameter_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, vecs) = (dir.path().join("e.json"), dir.path().join("r.safetensors"));
+    let mut args: Vec<String> = ["eigs", "--backend", "cpu", "--top", "3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(fixture_args(dir.path()));
+    args.extend([
+        "--out".into(),
+        out.display().to_string(),
+        "--vectors".into(),
+        vecs.display().to_string(),
+    ]);
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let (ok, _, stderr) = hesscope(&a);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["eigenvalues"].as_array().unwrap().len(), 3);
+    assert_eq!(v["converged"], true);
+    let bytes = std::fs::read(&vecs).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("conv1.weight").unwrap().shape(), &[3, 4, 3, 3, 3]);
+}
+
+#[test]
+fn exact_refuses_a_large_model_naming_the_limit_and_layer_flags_are_checked() {
+    let (ok, _, stderr) = hesscope(&["exact", "--model", "resnet20", "--samples", "4"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--max-params") && stderr.contains("density"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = hesscope(&[
+        "eigs",
+        "--backend",
+        "cpu",
+        "--layer",
+        "nosuchlayer",
+        "--samples",
+        "8",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--layer") && stderr.contains("nosuchlayer"),
+        "{stderr}"
+    );
+}
