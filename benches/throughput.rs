@@ -45,6 +45,10 @@ fn main() -> anyhow::Result<()> {
             g.grad_seconds, g.hvp_seconds, g.hvp_over_grad
         );
         println!(
+            "  GPU Lanczos step at a {}-vector basis: {:.4} s (HVP + compensated reorthogonalisation)",
+            g.lanczos_basis, g.lanczos_step_seconds
+        );
+        println!(
             "  CPU f64 reference: gradient {:.4} s, HVP {:.4} s, HVP/gradient {:.2}",
             c.grad_seconds, c.hvp_seconds, c.hvp_over_grad
         );
@@ -56,12 +60,13 @@ fn main() -> anyhow::Result<()> {
         );
         for r in kernel_table(&ctx, &model, batch, reps)? {
             println!(
-                "  {:<22} {:<28} {:>10.3} {:>9.2} {:>8.2}",
+                "  {:<22} {:<28} {:>10.3} {:>9.2} {:>8.2}  {}",
                 r.kernel,
                 r.shape,
                 r.seconds * 1e3,
                 r.gflops,
-                r.gbs
+                r.gbs,
+                r.timer
             );
         }
     }

@@ -6,7 +6,7 @@
 use crate::engine::Curvature;
 use crate::error::Result;
 use crate::gpu::kernels::{self, bn_rows, flags, params, Kernel};
-use crate::gpu::program::{dispatch_once, Grid};
+use crate::gpu::program::{dispatch_timed, Grid};
 use crate::gpu::{GpuBuffer, GpuContext};
 use crate::model::{Model, Op};
 use std::time::Instant;
@@ -17,6 +17,8 @@ pub struct KernelRow {
     /// Shape in words: `n=32 16→16 32x32 k3 s1`.
     pub shape: String,
     pub seconds: f64,
+    /// `gpu-timestamps` where the adapter has them, else `host`.
+    pub timer: &'static str,
     pub gflops: f64,
     pub gbs: f64,
 }
@@ -24,6 +26,35 @@ pub struct KernelRow {
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
     xs[xs.len() / 2]
+}
+
+/// Median kernel time of `reps` runs after a warm-up: GPU timestamps
+/// around the kernel's pass where the adapter has them, else host wall
+/// time around the waited-for submission.
+fn time_kernel(
+    ctx: &GpuContext,
+    reps: usize,
+    kern: Kernel,
+    p: &[u32; 16],
+    bufs: &[&GpuBuffer],
+    grid: Grid,
+) -> Result<(f64, &'static str)> {
+    dispatch_timed(ctx, kern, p, bufs, grid)?;
+    let mut gpu = vec![];
+    let mut host = vec![];
+    for _ in 0..reps.max(1) {
+        let s = Instant::now();
+        let t = dispatch_timed(ctx, kern, p, bufs, grid)?;
+        host.push(s.elapsed().as_secs_f64());
+        if let Some(t) = t {
+            gpu.push(t);
+        }
+    }
+    if gpu.len() == host.len() {
+        Ok((median(gpu), "gpu-timestamps"))
+    } else {
+        Ok((median(host), "host"))
+    }
 }
 
 /// Median wall time of `reps` runs of `f` after one warm-up run.
@@ -141,11 +172,12 @@ pub fn kernel_table(
             ),
         ];
         for (kern, bufs, grid, bytes) in cases {
-            let t = time_it(reps, || dispatch_once(ctx, kern, &p, &bufs, grid))?;
+            let (t, timer) = time_kernel(ctx, reps, kern, &p, &bufs, grid)?;
             rows.push(KernelRow {
                 kernel: kern.entry().into(),
                 shape: shape.clone(),
                 seconds: t,
+                timer,
                 gflops: flops / t / 1e9,
                 gbs: bytes / t / 1e9,
             });
@@ -239,11 +271,12 @@ pub fn kernel_table(
         ),
     ];
     for (kern, p, bufs, grid, bytes, flops) in cases {
-        let t = time_it(reps, || dispatch_once(ctx, kern, &p, &bufs, grid))?;
+        let (t, timer) = time_kernel(ctx, reps, kern, &p, &bufs, grid)?;
         rows.push(KernelRow {
             kernel: kern.entry().into(),
             shape: shape.clone(),
             seconds: t,
+            timer,
             gflops: flops / t / 1e9,
             gbs: bytes / t / 1e9,
         });
@@ -257,6 +290,33 @@ pub struct EndToEnd {
     /// An HVP with the batch's activations cached (what Lanczos runs).
     pub hvp_seconds: f64,
     pub hvp_over_grad: f64,
+    /// One Lanczos step with full reorthogonalisation against
+    /// `lanczos_basis` earlier vectors: the HVP plus the host work.
+    pub lanczos_step_seconds: f64,
+    pub lanczos_basis: usize,
+}
+
+/// Host time of one full reorthogonalisation (two compensated Gram–Schmidt
+/// passes) of an n-vector against `basis` vectors, as Lanczos step 90 pays.
+/// Above 1 GiB of stand-in vectors it times fewer and scales linearly.
+pub fn reorth_seconds(n: usize, basis: usize) -> f64 {
+    use crate::spectral::compensated::{dot, subtract_combination};
+    let fit = ((1usize << 30) / (8 * n.max(1))).clamp(1, basis.max(1));
+    let vecs: Vec<Vec<f64>> = (0..fit)
+        .map(|j| {
+            (0..n)
+                .map(|i| (((i * 31 + j * 17) % 97) as f64 - 48.0) * 1e-3)
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[f64]> = vecs.iter().map(|v| v.as_slice()).collect();
+    let mut w: Vec<f64> = (0..n).map(|i| ((i % 13) as f64) - 6.0).collect();
+    let t = Instant::now();
+    for _ in 0..2 {
+        let c: Vec<f64> = refs.iter().map(|q| dot(&w, q)).collect();
+        subtract_combination(&mut w, &c, &refs);
+    }
+    t.elapsed().as_secs_f64() * basis as f64 / fit as f64
 }
 
 /// Gradient and cached-HVP times of an engine.
@@ -268,9 +328,13 @@ pub fn end_to_end(engine: &mut dyn Curvature, reps: usize) -> Result<EndToEnd> {
     let grad = time_it(reps, || engine.loss_grad().map(|_| ()))?;
     let mut out = vec![0.0; n];
     let hvp = time_it(reps, || engine.hvp(&v, &mut out))?;
+    let basis = 90.min(n);
+    let reorth = reorth_seconds(n, basis);
     Ok(EndToEnd {
         grad_seconds: grad,
         hvp_seconds: hvp,
         hvp_over_grad: hvp / grad,
+        lanczos_step_seconds: hvp + reorth,
+        lanczos_basis: basis,
     })
 }

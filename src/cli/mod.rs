@@ -228,19 +228,26 @@ fn bench(inputs: &Inputs, reps: usize, no_kernels: bool) -> Result<()> {
         "  gradient {:.4} s   HVP (cached) {:.4} s   HVP/gradient {:.2}",
         e2e.grad_seconds, e2e.hvp_seconds, e2e.hvp_over_grad
     );
+    println!(
+        "  Lanczos step at a {}-vector basis {:.4} s (HVP + compensated reorthogonalisation); 900 such steps (a default density) ≈ {:.1} s",
+        e2e.lanczos_basis,
+        e2e.lanczos_step_seconds,
+        900.0 * e2e.lanczos_step_seconds
+    );
     if !kernels.is_empty() {
         println!(
-            "  {:<22} {:<28} {:>10} {:>9} {:>8}",
+            "  {:<22} {:<28} {:>10} {:>9} {:>8}  timer",
             "kernel", "shape", "ms", "GFLOP/s", "GB/s"
         );
         for r in &kernels {
             println!(
-                "  {:<22} {:<28} {:>10.3} {:>9.2} {:>8.2}",
+                "  {:<22} {:<28} {:>10.3} {:>9.2} {:>8.2}  {}",
                 r.kernel,
                 r.shape,
                 r.seconds * 1e3,
                 r.gflops,
-                r.gbs
+                r.gbs,
+                r.timer
             );
         }
     }

@@ -166,6 +166,30 @@ pub fn dispatch_once(
     buffers: &[&GpuBuffer],
     grid: Grid,
 ) -> Result<()> {
+    dispatch(ctx, kernel, params, buffers, grid, false).map(|_| ())
+}
+
+/// As `dispatch_once`, returning the kernel's GPU time from timestamp
+/// queries written at the start and end of its pass where the adapter has
+/// them (`None` otherwise; callers then time on the host).
+pub fn dispatch_timed(
+    ctx: &GpuContext,
+    kernel: Kernel,
+    params: &Params,
+    buffers: &[&GpuBuffer],
+    grid: Grid,
+) -> Result<Option<f64>> {
+    dispatch(ctx, kernel, params, buffers, grid, true)
+}
+
+fn dispatch(
+    ctx: &GpuContext,
+    kernel: Kernel,
+    params: &Params,
+    buffers: &[&GpuBuffer],
+    grid: Grid,
+    timed: bool,
+) -> Result<Option<f64>> {
     if buffers.len() != kernel.bindings().len() {
         return Err(crate::Error::Gpu(format!(
             "{:?} takes {} storage buffers, {} given",
@@ -190,20 +214,81 @@ pub fn dispatch_once(
         grid.groups(),
         ctx.limits.max_compute_workgroups_per_dimension,
     )?;
-    ctx.scoped(&format!("running {:?}", kernel), || {
+    let stamps = timed
+        && ctx
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY);
+    let readback = ctx.scoped(&format!("running {:?}", kernel), || {
         let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(kernel.entry()),
             layout: &pipeline.layout,
             entries: &entries,
         });
+        let queries = stamps.then(|| {
+            let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("kernel timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            });
+            let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timestamps"),
+                size: 16,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timestamps readback"),
+                size: 16,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            (set, resolve, staging)
+        });
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         {
-            let mut pass = enc.begin_compute_pass(&Default::default());
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: queries.as_ref().map(|(set, _, _)| {
+                    wgpu::ComputePassTimestampWrites {
+                        query_set: set,
+                        beginning_of_pass_write_index: Some(0),
+                        end_of_pass_write_index: Some(1),
+                    }
+                }),
+            });
             pass.set_pipeline(&pipeline.pipeline);
             pass.set_bind_group(0, &bg, &[]);
             pass.dispatch_workgroups(x, y, 1);
         }
+        if let Some((set, resolve, staging)) = &queries {
+            enc.resolve_query_set(set, 0..2, resolve, 0);
+            enc.copy_buffer_to_buffer(resolve, 0, staging, 0, 16);
+        }
         ctx.queue.submit([enc.finish()]);
+        queries.map(|q| q.2)
     })?;
-    ctx.wait()
+    ctx.wait()?;
+    let Some(staging) = readback else {
+        return Ok(None);
+    };
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let s2 = slot.clone();
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, move |r| *s2.lock().unwrap() = Some(r));
+    ctx.wait()?;
+    if !matches!(slot.lock().unwrap().take(), Some(Ok(()))) {
+        return Ok(None);
+    }
+    let view = staging
+        .slice(..)
+        .get_mapped_range()
+        .map_err(|e| crate::Error::Gpu(format!("mapping timestamps: {e}")))?;
+    let t: &[u64] = bytemuck::cast_slice(&view[..16]);
+    let ticks = t[1].saturating_sub(t[0]) as f64;
+    let secs = ticks * ctx.queue.get_timestamp_period() as f64 * 1e-9;
+    drop(view);
+    staging.unmap();
+    Ok((secs > 0.0).then_some(secs))
 }
