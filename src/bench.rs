@@ -11,6 +11,9 @@ use crate::gpu::{GpuBuffer, GpuContext};
 use crate::model::{Model, Op};
 use std::time::Instant;
 
+/// (kernel, params, buffers, grid, bytes moved, flops).
+type ElementwiseCase<'a> = (Kernel, [u32; 16], Vec<&'a GpuBuffer>, Grid, f64, f64);
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct KernelRow {
     pub kernel: String,
@@ -220,7 +223,7 @@ pub fn kernel_table(
         flags::SUMS_HAS_B,
     ]);
     let mb = |k: usize| 4.0 * (k * len) as f64;
-    let cases: Vec<(Kernel, [u32; 16], Vec<&GpuBuffer>, Grid, f64, f64)> = vec![
+    let cases: Vec<ElementwiseCase> = vec![
         (
             Kernel::BnStats,
             bp,

@@ -412,9 +412,9 @@ fn batch_norm_kernels_match() {
             let mut x = rnd(&mut r, len);
             // Channel 0 has mean 100 and spread 0.01: a one-pass variance
             // (E[x²] − E[x]²) cancels catastrophically in f32 there.
-            for i in 0..len {
+            for (i, xi) in x.iter_mut().enumerate() {
                 if (i / hw) % c == 0 {
-                    x[i] = (100.0 + 0.01 * x[i]) as f32 as f64;
+                    *xi = (100.0 + 0.01 * *xi) as f32 as f64;
                 }
             }
             let xb = upload(&ctx, "x", &x);

@@ -253,7 +253,7 @@ pub struct EigsArgs {
 
 pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
     check_positive("--top", a.top)?;
-    if !(a.tol > 0.0) {
+    if a.tol.is_nan() || a.tol <= 0.0 {
         bail!("--tol must be positive");
     }
     let t0 = Instant::now();

@@ -14,6 +14,9 @@ use crate::gpu::program::{Compiled, Grid, Step};
 use crate::model::{Model, Node, Op};
 use crate::ops::bn::EPS;
 
+/// Wall seconds per dispatched kernel, in program order.
+pub type KernelTimes = Vec<(Kernel, f64)>;
+
 /// Bytes of per-batch state kept resident for reuse by every HVP.
 pub const CACHE_BUDGET_BYTES: usize = 2 << 30;
 
@@ -176,6 +179,7 @@ impl Builder<'_> {
             Grid::Threads(len),
         );
     }
+    #[allow(clippy::too_many_arguments)]
     fn channel_sums(
         &mut self,
         a: usize,
@@ -713,8 +717,8 @@ impl GpuEngine {
             max_count * s.numel()
         };
         let mut ws_bytes = 0usize;
-        for vi in 0..nv {
-            if canon[vi] == vi {
+        for (vi, &c) in canon.iter().enumerate() {
+            if c == vi {
                 ws_bytes += 4 * 4 * value_len(vi);
             }
         }
@@ -908,7 +912,7 @@ impl GpuEngine {
 
     /// Per-kernel wall times of the first batch's forward/backward and
     /// R-pass programs, each dispatch submitted and waited for alone.
-    pub fn profile(&mut self) -> Result<(Vec<(Kernel, f64)>, Vec<(Kernel, f64)>)> {
+    pub fn profile(&mut self) -> Result<(KernelTimes, KernelTimes)> {
         self.upload_batch(0)?;
         let p = &self.programs[0];
         let fb = p.forward_backward.profile(&self.ctx)?;

@@ -42,8 +42,8 @@ impl BnGeom {
         for n in 0..self.n {
             for ch in 0..self.c {
                 let base = (n * self.c + ch) * self.hw;
-                for i in base..base + self.hw {
-                    out[i] = f(i, ch);
+                for (i, o) in out[base..base + self.hw].iter_mut().enumerate() {
+                    *o = f(base + i, ch);
                 }
             }
         }

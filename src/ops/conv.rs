@@ -69,9 +69,9 @@ pub fn forward_acc(g: &ConvGeom, x: &[f64], w: &[f64], y: &mut [f64]) {
                                 let ir = (o_r * g.stride) as isize + roff;
                                 let xrow = &xp[ir as usize * g.w..];
                                 let yrow = &mut yp[o_r * g.ow..];
-                                for o_c in c0..c1 {
+                                for (o_c, y) in yrow.iter_mut().enumerate().take(c1).skip(c0) {
                                     let ic = ((o_c * g.stride) as isize + coff) as usize;
-                                    yrow[o_c] += wv * xrow[ic];
+                                    *y += wv * xrow[ic];
                                 }
                             }
                         }

@@ -24,7 +24,7 @@ pub fn dense_matrix(op: &mut dyn SymOperator, limit: usize) -> Result<(Vec<f64>,
         return Err(Error::TooLarge(format!(
             "the exact spectrum needs {n} Hessian-vector products and a {n}×{n} float64 matrix ({} MiB); \
              the limit is {limit} parameters, beyond which `hesscope density` (SLQ) is the tool",
-            n * n * 8 >> 20
+            (n * n * 8) >> 20
         )));
     }
     let mut h = vec![0.0; n * n];
