@@ -205,74 +205,42 @@ fn conv_backward_data(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 const KMAX: u32 = 7u;
-// Reductions use 64-thread workgroups: software rasterisers run a
-// workgroup with barriers as one coroutine per invocation, so smaller
-// workgroups cost less to start.
-const WGR: u32 = 64u;
-var<workgroup> partial: array<f32, 448>;
-var<workgroup> partial2: array<f32, 56>;
 
-// out[wa_off + (co, ci, ky, ·)] += Σ_{n, oy, ox} ga[n, co, oy, ox] · xa[n, ci, iy, ix]
-//                                  (+ the same for gb, xb).
-// Here `xa`/`xb` are adjoints, `wa`/`wb` are the layer inputs, and `out` is
-// the gradient (or Hv) buffer. One workgroup reduces one kernel row
-// (co, ci, ky) — up to 7 taps kx, each adjoint load reused by all of them.
-// Each thread sums whole output rows (n, oy), strided by 64, then a tree
-// combines the 64 partial sums: no serial chain is longer than
-// n·oh·ow / 64 terms.
-@compute @workgroup_size(64)
+// The weight gradient in two stages, with no barriers (software
+// rasterisers pay per barrier and per workgroup, GPUs idle threads when a
+// tree has little to sum): stage one gives every (chunk of output rows,
+// weight) pair a thread that sums about 256 products, stage two adds the
+// chunks of each weight. No serial chain is longer than ~256 + chunks
+// terms. ConvParams' last two words carry the rows per chunk and the number
+// of chunks.
+
+// out[chunk · W + w] = Σ over the chunk's rows (n, oy) and columns ox of
+// xa[n, co, oy, ox] · wa[n, ci, iy, ix] (+ xb · wb): here `xa`/`xb` are
+// adjoints, `wa`/`wb` the layer inputs, `out` the partials buffer.
+@compute @workgroup_size(256)
 fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
                         @builtin(num_workgroups) nwg: vec3<u32>,
                         @builtin(local_invocation_index) lid: u32) {
-    let widx = wid.x + wid.y * nwg.x;
-    let total = p.cout * p.cin * p.k;
-    // widx is uniform across the workgroup, so this return keeps barriers uniform.
-    if (widx >= total) { return; }
-    let ky = widx % p.k;
-    let ci = (widx / p.k) % p.cin;
-    let co = widx / (p.k * p.cin);
+    // One thread per (chunk, kernel row (co, ci, ky)): the row's k taps
+    // share each adjoint load.
+    let idx = flat_index(wid, nwg, lid);
+    let kk = p.k * p.k;
+    let nw = p.cout * p.cin * kk;
+    let nrows_w = p.cout * p.cin * p.k;
+    let rows_per_chunk = p._p0;
+    if (idx >= nrows_w * p._p1) { return; }
+    let wr = idx % nrows_w;
+    let chunk = idx / nrows_w;
+    let ky = wr % p.k;
+    let ci = (wr / p.k) % p.cin;
+    let co = wr / (p.k * p.cin);
     let two = (p.flags & PAIR_B) != 0u;
-    let plane = p.oh * p.ow;
     let rows = p.n * p.oh;
+    let r0 = chunk * rows_per_chunk;
+    let r1 = min(r0 + rows_per_chunk, rows);
+    let plane = p.oh * p.ow;
     var acc: array<f32, 7>;
-    if (p.k <= 3u) {
-        // The common 1x1 and 3x3 kernels, with the taps in named registers.
-        var a0 = 0.0;
-        var a1 = 0.0;
-        var a2 = 0.0;
-        let last = arrayLength(&wa) - 1u;
-        for (var row = lid; row < rows; row += WGR) {
-            let n = row / p.oh;
-            let oy = row % p.oh;
-            let iy = i32(oy * p.stride + ky) - i32(p.pad);
-            if (iy < 0 || iy >= i32(p.h)) { continue; }
-            let grow = (n * p.cout + co) * plane + oy * p.ow;
-            let xrow = ((n * p.cin + ci) * p.h + u32(iy)) * p.w;
-            for (var ox = 0u; ox < p.ow; ox++) {
-                let g = xa[grow + ox];
-                let ix0 = i32(ox * p.stride) - i32(p.pad);
-                let i0 = min(xrow + u32(max(ix0, 0)), last);
-                let i1 = min(xrow + u32(max(ix0 + 1, 0)), last);
-                let i2 = min(xrow + u32(max(ix0 + 2, 0)), last);
-                let ok0 = ix0 >= 0 && ix0 < i32(p.w);
-                let ok1 = ix0 + 1 >= 0 && ix0 + 1 < i32(p.w) && p.k > 1u;
-                let ok2 = ix0 + 2 >= 0 && ix0 + 2 < i32(p.w) && p.k > 2u;
-                a0 += g * select(0.0, wa[i0], ok0);
-                a1 += g * select(0.0, wa[i1], ok1);
-                a2 += g * select(0.0, wa[i2], ok2);
-                if (two) {
-                    let h = xb[grow + ox];
-                    a0 += h * select(0.0, wb[i0], ok0);
-                    a1 += h * select(0.0, wb[i1], ok1);
-                    a2 += h * select(0.0, wb[i2], ok2);
-                }
-            }
-        }
-        acc[0] = a0;
-        acc[1] = a1;
-        acc[2] = a2;
-    } else {
-    for (var row = lid; row < rows; row += WGR) {
+    for (var row = r0; row < r1; row++) {
         let n = row / p.oh;
         let oy = row % p.oh;
         let iy = i32(oy * p.stride + ky) - i32(p.pad);
@@ -297,29 +265,23 @@ fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
             }
         }
     }
-    }
-    // A fan-in-8 tree: three barriers whatever k is (barriers, not adds,
-    // are what a reduction costs on software rasterisers).
     for (var kx = 0u; kx < KMAX; kx++) {
         if (kx >= p.k) { break; }
-        partial[kx * WGR + lid] = acc[kx];
+        out[chunk * nw + wr * p.k + kx] = acc[kx];
     }
-    workgroupBarrier();
-    if (lid < 8u * p.k) {
-        let tap = lid / 8u;
-        let part = lid % 8u;
-        var s = 0.0;
-        for (var i = 0u; i < 8u; i++) {
-            s += partial[tap * WGR + part * 8u + i];
-        }
-        partial2[lid] = s;
+}
+
+// out[wa_off + w] += Σ_chunk xa[chunk · W + w]: `xa` is the partials buffer.
+@compute @workgroup_size(256)
+fn conv_weight_sum(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let wi = flat_index(wid, nwg, lid);
+    let nw = p.cout * p.cin * p.k * p.k;
+    if (wi >= nw) { return; }
+    var s = 0.0;
+    for (var c = 0u; c < p._p1; c++) {
+        s += xa[c * nw + wi];
     }
-    workgroupBarrier();
-    if (lid < p.k) {
-        var s = 0.0;
-        for (var i = 0u; i < 8u; i++) {
-            s += partial2[lid * 8u + i];
-        }
-        out[p.wa_off + widx * p.k + lid] += s;
-    }
+    out[p.wa_off + wi] += s;
 }

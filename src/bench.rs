@@ -154,7 +154,7 @@ pub fn kernel_table(
         let flops = 2.0 * (n * cout * oh * ow * cin * k * k) as f64;
         let shape = format!("n={n} {cin}→{cout} {h}x{w} k{k} s{stride}");
         let io = |a: usize, b: usize, c: usize| 4.0 * (a + b + c) as f64;
-        let cases: [(Kernel, [&GpuBuffer; 5], Grid, f64); 3] = [
+        let cases: [(Kernel, [&GpuBuffer; 5], Grid, f64); 2] = [
             (
                 Kernel::ConvForward,
                 [&x, &wt, &x, &wt, &y],
@@ -166,12 +166,6 @@ pub fn kernel_table(
                 [&gy, &wt, &gy, &wt, &gx],
                 Grid::Threads(kernels::conv_backward_data_threads(n, cin, h, w)),
                 io(gy.len, wt.len, gx.len),
-            ),
-            (
-                Kernel::ConvBackwardWeight,
-                [&gy, &x, &gy, &x, &gw],
-                Grid::Groups(kernels::conv_backward_weight_groups(cout, cin, k)),
-                io(gy.len, x.len, gw.len),
             ),
         ];
         for (kern, bufs, grid, bytes) in cases {
@@ -185,6 +179,38 @@ pub fn kernel_table(
                 gbs: bytes / t / 1e9,
             });
         }
+        // The weight gradient: per-chunk partial sums, then their sum.
+        let weights = cout * cin * k * k;
+        let (per, chunks) = kernels::conv_weight_chunks(n, oh, ow, weights);
+        let parts = ctx.storage("bench partial sums", weights * chunks)?;
+        let mut pw = p;
+        pw[14] = per as u32;
+        pw[15] = chunks as u32;
+        let (t1, timer) = time_kernel(
+            ctx,
+            reps,
+            Kernel::ConvBackwardWeight,
+            &pw,
+            &[&gy, &x, &gy, &x, &parts],
+            Grid::Threads(kernels::conv_weight_threads(weights, k, chunks)),
+        )?;
+        let (t2, _) = time_kernel(
+            ctx,
+            reps,
+            Kernel::ConvWeightSum,
+            &pw,
+            &[&parts, &x, &x, &x, &gw],
+            Grid::Threads(weights),
+        )?;
+        let t = t1 + t2;
+        rows.push(KernelRow {
+            kernel: "conv_backward_weight".into(),
+            shape: shape.clone(),
+            seconds: t,
+            timer,
+            gflops: flops / t / 1e9,
+            gbs: io(gy.len, x.len, gw.len) / t / 1e9,
+        });
     }
     // Batch norm and elementwise kernels at the largest activation.
     let biggest = model

@@ -109,13 +109,12 @@ fn conv_backward_data_grid(node: &Node, n: usize) -> Grid {
     ))
 }
 
-fn conv_backward_weight_grid(node: &Node) -> Grid {
+/// (weights, rows per chunk, chunks) of a conv's weight gradient.
+fn conv_weight_split(node: &Node, n: usize) -> (usize, usize, usize) {
     let d = conv_dims(node);
-    Grid::Groups(kernels::conv_backward_weight_groups(
-        d[4] as usize,
-        d[1] as usize,
-        d[5] as usize,
-    ))
+    let weights = (d[4] * d[1] * d[5] * d[5]) as usize;
+    let (per, chunks) = kernels::conv_weight_chunks(n, d[8] as usize, d[9] as usize, weights);
+    (weights, per, chunks)
 }
 
 /// ConvParams: dims, then wa_off, wb_off, flags, bias_off.
@@ -145,6 +144,8 @@ struct Builder<'a> {
     grad: usize,
     hv: usize,
     dummy: usize,
+    /// Scratch for the weight gradient's per-chunk partial sums.
+    partials: usize,
     batch_mode: bool,
     steps: Vec<Step>,
 }
@@ -406,17 +407,32 @@ impl Builder<'_> {
                     // Hv's weight block: Σ R(gy)·x + Σ gy·ẋ (ẋ = 0 at the input).
                     let pair_b = r && cin != 0;
                     let fl = if pair_b { flags::CONV_PAIR_B } else { 0 };
-                    let p = conv_params(node, n, woff, 0, fl, 0);
+                    let (weights, per, chunks) = conv_weight_split(node, n);
+                    let mut p = conv_params(node, n, woff, 0, fl, 0);
+                    p[14] = per as u32;
+                    p[15] = chunks as u32;
+                    let parts = self.partials;
                     let bufs = if pair_b {
-                        vec![gy, x, g_plain, ws.dact[cin], target]
+                        vec![gy, x, g_plain, ws.dact[cin], parts]
                     } else {
-                        vec![gy, x, gy, x, target]
+                        vec![gy, x, gy, x, parts]
                     };
                     self.push(
                         Kernel::ConvBackwardWeight,
                         p,
                         bufs,
-                        conv_backward_weight_grid(node),
+                        Grid::Threads(kernels::conv_weight_threads(
+                            weights,
+                            conv_dims(node)[5] as usize,
+                            chunks,
+                        )),
+                    );
+                    let d = self.dummy;
+                    self.push(
+                        Kernel::ConvWeightSum,
+                        p,
+                        vec![parts, d, d, d, target],
+                        Grid::Threads(weights),
                     );
                     if let Some(b) = bias {
                         let boff = self.param_off(b);
@@ -705,6 +721,20 @@ impl GpuEngine {
         let hv = alloc(&mut arena, "Hv".into(), np)?;
         let losses = alloc(&mut arena, "batch losses".into(), batches.len())?;
         let dummy = alloc(&mut arena, "unused binding".into(), 4)?;
+        let partial_len = nodes
+            .iter()
+            .filter(|nd| matches!(nd.op, Op::Conv { .. } | Op::Linear { .. }))
+            .map(|nd| {
+                let (w, _, c) = conv_weight_split(nd, max_count);
+                w * c
+            })
+            .max()
+            .unwrap_or(1);
+        let partials = alloc(
+            &mut arena,
+            "weight-gradient partial sums".into(),
+            partial_len,
+        )?;
         let theta_f32: Vec<f32> = problem.weights.theta.iter().map(|&x| x as f32).collect();
         ctx.write_f32(&arena[theta], 0, &theta_f32)?;
 
@@ -842,6 +872,7 @@ impl GpuEngine {
                 grad,
                 hv,
                 dummy,
+                partials,
                 batch_mode,
                 steps: vec![],
             };

@@ -18,6 +18,7 @@ pub enum Kernel {
     ConvForward,
     ConvBackwardData,
     ConvBackwardWeight,
+    ConvWeightSum,
     ChannelSums,
     SumAll,
     ReluMask,
@@ -41,10 +42,11 @@ const R: Option<bool> = Some(true);
 const W: Option<bool> = Some(false);
 
 impl Kernel {
-    pub const ALL: [Kernel; 20] = [
+    pub const ALL: [Kernel; 21] = [
         Kernel::ConvForward,
         Kernel::ConvBackwardData,
         Kernel::ConvBackwardWeight,
+        Kernel::ConvWeightSum,
         Kernel::ChannelSums,
         Kernel::SumAll,
         Kernel::ReluMask,
@@ -68,7 +70,9 @@ impl Kernel {
     pub fn source(self) -> (&'static str, &'static str) {
         use Kernel::*;
         match self {
-            ConvForward | ConvBackwardData | ConvBackwardWeight => ("conv.wgsl", CONV),
+            ConvForward | ConvBackwardData | ConvBackwardWeight | ConvWeightSum => {
+                ("conv.wgsl", CONV)
+            }
             ChannelSums | SumAll => ("reduce.wgsl", REDUCE),
             ReluMask | Add | Copy => ("elementwise.wgsl", ELEMENTWISE),
             BnStats | BnForward | BnRForward | BnBackward | BnRBackward => ("bn.wgsl", BN),
@@ -85,6 +89,7 @@ impl Kernel {
             ConvForward => "conv_forward",
             ConvBackwardData => "conv_backward_data",
             ConvBackwardWeight => "conv_backward_weight",
+            ConvWeightSum => "conv_weight_sum",
             ChannelSums => "channel_sums",
             SumAll => "sum_all",
             ReluMask => "relu_mask",
@@ -109,7 +114,7 @@ impl Kernel {
     pub fn bindings(self) -> &'static [Option<bool>] {
         use Kernel::*;
         match self {
-            ConvForward | ConvBackwardData | ConvBackwardWeight => &[R, R, R, R, W],
+            ConvForward | ConvBackwardData | ConvBackwardWeight | ConvWeightSum => &[R, R, R, R, W],
             ChannelSums | SumAll | ReluMask | Add | Copy => &[R, R, W],
             BnStats => &[R, W],
             BnForward => &[R, R, R, W, W],
@@ -178,7 +183,26 @@ pub fn conv_backward_data_threads(n: usize, cin: usize, h: usize, w: usize) -> u
     n * cin.div_ceil(CONV_CB) * h * w.div_ceil(CONV_XB)
 }
 
-/// Workgroups of conv_backward_weight: one per kernel row (co, ci, ky).
-pub fn conv_backward_weight_groups(cout: usize, cin: usize, k: usize) -> usize {
-    cout * cin * k
+/// Threads of conv_backward_weight: one per (chunk, kernel row).
+pub fn conv_weight_threads(weights: usize, k: usize, chunks: usize) -> usize {
+    weights / k.max(1) * chunks
+}
+
+/// Largest weight-gradient partials buffer, in floats (64 MiB).
+pub const WEIGHT_PARTIALS_MAX: usize = 16 << 20;
+
+/// How conv_backward_weight splits the n·oh output rows: (rows per chunk,
+/// chunks), aiming at ~256 products per thread and at most
+/// `WEIGHT_PARTIALS_MAX` partial sums. Its threads: `chunks` × the weights;
+/// conv_weight_sum's: the weights.
+pub fn conv_weight_chunks(n: usize, oh: usize, ow: usize, weights: usize) -> (usize, usize) {
+    let rows = (n * oh).max(1);
+    let mut per = 256usize.div_ceil(ow.max(1)).clamp(1, rows);
+    let mut chunks = rows.div_ceil(per);
+    if chunks * weights > WEIGHT_PARTIALS_MAX {
+        chunks = (WEIGHT_PARTIALS_MAX / weights.max(1)).max(1);
+        per = rows.div_ceil(chunks);
+        chunks = rows.div_ceil(per);
+    }
+    (per, chunks)
 }
