@@ -32,11 +32,25 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid;
 }
 
-// Register blocking: llvmpipe and GPUs alike pay more for a load than for
-// an FMA, so each thread computes a CB × XB block of outputs and reuses
-// every loaded input and weight CB or XB times.
-const CB: u32 = 4u;
+// Register blocking: each thread computes CB channels × XB columns of one
+// row, so every loaded input feeds CB products and every loaded weight XB.
+// On llvmpipe (Mesa's CPU driver, what CI runs) each storage load costs
+// ~1.5 ns per lane while products are nearly free, and two more things
+// cost more than they look (measured, BENCHMARKS.md): a loop over a private
+// array (llvmpipe does not unroll it, so every access is indexed), hence
+// the named accumulators below; and a branch, even a uniform one, hence
+// masks (select) instead of `if` around loads. All lanes of a workgroup
+// share one channel block, so weight addresses are workgroup-uniform,
+// which GPUs broadcast.
+const CB: u32 = 8u;
 const XB: u32 = 4u;
+const COLS: vec4<u32> = vec4<u32>(0u, 1u, 2u, 3u);
+
+// (channel block, spatial thread) of a launch of cblocks × ⌈spatial/WG⌉ groups.
+fn split_launch(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, cblocks: u32) -> vec2<u32> {
+    let g = wid.x + wid.y * nwg.x;
+    return vec2<u32>(g % cblocks, (g / cblocks) * WG + lid);
+}
 
 // A weight of channel `c`, or 0 past the last channel (blocks may overhang).
 fn weight_a(c: u32, climit: u32, i: u32) -> f32 {
@@ -52,55 +66,66 @@ fn weight_b(c: u32, climit: u32, i: u32) -> f32 {
 fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
-    let idx = flat_index(wid, nwg, lid);
     let cblocks = (p.cout + CB - 1u) / CB;
+    let at = split_launch(wid, nwg, lid, cblocks);
     let xblocks = (p.ow + XB - 1u) / XB;
-    let total = p.n * cblocks * p.oh * xblocks;
-    if (idx >= total) { return; }
-    let xb_ = idx % xblocks;
-    let oy = (idx / xblocks) % p.oh;
-    let cb = (idx / (xblocks * p.oh)) % cblocks;
-    let n = idx / (xblocks * p.oh * cblocks);
-    let co0 = cb * CB;
+    if (at.y >= p.n * p.oh * xblocks) { return; }
+    let xb_ = at.y % xblocks;
+    let oy = (at.y / xblocks) % p.oh;
+    let n = at.y / (xblocks * p.oh);
+    let co0 = at.x * CB;
     let ox0 = xb_ * XB;
     let kk = p.k * p.k;
     let wstride = p.cin * kk;
-    let two = (p.flags & PAIR_B) != 0u;
-    var acc: array<array<f32, 4>, 4>;
+    let pair = vec4<bool>((p.flags & PAIR_B) != 0u);
+    let xlast = arrayLength(&xa) - 1u;
+    let xlast_b = arrayLength(&xb) - 1u;
+    let cols_ok = vec4<u32>(ox0) + COLS < vec4<u32>(p.ow);
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    var acc4 = vec4<f32>(0.0);
+    var acc5 = vec4<f32>(0.0);
+    var acc6 = vec4<f32>(0.0);
+    var acc7 = vec4<f32>(0.0);
     for (var ci = 0u; ci < p.cin; ci++) {
         let xbase = (n * p.cin + ci) * p.h * p.w;
         for (var ky = 0u; ky < p.k; ky++) {
             let iy = i32(oy * p.stride + ky) - i32(p.pad);
-            if (iy < 0 || iy >= i32(p.h)) { continue; }
-            let xrow = xbase + u32(iy) * p.w;
+            let row_ok = iy >= 0 && iy < i32(p.h);
+            let xrow = xbase + u32(clamp(iy, 0, i32(p.h) - 1)) * p.w;
             for (var kx = 0u; kx < p.k; kx++) {
-                var xv: array<f32, 4>;
-                var xv2: array<f32, 4>;
-                for (var i = 0u; i < XB; i++) {
-                    let ix = i32((ox0 + i) * p.stride + kx) - i32(p.pad);
-                    let ok = ix >= 0 && ix < i32(p.w) && ox0 + i < p.ow;
-                    let xi = min(xrow + u32(max(ix, 0)), arrayLength(&xa) - 1u);
-                    xv[i] = select(0.0, xa[xi], ok);
-                    if (two) {
-                        xv2[i] = select(0.0, xb[xi], ok);
-                    }
-                }
+                let ix = vec4<i32>(COLS * p.stride + vec4<u32>(ox0 * p.stride + kx)) - vec4<i32>(i32(p.pad));
+                let ok = vec4<bool>(row_ok) & ix >= vec4<i32>(0) & ix < vec4<i32>(i32(p.w)) & cols_ok;
+                let xi = vec4<u32>(xrow) + vec4<u32>(clamp(ix, vec4<i32>(0), vec4<i32>(i32(p.w) - 1)));
+                let xv = select(vec4<f32>(0.0), vec4<f32>(xa[min(xi.x, xlast)], xa[min(xi.y, xlast)],
+                                                           xa[min(xi.z, xlast)], xa[min(xi.w, xlast)]), ok);
+                // The second pair is read either way and zeroed when absent:
+                // a branch costs llvmpipe more than the loads it would skip.
+                let xv2 = select(vec4<f32>(0.0), vec4<f32>(xb[min(xi.x, xlast_b)], xb[min(xi.y, xlast_b)],
+                                                            xb[min(xi.z, xlast_b)], xb[min(xi.w, xlast_b)]), ok & pair);
                 let tap = (co0 * p.cin + ci) * kk + ky * p.k + kx;
-                for (var j = 0u; j < CB; j++) {
-                    let wv = weight_a(co0 + j, p.cout, p.wa_off + tap + j * wstride);
-                    for (var i = 0u; i < XB; i++) {
-                        acc[j][i] += wv * xv[i];
-                    }
-                    if (two) {
-                        let wv2 = weight_b(co0 + j, p.cout, p.wb_off + tap + j * wstride);
-                        for (var i = 0u; i < XB; i++) {
-                            acc[j][i] += wv2 * xv2[i];
-                        }
-                    }
-                }
+                acc0 += weight_a(co0 + 0u, p.cout, p.wa_off + tap + 0u * wstride) * xv
+                    + weight_b(co0 + 0u, p.cout, p.wb_off + tap + 0u * wstride) * xv2;
+                acc1 += weight_a(co0 + 1u, p.cout, p.wa_off + tap + 1u * wstride) * xv
+                    + weight_b(co0 + 1u, p.cout, p.wb_off + tap + 1u * wstride) * xv2;
+                acc2 += weight_a(co0 + 2u, p.cout, p.wa_off + tap + 2u * wstride) * xv
+                    + weight_b(co0 + 2u, p.cout, p.wb_off + tap + 2u * wstride) * xv2;
+                acc3 += weight_a(co0 + 3u, p.cout, p.wa_off + tap + 3u * wstride) * xv
+                    + weight_b(co0 + 3u, p.cout, p.wb_off + tap + 3u * wstride) * xv2;
+                acc4 += weight_a(co0 + 4u, p.cout, p.wa_off + tap + 4u * wstride) * xv
+                    + weight_b(co0 + 4u, p.cout, p.wb_off + tap + 4u * wstride) * xv2;
+                acc5 += weight_a(co0 + 5u, p.cout, p.wa_off + tap + 5u * wstride) * xv
+                    + weight_b(co0 + 5u, p.cout, p.wb_off + tap + 5u * wstride) * xv2;
+                acc6 += weight_a(co0 + 6u, p.cout, p.wa_off + tap + 6u * wstride) * xv
+                    + weight_b(co0 + 6u, p.cout, p.wb_off + tap + 6u * wstride) * xv2;
+                acc7 += weight_a(co0 + 7u, p.cout, p.wa_off + tap + 7u * wstride) * xv
+                    + weight_b(co0 + 7u, p.cout, p.wb_off + tap + 7u * wstride) * xv2;
             }
         }
     }
+    var acc = array<vec4<f32>, 8>(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7);
     let plane = p.oh * p.ow;
     for (var j = 0u; j < CB; j++) {
         let co = co0 + j;
@@ -122,79 +147,91 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // gx[n, ci, iy, ix] = Σ_{co, ky, kx} W[co, ci, ky, kx] · gy[n, co, oy, ox]
-// over the outputs (oy, ox) whose window puts tap (ky, kx) on (iy, ix).
-// One thread: channels ci0..ci0+CB of row iy, columns ix0..ix0+XB.
+// over the outputs (oy, ox) whose window puts tap (ky, kx) on (iy, ix),
+// that is iy + pad − ky = oy·s (and the same for x). Only taps with
+// ky ≡ iy + pad (mod s) reach row iy, so threads are split by phase
+// (iy mod s, ix mod s): a thread takes channels ci0..ci0+CB of one row
+// and XB columns of one phase (ix = px + s·j), and visits only the k²/s²
+// taps of that phase. The workgroup shares the channel block.
 @compute @workgroup_size(256)
 fn conv_backward_data(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
-    let idx = flat_index(wid, nwg, lid);
+    let s = p.stride;
     let cblocks = (p.cin + CB - 1u) / CB;
-    let xblocks = (p.w + XB - 1u) / XB;
-    let total = p.n * cblocks * p.h * xblocks;
-    if (idx >= total) { return; }
-    let xb_ = idx % xblocks;
-    let iy = (idx / xblocks) % p.h;
-    let cb = (idx / (xblocks * p.h)) % cblocks;
-    let n = idx / (xblocks * p.h * cblocks);
-    let ci0 = cb * CB;
-    let ix0 = xb_ * XB;
+    let at = split_launch(wid, nwg, lid, cblocks);
+    let rows = (p.h + s - 1u) / s;
+    let xblocks = ((p.w + s - 1u) / s + XB - 1u) / XB;
+    if (at.y >= p.n * s * s * rows * xblocks) { return; }
+    let xb_ = at.y % xblocks;
+    let r = (at.y / xblocks) % rows;
+    let phase = (at.y / (xblocks * rows)) % (s * s);
+    let n = at.y / (xblocks * rows * s * s);
+    let px = phase % s;
+    let iy = phase / s + r * s;
+    let ci0 = at.x * CB;
+    // The thread's columns: ix = px + s·(xb_·XB + j), j < XB.
+    let ix = vec4<u32>(px + s * xb_ * XB) + COLS * s;
     let kk = p.k * p.k;
-    let two = (p.flags & PAIR_B) != 0u;
-    var acc: array<array<f32, 4>, 4>;
-    for (var ky = 0u; ky < p.k; ky++) {
+    let pair = vec4<bool>((p.flags & PAIR_B) != 0u);
+    let glast = arrayLength(&xa) - 1u;
+    let glast_b = arrayLength(&xb) - 1u;
+    let cols_ok = ix < vec4<u32>(p.w) & vec4<bool>(iy < p.h);
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    var acc4 = vec4<f32>(0.0);
+    var acc5 = vec4<f32>(0.0);
+    var acc6 = vec4<f32>(0.0);
+    var acc7 = vec4<f32>(0.0);
+    for (var ky = (iy + p.pad) % s; ky < p.k; ky += s) {
         let ty = i32(iy + p.pad) - i32(ky);
-        if (ty < 0 || (u32(ty) % p.stride) != 0u) { continue; }
-        let oy = u32(ty) / p.stride;
-        if (oy >= p.oh) { continue; }
-        for (var kx = 0u; kx < p.k; kx++) {
+        let oy = u32(max(ty, 0)) / s;
+        let row_ok = ty >= 0 && oy < p.oh;
+        let oyc = min(oy, p.oh - 1u);
+        for (var kx = (px + p.pad) % s; kx < p.k; kx += s) {
             // Which of the XB columns this tap reaches, and from which output.
-            var ok: array<bool, 4>;
-            var ox: array<u32, 4>;
-            var any_ok = false;
-            for (var i = 0u; i < XB; i++) {
-                let tx = i32(ix0 + i + p.pad) - i32(kx);
-                let o = u32(max(tx, 0)) / p.stride;
-                ok[i] = tx >= 0 && (u32(tx) % p.stride) == 0u && o < p.ow && ix0 + i < p.w;
-                ox[i] = o;
-                any_ok = any_ok || ok[i];
-            }
-            if (!any_ok) { continue; }
+            let tx = vec4<i32>(ix + vec4<u32>(p.pad)) - vec4<i32>(i32(kx));
+            let o = vec4<u32>(max(tx, vec4<i32>(0))) / vec4<u32>(s);
+            let ok = vec4<bool>(row_ok) & tx >= vec4<i32>(0) & o < vec4<u32>(p.ow) & cols_ok;
+            let ox = min(o, vec4<u32>(p.ow - 1u));
             let tap = ky * p.k + kx;
             for (var co = 0u; co < p.cout; co++) {
-                let grow = ((n * p.cout + co) * p.oh + oy) * p.ow;
-                var g: array<f32, 4>;
-                var g2: array<f32, 4>;
-                for (var i = 0u; i < XB; i++) {
-                    let gi = min(grow + ox[i], arrayLength(&xa) - 1u);
-                    g[i] = select(0.0, xa[gi], ok[i]);
-                    if (two) {
-                        g2[i] = select(0.0, xb[gi], ok[i]);
-                    }
-                }
+                let gi = vec4<u32>(((n * p.cout + co) * p.oh + oyc) * p.ow) + ox;
+                let g = select(vec4<f32>(0.0), vec4<f32>(xa[min(gi.x, glast)], xa[min(gi.y, glast)],
+                                                        xa[min(gi.z, glast)], xa[min(gi.w, glast)]), ok);
+                let g2 = select(vec4<f32>(0.0), vec4<f32>(xb[min(gi.x, glast_b)], xb[min(gi.y, glast_b)],
+                                                         xb[min(gi.z, glast_b)], xb[min(gi.w, glast_b)]), ok & pair);
                 let wbase = (co * p.cin + ci0) * kk + tap;
-                for (var j = 0u; j < CB; j++) {
-                    let wv = weight_a(ci0 + j, p.cin, p.wa_off + wbase + j * kk);
-                    for (var i = 0u; i < XB; i++) {
-                        acc[j][i] += wv * g[i];
-                    }
-                    if (two) {
-                        let wv2 = weight_b(ci0 + j, p.cin, p.wb_off + wbase + j * kk);
-                        for (var i = 0u; i < XB; i++) {
-                            acc[j][i] += wv2 * g2[i];
-                        }
-                    }
-                }
+                acc0 += weight_a(ci0 + 0u, p.cin, p.wa_off + wbase + 0u * kk) * g
+                    + weight_b(ci0 + 0u, p.cin, p.wb_off + wbase + 0u * kk) * g2;
+                acc1 += weight_a(ci0 + 1u, p.cin, p.wa_off + wbase + 1u * kk) * g
+                    + weight_b(ci0 + 1u, p.cin, p.wb_off + wbase + 1u * kk) * g2;
+                acc2 += weight_a(ci0 + 2u, p.cin, p.wa_off + wbase + 2u * kk) * g
+                    + weight_b(ci0 + 2u, p.cin, p.wb_off + wbase + 2u * kk) * g2;
+                acc3 += weight_a(ci0 + 3u, p.cin, p.wa_off + wbase + 3u * kk) * g
+                    + weight_b(ci0 + 3u, p.cin, p.wb_off + wbase + 3u * kk) * g2;
+                acc4 += weight_a(ci0 + 4u, p.cin, p.wa_off + wbase + 4u * kk) * g
+                    + weight_b(ci0 + 4u, p.cin, p.wb_off + wbase + 4u * kk) * g2;
+                acc5 += weight_a(ci0 + 5u, p.cin, p.wa_off + wbase + 5u * kk) * g
+                    + weight_b(ci0 + 5u, p.cin, p.wb_off + wbase + 5u * kk) * g2;
+                acc6 += weight_a(ci0 + 6u, p.cin, p.wa_off + wbase + 6u * kk) * g
+                    + weight_b(ci0 + 6u, p.cin, p.wb_off + wbase + 6u * kk) * g2;
+                acc7 += weight_a(ci0 + 7u, p.cin, p.wa_off + wbase + 7u * kk) * g
+                    + weight_b(ci0 + 7u, p.cin, p.wb_off + wbase + 7u * kk) * g2;
             }
         }
     }
+    var acc = array<vec4<f32>, 8>(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7);
     let plane = p.h * p.w;
+    if (iy >= p.h) { return; }
     for (var j = 0u; j < CB; j++) {
         let ci = ci0 + j;
         if (ci >= p.cin) { break; }
         for (var i = 0u; i < XB; i++) {
-            if (ix0 + i >= p.w) { break; }
-            let o = (n * p.cin + ci) * plane + iy * p.w + ix0 + i;
+            if (ix[i] >= p.w) { break; }
+            let o = (n * p.cin + ci) * plane + iy * p.w + ix[i];
             var r = acc[j][i];
             if ((p.flags & ACC) != 0u) {
                 r += out[o];
@@ -204,15 +241,30 @@ fn conv_backward_data(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-const KMAX: u32 = 7u;
-
 // The weight gradient in two stages, with no barriers (software
 // rasterisers pay per barrier and per workgroup, GPUs idle threads when a
 // tree has little to sum): stage one gives every (chunk of output rows,
-// weight) pair a thread that sums about 256 products, stage two adds the
+// weight) pair a partial sum of the chunk's products, stage two adds the
 // chunks of each weight. No serial chain is longer than ~256 + chunks
 // terms. ConvParams' last two words carry the rows per chunk and the number
 // of chunks.
+//
+// Stage one: a thread per (chunk, block of 4 output channels, ci, ky)
+// sums the products of its rows for the k taps kx: each loaded input feeds
+// 4 products, each loaded adjoint k. Accumulators are named, not indexed:
+// llvmpipe does not unroll loops, and a dynamically indexed private array
+// costs it far more than the products.
+const WCB: u32 = 4u;
+
+// wa[xrow + ix] where 0 ≤ ix < w and the row is inside the image, else 0.
+fn tap_input(xrow: u32, ix: i32, row_ok: bool) -> f32 {
+    let ok = row_ok && ix >= 0 && ix < i32(p.w);
+    return select(0.0, wa[min(xrow + u32(clamp(ix, 0, i32(p.w) - 1)), arrayLength(&wa) - 1u)], ok);
+}
+fn tap_input_b(xrow: u32, ix: i32, row_ok: bool, two: bool) -> f32 {
+    let ok = two && row_ok && ix >= 0 && ix < i32(p.w);
+    return select(0.0, wb[min(xrow + u32(clamp(ix, 0, i32(p.w) - 1)), arrayLength(&wb) - 1u)], ok);
+}
 
 // out[chunk · W + w] = Σ over the chunk's rows (n, oy) and columns ox of
 // xa[n, co, oy, ox] · wa[n, ci, iy, ix] (+ xb · wb): here `xa`/`xb` are
@@ -221,53 +273,70 @@ const KMAX: u32 = 7u;
 fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
                         @builtin(num_workgroups) nwg: vec3<u32>,
                         @builtin(local_invocation_index) lid: u32) {
-    // One thread per (chunk, kernel row (co, ci, ky)): the row's k taps
-    // share each adjoint load.
     let idx = flat_index(wid, nwg, lid);
-    let kk = p.k * p.k;
-    let nw = p.cout * p.cin * kk;
-    let nrows_w = p.cout * p.cin * p.k;
-    let rows_per_chunk = p._p0;
+    let cblocks = (p.cout + WCB - 1u) / WCB;
+    let nrows_w = cblocks * p.cin * p.k;
     if (idx >= nrows_w * p._p1) { return; }
     let wr = idx % nrows_w;
     let chunk = idx / nrows_w;
     let ky = wr % p.k;
     let ci = (wr / p.k) % p.cin;
-    let co = wr / (p.k * p.cin);
+    let co0 = (wr / (p.k * p.cin)) * WCB;
     let two = (p.flags & PAIR_B) != 0u;
     let rows = p.n * p.oh;
-    let r0 = chunk * rows_per_chunk;
-    let r1 = min(r0 + rows_per_chunk, rows);
+    let r0 = chunk * p._p0;
+    let r1 = min(r0 + p._p0, rows);
     let plane = p.oh * p.ow;
-    var acc: array<f32, 7>;
+    let glast = arrayLength(&xa) - 1u;
+    let glast_b = arrayLength(&xb) - 1u;
+    // Adjoint offsets of channels co0.. co0+3 (clamped past the last
+    // channel; those sums are never stored).
+    let coff = (min(vec4<u32>(co0) + COLS, vec4<u32>(p.cout - 1u)) - vec4<u32>(co0)) * plane;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    var acc4 = vec4<f32>(0.0);
+    var acc5 = vec4<f32>(0.0);
+    var acc6 = vec4<f32>(0.0);
     for (var row = r0; row < r1; row++) {
         let n = row / p.oh;
         let oy = row % p.oh;
         let iy = i32(oy * p.stride + ky) - i32(p.pad);
-        if (iy < 0 || iy >= i32(p.h)) { continue; }
-        let grow = (n * p.cout + co) * plane + oy * p.ow;
-        let xrow = ((n * p.cin + ci) * p.h + u32(iy)) * p.w;
+        let row_ok = iy >= 0 && iy < i32(p.h);
+        let grow = (n * p.cout + co0) * plane + oy * p.ow;
+        let xrow = ((n * p.cin + ci) * p.h + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
         for (var ox = 0u; ox < p.ow; ox++) {
-            let g = xa[grow + ox];
-            var g2 = 0.0;
-            if (two) {
-                g2 = xb[grow + ox];
-            }
+            let gi = min(vec4<u32>(grow + ox) + coff, vec4<u32>(glast));
+            let g = vec4<f32>(xa[gi.x], xa[gi.y], xa[gi.z], xa[gi.w]);
+            let gb = min(vec4<u32>(grow + ox) + coff, vec4<u32>(glast_b));
+            let g2 = select(vec4<f32>(0.0), vec4<f32>(xb[gb.x], xb[gb.y], xb[gb.z], xb[gb.w]), vec4<bool>(two));
             let ix0 = i32(ox * p.stride) - i32(p.pad);
-            for (var kx = 0u; kx < KMAX; kx++) {
-                if (kx >= p.k) { break; }
-                let ix = ix0 + i32(kx);
-                if (ix < 0 || ix >= i32(p.w)) { continue; }
-                acc[kx] += g * wa[xrow + u32(ix)];
-                if (two) {
-                    acc[kx] += g2 * wb[xrow + u32(ix)];
-                }
+            acc0 += g * tap_input(xrow, ix0 + 0, row_ok) + g2 * tap_input_b(xrow, ix0 + 0, row_ok, two);
+            if (p.k > 1u) {
+                acc1 += g * tap_input(xrow, ix0 + 1, row_ok) + g2 * tap_input_b(xrow, ix0 + 1, row_ok, two);
+                acc2 += g * tap_input(xrow, ix0 + 2, row_ok) + g2 * tap_input_b(xrow, ix0 + 2, row_ok, two);
+            }
+            if (p.k > 3u) {
+                acc3 += g * tap_input(xrow, ix0 + 3, row_ok) + g2 * tap_input_b(xrow, ix0 + 3, row_ok, two);
+                acc4 += g * tap_input(xrow, ix0 + 4, row_ok) + g2 * tap_input_b(xrow, ix0 + 4, row_ok, two);
+            }
+            if (p.k > 5u) {
+                acc5 += g * tap_input(xrow, ix0 + 5, row_ok) + g2 * tap_input_b(xrow, ix0 + 5, row_ok, two);
+                acc6 += g * tap_input(xrow, ix0 + 6, row_ok) + g2 * tap_input_b(xrow, ix0 + 6, row_ok, two);
             }
         }
     }
-    for (var kx = 0u; kx < KMAX; kx++) {
-        if (kx >= p.k) { break; }
-        out[chunk * nw + wr * p.k + kx] = acc[kx];
+    var acc = array<vec4<f32>, 7>(acc0, acc1, acc2, acc3, acc4, acc5, acc6);
+    let kk = p.k * p.k;
+    let nw = p.cout * p.cin * kk;
+    for (var j = 0u; j < WCB; j++) {
+        let co = co0 + j;
+        if (co >= p.cout) { break; }
+        let base = chunk * nw + ((co * p.cin + ci) * p.k + ky) * p.k;
+        for (var kx = 0u; kx < p.k; kx++) {
+            out[base + kx] = acc[kx][j];
+        }
     }
 }
 

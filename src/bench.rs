@@ -164,7 +164,7 @@ pub fn kernel_table(
             (
                 Kernel::ConvBackwardData,
                 [&gy, &wt, &gy, &wt, &gx],
-                Grid::Threads(kernels::conv_backward_data_threads(n, cin, h, w)),
+                Grid::Threads(kernels::conv_backward_data_threads(n, cin, h, w, stride)),
                 io(gy.len, wt.len, gx.len),
             ),
         ];
@@ -192,7 +192,7 @@ pub fn kernel_table(
             Kernel::ConvBackwardWeight,
             &pw,
             &[&gy, &x, &gy, &x, &parts],
-            Grid::Threads(kernels::conv_weight_threads(weights, k, chunks)),
+            Grid::Groups(kernels::conv_weight_groups(cout, cin, k, chunks)),
         )?;
         let (t2, _) = time_kernel(
             ctx,

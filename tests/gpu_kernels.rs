@@ -356,7 +356,9 @@ fn conv_kernels_match_the_reference() {
                 p
             };
             let fgrid = Grid::Threads(kernels::conv_forward_threads(n, cout, oh, ow));
-            let dgrid = Grid::Threads(kernels::conv_backward_data_threads(n, cin, g.h, g.w));
+            let dgrid = Grid::Threads(kernels::conv_backward_data_threads(
+                n, cin, g.h, g.w, g.stride,
+            ));
 
             // ---- forward: (pair, bias, acc); the engine's forward pass is
             // the single pair [x, θ, x, θ] with or without bias, its
@@ -496,7 +498,7 @@ fn conv_kernels_match_the_reference() {
                         Kernel::ConvBackwardWeight,
                         &p,
                         &[a1, b1, a2, b2, &parts],
-                        Grid::Threads(kernels::conv_weight_threads(wl, k, chunks)),
+                        Grid::Groups(kernels::conv_weight_groups(cout, cin, k, chunks)),
                     );
                     let got = read(&ctx, &parts);
                     let (ga, xa_, gb_, xb_) = if pair {

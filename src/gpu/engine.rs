@@ -106,6 +106,7 @@ fn conv_backward_data_grid(node: &Node, n: usize) -> Grid {
         d[1] as usize,
         d[2] as usize,
         d[3] as usize,
+        d[6] as usize,
     ))
 }
 
@@ -421,11 +422,15 @@ impl Builder<'_> {
                         Kernel::ConvBackwardWeight,
                         p,
                         bufs,
-                        Grid::Threads(kernels::conv_weight_threads(
-                            weights,
-                            conv_dims(node)[5] as usize,
-                            chunks,
-                        )),
+                        Grid::Groups({
+                            let d = conv_dims(node);
+                            kernels::conv_weight_groups(
+                                d[4] as usize,
+                                d[1] as usize,
+                                d[5] as usize,
+                                chunks,
+                            )
+                        }),
                     );
                     let d = self.dummy;
                     self.push(

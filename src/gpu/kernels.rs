@@ -170,22 +170,35 @@ pub fn params(words: &[u32]) -> Params {
 }
 
 /// Output channels and columns one conv thread computes (shaders/conv.wgsl).
-pub const CONV_CB: usize = 4;
+pub const CONV_CB: usize = 8;
 pub const CONV_XB: usize = 4;
 
-/// Threads of conv_forward: one per (n, co block, oy, ox block).
+/// A launch whose workgroups each take one channel block (so weight loads
+/// are workgroup-uniform) and WORKGROUP of `spatial` threads.
+fn channel_blocked_threads(cblocks: usize, spatial: usize) -> usize {
+    cblocks * spatial.div_ceil(WORKGROUP) * WORKGROUP
+}
+
+/// Threads of conv_forward: per co block, one per (n, oy, ox block).
 pub fn conv_forward_threads(n: usize, cout: usize, oh: usize, ow: usize) -> usize {
-    n * cout.div_ceil(CONV_CB) * oh * ow.div_ceil(CONV_XB)
+    channel_blocked_threads(cout.div_ceil(CONV_CB), n * oh * ow.div_ceil(CONV_XB))
 }
 
-/// Threads of conv_backward_data: one per (n, ci block, iy, ix block).
-pub fn conv_backward_data_threads(n: usize, cin: usize, h: usize, w: usize) -> usize {
-    n * cin.div_ceil(CONV_CB) * h * w.div_ceil(CONV_XB)
+/// Threads of conv_backward_data: per ci block, one per (n, phase
+/// (iy mod s, ix mod s), row of the phase, block of XB phase columns).
+pub fn conv_backward_data_threads(n: usize, cin: usize, h: usize, w: usize, s: usize) -> usize {
+    let s = s.max(1);
+    let spatial = n * s * s * h.div_ceil(s) * w.div_ceil(s).div_ceil(CONV_XB);
+    channel_blocked_threads(cin.div_ceil(CONV_CB), spatial)
 }
 
-/// Threads of conv_backward_weight: one per (chunk, kernel row).
-pub fn conv_weight_threads(weights: usize, k: usize, chunks: usize) -> usize {
-    weights / k.max(1) * chunks
+/// Output channels per conv_backward_weight thread.
+pub const CONV_WEIGHT_CB: usize = 4;
+
+/// Workgroups of conv_backward_weight: a thread per (chunk, block of
+/// CONV_WEIGHT_CB output channels, ci, ky).
+pub fn conv_weight_groups(cout: usize, cin: usize, k: usize, chunks: usize) -> usize {
+    (chunks * cout.div_ceil(CONV_WEIGHT_CB) * cin * k).div_ceil(WORKGROUP)
 }
 
 /// Largest weight-gradient partials buffer, in floats (64 MiB).
