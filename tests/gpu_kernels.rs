@@ -343,6 +343,24 @@ fn conv_kernels_match_the_reference() {
                 rnd(&mut r, yl),
             );
             let (tb, vb) = (upload(&ctx, "θ", &theta), upload(&ctx, "v", &v));
+            // The windowed kernels read a WINDOW_FLOATS window from offset
+            // 0: θ and v continued by random values that a channel block
+            // overhanging cout must not pick up.
+            let pad = |a: &[f64], r: &mut StdRng| {
+                let mut a = a.to_vec();
+                a.extend(rnd(r, kernels::WINDOW_FLOATS - plen));
+                a
+            };
+            let window = |name: &str, a: &[f64]| {
+                let b = ctx.weights(name, a.len()).unwrap();
+                let f: Vec<f32> = a.iter().map(|&x| x as f32).collect();
+                ctx.write_f32(&b, 0, &f).unwrap();
+                b
+            };
+            let (tbw, vbw) = (
+                window("θ window", &pad(&theta, &mut r)),
+                window("v window", &pad(&v, &mut r)),
+            );
             let (xb, dxb, gyb, rgyb) = (
                 upload(&ctx, "x", &x),
                 upload(&ctx, "ẋ", &dx),
@@ -393,77 +411,99 @@ fn conv_kernels_match_the_reference() {
                     fl |= flags::CONV_ACC;
                 }
                 let y0 = rnd(&mut r, yl);
-                let y = if acc {
-                    upload(&ctx, "y", &y0)
-                } else {
-                    poisoned(&ctx, "y", yl)
-                };
-                let (p, bufs, mut want) = if pair {
+                for (kernel, name, tw, vw) in [
+                    (Kernel::ConvForward, "conv_forward", &tb, &vb),
                     (
-                        pr(woff, woff, fl, if bias { boff } else { 0 }),
-                        [&dxb, &tb, &xb, &vb, &y],
-                        fwd(&dx, wt, true, bias.then_some(bv)),
-                    )
-                } else {
-                    (
-                        pr(woff, 0, fl, if bias { boff } else { 0 }),
-                        [&xb, &tb, &xb, &tb, &y],
-                        fwd(&x, wt, false, bias.then_some(bt)),
-                    )
-                };
-                if acc {
-                    want = plus(&want, &y0);
+                        Kernel::ConvForwardWindowed,
+                        "conv_forward_windowed",
+                        &tbw,
+                        &vbw,
+                    ),
+                ] {
+                    let y = if acc {
+                        upload(&ctx, "y", &y0)
+                    } else {
+                        poisoned(&ctx, "y", yl)
+                    };
+                    let (p, bufs, mut want) = if pair {
+                        (
+                            pr(woff, woff, fl, if bias { boff } else { 0 }),
+                            [&dxb, tw, &xb, vw, &y],
+                            fwd(&dx, wt, true, bias.then_some(bv)),
+                        )
+                    } else {
+                        (
+                            pr(woff, 0, fl, if bias { boff } else { 0 }),
+                            [&xb, tw, &xb, tw, &y],
+                            fwd(&x, wt, false, bias.then_some(bt)),
+                        )
+                    };
+                    if acc {
+                        want = plus(&want, &y0);
+                    }
+                    run(&ctx, kernel, &p, &bufs, fgrid);
+                    worst.check(
+                        name,
+                        &format!("{what} forward pair={pair} bias={bias} acc={acc}"),
+                        &read(&ctx, &y),
+                        &want,
+                        TOL,
+                    );
                 }
-                run(&ctx, Kernel::ConvForward, &p, &bufs, fgrid);
-                worst.check(
-                    "conv_forward",
-                    &format!("{what} forward pair={pair} bias={bias} acc={acc}"),
-                    &read(&ctx, &y),
-                    &want,
-                    TOL,
-                );
             }
 
             // ---- backward data: [gy, θ, gy, θ] (backward) and
             // [R(gy), θ, gy, v] with PAIR_B (R-backward), each overwriting
             // or accumulating (a second consumer of the same input).
             for (pair, acc) in [(false, false), (false, true), (true, false), (true, true)] {
-                let mut fl = if acc { flags::CONV_ACC } else { 0 };
+                let fl = if acc { flags::CONV_ACC } else { 0 };
                 let gx0 = rnd(&mut r, xl);
-                let gx = if acc {
-                    upload(&ctx, "gx", &gx0)
-                } else {
-                    poisoned(&ctx, "gx", xl)
-                };
                 let mut want = if acc { gx0.clone() } else { vec![0.0; xl] };
                 if pair {
-                    fl |= flags::CONV_PAIR_B;
                     conv::backward_data_acc(g, &rgy, wt, &mut want);
                     conv::backward_data_acc(g, &gy, vt, &mut want);
-                    run(
-                        &ctx,
-                        Kernel::ConvBackwardData,
-                        &pr(woff, woff, fl, 0),
-                        &[&rgyb, &tb, &gyb, &vb, &gx],
-                        dgrid,
-                    );
                 } else {
                     conv::backward_data_acc(g, &gy, wt, &mut want);
-                    run(
-                        &ctx,
-                        Kernel::ConvBackwardData,
-                        &pr(woff, 0, fl, 0),
-                        &[&gyb, &tb, &gyb, &tb, &gx],
-                        dgrid,
+                }
+                for (kernel, name, tw, vw) in [
+                    (Kernel::ConvBackwardData, "conv_backward_data", &tb, &vb),
+                    (
+                        Kernel::ConvBackwardDataWindowed,
+                        "conv_backward_data_windowed",
+                        &tbw,
+                        &vbw,
+                    ),
+                ] {
+                    let gx = if acc {
+                        upload(&ctx, "gx", &gx0)
+                    } else {
+                        poisoned(&ctx, "gx", xl)
+                    };
+                    if pair {
+                        run(
+                            &ctx,
+                            kernel,
+                            &pr(woff, woff, fl | flags::CONV_PAIR_B, 0),
+                            &[&rgyb, tw, &gyb, vw, &gx],
+                            dgrid,
+                        );
+                    } else {
+                        run(
+                            &ctx,
+                            kernel,
+                            &pr(woff, 0, fl, 0),
+                            &[&gyb, tw, &gyb, tw, &gx],
+                            dgrid,
+                        );
+                    }
+                    worst.check(
+                        name,
+                        &format!("{what} backward data pair={pair} acc={acc}"),
+                        &read(&ctx, &gx),
+                        &want,
+                        TOL,
                     );
                 }
-                worst.check(
-                    "conv_backward_data",
-                    &format!("{what} backward data pair={pair} acc={acc}"),
-                    &read(&ctx, &gx),
-                    &want,
-                    TOL,
-                );
             }
 
             // ---- weight gradient, in two stages as the engine runs it:
@@ -889,6 +929,24 @@ fn batch_norm_kernels_match() {
             let (gamma, beta) = (&theta[goff..goff + c], &theta[boff..boff + c]);
             let (dgamma, dbeta) = (&v[goff..goff + c], &v[boff..boff + c]);
             let (tb, vb) = (upload(&ctx, "θ", &theta), upload(&ctx, "v", &v));
+            // The windowed kernels read a WINDOW_FLOATS window from offset
+            // 0: θ and v continued by random values that a channel block
+            // overhanging cout must not pick up.
+            let pad = |a: &[f64], r: &mut StdRng| {
+                let mut a = a.to_vec();
+                a.extend(rnd(r, kernels::WINDOW_FLOATS - plen));
+                a
+            };
+            let window = |name: &str, a: &[f64]| {
+                let b = ctx.weights(name, a.len()).unwrap();
+                let f: Vec<f32> = a.iter().map(|&x| x as f32).collect();
+                ctx.write_f32(&b, 0, &f).unwrap();
+                b
+            };
+            let (tbw, vbw) = (
+                window("θ window", &pad(&theta, &mut r)),
+                window("v window", &pad(&v, &mut r)),
+            );
             let (dx, gy, rgy) = (rnd(&mut r, len), rnd(&mut r, len), rnd(&mut r, len));
             let (dxb, gyb, rgyb) = (
                 upload(&ctx, "ẋ", &dx),

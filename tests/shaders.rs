@@ -19,11 +19,15 @@ fn shader_files() -> Vec<PathBuf> {
 
 fn check(path: &PathBuf) -> Result<usize, String> {
     let src = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let module = naga::front::wgsl::parse_str(&src).map_err(|e| e.emit_to_string(&src))?;
+    check_source(&src)
+}
+
+fn check_source(src: &str) -> Result<usize, String> {
+    let module = naga::front::wgsl::parse_str(src).map_err(|e| e.emit_to_string(src))?;
     // The capabilities wgpu grants a baseline device: no f64, no f16.
     let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
         .validate(&module)
-        .map_err(|e| format!("validation: {}", e.emit_to_string(&src)))?;
+        .map_err(|e| format!("validation: {}", e.emit_to_string(src)))?;
 
     spv::write_vec(&module, &info, &spv::Options::default(), None)
         .map_err(|e| format!("SPIR-V: {e}"))?;
@@ -85,6 +89,28 @@ fn every_shader_validates_and_translates_to_every_backend() {
         match check(f) {
             Ok(n) => eprintln!("{}: {n} entry points OK", f.display()),
             Err(e) => failures.push(format!("{}: {e}", f.display())),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// The modules the engine compiles, including those assembled from
+/// several files (conv.wgsl with uniform weight windows), and each
+/// kernel's entry point in its module.
+#[test]
+fn every_kernel_module_validates_and_has_its_entry_point() {
+    use hesscope::gpu::kernels::Kernel;
+    let mut failures = vec![];
+    for k in Kernel::ALL {
+        let (name, src) = k.source();
+        match check_source(src) {
+            Ok(_) => {
+                let module = naga::front::wgsl::parse_str(src).unwrap();
+                if !module.entry_points.iter().any(|e| e.name == k.entry()) {
+                    failures.push(format!("{k:?}: no entry point {} in {name}", k.entry()));
+                }
+            }
+            Err(e) => failures.push(format!("{k:?} ({name}): {e}")),
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));

@@ -4,7 +4,7 @@
 //! Every wgpu call of the crate lives under `src/gpu/`.
 
 use crate::error::{Error, Result};
-use crate::gpu::kernels::Kernel;
+use crate::gpu::kernels::{Binding, Kernel, WINDOW_FLOATS};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -297,6 +297,53 @@ impl GpuContext {
         })
     }
 
+    /// Whether kernels may read weights through uniform windows of
+    /// `WINDOW_FLOATS` floats (every backend allows 64 KiB; this guards
+    /// against one that does not).
+    pub fn windows_supported(&self) -> bool {
+        self.limits.max_uniform_buffer_binding_size >= (WINDOW_FLOATS * 4) as u64
+    }
+
+    /// Floats a uniform window's offset must be a multiple of.
+    pub fn window_alignment(&self) -> usize {
+        (self.limits.min_uniform_buffer_offset_alignment as usize / 4).max(1)
+    }
+
+    /// A parameter-shaped buffer (θ, v) that kernels may also read through
+    /// uniform windows: padded by a window so that any window starting
+    /// inside it lies inside the buffer.
+    pub fn weights(&self, name: &str, len: usize) -> Result<GpuBuffer> {
+        let padded = len + WINDOW_FLOATS;
+        let bytes = (padded * 4) as u64;
+        if bytes > self.limits.max_storage_buffer_binding_size {
+            return Err(Error::DeviceLimit {
+                tensor: name.to_string(),
+                bytes,
+                limit_name: "max_storage_buffer_binding_size",
+                limit: self.limits.max_storage_buffer_binding_size,
+            });
+        }
+        let mut usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC;
+        if self.windows_supported() {
+            usage |= wgpu::BufferUsages::UNIFORM;
+        }
+        let buffer = self.scoped(&format!("allocating `{name}` ({bytes} bytes)"), || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(name),
+                size: bytes,
+                usage,
+                mapped_at_creation: false,
+            })
+        })?;
+        Ok(GpuBuffer {
+            name: name.to_string(),
+            buffer,
+            len: padded,
+        })
+    }
+
     pub fn uniform(&self, name: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
         if bytes.len() as u64 > self.limits.max_buffer_size {
             return Err(Error::DeviceLimit {
@@ -354,14 +401,13 @@ impl GpuContext {
         }
         let (file, src) = k.source();
         let bindings = k.bindings();
-        if bindings.iter().filter(|b| b.is_some()).count() as u32
-            > self.limits.max_storage_buffers_per_shader_stage
-        {
+        let storage = bindings.iter().filter(|b| **b != Binding::Window).count();
+        if storage as u32 > self.limits.max_storage_buffers_per_shader_stage {
             return Err(Error::Gpu(format!(
                 "kernel {}::{} binds {} storage buffers; the device allows {}",
                 file,
                 k.entry(),
-                bindings.len(),
+                storage,
                 self.limits.max_storage_buffers_per_shader_stage
             )));
         }
@@ -383,14 +429,16 @@ impl GpuContext {
                 count: None,
             }];
             for (i, b) in bindings.iter().enumerate() {
-                let Some(read_only) = b else { continue };
+                let ty = match b {
+                    Binding::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                    Binding::Write => wgpu::BufferBindingType::Storage { read_only: false },
+                    Binding::Window => wgpu::BufferBindingType::Uniform,
+                };
                 entries.push(wgpu::BindGroupLayoutEntry {
                     binding: i as u32 + 1,
                     visibility: wgpu::ShaderStages::COMPUTE,
                     ty: wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Storage {
-                            read_only: *read_only,
-                        },
+                        ty,
                         has_dynamic_offset: false,
                         min_binding_size: None,
                     },

@@ -148,6 +148,9 @@ struct Builder<'a> {
     /// Scratch for the weight gradient's per-chunk partial sums.
     partials: usize,
     batch_mode: bool,
+    /// The alignment (floats) of uniform weight windows, where the device
+    /// allows them.
+    window_alignment: Option<usize>,
     steps: Vec<Step>,
 }
 
@@ -158,6 +161,47 @@ impl Builder<'_> {
             params: p,
             buffers,
             grid,
+            window: 0,
+        });
+    }
+
+    /// Pushes a conv forward or backward-data step, reading the layer's
+    /// weights (and bias) through one uniform window of θ/v where they fit
+    /// in it: the offsets in `p` become relative to the window.
+    fn push_conv(&mut self, kernel: Kernel, mut p: [u32; 16], buffers: Vec<usize>, grid: Grid) {
+        let windowed = match kernel {
+            Kernel::ConvForward => Kernel::ConvForwardWindowed,
+            Kernel::ConvBackwardData => Kernel::ConvBackwardDataWindowed,
+            _ => unreachable!("push_conv with {kernel:?}"),
+        };
+        let Some(align) = self.window_alignment else {
+            return self.push(kernel, p, buffers, grid);
+        };
+        let weights = (p[1] * p[4] * p[5] * p[5]) as usize;
+        let (woff, boff) = (p[10] as usize, p[13] as usize);
+        let mut lo = woff;
+        let mut hi = woff + weights;
+        let bias = kernel == Kernel::ConvForward && p[12] & flags::CONV_BIAS != 0;
+        if bias {
+            lo = lo.min(boff);
+            hi = hi.max(boff + p[4] as usize);
+        }
+        let start = lo / align * align;
+        if hi - start > kernels::WINDOW_FLOATS {
+            return self.push(kernel, p, buffers, grid);
+        }
+        let rel = |x: usize| (x - start) as u32;
+        p[10] = rel(woff);
+        // The second pair's weights share the first's offset (θ and v have
+        // one layout); without a second pair they are read and zeroed.
+        p[11] = rel(woff);
+        p[13] = if bias { rel(boff) } else { 0 };
+        self.steps.push(Step {
+            kernel: windowed,
+            params: p,
+            buffers,
+            grid,
+            window: start,
         });
     }
     fn param_off(&self, idx: usize) -> usize {
@@ -229,7 +273,7 @@ impl Builder<'_> {
                         None => (0, 0),
                     };
                     let p = conv_params(node, n, self.param_off(weight), 0, fl, boff);
-                    self.push(
+                    self.push_conv(
                         Kernel::ConvForward,
                         p,
                         vec![x, self.theta, x, self.theta, out],
@@ -398,7 +442,7 @@ impl Builder<'_> {
                         } else {
                             vec![gy, self.theta, gy, self.theta, gx]
                         };
-                        self.push(
+                        self.push_conv(
                             Kernel::ConvBackwardData,
                             p,
                             bufs,
@@ -584,7 +628,7 @@ impl Builder<'_> {
                     let grid = conv_forward_grid(node, n);
                     if zero[cin] {
                         let p = conv_params(node, n, woff, 0, bfl, boff);
-                        self.push(
+                        self.push_conv(
                             Kernel::ConvForward,
                             p,
                             vec![x, self.v, x, self.v, out],
@@ -592,7 +636,7 @@ impl Builder<'_> {
                         );
                     } else {
                         let p = conv_params(node, n, woff, woff, bfl | flags::CONV_PAIR_B, boff);
-                        self.push(
+                        self.push_conv(
                             Kernel::ConvForward,
                             p,
                             vec![dx, self.theta, x, self.v, out],
@@ -720,8 +764,10 @@ impl GpuEngine {
             Ok(arena.len() - 1)
         };
         let np = model.n_params;
-        let theta = alloc(&mut arena, "parameters θ".into(), np)?;
-        let v = alloc(&mut arena, "direction v".into(), np)?;
+        arena.push(ctx.weights("parameters θ", np)?);
+        let theta = arena.len() - 1;
+        arena.push(ctx.weights("direction v", np)?);
+        let v = arena.len() - 1;
         let grad = alloc(&mut arena, "gradient".into(), np)?;
         let hv = alloc(&mut arena, "Hv".into(), np)?;
         let losses = alloc(&mut arena, "batch losses".into(), batches.len())?;
@@ -741,6 +787,10 @@ impl GpuEngine {
             partial_len,
         )?;
         let theta_f32: Vec<f32> = problem.weights.theta.iter().map(|&x| x as f32).collect();
+        // Refused here, not left to propagate: a kernel's result from an
+        // infinite weight is the driver's business (llvmpipe's uniform
+        // reads, for one, do not carry it through).
+        non_finite_error(&model, "the weights", &theta_f32, &ctx.info.name)?;
         ctx.write_f32(&arena[theta], 0, &theta_f32)?;
 
         let value_len = |v: usize| {
@@ -879,6 +929,7 @@ impl GpuEngine {
                 dummy,
                 partials,
                 batch_mode,
+                window_alignment: ctx.windows_supported().then(|| ctx.window_alignment()),
                 steps: vec![],
             };
             let labels = workspaces[w].labels;
@@ -1012,20 +1063,7 @@ impl GpuEngine {
     }
 
     fn check_finite(&self, what: &str, xs: &[f32]) -> Result<()> {
-        if let Some(i) = xs.iter().position(|x| !x.is_finite()) {
-            let name = self
-                .model
-                .params
-                .iter()
-                .find(|p| i >= p.offset && i < p.offset + p.numel())
-                .map(|p| p.name.clone())
-                .unwrap_or_default();
-            return Err(Error::Numerical(format!(
-                "{what} is {} at parameter {i} ({name}) on {}: the weights, data or direction overflow in float32",
-                xs[i], self.ctx.info.name
-            )));
-        }
-        Ok(())
+        non_finite_error(&self.model, what, xs, &self.ctx.info.name)
     }
 
     fn upload_v(&mut self, v: &[f64]) -> Result<()> {
@@ -1036,6 +1074,7 @@ impl GpuEngine {
             });
         }
         let vf: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+        self.check_finite("the direction v", &vf)?;
         self.ctx.write_f32(&self.arena[self.v], 0, &vf)
     }
 
@@ -1098,6 +1137,23 @@ impl GpuEngine {
         self.check_finite("the gradient", &r[1])?;
         Ok((loss, r[1].iter().map(|&x| x as f64).collect()))
     }
+}
+
+/// An error naming the first non-finite value of a parameter-shaped vector.
+fn non_finite_error(model: &Model, what: &str, xs: &[f32], device: &str) -> Result<()> {
+    if let Some(i) = xs.iter().position(|x| !x.is_finite()) {
+        let name = model
+            .params
+            .iter()
+            .find(|p| i >= p.offset && i < p.offset + p.numel())
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
+        return Err(Error::Numerical(format!(
+            "{what} is {} at parameter {i} ({name}) on {device}: the weights, data or direction overflow in float32",
+            xs[i]
+        )));
+    }
+    Ok(())
 }
 
 impl Curvature for GpuEngine {

@@ -1,9 +1,13 @@
 //! The WGSL kernels: which file and entry point, and the bind-group layout
 //! each declares. Binding 0 is always the kernel's uniform parameters;
-//! bindings 1.. are storage buffers (`Some(true)` read-only, `Some(false)`
-//! read-write). No kernel binds more than 8 storage buffers (GL allows 16).
+//! bindings 1.. are storage buffers or 64 KiB uniform windows of one. No
+//! kernel binds more than 8 storage buffers (GL allows 16).
+
+use std::sync::OnceLock;
 
 pub const CONV: &str = include_str!("../../shaders/conv.wgsl");
+pub const CONV_WEIGHT: &str = include_str!("../../shaders/conv_weight.wgsl");
+pub const CONV_WEIGHTS_UNIFORM: &str = include_str!("../../shaders/conv_weights_uniform.wgsl");
 pub const REDUCE: &str = include_str!("../../shaders/reduce.wgsl");
 pub const ELEMENTWISE: &str = include_str!("../../shaders/elementwise.wgsl");
 pub const BN: &str = include_str!("../../shaders/bn.wgsl");
@@ -17,6 +21,10 @@ pub const WORKGROUP: usize = 256;
 pub enum Kernel {
     ConvForward,
     ConvBackwardData,
+    /// ConvForward and ConvBackwardData reading the weights through uniform
+    /// windows (`WINDOW_FLOATS` of θ and v from a step's window offset).
+    ConvForwardWindowed,
+    ConvBackwardDataWindowed,
     ConvBackwardWeight,
     ConvWeightSum,
     ChannelSums,
@@ -38,13 +46,45 @@ pub enum Kernel {
     XentRBackward,
 }
 
-const R: Option<bool> = Some(true);
-const W: Option<bool> = Some(false);
+/// How a kernel binds one buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    /// Read-only storage.
+    Read,
+    /// Read-write storage.
+    Write,
+    /// A uniform window of `WINDOW_FLOATS` floats at the step's window offset.
+    Window,
+}
+
+/// Floats in a uniform weight window (64 KiB, the binding size every
+/// backend allows).
+pub const WINDOW_FLOATS: usize = 16384;
+
+const R: Binding = Binding::Read;
+const W: Binding = Binding::Write;
+const U: Binding = Binding::Window;
+
+/// conv.wgsl with its storage weight bindings swapped for uniform windows.
+pub fn conv_windowed_source() -> &'static str {
+    static SRC: OnceLock<String> = OnceLock::new();
+    SRC.get_or_init(|| {
+        let begin = CONV
+            .find("// BEGIN WEIGHTS")
+            .expect("conv.wgsl marks its weights");
+        let end = CONV
+            .find("// END WEIGHTS")
+            .expect("conv.wgsl marks its weights");
+        format!("{}{}{}", &CONV[..begin], CONV_WEIGHTS_UNIFORM, &CONV[end..])
+    })
+}
 
 impl Kernel {
-    pub const ALL: [Kernel; 21] = [
+    pub const ALL: [Kernel; 23] = [
         Kernel::ConvForward,
         Kernel::ConvBackwardData,
+        Kernel::ConvForwardWindowed,
+        Kernel::ConvBackwardDataWindowed,
         Kernel::ConvBackwardWeight,
         Kernel::ConvWeightSum,
         Kernel::ChannelSums,
@@ -70,9 +110,12 @@ impl Kernel {
     pub fn source(self) -> (&'static str, &'static str) {
         use Kernel::*;
         match self {
-            ConvForward | ConvBackwardData | ConvBackwardWeight | ConvWeightSum => {
-                ("conv.wgsl", CONV)
-            }
+            ConvForward | ConvBackwardData => ("conv.wgsl", CONV),
+            ConvForwardWindowed | ConvBackwardDataWindowed => (
+                "conv.wgsl+conv_weights_uniform.wgsl",
+                conv_windowed_source(),
+            ),
+            ConvBackwardWeight | ConvWeightSum => ("conv_weight.wgsl", CONV_WEIGHT),
             ChannelSums | SumAll => ("reduce.wgsl", REDUCE),
             ReluMask | Add | Copy => ("elementwise.wgsl", ELEMENTWISE),
             BnStats | BnForward | BnRForward | BnBackward | BnRBackward => ("bn.wgsl", BN),
@@ -86,8 +129,8 @@ impl Kernel {
     pub fn entry(self) -> &'static str {
         use Kernel::*;
         match self {
-            ConvForward => "conv_forward",
-            ConvBackwardData => "conv_backward_data",
+            ConvForward | ConvForwardWindowed => "conv_forward",
+            ConvBackwardData | ConvBackwardDataWindowed => "conv_backward_data",
             ConvBackwardWeight => "conv_backward_weight",
             ConvWeightSum => "conv_weight_sum",
             ChannelSums => "channel_sums",
@@ -110,11 +153,12 @@ impl Kernel {
         }
     }
 
-    /// Storage bindings 1.., in order.
-    pub fn bindings(self) -> &'static [Option<bool>] {
+    /// Bindings 1.., in order.
+    pub fn bindings(self) -> &'static [Binding] {
         use Kernel::*;
         match self {
             ConvForward | ConvBackwardData | ConvBackwardWeight | ConvWeightSum => &[R, R, R, R, W],
+            ConvForwardWindowed | ConvBackwardDataWindowed => &[R, U, R, U, W],
             ChannelSums | SumAll | ReluMask | Add | Copy => &[R, R, W],
             BnStats => &[R, W],
             BnForward => &[R, R, R, W, W],

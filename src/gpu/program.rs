@@ -4,7 +4,7 @@
 
 use crate::error::Result;
 use crate::gpu::context::{GpuBuffer, GpuContext, Pipeline};
-use crate::gpu::kernels::{Kernel, Params, WORKGROUP};
+use crate::gpu::kernels::{Binding, Kernel, Params, WINDOW_FLOATS, WORKGROUP};
 use std::rc::Rc;
 
 /// How many workgroups a step launches.
@@ -31,6 +31,21 @@ pub struct Step {
     /// Indices into the engine's buffer arena, one per storage binding.
     pub buffers: Vec<usize>,
     pub grid: Grid,
+    /// Offset (floats) of the step's uniform weight windows, if it has any.
+    pub window: usize,
+}
+
+/// A binding of `buf` as `kind`: whole for storage, a window from `window`
+/// floats for uniform windows.
+fn bind(buf: &GpuBuffer, kind: Binding, window: usize) -> wgpu::BindingResource<'_> {
+    match kind {
+        Binding::Window => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &buf.buffer,
+            offset: (window * 4) as u64,
+            size: std::num::NonZeroU64::new((WINDOW_FLOATS * 4) as u64),
+        }),
+        _ => buf.buffer.as_entire_binding(),
+    }
 }
 
 pub struct Compiled {
@@ -87,10 +102,16 @@ impl Compiled {
                     size: std::num::NonZeroU64::new(64),
                 }),
             }];
-            for (j, &b) in s.buffers.iter().enumerate() {
+            for (j, (&b, &kind)) in s.buffers.iter().zip(s.kernel.bindings()).enumerate() {
+                if kind == Binding::Window && arena[b].len < s.window + WINDOW_FLOATS {
+                    return Err(crate::Error::Gpu(format!(
+                        "{label}: {:?} reads a window of `{}` past its end",
+                        s.kernel, arena[b].name
+                    )));
+                }
                 entries.push(wgpu::BindGroupEntry {
                     binding: j as u32 + 1,
-                    resource: arena[b].buffer.as_entire_binding(),
+                    resource: bind(&arena[b], kind, s.window),
                 });
             }
             let bg = ctx.scoped(&format!("{label}: binding {:?}", s.kernel), || {
@@ -158,7 +179,8 @@ impl Compiled {
 }
 
 /// Runs one kernel once on the given buffers and waits: for kernel tests
-/// and benchmarks, not for the engine's hot path.
+/// and benchmarks, not for the engine's hot path. Uniform windows are bound
+/// at offset 0.
 pub fn dispatch_once(
     ctx: &GpuContext,
     kernel: Kernel,
@@ -204,10 +226,16 @@ fn dispatch(
         binding: 0,
         resource: uniforms.as_entire_binding(),
     }];
-    for (j, b) in buffers.iter().enumerate() {
+    for (j, (b, &kind)) in buffers.iter().zip(kernel.bindings()).enumerate() {
+        if kind == Binding::Window && b.len < WINDOW_FLOATS {
+            return Err(crate::Error::Gpu(format!(
+                "{kernel:?} reads a {WINDOW_FLOATS}-float window of `{}` ({} floats)",
+                b.name, b.len
+            )));
+        }
         entries.push(wgpu::BindGroupEntry {
             binding: j as u32 + 1,
-            resource: b.buffer.as_entire_binding(),
+            resource: bind(b, kind, 0),
         });
     }
     let (x, y) = fold_grid(

@@ -1,0 +1,145 @@
+// Convolution (and linear) weight gradients: Σ over the batch and the
+// output positions of adjoint × input, for every weight, with an optional
+// second (adjoint, input) pair so that the R-operator's two terms,
+// Σ R(gy)·x + Σ gy·ẋ, run in one dispatch.
+//
+// Layouts are PyTorch's: activations [n, c, h, w], weights [cout, cin, k, k].
+
+struct ConvParams {
+    n: u32, cin: u32, h: u32, w: u32,
+    cout: u32, k: u32, stride: u32, pad: u32,
+    oh: u32, ow: u32, wa_off: u32, wb_off: u32,
+    // bit 1: second pair present. The last two words: rows per chunk and
+    // the number of chunks.
+    flags: u32, bias_off: u32, _p0: u32, _p1: u32,
+}
+
+const WG: u32 = 256u;
+const PAIR_B: u32 = 2u;
+const COLS: vec4<u32> = vec4<u32>(0u, 1u, 2u, 3u);
+
+@group(0) @binding(0) var<uniform> p: ConvParams;
+@group(0) @binding(1) var<storage, read> xa: array<f32>;
+@group(0) @binding(2) var<storage, read> wa: array<f32>;
+@group(0) @binding(3) var<storage, read> xb: array<f32>;
+@group(0) @binding(4) var<storage, read> wb: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+// Grids wider than 65,535 workgroups fold into y.
+fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * WG + lid;
+}
+
+// The weight gradient in two stages, with no barriers (software
+// rasterisers pay per barrier and per workgroup, GPUs idle threads when a
+// tree has little to sum): stage one gives every (chunk of output rows,
+// weight) pair a partial sum of the chunk's products, stage two adds the
+// chunks of each weight. No serial chain is longer than ~256 + chunks
+// terms. ConvParams' last two words carry the rows per chunk and the number
+// of chunks.
+//
+// Stage one: a thread per (chunk, block of 4 output channels, ci, ky)
+// sums the products of its rows for the k taps kx: each loaded input feeds
+// 4 products, each loaded adjoint k. Accumulators are named, not indexed:
+// llvmpipe does not unroll loops, and a dynamically indexed private array
+// costs it far more than the products.
+const WCB: u32 = 4u;
+
+// wa[xrow + ix] where 0 ≤ ix < w and the row is inside the image, else 0.
+fn tap_input(xrow: u32, ix: i32, row_ok: bool) -> f32 {
+    let ok = row_ok && ix >= 0 && ix < i32(p.w);
+    return select(0.0, wa[min(xrow + u32(clamp(ix, 0, i32(p.w) - 1)), arrayLength(&wa) - 1u)], ok);
+}
+fn tap_input_b(xrow: u32, ix: i32, row_ok: bool, two: bool) -> f32 {
+    let ok = two && row_ok && ix >= 0 && ix < i32(p.w);
+    return select(0.0, wb[min(xrow + u32(clamp(ix, 0, i32(p.w) - 1)), arrayLength(&wb) - 1u)], ok);
+}
+
+// out[chunk · W + w] = Σ over the chunk's rows (n, oy) and columns ox of
+// xa[n, co, oy, ox] · wa[n, ci, iy, ix] (+ xb · wb): here `xa`/`xb` are
+// adjoints, `wa`/`wb` the layer inputs, `out` the partials buffer.
+@compute @workgroup_size(256)
+fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
+                        @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let idx = flat_index(wid, nwg, lid);
+    let cblocks = (p.cout + WCB - 1u) / WCB;
+    let nrows_w = cblocks * p.cin * p.k;
+    if (idx >= nrows_w * p._p1) { return; }
+    let wr = idx % nrows_w;
+    let chunk = idx / nrows_w;
+    let ky = wr % p.k;
+    let ci = (wr / p.k) % p.cin;
+    let co0 = (wr / (p.k * p.cin)) * WCB;
+    let two = (p.flags & PAIR_B) != 0u;
+    let rows = p.n * p.oh;
+    let r0 = chunk * p._p0;
+    let r1 = min(r0 + p._p0, rows);
+    let plane = p.oh * p.ow;
+    let glast = arrayLength(&xa) - 1u;
+    let glast_b = arrayLength(&xb) - 1u;
+    // Adjoint offsets of channels co0.. co0+3 (clamped past the last
+    // channel; those sums are never stored).
+    let coff = (min(vec4<u32>(co0) + COLS, vec4<u32>(p.cout - 1u)) - vec4<u32>(co0)) * plane;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    var acc4 = vec4<f32>(0.0);
+    var acc5 = vec4<f32>(0.0);
+    var acc6 = vec4<f32>(0.0);
+    for (var row = r0; row < r1; row++) {
+        let n = row / p.oh;
+        let oy = row % p.oh;
+        let iy = i32(oy * p.stride + ky) - i32(p.pad);
+        let row_ok = iy >= 0 && iy < i32(p.h);
+        let grow = (n * p.cout + co0) * plane + oy * p.ow;
+        let xrow = ((n * p.cin + ci) * p.h + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
+        for (var ox = 0u; ox < p.ow; ox++) {
+            let gi = min(vec4<u32>(grow + ox) + coff, vec4<u32>(glast));
+            let g = vec4<f32>(xa[gi.x], xa[gi.y], xa[gi.z], xa[gi.w]);
+            let gb = min(vec4<u32>(grow + ox) + coff, vec4<u32>(glast_b));
+            let g2 = select(vec4<f32>(0.0), vec4<f32>(xb[gb.x], xb[gb.y], xb[gb.z], xb[gb.w]), vec4<bool>(two));
+            let ix0 = i32(ox * p.stride) - i32(p.pad);
+            acc0 += g * tap_input(xrow, ix0 + 0, row_ok) + g2 * tap_input_b(xrow, ix0 + 0, row_ok, two);
+            if (p.k > 1u) {
+                acc1 += g * tap_input(xrow, ix0 + 1, row_ok) + g2 * tap_input_b(xrow, ix0 + 1, row_ok, two);
+                acc2 += g * tap_input(xrow, ix0 + 2, row_ok) + g2 * tap_input_b(xrow, ix0 + 2, row_ok, two);
+            }
+            if (p.k > 3u) {
+                acc3 += g * tap_input(xrow, ix0 + 3, row_ok) + g2 * tap_input_b(xrow, ix0 + 3, row_ok, two);
+                acc4 += g * tap_input(xrow, ix0 + 4, row_ok) + g2 * tap_input_b(xrow, ix0 + 4, row_ok, two);
+            }
+            if (p.k > 5u) {
+                acc5 += g * tap_input(xrow, ix0 + 5, row_ok) + g2 * tap_input_b(xrow, ix0 + 5, row_ok, two);
+                acc6 += g * tap_input(xrow, ix0 + 6, row_ok) + g2 * tap_input_b(xrow, ix0 + 6, row_ok, two);
+            }
+        }
+    }
+    var acc = array<vec4<f32>, 7>(acc0, acc1, acc2, acc3, acc4, acc5, acc6);
+    let kk = p.k * p.k;
+    let nw = p.cout * p.cin * kk;
+    for (var j = 0u; j < WCB; j++) {
+        let co = co0 + j;
+        if (co >= p.cout) { break; }
+        let base = chunk * nw + ((co * p.cin + ci) * p.k + ky) * p.k;
+        for (var kx = 0u; kx < p.k; kx++) {
+            out[base + kx] = acc[kx][j];
+        }
+    }
+}
+
+// out[wa_off + w] += Σ_chunk xa[chunk · W + w]: `xa` is the partials buffer.
+@compute @workgroup_size(256)
+fn conv_weight_sum(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let wi = flat_index(wid, nwg, lid);
+    let nw = p.cout * p.cin * p.k * p.k;
+    if (wi >= nw) { return; }
+    var s = 0.0;
+    for (var c = 0u; c < p._p1; c++) {
+        s += xa[c * nw + wi];
+    }
+    out[p.wa_off + wi] += s;
+}
