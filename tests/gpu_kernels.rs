@@ -301,6 +301,10 @@ fn conv_cases() -> Vec<conv::ConvGeom> {
         );
         out.push(conv_geom(n, din, 1, 1, dout, 1, 1, 0));
     }
+    // 3×3 stride 1 with rows of 4k columns (conv_backward_weight_k3s1):
+    // padded and not, a channel block overhanging cout.
+    out.push(conv_geom(3, 5, 6, 8, 6, 3, 1, 1));
+    out.push(conv_geom(2, 3, 7, 10, 4, 3, 1, 0));
     out.push(conv_geom(32, 4, 32, 32, 4, 3, 1, 1));
     out.push(conv_geom(16, 3, 32, 32, 5, 7, 2, 3));
     out
@@ -558,6 +562,29 @@ fn conv_kernels_match_the_reference() {
                         got[wl * chunks..].iter().all(|v| v.is_nan()),
                         "{tag}: wrote past the partials"
                     );
+                    // The 3×3 stride-1 kernel, where the engine would use it.
+                    if kernels::conv_weight_k3_applies(k, g.stride, ow) {
+                        let parts3 = poisoned(&ctx, "partials", wl * chunks + 3);
+                        run(
+                            &ctx,
+                            Kernel::ConvBackwardWeightK3,
+                            &p,
+                            &[a1, b1, a2, b2, &parts3],
+                            Grid::Groups(kernels::conv_weight_groups(cout, cin, k, chunks)),
+                        );
+                        let got3 = read(&ctx, &parts3);
+                        worst.check(
+                            "conv_backward_weight_k3s1",
+                            &format!("{tag} partials"),
+                            &got3[..wl * chunks],
+                            &want,
+                            TOL,
+                        );
+                        assert!(
+                            got3[wl * chunks..].iter().all(|v| v.is_nan()),
+                            "{tag}: the k3 kernel wrote past the partials"
+                        );
+                    }
 
                     // Stage two adds into a larger buffer at wa_off.
                     let out0 = rnd(&mut r, plen);

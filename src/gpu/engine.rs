@@ -462,19 +462,26 @@ impl Builder<'_> {
                     } else {
                         vec![gy, x, gy, x, parts]
                     };
+                    let d = conv_dims(node);
+                    let kernel = if kernels::conv_weight_k3_applies(
+                        d[5] as usize,
+                        d[6] as usize,
+                        d[9] as usize,
+                    ) {
+                        Kernel::ConvBackwardWeightK3
+                    } else {
+                        Kernel::ConvBackwardWeight
+                    };
                     self.push(
-                        Kernel::ConvBackwardWeight,
+                        kernel,
                         p,
                         bufs,
-                        Grid::Groups({
-                            let d = conv_dims(node);
-                            kernels::conv_weight_groups(
-                                d[4] as usize,
-                                d[1] as usize,
-                                d[5] as usize,
-                                chunks,
-                            )
-                        }),
+                        Grid::Groups(kernels::conv_weight_groups(
+                            d[4] as usize,
+                            d[1] as usize,
+                            d[5] as usize,
+                            chunks,
+                        )),
                     );
                     let d = self.dummy;
                     self.push(

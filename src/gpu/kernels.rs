@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 pub const CONV: &str = include_str!("../../shaders/conv.wgsl");
 pub const CONV_WEIGHT: &str = include_str!("../../shaders/conv_weight.wgsl");
+pub const CONV_WEIGHT_K3: &str = include_str!("../../shaders/conv_weight_k3.wgsl");
 pub const CONV_WEIGHTS_UNIFORM: &str = include_str!("../../shaders/conv_weights_uniform.wgsl");
 pub const REDUCE: &str = include_str!("../../shaders/reduce.wgsl");
 pub const ELEMENTWISE: &str = include_str!("../../shaders/elementwise.wgsl");
@@ -26,6 +27,9 @@ pub enum Kernel {
     ConvForwardWindowed,
     ConvBackwardDataWindowed,
     ConvBackwardWeight,
+    /// ConvBackwardWeight for 3×3, stride 1, output rows of a multiple of
+    /// 4 columns (`conv_weight_k3_applies`).
+    ConvBackwardWeightK3,
     ConvWeightSum,
     ChannelSums,
     SumAll,
@@ -80,12 +84,13 @@ pub fn conv_windowed_source() -> &'static str {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 23] = [
+    pub const ALL: [Kernel; 24] = [
         Kernel::ConvForward,
         Kernel::ConvBackwardData,
         Kernel::ConvForwardWindowed,
         Kernel::ConvBackwardDataWindowed,
         Kernel::ConvBackwardWeight,
+        Kernel::ConvBackwardWeightK3,
         Kernel::ConvWeightSum,
         Kernel::ChannelSums,
         Kernel::SumAll,
@@ -116,6 +121,7 @@ impl Kernel {
                 conv_windowed_source(),
             ),
             ConvBackwardWeight | ConvWeightSum => ("conv_weight.wgsl", CONV_WEIGHT),
+            ConvBackwardWeightK3 => ("conv_weight_k3.wgsl", CONV_WEIGHT_K3),
             ChannelSums | SumAll => ("reduce.wgsl", REDUCE),
             ReluMask | Add | Copy => ("elementwise.wgsl", ELEMENTWISE),
             BnStats | BnForward | BnRForward | BnBackward | BnRBackward => ("bn.wgsl", BN),
@@ -132,6 +138,7 @@ impl Kernel {
             ConvForward | ConvForwardWindowed => "conv_forward",
             ConvBackwardData | ConvBackwardDataWindowed => "conv_backward_data",
             ConvBackwardWeight => "conv_backward_weight",
+            ConvBackwardWeightK3 => "conv_backward_weight_k3s1",
             ConvWeightSum => "conv_weight_sum",
             ChannelSums => "channel_sums",
             SumAll => "sum_all",
@@ -157,7 +164,8 @@ impl Kernel {
     pub fn bindings(self) -> &'static [Binding] {
         use Kernel::*;
         match self {
-            ConvForward | ConvBackwardData | ConvBackwardWeight | ConvWeightSum => &[R, R, R, R, W],
+            ConvForward | ConvBackwardData | ConvBackwardWeight | ConvBackwardWeightK3
+            | ConvWeightSum => &[R, R, R, R, W],
             ConvForwardWindowed | ConvBackwardDataWindowed => &[R, U, R, U, W],
             ChannelSums | SumAll | ReluMask | Add | Copy => &[R, R, W],
             BnStats => &[R, W],
@@ -243,6 +251,11 @@ pub const CONV_WEIGHT_CB: usize = 4;
 /// CONV_WEIGHT_CB output channels, ci, ky).
 pub fn conv_weight_groups(cout: usize, cin: usize, k: usize, chunks: usize) -> usize {
     (chunks * cout.div_ceil(CONV_WEIGHT_CB) * cin * k).div_ceil(WORKGROUP)
+}
+
+/// Whether ConvBackwardWeightK3 computes this layer's weight gradient.
+pub fn conv_weight_k3_applies(k: usize, stride: usize, ow: usize) -> bool {
+    k == 3 && stride == 1 && ow % 4 == 0
 }
 
 /// Largest weight-gradient partials buffer, in floats (64 MiB).
