@@ -63,8 +63,86 @@ fn split_launch(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, cblocks: u32) -> vec2<
     return vec2<u32>(g % cblocks, (g / cblocks) * WG + lid);
 }
 
+// A block's accumulators: CB = 8 channels × XB = 4 columns, as fields (not
+// an array, so that nothing is indexed at run time).
+struct Acc8 {
+    c0: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>,
+    c4: vec4<f32>, c5: vec4<f32>, c6: vec4<f32>, c7: vec4<f32>,
+}
+
+// acc + Σ_j (W_a[j] · x + W_b[j] · y) for the block's channels c0 + j,
+// whose weights are at ia + j·stride in `wa` and ib + j·stride in `wb`.
+fn taps8(acc: Acc8, c0: u32, climit: u32, ia: u32, ib: u32, stride: u32,
+         x: vec4<f32>, y: vec4<f32>) -> Acc8 {
+    var r = acc;
+    r.c0 += weight_a(c0 + 0u, climit, ia + 0u * stride) * x + weight_b(c0 + 0u, climit, ib + 0u * stride) * y;
+    r.c1 += weight_a(c0 + 1u, climit, ia + 1u * stride) * x + weight_b(c0 + 1u, climit, ib + 1u * stride) * y;
+    r.c2 += weight_a(c0 + 2u, climit, ia + 2u * stride) * x + weight_b(c0 + 2u, climit, ib + 2u * stride) * y;
+    r.c3 += weight_a(c0 + 3u, climit, ia + 3u * stride) * x + weight_b(c0 + 3u, climit, ib + 3u * stride) * y;
+    r.c4 += weight_a(c0 + 4u, climit, ia + 4u * stride) * x + weight_b(c0 + 4u, climit, ib + 4u * stride) * y;
+    r.c5 += weight_a(c0 + 5u, climit, ia + 5u * stride) * x + weight_b(c0 + 5u, climit, ib + 5u * stride) * y;
+    r.c6 += weight_a(c0 + 6u, climit, ia + 6u * stride) * x + weight_b(c0 + 6u, climit, ib + 6u * stride) * y;
+    r.c7 += weight_a(c0 + 7u, climit, ia + 7u * stride) * x + weight_b(c0 + 7u, climit, ib + 7u * stride) * y;
+    return r;
+}
+
+fn channel(a: Acc8, j: u32) -> vec4<f32> {
+    switch j {
+        case 0u: { return a.c0; }
+        case 1u: { return a.c1; }
+        case 2u: { return a.c2; }
+        case 3u: { return a.c3; }
+        case 4u: { return a.c4; }
+        case 5u: { return a.c5; }
+        case 6u: { return a.c6; }
+        default: { return a.c7; }
+    }
+}
+
+// 4 values of a row at columns ix (masked to 0 outside [0, w) or where
+// `ok` is false), from `xa` and from `xb`.
+fn row4_a(xrow: u32, ix: vec4<i32>, ok: vec4<bool>) -> vec4<f32> {
+    let m = ok & ix >= vec4<i32>(0) & ix < vec4<i32>(i32(p.w));
+    let i = min(vec4<u32>(xrow) + vec4<u32>(clamp(ix, vec4<i32>(0), vec4<i32>(i32(p.w) - 1))),
+                vec4<u32>(arrayLength(&xa) - 1u));
+    return select(vec4<f32>(0.0), vec4<f32>(xa[i.x], xa[i.y], xa[i.z], xa[i.w]), m);
+}
+fn row4_b(xrow: u32, ix: vec4<i32>, ok: vec4<bool>) -> vec4<f32> {
+    let m = ok & ix >= vec4<i32>(0) & ix < vec4<i32>(i32(p.w));
+    let i = min(vec4<u32>(xrow) + vec4<u32>(clamp(ix, vec4<i32>(0), vec4<i32>(i32(p.w) - 1))),
+                vec4<u32>(arrayLength(&xb) - 1u));
+    return select(vec4<f32>(0.0), vec4<f32>(xb[i.x], xb[i.y], xb[i.z], xb[i.w]), m);
+}
+
+// out[n, c0 + j, y, x0 + i] (+ bias[c0 + j]) for the block's channels and
+// columns inside the layer; with ACC added to what is there.
+fn store8(a: Acc8, n: u32, c0: u32, cs: u32, hh: u32, ww: u32, y: u32, x0: u32, xstep: u32, bias: bool) {
+    let plane = hh * ww;
+    for (var j = 0u; j < CB; j++) {
+        let c = c0 + j;
+        if (c >= cs) { break; }
+        var b = 0.0;
+        if (bias) {
+            b = bias_b(p.bias_off + c);
+        }
+        let v = channel(a, j);
+        for (var i = 0u; i < XB; i++) {
+            let x = x0 + i * xstep;
+            if (x >= ww) { break; }
+            let o = (n * cs + c) * plane + y * ww + x;
+            var r = v[i] + b;
+            if ((p.flags & ACC) != 0u) {
+                r += out[o];
+            }
+            out[o] = r;
+        }
+    }
+}
+
 // y[n, co, oy, ox] = Σ_{ci, ky, kx} W[co, ci, ky, kx] · x[n, ci, oy·s + ky − pad, ox·s + kx − pad]
-// One thread: channels co0..co0+CB of row oy, columns ox0..ox0+XB.
+// (+ the second pair, + bias). One thread: channels co0..co0+CB of row oy,
+// columns ox0..ox0+XB. The second pair is read either way and zeroed when
+// absent: a branch costs llvmpipe more than the loads it would skip.
 @compute @workgroup_size(256)
 fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
@@ -73,80 +151,70 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let at = split_launch(wid, nwg, lid, cblocks);
     let xblocks = (p.ow + XB - 1u) / XB;
     if (at.y >= p.n * p.oh * xblocks) { return; }
-    let xb_ = at.y % xblocks;
+    let ox0 = (at.y % xblocks) * XB;
     let oy = (at.y / xblocks) % p.oh;
     let n = at.y / (xblocks * p.oh);
     let co0 = at.x * CB;
-    let ox0 = xb_ * XB;
     let kk = p.k * p.k;
     let wstride = p.cin * kk;
     let pair = vec4<bool>((p.flags & PAIR_B) != 0u);
-    let xlast = arrayLength(&xa) - 1u;
-    let xlast_b = arrayLength(&xb) - 1u;
-    let cols_ok = vec4<u32>(ox0) + COLS < vec4<u32>(p.ow);
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-    var acc4 = vec4<f32>(0.0);
-    var acc5 = vec4<f32>(0.0);
-    var acc6 = vec4<f32>(0.0);
-    var acc7 = vec4<f32>(0.0);
+    var acc: Acc8;
     for (var ci = 0u; ci < p.cin; ci++) {
         let xbase = (n * p.cin + ci) * p.h * p.w;
         for (var ky = 0u; ky < p.k; ky++) {
             let iy = i32(oy * p.stride + ky) - i32(p.pad);
-            let row_ok = iy >= 0 && iy < i32(p.h);
+            let row_ok = vec4<bool>(iy >= 0 && iy < i32(p.h));
             let xrow = xbase + u32(clamp(iy, 0, i32(p.h) - 1)) * p.w;
             for (var kx = 0u; kx < p.k; kx++) {
                 let ix = vec4<i32>(COLS * p.stride + vec4<u32>(ox0 * p.stride + kx)) - vec4<i32>(i32(p.pad));
-                let ok = vec4<bool>(row_ok) & ix >= vec4<i32>(0) & ix < vec4<i32>(i32(p.w)) & cols_ok;
-                let xi = vec4<u32>(xrow) + vec4<u32>(clamp(ix, vec4<i32>(0), vec4<i32>(i32(p.w) - 1)));
-                let xv = select(vec4<f32>(0.0), vec4<f32>(xa[min(xi.x, xlast)], xa[min(xi.y, xlast)],
-                                                           xa[min(xi.z, xlast)], xa[min(xi.w, xlast)]), ok);
-                // The second pair is read either way and zeroed when absent:
-                // a branch costs llvmpipe more than the loads it would skip.
-                let xv2 = select(vec4<f32>(0.0), vec4<f32>(xb[min(xi.x, xlast_b)], xb[min(xi.y, xlast_b)],
-                                                            xb[min(xi.z, xlast_b)], xb[min(xi.w, xlast_b)]), ok & pair);
                 let tap = (co0 * p.cin + ci) * kk + ky * p.k + kx;
-                acc0 += weight_a(co0 + 0u, p.cout, p.wa_off + tap + 0u * wstride) * xv
-                    + weight_b(co0 + 0u, p.cout, p.wb_off + tap + 0u * wstride) * xv2;
-                acc1 += weight_a(co0 + 1u, p.cout, p.wa_off + tap + 1u * wstride) * xv
-                    + weight_b(co0 + 1u, p.cout, p.wb_off + tap + 1u * wstride) * xv2;
-                acc2 += weight_a(co0 + 2u, p.cout, p.wa_off + tap + 2u * wstride) * xv
-                    + weight_b(co0 + 2u, p.cout, p.wb_off + tap + 2u * wstride) * xv2;
-                acc3 += weight_a(co0 + 3u, p.cout, p.wa_off + tap + 3u * wstride) * xv
-                    + weight_b(co0 + 3u, p.cout, p.wb_off + tap + 3u * wstride) * xv2;
-                acc4 += weight_a(co0 + 4u, p.cout, p.wa_off + tap + 4u * wstride) * xv
-                    + weight_b(co0 + 4u, p.cout, p.wb_off + tap + 4u * wstride) * xv2;
-                acc5 += weight_a(co0 + 5u, p.cout, p.wa_off + tap + 5u * wstride) * xv
-                    + weight_b(co0 + 5u, p.cout, p.wb_off + tap + 5u * wstride) * xv2;
-                acc6 += weight_a(co0 + 6u, p.cout, p.wa_off + tap + 6u * wstride) * xv
-                    + weight_b(co0 + 6u, p.cout, p.wb_off + tap + 6u * wstride) * xv2;
-                acc7 += weight_a(co0 + 7u, p.cout, p.wa_off + tap + 7u * wstride) * xv
-                    + weight_b(co0 + 7u, p.cout, p.wb_off + tap + 7u * wstride) * xv2;
+                acc = taps8(acc, co0, p.cout, p.wa_off + tap, p.wb_off + tap, wstride,
+                            row4_a(xrow, ix, row_ok), row4_b(xrow, ix, row_ok & pair));
             }
         }
     }
-    var acc = array<vec4<f32>, 8>(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7);
-    let plane = p.oh * p.ow;
-    for (var j = 0u; j < CB; j++) {
-        let co = co0 + j;
-        if (co >= p.cout) { break; }
-        var bias = 0.0;
-        if ((p.flags & BIAS) != 0u) {
-            bias = bias_b(p.bias_off + co);
-        }
-        for (var i = 0u; i < XB; i++) {
-            if (ox0 + i >= p.ow) { break; }
-            let o = (n * p.cout + co) * plane + oy * p.ow + ox0 + i;
-            var r = acc[j][i] + bias;
-            if ((p.flags & ACC) != 0u) {
-                r += out[o];
-            }
-            out[o] = r;
+    store8(acc, n, co0, p.cout, p.oh, p.ow, oy, ox0, 1u, (p.flags & BIAS) != 0u);
+}
+
+// conv_forward for 3×3 taps at stride 1: the 6 inputs under a thread's 4
+// columns are loaded once per row and shared by the 3 taps kx (a sliding
+// window), half the loads of the general kernel.
+@compute @workgroup_size(256)
+fn conv_forward_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let cblocks = (p.cout + CB - 1u) / CB;
+    let at = split_launch(wid, nwg, lid, cblocks);
+    let xblocks = (p.ow + XB - 1u) / XB;
+    if (at.y >= p.n * p.oh * xblocks) { return; }
+    let ox0 = (at.y % xblocks) * XB;
+    let oy = (at.y / xblocks) % p.oh;
+    let n = at.y / (xblocks * p.oh);
+    let co0 = at.x * CB;
+    let wstride = p.cin * 9u;
+    let pair = vec4<bool>((p.flags & PAIR_B) != 0u);
+    let lo = vec4<i32>(COLS) + vec4<i32>(i32(ox0) - i32(p.pad));
+    var acc: Acc8;
+    for (var ci = 0u; ci < p.cin; ci++) {
+        let xbase = (n * p.cin + ci) * p.h * p.w;
+        for (var ky = 0u; ky < 3u; ky++) {
+            let iy = i32(oy + ky) - i32(p.pad);
+            let row_ok = vec4<bool>(iy >= 0 && iy < i32(p.h));
+            let xrow = xbase + u32(clamp(iy, 0, i32(p.h) - 1)) * p.w;
+            // Columns ox0 − pad + 0..3 and + 4..5 (the window's last two).
+            let a = row4_a(xrow, lo, row_ok);
+            let a2 = row4_a(xrow, lo + vec4<i32>(4), row_ok);
+            let b = row4_b(xrow, lo, row_ok & pair);
+            let b2 = row4_b(xrow, lo + vec4<i32>(4), row_ok & pair);
+            let tap = (co0 * p.cin + ci) * 9u + ky * 3u;
+            acc = taps8(acc, co0, p.cout, p.wa_off + tap, p.wb_off + tap, wstride, a, b);
+            acc = taps8(acc, co0, p.cout, p.wa_off + tap + 1u, p.wb_off + tap + 1u, wstride,
+                        vec4<f32>(a.yzw, a2.x), vec4<f32>(b.yzw, b2.x));
+            acc = taps8(acc, co0, p.cout, p.wa_off + tap + 2u, p.wb_off + tap + 2u, wstride,
+                        vec4<f32>(a.zw, a2.xy), vec4<f32>(b.zw, b2.xy));
         }
     }
+    store8(acc, n, co0, p.cout, p.oh, p.ow, oy, ox0, 1u, (p.flags & BIAS) != 0u);
 }
 
 // gx[n, ci, iy, ix] = Σ_{co, ky, kx} W[co, ci, ky, kx] · gy[n, co, oy, ox]
@@ -174,72 +242,89 @@ fn conv_backward_data(@builtin(workgroup_id) wid: vec3<u32>,
     let iy = phase / s + r * s;
     let ci0 = at.x * CB;
     // The thread's columns: ix = px + s·(xb_·XB + j), j < XB.
-    let ix = vec4<u32>(px + s * xb_ * XB) + COLS * s;
+    let ix0 = px + s * xb_ * XB;
+    let ix = vec4<u32>(ix0) + COLS * s;
     let kk = p.k * p.k;
     let pair = vec4<bool>((p.flags & PAIR_B) != 0u);
-    let glast = arrayLength(&xa) - 1u;
-    let glast_b = arrayLength(&xb) - 1u;
     let cols_ok = ix < vec4<u32>(p.w) & vec4<bool>(iy < p.h);
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-    var acc4 = vec4<f32>(0.0);
-    var acc5 = vec4<f32>(0.0);
-    var acc6 = vec4<f32>(0.0);
-    var acc7 = vec4<f32>(0.0);
+    var acc: Acc8;
     for (var ky = (iy + p.pad) % s; ky < p.k; ky += s) {
         let ty = i32(iy + p.pad) - i32(ky);
         let oy = u32(max(ty, 0)) / s;
-        let row_ok = ty >= 0 && oy < p.oh;
+        let row_ok = cols_ok & vec4<bool>(ty >= 0 && oy < p.oh);
         let oyc = min(oy, p.oh - 1u);
         for (var kx = (px + p.pad) % s; kx < p.k; kx += s) {
-            // Which of the XB columns this tap reaches, and from which output.
+            // The outputs each column's tap comes from: ox = (ix + pad − kx) / s,
+            // exact by the phase; row4 masks those outside [0, ow).
             let tx = vec4<i32>(ix + vec4<u32>(p.pad)) - vec4<i32>(i32(kx));
-            let o = vec4<u32>(max(tx, vec4<i32>(0))) / vec4<u32>(s);
-            let ok = vec4<bool>(row_ok) & tx >= vec4<i32>(0) & o < vec4<u32>(p.ow) & cols_ok;
-            let ox = min(o, vec4<u32>(p.ow - 1u));
+            let ox = select(vec4<i32>(-1), tx / vec4<i32>(i32(s)), tx >= vec4<i32>(0));
+            let ok = row_ok & ox >= vec4<i32>(0) & ox < vec4<i32>(i32(p.ow));
             let tap = ky * p.k + kx;
             for (var co = 0u; co < p.cout; co++) {
-                let gi = vec4<u32>(((n * p.cout + co) * p.oh + oyc) * p.ow) + ox;
-                let g = select(vec4<f32>(0.0), vec4<f32>(xa[min(gi.x, glast)], xa[min(gi.y, glast)],
-                                                        xa[min(gi.z, glast)], xa[min(gi.w, glast)]), ok);
-                let g2 = select(vec4<f32>(0.0), vec4<f32>(xb[min(gi.x, glast_b)], xb[min(gi.y, glast_b)],
-                                                         xb[min(gi.z, glast_b)], xb[min(gi.w, glast_b)]), ok & pair);
+                let grow = ((n * p.cout + co) * p.oh + oyc) * p.ow;
                 let wbase = (co * p.cin + ci0) * kk + tap;
-                acc0 += weight_a(ci0 + 0u, p.cin, p.wa_off + wbase + 0u * kk) * g
-                    + weight_b(ci0 + 0u, p.cin, p.wb_off + wbase + 0u * kk) * g2;
-                acc1 += weight_a(ci0 + 1u, p.cin, p.wa_off + wbase + 1u * kk) * g
-                    + weight_b(ci0 + 1u, p.cin, p.wb_off + wbase + 1u * kk) * g2;
-                acc2 += weight_a(ci0 + 2u, p.cin, p.wa_off + wbase + 2u * kk) * g
-                    + weight_b(ci0 + 2u, p.cin, p.wb_off + wbase + 2u * kk) * g2;
-                acc3 += weight_a(ci0 + 3u, p.cin, p.wa_off + wbase + 3u * kk) * g
-                    + weight_b(ci0 + 3u, p.cin, p.wb_off + wbase + 3u * kk) * g2;
-                acc4 += weight_a(ci0 + 4u, p.cin, p.wa_off + wbase + 4u * kk) * g
-                    + weight_b(ci0 + 4u, p.cin, p.wb_off + wbase + 4u * kk) * g2;
-                acc5 += weight_a(ci0 + 5u, p.cin, p.wa_off + wbase + 5u * kk) * g
-                    + weight_b(ci0 + 5u, p.cin, p.wb_off + wbase + 5u * kk) * g2;
-                acc6 += weight_a(ci0 + 6u, p.cin, p.wa_off + wbase + 6u * kk) * g
-                    + weight_b(ci0 + 6u, p.cin, p.wb_off + wbase + 6u * kk) * g2;
-                acc7 += weight_a(ci0 + 7u, p.cin, p.wa_off + wbase + 7u * kk) * g
-                    + weight_b(ci0 + 7u, p.cin, p.wb_off + wbase + 7u * kk) * g2;
+                acc = taps8(acc, ci0, p.cin, p.wa_off + wbase, p.wb_off + wbase, kk,
+                            gy4_a(grow, ox, ok), gy4_b(grow, ox, ok & pair));
             }
         }
     }
-    var acc = array<vec4<f32>, 8>(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7);
-    let plane = p.h * p.w;
     if (iy >= p.h) { return; }
-    for (var j = 0u; j < CB; j++) {
-        let ci = ci0 + j;
-        if (ci >= p.cin) { break; }
-        for (var i = 0u; i < XB; i++) {
-            if (ix[i] >= p.w) { break; }
-            let o = (n * p.cin + ci) * plane + iy * p.w + ix[i];
-            var r = acc[j][i];
-            if ((p.flags & ACC) != 0u) {
-                r += out[o];
-            }
-            out[o] = r;
+    store8(acc, n, ci0, p.cin, p.h, p.w, iy, ix0, s, false);
+}
+
+// 4 adjoints of an output row at columns ox (masked where `ok` is false).
+// Output rows are ow wide, not w: row4_a/b check against w.
+fn gy4_a(grow: u32, ox: vec4<i32>, ok: vec4<bool>) -> vec4<f32> {
+    let i = min(vec4<u32>(grow) + vec4<u32>(clamp(ox, vec4<i32>(0), vec4<i32>(i32(p.ow) - 1))),
+                vec4<u32>(arrayLength(&xa) - 1u));
+    return select(vec4<f32>(0.0), vec4<f32>(xa[i.x], xa[i.y], xa[i.z], xa[i.w]), ok);
+}
+fn gy4_b(grow: u32, ox: vec4<i32>, ok: vec4<bool>) -> vec4<f32> {
+    let i = min(vec4<u32>(grow) + vec4<u32>(clamp(ox, vec4<i32>(0), vec4<i32>(i32(p.ow) - 1))),
+                vec4<u32>(arrayLength(&xb) - 1u));
+    return select(vec4<f32>(0.0), vec4<f32>(xb[i.x], xb[i.y], xb[i.z], xb[i.w]), ok);
+}
+
+// conv_backward_data for 3×3 taps at stride 1: column ix takes tap kx
+// from output ix + pad − kx, so a thread's 4 columns need the 6 outputs
+// ix0 + pad − 2 .. ix0 + pad + 3 of each row, loaded once for the 3 taps.
+@compute @workgroup_size(256)
+fn conv_backward_data_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
+                           @builtin(num_workgroups) nwg: vec3<u32>,
+                           @builtin(local_invocation_index) lid: u32) {
+    let cblocks = (p.cin + CB - 1u) / CB;
+    let at = split_launch(wid, nwg, lid, cblocks);
+    let xblocks = (p.w + XB - 1u) / XB;
+    if (at.y >= p.n * p.h * xblocks) { return; }
+    let ix0 = (at.y % xblocks) * XB;
+    let iy = (at.y / xblocks) % p.h;
+    let n = at.y / (xblocks * p.h);
+    let ci0 = at.x * CB;
+    let pair = vec4<bool>((p.flags & PAIR_B) != 0u);
+    // Outputs ix0 + pad − 2 + 0..3 and + 4..5.
+    let lo = vec4<i32>(COLS) + vec4<i32>(i32(ix0 + p.pad) - 2);
+    let hi = lo + vec4<i32>(4);
+    let ow = vec4<i32>(i32(p.ow));
+    var acc: Acc8;
+    for (var co = 0u; co < p.cout; co++) {
+        for (var ky = 0u; ky < 3u; ky++) {
+            let oy = i32(iy + p.pad) - i32(ky);
+            let row_ok = vec4<bool>(oy >= 0 && oy < i32(p.oh));
+            let grow = ((n * p.cout + co) * p.oh + u32(clamp(oy, 0, i32(p.oh) - 1))) * p.ow;
+            let ok_lo = row_ok & lo >= vec4<i32>(0) & lo < ow;
+            let ok_hi = row_ok & hi >= vec4<i32>(0) & hi < ow;
+            let g = gy4_a(grow, lo, ok_lo);
+            let g2 = gy4_a(grow, hi, ok_hi);
+            let h = gy4_b(grow, lo, ok_lo & pair);
+            let h2 = gy4_b(grow, hi, ok_hi & pair);
+            let wbase = (co * p.cin + ci0) * 9u + ky * 3u;
+            // Tap kx for column j is output j + 2 − kx of the window.
+            acc = taps8(acc, ci0, p.cin, p.wa_off + wbase, p.wb_off + wbase, 9u,
+                        vec4<f32>(g.zw, g2.xy), vec4<f32>(h.zw, h2.xy));
+            acc = taps8(acc, ci0, p.cin, p.wa_off + wbase + 1u, p.wb_off + wbase + 1u, 9u,
+                        vec4<f32>(g.yzw, g2.x), vec4<f32>(h.yzw, h2.x));
+            acc = taps8(acc, ci0, p.cin, p.wa_off + wbase + 2u, p.wb_off + wbase + 2u, 9u, g, h);
         }
     }
+    store8(acc, n, ci0, p.cin, p.h, p.w, iy, ix0, 1u, false);
 }

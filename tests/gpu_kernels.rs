@@ -347,6 +347,8 @@ fn conv_kernels_match_the_reference() {
                 rnd(&mut r, yl),
             );
             let (tb, vb) = (upload(&ctx, "θ", &theta), upload(&ctx, "v", &v));
+            // The 3×3 stride-1 kernels run on the general kernels' grids.
+            let k3 = kernels::conv_k3s1_applies(k, g.stride);
             // The windowed kernels read a WINDOW_FLOATS window from offset
             // 0: θ and v continued by random values that a channel block
             // overhanging cout must not pick up.
@@ -415,7 +417,7 @@ fn conv_kernels_match_the_reference() {
                     fl |= flags::CONV_ACC;
                 }
                 let y0 = rnd(&mut r, yl);
-                for (kernel, name, tw, vw) in [
+                let mut variants = vec![
                     (Kernel::ConvForward, "conv_forward", &tb, &vb),
                     (
                         Kernel::ConvForwardWindowed,
@@ -423,7 +425,17 @@ fn conv_kernels_match_the_reference() {
                         &tbw,
                         &vbw,
                     ),
-                ] {
+                ];
+                if k3 {
+                    variants.push((Kernel::ConvForwardK3, "conv_forward_k3s1", &tb, &vb));
+                    variants.push((
+                        Kernel::ConvForwardK3Windowed,
+                        "conv_forward_k3s1_windowed",
+                        &tbw,
+                        &vbw,
+                    ));
+                }
+                for (kernel, name, tw, vw) in variants {
                     let y = if acc {
                         upload(&ctx, "y", &y0)
                     } else {
@@ -469,7 +481,7 @@ fn conv_kernels_match_the_reference() {
                 } else {
                     conv::backward_data_acc(g, &gy, wt, &mut want);
                 }
-                for (kernel, name, tw, vw) in [
+                let mut variants = vec![
                     (Kernel::ConvBackwardData, "conv_backward_data", &tb, &vb),
                     (
                         Kernel::ConvBackwardDataWindowed,
@@ -477,7 +489,22 @@ fn conv_kernels_match_the_reference() {
                         &tbw,
                         &vbw,
                     ),
-                ] {
+                ];
+                if k3 {
+                    variants.push((
+                        Kernel::ConvBackwardDataK3,
+                        "conv_backward_data_k3s1",
+                        &tb,
+                        &vb,
+                    ));
+                    variants.push((
+                        Kernel::ConvBackwardDataK3Windowed,
+                        "conv_backward_data_k3s1_windowed",
+                        &tbw,
+                        &vbw,
+                    ));
+                }
+                for (kernel, name, tw, vw) in variants {
                     let gx = if acc {
                         upload(&ctx, "gx", &gx0)
                     } else {

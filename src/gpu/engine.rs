@@ -169,9 +169,15 @@ impl Builder<'_> {
     /// weights (and bias) through one uniform window of θ/v where they fit
     /// in it: the offsets in `p` become relative to the window.
     fn push_conv(&mut self, kernel: Kernel, mut p: [u32; 16], buffers: Vec<usize>, grid: Grid) {
-        let windowed = match kernel {
-            Kernel::ConvForward => Kernel::ConvForwardWindowed,
-            Kernel::ConvBackwardData => Kernel::ConvBackwardDataWindowed,
+        let k3 = kernels::conv_k3s1_applies(p[5] as usize, p[6] as usize);
+        let (kernel, windowed) = match (kernel, k3) {
+            (Kernel::ConvForward, false) => (kernel, Kernel::ConvForwardWindowed),
+            (Kernel::ConvForward, true) => (Kernel::ConvForwardK3, Kernel::ConvForwardK3Windowed),
+            (Kernel::ConvBackwardData, false) => (kernel, Kernel::ConvBackwardDataWindowed),
+            (Kernel::ConvBackwardData, true) => (
+                Kernel::ConvBackwardDataK3,
+                Kernel::ConvBackwardDataK3Windowed,
+            ),
             _ => unreachable!("push_conv with {kernel:?}"),
         };
         let Some(align) = self.window_alignment else {
@@ -181,7 +187,8 @@ impl Builder<'_> {
         let (woff, boff) = (p[10] as usize, p[13] as usize);
         let mut lo = woff;
         let mut hi = woff + weights;
-        let bias = kernel == Kernel::ConvForward && p[12] & flags::CONV_BIAS != 0;
+        let bias = matches!(kernel, Kernel::ConvForward | Kernel::ConvForwardK3)
+            && p[12] & flags::CONV_BIAS != 0;
         if bias {
             lo = lo.min(boff);
             hi = hi.max(boff + p[4] as usize);

@@ -26,6 +26,11 @@ pub enum Kernel {
     /// windows (`WINDOW_FLOATS` of θ and v from a step's window offset).
     ConvForwardWindowed,
     ConvBackwardDataWindowed,
+    /// The four above for 3×3 taps at stride 1 (`conv_k3s1_applies`).
+    ConvForwardK3,
+    ConvBackwardDataK3,
+    ConvForwardK3Windowed,
+    ConvBackwardDataK3Windowed,
     ConvBackwardWeight,
     /// ConvBackwardWeight for 3×3, stride 1, output rows of a multiple of
     /// 4 columns (`conv_weight_k3_applies`).
@@ -84,11 +89,15 @@ pub fn conv_windowed_source() -> &'static str {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 24] = [
+    pub const ALL: [Kernel; 28] = [
         Kernel::ConvForward,
         Kernel::ConvBackwardData,
         Kernel::ConvForwardWindowed,
         Kernel::ConvBackwardDataWindowed,
+        Kernel::ConvForwardK3,
+        Kernel::ConvBackwardDataK3,
+        Kernel::ConvForwardK3Windowed,
+        Kernel::ConvBackwardDataK3Windowed,
         Kernel::ConvBackwardWeight,
         Kernel::ConvBackwardWeightK3,
         Kernel::ConvWeightSum,
@@ -115,8 +124,13 @@ impl Kernel {
     pub fn source(self) -> (&'static str, &'static str) {
         use Kernel::*;
         match self {
-            ConvForward | ConvBackwardData => ("conv.wgsl", CONV),
-            ConvForwardWindowed | ConvBackwardDataWindowed => (
+            ConvForward | ConvBackwardData | ConvForwardK3 | ConvBackwardDataK3 => {
+                ("conv.wgsl", CONV)
+            }
+            ConvForwardWindowed
+            | ConvBackwardDataWindowed
+            | ConvForwardK3Windowed
+            | ConvBackwardDataK3Windowed => (
                 "conv.wgsl+conv_weights_uniform.wgsl",
                 conv_windowed_source(),
             ),
@@ -137,6 +151,8 @@ impl Kernel {
         match self {
             ConvForward | ConvForwardWindowed => "conv_forward",
             ConvBackwardData | ConvBackwardDataWindowed => "conv_backward_data",
+            ConvForwardK3 | ConvForwardK3Windowed => "conv_forward_k3s1",
+            ConvBackwardDataK3 | ConvBackwardDataK3Windowed => "conv_backward_data_k3s1",
             ConvBackwardWeight => "conv_backward_weight",
             ConvBackwardWeightK3 => "conv_backward_weight_k3s1",
             ConvWeightSum => "conv_weight_sum",
@@ -164,9 +180,12 @@ impl Kernel {
     pub fn bindings(self) -> &'static [Binding] {
         use Kernel::*;
         match self {
-            ConvForward | ConvBackwardData | ConvBackwardWeight | ConvBackwardWeightK3
-            | ConvWeightSum => &[R, R, R, R, W],
-            ConvForwardWindowed | ConvBackwardDataWindowed => &[R, U, R, U, W],
+            ConvForward | ConvBackwardData | ConvForwardK3 | ConvBackwardDataK3
+            | ConvBackwardWeight | ConvBackwardWeightK3 | ConvWeightSum => &[R, R, R, R, W],
+            ConvForwardWindowed
+            | ConvBackwardDataWindowed
+            | ConvForwardK3Windowed
+            | ConvBackwardDataK3Windowed => &[R, U, R, U, W],
             ChannelSums | SumAll | ReluMask | Add | Copy => &[R, R, W],
             BnStats => &[R, W],
             BnForward => &[R, R, R, W, W],
@@ -237,7 +256,8 @@ pub fn conv_forward_threads(n: usize, cout: usize, oh: usize, ow: usize) -> usiz
 }
 
 /// Threads of conv_backward_data: per ci block, one per (n, phase
-/// (iy mod s, ix mod s), row of the phase, block of XB phase columns).
+/// (iy mod s, ix mod s), row of the phase, block of XB phase columns);
+/// at stride 1 the same as conv_backward_data_k3s1's (n, iy, ix block).
 pub fn conv_backward_data_threads(n: usize, cin: usize, h: usize, w: usize, s: usize) -> usize {
     let s = s.max(1);
     let spatial = n * s * s * h.div_ceil(s) * w.div_ceil(s).div_ceil(CONV_XB);
@@ -251,6 +271,12 @@ pub const CONV_WEIGHT_CB: usize = 4;
 /// CONV_WEIGHT_CB output channels, ci, ky).
 pub fn conv_weight_groups(cout: usize, cin: usize, k: usize, chunks: usize) -> usize {
     (chunks * cout.div_ceil(CONV_WEIGHT_CB) * cin * k).div_ceil(WORKGROUP)
+}
+
+/// Whether the k3s1 forward and backward-data kernels apply (3×3 taps,
+/// stride 1); their grids are the general kernels'.
+pub fn conv_k3s1_applies(k: usize, stride: usize) -> bool {
+    k == 3 && stride == 1
 }
 
 /// Whether ConvBackwardWeightK3 computes this layer's weight gradient.
