@@ -22,8 +22,17 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid;
 }
 
-fn channel_of(i: u32) -> u32 {
-    return (i / p.hw) % p.c;
+// The per-element kernels give a thread up to 4 consecutive elements of one
+// (sample, channel) plane, so that the channel's statistics and parameters
+// are loaded once per 4 elements: llvmpipe (what CI runs) pays per load.
+// Returns (first element, elements, channel), or elements = 0 past the end.
+fn quad(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec3<u32> {
+    let g = flat_index(wid, nwg, lid);
+    let hw4 = (p.hw + 3u) / 4u;
+    if (g >= p.n * p.c * hw4) { return vec3<u32>(0u); }
+    let plane = g / hw4;
+    let j0 = (g % hw4) * 4u;
+    return vec3<u32>(plane * p.hw + j0, min(4u, p.hw - j0), plane % p.c);
 }
 
 fn count() -> f32 {
@@ -93,12 +102,17 @@ fn bn_stats(@builtin(workgroup_id) wid: vec3<u32>,
 fn bn_forward(@builtin(workgroup_id) wid: vec3<u32>,
               @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
-    let i = flat_index(wid, nwg, lid);
-    if (i >= p.n * p.c * p.hw) { return; }
-    let ch = channel_of(i);
-    let xh = (f_x[i] - f_stats[ch]) * f_stats[p.c + ch];
-    f_xhat[i] = xh;
-    f_y[i] = f_theta[p.gamma_off + ch] * xh + f_theta[p.beta_off + ch];
+    let q = quad(wid, nwg, lid);
+    let ch = q.z;
+    let mean = f_stats[ch];
+    let s = f_stats[p.c + ch];
+    let gamma = f_theta[p.gamma_off + ch];
+    let beta = f_theta[p.beta_off + ch];
+    for (var i = q.x; i < q.x + q.y; i++) {
+        let xh = (f_x[i] - mean) * s;
+        f_xhat[i] = xh;
+        f_y[i] = gamma * xh + beta;
+    }
 }
 
 // ---- R-forward: x̂̇ and ẏ = γ̇x̂ + γx̂̇ + β̇.
@@ -114,19 +128,23 @@ fn bn_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn bn_r_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
-    let i = flat_index(wid, nwg, lid);
-    if (i >= p.n * p.c * p.hw) { return; }
-    let ch = channel_of(i);
+    let q = quad(wid, nwg, lid);
+    let ch = q.z;
     let s = rf_stats[p.c + ch];
-    let xh = rf_xhat[i];
-    var xhd = s * rf_dx[i];
-    if ((p.flags & BATCH) != 0u) {
-        let m = count();
-        xhd = s * (rf_dx[i] - rf_stats[2u * p.c + ch] / m - xh * rf_stats[3u * p.c + ch] / m);
+    // Batch mode: x̂̇ = s·(ẋ − Σẋ/m − x̂·Σx̂ẋ/m); running mode: s·ẋ.
+    let batch = (p.flags & BATCH) != 0u;
+    let m = count();
+    let mean_dx = select(0.0, rf_stats[2u * p.c + ch] / m, batch);
+    let mean_xdx = select(0.0, rf_stats[3u * p.c + ch] / m, batch);
+    let dgamma = rf_v[p.gamma_off + ch];
+    let gamma = rf_theta[p.gamma_off + ch];
+    let dbeta = rf_v[p.beta_off + ch];
+    for (var i = q.x; i < q.x + q.y; i++) {
+        let xh = rf_xhat[i];
+        let xhd = s * (rf_dx[i] - mean_dx - xh * mean_xdx);
+        rf_xhd[i] = xhd;
+        rf_dy[i] = dgamma * xh + gamma * xhd + dbeta;
     }
-    rf_xhd[i] = xhd;
-    rf_dy[i] = rf_v[p.gamma_off + ch] * xh + rf_theta[p.gamma_off + ch] * xhd
-        + rf_v[p.beta_off + ch];
 }
 
 // ---- backward: gx (parameter gradients are rows 4 and 5 of the stats).
@@ -140,19 +158,22 @@ fn bn_r_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn bn_backward(@builtin(workgroup_id) wid: vec3<u32>,
                @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lid: u32) {
-    let i = flat_index(wid, nwg, lid);
-    if (i >= p.n * p.c * p.hw) { return; }
-    let ch = channel_of(i);
+    let q = quad(wid, nwg, lid);
+    let ch = q.z;
     let sg = b_stats[p.c + ch] * b_theta[p.gamma_off + ch];
-    var g = sg * b_gy[i];
-    if ((p.flags & BATCH) != 0u) {
-        let m = count();
-        g = sg * (b_gy[i] - b_stats[4u * p.c + ch] / m - b_xhat[i] * b_stats[5u * p.c + ch] / m);
+    // Batch mode: gx = sγ·(gy − Σgy/m − x̂·Σgy·x̂/m); running mode: sγ·gy.
+    let batch = (p.flags & BATCH) != 0u;
+    let m = count();
+    let mean_g = select(0.0, b_stats[4u * p.c + ch] / m, batch);
+    let mean_gx = select(0.0, b_stats[5u * p.c + ch] / m, batch);
+    let acc = (p.flags & ACC) != 0u;
+    for (var i = q.x; i < q.x + q.y; i++) {
+        var g = sg * (b_gy[i] - mean_g - b_xhat[i] * mean_gx);
+        if (acc) {
+            g += b_gx[i];
+        }
+        b_gx[i] = g;
     }
-    if ((p.flags & ACC) != 0u) {
-        g += b_gx[i];
-    }
-    b_gx[i] = g;
 }
 
 // ---- R-backward: R(gx) (R(gγ), R(gβ) are rows 7 + 9 and 6 of the stats).
@@ -169,33 +190,36 @@ fn bn_backward(@builtin(workgroup_id) wid: vec3<u32>,
 fn bn_r_backward(@builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
-    let i = flat_index(wid, nwg, lid);
-    if (i >= p.n * p.c * p.hw) { return; }
+    let q = quad(wid, nwg, lid);
     let c = p.c;
-    let ch = channel_of(i);
+    let ch = q.z;
     let s = rb_stats[c + ch];
     let gamma = rb_theta[p.gamma_off + ch];
     let dgamma = rb_v[p.gamma_off + ch];
-    let gy = rb_gy[i];
-    let r_ghat = dgamma * gy + gamma * rb_rgy[i];
-    var r = s * r_ghat;
-    if ((p.flags & BATCH) != 0u) {
-        let m = count();
-        let xh = rb_xhat[i];
-        let sum_gy = rb_stats[4u * c + ch];
-        let sum_gy_xh = rb_stats[5u * c + ch];
-        let m_g = gamma * sum_gy / m;
-        let m_gx = gamma * sum_gy_xh / m;
-        let m_rg = (dgamma * sum_gy + gamma * rb_stats[6u * c + ch]) / m;
-        let m_mix = (dgamma * sum_gy_xh + gamma * rb_stats[7u * c + ch]
-            + gamma * rb_stats[9u * c + ch]) / m;
-        let t = gamma * gy - m_g - xh * m_gx;
-        let sdot = -s * s * rb_stats[3u * c + ch] / m;
-        let tdot = r_ghat - m_rg - rb_xhd[i] * m_gx - xh * m_mix;
-        r = sdot * t + s * tdot;
+    let batch = (p.flags & BATCH) != 0u;
+    let m = count();
+    let sum_gy = rb_stats[4u * c + ch];
+    let sum_gy_xh = rb_stats[5u * c + ch];
+    let m_g = gamma * sum_gy / m;
+    let m_gx = gamma * sum_gy_xh / m;
+    let m_rg = (dgamma * sum_gy + gamma * rb_stats[6u * c + ch]) / m;
+    let m_mix = (dgamma * sum_gy_xh + gamma * rb_stats[7u * c + ch]
+        + gamma * rb_stats[9u * c + ch]) / m;
+    let sdot = -s * s * rb_stats[3u * c + ch] / m;
+    let acc = (p.flags & ACC) != 0u;
+    for (var i = q.x; i < q.x + q.y; i++) {
+        let gy = rb_gy[i];
+        let r_ghat = dgamma * gy + gamma * rb_rgy[i];
+        var r = s * r_ghat;
+        if (batch) {
+            let xh = rb_xhat[i];
+            let t = gamma * gy - m_g - xh * m_gx;
+            let tdot = r_ghat - m_rg - rb_xhd[i] * m_gx - xh * m_mix;
+            r = sdot * t + s * tdot;
+        }
+        if (acc) {
+            r += rb_rgx[i];
+        }
+        rb_rgx[i] = r;
     }
-    if ((p.flags & ACC) != 0u) {
-        r += rb_rgx[i];
-    }
-    rb_rgx[i] = r;
 }

@@ -1087,7 +1087,7 @@ fn batch_norm_kernels_match() {
                     Kernel::BnForward,
                     &bp(mode),
                     &[&xb, &stats, &tb, &xhb, &yb],
-                    Grid::Threads(len),
+                    Grid::Threads(kernels::bn_threads(n, c, hw)),
                 );
                 worst.check(
                     "bn_forward",
@@ -1139,7 +1139,7 @@ fn batch_norm_kernels_match() {
                     Kernel::BnRForward,
                     &bp(mode),
                     &[&dxb, &xhb, &stats, &tb, &vb, &xhdb, &dyb],
-                    Grid::Threads(len),
+                    Grid::Threads(kernels::bn_threads(n, c, hw)),
                 );
                 worst.check(
                     "bn_r_forward",
@@ -1190,7 +1190,7 @@ fn batch_norm_kernels_match() {
                         Kernel::BnBackward,
                         &bp(fl),
                         &[&gyb, &xhb, &stats, &tb, &gxb],
-                        Grid::Threads(len),
+                        Grid::Threads(kernels::bn_threads(n, c, hw)),
                     );
                     let want = if acc { plus(&gx, &g0) } else { gx.clone() };
                     worst.check(
@@ -1240,7 +1240,7 @@ fn batch_norm_kernels_match() {
                         Kernel::BnRBackward,
                         &bp(fl),
                         &[&gyb, &rgyb, &xhb, &xhdb, &stats, &tb, &vb, &rgxb],
-                        Grid::Threads(len),
+                        Grid::Threads(kernels::bn_threads(n, c, hw)),
                     );
                     let want = if acc { plus(&rgx, &r0) } else { rgx.clone() };
                     worst.check(

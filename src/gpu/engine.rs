@@ -298,7 +298,7 @@ impl Builder<'_> {
                         Kernel::BnForward,
                         bp,
                         vec![x, stats, self.theta, ws.xhat[i].unwrap(), out],
-                        Grid::Threads(n * c * hw),
+                        Grid::Threads(kernels::bn_threads(n, c, hw)),
                     );
                 }
                 Op::Relu => {
@@ -527,7 +527,7 @@ impl Builder<'_> {
                             Kernel::BnBackward,
                             bp,
                             vec![gy, xhat, stats, self.theta, gx],
-                            Grid::Threads(n * c * hw),
+                            Grid::Threads(kernels::bn_threads(n, c, hw)),
                         );
                     } else {
                         let xhd = ws.xhd[i].unwrap();
@@ -560,7 +560,7 @@ impl Builder<'_> {
                             Kernel::BnRBackward,
                             bp,
                             vec![g_plain, gy, xhat, xhd, stats, self.theta, self.v, gx],
-                            Grid::Threads(n * c * hw),
+                            Grid::Threads(kernels::bn_threads(n, c, hw)),
                         );
                     }
                 }
@@ -680,7 +680,7 @@ impl Builder<'_> {
                         Kernel::BnRForward,
                         bp,
                         vec![dx, xhat, stats, self.theta, self.v, ws.xhd[i].unwrap(), out],
-                        Grid::Threads(n * c * hw),
+                        Grid::Threads(kernels::bn_threads(n, c, hw)),
                     );
                 }
                 Op::Relu => {

@@ -240,6 +240,12 @@ pub fn params(words: &[u32]) -> Params {
     p
 }
 
+/// Threads of the per-element batch-norm kernels: one per 4 elements of a
+/// (sample, channel) plane.
+pub fn bn_threads(n: usize, c: usize, hw: usize) -> usize {
+    n * c * hw.div_ceil(4)
+}
+
 /// Output channels and columns one conv thread computes (shaders/conv.wgsl).
 pub const CONV_CB: usize = 8;
 pub const CONV_XB: usize = 4;
