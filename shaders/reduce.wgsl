@@ -4,17 +4,25 @@
 
 struct ReduceParams {
     n: u32, c: u32, hw: u32, out_a: u32,
-    out_b: u32, flags: u32, len: u32, _p0: u32,
+    out_b: u32, flags: u32, len: u32, out_d: u32,
+    // bn_param_sums: where Σa and Σa·b (+ Σc·d) go in `tgt`.
+    t_a: u32, t_b: u32, _p0: u32, _p1: u32,
 }
 
 const WG: u32 = 256u;
 const HAS_B: u32 = 1u;
 const ACC: u32 = 2u;
+const PAIR2: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> p: ReduceParams;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+// bn_param_sums only.
+@group(0) @binding(4) var<storage, read> c: array<f32>;
+@group(0) @binding(5) var<storage, read> d: array<f32>;
+@group(0) @binding(6) var<storage, read_write> tgt: array<f32>;
 
 var<workgroup> sum_a: array<f32, 256>;
 var<workgroup> sum_ab: array<f32, 256>;
@@ -88,5 +96,40 @@ fn sum_all(@builtin(local_invocation_index) lid: u32) {
     let r = reduce_pair(lid, s, 0.0);
     if (lid == 0u) {
         out[p.out_a] = r.x;
+    }
+}
+
+// A batch norm's parameter gradients (or their R-operator) in one
+// dispatch, instead of sums then copies: per channel ch of [n, c, hw],
+// out[out_a + ch] = Σa, out[out_b + ch] = Σa·b and, with PAIR2,
+// out[out_d + ch] = Σc·d (the statistics rows the input gradient needs);
+// then tgt[t_a + ch] += Σa (β) and tgt[t_b + ch] += Σa·b (+ Σc·d) (γ).
+@compute @workgroup_size(256)
+fn bn_param_sums(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let ch = wid.x;
+    let count = p.n * p.hw;
+    let pair2 = (p.flags & PAIR2) != 0u;
+    var sa = 0.0;
+    var sab = 0.0;
+    var scd = 0.0;
+    for (var j = lid; j < count; j += WG) {
+        let i = ((j / p.hw) * p.c + ch) * p.hw + j % p.hw;
+        let av = a[i];
+        sa += av;
+        sab += av * b[i];
+        scd += select(0.0, c[min(i, arrayLength(&c) - 1u)] * d[min(i, arrayLength(&d) - 1u)], pair2);
+    }
+    let r = reduce_pair(lid, sa, sab);
+    workgroupBarrier();
+    let r2 = reduce_pair(lid, scd, 0.0);
+    if (lid == 0u) {
+        out[p.out_a + ch] = r.x;
+        out[p.out_b + ch] = r.y;
+        if (pair2) {
+            out[p.out_d + ch] = r2.x;
+        }
+        tgt[p.t_a + ch] += r.x;
+        tgt[p.t_b + ch] += r.y + r2.x;
     }
 }

@@ -983,24 +983,6 @@ fn batch_norm_kernels_match() {
             let (gamma, beta) = (&theta[goff..goff + c], &theta[boff..boff + c]);
             let (dgamma, dbeta) = (&v[goff..goff + c], &v[boff..boff + c]);
             let (tb, vb) = (upload(&ctx, "θ", &theta), upload(&ctx, "v", &v));
-            // The windowed kernels read a WINDOW_FLOATS window from offset
-            // 0: θ and v continued by random values that a channel block
-            // overhanging cout must not pick up.
-            let pad = |a: &[f64], r: &mut StdRng| {
-                let mut a = a.to_vec();
-                a.extend(rnd(r, kernels::WINDOW_FLOATS - plen));
-                a
-            };
-            let window = |name: &str, a: &[f64]| {
-                let b = ctx.weights(name, a.len()).unwrap();
-                let f: Vec<f32> = a.iter().map(|&x| x as f32).collect();
-                ctx.write_f32(&b, 0, &f).unwrap();
-                b
-            };
-            let (tbw, vbw) = (
-                window("θ window", &pad(&theta, &mut r)),
-                window("v window", &pad(&v, &mut r)),
-            );
             let (dx, gy, rgy) = (rnd(&mut r, len), rnd(&mut r, len), rnd(&mut r, len));
             let (dxb, gyb, rgyb) = (
                 upload(&ctx, "ẋ", &dx),
@@ -1042,6 +1024,40 @@ fn batch_norm_kernels_match() {
                         Kernel::ChannelSums,
                         &p,
                         &[a, b, &stats],
+                        Grid::Groups(c),
+                    );
+                };
+                // bn_param_sums as the engine runs it: rows ra, rb (and rd
+                // with a second pair) of the statistics, and the sums added
+                // into a parameter-shaped buffer at boff (Σa) and goff
+                // (Σa·b + Σc·d). Returns that buffer's initial values.
+                let param_sums = |a: &GpuBuffer,
+                                  b: &GpuBuffer,
+                                  cd: Option<(&GpuBuffer, &GpuBuffer)>,
+                                  rows: [usize; 3],
+                                  tgt: &GpuBuffer| {
+                    let fl = if cd.is_some() { flags::SUMS_PAIR2 } else { 0 };
+                    let p = [
+                        n,
+                        c,
+                        hw,
+                        rows[0] * c,
+                        rows[1] * c,
+                        fl as usize,
+                        0,
+                        rows[2] * c,
+                    ]
+                    .into_iter()
+                    .chain([boff, goff])
+                    .map(|v| v as u32)
+                    .collect::<Vec<u32>>();
+                    let d = dummy(&ctx);
+                    let (cb, db) = cd.unwrap_or((&d, &d));
+                    run(
+                        &ctx,
+                        Kernel::BnParamSums,
+                        &p,
+                        &[a, b, &stats, cb, db, tgt],
                         Grid::Groups(c),
                     );
                 };
@@ -1156,13 +1172,50 @@ fn batch_norm_kernels_match() {
                     TOL,
                 );
 
-                // ---- backward: rows 4, 5 = Σgy, Σgy·x̂ (gβ, gγ), then gx,
-                // overwriting or accumulating.
-                sums(&gyb, &xhb, bn_rows::SUM_GY, bn_rows::SUM_GY_XHAT);
+                // ---- backward: rows 4, 5 = Σgy, Σgy·x̂ (gβ, gγ, also added
+                // into a gradient buffer), then gx, overwriting or accumulating.
+                let p0 = rnd(&mut r, plen);
+                let pg = upload(&ctx, "gradient", &p0);
+                param_sums(
+                    &gyb,
+                    &xhb,
+                    None,
+                    [bn_rows::SUM_GY, bn_rows::SUM_GY_XHAT, 0],
+                    &pg,
+                );
                 let (gx, dgam, dbet) = bn::backward(&g, batch, &gy, &xhat, &s, gamma);
                 let got = read(&ctx, &stats);
+                let gotp = read(&ctx, &pg);
                 worst.check_scaled(
-                    "channel_sums",
+                    "bn_param_sums",
+                    &format!("{what} gγ added"),
+                    &gotp[goff..goff + c],
+                    &plus(&dgam, &p0[goff..goff + c]),
+                    &plus(
+                        &scale(&|i| gy[i] * xhat[i]),
+                        &p0[goff..goff + c]
+                            .iter()
+                            .map(|x| x.abs())
+                            .collect::<Vec<_>>(),
+                    ),
+                    TOL,
+                );
+                worst.check_scaled(
+                    "bn_param_sums",
+                    &format!("{what} gβ added"),
+                    &gotp[boff..boff + c],
+                    &plus(&dbet, &p0[boff..boff + c]),
+                    &plus(
+                        &scale(&|i| gy[i]),
+                        &p0[boff..boff + c]
+                            .iter()
+                            .map(|x| x.abs())
+                            .collect::<Vec<_>>(),
+                    ),
+                    TOL,
+                );
+                worst.check_scaled(
+                    "bn_param_sums",
                     &format!("{what} gγ"),
                     &got[row(5)],
                     &dgam,
@@ -1170,7 +1223,7 @@ fn batch_norm_kernels_match() {
                     TOL,
                 );
                 worst.check_scaled(
-                    "channel_sums",
+                    "bn_param_sums",
                     &format!("{what} gβ"),
                     &got[row(4)],
                     &dbet,
@@ -1203,16 +1256,44 @@ fn batch_norm_kernels_match() {
                 }
 
                 // ---- R-backward: rows 6, 7 = ΣR(gy), ΣR(gy)·x̂ and
-                // 8, 9 = (scratch), Σgy·x̂̇ over the kernels' own x̂, x̂̇.
-                sums(&rgyb, &xhb, bn_rows::SUM_RGY, bn_rows::SUM_RGY_XHAT);
-                sums(&gyb, &xhdb, bn_rows::SCRATCH, bn_rows::SUM_GY_XHD);
+                // 9 = Σgy·x̂̇ over the kernels' own x̂, x̂̇, in one dispatch.
+                let h0 = rnd(&mut r, plen);
+                let ph = upload(&ctx, "Hv", &h0);
+                param_sums(
+                    &rgyb,
+                    &xhb,
+                    Some((&gyb, &xhdb)),
+                    [bn_rows::SUM_RGY, bn_rows::SUM_RGY_XHAT, bn_rows::SUM_GY_XHD],
+                    &ph,
+                );
                 let (rgx, rdgam, rdbet) =
                     bn::r_backward(&g, batch, &gy, &rgy, &xhat, &xhd, &s, &mxx, gamma, dgamma);
                 let got = read(&ctx, &stats);
+                let gotp = read(&ctx, &ph);
+                let abs = |v: &[f64]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+                worst.check_scaled(
+                    "bn_param_sums",
+                    &format!("{what} R(gγ) added"),
+                    &gotp[goff..goff + c],
+                    &plus(&rdgam, &h0[goff..goff + c]),
+                    &plus(
+                        &scale(&|i| (rgy[i] * xhat[i]).abs() + (gy[i] * xhd[i]).abs()),
+                        &abs(&h0[goff..goff + c]),
+                    ),
+                    TOL,
+                );
+                worst.check_scaled(
+                    "bn_param_sums",
+                    &format!("{what} R(gβ) added"),
+                    &gotp[boff..boff + c],
+                    &plus(&rdbet, &h0[boff..boff + c]),
+                    &plus(&scale(&|i| rgy[i]), &abs(&h0[boff..boff + c])),
+                    TOL,
+                );
                 let rg = plus(&got[row(7)], &got[row(9)]);
                 // R(gγ) = row 7 + row 9: two sums that may cancel.
                 worst.check_scaled(
-                    "channel_sums",
+                    "bn_param_sums",
                     &format!("{what} R(gγ)"),
                     &rg,
                     &rdgam,
@@ -1220,7 +1301,7 @@ fn batch_norm_kernels_match() {
                     TOL,
                 );
                 worst.check_scaled(
-                    "channel_sums",
+                    "bn_param_sums",
                     &format!("{what} R(gβ)"),
                     &got[row(6)],
                     &rdbet,

@@ -510,19 +510,25 @@ impl Builder<'_> {
                     let fl = if acc { flags::BN_ACC } else { 0 };
                     let bp = self.bn_params(n, c, hw, gamma, beta, fl);
                     if !r {
-                        self.channel_sums(
-                            gy,
-                            Some(xhat),
-                            n,
-                            c,
-                            hw,
-                            stats,
-                            bn_rows::SUM_GY * c,
-                            bn_rows::SUM_GY_XHAT * c,
-                            false,
+                        let p = params(&[
+                            n as u32,
+                            c as u32,
+                            hw as u32,
+                            (bn_rows::SUM_GY * c) as u32,
+                            (bn_rows::SUM_GY_XHAT * c) as u32,
+                            0,
+                            0,
+                            0,
+                            boff as u32,
+                            goff as u32,
+                        ]);
+                        let d = self.dummy;
+                        self.push(
+                            Kernel::BnParamSums,
+                            p,
+                            vec![gy, xhat, stats, d, d, target],
+                            Grid::Groups(c),
                         );
-                        self.copy(stats, bn_rows::SUM_GY_XHAT * c, target, goff, c, true);
-                        self.copy(stats, bn_rows::SUM_GY * c, target, boff, c, true);
                         self.push(
                             Kernel::BnBackward,
                             bp,
@@ -531,31 +537,24 @@ impl Builder<'_> {
                         );
                     } else {
                         let xhd = ws.xhd[i].unwrap();
-                        self.channel_sums(
-                            gy,
-                            Some(xhat),
-                            n,
-                            c,
-                            hw,
-                            stats,
-                            bn_rows::SUM_RGY * c,
-                            bn_rows::SUM_RGY_XHAT * c,
-                            false,
+                        let p = params(&[
+                            n as u32,
+                            c as u32,
+                            hw as u32,
+                            (bn_rows::SUM_RGY * c) as u32,
+                            (bn_rows::SUM_RGY_XHAT * c) as u32,
+                            flags::SUMS_PAIR2,
+                            0,
+                            (bn_rows::SUM_GY_XHD * c) as u32,
+                            boff as u32,
+                            goff as u32,
+                        ]);
+                        self.push(
+                            Kernel::BnParamSums,
+                            p,
+                            vec![gy, xhat, stats, g_plain, xhd, target],
+                            Grid::Groups(c),
                         );
-                        self.channel_sums(
-                            g_plain,
-                            Some(xhd),
-                            n,
-                            c,
-                            hw,
-                            stats,
-                            bn_rows::SCRATCH * c,
-                            bn_rows::SUM_GY_XHD * c,
-                            false,
-                        );
-                        self.copy(stats, bn_rows::SUM_RGY_XHAT * c, target, goff, c, true);
-                        self.copy(stats, bn_rows::SUM_GY_XHD * c, target, goff, c, true);
-                        self.copy(stats, bn_rows::SUM_RGY * c, target, boff, c, true);
                         self.push(
                             Kernel::BnRBackward,
                             bp,

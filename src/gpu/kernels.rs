@@ -37,6 +37,7 @@ pub enum Kernel {
     ConvBackwardWeightK3,
     ConvWeightSum,
     ChannelSums,
+    BnParamSums,
     SumAll,
     ReluMask,
     Add,
@@ -89,7 +90,7 @@ pub fn conv_windowed_source() -> &'static str {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 28] = [
+    pub const ALL: [Kernel; 29] = [
         Kernel::ConvForward,
         Kernel::ConvBackwardData,
         Kernel::ConvForwardWindowed,
@@ -102,6 +103,7 @@ impl Kernel {
         Kernel::ConvBackwardWeightK3,
         Kernel::ConvWeightSum,
         Kernel::ChannelSums,
+        Kernel::BnParamSums,
         Kernel::SumAll,
         Kernel::ReluMask,
         Kernel::Add,
@@ -136,7 +138,7 @@ impl Kernel {
             ),
             ConvBackwardWeight | ConvWeightSum => ("conv_weight.wgsl", CONV_WEIGHT),
             ConvBackwardWeightK3 => ("conv_weight_k3.wgsl", CONV_WEIGHT_K3),
-            ChannelSums | SumAll => ("reduce.wgsl", REDUCE),
+            ChannelSums | BnParamSums | SumAll => ("reduce.wgsl", REDUCE),
             ReluMask | Add | Copy => ("elementwise.wgsl", ELEMENTWISE),
             BnStats | BnForward | BnRForward | BnBackward | BnRBackward => ("bn.wgsl", BN),
             MaxPoolForward | MaxPoolGather | MaxPoolBackward | GapForward | GapBackward => {
@@ -157,6 +159,7 @@ impl Kernel {
             ConvBackwardWeightK3 => "conv_backward_weight_k3s1",
             ConvWeightSum => "conv_weight_sum",
             ChannelSums => "channel_sums",
+            BnParamSums => "bn_param_sums",
             SumAll => "sum_all",
             ReluMask => "relu_mask",
             Add => "add",
@@ -187,6 +190,7 @@ impl Kernel {
             | ConvForwardK3Windowed
             | ConvBackwardDataK3Windowed => &[R, U, R, U, W],
             ChannelSums | SumAll | ReluMask | Add | Copy => &[R, R, W],
+            BnParamSums => &[R, R, W, R, R, W],
             BnStats => &[R, W],
             BnForward => &[R, R, R, W, W],
             BnRForward => &[R, R, R, R, R, W, W],
@@ -209,6 +213,7 @@ pub mod flags {
     pub const CONV_BIAS: u32 = 4;
     pub const SUMS_HAS_B: u32 = 1;
     pub const SUMS_ACC: u32 = 2;
+    pub const SUMS_PAIR2: u32 = 4;
     pub const EW_ACC: u32 = 1;
     pub const BN_BATCH: u32 = 1;
     pub const BN_ACC: u32 = 2;
@@ -287,7 +292,7 @@ pub fn conv_k3s1_applies(k: usize, stride: usize) -> bool {
 
 /// Whether ConvBackwardWeightK3 computes this layer's weight gradient.
 pub fn conv_weight_k3_applies(k: usize, stride: usize, ow: usize) -> bool {
-    k == 3 && stride == 1 && ow % 4 == 0
+    k == 3 && stride == 1 && ow.is_multiple_of(4)
 }
 
 /// Largest weight-gradient partials buffer, in floats (64 MiB).
