@@ -54,21 +54,8 @@ fn main() -> anyhow::Result<()> {
         );
         drop(gpu);
         let ctx = GpuContext::open(BackendChoice::Auto, 0)?;
-        println!(
-            "  {:<22} {:<28} {:>10} {:>9} {:>8}",
-            "kernel", "shape", "ms", "GFLOP/s", "GB/s"
-        );
-        for r in kernel_table(&ctx, &model, batch, reps)? {
-            println!(
-                "  {:<22} {:<28} {:>10.3} {:>9.2} {:>8.2}  {}",
-                r.kernel,
-                r.shape,
-                r.seconds * 1e3,
-                r.gflops,
-                r.gbs,
-                r.timer
-            );
-        }
+        let rows = kernel_table(&ctx, &model, batch, reps)?;
+        print!("{}", hesscope::bench::format_kernel_table(&rows));
     }
     Ok(())
 }

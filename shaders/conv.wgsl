@@ -46,7 +46,7 @@ fn bias_b(i: u32) -> f32 {
 // Register blocking: each thread computes CB channels × XB columns of one
 // row, so every loaded input feeds CB products and every loaded weight XB.
 // On llvmpipe (Mesa's CPU driver, what CI runs) each storage load costs
-// ~1.5 ns per lane while products are nearly free, and two more things
+// about 1 ns per lane while products are nearly free, and two more things
 // cost more than they look (measured, BENCHMARKS.md): a loop over a private
 // array (llvmpipe does not unroll it, so every access is indexed), hence
 // the named accumulators below; and a branch, even a uniform one, hence

@@ -2,7 +2,8 @@
 // (offsets relative to the window), swapped in by src/gpu/kernels.rs for
 // layers whose weights fit. Why: llvmpipe (Mesa's CPU driver, what CI
 // runs) loads storage buffers one lane at a time with a bounds check each,
-// but uniform buffers with one gather, ~4x cheaper per load (BENCHMARKS.md);
+// but uniform buffers with one gather, several times cheaper per load
+// (BENCHMARKS.md, examples/llvmpipe_costs.rs);
 // GPUs serve uniform reads from their constant caches.
 const WINDOW: u32 = 16384u;
 

@@ -73,7 +73,11 @@ pub fn time_it(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 fn filled(ctx: &GpuContext, name: &str, len: usize, seed: u32) -> Result<GpuBuffer> {
-    let b = ctx.storage(name, len)?;
+    fill(ctx, ctx.storage(name, len)?, len, seed)
+}
+
+/// Writes `len` deterministic values in [-0.5, 0.5) at the start of `b`.
+fn fill(ctx: &GpuContext, b: GpuBuffer, len: usize, seed: u32) -> Result<GpuBuffer> {
     let data: Vec<f32> = (0..len)
         .map(|i| {
             (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32
@@ -117,6 +121,44 @@ pub fn conv_shapes(model: &Model) -> Vec<[usize; 9]> {
     out
 }
 
+/// The kernel table as `hesscope bench` and `cargo bench` print it, columns
+/// as wide as their longest entry.
+pub fn format_kernel_table(rows: &[KernelRow]) -> String {
+    let kw = rows
+        .iter()
+        .map(|r| r.kernel.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(6);
+    let sw = rows
+        .iter()
+        .map(|r| r.shape.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    let pad = |s: &str, w: usize| format!("{s}{}", " ".repeat(w.saturating_sub(s.chars().count())));
+    let mut out = format!(
+        "  {} {} {:>10} {:>9} {:>8}  timer\n",
+        pad("kernel", kw),
+        pad("shape", sw),
+        "ms",
+        "GFLOP/s",
+        "GB/s"
+    );
+    for r in rows {
+        out += &format!(
+            "  {} {} {:>10.3} {:>9.2} {:>8.2}  {}\n",
+            pad(&r.kernel, kw),
+            pad(&r.shape, sw),
+            r.seconds * 1e3,
+            r.gflops,
+            r.gbs,
+            r.timer
+        );
+    }
+    out
+}
+
 /// Throughput of the conv kernels at every conv shape of `model` at batch
 /// `n`, and of batch norm and the elementwise kernels at its largest
 /// activation.
@@ -130,7 +172,15 @@ pub fn kernel_table(
     for s in conv_shapes(model) {
         let [cin, cout, h, w, k, stride, pad, oh, ow] = s;
         let x = filled(ctx, "bench input", n * cin * h * w, 1)?;
-        let wt = filled(ctx, "bench weights", cout * cin * k * k, 2)?;
+        // The kernels the engine runs for this layer: weights through a
+        // uniform window where they fit in one.
+        let weights = cout * cin * k * k;
+        let windowed = ctx.windows_supported() && weights <= kernels::WINDOW_FLOATS;
+        let wt = if windowed {
+            fill(ctx, ctx.weights("bench weights", weights)?, weights, 2)?
+        } else {
+            filled(ctx, "bench weights", weights, 2)?
+        };
         let gy = filled(ctx, "bench adjoint", n * cout * oh * ow, 3)?;
         let y = ctx.storage("bench output", n * cout * oh * ow)?;
         let gx = ctx.storage("bench input adjoint", n * cin * h * w)?;
@@ -156,13 +206,13 @@ pub fn kernel_table(
         let io = |a: usize, b: usize, c: usize| 4.0 * (a + b + c) as f64;
         let cases: [(Kernel, [&GpuBuffer; 5], Grid, f64); 2] = [
             (
-                Kernel::ConvForward,
+                kernels::conv_variant(Kernel::ConvForward, k, stride, windowed),
                 [&x, &wt, &x, &wt, &y],
                 Grid::Threads(kernels::conv_forward_threads(n, cout, oh, ow)),
                 io(x.len, wt.len, y.len),
             ),
             (
-                Kernel::ConvBackwardData,
+                kernels::conv_variant(Kernel::ConvBackwardData, k, stride, windowed),
                 [&gy, &wt, &gy, &wt, &gx],
                 Grid::Threads(kernels::conv_backward_data_threads(n, cin, h, w, stride)),
                 io(gy.len, wt.len, gx.len),
@@ -170,8 +220,9 @@ pub fn kernel_table(
         ];
         for (kern, bufs, grid, bytes) in cases {
             let (t, timer) = time_kernel(ctx, reps, kern, &p, &bufs, grid)?;
+            let suffix = if windowed { " (uniform weights)" } else { "" };
             rows.push(KernelRow {
-                kernel: kern.entry().into(),
+                kernel: format!("{}{suffix}", kern.entry()),
                 shape: shape.clone(),
                 seconds: t,
                 timer,
@@ -180,7 +231,7 @@ pub fn kernel_table(
             });
         }
         // The weight gradient: per-chunk partial sums, then their sum.
-        let weights = cout * cin * k * k;
+        let wkernel = kernels::conv_weight_variant(k, stride, ow);
         let (per, chunks) = kernels::conv_weight_chunks(n, oh, ow, weights);
         let parts = ctx.storage("bench partial sums", weights * chunks)?;
         let mut pw = p;
@@ -189,7 +240,7 @@ pub fn kernel_table(
         let (t1, timer) = time_kernel(
             ctx,
             reps,
-            Kernel::ConvBackwardWeight,
+            wkernel,
             &pw,
             &[&gy, &x, &gy, &x, &parts],
             Grid::Groups(kernels::conv_weight_groups(cout, cin, k, chunks)),
@@ -204,7 +255,7 @@ pub fn kernel_table(
         )?;
         let t = t1 + t2;
         rows.push(KernelRow {
-            kernel: "conv_backward_weight".into(),
+            kernel: format!("{} + conv_weight_sum", wkernel.entry()),
             shape: shape.clone(),
             seconds: t,
             timer,

@@ -235,21 +235,7 @@ fn bench(inputs: &Inputs, reps: usize, no_kernels: bool) -> Result<()> {
         900.0 * e2e.lanczos_step_seconds
     );
     if !kernels.is_empty() {
-        println!(
-            "  {:<22} {:<28} {:>10} {:>9} {:>8}  timer",
-            "kernel", "shape", "ms", "GFLOP/s", "GB/s"
-        );
-        for r in &kernels {
-            println!(
-                "  {:<22} {:<28} {:>10.3} {:>9.2} {:>8.2}  {}",
-                r.kernel,
-                r.shape,
-                r.seconds * 1e3,
-                r.gflops,
-                r.gbs,
-                r.timer
-            );
-        }
+        print!("{}", hesscope::bench::format_kernel_table(&kernels));
     }
     Ok(())
 }

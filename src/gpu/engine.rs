@@ -169,17 +169,9 @@ impl Builder<'_> {
     /// weights (and bias) through one uniform window of θ/v where they fit
     /// in it: the offsets in `p` become relative to the window.
     fn push_conv(&mut self, kernel: Kernel, mut p: [u32; 16], buffers: Vec<usize>, grid: Grid) {
-        let k3 = kernels::conv_k3s1_applies(p[5] as usize, p[6] as usize);
-        let (kernel, windowed) = match (kernel, k3) {
-            (Kernel::ConvForward, false) => (kernel, Kernel::ConvForwardWindowed),
-            (Kernel::ConvForward, true) => (Kernel::ConvForwardK3, Kernel::ConvForwardK3Windowed),
-            (Kernel::ConvBackwardData, false) => (kernel, Kernel::ConvBackwardDataWindowed),
-            (Kernel::ConvBackwardData, true) => (
-                Kernel::ConvBackwardDataK3,
-                Kernel::ConvBackwardDataK3Windowed,
-            ),
-            _ => unreachable!("push_conv with {kernel:?}"),
-        };
+        let (k, s) = (p[5] as usize, p[6] as usize);
+        let windowed = kernels::conv_variant(kernel, k, s, true);
+        let kernel = kernels::conv_variant(kernel, k, s, false);
         let Some(align) = self.window_alignment else {
             return self.push(kernel, p, buffers, grid);
         };
@@ -470,15 +462,8 @@ impl Builder<'_> {
                         vec![gy, x, gy, x, parts]
                     };
                     let d = conv_dims(node);
-                    let kernel = if kernels::conv_weight_k3_applies(
-                        d[5] as usize,
-                        d[6] as usize,
-                        d[9] as usize,
-                    ) {
-                        Kernel::ConvBackwardWeightK3
-                    } else {
-                        Kernel::ConvBackwardWeight
-                    };
+                    let kernel =
+                        kernels::conv_weight_variant(d[5] as usize, d[6] as usize, d[9] as usize);
                     self.push(
                         kernel,
                         p,

@@ -290,6 +290,34 @@ pub fn conv_k3s1_applies(k: usize, stride: usize) -> bool {
     k == 3 && stride == 1
 }
 
+/// The conv forward or backward-data kernel the engine runs for a layer
+/// given the general one (`ConvForward`, `ConvBackwardData`): the 3×3
+/// stride-1 form where it applies, reading the weights through a uniform
+/// window when `windowed`.
+pub fn conv_variant(base: Kernel, k: usize, stride: usize, windowed: bool) -> Kernel {
+    use Kernel::*;
+    match (base, conv_k3s1_applies(k, stride), windowed) {
+        (ConvForward, false, false) => ConvForward,
+        (ConvForward, false, true) => ConvForwardWindowed,
+        (ConvForward, true, false) => ConvForwardK3,
+        (ConvForward, true, true) => ConvForwardK3Windowed,
+        (ConvBackwardData, false, false) => ConvBackwardData,
+        (ConvBackwardData, false, true) => ConvBackwardDataWindowed,
+        (ConvBackwardData, true, false) => ConvBackwardDataK3,
+        (ConvBackwardData, true, true) => ConvBackwardDataK3Windowed,
+        _ => panic!("conv_variant of {base:?}"),
+    }
+}
+
+/// The weight-gradient kernel (stage one) the engine runs for a layer.
+pub fn conv_weight_variant(k: usize, stride: usize, ow: usize) -> Kernel {
+    if conv_weight_k3_applies(k, stride, ow) {
+        Kernel::ConvBackwardWeightK3
+    } else {
+        Kernel::ConvBackwardWeight
+    }
+}
+
 /// Whether ConvBackwardWeightK3 computes this layer's weight gradient.
 pub fn conv_weight_k3_applies(k: usize, stride: usize, ow: usize) -> bool {
     k == 3 && stride == 1 && ow.is_multiple_of(4)
