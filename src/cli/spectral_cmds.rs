@@ -155,6 +155,21 @@ fn settings_json(inputs: &Inputs, engine: &dyn Curvature, layer: &Option<String>
     })
 }
 
+/// SLQ over `op` with a progress bar (on a terminal): the runs and how many
+/// HVPs they took.
+fn counted_slq(
+    op: &mut dyn SymOperator,
+    steps: usize,
+    runs: usize,
+    seed: u64,
+    what: &str,
+) -> hesscope::Result<(Vec<slq::SlqRun>, usize)> {
+    let mut counted = Counted::new(op, steps * runs, what);
+    let r = slq::slq(&mut counted, steps, runs, seed)?;
+    counted.bar.finish_and_clear();
+    Ok((r, counted.count))
+}
+
 pub fn density(a: DensityArgs) -> Result<()> {
     check_positive("--steps", a.steps)?;
     check_positive("--runs", a.runs)?;
@@ -168,13 +183,10 @@ pub fn density(a: DensityArgs) -> Result<()> {
     let mut block = BlockOperator::new(&mut h, range.clone());
     let n = block.dim();
     let steps = a.steps.min(n);
-    let mut op = Counted::new(&mut block, steps * a.runs, "density");
     let t = Instant::now();
-    let runs =
-        slq::slq(&mut op, steps, a.runs, a.inputs.seed).context("stochastic Lanczos quadrature")?;
-    op.bar.finish_and_clear();
+    let (runs, hvps) = counted_slq(&mut block, steps, a.runs, a.inputs.seed, "density")
+        .context("stochastic Lanczos quadrature")?;
     let lanczos_seconds = t.elapsed().as_secs_f64();
-    let hvps = op.count;
     let summary = slq::summarize(&runs, n);
     let (grid, dens, sigma) = smooth(&runs, a.sigma, a.grid)?;
     let title = format!(
@@ -538,19 +550,18 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
     let settings = settings_json(&a.inputs, engine.as_ref(), &None);
     let mut h = Hessian(engine.as_mut());
     let n = h.dim();
-    let full = {
-        let mut op = Counted::new(&mut h, a.steps.min(n) * a.runs, "full Hessian");
-        let r = slq::slq(&mut op, a.steps.min(n), a.runs, a.inputs.seed)?;
-        op.bar.finish_and_clear();
-        r
-    };
+    let (full, _) = counted_slq(
+        &mut h,
+        a.steps.min(n),
+        a.runs,
+        a.inputs.seed,
+        "full Hessian",
+    )?;
     let mut per = vec![];
     for (name, range) in model.modules() {
         let mut block = BlockOperator::new(&mut h, range.clone());
         let steps = a.steps.min(range.len());
-        let mut op = Counted::new(&mut block, steps * a.runs, &name);
-        let runs = slq::slq(&mut op, steps, a.runs, a.inputs.seed)?;
-        op.bar.finish_and_clear();
+        let (runs, _) = counted_slq(&mut block, steps, a.runs, a.inputs.seed, &name)?;
         per.push((name, range.len(), runs));
     }
     // One grid for all, covering every layer's and the full spectrum.
