@@ -206,6 +206,13 @@ impl Builder<'_> {
     fn param_off(&self, idx: usize) -> usize {
         self.model.params[idx].offset
     }
+    /// The conv flag and offset of an optional bias parameter.
+    fn bias_flag(&self, bias: Option<usize>) -> (u32, usize) {
+        match bias {
+            Some(b) => (flags::CONV_BIAS, self.param_off(b)),
+            None => (0, 0),
+        }
+    }
     fn copy(
         &mut self,
         src: usize,
@@ -267,10 +274,7 @@ impl Builder<'_> {
             let x = ws.act[self.canon[node.inputs[0]]];
             match node.op {
                 Op::Conv { weight, bias, .. } | Op::Linear { weight, bias, .. } => {
-                    let (fl, boff) = match bias {
-                        Some(b) => (flags::CONV_BIAS, self.param_off(b)),
-                        None => (0, 0),
-                    };
+                    let (fl, boff) = self.bias_flag(bias);
                     let p = conv_params(node, n, self.param_off(weight), 0, fl, boff);
                     self.push_conv(
                         Kernel::ConvForward,
@@ -619,28 +623,21 @@ impl Builder<'_> {
             match node.op {
                 Op::Conv { weight, bias, .. } | Op::Linear { weight, bias, .. } => {
                     let woff = self.param_off(weight);
-                    let (bfl, boff) = match bias {
-                        Some(b) => (flags::CONV_BIAS, self.param_off(b)),
-                        None => (0, 0),
-                    };
-                    let grid = conv_forward_grid(node, n);
-                    if zero[cin] {
-                        let p = conv_params(node, n, woff, 0, bfl, boff);
-                        self.push_conv(
-                            Kernel::ConvForward,
-                            p,
+                    let (bfl, boff) = self.bias_flag(bias);
+                    // conv(ẋ, W) + conv(x, V) + v_bias; the first term
+                    // drops while ẋ is zero.
+                    let (p, bufs) = if zero[cin] {
+                        (
+                            conv_params(node, n, woff, 0, bfl, boff),
                             vec![x, self.v, x, self.v, out],
-                            grid,
-                        );
+                        )
                     } else {
-                        let p = conv_params(node, n, woff, woff, bfl | flags::CONV_PAIR_B, boff);
-                        self.push_conv(
-                            Kernel::ConvForward,
-                            p,
+                        (
+                            conv_params(node, n, woff, woff, bfl | flags::CONV_PAIR_B, boff),
                             vec![dx, self.theta, x, self.v, out],
-                            grid,
-                        );
-                    }
+                        )
+                    };
+                    self.push_conv(Kernel::ConvForward, p, bufs, conv_forward_grid(node, n));
                 }
                 Op::BatchNorm { gamma, beta, c, .. } => {
                     let stats = ws.stats[i].unwrap();
