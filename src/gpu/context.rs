@@ -263,22 +263,28 @@ impl GpuContext {
     /// A zeroed storage buffer of `len` f32/u32 elements, refused with an
     /// error naming the tensor when it exceeds the device's limits.
     pub fn storage(&self, name: &str, len: usize) -> Result<GpuBuffer> {
+        self.allocate(name, len, wgpu::BufferUsages::empty())
+    }
+
+    /// A storage buffer (plus `extra` usages) of `len` elements, checked
+    /// against the binding and buffer size limits by the tensor's name.
+    fn allocate(&self, name: &str, len: usize, extra: wgpu::BufferUsages) -> Result<GpuBuffer> {
         let bytes = (len.max(1) * 4) as u64;
-        if bytes > self.limits.max_storage_buffer_binding_size {
-            return Err(Error::DeviceLimit {
-                tensor: name.to_string(),
-                bytes,
-                limit_name: "max_storage_buffer_binding_size",
-                limit: self.limits.max_storage_buffer_binding_size,
-            });
-        }
-        if bytes > self.limits.max_buffer_size {
-            return Err(Error::DeviceLimit {
-                tensor: name.to_string(),
-                bytes,
-                limit_name: "max_buffer_size",
-                limit: self.limits.max_buffer_size,
-            });
+        for (limit_name, limit) in [
+            (
+                "max_storage_buffer_binding_size",
+                self.limits.max_storage_buffer_binding_size,
+            ),
+            ("max_buffer_size", self.limits.max_buffer_size),
+        ] {
+            if bytes > limit {
+                return Err(Error::DeviceLimit {
+                    tensor: name.to_string(),
+                    bytes,
+                    limit_name,
+                    limit,
+                });
+            }
         }
         let buffer = self.scoped(&format!("allocating `{name}` ({bytes} bytes)"), || {
             self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -286,7 +292,8 @@ impl GpuContext {
                 size: bytes,
                 usage: wgpu::BufferUsages::STORAGE
                     | wgpu::BufferUsages::COPY_DST
-                    | wgpu::BufferUsages::COPY_SRC,
+                    | wgpu::BufferUsages::COPY_SRC
+                    | extra,
                 mapped_at_creation: false,
             })
         })?;
@@ -313,35 +320,12 @@ impl GpuContext {
     /// uniform windows: padded by a window so that any window starting
     /// inside it lies inside the buffer.
     pub fn weights(&self, name: &str, len: usize) -> Result<GpuBuffer> {
-        let padded = len + WINDOW_FLOATS;
-        let bytes = (padded * 4) as u64;
-        if bytes > self.limits.max_storage_buffer_binding_size {
-            return Err(Error::DeviceLimit {
-                tensor: name.to_string(),
-                bytes,
-                limit_name: "max_storage_buffer_binding_size",
-                limit: self.limits.max_storage_buffer_binding_size,
-            });
-        }
-        let mut usage = wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_DST
-            | wgpu::BufferUsages::COPY_SRC;
-        if self.windows_supported() {
-            usage |= wgpu::BufferUsages::UNIFORM;
-        }
-        let buffer = self.scoped(&format!("allocating `{name}` ({bytes} bytes)"), || {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(name),
-                size: bytes,
-                usage,
-                mapped_at_creation: false,
-            })
-        })?;
-        Ok(GpuBuffer {
-            name: name.to_string(),
-            buffer,
-            len: padded,
-        })
+        let extra = if self.windows_supported() {
+            wgpu::BufferUsages::UNIFORM
+        } else {
+            wgpu::BufferUsages::empty()
+        };
+        self.allocate(name, len + WINDOW_FLOATS, extra)
     }
 
     pub fn uniform(&self, name: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
