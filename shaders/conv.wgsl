@@ -63,6 +63,19 @@ fn split_launch(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, cblocks: u32) -> vec2<
     return vec2<u32>(g % cblocks, (g / cblocks) * WG + lid);
 }
 
+// A thread's block of a [n, cs, hh, ww] output: channels c0..c0+CB of row
+// y of sample n, columns x0..x0+XB; `live` is false past the last block.
+struct Block {
+    live: bool, n: u32, y: u32, x0: u32, c0: u32,
+}
+
+fn row_block(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, cs: u32, hh: u32, ww: u32) -> Block {
+    let at = split_launch(wid, nwg, lid, (cs + CB - 1u) / CB);
+    let xblocks = (ww + XB - 1u) / XB;
+    return Block(at.y < p.n * hh * xblocks, at.y / (xblocks * hh), (at.y / xblocks) % hh,
+                 (at.y % xblocks) * XB, at.x * CB);
+}
+
 // A block's accumulators: CB = 8 channels × XB = 4 columns, as fields (not
 // an array, so that nothing is indexed at run time).
 struct Acc8 {
@@ -99,19 +112,19 @@ fn channel(a: Acc8, j: u32) -> vec4<f32> {
     }
 }
 
-// 4 values of a row at columns ix (masked to 0 outside [0, w) or where
-// `ok` is false), from `xa` and from `xb`.
-fn row4_a(xrow: u32, ix: vec4<i32>, ok: vec4<bool>) -> vec4<f32> {
-    let m = ok & ix >= vec4<i32>(0) & ix < vec4<i32>(i32(p.w));
-    let i = min(vec4<u32>(xrow) + vec4<u32>(clamp(ix, vec4<i32>(0), vec4<i32>(i32(p.w) - 1))),
+// 4 values of a row of `width` columns starting at `base`, at columns i
+// (0 outside [0, width) and where `ok` is false), from `xa` and from `xb`.
+fn row4_a(base: u32, i: vec4<i32>, width: u32, ok: vec4<bool>) -> vec4<f32> {
+    let m = ok & i >= vec4<i32>(0) & i < vec4<i32>(i32(width));
+    let j = min(vec4<u32>(base) + vec4<u32>(clamp(i, vec4<i32>(0), vec4<i32>(i32(width) - 1))),
                 vec4<u32>(arrayLength(&xa) - 1u));
-    return select(vec4<f32>(0.0), vec4<f32>(xa[i.x], xa[i.y], xa[i.z], xa[i.w]), m);
+    return select(vec4<f32>(0.0), vec4<f32>(xa[j.x], xa[j.y], xa[j.z], xa[j.w]), m);
 }
-fn row4_b(xrow: u32, ix: vec4<i32>, ok: vec4<bool>) -> vec4<f32> {
-    let m = ok & ix >= vec4<i32>(0) & ix < vec4<i32>(i32(p.w));
-    let i = min(vec4<u32>(xrow) + vec4<u32>(clamp(ix, vec4<i32>(0), vec4<i32>(i32(p.w) - 1))),
+fn row4_b(base: u32, i: vec4<i32>, width: u32, ok: vec4<bool>) -> vec4<f32> {
+    let m = ok & i >= vec4<i32>(0) & i < vec4<i32>(i32(width));
+    let j = min(vec4<u32>(base) + vec4<u32>(clamp(i, vec4<i32>(0), vec4<i32>(i32(width) - 1))),
                 vec4<u32>(arrayLength(&xb) - 1u));
-    return select(vec4<f32>(0.0), vec4<f32>(xb[i.x], xb[i.y], xb[i.z], xb[i.w]), m);
+    return select(vec4<f32>(0.0), vec4<f32>(xb[j.x], xb[j.y], xb[j.z], xb[j.w]), m);
 }
 
 // out[n, c0 + j, y, x0 + i] (+ bias[c0 + j]) for the block's channels and
@@ -147,14 +160,12 @@ fn store8(a: Acc8, n: u32, c0: u32, cs: u32, hh: u32, ww: u32, y: u32, x0: u32, 
 fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
-    let cblocks = (p.cout + CB - 1u) / CB;
-    let at = split_launch(wid, nwg, lid, cblocks);
-    let xblocks = (p.ow + XB - 1u) / XB;
-    if (at.y >= p.n * p.oh * xblocks) { return; }
-    let ox0 = (at.y % xblocks) * XB;
-    let oy = (at.y / xblocks) % p.oh;
-    let n = at.y / (xblocks * p.oh);
-    let co0 = at.x * CB;
+    let blk = row_block(wid, nwg, lid, p.cout, p.oh, p.ow);
+    if (!blk.live) { return; }
+    let n = blk.n;
+    let oy = blk.y;
+    let ox0 = blk.x0;
+    let co0 = blk.c0;
     let kk = p.k * p.k;
     let wstride = p.cin * kk;
     let pair = vec4<bool>((p.flags & PAIR_B) != 0u);
@@ -169,7 +180,7 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 let ix = vec4<i32>(COLS * p.stride + vec4<u32>(ox0 * p.stride + kx)) - vec4<i32>(i32(p.pad));
                 let tap = (co0 * p.cin + ci) * kk + ky * p.k + kx;
                 acc = taps8(acc, co0, p.cout, p.wa_off + tap, p.wb_off + tap, wstride,
-                            row4_a(xrow, ix, row_ok), row4_b(xrow, ix, row_ok & pair));
+                            row4_a(xrow, ix, p.w, row_ok), row4_b(xrow, ix, p.w, row_ok & pair));
             }
         }
     }
@@ -183,14 +194,12 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn conv_forward_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
-    let cblocks = (p.cout + CB - 1u) / CB;
-    let at = split_launch(wid, nwg, lid, cblocks);
-    let xblocks = (p.ow + XB - 1u) / XB;
-    if (at.y >= p.n * p.oh * xblocks) { return; }
-    let ox0 = (at.y % xblocks) * XB;
-    let oy = (at.y / xblocks) % p.oh;
-    let n = at.y / (xblocks * p.oh);
-    let co0 = at.x * CB;
+    let blk = row_block(wid, nwg, lid, p.cout, p.oh, p.ow);
+    if (!blk.live) { return; }
+    let n = blk.n;
+    let oy = blk.y;
+    let ox0 = blk.x0;
+    let co0 = blk.c0;
     let wstride = p.cin * 9u;
     let pair = vec4<bool>((p.flags & PAIR_B) != 0u);
     let lo = vec4<i32>(COLS) + vec4<i32>(i32(ox0) - i32(p.pad));
@@ -202,10 +211,10 @@ fn conv_forward_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
             let row_ok = vec4<bool>(iy >= 0 && iy < i32(p.h));
             let xrow = xbase + u32(clamp(iy, 0, i32(p.h) - 1)) * p.w;
             // Columns ox0 − pad + 0..3 and + 4..5 (the window's last two).
-            let a = row4_a(xrow, lo, row_ok);
-            let a2 = row4_a(xrow, lo + vec4<i32>(4), row_ok);
-            let b = row4_b(xrow, lo, row_ok & pair);
-            let b2 = row4_b(xrow, lo + vec4<i32>(4), row_ok & pair);
+            let a = row4_a(xrow, lo, p.w, row_ok);
+            let a2 = row4_a(xrow, lo + vec4<i32>(4), p.w, row_ok);
+            let b = row4_b(xrow, lo, p.w, row_ok & pair);
+            let b2 = row4_b(xrow, lo + vec4<i32>(4), p.w, row_ok & pair);
             let tap = (co0 * p.cin + ci) * 9u + ky * 3u;
             acc = taps8(acc, co0, p.cout, p.wa_off + tap, p.wb_off + tap, wstride, a, b);
             acc = taps8(acc, co0, p.cout, p.wa_off + tap + 1u, p.wb_off + tap + 1u, wstride,
@@ -258,31 +267,17 @@ fn conv_backward_data(@builtin(workgroup_id) wid: vec3<u32>,
             // exact by the phase; row4 masks those outside [0, ow).
             let tx = vec4<i32>(ix + vec4<u32>(p.pad)) - vec4<i32>(i32(kx));
             let ox = select(vec4<i32>(-1), tx / vec4<i32>(i32(s)), tx >= vec4<i32>(0));
-            let ok = row_ok & ox >= vec4<i32>(0) & ox < vec4<i32>(i32(p.ow));
             let tap = ky * p.k + kx;
             for (var co = 0u; co < p.cout; co++) {
                 let grow = ((n * p.cout + co) * p.oh + oyc) * p.ow;
                 let wbase = (co * p.cin + ci0) * kk + tap;
                 acc = taps8(acc, ci0, p.cin, p.wa_off + wbase, p.wb_off + wbase, kk,
-                            gy4_a(grow, ox, ok), gy4_b(grow, ox, ok & pair));
+                            row4_a(grow, ox, p.ow, row_ok), row4_b(grow, ox, p.ow, row_ok & pair));
             }
         }
     }
     if (iy >= p.h) { return; }
     store8(acc, n, ci0, p.cin, p.h, p.w, iy, ix0, s, false);
-}
-
-// 4 adjoints of an output row at columns ox (masked where `ok` is false).
-// Output rows are ow wide, not w: row4_a/b check against w.
-fn gy4_a(grow: u32, ox: vec4<i32>, ok: vec4<bool>) -> vec4<f32> {
-    let i = min(vec4<u32>(grow) + vec4<u32>(clamp(ox, vec4<i32>(0), vec4<i32>(i32(p.ow) - 1))),
-                vec4<u32>(arrayLength(&xa) - 1u));
-    return select(vec4<f32>(0.0), vec4<f32>(xa[i.x], xa[i.y], xa[i.z], xa[i.w]), ok);
-}
-fn gy4_b(grow: u32, ox: vec4<i32>, ok: vec4<bool>) -> vec4<f32> {
-    let i = min(vec4<u32>(grow) + vec4<u32>(clamp(ox, vec4<i32>(0), vec4<i32>(i32(p.ow) - 1))),
-                vec4<u32>(arrayLength(&xb) - 1u));
-    return select(vec4<f32>(0.0), vec4<f32>(xb[i.x], xb[i.y], xb[i.z], xb[i.w]), ok);
 }
 
 // conv_backward_data for 3×3 taps at stride 1: column ix takes tap kx
@@ -292,31 +287,26 @@ fn gy4_b(grow: u32, ox: vec4<i32>, ok: vec4<bool>) -> vec4<f32> {
 fn conv_backward_data_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
                            @builtin(num_workgroups) nwg: vec3<u32>,
                            @builtin(local_invocation_index) lid: u32) {
-    let cblocks = (p.cin + CB - 1u) / CB;
-    let at = split_launch(wid, nwg, lid, cblocks);
-    let xblocks = (p.w + XB - 1u) / XB;
-    if (at.y >= p.n * p.h * xblocks) { return; }
-    let ix0 = (at.y % xblocks) * XB;
-    let iy = (at.y / xblocks) % p.h;
-    let n = at.y / (xblocks * p.h);
-    let ci0 = at.x * CB;
+    let blk = row_block(wid, nwg, lid, p.cin, p.h, p.w);
+    if (!blk.live) { return; }
+    let n = blk.n;
+    let iy = blk.y;
+    let ix0 = blk.x0;
+    let ci0 = blk.c0;
     let pair = vec4<bool>((p.flags & PAIR_B) != 0u);
     // Outputs ix0 + pad − 2 + 0..3 and + 4..5.
     let lo = vec4<i32>(COLS) + vec4<i32>(i32(ix0 + p.pad) - 2);
     let hi = lo + vec4<i32>(4);
-    let ow = vec4<i32>(i32(p.ow));
     var acc: Acc8;
     for (var co = 0u; co < p.cout; co++) {
         for (var ky = 0u; ky < 3u; ky++) {
             let oy = i32(iy + p.pad) - i32(ky);
             let row_ok = vec4<bool>(oy >= 0 && oy < i32(p.oh));
             let grow = ((n * p.cout + co) * p.oh + u32(clamp(oy, 0, i32(p.oh) - 1))) * p.ow;
-            let ok_lo = row_ok & lo >= vec4<i32>(0) & lo < ow;
-            let ok_hi = row_ok & hi >= vec4<i32>(0) & hi < ow;
-            let g = gy4_a(grow, lo, ok_lo);
-            let g2 = gy4_a(grow, hi, ok_hi);
-            let h = gy4_b(grow, lo, ok_lo & pair);
-            let h2 = gy4_b(grow, hi, ok_hi & pair);
+            let g = row4_a(grow, lo, p.ow, row_ok);
+            let g2 = row4_a(grow, hi, p.ow, row_ok);
+            let h = row4_b(grow, lo, p.ow, row_ok & pair);
+            let h2 = row4_b(grow, hi, p.ow, row_ok & pair);
             let wbase = (co * p.cin + ci0) * 9u + ky * 3u;
             // Tap kx for column j is output j + 2 − kx of the window.
             acc = taps8(acc, ci0, p.cin, p.wa_off + wbase, p.wb_off + wbase, 9u,
