@@ -7,7 +7,6 @@ use std::sync::OnceLock;
 
 pub const CONV: &str = include_str!("../../shaders/conv.wgsl");
 pub const CONV_WEIGHT: &str = include_str!("../../shaders/conv_weight.wgsl");
-pub const CONV_WEIGHT_K3: &str = include_str!("../../shaders/conv_weight_k3.wgsl");
 pub const CONV_WEIGHTS_UNIFORM: &str = include_str!("../../shaders/conv_weights_uniform.wgsl");
 pub const REDUCE: &str = include_str!("../../shaders/reduce.wgsl");
 pub const ELEMENTWISE: &str = include_str!("../../shaders/elementwise.wgsl");
@@ -136,8 +135,9 @@ impl Kernel {
                 "conv.wgsl+conv_weights_uniform.wgsl",
                 conv_windowed_source(),
             ),
-            ConvBackwardWeight | ConvWeightSum => ("conv_weight.wgsl", CONV_WEIGHT),
-            ConvBackwardWeightK3 => ("conv_weight_k3.wgsl", CONV_WEIGHT_K3),
+            ConvBackwardWeight | ConvBackwardWeightK3 | ConvWeightSum => {
+                ("conv_weight.wgsl", CONV_WEIGHT)
+            }
             ChannelSums | BnParamSums | SumAll => ("reduce.wgsl", REDUCE),
             ReluMask | Add | Copy => ("elementwise.wgsl", ELEMENTWISE),
             BnStats | BnForward | BnRForward | BnBackward | BnRBackward => ("bn.wgsl", BN),
