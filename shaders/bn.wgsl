@@ -3,9 +3,9 @@
 // depend on x, in running mode they are constants. The formulas are those
 // of the float64 reference (src/ops/bn.rs); per-channel sums come from
 // reduce.wgsl's channel_sums into this node's stats buffer, laid out as
-// ten rows of c values:
+// nine rows of c values (src/gpu/kernels.rs bn_rows):
 //   0 μ, 1 s, 2 Σẋ, 3 Σx̂ẋ, 4 Σgy, 5 Σgy·x̂, 6 Σ R(gy), 7 Σ R(gy)·x̂,
-//   8 (scratch), 9 Σgy·x̂̇.
+//   8 Σgy·x̂̇.
 
 struct BnParams {
     n: u32, c: u32, hw: u32, gamma_off: u32,
@@ -176,7 +176,7 @@ fn bn_backward(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-// ---- R-backward: R(gx) (R(gγ), R(gβ) are rows 7 + 9 and 6 of the stats).
+// ---- R-backward: R(gx) (R(gγ), R(gβ) are rows 7 + 8 and 6 of the stats).
 @group(0) @binding(1) var<storage, read> rb_gy: array<f32>;
 @group(0) @binding(2) var<storage, read> rb_rgy: array<f32>;
 @group(0) @binding(3) var<storage, read> rb_xhat: array<f32>;
@@ -204,7 +204,7 @@ fn bn_r_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let m_gx = gamma * sum_gy_xh / m;
     let m_rg = (dgamma * sum_gy + gamma * rb_stats[6u * c + ch]) / m;
     let m_mix = (dgamma * sum_gy_xh + gamma * rb_stats[7u * c + ch]
-        + gamma * rb_stats[9u * c + ch]) / m;
+        + gamma * rb_stats[8u * c + ch]) / m;
     let sdot = -s * s * rb_stats[3u * c + ch] / m;
     let acc = (p.flags & ACC) != 0u;
     for (var i = q.x; i < q.x + q.y; i++) {

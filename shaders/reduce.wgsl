@@ -55,6 +55,11 @@ fn reduce_pair(lid: u32, a: f32, ab: f32) -> vec2<f32> {
     return vec2<f32>(s, t);
 }
 
+// The j-th of channel ch's n·hw elements in [n, c, hw].
+fn channel_element(j: u32, ch: u32) -> u32 {
+    return ((j / p.hw) * p.c + ch) * p.hw + j % p.hw;
+}
+
 // Per channel ch of [n, c, hw]: out[out_a + ch] = Σ a, and with HAS_B
 // out[out_b + ch] = Σ a·b. One workgroup per channel.
 @compute @workgroup_size(256)
@@ -66,7 +71,7 @@ fn channel_sums(@builtin(workgroup_id) wid: vec3<u32>,
     var sa = 0.0;
     var sab = 0.0;
     for (var j = lid; j < count; j += WG) {
-        let i = ((j / p.hw) * p.c + ch) * p.hw + j % p.hw;
+        let i = channel_element(j, ch);
         let av = a[i];
         sa += av;
         if (has_b) {
@@ -114,7 +119,7 @@ fn bn_param_sums(@builtin(workgroup_id) wid: vec3<u32>,
     var sab = 0.0;
     var scd = 0.0;
     for (var j = lid; j < count; j += WG) {
-        let i = ((j / p.hw) * p.c + ch) * p.hw + j % p.hw;
+        let i = channel_element(j, ch);
         let av = a[i];
         sa += av;
         sab += av * b[i];

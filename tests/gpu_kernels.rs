@@ -1256,7 +1256,7 @@ fn batch_norm_kernels_match() {
                 }
 
                 // ---- R-backward: rows 6, 7 = ΣR(gy), ΣR(gy)·x̂ and
-                // 9 = Σgy·x̂̇ over the kernels' own x̂, x̂̇, in one dispatch.
+                // 8 = Σgy·x̂̇ over the kernels' own x̂, x̂̇, in one dispatch.
                 let h0 = rnd(&mut r, plen);
                 let ph = upload(&ctx, "Hv", &h0);
                 param_sums(
@@ -1290,8 +1290,8 @@ fn batch_norm_kernels_match() {
                     &plus(&scale(&|i| rgy[i]), &abs(&h0[boff..boff + c])),
                     TOL,
                 );
-                let rg = plus(&got[row(7)], &got[row(9)]);
-                // R(gγ) = row 7 + row 9: two sums that may cancel.
+                let rg = plus(&got[row(7)], &got[row(bn_rows::SUM_GY_XHD)]);
+                // R(gγ) = row 7 + row 8: two sums that may cancel.
                 worst.check_scaled(
                     "bn_param_sums",
                     &format!("{what} R(gγ)"),

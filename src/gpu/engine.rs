@@ -498,57 +498,53 @@ impl Builder<'_> {
                     let (goff, boff) = (self.param_off(gamma), self.param_off(beta));
                     let fl = if acc { flags::BN_ACC } else { 0 };
                     let bp = self.bn_params(n, c, hw, gamma, beta, fl);
-                    if !r {
-                        let p = params(&[
-                            n as u32,
-                            c as u32,
-                            hw as u32,
-                            (bn_rows::SUM_GY * c) as u32,
-                            (bn_rows::SUM_GY_XHAT * c) as u32,
-                            0,
-                            0,
-                            0,
-                            boff as u32,
-                            goff as u32,
-                        ]);
-                        let d = self.dummy;
-                        self.push(
-                            Kernel::BnParamSums,
-                            p,
-                            vec![gy, xhat, stats, d, d, target],
-                            Grid::Groups(c),
-                        );
-                        self.push(
-                            Kernel::BnBackward,
-                            bp,
-                            vec![gy, xhat, stats, self.theta, gx],
-                            Grid::Threads(kernels::bn_threads(n, c, hw)),
-                        );
-                    } else {
+                    // The statistics rows the input gradient needs, with γ's
+                    // and β's gradient (or Hv) added into `target`: Σgy and
+                    // Σgy·x̂; the R-pass's ΣR(gy), ΣR(gy)·x̂ and Σgy·x̂̇.
+                    let d = self.dummy;
+                    let (rows, (c2, d2), pair2) = if r {
                         let xhd = ws.xhd[i].unwrap();
-                        let p = params(&[
-                            n as u32,
-                            c as u32,
-                            hw as u32,
-                            (bn_rows::SUM_RGY * c) as u32,
-                            (bn_rows::SUM_RGY_XHAT * c) as u32,
+                        (
+                            [bn_rows::SUM_RGY, bn_rows::SUM_RGY_XHAT, bn_rows::SUM_GY_XHD],
+                            (g_plain, xhd),
                             flags::SUMS_PAIR2,
-                            0,
-                            (bn_rows::SUM_GY_XHD * c) as u32,
-                            boff as u32,
-                            goff as u32,
-                        ]);
-                        self.push(
-                            Kernel::BnParamSums,
-                            p,
-                            vec![gy, xhat, stats, g_plain, xhd, target],
-                            Grid::Groups(c),
-                        );
+                        )
+                    } else {
+                        ([bn_rows::SUM_GY, bn_rows::SUM_GY_XHAT, 0], (d, d), 0)
+                    };
+                    let p = params(&[
+                        n as u32,
+                        c as u32,
+                        hw as u32,
+                        (rows[0] * c) as u32,
+                        (rows[1] * c) as u32,
+                        pair2,
+                        0,
+                        (rows[2] * c) as u32,
+                        boff as u32,
+                        goff as u32,
+                    ]);
+                    self.push(
+                        Kernel::BnParamSums,
+                        p,
+                        vec![gy, xhat, stats, c2, d2, target],
+                        Grid::Groups(c),
+                    );
+                    let grid = Grid::Threads(kernels::bn_threads(n, c, hw));
+                    if r {
+                        let xhd = ws.xhd[i].unwrap();
                         self.push(
                             Kernel::BnRBackward,
                             bp,
                             vec![g_plain, gy, xhat, xhd, stats, self.theta, self.v, gx],
-                            Grid::Threads(kernels::bn_threads(n, c, hw)),
+                            grid,
+                        );
+                    } else {
+                        self.push(
+                            Kernel::BnBackward,
+                            bp,
+                            vec![gy, xhat, stats, self.theta, gx],
+                            grid,
                         );
                     }
                 }

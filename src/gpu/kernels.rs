@@ -230,9 +230,8 @@ pub mod bn_rows {
     pub const SUM_GY_XHAT: usize = 5;
     pub const SUM_RGY: usize = 6;
     pub const SUM_RGY_XHAT: usize = 7;
-    pub const SCRATCH: usize = 8;
-    pub const SUM_GY_XHD: usize = 9;
-    pub const COUNT: usize = 10;
+    pub const SUM_GY_XHD: usize = 8;
+    pub const COUNT: usize = 9;
 }
 
 /// A kernel's uniform block: 16 words (u32 or f32 bits), 64 bytes.
