@@ -310,6 +310,49 @@ fn conv_cases() -> Vec<conv::ConvGeom> {
     out
 }
 
+/// The forms of a conv kernel to test on one shape: the general kernel and
+/// its uniform-window twin, and on 3×3 stride-1 shapes the specialised
+/// pair too, as (kernel, report name, reads weights through a window).
+fn conv_forms(general: Kernel, k3: bool) -> Vec<(Kernel, &'static str, bool)> {
+    use Kernel::*;
+    let (all, k3_forms) = match general {
+        ConvForward => (
+            [
+                (ConvForward, "conv_forward", false),
+                (ConvForwardWindowed, "conv_forward_windowed", true),
+            ],
+            [
+                (ConvForwardK3, "conv_forward_k3s1", false),
+                (ConvForwardK3Windowed, "conv_forward_k3s1_windowed", true),
+            ],
+        ),
+        ConvBackwardData => (
+            [
+                (ConvBackwardData, "conv_backward_data", false),
+                (
+                    ConvBackwardDataWindowed,
+                    "conv_backward_data_windowed",
+                    true,
+                ),
+            ],
+            [
+                (ConvBackwardDataK3, "conv_backward_data_k3s1", false),
+                (
+                    ConvBackwardDataK3Windowed,
+                    "conv_backward_data_k3s1_windowed",
+                    true,
+                ),
+            ],
+        ),
+        _ => panic!("no forms of {general:?}"),
+    };
+    let mut forms = all.to_vec();
+    if k3 {
+        forms.extend(k3_forms);
+    }
+    forms
+}
+
 #[test]
 fn conv_kernels_match_the_reference() {
     let mut worst = Worst::default();
@@ -417,25 +460,8 @@ fn conv_kernels_match_the_reference() {
                     fl |= flags::CONV_ACC;
                 }
                 let y0 = rnd(&mut r, yl);
-                let mut variants = vec![
-                    (Kernel::ConvForward, "conv_forward", &tb, &vb),
-                    (
-                        Kernel::ConvForwardWindowed,
-                        "conv_forward_windowed",
-                        &tbw,
-                        &vbw,
-                    ),
-                ];
-                if k3 {
-                    variants.push((Kernel::ConvForwardK3, "conv_forward_k3s1", &tb, &vb));
-                    variants.push((
-                        Kernel::ConvForwardK3Windowed,
-                        "conv_forward_k3s1_windowed",
-                        &tbw,
-                        &vbw,
-                    ));
-                }
-                for (kernel, name, tw, vw) in variants {
+                for (kernel, name, windowed) in conv_forms(Kernel::ConvForward, k3) {
+                    let (tw, vw) = if windowed { (&tbw, &vbw) } else { (&tb, &vb) };
                     let y = if acc {
                         upload(&ctx, "y", &y0)
                     } else {
@@ -481,52 +507,22 @@ fn conv_kernels_match_the_reference() {
                 } else {
                     conv::backward_data_acc(g, &gy, wt, &mut want);
                 }
-                let mut variants = vec![
-                    (Kernel::ConvBackwardData, "conv_backward_data", &tb, &vb),
-                    (
-                        Kernel::ConvBackwardDataWindowed,
-                        "conv_backward_data_windowed",
-                        &tbw,
-                        &vbw,
-                    ),
-                ];
-                if k3 {
-                    variants.push((
-                        Kernel::ConvBackwardDataK3,
-                        "conv_backward_data_k3s1",
-                        &tb,
-                        &vb,
-                    ));
-                    variants.push((
-                        Kernel::ConvBackwardDataK3Windowed,
-                        "conv_backward_data_k3s1_windowed",
-                        &tbw,
-                        &vbw,
-                    ));
-                }
-                for (kernel, name, tw, vw) in variants {
+                for (kernel, name, windowed) in conv_forms(Kernel::ConvBackwardData, k3) {
+                    let (tw, vw) = if windowed { (&tbw, &vbw) } else { (&tb, &vb) };
                     let gx = if acc {
                         upload(&ctx, "gx", &gx0)
                     } else {
                         poisoned(&ctx, "gx", xl)
                     };
-                    if pair {
-                        run(
-                            &ctx,
-                            kernel,
-                            &pr(woff, woff, fl | flags::CONV_PAIR_B, 0),
-                            &[&rgyb, tw, &gyb, vw, &gx],
-                            dgrid,
-                        );
+                    let (p, bufs) = if pair {
+                        (
+                            pr(woff, woff, fl | flags::CONV_PAIR_B, 0),
+                            [&rgyb, tw, &gyb, vw, &gx],
+                        )
                     } else {
-                        run(
-                            &ctx,
-                            kernel,
-                            &pr(woff, 0, fl, 0),
-                            &[&gyb, tw, &gyb, tw, &gx],
-                            dgrid,
-                        );
-                    }
+                        (pr(woff, 0, fl, 0), [&gyb, tw, &gyb, tw, &gx])
+                    };
+                    run(&ctx, kernel, &p, &bufs, dgrid);
                     worst.check(
                         name,
                         &format!("{what} backward data pair={pair} acc={acc}"),
