@@ -940,6 +940,21 @@ fn folded_grids_cover_every_element() {
 
 // ---------------------------------------------------------------- batch norm
 
+/// What bn_param_sums added into a parameter buffer: `got` against the
+/// sums `want` added to the buffer's initial values `init`, the scale
+/// widened by |init|.
+fn added(worst: &mut Worst, what: &str, got: &[f64], init: &[f64], want: &[f64], scale: &[f64]) {
+    let init_abs: Vec<f64> = init.iter().map(|x| x.abs()).collect();
+    worst.check_scaled(
+        "bn_param_sums",
+        what,
+        got,
+        &plus(want, init),
+        &plus(scale, &init_abs),
+        TOL,
+    );
+}
+
 #[test]
 fn batch_norm_kernels_match() {
     let mut worst = Worst::default();
@@ -1182,33 +1197,21 @@ fn batch_norm_kernels_match() {
                 let (gx, dgam, dbet) = bn::backward(&g, batch, &gy, &xhat, &s, gamma);
                 let got = read(&ctx, &stats);
                 let gotp = read(&ctx, &pg);
-                worst.check_scaled(
-                    "bn_param_sums",
+                added(
+                    &mut worst,
                     &format!("{what} gγ added"),
                     &gotp[goff..goff + c],
-                    &plus(&dgam, &p0[goff..goff + c]),
-                    &plus(
-                        &scale(&|i| gy[i] * xhat[i]),
-                        &p0[goff..goff + c]
-                            .iter()
-                            .map(|x| x.abs())
-                            .collect::<Vec<_>>(),
-                    ),
-                    TOL,
+                    &p0[goff..goff + c],
+                    &dgam,
+                    &scale(&|i| gy[i] * xhat[i]),
                 );
-                worst.check_scaled(
-                    "bn_param_sums",
+                added(
+                    &mut worst,
                     &format!("{what} gβ added"),
                     &gotp[boff..boff + c],
-                    &plus(&dbet, &p0[boff..boff + c]),
-                    &plus(
-                        &scale(&|i| gy[i]),
-                        &p0[boff..boff + c]
-                            .iter()
-                            .map(|x| x.abs())
-                            .collect::<Vec<_>>(),
-                    ),
-                    TOL,
+                    &p0[boff..boff + c],
+                    &dbet,
+                    &scale(&|i| gy[i]),
                 );
                 worst.check_scaled(
                     "bn_param_sums",
@@ -1266,25 +1269,21 @@ fn batch_norm_kernels_match() {
                     bn::r_backward(&g, batch, &gy, &rgy, &xhat, &xhd, &s, &mxx, gamma, dgamma);
                 let got = read(&ctx, &stats);
                 let gotp = read(&ctx, &ph);
-                let abs = |v: &[f64]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
-                worst.check_scaled(
-                    "bn_param_sums",
+                added(
+                    &mut worst,
                     &format!("{what} R(gγ) added"),
                     &gotp[goff..goff + c],
-                    &plus(&rdgam, &h0[goff..goff + c]),
-                    &plus(
-                        &scale(&|i| (rgy[i] * xhat[i]).abs() + (gy[i] * xhd[i]).abs()),
-                        &abs(&h0[goff..goff + c]),
-                    ),
-                    TOL,
+                    &h0[goff..goff + c],
+                    &rdgam,
+                    &scale(&|i| (rgy[i] * xhat[i]).abs() + (gy[i] * xhd[i]).abs()),
                 );
-                worst.check_scaled(
-                    "bn_param_sums",
+                added(
+                    &mut worst,
                     &format!("{what} R(gβ) added"),
                     &gotp[boff..boff + c],
-                    &plus(&rdbet, &h0[boff..boff + c]),
-                    &plus(&scale(&|i| rgy[i]), &abs(&h0[boff..boff + c])),
-                    TOL,
+                    &h0[boff..boff + c],
+                    &rdbet,
+                    &scale(&|i| rgy[i]),
                 );
                 let rg = plus(&got[row(7)], &got[row(bn_rows::SUM_GY_XHD)]);
                 // R(gγ) = row 7 + row 8: two sums that may cancel.
