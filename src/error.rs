@@ -1,34 +1,47 @@
 //! Typed library errors. The CLI wraps these with `anyhow` context; the
 //! library never panics on bad input.
+//!
+//! Every text an error shows that may come from a file (tensor names,
+//! architecture lines, CIFAR file names, paths) goes through [`escape`],
+//! so a crafted name cannot drive the terminal.
 
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", escape_path(.path))]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {msg}")]
+    #[error("{}: {}", escape_path(.path), escape(.msg))]
     Format { path: PathBuf, msg: String },
-    #[error("architecture {file}, line {line}: {msg}")]
+    #[error("architecture {}, line {line}: {}", escape(.file), escape(.msg))]
     Architecture {
         file: String,
         line: usize,
         msg: String,
     },
-    #[error("unknown model `{0}` (known: {1})")]
+    #[error("unknown model `{}` (known: {})", escape(.0), .1)]
     UnknownModel(String, String),
-    #[error("tensor `{name}` in {file}: {msg}")]
+    #[error("tensor `{}` in {}: {}", escape(.name), escape(.file), escape(.msg))]
     Tensor {
         file: String,
         name: String,
         msg: String,
     },
-    #[error("data {file}: {msg}")]
+    #[error("data {}: {}", escape(.file), escape(.msg))]
     Data { file: String, msg: String },
+    /// An input or setting the caller gave is invalid. `what` names it in
+    /// the library's terms ("batch size", "direction v"); the CLI maps it to
+    /// its flag. Library code uses this, never `Argument`.
+    #[error("invalid {what}: {}", escape(.msg))]
+    Invalid { what: &'static str, msg: String },
+    /// A layer the engine cannot compute on this executor or device: `layer`
+    /// is its module name (or kind), `msg` states the limit.
+    #[error("layer `{layer}`: {msg}")]
+    Unsupported { layer: String, msg: String },
     #[error("invalid argument {flag}: {msg}")]
     Argument { flag: String, msg: String },
     #[error("GPU: {0}")]
@@ -59,4 +72,34 @@ impl Error {
             source,
         }
     }
+}
+
+/// Whether `c` can move the cursor, recolour or reorder what a terminal
+/// shows: C0/C1 controls (ESC, CR, BEL, ...) and the Unicode bidirectional
+/// overrides and isolates.
+fn is_terminal_control(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` with every terminal control character written as a Rust escape
+/// (`\u{1b}`, `\n`, `\u{202e}`), for error messages that quote names read
+/// from files. Text without such characters comes back unchanged.
+pub fn escape(s: &str) -> String {
+    if !s.chars().any(is_terminal_control) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if is_terminal_control(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn escape_path(p: &std::path::Path) -> String {
+    escape(&p.display().to_string())
 }

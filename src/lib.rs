@@ -15,3 +15,4 @@ pub mod data;
 pub mod engine;
 pub mod model;
 pub mod ops;
+pub mod report;

@@ -9,25 +9,75 @@
 //! model   NAME
 //! input   C H W
 //! classes K
-//! conv    NAME COUT k=K [stride=S] [pad=P] [bias=true|false]
-//! bn      NAME
+//! conv    NAME COUT k=K [stride=1] [pad=0] [bias=true|false]
+//! bn      NAME                       # BatchNorm2d
 //! relu    [NAME]
-//! maxpool [NAME] k=K [stride=S] [pad=P]
-//! gap     [NAME]
-//! flatten [NAME]
+//! leaky_relu [NAME] [slope=0.01]
+//! tanh | sigmoid | gelu | silu [NAME]
+//! maxpool [NAME] k=K [stride=K] [pad=0]
+//! avgpool [NAME] k=K [stride=K] [pad=0]   # AvgPool2d, count_include_pad
+//! gap     [NAME]                     # global average pool -> flat [C]
+//! flatten [NAME]                     # -> flat [C*H*W]
 //! linear  NAME DOUT [bias=true|false]
 //! residual NAME        # main branch from the block input ...
 //! shortcut             # ... optional projection branch from the same input
 //! end                  # out = main + shortcut (identity when absent)
-//! basicblock NAME COUT [stride=S] [bn=true|false] [shortcut=NAME]
+//! basicblock NAME COUT [stride=1] [bn=true|false] [shortcut=NAME]
 //! ```
 //! `basicblock` expands to the ResNet BasicBlock of the spec, including its
 //! final ReLU.
+//!
+//! The parser refuses what PyTorch would refuse to build or run: a conv,
+//! batch norm or pool on a flat input (after `flatten`, `gap` or `linear`),
+//! a `linear` on an image, a pool with pad > k/2, a kernel larger than its
+//! padded input. Every shape is computed with checked arithmetic, and no
+//! value (per sample) or parameter tensor may exceed
+//! [`MAX_ELEMENTS`](super::MAX_ELEMENTS) elements, nor the model that many
+//! parameters in all. A model without trainable parameters is an error.
 
-use super::graph::{BufferSpec, Init, Node, Op, ParamSpec, Shape};
-use super::Model;
+use super::graph::{Activation, BufferSpec, Init, Node, Op, ParamSpec, Shape};
+use super::{Model, MAX_ARCH_BYTES, MAX_ELEMENTS};
 use crate::error::{Error, Result};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+
+/// Every keyword of the format, in the order the usage lists them.
+pub const KEYWORDS: &[&str] = &[
+    "model",
+    "input",
+    "classes",
+    "conv",
+    "bn",
+    "relu",
+    "leaky_relu",
+    "tanh",
+    "sigmoid",
+    "gelu",
+    "silu",
+    "maxpool",
+    "avgpool",
+    "gap",
+    "flatten",
+    "linear",
+    "residual",
+    "shortcut",
+    "end",
+    "basicblock",
+];
+
+/// The `key=value` options each keyword takes.
+fn options(kw: &str) -> &'static [&'static str] {
+    match kw {
+        "conv" => &["k", "stride", "pad", "bias"],
+        "maxpool" | "avgpool" => &["k", "stride", "pad"],
+        "leaky_relu" => &["slope"],
+        "linear" => &["bias"],
+        "basicblock" => &["stride", "bn", "shortcut"],
+        _ => &[],
+    }
+}
+
+/// PyTorch's default LeakyReLU slope.
+pub const DEFAULT_LEAKY_SLOPE: f64 = 0.01;
 
 struct Parser<'a> {
     file: &'a str,
@@ -38,8 +88,13 @@ struct Parser<'a> {
     nodes: Vec<Node>,
     params: Vec<ParamSpec>,
     buffers: Vec<BufferSpec>,
+    /// Elements of every trainable tensor so far (checked against the limit).
+    n_params: usize,
     /// (value id, shape) of the current tensor.
     cur: Option<(usize, Shape)>,
+    /// Per value id: whether it is flat (`[N, C]` in PyTorch: after
+    /// `flatten`, `gap` or `linear`) rather than an image `[N, C, H, W]`.
+    flat: Vec<bool>,
     /// Open residual blocks: (prefix, block input, main-branch end once `shortcut` is seen).
     blocks: Vec<Block>,
 }
@@ -58,6 +113,24 @@ fn err(file: &str, line: usize, msg: impl Into<String>) -> Error {
     }
 }
 
+/// A PyTorch module path: `.`-separated, non-empty parts of ASCII letters,
+/// digits and `_` (`layer1.0.conv1`, `features.3`).
+fn is_module_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|part| {
+            !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+}
+
+/// `a·b·…` with the operands written out, for errors.
+fn product_text(parts: &[usize]) -> String {
+    parts
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join("·")
+}
+
 impl<'a> Parser<'a> {
     fn e(&self, msg: impl Into<String>) -> Error {
         err(self.file, self.line, msg)
@@ -73,20 +146,99 @@ impl<'a> Parser<'a> {
         s
     }
 
+    /// The full name of an optional (parameter-free) layer name.
+    fn optional_name(&self, local: &str) -> String {
+        if local.is_empty() {
+            String::new()
+        } else {
+            self.full_name(local)
+        }
+    }
+
     fn cur(&self) -> Result<(usize, Shape)> {
         self.cur
             .ok_or_else(|| self.e("`input C H W` must come before the first layer"))
+    }
+
+    fn is_flat(&self, value: usize) -> bool {
+        self.flat.get(value).copied().unwrap_or(false)
+    }
+
+    /// The current value, which must be an image `[C, H, W]`: PyTorch's
+    /// Conv2d, BatchNorm2d and the 2-d pools raise on a 2-D `[N, C]` input.
+    fn image_input(&self, kw: &str, torch: &str) -> Result<(usize, Shape)> {
+        let (v, s) = self.cur()?;
+        if self.is_flat(v) {
+            return Err(self.e(format!(
+                "{kw} needs an image [C, H, W], but its input is flat [{}] (after `flatten`, \
+                 `gap` or `linear`); PyTorch's {torch} raises on a 2-D input",
+                s.c
+            )));
+        }
+        Ok((v, s))
+    }
+
+    /// The product of `parts` as the element count of `what`, refusing
+    /// overflow and anything above [`MAX_ELEMENTS`].
+    fn elements(&self, what: &str, parts: &[usize]) -> Result<usize> {
+        let n = parts
+            .iter()
+            .try_fold(1usize, |acc, &p| acc.checked_mul(p))
+            .filter(|&n| n <= MAX_ELEMENTS)
+            .ok_or_else(|| {
+                self.e(format!(
+                    "{what} would have {} elements, above the limit of {MAX_ELEMENTS} \
+                     elements per tensor",
+                    product_text(parts)
+                ))
+            })?;
+        Ok(n)
+    }
+
+    /// A per-sample shape, checked against the element limit.
+    fn shape(&self, what: &str, c: usize, h: usize, w: usize) -> Result<Shape> {
+        self.elements(what, &[c, h, w])?;
+        Ok(Shape::new(c, h, w))
+    }
+
+    /// Output length of a window of size `k`, `stride` and zero padding
+    /// `pad` over `size` inputs: ⌊(size + 2·pad − k)/stride⌋ + 1.
+    fn window_out(
+        &self,
+        layer: &str,
+        size: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<usize> {
+        let padded = pad
+            .checked_mul(2)
+            .and_then(|p| p.checked_add(size))
+            .ok_or_else(|| self.e(format!("{layer}: pad={pad} is too large")))?;
+        if padded < k {
+            return Err(self.e(format!(
+                "{layer}: kernel size {k} is larger than the padded input ({size} + 2·{pad} = {padded})"
+            )));
+        }
+        Ok((padded - k) / stride + 1)
     }
 
     fn add_param(&mut self, name: String, shape: Vec<usize>, init: Init) -> Result<usize> {
         if self.params.iter().any(|p| p.name == name) {
             return Err(self.e(format!("duplicate tensor name `{name}`")));
         }
-        let offset = self
-            .params
-            .last()
-            .map(|p| p.offset + p.numel())
-            .unwrap_or(0);
+        let numel = self.elements(&format!("parameter `{name}`"), &shape)?;
+        let offset = self.n_params;
+        self.n_params = offset
+            .checked_add(numel)
+            .filter(|&n| n <= MAX_ELEMENTS)
+            .ok_or_else(|| {
+                self.e(format!(
+                    "`{name}` brings the model to {} parameters, above the limit of \
+                     {MAX_ELEMENTS}",
+                    offset as u128 + numel as u128
+                ))
+            })?;
         self.params.push(ParamSpec {
             name,
             shape,
@@ -101,7 +253,14 @@ impl<'a> Parser<'a> {
         self.buffers.len() - 1
     }
 
-    fn push(&mut self, name: String, op: Op, inputs: Vec<usize>, out_shape: Shape) -> Result<()> {
+    fn push(
+        &mut self,
+        name: String,
+        op: Op,
+        inputs: Vec<usize>,
+        out_shape: Shape,
+        flat: bool,
+    ) -> Result<()> {
         let in_shape = self.cur()?.1;
         self.nodes.push(Node {
             name,
@@ -110,6 +269,7 @@ impl<'a> Parser<'a> {
             in_shape,
             out_shape,
         });
+        self.flat.push(flat);
         self.cur = Some((self.nodes.len(), out_shape));
         Ok(())
     }
@@ -123,15 +283,15 @@ impl<'a> Parser<'a> {
         pad: usize,
         bias: bool,
     ) -> Result<()> {
-        let (v, s) = self.cur()?;
+        let (v, s) = self.image_input("conv", "Conv2d")?;
         if k == 0 || stride == 0 || cout == 0 {
             return Err(self.e("conv needs positive COUT, k and stride"));
         }
-        if s.h + 2 * pad < k || s.w + 2 * pad < k {
-            return Err(self.e(format!("conv kernel {k} larger than padded input {s}")));
-        }
         let name = self.full_name(local);
-        let fan_in = s.c * k * k;
+        let h = self.window_out(&format!("conv `{name}`"), s.h, k, stride, pad)?;
+        let w = self.window_out(&format!("conv `{name}`"), s.w, k, stride, pad)?;
+        let out = self.shape(&format!("the output of conv `{name}`"), cout, h, w)?;
+        let fan_in = self.elements(&format!("conv `{name}`'s fan-in"), &[s.c, k, k])?;
         let weight = self.add_param(
             format!("{name}.weight"),
             vec![cout, s.c, k, k],
@@ -146,11 +306,6 @@ impl<'a> Parser<'a> {
         } else {
             None
         };
-        let out = Shape::new(
-            cout,
-            (s.h + 2 * pad - k) / stride + 1,
-            (s.w + 2 * pad - k) / stride + 1,
-        );
         let op = Op::Conv {
             weight,
             bias,
@@ -160,11 +315,11 @@ impl<'a> Parser<'a> {
             stride,
             pad,
         };
-        self.push(name, op, vec![v], out)
+        self.push(name, op, vec![v], out, false)
     }
 
     fn bn(&mut self, local: &str) -> Result<()> {
-        let (v, s) = self.cur()?;
+        let (v, s) = self.image_input("bn", "BatchNorm2d")?;
         let name = self.full_name(local);
         let gamma = self.add_param(format!("{name}.weight"), vec![s.c], Init::Const(1.0))?;
         let beta = self.add_param(format!("{name}.bias"), vec![s.c], Init::Const(0.0))?;
@@ -177,17 +332,82 @@ impl<'a> Parser<'a> {
             running_var,
             c: s.c,
         };
-        self.push(name, op, vec![v], s)
+        self.push(name, op, vec![v], s, false)
     }
 
-    fn relu(&mut self, local: &str) -> Result<()> {
+    fn act(&mut self, local: &str, a: Activation) -> Result<()> {
         let (v, s) = self.cur()?;
-        let name = if local.is_empty() {
-            String::new()
+        let name = self.optional_name(local);
+        let flat = self.is_flat(v);
+        self.push(name, Op::Act(a), vec![v], s, flat)
+    }
+
+    fn pool(&mut self, kw: &str, local: &str, k: usize, stride: usize, pad: usize) -> Result<()> {
+        let torch = if kw == "maxpool" {
+            "MaxPool2d"
         } else {
-            self.full_name(local)
+            "AvgPool2d"
         };
-        self.push(name, Op::Relu, vec![v], s)
+        let (v, s) = self.image_input(kw, torch)?;
+        if k == 0 || stride == 0 {
+            return Err(self.e(format!("{kw} needs positive k and stride")));
+        }
+        // PyTorch: "pad should be at most half of effective kernel size".
+        if pad > k / 2 {
+            return Err(self.e(format!(
+                "{kw} k={k} pad={pad}: pad should be at most half of effective kernel size \
+                 (pad <= {}), as PyTorch's {torch} requires",
+                k / 2
+            )));
+        }
+        let name = self.optional_name(local);
+        let label = format!("{kw} k={k} stride={stride} pad={pad}");
+        let h = self.window_out(&label, s.h, k, stride, pad)?;
+        let w = self.window_out(&label, s.w, k, stride, pad)?;
+        let out = Shape::new(s.c, h, w);
+        let op = if kw == "maxpool" {
+            Op::MaxPool { k, stride, pad }
+        } else {
+            Op::AvgPool { k, stride, pad }
+        };
+        self.push(name, op, vec![v], out, false)
+    }
+
+    fn linear(&mut self, local: &str, dout: usize, bias: bool) -> Result<()> {
+        let (v, s) = self.cur()?;
+        if !self.is_flat(v) {
+            return Err(self.e(format!(
+                "linear needs a flat input, got the image {s}: add `flatten` or `gap`"
+            )));
+        }
+        if dout == 0 {
+            return Err(self.e("linear needs a positive DOUT"));
+        }
+        let name = self.full_name(local);
+        let din = s.c;
+        let out = self.shape(&format!("the output of linear `{name}`"), dout, 1, 1)?;
+        let weight = self.add_param(
+            format!("{name}.weight"),
+            vec![dout, din],
+            Init::UniformFanIn(din),
+        )?;
+        let bias = if bias {
+            Some(self.add_param(format!("{name}.bias"), vec![dout], Init::UniformFanIn(din))?)
+        } else {
+            None
+        };
+        self.push(
+            name,
+            Op::Linear {
+                weight,
+                bias,
+                din,
+                dout,
+            },
+            vec![v],
+            out,
+            true,
+        )
     }
 
     fn basicblock(
@@ -198,13 +418,13 @@ impl<'a> Parser<'a> {
         bn: bool,
         sc_name: &str,
     ) -> Result<()> {
-        let (_, s) = self.cur()?;
+        let (_, s) = self.image_input("basicblock", "Conv2d")?;
         self.open_block(local)?;
         self.conv("conv1", cout, 3, stride, 1, !bn)?;
         if bn {
             self.bn("bn1")?;
         }
-        self.relu("")?;
+        self.act("", Activation::Relu)?;
         self.conv("conv2", cout, 3, 1, 1, !bn)?;
         if bn {
             self.bn("bn2")?;
@@ -217,7 +437,7 @@ impl<'a> Parser<'a> {
             }
         }
         self.close_block()?;
-        self.relu("")
+        self.act("", Activation::Relu)
     }
 
     fn open_block(&mut self, local: &str) -> Result<()> {
@@ -254,35 +474,29 @@ impl<'a> Parser<'a> {
             Some(m) => (m, cur),
             None => (cur, b.input),
         };
-        if main.1 != short.1 {
+        let (main_flat, short_flat) = (self.is_flat(main.0), self.is_flat(short.0));
+        if main.1 != short.1 || main_flat != short_flat {
+            let show = |s: Shape, flat: bool| {
+                if flat {
+                    format!("flat [{}]", s.c)
+                } else {
+                    s.to_string()
+                }
+            };
             return Err(self.e(format!(
                 "residual `{}`: main branch gives {} but shortcut gives {}",
-                b.prefix, main.1, short.1
+                b.prefix,
+                show(main.1, main_flat),
+                show(short.1, short_flat)
             )));
         }
         let name = self.full_name(&b.prefix);
         self.cur = Some(main);
-        self.push(name, Op::Add, vec![main.0, short.0], main.1)
+        self.push(name, Op::Add, vec![main.0, short.0], main.1, main_flat)
     }
 
     fn line(&mut self, words: &[&str]) -> Result<()> {
         let (kw, rest) = (words[0], &words[1..]);
-        const KEYWORDS: &[&str] = &[
-            "model",
-            "input",
-            "classes",
-            "conv",
-            "bn",
-            "relu",
-            "maxpool",
-            "gap",
-            "flatten",
-            "linear",
-            "residual",
-            "shortcut",
-            "end",
-            "basicblock",
-        ];
         if !KEYWORDS.contains(&kw) {
             return Err(self.e(format!(
                 "unknown layer `{kw}` (known: {})",
@@ -290,11 +504,21 @@ impl<'a> Parser<'a> {
             )));
         }
         let mut pos = Vec::new();
-        let mut kv = HashMap::new();
+        let mut kv: BTreeMap<&str, &str> = BTreeMap::new();
+        let allowed = options(kw);
         for w in rest {
             match w.split_once('=') {
                 Some((k, v)) => {
-                    kv.insert(k.to_string(), v.to_string());
+                    if !allowed.contains(&k) {
+                        return Err(self.e(if allowed.is_empty() {
+                            format!("{kw}: unknown option `{k}` ({kw} takes no options)")
+                        } else {
+                            format!("{kw}: unknown option `{k}` (known: {})", allowed.join(", "))
+                        }));
+                    }
+                    if kv.insert(k, v).is_some() {
+                        return Err(self.e(format!("{kw}: option `{k}` is given twice")));
+                    }
                 }
                 None => pos.push(*w),
             }
@@ -305,7 +529,10 @@ impl<'a> Parser<'a> {
                 err(
                     file,
                     line,
-                    format!("{kw}: {what} must be a whole number, got `{s}`"),
+                    format!(
+                        "{kw}: {what} must be a whole number from 0 to {}, got `{s}`",
+                        usize::MAX
+                    ),
                 )
             })
         };
@@ -313,7 +540,7 @@ impl<'a> Parser<'a> {
             kv.get(key).map(|v| num(v, key)).unwrap_or(Ok(default))
         };
         let flag = |key: &str, default: bool| -> Result<bool> {
-            match kv.get(key).map(|s| s.as_str()) {
+            match kv.get(key).copied() {
                 None => Ok(default),
                 Some("true") => Ok(true),
                 Some("false") => Ok(false),
@@ -324,16 +551,12 @@ impl<'a> Parser<'a> {
                 )),
             }
         };
-        let allowed: &[&str] = match kw {
-            "conv" => &["k", "stride", "pad", "bias"],
-            "maxpool" => &["k", "stride", "pad"],
-            "linear" => &["bias"],
-            "basicblock" => &["stride", "bn", "shortcut"],
-            _ => &[],
+        let required = |key: &str| -> Result<usize> {
+            let v = kv
+                .get(key)
+                .ok_or_else(|| err(file, line, format!("{kw}: {key}=K is required")))?;
+            num(v, key)
         };
-        if let Some(k) = kv.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(err(file, line, format!("{kw}: unknown option `{k}`")));
-        }
         let need = |n: usize, usage: &str| -> Result<()> {
             if pos.len() == n {
                 Ok(())
@@ -341,43 +564,73 @@ impl<'a> Parser<'a> {
                 Err(err(file, line, format!("usage: {usage}")))
             }
         };
+        let module = |s: &str| -> Result<String> {
+            if is_module_name(s) {
+                Ok(s.to_string())
+            } else {
+                Err(err(
+                    file,
+                    line,
+                    format!(
+                        "{kw}: `{s}` is not a PyTorch module name (ASCII letters, digits and `_`, \
+                         parts separated by `.`)"
+                    ),
+                ))
+            }
+        };
         let name_opt = |pos: &[&str]| -> Result<String> {
             match pos {
                 [] => Ok(String::new()),
-                [n] => Ok(n.to_string()),
+                [n] => module(n),
                 _ => Err(err(file, line, format!("usage: {kw} [NAME]"))),
             }
         };
         match kw {
             "model" => {
                 need(1, "model NAME")?;
-                self.name = Some(pos[0].to_string());
+                if self.name.is_some() {
+                    return Err(self.e("`model` given twice"));
+                }
+                let n = pos[0];
+                if !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                {
+                    return Err(self.e(format!(
+                        "model name `{n}` may hold only ASCII letters, digits, `_`, `-` and `.`"
+                    )));
+                }
+                self.name = Some(n.to_string());
             }
             "input" => {
                 need(3, "input C H W")?;
                 if self.cur.is_some() {
                     return Err(self.e("`input` given twice"));
                 }
-                let s = Shape::new(num(pos[0], "C")?, num(pos[1], "H")?, num(pos[2], "W")?);
-                if s.numel() == 0 {
+                let (c, h, w) = (num(pos[0], "C")?, num(pos[1], "H")?, num(pos[2], "W")?);
+                if c == 0 || h == 0 || w == 0 {
                     return Err(self.e("input shape must be positive"));
                 }
+                let s = self.shape("the input", c, h, w)?;
                 self.input = Some(s);
                 self.cur = Some((0, s));
+                self.flat = vec![false];
             }
             "classes" => {
                 need(1, "classes K")?;
+                if self.classes.is_some() {
+                    return Err(self.e("`classes` given twice"));
+                }
                 self.classes = Some(num(pos[0], "K")?);
             }
             "conv" => {
                 need(2, "conv NAME COUT k=K [stride=S] [pad=P] [bias=true|false]")?;
-                let k = kv.get("k").ok_or_else(|| self.e("conv: k=K is required"))?;
-                let k = num(k, "k")?;
+                let name = module(pos[0])?;
                 let cout = num(pos[1], "COUT")?;
                 self.conv(
-                    pos[0],
+                    &name,
                     cout,
-                    k,
+                    required("k")?,
                     opt("stride", 1)?,
                     opt("pad", 0)?,
                     flag("bias", true)?,
@@ -385,83 +638,73 @@ impl<'a> Parser<'a> {
             }
             "bn" => {
                 need(1, "bn NAME")?;
-                self.bn(pos[0])?;
+                let name = module(pos[0])?;
+                self.bn(&name)?;
             }
-            "relu" => {
+            "relu" | "tanh" | "sigmoid" | "gelu" | "silu" | "leaky_relu" => {
                 let n = name_opt(&pos)?;
-                self.relu(&n)?;
+                let a = match kw {
+                    "relu" => Activation::Relu,
+                    "tanh" => Activation::Tanh,
+                    "sigmoid" => Activation::Sigmoid,
+                    "gelu" => Activation::Gelu,
+                    "silu" => Activation::Silu,
+                    _ => {
+                        let slope = match kv.get("slope") {
+                            None => DEFAULT_LEAKY_SLOPE,
+                            Some(s) => s.parse::<f64>().ok().filter(|v| v.is_finite()).ok_or_else(
+                                || {
+                                    self.e(format!(
+                                        "leaky_relu: slope must be a finite number, got `{s}`"
+                                    ))
+                                },
+                            )?,
+                        };
+                        Activation::LeakyRelu { slope }
+                    }
+                };
+                self.act(&n, a)?;
             }
-            "maxpool" => {
+            "maxpool" | "avgpool" => {
                 let n = name_opt(&pos)?;
-                let k = kv
-                    .get("k")
-                    .ok_or_else(|| self.e("maxpool: k=K is required"))?;
-                let k = num(k, "k")?;
-                let (stride, pad) = (opt("stride", k)?, opt("pad", 0)?);
-                let (v, s) = self.cur()?;
-                if k == 0 || stride == 0 || s.h + 2 * pad < k || s.w + 2 * pad < k || 2 * pad > k {
-                    return Err(self.e(format!(
-                        "maxpool k={k} stride={stride} pad={pad} does not fit input {s}"
-                    )));
-                }
-                let out = Shape::new(
-                    s.c,
-                    (s.h + 2 * pad - k) / stride + 1,
-                    (s.w + 2 * pad - k) / stride + 1,
-                );
-                let name = if n.is_empty() { n } else { self.full_name(&n) };
-                self.push(name, Op::MaxPool { k, stride, pad }, vec![v], out)?;
+                let k = required("k")?;
+                self.pool(kw, &n, k, opt("stride", k)?, opt("pad", 0)?)?;
             }
             "gap" => {
                 let n = name_opt(&pos)?;
-                let (v, s) = self.cur()?;
-                self.push(n, Op::GlobalAvgPool, vec![v], Shape::new(s.c, 1, 1))?;
+                let (v, s) = self.image_input("gap", "the global average pool")?;
+                let name = self.optional_name(&n);
+                self.push(
+                    name,
+                    Op::GlobalAvgPool,
+                    vec![v],
+                    Shape::new(s.c, 1, 1),
+                    true,
+                )?;
             }
             "flatten" => {
                 let n = name_opt(&pos)?;
                 let (v, s) = self.cur()?;
-                self.push(n, Op::Flatten, vec![v], Shape::new(s.numel(), 1, 1))?;
+                let name = self.optional_name(&n);
+                // Shapes are checked when made, so c·h·w cannot overflow.
+                self.push(
+                    name,
+                    Op::Flatten,
+                    vec![v],
+                    Shape::new(s.numel(), 1, 1),
+                    true,
+                )?;
             }
             "linear" => {
                 need(2, "linear NAME DOUT [bias=true|false]")?;
-                let (v, s) = self.cur()?;
-                if s.h * s.w != 1 {
-                    return Err(self.e(format!(
-                        "linear needs a flat input, got {s}: add `flatten` or `gap`"
-                    )));
-                }
+                let name = module(pos[0])?;
                 let dout = num(pos[1], "DOUT")?;
-                let name = self.full_name(pos[0]);
-                let din = s.c;
-                let weight = self.add_param(
-                    format!("{name}.weight"),
-                    vec![dout, din],
-                    Init::UniformFanIn(din),
-                )?;
-                let bias = if flag("bias", true)? {
-                    Some(self.add_param(
-                        format!("{name}.bias"),
-                        vec![dout],
-                        Init::UniformFanIn(din),
-                    )?)
-                } else {
-                    None
-                };
-                self.push(
-                    name,
-                    Op::Linear {
-                        weight,
-                        bias,
-                        din,
-                        dout,
-                    },
-                    vec![v],
-                    Shape::new(dout, 1, 1),
-                )?;
+                self.linear(&name, dout, flag("bias", true)?)?;
             }
             "residual" => {
                 need(1, "residual NAME")?;
-                self.open_block(pos[0])?;
+                let name = module(pos[0])?;
+                self.open_block(&name)?;
             }
             "shortcut" => {
                 need(0, "shortcut")?;
@@ -476,14 +719,19 @@ impl<'a> Parser<'a> {
                     2,
                     "basicblock NAME COUT [stride=S] [bn=true|false] [shortcut=NAME]",
                 )?;
-                let sc = kv
-                    .get("shortcut")
-                    .cloned()
-                    .unwrap_or_else(|| "shortcut".into());
+                let name = module(pos[0])?;
+                let sc = match kv.get("shortcut") {
+                    Some(s) => module(s)?,
+                    None => "shortcut".into(),
+                };
                 let cout = num(pos[1], "COUT")?;
-                self.basicblock(pos[0], cout, opt("stride", 1)?, flag("bn", true)?, &sc)?;
+                self.basicblock(&name, cout, opt("stride", 1)?, flag("bn", true)?, &sc)?;
             }
-            _ => unreachable!("keyword list and match disagree on `{kw}`"),
+            _ => {
+                return Err(self.e(format!(
+                    "internal: keyword `{kw}` is listed but not handled"
+                )))
+            }
         }
         Ok(())
     }
@@ -491,6 +739,16 @@ impl<'a> Parser<'a> {
 
 /// Parse an architecture file's text. `file` names it in errors.
 pub fn parse(file: &str, text: &str) -> Result<Model> {
+    if text.len() > MAX_ARCH_BYTES {
+        return Err(err(
+            file,
+            0,
+            format!(
+                "{} bytes; architecture files are at most {MAX_ARCH_BYTES} bytes",
+                text.len()
+            ),
+        ));
+    }
     let mut p = Parser {
         file,
         line: 0,
@@ -500,7 +758,9 @@ pub fn parse(file: &str, text: &str) -> Result<Model> {
         nodes: vec![],
         params: vec![],
         buffers: vec![],
+        n_params: 0,
         cur: None,
+        flat: vec![],
         blocks: vec![],
     };
     for (i, raw) in text.lines().enumerate() {
@@ -521,14 +781,26 @@ pub fn parse(file: &str, text: &str) -> Result<Model> {
     let name = p.name.clone().ok_or_else(|| p.e("missing `model NAME`"))?;
     let input = p.input.ok_or_else(|| p.e("missing `input C H W`"))?;
     let classes = p.classes.ok_or_else(|| p.e("missing `classes K`"))?;
-    let out = p.cur()?.1;
-    if out.numel() != classes || out.spatial() != 1 {
-        return Err(p.e(format!(
-            "the last layer gives {out}, but the model has {classes} classes"
-        )));
-    }
     if classes < 2 {
         return Err(p.e("a classifier needs at least 2 classes"));
+    }
+    let (last, out) = p.cur()?;
+    if !p.is_flat(last) || out.c != classes {
+        let got = if p.is_flat(last) {
+            format!("flat [{}]", out.c)
+        } else {
+            format!("the image {out}")
+        };
+        return Err(p.e(format!(
+            "the last layer gives {got}, but the model has {classes} classes: it must end in \
+             flat logits [{classes}] (a `linear`, `gap` or `flatten`)"
+        )));
+    }
+    if p.params.is_empty() {
+        return Err(p.e(format!(
+            "model `{name}` has no trainable parameters (no conv, bn or linear layer): \
+             its Hessian would be empty"
+        )));
     }
     Ok(Model::new(
         name, input, classes, p.nodes, p.params, p.buffers,

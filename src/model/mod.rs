@@ -6,11 +6,21 @@ pub mod graph;
 pub mod params;
 pub mod tensorio;
 
-pub use graph::{BufferSpec, Init, Node, Op, ParamSpec, Shape};
+pub use graph::{Activation, BufferSpec, Init, Node, Op, ParamSpec, Shape};
 pub use params::Weights;
 
 use crate::error::{Error, Result};
 use std::path::Path;
+
+/// The most elements any tensor may have: a value per sample or a
+/// parameter tensor declared by an architecture, a tensor read from a
+/// safetensors file, and the model's whole parameter vector. 2^28 =
+/// 268,435,456 elements, 1 GiB in f32 and 2 GiB in f64 (resnet18 has 11.7
+/// million parameters and 0.8 million values per sample at most).
+pub const MAX_ELEMENTS: usize = 1 << 28;
+
+/// The largest architecture file read: 1 MiB.
+pub const MAX_ARCH_BYTES: usize = 1 << 20;
 
 #[derive(Clone, Debug)]
 pub struct Model {
@@ -45,6 +55,8 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("vgg11-bn", include_str!("../../models/vgg11-bn.arch")),
     ("vgg11", include_str!("../../models/vgg11.arch")),
     ("resnet18", include_str!("../../models/resnet18.arch")),
+    ("lenet5", include_str!("../../models/lenet5.arch")),
+    ("cnn-smooth", include_str!("../../models/cnn-smooth.arch")),
 ];
 
 impl Model {
@@ -68,15 +80,41 @@ impl Model {
         }
     }
 
-    /// A built-in model by name, or an architecture file by path.
+    /// A built-in model by name, or an architecture file by path (a
+    /// regular file of at most [`MAX_ARCH_BYTES`]; a FIFO or device is
+    /// refused before it is opened, so nothing blocks).
     pub fn load(name_or_path: &str) -> Result<Model> {
         if let Some((name, text)) = BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
             return arch::parse(&format!("models/{name}.arch"), text);
         }
         let path = Path::new(name_or_path);
-        if path.exists() {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            return arch::parse(&path.display().to_string(), &text);
+        if let Ok(meta) = std::fs::metadata(path) {
+            let label = path.display().to_string();
+            let refuse = |msg: String| Error::Architecture {
+                file: label.clone(),
+                line: 0,
+                msg,
+            };
+            if !meta.is_file() {
+                return Err(refuse(format!(
+                    "not a regular file ({}); an architecture is a text file",
+                    tensorio::file_kind(&meta)
+                )));
+            }
+            if meta.len() > MAX_ARCH_BYTES as u64 {
+                return Err(refuse(format!(
+                    "{} bytes; architecture files are at most {MAX_ARCH_BYTES} bytes",
+                    meta.len()
+                )));
+            }
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            let text = String::from_utf8(bytes).map_err(|e| {
+                refuse(format!(
+                    "not UTF-8 text (byte {})",
+                    e.utf8_error().valid_up_to()
+                ))
+            })?;
+            return arch::parse(&label, &text);
         }
         let known: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
         Err(Error::UnknownModel(
@@ -111,24 +149,39 @@ impl Model {
         out
     }
 
+    /// The first name part of every trainable tensor, in order, once each
+    /// (`conv1`, `bn1`, `layer1`, ..., `fc`).
+    pub fn top_level_modules(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = vec![];
+        for p in &self.params {
+            let top = p.name.split('.').next().unwrap_or("");
+            if !out.contains(&top) {
+                out.push(top);
+            }
+        }
+        out
+    }
+
     /// The parameter range of every tensor whose name starts with `prefix`
     /// (a module or group such as `layer1`), which must be contiguous.
     pub fn prefix_range(&self, prefix: &str) -> Result<std::ops::Range<usize>> {
         let matches = |n: &str| n == prefix || n.starts_with(&format!("{prefix}."));
         let hits: Vec<&ParamSpec> = self.params.iter().filter(|p| matches(&p.name)).collect();
-        let first = hits.first().ok_or_else(|| Error::Argument {
-            flag: "--layer".into(),
-            msg: format!(
-                "no trainable tensor of {} starts with `{prefix}`",
-                self.name
-            ),
-        })?;
-        let last = hits.last().unwrap();
+        let (Some(first), Some(last)) = (hits.first(), hits.last()) else {
+            return Err(Error::Invalid {
+                what: "layer",
+                msg: format!(
+                    "no trainable tensor of {} starts with `{prefix}` (top-level modules: {})",
+                    self.name,
+                    self.top_level_modules().join(", ")
+                ),
+            });
+        };
         let range = first.offset..last.offset + last.numel();
         let covered: usize = hits.iter().map(|p| p.numel()).sum();
         if covered != range.len() {
-            return Err(Error::Argument {
-                flag: "--layer".into(),
+            return Err(Error::Invalid {
+                what: "layer",
                 msg: format!("the tensors under `{prefix}` are not contiguous in parameter order"),
             });
         }

@@ -2,11 +2,10 @@
 //! buffers, from a state_dict or from PyTorch's default initialisation.
 
 use super::graph::Init;
-use super::tensorio::{self, Tensor};
+use super::tensorio;
 use super::Model;
 use crate::error::{Error, Result};
 use rand::{Rng, SeedableRng};
-use std::collections::BTreeMap;
 use std::path::Path;
 
 #[derive(Clone, Debug)]
@@ -36,98 +35,140 @@ impl Weights {
     }
 
     /// Load a PyTorch state_dict saved with safetensors, by exact names.
+    /// The header is checked in full (unexpected and missing tensors, then
+    /// dtypes, then shapes) before any tensor is converted.
     pub fn load(model: &Model, path: &Path) -> Result<Weights> {
-        let file = tensorio::file_label(path);
-        let mut tensors = tensorio::read(path)?;
-        let theta = take_params(model, &file, &mut tensors)?;
+        let file = tensorio::File::open(path)?;
+        let mut wanted: Vec<(&str, Vec<usize>)> = model
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), p.shape.clone()))
+            .collect();
+        wanted.extend(model.buffers.iter().map(|b| (b.name.as_str(), vec![b.len])));
+        // PyTorch saves this counter with every BN; it plays no part here.
+        check_layout(model, &file, &wanted, |name| {
+            name.ends_with("num_batches_tracked")
+        })?;
+        let mut theta = Vec::with_capacity(model.n_params);
+        for p in &model.params {
+            theta.extend(take(&file, &p.name)?);
+        }
         let mut buffers = Vec::with_capacity(model.buffers.len());
         for b in &model.buffers {
-            let t = take(&file, &mut tensors, &b.name, &[b.len])?;
+            let data = take(&file, &b.name)?;
             if b.name.ends_with("running_var") {
-                if let Some(bad) = t.data.iter().find(|v| **v < 0.0) {
+                if let Some(bad) = data.iter().find(|v| **v < 0.0) {
                     return Err(Error::Tensor {
-                        file: file.clone(),
+                        file: file.label.clone(),
                         name: b.name.clone(),
                         msg: format!("a variance must not be negative, found {bad}"),
                     });
                 }
             }
-            buffers.push(t.data);
+            buffers.push(data);
         }
-        // PyTorch saves this counter with every BN; it plays no part here.
-        tensors.retain(|name, _| !name.ends_with("num_batches_tracked"));
-        reject_unexpected(model, &file, &tensors)?;
         Ok(Weights { theta, buffers })
     }
 }
 
-fn take(
-    file: &str,
-    tensors: &mut BTreeMap<String, Tensor>,
-    name: &str,
-    shape: &[usize],
-) -> Result<Tensor> {
-    let t = tensors.remove(name).ok_or_else(|| Error::Tensor {
-        file: file.to_string(),
-        name: name.to_string(),
-        msg: "missing".into(),
-    })?;
-    if t.shape != shape {
-        return Err(Error::Tensor {
-            file: file.to_string(),
-            name: name.to_string(),
-            msg: format!("has shape {:?}, the model needs {:?}", t.shape, shape),
-        });
-    }
-    if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Tensor {
-            file: file.to_string(),
-            name: name.to_string(),
-            msg: format!("element {i} is {} (not finite)", t.data[i]),
-        });
-    }
-    Ok(t)
-}
-
-/// The trainable tensors of `model` from `tensors`, concatenated in order.
-fn take_params(
+/// Check a file's header against the tensors wanted (name, shape), all of
+/// them floating point: first names (unexpected, then missing), then
+/// dtypes, then shapes. `ignored` names may be present with any layout.
+fn check_layout(
     model: &Model,
-    file: &str,
-    tensors: &mut BTreeMap<String, Tensor>,
-) -> Result<Vec<f64>> {
-    let mut theta = Vec::with_capacity(model.n_params);
-    for p in &model.params {
-        theta.extend(take(file, tensors, &p.name, &p.shape)?.data);
-    }
-    Ok(theta)
-}
-
-fn reject_unexpected(model: &Model, file: &str, rest: &BTreeMap<String, Tensor>) -> Result<()> {
-    if let Some(name) = rest.keys().next() {
-        return Err(Error::Tensor {
-            file: file.to_string(),
-            name: name.clone(),
-            msg: format!(
+    file: &tensorio::File,
+    wanted: &[(&str, Vec<usize>)],
+    ignored: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let layout = file.layout();
+    let tensor_err = |name: &str, msg: String| Error::Tensor {
+        file: file.label.clone(),
+        name: name.to_string(),
+        msg,
+    };
+    let unexpected: Vec<&String> = layout
+        .keys()
+        .filter(|n| !ignored(n) && !wanted.iter().any(|(w, _)| w == n))
+        .collect();
+    if let Some(name) = unexpected.first() {
+        return Err(tensor_err(
+            name,
+            format!(
                 "unexpected: {} has no tensor of that name{}",
                 model.name,
-                if rest.len() > 1 {
-                    format!(" ({} unexpected tensors in all)", rest.len())
+                if unexpected.len() > 1 {
+                    format!(" ({} unexpected tensors in all)", unexpected.len())
                 } else {
                     String::new()
                 }
             ),
-        });
+        ));
+    }
+    let missing: Vec<&str> = wanted
+        .iter()
+        .map(|(w, _)| *w)
+        .filter(|w| !layout.contains_key(*w))
+        .collect();
+    if let Some(name) = missing.first() {
+        return Err(tensor_err(
+            name,
+            if missing.len() > 1 {
+                format!("missing ({} tensors missing in all)", missing.len())
+            } else {
+                "missing".into()
+            },
+        ));
+    }
+    for (name, _) in wanted {
+        let dtype = layout[*name].dtype;
+        if !tensorio::is_float(dtype) {
+            return Err(tensor_err(
+                name,
+                format!(
+                    "has dtype {dtype}; weights must be floating point (F64, F32, F16 or BF16)"
+                ),
+            ));
+        }
+    }
+    for (name, shape) in wanted {
+        let got = &layout[*name].shape;
+        if got != shape {
+            return Err(tensor_err(
+                name,
+                format!("has shape {got:?}, the model needs {shape:?}"),
+            ));
+        }
     }
     Ok(())
+}
+
+/// One tensor whose layout was checked, converted, every value finite.
+fn take(file: &tensorio::File, name: &str) -> Result<Vec<f64>> {
+    let t = file.tensor(name)?;
+    if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Tensor {
+            file: file.label.clone(),
+            name: name.to_string(),
+            msg: format!("element {i} is {} (not finite)", t.data[i]),
+        });
+    }
+    Ok(t.data)
 }
 
 /// A vector over the parameters (a direction v, a gradient, Hv) from a
 /// safetensors file holding exactly the trainable tensors.
 pub fn load_vector(model: &Model, path: &Path) -> Result<Vec<f64>> {
-    let file = tensorio::file_label(path);
-    let mut tensors = tensorio::read(path)?;
-    let v = take_params(model, &file, &mut tensors)?;
-    reject_unexpected(model, &file, &tensors)?;
+    let file = tensorio::File::open(path)?;
+    let wanted: Vec<(&str, Vec<usize>)> = model
+        .params
+        .iter()
+        .map(|p| (p.name.as_str(), p.shape.clone()))
+        .collect();
+    check_layout(model, &file, &wanted, |_| false)?;
+    let mut v = Vec::with_capacity(model.n_params);
+    for p in &model.params {
+        v.extend(take(&file, &p.name)?);
+    }
     Ok(v)
 }
 
@@ -147,11 +188,35 @@ pub fn named(model: &Model, v: &[f64]) -> Vec<(String, Vec<usize>, Vec<f64>)> {
 }
 
 pub fn save_vector(model: &Model, path: &Path, v: &[f64]) -> Result<()> {
+    if v.len() != model.n_params {
+        return Err(Error::Invalid {
+            what: "vector length",
+            msg: format!(
+                "{} values for the {} parameters of {}",
+                v.len(),
+                model.n_params,
+                model.name
+            ),
+        });
+    }
     tensorio::write_f64(path, &named(model, v))
 }
 
 /// The full state_dict (parameters and BN buffers), as PyTorch names it.
 pub fn save_state_dict(model: &Model, path: &Path, w: &Weights) -> Result<()> {
+    if w.theta.len() != model.n_params || w.buffers.len() != model.buffers.len() {
+        return Err(Error::Invalid {
+            what: "weights",
+            msg: format!(
+                "{} values and {} buffers for the {} parameters and {} buffers of {}",
+                w.theta.len(),
+                w.buffers.len(),
+                model.n_params,
+                model.buffers.len(),
+                model.name
+            ),
+        });
+    }
     let mut t = named(model, &w.theta);
     for (b, vals) in model.buffers.iter().zip(&w.buffers) {
         t.push((b.name.clone(), vec![b.len], vals.clone()));

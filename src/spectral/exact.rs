@@ -8,6 +8,10 @@ use crate::spectral::operator::SymOperator;
 /// 128 MiB, minutes on the CPU reference; beyond that SLQ is the tool.
 pub const EXACT_MAX_PARAMS: usize = 4096;
 
+/// The largest limit accepted at all: 16,384 parameters make a 2 GiB
+/// matrix and 16,384 products; past that the dense route cannot finish.
+pub const EXACT_HARD_MAX_PARAMS: usize = 16_384;
+
 pub struct ExactSpectrum {
     /// Ascending.
     pub values: Vec<f64>,
@@ -20,6 +24,23 @@ pub struct ExactSpectrum {
 /// Columns H e_i, symmetrised as (H + Hᵀ)/2.
 pub fn dense_matrix(op: &mut dyn SymOperator, limit: usize) -> Result<(Vec<f64>, f64)> {
     let n = op.dim();
+    if limit > EXACT_HARD_MAX_PARAMS {
+        return Err(Error::Invalid {
+            what: "exact size limit",
+            msg: format!(
+                "{limit} parameters would allow a dense {limit}×{limit} float64 matrix ({} GiB); \
+                 the most accepted is {EXACT_HARD_MAX_PARAMS} ({} GiB)",
+                (limit as u128 * limit as u128 * 8) >> 30,
+                (EXACT_HARD_MAX_PARAMS * EXACT_HARD_MAX_PARAMS * 8) >> 30
+            ),
+        });
+    }
+    if n == 0 {
+        return Err(Error::Invalid {
+            what: "operator",
+            msg: "the operator has dimension 0 (no parameters): no spectrum".into(),
+        });
+    }
     if n > limit {
         return Err(Error::TooLarge(format!(
             "the exact spectrum needs {n} Hessian-vector products and a {n}×{n} float64 matrix ({} MiB); \

@@ -23,13 +23,25 @@ pub struct SlqRun {
 /// `runs` independent Lanczos runs of `steps` steps (fewer when the
 /// operator's dimension is smaller).
 pub fn slq(op: &mut dyn SymOperator, steps: usize, runs: usize, seed: u64) -> Result<Vec<SlqRun>> {
-    if steps == 0 || runs == 0 {
-        return Err(Error::Argument {
-            flag: "--steps/--runs".into(),
+    if steps == 0 {
+        return Err(Error::Invalid {
+            what: "Lanczos steps",
+            msg: "must be at least 1".into(),
+        });
+    }
+    if runs == 0 {
+        return Err(Error::Invalid {
+            what: "SLQ runs",
             msg: "must be at least 1".into(),
         });
     }
     let n = op.dim();
+    if n == 0 {
+        return Err(Error::Invalid {
+            what: "operator",
+            msg: "the operator has dimension 0 (no parameters): no spectrum to estimate".into(),
+        });
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x51a9);
     let precision = BasisPrecision::for_size(n, steps);
     let mut out = vec![];
@@ -120,7 +132,7 @@ pub struct SlqSummary {
     pub lambda_min: f64,
     /// n · Σ wᵢλᵢ, averaged over runs.
     pub trace: f64,
-    /// Standard error of the trace over runs.
+    /// Standard error of the trace over runs; NaN (unknown) with one run.
     pub trace_stderr: f64,
     /// Σ|λ| over λ < 0 divided by Σ|λ|, from the quadrature.
     pub negative_mass: f64,
@@ -141,10 +153,11 @@ pub fn summarize(runs: &[SlqRun], n: usize) -> SlqSummary {
         .collect();
     let k = traces.len() as f64;
     let mean = traces.iter().sum::<f64>() / k;
+    // One run says nothing about the spread: unknown, not zero.
     let var = if traces.len() > 1 {
         traces.iter().map(|t| (t - mean).powi(2)).sum::<f64>() / (k - 1.0)
     } else {
-        0.0
+        f64::NAN
     };
     let (mut neg, mut abs) = (0.0, 0.0);
     for r in runs {

@@ -32,8 +32,8 @@ fn mean_stderr(xs: &[f64]) -> (f64, f64) {
 
 pub fn hutchinson(op: &mut dyn SymOperator, probes: usize, seed: u64) -> Result<TraceEstimate> {
     if probes == 0 {
-        return Err(Error::Argument {
-            flag: "--probes".into(),
+        return Err(Error::Invalid {
+            what: "trace probes",
             msg: "must be at least 1".into(),
         });
     }
@@ -58,9 +58,9 @@ pub fn hutchinson(op: &mut dyn SymOperator, probes: usize, seed: u64) -> Result<
 pub fn hutchpp(op: &mut dyn SymOperator, matvecs: usize, seed: u64) -> Result<TraceEstimate> {
     let k = matvecs / 3;
     if k < 2 {
-        return Err(Error::Argument {
-            flag: "--probes".into(),
-            msg: "Hutch++ needs at least 6 operator applications".into(),
+        return Err(Error::Invalid {
+            what: "trace probes",
+            msg: format!("Hutch++ needs at least 6 operator applications, got {matvecs}"),
         });
     }
     let n = op.dim();

@@ -1,0 +1,245 @@
+//! What the commands report, as typed `Serialize` structs: one struct per
+//! command, the same for `--json` on stdout and `--out F.json`, so the
+//! schema lives in one place. [`Exporter`] turns a report into bytes (JSON
+//! now; CSV or Markdown can be added as further formats, as hyperfine's
+//! `export` module does).
+//!
+//! Floats that are unknown (a standard error from one run) are `None` and
+//! come out as `null`.
+
+use crate::engine::BnMode;
+use crate::error::{Error, Result};
+use crate::spectral::eigs::Which;
+use crate::spectral::slq::{SlqRun, SlqSummary};
+use crate::spectral::trace::TraceEstimate;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// `Some(x)` for a finite x, `None` (JSON `null`, "unknown") otherwise.
+pub fn known(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+/// The problem a spectral report is about, and where it ran.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    pub model: String,
+    pub weights: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub samples: Option<usize>,
+    pub batch: usize,
+    pub bn: BnMode,
+    pub seed: u64,
+    /// The `--layer` block, if any.
+    pub layer: Option<String>,
+    pub backend: String,
+    pub adapter: String,
+}
+
+/// `hesscope grad`.
+#[derive(Clone, Debug, Serialize)]
+pub struct GradReport {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub backend: String,
+    pub adapter: String,
+    pub seconds: f64,
+    pub out: Option<PathBuf>,
+}
+
+/// `hesscope hvp` (the spec's keys, plus the direction and output).
+#[derive(Clone, Debug, Serialize)]
+pub struct HvpReport {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub hv_norm: f64,
+    pub vhv: f64,
+    pub backend: String,
+    pub adapter: String,
+    pub seconds: f64,
+    /// The direction's file, or how it was drawn.
+    pub vector: String,
+    pub out: Option<PathBuf>,
+}
+
+/// `hesscope init`.
+#[derive(Clone, Debug, Serialize)]
+pub struct InitReport {
+    pub model: String,
+    pub n_params: usize,
+    pub out: PathBuf,
+}
+
+/// `hesscope synth`.
+#[derive(Clone, Debug, Serialize)]
+pub struct SynthReport {
+    pub samples: usize,
+    /// Per-sample [C, H, W].
+    pub shape: [usize; 3],
+    pub out: PathBuf,
+}
+
+/// `hesscope devices`.
+#[derive(Clone, Debug, Serialize)]
+pub struct DevicesReport {
+    pub adapters: Vec<crate::gpu::AdapterReport>,
+}
+
+/// `hesscope bench`.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub batch: usize,
+    pub bn: BnMode,
+    pub backend: String,
+    pub adapter: String,
+    pub reps: usize,
+    pub end_to_end: crate::bench::EndToEnd,
+    pub kernels: Vec<crate::bench::KernelRow>,
+}
+
+/// `hesscope density`: the SLQ density and what it summarises.
+#[derive(Clone, Debug, Serialize)]
+pub struct DensityReport {
+    pub lambda_max: f64,
+    pub lambda_min: f64,
+    pub trace: f64,
+    /// Over runs; `null` with one run (unknown, not zero).
+    pub trace_stderr: Option<f64>,
+    pub negative_mass: f64,
+    pub n_params: usize,
+    pub steps: usize,
+    pub runs_count: usize,
+    pub sigma: f64,
+    pub grid_points: usize,
+    pub hvps: usize,
+    pub lanczos_seconds: f64,
+    pub seconds: f64,
+    pub settings: Settings,
+    pub grid: Vec<f64>,
+    /// On `grid`, integrating to 1.
+    pub density: Vec<f64>,
+    pub runs: Vec<SlqRun>,
+}
+
+/// `hesscope eigs`.
+#[derive(Clone, Debug, Serialize)]
+pub struct EigsReport {
+    pub eigenvalues: Vec<f64>,
+    pub residuals: Vec<f64>,
+    pub converged: bool,
+    pub which: Which,
+    pub tol: f64,
+    pub steps: usize,
+    pub hvps: usize,
+    pub grad_frac_in_top_k: Vec<f64>,
+    pub seconds: f64,
+    pub settings: Settings,
+    /// Where the Ritz vectors were written.
+    pub vectors: Option<PathBuf>,
+}
+
+/// Both trace estimates of one block.
+#[derive(Clone, Debug, Serialize)]
+pub struct TraceEstimates {
+    pub hutchinson: TraceEstimate,
+    /// `null` when the budget or the block is too small for Hutch++.
+    pub hutchpp: Option<TraceEstimate>,
+}
+
+/// One row of `hesscope trace`.
+#[derive(Clone, Debug, Serialize)]
+pub struct TraceRow {
+    pub layer: String,
+    pub size: usize,
+    pub estimates: TraceEstimates,
+}
+
+/// `hesscope trace`.
+#[derive(Clone, Debug, Serialize)]
+pub struct TraceReport {
+    pub traces: Vec<TraceRow>,
+    pub probes: usize,
+    pub seconds: f64,
+    pub settings: Settings,
+}
+
+/// `hesscope exact`: the same summary and density as `density`, plus every
+/// eigenvalue.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExactReport {
+    pub lambda_max: f64,
+    pub lambda_min: f64,
+    pub trace: f64,
+    pub negative_mass: f64,
+    pub frac_negative: f64,
+    pub top5: Vec<f64>,
+    pub bottom5: Vec<f64>,
+    pub grad_frac_in_top_k: Vec<f64>,
+    pub asymmetry: f64,
+    pub n_params: usize,
+    pub sigma: f64,
+    pub seconds: f64,
+    pub settings: Settings,
+    pub grid: Vec<f64>,
+    pub density: Vec<f64>,
+    /// Ascending.
+    pub eigenvalues: Vec<f64>,
+}
+
+/// One module of `hesscope layers`.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerRow {
+    pub module: String,
+    pub size: usize,
+    pub lambda_max: f64,
+    pub lambda_min: f64,
+    pub trace: f64,
+    /// `null` with one run.
+    pub trace_stderr: Option<f64>,
+    pub negative_mass: f64,
+    pub similarity: f64,
+}
+
+/// `hesscope layers`.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayersReport {
+    pub similarity_measure: &'static str,
+    pub full: SlqSummary,
+    pub layers: Vec<LayerRow>,
+    pub steps: usize,
+    pub runs: usize,
+    pub sigma: f64,
+    pub seconds: f64,
+    pub settings: Settings,
+}
+
+/// An output format for reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exporter {
+    /// One JSON object on one line (stdout, `--json`).
+    JsonLine,
+    /// Indented JSON (files, `--out`).
+    JsonPretty,
+}
+
+impl Exporter {
+    /// The report as text in this format (non-finite floats as `null`).
+    pub fn render<T: Serialize>(self, report: &T) -> Result<String> {
+        let r = match self {
+            Exporter::JsonLine => serde_json::to_string(report),
+            Exporter::JsonPretty => serde_json::to_string_pretty(report),
+        };
+        r.map_err(|e| Error::Invalid {
+            what: "report",
+            msg: format!("cannot be written as JSON: {e}"),
+        })
+    }
+
+    /// Write the report to a file; errors name the file.
+    pub fn write<T: Serialize>(self, path: &Path, report: &T) -> Result<()> {
+        let mut text = self.render(report)?;
+        text.push('\n');
+        std::fs::write(path, text).map_err(|e| Error::io(path, e))
+    }
+}
