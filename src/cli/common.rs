@@ -1,13 +1,15 @@
 //! The inputs shared by the compute subcommands, and how they become an
-//! engine.
+//! engine: the model and weights are loaded once per command.
 
-use anyhow::{bail, Context, Result};
+use crate::cli::output::notice;
+use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use hesscope::cpu::CpuReference;
 use hesscope::data::{self, Dataset};
 use hesscope::engine::{BnMode, Curvature, Problem};
 use hesscope::gpu::BackendChoice;
 use hesscope::model::{params, Model, Weights};
+use hesscope::report::Settings;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use std::path::{Path, PathBuf};
@@ -17,10 +19,16 @@ pub const SYNTHETIC_SAMPLES: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
+    /// The first GPU adapter (hardware before software); the float64
+    /// reference when there is none.
     Auto,
+    /// Vulkan (Linux, Windows, Android; Mesa's lavapipe without a GPU).
     Vulkan,
+    /// Metal (macOS, iOS).
     Metal,
+    /// Direct3D 12 (Windows).
     Dx12,
+    /// OpenGL / GLES (Mesa's llvmpipe without a GPU).
     Gl,
     /// The float64 CPU reference.
     Cpu,
@@ -44,9 +52,29 @@ impl Backend {
     }
 }
 
+/// `--bn`: the CLI's mirror of the library's [`BnMode`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BnArg {
+    /// PyTorch train(): normalise by each batch's own statistics.
+    Batch,
+    /// PyTorch eval(): normalise by the running buffers.
+    Running,
+}
+
+impl From<BnArg> for BnMode {
+    fn from(b: BnArg) -> BnMode {
+        match b {
+            BnArg::Batch => BnMode::Batch,
+            BnArg::Running => BnMode::Running,
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Problem")]
 pub struct Inputs {
-    /// A model under models/ by name, or an architecture file.
+    /// A model under models/ by name (cnn-tiny, resnet20, lenet5, ...), or
+    /// an architecture file.
     #[arg(long, default_value = "cnn-tiny")]
     pub model: String,
     /// safetensors state_dict with PyTorch names (default: init from --seed).
@@ -55,15 +83,16 @@ pub struct Inputs {
     /// safetensors x/y, or a folder of CIFAR-10 .bin files (default: synthetic).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Use the first N samples (synthetic default: 256).
+    /// Use the first N samples (default: all; synthetic: 256).
     #[arg(long)]
     pub samples: Option<usize>,
     /// Batch size; the loss is the sample-weighted mean over batches.
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
     /// Batch-norm statistics.
-    #[arg(long, value_enum, default_value_t = BnMode::Batch)]
-    pub bn: BnMode,
+    #[arg(long, value_enum, default_value_t = BnArg::Batch)]
+    pub bn: BnArg,
+    /// Where the Hessian-vector products run (`cpu`: the float64 reference).
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
     /// Which adapter of the backend (see `hesscope devices`).
@@ -73,70 +102,115 @@ pub struct Inputs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Print one JSON object on stdout instead of prose.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub json: bool,
 }
 
+/// A command's problem, loaded once: the model (for names and blocks) and
+/// the engine that holds the weights and data.
+pub struct Loaded {
+    pub model: Model,
+    pub engine: Box<dyn Curvature>,
+}
+
 impl Inputs {
-    pub fn model_and_weights(&self) -> Result<(Model, Weights)> {
-        let model = Model::load(&self.model).with_context(|| format!("--model {}", self.model))?;
-        let weights = match &self.weights {
+    pub fn bn_mode(&self) -> BnMode {
+        self.bn.into()
+    }
+
+    pub fn model(&self) -> Result<Model> {
+        Model::load(&self.model).with_context(|| format!("--model {}", self.model))
+    }
+
+    pub fn weights(&self, model: &Model) -> Result<Weights> {
+        Ok(match &self.weights {
             Some(p) => {
-                Weights::load(&model, p).with_context(|| format!("--weights {}", p.display()))?
+                Weights::load(model, p).with_context(|| format!("--weights {}", p.display()))?
             }
-            None => Weights::init(&model, self.seed),
-        };
+            None => Weights::init(model, self.seed),
+        })
+    }
+
+    pub fn model_and_weights(&self) -> Result<(Model, Weights)> {
+        let model = self.model()?;
+        let weights = self.weights(&model)?;
         Ok((model, weights))
     }
 
     pub fn dataset(&self, model: &Model) -> Result<Dataset> {
-        let mut data = match &self.data {
-            Some(p) => Dataset::load(p).with_context(|| format!("--data {}", p.display()))?,
-            None => data::synthetic(
+        match &self.data {
+            Some(p) => Dataset::load_first(p, self.samples)
+                .with_context(|| format!("--data {}", p.display())),
+            None => Ok(data::try_synthetic(
                 model.input,
                 model.classes,
                 self.samples.unwrap_or(SYNTHETIC_SAMPLES),
                 self.seed,
-            ),
-        };
-        if let Some(n) = self.samples {
-            if n == 0 {
-                bail!("--samples must be at least 1");
-            }
-            data.truncate(n);
+            )?),
         }
-        Ok(data)
     }
 
-    pub fn problem(&self) -> Result<Problem> {
+    /// Model, weights, data and engine, each loaded once.
+    pub fn load(&self) -> Result<Loaded> {
         let (model, weights) = self.model_and_weights()?;
-        let data = self.dataset(&model)?;
-        Ok(Problem::new(model, weights, data, self.batch, self.bn)?)
+        self.load_with(model, weights)
     }
 
-    pub fn engine(&self) -> Result<Box<dyn Curvature>> {
-        let problem = self.problem()?;
-        match self.backend {
-            Backend::Cpu => Ok(Box::new(CpuReference::new(problem))),
-            other => {
-                let choice = other.gpu().expect("every backend but cpu is a GPU one");
-                let engine =
-                    hesscope::gpu::open(&problem, choice, self.adapter).with_context(|| {
-                        format!("--backend {} --adapter {}", other.name(), self.adapter)
-                    })?;
-                Ok(Box::new(engine))
+    /// The engine for a model and weights already loaded.
+    pub fn load_with(&self, model: Model, weights: Weights) -> Result<Loaded> {
+        let data = self.dataset(&model)?;
+        let problem = Problem::new(model.clone(), weights, data, self.batch, self.bn_mode())?;
+        let engine = self.engine(problem)?;
+        Ok(Loaded { model, engine })
+    }
+
+    fn engine(&self, problem: Problem) -> Result<Box<dyn Curvature>> {
+        let Some(choice) = self.backend.gpu() else {
+            return Ok(Box::new(CpuReference::new(problem)));
+        };
+        match hesscope::gpu::open(&problem, choice, self.adapter) {
+            Ok(engine) => Ok(Box::new(engine)),
+            Err(_)
+                if self.backend == Backend::Auto && hesscope::gpu::list_adapters().is_empty() =>
+            {
+                notice(
+                    "hesscope: no GPU adapter found; running on the float64 CPU reference \
+                     (--backend cpu). For a GPU path on Linux without a GPU, install Mesa's \
+                     software Vulkan driver: apt-get install mesa-vulkan-drivers",
+                );
+                Ok(Box::new(CpuReference::new(problem)))
             }
+            Err(e) => Err(anyhow::Error::new(e).context(format!(
+                "--backend {} --adapter {}",
+                self.backend.name(),
+                self.adapter
+            ))),
         }
     }
 
-    pub fn load_vector(&self, path: &Path) -> Result<Vec<f64>> {
-        let model = Model::load(&self.model)?;
-        params::load_vector(&model, path).with_context(|| format!("--vector {}", path.display()))
+    /// A direction with the model's trainable tensor names.
+    pub fn load_vector(&self, model: &Model, path: &Path) -> Result<Vec<f64>> {
+        params::load_vector(model, path).with_context(|| format!("--vector {}", path.display()))
     }
 
-    pub fn save_vector(&self, path: &Path, v: &[f64]) -> Result<()> {
-        let model = Model::load(&self.model)?;
-        params::save_vector(&model, path, v).with_context(|| format!("writing {}", path.display()))
+    pub fn save_vector(&self, model: &Model, path: &Path, v: &[f64]) -> Result<()> {
+        params::save_vector(model, path, v).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The settings block of a report.
+    pub fn settings(&self, engine: &dyn Curvature, layer: Option<&str>) -> Settings {
+        Settings {
+            model: self.model.clone(),
+            weights: self.weights.clone(),
+            data: self.data.clone(),
+            samples: self.samples,
+            batch: self.batch,
+            bn: self.bn_mode(),
+            seed: self.seed,
+            layer: layer.map(str::to_string),
+            backend: engine.backend(),
+            adapter: engine.adapter(),
+        }
     }
 }
 
@@ -145,6 +219,8 @@ pub fn random_unit(n: usize, seed: u64) -> Vec<f64> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xd1ec7104);
     let mut v: Vec<f64> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
     let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-    v.iter_mut().for_each(|x| *x /= norm);
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
     v
 }

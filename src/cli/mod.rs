@@ -1,16 +1,26 @@
 //! The `hesscope` command line (see ../shared/spec/cli.md). The library
-//! returns typed errors; this layer adds the context a user needs.
+//! returns typed errors; this layer adds the context a user needs, maps
+//! library input names to flags (`errors`), and prints the typed reports
+//! of `hesscope::report`.
 
 mod common;
-mod output;
+pub mod errors;
+pub mod output;
 mod spectral_cmds;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use common::Inputs;
-use output::{emit, vnorm};
+use hesscope::report::{
+    BenchReport, DevicesReport, GradReport, HvpReport, InitReport, SynthReport,
+};
+use hesscope::spectral::slq;
+use output::{emit, line, vnorm};
 use std::path::PathBuf;
 use std::time::Instant;
+
+/// The most timed repetitions `bench` accepts.
+pub const MAX_REPS: usize = 10_000;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -77,6 +87,7 @@ pub enum Command {
     Init {
         #[command(flatten)]
         inputs: Inputs,
+        /// The safetensors file to write.
         #[arg(long)]
         out: PathBuf,
     },
@@ -84,6 +95,7 @@ pub enum Command {
     Synth {
         #[command(flatten)]
         inputs: Inputs,
+        /// The safetensors file to write (`x` f64 [N, C, H, W], `y` i64 [N]).
         #[arg(long)]
         out: PathBuf,
     },
@@ -102,140 +114,211 @@ pub fn run(cli: Cli) -> Result<()> {
             reps,
             no_kernels,
         } => bench(&inputs, reps, no_kernels),
-        Command::Grad { inputs, out } => {
-            let mut engine = inputs.engine()?;
-            let t = Instant::now();
-            let (loss, grad) = engine.loss_grad().context("computing the gradient")?;
-            let seconds = t.elapsed().as_secs_f64();
-            if let Some(path) = &out {
-                inputs.save_vector(path, &grad)?;
-            }
-            emit(
-                inputs.json,
-                serde_json::json!({
-                    "loss": loss, "grad_norm": vnorm(&grad),
-                    "backend": engine.backend(), "adapter": engine.adapter(), "seconds": seconds,
-                    "out": out,
-                }),
-            )
-        }
+        Command::Grad { inputs, out } => grad(&inputs, out),
         Command::Hvp {
             inputs,
             vector,
             out,
-        } => {
-            let mut engine = inputs.engine()?;
-            let v = match &vector {
-                Some(p) => inputs.load_vector(p)?,
-                None => common::random_unit(engine.n_params(), inputs.seed),
-            };
-            let t = Instant::now();
-            let (loss, grad, hv) = engine.loss_grad_hvp(&v).context("computing Hv")?;
-            let seconds = t.elapsed().as_secs_f64();
-            if let Some(path) = &out {
-                inputs.save_vector(path, &hv)?;
-            }
-            let vhv: f64 = v.iter().zip(&hv).map(|(a, b)| a * b).sum();
-            emit(
-                inputs.json,
-                serde_json::json!({
-                    "loss": loss, "grad_norm": vnorm(&grad), "hv_norm": vnorm(&hv), "vhv": vhv,
-                    "backend": engine.backend(), "adapter": engine.adapter(), "seconds": seconds,
-                    "vector": vector.map(|p| p.display().to_string()).unwrap_or_else(|| format!("random unit Gaussian (seed {})", inputs.seed)),
-                    "out": out,
-                }),
-            )
-        }
+        } => hvp(&inputs, vector, out),
         Command::Init { inputs, out } => {
             let (model, weights) = inputs.model_and_weights()?;
             hesscope::model::params::save_state_dict(&model, &out, &weights)
                 .with_context(|| format!("writing {}", out.display()))?;
             emit(
                 inputs.json,
-                serde_json::json!({"model": model.name, "n_params": model.n_params, "out": out}),
+                &InitReport {
+                    model: model.name,
+                    n_params: model.n_params,
+                    out,
+                },
             )
         }
         Command::Synth { inputs, out } => {
-            let (model, _) = inputs.model_and_weights()?;
+            let model = inputs.model()?;
             let data = inputs.dataset(&model)?;
             data.save(&out)
                 .with_context(|| format!("writing {}", out.display()))?;
             emit(
                 inputs.json,
-                serde_json::json!({"samples": data.len(), "shape": [data.shape.c, data.shape.h, data.shape.w], "out": out}),
+                &SynthReport {
+                    samples: data.len(),
+                    shape: [data.shape.c, data.shape.h, data.shape.w],
+                    out,
+                },
             )
         }
     }
 }
 
+fn grad(inputs: &Inputs, out: Option<PathBuf>) -> Result<()> {
+    let mut l = inputs.load()?;
+    let t = Instant::now();
+    let (loss, grad) = l.engine.loss_grad().context("computing the gradient")?;
+    let seconds = t.elapsed().as_secs_f64();
+    if let Some(path) = &out {
+        inputs.save_vector(&l.model, path, &grad)?;
+    }
+    emit(
+        inputs.json,
+        &GradReport {
+            loss,
+            grad_norm: vnorm(&grad),
+            backend: l.engine.backend(),
+            adapter: l.engine.adapter(),
+            seconds,
+            out,
+        },
+    )
+}
+
+fn hvp(inputs: &Inputs, vector: Option<PathBuf>, out: Option<PathBuf>) -> Result<()> {
+    let (model, weights) = inputs.model_and_weights()?;
+    // The direction is checked before the engine is built.
+    let v = match &vector {
+        Some(p) => inputs.load_vector(&model, p)?,
+        None => common::random_unit(model.n_params, inputs.seed),
+    };
+    let mut l = inputs.load_with(model, weights)?;
+    let t = Instant::now();
+    let (loss, grad, hv) = l.engine.loss_grad_hvp(&v).context("computing Hv")?;
+    let seconds = t.elapsed().as_secs_f64();
+    if let Some(path) = &out {
+        inputs.save_vector(&l.model, path, &hv)?;
+    }
+    let vhv: f64 = v.iter().zip(&hv).map(|(a, b)| a * b).sum();
+    emit(
+        inputs.json,
+        &HvpReport {
+            loss,
+            grad_norm: vnorm(&grad),
+            hv_norm: vnorm(&hv),
+            vhv,
+            backend: l.engine.backend(),
+            adapter: l.engine.adapter(),
+            seconds,
+            vector: vector
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| format!("random unit Gaussian (seed {})", inputs.seed)),
+            out,
+        },
+    )
+}
+
 fn devices(json: bool) -> Result<()> {
-    let list = hesscope::gpu::list_adapters();
+    let report = DevicesReport {
+        adapters: hesscope::gpu::list_adapters(),
+    };
     if json {
-        println!("{}", serde_json::json!({ "adapters": list }));
-        return Ok(());
+        return line(hesscope::report::Exporter::JsonLine.render(&report)?);
     }
-    if list.is_empty() {
-        println!("no GPU adapter found (without a GPU on Linux, install Mesa's software drivers: apt-get install mesa-vulkan-drivers libegl-mesa0)");
-        return Ok(());
+    if report.adapters.is_empty() {
+        return line("no GPU adapter found (without a GPU on Linux, install Mesa's software drivers: apt-get install mesa-vulkan-drivers libegl-mesa0); `--backend cpu` runs the float64 reference");
     }
-    for a in &list {
+    let mut text = String::new();
+    for a in &report.adapters {
         let mib = |b: u64| b / (1 << 20);
-        println!(
-            "{} adapter {}: {} ({})\n  driver: {} {}\n  features: f64 {}, f16 {}, subgroups {}, timestamps {}\n  limits: storage binding {} MiB, buffer {} MiB, {} storage buffers/stage, {} B workgroup memory, {} invocations/workgroup, {} workgroups/dimension",
+        text.push_str(&format!(
+            "{} adapter {}: {} ({})\n  driver: {} {}\n  features: f64 {}, f16 {}, subgroups {}, timestamps {}\n  limits: storage binding {} MiB, buffer {} MiB, {} storage buffers/stage, {} B workgroup memory, {} invocations/workgroup, {} workgroups/dimension\n",
             a.backend, a.index, a.name, a.device_type, a.driver, a.driver_info,
             a.f64, a.f16, a.subgroups, a.timestamps,
             mib(a.max_storage_buffer_binding_size), mib(a.max_buffer_size),
             a.max_storage_buffers_per_shader_stage, a.max_compute_workgroup_storage_size,
             a.max_compute_invocations_per_workgroup, a.max_compute_workgroups_per_dimension,
-        );
+        ));
     }
-    Ok(())
+    output::print(&text)
 }
 
 fn bench(inputs: &Inputs, reps: usize, no_kernels: bool) -> Result<()> {
-    if reps == 0 {
-        anyhow::bail!("--reps must be at least 1");
+    if reps == 0 || reps > MAX_REPS {
+        bail!("invalid --reps: {reps}; between 1 and {MAX_REPS}");
     }
-    let mut engine = inputs.engine()?;
-    let (model, _) = inputs.model_and_weights()?;
+    let mut l = inputs.load()?;
     let e2e =
-        hesscope::bench::end_to_end(engine.as_mut(), reps).context("timing gradient and HVP")?;
-    let adapter = engine.adapter();
-    let backend = engine.backend();
-    drop(engine);
+        hesscope::bench::end_to_end(l.engine.as_mut(), reps).context("timing gradient and HVP")?;
+    let adapter = l.engine.adapter();
+    let backend = l.engine.backend();
+    drop(l.engine);
+    let model = l.model;
     let mut kernels = vec![];
-    if let (Some(choice), false) = (inputs.backend.gpu(), no_kernels) {
+    // No kernel table when `auto` fell back to the CPU reference.
+    if let (Some(choice), false, false) = (inputs.backend.gpu(), no_kernels, backend == "cpu") {
         let ctx = hesscope::gpu::GpuContext::open(choice, inputs.adapter)?;
         let n = inputs.batch.min(inputs.samples.unwrap_or(inputs.batch));
         kernels = hesscope::bench::kernel_table(&ctx, &model, n, reps).context("timing kernels")?;
     }
+    let report = BenchReport {
+        model: model.name.clone(),
+        batch: inputs.batch,
+        bn: inputs.bn_mode(),
+        backend,
+        adapter,
+        reps,
+        end_to_end: e2e,
+        kernels,
+    };
     if inputs.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "model": model.name, "batch": inputs.batch, "bn": inputs.bn,
-                "backend": backend, "adapter": adapter, "reps": reps,
-                "end_to_end": e2e, "kernels": kernels,
-            })
-        );
-        return Ok(());
+        return emit(true, &report);
     }
-    println!(
-        "hesscope bench: {} on {} ({backend}), batch {}, bn {:?}, median of {reps}",
-        model.name, adapter, inputs.batch, inputs.bn
+    let e2e = &report.end_to_end;
+    let default_steps = slq::DEFAULT_STEPS * slq::DEFAULT_RUNS;
+    let mut text = format!(
+        "hesscope bench: {} on {} ({}), batch {}, bn {:?}, median of {reps}\n",
+        model.name, report.adapter, report.backend, inputs.batch, report.bn
     );
-    println!(
-        "  gradient {:.4} s   HVP (cached) {:.4} s   HVP/gradient {:.2}",
+    text.push_str(&format!(
+        "  gradient {:.4} s   HVP (cached) {:.4} s   HVP/gradient {:.2}\n",
         e2e.grad_seconds, e2e.hvp_seconds, e2e.hvp_over_grad
-    );
-    println!(
-        "  Lanczos step at a {}-vector basis {:.4} s (HVP + compensated reorthogonalisation); 900 such steps (a default density) ≈ {:.1} s",
+    ));
+    text.push_str(&format!(
+        "  Lanczos step at a {}-vector basis {:.4} s (HVP + compensated reorthogonalisation); \
+         {default_steps} such steps (a default density: {} steps × {} runs) ≈ {:.1} s\n",
         e2e.lanczos_basis,
         e2e.lanczos_step_seconds,
-        900.0 * e2e.lanczos_step_seconds
-    );
-    if !kernels.is_empty() {
-        print!("{}", hesscope::bench::format_kernel_table(&kernels));
+        slq::DEFAULT_STEPS,
+        slq::DEFAULT_RUNS,
+        default_steps as f64 * e2e.lanczos_step_seconds
+    ));
+    if !report.kernels.is_empty() {
+        text.push_str(&hesscope::bench::format_kernel_table(&report.kernels));
     }
-    Ok(())
+    output::print(&text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_has_help_text() {
+        let cli = Cli::command();
+        let mut missing = vec![];
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{} --{}", sub.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "flags without help: {missing:?}");
+    }
+
+    #[test]
+    fn every_library_input_name_maps_to_a_real_flag() {
+        let cli = Cli::command();
+        for (what, flag) in super::errors::FLAGS {
+            let long = flag.trim_start_matches("--");
+            let known = cli
+                .get_subcommands()
+                .any(|s| s.get_arguments().any(|a| a.get_long() == Some(long)));
+            assert!(known, "`{what}` maps to {flag}, which no subcommand has");
+        }
+    }
 }

@@ -1,30 +1,86 @@
 //! Printing results: one JSON object with --json, readable lines otherwise.
+//! Everything on stdout goes through [`print`], which turns a closed pipe
+//! into [`BrokenPipe`] (the command then ends quietly, as `head` expects)
+//! and any other failure (a full disk) into an error naming stdout.
 
 use anyhow::Result;
+use hesscope::report::Exporter;
+use serde::Serialize;
 use serde_json::Value;
+use std::io::Write;
+
+/// The reader of stdout went away (`hesscope density --json | head -c 10`).
+#[derive(Debug)]
+pub struct BrokenPipe;
+
+impl std::fmt::Display for BrokenPipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed by its reader")
+    }
+}
+
+impl std::error::Error for BrokenPipe {}
+
+/// Write `text` to stdout and flush it.
+pub fn print(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let r = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(BrokenPipe.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to stdout")),
+    }
+}
+
+/// `text` and a newline on stdout.
+pub fn line(text: impl AsRef<str>) -> Result<()> {
+    let mut s = text.as_ref().to_string();
+    s.push('\n');
+    print(&s)
+}
+
+/// A one-line notice on stderr; a closed stderr is ignored.
+pub fn notice(text: impl AsRef<str>) {
+    let _ = writeln!(std::io::stderr(), "{}", text.as_ref());
+}
 
 pub fn vnorm(v: &[f64]) -> f64 {
     v.iter().map(|x| x * x).sum::<f64>().sqrt()
 }
 
-pub fn emit(json: bool, value: Value) -> Result<()> {
+/// A report: as one JSON line with `json`, otherwise as `key  value` lines.
+pub fn emit<T: Serialize>(json: bool, report: &T) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string(&value)?);
-        return Ok(());
+        return line(Exporter::JsonLine.render(report)?);
     }
+    let value = serde_json::to_value(report)?;
     if let Value::Object(map) = value {
         let width = map.keys().map(|k| k.len()).max().unwrap_or(0);
+        let mut text = String::new();
         for (k, v) in map {
             if v.is_null() {
                 continue;
             }
             let shown = match &v {
                 Value::String(s) => s.clone(),
-                Value::Number(n) => n.as_f64().map(fmt_num).unwrap_or_else(|| n.to_string()),
+                Value::Number(n) if n.is_f64() => n.as_f64().map(fmt_num).unwrap_or_default(),
                 other => other.to_string(),
             };
-            println!("{k:>width$}  {shown}");
+            text.push_str(&format!("{k:>width$}  {shown}\n"));
         }
+        print(&text)?;
+    }
+    Ok(())
+}
+
+/// Print a report as one JSON line when `json` (the prose is the caller's
+/// otherwise), and write it to `out` as indented JSON when given.
+pub fn export<T: Serialize>(json: bool, out: Option<&std::path::Path>, report: &T) -> Result<()> {
+    if let Some(p) = out {
+        Exporter::JsonPretty.write(p, report)?;
+    }
+    if json {
+        line(Exporter::JsonLine.render(report)?)?;
     }
     Ok(())
 }
@@ -35,4 +91,9 @@ fn fmt_num(x: f64) -> String {
     } else {
         format!("{x:.6}")
     }
+}
+
+/// `x` with the given format, or `unknown` when it is not finite.
+pub fn or_unknown(x: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    x.map(f).unwrap_or_else(|| "unknown".into())
 }

@@ -1,22 +1,37 @@
 //! The spectral subcommands: density, eigs, trace, exact, layers.
 
 use crate::cli::common::{Backend, Inputs};
+use crate::cli::output::{self, export, or_unknown};
 use anyhow::{bail, Context, Result};
-use clap::Args;
-use hesscope::engine::{Curvature, Hessian};
+use clap::{Args, ValueEnum};
+use hesscope::engine::Hessian;
 use hesscope::model::Model;
+use hesscope::report::{
+    known, DensityReport, EigsReport, ExactReport, LayerRow, LayersReport, TraceEstimates,
+    TraceReport, TraceRow,
+};
 use hesscope::spectral::eigs::{eigs, gradient_fractions, EigsSettings, Which};
-use hesscope::spectral::exact::{exact_spectrum, EXACT_MAX_PARAMS};
+use hesscope::spectral::exact::{exact_spectrum, EXACT_HARD_MAX_PARAMS, EXACT_MAX_PARAMS};
 use hesscope::spectral::layers::{bhattacharyya, BlockOperator};
 use hesscope::spectral::plot::density_svg;
 use hesscope::spectral::slq::{self, SlqRun};
 use hesscope::spectral::trace::{hutchinson, hutchpp};
 use hesscope::spectral::SymOperator;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde_json::{json, Value};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
+
+/// The most grid points a density is evaluated at (8 MB per array).
+pub const MAX_GRID: usize = 1_000_000;
+/// The most Lanczos steps per run (`density`, `layers`) or in all (`eigs`).
+pub const MAX_STEPS: usize = 100_000;
+/// The most SLQ runs.
+pub const MAX_RUNS: usize = 100_000;
+/// The most trace probes.
+pub const MAX_PROBES: usize = 10_000_000;
+/// `layers`' default grid (a coarser one: it smooths every module).
+pub const LAYERS_GRID: usize = 2000;
 
 /// An operator that ticks a progress bar per product (drawn only on a
 /// terminal) and counts the products.
@@ -28,19 +43,16 @@ pub struct Counted<'a> {
 
 impl<'a> Counted<'a> {
     pub fn new(inner: &'a mut dyn SymOperator, expected: usize, what: &str) -> Counted<'a> {
-        let bar = if std::io::stderr().is_terminal() {
-            let b = ProgressBar::new(expected as u64);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{msg} [{bar:40}] {pos}/{len} HVPs, {elapsed} (eta {eta})",
-                )
-                .unwrap()
-                .progress_chars("=> "),
-            );
-            b.set_message(what.to_string());
-            b
-        } else {
-            ProgressBar::with_draw_target(Some(expected as u64), ProgressDrawTarget::hidden())
+        let bar = match ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} HVPs, {elapsed} (eta {eta})",
+        ) {
+            Ok(style) if std::io::stderr().is_terminal() => {
+                let b = ProgressBar::new(expected as u64);
+                b.set_style(style.progress_chars("=> "));
+                b.set_message(what.to_string());
+                b
+            }
+            _ => ProgressBar::with_draw_target(Some(expected as u64), ProgressDrawTarget::hidden()),
         };
         Counted {
             inner,
@@ -61,11 +73,100 @@ impl SymOperator for Counted<'_> {
     }
 }
 
+/// Which diagonal block of the Hessian a command works on.
 #[derive(Args, Debug, Clone)]
-pub struct Which_ {
+pub struct BlockArgs {
     /// The diagonal block of one layer or name-prefix group (`layer1`, `fc`).
     #[arg(long)]
     pub layer: Option<String>,
+}
+
+/// How a spectrum becomes a density: shared by density, exact and layers,
+/// validated in one place.
+#[derive(Args, Debug, Clone)]
+pub struct SmoothingArgs {
+    /// Gaussian kernel standard deviation in eigenvalue units (default:
+    /// sigma² = 1e-5·max(1, λmax − λmin), as in Ghorbani et al.).
+    #[arg(long)]
+    pub sigma: Option<f64>,
+    /// Grid points of the density (default 10000; `layers`: 2000).
+    #[arg(long)]
+    pub grid: Option<usize>,
+}
+
+/// A density on a grid.
+pub struct Smoothed {
+    pub grid: Vec<f64>,
+    pub density: Vec<f64>,
+    pub sigma: f64,
+}
+
+impl SmoothingArgs {
+    /// Refuse settings no spectrum can make sense of, before any work.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(s) = self.sigma {
+            if !(s.is_finite() && s > 0.0) {
+                bail!("invalid --sigma: {s}; the kernel width must be a positive finite number");
+            }
+        }
+        if let Some(g) = self.grid {
+            if !(2..=MAX_GRID).contains(&g) {
+                bail!("invalid --grid: {g} points; between 2 and {MAX_GRID}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The grid over [lo, hi] and the kernel width: `--sigma` or `default`.
+    fn grid(&self, lo: f64, hi: f64, default: f64, points: usize) -> Result<(Vec<f64>, f64)> {
+        let sigma = self.sigma.unwrap_or(default);
+        let points = self.grid.unwrap_or(points);
+        let grid = slq::default_grid(lo, hi, sigma, points);
+        let (a, b) = (grid[0], grid[grid.len() - 1]);
+        if !(a.is_finite() && b.is_finite() && a < b) {
+            bail!(
+                "invalid --sigma: {sigma} over the spectrum [{lo:e}, {hi:e}] gives no finite grid \
+                 ([{a:e}, {b:e}]); choose a smaller --sigma"
+            );
+        }
+        Ok((grid, sigma))
+    }
+
+    /// The normalised density of `runs` on `grid`; refuses a density that
+    /// underflows to zero everywhere (a kernel far narrower than the grid
+    /// spacing) or is not finite.
+    fn density(&self, runs: &[SlqRun], grid: &[f64], sigma: f64) -> Result<Vec<f64>> {
+        let mut d = slq::density_on(runs, grid, sigma);
+        let mass = slq::integrate(grid, &d);
+        let spacing = (grid[grid.len() - 1] - grid[0]) / (grid.len() - 1) as f64;
+        if !(mass.is_finite() && mass > 0.0) {
+            bail!(
+                "invalid --sigma: {sigma:e}: the density is {} at every one of the {} grid points \
+                 (spacing {spacing:.3e}); choose a --sigma near the spacing or above, or more --grid points",
+                if mass.is_finite() { "zero" } else { "not finite" },
+                grid.len()
+            );
+        }
+        slq::normalize(grid, &mut d);
+        if d.iter().any(|x| !x.is_finite()) {
+            bail!(
+                "invalid --sigma: {sigma:e}: the normalised density overflows (grid spacing \
+                 {spacing:.3e}); choose a --sigma near the spacing or above"
+            );
+        }
+        Ok(d)
+    }
+
+    fn smooth(&self, runs: &[SlqRun], default_points: usize) -> Result<Smoothed> {
+        let (lo, hi) = slq::extremes(runs);
+        let (grid, sigma) = self.grid(lo, hi, slq::default_sigma(lo, hi), default_points)?;
+        let density = self.density(runs, &grid, sigma)?;
+        Ok(Smoothed {
+            grid,
+            density,
+            sigma,
+        })
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -73,23 +174,20 @@ pub struct DensityArgs {
     #[command(flatten)]
     pub inputs: Inputs,
     #[command(flatten)]
-    pub block: Which_,
+    pub block: BlockArgs,
     /// Lanczos steps per run.
     #[arg(long, default_value_t = slq::DEFAULT_STEPS)]
     pub steps: usize,
     /// Independent runs (Gaussian start vectors).
     #[arg(long, default_value_t = slq::DEFAULT_RUNS)]
     pub runs: usize,
-    /// Kernel standard deviation (default: sigma² = 1e-5·max(1, λmax − λmin)).
-    #[arg(long)]
-    pub sigma: Option<f64>,
-    /// Grid points.
-    #[arg(long, default_value_t = slq::DEFAULT_GRID)]
-    pub grid: usize,
-    #[arg(long)]
+    #[command(flatten)]
+    pub smoothing: SmoothingArgs,
+    /// Write the report as JSON (grid, density, nodes and weights per run, summary, settings).
+    #[arg(long, help_heading = "Output")]
     pub out: Option<PathBuf>,
     /// SVG of the density on a log-scale y axis.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub plot: Option<PathBuf>,
 }
 
@@ -101,10 +199,12 @@ fn block_range(model: &Model, layer: &Option<String>) -> Result<std::ops::Range<
     }
 }
 
-fn write_json(path: &Option<PathBuf>, v: &Value) -> Result<()> {
+fn check_plot(path: &Option<PathBuf>) -> Result<()> {
     if let Some(p) = path {
-        std::fs::write(p, serde_json::to_string_pretty(v)?)
-            .with_context(|| format!("writing {}", p.display()))?;
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if ext != "svg" {
+            bail!("invalid --plot {}: only .svg is written", p.display());
+        }
     }
     Ok(())
 }
@@ -117,42 +217,22 @@ fn write_plot(
     exact: Option<&[f64]>,
 ) -> Result<()> {
     if let Some(p) = path {
-        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if ext != "svg" {
-            bail!("--plot {}: only .svg is written", p.display());
-        }
         std::fs::write(p, density_svg(title, grid, dens, exact))
             .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }
 
-fn check_positive(flag: &str, v: usize) -> Result<()> {
-    if v == 0 {
-        bail!("{flag} must be at least 1");
+/// `value` must be in 1..=max; the error names the flag, the value and
+/// the limit.
+fn check_count(flag: &str, value: usize, max: usize) -> Result<()> {
+    if value == 0 {
+        bail!("invalid {flag}: must be at least 1");
+    }
+    if value > max {
+        bail!("invalid {flag}: {value} is above the limit of {max}");
     }
     Ok(())
-}
-
-/// Grid, normalised density and sigma for a set of runs.
-fn smooth(runs: &[SlqRun], sigma: Option<f64>, points: usize) -> Result<(Vec<f64>, Vec<f64>, f64)> {
-    let (lmin, lmax) = slq::extremes(runs);
-    let sigma = sigma.unwrap_or_else(|| slq::default_sigma(lmin, lmax));
-    if !(sigma > 0.0 && sigma.is_finite()) {
-        bail!("--sigma must be positive");
-    }
-    let grid = slq::default_grid(lmin, lmax, sigma, points.max(2));
-    let mut dens = slq::density_on(runs, &grid, sigma);
-    slq::normalize(&grid, &mut dens);
-    Ok((grid, dens, sigma))
-}
-
-fn settings_json(inputs: &Inputs, engine: &dyn Curvature, layer: &Option<String>) -> Value {
-    json!({
-        "model": inputs.model, "weights": inputs.weights, "data": inputs.data, "samples": inputs.samples,
-        "batch": inputs.batch, "bn": inputs.bn, "seed": inputs.seed, "layer": layer,
-        "backend": engine.backend(), "adapter": engine.adapter(),
-    })
 }
 
 /// SLQ over `op` with a progress bar (on a terminal): the runs and how many
@@ -170,16 +250,25 @@ fn counted_slq(
     Ok((r, counted.count))
 }
 
+fn layer_suffix(layer: &Option<String>) -> String {
+    layer
+        .as_ref()
+        .map(|l| format!(" [{l}]"))
+        .unwrap_or_default()
+}
+
 pub fn density(a: DensityArgs) -> Result<()> {
-    check_positive("--steps", a.steps)?;
-    check_positive("--runs", a.runs)?;
-    check_positive("--grid", a.grid)?;
+    check_count("--steps", a.steps, MAX_STEPS)?;
+    check_count("--runs", a.runs, MAX_RUNS)?;
+    a.smoothing.validate()?;
+    check_plot(&a.plot)?;
     let t0 = Instant::now();
-    let mut engine = a.inputs.engine()?;
-    let (model, _) = a.inputs.model_and_weights()?;
-    let range = block_range(&model, &a.block.layer)?;
-    let settings = settings_json(&a.inputs, engine.as_ref(), &a.block.layer);
-    let mut h = Hessian(engine.as_mut());
+    let mut l = a.inputs.load()?;
+    let range = block_range(&l.model, &a.block.layer)?;
+    let settings = a
+        .inputs
+        .settings(l.engine.as_ref(), a.block.layer.as_deref());
+    let mut h = Hessian(l.engine.as_mut());
     let mut block = BlockOperator::new(&mut h, range.clone());
     let n = block.dim();
     let steps = a.steps.min(n);
@@ -188,55 +277,81 @@ pub fn density(a: DensityArgs) -> Result<()> {
         .context("stochastic Lanczos quadrature")?;
     let lanczos_seconds = t.elapsed().as_secs_f64();
     let summary = slq::summarize(&runs, n);
-    let (grid, dens, sigma) = smooth(&runs, a.sigma, a.grid)?;
+    let smoothed = a.smoothing.smooth(&runs, slq::DEFAULT_GRID)?;
     let title = format!(
         "{}{} Hessian density ({} steps × {} runs)",
-        model.name,
-        a.block
-            .layer
-            .as_ref()
-            .map(|l| format!(" [{l}]"))
-            .unwrap_or_default(),
+        l.model.name,
+        layer_suffix(&a.block.layer),
         steps,
         a.runs
     );
-    write_plot(&a.plot, &title, &grid, &dens, None)?;
-    let out = json!({
-        "lambda_max": summary.lambda_max, "lambda_min": summary.lambda_min,
-        "trace": summary.trace, "trace_stderr": summary.trace_stderr, "negative_mass": summary.negative_mass,
-        "n_params": n, "steps": steps, "runs_count": a.runs, "sigma": sigma, "grid_points": grid.len(),
-        "hvps": hvps, "lanczos_seconds": lanczos_seconds, "seconds": t0.elapsed().as_secs_f64(),
-        "settings": settings, "grid": grid, "density": dens, "runs": runs,
-    });
-    write_json(&a.out, &out)?;
+    write_plot(&a.plot, &title, &smoothed.grid, &smoothed.density, None)?;
+    let report = DensityReport {
+        lambda_max: summary.lambda_max,
+        lambda_min: summary.lambda_min,
+        trace: summary.trace,
+        trace_stderr: known(summary.trace_stderr),
+        negative_mass: summary.negative_mass,
+        n_params: n,
+        steps,
+        runs_count: a.runs,
+        sigma: smoothed.sigma,
+        grid_points: smoothed.grid.len(),
+        hvps,
+        lanczos_seconds,
+        seconds: t0.elapsed().as_secs_f64(),
+        settings,
+        grid: smoothed.grid,
+        density: smoothed.density,
+        runs,
+    };
+    export(a.inputs.json, a.out.as_deref(), &report)?;
     if a.inputs.json {
-        println!("{out}");
-    } else {
-        println!(
-            "{title} on {} ({})",
-            out["settings"]["adapter"].as_str().unwrap_or(""),
-            out["settings"]["backend"].as_str().unwrap_or("")
-        );
-        println!(
-            "  λmax {:.6e}   λmin {:.6e}",
-            summary.lambda_max, summary.lambda_min
-        );
-        println!(
-            "  trace ≈ {:.6e} ± {:.2e}   negative mass {:.4}",
-            summary.trace, summary.trace_stderr, summary.negative_mass
-        );
-        println!(
-            "  {hvps} Hessian-vector products in {lanczos_seconds:.1} s (total {:.1} s)",
-            t0.elapsed().as_secs_f64()
-        );
-        if let Some(p) = &a.out {
-            println!("  wrote {}", p.display());
-        }
-        if let Some(p) = &a.plot {
-            println!("  wrote {}", p.display());
+        return Ok(());
+    }
+    let mut text = format!(
+        "{title} on {} ({})\n",
+        report.settings.adapter, report.settings.backend
+    );
+    text.push_str(&format!(
+        "  λmax {:.6e}   λmin {:.6e}\n",
+        report.lambda_max, report.lambda_min
+    ));
+    text.push_str(&format!(
+        "  trace ≈ {:.6e} ± {}   negative mass {:.4}\n",
+        report.trace,
+        or_unknown(report.trace_stderr, |s| format!("{s:.2e}")),
+        report.negative_mass
+    ));
+    text.push_str(&format!(
+        "  {hvps} Hessian-vector products in {lanczos_seconds:.1} s (total {:.1} s)\n",
+        report.seconds
+    ));
+    for p in a.out.iter().chain(&a.plot) {
+        text.push_str(&format!("  wrote {}\n", p.display()));
+    }
+    output::print(&text)
+}
+
+/// `--which`: the CLI's mirror of the library's [`Which`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WhichArg {
+    /// The algebraically largest eigenvalues, largest first.
+    Largest,
+    /// The algebraically smallest (most negative), smallest first.
+    Smallest,
+    /// The largest |λ|, largest first.
+    Magnitude,
+}
+
+impl From<WhichArg> for Which {
+    fn from(w: WhichArg) -> Which {
+        match w {
+            WhichArg::Largest => Which::Largest,
+            WhichArg::Smallest => Which::Smallest,
+            WhichArg::Magnitude => Which::Magnitude,
         }
     }
-    Ok(())
 }
 
 #[derive(Args, Debug, Clone)]
@@ -244,41 +359,55 @@ pub struct EigsArgs {
     #[command(flatten)]
     pub inputs: Inputs,
     #[command(flatten)]
-    pub block: Which_,
+    pub block: BlockArgs,
     /// How many eigenvalues.
     #[arg(long, default_value_t = 5)]
     pub top: usize,
-    #[arg(long, value_enum, default_value_t = Which::Largest)]
-    pub which: Which,
+    /// Which end of the spectrum.
+    #[arg(long, value_enum, default_value_t = WhichArg::Largest)]
+    pub which: WhichArg,
     /// Step budget of the Lanczos process.
     #[arg(long, default_value_t = 400)]
     pub steps: usize,
-    /// Residual tolerance relative to |λmax|.
+    /// Residual tolerance relative to |λmax|, in (0, 1).
     #[arg(long, default_value_t = 1e-6)]
     pub tol: f64,
-    #[arg(long)]
+    /// Write the report as JSON (eigenvalues, residuals, gradient fractions, settings).
+    #[arg(long, help_heading = "Output")]
     pub out: Option<PathBuf>,
     /// Ritz vectors as safetensors: each parameter tensor with a leading K axis.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub vectors: Option<PathBuf>,
 }
 
 pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
-    check_positive("--top", a.top)?;
-    if a.tol.is_nan() || a.tol <= 0.0 {
-        bail!("--tol must be positive");
+    check_count("--top", a.top, MAX_STEPS)?;
+    check_count("--steps", a.steps, MAX_STEPS)?;
+    if !(a.tol.is_finite() && a.tol > 0.0 && a.tol < 1.0) {
+        bail!("invalid --tol: {}; a relative tolerance in (0, 1)", a.tol);
     }
     let t0 = Instant::now();
-    let mut engine = a.inputs.engine()?;
-    let (model, _) = a.inputs.model_and_weights()?;
-    let range = block_range(&model, &a.block.layer)?;
-    let settings = settings_json(&a.inputs, engine.as_ref(), &a.block.layer);
-    let (_, grad) = engine.loss_grad().context("computing the gradient")?;
+    let mut l = a.inputs.load()?;
+    let range = block_range(&l.model, &a.block.layer)?;
+    if a.top > range.len() {
+        bail!(
+            "invalid --top: {} is more than the {} parameters{} of {}",
+            a.top,
+            range.len(),
+            layer_suffix(&a.block.layer),
+            l.model.name
+        );
+    }
+    let settings = a
+        .inputs
+        .settings(l.engine.as_ref(), a.block.layer.as_deref());
+    let (_, grad) = l.engine.loss_grad().context("computing the gradient")?;
     let g = grad[range.clone()].to_vec();
-    let mut h = Hessian(engine.as_mut());
+    let mut h = Hessian(l.engine.as_mut());
     let mut block = BlockOperator::new(&mut h, range.clone());
     let mut op = Counted::new(&mut block, a.steps.min(range.len()), "eigs");
-    let mut s = EigsSettings::new(a.top, a.which);
+    let which: Which = a.which.into();
+    let mut s = EigsSettings::new(a.top, which);
     s.tol = a.tol;
     s.max_steps = a.steps;
     s.seed = a.inputs.seed;
@@ -289,7 +418,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
     if let Some(p) = &a.vectors {
         let k = r.vectors.len();
         let mut tensors = vec![];
-        for spec in &model.params {
+        for spec in &l.model.params {
             let (o, len) = (spec.offset, spec.numel());
             if o < range.start || o + len > range.end {
                 continue;
@@ -305,47 +434,49 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
         hesscope::model::tensorio::write_f64(p, &tensors)
             .with_context(|| format!("writing {}", p.display()))?;
     }
-    let out = json!({
-        "eigenvalues": r.values, "residuals": r.residuals, "converged": r.converged,
-        "which": a.which, "tol": a.tol, "steps": r.steps, "hvps": hvps,
-        "grad_frac_in_top_k": fracs, "seconds": t0.elapsed().as_secs_f64(), "settings": settings,
-        "vectors": a.vectors,
-    });
-    write_json(&a.out, &out)?;
+    let report = EigsReport {
+        eigenvalues: r.values,
+        residuals: r.residuals,
+        converged: r.converged,
+        which,
+        tol: a.tol,
+        steps: r.steps,
+        hvps,
+        grad_frac_in_top_k: fracs,
+        seconds: t0.elapsed().as_secs_f64(),
+        settings,
+        vectors: a.vectors.clone(),
+    };
+    export(a.inputs.json, a.out.as_deref(), &report)?;
     if a.inputs.json {
-        println!("{out}");
-    } else {
-        println!(
-            "{} eigenvalues ({:?}) of {}{}:",
-            r.values.len(),
-            a.which,
-            model.name,
-            a.block
-                .layer
-                .as_ref()
-                .map(|l| format!(" [{l}]"))
-                .unwrap_or_default()
-        );
-        for (i, (l, res)) in r.values.iter().zip(&r.residuals).enumerate() {
-            println!(
-                "  λ{:<3} {l:>16.9e}   residual {res:.2e}   ‖g‖² fraction in top {} {:.4}",
-                i + 1,
-                i + 1,
-                fracs[i]
-            );
-        }
-        if !r.converged {
-            println!(
-                "  NOT CONVERGED: residuals above {:.1e}·|λmax| after {} steps (raise --steps)",
-                a.tol, r.steps
-            );
-        }
-        println!(
-            "  {hvps} Hessian-vector products, {:.1} s",
-            t0.elapsed().as_secs_f64()
-        );
+        return Ok(());
     }
-    Ok(())
+    let mut text = format!(
+        "{} eigenvalues ({:?}) of {}{}:\n",
+        report.eigenvalues.len(),
+        which,
+        l.model.name,
+        layer_suffix(&a.block.layer)
+    );
+    for (i, (l, res)) in report.eigenvalues.iter().zip(&report.residuals).enumerate() {
+        text.push_str(&format!(
+            "  λ{:<3} {l:>16.9e}   residual {res:.2e}   ‖g‖² fraction in top {} {:.4}\n",
+            i + 1,
+            i + 1,
+            report.grad_frac_in_top_k[i]
+        ));
+    }
+    if !report.converged {
+        text.push_str(&format!(
+            "  NOT CONVERGED: residuals above {:.1e}·|λmax| after {} steps (raise --steps)\n",
+            a.tol, report.steps
+        ));
+    }
+    text.push_str(&format!(
+        "  {hvps} Hessian-vector products, {:.1} s\n",
+        report.seconds
+    ));
+    output::print(&text)
 }
 
 #[derive(Args, Debug, Clone)]
@@ -353,75 +484,85 @@ pub struct TraceArgs {
     #[command(flatten)]
     pub inputs: Inputs,
     #[command(flatten)]
-    pub block: Which_,
+    pub block: BlockArgs,
     /// Hutchinson probes (and Hutch++'s budget of products).
     #[arg(long, default_value_t = 100)]
     pub probes: usize,
     /// Per layer (module), each with its own estimates.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "layer")]
     pub layerwise: bool,
-    #[arg(long)]
+    /// Write the report as JSON (estimates with standard errors per block, settings).
+    #[arg(long, help_heading = "Output")]
     pub out: Option<PathBuf>,
 }
 
-fn trace_of(op: &mut dyn SymOperator, probes: usize, seed: u64) -> Result<Value> {
-    let h = hutchinson(op, probes, seed)?;
-    let hpp = if probes >= 6 && op.dim() >= 2 {
+fn trace_of(op: &mut dyn SymOperator, probes: usize, seed: u64) -> Result<TraceEstimates> {
+    let hutchinson = hutchinson(op, probes, seed)?;
+    let hutchpp = if probes >= 6 && op.dim() >= 2 {
         Some(hutchpp(op, probes, seed)?)
     } else {
         None
     };
-    Ok(json!({ "hutchinson": h, "hutchpp": hpp }))
+    Ok(TraceEstimates {
+        hutchinson,
+        hutchpp,
+    })
 }
 
 pub fn trace_cmd(a: TraceArgs) -> Result<()> {
-    check_positive("--probes", a.probes)?;
+    check_count("--probes", a.probes, MAX_PROBES)?;
     let t0 = Instant::now();
-    let mut engine = a.inputs.engine()?;
-    let (model, _) = a.inputs.model_and_weights()?;
-    let settings = settings_json(&a.inputs, engine.as_ref(), &a.block.layer);
-    let mut h = Hessian(engine.as_mut());
+    let mut l = a.inputs.load()?;
+    let settings = a
+        .inputs
+        .settings(l.engine.as_ref(), a.block.layer.as_deref());
     let blocks: Vec<(String, std::ops::Range<usize>)> = if a.layerwise {
-        model.modules()
+        l.model.modules()
     } else {
         vec![(
             a.block.layer.clone().unwrap_or_else(|| "all".into()),
-            block_range(&model, &a.block.layer)?,
+            block_range(&l.model, &a.block.layer)?,
         )]
     };
+    let mut h = Hessian(l.engine.as_mut());
     let mut rows = vec![];
     for (name, range) in blocks {
         let mut block = BlockOperator::new(&mut h, range.clone());
         let mut op = Counted::new(&mut block, 2 * a.probes, &name);
-        let est = trace_of(&mut op, a.probes, a.inputs.seed)?;
+        let estimates = trace_of(&mut op, a.probes, a.inputs.seed)?;
         op.bar.finish_and_clear();
         if !a.inputs.json {
-            let hu = &est["hutchinson"];
-            let hp = &est["hutchpp"];
-            println!(
-                "  {name:<24} size {:>9}   Hutchinson {:>13.6e} ± {:.2e}   Hutch++ {}",
+            let e = |t: &hesscope::spectral::trace::TraceEstimate| {
+                format!(
+                    "{:>13.6e} ± {}",
+                    t.estimate,
+                    or_unknown(known(t.stderr), |s| format!("{s:.2e}"))
+                )
+            };
+            output::line(format!(
+                "  {name:<24} size {:>9}   Hutchinson {}   Hutch++ {}",
                 range.len(),
-                hu["estimate"].as_f64().unwrap_or(f64::NAN),
-                hu["stderr"].as_f64().unwrap_or(f64::NAN),
-                if hp.is_null() {
-                    "-".to_string()
-                } else {
-                    format!(
-                        "{:.6e} ± {:.2e}",
-                        hp["estimate"].as_f64().unwrap_or(f64::NAN),
-                        hp["stderr"].as_f64().unwrap_or(f64::NAN)
-                    )
-                }
-            );
+                e(&estimates.hutchinson),
+                estimates
+                    .hutchpp
+                    .as_ref()
+                    .map(e)
+                    .unwrap_or_else(|| "-".into())
+            ))?;
         }
-        rows.push(json!({ "layer": name, "size": range.len(), "estimates": est }));
+        rows.push(TraceRow {
+            layer: name,
+            size: range.len(),
+            estimates,
+        });
     }
-    let out = json!({ "traces": rows, "probes": a.probes, "seconds": t0.elapsed().as_secs_f64(), "settings": settings });
-    write_json(&a.out, &out)?;
-    if a.inputs.json {
-        println!("{out}");
-    }
-    Ok(())
+    let report = TraceReport {
+        traces: rows,
+        probes: a.probes,
+        seconds: t0.elapsed().as_secs_f64(),
+        settings,
+    };
+    export(a.inputs.json, a.out.as_deref(), &report)
 }
 
 #[derive(Args, Debug, Clone)]
@@ -429,28 +570,41 @@ pub struct ExactArgs {
     #[command(flatten)]
     pub inputs: Inputs,
     #[command(flatten)]
-    pub block: Which_,
-    /// Largest model accepted.
+    pub block: BlockArgs,
+    /// Largest model (or block) accepted: n Hessian-vector products and an
+    /// n×n float64 matrix.
     #[arg(long, default_value_t = EXACT_MAX_PARAMS)]
     pub max_params: usize,
-    #[arg(long)]
-    pub sigma: Option<f64>,
-    #[arg(long, default_value_t = slq::DEFAULT_GRID)]
-    pub grid: usize,
-    #[arg(long)]
+    #[command(flatten)]
+    pub smoothing: SmoothingArgs,
+    /// Write the report as JSON (every eigenvalue, the smoothed density, settings).
+    #[arg(long, help_heading = "Output")]
     pub out: Option<PathBuf>,
-    #[arg(long)]
+    /// SVG of the density with the eigenvalues marked.
+    #[arg(long, help_heading = "Output")]
     pub plot: Option<PathBuf>,
 }
 
 pub fn exact_cmd(mut a: ExactArgs) -> Result<()> {
+    if a.max_params > EXACT_HARD_MAX_PARAMS {
+        bail!(
+            "invalid --max-params: {} would allow a dense {n}×{n} float64 Hessian ({} GiB); \
+             the limit is {EXACT_HARD_MAX_PARAMS} parameters ({} GiB; use `density` beyond)",
+            a.max_params,
+            (a.max_params as u128 * a.max_params as u128 * 8) >> 30,
+            (EXACT_HARD_MAX_PARAMS * EXACT_HARD_MAX_PARAMS * 8) >> 30,
+            n = a.max_params
+        );
+    }
+    a.smoothing.validate()?;
+    check_plot(&a.plot)?;
     // The dense Hessian is ground truth: the float64 reference unless a GPU
     // backend is named explicitly.
     if a.inputs.backend == Backend::Auto {
         a.inputs.backend = Backend::Cpu;
     }
     let t0 = Instant::now();
-    let (model, _) = a.inputs.model_and_weights()?;
+    let (model, weights) = a.inputs.model_and_weights()?;
     let range = block_range(&model, &a.block.layer)?;
     if range.len() > a.max_params {
         bail!(
@@ -458,68 +612,70 @@ pub fn exact_cmd(mut a: ExactArgs) -> Result<()> {
             model.name, range.len(), a.block.layer.as_ref().map(|l| format!(" in {l}")).unwrap_or_default(), a.max_params, n = range.len()
         );
     }
-    let mut engine = a.inputs.engine()?;
-    let settings = settings_json(&a.inputs, engine.as_ref(), &a.block.layer);
-    let (_, grad) = engine.loss_grad()?;
+    let mut l = a.inputs.load_with(model, weights)?;
+    let settings = a
+        .inputs
+        .settings(l.engine.as_ref(), a.block.layer.as_deref());
+    let (_, grad) = l.engine.loss_grad().context("computing the gradient")?;
     let g = grad[range.clone()].to_vec();
-    let mut h = Hessian(engine.as_mut());
+    let mut h = Hessian(l.engine.as_mut());
     let mut block = BlockOperator::new(&mut h, range.clone());
     let n = block.dim();
     let mut op = Counted::new(&mut block, n, "exact");
-    let ex = exact_spectrum(&mut op, a.max_params)?;
+    let ex = exact_spectrum(&mut op, a.max_params).context("the dense Hessian")?;
     op.bar.finish_and_clear();
-    let vals = &ex.values;
-    let lmax = *vals.last().unwrap();
-    let lmin = vals[0];
+    let vals = ex.values;
+    let (Some(&lmin), Some(&lmax)) = (vals.first(), vals.last()) else {
+        bail!(
+            "{} has no parameters{}: no spectrum",
+            l.model.name,
+            layer_suffix(&a.block.layer)
+        );
+    };
     let trace: f64 = vals.iter().sum();
     let abs: f64 = vals.iter().map(|v| v.abs()).sum();
     let neg: f64 = vals.iter().filter(|v| **v < 0.0).map(|v| v.abs()).sum();
     let top: Vec<Vec<f64>> = ex.vectors.iter().rev().take(10).cloned().collect();
     let fracs = gradient_fractions(&g, &top);
-    let sigma = a.sigma.unwrap_or_else(|| slq::default_sigma(lmin, lmax));
-    let grid = slq::default_grid(lmin, lmax, sigma, a.grid.max(2));
     let one = [SlqRun {
         nodes: vals.clone(),
         weights: vec![1.0 / n as f64; n],
         breakdowns: 0,
     }];
-    let mut dens = slq::density_on(&one, &grid, sigma);
-    slq::normalize(&grid, &mut dens);
+    let smoothed = a.smoothing.smooth(&one, slq::DEFAULT_GRID)?;
     write_plot(
         &a.plot,
-        &format!("{} exact Hessian spectrum (n = {n})", model.name),
-        &grid,
-        &dens,
-        Some(vals),
+        &format!("{} exact Hessian spectrum (n = {n})", l.model.name),
+        &smoothed.grid,
+        &smoothed.density,
+        Some(&vals),
     )?;
-    let out = json!({
-        "lambda_max": lmax, "lambda_min": lmin, "trace": trace,
-        "negative_mass": if abs > 0.0 { neg / abs } else { 0.0 },
-        "frac_negative": vals.iter().filter(|v| **v < 0.0).count() as f64 / n as f64,
-        "top5": vals.iter().rev().take(5).collect::<Vec<_>>(), "bottom5": vals.iter().take(5).collect::<Vec<_>>(),
-        "grad_frac_in_top_k": fracs, "asymmetry": ex.asymmetry, "n_params": n, "sigma": sigma,
-        "seconds": t0.elapsed().as_secs_f64(), "settings": settings,
-        "grid": grid, "density": dens, "eigenvalues": vals,
-    });
-    write_json(&a.out, &out)?;
+    let report = ExactReport {
+        lambda_max: lmax,
+        lambda_min: lmin,
+        trace,
+        negative_mass: if abs > 0.0 { neg / abs } else { 0.0 },
+        frac_negative: vals.iter().filter(|v| **v < 0.0).count() as f64 / n as f64,
+        top5: vals.iter().rev().take(5).copied().collect(),
+        bottom5: vals.iter().take(5).copied().collect(),
+        grad_frac_in_top_k: fracs,
+        asymmetry: ex.asymmetry,
+        n_params: n,
+        sigma: smoothed.sigma,
+        seconds: t0.elapsed().as_secs_f64(),
+        settings,
+        grid: smoothed.grid,
+        density: smoothed.density,
+        eigenvalues: vals,
+    };
+    export(a.inputs.json, a.out.as_deref(), &report)?;
     if a.inputs.json {
-        println!("{out}");
-    } else {
-        println!(
-            "exact spectrum of {} ({n} parameters, {} products):",
-            model.name, n
-        );
-        println!(
-            "  λmax {lmax:.9e}   λmin {lmin:.9e}   trace {trace:.6e}   negative mass {:.4}",
-            out["negative_mass"].as_f64().unwrap()
-        );
-        println!(
-            "  asymmetry of the assembled Hessian {:.1e}; {:.1} s",
-            ex.asymmetry,
-            t0.elapsed().as_secs_f64()
-        );
+        return Ok(());
     }
-    Ok(())
+    output::print(&format!(
+        "exact spectrum of {} ({n} parameters, {n} products):\n  λmax {lmax:.9e}   λmin {lmin:.9e}   trace {trace:.6e}   negative mass {:.4}\n  asymmetry of the assembled Hessian {:.1e}; {:.1} s\n",
+        l.model.name, report.negative_mass, report.asymmetry, report.seconds
+    ))
 }
 
 #[derive(Args, Debug, Clone)]
@@ -532,9 +688,10 @@ pub struct LayersArgs {
     /// SLQ runs per layer (and for the full Hessian).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    #[arg(long, default_value_t = 2000)]
-    pub grid: usize,
-    #[arg(long)]
+    #[command(flatten)]
+    pub smoothing: SmoothingArgs,
+    /// Write the report as JSON (per module: λmax, λmin, trace, similarity; settings).
+    #[arg(long, help_heading = "Output")]
     pub out: Option<PathBuf>,
 }
 
@@ -542,13 +699,14 @@ pub struct LayersArgs {
 /// Bhattacharyya coefficient between its density and the full one on a
 /// shared grid (see `layers::bhattacharyya` for why that measure).
 pub fn layers_cmd(a: LayersArgs) -> Result<()> {
-    check_positive("--steps", a.steps)?;
-    check_positive("--runs", a.runs)?;
+    check_count("--steps", a.steps, MAX_STEPS)?;
+    check_count("--runs", a.runs, MAX_RUNS)?;
+    a.smoothing.validate()?;
     let t0 = Instant::now();
-    let mut engine = a.inputs.engine()?;
-    let (model, _) = a.inputs.model_and_weights()?;
-    let settings = settings_json(&a.inputs, engine.as_ref(), &None);
-    let mut h = Hessian(engine.as_mut());
+    let mut l = a.inputs.load()?;
+    let settings = a.inputs.settings(l.engine.as_ref(), None);
+    let modules = l.model.modules();
+    let mut h = Hessian(l.engine.as_mut());
     let n = h.dim();
     let (full, _) = counted_slq(
         &mut h,
@@ -558,7 +716,7 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
         "full Hessian",
     )?;
     let mut per = vec![];
-    for (name, range) in model.modules() {
+    for (name, range) in modules {
         let mut block = BlockOperator::new(&mut h, range.clone());
         let steps = a.steps.min(range.len());
         let (runs, _) = counted_slq(&mut block, steps, a.runs, a.inputs.seed, &name)?;
@@ -571,44 +729,52 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
         lo = lo.min(a_);
         hi = hi.max(b_);
     }
-    let sigma = slq::default_sigma(lo, hi).max(0.01 * (hi - lo));
-    let grid = slq::default_grid(lo, hi, sigma, a.grid.max(2));
-    let mut fd = slq::density_on(&full, &grid, sigma);
-    slq::normalize(&grid, &mut fd);
+    let default_sigma = slq::default_sigma(lo, hi).max(0.01 * (hi - lo));
+    let (grid, sigma) = a.smoothing.grid(lo, hi, default_sigma, LAYERS_GRID)?;
+    let fd = a.smoothing.density(&full, &grid, sigma)?;
     let fs = slq::summarize(&full, n);
     let mut rows = vec![];
-    if !a.inputs.json {
-        println!(
-            "{:<28} {:>9} {:>14} {:>14} {:>14} {:>10}",
-            "module", "size", "λmax", "λmin", "trace", "similarity"
-        );
-        println!(
-            "{:<28} {:>9} {:>14.6e} {:>14.6e} {:>14.6e} {:>10.4}",
-            "(all)", n, fs.lambda_max, fs.lambda_min, fs.trace, 1.0
-        );
-    }
     for (name, size, runs) in &per {
         let s = slq::summarize(runs, *size);
-        let mut d = slq::density_on(runs, &grid, sigma);
-        slq::normalize(&grid, &mut d);
-        let sim = bhattacharyya(&grid, &d, &fd);
-        if !a.inputs.json {
-            println!(
-                "{name:<28} {size:>9} {:>14.6e} {:>14.6e} {:>14.6e} {sim:>10.4}",
-                s.lambda_max, s.lambda_min, s.trace
-            );
-        }
-        rows.push(json!({ "module": name, "size": size, "lambda_max": s.lambda_max, "lambda_min": s.lambda_min,
-            "trace": s.trace, "trace_stderr": s.trace_stderr, "negative_mass": s.negative_mass, "similarity": sim }));
+        let d = a.smoothing.density(runs, &grid, sigma)?;
+        rows.push(LayerRow {
+            module: name.clone(),
+            size: *size,
+            lambda_max: s.lambda_max,
+            lambda_min: s.lambda_min,
+            trace: s.trace,
+            trace_stderr: known(s.trace_stderr),
+            negative_mass: s.negative_mass,
+            similarity: bhattacharyya(&grid, &d, &fd),
+        });
     }
-    let out = json!({
-        "similarity_measure": "Bhattacharyya coefficient ∫√(p·q) between the layer's and the full SLQ density on a shared grid",
-        "full": fs, "layers": rows, "steps": a.steps, "runs": a.runs, "sigma": sigma,
-        "seconds": t0.elapsed().as_secs_f64(), "settings": settings,
-    });
-    write_json(&a.out, &out)?;
+    let report = LayersReport {
+        similarity_measure: "Bhattacharyya coefficient ∫√(p·q) between the layer's and the full SLQ density on a shared grid",
+        full: fs,
+        layers: rows,
+        steps: a.steps,
+        runs: a.runs,
+        sigma,
+        seconds: t0.elapsed().as_secs_f64(),
+        settings,
+    };
+    export(a.inputs.json, a.out.as_deref(), &report)?;
     if a.inputs.json {
-        println!("{out}");
+        return Ok(());
     }
-    Ok(())
+    let mut text = format!(
+        "{:<28} {:>9} {:>14} {:>14} {:>14} {:>10}\n",
+        "module", "size", "λmax", "λmin", "trace", "similarity"
+    );
+    text.push_str(&format!(
+        "{:<28} {:>9} {:>14.6e} {:>14.6e} {:>14.6e} {:>10.4}\n",
+        "(all)", n, report.full.lambda_max, report.full.lambda_min, report.full.trace, 1.0
+    ));
+    for r in &report.layers {
+        text.push_str(&format!(
+            "{:<28} {:>9} {:>14.6e} {:>14.6e} {:>14.6e} {:>10.4}\n",
+            r.module, r.size, r.lambda_max, r.lambda_min, r.trace, r.similarity
+        ));
+    }
+    output::print(&text)
 }

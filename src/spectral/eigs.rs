@@ -10,7 +10,8 @@ use crate::spectral::lanczos::{gaussian_unit, BasisPrecision, Lanczos};
 use crate::spectral::operator::SymOperator;
 use rand::SeedableRng;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+/// Which end of the spectrum `eigs` returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Which {
     Largest,
@@ -73,9 +74,21 @@ fn order(values: &[f64], which: Which) -> Vec<usize> {
 pub fn eigs(op: &mut dyn SymOperator, s: &EigsSettings) -> Result<EigsResult> {
     let n = op.dim();
     if s.k == 0 || s.k > n {
-        return Err(Error::Argument {
-            flag: "--top".into(),
-            msg: format!("must be between 1 and the {n} parameters"),
+        return Err(Error::Invalid {
+            what: "eigenpair count",
+            msg: format!("{} must be between 1 and the operator's dimension {n}", s.k),
+        });
+    }
+    if !(s.tol.is_finite() && s.tol > 0.0) {
+        return Err(Error::Invalid {
+            what: "tolerance",
+            msg: format!("{} must be a positive finite number", s.tol),
+        });
+    }
+    if s.max_steps == 0 {
+        return Err(Error::Invalid {
+            what: "Lanczos steps",
+            msg: "the step budget must be at least 1".into(),
         });
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed ^ 0xe165);
