@@ -2,6 +2,7 @@
 //! truth every GPU kernel is tested against, so they favour plain loops
 //! over cleverness. Layouts are PyTorch's (NCHW, weights [cout, cin, k, k]).
 
+pub mod activation;
 pub mod bn;
 pub mod conv;
 pub mod linear;
