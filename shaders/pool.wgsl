@@ -111,6 +111,75 @@ fn maxpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
     s_gx[i] = acc;
 }
 
+// ---- average pool, count_include_pad as PyTorch's default: every window
+// divides by k·k, padding included; ACC (AVG_ACC, set when the pipeline
+// is created) adds the backward into gx instead of overwriting it.
+override AVG_ACC: bool = false;
+
+@group(0) @binding(1) var<storage, read> av_in: array<f32>;
+@group(0) @binding(2) var<storage, read_write> av_out: array<f32>;
+
+// Forward, a thread per output: y = Σ over the window's inputs inside the
+// image / k². Rows iy = oy·s − pad + t, t < k, clipped to [0, h), in
+// unsigned arithmetic (index = position + pad).
+@compute @workgroup_size(256)
+fn avgpool_forward(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let o = flat_index(wid, nwg, lid);
+    let plane_out = p.oh * p.ow;
+    if (o >= p.planes * plane_out) { return; }
+    let pl = o / plane_out;
+    let oy = (o % plane_out) / p.ow;
+    let ox = o % p.ow;
+    let y0 = oy * p.stride;
+    let x0 = ox * p.stride;
+    let ya = max(y0, p.pad) - p.pad;
+    let yb = max(min(y0 + p.k, p.h + p.pad), p.pad) - p.pad;
+    let xa = max(x0, p.pad) - p.pad;
+    let xb = max(min(x0 + p.k, p.w + p.pad), p.pad) - p.pad;
+    var acc = 0.0;
+    for (var iy = ya; iy < yb; iy++) {
+        let row = (pl * p.h + iy) * p.w;
+        for (var ix = xa; ix < xb; ix++) {
+            acc += av_in[row + ix];
+        }
+    }
+    av_out[o] = acc / f32(p.k * p.k);
+}
+
+// Backward (the transpose), a thread per input, gathering from the
+// outputs whose windows cover it — oy with oy·s ≤ iy + pad ≤ oy·s + k − 1
+// (at most ⌈k/s⌉² of them) — so overlapping windows need no atomics.
+@compute @workgroup_size(256)
+fn avgpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                    @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    let plane_in = p.h * p.w;
+    if (i >= p.planes * plane_in) { return; }
+    let pl = i / plane_in;
+    let ty = (i % plane_in) / p.w + p.pad;
+    let tx = i % p.w + p.pad;
+    // First output: ⌈(t − k + 1)/s⌉ clipped at 0; last: ⌊t/s⌋ clipped at oh − 1.
+    let oy0 = (max(ty + p.stride, p.k) - p.k) / p.stride;
+    let oy1 = min(ty / p.stride + 1u, p.oh);
+    let ox0 = (max(tx + p.stride, p.k) - p.k) / p.stride;
+    let ox1 = min(tx / p.stride + 1u, p.ow);
+    var acc = 0.0;
+    for (var oy = oy0; oy < oy1; oy++) {
+        let row = (pl * p.oh + oy) * p.ow;
+        for (var ox = ox0; ox < ox1; ox++) {
+            acc += av_in[row + ox];
+        }
+    }
+    acc /= f32(p.k * p.k);
+    if (AVG_ACC) {
+        acc += av_out[i];
+    }
+    av_out[i] = acc;
+}
+
 // ---- global average pool: y[plane] = mean of the plane (h·w = 64 or fewer
 // terms in the reference models, so one serial sum per plane).
 @group(0) @binding(1) var<storage, read> ga_x: array<f32>;
