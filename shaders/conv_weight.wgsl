@@ -43,8 +43,9 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
 // of chunks.
 //
 // Stage one: a thread per (chunk, block of 4 output channels, ci, ky)
-// sums the products of its rows for the k taps kx: each loaded input feeds
-// 4 products, each loaded adjoint k. Accumulators are named, not indexed:
+// sums the products of its rows for the k taps kx, up to 7 taps per pass
+// over the rows (any k): each loaded input feeds 4 products, each loaded
+// adjoint min(k, 7). Accumulators are named, not indexed:
 // llvmpipe does not unroll loops, and a dynamically indexed private array
 // costs it far more than the products.
 const WCB: u32 = 4u;
@@ -85,50 +86,57 @@ fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
     // Adjoint offsets of channels co0.. co0+3 (clamped past the last
     // channel; those sums are never stored).
     let coff = (min(vec4<u32>(co0) + COLS, vec4<u32>(p.cout - 1u)) - vec4<u32>(co0)) * plane;
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-    var acc4 = vec4<f32>(0.0);
-    var acc5 = vec4<f32>(0.0);
-    var acc6 = vec4<f32>(0.0);
-    for (var row = r0; row < r1; row++) {
-        let n = row / p.oh;
-        let oy = row % p.oh;
-        let iy = i32(oy * p.stride + ky) - i32(p.pad);
-        let row_ok = iy >= 0 && iy < i32(p.h);
-        let grow = (n * p.cout + co0) * plane + oy * p.ow;
-        let xrow = ((n * p.cin + ci) * p.h + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
-        for (var ox = 0u; ox < p.ow; ox++) {
-            let gi = min(vec4<u32>(grow + ox) + coff, vec4<u32>(glast));
-            let g = vec4<f32>(xa[gi.x], xa[gi.y], xa[gi.z], xa[gi.w]);
-            let gb = min(vec4<u32>(grow + ox) + coff, vec4<u32>(glast_b));
-            let g2 = select(vec4<f32>(0.0), vec4<f32>(xb[gb.x], xb[gb.y], xb[gb.z], xb[gb.w]), vec4<bool>(two));
-            let ix0 = i32(ox * p.stride) - i32(p.pad);
-            acc0 += g * tap_input(xrow, ix0 + 0, row_ok) + g2 * tap_input_b(xrow, ix0 + 0, row_ok, two);
-            if (p.k > 1u) {
-                acc1 += g * tap_input(xrow, ix0 + 1, row_ok) + g2 * tap_input_b(xrow, ix0 + 1, row_ok, two);
-                acc2 += g * tap_input(xrow, ix0 + 2, row_ok) + g2 * tap_input_b(xrow, ix0 + 2, row_ok, two);
-            }
-            if (p.k > 3u) {
-                acc3 += g * tap_input(xrow, ix0 + 3, row_ok) + g2 * tap_input_b(xrow, ix0 + 3, row_ok, two);
-                acc4 += g * tap_input(xrow, ix0 + 4, row_ok) + g2 * tap_input_b(xrow, ix0 + 4, row_ok, two);
-            }
-            if (p.k > 5u) {
-                acc5 += g * tap_input(xrow, ix0 + 5, row_ok) + g2 * tap_input_b(xrow, ix0 + 5, row_ok, two);
-                acc6 += g * tap_input(xrow, ix0 + 6, row_ok) + g2 * tap_input_b(xrow, ix0 + 6, row_ok, two);
-            }
-        }
-    }
-    var acc = array<vec4<f32>, 7>(acc0, acc1, acc2, acc3, acc4, acc5, acc6);
     let kk = p.k * p.k;
     let nw = p.cout * p.cin * kk;
-    for (var j = 0u; j < WCB; j++) {
-        let co = co0 + j;
-        if (co >= p.cout) { break; }
-        let base = chunk * nw + ((co * p.cin + ci) * p.k + ky) * p.k;
-        for (var kx = 0u; kx < p.k; kx++) {
-            out[base + kx] = acc[kx][j];
+    // Taps kx0 .. kx0 + 6 per pass over the rows, in seven named
+    // accumulators: one pass for k <= 7, ⌈k/7⌉ for larger k (each extra
+    // pass reads the adjoints again).
+    for (var kx0 = 0u; kx0 < p.k; kx0 += 7u) {
+        let taps = min(p.k - kx0, 7u);
+        var acc0 = vec4<f32>(0.0);
+        var acc1 = vec4<f32>(0.0);
+        var acc2 = vec4<f32>(0.0);
+        var acc3 = vec4<f32>(0.0);
+        var acc4 = vec4<f32>(0.0);
+        var acc5 = vec4<f32>(0.0);
+        var acc6 = vec4<f32>(0.0);
+        for (var row = r0; row < r1; row++) {
+            let n = row / p.oh;
+            let oy = row % p.oh;
+            let iy = i32(oy * p.stride + ky) - i32(p.pad);
+            let row_ok = iy >= 0 && iy < i32(p.h);
+            let grow = (n * p.cout + co0) * plane + oy * p.ow;
+            let xrow = ((n * p.cin + ci) * p.h + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
+            for (var ox = 0u; ox < p.ow; ox++) {
+                let gi = min(vec4<u32>(grow + ox) + coff, vec4<u32>(glast));
+                let g = vec4<f32>(xa[gi.x], xa[gi.y], xa[gi.z], xa[gi.w]);
+                let gb = min(vec4<u32>(grow + ox) + coff, vec4<u32>(glast_b));
+                let g2 = select(vec4<f32>(0.0), vec4<f32>(xb[gb.x], xb[gb.y], xb[gb.z], xb[gb.w]), vec4<bool>(two));
+                // Input column of tap kx0 + t: ix0 + t.
+                let ix0 = i32(ox * p.stride + kx0) - i32(p.pad);
+                acc0 += g * tap_input(xrow, ix0 + 0, row_ok) + g2 * tap_input_b(xrow, ix0 + 0, row_ok, two);
+                if (taps > 1u) {
+                    acc1 += g * tap_input(xrow, ix0 + 1, row_ok) + g2 * tap_input_b(xrow, ix0 + 1, row_ok, two);
+                    acc2 += g * tap_input(xrow, ix0 + 2, row_ok) + g2 * tap_input_b(xrow, ix0 + 2, row_ok, two);
+                }
+                if (taps > 3u) {
+                    acc3 += g * tap_input(xrow, ix0 + 3, row_ok) + g2 * tap_input_b(xrow, ix0 + 3, row_ok, two);
+                    acc4 += g * tap_input(xrow, ix0 + 4, row_ok) + g2 * tap_input_b(xrow, ix0 + 4, row_ok, two);
+                }
+                if (taps > 5u) {
+                    acc5 += g * tap_input(xrow, ix0 + 5, row_ok) + g2 * tap_input_b(xrow, ix0 + 5, row_ok, two);
+                    acc6 += g * tap_input(xrow, ix0 + 6, row_ok) + g2 * tap_input_b(xrow, ix0 + 6, row_ok, two);
+                }
+            }
+        }
+        var acc = array<vec4<f32>, 7>(acc0, acc1, acc2, acc3, acc4, acc5, acc6);
+        for (var j = 0u; j < WCB; j++) {
+            let co = co0 + j;
+            if (co >= p.cout) { break; }
+            let base = chunk * nw + ((co * p.cin + ci) * p.k + ky) * p.k + kx0;
+            for (var t = 0u; t < taps; t++) {
+                out[base + t] = acc[t][j];
+            }
         }
     }
 }
