@@ -12,7 +12,7 @@ struct ConvParams {
     oh: u32, ow: u32, wa_off: u32, wb_off: u32,
     // bit 0: accumulate into the output; bit 1: second pair present;
     // bit 2: add a bias (forward) read at bias_off of the `wb` buffer.
-    flags: u32, bias_off: u32, _p0: u32, _p1: u32,
+    flags: u32, bias_off: u32, rows_per_chunk: u32, chunks: u32,
 }
 
 const WG: u32 = 256u;

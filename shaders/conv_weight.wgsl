@@ -11,7 +11,7 @@ struct ConvParams {
     oh: u32, ow: u32, wa_off: u32, wb_off: u32,
     // bit 1: second pair present. The last two words: rows per chunk and
     // the number of chunks.
-    flags: u32, bias_off: u32, _p0: u32, _p1: u32,
+    flags: u32, bias_off: u32, rows_per_chunk: u32, chunks: u32,
 }
 
 const WG: u32 = 256u;
@@ -70,7 +70,7 @@ fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
     let idx = flat_index(wid, nwg, lid);
     let cblocks = (p.cout + WCB - 1u) / WCB;
     let nrows_w = cblocks * p.cin * p.k;
-    if (idx >= nrows_w * p._p1) { return; }
+    if (idx >= nrows_w * p.chunks) { return; }
     let wr = idx % nrows_w;
     let chunk = idx / nrows_w;
     let ky = wr % p.k;
@@ -78,8 +78,8 @@ fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
     let co0 = (wr / (p.k * p.cin)) * WCB;
     let two = (p.flags & PAIR_B) != 0u;
     let rows = p.n * p.oh;
-    let r0 = chunk * p._p0;
-    let r1 = min(r0 + p._p0, rows);
+    let r0 = chunk * p.rows_per_chunk;
+    let r1 = min(r0 + p.rows_per_chunk, rows);
     let plane = p.oh * p.ow;
     let glast = arrayLength(&xa) - 1u;
     let glast_b = arrayLength(&xb) - 1u;
@@ -141,7 +141,10 @@ fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-// out[wa_off + w] += Σ_chunk xa[chunk · W + w]: `xa` is the partials buffer.
+// out[wa_off + w] += Σ_chunk parts[chunk · W + w].
+@group(0) @binding(1) var<storage, read> sum_parts: array<f32>;
+@group(0) @binding(2) var<storage, read_write> sum_out: array<f32>;
+
 @compute @workgroup_size(256)
 fn conv_weight_sum(@builtin(workgroup_id) wid: vec3<u32>,
                    @builtin(num_workgroups) nwg: vec3<u32>,
@@ -150,10 +153,10 @@ fn conv_weight_sum(@builtin(workgroup_id) wid: vec3<u32>,
     let nw = p.cout * p.cin * p.k * p.k;
     if (wi >= nw) { return; }
     var s = 0.0;
-    for (var c = 0u; c < p._p1; c++) {
-        s += xa[c * nw + wi];
+    for (var c = 0u; c < p.chunks; c++) {
+        s += sum_parts[c * nw + wi];
     }
-    out[p.wa_off + wi] += s;
+    sum_out[p.wa_off + wi] += s;
 }
 
 // The weight gradient's first stage (as conv_backward_weight) for the most
@@ -178,7 +181,7 @@ fn conv_backward_weight_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
     let idx = flat_index(wid, nwg, lid);
     let cblocks = (p.cout + WCB - 1u) / WCB;
     let nrows_w = cblocks * p.cin * 3u;
-    if (idx >= nrows_w * p._p1) { return; }
+    if (idx >= nrows_w * p.chunks) { return; }
     let wr = idx % nrows_w;
     let chunk = idx / nrows_w;
     let ky = wr % 3u;
@@ -186,8 +189,8 @@ fn conv_backward_weight_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
     let co0 = (wr / (3u * p.cin)) * WCB;
     let two = (p.flags & PAIR_B) != 0u;
     let rows = p.n * p.oh;
-    let r0 = chunk * p._p0;
-    let r1 = min(r0 + p._p0, rows);
+    let r0 = chunk * p.rows_per_chunk;
+    let r1 = min(r0 + p.rows_per_chunk, rows);
     let plane4 = p.oh * p.ow / 4u;
     let ow4 = p.ow / 4u;
     let glast = arrayLength(&xa4) - 1u;

@@ -1,4 +1,4 @@
-// Elementwise ops: ReLU and its mask, residual adds, offset copies.
+// Elementwise ops: residual adds and offset copies.
 
 struct EwParams {
     len: u32, a_off: u32, out_off: u32, flags: u32,
@@ -24,17 +24,6 @@ fn store(i: u32, v: f32) {
     }
 }
 
-// out = b where a > 0, else 0: with a the ReLU's input this is the forward
-// pass (b = a), the R-forward pass (b = ẋ) and both backward passes.
-@compute @workgroup_size(256)
-fn relu_mask(@builtin(workgroup_id) wid: vec3<u32>,
-             @builtin(num_workgroups) nwg: vec3<u32>,
-             @builtin(local_invocation_index) lid: u32) {
-    let i = flat_index(wid, nwg, lid);
-    if (i >= p.len) { return; }
-    store(i, select(0.0, b[i], a[i] > 0.0));
-}
-
 // out = a + b.
 @compute @workgroup_size(256)
 fn add(@builtin(workgroup_id) wid: vec3<u32>,
@@ -47,11 +36,18 @@ fn add(@builtin(workgroup_id) wid: vec3<u32>,
 
 // out[out_off + i] (+)= a[a_off + i]: adjoints of residual adds, and
 // per-channel sums into the gradient.
+@group(0) @binding(2) var<storage, read_write> copy_out: array<f32>;
+
 @compute @workgroup_size(256)
 fn copy(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, nwg, lid);
     if (i >= p.len) { return; }
-    store(p.out_off + i, a[p.a_off + i]);
+    let v = a[p.a_off + i];
+    if ((p.flags & ACC) != 0u) {
+        copy_out[p.out_off + i] += v;
+    } else {
+        copy_out[p.out_off + i] = v;
+    }
 }

@@ -92,6 +92,8 @@ fn channel_sums(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // out[out_a] = Σ a[0..len] in one workgroup (the per-sample losses).
+@group(0) @binding(2) var<storage, read_write> sum_out: array<f32>;
+
 @compute @workgroup_size(256)
 fn sum_all(@builtin(local_invocation_index) lid: u32) {
     var s = 0.0;
@@ -100,7 +102,7 @@ fn sum_all(@builtin(local_invocation_index) lid: u32) {
     }
     let r = reduce_pair(lid, s, 0.0);
     if (lid == 0u) {
-        out[p.out_a] = r.x;
+        sum_out[p.out_a] = r.x;
     }
 }
 

@@ -5,14 +5,15 @@
 
 use crate::engine::Curvature;
 use crate::error::Result;
-use crate::gpu::kernels::{self, bn_rows, flags, params, Kernel};
+use crate::gpu::kernels::{
+    self, bn_rows, flags, ActParams, BnParams, Consts, ConvParams, EwParams, Kernel, KernelParams,
+    ReduceParams,
+};
 use crate::gpu::program::{dispatch_timed, Grid};
 use crate::gpu::{GpuBuffer, GpuContext};
 use crate::model::{Model, Op};
 use std::time::Instant;
 
-/// (kernel, params, buffers, grid, bytes moved, flops).
-type ElementwiseCase<'a> = (Kernel, [u32; 16], Vec<&'a GpuBuffer>, Grid, f64, f64);
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct KernelRow {
@@ -34,20 +35,21 @@ fn median(mut xs: Vec<f64>) -> f64 {
 /// Median kernel time of `reps` runs after a warm-up: GPU timestamps
 /// around the kernel's pass where the adapter has them, else host wall
 /// time around the waited-for submission.
-fn time_kernel(
+fn time_kernel<P: KernelParams>(
     ctx: &GpuContext,
     reps: usize,
     kern: Kernel,
-    p: &[u32; 16],
+    consts: Consts,
+    p: &P,
     bufs: &[&GpuBuffer],
     grid: Grid,
 ) -> Result<(f64, &'static str)> {
-    dispatch_timed(ctx, kern, p, bufs, grid)?;
+    dispatch_timed(ctx, kern, consts, p, bufs, grid)?;
     let mut gpu = vec![];
     let mut host = vec![];
     for _ in 0..reps.max(1) {
         let s = Instant::now();
-        let t = dispatch_timed(ctx, kern, p, bufs, grid)?;
+        let t = dispatch_timed(ctx, kern, consts, p, bufs, grid)?;
         host.push(s.elapsed().as_secs_f64());
         if let Some(t) = t {
             gpu.push(t);
@@ -185,22 +187,19 @@ pub fn kernel_table(
         let y = ctx.storage("bench output", n * cout * oh * ow)?;
         let gx = ctx.storage("bench input adjoint", n * cin * h * w)?;
         let gw = ctx.storage("bench weight gradient", cout * cin * k * k)?;
-        let p = params(&[
-            n as u32,
-            cin as u32,
-            h as u32,
-            w as u32,
-            cout as u32,
-            k as u32,
-            stride as u32,
-            pad as u32,
-            oh as u32,
-            ow as u32,
-            0,
-            0,
-            0,
-            0,
-        ]);
+        let p = ConvParams {
+            n: n as u32,
+            cin: cin as u32,
+            h: h as u32,
+            w: w as u32,
+            cout: cout as u32,
+            k: k as u32,
+            stride: stride as u32,
+            pad: pad as u32,
+            oh: oh as u32,
+            ow: ow as u32,
+            ..Default::default()
+        };
         let flops = 2.0 * (n * cout * oh * ow * cin * k * k) as f64;
         let shape = format!("n={n} {cin}→{cout} {h}x{w} k{k} s{stride}");
         let io = |a: usize, b: usize, c: usize| 4.0 * (a + b + c) as f64;
@@ -219,7 +218,7 @@ pub fn kernel_table(
             ),
         ];
         for (kern, bufs, grid, bytes) in cases {
-            let (t, timer) = time_kernel(ctx, reps, kern, &p, &bufs, grid)?;
+            let (t, timer) = time_kernel(ctx, reps, kern, Consts::default(), &p, &bufs, grid)?;
             let suffix = if windowed { " (uniform weights)" } else { "" };
             rows.push(KernelRow {
                 kernel: format!("{}{suffix}", kern.entry()),
@@ -234,13 +233,16 @@ pub fn kernel_table(
         let wkernel = kernels::conv_weight_variant(k, stride, ow);
         let (per, chunks) = kernels::conv_weight_chunks(n, oh, ow, weights);
         let parts = ctx.storage("bench partial sums", weights * chunks)?;
-        let mut pw = p;
-        pw[14] = per as u32;
-        pw[15] = chunks as u32;
+        let pw = ConvParams {
+            rows_per_chunk: per as u32,
+            chunks: chunks as u32,
+            ..p
+        };
         let (t1, timer) = time_kernel(
             ctx,
             reps,
             wkernel,
+            Consts::default(),
             &pw,
             &[&gy, &x, &gy, &x, &parts],
             Grid::Groups(kernels::conv_weight_groups(cout, cin, k, chunks)),
@@ -249,8 +251,9 @@ pub fn kernel_table(
             ctx,
             reps,
             Kernel::ConvWeightSum,
+            Consts::default(),
             &pw,
-            &[&parts, &x, &x, &x, &gw],
+            &[&parts, &gw],
             Grid::Threads(weights),
         )?;
         let t = t1 + t2;
@@ -281,86 +284,61 @@ pub fn kernel_table(
     let stats = ctx.storage("bench statistics", bn_rows::COUNT * c)?;
     let xhat = ctx.storage("bench x̂", len)?;
     let y = ctx.storage("bench output", len)?;
-    let bp = params(&[
-        n as u32,
-        c as u32,
-        hw as u32,
-        0,
-        c as u32,
-        flags::BN_BATCH,
-        1e-5f32.to_bits(),
-    ]);
-    let ew = params(&[len as u32, 0, 0, 0]);
-    let sums = params(&[
-        n as u32,
-        c as u32,
-        hw as u32,
-        0,
-        c as u32,
-        flags::SUMS_HAS_B,
-    ]);
+    let bp = BnParams {
+        n: n as u32,
+        c: c as u32,
+        hw: hw as u32,
+        gamma_off: 0,
+        beta_off: c as u32,
+        flags: flags::BN_BATCH,
+        eps: 1e-5,
+        _p0: 0,
+    };
+    let ew = EwParams {
+        len: len as u32,
+        ..Default::default()
+    };
+    let sums = ReduceParams {
+        n: n as u32,
+        c: c as u32,
+        hw: hw as u32,
+        out_a: 0,
+        out_b: c as u32,
+        flags: flags::SUMS_HAS_B,
+        ..Default::default()
+    };
+    let act = ActParams {
+        len: len as u32,
+        ..Default::default()
+    };
+    let relu = Consts::new(&[("ACT", 0), ("ACC", 0)]);
+    let gelu = Consts::new(&[("ACT", 4), ("ACC", 0)]);
     let mb = |k: usize| 4.0 * (k * len) as f64;
-    let cases: Vec<ElementwiseCase> = vec![
-        (
-            Kernel::BnStats,
-            bp,
-            vec![&x, &stats],
-            Grid::Groups(c),
-            mb(2),
-            3.0 * len as f64,
-        ),
-        (
-            Kernel::BnForward,
-            bp,
-            vec![&x, &stats, &theta, &xhat, &y],
-            Grid::Threads(kernels::bn_threads(n, c, hw)),
-            mb(3),
-            4.0 * len as f64,
-        ),
-        (
-            Kernel::ChannelSums,
-            sums,
-            vec![&g, &x, &stats],
-            Grid::Groups(c),
-            mb(2),
-            3.0 * len as f64,
-        ),
-        (
-            Kernel::BnBackward,
-            bp,
-            vec![&g, &xhat, &stats, &theta, &y],
-            Grid::Threads(kernels::bn_threads(n, c, hw)),
-            mb(3),
-            6.0 * len as f64,
-        ),
-        (
-            Kernel::ReluMask,
-            ew,
-            vec![&x, &g, &y],
-            Grid::Threads(len),
-            mb(3),
-            len as f64,
-        ),
-        (
-            Kernel::Add,
-            ew,
-            vec![&x, &g, &y],
-            Grid::Threads(len),
-            mb(3),
-            len as f64,
-        ),
-    ];
-    for (kern, p, bufs, grid, bytes, flops) in cases {
-        let (t, timer) = time_kernel(ctx, reps, kern, &p, &bufs, grid)?;
-        rows.push(KernelRow {
-            kernel: kern.entry().into(),
-            shape: shape.clone(),
-            seconds: t,
-            timer,
-            gflops: flops / t / 1e9,
-            gbs: bytes / t / 1e9,
-        });
-    }
+    let bn_grid = Grid::Threads(kernels::bn_threads(n, c, hw));
+    let none = Consts::default;
+    let l = len as f64;
+    let t = Grid::Threads(len);
+    let mut row = |r: Result<(f64, &'static str)>, kern: Kernel, name: &str, bytes: f64, flops: f64| {
+        r.map(|(t, timer)| {
+            rows.push(KernelRow {
+                kernel: format!("{}{name}", kern.entry()),
+                shape: shape.clone(),
+                seconds: t,
+                timer,
+                gflops: flops / t / 1e9,
+                gbs: bytes / t / 1e9,
+            })
+        })
+    };
+    let (k1, k2, k3, k4) = (Kernel::BnStats, Kernel::BnForward, Kernel::ChannelSums, Kernel::BnBackward);
+    row(time_kernel(ctx, reps, k1, none(), &bp, &[&x, &stats], Grid::Groups(c)), k1, "", mb(2), 3.0 * l)?;
+    row(time_kernel(ctx, reps, k2, none(), &bp, &[&x, &stats, &theta, &xhat, &y], bn_grid), k2, "", mb(3), 4.0 * l)?;
+    row(time_kernel(ctx, reps, k3, none(), &sums, &[&g, &x, &stats], Grid::Groups(c)), k3, "", mb(2), 3.0 * l)?;
+    row(time_kernel(ctx, reps, k4, none(), &bp, &[&g, &xhat, &stats, &theta, &y], bn_grid), k4, "", mb(3), 6.0 * l)?;
+    let kb = Kernel::ActBackward;
+    row(time_kernel(ctx, reps, kb, relu, &act, &[&x, &g, &y], t), kb, " (relu)", mb(3), l)?;
+    row(time_kernel(ctx, reps, kb, gelu, &act, &[&x, &g, &y], t), kb, " (gelu)", mb(3), l)?;
+    row(time_kernel(ctx, reps, Kernel::Add, none(), &ew, &[&x, &g, &y], t), Kernel::Add, "", mb(3), l)?;
     Ok(rows)
 }
 

@@ -1,18 +1,12 @@
-//! The float64 CPU reference executor: forward, R-forward, backward and
-//! R-backward (Pearlmutter's forward-over-reverse) over the model graph.
+//! The float64 CPU reference executor: a walker over the lowered graph that
+//! runs each layer unit's float64 passes (`crate::layers`) — forward,
+//! R-forward, backward and R-backward (Pearlmutter's forward-over-reverse)
+//! — and owns the values, tangents and adjoints between them.
 
-use crate::engine::{BnMode, Curvature, Problem};
+use crate::engine::{check_out_len, BnMode, Curvature, Problem};
 use crate::error::{Error, Result};
-use crate::model::{Node, Op};
-use crate::ops::{bn, conv, linear, loss, pool};
-
-/// What the forward pass keeps for the later passes.
-enum Saved {
-    None,
-    Bn { s: Vec<f64>, xhat: Vec<f64> },
-    Mask(Vec<bool>),
-    Arg(Vec<u32>),
-}
+use crate::layers::{self, loss, CpuCx, Saved};
+use crate::model::{Activation, Op};
 
 pub struct CpuReference {
     pub problem: Problem,
@@ -29,32 +23,6 @@ pub struct PassOutput {
     pub hv: Option<Vec<f64>>,
 }
 
-fn conv_geom(node: &Node, n: usize) -> conv::ConvGeom {
-    let Op::Conv {
-        cin,
-        cout,
-        k,
-        stride,
-        pad,
-        ..
-    } = node.op
-    else {
-        unreachable!("conv_geom on {}", node.kind())
-    };
-    conv::ConvGeom {
-        n,
-        cin,
-        h: node.in_shape.h,
-        w: node.in_shape.w,
-        cout,
-        k,
-        stride,
-        pad,
-        oh: node.out_shape.h,
-        ow: node.out_shape.w,
-    }
-}
-
 fn add_into(dst: &mut Option<Vec<f64>>, src: Vec<f64>) {
     match dst {
         Some(d) => d.iter_mut().zip(&src).for_each(|(a, b)| *a += b),
@@ -63,6 +31,7 @@ fn add_into(dst: &mut Option<Vec<f64>>, src: Vec<f64>) {
 }
 
 impl CpuReference {
+    /// The reference for a problem; refuses layers no unit supports.
     pub fn new(problem: Problem) -> CpuReference {
         CpuReference {
             problem,
@@ -70,9 +39,22 @@ impl CpuReference {
         }
     }
 
-    fn slice<'a>(&self, theta: &'a [f64], idx: usize) -> &'a [f64] {
-        let p = &self.problem.model.params[idx];
-        &theta[p.offset..p.offset + p.numel()]
+    /// As `new`, checking every layer against its unit's envelope first.
+    pub fn checked(problem: Problem) -> Result<CpuReference> {
+        layers::check_model(&problem.model)?;
+        Ok(Self::new(problem))
+    }
+
+    fn cx<'a>(&'a self, count: usize, mask: Option<&'a [bool]>) -> CpuCx<'a> {
+        let pr = &self.problem;
+        CpuCx {
+            model: &pr.model,
+            n: count,
+            theta: &pr.weights.theta,
+            buffers: &pr.weights.buffers,
+            batch_mode: pr.bn == BnMode::Batch,
+            mask,
+        }
     }
 
     /// One pass over every batch: loss, gradient, and Hv when `v` is given.
@@ -81,8 +63,8 @@ impl CpuReference {
         let np = pr.model.n_params;
         if let Some(v) = v {
             if v.len() != np {
-                return Err(Error::Argument {
-                    flag: "--vector".into(),
+                return Err(Error::Invalid {
+                    what: "direction v",
                     msg: format!("{} values for {np} parameters", v.len()),
                 });
             }
@@ -92,7 +74,7 @@ impl CpuReference {
         let mut total = 0.0;
         let scale = 1.0 / pr.data.len() as f64;
         for (bi, (start, count)) in pr.data.batches(pr.batch).into_iter().enumerate() {
-            total += self.batch_pass(bi, start, count, scale, v, &mut grad, hv.as_deref_mut())?;
+            total += self.batch_pass(bi, start, count, scale, v, &mut grad, hv.as_deref_mut());
         }
         if !total.is_finite() {
             return Err(Error::Numerical(format!(
@@ -113,12 +95,14 @@ impl CpuReference {
             .batches(pr.batch)
             .into_iter()
             .map(|(start, count)| {
-                let (vals, _) = self.forward(usize::MAX, start, count);
+                let (vals, _) = self.forward(None, start, count);
                 pr.model
                     .nodes
                     .iter()
                     .map(|n| match n.op {
-                        Op::Relu => vals[n.inputs[0]].iter().map(|x| *x > 0.0).collect(),
+                        Op::Act(Activation::Relu) => {
+                            vals[n.inputs[0]].iter().map(|x| *x > 0.0).collect()
+                        }
                         _ => vec![],
                     })
                     .collect()
@@ -126,9 +110,9 @@ impl CpuReference {
             .collect()
     }
 
-    fn forward(&self, bi: usize, start: usize, count: usize) -> (Vec<Vec<f64>>, Vec<Saved>) {
+    /// Values and saved states of a batch; `bi` selects forced ReLU masks.
+    fn forward(&self, bi: Option<usize>, start: usize, count: usize) -> (Vec<Vec<f64>>, Vec<Saved>) {
         let pr = &self.problem;
-        let theta = &pr.weights.theta;
         let d = pr.model.input.numel();
         let mut vals: Vec<Vec<f64>> = Vec::with_capacity(pr.model.nodes.len() + 1);
         vals.push(
@@ -139,102 +123,21 @@ impl CpuReference {
         );
         let mut saved = Vec::with_capacity(pr.model.nodes.len());
         for (ni, node) in pr.model.nodes.iter().enumerate() {
-            let x = &vals[node.inputs[0]];
-            let out_len = count * node.out_shape.numel();
-            let (y, s) = match node.op {
-                Op::Conv {
-                    weight, bias, cout, ..
-                } => {
-                    let g = conv_geom(node, count);
-                    let mut y = vec![0.0; out_len];
-                    conv::forward_acc(&g, x, self.slice(theta, weight), &mut y);
-                    if let Some(b) = bias {
-                        conv::bias_acc(
-                            count,
-                            cout,
-                            node.out_shape.spatial(),
-                            self.slice(theta, b),
-                            &mut y,
-                        );
-                    }
-                    (y, Saved::None)
-                }
-                Op::Linear {
-                    weight,
-                    bias,
-                    din,
-                    dout,
-                } => {
-                    let mut y = vec![0.0; out_len];
-                    linear::forward_acc(count, din, dout, x, self.slice(theta, weight), &mut y);
-                    if let Some(b) = bias {
-                        conv::bias_acc(count, dout, 1, self.slice(theta, b), &mut y);
-                    }
-                    (y, Saved::None)
-                }
-                Op::BatchNorm {
-                    gamma,
-                    beta,
-                    running_mean,
-                    running_var,
-                    c,
-                } => {
-                    let g = bn::BnGeom {
-                        n: count,
-                        c,
-                        hw: node.in_shape.spatial(),
-                    };
-                    let (mean, s) = match pr.bn {
-                        BnMode::Batch => bn::batch_stats(&g, x),
-                        BnMode::Running => bn::running_stats(
-                            &pr.weights.buffers[running_mean],
-                            &pr.weights.buffers[running_var],
-                        ),
-                    };
-                    let (xhat, y) = bn::forward(
-                        &g,
-                        x,
-                        &mean,
-                        &s,
-                        self.slice(theta, gamma),
-                        self.slice(theta, beta),
-                    );
-                    (y, Saved::Bn { s, xhat })
-                }
-                Op::Relu => {
-                    let mask: Vec<bool> = match &self.relu_masks {
-                        Some(m) if bi != usize::MAX => m[bi][ni].clone(),
-                        _ => x.iter().map(|v| *v > 0.0).collect(),
-                    };
-                    let y = x
-                        .iter()
-                        .zip(&mask)
-                        .map(|(v, m)| if *m { *v } else { 0.0 })
-                        .collect();
-                    (y, Saved::Mask(mask))
-                }
-                Op::MaxPool { k, stride, pad } => {
-                    let (s, o) = (node.in_shape, node.out_shape);
-                    let (y, arg) =
-                        pool::maxpool_forward(count * s.c, s.h, s.w, k, stride, pad, o.h, o.w, x);
-                    (y, Saved::Arg(arg))
-                }
-                Op::GlobalAvgPool => {
-                    let s = node.in_shape;
-                    (pool::gap_forward(count * s.c, s.spatial(), x), Saved::None)
-                }
-                Op::Flatten => (x.clone(), Saved::None),
-                Op::Add => {
-                    let b = &vals[node.inputs[1]];
-                    (x.iter().zip(b).map(|(p, q)| p + q).collect(), Saved::None)
-                }
+            let mask = match (&self.relu_masks, bi) {
+                (Some(m), Some(bi)) if !m[bi][ni].is_empty() => Some(m[bi][ni].as_slice()),
+                _ => None,
             };
+            let cx = self.cx(count, mask);
+            let xs: Vec<&[f64]> = node.inputs.iter().map(|&i| vals[i].as_slice()).collect();
+            let (y, s) = layers::unit(&node.op).forward(&cx, node, &xs);
             vals.push(y);
             saved.push(s);
         }
         (vals, saved)
     }
 
+    /// Loss of one batch (times `scale`), with its gradient (and Hv along
+    /// `v`) added into `grad` (`hv`).
     #[allow(clippy::too_many_arguments)]
     fn batch_pass(
         &self,
@@ -245,124 +148,39 @@ impl CpuReference {
         v: Option<&[f64]>,
         grad: &mut [f64],
         mut hv: Option<&mut [f64]>,
-    ) -> Result<f64> {
+    ) -> f64 {
         let pr = &self.problem;
-        let theta = &pr.weights.theta;
         let nodes = &pr.model.nodes;
-        let batch_mode = pr.bn == BnMode::Batch;
-        let (vals, saved) = self.forward(bi, start, count);
+        let cx = self.cx(count, None);
+        let (vals, mut saved) = self.forward(Some(bi), start, count);
 
         // R-forward: the directional derivative of every value along v.
         let mut dvals: Vec<Vec<f64>> = Vec::new();
-        let mut bn_rf: Vec<Option<(Vec<f64>, Vec<f64>)>> = Vec::new(); // (x̂̇, mean(x̂ẋ))
         if let Some(v) = v {
             dvals.push(vec![0.0; vals[0].len()]);
-            for (node, sv) in nodes.iter().zip(&saved) {
-                let x = &vals[node.inputs[0]];
-                let dx = &dvals[node.inputs[0]];
-                let out_len = count * node.out_shape.numel();
-                let mut rf = None;
-                let dy = match (&node.op, sv) {
-                    (
-                        Op::Conv {
-                            weight, bias, cout, ..
-                        },
-                        _,
-                    ) => {
-                        let g = conv_geom(node, count);
-                        let mut y = vec![0.0; out_len];
-                        conv::forward_acc(&g, dx, self.slice(theta, *weight), &mut y);
-                        conv::forward_acc(&g, x, self.slice(v, *weight), &mut y);
-                        if let Some(b) = bias {
-                            conv::bias_acc(
-                                count,
-                                *cout,
-                                node.out_shape.spatial(),
-                                self.slice(v, *b),
-                                &mut y,
-                            );
-                        }
-                        y
-                    }
-                    (
-                        Op::Linear {
-                            weight,
-                            bias,
-                            din,
-                            dout,
-                        },
-                        _,
-                    ) => {
-                        let mut y = vec![0.0; out_len];
-                        linear::forward_acc(
-                            count,
-                            *din,
-                            *dout,
-                            dx,
-                            self.slice(theta, *weight),
-                            &mut y,
-                        );
-                        linear::forward_acc(count, *din, *dout, x, self.slice(v, *weight), &mut y);
-                        if let Some(b) = bias {
-                            conv::bias_acc(count, *dout, 1, self.slice(v, *b), &mut y);
-                        }
-                        y
-                    }
-                    (Op::BatchNorm { gamma, beta, c, .. }, Saved::Bn { s, xhat }) => {
-                        let g = bn::BnGeom {
-                            n: count,
-                            c: *c,
-                            hw: node.in_shape.spatial(),
-                        };
-                        let (xhd, dy, mxx) = bn::r_forward(
-                            &g,
-                            batch_mode,
-                            dx,
-                            xhat,
-                            s,
-                            self.slice(theta, *gamma),
-                            self.slice(v, *gamma),
-                            self.slice(v, *beta),
-                        );
-                        rf = Some((xhd, mxx));
-                        dy
-                    }
-                    (Op::Relu, Saved::Mask(m)) => dx
-                        .iter()
-                        .zip(m)
-                        .map(|(d, m)| if *m { *d } else { 0.0 })
-                        .collect(),
-                    (Op::MaxPool { .. }, Saved::Arg(arg)) => {
-                        let (s, o) = (node.in_shape, node.out_shape);
-                        pool::maxpool_gather(count * s.c, s.spatial(), o.spatial(), arg, dx)
-                    }
-                    (Op::GlobalAvgPool, _) => {
-                        pool::gap_forward(count * node.in_shape.c, node.in_shape.spatial(), dx)
-                    }
-                    (Op::Flatten, _) => dx.clone(),
-                    (Op::Add, _) => dx
-                        .iter()
-                        .zip(&dvals[node.inputs[1]])
-                        .map(|(p, q)| p + q)
-                        .collect(),
-                    _ => unreachable!("forward saved the wrong state for {}", node.kind()),
-                };
+            for (ni, node) in nodes.iter().enumerate() {
+                let dy = layers::unit(&node.op).r_forward(
+                    &cx,
+                    node,
+                    &slices(&nodes[ni].inputs, &vals),
+                    &slices(&nodes[ni].inputs, &dvals),
+                    v,
+                    &mut saved[ni],
+                );
                 dvals.push(dy);
-                bn_rf.push(rf);
             }
         }
 
         // Loss, its gradient and (with v) its R-gradient.
         let k = pr.model.classes;
-        let z = vals.last().unwrap();
-        let y = &pr.data.y[start..start + count];
-        let (l, gz, p) = loss::forward_backward(count, k, z, y, scale);
         let nv = vals.len();
+        let y = &pr.data.y[start..start + count];
+        let (l, gz, p) = loss::cpu_forward_backward(count, k, &vals[nv - 1], y, scale);
         let mut adj: Vec<Option<Vec<f64>>> = vec![None; nv];
         let mut radj: Vec<Option<Vec<f64>>> = vec![None; nv];
         adj[nv - 1] = Some(gz);
         if v.is_some() {
-            radj[nv - 1] = Some(loss::r_backward(count, k, &p, dvals.last().unwrap(), scale));
+            radj[nv - 1] = Some(loss::cpu_r_backward(count, k, &p, &dvals[nv - 1], scale));
         }
 
         // Backward and R-backward, node by node in reverse.
@@ -370,216 +188,36 @@ impl CpuReference {
             let Some(gy) = adj[ni + 1].take() else {
                 continue;
             };
-            let rgy = radj[ni + 1].take();
-            let x = &vals[node.inputs[0]];
-            let in_len = count * node.in_shape.numel();
-            let mut gx = vec![0.0; in_len];
-            let mut rgx = rgy.as_ref().map(|_| vec![0.0; in_len]);
-            match (&node.op, &saved[ni]) {
-                (
-                    Op::Conv {
-                        weight, bias, cout, ..
-                    },
-                    _,
-                ) => {
-                    let g = conv_geom(node, count);
-                    let w = self.slice(theta, *weight);
-                    let p = &pr.model.params[*weight];
-                    conv::backward_data_acc(&g, &gy, w, &mut gx);
-                    conv::backward_weight_acc(
-                        &g,
-                        &gy,
-                        x,
-                        &mut grad[p.offset..p.offset + p.numel()],
-                    );
-                    let plane = node.out_shape.spatial();
-                    if let Some(b) = bias {
-                        let pb = &pr.model.params[*b];
-                        conv::bias_grad_acc(
-                            count,
-                            *cout,
-                            plane,
-                            &gy,
-                            &mut grad[pb.offset..pb.offset + pb.numel()],
-                        );
-                    }
-                    if let (Some(rgy), Some(rgx), Some(hv), Some(v)) =
-                        (&rgy, &mut rgx, hv.as_deref_mut(), v)
-                    {
-                        conv::backward_data_acc(&g, rgy, w, rgx);
-                        conv::backward_data_acc(&g, &gy, self.slice(v, *weight), rgx);
-                        let hw = &mut hv[p.offset..p.offset + p.numel()];
-                        conv::backward_weight_acc(&g, rgy, x, hw);
-                        conv::backward_weight_acc(&g, &gy, &dvals[node.inputs[0]], hw);
-                        if let Some(b) = bias {
-                            let pb = &pr.model.params[*b];
-                            conv::bias_grad_acc(
-                                count,
-                                *cout,
-                                plane,
-                                rgy,
-                                &mut hv[pb.offset..pb.offset + pb.numel()],
-                            );
-                        }
-                    }
+            let unit = layers::unit(&node.op);
+            let xs = slices(&node.inputs, &vals);
+            let gxs = unit.backward(&cx, node, &xs, &saved[ni], &gy, grad);
+            if let (Some(rgy), Some(hv), Some(v)) = (radj[ni + 1].take(), hv.as_deref_mut(), v) {
+                let rgxs = unit.r_backward(
+                    &cx,
+                    node,
+                    &xs,
+                    &slices(&nodes[ni].inputs, &dvals),
+                    &saved[ni],
+                    &gy,
+                    &rgy,
+                    v,
+                    hv,
+                );
+                for (&i, r) in node.inputs.iter().zip(rgxs) {
+                    add_into(&mut radj[i], r);
                 }
-                (
-                    Op::Linear {
-                        weight,
-                        bias,
-                        din,
-                        dout,
-                    },
-                    _,
-                ) => {
-                    let (din, dout) = (*din, *dout);
-                    let w = self.slice(theta, *weight);
-                    let p = &pr.model.params[*weight];
-                    linear::backward_data_acc(count, din, dout, &gy, w, &mut gx);
-                    linear::backward_weight_acc(
-                        count,
-                        din,
-                        dout,
-                        &gy,
-                        x,
-                        &mut grad[p.offset..p.offset + p.numel()],
-                    );
-                    if let Some(b) = bias {
-                        let pb = &pr.model.params[*b];
-                        conv::bias_grad_acc(
-                            count,
-                            dout,
-                            1,
-                            &gy,
-                            &mut grad[pb.offset..pb.offset + pb.numel()],
-                        );
-                    }
-                    if let (Some(rgy), Some(rgx), Some(hv), Some(v)) =
-                        (&rgy, &mut rgx, hv.as_deref_mut(), v)
-                    {
-                        linear::backward_data_acc(count, din, dout, rgy, w, rgx);
-                        linear::backward_data_acc(
-                            count,
-                            din,
-                            dout,
-                            &gy,
-                            self.slice(v, *weight),
-                            rgx,
-                        );
-                        let hw = &mut hv[p.offset..p.offset + p.numel()];
-                        linear::backward_weight_acc(count, din, dout, rgy, x, hw);
-                        linear::backward_weight_acc(
-                            count,
-                            din,
-                            dout,
-                            &gy,
-                            &dvals[node.inputs[0]],
-                            hw,
-                        );
-                        if let Some(b) = bias {
-                            let pb = &pr.model.params[*b];
-                            conv::bias_grad_acc(
-                                count,
-                                dout,
-                                1,
-                                rgy,
-                                &mut hv[pb.offset..pb.offset + pb.numel()],
-                            );
-                        }
-                    }
-                }
-                (Op::BatchNorm { gamma, beta, c, .. }, Saved::Bn { s, xhat }) => {
-                    let g = bn::BnGeom {
-                        n: count,
-                        c: *c,
-                        hw: node.in_shape.spatial(),
-                    };
-                    let gm = self.slice(theta, *gamma);
-                    let (bgx, dg, db) = bn::backward(&g, batch_mode, &gy, xhat, s, gm);
-                    gx = bgx;
-                    let (pg, pb) = (&pr.model.params[*gamma], &pr.model.params[*beta]);
-                    grad[pg.offset..pg.offset + *c]
-                        .iter_mut()
-                        .zip(&dg)
-                        .for_each(|(a, b)| *a += b);
-                    grad[pb.offset..pb.offset + *c]
-                        .iter_mut()
-                        .zip(&db)
-                        .for_each(|(a, b)| *a += b);
-                    if let (Some(rgy), Some(hv), Some(v)) = (&rgy, hv.as_deref_mut(), v) {
-                        let (xhd, mxx) = bn_rf[ni].as_ref().unwrap();
-                        let (r, rdg, rdb) = bn::r_backward(
-                            &g,
-                            batch_mode,
-                            &gy,
-                            rgy,
-                            xhat,
-                            xhd,
-                            s,
-                            mxx,
-                            gm,
-                            self.slice(v, *gamma),
-                        );
-                        rgx = Some(r);
-                        hv[pg.offset..pg.offset + *c]
-                            .iter_mut()
-                            .zip(&rdg)
-                            .for_each(|(a, b)| *a += b);
-                        hv[pb.offset..pb.offset + *c]
-                            .iter_mut()
-                            .zip(&rdb)
-                            .for_each(|(a, b)| *a += b);
-                    }
-                }
-                (Op::Relu, Saved::Mask(m)) => {
-                    gx = gy
-                        .iter()
-                        .zip(m)
-                        .map(|(g, m)| if *m { *g } else { 0.0 })
-                        .collect();
-                    rgx = rgy.as_ref().map(|r| {
-                        r.iter()
-                            .zip(m)
-                            .map(|(g, m)| if *m { *g } else { 0.0 })
-                            .collect()
-                    });
-                }
-                (Op::MaxPool { .. }, Saved::Arg(arg)) => {
-                    let (s, o) = (node.in_shape, node.out_shape);
-                    let planes = count * s.c;
-                    gx = pool::maxpool_scatter(planes, s.spatial(), o.spatial(), arg, &gy);
-                    rgx = rgy
-                        .as_ref()
-                        .map(|r| pool::maxpool_scatter(planes, s.spatial(), o.spatial(), arg, r));
-                }
-                (Op::GlobalAvgPool, _) => {
-                    let s = node.in_shape;
-                    gx = pool::gap_backward(count * s.c, s.spatial(), &gy);
-                    rgx = rgy
-                        .as_ref()
-                        .map(|r| pool::gap_backward(count * s.c, s.spatial(), r));
-                }
-                (Op::Flatten, _) => {
-                    gx = gy.clone();
-                    rgx = rgy.clone();
-                }
-                (Op::Add, _) => {
-                    add_into(&mut adj[node.inputs[1]], gy.clone());
-                    if let Some(r) = &rgy {
-                        add_into(&mut radj[node.inputs[1]], r.clone());
-                    }
-                    gx = gy;
-                    rgx = rgy;
-                }
-                _ => unreachable!("forward saved the wrong state for {}", node.kind()),
             }
-            add_into(&mut adj[node.inputs[0]], gx);
-            if let Some(r) = rgx {
-                add_into(&mut radj[node.inputs[0]], r);
+            for (&i, g) in node.inputs.iter().zip(gxs) {
+                add_into(&mut adj[i], g);
             }
         }
-        Ok(l)
+        l
     }
+}
+
+/// The values (or tangents) a node reads.
+fn slices<'v>(inputs: &[usize], of: &'v [Vec<f64>]) -> Vec<&'v [f64]> {
+    inputs.iter().map(|&i| of[i].as_slice()).collect()
 }
 
 impl Curvature for CpuReference {
@@ -591,13 +229,17 @@ impl Curvature for CpuReference {
         Ok((o.loss, o.grad))
     }
     fn hvp(&mut self, v: &[f64], out: &mut [f64]) -> Result<()> {
+        check_out_len(out, self.problem.model.n_params)?;
         let o = self.pass(Some(v))?;
-        out.copy_from_slice(&o.hv.unwrap());
+        if let Some(hv) = o.hv {
+            out.copy_from_slice(&hv);
+        }
         Ok(())
     }
     fn loss_grad_hvp(&mut self, v: &[f64]) -> Result<(f64, Vec<f64>, Vec<f64>)> {
         let o = self.pass(Some(v))?;
-        Ok((o.loss, o.grad, o.hv.unwrap()))
+        let hv = o.hv.unwrap_or_default();
+        Ok((o.loss, o.grad, hv))
     }
     fn backend(&self) -> String {
         "cpu".into()

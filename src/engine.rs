@@ -99,6 +99,17 @@ pub trait Curvature {
     fn adapter(&self) -> String;
 }
 
+/// Refuses an output slice that is not parameter-shaped.
+pub(crate) fn check_out_len(out: &[f64], n_params: usize) -> Result<()> {
+    if out.len() != n_params {
+        return Err(Error::Invalid {
+            what: "output vector",
+            msg: format!("{} values for {} parameters", out.len(), n_params),
+        });
+    }
+    Ok(())
+}
+
 /// The Hessian as a symmetric operator for the spectral solvers.
 pub struct Hessian<'a>(pub &'a mut dyn Curvature);
 

@@ -13,6 +13,7 @@ pub use error::{Error, Result};
 pub mod cpu;
 pub mod data;
 pub mod engine;
+pub mod layers;
 pub mod model;
 pub mod ops;
 pub mod report;

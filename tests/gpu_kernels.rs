@@ -1,10 +1,11 @@
 //! Every WGSL kernel against the float64 reference ops (src/ops), with the
-//! buffers, offsets and flags the engine (src/gpu/engine.rs) uses, on
-//! random shapes (seeded) and random inputs, on Vulkan (lavapipe) and GL
-//! (llvmpipe). Outputs are poisoned with NaN before each run so that an
-//! unwritten element shows; accumulating paths start from random values
-//! that must be added to; kernels writing at an offset into a larger
-//! buffer must leave the rest of it bit-for-bit as it was.
+//! typed parameters (`hesscope::gpu::params`), override constants, buffers,
+//! offsets and flags the engine (src/layers) uses, on random shapes
+//! (seeded) and random inputs, on Vulkan (lavapipe) and GL (llvmpipe).
+//! Outputs are poisoned with NaN before each run so that an unwritten
+//! element shows; accumulating paths start from random values that must be
+//! added to; kernels writing at an offset into a larger buffer must leave
+//! the rest of it bit-for-bit as it was.
 //!
 //! Tolerances, as ‖gpu − ref‖/‖ref‖ over one output (plus: every element
 //! finite). Inputs are rounded to f32 before the f64 reference sees them,
@@ -13,15 +14,21 @@
 //! - `TOL` = 1e-5 for reductions. A sum of random-sign terms whose longest
 //!   serial chain is L terms errs by ≈ u·√L relative to its size (rounding
 //!   errors are a random walk over partial sums that grow like the total).
-//!   Here L ≤ 4608 (conv: cin·k·k per output, two pairs), ≤ 544 for the
-//!   tree reductions (n·hw/256 per thread + 2×16 tree adds), so ≈ 4e-6 at
+//!   Here L ≤ 4608 (conv: cin·k·k per output, two pairs; the widest
+//!   added case, cin 16 at k = 11, has 3872), ≤ 544 for the tree
+//!   reductions (n·hw/256 per thread + 2×16 tree adds), so ≈ 4e-6 at
 //!   worst; chained BN passes add a few u per step. 1e-5 keeps ≥ 2×
-//!   headroom, while a wrong index, a missing term or a missed flag errs by
-//!   ≥ 1e-2 on these random inputs.
+//!   headroom, while a wrong index, a missing term or a missed flag errs
+//!   by ≥ 1e-2 on these random inputs.
 //! - `TOL_FEW` = 1e-6 for outputs made by a handful of f32 operations
-//!   (accumulating adds, max-pool's ≤ 4-term scatter): ≤ 4u ≈ 2.4e-7.
-//! - exact equality for outputs that only select or move values (ReLU
-//!   mask, copy, max-pool values, argmax and gather).
+//!   (accumulating adds, max-pool's ≤ 4-term scatter, LeakyReLU's one
+//!   product): ≤ 4u ≈ 2.4e-7; also average pooling's window sums of
+//!   ≤ 25 terms (+ the division and an accumulating add), ≈ u·√27 ≈ 3e-7
+//!   by the random-walk argument above.
+//! - `TOL_ACT` for the smooth activations' transcendental functions: see
+//!   `activation_kernels_match`.
+//! - exact equality for outputs that only select or move values (ReLU and
+//!   its derivative, copy, max-pool values, argmax and gather).
 
 // `untouched` takes a list of written ranges; one range is a valid list.
 #![allow(clippy::single_range_in_vec_init)]
@@ -29,10 +36,15 @@
 mod common;
 
 use common::{gpu_context, GPU_BACKENDS};
-use hesscope::gpu::kernels::{self, bn_rows, flags, params, Kernel};
+use hesscope::gpu::kernels::{
+    self, bn_rows, flags, ActParams, BnParams, Consts, ConvParams, EwParams, Kernel,
+    KernelParams, LossParams, PoolParams, ReduceParams,
+};
 use hesscope::gpu::program::{dispatch_once, Grid};
 use hesscope::gpu::{GpuBuffer, GpuContext};
-use hesscope::ops::{bn, conv, loss, pool};
+use hesscope::layers::activation::act_code;
+use hesscope::model::Activation;
+use hesscope::ops::{activation as act, bn, conv, loss, pool};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -109,8 +121,21 @@ fn untouched(what: &str, after: &[f32], before: &[f32], written: &[std::ops::Ran
     }
 }
 
-fn run(ctx: &GpuContext, k: Kernel, p: &[u32], bufs: &[&GpuBuffer], grid: Grid) {
-    dispatch_once(ctx, k, &params(p), bufs, grid).unwrap();
+/// One dispatch of a kernel without override constants.
+fn run<P: KernelParams>(ctx: &GpuContext, k: Kernel, p: &P, bufs: &[&GpuBuffer], grid: Grid) {
+    run_with(ctx, k, Consts::default(), p, bufs, grid);
+}
+
+/// One dispatch of a kernel specialised by override constants.
+fn run_with<P: KernelParams>(
+    ctx: &GpuContext,
+    k: Kernel,
+    consts: Consts,
+    p: &P,
+    bufs: &[&GpuBuffer],
+    grid: Grid,
+) {
+    dispatch_once(ctx, k, consts, p, bufs, grid).unwrap();
 }
 
 fn contexts() -> Vec<(String, GpuContext)> {
@@ -120,14 +145,26 @@ fn contexts() -> Vec<(String, GpuContext)> {
         .collect()
 }
 
-/// Worst errors per kernel over a test, printed at its end (`--nocapture`).
+/// Worst errors per kernel and backend over a test, printed at its end
+/// (`--nocapture`).
 #[derive(Default)]
-struct Worst(BTreeMap<&'static str, (f64, f64, usize, String)>);
+struct Worst {
+    /// The backend the checks being made run on (`on`).
+    backend: String,
+    /// (kernel, backend) -> (worst relative error, worst absolute error,
+    /// checks, the check with the worst relative error).
+    rows: BTreeMap<(String, String), (f64, f64, usize, String)>,
+}
 
 impl Worst {
+    /// The checks that follow are of `backend`.
+    fn on(&mut self, backend: &str) {
+        self.backend = backend.to_string();
+    }
+
     /// Relative error ‖got − want‖/‖want‖ ≤ tol, every element finite.
     #[track_caller]
-    fn check(&mut self, kernel: &'static str, what: &str, got: &[f64], want: &[f64], tol: f64) {
+    fn check(&mut self, kernel: &str, what: &str, got: &[f64], want: &[f64], tol: f64) {
         self.check_scaled(kernel, what, got, want, &[], tol)
     }
 
@@ -139,7 +176,7 @@ impl Worst {
     #[track_caller]
     fn check_scaled(
         &mut self,
-        kernel: &'static str,
+        kernel: &str,
         what: &str,
         got: &[f64],
         want: &[f64],
@@ -174,7 +211,14 @@ impl Worst {
             got[at],
             want[at]
         );
-        let e = self.0.entry(kernel).or_default();
+        self.record(kernel, what, rel, max_abs);
+    }
+
+    fn record(&mut self, kernel: &str, what: &str, rel: f64, max_abs: f64) {
+        let e = self
+            .rows
+            .entry((kernel.to_string(), self.backend.clone()))
+            .or_default();
         if rel >= e.0 {
             e.0 = rel;
             e.3 = what.to_string();
@@ -184,9 +228,11 @@ impl Worst {
     }
 
     fn report(&self, title: &str) {
-        eprintln!("{title}: worst errors per kernel (both backends)");
-        for (k, (rel, abs, n, at)) in &self.0 {
-            eprintln!("  {k:<22} rel {rel:.2e} (at {at})  max abs {abs:.2e}  ({n} checks)");
+        eprintln!("{title}: worst errors per kernel and backend");
+        for ((k, backend), (rel, abs, n, at)) in &self.rows {
+            eprintln!(
+                "  {k:<32} {backend:<6} rel {rel:.2e} (at {at})  max abs {abs:.2e}  ({n} checks)"
+            );
         }
     }
 }
@@ -270,6 +316,7 @@ fn weight_partials(
 /// pad), linear layers as 1x1 convs on 1x1 images, and two large
 /// reductions for backward-weight accuracy (n·oh·ow = 32768 and 4096 terms
 /// per weight, the latter through the k > 3 branch).
+/// Then the edge cases of `conv_edge_cases`.
 fn conv_cases() -> Vec<conv::ConvGeom> {
     let mut r = StdRng::seed_from_u64(10);
     let mut out = vec![];
@@ -307,6 +354,76 @@ fn conv_cases() -> Vec<conv::ConvGeom> {
     out.push(conv_geom(2, 3, 7, 10, 4, 3, 1, 0));
     out.push(conv_geom(32, 4, 32, 32, 4, 3, 1, 1));
     out.push(conv_geom(16, 3, 32, 32, 5, 7, 2, 3));
+    out.extend(conv_edge_cases());
+    out
+}
+
+/// Input and output channels in 1..=max, shrunk (the larger first) until
+/// the weights and biases fit a uniform window with the largest gaps the
+/// conv test puts around them (cout + 4 + cout·cin·k² + 2 floats), so that
+/// every shape runs through the windowed kernels too.
+fn channels_that_fit(r: &mut StdRng, lo: usize, max: usize, k: usize) -> (usize, usize) {
+    let (mut cin, mut cout) = (r.random_range(lo..=max), r.random_range(lo..=max));
+    while cout * cin * k * k + cout + 6 > kernels::WINDOW_FLOATS {
+        if cin >= cout {
+            cin -= 1;
+        } else {
+            cout -= 1;
+        }
+    }
+    (cin, cout)
+}
+
+/// Every tap size k = 1..=11 (8..=11 take more than one pass of the
+/// weight gradient's 7 named accumulators), each: a random stride 1..=4 and
+/// padding 0..=k with channels past the 8-channel blocks (cin and cout
+/// 9..=16 as far as the window allows: a block overhanging both); a shape
+/// whose output is one pixel; a 1×1 image (padding ⌈(k−1)/2⌉..=k). Batch
+/// 1..=3 throughout. Then padding past k (windows wholly in the padding),
+/// and the 3×3 stride-1 kernels at padding 0..=3 with channels past the
+/// block and rows of 4k output columns (conv_backward_weight_k3s1).
+fn conv_edge_cases() -> Vec<conv::ConvGeom> {
+    let mut r = StdRng::seed_from_u64(11);
+    let mut out = vec![];
+    for k in 1..=11usize {
+        // Past the channel blocks, any stride and padding.
+        let (s, p) = (r.random_range(1..=4), r.random_range(0..=k));
+        let lo = k.saturating_sub(2 * p).max(1);
+        let (cin, cout) = channels_that_fit(&mut r, 9, 16, k);
+        let n = r.random_range(1..=3);
+        let (h, w) = (r.random_range(lo..=lo + 9), r.random_range(lo..=lo + 9));
+        out.push(conv_geom(n, cin, h, w, cout, k, s, p));
+
+        // One output pixel: h + 2p − k < s.
+        let (s, p) = loop {
+            let (s, p) = (r.random_range(1..=4), r.random_range(0..=k / 2));
+            if k - 2 * p >= 1 || s >= 2 {
+                break (s, p);
+            }
+        };
+        let lo = (k - 2 * p).max(1);
+        let hi = s + k - 2 * p; // exclusive
+        let (cin, cout) = channels_that_fit(&mut r, 1, 12, k);
+        let n = r.random_range(1..=3);
+        let (h, w) = (r.random_range(lo..hi), r.random_range(lo..hi));
+        let g = conv_geom(n, cin, h, w, cout, k, s, p);
+        assert_eq!((g.oh, g.ow), (1, 1));
+        out.push(g);
+
+        // A 1×1 image.
+        let (s, p) = (r.random_range(1..=4), r.random_range(k / 2..=k));
+        let (cin, cout) = channels_that_fit(&mut r, 1, 12, k);
+        out.push(conv_geom(r.random_range(1..=3), cin, 1, 1, cout, k, s, p));
+    }
+    // Padding past k.
+    out.push(conv_geom(2, 3, 4, 5, 10, 3, 2, 5));
+    out.push(conv_geom(1, 9, 2, 3, 3, 1, 1, 2));
+    // 3×3 stride 1 at padding 0..=3, channels past the block, ow = 8, 4,
+    // 8, 8 (the k3 weight kernel applies).
+    out.push(conv_geom(2, 9, 6, 10, 12, 3, 1, 0));
+    out.push(conv_geom(1, 16, 7, 4, 16, 3, 1, 1));
+    out.push(conv_geom(1, 12, 5, 6, 9, 3, 1, 2));
+    out.push(conv_geom(3, 10, 4, 4, 11, 3, 1, 3));
     out
 }
 
@@ -358,6 +475,7 @@ fn conv_kernels_match_the_reference() {
     let mut worst = Worst::default();
     let cases = conv_cases();
     for (backend, ctx) in contexts() {
+        worst.on(&backend);
         let mut r = StdRng::seed_from_u64(1);
         for g in &cases {
             let (n, cin, cout, k) = (g.n, g.cin, g.cout, g.k);
@@ -366,6 +484,10 @@ fn conv_kernels_match_the_reference() {
                 "{backend} conv n{n} cin{cin} {}x{} cout{cout} k{k} s{} p{}",
                 g.h, g.w, g.stride, g.pad
             );
+            let t0 = std::time::Instant::now();
+            struct P(std::time::Instant, String);
+            impl Drop for P { fn drop(&mut self) { eprintln!("TIME {:.3} {}", self.0.elapsed().as_secs_f64(), self.1); } }
+            let _pt = P(t0, what.clone());
             let (xl, wl, yl) = (n * cin * g.h * g.w, cout * cin * k * k, n * cout * oh * ow);
             // Weights and biases at offsets inside parameter buffers θ and
             // v. Half the draws put the weights last with nothing after
@@ -416,11 +538,22 @@ fn conv_kernels_match_the_reference() {
                 upload(&ctx, "gy", &gy),
                 upload(&ctx, "R(gy)", &rgy),
             );
-            let base = [n, cin, g.h, g.w, cout, k, g.stride, g.pad, oh, ow].map(|x| x as u32);
-            let pr = |wa: usize, wb: usize, fl: u32, bo: usize| {
-                let mut p = base.to_vec();
-                p.extend([wa as u32, wb as u32, fl, bo as u32]);
-                p
+            let pr = |wa: usize, wb: usize, fl: u32, bo: usize| ConvParams {
+                n: n as u32,
+                cin: cin as u32,
+                h: g.h as u32,
+                w: g.w as u32,
+                cout: cout as u32,
+                k: k as u32,
+                stride: g.stride as u32,
+                pad: g.pad as u32,
+                oh: oh as u32,
+                ow: ow as u32,
+                wa_off: wa as u32,
+                wb_off: wb as u32,
+                flags: fl,
+                bias_off: bo as u32,
+                ..Default::default()
             };
             let fgrid = Grid::Threads(kernels::conv_forward_threads(n, cout, oh, ow));
             let dgrid = Grid::Threads(kernels::conv_backward_data_threads(
@@ -535,8 +668,8 @@ fn conv_kernels_match_the_reference() {
 
             // ---- weight gradient, in two stages as the engine runs it:
             // conv_backward_weight writes one partial sum per (chunk of
-            // output rows, weight) into a scratch buffer (params 14, 15 =
-            // rows per chunk, chunks; the engine's grid,
+            // output rows, weight) into a scratch buffer (`rows_per_chunk`,
+            // `chunks`; the engine's grid,
             // conv_weight_threads, so that an under-launch shows), then conv_weight_sum adds the chunks
             // into the gradient (or Hv) buffer at wa_off. Bindings:
             // [gy, x, gy, x] (backward) and [R(gy), x, gy, ẋ] with PAIR_B
@@ -551,8 +684,11 @@ fn conv_kernels_match_the_reference() {
                 for pair in [false, true] {
                     let chunks = rows.div_ceil(per);
                     let tag = format!("{what} weight gradient pair={pair} rows/chunk {per}");
-                    let mut p = pr(woff, 0, if pair { flags::CONV_PAIR_B } else { 0 }, 0);
-                    p.extend([per as u32, chunks as u32]);
+                    let p = ConvParams {
+                        rows_per_chunk: per as u32,
+                        chunks: chunks as u32,
+                        ..pr(woff, 0, if pair { flags::CONV_PAIR_B } else { 0 }, 0)
+                    };
                     // Stage one: every partial written, nothing past them.
                     let parts = poisoned(&ctx, "partials", wl * chunks + 3);
                     let (a1, b1, a2, b2) = if pair {
@@ -617,7 +753,7 @@ fn conv_kernels_match_the_reference() {
                         &ctx,
                         Kernel::ConvWeightSum,
                         &p,
-                        &[&parts, &d, &d, &d, &out],
+                        &[&parts, &out],
                         Grid::Threads(wl),
                     );
                     let mut gw = out0[woff..woff + wl].to_vec();
@@ -627,8 +763,14 @@ fn conv_kernels_match_the_reference() {
                     }
                     let with_bias = !pair && si == 0;
                     if with_bias {
-                        let p =
-                            [n, cout, oh * ow, boff, 0, flags::SUMS_ACC as usize].map(|v| v as u32);
+                        let p = ReduceParams {
+                            n: n as u32,
+                            c: cout as u32,
+                            hw: (oh * ow) as u32,
+                            out_a: boff as u32,
+                            flags: flags::SUMS_ACC,
+                            ..Default::default()
+                        };
                         run(
                             &ctx,
                             Kernel::ChannelSums,
@@ -683,6 +825,7 @@ fn reductions_and_elementwise_kernels_match() {
         }
     }
     for (backend, ctx) in contexts() {
+        worst.on(&backend);
         let mut r = StdRng::seed_from_u64(2);
         let d = dummy(&ctx);
         for &(n, c, hw) in &shapes {
@@ -718,7 +861,15 @@ fn reductions_and_elementwise_kernels_match() {
                     poisoned(&ctx, "sums", olen)
                 };
                 let before = read_raw(&ctx, &out);
-                let p = [n, c, hw, out_a, out_b, fl as usize].map(|v| v as u32);
+                let p = ReduceParams {
+                    n: n as u32,
+                    c: c as u32,
+                    hw: hw as u32,
+                    out_a: out_a as u32,
+                    out_b: out_b as u32,
+                    flags: fl,
+                    ..Default::default()
+                };
                 let bbind = if has_b { &bb } else { &d };
                 run(
                     &ctx,
@@ -769,8 +920,12 @@ fn reductions_and_elementwise_kernels_match() {
             run(
                 &ctx,
                 Kernel::SumAll,
-                &[0, 0, 0, slot as u32, 0, 0, len as u32, 0],
-                &[&pb, &d, &out],
+                &ReduceParams {
+                    out_a: slot as u32,
+                    len: len as u32,
+                    ..Default::default()
+                },
+                &[&pb, &out],
                 Grid::Groups(1),
             );
             let got = read(&ctx, &out);
@@ -788,45 +943,6 @@ fn reductions_and_elementwise_kernels_match() {
                 &[slot..slot + 1],
             );
 
-            // ---- relu_mask: out = b where a > 0 (strictly: some a are
-            // exactly 0 and must mask), overwriting or accumulating. The
-            // output buffer is 3 longer: the tail must stay untouched.
-            let mut a0 = a.clone();
-            for v in a0.iter_mut().step_by(7) {
-                *v = 0.0;
-            }
-            let a0b = upload(&ctx, "relu input", &a0);
-            let mask: Vec<f64> = a0
-                .iter()
-                .zip(&b)
-                .map(|(x, g)| if *x > 0.0 { *g } else { 0.0 })
-                .collect();
-            for acc in [false, true] {
-                let y0 = rnd(&mut r, len + 3);
-                let y = if acc {
-                    upload(&ctx, "y", &y0)
-                } else {
-                    poisoned(&ctx, "y", len + 3)
-                };
-                let before = read_raw(&ctx, &y);
-                let fl = if acc { flags::EW_ACC } else { 0 };
-                run(
-                    &ctx,
-                    Kernel::ReluMask,
-                    &[len as u32, 0, 0, fl],
-                    &[&a0b, &bb, &y],
-                    Grid::Threads(len),
-                );
-                let got = read(&ctx, &y);
-                let tag = format!("{what} relu_mask acc={acc}");
-                if acc {
-                    worst.check("relu_mask", &tag, &got[..len], &plus(&mask, &y0), TOL_FEW);
-                } else {
-                    worst.check("relu_mask", &tag, &got[..len], &mask, EXACT);
-                }
-                untouched(&tag, &read_raw(&ctx, &y), &before, &[0..len]);
-            }
-
             // ---- add: out = a + b (the engine overwrites; ACC is the
             // shared store path, tested too).
             for acc in [false, true] {
@@ -841,7 +957,11 @@ fn reductions_and_elementwise_kernels_match() {
                 run(
                     &ctx,
                     Kernel::Add,
-                    &[len as u32, 0, 0, fl],
+                    &EwParams {
+                        len: len as u32,
+                        flags: fl,
+                        ..Default::default()
+                    },
                     &[&ab, &bb, &y],
                     Grid::Threads(len),
                 );
@@ -855,7 +975,7 @@ fn reductions_and_elementwise_kernels_match() {
             }
 
             // ---- copy: out[out_off + i] (+)= a[a_off + i] (stats rows into
-            // the gradient, residual adjoints), with the dummy as b.
+            // the gradient, residual adjoints).
             let m = r.random_range(1..=len);
             let a_off = r.random_range(0..=len - m);
             let out_off = r.random_range(0..4);
@@ -871,8 +991,13 @@ fn reductions_and_elementwise_kernels_match() {
                 run(
                     &ctx,
                     Kernel::Copy,
-                    &[m as u32, a_off as u32, out_off as u32, fl],
-                    &[&ab, &d, &y],
+                    &EwParams {
+                        len: m as u32,
+                        a_off: a_off as u32,
+                        out_off: out_off as u32,
+                        flags: fl,
+                    },
+                    &[&ab, &y],
                     Grid::Threads(m),
                 );
                 let got = read(&ctx, &y);
@@ -918,7 +1043,10 @@ fn folded_grids_cover_every_element() {
         run(
             &ctx,
             Kernel::Add,
-            &[len as u32, 0, 0, 0],
+            &EwParams {
+                len: len as u32,
+                ..Default::default()
+            },
             &[&ab, &bb, &y],
             Grid::Threads(len),
         );
@@ -970,6 +1098,7 @@ fn batch_norm_kernels_match() {
         }
     }
     for (backend, ctx) in contexts() {
+        worst.on(&backend);
         let mut r = StdRng::seed_from_u64(3);
         for &(n, c, hw) in &shapes {
             let len = n * c * hw;
@@ -1004,16 +1133,15 @@ fn batch_norm_kernels_match() {
             for batch in [true, false] {
                 let what = format!("{backend} bn {n}x{c}x{hw} batch={batch}");
                 let mode = if batch { flags::BN_BATCH } else { 0 };
-                let bp = |fl: u32| {
-                    [
-                        n as u32,
-                        c as u32,
-                        hw as u32,
-                        goff as u32,
-                        boff as u32,
-                        fl,
-                        eps.to_bits(),
-                    ]
+                let bp = |fl: u32| BnParams {
+                    n: n as u32,
+                    c: c as u32,
+                    hw: hw as u32,
+                    gamma_off: goff as u32,
+                    beta_off: boff as u32,
+                    flags: fl,
+                    eps,
+                    ..Default::default()
                 };
                 // Rows the engine never fills in running mode (2, 3) stay
                 // NaN: the running-mode paths must not read them.
@@ -1028,8 +1156,15 @@ fn batch_norm_kernels_match() {
                     q.into_iter().map(f64::sqrt).collect()
                 };
                 let sums = |a: &GpuBuffer, b: &GpuBuffer, ra: usize, rb: usize| {
-                    let p =
-                        [n, c, hw, ra * c, rb * c, flags::SUMS_HAS_B as usize].map(|v| v as u32);
+                    let p = ReduceParams {
+                        n: n as u32,
+                        c: c as u32,
+                        hw: hw as u32,
+                        out_a: (ra * c) as u32,
+                        out_b: (rb * c) as u32,
+                        flags: flags::SUMS_HAS_B,
+                        ..Default::default()
+                    };
                     run(
                         &ctx,
                         Kernel::ChannelSums,
@@ -1048,20 +1183,19 @@ fn batch_norm_kernels_match() {
                                   rows: [usize; 3],
                                   tgt: &GpuBuffer| {
                     let fl = if cd.is_some() { flags::SUMS_PAIR2 } else { 0 };
-                    let p = [
-                        n,
-                        c,
-                        hw,
-                        rows[0] * c,
-                        rows[1] * c,
-                        fl as usize,
-                        0,
-                        rows[2] * c,
-                    ]
-                    .into_iter()
-                    .chain([boff, goff])
-                    .map(|v| v as u32)
-                    .collect::<Vec<u32>>();
+                    let p = ReduceParams {
+                        n: n as u32,
+                        c: c as u32,
+                        hw: hw as u32,
+                        out_a: (rows[0] * c) as u32,
+                        out_b: (rows[1] * c) as u32,
+                        flags: fl,
+                        len: 0,
+                        out_d: (rows[2] * c) as u32,
+                        t_a: boff as u32,
+                        t_b: goff as u32,
+                        ..Default::default()
+                    };
                     let d = dummy(&ctx);
                     let (cb, db) = cd.unwrap_or((&d, &d));
                     run(
@@ -1368,6 +1502,7 @@ fn pooling_kernels_match() {
     }
     let mut ties_decided = 0;
     for (backend, ctx) in contexts() {
+        worst.on(&backend);
         let mut r = StdRng::seed_from_u64(4);
         for &(planes, h, w, k, s, pad) in &cases {
             let (oh, ow) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
@@ -1403,7 +1538,18 @@ fn pooling_kernels_match() {
                 }
                 let xb = upload(&ctx, "x", &x);
                 let (yb, ab) = (poisoned(&ctx, "y", ol), poisoned(&ctx, "argmax", ol));
-                let p = |fl: u32| [planes, h, w, k, s, pad, oh, ow, fl as usize].map(|v| v as u32);
+                let p = |fl: u32| PoolParams {
+                    planes: planes as u32,
+                    h: h as u32,
+                    w: w as u32,
+                    k: k as u32,
+                    stride: s as u32,
+                    pad: pad as u32,
+                    oh: oh as u32,
+                    ow: ow as u32,
+                    flags: fl,
+                    ..Default::default()
+                };
                 run(
                     &ctx,
                     Kernel::MaxPoolForward,
@@ -1495,7 +1641,15 @@ fn pooling_kernels_match() {
             let x = rnd(&mut r, planes * hw);
             let xb = upload(&ctx, "x", &x);
             let y = poisoned(&ctx, "y", planes);
-            let p = |fl: u32| [planes as u32, h as u32, w as u32, 0, 0, 0, 1, 1, fl];
+            let p = |fl: u32| PoolParams {
+                planes: planes as u32,
+                h: h as u32,
+                w: w as u32,
+                oh: 1,
+                ow: 1,
+                flags: fl,
+                ..Default::default()
+            };
             run(
                 &ctx,
                 Kernel::GapForward,
@@ -1547,6 +1701,412 @@ fn pooling_kernels_match() {
     worst.report("pooling");
 }
 
+// ---------------------------------------------------------------- average pooling
+
+#[test]
+fn average_pooling_kernels_match() {
+    let mut worst = Worst::default();
+    // (planes, h, w, k, stride, pad), count_include_pad: every k in 1..=5
+    // with every stride 1..=3 at a random pad 0..=k/2 on random (odd and
+    // even) sizes; per k a shape with a 1×1 output; 1×1 images; strides
+    // past k (inputs no window covers); one large layer.
+    let mut cases = vec![
+        (128usize, 32usize, 32usize, 2usize, 2usize, 0usize),
+        (5, 1, 1, 1, 1, 0),
+        (7, 1, 1, 3, 1, 1),
+        (3, 1, 1, 5, 3, 2),
+        (4, 9, 7, 1, 3, 0),
+        (6, 11, 13, 2, 3, 1),
+    ];
+    {
+        let mut r = StdRng::seed_from_u64(60);
+        for k in 1..=5usize {
+            for s in 1..=3usize {
+                let pad = r.random_range(0..=k / 2);
+                let lo = (k - 2 * pad).max(1);
+                cases.push((
+                    r.random_range(1..=12),
+                    r.random_range(lo..=13) | 1,
+                    r.random_range(lo..=13),
+                    k,
+                    s,
+                    pad,
+                ));
+            }
+            // A 1×1 output: h + 2·pad − k < s.
+            let (s, pad) = loop {
+                let (s, pad) = (r.random_range(1..=3), r.random_range(0..=k / 2));
+                if k - 2 * pad >= 1 || s >= 2 {
+                    break (s, pad);
+                }
+            };
+            let (lo, hi) = ((k - 2 * pad).max(1), s + k - 2 * pad);
+            cases.push((
+                r.random_range(1..=12),
+                r.random_range(lo..hi),
+                r.random_range(lo..hi),
+                k,
+                s,
+                pad,
+            ));
+        }
+    }
+    let one_pixel = cases
+        .iter()
+        .filter(|&&(_, h, w, k, s, pad)| (h + 2 * pad - k) / s == 0 && (w + 2 * pad - k) / s == 0)
+        .count();
+    assert!(one_pixel >= 8, "only {one_pixel} cases have a 1×1 output");
+    for (backend, ctx) in contexts() {
+        worst.on(&backend);
+        let mut r = StdRng::seed_from_u64(6);
+        for &(planes, h, w, k, s, pad) in &cases {
+            let (oh, ow) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
+            let (il, ol) = (planes * h * w, planes * oh * ow);
+            let what = format!("{backend} avgpool {planes}x{h}x{w} k{k} s{s} p{pad}");
+            let p = PoolParams {
+                planes: planes as u32,
+                h: h as u32,
+                w: w as u32,
+                k: k as u32,
+                stride: s as u32,
+                pad: pad as u32,
+                oh: oh as u32,
+                ow: ow as u32,
+                ..Default::default()
+            };
+
+            // ---- forward (the engine's forward and R-forward), into an
+            // output 3 longer whose tail must stay untouched.
+            let x = rnd(&mut r, il);
+            let xb = upload(&ctx, "x", &x);
+            let y = poisoned(&ctx, "y", ol + 3);
+            let before = read_raw(&ctx, &y);
+            run(&ctx, Kernel::AvgPoolForward, &p, &[&xb, &y], Grid::Threads(ol));
+            let tag = format!("{what} forward");
+            worst.check(
+                "avgpool_forward",
+                &tag,
+                &read(&ctx, &y)[..ol],
+                &pool::avgpool_forward(planes, h, w, k, s, pad, oh, ow, &x),
+                TOL_FEW,
+            );
+            untouched(&tag, &read_raw(&ctx, &y), &before, &[0..ol]);
+
+            // ---- backward, overwriting (poisoned) or adding (AVG_ACC)
+            // into random values.
+            let gy = rnd(&mut r, ol);
+            let gyb = upload(&ctx, "gy", &gy);
+            let want = pool::avgpool_backward(planes, h, w, k, s, pad, oh, ow, &gy);
+            for acc in [false, true] {
+                let g0 = rnd(&mut r, il + 3);
+                let gx = if acc {
+                    upload(&ctx, "gx", &g0)
+                } else {
+                    poisoned(&ctx, "gx", il + 3)
+                };
+                let before = read_raw(&ctx, &gx);
+                run_with(
+                    &ctx,
+                    Kernel::AvgPoolBackward,
+                    Consts::new(&[("AVG_ACC", acc as u32)]),
+                    &p,
+                    &[&gyb, &gx],
+                    Grid::Threads(il),
+                );
+                let w2 = if acc { plus(&want, &g0) } else { want.clone() };
+                let tag = format!("{what} backward acc={acc}");
+                worst.check(
+                    "avgpool_backward",
+                    &tag,
+                    &read(&ctx, &gx)[..il],
+                    &w2,
+                    TOL_FEW,
+                );
+                untouched(&tag, &read_raw(&ctx, &gx), &before, &[0..il]);
+            }
+        }
+    }
+    worst.report("average pooling");
+}
+
+// ---------------------------------------------------------------- activations
+
+/// The smooth activations (tanh, sigmoid, GELU, SiLU) evaluate exp, erfc
+/// and their derivatives in f32 (shaders/activation.wgsl): each of f, f',
+/// f'' within a few ulp of its exact value at the f32 input, relative to
+/// the terms it sums (Φ + x·φ, σ·(1 + x·σ(−x)), …). The outputs add at most
+/// 4 roundings to that (f'(x)·R(gy) + f''(x)·ẋ·gy, and the accumulated
+/// value), so each element errs by ≲ 10u ≈ 6e-7 relative to its terms, and
+/// the relative L2 error over thousands of random elements, where the
+/// roundings do not align, by ~u·√10 ≈ 2e-7 (measured: ≤ 7e-8 on both
+/// backends). `TOL_ACT` = 1e-6 bounds that L2 error over |x| ≤ 8, while a
+/// wrong formula, constant or branch errs by ≥ 1e-4 (Numerical Recipes'
+/// erfc fit alone is 1.2e-7).
+const TOL_ACT: f64 = 1e-6;
+
+/// The same outputs element by element, relative to the size of what each
+/// sums (`act_terms`), over every input including the large ones: the
+/// check that sees the tails, where the L2 error cannot (σ'(−8) ≈ 3e-4
+/// next to elements of size 1; computing σ' as σ(1 − σ) or Φ(x) as
+/// 1 − Φ(−x) would err by 100 % there and pass the L2 check). By the
+/// count above ≲ 10u ≈ 6e-7 (f' or f'' a few ulp each, 4 roundings);
+/// measured: ≤ 3.8e-7 (GELU forward, both backends), ≤ 3e-7 for every
+/// other smooth output. 2e-6 ≈ 34u leaves 5× headroom and is still 10⁵
+/// times smaller than a cancelled tail.
+const TOL_ACT_ELEM: f64 = 2e-6;
+
+/// Every activation (LeakyReLU at two slopes, f32-exact so that the f64
+/// reference has the kernel's), with its report name.
+fn activations() -> Vec<(Activation, &'static str)> {
+    vec![
+        (Activation::Relu, "relu"),
+        (
+            Activation::LeakyRelu {
+                slope: 0.1f32 as f64,
+            },
+            "leaky_relu(0.1)",
+        ),
+        (
+            Activation::LeakyRelu {
+                slope: 0.01f32 as f64,
+            },
+            "leaky_relu(0.01)",
+        ),
+        (Activation::Tanh, "tanh"),
+        (Activation::Sigmoid, "sigmoid"),
+        (Activation::Gelu, "gelu"),
+        (Activation::Silu, "silu"),
+    ]
+}
+
+/// The tolerances (relative L2, per element) of an activation's outputs:
+/// ReLU and its derivative only select (exact), unless accumulating (one
+/// add, `TOL_FEW`); LeakyReLU adds the product with the slope (one
+/// rounding, `TOL_FEW`); the smooth ones `TOL_ACT` and `TOL_ACT_ELEM`.
+fn act_tol(a: Activation, acc: bool) -> (f64, f64) {
+    match a {
+        Activation::Relu if !acc => (EXACT, EXACT),
+        Activation::Relu | Activation::LeakyRelu { .. } => (TOL_FEW, TOL_FEW),
+        _ => (TOL_ACT, TOL_ACT_ELEM),
+    }
+}
+
+/// (|f(x)|, size of f'(x), size of f''(x)) with "size" the sum of the
+/// magnitudes of the terms the kernel adds to form it, to which its
+/// rounding error is proportional: Φ + |x|·φ for GELU', σ·(1 + |x|·σ(−x))
+/// for SiLU', σ'·(2 + |x·tanh(x/2)|) for SiLU''; the others are products
+/// (no cancellation), their size their magnitude. GELU'' = φ·(2 − x²) is a
+/// product too: the shader forms 2 − x² exactly.
+fn act_terms(a: Activation, x: f64) -> (f64, f64, f64) {
+    let (f, d1, d2) = (
+        act::f(a, x).abs(),
+        act::df(a, x).abs(),
+        act::d2f(a, x).abs(),
+    );
+    match a {
+        Activation::Gelu => {
+            let phi = act::normal_pdf(x);
+            let xphi = if phi == 0.0 { 0.0 } else { x.abs() * phi };
+            (f, act::normal_cdf(x) + xphi, d2)
+        }
+        Activation::Silu => {
+            let (s, sm) = (act::sigmoid(x), act::sigmoid(-x));
+            let xsm = if sm == 0.0 { 0.0 } else { x.abs() * sm };
+            let s1 = s * sm;
+            let xt = if s1 == 0.0 {
+                0.0
+            } else {
+                (x * (0.5 * x).tanh()).abs()
+            };
+            (f, s * (1.0 + xsm), s1 * (2.0 + xt))
+        }
+        _ => (f, d1, d2),
+    }
+}
+
+/// Every element finite and within `tol` of `want` relative to `scale`
+/// (exact where the scale is 0).
+#[track_caller]
+fn check_elems(
+    worst: &mut Worst,
+    kernel: &str,
+    what: &str,
+    got: &[f64],
+    want: &[f64],
+    scale: &[f64],
+    tol: f64,
+) {
+    assert!(got.len() == want.len() && got.len() == scale.len(), "{what}: length");
+    let (mut rel, mut max_abs) = (0.0f64, 0.0f64);
+    for i in 0..got.len() {
+        let (a, b) = (got[i], want[i]);
+        assert!(a.is_finite(), "{what}: element {i} is {a} (want {b})");
+        let e = (a - b).abs();
+        let er = if e == 0.0 { 0.0 } else { e / scale[i] };
+        assert!(
+            er <= tol,
+            "{what}: element {i}: got {a}, want {b}, relative to {} {er:.2e} > {tol:.0e}",
+            scale[i]
+        );
+        rel = rel.max(er);
+        max_abs = max_abs.max(e);
+    }
+    worst.record(kernel, what, rel, max_abs);
+}
+
+#[test]
+fn activation_kernels_match() {
+    let mut worst = Worst::default();
+    let mut worst_elem = Worst::default();
+    // Large inputs where every output must stay finite and exact up to
+    // roundings: past every exp's range, ±1e30 (x² overflows f32), and
+    // f32's extremes.
+    let large: Vec<f64> = [1e4, -1e4, 1e30, -1e30, f32::MAX as f64, -(f32::MAX as f64)]
+        .iter()
+        .map(|&v| v as f32 as f64)
+        .collect();
+    for (backend, ctx) in contexts() {
+        worst.on(&backend);
+        worst_elem.on(&backend);
+        let mut r = StdRng::seed_from_u64(7);
+        for (a, name) in activations() {
+            // x: uniform over [-8, 8] with every 7th an exact 0 (ReLU' and
+            // LeakyReLU' take the x ≤ 0 side there) and every 29th a -0,
+            // then the large inputs; a length off the 256-thread groups.
+            let n0 = r.random_range(2000..=3000) / 256 * 256 + r.random_range(1..=255);
+            let mut x = uniform(&mut r, n0, -8.0, 8.0);
+            for (i, v) in x.iter_mut().enumerate() {
+                if i % 7 == 0 {
+                    *v = 0.0;
+                } else if i % 29 == 0 {
+                    *v = -0.0;
+                }
+            }
+            x.extend(&large);
+            let len = x.len();
+            let (dx, gy, rgy) = (rnd(&mut r, len), rnd(&mut r, len), rnd(&mut r, len));
+            let (xb, dxb, gyb, rgyb) = (
+                upload(&ctx, "x", &x),
+                upload(&ctx, "ẋ", &dx),
+                upload(&ctx, "gy", &gy),
+                upload(&ctx, "R(gy)", &rgy),
+            );
+            let slope = match a {
+                Activation::LeakyRelu { slope } => slope as f32,
+                _ => 0.0,
+            };
+            let p = ActParams {
+                len: len as u32,
+                slope,
+                ..Default::default()
+            };
+            let code = act_code(a);
+            // What each kernel writes or adds, and the size of its terms.
+            let fwd = act::forward(a, &x);
+            let rfwd = act::r_forward(a, &x, &dx);
+            let mut bwd = vec![0.0; len];
+            act::backward_acc(a, &x, &gy, &mut bwd);
+            let mut rbwd = vec![0.0; len];
+            act::r_backward_acc(a, &x, &dx, &gy, &rgy, &mut rbwd);
+            // The reference in f64 stays finite on the large inputs too.
+            for v in [&fwd, &rfwd, &bwd, &rbwd] {
+                assert!(v.iter().all(|e| e.is_finite()), "{name}: reference");
+            }
+            let terms: Vec<(f64, f64, f64)> = x.iter().map(|&v| act_terms(a, v)).collect();
+            let curved = act_tol(a, false).0 == TOL_ACT;
+            let size = |t: &dyn Fn(usize, &(f64, f64, f64)) -> f64| -> Vec<f64> {
+                terms.iter().enumerate().map(|(i, tm)| t(i, tm)).collect()
+            };
+            let (sf, srf, sb, srb) = (
+                size(&|_, t| t.0),
+                size(&|i, t| t.1 * dx[i].abs()),
+                size(&|i, t| t.1 * gy[i].abs()),
+                size(&|i, t| {
+                    t.1 * rgy[i].abs() + if curved { t.2 * (dx[i] * gy[i]).abs() } else { 0.0 }
+                }),
+            );
+            // (kernel, report name, has ACC, inputs, reference, term size).
+            let runs: [(Kernel, &str, bool, Vec<&GpuBuffer>, &Vec<f64>, &Vec<f64>); 4] = [
+                (Kernel::ActForward, "act_forward", false, vec![&xb], &fwd, &sf),
+                (
+                    Kernel::ActRForward,
+                    "act_r_forward",
+                    false,
+                    vec![&xb, &dxb],
+                    &rfwd,
+                    &srf,
+                ),
+                (
+                    Kernel::ActBackward,
+                    "act_backward",
+                    true,
+                    vec![&xb, &gyb],
+                    &bwd,
+                    &sb,
+                ),
+                (
+                    Kernel::ActRBackward,
+                    "act_r_backward",
+                    true,
+                    vec![&xb, &dxb, &gyb, &rgyb],
+                    &rbwd,
+                    &srb,
+                ),
+            ];
+            for (kernel, kname, has_acc, inputs, want, scale) in runs {
+                let accs: &[bool] = if has_acc { &[false, true] } else { &[false] };
+                for &acc in accs {
+                    let consts = if has_acc {
+                        Consts::new(&[("ACT", code), ("ACC", acc as u32)])
+                    } else {
+                        Consts::new(&[("ACT", code)])
+                    };
+                    // An output 3 longer: the tail must stay untouched.
+                    let y0 = rnd(&mut r, len + 3);
+                    let y = if acc {
+                        upload(&ctx, "out", &y0)
+                    } else {
+                        poisoned(&ctx, "out", len + 3)
+                    };
+                    let before = read_raw(&ctx, &y);
+                    let mut bufs = inputs.clone();
+                    bufs.push(&y);
+                    run_with(&ctx, kernel, consts, &p, &bufs, Grid::Threads(len));
+                    let got = read(&ctx, &y);
+                    let (want, scale) = if acc {
+                        let y0_abs: Vec<f64> = y0[..len].iter().map(|v| v.abs()).collect();
+                        (plus(want, &y0), plus(scale, &y0_abs))
+                    } else {
+                        (want.clone(), scale.clone())
+                    };
+                    let key = format!("{kname} {name}");
+                    let tag = format!("{backend} {key} len {len} acc={acc}");
+                    let (tol, tol_elem) = act_tol(a, acc);
+                    worst.check(
+                        &key,
+                        &format!("{tag} |x| <= 8"),
+                        &got[..n0],
+                        &want[..n0],
+                        tol,
+                    );
+                    check_elems(
+                        &mut worst_elem,
+                        &key,
+                        &tag,
+                        &got[..len],
+                        &want,
+                        &scale,
+                        tol_elem,
+                    );
+                    untouched(&tag, &read_raw(&ctx, &y), &before, &[0..len]);
+                }
+            }
+        }
+    }
+    worst.report("activations, relative L2 over |x| <= 8");
+    worst_elem.report("activations, per element relative to its terms (every x)");
+}
+
 // ---------------------------------------------------------------- loss
 
 #[test]
@@ -1567,6 +2127,7 @@ fn softmax_cross_entropy_kernels_match() {
         }
     }
     for (backend, ctx) in contexts() {
+        worst.on(&backend);
         let mut r = StdRng::seed_from_u64(5);
         for &(n, k, shift) in &cases {
             let what = format!("{backend} xent {n}x{k} shift {shift}");
@@ -1591,7 +2152,12 @@ fn softmax_cross_entropy_kernels_match() {
                 poisoned(&ctx, "losses", n),
                 poisoned(&ctx, "gz", n * k),
             );
-            let pr = [n as u32, k as u32, (scale as f32).to_bits(), 0];
+            let pr = LossParams {
+                n: n as u32,
+                k: k as u32,
+                scale: scale as f32,
+                ..Default::default()
+            };
             run(
                 &ctx,
                 Kernel::XentForwardBackward,

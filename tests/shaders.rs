@@ -19,24 +19,35 @@ fn shader_files() -> Vec<PathBuf> {
 
 fn check(path: &PathBuf) -> Result<usize, String> {
     let src = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    check_source(&src)
+    check_source(&src, &[])
 }
 
-fn check_source(src: &str) -> Result<usize, String> {
+/// Parses, validates, specialises the override constants (`consts`, the
+/// rest at their defaults, as wgpu does at pipeline creation) and
+/// translates to every back end.
+fn check_source(src: &str, consts: &[(&str, f64)]) -> Result<usize, String> {
     let module = naga::front::wgsl::parse_str(src).map_err(|e| e.emit_to_string(src))?;
     // The capabilities wgpu grants a baseline device: no f64, no f16.
     let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
         .validate(&module)
         .map_err(|e| format!("validation: {}", e.emit_to_string(src)))?;
+    let mut constants = naga::back::PipelineConstants::default();
+    for (k, v) in consts {
+        constants.insert(k.to_string(), *v);
+    }
+    let (module, info) =
+        naga::back::pipeline_constants::process_overrides(&module, &info, None, &constants)
+            .map_err(|e| format!("override constants {consts:?}: {e}"))?;
+    let (module, info) = (module.as_ref(), info.as_ref());
 
-    spv::write_vec(&module, &info, &spv::Options::default(), None)
+    spv::write_vec(module, info, &spv::Options::default(), None)
         .map_err(|e| format!("SPIR-V: {e}"))?;
 
     let mut out = String::new();
     msl::Writer::new(&mut out)
         .write(
-            &module,
-            &info,
+            module,
+            info,
             &msl::Options::default(),
             &msl::PipelineOptions::default(),
         )
@@ -47,7 +58,7 @@ fn check_source(src: &str) -> Result<usize, String> {
     let fragment_entry_point = None;
     let pipeline_opts = hlsl::PipelineOptions::default();
     let mut w = hlsl::Writer::new(&mut out, &opts, &pipeline_opts);
-    w.write(&module, &info, fragment_entry_point)
+    w.write(module, info, fragment_entry_point)
         .map_err(|e| format!("HLSL: {e}"))?;
 
     // GLSL is written one entry point at a time, as wgpu's GL backend does;
@@ -68,8 +79,8 @@ fn check_source(src: &str) -> Result<usize, String> {
         };
         glsl::Writer::new(
             &mut out,
-            &module,
-            &info,
+            module,
+            info,
             &options,
             &pipeline,
             naga::proc::BoundsCheckPolicies::default(),
@@ -94,26 +105,160 @@ fn every_shader_validates_and_translates_to_every_backend() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// The values each override constant takes in the engine.
+fn override_values(name: &str) -> Vec<f64> {
+    match name {
+        // layers::activation::act_code: relu .. silu.
+        "ACT" => (0..=5).map(f64::from).collect(),
+        _ => vec![0.0, 1.0],
+    }
+}
+
+/// Every assignment of a kernel's override constants.
+fn assignments(names: &[&'static str]) -> Vec<Vec<(&'static str, f64)>> {
+    let mut out = vec![vec![]];
+    for &n in names {
+        out = out
+            .into_iter()
+            .flat_map(|a: Vec<(&'static str, f64)>| {
+                override_values(n).into_iter().map(move |v| {
+                    let mut b = a.clone();
+                    b.push((n, v));
+                    b
+                })
+            })
+            .collect();
+    }
+    out
+}
+
 /// The modules the engine compiles, including those assembled from
-/// several files (conv.wgsl with uniform weight windows), and each
-/// kernel's entry point in its module.
+/// several files (conv.wgsl with uniform weight windows), under every
+/// assignment of the kernel's override constants, and each kernel's entry
+/// point in its module.
 #[test]
 fn every_kernel_module_validates_and_has_its_entry_point() {
     use hesscope::gpu::kernels::Kernel;
     let mut failures = vec![];
-    for k in Kernel::ALL {
+    for &k in Kernel::ALL {
         let (name, src) = k.source();
-        match check_source(src) {
-            Ok(_) => {
-                let module = naga::front::wgsl::parse_str(src).unwrap();
-                if !module.entry_points.iter().any(|e| e.name == k.entry()) {
-                    failures.push(format!("{k:?}: no entry point {} in {name}", k.entry()));
-                }
+        for consts in assignments(k.spec().overrides) {
+            if let Err(e) = check_source(src, &consts) {
+                failures.push(format!("{k:?} ({name}) {consts:?}: {e}"));
             }
-            Err(e) => failures.push(format!("{k:?} ({name}): {e}")),
+        }
+        let module = naga::front::wgsl::parse_str(src).unwrap();
+        if !module.entry_points.iter().any(|e| e.name == k.entry()) {
+            failures.push(format!("{k:?}: no entry point {} in {name}", k.entry()));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// What the host declares for a kernel (`KernelSpec`: bindings, params
+/// struct, override constants) against what its WGSL entry point uses,
+/// reflected with naga: binding numbers and access modes, the params
+/// struct's name and every member's name and offset (`KernelParams`).
+#[test]
+fn every_kernel_interface_matches_its_wgsl() {
+    use hesscope::gpu::kernels::{Binding, Kernel};
+    use naga::{AddressSpace, StorageAccess, TypeInner};
+    let structs: std::collections::HashMap<_, _> =
+        hesscope::gpu::params::all().into_iter().collect();
+    let mut failures = vec![];
+    let mut checked = 0;
+    for &k in Kernel::ALL {
+        let spec = k.spec();
+        let (file, src) = k.source();
+        let module = naga::front::wgsl::parse_str(src).unwrap();
+        let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
+            .validate(&module)
+            .unwrap();
+        let Some(ep) = module.entry_points.iter().position(|e| e.name == spec.entry) else {
+            failures.push(format!("{k:?}: no entry point {}", spec.entry));
+            continue;
+        };
+        let used = info.get_entry_point(ep);
+        let mut seen = vec![];
+        for (h, g) in module.global_variables.iter() {
+            let Some(rb) = &g.binding else { continue };
+            if used[h].is_empty() {
+                continue;
+            }
+            let at = format!("{k:?} ({file}::{}) binding {}", spec.entry, rb.binding);
+            if rb.group != 0 {
+                failures.push(format!("{at}: group {}", rb.group));
+            }
+            seen.push(rb.binding);
+            if rb.binding == 0 {
+                let ty = &module.types[g.ty];
+                if g.space != AddressSpace::Uniform {
+                    failures.push(format!("{at}: params not a uniform"));
+                }
+                if ty.name.as_deref() != Some(spec.params) {
+                    failures.push(format!("{at}: params struct {:?}, host says {}", ty.name, spec.params));
+                    continue;
+                }
+                let TypeInner::Struct { members, .. } = &ty.inner else {
+                    failures.push(format!("{at}: params not a struct"));
+                    continue;
+                };
+                let wgsl: Vec<(String, usize)> = members
+                    .iter()
+                    .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
+                    .collect();
+                let host: Vec<(String, usize)> = structs[spec.params]
+                    .iter()
+                    .map(|(n, o)| (n.to_string(), *o))
+                    .collect();
+                if wgsl != host {
+                    failures.push(format!("{at}: WGSL {} {wgsl:?} vs Rust {host:?}", spec.params));
+                }
+                continue;
+            }
+            let Some(&want) = spec.bindings.get(rb.binding as usize - 1) else {
+                failures.push(format!("{at}: not in the host's binding table"));
+                continue;
+            };
+            let got = match g.space {
+                AddressSpace::Storage { access } if access.contains(StorageAccess::STORE) => {
+                    Binding::Write
+                }
+                AddressSpace::Storage { .. } => Binding::Read,
+                AddressSpace::Uniform => Binding::Window,
+                other => {
+                    failures.push(format!("{at}: address space {other:?}"));
+                    continue;
+                }
+            };
+            if got != want {
+                failures.push(format!("{at}: WGSL {got:?}, host {want:?}"));
+            }
+        }
+        seen.sort();
+        let want: Vec<u32> = (0..=spec.bindings.len() as u32).collect();
+        if seen != want {
+            failures.push(format!("{k:?}: WGSL uses bindings {seen:?}, host binds {want:?}"));
+        }
+        for o in spec.overrides {
+            if !module.overrides.iter().any(|(_, ov)| ov.name.as_deref() == Some(*o)) {
+                failures.push(format!("{k:?}: no override constant {o} in {file}"));
+            }
+        }
+        checked += 1;
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(checked, Kernel::ALL.len());
+}
+
+/// The reflection test must be able to fail: a params struct whose
+/// members differ from the WGSL's is told apart.
+#[test]
+fn a_params_mismatch_is_caught() {
+    use hesscope::gpu::params::{ConvParams, KernelParams, PoolParams};
+    assert_ne!(ConvParams::members(), PoolParams::members());
+    let conv: Vec<_> = ConvParams::members().into_iter().map(|m| m.0).collect();
+    assert!(conv.contains(&"rows_per_chunk") && conv.contains(&"chunks"));
 }
 
 #[test]

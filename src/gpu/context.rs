@@ -4,7 +4,7 @@
 //! Every wgpu call of the crate lives under `src/gpu/`.
 
 use crate::error::{Error, Result};
-use crate::gpu::kernels::{Binding, Kernel, WINDOW_FLOATS};
+use crate::gpu::kernels::{Binding, Consts, Kernel, WINDOW_FLOATS};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -154,7 +154,7 @@ pub struct GpuContext {
     pub info: AdapterReport,
     pub limits: wgpu::Limits,
     faults: Arc<Mutex<Faults>>,
-    pipelines: RefCell<HashMap<Kernel, Rc<Pipeline>>>,
+    pipelines: RefCell<HashMap<(Kernel, Consts), Rc<Pipeline>>>,
 }
 
 pub struct Pipeline {
@@ -379,8 +379,8 @@ impl GpuContext {
     }
 
     /// The compute pipeline of a kernel, compiled on first use.
-    pub fn pipeline(&self, k: Kernel) -> Result<Rc<Pipeline>> {
-        if let Some(p) = self.pipelines.borrow().get(&k) {
+    pub fn pipeline(&self, k: Kernel, consts: Consts) -> Result<Rc<Pipeline>> {
+        if let Some(p) = self.pipelines.borrow().get(&(k, consts)) {
             return Ok(p.clone());
         }
         let (file, src) = k.source();
@@ -395,6 +395,7 @@ impl GpuContext {
                 self.limits.max_storage_buffers_per_shader_stage
             )));
         }
+        let constants = consts.pairs();
         let p = self.scoped(&format!("compiling {file}::{}", k.entry()), || {
             let module = self
                 .device
@@ -449,13 +450,16 @@ impl GpuContext {
                     layout: Some(&pl),
                     module: &module,
                     entry_point: Some(k.entry()),
-                    compilation_options: wgpu::PipelineCompilationOptions::default(),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &constants,
+                        ..Default::default()
+                    },
                     cache: None,
                 });
             Pipeline { pipeline, layout }
         })?;
         let p = Rc::new(p);
-        self.pipelines.borrow_mut().insert(k, p.clone());
+        self.pipelines.borrow_mut().insert((k, consts), p.clone());
         Ok(p)
     }
 

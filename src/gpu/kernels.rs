@@ -13,47 +13,10 @@ pub const ELEMENTWISE: &str = include_str!("../../shaders/elementwise.wgsl");
 pub const BN: &str = include_str!("../../shaders/bn.wgsl");
 pub const POOL: &str = include_str!("../../shaders/pool.wgsl");
 pub const LOSS: &str = include_str!("../../shaders/loss.wgsl");
+pub const ACTIVATION: &str = include_str!("../../shaders/activation.wgsl");
 
 /// Threads per workgroup of every kernel.
 pub const WORKGROUP: usize = 256;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kernel {
-    ConvForward,
-    ConvBackwardData,
-    /// ConvForward and ConvBackwardData reading the weights through uniform
-    /// windows (`WINDOW_FLOATS` of θ and v from a step's window offset).
-    ConvForwardWindowed,
-    ConvBackwardDataWindowed,
-    /// The four above for 3×3 taps at stride 1 (`conv_k3s1_applies`).
-    ConvForwardK3,
-    ConvBackwardDataK3,
-    ConvForwardK3Windowed,
-    ConvBackwardDataK3Windowed,
-    ConvBackwardWeight,
-    /// ConvBackwardWeight for 3×3, stride 1, output rows of a multiple of
-    /// 4 columns (`conv_weight_k3_applies`).
-    ConvBackwardWeightK3,
-    ConvWeightSum,
-    ChannelSums,
-    BnParamSums,
-    SumAll,
-    ReluMask,
-    Add,
-    Copy,
-    BnStats,
-    BnForward,
-    BnRForward,
-    BnBackward,
-    BnRBackward,
-    MaxPoolForward,
-    MaxPoolGather,
-    MaxPoolBackward,
-    GapForward,
-    GapBackward,
-    XentForwardBackward,
-    XentRBackward,
-}
 
 /// How a kernel binds one buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,120 +51,161 @@ pub fn conv_windowed_source() -> &'static str {
     })
 }
 
-impl Kernel {
-    pub const ALL: [Kernel; 29] = [
-        Kernel::ConvForward,
-        Kernel::ConvBackwardData,
-        Kernel::ConvForwardWindowed,
-        Kernel::ConvBackwardDataWindowed,
-        Kernel::ConvForwardK3,
-        Kernel::ConvBackwardDataK3,
-        Kernel::ConvForwardK3Windowed,
-        Kernel::ConvBackwardDataK3Windowed,
-        Kernel::ConvBackwardWeight,
-        Kernel::ConvBackwardWeightK3,
-        Kernel::ConvWeightSum,
-        Kernel::ChannelSums,
-        Kernel::BnParamSums,
-        Kernel::SumAll,
-        Kernel::ReluMask,
-        Kernel::Add,
-        Kernel::Copy,
-        Kernel::BnStats,
-        Kernel::BnForward,
-        Kernel::BnRForward,
-        Kernel::BnBackward,
-        Kernel::BnRBackward,
-        Kernel::MaxPoolForward,
-        Kernel::MaxPoolGather,
-        Kernel::MaxPoolBackward,
-        Kernel::GapForward,
-        Kernel::GapBackward,
-        Kernel::XentForwardBackward,
-        Kernel::XentRBackward,
-    ];
+/// Pipeline-overridable constants a step specialises its kernel with
+/// (WGSL `override`), e.g. `ACC` (add into the output) or `ACT` (which
+/// activation): no dispatch computes or branches on a term that is absent.
+/// At most four per kernel; part of the pipeline cache key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Consts {
+    items: [(&'static str, u32); 4],
+    len: u8,
+}
 
+impl Consts {
+    pub fn new(items: &[(&'static str, u32)]) -> Consts {
+        assert!(items.len() <= 4, "at most four override constants");
+        let mut c = Consts::default();
+        c.items[..items.len()].copy_from_slice(items);
+        c.len = items.len() as u8;
+        c
+    }
+    /// (name, value) pairs, as wgpu takes them.
+    pub fn pairs(&self) -> Vec<(&'static str, f64)> {
+        self.items[..self.len as usize]
+            .iter()
+            .map(|&(k, v)| (k, v as f64))
+            .collect()
+    }
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.items[..self.len as usize].iter().map(|p| p.0)
+    }
+}
+
+/// A WGSL module the kernels come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Module {
+    Conv,
+    /// conv.wgsl with its weight bindings swapped for uniform windows.
+    ConvWindowed,
+    ConvWeight,
+    Reduce,
+    Elementwise,
+    Bn,
+    Pool,
+    Loss,
+    Activation,
+}
+
+impl Module {
     /// (file name, WGSL source).
     pub fn source(self) -> (&'static str, &'static str) {
-        use Kernel::*;
         match self {
-            ConvForward | ConvBackwardData | ConvForwardK3 | ConvBackwardDataK3 => {
-                ("conv.wgsl", CONV)
-            }
-            ConvForwardWindowed
-            | ConvBackwardDataWindowed
-            | ConvForwardK3Windowed
-            | ConvBackwardDataK3Windowed => (
+            Module::Conv => ("conv.wgsl", CONV),
+            Module::ConvWindowed => (
                 "conv.wgsl+conv_weights_uniform.wgsl",
                 conv_windowed_source(),
             ),
-            ConvBackwardWeight | ConvBackwardWeightK3 | ConvWeightSum => {
-                ("conv_weight.wgsl", CONV_WEIGHT)
-            }
-            ChannelSums | BnParamSums | SumAll => ("reduce.wgsl", REDUCE),
-            ReluMask | Add | Copy => ("elementwise.wgsl", ELEMENTWISE),
-            BnStats | BnForward | BnRForward | BnBackward | BnRBackward => ("bn.wgsl", BN),
-            MaxPoolForward | MaxPoolGather | MaxPoolBackward | GapForward | GapBackward => {
-                ("pool.wgsl", POOL)
-            }
-            XentForwardBackward | XentRBackward => ("loss.wgsl", LOSS),
+            Module::ConvWeight => ("conv_weight.wgsl", CONV_WEIGHT),
+            Module::Reduce => ("reduce.wgsl", REDUCE),
+            Module::Elementwise => ("elementwise.wgsl", ELEMENTWISE),
+            Module::Bn => ("bn.wgsl", BN),
+            Module::Pool => ("pool.wgsl", POOL),
+            Module::Loss => ("loss.wgsl", LOSS),
+            Module::Activation => ("activation.wgsl", ACTIVATION),
         }
     }
+}
 
+/// Everything the host must agree on with one WGSL entry point.
+#[derive(Debug)]
+pub struct KernelSpec {
+    pub module: Module,
+    pub entry: &'static str,
+    /// Bindings 1.., in order (binding 0 is the params block).
+    pub bindings: &'static [Binding],
+    /// The WGSL name of the params struct at binding 0.
+    pub params: &'static str,
+    /// The override constants a step may set.
+    pub overrides: &'static [&'static str],
+}
+
+macro_rules! kernels {
+    ($($(#[$doc:meta])* $name:ident => $module:ident :: $entry:literal, [$($b:ident),*], $params:ident, [$($o:literal),*];)*) => {
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Kernel {
+            $($(#[$doc])* $name),*
+        }
+        impl Kernel {
+            pub const ALL: &'static [Kernel] = &[$(Kernel::$name),*];
+            pub fn spec(self) -> &'static KernelSpec {
+                match self {
+                    $(Kernel::$name => &KernelSpec {
+                        module: Module::$module,
+                        entry: $entry,
+                        bindings: &[$($b),*],
+                        params: <$params as KernelParams>::WGSL_NAME,
+                        overrides: &[$($o),*],
+                    }),*
+                }
+            }
+        }
+    };
+}
+
+kernels! {
+    ConvForward => Conv::"conv_forward", [R, R, R, R, W], ConvParams, [];
+    ConvBackwardData => Conv::"conv_backward_data", [R, R, R, R, W], ConvParams, [];
+    /// ConvForward and ConvBackwardData reading the weights through uniform
+    /// windows (`WINDOW_FLOATS` of θ and v from a step's window offset).
+    ConvForwardWindowed => ConvWindowed::"conv_forward", [R, U, R, U, W], ConvParams, [];
+    ConvBackwardDataWindowed => ConvWindowed::"conv_backward_data", [R, U, R, U, W], ConvParams, [];
+    /// The four above for 3×3 taps at stride 1 (`conv_k3s1_applies`).
+    ConvForwardK3 => Conv::"conv_forward_k3s1", [R, R, R, R, W], ConvParams, [];
+    ConvBackwardDataK3 => Conv::"conv_backward_data_k3s1", [R, R, R, R, W], ConvParams, [];
+    ConvForwardK3Windowed => ConvWindowed::"conv_forward_k3s1", [R, U, R, U, W], ConvParams, [];
+    ConvBackwardDataK3Windowed => ConvWindowed::"conv_backward_data_k3s1", [R, U, R, U, W], ConvParams, [];
+    ConvBackwardWeight => ConvWeight::"conv_backward_weight", [R, R, R, R, W], ConvParams, [];
+    /// ConvBackwardWeight for 3×3, stride 1, output rows of a multiple of
+    /// 4 columns (`conv_weight_k3_applies`).
+    ConvBackwardWeightK3 => ConvWeight::"conv_backward_weight_k3s1", [R, R, R, R, W], ConvParams, [];
+    ConvWeightSum => ConvWeight::"conv_weight_sum", [R, W], ConvParams, [];
+    ChannelSums => Reduce::"channel_sums", [R, R, W], ReduceParams, [];
+    BnParamSums => Reduce::"bn_param_sums", [R, R, W, R, R, W], ReduceParams, [];
+    SumAll => Reduce::"sum_all", [R, W], ReduceParams, [];
+    Add => Elementwise::"add", [R, R, W], EwParams, [];
+    Copy => Elementwise::"copy", [R, W], EwParams, [];
+    BnStats => Bn::"bn_stats", [R, W], BnParams, [];
+    BnForward => Bn::"bn_forward", [R, R, R, W, W], BnParams, [];
+    BnRForward => Bn::"bn_r_forward", [R, R, R, R, R, W, W], BnParams, [];
+    BnBackward => Bn::"bn_backward", [R, R, R, R, W], BnParams, [];
+    BnRBackward => Bn::"bn_r_backward", [R, R, R, R, R, R, R, W], BnParams, [];
+    MaxPoolForward => Pool::"maxpool_forward", [R, W, W], PoolParams, [];
+    MaxPoolGather => Pool::"maxpool_gather", [R, R, W], PoolParams, [];
+    MaxPoolBackward => Pool::"maxpool_backward", [R, R, W], PoolParams, [];
+    AvgPoolForward => Pool::"avgpool_forward", [R, W], PoolParams, [];
+    AvgPoolBackward => Pool::"avgpool_backward", [R, W], PoolParams, ["AVG_ACC"];
+    GapForward => Pool::"gap_forward", [R, W], PoolParams, [];
+    GapBackward => Pool::"gap_backward", [R, W], PoolParams, [];
+    XentForwardBackward => Loss::"xent_forward_backward", [R, R, W, W, W], LossParams, [];
+    XentRBackward => Loss::"xent_r_backward", [R, R, W], LossParams, [];
+    /// y = f(x) for the activation `ACT` (see `layers::activation`).
+    ActForward => Activation::"act_forward", [R, W], ActParams, ["ACT"];
+    ActRForward => Activation::"act_r_forward", [R, R, W], ActParams, ["ACT"];
+    ActBackward => Activation::"act_backward", [R, R, W], ActParams, ["ACT", "ACC"];
+    ActRBackward => Activation::"act_r_backward", [R, R, R, R, W], ActParams, ["ACT", "ACC"];
+}
+
+impl Kernel {
+    /// (file name, WGSL source).
+    pub fn source(self) -> (&'static str, &'static str) {
+        self.spec().module.source()
+    }
     pub fn entry(self) -> &'static str {
-        use Kernel::*;
-        match self {
-            ConvForward | ConvForwardWindowed => "conv_forward",
-            ConvBackwardData | ConvBackwardDataWindowed => "conv_backward_data",
-            ConvForwardK3 | ConvForwardK3Windowed => "conv_forward_k3s1",
-            ConvBackwardDataK3 | ConvBackwardDataK3Windowed => "conv_backward_data_k3s1",
-            ConvBackwardWeight => "conv_backward_weight",
-            ConvBackwardWeightK3 => "conv_backward_weight_k3s1",
-            ConvWeightSum => "conv_weight_sum",
-            ChannelSums => "channel_sums",
-            BnParamSums => "bn_param_sums",
-            SumAll => "sum_all",
-            ReluMask => "relu_mask",
-            Add => "add",
-            Copy => "copy",
-            BnStats => "bn_stats",
-            BnForward => "bn_forward",
-            BnRForward => "bn_r_forward",
-            BnBackward => "bn_backward",
-            BnRBackward => "bn_r_backward",
-            MaxPoolForward => "maxpool_forward",
-            MaxPoolGather => "maxpool_gather",
-            MaxPoolBackward => "maxpool_backward",
-            GapForward => "gap_forward",
-            GapBackward => "gap_backward",
-            XentForwardBackward => "xent_forward_backward",
-            XentRBackward => "xent_r_backward",
-        }
+        self.spec().entry
     }
-
     /// Bindings 1.., in order.
     pub fn bindings(self) -> &'static [Binding] {
-        use Kernel::*;
-        match self {
-            ConvForward | ConvBackwardData | ConvForwardK3 | ConvBackwardDataK3
-            | ConvBackwardWeight | ConvBackwardWeightK3 | ConvWeightSum => &[R, R, R, R, W],
-            ConvForwardWindowed
-            | ConvBackwardDataWindowed
-            | ConvForwardK3Windowed
-            | ConvBackwardDataK3Windowed => &[R, U, R, U, W],
-            ChannelSums | SumAll | ReluMask | Add | Copy => &[R, R, W],
-            BnParamSums => &[R, R, W, R, R, W],
-            BnStats => &[R, W],
-            BnForward => &[R, R, R, W, W],
-            BnRForward => &[R, R, R, R, R, W, W],
-            BnBackward => &[R, R, R, R, W],
-            BnRBackward => &[R, R, R, R, R, R, R, W],
-            MaxPoolForward => &[R, W, W],
-            MaxPoolGather | MaxPoolBackward => &[R, R, W],
-            GapForward | GapBackward => &[R, W],
-            XentForwardBackward => &[R, R, W, W, W],
-            XentRBackward => &[R, R, W],
-        }
+        self.spec().bindings
     }
 }
 
@@ -234,8 +238,10 @@ pub mod bn_rows {
     pub const COUNT: usize = 9;
 }
 
-/// A kernel's uniform block: 16 words (u32 or f32 bits), 64 bytes.
-pub type Params = [u32; 16];
+pub use crate::gpu::params::{
+    ActParams, BnParams, ConvParams, EwParams, KernelParams, LossParams, Params, PoolParams,
+    ReduceParams,
+};
 
 /// Params from the leading words; the rest are zero.
 pub fn params(words: &[u32]) -> Params {

@@ -1,9 +1,12 @@
 //! The GPU executor over wgpu: runtime (context), kernels, programs, engine.
 
 pub mod context;
-pub mod engine;
+pub mod executor;
 pub mod kernels;
+pub mod memory;
+pub mod params;
+pub mod plan;
 pub mod program;
 
 pub use context::{list_adapters, AdapterReport, BackendChoice, GpuBuffer, GpuContext};
-pub use engine::{open, GpuEngine};
+pub use executor::{open, GpuEngine};

@@ -4,7 +4,7 @@
 
 use crate::error::Result;
 use crate::gpu::context::{GpuBuffer, GpuContext, Pipeline};
-use crate::gpu::kernels::{Binding, Kernel, Params, WINDOW_FLOATS, WORKGROUP};
+use crate::gpu::kernels::{Binding, Consts, Kernel, KernelParams, Params, WINDOW_FLOATS, WORKGROUP};
 use std::rc::Rc;
 
 /// How many workgroups a step launches.
@@ -27,12 +27,55 @@ impl Grid {
 
 pub struct Step {
     pub kernel: Kernel,
+    /// The override constants the kernel is specialised with.
+    pub consts: Consts,
     pub params: Params,
     /// Indices into the engine's buffer arena, one per storage binding.
     pub buffers: Vec<usize>,
     pub grid: Grid,
     /// Offset (floats) of the step's uniform weight windows, if it has any.
     pub window: usize,
+}
+
+impl Step {
+    /// A step of `kernel` with typed parameters; the params struct must be
+    /// the one the kernel's WGSL declares (checked against the spec table,
+    /// which tests/shaders.rs checks against the WGSL).
+    pub fn new<P: KernelParams>(
+        kernel: Kernel,
+        consts: Consts,
+        p: &P,
+        buffers: Vec<usize>,
+        grid: Grid,
+    ) -> Step {
+        check_params::<P>(kernel, &consts);
+        Step {
+            kernel,
+            consts,
+            params: p.block(),
+            buffers,
+            grid,
+            window: 0,
+        }
+    }
+}
+
+/// Internal invariants of a step: the kernel's params struct and the
+/// override constants it declares.
+fn check_params<P: KernelParams>(kernel: Kernel, consts: &Consts) {
+    let spec = kernel.spec();
+    assert_eq!(
+        spec.params,
+        P::WGSL_NAME,
+        "internal: {kernel:?} takes {}",
+        spec.params
+    );
+    for name in consts.names() {
+        assert!(
+            spec.overrides.contains(&name),
+            "internal: {kernel:?} has no override constant {name}"
+        );
+    }
 }
 
 /// A binding of `buf` as `kind`: whole for storage, a window from `window`
@@ -92,7 +135,7 @@ impl Compiled {
         let uniforms = ctx.uniform(&format!("{label} parameters"), &bytes)?;
         let mut out = Vec::with_capacity(steps.len());
         for (i, s) in steps.iter().enumerate() {
-            let pipeline = ctx.pipeline(s.kernel)?;
+            let pipeline = ctx.pipeline(s.kernel, s.consts)?;
             debug_assert_eq!(s.buffers.len(), s.kernel.bindings().len(), "{:?}", s.kernel);
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,
@@ -181,32 +224,37 @@ impl Compiled {
 /// Runs one kernel once on the given buffers and waits: for kernel tests
 /// and benchmarks, not for the engine's hot path. Uniform windows are bound
 /// at offset 0.
-pub fn dispatch_once(
+pub fn dispatch_once<P: KernelParams>(
     ctx: &GpuContext,
     kernel: Kernel,
-    params: &Params,
+    consts: Consts,
+    params: &P,
     buffers: &[&GpuBuffer],
     grid: Grid,
 ) -> Result<()> {
-    dispatch(ctx, kernel, params, buffers, grid, false).map(|_| ())
+    check_params::<P>(kernel, &consts);
+    dispatch(ctx, kernel, consts, &params.block(), buffers, grid, false).map(|_| ())
 }
 
 /// As `dispatch_once`, returning the kernel's GPU time from timestamp
 /// queries written at the start and end of its pass where the adapter has
 /// them (`None` otherwise; callers then time on the host).
-pub fn dispatch_timed(
+pub fn dispatch_timed<P: KernelParams>(
     ctx: &GpuContext,
     kernel: Kernel,
-    params: &Params,
+    consts: Consts,
+    params: &P,
     buffers: &[&GpuBuffer],
     grid: Grid,
 ) -> Result<Option<f64>> {
-    dispatch(ctx, kernel, params, buffers, grid, true)
+    check_params::<P>(kernel, &consts);
+    dispatch(ctx, kernel, consts, &params.block(), buffers, grid, true)
 }
 
 fn dispatch(
     ctx: &GpuContext,
     kernel: Kernel,
+    consts: Consts,
     params: &Params,
     buffers: &[&GpuBuffer],
     grid: Grid,
@@ -220,7 +268,7 @@ fn dispatch(
             buffers.len()
         )));
     }
-    let pipeline = ctx.pipeline(kernel)?;
+    let pipeline = ctx.pipeline(kernel, consts)?;
     let uniforms = ctx.uniform("kernel parameters", bytemuck::cast_slice(params))?;
     let mut entries = vec![wgpu::BindGroupEntry {
         binding: 0,

@@ -28,6 +28,38 @@ impl std::fmt::Display for Shape {
     }
 }
 
+/// Elementwise activations. ReLU and LeakyReLU are piecewise linear
+/// (f'' = 0); the others have curvature of their own, so the R-backward
+/// gains the term f''(x)·ẋ·gy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// max(x, 0); derivative 0 at 0.
+    Relu,
+    /// x for x > 0, slope·x otherwise; derivative `slope` at 0 (PyTorch).
+    LeakyRelu { slope: f64 },
+    Tanh,
+    /// 1 / (1 + e^-x).
+    Sigmoid,
+    /// The exact GELU: x·Φ(x), Φ the standard normal CDF through erf.
+    Gelu,
+    /// x·sigmoid(x).
+    Silu,
+}
+
+impl Activation {
+    /// The `.arch` keyword.
+    pub fn keyword(&self) -> &'static str {
+        match self {
+            Activation::Relu => "relu",
+            Activation::LeakyRelu { .. } => "leaky_relu",
+            Activation::Tanh => "tanh",
+            Activation::Sigmoid => "sigmoid",
+            Activation::Gelu => "gelu",
+            Activation::Silu => "silu",
+        }
+    }
+}
+
 /// Indices are into `Model::params` / `Model::buffers`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -47,8 +79,16 @@ pub enum Op {
         running_var: usize,
         c: usize,
     },
-    Relu,
+    /// An elementwise activation y = f(x).
+    Act(Activation),
     MaxPool {
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
+    /// AvgPool2d(k, stride, pad) with count_include_pad: every window is
+    /// divided by k·k, padding included.
+    AvgPool {
         k: usize,
         stride: usize,
         pad: usize,
@@ -81,8 +121,9 @@ impl Node {
         match self.op {
             Op::Conv { .. } => "conv",
             Op::BatchNorm { .. } => "bn",
-            Op::Relu => "relu",
+            Op::Act(a) => a.keyword(),
             Op::MaxPool { .. } => "maxpool",
+            Op::AvgPool { .. } => "avgpool",
             Op::GlobalAvgPool => "gap",
             Op::Flatten => "flatten",
             Op::Linear { .. } => "linear",

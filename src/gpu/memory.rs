@@ -1,0 +1,144 @@
+//! Memory planning: the buffer arena, flatten aliasing, per-batch
+//! workspaces (values, tangents, adjoints, R-adjoints and each unit's own
+//! state) and the budget that decides whether every batch keeps its own.
+
+use crate::error::Result;
+use crate::gpu::context::{GpuBuffer, GpuContext};
+use crate::layers::{self, StateCx};
+use crate::model::Model;
+
+/// Every buffer the engine owns; steps name them by index.
+pub struct Arena {
+    pub buffers: Vec<GpuBuffer>,
+}
+
+impl Arena {
+    /// A zeroed storage buffer of `len` floats named `name` in errors.
+    pub fn alloc(&mut self, ctx: &GpuContext, name: String, len: usize) -> Result<usize> {
+        self.buffers.push(ctx.storage(&name, len)?);
+        Ok(self.buffers.len() - 1)
+    }
+    /// A parameter-shaped buffer that uniform weight windows may read.
+    pub fn weights(&mut self, ctx: &GpuContext, name: &str, len: usize) -> Result<usize> {
+        self.buffers.push(ctx.weights(name, len)?);
+        Ok(self.buffers.len() - 1)
+    }
+}
+
+/// Buffers of one batch's passes, by canonical value id or node index.
+pub struct Workspace {
+    pub labels: usize,
+    pub probs: usize,
+    pub sample_loss: usize,
+    pub act: Vec<usize>,
+    pub dact: Vec<usize>,
+    pub adj: Vec<usize>,
+    pub radj: Vec<usize>,
+    /// Each node's unit state (`Layer::gpu_state`), in the unit's order.
+    pub state: Vec<Vec<usize>>,
+    /// The batch whose forward/backward results the buffers hold.
+    pub resident: Option<usize>,
+}
+
+/// The storage value of every value: flatten (an alias unit) shares its
+/// input's buffer.
+pub fn canonical_values(model: &Model) -> Vec<usize> {
+    let nv = model.nodes.len() + 1;
+    let mut canon: Vec<usize> = (0..nv).collect();
+    for (i, node) in model.nodes.iter().enumerate() {
+        if layers::unit(&node.op).is_alias() {
+            canon[i + 1] = canon[node.inputs[0]];
+        }
+    }
+    canon
+}
+
+fn value_len(model: &Model, v: usize, n: usize) -> usize {
+    let s = if v == 0 {
+        model.input
+    } else {
+        model.nodes[v - 1].out_shape
+    };
+    n * s.numel()
+}
+
+/// Bytes of one workspace for batches of up to `n` samples.
+pub fn workspace_bytes(model: &Model, canon: &[usize], n: usize, cx: &StateCx) -> usize {
+    let values: usize = (0..canon.len())
+        .filter(|&v| canon[v] == v)
+        .map(|v| 4 * value_len(model, v, n))
+        .sum();
+    let state: usize = model
+        .nodes
+        .iter()
+        .flat_map(|nd| layers::unit(&nd.op).gpu_state(nd, n, cx))
+        .map(|s| s.len)
+        .sum();
+    4 * (values + state)
+}
+
+/// Allocates one workspace for batches of up to `n` samples; `tag` is
+/// appended to every buffer name.
+pub fn workspace(
+    ctx: &GpuContext,
+    arena: &mut Arena,
+    model: &Model,
+    canon: &[usize],
+    n: usize,
+    cx: &StateCx,
+    tag: &str,
+) -> Result<Workspace> {
+    let nodes = &model.nodes;
+    let nv = nodes.len() + 1;
+    let value_name = |vi: usize| -> String {
+        if vi == 0 {
+            "input".to_string()
+        } else {
+            let nd = &nodes[vi - 1];
+            if nd.name.is_empty() {
+                format!("{} output #{vi}", nd.kind())
+            } else {
+                format!("{} output", nd.name)
+            }
+        }
+    };
+    let mut act = vec![usize::MAX; nv];
+    let mut dact = vec![usize::MAX; nv];
+    let mut adj = vec![usize::MAX; nv];
+    let mut radj = vec![usize::MAX; nv];
+    for vi in 0..nv {
+        if canon[vi] != vi {
+            continue;
+        }
+        let len = value_len(model, vi, n);
+        let nm = value_name(vi);
+        act[vi] = arena.alloc(ctx, format!("{nm}{tag}"), len)?;
+        dact[vi] = arena.alloc(ctx, format!("R-forward of {nm}{tag}"), len)?;
+        adj[vi] = arena.alloc(ctx, format!("adjoint of {nm}{tag}"), len)?;
+        radj[vi] = arena.alloc(ctx, format!("R-adjoint of {nm}{tag}"), len)?;
+    }
+    let mut state = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let mut ids = vec![];
+        for s in layers::unit(&node.op).gpu_state(node, n, cx) {
+            let id = arena.alloc(ctx, format!("{} {}{tag}", node.name, s.name), s.len)?;
+            if let Some(init) = &s.init {
+                ctx.write_f32(&arena.buffers[id], 0, init)?;
+            }
+            ids.push(id);
+        }
+        state.push(ids);
+    }
+    let k = model.classes;
+    Ok(Workspace {
+        labels: arena.alloc(ctx, format!("labels{tag}"), n)?,
+        probs: arena.alloc(ctx, format!("softmax{tag}"), n * k)?,
+        sample_loss: arena.alloc(ctx, format!("per-sample loss{tag}"), n)?,
+        act,
+        dact,
+        adj,
+        radj,
+        state,
+        resident: None,
+    })
+}

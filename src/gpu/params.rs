@@ -1,0 +1,139 @@
+//! The uniform parameter block of each shader family, as one `#[repr(C)]`
+//! Pod struct per WGSL struct: same name, same members in the same order.
+//! The engine, `bench` and the kernel tests fill these by name;
+//! tests/shaders.rs reflects every WGSL module with naga and checks each
+//! struct's member names and offsets against `KernelParams::members`, so a
+//! mismatch fails `cargo test`.
+
+use bytemuck::{Pod, Zeroable};
+
+/// A kernel's uniform block: 16 words (u32 or f32 bits), 64 bytes.
+pub type Params = [u32; 16];
+
+/// A params struct shared with WGSL.
+pub trait KernelParams: Pod {
+    /// The WGSL struct's name.
+    const WGSL_NAME: &'static str;
+    /// (member name, byte offset), in declaration order.
+    fn members() -> Vec<(&'static str, usize)>;
+    /// The 64-byte uniform block holding these parameters.
+    fn block(&self) -> Params {
+        const {
+            assert!(std::mem::size_of::<Self>() <= 64);
+        }
+        let mut p = [0u32; 16];
+        let bytes = bytemuck::bytes_of(self);
+        bytemuck::cast_slice_mut::<u32, u8>(&mut p)[..bytes.len()].copy_from_slice(bytes);
+        p
+    }
+}
+
+macro_rules! params_struct {
+    ($(#[$doc:meta])* $name:ident { $($(#[$fdoc:meta])* $field:ident : $ty:ty),* $(,)? }) => {
+        $(#[$doc])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
+        pub struct $name {
+            $($(#[$fdoc])* pub $field: $ty),*
+        }
+        impl KernelParams for $name {
+            const WGSL_NAME: &'static str = stringify!($name);
+            fn members() -> Vec<(&'static str, usize)> {
+                vec![$((stringify!($field), std::mem::offset_of!($name, $field))),*]
+            }
+        }
+    };
+}
+
+params_struct! {
+    /// shaders/conv.wgsl and shaders/conv_weight.wgsl: one conv (a linear
+    /// layer is a 1×1 conv of a 1×1 image). `wa_off`/`wb_off` locate the
+    /// weights of the first and second operand pair in their buffers.
+    ConvParams {
+        n: u32, cin: u32, h: u32, w: u32,
+        cout: u32, k: u32, stride: u32, pad: u32,
+        oh: u32, ow: u32, wa_off: u32, wb_off: u32,
+        /// `flags::CONV_*`.
+        flags: u32,
+        bias_off: u32,
+        /// Weight gradient: output rows per chunk of stage one.
+        rows_per_chunk: u32,
+        /// Weight gradient: chunks of stage one.
+        chunks: u32,
+    }
+}
+
+params_struct! {
+    /// shaders/bn.wgsl.
+    BnParams {
+        n: u32, c: u32, hw: u32, gamma_off: u32,
+        beta_off: u32,
+        /// `flags::BN_*`.
+        flags: u32,
+        eps: f32, _p0: u32,
+    }
+}
+
+params_struct! {
+    /// shaders/reduce.wgsl: channel sums, batch-norm parameter sums, the
+    /// loss sum.
+    ReduceParams {
+        n: u32, c: u32, hw: u32, out_a: u32,
+        out_b: u32,
+        /// `flags::SUMS_*`.
+        flags: u32,
+        len: u32, out_d: u32,
+        /// bn_param_sums: where Σa and Σa·b (+ Σc·d) go in `tgt`.
+        t_a: u32, t_b: u32, _p0: u32, _p1: u32,
+    }
+}
+
+params_struct! {
+    /// shaders/elementwise.wgsl.
+    EwParams {
+        len: u32, a_off: u32, out_off: u32,
+        /// `flags::EW_*`.
+        flags: u32,
+    }
+}
+
+params_struct! {
+    /// shaders/pool.wgsl: max, average and global average pools over
+    /// planes of [n·c, h, w].
+    PoolParams {
+        planes: u32, h: u32, w: u32, k: u32,
+        stride: u32, pad: u32, oh: u32, ow: u32,
+        /// `flags::POOL_*`.
+        flags: u32, _p0: u32, _p1: u32, _p2: u32,
+    }
+}
+
+params_struct! {
+    /// shaders/loss.wgsl: softmax cross-entropy, `scale` = 1/N.
+    LossParams {
+        n: u32, k: u32, scale: f32, _p0: u32,
+    }
+}
+
+params_struct! {
+    /// shaders/activation.wgsl: `slope` of LeakyReLU.
+    ActParams {
+        len: u32, slope: f32, _p0: u32, _p1: u32,
+    }
+}
+
+/// Every params struct, for the reflection test: (WGSL name, members).
+pub fn all() -> Vec<(&'static str, Vec<(&'static str, usize)>)> {
+    fn e<P: KernelParams>() -> (&'static str, Vec<(&'static str, usize)>) {
+        (P::WGSL_NAME, P::members())
+    }
+    vec![
+        e::<ConvParams>(),
+        e::<BnParams>(),
+        e::<ReduceParams>(),
+        e::<EwParams>(),
+        e::<PoolParams>(),
+        e::<LossParams>(),
+        e::<ActParams>(),
+    ]
+}

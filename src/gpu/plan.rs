@@ -1,0 +1,318 @@
+//! Lowering: the model walked once per batch into two fixed lists of kernel
+//! dispatches — forward + loss + backward (the gradient), and R-forward +
+//! R-loss + R-backward (Hv). The walker owns the bookkeeping every layer
+//! shares — which buffer holds each value, tangent and adjoint, whether an
+//! adjoint is first written or added into, which tangents are still zero,
+//! flatten aliasing — and asks each layer's unit (`crate::layers`) for its
+//! kernels.
+
+use crate::gpu::kernels::{flags, Consts, EwParams, Kernel, KernelParams, ReduceParams};
+use crate::gpu::memory::Workspace;
+use crate::gpu::program::{Grid, Step};
+use crate::layers::{self, loss};
+use crate::model::Model;
+
+/// The buffers (arena indices) one node's passes read and write.
+pub struct NodeBufs {
+    /// Values of the node's inputs.
+    pub x: Vec<usize>,
+    /// Tangents ẋ of the inputs. A tangent that is identically zero
+    /// (`dx_zero`) is never written by any pass, so its buffer holds zeros.
+    pub dx: Vec<usize>,
+    pub dx_zero: Vec<bool>,
+    pub y: usize,
+    pub dy: usize,
+    /// The output's adjoint in the pass being planned: gy, or R(gy) in the
+    /// R-backward.
+    pub gy: usize,
+    /// The output's plain adjoint gy (the same as `gy` outside the R-pass).
+    pub g: usize,
+    /// The inputs' adjoints in the pass being planned.
+    pub gx: Vec<usize>,
+    /// Add into `gx[i]` (another consumer of the input wrote it first).
+    pub acc: Vec<bool>,
+    /// Whether input i needs an adjoint at all (not the data).
+    pub needs_gx: Vec<bool>,
+    /// The unit's own per-workspace buffers (`Layer::gpu_state`).
+    pub state: Vec<usize>,
+}
+
+/// What a unit plans against: the batch size, the shared buffers, the
+/// steps pushed so far.
+pub struct Plan<'a> {
+    pub model: &'a Model,
+    /// Samples in this batch.
+    pub n: usize,
+    pub theta: usize,
+    pub v: usize,
+    pub grad: usize,
+    pub hv: usize,
+    /// A small buffer bound where a kernel's binding is unused.
+    pub dummy: usize,
+    /// Scratch for weight-gradient partial sums.
+    pub partials: usize,
+    pub batch_mode: bool,
+    /// The alignment (floats) of uniform weight windows, where the device
+    /// allows them.
+    pub window_alignment: Option<usize>,
+    steps: Vec<Step>,
+}
+
+impl<'a> Plan<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        model: &'a Model,
+        n: usize,
+        theta: usize,
+        v: usize,
+        grad: usize,
+        hv: usize,
+        dummy: usize,
+        partials: usize,
+        batch_mode: bool,
+        window_alignment: Option<usize>,
+    ) -> Plan<'a> {
+        Plan {
+            model,
+            n,
+            theta,
+            v,
+            grad,
+            hv,
+            dummy,
+            partials,
+            batch_mode,
+            window_alignment,
+            steps: vec![],
+        }
+    }
+
+    /// The accumulator of parameter derivatives: the gradient, or Hv.
+    pub fn target(&self, r: bool) -> usize {
+        if r {
+            self.hv
+        } else {
+            self.grad
+        }
+    }
+
+    pub fn param_off(&self, idx: usize) -> usize {
+        self.model.params[idx].offset
+    }
+
+    pub fn push<P: KernelParams>(&mut self, kernel: Kernel, p: &P, buffers: Vec<usize>, grid: Grid) {
+        self.push_with(kernel, Consts::default(), p, buffers, grid);
+    }
+
+    /// A step of a kernel specialised by override constants.
+    pub fn push_with<P: KernelParams>(
+        &mut self,
+        kernel: Kernel,
+        consts: Consts,
+        p: &P,
+        buffers: Vec<usize>,
+        grid: Grid,
+    ) {
+        self.steps.push(Step::new(kernel, consts, p, buffers, grid));
+    }
+
+    /// A step whose uniform windows start at `window` floats.
+    pub fn push_windowed<P: KernelParams>(
+        &mut self,
+        kernel: Kernel,
+        p: &P,
+        buffers: Vec<usize>,
+        grid: Grid,
+        window: usize,
+    ) {
+        let mut s = Step::new(kernel, Consts::default(), p, buffers, grid);
+        s.window = window;
+        self.steps.push(s);
+    }
+
+    /// dst[dst_off..][..len] (+)= src[src_off..][..len].
+    pub fn copy(
+        &mut self,
+        src: usize,
+        src_off: usize,
+        dst: usize,
+        dst_off: usize,
+        len: usize,
+        acc: bool,
+    ) {
+        self.push(
+            Kernel::Copy,
+            &EwParams {
+                len: len as u32,
+                a_off: src_off as u32,
+                out_off: dst_off as u32,
+                flags: if acc { flags::EW_ACC } else { 0 },
+            },
+            vec![src, dst],
+            Grid::Threads(len),
+        );
+    }
+
+    /// Per-channel sums of `a` (and of a·b) over [n, c, hw] into
+    /// `out[out_a..]` (and `out[out_b..]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn channel_sums(
+        &mut self,
+        a: usize,
+        b: Option<usize>,
+        n: usize,
+        c: usize,
+        hw: usize,
+        out: usize,
+        out_a: usize,
+        out_b: usize,
+        acc: bool,
+    ) {
+        let mut fl = if acc { flags::SUMS_ACC } else { 0 };
+        if b.is_some() {
+            fl |= flags::SUMS_HAS_B;
+        }
+        let d = self.dummy;
+        self.push(
+            Kernel::ChannelSums,
+            &ReduceParams {
+                n: n as u32,
+                c: c as u32,
+                hw: hw as u32,
+                out_a: out_a as u32,
+                out_b: out_b as u32,
+                flags: fl,
+                ..Default::default()
+            },
+            vec![a, b.unwrap_or(d), out],
+            Grid::Groups(c),
+        );
+    }
+
+    fn take(&mut self) -> Vec<Step> {
+        std::mem::take(&mut self.steps)
+    }
+}
+
+/// The two programs of one batch, as steps.
+pub struct BatchSteps {
+    pub forward_backward: Vec<Step>,
+    pub r_pass: Vec<Step>,
+}
+
+/// Plans one batch: `batch` indexes its slot in `losses`; `scale` is 1/N.
+pub fn plan_batch(
+    mut p: Plan,
+    ws: &Workspace,
+    canon: &[usize],
+    batch: usize,
+    losses: usize,
+    scale: f32,
+) -> BatchSteps {
+    let model = p.model;
+    let nodes = &model.nodes;
+    let last = canon[nodes.len()];
+    let lb = loss::LossBufs {
+        logits: ws.act[last],
+        dlogits: ws.dact[last],
+        labels: ws.labels,
+        probs: ws.probs,
+        sample_loss: ws.sample_loss,
+        adj: ws.adj[last],
+        radj: ws.radj[last],
+    };
+    let k = model.classes;
+
+    // Forward, loss, backward.
+    for (i, node) in nodes.iter().enumerate() {
+        let unit = layers::unit(&node.op);
+        if unit.is_alias() {
+            continue;
+        }
+        let io = node_bufs(&p, ws, canon, i, &[], false, &[]);
+        unit.plan_forward(&mut p, node, &io);
+    }
+    loss::plan_forward_backward(&mut p, &lb, k, scale, batch, losses);
+    backward(&mut p, ws, canon, false, &[]);
+    let forward_backward = p.take();
+
+    // R-forward (tracking which tangents are still zero: ẋ = 0 at the
+    // input), R-loss, R-backward.
+    let mut zero = vec![false; nodes.len() + 1];
+    zero[0] = true;
+    for (i, node) in nodes.iter().enumerate() {
+        let unit = layers::unit(&node.op);
+        let out = canon[i + 1];
+        if unit.is_alias() {
+            zero[out] = zero[canon[node.inputs[0]]];
+            continue;
+        }
+        let io = node_bufs(&p, ws, canon, i, &zero, false, &[]);
+        zero[out] = unit.plan_r_forward(&mut p, node, &io);
+    }
+    loss::plan_r_backward(&mut p, &lb, k, scale);
+    backward(&mut p, ws, canon, true, &zero);
+    let r_pass = p.take();
+    BatchSteps {
+        forward_backward,
+        r_pass,
+    }
+}
+
+/// The buffers of node `i`; `written` says which adjoints hold a value.
+fn node_bufs(
+    p: &Plan,
+    ws: &Workspace,
+    canon: &[usize],
+    i: usize,
+    zero: &[bool],
+    r: bool,
+    written: &[bool],
+) -> NodeBufs {
+    let node = &p.model.nodes[i];
+    let ins: Vec<usize> = node.inputs.iter().map(|&v| canon[v]).collect();
+    let out = canon[i + 1];
+    let adj = |v: usize| if r { ws.radj[v] } else { ws.adj[v] };
+    // An input read twice (a + a) is written by its first use.
+    let acc = ins
+        .iter()
+        .enumerate()
+        .map(|(j, &v)| written.get(v).copied().unwrap_or(false) || ins[..j].contains(&v))
+        .collect();
+    NodeBufs {
+        x: ins.iter().map(|&v| ws.act[v]).collect(),
+        dx: ins.iter().map(|&v| ws.dact[v]).collect(),
+        dx_zero: ins
+            .iter()
+            .map(|&v| zero.get(v).copied().unwrap_or(false))
+            .collect(),
+        y: ws.act[out],
+        dy: ws.dact[out],
+        gy: adj(out),
+        g: ws.adj[out],
+        gx: ins.iter().map(|&v| adj(v)).collect(),
+        acc,
+        needs_gx: ins.iter().map(|&v| v != 0).collect(),
+        state: ws.state[i].clone(),
+    }
+}
+
+/// Backward (`r = false`) or R-backward over the nodes in reverse.
+fn backward(p: &mut Plan, ws: &Workspace, canon: &[usize], r: bool, zero: &[bool]) {
+    let nodes = &p.model.nodes;
+    let mut written = vec![false; nodes.len() + 1];
+    written[canon[nodes.len()]] = true;
+    for (i, node) in nodes.iter().enumerate().rev() {
+        let unit = layers::unit(&node.op);
+        if unit.is_alias() {
+            continue;
+        }
+        let io = node_bufs(p, ws, canon, i, zero, r, &written);
+        unit.plan_backward(p, node, &io, r);
+        for (&v, &needs) in node.inputs.iter().zip(&io.needs_gx) {
+            if needs {
+                written[canon[v]] = true;
+            }
+        }
+    }
+}

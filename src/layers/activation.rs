@@ -1,0 +1,201 @@
+//! Elementwise activations y = f(x) (`model::Activation`): ReLU, LeakyReLU,
+//! Tanh, Sigmoid, GELU, SiLU.
+//!
+//! R-forward: ẏ = f'(x)·ẋ. Backward: gx = f'(x)·gy.
+//! R-backward: R(gx) = f'(x)·R(gy) + f''(x)·ẋ·gy — the second term is the
+//! curvature of the activation itself, zero for the piecewise-linear ones.
+//! f, f', f'' in float64: `crate::ops::activation`; kernels:
+//! shaders/activation.wgsl, specialised per activation by the `ACT`
+//! override constant (and `ACC` for accumulating adjoints).
+
+use super::{CpuCx, Layer, Saved};
+use crate::gpu::kernels::{ActParams, Consts, Kernel};
+use crate::gpu::plan::{NodeBufs, Plan};
+use crate::gpu::program::Grid;
+use crate::model::{Activation, Node, Op};
+use crate::ops::activation as act;
+
+pub struct ActivationUnit;
+
+fn of(node: &Node) -> Activation {
+    match node.op {
+        Op::Act(a) => a,
+        _ => unreachable!("activation unit on {}", node.kind()),
+    }
+}
+
+/// A ReLU input forced to the given mask (tests): x where the mask is set,
+/// 0 elsewhere, so that f'(x) follows the mask and not the f64 sign.
+fn masked(a: Activation, x: &[f64], mask: Option<&[bool]>) -> Option<Vec<f64>> {
+    match (a, mask) {
+        (Activation::Relu | Activation::LeakyRelu { .. }, Some(m)) => Some(
+            x.iter()
+                .zip(m)
+                .map(|(v, on)| match (*on, *v > 0.0) {
+                    (true, true) | (false, false) => *v,
+                    (true, false) => f64::MIN_POSITIVE,
+                    (false, true) => -0.0,
+                })
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// The input the passes differentiate at: x, or x moved to the side of
+/// the kink a forced mask says.
+struct ActSaved(Option<Vec<f64>>);
+
+fn at<'a>(s: &'a Saved, xs: &[&'a [f64]]) -> &'a [f64] {
+    match s.downcast_ref::<ActSaved>().and_then(|a| a.0.as_deref()) {
+        Some(x) => x,
+        None => xs[0],
+    }
+}
+
+impl Layer for ActivationUnit {
+    fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
+        let a = of(node);
+        let forced = masked(a, xs[0], cx.mask);
+        let y = act::forward(a, forced.as_deref().unwrap_or(xs[0]));
+        (y, Box::new(ActSaved(forced)))
+    }
+
+    fn r_forward(
+        &self,
+        _cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        dxs: &[&[f64]],
+        _v: &[f64],
+        saved: &mut Saved,
+    ) -> Vec<f64> {
+        act::r_forward(of(node), at(saved, xs), dxs[0])
+    }
+
+    fn backward(
+        &self,
+        _cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        saved: &Saved,
+        gy: &[f64],
+        _grad: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let x = at(saved, xs);
+        let mut gx = vec![0.0; x.len()];
+        act::backward_acc(of(node), x, gy, &mut gx);
+        vec![gx]
+    }
+
+    fn r_backward(
+        &self,
+        _cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        dxs: &[&[f64]],
+        saved: &Saved,
+        gy: &[f64],
+        rgy: &[f64],
+        _v: &[f64],
+        _hv: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let x = at(saved, xs);
+        let mut rgx = vec![0.0; x.len()];
+        act::r_backward_acc(of(node), x, dxs[0], gy, rgy, &mut rgx);
+        vec![rgx]
+    }
+
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        let len = p.n * node.out_shape.numel();
+        let a = of(node);
+        p.push_with(
+            Kernel::ActForward,
+            consts(a, None),
+            &act_params(a, len),
+            vec![io.x[0], io.y],
+            Grid::Threads(len),
+        );
+    }
+
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        if io.dx_zero[0] {
+            return true;
+        }
+        let len = p.n * node.out_shape.numel();
+        let a = of(node);
+        p.push_with(
+            Kernel::ActRForward,
+            consts(a, None),
+            &act_params(a, len),
+            vec![io.x[0], io.dx[0], io.dy],
+            Grid::Threads(len),
+        );
+        false
+    }
+
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
+        if !io.needs_gx[0] {
+            return;
+        }
+        let len = p.n * node.out_shape.numel();
+        let a = of(node);
+        let c = consts(a, Some(io.acc[0]));
+        // The f''(x)·ẋ·gy term exists only for curved activations and a
+        // non-zero ẋ; otherwise R(gx) = f'(x)·R(gy) is the plain backward.
+        if r && curved(a) && !io.dx_zero[0] {
+            p.push_with(
+                Kernel::ActRBackward,
+                c,
+                &act_params(a, len),
+                vec![io.x[0], io.dx[0], io.g, io.gy, io.gx[0]],
+                Grid::Threads(len),
+            );
+        } else {
+            p.push_with(
+                Kernel::ActBackward,
+                c,
+                &act_params(a, len),
+                vec![io.x[0], io.gy, io.gx[0]],
+                Grid::Threads(len),
+            );
+        }
+    }
+}
+
+/// Whether f'' is non-zero somewhere (off the kinks).
+pub fn curved(a: Activation) -> bool {
+    !matches!(a, Activation::Relu | Activation::LeakyRelu { .. })
+}
+
+/// The `ACT` override constant of shaders/activation.wgsl.
+pub fn act_code(a: Activation) -> u32 {
+    match a {
+        Activation::Relu => 0,
+        Activation::LeakyRelu { .. } => 1,
+        Activation::Tanh => 2,
+        Activation::Sigmoid => 3,
+        Activation::Gelu => 4,
+        Activation::Silu => 5,
+    }
+}
+
+/// The override constants of a pass: `acc` only where the kernel has it.
+pub fn consts(a: Activation, acc: Option<bool>) -> Consts {
+    match acc {
+        Some(acc) => Consts::new(&[("ACT", act_code(a)), ("ACC", acc as u32)]),
+        None => Consts::new(&[("ACT", act_code(a))]),
+    }
+}
+
+pub fn act_params(a: Activation, len: usize) -> ActParams {
+    let slope = match a {
+        Activation::LeakyRelu { slope } => slope as f32,
+        _ => 0.0,
+    };
+    ActParams {
+        len: len as u32,
+        slope,
+        ..Default::default()
+    }
+}

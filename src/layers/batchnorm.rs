@@ -1,0 +1,311 @@
+//! BatchNorm2d over [n, c, h·w], in batch mode (the batch's own statistics,
+//! which depend on x) or running mode (an affine map). The derivation of
+//! every pass is in `crate::ops::bn`; the kernels are shaders/bn.wgsl and
+//! the statistics rows of shaders/reduce.wgsl (`kernels::bn_rows`).
+
+use super::{saved, CpuCx, Layer, Saved, StateBuf, StateCx};
+use crate::gpu::kernels::{self, bn_rows, flags, BnParams, Kernel, ReduceParams};
+use crate::gpu::plan::{NodeBufs, Plan};
+use crate::gpu::program::Grid;
+use crate::model::{Node, Op};
+use crate::ops::bn::{self, EPS};
+
+pub struct BatchNormUnit;
+
+struct Bn {
+    gamma: usize,
+    beta: usize,
+    running_mean: usize,
+    running_var: usize,
+    c: usize,
+}
+
+fn of(node: &Node) -> Bn {
+    match node.op {
+        Op::BatchNorm {
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            c,
+        } => Bn {
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            c,
+        },
+        _ => unreachable!("batch-norm unit on {}", node.kind()),
+    }
+}
+
+fn geom(cx: &CpuCx, node: &Node) -> bn::BnGeom {
+    bn::BnGeom {
+        n: cx.n,
+        c: of(node).c,
+        hw: node.in_shape.spatial(),
+    }
+}
+
+/// The float64 forward's state; the R-forward adds x̂̇ and mean(x̂ẋ).
+struct BnSaved {
+    s: Vec<f64>,
+    xhat: Vec<f64>,
+    r: Option<(Vec<f64>, Vec<f64>)>,
+}
+
+fn add_into(dst: &mut [f64], src: &[f64]) {
+    dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+}
+
+impl Layer for BatchNormUnit {
+    fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
+        let b = of(node);
+        let g = geom(cx, node);
+        let (mean, s) = if cx.batch_mode {
+            bn::batch_stats(&g, xs[0])
+        } else {
+            bn::running_stats(&cx.buffers[b.running_mean], &cx.buffers[b.running_var])
+        };
+        let (xhat, y) = bn::forward(
+            &g,
+            xs[0],
+            &mean,
+            &s,
+            cx.param(cx.theta, b.gamma),
+            cx.param(cx.theta, b.beta),
+        );
+        (y, Box::new(BnSaved { s, xhat, r: None }))
+    }
+
+    fn r_forward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        dxs: &[&[f64]],
+        v: &[f64],
+        sv: &mut Saved,
+    ) -> Vec<f64> {
+        let b = of(node);
+        let g = geom(cx, node);
+        let st = sv
+            .downcast_mut::<BnSaved>()
+            .expect("batch-norm forward saved its state");
+        let (xhd, dy, mxx) = bn::r_forward(
+            &g,
+            cx.batch_mode,
+            dxs[0],
+            &st.xhat,
+            &st.s,
+            cx.param(cx.theta, b.gamma),
+            cx.param(v, b.gamma),
+            cx.param(v, b.beta),
+        );
+        st.r = Some((xhd, mxx));
+        dy
+    }
+
+    fn backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        sv: &Saved,
+        gy: &[f64],
+        grad: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let b = of(node);
+        let st: &BnSaved = saved(sv, node);
+        let gm = cx.param(cx.theta, b.gamma);
+        let (gx, dg, db) = bn::backward(&geom(cx, node), cx.batch_mode, gy, &st.xhat, &st.s, gm);
+        add_into(cx.param_mut(grad, b.gamma), &dg);
+        add_into(cx.param_mut(grad, b.beta), &db);
+        vec![gx]
+    }
+
+    fn r_backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        _dxs: &[&[f64]],
+        sv: &Saved,
+        gy: &[f64],
+        rgy: &[f64],
+        v: &[f64],
+        hv: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let b = of(node);
+        let st: &BnSaved = saved(sv, node);
+        let (xhd, mxx) = st.r.as_ref().expect("R-forward ran before R-backward");
+        let (rgx, rdg, rdb) = bn::r_backward(
+            &geom(cx, node),
+            cx.batch_mode,
+            gy,
+            rgy,
+            &st.xhat,
+            xhd,
+            &st.s,
+            mxx,
+            cx.param(cx.theta, b.gamma),
+            cx.param(v, b.gamma),
+        );
+        add_into(cx.param_mut(hv, b.gamma), &rdg);
+        add_into(cx.param_mut(hv, b.beta), &rdb);
+        vec![rgx]
+    }
+
+    /// x̂, R(x̂) and the statistics rows (running mode: mean and 1/√(var+ε)
+    /// written once).
+    fn gpu_state(&self, node: &Node, n: usize, cx: &StateCx) -> Vec<StateBuf> {
+        let b = of(node);
+        let len = n * node.in_shape.numel();
+        let init = (!cx.batch_mode).then(|| {
+            let (m, inv) = bn::running_stats(
+                &cx.buffers[b.running_mean],
+                &cx.buffers[b.running_var],
+            );
+            m.iter().chain(&inv).map(|&x| x as f32).collect()
+        });
+        vec![
+            StateBuf {
+                name: "x̂",
+                len,
+                init: None,
+            },
+            StateBuf {
+                name: "R(x̂)",
+                len,
+                init: None,
+            },
+            StateBuf {
+                name: "statistics",
+                len: bn_rows::COUNT * b.c,
+                init,
+            },
+        ]
+    }
+
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        let b = of(node);
+        let (xhat, stats) = (io.state[0], io.state[2]);
+        let hw = node.in_shape.spatial();
+        let bp = bn_params(p, b.c, hw, &b, 0);
+        let x = io.x[0];
+        if p.batch_mode {
+            p.push(Kernel::BnStats, &bp, vec![x, stats], Grid::Groups(b.c));
+        }
+        p.push(
+            Kernel::BnForward,
+            &bp,
+            vec![x, stats, p.theta, xhat, io.y],
+            Grid::Threads(kernels::bn_threads(p.n, b.c, hw)),
+        );
+    }
+
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        let b = of(node);
+        let (xhat, xhd, stats) = (io.state[0], io.state[1], io.state[2]);
+        let hw = node.in_shape.spatial();
+        // A zero ẋ is read as the zero buffer it is (see `NodeBufs::dx`).
+        let dx = io.dx[0];
+        if p.batch_mode {
+            p.channel_sums(
+                dx,
+                Some(xhat),
+                p.n,
+                b.c,
+                hw,
+                stats,
+                bn_rows::SUM_DX * b.c,
+                bn_rows::SUM_XHAT_DX * b.c,
+                false,
+            );
+        }
+        let bp = bn_params(p, b.c, hw, &b, 0);
+        p.push(
+            Kernel::BnRForward,
+            &bp,
+            vec![dx, xhat, stats, p.theta, p.v, xhd, io.dy],
+            Grid::Threads(kernels::bn_threads(p.n, b.c, hw)),
+        );
+        false
+    }
+
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
+        let b = of(node);
+        let (xhat, xhd, stats) = (io.state[0], io.state[1], io.state[2]);
+        let hw = node.in_shape.spatial();
+        let (goff, boff) = (p.param_off(b.gamma), p.param_off(b.beta));
+        let target = p.target(r);
+        let (gy, g) = (io.gy, io.g);
+        let c = b.c;
+        // The statistics rows the input gradient needs, with γ's and β's
+        // gradient (or Hv) added into `target`: Σgy and Σgy·x̂; the
+        // R-pass's ΣR(gy), ΣR(gy)·x̂ and Σgy·x̂̇.
+        let d = p.dummy;
+        let (rows, (c2, d2), pair2) = if r {
+            (
+                [bn_rows::SUM_RGY, bn_rows::SUM_RGY_XHAT, bn_rows::SUM_GY_XHD],
+                (g, xhd),
+                flags::SUMS_PAIR2,
+            )
+        } else {
+            ([bn_rows::SUM_GY, bn_rows::SUM_GY_XHAT, 0], (d, d), 0)
+        };
+        let sums = ReduceParams {
+            n: p.n as u32,
+            c: c as u32,
+            hw: hw as u32,
+            out_a: (rows[0] * c) as u32,
+            out_b: (rows[1] * c) as u32,
+            flags: pair2,
+            out_d: (rows[2] * c) as u32,
+            t_a: boff as u32,
+            t_b: goff as u32,
+            ..Default::default()
+        };
+        p.push(
+            Kernel::BnParamSums,
+            &sums,
+            vec![gy, xhat, stats, c2, d2, target],
+            Grid::Groups(c),
+        );
+        if !io.needs_gx[0] {
+            return;
+        }
+        let fl = if io.acc[0] { flags::BN_ACC } else { 0 };
+        let bp = bn_params(p, c, hw, &b, fl);
+        let grid = Grid::Threads(kernels::bn_threads(p.n, c, hw));
+        if r {
+            p.push(
+                Kernel::BnRBackward,
+                &bp,
+                vec![g, gy, xhat, xhd, stats, p.theta, p.v, io.gx[0]],
+                grid,
+            );
+        } else {
+            p.push(
+                Kernel::BnBackward,
+                &bp,
+                vec![gy, xhat, stats, p.theta, io.gx[0]],
+                grid,
+            );
+        }
+    }
+}
+
+fn bn_params(p: &Plan, c: usize, hw: usize, b: &Bn, fl: u32) -> BnParams {
+    let batch = if p.batch_mode { flags::BN_BATCH } else { 0 };
+    BnParams {
+        n: p.n as u32,
+        c: c as u32,
+        hw: hw as u32,
+        gamma_off: p.param_off(b.gamma) as u32,
+        beta_off: p.param_off(b.beta) as u32,
+        flags: fl | batch,
+        eps: EPS as f32,
+        _p0: 0,
+    }
+}

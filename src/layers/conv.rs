@@ -1,0 +1,412 @@
+//! Conv2d and Linear (a linear layer is a 1×1 convolution of a 1×1 image
+//! on the GPU): y = conv(x, W) + b.
+//!
+//! R-forward: ẏ = conv(ẋ, W) + conv(x, V) + v_b.
+//! Backward: gx = convᵀ(gy, W); gW = Σ gy ⊗ x; gb = Σ gy.
+//! R-backward: R(gx) = convᵀ(R(gy), W) + convᵀ(gy, V);
+//! (Hv)_W = Σ R(gy) ⊗ x + Σ gy ⊗ ẋ; (Hv)_b = Σ R(gy).
+//! Kernels: shaders/conv.wgsl (forward, backward data) and
+//! shaders/conv_weight.wgsl (weight gradient in two stages).
+
+use super::{unsupported, CpuCx, Layer, Saved};
+use crate::error::Result;
+use crate::gpu::kernels::{self, flags, ConvParams, Kernel};
+use crate::gpu::plan::{NodeBufs, Plan};
+use crate::gpu::program::Grid;
+use crate::model::{Node, Op};
+use crate::ops::{conv, linear};
+
+pub struct ConvUnit;
+
+/// The largest kernel size the GPU kernels are tested for.
+pub const MAX_K: usize = 11;
+
+/// (weight, bias) parameter indices of a conv or linear node.
+fn params_of(node: &Node) -> (usize, Option<usize>) {
+    match node.op {
+        Op::Conv { weight, bias, .. } | Op::Linear { weight, bias, .. } => (weight, bias),
+        _ => unreachable!("conv unit on {}", node.kind()),
+    }
+}
+
+/// The f64 geometry; a linear layer is a 1×1 conv of a 1×1 image.
+fn geom(node: &Node, n: usize) -> conv::ConvGeom {
+    let d = dims(node);
+    conv::ConvGeom {
+        n,
+        cin: d.cin,
+        h: d.h,
+        w: d.w,
+        cout: d.cout,
+        k: d.k,
+        stride: d.stride,
+        pad: d.pad,
+        oh: d.oh,
+        ow: d.ow,
+    }
+}
+
+/// Shape of a conv (or linear as a 1×1 conv).
+#[derive(Clone, Copy)]
+pub struct Dims {
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+pub fn dims(node: &Node) -> Dims {
+    match node.op {
+        Op::Conv {
+            cin,
+            cout,
+            k,
+            stride,
+            pad,
+            ..
+        } => Dims {
+            cin,
+            h: node.in_shape.h,
+            w: node.in_shape.w,
+            cout,
+            k,
+            stride,
+            pad,
+            oh: node.out_shape.h,
+            ow: node.out_shape.w,
+        },
+        Op::Linear { din, dout, .. } => Dims {
+            cin: din,
+            h: 1,
+            w: 1,
+            cout: dout,
+            k: 1,
+            stride: 1,
+            pad: 0,
+            oh: 1,
+            ow: 1,
+        },
+        _ => unreachable!("conv dims on {}", node.kind()),
+    }
+}
+
+/// y += conv(x, w) (linear layers by the dense f64 kernel).
+fn fwd_acc(node: &Node, n: usize, x: &[f64], w: &[f64], y: &mut [f64]) {
+    match node.op {
+        Op::Linear { din, dout, .. } => linear::forward_acc(n, din, dout, x, w, y),
+        _ => conv::forward_acc(&geom(node, n), x, w, y),
+    }
+}
+
+fn data_acc(node: &Node, n: usize, gy: &[f64], w: &[f64], gx: &mut [f64]) {
+    match node.op {
+        Op::Linear { din, dout, .. } => linear::backward_data_acc(n, din, dout, gy, w, gx),
+        _ => conv::backward_data_acc(&geom(node, n), gy, w, gx),
+    }
+}
+
+fn weight_acc(node: &Node, n: usize, gy: &[f64], x: &[f64], gw: &mut [f64]) {
+    match node.op {
+        Op::Linear { din, dout, .. } => linear::backward_weight_acc(n, din, dout, gy, x, gw),
+        _ => conv::backward_weight_acc(&geom(node, n), gy, x, gw),
+    }
+}
+
+fn bias_grad(cx: &CpuCx, node: &Node, bias: Option<usize>, gy: &[f64], out: &mut [f64]) {
+    if let Some(b) = bias {
+        let c = dims(node).cout;
+        let plane = node.out_shape.spatial();
+        conv::bias_grad_acc(cx.n, c, plane, gy, cx.param_mut(out, b));
+    }
+}
+
+impl Layer for ConvUnit {
+    fn check(&self, node: &Node) -> Result<()> {
+        let d = dims(node);
+        if d.k > MAX_K {
+            return Err(unsupported(
+                node,
+                format!("kernel size {} is above the supported {MAX_K}", d.k),
+            ));
+        }
+        if !(1..=4).contains(&d.stride) {
+            return Err(unsupported(
+                node,
+                format!("stride {} is outside the supported 1..=4", d.stride),
+            ));
+        }
+        if d.pad > d.k {
+            return Err(unsupported(
+                node,
+                format!(
+                    "padding {} is above the kernel size {} (supported: 0..=k)",
+                    d.pad, d.k
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
+        let (weight, bias) = params_of(node);
+        let mut y = vec![0.0; cx.n * node.out_shape.numel()];
+        fwd_acc(node, cx.n, xs[0], cx.param(cx.theta, weight), &mut y);
+        if let Some(b) = bias {
+            let c = dims(node).cout;
+            conv::bias_acc(
+                cx.n,
+                c,
+                node.out_shape.spatial(),
+                cx.param(cx.theta, b),
+                &mut y,
+            );
+        }
+        (y, Box::new(()))
+    }
+
+    fn r_forward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        dxs: &[&[f64]],
+        v: &[f64],
+        _saved: &mut Saved,
+    ) -> Vec<f64> {
+        let (weight, bias) = params_of(node);
+        let mut y = vec![0.0; cx.n * node.out_shape.numel()];
+        fwd_acc(node, cx.n, dxs[0], cx.param(cx.theta, weight), &mut y);
+        fwd_acc(node, cx.n, xs[0], cx.param(v, weight), &mut y);
+        if let Some(b) = bias {
+            let c = dims(node).cout;
+            conv::bias_acc(cx.n, c, node.out_shape.spatial(), cx.param(v, b), &mut y);
+        }
+        y
+    }
+
+    fn backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        _saved: &Saved,
+        gy: &[f64],
+        grad: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let (weight, bias) = params_of(node);
+        let mut gx = vec![0.0; cx.n * node.in_shape.numel()];
+        data_acc(node, cx.n, gy, cx.param(cx.theta, weight), &mut gx);
+        weight_acc(node, cx.n, gy, xs[0], cx.param_mut(grad, weight));
+        bias_grad(cx, node, bias, gy, grad);
+        vec![gx]
+    }
+
+    fn r_backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        dxs: &[&[f64]],
+        _saved: &Saved,
+        gy: &[f64],
+        rgy: &[f64],
+        v: &[f64],
+        hv: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let (weight, bias) = params_of(node);
+        let mut rgx = vec![0.0; cx.n * node.in_shape.numel()];
+        data_acc(node, cx.n, rgy, cx.param(cx.theta, weight), &mut rgx);
+        data_acc(node, cx.n, gy, cx.param(v, weight), &mut rgx);
+        let hw = cx.param_mut(hv, weight);
+        weight_acc(node, cx.n, rgy, xs[0], hw);
+        weight_acc(node, cx.n, gy, dxs[0], hw);
+        bias_grad(cx, node, bias, rgy, hv);
+        vec![rgx]
+    }
+
+    fn gpu_scratch(&self, node: &Node, n: usize) -> usize {
+        let (w, _, chunks) = weight_split(node, n);
+        w * chunks
+    }
+
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        let (weight, bias) = params_of(node);
+        let (fl, boff) = bias_flag(p, bias);
+        let pr = conv_params(node, p.n, p.param_off(weight), 0, fl, boff);
+        let (x, th) = (io.x[0], p.theta);
+        push_conv(
+            p,
+            Kernel::ConvForward,
+            &pr,
+            vec![x, th, x, th, io.y],
+            forward_grid(node, p.n),
+        );
+    }
+
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        let (weight, bias) = params_of(node);
+        let woff = p.param_off(weight);
+        let (bfl, boff) = bias_flag(p, bias);
+        let (x, dx) = (io.x[0], io.dx[0]);
+        // conv(ẋ, W) + conv(x, V) + v_bias; the first term drops while ẋ is zero.
+        let (pr, bufs) = if io.dx_zero[0] {
+            (
+                conv_params(node, p.n, woff, 0, bfl, boff),
+                vec![x, p.v, x, p.v, io.dy],
+            )
+        } else {
+            (
+                conv_params(node, p.n, woff, woff, bfl | flags::CONV_PAIR_B, boff),
+                vec![dx, p.theta, x, p.v, io.dy],
+            )
+        };
+        push_conv(p, Kernel::ConvForward, &pr, bufs, forward_grid(node, p.n));
+        false
+    }
+
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
+        let (weight, bias) = params_of(node);
+        let n = p.n;
+        let d = dims(node);
+        let woff = p.param_off(weight);
+        let (gy, g, x) = (io.gy, io.g, io.x[0]);
+        let target = p.target(r);
+        if io.needs_gx[0] {
+            let fl = if io.acc[0] { flags::CONV_ACC } else { 0 };
+            let (pr, bufs) = if r {
+                (
+                    conv_params(node, n, woff, woff, fl | flags::CONV_PAIR_B, 0),
+                    vec![gy, p.theta, g, p.v, io.gx[0]],
+                )
+            } else {
+                (
+                    conv_params(node, n, woff, 0, fl, 0),
+                    vec![gy, p.theta, gy, p.theta, io.gx[0]],
+                )
+            };
+            let grid = Grid::Threads(kernels::conv_backward_data_threads(
+                n, d.cin, d.h, d.w, d.stride,
+            ));
+            push_conv(p, Kernel::ConvBackwardData, &pr, bufs, grid);
+        }
+        // The weight block: Σ R(gy)·x + Σ gy·ẋ (ẋ may be zero).
+        let pair_b = r && !io.dx_zero[0];
+        let fl = if pair_b { flags::CONV_PAIR_B } else { 0 };
+        let (weights, per, chunks) = weight_split(node, n);
+        let mut pr = conv_params(node, n, woff, 0, fl, 0);
+        pr.rows_per_chunk = per as u32;
+        pr.chunks = chunks as u32;
+        let parts = p.partials;
+        let bufs = if pair_b {
+            vec![gy, x, g, io.dx[0], parts]
+        } else {
+            vec![gy, x, gy, x, parts]
+        };
+        let kernel = kernels::conv_weight_variant(d.k, d.stride, d.ow);
+        let groups = kernels::conv_weight_groups(d.cout, d.cin, d.k, chunks);
+        p.push(kernel, &pr, bufs, Grid::Groups(groups));
+        p.push(
+            Kernel::ConvWeightSum,
+            &pr,
+            vec![parts, target],
+            Grid::Threads(weights),
+        );
+        if let Some(b) = bias {
+            let boff = p.param_off(b);
+            let plane = node.out_shape.spatial();
+            p.channel_sums(gy, None, n, d.cout, plane, target, boff, 0, true);
+        }
+    }
+}
+
+/// The conv flag and offset of an optional bias parameter.
+fn bias_flag(p: &Plan, bias: Option<usize>) -> (u32, usize) {
+    match bias {
+        Some(b) => (flags::CONV_BIAS, p.param_off(b)),
+        None => (0, 0),
+    }
+}
+
+fn forward_grid(node: &Node, n: usize) -> Grid {
+    let d = dims(node);
+    Grid::Threads(kernels::conv_forward_threads(n, d.cout, d.oh, d.ow))
+}
+
+/// (weights, rows per chunk, chunks) of a layer's weight gradient.
+pub fn weight_split(node: &Node, n: usize) -> (usize, usize, usize) {
+    let d = dims(node);
+    let weights = d.cout * d.cin * d.k * d.k;
+    let (per, chunks) = kernels::conv_weight_chunks(n, d.oh, d.ow, weights);
+    (weights, per, chunks)
+}
+
+/// The kernels' parameters for a batch of `n`.
+fn conv_params(
+    node: &Node,
+    n: usize,
+    wa_off: usize,
+    wb_off: usize,
+    flags: u32,
+    bias_off: usize,
+) -> ConvParams {
+    let d = dims(node);
+    ConvParams {
+        n: n as u32,
+        cin: d.cin as u32,
+        h: d.h as u32,
+        w: d.w as u32,
+        cout: d.cout as u32,
+        k: d.k as u32,
+        stride: d.stride as u32,
+        pad: d.pad as u32,
+        oh: d.oh as u32,
+        ow: d.ow as u32,
+        wa_off: wa_off as u32,
+        wb_off: wb_off as u32,
+        flags,
+        bias_off: bias_off as u32,
+        rows_per_chunk: 0,
+        chunks: 0,
+    }
+}
+
+/// Pushes a conv forward or backward-data step, reading the layer's
+/// weights (and bias) through one uniform window of θ/v where they fit in
+/// it: the offsets in `pr` become relative to the window.
+fn push_conv(p: &mut Plan, kernel: Kernel, pr: &ConvParams, buffers: Vec<usize>, grid: Grid) {
+    let (k, s) = (pr.k as usize, pr.stride as usize);
+    let windowed = kernels::conv_variant(kernel, k, s, true);
+    let kernel = kernels::conv_variant(kernel, k, s, false);
+    let Some(align) = p.window_alignment else {
+        return p.push(kernel, pr, buffers, grid);
+    };
+    let weights = (pr.cin * pr.cout * pr.k * pr.k) as usize;
+    let (woff, boff) = (pr.wa_off as usize, pr.bias_off as usize);
+    let mut lo = woff;
+    let mut hi = woff + weights;
+    let bias = matches!(kernel, Kernel::ConvForward | Kernel::ConvForwardK3)
+        && pr.flags & flags::CONV_BIAS != 0;
+    if bias {
+        lo = lo.min(boff);
+        hi = hi.max(boff + pr.cout as usize);
+    }
+    let start = lo / align * align;
+    if hi - start > kernels::WINDOW_FLOATS {
+        return p.push(kernel, pr, buffers, grid);
+    }
+    let rel = |x: usize| (x - start) as u32;
+    let pr = ConvParams {
+        wa_off: rel(woff),
+        // The second pair's weights share the first's offset (θ and v have
+        // one layout); without a second pair they are read and zeroed.
+        wb_off: rel(woff),
+        bias_off: if bias { rel(boff) } else { 0 },
+        ..*pr
+    };
+    p.push_windowed(windowed, &pr, buffers, grid, start);
+}

@@ -1,0 +1,87 @@
+//! Mean softmax cross-entropy over the batch, its gradient and R-gradient:
+//! with p = softmax(z), ∂L/∂z = (p − onehot(y))·scale and
+//! R(∂L/∂z) = (p ⊙ ż − p·(pᵀż))·scale, scale = 1/N over the data set.
+//! f64: `crate::ops::loss`; kernels: shaders/loss.wgsl and the loss sum of
+//! shaders/reduce.wgsl.
+
+use crate::gpu::kernels::{Kernel, LossParams, ReduceParams};
+use crate::gpu::plan::Plan;
+use crate::gpu::program::Grid;
+use crate::ops::loss;
+
+/// The float64 loss of a batch: (batch loss · scale, ∂L/∂z, softmax).
+pub fn cpu_forward_backward(
+    n: usize,
+    k: usize,
+    z: &[f64],
+    y: &[u32],
+    scale: f64,
+) -> (f64, Vec<f64>, Vec<f64>) {
+    loss::forward_backward(n, k, z, y, scale)
+}
+
+/// The float64 R-gradient of the loss along ż.
+pub fn cpu_r_backward(n: usize, k: usize, p: &[f64], zdot: &[f64], scale: f64) -> Vec<f64> {
+    loss::r_backward(n, k, p, zdot, scale)
+}
+
+/// Buffers of the loss on the GPU.
+pub struct LossBufs {
+    pub logits: usize,
+    pub dlogits: usize,
+    pub labels: usize,
+    pub probs: usize,
+    pub sample_loss: usize,
+    pub adj: usize,
+    pub radj: usize,
+}
+
+/// Pushes the loss of one batch, its gradient into `b.adj`, and the batch
+/// loss into slot `batch` of `losses`.
+pub fn plan_forward_backward(
+    p: &mut Plan,
+    b: &LossBufs,
+    k: usize,
+    scale: f32,
+    batch: usize,
+    losses: usize,
+) {
+    let n = p.n;
+    p.push(
+        Kernel::XentForwardBackward,
+        &LossParams {
+            n: n as u32,
+            k: k as u32,
+            scale,
+            _p0: 0,
+        },
+        vec![b.logits, b.labels, b.probs, b.sample_loss, b.adj],
+        Grid::Threads(n),
+    );
+    p.push(
+        Kernel::SumAll,
+        &ReduceParams {
+            out_a: batch as u32,
+            len: n as u32,
+            ..Default::default()
+        },
+        vec![b.sample_loss, losses],
+        Grid::Groups(1),
+    );
+}
+
+/// Pushes R(∂L/∂z) into `b.radj`.
+pub fn plan_r_backward(p: &mut Plan, b: &LossBufs, k: usize, scale: f32) {
+    let n = p.n;
+    p.push(
+        Kernel::XentRBackward,
+        &LossParams {
+            n: n as u32,
+            k: k as u32,
+            scale,
+            _p0: 0,
+        },
+        vec![b.probs, b.dlogits, b.radj],
+        Grid::Threads(n),
+    );
+}

@@ -1,0 +1,200 @@
+//! Layer units: one op family, one place.
+//!
+//! Each unit holds its four passes twice over — as float64 reference
+//! arithmetic (the calls into `crate::ops`) and as a GPU plan (which WGSL
+//! kernels, on which buffers, with which parameters) — behind the one
+//! [`Layer`] trait. The two executors (`crate::cpu` and `crate::gpu`) are
+//! generic walkers over the lowered graph: they own values, tangents,
+//! adjoints and their accumulation, the zero tangent at the input and
+//! aliasing (flatten), and call the units for the mathematics.
+//!
+//! Passes (Pearlmutter's R-operator, forward over reverse):
+//! - forward: y = f(x; θ), keeping what later passes need;
+//! - R-forward: ẏ = ∂f/∂x·ẋ + ∂f/∂θ·v;
+//! - backward: gx = (∂f/∂x)ᵀ·gy, and ∂L/∂θ accumulated into the gradient;
+//! - R-backward: R(gx) = (∂f/∂x)ᵀ·R(gy) + R(∂f/∂x)ᵀ·gy, and the layer's
+//!   block of Hv accumulated.
+//!
+//! Adding an op: a unit here (its f64 passes, its GPU plan, its `check`),
+//! its kernels in `shaders/` registered in `crate::gpu::kernels`, an `Op`
+//! variant with its `.arch` keyword, and one line in [`unit`].
+
+pub mod activation;
+pub mod add;
+pub mod batchnorm;
+pub mod conv;
+pub mod flatten;
+pub mod loss;
+pub mod pool;
+
+use crate::error::{Error, Result};
+use crate::gpu::plan::{NodeBufs, Plan};
+use crate::model::{Model, Node, Op};
+use std::any::Any;
+
+/// What a unit's float64 forward keeps for the later passes of a batch.
+pub type Saved = Box<dyn Any + Send + Sync>;
+
+/// What a unit's float64 passes read besides their inputs.
+pub struct CpuCx<'a> {
+    pub model: &'a Model,
+    /// Samples in the batch.
+    pub n: usize,
+    pub theta: &'a [f64],
+    /// Non-trainable buffers (BN running statistics), by `Model::buffers` index.
+    pub buffers: &'a [Vec<f64>],
+    /// Batch norm by batch statistics (PyTorch train()) or running ones.
+    pub batch_mode: bool,
+    /// A ReLU mask to use instead of the sign of the f64 input (tests use
+    /// the GPU's masks to separate kernel error from kink flips).
+    pub mask: Option<&'a [bool]>,
+}
+
+impl CpuCx<'_> {
+    /// The slice of a parameter-shaped vector holding parameter `idx`.
+    pub fn param<'b>(&self, vec: &'b [f64], idx: usize) -> &'b [f64] {
+        let p = &self.model.params[idx];
+        &vec[p.offset..p.offset + p.numel()]
+    }
+    /// The mutable slice of a parameter-shaped vector holding parameter `idx`.
+    pub fn param_mut<'b>(&self, vec: &'b mut [f64], idx: usize) -> &'b mut [f64] {
+        let p = &self.model.params[idx];
+        &mut vec[p.offset..p.offset + p.numel()]
+    }
+}
+
+/// A buffer a unit keeps per batch workspace on the GPU.
+pub struct StateBuf {
+    /// Appended to the node's name in errors (`bn1 x̂`).
+    pub name: &'static str,
+    pub len: usize,
+    /// Written once when the buffer is allocated (BN running statistics).
+    pub init: Option<Vec<f32>>,
+}
+
+/// One op family's passes on both executors.
+pub trait Layer: Sync {
+    /// Refuses a node this unit cannot compute right, naming the layer and
+    /// the limit; every executor calls it when it is built.
+    fn check(&self, _node: &Node) -> Result<()> {
+        Ok(())
+    }
+    /// The output is the input's storage seen with another shape (flatten):
+    /// the executors alias it and run no pass for it.
+    fn is_alias(&self) -> bool {
+        false
+    }
+
+    // ---- float64 reference ----
+    fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved);
+    /// ẏ; may store what the R-backward needs in `saved`.
+    fn r_forward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        dxs: &[&[f64]],
+        v: &[f64],
+        saved: &mut Saved,
+    ) -> Vec<f64>;
+    /// gx for each input; ∂L/∂θ of the layer's parameters added into `grad`.
+    fn backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        saved: &Saved,
+        gy: &[f64],
+        grad: &mut [f64],
+    ) -> Vec<Vec<f64>>;
+    /// R(gx) for each input; the layer's block of Hv added into `hv`.
+    #[allow(clippy::too_many_arguments)]
+    fn r_backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        dxs: &[&[f64]],
+        saved: &Saved,
+        gy: &[f64],
+        rgy: &[f64],
+        v: &[f64],
+        hv: &mut [f64],
+    ) -> Vec<Vec<f64>>;
+
+    // ---- GPU plan ----
+    /// Buffers kept per workspace for a batch of up to `n` samples.
+    fn gpu_state(&self, _node: &Node, _n: usize, _cx: &StateCx) -> Vec<StateBuf> {
+        vec![]
+    }
+    /// Floats of shared scratch one pass needs (weight-gradient partials).
+    fn gpu_scratch(&self, _node: &Node, _n: usize) -> usize {
+        0
+    }
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs);
+    /// Pushes the R-forward; returns whether ẏ is identically zero (and
+    /// nothing was written), which lets later layers skip a term.
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool;
+    /// Backward (`r = false`) or R-backward (`r = true`): writes (or, where
+    /// `io.acc[i]`, adds into) the adjoint of each input with `io.needs_gx[i]`.
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool);
+}
+
+/// What `Layer::gpu_state` may read.
+pub struct StateCx<'a> {
+    pub model: &'a Model,
+    pub buffers: &'a [Vec<f64>],
+    pub batch_mode: bool,
+}
+
+/// The unit that computes an op: the registration table.
+pub fn unit(op: &Op) -> &'static dyn Layer {
+    match op {
+        Op::Conv { .. } | Op::Linear { .. } => &conv::ConvUnit,
+        Op::BatchNorm { .. } => &batchnorm::BatchNormUnit,
+        Op::Act(_) => &activation::ActivationUnit,
+        Op::MaxPool { .. } => &pool::MaxPoolUnit,
+        Op::AvgPool { .. } => &pool::AvgPoolUnit,
+        Op::GlobalAvgPool => &pool::GlobalAvgPoolUnit,
+        Op::Flatten => &flatten::FlattenUnit,
+        Op::Add => &add::AddUnit,
+    }
+}
+
+/// Checks every node of a model against its unit's envelope.
+pub fn check_model(model: &Model) -> Result<()> {
+    model.nodes.iter().try_for_each(|n| unit(&n.op).check(n))
+}
+
+/// The saved state of a unit, downcast; a mismatch is an internal error.
+pub fn saved<'a, T: 'static>(s: &'a Saved, node: &Node) -> &'a T {
+    s.downcast_ref::<T>().unwrap_or_else(|| {
+        panic!(
+            "internal: layer `{}` ({}) saved another state",
+            node.name,
+            node.kind()
+        )
+    })
+}
+
+/// The layer's name for errors: its module name, or its kind.
+pub fn layer_name(node: &Node) -> String {
+    if node.name.is_empty() {
+        node.kind().to_string()
+    } else {
+        node.name.clone()
+    }
+}
+
+/// An `Unsupported` error for a node.
+pub fn unsupported(node: &Node, msg: impl Into<String>) -> Error {
+    Error::Unsupported {
+        layer: layer_name(node),
+        msg: msg.into(),
+    }
+}
+
+/// Element-wise a + b.
+pub(crate) fn add_vecs(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(p, q)| p + q).collect()
+}
