@@ -366,3 +366,178 @@ fn vectors_round_trip_with_parameter_names() {
         v
     );
 }
+
+#[test]
+fn non_float_weights_and_non_integer_labels_are_refused_naming_the_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load("mlp-tiny").unwrap();
+    let w = Weights::init(&model, 0);
+    let path = dir.path().join("w.safetensors");
+    for dtype in [Dtype::I64, Dtype::I32] {
+        let mut t = state_dict(&model, &w, Dtype::F32);
+        t[2].3 = dtype;
+        t[2].2.iter_mut().for_each(|v| *v = 0.0);
+        write(&path, &t);
+        let e = err_of(Weights::load(&model, &path));
+        assert!(
+            e.contains("fc2.weight") && e.contains(&format!("{dtype}")) && e.contains("floating"),
+            "{e}"
+        );
+    }
+    // Names are checked before dtypes and shapes: an unexpected tensor is
+    // reported even when another one has a wrong dtype.
+    let mut t = state_dict(&model, &w, Dtype::F32);
+    t[0].3 = Dtype::I64;
+    t.push(("extra".into(), vec![1], vec![0.0], Dtype::F32));
+    write(&path, &t);
+    let e = err_of(Weights::load(&model, &path));
+    assert!(e.contains("extra") && e.contains("unexpected"), "{e}");
+
+    let x: Vec<f64> = vec![0.5; 2 * 36];
+    for (xd, yd, needle) in [
+        (Dtype::F32, Dtype::F32, "`y` has dtype F32"),
+        (Dtype::F32, Dtype::F64, "`y` has dtype F64"),
+        (Dtype::I64, Dtype::I64, "`x` has dtype I64"),
+        (Dtype::I32, Dtype::I64, "`x` has dtype I32"),
+    ] {
+        write(
+            &path,
+            &[
+                ("x".into(), vec![2, 1, 6, 6], x.clone(), xd),
+                ("y".into(), vec![2], vec![1.0, 2.0], yd),
+            ],
+        );
+        let e = Dataset::load(&path).unwrap_err().to_string();
+        assert!(e.contains(needle) && e.contains("w.safetensors"), "{e}");
+    }
+}
+
+#[test]
+fn synthetic_data_round_trips_with_integer_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load("mlp-tiny").unwrap();
+    let d = data::try_synthetic(model.input, model.classes, 12, 3).unwrap();
+    let path = dir.path().join("d.safetensors");
+    d.save(&path).unwrap();
+    let t = tensorio::read(&path).unwrap();
+    assert_eq!(t["y"].dtype, Dtype::I64, "labels are written as int64");
+    let back = Dataset::load(&path).unwrap();
+    assert_eq!(back.y, d.y);
+    assert_eq!(back.x, d.x);
+    let first = Dataset::load_first(&path, Some(5)).unwrap();
+    assert_eq!(first.y, d.y[..5]);
+    assert_eq!(first.x, d.x[..5 * 36]);
+}
+
+#[test]
+fn sample_counts_are_checked_against_the_source_and_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load("mlp-tiny").unwrap();
+    let d = data::try_synthetic(model.input, model.classes, 6, 0).unwrap();
+    let path = dir.path().join("d.safetensors");
+    d.save(&path).unwrap();
+    let invalid = |e: hesscope::Error| match e {
+        hesscope::Error::Invalid { what, msg } => format!("{what}: {msg}"),
+        other => panic!("expected Error::Invalid, got {other}"),
+    };
+    let e = invalid(Dataset::load_first(&path, Some(7)).unwrap_err());
+    assert!(
+        e.starts_with("samples: 7 is more than the 6 samples"),
+        "{e}"
+    );
+    let e = invalid(Dataset::load_first(&path, Some(0)).unwrap_err());
+    assert!(e.contains("at least 1"), "{e}");
+    let mut d2 = d.clone();
+    let e = invalid(d2.take_first(9).unwrap_err());
+    assert!(e.contains("9 is more than the 6 samples"), "{e}");
+    d2.take_first(2).unwrap();
+    assert_eq!(d2.len(), 2);
+    let e = invalid(data::try_synthetic(model.input, 4, 1_000_000_000, 0).unwrap_err());
+    assert!(
+        e.contains("1000000000") && e.contains(&data::MAX_DATA_ELEMENTS.to_string()),
+        "{e}"
+    );
+}
+
+fn arch_err(text: &str) -> String {
+    match hesscope::model::arch::parse("t.arch", text) {
+        Ok(_) => panic!("expected an error for:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn the_parser_refuses_what_pytorch_refuses() {
+    let head = "model m\ninput 3 8 8\nclasses 4\n";
+    let tail = "gap\nlinear fc 4\n";
+    let with = |mid: &str| format!("{head}{mid}\n{tail}");
+    for (mid, needle) in [
+        ("conv c 4 k=3 k=5", "option `k` is given twice"),
+        ("conv c 4 k=3 padding=1", "unknown option `padding`"),
+        ("maxpool k=2 pad=2", "pad should be at most half"),
+        ("avgpool k=3 pad=2", "pad should be at most half"),
+        ("conv c 4 k=3 pad=100000", "above the limit of 268435456"),
+        ("conv c 4 k=4294967297", "larger than the padded input"),
+        ("conv c 99999999999 k=1", "above the limit"),
+        ("conv c 4 k=9", "larger than the padded input"),
+        ("leaky_relu slope=nan", "finite"),
+        ("tanh a b", "usage: tanh [NAME]"),
+        ("gelu x=1", "gelu takes no options"),
+    ] {
+        let e = arch_err(&with(mid));
+        assert!(
+            e.contains("t.arch, line 4") && e.contains(needle),
+            "{mid}: {e}"
+        );
+    }
+    for (text, needle) in [
+        (format!("{head}flatten\nconv c 4 k=1\n{tail}"), "Conv2d"),
+        (format!("{head}gap\nbn b\nlinear fc 4\n"), "BatchNorm2d"),
+        (
+            format!("{head}flatten\nmaxpool k=1\nlinear fc 4\n"),
+            "MaxPool2d",
+        ),
+        (
+            format!("{head}flatten\navgpool k=1\nlinear fc 4\n"),
+            "AvgPool2d",
+        ),
+        (format!("{head}flatten\nlinear fc 4\nbn b\n"), "BatchNorm2d"),
+        (
+            "model m\ninput 3 100000 100000\nclasses 4\n".into(),
+            "268435456",
+        ),
+        (
+            "model m\ninput 4 1 1\nclasses 4\nflatten\n".into(),
+            "no trainable parameters",
+        ),
+        ("model m\ninput 4 1 1\nclasses 4\n".into(), "flat logits"),
+    ] {
+        let e = arch_err(&text);
+        assert!(e.contains("t.arch") && e.contains(needle), "{text}: {e}");
+    }
+    // Activations keep flatness: these are fine.
+    let ok = format!("{head}silu\nflatten\nsigmoid\nlinear fc 8\nleaky_relu\ntanh\nlinear out 4\n");
+    let m = hesscope::model::arch::parse("t.arch", &ok).unwrap();
+    assert_eq!(
+        m.nodes.last().unwrap().out_shape,
+        hesscope::model::Shape::new(4, 1, 1)
+    );
+    assert!(m.nodes.iter().any(|n| n.op
+        == hesscope::model::Op::Act(hesscope::model::Activation::LeakyRelu { slope: 0.01 })));
+}
+
+#[test]
+fn error_text_escapes_terminal_control_characters() {
+    use hesscope::error::escape;
+    assert_eq!(escape("layer1.conv"), "layer1.conv");
+    assert_eq!(escape("a\u{1b}[31mb"), "a\\u{1b}[31mb");
+    assert_eq!(escape("x\ny\u{7}"), "x\\ny\\u{7}");
+    assert_eq!(escape("rtl\u{202e}"), "rtl\\u{202e}");
+    let e = hesscope::Error::Tensor {
+        file: "w\u{1b}.safetensors".into(),
+        name: "\u{1b}]0;title\u{7}".into(),
+        msg: "unexpected".into(),
+    }
+    .to_string();
+    assert!(!e.contains('\u{1b}') && !e.contains('\u{7}'), "{e}");
+}

@@ -84,10 +84,10 @@ pub struct Inputs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Use the first N samples (default: all; synthetic: 256).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub samples: Option<usize>,
     /// Batch size; the loss is the sample-weighted mean over batches.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, allow_hyphen_values = true)]
     pub batch: usize,
     /// Batch-norm statistics.
     #[arg(long, value_enum, default_value_t = BnArg::Batch)]
@@ -96,10 +96,10 @@ pub struct Inputs {
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
     /// Which adapter of the backend (see `hesscope devices`).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub adapter: usize,
     /// Seed of every random choice.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub seed: u64,
     /// Print one JSON object on stdout instead of prose.
     #[arg(long, help_heading = "Output")]

@@ -43,23 +43,23 @@ pub enum Command {
     },
     /// Loss and gradient.
     Grad {
+        /// Write the gradient as safetensors with the parameter names.
+        #[arg(long, help_heading = "Output")]
+        out: Option<PathBuf>,
         #[command(flatten)]
         inputs: Inputs,
-        /// Write the gradient as safetensors with the parameter names.
-        #[arg(long)]
-        out: Option<PathBuf>,
     },
     /// Hessian-vector product Hv for a direction v.
     Hvp {
-        #[command(flatten)]
-        inputs: Inputs,
         /// The direction, as safetensors with the trainable tensors' names
         /// (default: a random unit Gaussian direction from --seed).
         #[arg(long)]
         vector: Option<PathBuf>,
         /// Write Hv as safetensors with the parameter names.
-        #[arg(long)]
+        #[arg(long, help_heading = "Output")]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        inputs: Inputs,
     },
     /// Stochastic Lanczos quadrature: the Hessian eigenvalue density.
     Density(spectral_cmds::DensityArgs),
@@ -74,30 +74,30 @@ pub enum Command {
     /// Kernel throughput at the model's layer shapes and end-to-end
     /// gradient / HVP times on the chosen backend.
     Bench {
-        #[command(flatten)]
-        inputs: Inputs,
         /// Timed repetitions per measurement (the median is reported).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, allow_hyphen_values = true)]
         reps: usize,
         /// Skip the per-kernel table.
         #[arg(long)]
         no_kernels: bool,
+        #[command(flatten)]
+        inputs: Inputs,
     },
     /// Write the model's deterministic initial weights (a PyTorch state_dict).
     Init {
+        /// The safetensors file to write.
+        #[arg(long, help_heading = "Output")]
+        out: PathBuf,
         #[command(flatten)]
         inputs: Inputs,
-        /// The safetensors file to write.
-        #[arg(long)]
-        out: PathBuf,
     },
     /// Write the built-in synthetic data set as safetensors `x`/`y`.
     Synth {
+        /// The safetensors file to write (`x` f64 [N, C, H, W], `y` i64 [N]).
+        #[arg(long, help_heading = "Output")]
+        out: PathBuf,
         #[command(flatten)]
         inputs: Inputs,
-        /// The safetensors file to write (`x` f64 [N, C, H, W], `y` i64 [N]).
-        #[arg(long)]
-        out: PathBuf,
     },
 }
 

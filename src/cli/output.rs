@@ -3,7 +3,7 @@
 //! into [`BrokenPipe`] (the command then ends quietly, as `head` expects)
 //! and any other failure (a full disk) into an error naming stdout.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use hesscope::report::Exporter;
 use serde::Serialize;
 use serde_json::Value;
@@ -77,7 +77,9 @@ pub fn emit<T: Serialize>(json: bool, report: &T) -> Result<()> {
 /// otherwise), and write it to `out` as indented JSON when given.
 pub fn export<T: Serialize>(json: bool, out: Option<&std::path::Path>, report: &T) -> Result<()> {
     if let Some(p) = out {
-        Exporter::JsonPretty.write(p, report)?;
+        Exporter::JsonPretty
+            .write(p, report)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     if json {
         line(Exporter::JsonLine.render(report)?)?;

@@ -87,10 +87,10 @@ pub struct BlockArgs {
 pub struct SmoothingArgs {
     /// Gaussian kernel standard deviation in eigenvalue units (default:
     /// sigma² = 1e-5·max(1, λmax − λmin), as in Ghorbani et al.).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub sigma: Option<f64>,
     /// Grid points of the density (default 10000; `layers`: 2000).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub grid: Option<usize>,
 }
 
@@ -111,7 +111,7 @@ impl SmoothingArgs {
         }
         if let Some(g) = self.grid {
             if !(2..=MAX_GRID).contains(&g) {
-                bail!("invalid --grid: {g} points; between 2 and {MAX_GRID}");
+                bail!("invalid --grid: {g}; a density needs between 2 and {MAX_GRID} grid points");
             }
         }
         Ok(())
@@ -125,7 +125,7 @@ impl SmoothingArgs {
         let (a, b) = (grid[0], grid[grid.len() - 1]);
         if !(a.is_finite() && b.is_finite() && a < b) {
             bail!(
-                "invalid --sigma: {sigma} over the spectrum [{lo:e}, {hi:e}] gives no finite grid \
+                "invalid --sigma: {sigma:e} over the spectrum [{lo:e}, {hi:e}] gives no finite grid \
                  ([{a:e}, {b:e}]); choose a smaller --sigma"
             );
         }
@@ -172,14 +172,12 @@ impl SmoothingArgs {
 #[derive(Args, Debug, Clone)]
 pub struct DensityArgs {
     #[command(flatten)]
-    pub inputs: Inputs,
-    #[command(flatten)]
     pub block: BlockArgs,
     /// Lanczos steps per run.
-    #[arg(long, default_value_t = slq::DEFAULT_STEPS)]
+    #[arg(long, default_value_t = slq::DEFAULT_STEPS, allow_hyphen_values = true)]
     pub steps: usize,
     /// Independent runs (Gaussian start vectors).
-    #[arg(long, default_value_t = slq::DEFAULT_RUNS)]
+    #[arg(long, default_value_t = slq::DEFAULT_RUNS, allow_hyphen_values = true)]
     pub runs: usize,
     #[command(flatten)]
     pub smoothing: SmoothingArgs,
@@ -189,6 +187,8 @@ pub struct DensityArgs {
     /// SVG of the density on a log-scale y axis.
     #[arg(long, help_heading = "Output")]
     pub plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub inputs: Inputs,
 }
 
 /// The layer's parameter range, or everything.
@@ -357,20 +357,18 @@ impl From<WhichArg> for Which {
 #[derive(Args, Debug, Clone)]
 pub struct EigsArgs {
     #[command(flatten)]
-    pub inputs: Inputs,
-    #[command(flatten)]
     pub block: BlockArgs,
     /// How many eigenvalues.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, allow_hyphen_values = true)]
     pub top: usize,
     /// Which end of the spectrum.
     #[arg(long, value_enum, default_value_t = WhichArg::Largest)]
     pub which: WhichArg,
     /// Step budget of the Lanczos process.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 400, allow_hyphen_values = true)]
     pub steps: usize,
     /// Residual tolerance relative to |λmax|, in (0, 1).
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, default_value_t = 1e-6, allow_hyphen_values = true)]
     pub tol: f64,
     /// Write the report as JSON (eigenvalues, residuals, gradient fractions, settings).
     #[arg(long, help_heading = "Output")]
@@ -378,10 +376,12 @@ pub struct EigsArgs {
     /// Ritz vectors as safetensors: each parameter tensor with a leading K axis.
     #[arg(long, help_heading = "Output")]
     pub vectors: Option<PathBuf>,
+    #[command(flatten)]
+    pub inputs: Inputs,
 }
 
 pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
-    check_count("--top", a.top, MAX_STEPS)?;
+    check_count("--top", a.top, usize::MAX)?;
     check_count("--steps", a.steps, MAX_STEPS)?;
     if !(a.tol.is_finite() && a.tol > 0.0 && a.tol < 1.0) {
         bail!("invalid --tol: {}; a relative tolerance in (0, 1)", a.tol);
@@ -482,11 +482,9 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
 #[derive(Args, Debug, Clone)]
 pub struct TraceArgs {
     #[command(flatten)]
-    pub inputs: Inputs,
-    #[command(flatten)]
     pub block: BlockArgs,
     /// Hutchinson probes (and Hutch++'s budget of products).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, allow_hyphen_values = true)]
     pub probes: usize,
     /// Per layer (module), each with its own estimates.
     #[arg(long, conflicts_with = "layer")]
@@ -494,6 +492,8 @@ pub struct TraceArgs {
     /// Write the report as JSON (estimates with standard errors per block, settings).
     #[arg(long, help_heading = "Output")]
     pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub inputs: Inputs,
 }
 
 fn trace_of(op: &mut dyn SymOperator, probes: usize, seed: u64) -> Result<TraceEstimates> {
@@ -568,12 +568,10 @@ pub fn trace_cmd(a: TraceArgs) -> Result<()> {
 #[derive(Args, Debug, Clone)]
 pub struct ExactArgs {
     #[command(flatten)]
-    pub inputs: Inputs,
-    #[command(flatten)]
     pub block: BlockArgs,
     /// Largest model (or block) accepted: n Hessian-vector products and an
     /// n×n float64 matrix.
-    #[arg(long, default_value_t = EXACT_MAX_PARAMS)]
+    #[arg(long, default_value_t = EXACT_MAX_PARAMS, allow_hyphen_values = true)]
     pub max_params: usize,
     #[command(flatten)]
     pub smoothing: SmoothingArgs,
@@ -583,6 +581,8 @@ pub struct ExactArgs {
     /// SVG of the density with the eigenvalues marked.
     #[arg(long, help_heading = "Output")]
     pub plot: Option<PathBuf>,
+    #[command(flatten)]
+    pub inputs: Inputs,
 }
 
 pub fn exact_cmd(mut a: ExactArgs) -> Result<()> {
@@ -680,19 +680,19 @@ pub fn exact_cmd(mut a: ExactArgs) -> Result<()> {
 
 #[derive(Args, Debug, Clone)]
 pub struct LayersArgs {
-    #[command(flatten)]
-    pub inputs: Inputs,
     /// Lanczos steps per layer run.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, allow_hyphen_values = true)]
     pub steps: usize,
     /// SLQ runs per layer (and for the full Hessian).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_hyphen_values = true)]
     pub runs: usize,
     #[command(flatten)]
     pub smoothing: SmoothingArgs,
     /// Write the report as JSON (per module: λmax, λmin, trace, similarity; settings).
     #[arg(long, help_heading = "Output")]
     pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub inputs: Inputs,
 }
 
 /// Per module: λmax and trace from SLQ on its diagonal block, and the

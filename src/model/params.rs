@@ -125,7 +125,7 @@ fn check_layout(
             return Err(tensor_err(
                 name,
                 format!(
-                    "has dtype {dtype}; weights must be floating point (F64, F32, F16 or BF16)"
+                    "has dtype {dtype}; parameter tensors must be floating point (F64, F32, F16 or BF16)"
                 ),
             ));
         }
