@@ -72,13 +72,23 @@ fn first_and_second_derivatives_match_finite_differences() {
             let (r1, r2) = (df(a, x) - d1, d2f(a, x) - d2);
             let r3 = d2f(a, x) - d2b;
             assert!(r1.abs() <= tol(d1), "{a:?} f'({x}) = {} vs {d1}", df(a, x));
-            assert!(r2.abs() <= tol(d2), "{a:?} f''({x}) = {} vs {d2}", d2f(a, x));
-            assert!(r3.abs() <= tol(d2b), "{a:?} f''({x}) = {} vs {d2b} (from f')", d2f(a, x));
+            assert!(
+                r2.abs() <= tol(d2),
+                "{a:?} f''({x}) = {} vs {d2}",
+                d2f(a, x)
+            );
+            assert!(
+                r3.abs() <= tol(d2b),
+                "{a:?} f''({x}) = {} vs {d2b} (from f')",
+                d2f(a, x)
+            );
             e1 = e1.max(r1.abs());
             e2 = e2.max(r2.abs());
             e3 = e3.max(r3.abs());
         }
-        worst.push(format!("{a:?}: |f' - fd| {e1:.1e}, |f'' - fd| {e2:.1e}, |f'' - fd(f')| {e3:.1e}"));
+        worst.push(format!(
+            "{a:?}: |f' - fd| {e1:.1e}, |f'' - fd| {e2:.1e}, |f'' - fd(f')| {e3:.1e}"
+        ));
     }
     eprintln!("{}", worst.join("\n"));
 }
@@ -90,9 +100,18 @@ fn first_and_second_derivatives_match_finite_differences() {
 #[test]
 fn derivatives_keep_relative_accuracy_in_the_lower_tails() {
     let tails: [(Activation, &[f64]); 3] = [
-        (Activation::Sigmoid, &[-15.0, -20.0, -30.0, -50.0, -100.0, -300.0, -700.0]),
-        (Activation::Silu, &[-15.0, -20.0, -30.0, -50.0, -100.0, -300.0, -700.0]),
-        (Activation::Gelu, &[-6.0, -8.0, -10.0, -15.0, -20.0, -30.0, -37.0]),
+        (
+            Activation::Sigmoid,
+            &[-15.0, -20.0, -30.0, -50.0, -100.0, -300.0, -700.0],
+        ),
+        (
+            Activation::Silu,
+            &[-15.0, -20.0, -30.0, -50.0, -100.0, -300.0, -700.0],
+        ),
+        (
+            Activation::Gelu,
+            &[-6.0, -8.0, -10.0, -15.0, -20.0, -30.0, -37.0],
+        ),
     ];
     for (a, xs) in tails {
         for &x in xs {
@@ -104,18 +123,38 @@ fn derivatives_keep_relative_accuracy_in_the_lower_tails() {
             let r1 = (df(a, x) - d1).abs() / d1.abs();
             let r2 = (d2f(a, x) - d2).abs() / d2.abs();
             assert!(d1 != 0.0 && d1.is_finite(), "{a:?} at {x}: fd {d1}");
-            assert!(r1 < 1e-6, "{a:?} f'({x}) = {:e} vs {d1:e} ({r1:.1e})", df(a, x));
-            assert!(r2 < 1e-5, "{a:?} f''({x}) = {:e} vs {d2:e} ({r2:.1e})", d2f(a, x));
+            assert!(
+                r1 < 1e-6,
+                "{a:?} f'({x}) = {:e} vs {d1:e} ({r1:.1e})",
+                df(a, x)
+            );
+            assert!(
+                r2 < 1e-5,
+                "{a:?} f''({x}) = {:e} vs {d2:e} ({r2:.1e})",
+                d2f(a, x)
+            );
         }
     }
     // tanh(x) = 2σ(2x) − 1, so tanh'(x) = 4σ'(2x) and tanh''(x) = 8σ''(2x):
     // the upper tails of tanh (where 1 − tanh² would cancel to 0) follow
     // from the sigmoid's, which are checked above.
     for x in [-350.0, -40.0, -12.0, -3.0, 0.5, 7.0, 15.0, 25.0, 200.0] {
-        let (t1, s1) = (df(Activation::Tanh, x), 4.0 * df(Activation::Sigmoid, 2.0 * x));
-        let (t2, s2) = (d2f(Activation::Tanh, x), 8.0 * d2f(Activation::Sigmoid, 2.0 * x));
-        assert!((t1 - s1).abs() <= 1e-14 * s1.abs() && t1 > 0.0, "tanh'({x}) {t1:e} vs {s1:e}");
-        assert!((t2 - s2).abs() <= 1e-14 * s2.abs(), "tanh''({x}) {t2:e} vs {s2:e}");
+        let (t1, s1) = (
+            df(Activation::Tanh, x),
+            4.0 * df(Activation::Sigmoid, 2.0 * x),
+        );
+        let (t2, s2) = (
+            d2f(Activation::Tanh, x),
+            8.0 * d2f(Activation::Sigmoid, 2.0 * x),
+        );
+        assert!(
+            (t1 - s1).abs() <= 1e-14 * s1.abs() && t1 > 0.0,
+            "tanh'({x}) {t1:e} vs {s1:e}"
+        );
+        assert!(
+            (t2 - s2).abs() <= 1e-14 * s2.abs(),
+            "tanh''({x}) {t2:e} vs {s2:e}"
+        );
     }
 }
 
@@ -201,7 +240,10 @@ fn erf_and_the_normal_cdf_match_tabulated_values() {
         assert!((got - e).abs() <= 2e-16, "erf({x}) = {got} vs {e}");
         assert!((libm::erf(-x) + e).abs() <= 2e-16);
     }
-    let erfc = [(5.0, 1.537_459_794_428_034_8e-12), (10.0, 2.088_487_583_762_544_8e-45)];
+    let erfc = [
+        (5.0, 1.537_459_794_428_034_8e-12),
+        (10.0, 2.088_487_583_762_545e-45),
+    ];
     for (x, e) in erfc {
         let got = libm::erfc(x);
         assert!((got - e).abs() <= 1e-14 * e, "erfc({x}) = {got:e} vs {e:e}");
@@ -220,7 +262,10 @@ fn erf_and_the_normal_cdf_match_tabulated_values() {
         assert!((got - p).abs() <= 1e-14 * p, "Φ({x}) = {got:e} vs {p:e}");
         // GELU is x·Φ(x).
         let g = f(Activation::Gelu, x);
-        assert!((g - x * p).abs() <= 1e-14 * (x * p).abs(), "gelu({x}) = {g:e}");
+        assert!(
+            (g - x * p).abs() <= 1e-14 * (x * p).abs(),
+            "gelu({x}) = {g:e}"
+        );
     }
 }
 
@@ -232,7 +277,13 @@ fn slice_passes_agree_with_the_scalar_forms() {
         (0..n).map(|_| r.random::<f64>() * 16.0 - 8.0).collect()
     };
     for a in all() {
-        let (x, dx, gy, rgy, base) = (rnd(&mut r), rnd(&mut r), rnd(&mut r), rnd(&mut r), rnd(&mut r));
+        let (x, dx, gy, rgy, base) = (
+            rnd(&mut r),
+            rnd(&mut r),
+            rnd(&mut r),
+            rnd(&mut r),
+            rnd(&mut r),
+        );
         let y = act::forward(a, &x);
         let dy = act::r_forward(a, &x, &dx);
         let mut gx = base.clone();
@@ -279,7 +330,11 @@ fn r_backward_is_the_derivative_of_backward() {
         let (p, m) = (back(h), back(-h));
         for i in 0..n {
             let fd = (p[i] - m[i]) / (2.0 * h);
-            assert!((fd - rgx[i]).abs() <= 1e-6 * (1.0 + fd.abs()), "{a:?}: {} vs {fd}", rgx[i]);
+            assert!(
+                (fd - rgx[i]).abs() <= 1e-6 * (1.0 + fd.abs()),
+                "{a:?}: {} vs {fd}",
+                rgx[i]
+            );
         }
     }
 }
@@ -296,16 +351,24 @@ fn avgpool_backward_is_the_transpose_of_forward() {
         if h + 2 * pad < k || w + 2 * pad < k {
             continue;
         }
-        let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
+        let (oh, ow) = (
+            (h + 2 * pad - k) / stride + 1,
+            (w + 2 * pad - k) / stride + 1,
+        );
         let planes = r.random_range(1..=4usize);
-        let x: Vec<f64> = (0..planes * h * w).map(|_| r.random::<f64>() - 0.5).collect();
-        let y: Vec<f64> = (0..planes * oh * ow).map(|_| r.random::<f64>() - 0.5).collect();
+        let x: Vec<f64> = (0..planes * h * w)
+            .map(|_| r.random::<f64>() - 0.5)
+            .collect();
+        let y: Vec<f64> = (0..planes * oh * ow)
+            .map(|_| r.random::<f64>() - 0.5)
+            .collect();
         let ax = pool::avgpool_forward(planes, h, w, k, stride, pad, oh, ow, &x);
         let aty = pool::avgpool_backward(planes, h, w, k, stride, pad, oh, ow, &y);
         assert_eq!((ax.len(), aty.len()), (y.len(), x.len()));
         let lhs: f64 = ax.iter().zip(&y).map(|(a, b)| a * b).sum();
         let rhs: f64 = x.iter().zip(&aty).map(|(a, b)| a * b).sum();
-        let scale: f64 = x.iter().map(|v| v.abs()).sum::<f64>() * y.iter().map(|v| v.abs()).sum::<f64>();
+        let scale: f64 =
+            x.iter().map(|v| v.abs()).sum::<f64>() * y.iter().map(|v| v.abs()).sum::<f64>();
         assert!(
             (lhs - rhs).abs() <= 1e-14 * scale,
             "k{k} s{stride} p{pad} {h}x{w}: <Ax,y> {lhs} vs <x,A'y> {rhs}"
@@ -337,8 +400,16 @@ fn avgpool_counts_padding_in_the_divisor() {
 #[test]
 fn the_shaders_erfc_approximation_is_within_its_stated_bound() {
     const P: [f64; 10] = [
-        -1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398,
-        1.48851587, -0.82215223, 0.17087277,
+        -1.26551223,
+        1.00002368,
+        0.37409196,
+        0.09678418,
+        -0.18628806,
+        0.27886807,
+        -1.13520398,
+        1.48851587,
+        -0.82215223,
+        0.17087277,
     ];
     let approx = |z: f64| {
         let t = 1.0 / (1.0 + 0.5 * z);
@@ -353,6 +424,9 @@ fn the_shaders_erfc_approximation_is_within_its_stated_bound() {
             worst = (e, z);
         }
     }
-    eprintln!("erfcc: max relative error {:.2e} at z = {:.4}", worst.0, worst.1);
+    eprintln!(
+        "erfcc: max relative error {:.2e} at z = {:.4}",
+        worst.0, worst.1
+    );
     assert!(worst.0 < 1.2e-7, "{worst:?}");
 }
