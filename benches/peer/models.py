@@ -117,6 +117,50 @@ class MlpTiny(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
+class LeNet5(nn.Module):
+    """The LeNet-5 of Sankar et al. (2021): ReLU and 2x2 max pools."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, 1, 2, bias=True)
+        self.conv2 = nn.Conv2d(6, 16, 5, 1, 0, bias=True)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(400, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc3(F.relu(self.fc2(x)))
+
+
+class SmoothBlock(nn.Module):
+    """out = x + silu(conv(x))."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 1, 1, bias=True)
+
+    def forward(self, x):
+        return x + F.silu(self.conv(x))
+
+
+class CnnSmooth(nn.Module):
+    """Every op beyond ReLU: tanh, AvgPool2d, GELU (exact), SiLU, LeakyReLU(0.1), sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, 1, 1, bias=True)
+        self.conv2 = nn.Conv2d(6, 8, 3, 1, 1, bias=True)
+        self.block = SmoothBlock(8)
+        self.fc1, self.fc2 = nn.Linear(128, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.avg_pool2d(torch.tanh(self.conv1(x)), 2, 2)
+        x = self.block(F.gelu(self.conv2(x)))
+        x = F.leaky_relu(x, 0.1)
+        return self.fc2(torch.sigmoid(self.fc1(torch.flatten(x, 1))))
+
+
 MODELS = {
     "mlp-tiny": (MlpTiny, (1, 6, 6), 4),
     "cnn-tiny": (lambda: CnnTiny(True), (3, 8, 8), 4),
@@ -128,6 +172,8 @@ MODELS = {
     "vgg11-bn": (lambda: VGG11(True), (3, 32, 32), 10),
     "vgg11": (lambda: VGG11(False), (3, 32, 32), 10),
     "resnet18": (ResNet18, (3, 224, 224), 1000),
+    "lenet5": (LeNet5, (1, 28, 28), 10),
+    "cnn-smooth": (CnnSmooth, (3, 8, 8), 4),
 }
 
 
