@@ -154,7 +154,14 @@ fn normal(x: f32) -> vec2<f32> {
 
 fn f(x: f32) -> f32 {
     switch ACT {
-        case RELU: { return select(0.0, x, x > 0.0); }
+        // A NaN or infinite input passes unchanged (PyTorch's relu keeps a
+        // NaN), so an overflow upstream reaches the loss instead of being
+        // zeroed; tested by its bits, which no backend optimises away (GLSL
+        // leaves NaN comparisons undefined).
+        case RELU: {
+            let special = (bitcast<u32>(x) & 0x7f800000u) == 0x7f800000u;
+            return select(select(0.0, x, x > 0.0), x, special);
+        }
         case LEAKY_RELU: { return select(p.slope * x, x, x > 0.0); }
         case TANH: { return tanh_(x); }
         case SIGMOID: { return sigmoid(x); }

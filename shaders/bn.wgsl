@@ -9,12 +9,13 @@
 
 struct BnParams {
     n: u32, c: u32, hw: u32, gamma_off: u32,
-    beta_off: u32, flags: u32, eps: f32, _p0: u32,
+    beta_off: u32, eps: f32, _p0: u32, _p1: u32,
 }
 
 const WG: u32 = 256u;
-const BATCH: u32 = 1u;
-const ACC: u32 = 2u;
+// Batch statistics (train mode) or running ones; add into the output.
+override BATCH: bool = false;
+override ACC: bool = false;
 
 @group(0) @binding(0) var<uniform> p: BnParams;
 
@@ -132,7 +133,7 @@ fn bn_r_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let ch = q.z;
     let s = rf_stats[p.c + ch];
     // Batch mode: x̂̇ = s·(ẋ − Σẋ/m − x̂·Σx̂ẋ/m); running mode: s·ẋ.
-    let batch = (p.flags & BATCH) != 0u;
+    let batch = BATCH;
     let m = count();
     let mean_dx = select(0.0, rf_stats[2u * p.c + ch] / m, batch);
     let mean_xdx = select(0.0, rf_stats[3u * p.c + ch] / m, batch);
@@ -162,11 +163,11 @@ fn bn_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let ch = q.z;
     let sg = b_stats[p.c + ch] * b_theta[p.gamma_off + ch];
     // Batch mode: gx = sγ·(gy − Σgy/m − x̂·Σgy·x̂/m); running mode: sγ·gy.
-    let batch = (p.flags & BATCH) != 0u;
+    let batch = BATCH;
     let m = count();
     let mean_g = select(0.0, b_stats[4u * p.c + ch] / m, batch);
     let mean_gx = select(0.0, b_stats[5u * p.c + ch] / m, batch);
-    let acc = (p.flags & ACC) != 0u;
+    let acc = ACC;
     for (var i = q.x; i < q.x + q.y; i++) {
         var g = sg * (b_gy[i] - mean_g - b_xhat[i] * mean_gx);
         if (acc) {
@@ -196,7 +197,7 @@ fn bn_r_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let s = rb_stats[c + ch];
     let gamma = rb_theta[p.gamma_off + ch];
     let dgamma = rb_v[p.gamma_off + ch];
-    let batch = (p.flags & BATCH) != 0u;
+    let batch = BATCH;
     let m = count();
     let sum_gy = rb_stats[4u * c + ch];
     let sum_gy_xh = rb_stats[5u * c + ch];
@@ -206,7 +207,7 @@ fn bn_r_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let m_mix = (dgamma * sum_gy_xh + gamma * rb_stats[7u * c + ch]
         + gamma * rb_stats[8u * c + ch]) / m;
     let sdot = -s * s * rb_stats[3u * c + ch] / m;
-    let acc = (p.flags & ACC) != 0u;
+    let acc = ACC;
     for (var i = q.x; i < q.x + q.y; i++) {
         let gy = rb_gy[i];
         let r_ghat = dgamma * gy + gamma * rb_rgy[i];

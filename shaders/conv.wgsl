@@ -1,7 +1,11 @@
 // Convolution (and linear layers, as 1x1 convolutions on 1x1 images):
 // forward and backward-data (weight gradients: conv_weight.wgsl), each with an optional second
 // (input, weight) pair so that the R-operator's two terms, for example
-// conv(ẋ, W) + conv(x, V), run in one dispatch.
+// conv(ẋ, W) + conv(x, V), run in one dispatch. Which terms exist is fixed
+// per pipeline by override constants, so a dispatch loads and multiplies
+// only the terms that are there: PAIR_B (the second pair), BIAS (forward:
+// add the bias read at bias_off of the `wb` buffer), ACC (add into the
+// output instead of overwriting it).
 //
 // Layouts are PyTorch's: activations [n, c, h, w], weights [cout, cin, k, k].
 // Weights are read from whole parameter buffers (θ or v) at an offset.
@@ -10,15 +14,14 @@ struct ConvParams {
     n: u32, cin: u32, h: u32, w: u32,
     cout: u32, k: u32, stride: u32, pad: u32,
     oh: u32, ow: u32, wa_off: u32, wb_off: u32,
-    // bit 0: accumulate into the output; bit 1: second pair present;
-    // bit 2: add a bias (forward) read at bias_off of the `wb` buffer.
-    flags: u32, bias_off: u32, rows_per_chunk: u32, chunks: u32,
+    bias_off: u32, rows_per_chunk: u32, chunks: u32, _p0: u32,
 }
 
+override PAIR_B: bool = false;
+override BIAS: bool = false;
+override ACC: bool = false;
+
 const WG: u32 = 256u;
-const ACC: u32 = 1u;
-const PAIR_B: u32 = 2u;
-const BIAS: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> p: ConvParams;
 @group(0) @binding(1) var<storage, read> xa: array<f32>;
@@ -50,7 +53,8 @@ fn bias_b(i: u32) -> f32 {
 // cost more than they look (measured, BENCHMARKS.md): a loop over a private
 // array (llvmpipe does not unroll it, so every access is indexed), hence
 // the named accumulators below; and a branch, even a uniform one, hence
-// masks (select) instead of `if` around loads. All lanes of a workgroup
+// masks (select) instead of `if` around loads (the `if`s on override
+// constants below are resolved when the pipeline is built). All lanes of a workgroup
 // share one channel block, so weight addresses are workgroup-uniform,
 // which GPUs broadcast.
 const CB: u32 = 8u;
@@ -83,19 +87,32 @@ struct Acc8 {
     c4: vec4<f32>, c5: vec4<f32>, c6: vec4<f32>, c7: vec4<f32>,
 }
 
-// acc + Σ_j (W_a[j] · x + W_b[j] · y) for the block's channels c0 + j,
-// whose weights are at ia + j·stride in `wa` and ib + j·stride in `wb`.
-fn taps8(acc: Acc8, c0: u32, climit: u32, ia: u32, ib: u32, stride: u32,
-         x: vec4<f32>, y: vec4<f32>) -> Acc8 {
+// acc + Σ_j W_a[j] · x for the block's channels c0 + j, whose weights are
+// at ia + j·stride in `wa`.
+fn taps8_a(acc: Acc8, c0: u32, climit: u32, ia: u32, stride: u32, x: vec4<f32>) -> Acc8 {
     var r = acc;
-    r.c0 += weight_a(c0 + 0u, climit, ia + 0u * stride) * x + weight_b(c0 + 0u, climit, ib + 0u * stride) * y;
-    r.c1 += weight_a(c0 + 1u, climit, ia + 1u * stride) * x + weight_b(c0 + 1u, climit, ib + 1u * stride) * y;
-    r.c2 += weight_a(c0 + 2u, climit, ia + 2u * stride) * x + weight_b(c0 + 2u, climit, ib + 2u * stride) * y;
-    r.c3 += weight_a(c0 + 3u, climit, ia + 3u * stride) * x + weight_b(c0 + 3u, climit, ib + 3u * stride) * y;
-    r.c4 += weight_a(c0 + 4u, climit, ia + 4u * stride) * x + weight_b(c0 + 4u, climit, ib + 4u * stride) * y;
-    r.c5 += weight_a(c0 + 5u, climit, ia + 5u * stride) * x + weight_b(c0 + 5u, climit, ib + 5u * stride) * y;
-    r.c6 += weight_a(c0 + 6u, climit, ia + 6u * stride) * x + weight_b(c0 + 6u, climit, ib + 6u * stride) * y;
-    r.c7 += weight_a(c0 + 7u, climit, ia + 7u * stride) * x + weight_b(c0 + 7u, climit, ib + 7u * stride) * y;
+    r.c0 += weight_a(c0 + 0u, climit, ia + 0u * stride) * x;
+    r.c1 += weight_a(c0 + 1u, climit, ia + 1u * stride) * x;
+    r.c2 += weight_a(c0 + 2u, climit, ia + 2u * stride) * x;
+    r.c3 += weight_a(c0 + 3u, climit, ia + 3u * stride) * x;
+    r.c4 += weight_a(c0 + 4u, climit, ia + 4u * stride) * x;
+    r.c5 += weight_a(c0 + 5u, climit, ia + 5u * stride) * x;
+    r.c6 += weight_a(c0 + 6u, climit, ia + 6u * stride) * x;
+    r.c7 += weight_a(c0 + 7u, climit, ia + 7u * stride) * x;
+    return r;
+}
+
+// The same with the second pair's weights `wb`.
+fn taps8_b(acc: Acc8, c0: u32, climit: u32, ib: u32, stride: u32, y: vec4<f32>) -> Acc8 {
+    var r = acc;
+    r.c0 += weight_b(c0 + 0u, climit, ib + 0u * stride) * y;
+    r.c1 += weight_b(c0 + 1u, climit, ib + 1u * stride) * y;
+    r.c2 += weight_b(c0 + 2u, climit, ib + 2u * stride) * y;
+    r.c3 += weight_b(c0 + 3u, climit, ib + 3u * stride) * y;
+    r.c4 += weight_b(c0 + 4u, climit, ib + 4u * stride) * y;
+    r.c5 += weight_b(c0 + 5u, climit, ib + 5u * stride) * y;
+    r.c6 += weight_b(c0 + 6u, climit, ib + 6u * stride) * y;
+    r.c7 += weight_b(c0 + 7u, climit, ib + 7u * stride) * y;
     return r;
 }
 
@@ -129,13 +146,13 @@ fn row4_b(base: u32, i: vec4<i32>, width: u32, ok: vec4<bool>) -> vec4<f32> {
 
 // out[n, c0 + j, y, x0 + i] (+ bias[c0 + j]) for the block's channels and
 // columns inside the layer; with ACC added to what is there.
-fn store8(a: Acc8, n: u32, c0: u32, cs: u32, hh: u32, ww: u32, y: u32, x0: u32, xstep: u32, bias: bool) {
+fn store8(a: Acc8, n: u32, c0: u32, cs: u32, hh: u32, ww: u32, y: u32, x0: u32, xstep: u32) {
     let plane = hh * ww;
     for (var j = 0u; j < CB; j++) {
         let c = c0 + j;
         if (c >= cs) { break; }
         var b = 0.0;
-        if (bias) {
+        if (BIAS) {
             b = bias_b(p.bias_off + c);
         }
         let v = channel(a, j);
@@ -144,7 +161,7 @@ fn store8(a: Acc8, n: u32, c0: u32, cs: u32, hh: u32, ww: u32, y: u32, x0: u32, 
             if (x >= ww) { break; }
             let o = (n * cs + c) * plane + y * ww + x;
             var r = v[i] + b;
-            if ((p.flags & ACC) != 0u) {
+            if (ACC) {
                 r += out[o];
             }
             out[o] = r;
@@ -154,8 +171,7 @@ fn store8(a: Acc8, n: u32, c0: u32, cs: u32, hh: u32, ww: u32, y: u32, x0: u32, 
 
 // y[n, co, oy, ox] = Σ_{ci, ky, kx} W[co, ci, ky, kx] · x[n, ci, oy·s + ky − pad, ox·s + kx − pad]
 // (+ the second pair, + bias). One thread: channels co0..co0+CB of row oy,
-// columns ox0..ox0+XB. The second pair is read either way and zeroed when
-// absent: a branch costs llvmpipe more than the loads it would skip.
+// columns ox0..ox0+XB.
 @compute @workgroup_size(256)
 fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
@@ -168,7 +184,6 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let co0 = blk.c0;
     let kk = p.k * p.k;
     let wstride = p.cin * kk;
-    let pair = vec4<bool>((p.flags & PAIR_B) != 0u);
     var acc: Acc8;
     for (var ci = 0u; ci < p.cin; ci++) {
         let xbase = (n * p.cin + ci) * p.h * p.w;
@@ -179,12 +194,14 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>,
             for (var kx = 0u; kx < p.k; kx++) {
                 let ix = vec4<i32>(COLS * p.stride + vec4<u32>(ox0 * p.stride + kx)) - vec4<i32>(i32(p.pad));
                 let tap = (co0 * p.cin + ci) * kk + ky * p.k + kx;
-                acc = taps8(acc, co0, p.cout, p.wa_off + tap, p.wb_off + tap, wstride,
-                            row4_a(xrow, ix, p.w, row_ok), row4_b(xrow, ix, p.w, row_ok & pair));
+                acc = taps8_a(acc, co0, p.cout, p.wa_off + tap, wstride, row4_a(xrow, ix, p.w, row_ok));
+                if (PAIR_B) {
+                    acc = taps8_b(acc, co0, p.cout, p.wb_off + tap, wstride, row4_b(xrow, ix, p.w, row_ok));
+                }
             }
         }
     }
-    store8(acc, n, co0, p.cout, p.oh, p.ow, oy, ox0, 1u, (p.flags & BIAS) != 0u);
+    store8(acc, n, co0, p.cout, p.oh, p.ow, oy, ox0, 1u);
 }
 
 // conv_forward for 3×3 taps at stride 1: the 6 inputs under a thread's 4
@@ -201,7 +218,6 @@ fn conv_forward_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
     let ox0 = blk.x0;
     let co0 = blk.c0;
     let wstride = p.cin * 9u;
-    let pair = vec4<bool>((p.flags & PAIR_B) != 0u);
     let lo = vec4<i32>(COLS) + vec4<i32>(i32(ox0) - i32(p.pad));
     var acc: Acc8;
     for (var ci = 0u; ci < p.cin; ci++) {
@@ -213,17 +229,20 @@ fn conv_forward_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
             // Columns ox0 − pad + 0..3 and + 4..5 (the window's last two).
             let a = row4_a(xrow, lo, p.w, row_ok);
             let a2 = row4_a(xrow, lo + vec4<i32>(4), p.w, row_ok);
-            let b = row4_b(xrow, lo, p.w, row_ok & pair);
-            let b2 = row4_b(xrow, lo + vec4<i32>(4), p.w, row_ok & pair);
             let tap = (co0 * p.cin + ci) * 9u + ky * 3u;
-            acc = taps8(acc, co0, p.cout, p.wa_off + tap, p.wb_off + tap, wstride, a, b);
-            acc = taps8(acc, co0, p.cout, p.wa_off + tap + 1u, p.wb_off + tap + 1u, wstride,
-                        vec4<f32>(a.yzw, a2.x), vec4<f32>(b.yzw, b2.x));
-            acc = taps8(acc, co0, p.cout, p.wa_off + tap + 2u, p.wb_off + tap + 2u, wstride,
-                        vec4<f32>(a.zw, a2.xy), vec4<f32>(b.zw, b2.xy));
+            acc = taps8_a(acc, co0, p.cout, p.wa_off + tap, wstride, a);
+            acc = taps8_a(acc, co0, p.cout, p.wa_off + tap + 1u, wstride, vec4<f32>(a.yzw, a2.x));
+            acc = taps8_a(acc, co0, p.cout, p.wa_off + tap + 2u, wstride, vec4<f32>(a.zw, a2.xy));
+            if (PAIR_B) {
+                let b = row4_b(xrow, lo, p.w, row_ok);
+                let b2 = row4_b(xrow, lo + vec4<i32>(4), p.w, row_ok);
+                acc = taps8_b(acc, co0, p.cout, p.wb_off + tap, wstride, b);
+                acc = taps8_b(acc, co0, p.cout, p.wb_off + tap + 1u, wstride, vec4<f32>(b.yzw, b2.x));
+                acc = taps8_b(acc, co0, p.cout, p.wb_off + tap + 2u, wstride, vec4<f32>(b.zw, b2.xy));
+            }
         }
     }
-    store8(acc, n, co0, p.cout, p.oh, p.ow, oy, ox0, 1u, (p.flags & BIAS) != 0u);
+    store8(acc, n, co0, p.cout, p.oh, p.ow, oy, ox0, 1u);
 }
 
 // gx[n, ci, iy, ix] = Σ_{co, ky, kx} W[co, ci, ky, kx] · gy[n, co, oy, ox]
@@ -254,7 +273,6 @@ fn conv_backward_data(@builtin(workgroup_id) wid: vec3<u32>,
     let ix0 = px + s * xb_ * XB;
     let ix = vec4<u32>(ix0) + COLS * s;
     let kk = p.k * p.k;
-    let pair = vec4<bool>((p.flags & PAIR_B) != 0u);
     let cols_ok = ix < vec4<u32>(p.w) & vec4<bool>(iy < p.h);
     var acc: Acc8;
     for (var ky = (iy + p.pad) % s; ky < p.k; ky += s) {
@@ -271,13 +289,15 @@ fn conv_backward_data(@builtin(workgroup_id) wid: vec3<u32>,
             for (var co = 0u; co < p.cout; co++) {
                 let grow = ((n * p.cout + co) * p.oh + oyc) * p.ow;
                 let wbase = (co * p.cin + ci0) * kk + tap;
-                acc = taps8(acc, ci0, p.cin, p.wa_off + wbase, p.wb_off + wbase, kk,
-                            row4_a(grow, ox, p.ow, row_ok), row4_b(grow, ox, p.ow, row_ok & pair));
+                acc = taps8_a(acc, ci0, p.cin, p.wa_off + wbase, kk, row4_a(grow, ox, p.ow, row_ok));
+                if (PAIR_B) {
+                    acc = taps8_b(acc, ci0, p.cin, p.wb_off + wbase, kk, row4_b(grow, ox, p.ow, row_ok));
+                }
             }
         }
     }
     if (iy >= p.h) { return; }
-    store8(acc, n, ci0, p.cin, p.h, p.w, iy, ix0, s, false);
+    store8(acc, n, ci0, p.cin, p.h, p.w, iy, ix0, s);
 }
 
 // conv_backward_data for 3×3 taps at stride 1: column ix takes tap kx
@@ -293,7 +313,6 @@ fn conv_backward_data_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
     let iy = blk.y;
     let ix0 = blk.x0;
     let ci0 = blk.c0;
-    let pair = vec4<bool>((p.flags & PAIR_B) != 0u);
     // Outputs ix0 + pad − 2 + 0..3 and + 4..5.
     let lo = vec4<i32>(COLS) + vec4<i32>(i32(ix0 + p.pad) - 2);
     let hi = lo + vec4<i32>(4);
@@ -305,16 +324,19 @@ fn conv_backward_data_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
             let grow = ((n * p.cout + co) * p.oh + u32(clamp(oy, 0, i32(p.oh) - 1))) * p.ow;
             let g = row4_a(grow, lo, p.ow, row_ok);
             let g2 = row4_a(grow, hi, p.ow, row_ok);
-            let h = row4_b(grow, lo, p.ow, row_ok & pair);
-            let h2 = row4_b(grow, hi, p.ow, row_ok & pair);
             let wbase = (co * p.cin + ci0) * 9u + ky * 3u;
             // Tap kx for column j is output j + 2 − kx of the window.
-            acc = taps8(acc, ci0, p.cin, p.wa_off + wbase, p.wb_off + wbase, 9u,
-                        vec4<f32>(g.zw, g2.xy), vec4<f32>(h.zw, h2.xy));
-            acc = taps8(acc, ci0, p.cin, p.wa_off + wbase + 1u, p.wb_off + wbase + 1u, 9u,
-                        vec4<f32>(g.yzw, g2.x), vec4<f32>(h.yzw, h2.x));
-            acc = taps8(acc, ci0, p.cin, p.wa_off + wbase + 2u, p.wb_off + wbase + 2u, 9u, g, h);
+            acc = taps8_a(acc, ci0, p.cin, p.wa_off + wbase, 9u, vec4<f32>(g.zw, g2.xy));
+            acc = taps8_a(acc, ci0, p.cin, p.wa_off + wbase + 1u, 9u, vec4<f32>(g.yzw, g2.x));
+            acc = taps8_a(acc, ci0, p.cin, p.wa_off + wbase + 2u, 9u, g);
+            if (PAIR_B) {
+                let h = row4_b(grow, lo, p.ow, row_ok);
+                let h2 = row4_b(grow, hi, p.ow, row_ok);
+                acc = taps8_b(acc, ci0, p.cin, p.wb_off + wbase, 9u, vec4<f32>(h.zw, h2.xy));
+                acc = taps8_b(acc, ci0, p.cin, p.wb_off + wbase + 1u, 9u, vec4<f32>(h.yzw, h2.x));
+                acc = taps8_b(acc, ci0, p.cin, p.wb_off + wbase + 2u, 9u, h);
+            }
         }
     }
-    store8(acc, n, ci0, p.cin, p.h, p.w, iy, ix0, 1u, false);
+    store8(acc, n, ci0, p.cin, p.h, p.w, iy, ix0, 1u);
 }

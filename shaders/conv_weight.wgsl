@@ -9,13 +9,13 @@ struct ConvParams {
     n: u32, cin: u32, h: u32, w: u32,
     cout: u32, k: u32, stride: u32, pad: u32,
     oh: u32, ow: u32, wa_off: u32, wb_off: u32,
-    // bit 1: second pair present. The last two words: rows per chunk and
-    // the number of chunks.
-    flags: u32, bias_off: u32, rows_per_chunk: u32, chunks: u32,
+    // rows_per_chunk, chunks: how stage one splits the n·oh output rows.
+    bias_off: u32, rows_per_chunk: u32, chunks: u32, _p0: u32,
 }
 
 const WG: u32 = 256u;
-const PAIR_B: u32 = 2u;
+// The second (adjoint, input) pair is present.
+override PAIR_B: bool = false;
 const COLS: vec4<u32> = vec4<u32>(0u, 1u, 2u, 3u);
 
 @group(0) @binding(0) var<uniform> p: ConvParams;
@@ -39,7 +39,7 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
 // tree has little to sum): stage one gives every (chunk of output rows,
 // weight) pair a partial sum of the chunk's products, stage two adds the
 // chunks of each weight. No serial chain is longer than ~256 + chunks
-// terms. ConvParams' last two words carry the rows per chunk and the number
+// terms. ConvParams' rows_per_chunk and chunks carry the rows per chunk and the number
 // of chunks.
 //
 // Stage one: a thread per (chunk, block of 4 output channels, ci, ky)
@@ -55,8 +55,8 @@ fn tap_input(xrow: u32, ix: i32, row_ok: bool) -> f32 {
     let ok = row_ok && ix >= 0 && ix < i32(p.w);
     return select(0.0, wa[min(xrow + u32(clamp(ix, 0, i32(p.w) - 1)), arrayLength(&wa) - 1u)], ok);
 }
-fn tap_input_b(xrow: u32, ix: i32, row_ok: bool, two: bool) -> f32 {
-    let ok = two && row_ok && ix >= 0 && ix < i32(p.w);
+fn tap_input_b(xrow: u32, ix: i32, row_ok: bool) -> f32 {
+    let ok = row_ok && ix >= 0 && ix < i32(p.w);
     return select(0.0, wb[min(xrow + u32(clamp(ix, 0, i32(p.w) - 1)), arrayLength(&wb) - 1u)], ok);
 }
 
@@ -76,7 +76,6 @@ fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
     let ky = wr % p.k;
     let ci = (wr / p.k) % p.cin;
     let co0 = (wr / (p.k * p.cin)) * WCB;
-    let two = (p.flags & PAIR_B) != 0u;
     let rows = p.n * p.oh;
     let r0 = chunk * p.rows_per_chunk;
     let r1 = min(r0 + p.rows_per_chunk, rows);
@@ -110,22 +109,37 @@ fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
             for (var ox = 0u; ox < p.ow; ox++) {
                 let gi = min(vec4<u32>(grow + ox) + coff, vec4<u32>(glast));
                 let g = vec4<f32>(xa[gi.x], xa[gi.y], xa[gi.z], xa[gi.w]);
-                let gb = min(vec4<u32>(grow + ox) + coff, vec4<u32>(glast_b));
-                let g2 = select(vec4<f32>(0.0), vec4<f32>(xb[gb.x], xb[gb.y], xb[gb.z], xb[gb.w]), vec4<bool>(two));
                 // Input column of tap kx0 + t: ix0 + t.
                 let ix0 = i32(ox * p.stride + kx0) - i32(p.pad);
-                acc0 += g * tap_input(xrow, ix0 + 0, row_ok) + g2 * tap_input_b(xrow, ix0 + 0, row_ok, two);
+                acc0 += g * tap_input(xrow, ix0 + 0, row_ok);
                 if (taps > 1u) {
-                    acc1 += g * tap_input(xrow, ix0 + 1, row_ok) + g2 * tap_input_b(xrow, ix0 + 1, row_ok, two);
-                    acc2 += g * tap_input(xrow, ix0 + 2, row_ok) + g2 * tap_input_b(xrow, ix0 + 2, row_ok, two);
+                    acc1 += g * tap_input(xrow, ix0 + 1, row_ok);
+                    acc2 += g * tap_input(xrow, ix0 + 2, row_ok);
                 }
                 if (taps > 3u) {
-                    acc3 += g * tap_input(xrow, ix0 + 3, row_ok) + g2 * tap_input_b(xrow, ix0 + 3, row_ok, two);
-                    acc4 += g * tap_input(xrow, ix0 + 4, row_ok) + g2 * tap_input_b(xrow, ix0 + 4, row_ok, two);
+                    acc3 += g * tap_input(xrow, ix0 + 3, row_ok);
+                    acc4 += g * tap_input(xrow, ix0 + 4, row_ok);
                 }
                 if (taps > 5u) {
-                    acc5 += g * tap_input(xrow, ix0 + 5, row_ok) + g2 * tap_input_b(xrow, ix0 + 5, row_ok, two);
-                    acc6 += g * tap_input(xrow, ix0 + 6, row_ok) + g2 * tap_input_b(xrow, ix0 + 6, row_ok, two);
+                    acc5 += g * tap_input(xrow, ix0 + 5, row_ok);
+                    acc6 += g * tap_input(xrow, ix0 + 6, row_ok);
+                }
+                if (PAIR_B) {
+                    let gb = min(vec4<u32>(grow + ox) + coff, vec4<u32>(glast_b));
+                    let g2 = vec4<f32>(xb[gb.x], xb[gb.y], xb[gb.z], xb[gb.w]);
+                    acc0 += g2 * tap_input_b(xrow, ix0 + 0, row_ok);
+                    if (taps > 1u) {
+                        acc1 += g2 * tap_input_b(xrow, ix0 + 1, row_ok);
+                        acc2 += g2 * tap_input_b(xrow, ix0 + 2, row_ok);
+                    }
+                    if (taps > 3u) {
+                        acc3 += g2 * tap_input_b(xrow, ix0 + 3, row_ok);
+                        acc4 += g2 * tap_input_b(xrow, ix0 + 4, row_ok);
+                    }
+                    if (taps > 5u) {
+                        acc5 += g2 * tap_input_b(xrow, ix0 + 5, row_ok);
+                        acc6 += g2 * tap_input_b(xrow, ix0 + 6, row_ok);
+                    }
                 }
             }
         }
@@ -187,7 +201,6 @@ fn conv_backward_weight_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
     let ky = wr % 3u;
     let ci = (wr / 3u) % p.cin;
     let co0 = (wr / (3u * p.cin)) * WCB;
-    let two = (p.flags & PAIR_B) != 0u;
     let rows = p.n * p.oh;
     let r0 = chunk * p.rows_per_chunk;
     let r1 = min(r0 + p.rows_per_chunk, rows);
@@ -213,12 +226,6 @@ fn conv_backward_weight_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
             let ga1 = xa4[gi.y];
             let ga2 = xa4[gi.z];
             let ga3 = xa4[gi.w];
-            let gj = min(grow + vec4<u32>(q), vec4<u32>(glast_b));
-            let zb = vec4<bool>(two);
-            let gb0 = select(vec4<f32>(0.0), xb4[gj.x], zb);
-            let gb1 = select(vec4<f32>(0.0), xb4[gj.y], zb);
-            let gb2 = select(vec4<f32>(0.0), xb4[gj.z], zb);
-            let gb3 = select(vec4<f32>(0.0), xb4[gj.w], zb);
             let ix0 = i32(q * 4u) - i32(p.pad);
             let a0 = tap_input(xrow, ix0, row_ok);
             let a1 = tap_input(xrow, ix0 + 1, row_ok);
@@ -226,18 +233,25 @@ fn conv_backward_weight_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
             let a3 = tap_input(xrow, ix0 + 3, row_ok);
             let a4 = tap_input(xrow, ix0 + 4, row_ok);
             let a5 = tap_input(xrow, ix0 + 5, row_ok);
-            let b0 = tap_input_b(xrow, ix0, row_ok, two);
-            let b1 = tap_input_b(xrow, ix0 + 1, row_ok, two);
-            let b2 = tap_input_b(xrow, ix0 + 2, row_ok, two);
-            let b3 = tap_input_b(xrow, ix0 + 3, row_ok, two);
-            let b4 = tap_input_b(xrow, ix0 + 4, row_ok, two);
-            let b5 = tap_input_b(xrow, ix0 + 5, row_ok, two);
-            acc0 += dots(ga0, ga1, ga2, ga3, vec4<f32>(a0, a1, a2, a3))
-                + dots(gb0, gb1, gb2, gb3, vec4<f32>(b0, b1, b2, b3));
-            acc1 += dots(ga0, ga1, ga2, ga3, vec4<f32>(a1, a2, a3, a4))
-                + dots(gb0, gb1, gb2, gb3, vec4<f32>(b1, b2, b3, b4));
-            acc2 += dots(ga0, ga1, ga2, ga3, vec4<f32>(a2, a3, a4, a5))
-                + dots(gb0, gb1, gb2, gb3, vec4<f32>(b2, b3, b4, b5));
+            acc0 += dots(ga0, ga1, ga2, ga3, vec4<f32>(a0, a1, a2, a3));
+            acc1 += dots(ga0, ga1, ga2, ga3, vec4<f32>(a1, a2, a3, a4));
+            acc2 += dots(ga0, ga1, ga2, ga3, vec4<f32>(a2, a3, a4, a5));
+            if (PAIR_B) {
+                let gj = min(grow + vec4<u32>(q), vec4<u32>(glast_b));
+                let gb0 = xb4[gj.x];
+                let gb1 = xb4[gj.y];
+                let gb2 = xb4[gj.z];
+                let gb3 = xb4[gj.w];
+                let b0 = tap_input_b(xrow, ix0, row_ok);
+                let b1 = tap_input_b(xrow, ix0 + 1, row_ok);
+                let b2 = tap_input_b(xrow, ix0 + 2, row_ok);
+                let b3 = tap_input_b(xrow, ix0 + 3, row_ok);
+                let b4 = tap_input_b(xrow, ix0 + 4, row_ok);
+                let b5 = tap_input_b(xrow, ix0 + 5, row_ok);
+                acc0 += dots(gb0, gb1, gb2, gb3, vec4<f32>(b0, b1, b2, b3));
+                acc1 += dots(gb0, gb1, gb2, gb3, vec4<f32>(b1, b2, b3, b4));
+                acc2 += dots(gb0, gb1, gb2, gb3, vec4<f32>(b2, b3, b4, b5));
+            }
         }
     }
     let nw = p.cout * p.cin * 9u;

@@ -1,11 +1,12 @@
 // Elementwise ops: residual adds and offset copies.
 
 struct EwParams {
-    len: u32, a_off: u32, out_off: u32, flags: u32,
+    len: u32, a_off: u32, out_off: u32, _p0: u32,
 }
 
 const WG: u32 = 256u;
-const ACC: u32 = 1u;
+// Add into the output instead of overwriting it.
+override ACC: bool = false;
 
 @group(0) @binding(0) var<uniform> p: EwParams;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
@@ -17,7 +18,7 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
 }
 
 fn store(i: u32, v: f32) {
-    if ((p.flags & ACC) != 0u) {
+    if (ACC) {
         out[i] += v;
     } else {
         out[i] = v;
@@ -45,7 +46,7 @@ fn copy(@builtin(workgroup_id) wid: vec3<u32>,
     let i = flat_index(wid, nwg, lid);
     if (i >= p.len) { return; }
     let v = a[p.a_off + i];
-    if ((p.flags & ACC) != 0u) {
+    if (ACC) {
         copy_out[p.out_off + i] += v;
     } else {
         copy_out[p.out_off + i] = v;

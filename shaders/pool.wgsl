@@ -4,11 +4,12 @@
 struct PoolParams {
     planes: u32, h: u32, w: u32, k: u32,
     stride: u32, pad: u32, oh: u32, ow: u32,
-    flags: u32, _p0: u32, _p1: u32, _p2: u32,
+    _p0: u32, _p1: u32, _p2: u32, _p3: u32,
 }
 
 const WG: u32 = 256u;
-const ACC: u32 = 1u;
+// Backward passes: add into the output instead of overwriting it.
+override ACC: bool = false;
 const NONE: u32 = 0xffffffffu;
 
 @group(0) @binding(0) var<uniform> p: PoolParams;
@@ -105,16 +106,14 @@ fn maxpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
             }
         }
     }
-    if ((p.flags & ACC) != 0u) {
+    if (ACC) {
         acc += s_gx[i];
     }
     s_gx[i] = acc;
 }
 
 // ---- average pool, count_include_pad as PyTorch's default: every window
-// divides by k·k, padding included; ACC (AVG_ACC, set when the pipeline
-// is created) adds the backward into gx instead of overwriting it.
-override AVG_ACC: bool = false;
+// divides by k·k, padding included; with ACC the backward adds into gx.
 
 @group(0) @binding(1) var<storage, read> av_in: array<f32>;
 @group(0) @binding(2) var<storage, read_write> av_out: array<f32>;
@@ -174,7 +173,7 @@ fn avgpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
         }
     }
     acc /= f32(p.k * p.k);
-    if (AVG_ACC) {
+    if (ACC) {
         acc += av_out[i];
     }
     av_out[i] = acc;
@@ -207,7 +206,7 @@ fn gap_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let hw = p.h * p.w;
     if (i >= p.planes * hw) { return; }
     var g = ga_x[i / hw] / f32(hw);
-    if ((p.flags & ACC) != 0u) {
+    if (ACC) {
         g += ga_y[i];
     }
     ga_y[i] = g;

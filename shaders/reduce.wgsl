@@ -4,15 +4,16 @@
 
 struct ReduceParams {
     n: u32, c: u32, hw: u32, out_a: u32,
-    out_b: u32, flags: u32, len: u32, out_d: u32,
+    out_b: u32, len: u32, out_d: u32,
     // bn_param_sums: where Σa and Σa·b (+ Σc·d) go in `tgt`.
-    t_a: u32, t_b: u32, _p0: u32, _p1: u32,
+    t_a: u32, t_b: u32, _p0: u32, _p1: u32, _p2: u32,
 }
 
 const WG: u32 = 256u;
-const HAS_B: u32 = 1u;
-const ACC: u32 = 2u;
-const PAIR2: u32 = 4u;
+// channel_sums: also Σ a·b; add into the output. bn_param_sums: also Σ c·d.
+override HAS_B: bool = false;
+override ACC: bool = false;
+override PAIR2: bool = false;
 
 @group(0) @binding(0) var<uniform> p: ReduceParams;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
@@ -67,7 +68,7 @@ fn channel_sums(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     let ch = wid.x;
     let count = p.n * p.hw;
-    let has_b = (p.flags & HAS_B) != 0u;
+    let has_b = HAS_B;
     var sa = 0.0;
     var sab = 0.0;
     for (var j = lid; j < count; j += WG) {
@@ -82,7 +83,7 @@ fn channel_sums(@builtin(workgroup_id) wid: vec3<u32>,
     if (lid == 0u) {
         var ra = r.x;
         var rab = r.y;
-        if ((p.flags & ACC) != 0u) {
+        if (ACC) {
             ra += out[p.out_a + ch];
             if (has_b) { rab += out[p.out_b + ch]; }
         }
@@ -116,7 +117,7 @@ fn bn_param_sums(@builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
     let ch = wid.x;
     let count = p.n * p.hw;
-    let pair2 = (p.flags & PAIR2) != 0u;
+    let pair2 = PAIR2;
     var sa = 0.0;
     var sab = 0.0;
     var scd = 0.0;
@@ -125,11 +126,16 @@ fn bn_param_sums(@builtin(workgroup_id) wid: vec3<u32>,
         let av = a[i];
         sa += av;
         sab += av * b[i];
-        scd += select(0.0, c[min(i, arrayLength(&c) - 1u)] * d[min(i, arrayLength(&d) - 1u)], pair2);
+        if (pair2) {
+            scd += c[i] * d[i];
+        }
     }
     let r = reduce_pair(lid, sa, sab);
-    workgroupBarrier();
-    let r2 = reduce_pair(lid, scd, 0.0);
+    var r2 = vec2<f32>(0.0);
+    if (pair2) {
+        workgroupBarrier();
+        r2 = reduce_pair(lid, scd, 0.0);
+    }
     if (lid == 0u) {
         out[p.out_a + ch] = r.x;
         out[p.out_b + ch] = r.y;

@@ -6,14 +6,13 @@
 use crate::engine::Curvature;
 use crate::error::Result;
 use crate::gpu::kernels::{
-    self, bn_rows, flags, ActParams, BnParams, Consts, ConvParams, EwParams, Kernel, KernelParams,
+    self, bn_rows, ActParams, BnParams, Consts, ConvParams, EwParams, Kernel, KernelParams,
     ReduceParams,
 };
 use crate::gpu::program::{dispatch_timed, Grid};
 use crate::gpu::{GpuBuffer, GpuContext};
 use crate::model::{Model, Op};
 use std::time::Instant;
-
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct KernelRow {
@@ -290,9 +289,8 @@ pub fn kernel_table(
         hw: hw as u32,
         gamma_off: 0,
         beta_off: c as u32,
-        flags: flags::BN_BATCH,
         eps: 1e-5,
-        _p0: 0,
+        ..Default::default()
     };
     let ew = EwParams {
         len: len as u32,
@@ -304,7 +302,6 @@ pub fn kernel_table(
         hw: hw as u32,
         out_a: 0,
         out_b: c as u32,
-        flags: flags::SUMS_HAS_B,
         ..Default::default()
     };
     let act = ActParams {
@@ -318,27 +315,99 @@ pub fn kernel_table(
     let none = Consts::default;
     let l = len as f64;
     let t = Grid::Threads(len);
-    let mut row = |r: Result<(f64, &'static str)>, kern: Kernel, name: &str, bytes: f64, flops: f64| {
-        r.map(|(t, timer)| {
-            rows.push(KernelRow {
-                kernel: format!("{}{name}", kern.entry()),
-                shape: shape.clone(),
-                seconds: t,
-                timer,
-                gflops: flops / t / 1e9,
-                gbs: bytes / t / 1e9,
+    let mut row =
+        |r: Result<(f64, &'static str)>, kern: Kernel, name: &str, bytes: f64, flops: f64| {
+            r.map(|(t, timer)| {
+                rows.push(KernelRow {
+                    kernel: format!("{}{name}", kern.entry()),
+                    shape: shape.clone(),
+                    seconds: t,
+                    timer,
+                    gflops: flops / t / 1e9,
+                    gbs: bytes / t / 1e9,
+                })
             })
-        })
-    };
-    let (k1, k2, k3, k4) = (Kernel::BnStats, Kernel::BnForward, Kernel::ChannelSums, Kernel::BnBackward);
-    row(time_kernel(ctx, reps, k1, none(), &bp, &[&x, &stats], Grid::Groups(c)), k1, "", mb(2), 3.0 * l)?;
-    row(time_kernel(ctx, reps, k2, none(), &bp, &[&x, &stats, &theta, &xhat, &y], bn_grid), k2, "", mb(3), 4.0 * l)?;
-    row(time_kernel(ctx, reps, k3, none(), &sums, &[&g, &x, &stats], Grid::Groups(c)), k3, "", mb(2), 3.0 * l)?;
-    row(time_kernel(ctx, reps, k4, none(), &bp, &[&g, &xhat, &stats, &theta, &y], bn_grid), k4, "", mb(3), 6.0 * l)?;
+        };
+    let (k1, k2, k3, k4) = (
+        Kernel::BnStats,
+        Kernel::BnForward,
+        Kernel::ChannelSums,
+        Kernel::BnBackward,
+    );
+    row(
+        time_kernel(ctx, reps, k1, none(), &bp, &[&x, &stats], Grid::Groups(c)),
+        k1,
+        "",
+        mb(2),
+        3.0 * l,
+    )?;
+    row(
+        time_kernel(
+            ctx,
+            reps,
+            k2,
+            none(),
+            &bp,
+            &[&x, &stats, &theta, &xhat, &y],
+            bn_grid,
+        ),
+        k2,
+        "",
+        mb(3),
+        4.0 * l,
+    )?;
+    row(
+        time_kernel(
+            ctx,
+            reps,
+            k3,
+            Consts::new(&[("HAS_B", 1), ("ACC", 0)]),
+            &sums,
+            &[&g, &x, &stats],
+            Grid::Groups(c),
+        ),
+        k3,
+        "",
+        mb(2),
+        3.0 * l,
+    )?;
+    row(
+        time_kernel(
+            ctx,
+            reps,
+            k4,
+            Consts::bn(true, false),
+            &bp,
+            &[&g, &xhat, &stats, &theta, &y],
+            bn_grid,
+        ),
+        k4,
+        "",
+        mb(3),
+        6.0 * l,
+    )?;
     let kb = Kernel::ActBackward;
-    row(time_kernel(ctx, reps, kb, relu, &act, &[&x, &g, &y], t), kb, " (relu)", mb(3), l)?;
-    row(time_kernel(ctx, reps, kb, gelu, &act, &[&x, &g, &y], t), kb, " (gelu)", mb(3), l)?;
-    row(time_kernel(ctx, reps, Kernel::Add, none(), &ew, &[&x, &g, &y], t), Kernel::Add, "", mb(3), l)?;
+    row(
+        time_kernel(ctx, reps, kb, relu, &act, &[&x, &g, &y], t),
+        kb,
+        " (relu)",
+        mb(3),
+        l,
+    )?;
+    row(
+        time_kernel(ctx, reps, kb, gelu, &act, &[&x, &g, &y], t),
+        kb,
+        " (gelu)",
+        mb(3),
+        l,
+    )?;
+    row(
+        time_kernel(ctx, reps, Kernel::Add, none(), &ew, &[&x, &g, &y], t),
+        Kernel::Add,
+        "",
+        mb(3),
+        l,
+    )?;
     Ok(rows)
 }
 

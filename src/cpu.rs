@@ -31,18 +31,13 @@ fn add_into(dst: &mut Option<Vec<f64>>, src: Vec<f64>) {
 }
 
 impl CpuReference {
-    /// The reference for a problem; refuses layers no unit supports.
+    /// The reference for a problem: any shape the model parser accepts
+    /// (the float64 loops have no envelope; the GPU kernels do).
     pub fn new(problem: Problem) -> CpuReference {
         CpuReference {
             problem,
             relu_masks: None,
         }
-    }
-
-    /// As `new`, checking every layer against its unit's envelope first.
-    pub fn checked(problem: Problem) -> Result<CpuReference> {
-        layers::check_model(&problem.model)?;
-        Ok(Self::new(problem))
     }
 
     fn cx<'a>(&'a self, count: usize, mask: Option<&'a [bool]>) -> CpuCx<'a> {
@@ -111,7 +106,12 @@ impl CpuReference {
     }
 
     /// Values and saved states of a batch; `bi` selects forced ReLU masks.
-    fn forward(&self, bi: Option<usize>, start: usize, count: usize) -> (Vec<Vec<f64>>, Vec<Saved>) {
+    fn forward(
+        &self,
+        bi: Option<usize>,
+        start: usize,
+        count: usize,
+    ) -> (Vec<Vec<f64>>, Vec<Saved>) {
         let pr = &self.problem;
         let d = pr.model.input.numel();
         let mut vals: Vec<Vec<f64>> = Vec::with_capacity(pr.model.nodes.len() + 1);

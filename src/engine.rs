@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::model::{Model, Weights};
 use crate::spectral::SymOperator;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BnMode {
     /// PyTorch train(): normalise by each batch's own statistics.
@@ -35,14 +35,14 @@ impl Problem {
     ) -> Result<Problem> {
         data.validate(&model)?;
         if batch == 0 {
-            return Err(Error::Argument {
-                flag: "--batch".into(),
+            return Err(Error::Invalid {
+                what: "batch size",
                 msg: "must be at least 1".into(),
             });
         }
         if weights.theta.len() != model.n_params {
-            return Err(Error::Argument {
-                flag: "--weights".into(),
+            return Err(Error::Invalid {
+                what: "weights",
                 msg: format!(
                     "{} values for {} parameters",
                     weights.theta.len(),
@@ -63,8 +63,8 @@ impl Problem {
                     && smallest * n.in_shape.spatial() == 1
             });
             if one_value {
-                return Err(Error::Argument {
-                    flag: "--batch".into(),
+                return Err(Error::Invalid {
+                    what: "batch size",
                     msg: "a batch of one sample leaves one value per channel at a 1x1 batch norm: no batch statistics".into(),
                 });
             }

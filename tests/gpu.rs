@@ -207,7 +207,7 @@ fn a_tensor_beyond_the_binding_limit_is_refused_by_name() {
 }
 
 #[test]
-fn an_adapter_index_out_of_range_names_the_flag() {
+fn an_adapter_index_out_of_range_names_the_setting() {
     let Some(_) = gpu_context(BackendChoice::Vulkan) else {
         return;
     };
@@ -215,7 +215,8 @@ fn an_adapter_index_out_of_range_names_the_flag() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("--adapter") && err.contains("99"), "{err}");
+    // The library names the setting; the CLI maps it to --adapter.
+    assert!(err.contains("adapter index") && err.contains("99"), "{err}");
 }
 
 #[test]
@@ -231,4 +232,48 @@ fn non_finite_weights_give_a_numerical_error_not_garbage() {
         err.contains("float32") && err.contains("fc1.weight"),
         "{err}"
     );
+}
+
+/// Inputs that overflow float32 inside the passes (finite data, a batch
+/// norm whose variance of 1e30-sized values is infinite, which would make
+/// its output a finite constant) give an error naming the layer, on every
+/// backend, for the gradient and for Hv — not a wrong number with exit 0.
+/// (Overflows that reach the loss as inf/NaN are traced to the first layer
+/// with a non-finite output instead.)
+#[test]
+fn float32_overflow_inside_the_passes_names_the_layer() {
+    for choice in GPU_BACKENDS {
+        let Some(ctx) = gpu_context(choice) else {
+            continue;
+        };
+        let mut p = problem("cnn-tiny", BnMode::Batch);
+        p.data.x.iter_mut().for_each(|x| *x *= 1e30);
+        let mut e = GpuEngine::new(ctx, &p).unwrap();
+        let err = e.loss_grad().expect_err("overflow refused").to_string();
+        assert!(
+            err.contains("layer `bn1`") && err.contains("overflow float32"),
+            "{choice:?}: {err}"
+        );
+        let v = vec![1e-3; e.n_params()];
+        let mut hv = vec![0.0; v.len()];
+        let err = e
+            .hvp(&v, &mut hv)
+            .expect_err("overflow refused")
+            .to_string();
+        assert!(err.contains("float32"), "{choice:?}: {err}");
+        eprintln!("{choice:?}: {err}");
+        // No batch norm: the overflow reaches the loss and is traced back.
+        let mut p = problem("mlp-tiny", BnMode::Batch);
+        p.data.x.iter_mut().for_each(|x| *x *= 1e10);
+        let fc1 = p.model.params[0].numel();
+        p.weights.theta[..fc1].iter_mut().for_each(|w| *w *= 1e30);
+        let ctx = gpu_context(choice).unwrap();
+        let mut e = GpuEngine::new(ctx, &p).unwrap();
+        let err = e.loss_grad().expect_err("overflow refused").to_string();
+        assert!(
+            err.contains("forward pass overflows float32 at layer `fc1`"),
+            "{choice:?}: {err}"
+        );
+        eprintln!("{choice:?}: {err}");
+    }
 }

@@ -174,7 +174,11 @@ fn every_kernel_interface_matches_its_wgsl() {
         let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
             .validate(&module)
             .unwrap();
-        let Some(ep) = module.entry_points.iter().position(|e| e.name == spec.entry) else {
+        let Some(ep) = module
+            .entry_points
+            .iter()
+            .position(|e| e.name == spec.entry)
+        else {
             failures.push(format!("{k:?}: no entry point {}", spec.entry));
             continue;
         };
@@ -196,7 +200,10 @@ fn every_kernel_interface_matches_its_wgsl() {
                     failures.push(format!("{at}: params not a uniform"));
                 }
                 if ty.name.as_deref() != Some(spec.params) {
-                    failures.push(format!("{at}: params struct {:?}, host says {}", ty.name, spec.params));
+                    failures.push(format!(
+                        "{at}: params struct {:?}, host says {}",
+                        ty.name, spec.params
+                    ));
                     continue;
                 }
                 let TypeInner::Struct { members, .. } = &ty.inner else {
@@ -212,7 +219,10 @@ fn every_kernel_interface_matches_its_wgsl() {
                     .map(|(n, o)| (n.to_string(), *o))
                     .collect();
                 if wgsl != host {
-                    failures.push(format!("{at}: WGSL {} {wgsl:?} vs Rust {host:?}", spec.params));
+                    failures.push(format!(
+                        "{at}: WGSL {} {wgsl:?} vs Rust {host:?}",
+                        spec.params
+                    ));
                 }
                 continue;
             }
@@ -238,10 +248,16 @@ fn every_kernel_interface_matches_its_wgsl() {
         seen.sort();
         let want: Vec<u32> = (0..=spec.bindings.len() as u32).collect();
         if seen != want {
-            failures.push(format!("{k:?}: WGSL uses bindings {seen:?}, host binds {want:?}"));
+            failures.push(format!(
+                "{k:?}: WGSL uses bindings {seen:?}, host binds {want:?}"
+            ));
         }
         for o in spec.overrides {
-            if !module.overrides.iter().any(|(_, ov)| ov.name.as_deref() == Some(*o)) {
+            if !module
+                .overrides
+                .iter()
+                .any(|(_, ov)| ov.name.as_deref() == Some(*o))
+            {
                 failures.push(format!("{k:?}: no override constant {o} in {file}"));
             }
         }

@@ -181,8 +181,8 @@ impl GpuContext {
         }
         let n = list.len();
         let Some(adapter) = list.into_iter().nth(index) else {
-            return Err(Error::Argument {
-                flag: "--adapter".into(),
+            return Err(Error::Invalid {
+                what: "adapter index",
                 msg: format!("{index} is out of range: the {choice:?} backend has {n} adapter(s); see `hesscope devices`"),
             });
         };

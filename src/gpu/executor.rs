@@ -234,11 +234,13 @@ impl GpuEngine {
                 enc.clear_buffer(&self.arena.buffers[hb].buffer, 0, None);
             }
         })?;
+        let shared = self.workspaces.len() < self.programs.len();
+        let mut fresh = vec![];
         for bi in 0..self.programs.len() {
             let w = self.programs[bi].ws;
             let resident = self.workspaces[w].resident == Some(bi);
             let need_fb = grad || !resident;
-            if need_fb && self.workspaces.len() < self.programs.len() {
+            if need_fb && shared {
                 self.upload_batch(bi)?;
             }
             let p = &self.programs[bi];
@@ -251,6 +253,64 @@ impl GpuEngine {
                 }
             })?;
             self.workspaces[w].resident = Some(bi);
+            if need_fb {
+                fresh.push(bi);
+                if shared {
+                    // The next batch overwrites the statistics.
+                    self.check_bn_statistics(&fresh)?;
+                    fresh.clear();
+                }
+            }
+        }
+        self.check_bn_statistics(&fresh)
+    }
+
+    /// Batch statistics that overflow float32 (a variance beyond its range,
+    /// which makes 1/√(σ²+ε) zero) give finite but wrong outputs: refused,
+    /// naming the layer, for the batches whose forward pass just ran. Their
+    /// workspaces are then forgotten, so a later call recomputes and checks
+    /// again.
+    fn check_bn_statistics(&mut self, batches: &[usize]) -> Result<()> {
+        if self.bn != BnMode::Batch || batches.is_empty() {
+            return Ok(());
+        }
+        let bns: Vec<(usize, usize)> = (self.model.nodes.iter().enumerate())
+            .filter_map(|(i, n)| match n.op {
+                Op::BatchNorm { c, .. } => Some((i, c)),
+                _ => None,
+            })
+            .collect();
+        if bns.is_empty() {
+            return Ok(());
+        }
+        let mut ranges = vec![];
+        for &bi in batches {
+            let ws = &self.workspaces[self.programs[bi].ws];
+            for &(i, c) in &bns {
+                // Rows MEAN and S (kernels::bn_rows).
+                ranges.push((&self.arena.buffers[ws.state[i][2]], 0, 2 * c));
+            }
+        }
+        let rows = self.ctx.read_f32(&ranges)?;
+        for (k, r) in rows.iter().enumerate() {
+            let (i, c) = bns[k % bns.len()];
+            let bad = r[..c].iter().any(|m| !m.is_finite())
+                || r[c..].iter().any(|s| !s.is_finite() || *s == 0.0);
+            if bad {
+                let bi = batches[k / bns.len()];
+                let node = &self.model.nodes[i];
+                for &b in batches {
+                    let w = self.programs[b].ws;
+                    self.workspaces[w].resident = None;
+                }
+                return Err(Error::Numerical(format!(
+                    "the batch statistics of layer `{}` (batch norm) overflow float32 on {} (batch {bi}: \
+                     a mean or variance beyond its range): the data or weights are too large for float32; \
+                     the float64 reference computes in their range",
+                    crate::layers::layer_name(node),
+                    self.ctx.info.name
+                )));
+            }
         }
         Ok(())
     }
@@ -321,6 +381,9 @@ impl GpuEngine {
             (&self.arena.buffers[self.grad], 0, np),
         ])?;
         let loss: f64 = r[0].iter().map(|&x| x as f64).sum();
+        if !loss.is_finite() || r[1].iter().any(|x| !x.is_finite()) {
+            self.diagnose(false)?;
+        }
         if !loss.is_finite() {
             return Err(Error::Numerical(format!(
                 "the loss is {loss} on {}: the weights or data overflow in float32",
@@ -329,6 +392,39 @@ impl GpuEngine {
         }
         self.check_finite("the gradient", &r[1])?;
         Ok((loss, r[1].iter().map(|&x| x as f64).collect()))
+    }
+
+    /// After a non-finite result: the first layer (in graph order, over the
+    /// batches still resident) whose output (`tangents`: its R-forward
+    /// output) holds an infinity or NaN, as an error naming it. Ok when
+    /// every resident value is finite (the overflow happened later).
+    fn diagnose(&self, tangents: bool) -> Result<()> {
+        for (bi, prog) in self.programs.iter().enumerate() {
+            let ws = &self.workspaces[prog.ws];
+            if ws.resident != Some(bi) {
+                continue;
+            }
+            for (i, node) in self.model.nodes.iter().enumerate() {
+                if layers::unit(&node.op).is_alias() {
+                    continue;
+                }
+                let v = self.canon[i + 1];
+                let buf = if tangents { ws.dact[v] } else { ws.act[v] };
+                let len = prog.count * node.out_shape.numel();
+                let vals = self.ctx.read_f32(&[(&self.arena.buffers[buf], 0, len)])?;
+                if let Some(x) = vals[0].iter().find(|x| !x.is_finite()) {
+                    let pass = if tangents { "R-forward" } else { "forward" };
+                    return Err(Error::Numerical(format!(
+                        "the {pass} pass overflows float32 at layer `{}` ({}) on {} (batch {bi}: an output is {x}): \
+                         the weights, data or direction are too large for float32; the float64 reference computes in their range",
+                        crate::layers::layer_name(node),
+                        node.kind(),
+                        self.ctx.info.name
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -366,6 +462,9 @@ impl Curvature for GpuEngine {
         let r = self
             .ctx
             .read_f32(&[(&self.arena.buffers[self.hv], 0, self.model.n_params)])?;
+        if r[0].iter().any(|x| !x.is_finite()) {
+            self.diagnose(true)?;
+        }
         self.check_finite("Hv", &r[0])?;
         out.iter_mut().zip(&r[0]).for_each(|(o, &x)| *o = x as f64);
         Ok(())

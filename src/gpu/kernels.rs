@@ -76,6 +76,13 @@ impl Consts {
             .map(|&(k, v)| (k, v as f64))
             .collect()
     }
+    /// The value of constant `name`, if set.
+    pub fn get(&self, name: &str) -> Option<u32> {
+        self.items[..self.len as usize]
+            .iter()
+            .find(|p| p.0 == name)
+            .map(|p| p.1)
+    }
     pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.items[..self.len as usize].iter().map(|p| p.0)
     }
@@ -153,39 +160,39 @@ macro_rules! kernels {
 }
 
 kernels! {
-    ConvForward => Conv::"conv_forward", [R, R, R, R, W], ConvParams, [];
-    ConvBackwardData => Conv::"conv_backward_data", [R, R, R, R, W], ConvParams, [];
+    ConvForward => Conv::"conv_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
+    ConvBackwardData => Conv::"conv_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
     /// ConvForward and ConvBackwardData reading the weights through uniform
     /// windows (`WINDOW_FLOATS` of θ and v from a step's window offset).
-    ConvForwardWindowed => ConvWindowed::"conv_forward", [R, U, R, U, W], ConvParams, [];
-    ConvBackwardDataWindowed => ConvWindowed::"conv_backward_data", [R, U, R, U, W], ConvParams, [];
+    ConvForwardWindowed => ConvWindowed::"conv_forward", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
+    ConvBackwardDataWindowed => ConvWindowed::"conv_backward_data", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
     /// The four above for 3×3 taps at stride 1 (`conv_k3s1_applies`).
-    ConvForwardK3 => Conv::"conv_forward_k3s1", [R, R, R, R, W], ConvParams, [];
-    ConvBackwardDataK3 => Conv::"conv_backward_data_k3s1", [R, R, R, R, W], ConvParams, [];
-    ConvForwardK3Windowed => ConvWindowed::"conv_forward_k3s1", [R, U, R, U, W], ConvParams, [];
-    ConvBackwardDataK3Windowed => ConvWindowed::"conv_backward_data_k3s1", [R, U, R, U, W], ConvParams, [];
-    ConvBackwardWeight => ConvWeight::"conv_backward_weight", [R, R, R, R, W], ConvParams, [];
+    ConvForwardK3 => Conv::"conv_forward_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
+    ConvBackwardDataK3 => Conv::"conv_backward_data_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
+    ConvForwardK3Windowed => ConvWindowed::"conv_forward_k3s1", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
+    ConvBackwardDataK3Windowed => ConvWindowed::"conv_backward_data_k3s1", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
+    ConvBackwardWeight => ConvWeight::"conv_backward_weight", [R, R, R, R, W], ConvParams, ["PAIR_B"];
     /// ConvBackwardWeight for 3×3, stride 1, output rows of a multiple of
     /// 4 columns (`conv_weight_k3_applies`).
-    ConvBackwardWeightK3 => ConvWeight::"conv_backward_weight_k3s1", [R, R, R, R, W], ConvParams, [];
+    ConvBackwardWeightK3 => ConvWeight::"conv_backward_weight_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B"];
     ConvWeightSum => ConvWeight::"conv_weight_sum", [R, W], ConvParams, [];
-    ChannelSums => Reduce::"channel_sums", [R, R, W], ReduceParams, [];
-    BnParamSums => Reduce::"bn_param_sums", [R, R, W, R, R, W], ReduceParams, [];
+    ChannelSums => Reduce::"channel_sums", [R, R, W], ReduceParams, ["HAS_B", "ACC"];
+    BnParamSums => Reduce::"bn_param_sums", [R, R, W, R, R, W], ReduceParams, ["PAIR2"];
     SumAll => Reduce::"sum_all", [R, W], ReduceParams, [];
-    Add => Elementwise::"add", [R, R, W], EwParams, [];
-    Copy => Elementwise::"copy", [R, W], EwParams, [];
+    Add => Elementwise::"add", [R, R, W], EwParams, ["ACC"];
+    Copy => Elementwise::"copy", [R, W], EwParams, ["ACC"];
     BnStats => Bn::"bn_stats", [R, W], BnParams, [];
     BnForward => Bn::"bn_forward", [R, R, R, W, W], BnParams, [];
-    BnRForward => Bn::"bn_r_forward", [R, R, R, R, R, W, W], BnParams, [];
-    BnBackward => Bn::"bn_backward", [R, R, R, R, W], BnParams, [];
-    BnRBackward => Bn::"bn_r_backward", [R, R, R, R, R, R, R, W], BnParams, [];
+    BnRForward => Bn::"bn_r_forward", [R, R, R, R, R, W, W], BnParams, ["BATCH"];
+    BnBackward => Bn::"bn_backward", [R, R, R, R, W], BnParams, ["BATCH", "ACC"];
+    BnRBackward => Bn::"bn_r_backward", [R, R, R, R, R, R, R, W], BnParams, ["BATCH", "ACC"];
     MaxPoolForward => Pool::"maxpool_forward", [R, W, W], PoolParams, [];
     MaxPoolGather => Pool::"maxpool_gather", [R, R, W], PoolParams, [];
-    MaxPoolBackward => Pool::"maxpool_backward", [R, R, W], PoolParams, [];
+    MaxPoolBackward => Pool::"maxpool_backward", [R, R, W], PoolParams, ["ACC"];
     AvgPoolForward => Pool::"avgpool_forward", [R, W], PoolParams, [];
-    AvgPoolBackward => Pool::"avgpool_backward", [R, W], PoolParams, ["AVG_ACC"];
+    AvgPoolBackward => Pool::"avgpool_backward", [R, W], PoolParams, ["ACC"];
     GapForward => Pool::"gap_forward", [R, W], PoolParams, [];
-    GapBackward => Pool::"gap_backward", [R, W], PoolParams, [];
+    GapBackward => Pool::"gap_backward", [R, W], PoolParams, ["ACC"];
     XentForwardBackward => Loss::"xent_forward_backward", [R, R, W, W, W], LossParams, [];
     XentRBackward => Loss::"xent_r_backward", [R, R, W], LossParams, [];
     /// y = f(x) for the activation `ACT` (see `layers::activation`).
@@ -209,19 +216,24 @@ impl Kernel {
     }
 }
 
-/// Flags shared by the kernels' uniform `flags` fields.
-pub mod flags {
-    /// Add into the output instead of overwriting it.
-    pub const CONV_ACC: u32 = 1;
-    pub const CONV_PAIR_B: u32 = 2;
-    pub const CONV_BIAS: u32 = 4;
-    pub const SUMS_HAS_B: u32 = 1;
-    pub const SUMS_ACC: u32 = 2;
-    pub const SUMS_PAIR2: u32 = 4;
-    pub const EW_ACC: u32 = 1;
-    pub const BN_BATCH: u32 = 1;
-    pub const BN_ACC: u32 = 2;
-    pub const POOL_ACC: u32 = 1;
+/// Override-constant assignments the engine, `bench` and the tests share.
+impl Consts {
+    /// Conv forward / backward data: second pair, bias, accumulate.
+    pub fn conv(pair_b: bool, bias: bool, acc: bool) -> Consts {
+        Consts::new(&[
+            ("PAIR_B", pair_b as u32),
+            ("BIAS", bias as u32),
+            ("ACC", acc as u32),
+        ])
+    }
+    /// Just `ACC` (add into the output).
+    pub fn acc(acc: bool) -> Consts {
+        Consts::new(&[("ACC", acc as u32)])
+    }
+    /// Batch-norm passes: batch statistics, accumulate.
+    pub fn bn(batch: bool, acc: bool) -> Consts {
+        Consts::new(&[("BATCH", batch as u32), ("ACC", acc as u32)])
+    }
 }
 
 /// Rows of a batch-norm node's stats buffer (see shaders/bn.wgsl).

@@ -1,5 +1,8 @@
 //! The uniform parameter block of each shader family, as one `#[repr(C)]`
 //! Pod struct per WGSL struct: same name, same members in the same order.
+//! Which terms a dispatch computes (a second operand pair, a bias,
+//! accumulation, batch statistics) is not a parameter but an override
+//! constant of its pipeline (`kernels::Consts`).
 //! The engine, `bench` and the kernel tests fill these by name;
 //! tests/shaders.rs reflects every WGSL module with naga and checks each
 //! struct's member names and offsets against `KernelParams::members`, so a
@@ -53,13 +56,12 @@ params_struct! {
         n: u32, cin: u32, h: u32, w: u32,
         cout: u32, k: u32, stride: u32, pad: u32,
         oh: u32, ow: u32, wa_off: u32, wb_off: u32,
-        /// `flags::CONV_*`.
-        flags: u32,
         bias_off: u32,
         /// Weight gradient: output rows per chunk of stage one.
         rows_per_chunk: u32,
         /// Weight gradient: chunks of stage one.
         chunks: u32,
+        _p0: u32,
     }
 }
 
@@ -68,9 +70,7 @@ params_struct! {
     BnParams {
         n: u32, c: u32, hw: u32, gamma_off: u32,
         beta_off: u32,
-        /// `flags::BN_*`.
-        flags: u32,
-        eps: f32, _p0: u32,
+        eps: f32, _p0: u32, _p1: u32,
     }
 }
 
@@ -80,20 +80,16 @@ params_struct! {
     ReduceParams {
         n: u32, c: u32, hw: u32, out_a: u32,
         out_b: u32,
-        /// `flags::SUMS_*`.
-        flags: u32,
         len: u32, out_d: u32,
         /// bn_param_sums: where Σa and Σa·b (+ Σc·d) go in `tgt`.
-        t_a: u32, t_b: u32, _p0: u32, _p1: u32,
+        t_a: u32, t_b: u32, _p0: u32, _p1: u32, _p2: u32,
     }
 }
 
 params_struct! {
     /// shaders/elementwise.wgsl.
     EwParams {
-        len: u32, a_off: u32, out_off: u32,
-        /// `flags::EW_*`.
-        flags: u32,
+        len: u32, a_off: u32, out_off: u32, _p0: u32,
     }
 }
 
@@ -103,8 +99,7 @@ params_struct! {
     PoolParams {
         planes: u32, h: u32, w: u32, k: u32,
         stride: u32, pad: u32, oh: u32, ow: u32,
-        /// `flags::POOL_*`.
-        flags: u32, _p0: u32, _p1: u32, _p2: u32,
+        _p0: u32, _p1: u32, _p2: u32, _p3: u32,
     }
 }
 

@@ -6,7 +6,7 @@
 //! flatten aliasing — and asks each layer's unit (`crate::layers`) for its
 //! kernels.
 
-use crate::gpu::kernels::{flags, Consts, EwParams, Kernel, KernelParams, ReduceParams};
+use crate::gpu::kernels::{Consts, EwParams, Kernel, KernelParams, ReduceParams};
 use crate::gpu::memory::Workspace;
 use crate::gpu::program::{Grid, Step};
 use crate::layers::{self, loss};
@@ -100,7 +100,13 @@ impl<'a> Plan<'a> {
         self.model.params[idx].offset
     }
 
-    pub fn push<P: KernelParams>(&mut self, kernel: Kernel, p: &P, buffers: Vec<usize>, grid: Grid) {
+    pub fn push<P: KernelParams>(
+        &mut self,
+        kernel: Kernel,
+        p: &P,
+        buffers: Vec<usize>,
+        grid: Grid,
+    ) {
         self.push_with(kernel, Consts::default(), p, buffers, grid);
     }
 
@@ -120,12 +126,13 @@ impl<'a> Plan<'a> {
     pub fn push_windowed<P: KernelParams>(
         &mut self,
         kernel: Kernel,
+        consts: Consts,
         p: &P,
         buffers: Vec<usize>,
         grid: Grid,
         window: usize,
     ) {
-        let mut s = Step::new(kernel, Consts::default(), p, buffers, grid);
+        let mut s = Step::new(kernel, consts, p, buffers, grid);
         s.window = window;
         self.steps.push(s);
     }
@@ -140,13 +147,14 @@ impl<'a> Plan<'a> {
         len: usize,
         acc: bool,
     ) {
-        self.push(
+        self.push_with(
             Kernel::Copy,
+            Consts::acc(acc),
             &EwParams {
                 len: len as u32,
                 a_off: src_off as u32,
                 out_off: dst_off as u32,
-                flags: if acc { flags::EW_ACC } else { 0 },
+                _p0: 0,
             },
             vec![src, dst],
             Grid::Threads(len),
@@ -168,20 +176,17 @@ impl<'a> Plan<'a> {
         out_b: usize,
         acc: bool,
     ) {
-        let mut fl = if acc { flags::SUMS_ACC } else { 0 };
-        if b.is_some() {
-            fl |= flags::SUMS_HAS_B;
-        }
         let d = self.dummy;
-        self.push(
+        let consts = Consts::new(&[("HAS_B", b.is_some() as u32), ("ACC", acc as u32)]);
+        self.push_with(
             Kernel::ChannelSums,
+            consts,
             &ReduceParams {
                 n: n as u32,
                 c: c as u32,
                 hw: hw as u32,
                 out_a: out_a as u32,
                 out_b: out_b as u32,
-                flags: fl,
                 ..Default::default()
             },
             vec![a, b.unwrap_or(d), out],

@@ -4,7 +4,9 @@
 
 use crate::error::Result;
 use crate::gpu::context::{GpuBuffer, GpuContext, Pipeline};
-use crate::gpu::kernels::{Binding, Consts, Kernel, KernelParams, Params, WINDOW_FLOATS, WORKGROUP};
+use crate::gpu::kernels::{
+    Binding, Consts, Kernel, KernelParams, Params, WINDOW_FLOATS, WORKGROUP,
+};
 use std::rc::Rc;
 
 /// How many workgroups a step launches.

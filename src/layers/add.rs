@@ -72,9 +72,9 @@ impl Layer for AddUnit {
             (false, false) => p.push(
                 Kernel::Add,
                 &EwParams {
-                len: len as u32,
-                ..Default::default()
-            },
+                    len: len as u32,
+                    ..Default::default()
+                },
                 vec![io.dx[0], io.dx[1], io.dy],
                 Grid::Threads(len),
             ),

@@ -4,7 +4,7 @@
 //! the statistics rows of shaders/reduce.wgsl (`kernels::bn_rows`).
 
 use super::{saved, CpuCx, Layer, Saved, StateBuf, StateCx};
-use crate::gpu::kernels::{self, bn_rows, flags, BnParams, Kernel, ReduceParams};
+use crate::gpu::kernels::{self, bn_rows, BnParams, Consts, Kernel, ReduceParams};
 use crate::gpu::plan::{NodeBufs, Plan};
 use crate::gpu::program::Grid;
 use crate::model::{Node, Op};
@@ -58,7 +58,21 @@ fn add_into(dst: &mut [f64], src: &[f64]) {
     dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
 }
 
+/// The per-channel reductions run one workgroup per channel along x only.
+pub const MAX_CHANNELS: usize = 65_535;
+
 impl Layer for BatchNormUnit {
+    fn check(&self, node: &Node) -> crate::error::Result<()> {
+        let c = of(node).c;
+        if c > MAX_CHANNELS {
+            return Err(super::unsupported(
+                node,
+                format!("{c} channels; the GPU batch-norm reductions take at most {MAX_CHANNELS}"),
+            ));
+        }
+        Ok(())
+    }
+
     fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
         let b = of(node);
         let g = geom(cx, node);
@@ -162,10 +176,8 @@ impl Layer for BatchNormUnit {
         let b = of(node);
         let len = n * node.in_shape.numel();
         let init = (!cx.batch_mode).then(|| {
-            let (m, inv) = bn::running_stats(
-                &cx.buffers[b.running_mean],
-                &cx.buffers[b.running_var],
-            );
+            let (m, inv) =
+                bn::running_stats(&cx.buffers[b.running_mean], &cx.buffers[b.running_var]);
             m.iter().chain(&inv).map(|&x| x as f32).collect()
         });
         vec![
@@ -191,7 +203,7 @@ impl Layer for BatchNormUnit {
         let b = of(node);
         let (xhat, stats) = (io.state[0], io.state[2]);
         let hw = node.in_shape.spatial();
-        let bp = bn_params(p, b.c, hw, &b, 0);
+        let bp = bn_params(p, b.c, hw, &b);
         let x = io.x[0];
         if p.batch_mode {
             p.push(Kernel::BnStats, &bp, vec![x, stats], Grid::Groups(b.c));
@@ -223,9 +235,10 @@ impl Layer for BatchNormUnit {
                 false,
             );
         }
-        let bp = bn_params(p, b.c, hw, &b, 0);
-        p.push(
+        let bp = bn_params(p, b.c, hw, &b);
+        p.push_with(
             Kernel::BnRForward,
+            Consts::new(&[("BATCH", p.batch_mode as u32)]),
             &bp,
             vec![dx, xhat, stats, p.theta, p.v, xhd, io.dy],
             Grid::Threads(kernels::bn_threads(p.n, b.c, hw)),
@@ -249,10 +262,10 @@ impl Layer for BatchNormUnit {
             (
                 [bn_rows::SUM_RGY, bn_rows::SUM_RGY_XHAT, bn_rows::SUM_GY_XHD],
                 (g, xhd),
-                flags::SUMS_PAIR2,
+                true,
             )
         } else {
-            ([bn_rows::SUM_GY, bn_rows::SUM_GY_XHAT, 0], (d, d), 0)
+            ([bn_rows::SUM_GY, bn_rows::SUM_GY_XHAT, 0], (d, d), false)
         };
         let sums = ReduceParams {
             n: p.n as u32,
@@ -260,14 +273,14 @@ impl Layer for BatchNormUnit {
             hw: hw as u32,
             out_a: (rows[0] * c) as u32,
             out_b: (rows[1] * c) as u32,
-            flags: pair2,
             out_d: (rows[2] * c) as u32,
             t_a: boff as u32,
             t_b: goff as u32,
             ..Default::default()
         };
-        p.push(
+        p.push_with(
             Kernel::BnParamSums,
+            Consts::new(&[("PAIR2", pair2 as u32)]),
             &sums,
             vec![gy, xhat, stats, c2, d2, target],
             Grid::Groups(c),
@@ -275,19 +288,21 @@ impl Layer for BatchNormUnit {
         if !io.needs_gx[0] {
             return;
         }
-        let fl = if io.acc[0] { flags::BN_ACC } else { 0 };
-        let bp = bn_params(p, c, hw, &b, fl);
+        let bp = bn_params(p, c, hw, &b);
+        let consts = Consts::bn(p.batch_mode, io.acc[0]);
         let grid = Grid::Threads(kernels::bn_threads(p.n, c, hw));
         if r {
-            p.push(
+            p.push_with(
                 Kernel::BnRBackward,
+                consts,
                 &bp,
                 vec![g, gy, xhat, xhd, stats, p.theta, p.v, io.gx[0]],
                 grid,
             );
         } else {
-            p.push(
+            p.push_with(
                 Kernel::BnBackward,
+                consts,
                 &bp,
                 vec![gy, xhat, stats, p.theta, io.gx[0]],
                 grid,
@@ -296,16 +311,14 @@ impl Layer for BatchNormUnit {
     }
 }
 
-fn bn_params(p: &Plan, c: usize, hw: usize, b: &Bn, fl: u32) -> BnParams {
-    let batch = if p.batch_mode { flags::BN_BATCH } else { 0 };
+fn bn_params(p: &Plan, c: usize, hw: usize, b: &Bn) -> BnParams {
     BnParams {
         n: p.n as u32,
         c: c as u32,
         hw: hw as u32,
         gamma_off: p.param_off(b.gamma) as u32,
         beta_off: p.param_off(b.beta) as u32,
-        flags: fl | batch,
         eps: EPS as f32,
-        _p0: 0,
+        ..Default::default()
     }
 }

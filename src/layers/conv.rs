@@ -10,7 +10,7 @@
 
 use super::{unsupported, CpuCx, Layer, Saved};
 use crate::error::Result;
-use crate::gpu::kernels::{self, flags, ConvParams, Kernel};
+use crate::gpu::kernels::{self, Consts, ConvParams, Kernel};
 use crate::gpu::plan::{NodeBufs, Plan};
 use crate::gpu::program::Grid;
 use crate::model::{Node, Op};
@@ -126,6 +126,9 @@ fn bias_grad(cx: &CpuCx, node: &Node, bias: Option<usize>, gy: &[f64], out: &mut
 }
 
 impl Layer for ConvUnit {
+    /// k ≤ 11 and stride 1..=4 (tests/gpu_kernels.rs and tests/shapes.rs
+    /// cover them); any padding (the kernels' index arithmetic is exact for
+    /// every size the parser accepts; tested to k + 3).
     fn check(&self, node: &Node) -> Result<()> {
         let d = dims(node);
         if d.k > MAX_K {
@@ -140,12 +143,14 @@ impl Layer for ConvUnit {
                 format!("stride {} is outside the supported 1..=4", d.stride),
             ));
         }
-        if d.pad > d.k {
+        let (_, bias) = params_of(node);
+        if bias.is_some() && d.cout > super::batchnorm::MAX_CHANNELS {
             return Err(unsupported(
                 node,
                 format!(
-                    "padding {} is above the kernel size {} (supported: 0..=k)",
-                    d.pad, d.k
+                    "a bias over {} channels; the GPU bias reduction takes at most {}",
+                    d.cout,
+                    super::batchnorm::MAX_CHANNELS
                 ),
             ));
         }
@@ -236,36 +241,45 @@ impl Layer for ConvUnit {
 
     fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
         let (weight, bias) = params_of(node);
-        let (fl, boff) = bias_flag(p, bias);
-        let pr = conv_params(node, p.n, p.param_off(weight), 0, fl, boff);
+        let boff = bias.map_or(0, |b| p.param_off(b));
+        let pr = conv_params(node, p.n, p.param_off(weight), 0, boff);
         let (x, th) = (io.x[0], p.theta);
+        let c = Consts::conv(false, bias.is_some(), false);
+        let grid = forward_grid(node, p.n);
         push_conv(
             p,
             Kernel::ConvForward,
+            c,
             &pr,
             vec![x, th, x, th, io.y],
-            forward_grid(node, p.n),
+            grid,
         );
     }
 
     fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
         let (weight, bias) = params_of(node);
         let woff = p.param_off(weight);
-        let (bfl, boff) = bias_flag(p, bias);
+        let boff = bias.map_or(0, |b| p.param_off(b));
         let (x, dx) = (io.x[0], io.dx[0]);
+        let grid = forward_grid(node, p.n);
         // conv(ẋ, W) + conv(x, V) + v_bias; the first term drops while ẋ is zero.
-        let (pr, bufs) = if io.dx_zero[0] {
-            (
-                conv_params(node, p.n, woff, 0, bfl, boff),
+        if io.dx_zero[0] {
+            let pr = conv_params(node, p.n, woff, 0, boff);
+            let c = Consts::conv(false, bias.is_some(), false);
+            push_conv(
+                p,
+                Kernel::ConvForward,
+                c,
+                &pr,
                 vec![x, p.v, x, p.v, io.dy],
-            )
+                grid,
+            );
         } else {
-            (
-                conv_params(node, p.n, woff, woff, bfl | flags::CONV_PAIR_B, boff),
-                vec![dx, p.theta, x, p.v, io.dy],
-            )
-        };
-        push_conv(p, Kernel::ConvForward, &pr, bufs, forward_grid(node, p.n));
+            let pr = conv_params(node, p.n, woff, woff, boff);
+            let c = Consts::conv(true, bias.is_some(), false);
+            let bufs = vec![dx, p.theta, x, p.v, io.dy];
+            push_conv(p, Kernel::ConvForward, c, &pr, bufs, grid);
+        }
         false
     }
 
@@ -277,30 +291,28 @@ impl Layer for ConvUnit {
         let (gy, g, x) = (io.gy, io.g, io.x[0]);
         let target = p.target(r);
         if io.needs_gx[0] {
-            let fl = if io.acc[0] { flags::CONV_ACC } else { 0 };
+            // R(gx) = convᵀ(R(gy), W) + convᵀ(gy, V); gx = convᵀ(gy, W).
             let (pr, bufs) = if r {
-                (
-                    conv_params(node, n, woff, woff, fl | flags::CONV_PAIR_B, 0),
-                    vec![gy, p.theta, g, p.v, io.gx[0]],
-                )
+                let bufs = vec![gy, p.theta, g, p.v, io.gx[0]];
+                (conv_params(node, n, woff, woff, 0), bufs)
             } else {
-                (
-                    conv_params(node, n, woff, 0, fl, 0),
-                    vec![gy, p.theta, gy, p.theta, io.gx[0]],
-                )
+                let bufs = vec![gy, p.theta, gy, p.theta, io.gx[0]];
+                (conv_params(node, n, woff, 0, 0), bufs)
             };
+            let c = Consts::conv(r, false, io.acc[0]);
             let grid = Grid::Threads(kernels::conv_backward_data_threads(
                 n, d.cin, d.h, d.w, d.stride,
             ));
-            push_conv(p, Kernel::ConvBackwardData, &pr, bufs, grid);
+            push_conv(p, Kernel::ConvBackwardData, c, &pr, bufs, grid);
         }
         // The weight block: Σ R(gy)·x + Σ gy·ẋ (ẋ may be zero).
         let pair_b = r && !io.dx_zero[0];
-        let fl = if pair_b { flags::CONV_PAIR_B } else { 0 };
         let (weights, per, chunks) = weight_split(node, n);
-        let mut pr = conv_params(node, n, woff, 0, fl, 0);
-        pr.rows_per_chunk = per as u32;
-        pr.chunks = chunks as u32;
+        let pr = ConvParams {
+            rows_per_chunk: per as u32,
+            chunks: chunks as u32,
+            ..conv_params(node, n, woff, 0, 0)
+        };
         let parts = p.partials;
         let bufs = if pair_b {
             vec![gy, x, g, io.dx[0], parts]
@@ -309,7 +321,8 @@ impl Layer for ConvUnit {
         };
         let kernel = kernels::conv_weight_variant(d.k, d.stride, d.ow);
         let groups = kernels::conv_weight_groups(d.cout, d.cin, d.k, chunks);
-        p.push(kernel, &pr, bufs, Grid::Groups(groups));
+        let c = Consts::new(&[("PAIR_B", pair_b as u32)]);
+        p.push_with(kernel, c, &pr, bufs, Grid::Groups(groups));
         p.push(
             Kernel::ConvWeightSum,
             &pr,
@@ -321,14 +334,6 @@ impl Layer for ConvUnit {
             let plane = node.out_shape.spatial();
             p.channel_sums(gy, None, n, d.cout, plane, target, boff, 0, true);
         }
-    }
-}
-
-/// The conv flag and offset of an optional bias parameter.
-fn bias_flag(p: &Plan, bias: Option<usize>) -> (u32, usize) {
-    match bias {
-        Some(b) => (flags::CONV_BIAS, p.param_off(b)),
-        None => (0, 0),
     }
 }
 
@@ -346,14 +351,7 @@ pub fn weight_split(node: &Node, n: usize) -> (usize, usize, usize) {
 }
 
 /// The kernels' parameters for a batch of `n`.
-fn conv_params(
-    node: &Node,
-    n: usize,
-    wa_off: usize,
-    wb_off: usize,
-    flags: u32,
-    bias_off: usize,
-) -> ConvParams {
+fn conv_params(node: &Node, n: usize, wa_off: usize, wb_off: usize, bias_off: usize) -> ConvParams {
     let d = dims(node);
     ConvParams {
         n: n as u32,
@@ -368,36 +366,42 @@ fn conv_params(
         ow: d.ow as u32,
         wa_off: wa_off as u32,
         wb_off: wb_off as u32,
-        flags,
         bias_off: bias_off as u32,
         rows_per_chunk: 0,
         chunks: 0,
+        _p0: 0,
     }
 }
 
 /// Pushes a conv forward or backward-data step, reading the layer's
 /// weights (and bias) through one uniform window of θ/v where they fit in
 /// it: the offsets in `pr` become relative to the window.
-fn push_conv(p: &mut Plan, kernel: Kernel, pr: &ConvParams, buffers: Vec<usize>, grid: Grid) {
+fn push_conv(
+    p: &mut Plan,
+    kernel: Kernel,
+    consts: Consts,
+    pr: &ConvParams,
+    buffers: Vec<usize>,
+    grid: Grid,
+) {
     let (k, s) = (pr.k as usize, pr.stride as usize);
     let windowed = kernels::conv_variant(kernel, k, s, true);
     let kernel = kernels::conv_variant(kernel, k, s, false);
     let Some(align) = p.window_alignment else {
-        return p.push(kernel, pr, buffers, grid);
+        return p.push_with(kernel, consts, pr, buffers, grid);
     };
     let weights = (pr.cin * pr.cout * pr.k * pr.k) as usize;
     let (woff, boff) = (pr.wa_off as usize, pr.bias_off as usize);
     let mut lo = woff;
     let mut hi = woff + weights;
-    let bias = matches!(kernel, Kernel::ConvForward | Kernel::ConvForwardK3)
-        && pr.flags & flags::CONV_BIAS != 0;
+    let bias = consts.get("BIAS") == Some(1);
     if bias {
         lo = lo.min(boff);
         hi = hi.max(boff + pr.cout as usize);
     }
     let start = lo / align * align;
     if hi - start > kernels::WINDOW_FLOATS {
-        return p.push(kernel, pr, buffers, grid);
+        return p.push_with(kernel, consts, pr, buffers, grid);
     }
     let rel = |x: usize| (x - start) as u32;
     let pr = ConvParams {
@@ -408,5 +412,5 @@ fn push_conv(p: &mut Plan, kernel: Kernel, pr: &ConvParams, buffers: Vec<usize>,
         bias_off: if bias { rel(boff) } else { 0 },
         ..*pr
     };
-    p.push_windowed(windowed, &pr, buffers, grid, start);
+    p.push_windowed(windowed, consts, &pr, buffers, grid, start);
 }

@@ -74,8 +74,10 @@ pub struct StateBuf {
 
 /// One op family's passes on both executors.
 pub trait Layer: Sync {
-    /// Refuses a node this unit cannot compute right, naming the layer and
-    /// the limit; every executor calls it when it is built.
+    /// Refuses a node the unit's GPU kernels cannot compute right (the
+    /// shapes their tests cover), naming the layer and the limit; the GPU
+    /// executor calls it when it is built. The float64 passes take any
+    /// shape the model parser accepts.
     fn check(&self, _node: &Node) -> Result<()> {
         Ok(())
     }
@@ -161,7 +163,7 @@ pub fn unit(op: &Op) -> &'static dyn Layer {
     }
 }
 
-/// Checks every node of a model against its unit's envelope.
+/// Checks every node of a model against its unit's GPU envelope.
 pub fn check_model(model: &Model) -> Result<()> {
     model.nodes.iter().try_for_each(|n| unit(&n.op).check(n))
 }

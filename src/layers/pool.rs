@@ -6,7 +6,7 @@
 
 use super::{saved, unsupported, CpuCx, Layer, Saved, StateBuf, StateCx};
 use crate::error::Result;
-use crate::gpu::kernels::{flags, Consts, Kernel, PoolParams};
+use crate::gpu::kernels::{Consts, Kernel, PoolParams};
 use crate::gpu::plan::{NodeBufs, Plan};
 use crate::gpu::program::Grid;
 use crate::model::{Node, Op};
@@ -28,7 +28,10 @@ fn window(node: &Node) -> (usize, usize, usize) {
 fn check_window(node: &Node) -> Result<()> {
     let (k, stride, pad) = window(node);
     if k == 0 || stride == 0 {
-        return Err(unsupported(node, "kernel size and stride must be at least 1"));
+        return Err(unsupported(
+            node,
+            "kernel size and stride must be at least 1",
+        ));
     }
     if 2 * pad > k {
         return Err(unsupported(
@@ -41,7 +44,7 @@ fn check_window(node: &Node) -> Result<()> {
 
 /// The pool kernels' parameters for a batch of `n` (the window is zero
 /// for the global average pool).
-fn pool_params(node: &Node, n: usize, flags: u32) -> PoolParams {
+fn pool_params(node: &Node, n: usize) -> PoolParams {
     let (s, o) = (node.in_shape, node.out_shape);
     let (k, stride, pad) = match node.op {
         Op::MaxPool { k, stride, pad } | Op::AvgPool { k, stride, pad } => (k, stride, pad),
@@ -56,16 +59,7 @@ fn pool_params(node: &Node, n: usize, flags: u32) -> PoolParams {
         pad: pad as u32,
         oh: o.h as u32,
         ow: o.w as u32,
-        flags,
         ..Default::default()
-    }
-}
-
-fn acc_flag(acc: bool) -> u32 {
-    if acc {
-        flags::POOL_ACC
-    } else {
-        0
     }
 }
 
@@ -77,8 +71,7 @@ impl Layer for MaxPoolUnit {
     fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
         let (k, stride, pad) = window(node);
         let (s, o) = (node.in_shape, node.out_shape);
-        let (y, arg) =
-            pool::maxpool_forward(cx.n * s.c, s.h, s.w, k, stride, pad, o.h, o.w, xs[0]);
+        let (y, arg) = pool::maxpool_forward(cx.n * s.c, s.h, s.w, k, stride, pad, o.h, o.w, xs[0]);
         (y, Box::new(arg))
     }
 
@@ -142,7 +135,7 @@ impl Layer for MaxPoolUnit {
     fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
         p.push(
             Kernel::MaxPoolForward,
-            &pool_params(node, p.n, 0),
+            &pool_params(node, p.n),
             vec![io.x[0], io.y, io.state[0]],
             Grid::Threads(p.n * node.out_shape.numel()),
         );
@@ -154,7 +147,7 @@ impl Layer for MaxPoolUnit {
         }
         p.push(
             Kernel::MaxPoolGather,
-            &pool_params(node, p.n, 0),
+            &pool_params(node, p.n),
             vec![io.dx[0], io.state[0], io.dy],
             Grid::Threads(p.n * node.out_shape.numel()),
         );
@@ -165,9 +158,10 @@ impl Layer for MaxPoolUnit {
         if !io.needs_gx[0] {
             return;
         }
-        p.push(
+        p.push_with(
             Kernel::MaxPoolBackward,
-            &pool_params(node, p.n, acc_flag(io.acc[0])),
+            Consts::acc(io.acc[0]),
+            &pool_params(node, p.n),
             vec![io.gy, io.state[0], io.gx[0]],
             Grid::Threads(p.n * node.in_shape.numel()),
         );
@@ -238,10 +232,9 @@ impl Layer for AvgPoolUnit {
     }
 
     fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
-        p.push_with(
+        p.push(
             Kernel::AvgPoolForward,
-            Consts::default(),
-            &pool_params(node, p.n, 0),
+            &pool_params(node, p.n),
             vec![io.x[0], io.y],
             Grid::Threads(p.n * node.out_shape.numel()),
         );
@@ -251,10 +244,9 @@ impl Layer for AvgPoolUnit {
         if io.dx_zero[0] {
             return true;
         }
-        p.push_with(
+        p.push(
             Kernel::AvgPoolForward,
-            Consts::default(),
-            &pool_params(node, p.n, 0),
+            &pool_params(node, p.n),
             vec![io.dx[0], io.dy],
             Grid::Threads(p.n * node.out_shape.numel()),
         );
@@ -267,8 +259,8 @@ impl Layer for AvgPoolUnit {
         }
         p.push_with(
             Kernel::AvgPoolBackward,
-            Consts::new(&[("AVG_ACC", io.acc[0] as u32)]),
-            &pool_params(node, p.n, 0),
+            Consts::acc(io.acc[0]),
+            &pool_params(node, p.n),
             vec![io.gy, io.gx[0]],
             Grid::Threads(p.n * node.in_shape.numel()),
         );
@@ -278,7 +270,10 @@ impl Layer for AvgPoolUnit {
 impl Layer for GlobalAvgPoolUnit {
     fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
         let s = node.in_shape;
-        (pool::gap_forward(cx.n * s.c, s.spatial(), xs[0]), Box::new(()))
+        (
+            pool::gap_forward(cx.n * s.c, s.spatial(), xs[0]),
+            Box::new(()),
+        )
     }
 
     fn r_forward(
@@ -324,7 +319,7 @@ impl Layer for GlobalAvgPoolUnit {
     fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
         p.push(
             Kernel::GapForward,
-            &pool_params(node, p.n, 0),
+            &pool_params(node, p.n),
             vec![io.x[0], io.y],
             Grid::Threads(p.n * node.in_shape.c),
         );
@@ -336,7 +331,7 @@ impl Layer for GlobalAvgPoolUnit {
         }
         p.push(
             Kernel::GapForward,
-            &pool_params(node, p.n, 0),
+            &pool_params(node, p.n),
             vec![io.dx[0], io.dy],
             Grid::Threads(p.n * node.in_shape.c),
         );
@@ -347,9 +342,10 @@ impl Layer for GlobalAvgPoolUnit {
         if !io.needs_gx[0] {
             return;
         }
-        p.push(
+        p.push_with(
             Kernel::GapBackward,
-            &pool_params(node, p.n, acc_flag(io.acc[0])),
+            Consts::acc(io.acc[0]),
+            &pool_params(node, p.n),
             vec![io.gy, io.gx[0]],
             Grid::Threads(p.n * node.in_shape.numel()),
         );

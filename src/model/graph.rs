@@ -36,7 +36,9 @@ pub enum Activation {
     /// max(x, 0); derivative 0 at 0.
     Relu,
     /// x for x > 0, slope·x otherwise; derivative `slope` at 0 (PyTorch).
-    LeakyRelu { slope: f64 },
+    LeakyRelu {
+        slope: f64,
+    },
     Tanh,
     /// 1 / (1 + e^-x).
     Sigmoid,

@@ -30,7 +30,7 @@ pub fn dense_matrix(op: &mut dyn SymOperator, limit: usize) -> Result<(Vec<f64>,
             msg: format!(
                 "{limit} parameters would allow a dense {limit}×{limit} float64 matrix ({} GiB); \
                  the most accepted is {EXACT_HARD_MAX_PARAMS} ({} GiB)",
-                (limit as u128 * limit as u128 * 8) >> 30,
+                (limit as f64 * limit as f64 * 8.0 / (1u64 << 30) as f64).round(),
                 (EXACT_HARD_MAX_PARAMS * EXACT_HARD_MAX_PARAMS * 8) >> 30
             ),
         });
