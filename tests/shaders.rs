@@ -155,126 +155,167 @@ fn every_kernel_module_validates_and_has_its_entry_point() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
-/// What the host declares for a kernel (`KernelSpec`: bindings, params
-/// struct, override constants) against what its WGSL entry point uses,
-/// reflected with naga: binding numbers and access modes, the params
-/// struct's name and every member's name and offset (`KernelParams`).
-#[test]
-fn every_kernel_interface_matches_its_wgsl() {
-    use hesscope::gpu::kernels::{Binding, Kernel};
+/// Every disagreement between what the host declares for a kernel
+/// (`KernelSpec`: bindings, params struct, override constants) and what its
+/// WGSL entry point in `src` uses, reflected with naga: binding numbers and
+/// access modes, the params struct's name and every member's name and
+/// offset (`KernelParams`).
+fn interface_errors(k: hesscope::gpu::kernels::Kernel, src: &str) -> Vec<String> {
+    use hesscope::gpu::kernels::Binding;
     use naga::{AddressSpace, StorageAccess, TypeInner};
     let structs: std::collections::HashMap<_, _> =
         hesscope::gpu::params::all().into_iter().collect();
     let mut failures = vec![];
-    let mut checked = 0;
-    for &k in Kernel::ALL {
-        let spec = k.spec();
-        let (file, src) = k.source();
-        let module = naga::front::wgsl::parse_str(src).unwrap();
-        let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
-            .validate(&module)
-            .unwrap();
-        let Some(ep) = module
-            .entry_points
-            .iter()
-            .position(|e| e.name == spec.entry)
-        else {
-            failures.push(format!("{k:?}: no entry point {}", spec.entry));
+    let spec = k.spec();
+    let (file, _) = k.source();
+    let module = match naga::front::wgsl::parse_str(src) {
+        Ok(m) => m,
+        Err(e) => return vec![format!("{k:?}: {}", e.emit_to_string(src))],
+    };
+    let info = match Validator::new(ValidationFlags::all(), Capabilities::empty()).validate(&module)
+    {
+        Ok(i) => i,
+        Err(e) => return vec![format!("{k:?}: {}", e.emit_to_string(src))],
+    };
+    let Some(ep) = module
+        .entry_points
+        .iter()
+        .position(|e| e.name == spec.entry)
+    else {
+        return vec![format!("{k:?}: no entry point {}", spec.entry)];
+    };
+    let used = info.get_entry_point(ep);
+    let mut seen = vec![];
+    for (h, g) in module.global_variables.iter() {
+        let Some(rb) = &g.binding else { continue };
+        if used[h].is_empty() {
+            continue;
+        }
+        let at = format!("{k:?} ({file}::{}) binding {}", spec.entry, rb.binding);
+        if rb.group != 0 {
+            failures.push(format!("{at}: group {}", rb.group));
+        }
+        seen.push(rb.binding);
+        if rb.binding == 0 {
+            let ty = &module.types[g.ty];
+            if g.space != AddressSpace::Uniform {
+                failures.push(format!("{at}: params not a uniform"));
+            }
+            if ty.name.as_deref() != Some(spec.params) {
+                failures.push(format!(
+                    "{at}: params struct {:?}, host says {}",
+                    ty.name, spec.params
+                ));
+                continue;
+            }
+            let TypeInner::Struct { members, .. } = &ty.inner else {
+                failures.push(format!("{at}: params not a struct"));
+                continue;
+            };
+            let wgsl: Vec<(String, usize)> = members
+                .iter()
+                .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
+                .collect();
+            let host: Vec<(String, usize)> = structs[spec.params]
+                .iter()
+                .map(|(n, o)| (n.to_string(), *o))
+                .collect();
+            if wgsl != host {
+                failures.push(format!(
+                    "{at}: WGSL {} {wgsl:?} vs Rust {host:?}",
+                    spec.params
+                ));
+            }
+            continue;
+        }
+        let Some(&want) = spec.bindings.get(rb.binding as usize - 1) else {
+            failures.push(format!("{at}: not in the host's binding table"));
             continue;
         };
-        let used = info.get_entry_point(ep);
-        let mut seen = vec![];
-        for (h, g) in module.global_variables.iter() {
-            let Some(rb) = &g.binding else { continue };
-            if used[h].is_empty() {
+        let got = match g.space {
+            AddressSpace::Storage { access } if access.contains(StorageAccess::STORE) => {
+                Binding::Write
+            }
+            AddressSpace::Storage { .. } => Binding::Read,
+            AddressSpace::Uniform => Binding::Window,
+            other => {
+                failures.push(format!("{at}: address space {other:?}"));
                 continue;
             }
-            let at = format!("{k:?} ({file}::{}) binding {}", spec.entry, rb.binding);
-            if rb.group != 0 {
-                failures.push(format!("{at}: group {}", rb.group));
-            }
-            seen.push(rb.binding);
-            if rb.binding == 0 {
-                let ty = &module.types[g.ty];
-                if g.space != AddressSpace::Uniform {
-                    failures.push(format!("{at}: params not a uniform"));
-                }
-                if ty.name.as_deref() != Some(spec.params) {
-                    failures.push(format!(
-                        "{at}: params struct {:?}, host says {}",
-                        ty.name, spec.params
-                    ));
-                    continue;
-                }
-                let TypeInner::Struct { members, .. } = &ty.inner else {
-                    failures.push(format!("{at}: params not a struct"));
-                    continue;
-                };
-                let wgsl: Vec<(String, usize)> = members
-                    .iter()
-                    .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
-                    .collect();
-                let host: Vec<(String, usize)> = structs[spec.params]
-                    .iter()
-                    .map(|(n, o)| (n.to_string(), *o))
-                    .collect();
-                if wgsl != host {
-                    failures.push(format!(
-                        "{at}: WGSL {} {wgsl:?} vs Rust {host:?}",
-                        spec.params
-                    ));
-                }
-                continue;
-            }
-            let Some(&want) = spec.bindings.get(rb.binding as usize - 1) else {
-                failures.push(format!("{at}: not in the host's binding table"));
-                continue;
-            };
-            let got = match g.space {
-                AddressSpace::Storage { access } if access.contains(StorageAccess::STORE) => {
-                    Binding::Write
-                }
-                AddressSpace::Storage { .. } => Binding::Read,
-                AddressSpace::Uniform => Binding::Window,
-                other => {
-                    failures.push(format!("{at}: address space {other:?}"));
-                    continue;
-                }
-            };
-            if got != want {
-                failures.push(format!("{at}: WGSL {got:?}, host {want:?}"));
-            }
+        };
+        if got != want {
+            failures.push(format!("{at}: WGSL {got:?}, host {want:?}"));
         }
-        seen.sort();
-        let want: Vec<u32> = (0..=spec.bindings.len() as u32).collect();
-        if seen != want {
-            failures.push(format!(
-                "{k:?}: WGSL uses bindings {seen:?}, host binds {want:?}"
-            ));
-        }
-        for o in spec.overrides {
-            if !module
-                .overrides
-                .iter()
-                .any(|(_, ov)| ov.name.as_deref() == Some(*o))
-            {
-                failures.push(format!("{k:?}: no override constant {o} in {file}"));
-            }
-        }
-        checked += 1;
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert_eq!(checked, Kernel::ALL.len());
+    seen.sort();
+    let want: Vec<u32> = (0..=spec.bindings.len() as u32).collect();
+    if seen != want {
+        failures.push(format!(
+            "{k:?}: WGSL uses bindings {seen:?}, host binds {want:?}"
+        ));
+    }
+    for o in spec.overrides {
+        if !module
+            .overrides
+            .iter()
+            .any(|(_, ov)| ov.name.as_deref() == Some(*o))
+        {
+            failures.push(format!("{k:?}: no override constant {o} in {file}"));
+        }
+    }
+    failures
 }
 
-/// The reflection test must be able to fail: a params struct whose
-/// members differ from the WGSL's is told apart.
 #[test]
-fn a_params_mismatch_is_caught() {
-    use hesscope::gpu::params::{ConvParams, KernelParams, PoolParams};
-    assert_ne!(ConvParams::members(), PoolParams::members());
-    let conv: Vec<_> = ConvParams::members().into_iter().map(|m| m.0).collect();
-    assert!(conv.contains(&"rows_per_chunk") && conv.contains(&"chunks"));
+fn every_kernel_interface_matches_its_wgsl() {
+    use hesscope::gpu::kernels::Kernel;
+    let failures: Vec<String> = Kernel::ALL
+        .iter()
+        .flat_map(|&k| interface_errors(k, k.source().1))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The reflection must be able to fail: a WGSL params struct with two
+/// members swapped, a storage buffer made writable, a binding renumbered
+/// and an override renamed are each reported.
+#[test]
+fn an_interface_mismatch_is_caught() {
+    use hesscope::gpu::kernels::Kernel;
+    let conv = Kernel::ConvForward.source().1;
+    let mutants = [
+        (
+            "n: u32, cin: u32,",
+            "cin: u32, n: u32,",
+            Kernel::ConvForward,
+            conv,
+        ),
+        (
+            "var<storage, read> xa: array<f32>;",
+            "var<storage, read_write> xa: array<f32>;",
+            Kernel::ConvForward,
+            conv,
+        ),
+        (
+            "@group(0) @binding(5) var<storage, read_write> out",
+            "@group(0) @binding(6) var<storage, read_write> out",
+            Kernel::ConvForward,
+            conv,
+        ),
+        (
+            "override PAIR_B: bool = false;",
+            "override PAIR_X: bool = false;\nconst PAIR_B: bool = false;",
+            Kernel::ConvForward,
+            conv,
+        ),
+    ];
+    for (from, to, k, src) in mutants {
+        assert!(src.contains(from), "mutation {from:?} no longer applies");
+        let bad = src.replacen(from, to, 1);
+        assert!(interface_errors(k, src).is_empty(), "{k:?} unmutated");
+        let errs = interface_errors(k, &bad);
+        assert!(!errs.is_empty(), "{k:?}: {from:?} -> {to:?} not caught");
+    }
 }
 
 #[test]

@@ -142,6 +142,108 @@ pub trait Layer: Sync {
     fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool);
 }
 
+/// A unit linear in its one input once its forward's state is fixed (the
+/// pools: y = A·x, A depending on the argmax for max pooling). The
+/// R-forward is then A·ẋ and the R-backward Aᵀ·R(gy), so the unit gives A
+/// and Aᵀ and the [`Layer`] passes follow (blanket impl below).
+pub trait LinearUnit: Sync {
+    fn check(&self, _node: &Node) -> Result<()> {
+        Ok(())
+    }
+    /// y = A·x and the state A depends on (nothing by default).
+    fn forward(&self, cx: &CpuCx, node: &Node, x: &[f64]) -> (Vec<f64>, Saved) {
+        let s: Saved = Box::new(());
+        (self.apply(cx, node, &s, x), s)
+    }
+    /// A·x at the forward's state.
+    fn apply(&self, cx: &CpuCx, node: &Node, saved: &Saved, x: &[f64]) -> Vec<f64>;
+    /// Aᵀ·g.
+    fn transpose(&self, cx: &CpuCx, node: &Node, saved: &Saved, g: &[f64]) -> Vec<f64>;
+
+    fn gpu_state(&self, _node: &Node, _n: usize, _cx: &StateCx) -> Vec<StateBuf> {
+        vec![]
+    }
+    /// The forward on the GPU (A·x by default).
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        self.plan_apply(p, node, io, io.x[0], io.y);
+    }
+    /// Pushes dst = A·src.
+    fn plan_apply(&self, p: &mut Plan, node: &Node, io: &NodeBufs, src: usize, dst: usize);
+    /// Pushes dst = Aᵀ·src, or dst += Aᵀ·src with `acc`.
+    fn plan_transpose(
+        &self,
+        p: &mut Plan,
+        node: &Node,
+        io: &NodeBufs,
+        src: usize,
+        dst: usize,
+        acc: bool,
+    );
+}
+
+impl<T: LinearUnit> Layer for T {
+    fn check(&self, node: &Node) -> Result<()> {
+        LinearUnit::check(self, node)
+    }
+    fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
+        LinearUnit::forward(self, cx, node, xs[0])
+    }
+    fn r_forward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        dxs: &[&[f64]],
+        _v: &[f64],
+        saved: &mut Saved,
+    ) -> Vec<f64> {
+        self.apply(cx, node, saved, dxs[0])
+    }
+    fn backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        saved: &Saved,
+        gy: &[f64],
+        _grad: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        vec![self.transpose(cx, node, saved, gy)]
+    }
+    fn r_backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        _dxs: &[&[f64]],
+        saved: &Saved,
+        _gy: &[f64],
+        rgy: &[f64],
+        _v: &[f64],
+        _hv: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        vec![self.transpose(cx, node, saved, rgy)]
+    }
+    fn gpu_state(&self, node: &Node, n: usize, cx: &StateCx) -> Vec<StateBuf> {
+        LinearUnit::gpu_state(self, node, n, cx)
+    }
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        LinearUnit::plan_forward(self, p, node, io)
+    }
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        if io.dx_zero[0] {
+            return true;
+        }
+        self.plan_apply(p, node, io, io.dx[0], io.dy);
+        false
+    }
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, _r: bool) {
+        if io.needs_gx[0] {
+            self.plan_transpose(p, node, io, io.gy, io.gx[0], io.acc[0]);
+        }
+    }
+}
+
 /// What `Layer::gpu_state` may read.
 pub struct StateCx<'a> {
     pub model: &'a Model,

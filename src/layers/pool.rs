@@ -1,10 +1,10 @@
 //! Pooling: MaxPool2d (the argmax kept for the gather/scatter passes; ties
 //! to the first maximum as PyTorch), AvgPool2d (count_include_pad) and the
-//! global average pool. All three are linear in x given the argmax, so the
-//! R-forward is the forward map applied to ẋ and the R-backward the
-//! backward map applied to R(gy). Kernels: shaders/pool.wgsl.
+//! global average pool. All three are linear in x given the argmax
+//! ([`LinearUnit`]): each gives its map and the transpose, and the R-passes
+//! follow. Kernels: shaders/pool.wgsl.
 
-use super::{saved, unsupported, CpuCx, Layer, Saved, StateBuf, StateCx};
+use super::{saved, unsupported, CpuCx, LinearUnit, Saved, StateBuf, StateCx};
 use crate::error::Result;
 use crate::gpu::kernels::{Consts, Kernel, PoolParams};
 use crate::gpu::plan::{NodeBufs, Plan};
@@ -63,65 +63,29 @@ fn pool_params(node: &Node, n: usize) -> PoolParams {
     }
 }
 
-impl Layer for MaxPoolUnit {
+impl LinearUnit for MaxPoolUnit {
     fn check(&self, node: &Node) -> Result<()> {
         check_window(node)
     }
 
-    fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
+    /// The argmax of every window (the state A depends on).
+    fn forward(&self, cx: &CpuCx, node: &Node, x: &[f64]) -> (Vec<f64>, Saved) {
         let (k, stride, pad) = window(node);
         let (s, o) = (node.in_shape, node.out_shape);
-        let (y, arg) = pool::maxpool_forward(cx.n * s.c, s.h, s.w, k, stride, pad, o.h, o.w, xs[0]);
+        let (y, arg) = pool::maxpool_forward(cx.n * s.c, s.h, s.w, k, stride, pad, o.h, o.w, x);
         (y, Box::new(arg))
     }
 
-    fn r_forward(
-        &self,
-        cx: &CpuCx,
-        node: &Node,
-        _xs: &[&[f64]],
-        dxs: &[&[f64]],
-        _v: &[f64],
-        sv: &mut Saved,
-    ) -> Vec<f64> {
+    fn apply(&self, cx: &CpuCx, node: &Node, sv: &Saved, x: &[f64]) -> Vec<f64> {
         let arg: &Vec<u32> = saved(sv, node);
         let (s, o) = (node.in_shape, node.out_shape);
-        pool::maxpool_gather(cx.n * s.c, s.spatial(), o.spatial(), arg, dxs[0])
+        pool::maxpool_gather(cx.n * s.c, s.spatial(), o.spatial(), arg, x)
     }
 
-    fn backward(
-        &self,
-        cx: &CpuCx,
-        node: &Node,
-        _xs: &[&[f64]],
-        sv: &Saved,
-        gy: &[f64],
-        _grad: &mut [f64],
-    ) -> Vec<Vec<f64>> {
+    fn transpose(&self, cx: &CpuCx, node: &Node, sv: &Saved, g: &[f64]) -> Vec<f64> {
         let arg: &Vec<u32> = saved(sv, node);
         let (s, o) = (node.in_shape, node.out_shape);
-        vec![pool::maxpool_scatter(
-            cx.n * s.c,
-            s.spatial(),
-            o.spatial(),
-            arg,
-            gy,
-        )]
-    }
-
-    fn r_backward(
-        &self,
-        cx: &CpuCx,
-        node: &Node,
-        xs: &[&[f64]],
-        _dxs: &[&[f64]],
-        sv: &Saved,
-        _gy: &[f64],
-        rgy: &[f64],
-        _v: &[f64],
-        hv: &mut [f64],
-    ) -> Vec<Vec<f64>> {
-        self.backward(cx, node, xs, sv, rgy, hv)
+        pool::maxpool_scatter(cx.n * s.c, s.spatial(), o.spatial(), arg, g)
     }
 
     fn gpu_state(&self, node: &Node, n: usize, _cx: &StateCx) -> Vec<StateBuf> {
@@ -141,212 +105,113 @@ impl Layer for MaxPoolUnit {
         );
     }
 
-    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
-        if io.dx_zero[0] {
-            return true;
-        }
+    fn plan_apply(&self, p: &mut Plan, node: &Node, io: &NodeBufs, src: usize, dst: usize) {
         p.push(
             Kernel::MaxPoolGather,
             &pool_params(node, p.n),
-            vec![io.dx[0], io.state[0], io.dy],
+            vec![src, io.state[0], dst],
             Grid::Threads(p.n * node.out_shape.numel()),
         );
-        false
     }
 
-    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, _r: bool) {
-        if !io.needs_gx[0] {
-            return;
-        }
+    fn plan_transpose(
+        &self,
+        p: &mut Plan,
+        node: &Node,
+        io: &NodeBufs,
+        src: usize,
+        dst: usize,
+        acc: bool,
+    ) {
         p.push_with(
             Kernel::MaxPoolBackward,
-            Consts::acc(io.acc[0]),
+            Consts::acc(acc),
             &pool_params(node, p.n),
-            vec![io.gy, io.state[0], io.gx[0]],
+            vec![src, io.state[0], dst],
             Grid::Threads(p.n * node.in_shape.numel()),
         );
     }
 }
 
-impl Layer for AvgPoolUnit {
+impl LinearUnit for AvgPoolUnit {
     fn check(&self, node: &Node) -> Result<()> {
         check_window(node)
     }
 
-    fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
+    fn apply(&self, cx: &CpuCx, node: &Node, _sv: &Saved, x: &[f64]) -> Vec<f64> {
         let (k, stride, pad) = window(node);
         let (s, o) = (node.in_shape, node.out_shape);
-        let y = pool::avgpool_forward(cx.n * s.c, s.h, s.w, k, stride, pad, o.h, o.w, xs[0]);
-        (y, Box::new(()))
+        pool::avgpool_forward(cx.n * s.c, s.h, s.w, k, stride, pad, o.h, o.w, x)
     }
 
-    fn r_forward(
-        &self,
-        cx: &CpuCx,
-        node: &Node,
-        _xs: &[&[f64]],
-        dxs: &[&[f64]],
-        _v: &[f64],
-        _sv: &mut Saved,
-    ) -> Vec<f64> {
-        self.forward(cx, node, dxs).0
-    }
-
-    fn backward(
-        &self,
-        cx: &CpuCx,
-        node: &Node,
-        _xs: &[&[f64]],
-        _sv: &Saved,
-        gy: &[f64],
-        _grad: &mut [f64],
-    ) -> Vec<Vec<f64>> {
+    fn transpose(&self, cx: &CpuCx, node: &Node, _sv: &Saved, g: &[f64]) -> Vec<f64> {
         let (k, stride, pad) = window(node);
         let (s, o) = (node.in_shape, node.out_shape);
-        vec![pool::avgpool_backward(
-            cx.n * s.c,
-            s.h,
-            s.w,
-            k,
-            stride,
-            pad,
-            o.h,
-            o.w,
-            gy,
-        )]
+        pool::avgpool_backward(cx.n * s.c, s.h, s.w, k, stride, pad, o.h, o.w, g)
     }
 
-    fn r_backward(
-        &self,
-        cx: &CpuCx,
-        node: &Node,
-        xs: &[&[f64]],
-        _dxs: &[&[f64]],
-        sv: &Saved,
-        _gy: &[f64],
-        rgy: &[f64],
-        _v: &[f64],
-        hv: &mut [f64],
-    ) -> Vec<Vec<f64>> {
-        self.backward(cx, node, xs, sv, rgy, hv)
-    }
-
-    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+    fn plan_apply(&self, p: &mut Plan, node: &Node, _io: &NodeBufs, src: usize, dst: usize) {
         p.push(
             Kernel::AvgPoolForward,
             &pool_params(node, p.n),
-            vec![io.x[0], io.y],
+            vec![src, dst],
             Grid::Threads(p.n * node.out_shape.numel()),
         );
     }
 
-    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
-        if io.dx_zero[0] {
-            return true;
-        }
-        p.push(
-            Kernel::AvgPoolForward,
-            &pool_params(node, p.n),
-            vec![io.dx[0], io.dy],
-            Grid::Threads(p.n * node.out_shape.numel()),
-        );
-        false
-    }
-
-    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, _r: bool) {
-        if !io.needs_gx[0] {
-            return;
-        }
+    fn plan_transpose(
+        &self,
+        p: &mut Plan,
+        node: &Node,
+        _io: &NodeBufs,
+        src: usize,
+        dst: usize,
+        acc: bool,
+    ) {
         p.push_with(
             Kernel::AvgPoolBackward,
-            Consts::acc(io.acc[0]),
+            Consts::acc(acc),
             &pool_params(node, p.n),
-            vec![io.gy, io.gx[0]],
+            vec![src, dst],
             Grid::Threads(p.n * node.in_shape.numel()),
         );
     }
 }
 
-impl Layer for GlobalAvgPoolUnit {
-    fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
+impl LinearUnit for GlobalAvgPoolUnit {
+    fn apply(&self, cx: &CpuCx, node: &Node, _sv: &Saved, x: &[f64]) -> Vec<f64> {
         let s = node.in_shape;
-        (
-            pool::gap_forward(cx.n * s.c, s.spatial(), xs[0]),
-            Box::new(()),
-        )
+        pool::gap_forward(cx.n * s.c, s.spatial(), x)
     }
 
-    fn r_forward(
-        &self,
-        cx: &CpuCx,
-        node: &Node,
-        _xs: &[&[f64]],
-        dxs: &[&[f64]],
-        _v: &[f64],
-        _sv: &mut Saved,
-    ) -> Vec<f64> {
-        self.forward(cx, node, dxs).0
-    }
-
-    fn backward(
-        &self,
-        cx: &CpuCx,
-        node: &Node,
-        _xs: &[&[f64]],
-        _sv: &Saved,
-        gy: &[f64],
-        _grad: &mut [f64],
-    ) -> Vec<Vec<f64>> {
+    fn transpose(&self, cx: &CpuCx, node: &Node, _sv: &Saved, g: &[f64]) -> Vec<f64> {
         let s = node.in_shape;
-        vec![pool::gap_backward(cx.n * s.c, s.spatial(), gy)]
+        pool::gap_backward(cx.n * s.c, s.spatial(), g)
     }
 
-    fn r_backward(
-        &self,
-        cx: &CpuCx,
-        node: &Node,
-        xs: &[&[f64]],
-        _dxs: &[&[f64]],
-        sv: &Saved,
-        _gy: &[f64],
-        rgy: &[f64],
-        _v: &[f64],
-        hv: &mut [f64],
-    ) -> Vec<Vec<f64>> {
-        self.backward(cx, node, xs, sv, rgy, hv)
-    }
-
-    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+    fn plan_apply(&self, p: &mut Plan, node: &Node, _io: &NodeBufs, src: usize, dst: usize) {
         p.push(
             Kernel::GapForward,
             &pool_params(node, p.n),
-            vec![io.x[0], io.y],
+            vec![src, dst],
             Grid::Threads(p.n * node.in_shape.c),
         );
     }
 
-    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
-        if io.dx_zero[0] {
-            return true;
-        }
-        p.push(
-            Kernel::GapForward,
-            &pool_params(node, p.n),
-            vec![io.dx[0], io.dy],
-            Grid::Threads(p.n * node.in_shape.c),
-        );
-        false
-    }
-
-    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, _r: bool) {
-        if !io.needs_gx[0] {
-            return;
-        }
+    fn plan_transpose(
+        &self,
+        p: &mut Plan,
+        node: &Node,
+        _io: &NodeBufs,
+        src: usize,
+        dst: usize,
+        acc: bool,
+    ) {
         p.push_with(
             Kernel::GapBackward,
-            Consts::acc(io.acc[0]),
+            Consts::acc(acc),
             &pool_params(node, p.n),
-            vec![io.gy, io.gx[0]],
+            vec![src, dst],
             Grid::Threads(p.n * node.in_shape.numel()),
         );
     }
