@@ -92,6 +92,42 @@ pub fn gap_backward(planes: usize, hw: usize, gy: &[f64]) -> Vec<f64> {
     gx
 }
 
+/// Calls `f(output index, input index)` for every input inside every
+/// k×k window (zero padding has no index), over [n·c planes of h×w].
+#[allow(clippy::too_many_arguments)]
+fn each_window_tap(
+    planes: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
+    mut f: impl FnMut(usize, usize),
+) {
+    for p in 0..planes {
+        for r in 0..oh {
+            for c in 0..ow {
+                let o = (p * oh + r) * ow + c;
+                for kh in 0..k {
+                    let ir = (r * stride + kh) as isize - pad as isize;
+                    if ir < 0 || ir >= h as isize {
+                        continue;
+                    }
+                    for kw in 0..k {
+                        let ic = (c * stride + kw) as isize - pad as isize;
+                        if ic < 0 || ic >= w as isize {
+                            continue;
+                        }
+                        f(o, p * h * w + ir as usize * w + ic as usize);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Average pool over [n·c planes of h×w] with zero padding counted in the
 /// divisor (count_include_pad): every window divides by k·k.
 #[allow(clippy::too_many_arguments)]
@@ -108,28 +144,8 @@ pub fn avgpool_forward(
 ) -> Vec<f64> {
     let mut y = vec![0.0; planes * oh * ow];
     let div = (k * k) as f64;
-    for p in 0..planes {
-        let xp = &x[p * h * w..(p + 1) * h * w];
-        for r in 0..oh {
-            for c in 0..ow {
-                let mut s = 0.0;
-                for kh in 0..k {
-                    let ir = (r * stride + kh) as isize - pad as isize;
-                    if ir < 0 || ir >= h as isize {
-                        continue;
-                    }
-                    for kw in 0..k {
-                        let ic = (c * stride + kw) as isize - pad as isize;
-                        if ic < 0 || ic >= w as isize {
-                            continue;
-                        }
-                        s += xp[ir as usize * w + ic as usize];
-                    }
-                }
-                y[(p * oh + r) * ow + c] = s / div;
-            }
-        }
-    }
+    each_window_tap(planes, h, w, k, stride, pad, oh, ow, |o, i| y[o] += x[i]);
+    y.iter_mut().for_each(|v| *v /= div);
     y
 }
 
@@ -149,25 +165,8 @@ pub fn avgpool_backward(
 ) -> Vec<f64> {
     let mut gx = vec![0.0; planes * h * w];
     let div = (k * k) as f64;
-    for p in 0..planes {
-        for r in 0..oh {
-            for c in 0..ow {
-                let g = gy[(p * oh + r) * ow + c] / div;
-                for kh in 0..k {
-                    let ir = (r * stride + kh) as isize - pad as isize;
-                    if ir < 0 || ir >= h as isize {
-                        continue;
-                    }
-                    for kw in 0..k {
-                        let ic = (c * stride + kw) as isize - pad as isize;
-                        if ic < 0 || ic >= w as isize {
-                            continue;
-                        }
-                        gx[p * h * w + ir as usize * w + ic as usize] += g;
-                    }
-                }
-            }
-        }
-    }
+    each_window_tap(planes, h, w, k, stride, pad, oh, ow, |o, i| {
+        gx[i] += gy[o] / div
+    });
     gx
 }
