@@ -5,7 +5,7 @@
 
 use crate::engine::{check_out_len, BnMode, Curvature, Problem};
 use crate::error::{Error, Result};
-use crate::layers::{self, loss, CpuCx, Saved};
+use crate::layers::{self, loss, CpuCx, Decision, Saved};
 use crate::model::{Activation, Op};
 
 pub struct CpuReference {
@@ -14,6 +14,13 @@ pub struct CpuReference {
     /// per batch then per node (empty for non-ReLU nodes): lets a test
     /// isolate kernel error from f32/f64 kink flips.
     pub relu_masks: Option<Vec<Vec<Vec<bool>>>>,
+    /// Piecewise decisions (ReLU/LeakyReLU masks, max-pool argmax) to
+    /// replay instead of taking them from the current θ, per batch then per
+    /// node, as [`CpuReference::decisions`] records them; they take
+    /// precedence over `relu_masks`. With them the passes compute the loss,
+    /// gradient and Hv of the smooth piece that holds the recording θ —
+    /// what differentiating Hv along θ (third derivatives) needs.
+    pub frozen: Option<Vec<Vec<Decision>>>,
 }
 
 /// Results of one pass over the data set.
@@ -37,10 +44,16 @@ impl CpuReference {
         CpuReference {
             problem,
             relu_masks: None,
+            frozen: None,
         }
     }
 
-    fn cx<'a>(&'a self, count: usize, mask: Option<&'a [bool]>) -> CpuCx<'a> {
+    fn cx<'a>(
+        &'a self,
+        count: usize,
+        mask: Option<&'a [bool]>,
+        argmax: Option<&'a [u32]>,
+    ) -> CpuCx<'a> {
         let pr = &self.problem;
         CpuCx {
             model: &pr.model,
@@ -49,6 +62,7 @@ impl CpuReference {
             buffers: &pr.weights.buffers,
             batch_mode: pr.bn == BnMode::Batch,
             mask,
+            argmax,
         }
     }
 
@@ -105,7 +119,35 @@ impl CpuReference {
             .collect()
     }
 
-    /// Values and saved states of a batch; `bi` selects forced ReLU masks.
+    /// The piecewise decisions of every batch at the current θ, per node
+    /// ([`Decision::None`] for smooth ops), for [`CpuReference::frozen`].
+    pub fn decisions(&self) -> Vec<Vec<Decision>> {
+        let pr = &self.problem;
+        pr.data
+            .batches(pr.batch)
+            .into_iter()
+            .map(|(start, count)| {
+                let (vals, saved) = self.forward(None, start, count);
+                pr.model
+                    .nodes
+                    .iter()
+                    .zip(&saved)
+                    .map(|(n, s)| match n.op {
+                        Op::Act(Activation::Relu | Activation::LeakyRelu { .. }) => {
+                            Decision::Mask(vals[n.inputs[0]].iter().map(|x| *x > 0.0).collect())
+                        }
+                        Op::MaxPool { .. } => {
+                            Decision::Argmax(layers::saved::<Vec<u32>>(s, n).clone())
+                        }
+                        _ => Decision::None,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Values and saved states of a batch; `bi` selects the forced
+    /// decisions (frozen ones, else ReLU masks) of that batch.
     fn forward(
         &self,
         bi: Option<usize>,
@@ -123,11 +165,21 @@ impl CpuReference {
         );
         let mut saved = Vec::with_capacity(pr.model.nodes.len());
         for (ni, node) in pr.model.nodes.iter().enumerate() {
-            let mask = match (&self.relu_masks, bi) {
-                (Some(m), Some(bi)) if !m[bi][ni].is_empty() => Some(m[bi][ni].as_slice()),
+            let frozen = match (&self.frozen, bi) {
+                (Some(f), Some(bi)) => f.get(bi).and_then(|b| b.get(ni)),
                 _ => None,
             };
-            let cx = self.cx(count, mask);
+            let (mask, argmax) = match frozen {
+                Some(Decision::Mask(m)) => (Some(m.as_slice()), None),
+                Some(Decision::Argmax(a)) => (None, Some(a.as_slice())),
+                _ => match (&self.relu_masks, bi) {
+                    (Some(m), Some(bi)) if !m[bi][ni].is_empty() => {
+                        (Some(m[bi][ni].as_slice()), None)
+                    }
+                    _ => (None, None),
+                },
+            };
+            let cx = self.cx(count, mask, argmax);
             let xs: Vec<&[f64]> = node.inputs.iter().map(|&i| vals[i].as_slice()).collect();
             let (y, s) = layers::unit(&node.op).forward(&cx, node, &xs);
             vals.push(y);
@@ -151,7 +203,7 @@ impl CpuReference {
     ) -> f64 {
         let pr = &self.problem;
         let nodes = &pr.model.nodes;
-        let cx = self.cx(count, None);
+        let cx = self.cx(count, None, None);
         let (vals, mut saved) = self.forward(Some(bi), start, count);
 
         // R-forward: the directional derivative of every value along v.

@@ -17,3 +17,4 @@ pub mod layers;
 pub mod model;
 pub mod ops;
 pub mod report;
+pub mod trace_grad;

@@ -19,6 +19,7 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("eigenpair count", "--top"),
     ("tolerance", "--tol"),
     ("trace probes", "--probes"),
+    ("probe", "--probe"),
     ("exact size limit", "--max-params"),
     ("kernel width", "--sigma"),
     ("grid points", "--grid"),

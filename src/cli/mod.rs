@@ -7,6 +7,7 @@ mod common;
 pub mod errors;
 pub mod output;
 mod spectral_cmds;
+mod trace_grad_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -67,6 +68,9 @@ pub enum Command {
     Eigs(spectral_cmds::EigsArgs),
     /// Hutchinson and Hutch++ trace estimates.
     Trace(spectral_cmds::TraceArgs),
+    /// The gradient of a Hutchinson trace estimate, ∇θ[(1/P) Σₖ vₖᵀ H vₖ],
+    /// over probes on a layer set (third derivatives; float64 reference).
+    TraceGrad(trace_grad_cmd::TraceGradArgs),
     /// The whole spectrum of a small model from its dense Hessian.
     Exact(spectral_cmds::ExactArgs),
     /// Per-layer λmax, trace and density similarity.
@@ -107,6 +111,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Density(a) => spectral_cmds::density(a),
         Command::Eigs(a) => spectral_cmds::eigs_cmd(a),
         Command::Trace(a) => spectral_cmds::trace_cmd(a),
+        Command::TraceGrad(a) => trace_grad_cmd::trace_grad_cmd(a),
         Command::Exact(a) => spectral_cmds::exact_cmd(a),
         Command::Layers(a) => spectral_cmds::layers_cmd(a),
         Command::Bench {

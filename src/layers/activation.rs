@@ -24,40 +24,39 @@ fn of(node: &Node) -> Activation {
     }
 }
 
-/// A ReLU input forced to the given mask (tests): x where the mask is set,
-/// 0 elsewhere, so that f'(x) follows the mask and not the f64 sign.
-fn masked(a: Activation, x: &[f64], mask: Option<&[bool]>) -> Option<Vec<f64>> {
-    match (a, mask) {
-        (Activation::Relu | Activation::LeakyRelu { .. }, Some(m)) => Some(
-            x.iter()
-                .zip(m)
-                .map(|(v, on)| match (*on, *v > 0.0) {
-                    (true, true) | (false, false) => *v,
-                    (true, false) => f64::MIN_POSITIVE,
-                    (false, true) => -0.0,
-                })
-                .collect(),
-        ),
-        _ => None,
-    }
+/// The slope of the chosen linear piece per element, where a forced mask
+/// (tests, frozen decisions) picks the piece of a ReLU/LeakyReLU instead of
+/// the sign of the f64 input: 1 where the mask is set, 0 (ReLU) or the
+/// negative slope elsewhere. The activation is then y = s·x, exactly
+/// linear: f' = s, f'' = 0.
+fn forced_slopes(a: Activation, mask: Option<&[bool]>) -> Option<Vec<f64>> {
+    let off = match a {
+        Activation::Relu => 0.0,
+        Activation::LeakyRelu { slope } => slope,
+        _ => return None,
+    };
+    mask.map(|m| m.iter().map(|&on| if on { 1.0 } else { off }).collect())
 }
 
-/// The input the passes differentiate at: x, or x moved to the side of
-/// the kink a forced mask says.
+/// The slopes of a forced mask, if the forward had one.
 struct ActSaved(Option<Vec<f64>>);
 
-fn at<'a>(s: &'a Saved, xs: &[&'a [f64]]) -> &'a [f64] {
-    match s.downcast_ref::<ActSaved>().and_then(|a| a.0.as_deref()) {
-        Some(x) => x,
-        None => xs[0],
-    }
+fn slopes(s: &Saved) -> Option<&[f64]> {
+    s.downcast_ref::<ActSaved>().and_then(|a| a.0.as_deref())
+}
+
+fn scaled(s: &[f64], x: &[f64]) -> Vec<f64> {
+    s.iter().zip(x).map(|(a, b)| a * b).collect()
 }
 
 impl Layer for ActivationUnit {
     fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
         let a = of(node);
-        let forced = masked(a, xs[0], cx.mask);
-        let y = act::forward(a, forced.as_deref().unwrap_or(xs[0]));
+        let forced = forced_slopes(a, cx.mask);
+        let y = match &forced {
+            Some(s) => scaled(s, xs[0]),
+            None => act::forward(a, xs[0]),
+        };
         (y, Box::new(ActSaved(forced)))
     }
 
@@ -70,7 +69,10 @@ impl Layer for ActivationUnit {
         _v: &[f64],
         saved: &mut Saved,
     ) -> Vec<f64> {
-        act::r_forward(of(node), at(saved, xs), dxs[0])
+        match slopes(saved) {
+            Some(s) => scaled(s, dxs[0]),
+            None => act::r_forward(of(node), xs[0], dxs[0]),
+        }
     }
 
     fn backward(
@@ -82,9 +84,11 @@ impl Layer for ActivationUnit {
         gy: &[f64],
         _grad: &mut [f64],
     ) -> Vec<Vec<f64>> {
-        let x = at(saved, xs);
-        let mut gx = vec![0.0; x.len()];
-        act::backward_acc(of(node), x, gy, &mut gx);
+        if let Some(s) = slopes(saved) {
+            return vec![scaled(s, gy)];
+        }
+        let mut gx = vec![0.0; xs[0].len()];
+        act::backward_acc(of(node), xs[0], gy, &mut gx);
         vec![gx]
     }
 
@@ -100,9 +104,11 @@ impl Layer for ActivationUnit {
         _v: &[f64],
         _hv: &mut [f64],
     ) -> Vec<Vec<f64>> {
-        let x = at(saved, xs);
-        let mut rgx = vec![0.0; x.len()];
-        act::r_backward_acc(of(node), x, dxs[0], gy, rgy, &mut rgx);
+        if let Some(s) = slopes(saved) {
+            return vec![scaled(s, rgy)];
+        }
+        let mut rgx = vec![0.0; xs[0].len()];
+        act::r_backward_acc(of(node), xs[0], dxs[0], gy, rgy, &mut rgx);
         vec![rgx]
     }
 

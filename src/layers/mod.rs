@@ -45,9 +45,29 @@ pub struct CpuCx<'a> {
     pub buffers: &'a [Vec<f64>],
     /// Batch norm by batch statistics (PyTorch train()) or running ones.
     pub batch_mode: bool,
-    /// A ReLU mask to use instead of the sign of the f64 input (tests use
-    /// the GPU's masks to separate kernel error from kink flips).
+    /// A ReLU/LeakyReLU mask (input on the positive side) to use instead
+    /// of the sign of the f64 input: the activation then computes the
+    /// chosen linear piece, y = x or slope·x (tests use the GPU's masks to
+    /// separate kernel error from kink flips; frozen [`Decision`]s hold the
+    /// pieces of another θ).
     pub mask: Option<&'a [bool]>,
+    /// A max-pool argmax to use instead of the windows' own maxima.
+    pub argmax: Option<&'a [u32]>,
+}
+
+/// The piecewise choice a node made in one batch's forward pass: which
+/// side of the kink each ReLU/LeakyReLU input is on, which element each
+/// max-pool window picked. Smooth ops (tanh, GELU, batch norm, average
+/// pools) make none. Recorded at one θ and replayed at another, they make
+/// the loss a smooth function of θ that agrees with the real one on the
+/// piece holding the recording θ — the function autograd differentiates.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    None,
+    /// Input > 0, per element.
+    Mask(Vec<bool>),
+    /// Each window's maximum, as an index within its input plane.
+    Argmax(Vec<u32>),
 }
 
 impl CpuCx<'_> {

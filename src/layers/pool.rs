@@ -68,10 +68,16 @@ impl LinearUnit for MaxPoolUnit {
         check_window(node)
     }
 
-    /// The argmax of every window (the state A depends on).
+    /// The argmax of every window (the state A depends on), or the one
+    /// the context forces.
     fn forward(&self, cx: &CpuCx, node: &Node, x: &[f64]) -> (Vec<f64>, Saved) {
         let (k, stride, pad) = window(node);
         let (s, o) = (node.in_shape, node.out_shape);
+        if let Some(arg) = cx.argmax {
+            let arg = arg.to_vec();
+            let y = pool::maxpool_gather(cx.n * s.c, s.spatial(), o.spatial(), &arg, x);
+            return (y, Box::new(arg));
+        }
         let (y, arg) = pool::maxpool_forward(cx.n * s.c, s.h, s.w, k, stride, pad, o.h, o.w, x);
         (y, Box::new(arg))
     }

@@ -164,6 +164,41 @@ pub struct TraceReport {
     pub settings: Settings,
 }
 
+/// `hesscope trace-grad`: ∇θ[(1/P) Σₖ vₖᵀ H vₖ] over probes on a layer set.
+#[derive(Clone, Debug, Serialize)]
+pub struct TraceGradReport {
+    /// (1/P) Σₖ vₖᵀ H vₖ.
+    pub estimate: f64,
+    /// ‖∇θ estimate‖ over all parameters.
+    pub grad_norm: f64,
+    pub probes: usize,
+    /// vₖᵀ H vₖ per probe.
+    pub per_probe: Vec<f64>,
+    /// The layer set as asked for (`all`, `middle`, `block2,fc`).
+    pub layers: String,
+    /// The trainable tensors it selects, in parameter order.
+    pub selected: Vec<String>,
+    /// Parameters in the set.
+    pub selected_size: usize,
+    /// The probe files, or how the probes were drawn.
+    pub probe_source: Vec<String>,
+    /// How the third derivatives were computed.
+    pub method: String,
+    /// Largest step, as the largest change of any parameter.
+    pub eps: f64,
+    /// Richardson levels (halvings of the step).
+    pub levels: usize,
+    /// The tableau's last relative correction, largest over probes: a
+    /// conservative bound on the relative error.
+    pub error_estimate: f64,
+    pub hvps: usize,
+    pub backend: String,
+    pub adapter: String,
+    pub seconds: f64,
+    pub out: PathBuf,
+    pub settings: Settings,
+}
+
 /// `hesscope exact`: the same summary and density as `density`, plus every
 /// eigenvalue.
 #[derive(Clone, Debug, Serialize)]
