@@ -36,6 +36,11 @@ def main():
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    # PyTorch >= 2.9 spells "FP32 is IEEE FP32" this way (the allow_tf32
+    # flags above are the older spelling); set both where they exist.
+    for mod in (getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul):
+        if mod is not None and hasattr(mod, "fp32_precision"):
+            mod.fp32_precision = "ieee"
     torch.manual_seed(a.seed)
     model, shape, classes = build(a.model)
     if a.weights:

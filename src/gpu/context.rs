@@ -40,6 +40,11 @@ pub struct AdapterReport {
     pub index: usize,
     pub backend: String,
     pub name: String,
+    /// PCI vendor id (0x10DE NVIDIA, 0x1002 AMD, 0x8086 Intel; 0x10005
+    /// Mesa's software rasterisers).
+    pub vendor: u32,
+    /// PCI device id.
+    pub device: u32,
     pub device_type: String,
     pub driver: String,
     pub driver_info: String,
@@ -81,6 +86,8 @@ fn report(index: usize, a: &wgpu::Adapter) -> AdapterReport {
         index,
         backend: backend_name(info.backend),
         name: info.name,
+        vendor: info.vendor,
+        device: info.device,
         device_type: format!("{:?}", info.device_type),
         driver: info.driver,
         driver_info: info.driver_info,

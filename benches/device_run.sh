@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# The device run (issue 12): on a machine with an NVIDIA GPU, the release
+# binary built elsewhere checks that it runs on the NVIDIA adapter (PCI
+# vendor 0x10DE, not lavapipe), then times everything the benchmarks record,
+# side by side with the PyTorch peer on the same weights and data, and writes
+# one JSON of everything to $OUT/device_run.json (logs beside it).
+#
+# Prepare here (no GPU needed), from the repository root:
+#   cargo build --release
+#   mkdir -p .devbin && cp target/release/hesscope .devbin/ && strip .devbin/hesscope
+#   echo /.devbin/ >> .git/info/exclude
+#   # the Vulkan/EGL loaders, once (see ../.library/device/README.md):
+#   echo /.gl/ >> .git/info/exclude; mkdir -p .gl /tmp/amd64/partial
+#   o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
+#   apt-get $o update; (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
+# Run there (device tool): carry [".devbin", ".gl"], command
+#   bash benches/device_run.sh
+# Environment: OUT (where results go; default ./device-out), HESSCOPE (the
+# binary; default .devbin/hesscope), QUICK=1 for a short smoke run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/device-out}"
+mkdir -p "$OUT"
+HS="${HESSCOPE:-.devbin/hesscope}"
+LOG="$OUT/device_run.log"
+: > "$LOG"
+say() { echo "== $*" | tee -a "$LOG"; }
+
+if [ -d .gl ]; then
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+fi
+if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] && [ -z "${VK_DRIVER_FILES:-}" ]; then
+    export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+    export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+fi
+[ -x "$HS" ] || { say "no binary at $HS (see the header of this script)"; exit 2; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$LOG" 2>&1
+
+# 1. The adapter: the NVIDIA one on Vulkan, by PCI vendor id.
+"$HS" devices --json > "$OUT/devices.json" 2>> "$LOG" || { say "hesscope devices failed"; exit 3; }
+ADAPTER=$(python3 - "$OUT/devices.json" <<'EOF'
+import json, sys
+ads = json.load(open(sys.argv[1]))["adapters"]
+nv = [a for a in ads if a["backend"] == "vulkan" and a.get("vendor") == 0x10DE]
+print(nv[0]["index"] if nv else "")
+EOF
+)
+if [ -z "$ADAPTER" ]; then
+    say "no NVIDIA (vendor 0x10DE) Vulkan adapter: refusing to time lavapipe as a GPU"
+    cat "$OUT/devices.json" >> "$LOG"
+    exit 4
+fi
+say "NVIDIA Vulkan adapter index $ADAPTER"
+GPU=(--backend vulkan --adapter "$ADAPTER")
+
+# 2. Files shared with the PyTorch peer.
+B=128
+[ "${QUICK:-0}" = 1 ] && B=32
+"$HS" init --model resnet20 --out "$OUT/w20.safetensors" >> "$LOG" 2>&1
+"$HS" synth --model resnet20 --samples "$B" --out "$OUT/d20.safetensors" >> "$LOG" 2>&1
+COMMON20=(--model resnet20 --weights "$OUT/w20.safetensors" --data "$OUT/d20.safetensors" --batch "$B")
+
+timed() { # name, command...: wall seconds of the command into $OUT/<name>.time
+    local name=$1; shift
+    local t0; t0=$(date +%s.%N)
+    "$@" > "$OUT/$name.json" 2>> "$LOG"
+    local rc=$?
+    python3 -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$t0" "$(date +%s.%N)" > "$OUT/$name.time"
+    say "$name: rc $rc, $(cat "$OUT/$name.time") s"
+    return $rc
+}
+
+# 3. hesscope: the kernel table and gradient / HVP at resnet20 batch B.
+timed bench_resnet20 "$HS" bench "${GPU[@]}" "${COMMON20[@]}" --reps 10 --json
+# K-block HVPs (issue 12 item 1) where the binary has them.
+if "$HS" bench --help 2>/dev/null | grep -q -- '--block'; then
+    for K in 1 4 16; do
+        timed "bench_resnet20_block$K" "$HS" bench "${GPU[@]}" "${COMMON20[@]}" --reps 10 --no-kernels --block "$K" --json
+    done
+else
+    say "this binary has no --block: K-block HVPs not measured"
+fi
+# The README's default density.
+timed density_default "$HS" density "${GPU[@]}" --json
+# resnet18 at 224×224: the largest batch that fits, from 64 down.
+for R18 in 64 32 16 8 4 2; do
+    [ "${QUICK:-0}" = 1 ] && [ "$R18" -gt 4 ] && continue
+    if timed "bench_resnet18_b$R18" "$HS" bench "${GPU[@]}" --model resnet18 --samples "$R18" --batch "$R18" --reps 3 --no-kernels --json; then
+        echo "$R18" > "$OUT/resnet18_batch"
+        break
+    fi
+done
+
+# 4. The PyTorch peer on the same files, FP32 with TF32 off.
+timed peer_resnet20 python3 benches/peer/pytorch_hvp.py "${COMMON20[@]}" --repeats 20 --json
+
+# 5. One JSON of everything.
+python3 - "$OUT" <<'EOF'
+import glob, json, os, sys
+out = sys.argv[1]
+res = {"devices": json.load(open(os.path.join(out, "devices.json")))}
+for f in sorted(glob.glob(os.path.join(out, "*.json"))):
+    name = os.path.basename(f)[:-5]
+    if name in ("devices", "device_run"):
+        continue
+    entry = {}
+    try:
+        with open(f) as fh:
+            text = fh.read().strip()
+        entry["result"] = json.loads(text.splitlines()[-1]) if text else None
+    except Exception as e:  # a failed run leaves no JSON: say so
+        entry["error"] = repr(e)
+    t = f[:-5] + ".time"
+    if os.path.exists(t):
+        entry["wall_seconds"] = float(open(t).read())
+    res[name] = entry
+rb = os.path.join(out, "resnet18_batch")
+res["resnet18_largest_batch"] = int(open(rb).read()) if os.path.exists(rb) else None
+json.dump(res, open(os.path.join(out, "device_run.json"), "w"), indent=1)
+print(json.dumps({k: v.get("wall_seconds") for k, v in res.items() if isinstance(v, dict) and "wall_seconds" in v}, indent=1))
+EOF
+say "done: $OUT/device_run.json"
