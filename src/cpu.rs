@@ -30,6 +30,31 @@ pub struct PassOutput {
     pub hv: Option<Vec<f64>>,
 }
 
+/// One mini-batch's loss, gradient and batch-norm moments
+/// ([`CpuReference::batch_step`]).
+pub struct BatchStep {
+    /// Mean cross-entropy over the batch's samples.
+    pub loss: f64,
+    /// Its gradient with respect to θ.
+    pub grad: Vec<f64>,
+    /// Per batch-norm node, in graph order.
+    pub bn: Vec<BnMoments>,
+}
+
+/// A batch-norm node's batch statistics in one mini-batch.
+pub struct BnMoments {
+    /// Index into `Model::nodes`.
+    pub node: usize,
+    /// Indices into `Model::buffers`.
+    pub running_mean: usize,
+    pub running_var: usize,
+    /// Elements per channel (samples × h × w).
+    pub count: usize,
+    /// Per channel: the mean and the biased variance Σ(x − μ)²/count.
+    pub mean: Vec<f64>,
+    pub var: Vec<f64>,
+}
+
 fn add_into(dst: &mut Option<Vec<f64>>, src: Vec<f64>) {
     match dst {
         Some(d) => d.iter_mut().zip(&src).for_each(|(a, b)| *a += b),
@@ -83,7 +108,16 @@ impl CpuReference {
         let mut total = 0.0;
         let scale = 1.0 / pr.data.len() as f64;
         for (bi, (start, count)) in pr.data.batches(pr.batch).into_iter().enumerate() {
-            total += self.batch_pass(bi, start, count, scale, v, &mut grad, hv.as_deref_mut());
+            let (l, _) = self.batch_pass(
+                Some(bi),
+                start,
+                count,
+                scale,
+                v,
+                &mut grad,
+                hv.as_deref_mut(),
+            );
+            total += l;
         }
         if !total.is_finite() {
             return Err(Error::Numerical(format!(
@@ -188,23 +222,81 @@ impl CpuReference {
         (vals, saved)
     }
 
+    /// One mini-batch of samples `start..start + count` as a training step
+    /// sees it: the mean cross-entropy over its samples, that loss's
+    /// gradient, and every batch-norm node's batch moments (batch mode
+    /// only; empty in running mode). Forced decisions are not applied.
+    pub fn batch_step(&self, start: usize, count: usize) -> Result<BatchStep> {
+        let pr = &self.problem;
+        if count == 0 || start + count > pr.data.len() {
+            return Err(Error::Invalid {
+                what: "batch size",
+                msg: format!(
+                    "samples {start}..{} of a data set of {}",
+                    start + count,
+                    pr.data.len()
+                ),
+            });
+        }
+        let mut grad = vec![0.0; pr.model.n_params];
+        let (loss, saved) = self.batch_pass(
+            None,
+            start,
+            count,
+            1.0 / count as f64,
+            None,
+            &mut grad,
+            None,
+        );
+        if !loss.is_finite() {
+            return Err(Error::Numerical(format!(
+                "the loss of samples {start}..{} is {loss}: the weights or data overflow in float64",
+                start + count
+            )));
+        }
+        let bn = pr
+            .model
+            .nodes
+            .iter()
+            .zip(&saved)
+            .enumerate()
+            .filter_map(|(ni, (n, s))| match n.op {
+                Op::BatchNorm {
+                    running_mean,
+                    running_var,
+                    ..
+                } => layers::batchnorm::batch_moments(s).map(|(mean, var)| BnMoments {
+                    node: ni,
+                    running_mean,
+                    running_var,
+                    count: count * n.in_shape.spatial(),
+                    mean: mean.to_vec(),
+                    var: var.to_vec(),
+                }),
+                _ => None,
+            })
+            .collect();
+        Ok(BatchStep { loss, grad, bn })
+    }
+
     /// Loss of one batch (times `scale`), with its gradient (and Hv along
-    /// `v`) added into `grad` (`hv`).
+    /// `v`) added into `grad` (`hv`), and the nodes' saved states. `bi`
+    /// selects the batch's forced decisions, if any.
     #[allow(clippy::too_many_arguments)]
     fn batch_pass(
         &self,
-        bi: usize,
+        bi: Option<usize>,
         start: usize,
         count: usize,
         scale: f64,
         v: Option<&[f64]>,
         grad: &mut [f64],
         mut hv: Option<&mut [f64]>,
-    ) -> f64 {
+    ) -> (f64, Vec<Saved>) {
         let pr = &self.problem;
         let nodes = &pr.model.nodes;
         let cx = self.cx(count, None, None);
-        let (vals, mut saved) = self.forward(Some(bi), start, count);
+        let (vals, mut saved) = self.forward(bi, start, count);
 
         // R-forward: the directional derivative of every value along v.
         let mut dvals: Vec<Vec<f64>> = Vec::new();
@@ -263,7 +355,7 @@ impl CpuReference {
                 add_into(&mut adj[i], g);
             }
         }
-        l
+        (l, saved)
     }
 }
 

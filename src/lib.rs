@@ -18,3 +18,4 @@ pub mod model;
 pub mod ops;
 pub mod report;
 pub mod trace_grad;
+pub mod train;

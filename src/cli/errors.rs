@@ -27,6 +27,12 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("backend", "--backend"),
     ("model", "--model"),
     ("data", "--data"),
+    ("epochs", "--epochs"),
+    ("learning rate", "--lr"),
+    ("momentum", "--momentum"),
+    ("weight decay", "--weight-decay"),
+    ("learning-rate gamma", "--lr-gamma"),
+    ("milestones", "--milestones"),
 ];
 
 /// The flag for a library input name, if the CLI has one.

@@ -8,6 +8,7 @@ pub mod errors;
 pub mod output;
 mod spectral_cmds;
 mod trace_grad_cmd;
+mod train_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -71,6 +72,9 @@ pub enum Command {
     /// The gradient of a Hutchinson trace estimate, ∇θ[(1/P) Σₖ vₖᵀ H vₖ],
     /// over probes on a layer set (third derivatives; float64 reference).
     TraceGrad(trace_grad_cmd::TraceGradArgs),
+    /// SGD training as PyTorch's (momentum, weight decay, MultiStepLR; BN
+    /// in train mode), on the float64 reference.
+    Train(train_cmd::TrainArgs),
     /// The whole spectrum of a small model from its dense Hessian.
     Exact(spectral_cmds::ExactArgs),
     /// Per-layer λmax, trace and density similarity.
@@ -112,6 +116,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eigs(a) => spectral_cmds::eigs_cmd(a),
         Command::Trace(a) => spectral_cmds::trace_cmd(a),
         Command::TraceGrad(a) => trace_grad_cmd::trace_grad_cmd(a),
+        Command::Train(a) => train_cmd::train_cmd(a),
         Command::Exact(a) => spectral_cmds::exact_cmd(a),
         Command::Layers(a) => spectral_cmds::layers_cmd(a),
         Command::Bench {

@@ -50,12 +50,24 @@ fn geom(cx: &CpuCx, node: &Node) -> bn::BnGeom {
 /// The float64 forward's state; the R-forward adds x̂̇ and mean(x̂ẋ).
 struct BnSaved {
     s: Vec<f64>,
+    /// Batch mode: the batch's per-channel mean and biased variance, which
+    /// training folds into the running buffers ([`batch_moments`]).
+    moments: Option<(Vec<f64>, Vec<f64>)>,
     xhat: Vec<f64>,
     r: Option<(Vec<f64>, Vec<f64>)>,
 }
 
 fn add_into(dst: &mut [f64], src: &[f64]) {
     dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+}
+
+/// A batch-mode forward's per-channel (mean, biased variance) over the
+/// n·h·w elements of each channel, from the state it saved; `None` in
+/// running mode or for another unit's state.
+pub fn batch_moments(sv: &Saved) -> Option<(&[f64], &[f64])> {
+    sv.downcast_ref::<BnSaved>()
+        .and_then(|st| st.moments.as_ref())
+        .map(|(m, v)| (m.as_slice(), v.as_slice()))
 }
 
 /// The per-channel reductions run one workgroup per channel along x only.
@@ -76,10 +88,14 @@ impl Layer for BatchNormUnit {
     fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
         let b = of(node);
         let g = geom(cx, node);
-        let (mean, s) = if cx.batch_mode {
-            bn::batch_stats(&g, xs[0])
+        let (mean, s, moments) = if cx.batch_mode {
+            let (mean, var) = bn::batch_moments(&g, xs[0]);
+            let s = bn::scales(&var);
+            (mean.clone(), s, Some((mean, var)))
         } else {
-            bn::running_stats(&cx.buffers[b.running_mean], &cx.buffers[b.running_var])
+            let (mean, s) =
+                bn::running_stats(&cx.buffers[b.running_mean], &cx.buffers[b.running_var]);
+            (mean, s, None)
         };
         let (xhat, y) = bn::forward(
             &g,
@@ -89,7 +105,15 @@ impl Layer for BatchNormUnit {
             cx.param(cx.theta, b.gamma),
             cx.param(cx.theta, b.beta),
         );
-        (y, Box::new(BnSaved { s, xhat, r: None }))
+        (
+            y,
+            Box::new(BnSaved {
+                s,
+                moments,
+                xhat,
+                r: None,
+            }),
+        )
     }
 
     fn r_forward(

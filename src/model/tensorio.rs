@@ -264,6 +264,8 @@ fn convert(dtype: Dtype, b: &[u8]) -> std::result::Result<Vec<f64>, String> {
 /// Values of a tensor to write.
 pub enum Values<'a> {
     F64(&'a [f64]),
+    /// Rounded to float32 on writing.
+    F32(&'a [f64]),
     I64(&'a [i64]),
 }
 
@@ -273,6 +275,10 @@ pub fn write(path: &Path, tensors: &[(&str, &[usize], Values)]) -> Result<()> {
         .iter()
         .map(|(_, _, v)| match v {
             Values::F64(d) => (Dtype::F64, d.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            Values::F32(d) => (
+                Dtype::F32,
+                d.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect(),
+            ),
             Values::I64(d) => (Dtype::I64, d.iter().flat_map(|x| x.to_le_bytes()).collect()),
         })
         .collect();

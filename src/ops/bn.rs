@@ -50,8 +50,8 @@ impl BnGeom {
     }
 }
 
-/// Per-channel normalisation constants: (mean, 1/sqrt(var + eps)).
-pub fn batch_stats(g: &BnGeom, x: &[f64]) -> (Vec<f64>, Vec<f64>) {
+/// Per-channel batch moments: (mean, biased variance Σ(x − μ)²/m).
+pub fn batch_moments(g: &BnGeom, x: &[f64]) -> (Vec<f64>, Vec<f64>) {
     let m = g.count();
     let mean: Vec<f64> = g
         .channel_sums(|i| x[i])
@@ -59,16 +59,27 @@ pub fn batch_stats(g: &BnGeom, x: &[f64]) -> (Vec<f64>, Vec<f64>) {
         .map(|s| s / m)
         .collect();
     let ch_of = |i: usize| (i / g.hw) % g.c;
-    let var = g.channel_sums(|i| (x[i] - mean[ch_of(i)]).powi(2));
-    let s = var.iter().map(|v| 1.0 / (v / m + EPS).sqrt()).collect();
-    (mean, s)
+    let var = g
+        .channel_sums(|i| (x[i] - mean[ch_of(i)]).powi(2))
+        .into_iter()
+        .map(|v| v / m)
+        .collect();
+    (mean, var)
+}
+
+/// Per-channel normalisation constants: (mean, 1/sqrt(var + eps)).
+pub fn batch_stats(g: &BnGeom, x: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let (mean, var) = batch_moments(g, x);
+    (mean, scales(&var))
+}
+
+/// 1/sqrt(var + eps) per channel.
+pub fn scales(var: &[f64]) -> Vec<f64> {
+    var.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect()
 }
 
 pub fn running_stats(rm: &[f64], rv: &[f64]) -> (Vec<f64>, Vec<f64>) {
-    (
-        rm.to_vec(),
-        rv.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect(),
-    )
+    (rm.to_vec(), scales(rv))
 }
 
 /// x̂ and y = γx̂ + β.

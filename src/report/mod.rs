@@ -249,6 +249,38 @@ pub struct LayersReport {
     pub settings: Settings,
 }
 
+/// One epoch of `hesscope train`.
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochRecord {
+    /// 1-based.
+    pub epoch: usize,
+    /// Mean of the epoch's step losses (each the mean cross-entropy of its
+    /// mini-batch, before its update).
+    pub train_loss: f64,
+    pub lr: f64,
+    /// Steps taken so far, this epoch's included.
+    pub steps: usize,
+    pub seconds: f64,
+    /// The state_dict written after this epoch.
+    pub checkpoint: PathBuf,
+}
+
+/// `hesscope train`: `trajectory.json` and `--json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainReport {
+    pub recipe: crate::train::Recipe,
+    pub epochs: Vec<EpochRecord>,
+    /// Every step's mini-batch loss, in order.
+    pub step_losses: Vec<f64>,
+    pub steps: usize,
+    /// The final state_dict.
+    pub out: PathBuf,
+    /// Float dtype of the saved state_dicts (`F32` or `F64`).
+    pub dtype: String,
+    pub seconds: f64,
+    pub settings: Settings,
+}
+
 /// An output format for reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exporter {

@@ -1,0 +1,350 @@
+//! SGD training on the float64 reference, as PyTorch's
+//! `torch.optim.SGD(model.parameters(), lr, momentum, weight_decay)`
+//! (dampening 0, no Nesterov) with `MultiStepLR(milestones, gamma)` stepped
+//! once per epoch, and batch norm in train mode.
+//!
+//! A step on a mini-batch B: the loss is the mean cross-entropy over B and
+//! g = ∇L_B + wd·θ (weight decay on every trainable tensor); the momentum
+//! buffer is g on the first step, else buf = momentum·buf + g (with
+//! momentum 0 the buffer is g); θ −= lr·buf. Each batch-norm layer
+//! normalises by B's statistics, and its running buffers move as
+//! PyTorch's do: running_mean = 0.9·running_mean + 0.1·μ_B, running_var =
+//! 0.9·running_var + 0.1·σ²_B·m/(m − 1) (the unbiased variance over the m
+//! elements per channel), `num_batches_tracked` += 1.
+//!
+//! Epoch e (0-based) runs at lr·gamma^k, k the number of milestones ≤ e.
+//! Mini-batches are consecutive slices of the data in its order, the last
+//! possibly smaller; with shuffling, the data is first permuted per epoch
+//! by [`permutation`].
+
+use crate::cpu::CpuReference;
+use crate::data::Dataset;
+use crate::engine::{BnMode, Problem};
+use crate::error::{Error, Result};
+use crate::model::{params, tensorio, Model, Op, Weights};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::path::Path;
+
+/// Batch norm's running-statistics momentum (PyTorch's default).
+pub const BN_MOMENTUM: f64 = 0.1;
+
+/// The optimiser and schedule.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Recipe {
+    pub epochs: usize,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Epochs (1-based counts of finished epochs) after which lr is
+    /// multiplied by `lr_gamma`; strictly increasing, each ≥ 1.
+    pub milestones: Vec<usize>,
+    pub lr_gamma: f64,
+    /// A permutation of the data per epoch from `seed`; else file order.
+    pub shuffle: bool,
+    pub seed: u64,
+}
+
+fn invalid(what: &'static str, msg: impl Into<String>) -> Error {
+    Error::Invalid {
+        what,
+        msg: msg.into(),
+    }
+}
+
+impl Recipe {
+    pub fn check(&self) -> Result<()> {
+        if self.epochs == 0 {
+            return Err(invalid("epochs", "must be at least 1"));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(invalid(
+                "learning rate",
+                format!("{} is not a finite positive number", self.lr),
+            ));
+        }
+        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
+            return Err(invalid(
+                "momentum",
+                format!("{} is not in [0, 1)", self.momentum),
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(invalid(
+                "weight decay",
+                format!("{} is not a finite number ≥ 0", self.weight_decay),
+            ));
+        }
+        if !(self.lr_gamma.is_finite() && self.lr_gamma > 0.0) {
+            return Err(invalid(
+                "learning-rate gamma",
+                format!("{} is not a finite positive number", self.lr_gamma),
+            ));
+        }
+        if self.milestones.first() == Some(&0) {
+            return Err(invalid(
+                "milestones",
+                "epochs are counted from 1: a milestone is at least 1",
+            ));
+        }
+        if self.milestones.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(invalid(
+                "milestones",
+                format!("{:?} is not strictly increasing", self.milestones),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The learning rate of epoch `e` (0-based).
+    pub fn lr_at(&self, e: usize) -> f64 {
+        let k = self.milestones.iter().filter(|&&m| m <= e).count();
+        self.lr * self.lr_gamma.powi(k as i32)
+    }
+}
+
+/// The sample order of epoch `epoch` (0-based) under `seed`: 0..n shuffled
+/// by rand's `SliceRandom::shuffle` (Fisher–Yates) with `StdRng` (rand 0.9,
+/// ChaCha12) seeded by `seed_from_u64(seed ^ 0x7472_6169_6e00_0000 ^
+/// epoch·0x9E37_79B9_7F4A_7C15)`, a fresh generator per epoch, so any
+/// epoch's order depends only on the seed and the epoch.
+pub fn permutation(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let s = seed ^ 0x7472_6169_6e00_0000 ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(s);
+    let mut p: Vec<usize> = (0..n).collect();
+    p.shuffle(&mut rng);
+    p
+}
+
+/// The data set with its samples in the order `perm`.
+fn permuted(data: &Dataset, perm: &[usize]) -> Dataset {
+    let d = data.shape.numel();
+    let mut out = data.clone();
+    for (i, &j) in perm.iter().enumerate() {
+        out.x[i * d..(i + 1) * d].copy_from_slice(&data.x[j * d..(j + 1) * d]);
+        out.y[i] = data.y[j];
+    }
+    out
+}
+
+/// What one epoch did.
+#[derive(Clone, Debug)]
+pub struct EpochResult {
+    /// 0-based.
+    pub epoch: usize,
+    pub lr: f64,
+    /// Each step's mini-batch loss, before its update.
+    pub losses: Vec<f64>,
+    pub seconds: f64,
+}
+
+/// Training state: θ and the BN buffers (in the reference's problem), the
+/// momentum buffer, `num_batches_tracked` and the steps taken.
+pub struct Trainer {
+    pub cpu: CpuReference,
+    pub recipe: Recipe,
+    /// The data in file order (the problem's copy is each epoch's order).
+    data: Dataset,
+    momentum_buf: Option<Vec<f64>>,
+    /// `num_batches_tracked` per `Model::buffers` index of a running_mean.
+    pub batches_tracked: Vec<i64>,
+    pub steps: usize,
+    /// Epochs finished.
+    pub epoch: usize,
+}
+
+impl Trainer {
+    /// `batches_tracked`: the counters to start from, per `Model::buffers`
+    /// index (only running_mean entries are used); see [`initial_counts`].
+    pub fn new(
+        model: Model,
+        weights: Weights,
+        data: Dataset,
+        batch: usize,
+        recipe: Recipe,
+        batches_tracked: Vec<i64>,
+    ) -> Result<Trainer> {
+        recipe.check()?;
+        let problem = Problem::new(model, weights, data.clone(), batch, BnMode::Batch)?;
+        Ok(Trainer {
+            cpu: CpuReference::new(problem),
+            recipe,
+            data,
+            momentum_buf: None,
+            batches_tracked,
+            steps: 0,
+            epoch: 0,
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.cpu.problem.model
+    }
+    pub fn weights(&self) -> &Weights {
+        &self.cpu.problem.weights
+    }
+
+    /// One SGD step on samples `start..start + count` of the problem's
+    /// current order; the mini-batch loss before the update.
+    pub fn step(&mut self, start: usize, count: usize, lr: f64) -> Result<f64> {
+        let st = self.cpu.batch_step(start, count)?;
+        let r = &self.recipe;
+        let w = &mut self.cpu.problem.weights;
+        // Batch norm's running statistics (the forward of this step).
+        for b in &st.bn {
+            let m = b.count as f64;
+            let unbias = m / (m - 1.0);
+            for (rm, mu) in w.buffers[b.running_mean].iter_mut().zip(&b.mean) {
+                *rm = (1.0 - BN_MOMENTUM) * *rm + BN_MOMENTUM * mu;
+            }
+            for (rv, v) in w.buffers[b.running_var].iter_mut().zip(&b.var) {
+                *rv = (1.0 - BN_MOMENTUM) * *rv + BN_MOMENTUM * (v * unbias);
+            }
+            self.batches_tracked[b.running_mean] += 1;
+        }
+        // g = ∇L + wd·θ; buf = g, then momentum·buf + g; θ −= lr·buf.
+        let mut g = st.grad;
+        if r.weight_decay != 0.0 {
+            g.iter_mut()
+                .zip(&w.theta)
+                .for_each(|(gi, t)| *gi += r.weight_decay * t);
+        }
+        let buf = match self.momentum_buf.take() {
+            Some(mut b) if r.momentum != 0.0 => {
+                b.iter_mut()
+                    .zip(&g)
+                    .for_each(|(bi, gi)| *bi = r.momentum * *bi + gi);
+                b
+            }
+            _ => g,
+        };
+        w.theta.iter_mut().zip(&buf).for_each(|(t, b)| *t -= lr * b);
+        if w.theta.iter().any(|t| !t.is_finite()) {
+            return Err(Error::Numerical(format!(
+                "step {}: the parameters left float64's range (lr {lr})",
+                self.steps + 1
+            )));
+        }
+        self.momentum_buf = Some(buf);
+        self.steps += 1;
+        Ok(st.loss)
+    }
+
+    /// The next epoch: its order, its steps.
+    pub fn epoch(&mut self) -> Result<EpochResult> {
+        let t0 = std::time::Instant::now();
+        let e = self.epoch;
+        let lr = self.recipe.lr_at(e);
+        if self.recipe.shuffle {
+            let perm = permutation(self.data.len(), self.recipe.seed, e);
+            self.cpu.problem.data = permuted(&self.data, &perm);
+        }
+        let batches = self.cpu.problem.data.batches(self.cpu.problem.batch);
+        let mut losses = Vec::with_capacity(batches.len());
+        for (start, count) in batches {
+            losses.push(self.step(start, count, lr)?);
+        }
+        self.epoch += 1;
+        Ok(EpochResult {
+            epoch: e,
+            lr,
+            losses,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The whole state_dict: trainable tensors, BN running buffers and
+    /// `num_batches_tracked` (int64 scalars), by PyTorch's names; floats
+    /// as float32 (PyTorch's usual state_dict) or float64.
+    pub fn save(&self, path: &Path, f64_out: bool) -> Result<()> {
+        save_state_dict(
+            self.model(),
+            self.weights(),
+            &self.batches_tracked,
+            path,
+            f64_out,
+        )
+    }
+}
+
+/// The BN module name of a running_mean buffer (`block1.bn1`).
+fn bn_module(model: &Model, buffer: usize) -> Option<&str> {
+    model.buffers[buffer].name.strip_suffix(".running_mean")
+}
+
+/// The indices of the running_mean buffers of the model's BN nodes.
+fn running_means(model: &Model) -> Vec<usize> {
+    model
+        .nodes
+        .iter()
+        .filter_map(|n| match n.op {
+            Op::BatchNorm { running_mean, .. } => Some(running_mean),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `num_batches_tracked` per buffer index from a state_dict file (0 where
+/// the file has none, or without a file).
+pub fn initial_counts(model: &Model, weights: Option<&Path>) -> Result<Vec<i64>> {
+    let mut out = vec![0; model.buffers.len()];
+    let Some(path) = weights else {
+        return Ok(out);
+    };
+    let file = tensorio::File::open(path)?;
+    for rm in running_means(model) {
+        let Some(module) = bn_module(model, rm) else {
+            continue;
+        };
+        let name = format!("{module}.num_batches_tracked");
+        if file.layout().contains_key(&name) {
+            let t = file.tensor(&name)?;
+            match t.data.as_slice() {
+                [v] if *v >= 0.0 && v.fract() == 0.0 => out[rm] = *v as i64,
+                _ => {
+                    return Err(Error::Invalid {
+                        what: "weights",
+                        msg: format!("{name} is not one non-negative integer"),
+                    })
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Write a whole state_dict (see [`Trainer::save`]).
+pub fn save_state_dict(
+    model: &Model,
+    w: &Weights,
+    batches_tracked: &[i64],
+    path: &Path,
+    f64_out: bool,
+) -> Result<()> {
+    let mut floats = params::named(model, &w.theta);
+    for (b, vals) in model.buffers.iter().zip(&w.buffers) {
+        floats.push((b.name.clone(), vec![b.len], vals.clone()));
+    }
+    let counts: Vec<(String, [i64; 1])> = running_means(model)
+        .into_iter()
+        .filter_map(|rm| {
+            bn_module(model, rm)
+                .map(|m| (format!("{m}.num_batches_tracked"), [batches_tracked[rm]]))
+        })
+        .collect();
+    let mut t: Vec<(&str, &[usize], tensorio::Values)> = floats
+        .iter()
+        .map(|(n, s, d)| {
+            let v = if f64_out {
+                tensorio::Values::F64(d)
+            } else {
+                tensorio::Values::F32(d)
+            };
+            (n.as_str(), s.as_slice(), v)
+        })
+        .collect();
+    for (n, c) in &counts {
+        t.push((n.as_str(), &[], tensorio::Values::I64(c)));
+    }
+    tensorio::write(path, &t)
+}

@@ -1,0 +1,580 @@
+//! `hesscope train`: SGD as torch.optim.SGD + MultiStepLR with batch norm
+//! in train mode, on the float64 reference, against PyTorch's float64
+//! trajectories (../shared/fixtures/<model>/train-sgd/) and an independent
+//! recomputation of every step from the reference's whole-batch gradient.
+
+mod common;
+use common::*;
+use hesscope::cpu::CpuReference;
+use hesscope::data::Dataset;
+use hesscope::engine::{BnMode, Curvature, Problem};
+use hesscope::model::{tensorio, Model, Weights};
+use hesscope::train::{initial_counts, permutation, Recipe, Trainer};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The brief's bound; the measured errors are ~1e-15.
+const TOL: f64 = 1e-9;
+
+const FIXTURES: [&str; 2] = ["cnn-tiny", "cnn-tiny-nobn"];
+
+fn train_dir(model: &str) -> PathBuf {
+    fixtures_dir().join(model).join("train-sgd")
+}
+
+/// The fixture's recipe (file order) and batch size.
+fn recipe(model: &str) -> (Recipe, usize) {
+    let j = json(train_dir(model).join("train.json"));
+    assert!(j["order"].as_str().unwrap().starts_with("file order"));
+    let r = Recipe {
+        epochs: j["epochs"].as_u64().unwrap() as usize,
+        lr: j["lr"].as_f64().unwrap(),
+        momentum: j["momentum"].as_f64().unwrap(),
+        weight_decay: j["weight_decay"].as_f64().unwrap(),
+        milestones: j["milestones"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_u64().unwrap() as usize)
+            .collect(),
+        lr_gamma: j["lr_gamma"].as_f64().unwrap(),
+        shuffle: false,
+        seed: 0,
+    };
+    (r, j["batch"].as_u64().unwrap() as usize)
+}
+
+fn losses(model: &str) -> Vec<f64> {
+    json(train_dir(model).join("train.json"))["losses_float64"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / y.abs())
+        .fold(0.0, f64::max)
+}
+
+fn trainer(model: &str, r: Recipe, batch: usize, samples: Option<usize>) -> Trainer {
+    let dir = fixtures_dir().join(model);
+    let m = Model::load(model).unwrap();
+    let wpath = dir.join("weights.safetensors");
+    let w = Weights::load(&m, &wpath).unwrap();
+    let mut data = Dataset::load(&dir.join("data.safetensors")).unwrap();
+    if let Some(n) = samples {
+        data.take_first(n).unwrap();
+    }
+    let counts = initial_counts(&m, Some(&wpath)).unwrap();
+    Trainer::new(m, w, data, batch, r, counts).unwrap()
+}
+
+/// Every tensor of a state_dict file ≤ TOL relative to the fixture's
+/// (num_batches_tracked equal); the largest error over tensors.
+fn compare_state(got: &BTreeMap<String, tensorio::Tensor>, model: &str) -> f64 {
+    let want = tensorio::read(&train_dir(model).join("final-float64.safetensors")).unwrap();
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "{model}: tensor names"
+    );
+    let mut worst: f64 = 0.0;
+    for (name, w) in &want {
+        let g = &got[name];
+        assert_eq!(g.shape, w.shape, "{name}");
+        if name.ends_with("num_batches_tracked") {
+            assert_eq!(g.data, w.data, "{name}");
+            continue;
+        }
+        let e = rel_err(&g.data, &w.data);
+        assert!(e <= TOL, "{model} {name}: {e:.2e}");
+        worst = worst.max(e);
+    }
+    worst
+}
+
+#[test]
+fn both_fixture_trajectories_match_pytorch_float64() {
+    for model in FIXTURES {
+        let (r, batch) = recipe(model);
+        let mut t = trainer(model, r.clone(), batch, None);
+        let mut got = vec![];
+        for e in 0..r.epochs {
+            let res = t.epoch().unwrap();
+            assert_eq!(res.lr, r.lr_at(e));
+            got.extend(res.losses);
+        }
+        let want = losses(model);
+        let e_loss = max_rel(&got, &want);
+        assert!(e_loss <= TOL, "{model}: step losses {e_loss:.2e}");
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("final.safetensors");
+        t.save(&path, true).unwrap();
+        let e_state = compare_state(&tensorio::read(&path).unwrap(), model);
+        println!(
+            "{model}: {} steps, step losses max rel err {e_loss:.2e}, final state_dict \
+             (parameters and BN buffers) max rel err per tensor {e_state:.2e}",
+            got.len()
+        );
+    }
+}
+
+/// An independent f64 recomputation of a run in file order (or the
+/// given per-epoch orders): per mini-batch, the reference's whole-problem
+/// loss and gradient of a problem holding just that batch, then the SGD
+/// rule written out. Returns the step losses and the final θ.
+fn by_hand(
+    model: &str,
+    r: &Recipe,
+    batch: usize,
+    samples: usize,
+    order: impl Fn(usize) -> Vec<usize>,
+) -> (Vec<f64>, Vec<f64>) {
+    let dir = fixtures_dir().join(model);
+    let m = Model::load(model).unwrap();
+    let mut w = Weights::load(&m, &dir.join("weights.safetensors")).unwrap();
+    let mut data = Dataset::load(&dir.join("data.safetensors")).unwrap();
+    data.take_first(samples).unwrap();
+    let d = data.shape.numel();
+    let mut buf: Option<Vec<f64>> = None;
+    let mut losses = vec![];
+    for e in 0..r.epochs {
+        let lr = r.lr
+            * r.lr_gamma
+                .powi(r.milestones.iter().filter(|&&k| k <= e).count() as i32);
+        let ord = order(e);
+        for chunk in ord.chunks(batch) {
+            let mut b = data.clone();
+            b.x = chunk
+                .iter()
+                .flat_map(|&i| data.x[i * d..(i + 1) * d].to_vec())
+                .collect();
+            b.y = chunk.iter().map(|&i| data.y[i]).collect();
+            let p = Problem::new(m.clone(), w.clone(), b, chunk.len(), BnMode::Batch).unwrap();
+            let (l, g) = CpuReference::new(p).loss_grad().unwrap();
+            losses.push(l);
+            let g: Vec<f64> = g
+                .iter()
+                .zip(&w.theta)
+                .map(|(g, t)| g + r.weight_decay * t)
+                .collect();
+            let nb = match buf {
+                None => g,
+                Some(b) => b.iter().zip(&g).map(|(b, g)| r.momentum * b + g).collect(),
+            };
+            for (t, b) in w.theta.iter_mut().zip(&nb) {
+                *t -= lr * b;
+            }
+            buf = Some(nb);
+        }
+    }
+    (losses, w.theta)
+}
+
+#[test]
+fn a_smaller_last_batch_matches_a_recomputation_by_hand() {
+    // 40 samples in batches of 16: 16, 16, 8 per epoch.
+    let r = Recipe {
+        epochs: 3,
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        milestones: vec![1, 2],
+        lr_gamma: 0.5,
+        shuffle: false,
+        seed: 0,
+    };
+    for model in FIXTURES {
+        let mut t = trainer(model, r.clone(), 16, Some(40));
+        let mut got = vec![];
+        for _ in 0..r.epochs {
+            got.extend(t.epoch().unwrap().losses);
+        }
+        assert_eq!(t.steps, 9);
+        let (want, theta) = by_hand(model, &r, 16, 40, |_| (0..40).collect());
+        let e_loss = max_rel(&got, &want);
+        let e_theta = rel_err(&t.weights().theta, &theta);
+        println!("{model} 40 samples / batch 16: losses {e_loss:.2e}, θ {e_theta:.2e}");
+        assert!(
+            e_loss <= TOL && e_theta <= TOL,
+            "{e_loss:.2e} {e_theta:.2e}"
+        );
+        // num_batches_tracked counts steps, the short one included.
+        for n in &t.model().nodes {
+            if let hesscope::model::Op::BatchNorm { running_mean, .. } = n.op {
+                assert_eq!(t.batches_tracked[running_mean], 9);
+            }
+        }
+    }
+}
+
+#[test]
+fn shuffled_epochs_follow_the_documented_permutation() {
+    let p0 = permutation(40, 7, 0);
+    let p1 = permutation(40, 7, 1);
+    let mut sorted = p0.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..40).collect::<Vec<_>>());
+    assert_ne!(p0, p1);
+    assert_eq!(p0, permutation(40, 7, 0));
+    assert_ne!(p0, permutation(40, 8, 0));
+    let r = Recipe {
+        epochs: 2,
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 0.0,
+        milestones: vec![],
+        lr_gamma: 0.1,
+        shuffle: true,
+        seed: 7,
+    };
+    let mut t = trainer("cnn-tiny", r.clone(), 16, Some(40));
+    let mut got = vec![];
+    for _ in 0..r.epochs {
+        got.extend(t.epoch().unwrap().losses);
+    }
+    let (want, theta) = by_hand("cnn-tiny", &r, 16, 40, |e| permutation(40, 7, e));
+    let e = max_rel(&got, &want).max(rel_err(&t.weights().theta, &theta));
+    println!("cnn-tiny shuffled (seed 7): {e:.2e}");
+    assert!(e <= TOL, "{e:.2e}");
+}
+
+#[test]
+fn recipes_are_checked() {
+    let ok = recipe("cnn-tiny").0;
+    ok.check().unwrap();
+    let bad: Vec<(Recipe, &str)> = vec![
+        (
+            Recipe {
+                epochs: 0,
+                ..ok.clone()
+            },
+            "epochs",
+        ),
+        (
+            Recipe {
+                lr: -0.1,
+                ..ok.clone()
+            },
+            "learning rate",
+        ),
+        (
+            Recipe {
+                lr: f64::NAN,
+                ..ok.clone()
+            },
+            "learning rate",
+        ),
+        (
+            Recipe {
+                momentum: 1.0,
+                ..ok.clone()
+            },
+            "momentum",
+        ),
+        (
+            Recipe {
+                weight_decay: -1.0,
+                ..ok.clone()
+            },
+            "weight decay",
+        ),
+        (
+            Recipe {
+                lr_gamma: 0.0,
+                ..ok.clone()
+            },
+            "learning-rate gamma",
+        ),
+        (
+            Recipe {
+                milestones: vec![3, 2],
+                ..ok.clone()
+            },
+            "milestones",
+        ),
+        (
+            Recipe {
+                milestones: vec![2, 2],
+                ..ok.clone()
+            },
+            "milestones",
+        ),
+        (
+            Recipe {
+                milestones: vec![0],
+                ..ok.clone()
+            },
+            "milestones",
+        ),
+    ];
+    for (r, want) in bad {
+        match r.check() {
+            Err(hesscope::Error::Invalid { what, .. }) => assert_eq!(what, want),
+            other => panic!("{want}: {other:?}"),
+        }
+    }
+    // MultiStepLR: epoch e runs at lr·gamma^#{milestones ≤ e}.
+    let r = Recipe {
+        milestones: vec![2, 4],
+        ..ok
+    };
+    let lrs: Vec<f64> = (0..6).map(|e| r.lr_at(e) / r.lr).collect();
+    let want = [1.0, 1.0, 0.1, 0.1, 0.1 * 0.1, 0.1 * 0.1];
+    for (a, b) in lrs.iter().zip(want) {
+        assert!((a - b).abs() < 1e-15, "{lrs:?}");
+    }
+}
+
+fn hesscope(args: &[String]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hesscope"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn fixture_args(model: &str, out: &Path, backend: &str) -> Vec<String> {
+    let fx = fixtures_dir().join(model);
+    let j = json(train_dir(model).join("train.json"));
+    let mut a: Vec<String> = [
+        "train",
+        "--backend",
+        backend,
+        "--model",
+        model,
+        "--weights",
+        fx.join("weights.safetensors").to_str().unwrap(),
+        "--data",
+        fx.join("data.safetensors").to_str().unwrap(),
+        "--no-shuffle",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (flag, key) in [
+        ("--epochs", "epochs"),
+        ("--batch", "batch"),
+        ("--lr", "lr"),
+        ("--momentum", "momentum"),
+        ("--weight-decay", "weight_decay"),
+        ("--lr-gamma", "lr_gamma"),
+    ] {
+        a.push(flag.into());
+        a.push(j[key].to_string());
+    }
+    a.push("--milestones".into());
+    for m in j["milestones"].as_array().unwrap() {
+        a.push(m.to_string());
+    }
+    a
+}
+
+#[test]
+fn cli_writes_state_dicts_checkpoints_and_the_trajectory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut args = fixture_args("cnn-tiny", &out, "cpu");
+    args.extend(["--dtype", "f64", "--json"].map(String::from));
+    let (ok, stdout, stderr) = hesscope(&args);
+    assert!(ok, "{stderr}");
+    let j: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    for key in [
+        "recipe",
+        "epochs",
+        "step_losses",
+        "steps",
+        "out",
+        "dtype",
+        "seconds",
+        "settings",
+    ] {
+        assert!(!j[key].is_null(), "missing {key}: {stdout}");
+    }
+    let traj = json(out.join("trajectory.json"));
+    assert_eq!(traj["step_losses"], j["step_losses"]);
+    assert_eq!(j["steps"], 12);
+    let epochs = j["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 3);
+    for (e, rec) in epochs.iter().enumerate() {
+        for key in [
+            "epoch",
+            "train_loss",
+            "lr",
+            "steps",
+            "seconds",
+            "checkpoint",
+        ] {
+            assert!(!rec[key].is_null(), "epoch {e} missing {key}");
+        }
+        assert_eq!(rec["steps"], 4 * (e + 1));
+        assert!(out
+            .join(format!("checkpoints/epoch-{}.safetensors", e + 1))
+            .exists());
+    }
+    assert_eq!(epochs[2]["lr"].as_f64().unwrap(), 0.05 * 0.1);
+    let steps: Vec<f64> = j["step_losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let e_loss = max_rel(&steps, &losses("cnn-tiny"));
+    let e_state = compare_state(
+        &tensorio::read(&out.join("final.safetensors")).unwrap(),
+        "cnn-tiny",
+    );
+    println!("CLI cnn-tiny: step losses {e_loss:.2e}, final state_dict {e_state:.2e}");
+    assert!(e_loss <= TOL);
+    // The last checkpoint is the final state.
+    assert_eq!(
+        std::fs::read(out.join("checkpoints/epoch-3.safetensors")).unwrap(),
+        std::fs::read(out.join("final.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn cli_saves_float32_by_default_with_int64_counters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let (ok, _, stderr) = hesscope(&fixture_args("cnn-tiny", &out, "cpu"));
+    assert!(ok, "{stderr}");
+    let f = tensorio::File::open(&out.join("final.safetensors")).unwrap();
+    for (name, l) in f.layout() {
+        let want = if name.ends_with("num_batches_tracked") {
+            assert!(l.shape.is_empty(), "{name} is a scalar");
+            "I64"
+        } else {
+            "F32"
+        };
+        assert_eq!(format!("{:?}", l.dtype), want, "{name}");
+    }
+    // float32 rounding of the float64 result, and loadable as weights.
+    let got = tensorio::read(&out.join("final.safetensors")).unwrap();
+    let want = tensorio::read(&train_dir("cnn-tiny").join("final-float64.safetensors")).unwrap();
+    for (name, w) in &want {
+        let e = rel_err(&got[name].data, &w.data);
+        assert!(e < 1e-6, "{name}: {e:.2e}");
+    }
+    let m = Model::load("cnn-tiny").unwrap();
+    Weights::load(&m, &out.join("final.safetensors")).unwrap();
+}
+
+#[test]
+fn cli_refuses_bad_flags_naming_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("cpu", vec!["--epochs", "0"], "invalid --epochs"),
+        ("cpu", vec!["--lr", "-0.1"], "invalid --lr"),
+        ("cpu", vec!["--lr", "NaN"], "invalid --lr"),
+        (
+            "cpu",
+            vec!["--milestones", "3", "2"],
+            "invalid --milestones",
+        ),
+        ("cpu", vec!["--milestones", "0"], "invalid --milestones"),
+        ("cpu", vec!["--momentum", "1.5"], "invalid --momentum"),
+        (
+            "cpu",
+            vec!["--weight-decay", "-1"],
+            "invalid --weight-decay",
+        ),
+        ("cpu", vec!["--lr-gamma", "0"], "invalid --lr-gamma"),
+        ("cpu", vec!["--bn", "running"], "invalid --bn"),
+        ("vulkan", vec![], "float64 CPU reference"),
+    ];
+    for (backend, extra, want) in cases {
+        let mut args = fixture_args("cnn-tiny", &out, backend);
+        // Each flag given replaces the fixture's value(s) of that flag.
+        if let Some(flag) = extra.first() {
+            if let Some(i) = args.iter().position(|a| a == flag) {
+                let n = args[i + 1..]
+                    .iter()
+                    .take_while(|a| !a.starts_with("--"))
+                    .count();
+                args.drain(i..i + 1 + n);
+            }
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (ok, _, stderr) = hesscope(&args);
+        assert!(!ok, "{extra:?} should fail");
+        assert!(stderr.contains(want), "{extra:?}: {stderr}");
+        assert!(!out.exists(), "{extra:?} wrote {}", out.display());
+    }
+}
+
+#[test]
+fn running_statistics_of_a_smaller_last_batch_use_its_own_count() {
+    // Batch norm straight on the input: its batch moments are the data's.
+    let tmp = tempfile::tempdir().unwrap();
+    let arch = tmp.path().join("bn-first.arch");
+    std::fs::write(
+        &arch,
+        "model bn-first\ninput 3 8 8\nclasses 4\nbn bn0\ngap\nlinear fc 4\n",
+    )
+    .unwrap();
+    let m = Model::load(arch.to_str().unwrap()).unwrap();
+    let w = Weights::init(&m, 3);
+    let mut data = Dataset::load(&fixtures_dir().join("cnn-tiny/data.safetensors")).unwrap();
+    data.take_first(40).unwrap();
+    let r = Recipe {
+        epochs: 2,
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 0.0,
+        milestones: vec![],
+        lr_gamma: 0.1,
+        shuffle: false,
+        seed: 0,
+    };
+    let counts = initial_counts(&m, None).unwrap();
+    let mut t = Trainer::new(m.clone(), w, data.clone(), 16, r, counts).unwrap();
+    t.epoch().unwrap();
+    t.epoch().unwrap();
+    // By hand: per batch (16, 16, 8 samples) and channel, the mean and the
+    // unbiased variance over samples × 64 pixels; momentum 0.1.
+    let (mut rm, mut rv) = (vec![0.0; 3], vec![1.0; 3]);
+    for _ in 0..2 {
+        for s in (0..40).step_by(16) {
+            let n = 16.min(40 - s);
+            for c in 0..3 {
+                let xs: Vec<f64> = (s..s + n)
+                    .flat_map(|i| {
+                        let o = (i * 3 + c) * 64;
+                        data.x[o..o + 64]
+                            .iter()
+                            .map(|&v| v as f64)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                let k = xs.len() as f64;
+                let mean = xs.iter().sum::<f64>() / k;
+                let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (k - 1.0);
+                rm[c] = 0.9 * rm[c] + 0.1 * mean;
+                rv[c] = 0.9 * rv[c] + 0.1 * var;
+            }
+        }
+    }
+    let idx = |name: &str| m.buffers.iter().position(|b| b.name == name).unwrap();
+    let w = t.weights();
+    let e_mean = rel_err(&w.buffers[idx("bn0.running_mean")], &rm);
+    let e_var = rel_err(&w.buffers[idx("bn0.running_var")], &rv);
+    println!(
+        "bn on the input, batches 16/16/8: running_mean {e_mean:.2e}, running_var {e_var:.2e}"
+    );
+    assert!(e_mean <= TOL && e_var <= TOL, "{e_mean:.2e} {e_var:.2e}");
+    assert_eq!(t.batches_tracked[idx("bn0.running_mean")], 6);
+}
