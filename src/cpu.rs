@@ -222,6 +222,47 @@ impl CpuReference {
         (vals, saved)
     }
 
+    /// The logits of samples `start..start + count` (count × classes,
+    /// row-major), batch norm in the problem's mode.
+    pub fn logits(&self, start: usize, count: usize) -> Vec<f64> {
+        let (mut vals, _) = self.forward(None, start, count);
+        vals.pop().unwrap_or_default()
+    }
+
+    /// Mean cross-entropy and accuracy (fraction of samples whose largest
+    /// logit, the first on ties, is the label) over the whole data set,
+    /// forward passes only, batch by batch with the problem's BN mode (a
+    /// PyTorch `model.eval()` evaluation is `BnMode::Running`).
+    pub fn evaluate(&self) -> Result<(f64, f64)> {
+        let pr = &self.problem;
+        let k = pr.model.classes;
+        let n = pr.data.len();
+        let scale = 1.0 / n as f64;
+        let mut total = 0.0;
+        let mut correct = 0usize;
+        for (start, count) in pr.data.batches(pr.batch) {
+            let z = self.logits(start, count);
+            let y = &pr.data.y[start..start + count];
+            let (l, _, _) = loss::cpu_forward_backward(count, k, &z, y, scale);
+            total += l;
+            for (row, &label) in z.chunks(k).zip(y) {
+                let mut best = 0;
+                for (j, v) in row.iter().enumerate() {
+                    if *v > row[best] {
+                        best = j;
+                    }
+                }
+                correct += (best == label as usize) as usize;
+            }
+        }
+        if !total.is_finite() {
+            return Err(Error::Numerical(format!(
+                "the evaluation loss is {total}: the weights or data overflow in float64"
+            )));
+        }
+        Ok((total, correct as f64 / n as f64))
+    }
+
     /// One mini-batch of samples `start..start + count` as a training step
     /// sees it: the mean cross-entropy over its samples, that loss's
     /// gradient, and every batch-norm node's batch moments (batch mode

@@ -30,7 +30,7 @@ use std::path::Path;
 pub const BN_MOMENTUM: f64 = 0.1;
 
 /// The optimiser and schedule.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Recipe {
     pub epochs: usize,
     pub lr: f64,
@@ -175,6 +175,38 @@ impl Trainer {
             steps: 0,
             epoch: 0,
         })
+    }
+
+    /// The momentum buffer (None before the first step).
+    pub fn momentum_buffer(&self) -> Option<&[f64]> {
+        self.momentum_buf.as_deref()
+    }
+
+    /// Continue from a checkpoint: `epoch` epochs and `steps` steps done,
+    /// with that point's momentum buffer (the weights and counters are
+    /// given to [`Trainer::new`]).
+    pub fn restore(
+        &mut self,
+        epoch: usize,
+        steps: usize,
+        momentum: Option<Vec<f64>>,
+    ) -> Result<()> {
+        if let Some(m) = &momentum {
+            if m.len() != self.model().n_params {
+                return Err(invalid(
+                    "resume",
+                    format!(
+                        "a momentum buffer of {} values for {} parameters",
+                        m.len(),
+                        self.model().n_params
+                    ),
+                ));
+            }
+        }
+        self.epoch = epoch;
+        self.steps = steps;
+        self.momentum_buf = momentum;
+        Ok(())
     }
 
     pub fn model(&self) -> &Model {
@@ -347,4 +379,169 @@ pub fn save_state_dict(
         t.push((n.as_str(), &[], tensorio::Values::I64(c)));
     }
     tensorio::write(path, &t)
+}
+
+/// Write a file atomically: to `NAME.tmp` beside it, fsync, rename over
+/// `NAME`, fsync the folder; a kill leaves the old file or the new one,
+/// never a torn one (a stray `.tmp` is ignored by [`latest_checkpoint`]).
+pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    write(&tmp)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    if let Some(dir) = path.parent() {
+        // Best effort: some file systems refuse fsync on a folder.
+        let _ = std::fs::File::open(dir).and_then(|f| f.sync_all());
+    }
+    Ok(())
+}
+
+/// What a checkpoint's `.json` holds besides its tensor files: enough to
+/// continue the run exactly (`hesscope train --resume`). It is written
+/// last, so a checkpoint is complete iff its `.json` exists and its files
+/// load.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointMeta {
+    /// Epochs finished (the next epoch, 0-based, is this one).
+    pub epoch: usize,
+    /// SGD steps taken in all.
+    pub steps: usize,
+    /// The learning rate of the epoch just finished.
+    pub lr: f64,
+    pub recipe: Recipe,
+    pub batch: usize,
+    pub samples: usize,
+    pub model: String,
+    pub data: Option<std::path::PathBuf>,
+    /// Float dtype of the state_dict (`F32`, `F64`).
+    pub dtype: String,
+    /// File names beside this one: the state_dict, the same state in
+    /// float64 (the same file when dtype is F64), and the momentum
+    /// buffers named like the parameters (float64; None before a step).
+    pub state_dict: String,
+    pub state_f64: String,
+    pub optim: Option<String>,
+    /// The trajectory so far (its epochs and every step's loss).
+    pub epochs: Vec<crate::report::EpochRecord>,
+    pub step_losses: Vec<f64>,
+}
+
+/// Write a checkpoint `DIR/STEM.safetensors` (+ `.f64.safetensors` when the
+/// state_dict is float32, `.optim.safetensors`, and last `.json`), each
+/// file atomically. `meta`'s file names are filled in here.
+pub fn save_checkpoint(
+    tr: &Trainer,
+    dir: &Path,
+    stem: &str,
+    f64_out: bool,
+    mut meta: CheckpointMeta,
+) -> Result<std::path::PathBuf> {
+    let sd = format!("{stem}.safetensors");
+    let sd_path = dir.join(&sd);
+    write_atomic(&sd_path, |p| tr.save(p, f64_out))?;
+    meta.state_dict = sd.clone();
+    meta.state_f64 = if f64_out {
+        sd
+    } else {
+        let f = format!("{stem}.f64.safetensors");
+        write_atomic(&dir.join(&f), |p| tr.save(p, true))?;
+        f
+    };
+    meta.optim = match tr.momentum_buffer() {
+        Some(m) => {
+            let f = format!("{stem}.optim.safetensors");
+            write_atomic(&dir.join(&f), |p| params::save_vector(tr.model(), p, m))?;
+            Some(f)
+        }
+        None => None,
+    };
+    meta.dtype = if f64_out { "F64" } else { "F32" }.into();
+    let js = dir.join(format!("{stem}.json"));
+    let text = serde_json::to_string_pretty(&meta)
+        .map_err(|e| invalid("resume", format!("serialising {}: {e}", js.display())))?;
+    write_atomic(&js, |p| {
+        std::fs::write(p, text).map_err(|e| Error::io(p, e))
+    })?;
+    Ok(sd_path)
+}
+
+/// A checkpoint loaded for resuming.
+pub struct Resumed {
+    pub meta: CheckpointMeta,
+    pub weights: Weights,
+    pub batches_tracked: Vec<i64>,
+    pub momentum: Option<Vec<f64>>,
+    /// Later checkpoints passed over, with why.
+    pub skipped: Vec<String>,
+}
+
+fn load_checkpoint(model: &Model, dir: &Path, json: &Path) -> Result<Resumed> {
+    let text = std::fs::read_to_string(json).map_err(|e| Error::io(json, e))?;
+    let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| Error::Format {
+        path: json.into(),
+        msg: e.to_string(),
+    })?;
+    let f64p = dir.join(&meta.state_f64);
+    let weights = Weights::load(model, &f64p)?;
+    let batches_tracked = initial_counts(model, Some(&f64p))?;
+    let momentum = match &meta.optim {
+        Some(f) => Some(params::load_vector(model, &dir.join(f))?),
+        None => None,
+    };
+    Ok(Resumed {
+        meta,
+        weights,
+        batches_tracked,
+        momentum,
+        skipped: vec![],
+    })
+}
+
+/// The latest complete checkpoint in `RUN/checkpoints` (`epoch-E.json`
+/// with its files loading for `model`); later ones that do not load are
+/// passed over (listed in `skipped`). An error when there is none.
+pub fn latest_checkpoint(model: &Model, run: &Path) -> Result<Resumed> {
+    let dir = run.join("checkpoints");
+    let entries = std::fs::read_dir(&dir).map_err(|e| {
+        invalid(
+            "resume",
+            format!("{}: no checkpoints folder ({e})", run.display()),
+        )
+    })?;
+    let mut found: Vec<usize> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e.file_name().into_string().ok()?;
+            n.strip_prefix("epoch-")?
+                .strip_suffix(".json")?
+                .parse::<usize>()
+                .ok()
+        })
+        .collect();
+    found.sort_unstable();
+    let mut skipped = vec![];
+    for e in found.into_iter().rev() {
+        let json = dir.join(format!("epoch-{e}.json"));
+        match load_checkpoint(model, &dir, &json) {
+            Ok(mut r) if r.meta.epoch == e => {
+                r.skipped = skipped;
+                return Ok(r);
+            }
+            Ok(r) => skipped.push(format!(
+                "{}: says epoch {}, not {e}",
+                json.display(),
+                r.meta.epoch
+            )),
+            Err(err) => skipped.push(format!("{}: {err}", json.display())),
+        }
+    }
+    let mut msg = format!("{}: no complete checkpoint to resume from", dir.display());
+    if !skipped.is_empty() {
+        msg += &format!(" ({})", skipped.join("; "));
+    }
+    Err(invalid("resume", msg))
 }

@@ -578,3 +578,267 @@ fn running_statistics_of_a_smaller_last_batch_use_its_own_count() {
     assert!(e_mean <= TOL && e_var <= TOL, "{e_mean:.2e} {e_var:.2e}");
     assert_eq!(t.batches_tracked[idx("bn0.running_mean")], 6);
 }
+
+/// A run long enough (~3 s here, 20 epochs of 32 steps) that a kill after
+/// the first checkpoint lands mid-run; shuffled, with weight decay and
+/// milestones, so every part of the state matters.
+fn long_args(out: &Path) -> Vec<String> {
+    [
+        "train",
+        "--backend",
+        "cpu",
+        "--model",
+        "cnn-tiny",
+        "--samples",
+        "512",
+        "--batch",
+        "16",
+        "--epochs",
+        "20",
+        "--lr",
+        "0.05",
+        "--weight-decay",
+        "1e-4",
+        "--milestones",
+        "5",
+        "10",
+        "--seed",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn without_out(mut args: Vec<String>) -> Vec<String> {
+    let i = args.iter().position(|a| a == "--out").unwrap();
+    args.drain(i..i + 2);
+    args
+}
+
+fn latest_epoch(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().into_string().unwrap();
+            n.strip_prefix("epoch-")?
+                .strip_suffix(".json")?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_run_killed_mid_run_resumes_to_the_identical_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    let (ok, _, stderr) = hesscope(&long_args(&a));
+    assert!(ok, "{stderr}");
+    // The same run, SIGKILLed once its first checkpoint is complete.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hesscope"))
+        .args(long_args(&b))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = b.join("checkpoints/epoch-1.json");
+    let t0 = std::time::Instant::now();
+    while !first.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(t0.elapsed().as_secs() < 120, "no first checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The kill landed mid-run: no final state, some epochs still to do.
+    let done = latest_epoch(&b);
+    assert!(!b.join("final.safetensors").exists(), "the run finished");
+    assert!((1..20).contains(&done), "killed after epoch {done}");
+    println!("killed after {done} of 20 epochs");
+    // A torn later checkpoint (what a non-atomic writer could leave) is
+    // passed over with a notice: garbage json and a truncated state.
+    let ck = b.join("checkpoints");
+    std::fs::write(ck.join(format!("epoch-{}.json", done + 1)), "{\"epoch\": ").unwrap();
+    let (ok, stdout, stderr) = hesscope(
+        &[
+            long_args(&b),
+            vec!["--resume".into(), b.to_str().unwrap().into()],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("ignoring an incomplete checkpoint"),
+        "{stderr}"
+    );
+    assert!(stdout.contains(&format!("after epoch {done}")), "{stdout}");
+    for f in [
+        "final.safetensors",
+        "final.f64.safetensors",
+        "final.optim.safetensors",
+    ] {
+        assert!(
+            std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    let (ta, tb) = (
+        json(a.join("trajectory.json")),
+        json(b.join("trajectory.json")),
+    );
+    assert_eq!(ta["step_losses"], tb["step_losses"]);
+    assert_eq!(ta["steps"], tb["steps"]);
+    assert_eq!(tb["epochs"].as_array().unwrap().len(), 20);
+    // Momentum buffers are named like the parameters, float64.
+    let m = Model::load("cnn-tiny").unwrap();
+    let opt = tensorio::File::open(&b.join("final.optim.safetensors")).unwrap();
+    let names: Vec<&String> = opt.layout().keys().collect();
+    let mut want: Vec<&String> = m.params.iter().map(|p| &p.name).collect();
+    want.sort();
+    assert_eq!(names, want);
+    assert!(opt
+        .layout()
+        .values()
+        .all(|l| format!("{:?}", l.dtype) == "F64"));
+}
+
+#[test]
+fn resume_from_a_truncated_last_checkpoint_uses_the_one_before() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    for d in [&a, &b] {
+        let mut args = fixture_args("cnn-tiny", d, "cpu");
+        args.extend(["--dtype", "f64"].map(String::from));
+        let (ok, _, stderr) = hesscope(&args);
+        assert!(ok, "{stderr}");
+    }
+    // Truncate b's last checkpoint's state and drop its final state.
+    let last = b.join("checkpoints/epoch-3.safetensors");
+    let bytes = std::fs::read(&last).unwrap();
+    std::fs::write(&last, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::remove_file(b.join("final.safetensors")).unwrap();
+    let mut args = without_out(fixture_args("cnn-tiny", &b, "cpu"));
+    args.extend(["--dtype", "f64", "--resume", b.to_str().unwrap()].map(String::from));
+    let (ok, stdout, stderr) = hesscope(&args);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("epoch-3.json"), "{stderr}");
+    assert!(stdout.contains("after epoch 2"), "{stdout}");
+    assert_eq!(
+        std::fs::read(a.join("final.safetensors")).unwrap(),
+        std::fs::read(b.join("final.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn resume_refuses_missing_runs_and_other_recipes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let (ok, _, stderr) = hesscope(&fixture_args("cnn-tiny", &run, "cpu"));
+    assert!(ok, "{stderr}");
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let missing = tmp.path().join("missing");
+    for (dir, extra, want) in [
+        (&empty, vec![], "invalid --resume"),
+        (&missing, vec![], "invalid --resume"),
+        (&run, vec!["--lr", "0.01"], "invalid --resume"),
+        (&run, vec!["--batch", "7"], "invalid --resume"),
+        (&run, vec!["--dtype", "f64"], "invalid --resume"),
+        (&run, vec!["--epochs", "2"], "invalid --resume"),
+    ] {
+        let mut args = without_out(fixture_args("cnn-tiny", &run, "cpu"));
+        for pair in extra.chunks(2) {
+            let i = args.iter().position(|a| a == pair[0]);
+            match i {
+                Some(i) => args[i + 1] = pair[1].into(),
+                None => args.extend(pair.iter().map(|s| s.to_string())),
+            }
+        }
+        args.extend(["--resume".into(), dir.to_str().unwrap().to_string()]);
+        let (ok, _, stderr) = hesscope(&args);
+        assert!(!ok, "{extra:?} {dir:?} accepted");
+        assert!(stderr.contains(want), "{extra:?}: {stderr}");
+    }
+    // --out elsewhere than the run is refused.
+    let mut args = fixture_args("cnn-tiny", &tmp.path().join("other"), "cpu");
+    args.extend(["--resume".into(), run.to_str().unwrap().to_string()]);
+    let (ok, _, stderr) = hesscope(&args);
+    assert!(!ok && stderr.contains("invalid --out"), "{stderr}");
+    // A finished run resumed with more epochs continues it.
+    let mut args = without_out(fixture_args("cnn-tiny", &run, "cpu"));
+    let i = args.iter().position(|a| a == "--epochs").unwrap();
+    args[i + 1] = "4".into();
+    args.extend(["--resume".into(), run.to_str().unwrap().to_string()]);
+    let (ok, stdout, stderr) = hesscope(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("after epoch 3"), "{stdout}");
+    assert!(run.join("checkpoints/epoch-4.json").exists());
+}
+
+#[test]
+fn test_data_loss_and_accuracy_per_epoch_use_running_statistics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let fx = fixtures_dir().join("cnn-tiny");
+    let test_file = fx.join("data.safetensors");
+    let mut args = fixture_args("cnn-tiny", &out, "cpu");
+    args.extend(["--dtype", "f64", "--test-data", test_file.to_str().unwrap()].map(String::from));
+    let (ok, _, stderr) = hesscope(&args);
+    assert!(ok, "{stderr}");
+    let traj = json(out.join("trajectory.json"));
+    let epochs = traj["epochs"].as_array().unwrap();
+    for rec in epochs {
+        assert!(rec["test_loss"].as_f64().unwrap().is_finite());
+        let acc = rec["test_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+    }
+    // Independently for the final weights: the reference's whole-set loss
+    // with running statistics, and the argmax of its logits.
+    let m = Model::load("cnn-tiny").unwrap();
+    let w = Weights::load(&m, &out.join("final.safetensors")).unwrap();
+    let data = Dataset::load(&test_file).unwrap();
+    let n = data.len();
+    let p = Problem::new(m.clone(), w, data.clone(), 5, BnMode::Running).unwrap();
+    let mut cpu = CpuReference::new(p);
+    let (loss, _) = cpu.loss_grad().unwrap();
+    let z = cpu.logits(0, n);
+    let correct = z
+        .chunks(m.classes)
+        .zip(&data.y)
+        .filter(|(row, &y)| {
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(0, |b, (j, v)| if *v > row[b] { j } else { b });
+            best == y as usize
+        })
+        .count();
+    let last = epochs.last().unwrap();
+    let got_loss = last["test_loss"].as_f64().unwrap();
+    println!(
+        "test loss {got_loss} vs {loss} ({:.1e}), accuracy {}",
+        (got_loss - loss).abs() / loss,
+        correct as f64 / n as f64
+    );
+    assert!((got_loss - loss).abs() <= 1e-12 * loss);
+    assert_eq!(
+        last["test_accuracy"].as_f64().unwrap(),
+        correct as f64 / n as f64
+    );
+    // Not the train-mode (batch statistics) loss.
+    let p = Problem::new(
+        m.clone(),
+        Weights::load(&m, &out.join("final.safetensors")).unwrap(),
+        data,
+        5,
+        BnMode::Batch,
+    )
+    .unwrap();
+    let (batch_loss, _) = CpuReference::new(p).loss_grad().unwrap();
+    assert!((batch_loss - loss).abs() > 1e-9 * loss);
+}

@@ -33,6 +33,8 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("weight decay", "--weight-decay"),
     ("learning-rate gamma", "--lr-gamma"),
     ("milestones", "--milestones"),
+    ("resume", "--resume"),
+    ("test data", "--test-data"),
 ];
 
 /// The flag for a library input name, if the CLI has one.

@@ -250,7 +250,7 @@ pub struct LayersReport {
 }
 
 /// One epoch of `hesscope train`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct EpochRecord {
     /// 1-based.
     pub epoch: usize,
@@ -263,6 +263,12 @@ pub struct EpochRecord {
     pub seconds: f64,
     /// The state_dict written after this epoch.
     pub checkpoint: PathBuf,
+    /// With `--test-data`: mean cross-entropy and accuracy on it after this
+    /// epoch, batch norm by its running statistics (PyTorch's `eval()`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
 }
 
 /// `hesscope train`: `trajectory.json` and `--json`.
