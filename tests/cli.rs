@@ -5,18 +5,6 @@ mod common;
 use common::*;
 use std::process::Command;
 
-fn hesscope(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hesscope"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 #[test]
 fn hvp_on_a_fixture_writes_hv_and_prints_the_spec_json() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,7 +10,6 @@ use hesscope::engine::{BnMode, Problem};
 use hesscope::layers::Decision;
 use hesscope::model::{Model, Weights};
 use hesscope::trace_grad::{trace_grad, LayerSet, Steps};
-use std::process::Command;
 
 /// The brief's bound; the measured errors are ~1e-11 or below.
 const TOL: f64 = 1e-8;
@@ -186,18 +185,6 @@ fn frozen_max_pool_and_relu_decisions_give_a_smooth_piece() {
     assert!(changed_pool, "the step should move some max-pool argmax");
     assert!(e_frozen < 1e-6, "frozen {e_frozen:.2e}");
     assert!(e_free > 100.0 * e_frozen, "unfrozen {e_free:.2e}");
-}
-
-fn hesscope(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hesscope"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
 }
 
 fn cnn_tiny_args(bn: &str, backend: &str) -> Vec<String> {

@@ -332,18 +332,6 @@ fn recipes_are_checked() {
     }
 }
 
-fn hesscope(args: &[String]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hesscope"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 fn fixture_args(model: &str, out: &Path, backend: &str) -> Vec<String> {
     let fx = fixtures_dir().join(model);
     let j = json(train_dir(model).join("train.json"));

@@ -97,3 +97,16 @@ pub const GPU_BACKENDS: [hesscope::gpu::BackendChoice; 2] = [
     hesscope::gpu::BackendChoice::Vulkan,
     hesscope::gpu::BackendChoice::Gl,
 ];
+
+/// Runs the built binary: (success, stdout, stderr).
+pub fn hesscope<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hesscope"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
