@@ -18,6 +18,14 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid;
 }
 
+// The outputs o (along one axis, `n` of them) whose windows cover input
+// position t + pad (`tp`): o·s ≤ tp ≤ o·s + k − 1, as the half-open range
+// [⌈(tp − k + 1)/s⌉ clipped at 0, ⌊tp/s⌋ + 1 clipped at n), in unsigned
+// arithmetic (no signed division on any back end).
+fn covering(tp: u32, n: u32) -> vec2<u32> {
+    return vec2<u32>((max(tp + p.stride, p.k) - p.k) / p.stride, min(tp / p.stride + 1u, n));
+}
+
 // ---- max pool forward: the first maximum in row-major window order, as
 // PyTorch picks it; padding never wins; a NaN wins as in PyTorch.
 @group(0) @binding(1) var<storage, read> mp_x: array<f32>;
@@ -88,19 +96,12 @@ fn maxpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
     if (i >= p.planes * plane_in) { return; }
     let pl = i / plane_in;
     let idx = i % plane_in;
-    let iy = idx / p.w;
-    let ix = idx % p.w;
-    // Outputs oy with oy·s − pad ≤ iy ≤ oy·s − pad + k − 1.
-    let ty = i32(iy + p.pad);
-    let tx = i32(ix + p.pad);
-    let oy0 = max(0, (ty - i32(p.k) + i32(p.stride)) / i32(p.stride));
-    let oy1 = min(i32(p.oh) - 1, ty / i32(p.stride));
-    let ox0 = max(0, (tx - i32(p.k) + i32(p.stride)) / i32(p.stride));
-    let ox1 = min(i32(p.ow) - 1, tx / i32(p.stride));
+    let oys = covering(idx / p.w + p.pad, p.oh);
+    let oxs = covering(idx % p.w + p.pad, p.ow);
     var acc = 0.0;
-    for (var oy = oy0; oy <= oy1; oy++) {
-        for (var ox = ox0; ox <= ox1; ox++) {
-            let o = (pl * p.oh + u32(oy)) * p.ow + u32(ox);
+    for (var oy = oys.x; oy < oys.y; oy++) {
+        for (var ox = oxs.x; ox < oxs.y; ox++) {
+            let o = (pl * p.oh + oy) * p.ow + ox;
             if (s_arg[o] == idx) {
                 acc += s_gy[o];
             }
@@ -158,17 +159,12 @@ fn avgpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let plane_in = p.h * p.w;
     if (i >= p.planes * plane_in) { return; }
     let pl = i / plane_in;
-    let ty = (i % plane_in) / p.w + p.pad;
-    let tx = i % p.w + p.pad;
-    // First output: ⌈(t − k + 1)/s⌉ clipped at 0; last: ⌊t/s⌋ clipped at oh − 1.
-    let oy0 = (max(ty + p.stride, p.k) - p.k) / p.stride;
-    let oy1 = min(ty / p.stride + 1u, p.oh);
-    let ox0 = (max(tx + p.stride, p.k) - p.k) / p.stride;
-    let ox1 = min(tx / p.stride + 1u, p.ow);
+    let oys = covering((i % plane_in) / p.w + p.pad, p.oh);
+    let oxs = covering(i % p.w + p.pad, p.ow);
     var acc = 0.0;
-    for (var oy = oy0; oy < oy1; oy++) {
+    for (var oy = oys.x; oy < oys.y; oy++) {
         let row = (pl * p.oh + oy) * p.ow;
-        for (var ox = ox0; ox < ox1; ox++) {
+        for (var ox = oxs.x; ox < oxs.y; ox++) {
             acc += av_in[row + ox];
         }
     }

@@ -255,13 +255,6 @@ pub use crate::gpu::params::{
     ReduceParams,
 };
 
-/// Params from the leading words; the rest are zero.
-pub fn params(words: &[u32]) -> Params {
-    let mut p = [0u32; 16];
-    p[..words.len()].copy_from_slice(words);
-    p
-}
-
 /// Threads of the per-element batch-norm kernels: one per 4 elements of a
 /// (sample, channel) plane.
 pub fn bn_threads(n: usize, c: usize, hw: usize) -> usize {
