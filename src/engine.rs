@@ -86,6 +86,27 @@ pub trait Curvature {
     fn loss_grad(&mut self) -> Result<(f64, Vec<f64>)>;
     /// out = H v, exactly (R-operator), over every batch.
     fn hvp(&mut self, v: &[f64], out: &mut [f64]) -> Result<()>;
+    /// outs[j] = H vs[j] for every j, exactly as `hvp` on each: executors
+    /// that share the forward pass, its caches and the weights between the
+    /// K tangents of one sweep override it. `outs[j]` has `n_params()`
+    /// values.
+    fn hvp_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
+        if vs.len() != outs.len() {
+            return Err(Error::Invalid {
+                what: "output vectors",
+                msg: format!("{} outputs for {} directions", outs.len(), vs.len()),
+            });
+        }
+        for (v, out) in vs.iter().zip(outs.iter_mut()) {
+            self.hvp(v, out)?;
+        }
+        Ok(())
+    }
+    /// The block size one sweep serves best within the executor's memory
+    /// (1: block products are K single products).
+    fn preferred_block(&self) -> usize {
+        1
+    }
     /// (L, ∇L, Hv) together; executors that share the forward pass override it.
     fn loss_grad_hvp(&mut self, v: &[f64]) -> Result<(f64, Vec<f64>, Vec<f64>)> {
         let (loss, grad) = self.loss_grad()?;
@@ -119,5 +140,8 @@ impl SymOperator for Hessian<'_> {
     }
     fn apply(&mut self, v: &[f64], out: &mut [f64]) -> Result<()> {
         self.0.hvp(v, out)
+    }
+    fn apply_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
+        self.0.hvp_block(vs, outs)
     }
 }

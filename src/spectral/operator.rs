@@ -8,6 +8,16 @@ pub trait SymOperator {
     fn dim(&self) -> usize;
     /// out = A v. `v` and `out` have length `dim()`.
     fn apply(&mut self, v: &[f64], out: &mut [f64]) -> Result<()>;
+    /// outs[j] = A vs[j] for every j: a block of products. Operators that
+    /// share work between the vectors of a block (the executors' block
+    /// Hessian products: one sweep over the data for K vectors) override
+    /// it; the result is the same as `apply` on each vector.
+    fn apply_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
+        for (v, out) in vs.iter().zip(outs.iter_mut()) {
+            self.apply(v, out)?;
+        }
+        Ok(())
+    }
 }
 
 /// A dense symmetric matrix (row-major), for tests and small models.
