@@ -400,6 +400,123 @@ impl CpuReference {
     }
 }
 
+impl CpuReference {
+    /// H·vs[j] for every j over one sweep: per batch one forward pass and
+    /// one plain backward pass (its adjoints kept per node), then per
+    /// tangent an R-forward and an R-backward that reuse them. Each
+    /// tangent's R-forward runs right before its own R-backward (a unit's
+    /// R-forward may leave state in `saved` for its R-backward, as batch
+    /// norm does), and every sum is taken in the order of
+    /// [`CpuReference::pass`], so each output equals a single `hvp` bit for
+    /// bit.
+    pub fn hv_block(&self, vs: &[&[f64]]) -> Result<Vec<Vec<f64>>> {
+        let pr = &self.problem;
+        let np = pr.model.n_params;
+        for v in vs {
+            if v.len() != np {
+                return Err(Error::Invalid {
+                    what: "direction v",
+                    msg: format!("{} values for {np} parameters", v.len()),
+                });
+            }
+        }
+        let mut hvs = vec![vec![0.0; np]; vs.len()];
+        if vs.is_empty() {
+            return Ok(hvs);
+        }
+        let scale = 1.0 / pr.data.len() as f64;
+        let mut total = 0.0;
+        for (bi, (start, count)) in pr.data.batches(pr.batch).into_iter().enumerate() {
+            total += self.batch_block(bi, start, count, scale, vs, &mut hvs);
+        }
+        if !total.is_finite() {
+            return Err(Error::Numerical(format!(
+                "the loss is {total}: the weights or data overflow in float64"
+            )));
+        }
+        Ok(hvs)
+    }
+
+    /// One batch of [`CpuReference::hv_block`]: its loss (times `scale`),
+    /// with H·vs[j] of the batch added into `hvs[j]`.
+    fn batch_block(
+        &self,
+        bi: usize,
+        start: usize,
+        count: usize,
+        scale: f64,
+        vs: &[&[f64]],
+        hvs: &mut [Vec<f64>],
+    ) -> f64 {
+        let pr = &self.problem;
+        let nodes = &pr.model.nodes;
+        let cx = self.cx(count, None, None);
+        let (vals, mut saved) = self.forward(Some(bi), start, count);
+        let k = pr.model.classes;
+        let nv = vals.len();
+        let y = &pr.data.y[start..start + count];
+        let (l, gz, p) = loss::cpu_forward_backward(count, k, &vals[nv - 1], y, scale);
+
+        // The plain backward once: every node's output adjoint gy, kept
+        // (None where no adjoint reaches the node, which the R-backward
+        // then skips as `pass` does). The gradient itself is not wanted.
+        let mut adj: Vec<Option<Vec<f64>>> = vec![None; nv];
+        adj[nv - 1] = Some(gz);
+        let mut gys: Vec<Option<Vec<f64>>> = vec![None; nodes.len()];
+        let mut grad = vec![0.0; pr.model.n_params];
+        for (ni, node) in nodes.iter().enumerate().rev() {
+            let Some(gy) = adj[ni + 1].take() else {
+                continue;
+            };
+            let xs = slices(&node.inputs, &vals);
+            let gxs = layers::unit(&node.op).backward(&cx, node, &xs, &saved[ni], &gy, &mut grad);
+            for (&i, g) in node.inputs.iter().zip(gxs) {
+                add_into(&mut adj[i], g);
+            }
+            gys[ni] = Some(gy);
+        }
+
+        // Per tangent: its R-forward, then its R-backward.
+        for (v, hv) in vs.iter().zip(hvs.iter_mut()) {
+            let mut dvals: Vec<Vec<f64>> = Vec::with_capacity(nv);
+            dvals.push(vec![0.0; vals[0].len()]);
+            for (ni, node) in nodes.iter().enumerate() {
+                let dy = layers::unit(&node.op).r_forward(
+                    &cx,
+                    node,
+                    &slices(&node.inputs, &vals),
+                    &slices(&node.inputs, &dvals),
+                    v,
+                    &mut saved[ni],
+                );
+                dvals.push(dy);
+            }
+            let mut radj: Vec<Option<Vec<f64>>> = vec![None; nv];
+            radj[nv - 1] = Some(loss::cpu_r_backward(count, k, &p, &dvals[nv - 1], scale));
+            for (ni, node) in nodes.iter().enumerate().rev() {
+                let (Some(gy), Some(rgy)) = (gys[ni].as_deref(), radj[ni + 1].take()) else {
+                    continue;
+                };
+                let rgxs = layers::unit(&node.op).r_backward(
+                    &cx,
+                    node,
+                    &slices(&node.inputs, &vals),
+                    &slices(&node.inputs, &dvals),
+                    &saved[ni],
+                    gy,
+                    &rgy,
+                    v,
+                    hv,
+                );
+                for (&i, r) in node.inputs.iter().zip(rgxs) {
+                    add_into(&mut radj[i], r);
+                }
+            }
+        }
+        l
+    }
+}
+
 /// The values (or tangents) a node reads.
 fn slices<'v>(inputs: &[usize], of: &'v [Vec<f64>]) -> Vec<&'v [f64]> {
     inputs.iter().map(|&i| of[i].as_slice()).collect()
@@ -418,6 +535,21 @@ impl Curvature for CpuReference {
         let o = self.pass(Some(v))?;
         if let Some(hv) = o.hv {
             out.copy_from_slice(&hv);
+        }
+        Ok(())
+    }
+    fn hvp_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
+        if vs.len() != outs.len() {
+            return Err(Error::Invalid {
+                what: "output vectors",
+                msg: format!("{} outputs for {} directions", outs.len(), vs.len()),
+            });
+        }
+        for out in outs.iter() {
+            check_out_len(out, self.problem.model.n_params)?;
+        }
+        for (out, hv) in outs.iter_mut().zip(self.hv_block(vs)?) {
+            *out = hv;
         }
         Ok(())
     }
