@@ -34,11 +34,13 @@ pub const MAX_PROBES: usize = 10_000_000;
 pub const LAYERS_GRID: usize = 2000;
 
 /// An operator that ticks a progress bar per product (drawn only on a
-/// terminal) and counts the products.
+/// terminal) and counts the products, and the sweeps that computed them
+/// (a block product of K vectors is K products in one sweep).
 pub struct Counted<'a> {
     pub inner: &'a mut dyn SymOperator,
     pub bar: ProgressBar,
     pub count: usize,
+    pub sweeps: usize,
 }
 
 impl<'a> Counted<'a> {
@@ -58,6 +60,7 @@ impl<'a> Counted<'a> {
             inner,
             bar,
             count: 0,
+            sweeps: 0,
         }
     }
 }
@@ -68,8 +71,15 @@ impl SymOperator for Counted<'_> {
     }
     fn apply(&mut self, v: &[f64], out: &mut [f64]) -> hesscope::Result<()> {
         self.count += 1;
+        self.sweeps += 1;
         self.bar.inc(1);
         self.inner.apply(v, out)
+    }
+    fn apply_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> hesscope::Result<()> {
+        self.count += vs.len();
+        self.sweeps += 1;
+        self.bar.inc(vs.len() as u64);
+        self.inner.apply_block(vs, outs)
     }
 }
 

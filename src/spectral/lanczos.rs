@@ -23,8 +23,19 @@ pub enum BasisPrecision {
 }
 
 impl BasisPrecision {
+    /// For one basis of `steps` + 1 vectors of n entries.
     pub fn for_size(n: usize, steps: usize) -> BasisPrecision {
-        if n * (steps + 1) * 8 <= F64_BASIS_BYTES {
+        BasisPrecision::for_bases(n, steps, 1)
+    }
+
+    /// For `bases` such bases held at once (recurrences in lockstep): f64
+    /// while all of them together fit in `F64_BASIS_BYTES`.
+    pub fn for_bases(n: usize, steps: usize, bases: usize) -> BasisPrecision {
+        if n.saturating_mul(steps + 1)
+            .saturating_mul(8)
+            .saturating_mul(bases.max(1))
+            <= F64_BASIS_BYTES
+        {
             BasisPrecision::F64
         } else {
             BasisPrecision::F32
@@ -32,13 +43,20 @@ impl BasisPrecision {
     }
 }
 
-enum Basis {
+/// Orthonormal vectors kept in f64 or f32, with compensated products.
+pub(crate) enum Basis {
     F64(Vec<Vec<f64>>),
     F32(Vec<Vec<f32>>),
 }
 
 impl Basis {
-    fn len(&self) -> usize {
+    pub(crate) fn new(precision: BasisPrecision) -> Basis {
+        match precision {
+            BasisPrecision::F64 => Basis::F64(vec![]),
+            BasisPrecision::F32 => Basis::F32(vec![]),
+        }
+    }
+    pub(crate) fn len(&self) -> usize {
         match self {
             Basis::F64(v) => v.len(),
             Basis::F32(v) => v.len(),
@@ -46,7 +64,7 @@ impl Basis {
     }
     /// Stores q and returns it as stored (rounded to f32 if so kept), so
     /// the recurrence runs on exactly the vectors that are kept.
-    fn push(&mut self, q: Vec<f64>) -> Vec<f64> {
+    pub(crate) fn push(&mut self, q: Vec<f64>) -> Vec<f64> {
         match self {
             Basis::F64(v) => {
                 v.push(q.clone());
@@ -60,19 +78,19 @@ impl Basis {
             }
         }
     }
-    fn get(&self, j: usize) -> Vec<f64> {
+    pub(crate) fn get(&self, j: usize) -> Vec<f64> {
         match self {
             Basis::F64(v) => v[j].clone(),
             Basis::F32(v) => v[j].iter().map(|&x| x as f64).collect(),
         }
     }
-    fn dots(&self, w: &[f64]) -> Vec<f64> {
+    pub(crate) fn dots(&self, w: &[f64]) -> Vec<f64> {
         match self {
             Basis::F64(v) => v.iter().map(|q| dot(w, q)).collect(),
             Basis::F32(v) => v.iter().map(|q| dot(w, q)).collect(),
         }
     }
-    fn subtract(&self, w: &mut [f64], c: &[f64]) {
+    pub(crate) fn subtract(&self, w: &mut [f64], c: &[f64]) {
         match self {
             Basis::F64(v) => {
                 subtract_combination(w, c, &v.iter().map(|q| q.as_slice()).collect::<Vec<_>>())
@@ -83,13 +101,13 @@ impl Basis {
         }
     }
     /// w ⟂ every stored vector: two passes of classical Gram–Schmidt.
-    fn orthogonalize(&self, w: &mut [f64]) {
+    pub(crate) fn orthogonalize(&self, w: &mut [f64]) {
         for _ in 0..2 {
             let c = self.dots(w);
             self.subtract(w, &c);
         }
     }
-    fn combine(&self, y: &[f64], n: usize) -> Vec<f64> {
+    pub(crate) fn combine(&self, y: &[f64], n: usize) -> Vec<f64> {
         let mut out = vec![0.0; n];
         let neg: Vec<f64> = y.iter().map(|x| -x).collect();
         let k = y.len().min(self.len());
@@ -109,9 +127,12 @@ impl Basis {
     }
 }
 
-/// A Lanczos process that can be continued step by step.
-pub struct Lanczos<'a> {
-    op: &'a mut dyn SymOperator,
+/// The state of one Lanczos recurrence, without the operator: a step is
+/// split into the vector to multiply ([`Recurrence::pending`]) and the
+/// absorption of its product ([`Recurrence::absorb`]), so that several
+/// recurrences can share one block product per step (`slq` in lockstep).
+/// [`Lanczos`] couples it to an operator for one-vector-at-a-time use.
+pub struct Recurrence {
     basis: Basis,
     /// T's diagonal.
     pub alpha: Vec<f64>,
@@ -125,6 +146,25 @@ pub struct Lanczos<'a> {
     pub breakdowns: usize,
     exhausted: bool,
     scale: f64,
+}
+
+/// A Lanczos process that can be continued step by step.
+pub struct Lanczos<'a> {
+    op: &'a mut dyn SymOperator,
+    rec: Recurrence,
+}
+
+impl std::ops::Deref for Lanczos<'_> {
+    type Target = Recurrence;
+    fn deref(&self) -> &Recurrence {
+        &self.rec
+    }
+}
+
+impl std::ops::DerefMut for Lanczos<'_> {
+    fn deref_mut(&mut self) -> &mut Recurrence {
+        &mut self.rec
+    }
 }
 
 /// A unit Gaussian vector.
@@ -142,7 +182,35 @@ impl<'a> Lanczos<'a> {
         precision: BasisPrecision,
         seed: u64,
     ) -> Result<Lanczos<'a>> {
-        let n = op.dim();
+        let rec = Recurrence::new(op.dim(), start, precision, seed)?;
+        Ok(Lanczos { op, rec })
+    }
+
+    /// One Lanczos step. Returns false once the basis spans the whole space.
+    pub fn step(&mut self) -> Result<bool> {
+        let Some(q) = self.rec.pending() else {
+            return Ok(false);
+        };
+        let mut w = vec![0.0; q.len()];
+        self.op.apply(q, &mut w)?;
+        self.rec.absorb(w)
+    }
+
+    /// The operator itself, for residual checks during the process.
+    pub fn apply(&mut self, v: &[f64], out: &mut [f64]) -> Result<()> {
+        self.op.apply(v, out)
+    }
+}
+
+impl Recurrence {
+    /// A recurrence from `start` (normalised here) for an operator of
+    /// dimension `n`; `seed` drives the restarts after breakdowns.
+    pub fn new(
+        n: usize,
+        start: &[f64],
+        precision: BasisPrecision,
+        seed: u64,
+    ) -> Result<Recurrence> {
         if start.len() != n {
             return Err(Error::Numerical(format!(
                 "start vector of {} for an operator of dimension {n}",
@@ -155,13 +223,9 @@ impl<'a> Lanczos<'a> {
                 "the Lanczos start vector is zero or not finite".into(),
             ));
         }
-        let mut basis = match precision {
-            BasisPrecision::F64 => Basis::F64(vec![]),
-            BasisPrecision::F32 => Basis::F32(vec![]),
-        };
+        let mut basis = Basis::new(precision);
         let current = basis.push(start.iter().map(|x| x / s).collect());
-        Ok(Lanczos {
-            op,
+        Ok(Recurrence {
             basis,
             alpha: vec![],
             beta: vec![],
@@ -182,14 +246,27 @@ impl<'a> Lanczos<'a> {
         self.alpha.len()
     }
 
-    /// One Lanczos step. Returns false once the basis spans the whole space.
-    pub fn step(&mut self) -> Result<bool> {
+    /// The vector the next step multiplies by the operator (the newest
+    /// basis vector, as stored); `None` once the basis spans the space.
+    pub fn pending(&self) -> Option<&[f64]> {
+        (!self.exhausted).then_some(self.current.as_slice())
+    }
+
+    /// The rest of a step, given w = A·[`Recurrence::pending`]: the
+    /// three-term update, full reorthogonalisation, and the next basis
+    /// vector. Returns false once the basis spans the whole space (or
+    /// already did: then `w` is ignored).
+    pub fn absorb(&mut self, mut w: Vec<f64>) -> Result<bool> {
         if self.exhausted {
             return Ok(false);
         }
         let n = self.dim();
-        let mut w = vec![0.0; n];
-        self.op.apply(&self.current, &mut w)?;
+        if w.len() != n {
+            return Err(Error::Numerical(format!(
+                "a product of {} values for an operator of dimension {n}",
+                w.len()
+            )));
+        }
         if let Some(i) = w.iter().position(|x| !x.is_finite()) {
             return Err(Error::Numerical(format!(
                 "the operator returned {} at entry {i}",
@@ -250,11 +327,6 @@ impl<'a> Lanczos<'a> {
         } else {
             0.0
         }
-    }
-
-    /// The operator itself, for residual checks during the process.
-    pub fn apply(&mut self, v: &[f64], out: &mut [f64]) -> Result<()> {
-        self.op.apply(v, out)
     }
 
     /// Σ_j y_j q_j over the first y.len() basis vectors.

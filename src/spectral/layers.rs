@@ -38,6 +38,28 @@ impl SymOperator for BlockOperator<'_> {
         out.copy_from_slice(&self.full_out[self.range.clone()]);
         Ok(())
     }
+    /// One block product of the full operator for the whole block.
+    fn apply_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
+        let n = self.inner.dim();
+        if self.range.len() == n {
+            return self.inner.apply_block(vs, outs);
+        }
+        let full_in: Vec<Vec<f64>> = vs
+            .iter()
+            .map(|v| {
+                let mut f = vec![0.0; n];
+                f[self.range.clone()].copy_from_slice(v);
+                f
+            })
+            .collect();
+        let refs: Vec<&[f64]> = full_in.iter().map(|v| v.as_slice()).collect();
+        let mut full_out = vec![vec![0.0; n]; vs.len()];
+        self.inner.apply_block(&refs, &mut full_out)?;
+        for (out, f) in outs.iter_mut().zip(&full_out) {
+            out.copy_from_slice(&f[self.range.clone()]);
+        }
+        Ok(())
+    }
 }
 
 /// Bhattacharyya coefficient ∫ √(p q) of two densities on one grid: 1 for

@@ -4,7 +4,7 @@
 //! weights, so Σ wᵢ f(λᵢ) ≈ vᵀ f(H) v / ‖v‖² ≈ (1/n) tr f(H).
 
 use crate::error::{Error, Result};
-use crate::spectral::lanczos::{gaussian_unit, BasisPrecision, Lanczos};
+use crate::spectral::lanczos::{gaussian_unit, BasisPrecision, Recurrence};
 use crate::spectral::operator::SymOperator;
 use rand::SeedableRng;
 
@@ -21,8 +21,27 @@ pub struct SlqRun {
 }
 
 /// `runs` independent Lanczos runs of `steps` steps (fewer when the
-/// operator's dimension is smaller).
+/// operator's dimension is smaller), one after another: [`slq_block`] with
+/// a block of 1.
 pub fn slq(op: &mut dyn SymOperator, steps: usize, runs: usize, seed: u64) -> Result<Vec<SlqRun>> {
+    slq_block(op, steps, runs, seed, 1)
+}
+
+/// `runs` independent Lanczos runs of `steps` steps (fewer when the
+/// operator's dimension is smaller), `block` of them in lockstep: each step
+/// multiplies the current vector of every live run of the group in one
+/// block product (`apply_block`), and each run then continues with its own
+/// full reorthogonalisation. The starts are drawn in run order from `seed`
+/// whatever the block, so the runs are the same ones; only the basis
+/// storage may change (f32 once the group's bases together pass
+/// `F64_BASIS_BYTES`).
+pub fn slq_block(
+    op: &mut dyn SymOperator,
+    steps: usize,
+    runs: usize,
+    seed: u64,
+    block: usize,
+) -> Result<Vec<SlqRun>> {
     if steps == 0 {
         return Err(Error::Invalid {
             what: "Lanczos steps",
@@ -35,6 +54,12 @@ pub fn slq(op: &mut dyn SymOperator, steps: usize, runs: usize, seed: u64) -> Re
             msg: "must be at least 1".into(),
         });
     }
+    if block == 0 {
+        return Err(Error::Invalid {
+            what: "block size",
+            msg: "must be at least 1".into(),
+        });
+    }
     let n = op.dim();
     if n == 0 {
         return Err(Error::Invalid {
@@ -42,21 +67,56 @@ pub fn slq(op: &mut dyn SymOperator, steps: usize, runs: usize, seed: u64) -> Re
             msg: "the operator has dimension 0 (no parameters): no spectrum to estimate".into(),
         });
     }
+    let block = block.min(runs);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x51a9);
-    let precision = BasisPrecision::for_size(n, steps);
+    let precision = BasisPrecision::for_bases(n, steps, block);
     let mut out = vec![];
-    for r in 0..runs {
-        let start = gaussian_unit(n, &mut rng);
-        let mut lz = Lanczos::new(op, &start, precision, seed.wrapping_add(r as u64))?;
-        while lz.steps() < steps && lz.step()? {}
-        let t = lz.ritz()?;
-        out.push(SlqRun {
-            weights: t.weights(),
-            nodes: t.values,
-            breakdowns: lz.breakdowns,
-        });
+    for first in (0..runs).step_by(block) {
+        let mut group = vec![];
+        for r in first..(first + block).min(runs) {
+            let start = gaussian_unit(n, &mut rng);
+            group.push(Recurrence::new(
+                n,
+                &start,
+                precision,
+                seed.wrapping_add(r as u64),
+            )?);
+        }
+        lockstep(op, &mut group, steps)?;
+        for lz in group {
+            let t = lz.ritz()?;
+            out.push(SlqRun {
+                weights: t.weights(),
+                nodes: t.values,
+                breakdowns: lz.breakdowns,
+            });
+        }
     }
     Ok(out)
+}
+
+/// Steps every recurrence of `group` until it has `steps` steps or spans
+/// the space, one block product per step over the live ones.
+pub fn lockstep(op: &mut dyn SymOperator, group: &mut [Recurrence], steps: usize) -> Result<()> {
+    let n = op.dim();
+    let mut outs: Vec<Vec<f64>> = vec![];
+    loop {
+        let live: Vec<usize> = (0..group.len())
+            .filter(|&i| group[i].steps() < steps && group[i].pending().is_some())
+            .collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        outs.resize_with(live.len(), || vec![0.0; n]);
+        outs.truncate(live.len());
+        {
+            let vs: Vec<&[f64]> = live.iter().filter_map(|&i| group[i].pending()).collect();
+            op.apply_block(&vs, &mut outs)?;
+        }
+        for (&i, w) in live.iter().zip(outs.iter_mut()) {
+            group[i].absorb(std::mem::replace(w, vec![0.0; n]))?;
+        }
+    }
 }
 
 /// sigma = sqrt(1e-5 · max(1, λmax − λmin)), Ghorbani et al.'s kernel width.
@@ -174,5 +234,36 @@ pub fn summarize(runs: &[SlqRun], n: usize) -> SlqSummary {
         trace: mean,
         trace_stderr: (var / k).sqrt(),
         negative_mass: if abs > 0.0 { neg / abs } else { 0.0 },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spectral::DiagonalOperator;
+
+    /// Runs in lockstep do the same arithmetic on the same starts as runs
+    /// one after another (the default `apply_block` is `apply` per vector):
+    /// equal bit for bit, for groups that divide the runs and those that
+    /// leave a short last group, and through breakdowns (repeated
+    /// eigenvalues) and exhaustion (steps > n).
+    #[test]
+    fn lockstep_runs_equal_sequential_runs() {
+        let d: Vec<f64> = (0..40).map(|i| ((i % 13) as f64 - 4.0) * 0.7).collect();
+        for steps in [12, 60] {
+            let one = slq(&mut DiagonalOperator { d: d.clone() }, steps, 7, 3).unwrap();
+            assert!(one.iter().any(|r| r.breakdowns > 0) || steps < 13);
+            for block in [2, 3, 7, 10] {
+                let many =
+                    slq_block(&mut DiagonalOperator { d: d.clone() }, steps, 7, 3, block).unwrap();
+                assert_eq!(many.len(), 7);
+                for (a, b) in one.iter().zip(&many) {
+                    assert_eq!(a.nodes, b.nodes, "steps {steps} block {block}");
+                    assert_eq!(a.weights, b.weights, "steps {steps} block {block}");
+                    assert_eq!(a.breakdowns, b.breakdowns);
+                }
+            }
+        }
+        assert!(slq_block(&mut DiagonalOperator { d }, 5, 2, 0, 0).is_err());
     }
 }
