@@ -17,5 +17,6 @@ pub mod layers;
 pub mod model;
 pub mod ops;
 pub mod report;
+pub mod snapshot;
 pub mod trace_grad;
 pub mod train;

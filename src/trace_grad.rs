@@ -19,9 +19,11 @@
 //! conservative error estimate).
 
 use crate::cpu::CpuReference;
+use crate::engine::Problem;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
 
 /// A set of trainable tensors (by index in parameter order).
 #[derive(Clone, Debug, PartialEq)]
@@ -168,6 +170,34 @@ impl LayerSet {
     }
 }
 
+impl LayerSet {
+    /// `count` standard-normal probes on the set, zero outside, from `seed`.
+    pub fn gaussian(&self, model: &Model, count: usize, seed: u64) -> Result<Vec<Vec<f64>>> {
+        if count == 0 {
+            return Err(Error::Invalid {
+                what: "trace probes",
+                msg: "must be at least 1".into(),
+            });
+        }
+        let inside = self.mask(model);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x6a055);
+        Ok((0..count)
+            .map(|_| {
+                inside
+                    .iter()
+                    .map(|&on| {
+                        if on {
+                            StandardNormal.sample(&mut rng)
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+}
+
 /// The difference steps: h_j = eps / (2^j · max|v|) for j < levels.
 #[derive(Clone, Copy, Debug)]
 pub struct Steps {
@@ -305,6 +335,13 @@ pub fn trace_grad(cpu: &mut CpuReference, probes: &[Vec<f64>], steps: Steps) -> 
     cpu.problem.weights.theta.copy_from_slice(&theta);
     cpu.frozen = saved_frozen;
     result
+}
+
+/// [`trace_grad`] over a problem of its own, e.g. one mini-batch (data =
+/// the batch's samples, batch = their count, BN in batch mode): the loss is
+/// then that mini-batch's mean cross-entropy, as a training step takes it.
+pub fn trace_grad_on(problem: Problem, probes: &[Vec<f64>], steps: Steps) -> Result<TraceGrad> {
+    trace_grad(&mut CpuReference::new(problem), probes, steps)
 }
 
 fn norm(a: &[f64]) -> f64 {

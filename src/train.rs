@@ -15,15 +15,22 @@
 //! Epoch e (0-based) runs at lr·gamma^k, k the number of milestones ≤ e.
 //! Mini-batches are consecutive slices of the data in its order, the last
 //! possibly smaller; with shuffling, the data is first permuted per epoch
-//! by [`permutation`].
+//! by [`permutation`]. With [`Augment::CropFlip`] every sample is then
+//! padded, cropped and maybe flipped as [`crop_flip_draws`] says for its
+//! epoch. With a Hessian-trace regulariser ([`Htr`]) a regularised step adds
+//! γ·∇θ[(1/P) Σₖ vₖᵀ H_S vₖ] over its own mini-batch
+//! ([`crate::trace_grad`]) to the gradient before weight decay and momentum.
+//! Everything random is a function of the seed, the epoch and the step, so
+//! a resumed run repeats an uninterrupted one bit for bit.
 
-use crate::cpu::CpuReference;
+use crate::cpu::{BnMoments, CpuReference};
 use crate::data::Dataset;
 use crate::engine::{BnMode, Problem};
 use crate::error::{Error, Result};
-use crate::model::{params, tensorio, Model, Op, Weights};
+use crate::model::{params, tensorio, Model, Op, Shape, Weights};
+use crate::trace_grad::{trace_grad_on, LayerSet, Steps};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use std::path::Path;
 
 /// Batch norm's running-statistics momentum (PyTorch's default).
@@ -116,15 +123,244 @@ pub fn permutation(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     p
 }
 
-/// The data set with its samples in the order `perm`.
-fn permuted(data: &Dataset, perm: &[usize]) -> Dataset {
+/// Data augmentation applied to the training samples each epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Augment {
+    /// The samples as they are.
+    #[default]
+    None,
+    /// torchvision's `RandomCrop(H×W, padding=4)` (zero padding) then
+    /// `RandomHorizontalFlip(0.5)`, per sample and epoch ([`crop_flip_draws`]).
+    CropFlip,
+}
+
+/// Zero padding on each side before the random crop.
+pub const CROP_PAD: usize = 4;
+
+/// One sample's crop and flip: the crop's top-left corner in the padded
+/// image (`dy`, `dx` in 0..=2·[`CROP_PAD`]; 4, 4 is the original window)
+/// and whether it is then mirrored left-right.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CropFlip {
+    pub dy: usize,
+    pub dx: usize,
+    pub flip: bool,
+}
+
+/// The crop and flip of each of `n` samples (indexed in file order) in
+/// epoch `epoch` (0-based): `StdRng::seed_from_u64(seed ^ 0x6175_676d_0000_0000
+/// ^ epoch·0xD1B5_4A32_D192_ED03)`, per sample in file order dy, dx uniform
+/// in 0..=8 (`random_range`), then flip = `random::<bool>()` (probability
+/// 1/2), as torchvision draws the crop before the flip. A sample's draw
+/// depends on the seed, the epoch and its index only, not on the order the
+/// epoch visits it in.
+pub fn crop_flip_draws(n: usize, seed: u64, epoch: usize) -> Vec<CropFlip> {
+    let s = seed ^ 0x6175_676d_0000_0000 ^ (epoch as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(s);
+    (0..n)
+        .map(|_| {
+            let dy = rng.random_range(0..=2 * CROP_PAD);
+            let dx = rng.random_range(0..=2 * CROP_PAD);
+            CropFlip {
+                dy,
+                dx,
+                flip: rng.random::<bool>(),
+            }
+        })
+        .collect()
+}
+
+/// One C×H×W image cropped and flipped: out[c][y][x] = padded[c][y+dy][x'+dx]
+/// with x' = W−1−x when flipped (else x), where the padded image is the
+/// input with [`CROP_PAD`] zeros on every side (so padded[y][x] =
+/// img[y−4][x−4] inside, 0 outside).
+pub fn crop_flip(img: &[f32], shape: Shape, t: CropFlip, out: &mut [f32]) {
+    let (h, w) = (shape.h as isize, shape.w as isize);
+    let pad = CROP_PAD as isize;
+    for c in 0..shape.c {
+        let plane = &img[c * shape.spatial()..(c + 1) * shape.spatial()];
+        let dst = &mut out[c * shape.spatial()..(c + 1) * shape.spatial()];
+        for y in 0..h {
+            let sy = y + t.dy as isize - pad;
+            for x in 0..w {
+                let xs = if t.flip { w - 1 - x } else { x };
+                let sx = xs + t.dx as isize - pad;
+                dst[(y * w + x) as usize] = if (0..h).contains(&sy) && (0..w).contains(&sx) {
+                    plane[(sy * w + sx) as usize]
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// Which Hutchinson probes the regulariser draws.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeDist {
+    /// ±1 entries: the lower-variance Hutchinson estimator (see [`Htr`]).
+    #[default]
+    Rademacher,
+    /// Standard normal entries.
+    Gaussian,
+}
+
+/// The Hessian-trace regulariser of Sankar et al.: on a regularised step
+/// the gradient gains γ·∇θ[(1/P) Σₖ vₖᵀ H_S vₖ], H_S the Hessian's diagonal
+/// block over the layer set S of the step's own mini-batch loss (batch
+/// norm on the mini-batch's statistics, as the step's forward), the vₖ
+/// drawn by [`htr_probes`] for that step, zero outside S.
+///
+/// Rademacher probes by default: for a symmetric A the Hutchinson
+/// estimate zᵀAz has variance 2(‖A‖²_F − Σᵢ A²ᵢᵢ) with Rademacher z and
+/// 2‖A‖²_F with Gaussian z (E z⁴ = 1 against 3), so Rademacher is never
+/// worse and removes the diagonal's share entirely; with P = 1 probe per
+/// step that variance is the noise the regulariser injects. It is also
+/// what PyHessian's trace (and `hesscope trace`/`trace-grad`) use.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Htr {
+    /// γ, the regulariser's weight.
+    pub gamma: f64,
+    /// The layer set S (`all`, `middle`, module names; [`LayerSet::parse`]).
+    pub layers: String,
+    /// Probes P per regularised step.
+    pub probes: usize,
+    /// A step is regularised when the steps taken before it are a
+    /// multiple of `every` (counted over the whole run) ...
+    pub every: usize,
+    /// ... and at least `from_epoch` epochs have finished (0: from the
+    /// first step).
+    pub from_epoch: usize,
+    pub dist: ProbeDist,
+}
+
+impl Htr {
+    pub fn check(&self, model: &Model) -> Result<LayerSet> {
+        if !(self.gamma.is_finite() && self.gamma >= 0.0) {
+            return Err(invalid(
+                "htr gamma",
+                format!("{} is not a finite number ≥ 0", self.gamma),
+            ));
+        }
+        if self.probes == 0 {
+            return Err(invalid("htr probes", "must be at least 1"));
+        }
+        if self.every == 0 {
+            return Err(invalid("htr every", "must be at least 1"));
+        }
+        LayerSet::parse(model, &self.layers)
+    }
+
+    /// Whether step `step` (0-based over the run) of epoch `epoch`
+    /// (0-based) is regularised.
+    pub fn active(&self, epoch: usize, step: usize) -> bool {
+        epoch >= self.from_epoch && step.is_multiple_of(self.every)
+    }
+}
+
+/// The probes of step `step` (0-based over the run) in epoch `epoch`
+/// (0-based): [`LayerSet::rademacher`] or [`LayerSet::gaussian`] seeded by
+/// `seed ^ 0x4854_5200_0000_0000 ^ (epoch+1)·0x9E37_79B9_7F4A_7C15 ^
+/// (step+1)·0xC2B2_AE3D_27D4_EB4F`.
+pub fn htr_probes(
+    model: &Model,
+    set: &LayerSet,
+    count: usize,
+    dist: ProbeDist,
+    seed: u64,
+    epoch: usize,
+    step: usize,
+) -> Result<Vec<Vec<f64>>> {
+    let s = seed
+        ^ 0x4854_5200_0000_0000
+        ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (step as u64 + 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    match dist {
+        ProbeDist::Rademacher => set.rademacher(model, count, s),
+        ProbeDist::Gaussian => set.gaussian(model, count, s),
+    }
+}
+
+/// Samples `start..start + count` of a data set, as a data set.
+pub fn samples(data: &Dataset, start: usize, count: usize) -> Dataset {
+    let d = data.shape.numel();
+    Dataset {
+        x: data.x[start * d..(start + count) * d].to_vec(),
+        y: data.y[start..start + count].to_vec(),
+        shape: data.shape,
+        source: data.source.clone(),
+    }
+}
+
+/// The data set with its samples in the order `perm`, each augmented by
+/// `draws[j]` (indexed by the sample's file position j) when given.
+fn permuted(data: &Dataset, perm: &[usize], draws: Option<&[CropFlip]>) -> Dataset {
     let d = data.shape.numel();
     let mut out = data.clone();
     for (i, &j) in perm.iter().enumerate() {
-        out.x[i * d..(i + 1) * d].copy_from_slice(&data.x[j * d..(j + 1) * d]);
+        let src = &data.x[j * d..(j + 1) * d];
+        let dst = &mut out.x[i * d..(i + 1) * d];
+        match draws {
+            Some(t) => crop_flip(src, data.shape, t[j], dst),
+            None => dst.copy_from_slice(src),
+        }
         out.y[i] = data.y[j];
     }
     out
+}
+
+/// The regulariser's part of one step.
+#[derive(Clone, Debug)]
+pub struct HtrStep {
+    /// (1/P) Σₖ vₖᵀ H_S vₖ on the mini-batch.
+    pub estimate: f64,
+    /// Its gradient ∇θ (not yet multiplied by γ).
+    pub grad: Vec<f64>,
+    pub probes: Vec<Vec<f64>>,
+}
+
+/// What a step's update is made of.
+pub struct StepGradient {
+    /// The mini-batch's mean cross-entropy.
+    pub loss: f64,
+    /// Its gradient ∇L_B.
+    pub data_grad: Vec<f64>,
+    /// On a regularised step.
+    pub htr: Option<HtrStep>,
+    /// Per batch-norm node, the mini-batch's moments.
+    pub bn: Vec<BnMoments>,
+}
+
+impl StepGradient {
+    /// g = ∇L_B + γ·∇θ(trace estimate) + wd·θ: what momentum and the
+    /// learning rate act on.
+    pub fn total(&self, gamma: f64, weight_decay: f64, theta: &[f64]) -> Vec<f64> {
+        let mut g = self.data_grad.clone();
+        if let Some(h) = &self.htr {
+            g.iter_mut()
+                .zip(&h.grad)
+                .for_each(|(gi, t)| *gi += gamma * t);
+        }
+        if weight_decay != 0.0 {
+            g.iter_mut()
+                .zip(theta)
+                .for_each(|(gi, t)| *gi += weight_decay * t);
+        }
+        g
+    }
+}
+
+/// One step as the progress display sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct StepInfo {
+    /// 0-based within the epoch, and the epoch's step count.
+    pub index: usize,
+    pub of: usize,
+    /// Samples in this step's mini-batch.
+    pub samples: usize,
+    pub loss: f64,
 }
 
 /// What one epoch did.
@@ -135,6 +371,8 @@ pub struct EpochResult {
     pub lr: f64,
     /// Each step's mini-batch loss, before its update.
     pub losses: Vec<f64>,
+    /// The regulariser's estimate (1/P) Σ vᵀH_S v of each regularised step.
+    pub htr: Vec<f64>,
     pub seconds: f64,
 }
 
@@ -151,6 +389,10 @@ pub struct Trainer {
     pub steps: usize,
     /// Epochs finished.
     pub epoch: usize,
+    /// Data augmentation (set before the first epoch).
+    pub augment: Augment,
+    /// The Hessian-trace regulariser and its layer set ([`Trainer::set_htr`]).
+    htr: Option<(Htr, LayerSet)>,
 }
 
 impl Trainer {
@@ -174,7 +416,25 @@ impl Trainer {
             batches_tracked,
             steps: 0,
             epoch: 0,
+            augment: Augment::None,
+            htr: None,
         })
+    }
+
+    /// Turn the Hessian-trace regulariser on (or off with None).
+    pub fn set_htr(&mut self, htr: Option<Htr>) -> Result<()> {
+        self.htr = match htr {
+            Some(h) => {
+                let set = h.check(self.model())?;
+                Some((h, set))
+            }
+            None => None,
+        };
+        Ok(())
+    }
+
+    pub fn htr(&self) -> Option<&Htr> {
+        self.htr.as_ref().map(|(h, _)| h)
     }
 
     /// The momentum buffer (None before the first step).
@@ -216,10 +476,55 @@ impl Trainer {
         &self.cpu.problem.weights
     }
 
-    /// One SGD step on samples `start..start + count` of the problem's
-    /// current order; the mini-batch loss before the update.
-    pub fn step(&mut self, start: usize, count: usize, lr: f64) -> Result<f64> {
+    /// The parts of the next step's gradient on samples `start..start +
+    /// count` of the problem's current order, at the current weights: the
+    /// mini-batch loss and gradient, and on a regularised step the trace
+    /// estimate and its gradient over the same mini-batch (the probes of
+    /// [`htr_probes`] for this epoch and step).
+    pub fn gradient(&self, start: usize, count: usize) -> Result<StepGradient> {
         let st = self.cpu.batch_step(start, count)?;
+        let htr = match &self.htr {
+            Some((h, set)) if h.active(self.epoch, self.steps) => {
+                let pr = &self.cpu.problem;
+                let probes = htr_probes(
+                    &pr.model,
+                    set,
+                    h.probes,
+                    h.dist,
+                    self.recipe.seed,
+                    self.epoch,
+                    self.steps,
+                )?;
+                let mini = Problem::new(
+                    pr.model.clone(),
+                    pr.weights.clone(),
+                    samples(&pr.data, start, count),
+                    count,
+                    BnMode::Batch,
+                )?;
+                let t = trace_grad_on(mini, &probes, Steps::default())?;
+                Some(HtrStep {
+                    estimate: t.estimate,
+                    grad: t.grad,
+                    probes,
+                })
+            }
+            _ => None,
+        };
+        Ok(StepGradient {
+            loss: st.loss,
+            data_grad: st.grad,
+            htr,
+            bn: st.bn,
+        })
+    }
+
+    /// One SGD step on samples `start..start + count` of the problem's
+    /// current order: the mini-batch loss before the update, and the
+    /// regulariser's estimate on a regularised step.
+    pub fn step(&mut self, start: usize, count: usize, lr: f64) -> Result<(f64, Option<f64>)> {
+        let st = self.gradient(start, count)?;
+        let gamma = self.htr.as_ref().map_or(0.0, |(h, _)| h.gamma);
         let r = &self.recipe;
         let w = &mut self.cpu.problem.weights;
         // Batch norm's running statistics (the forward of this step).
@@ -234,13 +539,8 @@ impl Trainer {
             }
             self.batches_tracked[b.running_mean] += 1;
         }
-        // g = ∇L + wd·θ; buf = g, then momentum·buf + g; θ −= lr·buf.
-        let mut g = st.grad;
-        if r.weight_decay != 0.0 {
-            g.iter_mut()
-                .zip(&w.theta)
-                .for_each(|(gi, t)| *gi += r.weight_decay * t);
-        }
+        // g = ∇L (+ γ·∇trace) + wd·θ; buf = g, then momentum·buf + g; θ −= lr·buf.
+        let g = st.total(gamma, r.weight_decay, &w.theta);
         let buf = match self.momentum_buf.take() {
             Some(mut b) if r.momentum != 0.0 => {
                 b.iter_mut()
@@ -259,30 +559,59 @@ impl Trainer {
         }
         self.momentum_buf = Some(buf);
         self.steps += 1;
-        Ok(st.loss)
+        Ok((st.loss, st.htr.map(|h| h.estimate)))
     }
 
     /// The next epoch: its order, its steps.
     pub fn epoch(&mut self) -> Result<EpochResult> {
+        self.epoch_with(|_| {})
+    }
+
+    /// The next epoch, calling `on_step` after each step.
+    pub fn epoch_with(&mut self, mut on_step: impl FnMut(&StepInfo)) -> Result<EpochResult> {
         let t0 = std::time::Instant::now();
         let e = self.epoch;
         let lr = self.recipe.lr_at(e);
-        if self.recipe.shuffle {
-            let perm = permutation(self.data.len(), self.recipe.seed, e);
-            self.cpu.problem.data = permuted(&self.data, &perm);
+        let draws = match self.augment {
+            Augment::CropFlip => Some(crop_flip_draws(self.data.len(), self.recipe.seed, e)),
+            Augment::None => None,
+        };
+        if self.recipe.shuffle || draws.is_some() {
+            let perm = if self.recipe.shuffle {
+                permutation(self.data.len(), self.recipe.seed, e)
+            } else {
+                (0..self.data.len()).collect()
+            };
+            self.cpu.problem.data = permuted(&self.data, &perm, draws.as_deref());
         }
         let batches = self.cpu.problem.data.batches(self.cpu.problem.batch);
         let mut losses = Vec::with_capacity(batches.len());
-        for (start, count) in batches {
-            losses.push(self.step(start, count, lr)?);
+        let mut htr = vec![];
+        let of = batches.len();
+        for (index, (start, count)) in batches.into_iter().enumerate() {
+            let (loss, h) = self.step(start, count, lr)?;
+            losses.push(loss);
+            htr.extend(h);
+            on_step(&StepInfo {
+                index,
+                of,
+                samples: count,
+                loss,
+            });
         }
         self.epoch += 1;
         Ok(EpochResult {
             epoch: e,
             lr,
             losses,
+            htr,
             seconds: t0.elapsed().as_secs_f64(),
         })
+    }
+
+    /// The training data in file order, unaugmented.
+    pub fn data(&self) -> &Dataset {
+        &self.data
     }
 
     /// The whole state_dict: trainable tensors, BN running buffers and
@@ -428,6 +757,15 @@ pub struct CheckpointMeta {
     /// The trajectory so far (its epochs and every step's loss).
     pub epochs: Vec<crate::report::EpochRecord>,
     pub step_losses: Vec<f64>,
+    /// Data augmentation and the Hessian-trace regulariser of the run
+    /// (absent in checkpoints from before they existed: none).
+    #[serde(default)]
+    pub augment: Augment,
+    #[serde(default)]
+    pub htr: Option<Htr>,
+    /// The record before the first epoch.
+    #[serde(default)]
+    pub start: Option<crate::report::StartRecord>,
 }
 
 /// Write a checkpoint `DIR/STEM.safetensors` (+ `.f64.safetensors` when the

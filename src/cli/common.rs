@@ -164,7 +164,7 @@ impl Inputs {
         Ok(Loaded { model, engine })
     }
 
-    fn engine(&self, problem: Problem) -> Result<Box<dyn Curvature>> {
+    pub fn engine(&self, problem: Problem) -> Result<Box<dyn Curvature>> {
         let Some(choice) = self.backend.gpu() else {
             return Ok(Box::new(CpuReference::new(problem)));
         };

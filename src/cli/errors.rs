@@ -35,6 +35,9 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("milestones", "--milestones"),
     ("resume", "--resume"),
     ("test data", "--test-data"),
+    ("htr gamma", "--htr-gamma"),
+    ("htr probes", "--htr-probes"),
+    ("htr every", "--htr-every"),
 ];
 
 /// The flag for a library input name, if the CLI has one.

@@ -1,20 +1,152 @@
 //! `hesscope train`: SGD as PyTorch's, on the float64 reference
 //! (`hesscope::train`), writing the final state_dict, a checkpoint per
-//! epoch and `trajectory.json`.
+//! epoch, `trajectory.json` and its plots; optionally the Hessian's
+//! curvature along the way (`hesscope::snapshot`), data augmentation and
+//! the Hessian-trace regulariser.
 
 use crate::cli::common::{Backend, BnArg, Inputs};
 use crate::cli::output::{self, notice};
-use anyhow::{bail, Context, Result};
+use crate::cli::spectral_cmds::{MAX_GRID, MAX_PROBES, MAX_RUNS, MAX_STEPS};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hesscope::data::Dataset;
 use hesscope::engine::{BnMode, Problem};
-use hesscope::report::{EpochRecord, Exporter, TrainReport};
-use hesscope::train::{
-    initial_counts, latest_checkpoint, save_checkpoint, write_atomic, CheckpointMeta, Recipe,
-    Trainer,
+use hesscope::model::Model;
+use hesscope::report::{
+    CurvatureRecord, EpochRecord, Exporter, HtrRecord, StartRecord, TrainReport,
 };
-use std::path::PathBuf;
+use hesscope::snapshot::{snapshot, SnapshotSettings};
+use hesscope::spectral::plot::{densities_svg, panels_svg, DensitySeries, Panel, Series};
+use hesscope::spectral::slq;
+use hesscope::train::{
+    initial_counts, latest_checkpoint, samples, save_checkpoint, write_atomic, Augment,
+    CheckpointMeta, Htr, ProbeDist, Recipe, StepInfo, Trainer,
+};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// `--augment`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AugmentArg {
+    /// The samples as they are.
+    None,
+    /// Zero-pad 4, random H×W crop, horizontal flip with probability 1/2,
+    /// per sample and epoch from --seed (torchvision's RandomCrop +
+    /// RandomHorizontalFlip).
+    CropFlip,
+}
+
+/// `--htr-probe-dist`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProbeDistArg {
+    /// ±1 entries (lower variance: 2(‖A‖²_F − Σ A²ᵢᵢ) against 2‖A‖²_F).
+    Rademacher,
+    /// Standard normal entries.
+    Gaussian,
+}
+
+/// How the Hessian is measured along the run.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Curvature along training")]
+pub struct SpectrumArgs {
+    /// Measure the Hessian every E epochs, and always before the first and
+    /// after the last (0: only there). Without it, none is measured.
+    #[arg(long, value_name = "E", allow_hyphen_values = true)]
+    pub spectrum_every: Option<usize>,
+    /// The fixed subset the Hessian is taken over: the first N training
+    /// samples in file order, unaugmented (capped at the data's size), in
+    /// batches of --batch.
+    #[arg(long, default_value_t = 1024, allow_hyphen_values = true)]
+    pub hessian_samples: usize,
+    /// Batch norm in the Hessian's loss: the batches' own statistics
+    /// (train mode) or the running buffers (eval mode).
+    #[arg(long, value_enum, default_value_t = BnArg::Batch)]
+    pub hessian_bn: BnArg,
+    /// Where the Hessian-vector products run (`auto`: as the spectral
+    /// commands' --backend auto). Default: the float64 reference that also
+    /// trains, so a resumed run repeats the curvature exactly.
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub hessian_backend: Backend,
+    /// SLQ Lanczos steps per run.
+    #[arg(long, default_value_t = slq::DEFAULT_STEPS, allow_hyphen_values = true)]
+    pub steps: usize,
+    /// SLQ runs (Gaussian start vectors).
+    #[arg(long, default_value_t = slq::DEFAULT_RUNS, allow_hyphen_values = true)]
+    pub runs: usize,
+    /// Gaussian kernel standard deviation of the densities (default:
+    /// sigma² = 1e-5·max(1, λmax − λmin), as in Ghorbani et al.).
+    #[arg(long, allow_hyphen_values = true)]
+    pub sigma: Option<f64>,
+    /// Grid points of each density in trajectory.json.
+    #[arg(long, default_value_t = 1000, allow_hyphen_values = true)]
+    pub grid: usize,
+    /// Top-k eigenvalues (algebraic), and the gradient's fractions in the
+    /// top 1..k eigenspaces.
+    #[arg(long, default_value_t = 10, allow_hyphen_values = true)]
+    pub top: usize,
+    /// Lanczos step budget of the top-k eigenvalues (and of each module's
+    /// λmax with --layerwise).
+    #[arg(long, default_value_t = 400, allow_hyphen_values = true)]
+    pub eigs_steps: usize,
+    /// Residual tolerance of the eigenvalues relative to |λmax|, in (0, 1).
+    #[arg(long, default_value_t = 1e-6, allow_hyphen_values = true)]
+    pub tol: f64,
+    /// Hutchinson probes of the trace (whole Hessian and each module).
+    #[arg(long, default_value_t = 100, allow_hyphen_values = true)]
+    pub probes: usize,
+    /// Each module's λmax and trace (its diagonal block of the Hessian).
+    #[arg(long)]
+    pub layerwise: bool,
+}
+
+/// The Hessian-trace regulariser (Sankar et al.).
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Hessian-trace regulariser")]
+pub struct HtrArgs {
+    /// Add G·∇θ[(1/P) Σₖ vₖᵀ H_S vₖ] (the step's own mini-batch, third
+    /// derivatives as `trace-grad` computes them) to the gradient of the
+    /// regularised steps, before weight decay and momentum.
+    #[arg(long, value_name = "G", allow_hyphen_values = true)]
+    pub htr_gamma: Option<f64>,
+    /// The layer set S: `all`, `middle` (the trainable tensors i with
+    /// ⌊n/4⌋ ≤ i < ⌊3n/4⌋, Sankar et al.), or comma-separated module names
+    /// or prefixes.
+    #[arg(long, default_value = "middle", value_name = "S")]
+    pub htr_layers: String,
+    /// Probes P per regularised step (7 HVPs each).
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_name = "P",
+        allow_hyphen_values = true
+    )]
+    pub htr_probes: usize,
+    /// Regularise the steps whose count of steps before them is a multiple
+    /// of K.
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_name = "K",
+        allow_hyphen_values = true
+    )]
+    pub htr_every: usize,
+    /// Regularise once E epochs have finished (0: from the first step).
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "E",
+        allow_hyphen_values = true
+    )]
+    pub htr_from_epoch: usize,
+    /// The probes, drawn per step from --seed, the epoch and the step.
+    /// Rademacher by default: for a symmetric A, zᵀAz has variance
+    /// 2(‖A‖²_F − Σ A²ᵢᵢ) with ±1 entries against 2‖A‖²_F with Gaussian
+    /// ones, so it is never noisier (PyHessian's choice too).
+    #[arg(long, value_enum, default_value_t = ProbeDistArg::Rademacher)]
+    pub htr_probe_dist: ProbeDistArg,
+}
 
 /// Float dtype of the saved state_dicts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -67,8 +199,191 @@ pub struct TrainArgs {
     /// (PyTorch's eval()), in trajectory.json.
     #[arg(long, value_name = "FILE|DIR")]
     pub test_data: Option<PathBuf>,
+    /// Data augmentation of the training samples, per sample and epoch
+    /// from --seed.
+    #[arg(long, value_enum, default_value_t = AugmentArg::None)]
+    pub augment: AugmentArg,
+    #[command(flatten)]
+    pub spectrum: SpectrumArgs,
+    #[command(flatten)]
+    pub htr: HtrArgs,
     #[command(flatten)]
     pub inputs: Inputs,
+}
+
+fn check_count(flag: &str, value: usize, max: usize) -> Result<()> {
+    if value == 0 {
+        bail!("invalid {flag}: must be at least 1");
+    }
+    if value > max {
+        bail!("invalid {flag}: {value} is above the limit of {max}");
+    }
+    Ok(())
+}
+
+impl SpectrumArgs {
+    fn settings(&self, seed: u64) -> Result<SnapshotSettings> {
+        check_count("--steps", self.steps, MAX_STEPS)?;
+        check_count("--runs", self.runs, MAX_RUNS)?;
+        check_count("--eigs-steps", self.eigs_steps, MAX_STEPS)?;
+        check_count("--probes", self.probes, MAX_PROBES)?;
+        check_count("--hessian-samples", self.hessian_samples, usize::MAX)?;
+        check_count("--top", self.top, MAX_STEPS)?;
+        if !(2..=MAX_GRID).contains(&self.grid) {
+            bail!(
+                "invalid --grid: {}; a density needs between 2 and {MAX_GRID} grid points",
+                self.grid
+            );
+        }
+        if let Some(s) = self.sigma {
+            if !(s.is_finite() && s > 0.0) {
+                bail!("invalid --sigma: {s}; the kernel width must be a positive finite number");
+            }
+        }
+        if !(self.tol.is_finite() && self.tol > 0.0 && self.tol < 1.0) {
+            bail!(
+                "invalid --tol: {}; a relative tolerance in (0, 1)",
+                self.tol
+            );
+        }
+        Ok(SnapshotSettings {
+            slq_steps: self.steps,
+            slq_runs: self.runs,
+            sigma: self.sigma,
+            grid: self.grid,
+            top: self.top,
+            eigs_steps: self.eigs_steps,
+            tol: self.tol,
+            probes: self.probes,
+            layerwise: self.layerwise,
+            seed,
+        })
+    }
+}
+
+impl HtrArgs {
+    fn htr(&self) -> Result<Option<Htr>> {
+        let Some(gamma) = self.htr_gamma else {
+            return Ok(None);
+        };
+        if !(gamma.is_finite() && gamma >= 0.0) {
+            bail!("invalid --htr-gamma: {gamma} is not a finite number ≥ 0");
+        }
+        check_count("--htr-probes", self.htr_probes, MAX_PROBES)?;
+        check_count("--htr-every", self.htr_every, usize::MAX)?;
+        Ok(Some(Htr {
+            gamma,
+            layers: self.htr_layers.clone(),
+            probes: self.htr_probes,
+            every: self.htr_every,
+            from_epoch: self.htr_from_epoch,
+            dist: match self.htr_probe_dist {
+                ProbeDistArg::Rademacher => ProbeDist::Rademacher,
+                ProbeDistArg::Gaussian => ProbeDist::Gaussian,
+            },
+        }))
+    }
+}
+
+/// A progress bar over an epoch's steps on stderr, drawn only on a terminal.
+fn epoch_bar(epoch: usize, epochs: usize, steps: usize) -> ProgressBar {
+    match ProgressStyle::with_template(
+        "epoch {prefix} [{bar:30}] {pos}/{len} steps  {msg}  {elapsed} (eta {eta})",
+    ) {
+        Ok(style) if std::io::stderr().is_terminal() => {
+            let b = ProgressBar::new(steps as u64);
+            b.set_style(style.progress_chars("=> "));
+            b.set_prefix(format!("{epoch}/{epochs}"));
+            b
+        }
+        _ => ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::hidden()),
+    }
+}
+
+/// A spinner on stderr (terminal only) while the Hessian is measured.
+fn spinner(msg: String) -> ProgressBar {
+    if std::io::stderr().is_terminal() {
+        let b = ProgressBar::new_spinner();
+        b.set_message(msg);
+        b.enable_steady_tick(std::time::Duration::from_millis(200));
+        b
+    } else {
+        ProgressBar::hidden()
+    }
+}
+
+/// What the run measures besides training.
+struct Measures<'a> {
+    inputs: &'a Inputs,
+    spectrum: Option<(SnapshotSettings, &'a SpectrumArgs)>,
+    test: Option<&'a Dataset>,
+    weight_decay: f64,
+}
+
+impl Measures<'_> {
+    /// Mean cross-entropy and accuracy with running statistics.
+    fn eval(&self, tr: &Trainer, data: &Dataset) -> Result<(f64, f64)> {
+        let p = Problem::new(
+            tr.model().clone(),
+            tr.weights().clone(),
+            data.clone(),
+            self.inputs.batch,
+            BnMode::Running,
+        )?;
+        Ok(hesscope::cpu::CpuReference::new(p).evaluate()?)
+    }
+
+    fn test(&self, tr: &Trainer) -> Result<(Option<f64>, Option<f64>)> {
+        Ok(match self.test {
+            Some(t) => {
+                let (l, a) = self.eval(tr, t)?;
+                (Some(l), Some(a))
+            }
+            None => (None, None),
+        })
+    }
+
+    /// The Hessian of the data loss over the subset at the current weights.
+    fn curvature(&self, tr: &Trainer, label: &str) -> Result<CurvatureRecord> {
+        let (s, args) = self.spectrum.as_ref().expect("spectrum settings");
+        let n = args.hessian_samples.min(tr.data().len());
+        let bn: BnMode = args.hessian_bn.into();
+        let problem = Problem::new(
+            tr.model().clone(),
+            tr.weights().clone(),
+            samples(tr.data(), 0, n),
+            self.inputs.batch,
+            bn,
+        )
+        .context("the Hessian's subset")?;
+        let mut inputs = self.inputs.clone();
+        inputs.backend = args.hessian_backend;
+        let mut engine = inputs.engine(problem)?;
+        let bar = spinner(format!("{label}: measuring the Hessian on {n} samples"));
+        let bn_name = match bn {
+            BnMode::Batch => "batch",
+            BnMode::Running => "running",
+        };
+        let r = snapshot(
+            engine.as_mut(),
+            tr.model(),
+            s,
+            (n, self.inputs.batch, bn_name, self.weight_decay),
+        )
+        .with_context(|| format!("{label}: measuring the Hessian"));
+        bar.finish_and_clear();
+        r
+    }
+}
+
+fn describe_curvature(c: &CurvatureRecord) -> String {
+    format!(
+        "  λmax {:.4e}  trace {:.4e}  ‖g‖² in top-{} {:.3}",
+        c.top_eigenvalues.first().copied().unwrap_or(f64::NAN),
+        c.trace,
+        c.grad_frac_in_top_k.len(),
+        c.grad_frac_in_top_k.last().copied().unwrap_or(f64::NAN)
+    )
 }
 
 pub fn train_cmd(a: TrainArgs) -> Result<()> {
@@ -97,6 +412,15 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         seed: a.inputs.seed,
     };
     recipe.check()?;
+    let augment = match a.augment {
+        AugmentArg::None => Augment::None,
+        AugmentArg::CropFlip => Augment::CropFlip,
+    };
+    let htr = a.htr.htr()?;
+    let spectrum = match a.spectrum.spectrum_every {
+        Some(_) => Some((a.spectrum.settings(a.inputs.seed)?, &a.spectrum)),
+        None => None,
+    };
     let out = match (&a.resume, &a.out) {
         (Some(r), Some(o)) if r != o => bail!(
             "invalid --out {}: a resumed run writes into its --resume folder {}",
@@ -111,6 +435,20 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     let dtype = if f64_out { "F64" } else { "F32" };
     let t0 = Instant::now();
     let (model, mut weights) = a.inputs.model_and_weights()?;
+    if let Some(h) = &htr {
+        h.check(&model)
+            .map_err(|e| anyhow!("invalid --htr-layers: {}", strip_invalid(&e)))?;
+    }
+    if let Some((s, _)) = &spectrum {
+        if s.top > model.n_params {
+            bail!(
+                "invalid --top: {} is more than the {} parameters of {}",
+                s.top,
+                model.n_params,
+                model.name
+            );
+        }
+    }
     let mut counts = initial_counts(&model, a.inputs.weights.as_deref())
         .with_context(|| format!("--weights {:?}", a.inputs.weights))?;
     let data = a.inputs.dataset(&model)?;
@@ -170,6 +508,18 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         if dtype != m.dtype {
             diffs.push(format!("--dtype {dtype}, the run's is {}", m.dtype));
         }
+        if augment != m.augment {
+            diffs.push(format!(
+                "--augment {augment:?}, the run's is {:?}",
+                m.augment
+            ));
+        }
+        if htr != m.htr {
+            diffs.push(format!(
+                "Hessian-trace regulariser {htr:?}, the run's is {:?}",
+                m.htr
+            ));
+        }
         if !diffs.is_empty() {
             return Err(hesscope::error::Error::Invalid {
                 what: "resume",
@@ -190,12 +540,22 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         resumed = Some(r);
     }
     let mut tr = Trainer::new(model, weights, data, a.inputs.batch, recipe.clone(), counts)?;
+    tr.augment = augment;
+    tr.set_htr(htr.clone())?;
+    let measures = Measures {
+        inputs: &a.inputs,
+        spectrum,
+        test: test.as_ref(),
+        weight_decay: recipe.weight_decay,
+    };
     let mut epochs = vec![];
     let mut step_losses = vec![];
+    let mut start = None;
     if let Some(r) = resumed {
         tr.restore(r.meta.epoch, r.meta.steps, r.momentum)?;
         epochs = r.meta.epochs;
         step_losses = r.meta.step_losses;
+        start = r.meta.start;
         if !a.inputs.json {
             output::line(format!(
                 "resuming {} after epoch {} ({} steps)",
@@ -207,60 +567,97 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     }
     let ckdir = out.join("checkpoints");
     std::fs::create_dir_all(&ckdir).with_context(|| format!("creating {}", ckdir.display()))?;
-    let meta =
-        |tr: &Trainer, lr: f64, epochs: &[EpochRecord], step_losses: &[f64]| CheckpointMeta {
-            epoch: tr.epoch,
-            steps: tr.steps,
-            lr,
-            recipe: recipe.clone(),
-            batch: a.inputs.batch,
-            samples: n_samples,
-            model: a.inputs.model.clone(),
-            data: a.inputs.data.clone(),
-            dtype: dtype.into(),
-            state_dict: String::new(),
-            state_f64: String::new(),
-            optim: None,
-            epochs: epochs.to_vec(),
-            step_losses: step_losses.to_vec(),
+    if tr.epoch == 0 && start.is_none() {
+        let (test_loss, test_accuracy) = measures.test(&tr)?;
+        let (train_eval_loss, train_accuracy) = measures.eval(&tr, tr.data())?;
+        let curvature = match measures.spectrum {
+            Some(_) => Some(measures.curvature(&tr, "start")?),
+            None => None,
         };
+        if let (Some(c), false) = (&curvature, a.inputs.json) {
+            output::line(format!("start{}", describe_curvature(c)))?;
+        }
+        start = Some(StartRecord {
+            epoch: 0,
+            train_accuracy: Some(train_accuracy),
+            train_eval_loss: Some(train_eval_loss),
+            test_loss,
+            test_accuracy,
+            curvature,
+        });
+    }
+    let meta = |tr: &Trainer,
+                lr: f64,
+                epochs: &[EpochRecord],
+                step_losses: &[f64],
+                start: &Option<StartRecord>| CheckpointMeta {
+        epoch: tr.epoch,
+        steps: tr.steps,
+        lr,
+        recipe: recipe.clone(),
+        batch: a.inputs.batch,
+        samples: n_samples,
+        model: a.inputs.model.clone(),
+        data: a.inputs.data.clone(),
+        dtype: dtype.into(),
+        state_dict: String::new(),
+        state_f64: String::new(),
+        optim: None,
+        epochs: epochs.to_vec(),
+        step_losses: step_losses.to_vec(),
+        augment,
+        htr: htr.clone(),
+        start: start.clone(),
+    };
     let mut last_lr = recipe.lr_at(tr.epoch.saturating_sub(1));
     while tr.epoch < recipe.epochs {
-        let r = tr.epoch()?;
+        let n_steps = tr.data().batches(a.inputs.batch).len();
+        let bar = epoch_bar(tr.epoch + 1, recipe.epochs, n_steps);
+        let (t_bar, mut seen) = (Instant::now(), 0usize);
+        let r = tr.epoch_with(|s: &StepInfo| {
+            seen += s.samples;
+            let rate = seen as f64 / t_bar.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!("loss {:.4}  {rate:.0} samples/s", s.loss));
+            bar.inc(1);
+        })?;
+        bar.finish_and_clear();
         last_lr = r.lr;
-        let (test_loss, test_accuracy) = match &test {
-            Some(t) => {
-                let p = Problem::new(
-                    tr.model().clone(),
-                    tr.weights().clone(),
-                    t.clone(),
-                    a.inputs.batch,
-                    BnMode::Running,
-                )?;
-                let (l, acc) = hesscope::cpu::CpuReference::new(p).evaluate()?;
-                (Some(l), Some(acc))
+        let done = r.epoch + 1;
+        let (test_loss, test_accuracy) = measures.test(&tr)?;
+        let (train_eval_loss, train_accuracy) = measures.eval(&tr, tr.data())?;
+        let curvature = match (&measures.spectrum, a.spectrum.spectrum_every) {
+            (Some(_), Some(every)) if done == recipe.epochs || (every > 0 && done % every == 0) => {
+                Some(measures.curvature(&tr, &format!("epoch {done}"))?)
             }
-            None => (None, None),
+            _ => None,
         };
+        let htr_rec = tr.htr().map(|_| HtrRecord {
+            value: (!r.htr.is_empty()).then(|| r.htr.iter().sum::<f64>() / r.htr.len() as f64),
+            steps: r.htr.len(),
+        });
         let rec = EpochRecord {
-            epoch: r.epoch + 1,
+            epoch: done,
             train_loss: r.losses.iter().sum::<f64>() / r.losses.len() as f64,
             lr: r.lr,
             steps: tr.steps,
             seconds: r.seconds,
-            checkpoint: ckdir.join(format!("epoch-{}.safetensors", r.epoch + 1)),
+            checkpoint: ckdir.join(format!("epoch-{done}.safetensors")),
             test_loss,
             test_accuracy,
+            train_accuracy: Some(train_accuracy),
+            train_eval_loss: Some(train_eval_loss),
+            htr: htr_rec,
+            curvature,
         };
         step_losses.extend(r.losses);
         epochs.push(rec.clone());
-        let stem = format!("epoch-{}", r.epoch + 1);
+        let stem = format!("epoch-{done}");
         save_checkpoint(
             &tr,
             &ckdir,
             &stem,
             f64_out,
-            meta(&tr, r.lr, &epochs, &step_losses),
+            meta(&tr, r.lr, &epochs, &step_losses, &start),
         )
         .with_context(|| format!("writing checkpoint {}", ckdir.join(&stem).display()))?;
         if !a.inputs.json {
@@ -268,10 +665,17 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
                 (Some(l), Some(acc)) => format!("  test loss {l:.6} acc {acc:.4}"),
                 _ => String::new(),
             };
+            let htr = match &rec.htr {
+                Some(HtrRecord { value: Some(v), .. }) => format!("  htr {v:.4e}"),
+                _ => String::new(),
+            };
             output::line(format!(
-                "epoch {:>3}  lr {:.4e}  train loss {:.6}{test}  ({} steps, {:.2} s)",
-                rec.epoch, rec.lr, rec.train_loss, rec.steps, rec.seconds
+                "epoch {:>3}  lr {:.4e}  train loss {:.6} acc {:.4}{test}{htr}  ({} steps, {:.2} s)",
+                rec.epoch, rec.lr, rec.train_loss, train_accuracy, rec.steps, rec.seconds
             ))?;
+            if let Some(c) = &rec.curvature {
+                output::line(format!("     {}", describe_curvature(c)))?;
+            }
         }
     }
     let fin = save_checkpoint(
@@ -279,11 +683,14 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         &out,
         "final",
         f64_out,
-        meta(&tr, last_lr, &epochs, &step_losses),
+        meta(&tr, last_lr, &epochs, &step_losses, &start),
     )
     .with_context(|| format!("writing {}", out.join("final.safetensors").display()))?;
     let report = TrainReport {
         recipe,
+        augment,
+        htr,
+        start,
         epochs,
         step_losses,
         steps: tr.steps,
@@ -295,14 +702,200 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     let traj = out.join("trajectory.json");
     write_atomic(&traj, |p| Exporter::JsonPretty.write(p, &report))
         .with_context(|| format!("writing {}", traj.display()))?;
+    let plots = write_plots(&out, tr.model(), &report)?;
     if a.inputs.json {
         return output::line(Exporter::JsonLine.render(&report)?);
     }
     output::line(format!(
-        "trained {} epochs ({} steps); wrote {} and {}",
+        "trained {} epochs ({} steps); wrote {}, {} and {}",
         report.epochs.len(),
         report.steps,
         fin.display(),
-        traj.display()
+        traj.display(),
+        plots
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     ))
+}
+
+/// The message of a library `Invalid` error without its own "what".
+fn strip_invalid(e: &hesscope::Error) -> String {
+    match e {
+        hesscope::Error::Invalid { msg, .. } => msg.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// training.svg always; with curvature, densities.svg and curvature.svg.
+fn write_plots(dir: &Path, model: &Model, r: &TrainReport) -> Result<Vec<PathBuf>> {
+    let mut written = vec![];
+    let mut write = |name: &str, text: String| -> Result<()> {
+        let p = dir.join(name);
+        write_atomic(&p, |f| {
+            std::fs::write(f, &text).map_err(|e| hesscope::Error::io(f, e))
+        })
+        .with_context(|| format!("writing {}", p.display()))?;
+        written.push(p);
+        Ok(())
+    };
+    let start = r.start.as_ref();
+    let ep = |e: usize| e as f64;
+    // Loss and accuracy.
+    let mut loss = vec![Series {
+        label: "train (steps' mean)".into(),
+        points: r
+            .epochs
+            .iter()
+            .map(|e| (ep(e.epoch), e.train_loss))
+            .collect(),
+    }];
+    let pts = |f: &dyn Fn(&EpochRecord) -> Option<f64>, s0: Option<f64>| -> Vec<(f64, f64)> {
+        s0.map(|v| (0.0, v))
+            .into_iter()
+            .chain(
+                r.epochs
+                    .iter()
+                    .filter_map(|e| f(e).map(|v| (ep(e.epoch), v))),
+            )
+            .collect()
+    };
+    loss.push(Series {
+        label: "train (eval)".into(),
+        points: pts(
+            &|e| e.train_eval_loss,
+            start.and_then(|s| s.train_eval_loss),
+        ),
+    });
+    let mut acc = vec![Series {
+        label: "train (eval)".into(),
+        points: pts(&|e| e.train_accuracy, start.and_then(|s| s.train_accuracy)),
+    }];
+    if r.epochs.iter().any(|e| e.test_loss.is_some()) {
+        loss.push(Series {
+            label: "test".into(),
+            points: pts(&|e| e.test_loss, start.and_then(|s| s.test_loss)),
+        });
+        acc.push(Series {
+            label: "test".into(),
+            points: pts(&|e| e.test_accuracy, start.and_then(|s| s.test_accuracy)),
+        });
+    }
+    write(
+        "training.svg",
+        panels_svg(
+            &format!("{}: loss and accuracy", model.name),
+            "epoch",
+            &[
+                Panel {
+                    y_label: "cross-entropy".into(),
+                    series: loss,
+                },
+                Panel {
+                    y_label: "accuracy".into(),
+                    series: acc,
+                },
+            ],
+        ),
+    )?;
+    // Curvature.
+    let curv: Vec<(usize, &CurvatureRecord)> = start
+        .and_then(|s| s.curvature.as_ref().map(|c| (0, c)))
+        .into_iter()
+        .chain(
+            r.epochs
+                .iter()
+                .filter_map(|e| e.curvature.as_ref().map(|c| (e.epoch, c))),
+        )
+        .collect();
+    if !curv.is_empty() {
+        let series: Vec<DensitySeries> = curv
+            .iter()
+            .map(|(e, c)| DensitySeries {
+                label: format!("epoch {e}"),
+                grid: &c.grid,
+                density: &c.density,
+            })
+            .collect();
+        write(
+            "densities.svg",
+            densities_svg(
+                &format!(
+                    "{}: Hessian density along training ({} samples, bn {})",
+                    model.name, curv[0].1.samples, curv[0].1.bn
+                ),
+                &series,
+            ),
+        )?;
+        let k = curv[0].1.grad_frac_in_top_k.len();
+        let line = |label: &str, f: &dyn Fn(&CurvatureRecord) -> Option<f64>| Series {
+            label: label.into(),
+            points: curv
+                .iter()
+                .filter_map(|(e, c)| f(c).map(|v| (ep(*e), v)))
+                .collect(),
+        };
+        let mut panels = vec![
+            Panel {
+                y_label: "λmax".into(),
+                series: vec![line("λ1 (Lanczos)", &|c| {
+                    c.top_eigenvalues.first().copied()
+                })],
+            },
+            Panel {
+                y_label: "trace".into(),
+                series: vec![line("Hutchinson", &|c| Some(c.trace))],
+            },
+            Panel {
+                y_label: "‖g‖² fraction".into(),
+                series: vec![
+                    line("top 1", &|c| c.grad_frac_in_top_k.first().copied()),
+                    line(&format!("top {k}"), &|c| {
+                        c.grad_frac_in_top_k.last().copied()
+                    }),
+                ],
+            },
+        ];
+        let modules: Vec<String> = curv[0].1.layers.iter().map(|l| l.module.clone()).collect();
+        if !modules.is_empty() {
+            let per = |f: fn(&hesscope::report::LayerCurvature) -> f64| -> Vec<Series> {
+                modules
+                    .iter()
+                    .map(|m| Series {
+                        label: m.clone(),
+                        points: curv
+                            .iter()
+                            .filter_map(|(e, c)| {
+                                c.layers
+                                    .iter()
+                                    .find(|l| &l.module == m)
+                                    .map(|l| (ep(*e), f(l)))
+                            })
+                            .collect(),
+                    })
+                    .collect()
+            };
+            panels.push(Panel {
+                y_label: "module λmax".into(),
+                series: per(|l| l.lambda_max),
+            });
+            panels.push(Panel {
+                y_label: "module trace".into(),
+                series: per(|l| l.trace),
+            });
+        }
+        write(
+            "curvature.svg",
+            panels_svg(
+                &format!(
+                    "{}: curvature of the data loss along training ({} samples)",
+                    model.name, curv[0].1.samples
+                ),
+                "epoch",
+                &panels,
+            ),
+        )?;
+    }
+    Ok(written)
 }

@@ -269,12 +269,126 @@ pub struct EpochRecord {
     pub test_loss: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_accuracy: Option<f64>,
+    /// Top-1 accuracy and mean cross-entropy on the training data (file
+    /// order, unaugmented) after this epoch, batch norm by its running
+    /// statistics as for the test data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_eval_loss: Option<f64>,
+    /// With `--htr-gamma`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub htr: Option<HtrRecord>,
+    /// At spectrum epochs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub curvature: Option<CurvatureRecord>,
+}
+
+/// One SLQ run's quadrature: Ritz values and their weights.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct QuadratureRun {
+    pub nodes: Vec<f64>,
+    pub weights: Vec<f64>,
+}
+
+/// A layer's (module's) curvature in a training run.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct LayerCurvature {
+    pub module: String,
+    pub size: usize,
+    /// The largest eigenvalue of the module's diagonal block (Lanczos).
+    pub lambda_max: f64,
+    /// ‖H_b u − λ u‖ of its Ritz vector.
+    pub residual: f64,
+    /// Hutchinson estimate of the block's trace, with its standard error.
+    pub trace: f64,
+    pub trace_stderr: Option<f64>,
+}
+
+/// The Hessian of the data loss (mean cross-entropy, no weight decay) over
+/// a fixed subset of the training data at one point of a run.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct CurvatureRecord {
+    /// The subset: the first `samples` training samples in file order,
+    /// unaugmented, in batches of `batch`.
+    pub samples: usize,
+    pub batch: usize,
+    /// Batch norm of the Hessian's loss (`batch` or `running`).
+    pub bn: String,
+    pub backend: String,
+    pub adapter: String,
+    /// Loss and ‖gradient‖ of the subset's data loss.
+    pub loss: f64,
+    pub grad_norm: f64,
+    /// Weight decay wd adds wd·I to the Hessian of the training objective:
+    /// every eigenvalue below shifts by this much there (not applied here).
+    pub weight_decay_shift: f64,
+    /// SLQ: extremes of the Ritz values, the trace n·Σwλ and the negative
+    /// mass over the runs.
+    pub lambda_max: f64,
+    pub lambda_min: f64,
+    pub slq_trace: f64,
+    pub negative_mass: f64,
+    pub slq_steps: usize,
+    /// The density on `grid` (integrating to 1), Gaussian kernel `sigma`.
+    pub sigma: f64,
+    pub grid: Vec<f64>,
+    pub density: Vec<f64>,
+    pub runs: Vec<QuadratureRun>,
+    /// The top-k eigenvalues (algebraic, largest first), with their true
+    /// residuals ‖Hu − λu‖ and whether all met the tolerance.
+    pub top_eigenvalues: Vec<f64>,
+    pub residuals: Vec<f64>,
+    pub eigs_converged: bool,
+    /// Fraction of ‖g‖² in the span of the top k eigenvectors, k = 1..K
+    /// (g the subset's gradient).
+    pub grad_frac_in_top_k: Vec<f64>,
+    /// Hutchinson estimate of tr H (Rademacher probes) and its standard error.
+    pub trace: f64,
+    pub trace_stderr: Option<f64>,
+    /// Per module with `--layerwise`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerCurvature>,
+    pub hvps: usize,
+    pub seconds: f64,
+}
+
+/// The regulariser's part of an epoch.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct HtrRecord {
+    /// Mean over the epoch's regularised steps of (1/P) Σ vᵀH_S v, each on
+    /// its mini-batch before its update; `null` when no step was.
+    pub value: Option<f64>,
+    /// Regularised steps in the epoch.
+    pub steps: usize,
+}
+
+/// The state before the first epoch (`hesscope train` from scratch).
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct StartRecord {
+    /// 0.
+    pub epoch: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_eval_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub curvature: Option<CurvatureRecord>,
 }
 
 /// `hesscope train`: `trajectory.json` and `--json`.
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainReport {
     pub recipe: crate::train::Recipe,
+    /// Data augmentation and the Hessian-trace regulariser of the run.
+    pub augment: crate::train::Augment,
+    pub htr: Option<crate::train::Htr>,
+    /// The state before the first epoch (curvature, test metrics).
+    pub start: Option<StartRecord>,
     pub epochs: Vec<EpochRecord>,
     /// Every step's mini-batch loss, in order.
     pub step_losses: Vec<f64>,

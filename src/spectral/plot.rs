@@ -150,3 +150,262 @@ fn xml(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
+
+/// Colours of successive series (ColorBrewer's Dark2 and Set1, then again).
+const PALETTE: [&str; 10] = [
+    "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#377eb8",
+    "#e41a1c", "#666666",
+];
+
+fn colour(i: usize) -> &'static str {
+    PALETTE[i % PALETTE.len()]
+}
+
+/// One labelled density on its own grid.
+pub struct DensitySeries<'a> {
+    pub label: String,
+    pub grid: &'a [f64],
+    pub density: &'a [f64],
+}
+
+/// Several densities (successive epochs of a run) on one log-scale figure:
+/// the x axis spans every grid, the y axis twelve decades below the
+/// highest peak, one colour per series with a legend.
+pub fn densities_svg(title: &str, series: &[DensitySeries]) -> String {
+    let mut x0 = f64::INFINITY;
+    let mut x1 = f64::NEG_INFINITY;
+    let mut peak: f64 = 1e-300;
+    for d in series {
+        if let (Some(a), Some(b)) = (d.grid.first(), d.grid.last()) {
+            x0 = x0.min(*a);
+            x1 = x1.max(*b);
+        }
+        peak = d.density.iter().cloned().fold(peak, f64::max);
+    }
+    if !(x0.is_finite() && x1.is_finite()) {
+        (x0, x1) = (0.0, 1.0);
+    }
+    let (ly0, ly1) = ((peak * 1e-12).log10().floor(), peak.log10().ceil());
+    let px = |x: f64| L + (x - x0) / (x1 - x0).max(f64::MIN_POSITIVE) * (W - L - R - 110.0);
+    let py = |y: f64| {
+        let ly = y.max(10f64.powf(ly0)).log10();
+        H - B - (ly - ly0) / (ly1 - ly0).max(1e-9) * (H - T - B)
+    };
+    let mut s = header(title);
+    for (i, d) in series.iter().enumerate() {
+        let mut path = String::new();
+        for (j, (x, y)) in d.grid.iter().zip(d.density).enumerate() {
+            let _ = write!(
+                path,
+                "{}{:.2},{:.2} ",
+                if j == 0 { "M" } else { "L" },
+                px(*x),
+                py(*y)
+            );
+        }
+        let _ = write!(
+            s,
+            r#"<path d="{path}" fill="none" stroke="{}" stroke-width="1.2"/>"#,
+            colour(i)
+        );
+        legend(
+            &mut s,
+            W - R - 100.0,
+            T + 14.0 * i as f64,
+            colour(i),
+            &d.label,
+        );
+    }
+    let xr = W - R - 110.0;
+    let _ = write!(
+        s,
+        r#"<line x1="{L}" y1="{}" x2="{xr}" y2="{}" stroke="black"/><line x1="{L}" y1="{T}" x2="{L}" y2="{}" stroke="black"/>"#,
+        H - B,
+        H - B,
+        H - B
+    );
+    for t in nice_ticks(x0, x1, 7) {
+        let x = px(t);
+        let _ = write!(
+            s,
+            r#"<line x1="{x:.2}" y1="{}" x2="{x:.2}" y2="{}" stroke="black"/><text x="{x:.2}" y="{}" text-anchor="middle">{}</text>"#,
+            H - B,
+            H - B + 5.0,
+            H - B + 20.0,
+            fmt(t)
+        );
+    }
+    let mut d = ly0;
+    let step = ((ly1 - ly0) / 6.0).ceil().max(1.0);
+    while d <= ly1 {
+        let y = py(10f64.powf(d));
+        let _ = write!(
+            s,
+            r#"<line x1="{}" y1="{y:.2}" x2="{L}" y2="{y:.2}" stroke="black"/><text x="{}" y="{:.2}" text-anchor="end">1e{d}</text>"#,
+            L - 5.0,
+            L - 8.0,
+            y + 4.0
+        );
+        d += step;
+    }
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">eigenvalue</text><text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">density (log scale)</text></svg>"#,
+        (L + xr) / 2.0,
+        H - 15.0,
+        (T + H - B) / 2.0,
+        (T + H - B) / 2.0
+    );
+    s
+}
+
+/// A labelled line of (x, y) points; non-finite points are left out.
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One panel of [`panels_svg`]: its y label and lines.
+pub struct Panel {
+    pub y_label: String,
+    pub series: Vec<Series>,
+}
+
+/// Panels stacked vertically over a shared x axis (epochs), linear axes,
+/// markers at the points, a legend per panel.
+pub fn panels_svg(title: &str, x_label: &str, panels: &[Panel]) -> String {
+    let ph = 200.0;
+    let gap = 40.0;
+    let height = T + panels.len() as f64 * (ph + gap) + 30.0;
+    let xr = W - R - 150.0;
+    let pts = || {
+        panels
+            .iter()
+            .flat_map(|p| p.series.iter().flat_map(|s| s.points.iter()))
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+    };
+    let (mut x0, mut x1) = pts().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (x, _)| {
+        (a.min(*x), b.max(*x))
+    });
+    if !(x0.is_finite() && x1.is_finite()) {
+        (x0, x1) = (0.0, 1.0);
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let px = |x: f64| L + (x - x0) / (x1 - x0) * (xr - L);
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" viewBox="0 0 {W} {height}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>"#,
+        W / 2.0,
+        xml(title)
+    );
+    for (pi, p) in panels.iter().enumerate() {
+        let top = T + pi as f64 * (ph + gap);
+        let bottom = top + ph;
+        let ys = p
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter())
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .map(|(_, y)| *y);
+        let (mut y0, mut y1) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
+            (a.min(y), b.max(y))
+        });
+        if !(y0.is_finite() && y1.is_finite()) {
+            (y0, y1) = (0.0, 1.0);
+        }
+        let pad = 0.05 * (y1 - y0).abs().max(1e-12 * y1.abs().max(1e-300));
+        (y0, y1) = (y0 - pad, y1 + pad);
+        let py = |y: f64| bottom - (y - y0) / (y1 - y0) * ph;
+        for (si, ser) in p.series.iter().enumerate() {
+            let c = colour(si);
+            let mut path = String::new();
+            let mut first = true;
+            for (x, y) in ser
+                .points
+                .iter()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+            {
+                let _ = write!(
+                    path,
+                    "{}{:.2},{:.2} ",
+                    if first { "M" } else { "L" },
+                    px(*x),
+                    py(*y)
+                );
+                first = false;
+                let _ = write!(
+                    s,
+                    r#"<circle cx="{:.2}" cy="{:.2}" r="2.5" fill="{c}"/>"#,
+                    px(*x),
+                    py(*y)
+                );
+            }
+            let _ = write!(
+                s,
+                r#"<path d="{path}" fill="none" stroke="{c}" stroke-width="1.5"/>"#
+            );
+            legend(&mut s, xr + 20.0, top + 14.0 * si as f64, c, &ser.label);
+        }
+        let _ = write!(
+            s,
+            r#"<line x1="{L}" y1="{bottom}" x2="{xr}" y2="{bottom}" stroke="black"/><line x1="{L}" y1="{top}" x2="{L}" y2="{bottom}" stroke="black"/>"#
+        );
+        for t in nice_ticks(y0, y1, 5) {
+            let y = py(t);
+            let _ = write!(
+                s,
+                r#"<line x1="{}" y1="{y:.2}" x2="{L}" y2="{y:.2}" stroke="black"/><text x="{}" y="{:.2}" text-anchor="end">{}</text>"#,
+                L - 5.0,
+                L - 8.0,
+                y + 4.0,
+                fmt(t)
+            );
+        }
+        for t in nice_ticks(x0, x1, 8) {
+            let x = px(t);
+            let _ = write!(
+                s,
+                r#"<line x1="{x:.2}" y1="{bottom}" x2="{x:.2}" y2="{}" stroke="black"/><text x="{x:.2}" y="{}" text-anchor="middle">{}</text>"#,
+                bottom + 5.0,
+                bottom + 18.0,
+                fmt(t)
+            );
+        }
+        let mid = (top + bottom) / 2.0;
+        let _ = write!(
+            s,
+            r#"<text x="18" y="{mid}" text-anchor="middle" transform="rotate(-90 18 {mid})">{}</text>"#,
+            xml(&p.y_label)
+        );
+    }
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text></svg>"#,
+        (L + xr) / 2.0,
+        height - 8.0,
+        xml(x_label)
+    );
+    s
+}
+
+fn header(title: &str) -> String {
+    format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>"#,
+        W / 2.0,
+        xml(title)
+    )
+}
+
+fn legend(s: &mut String, x: f64, y: f64, colour: &str, label: &str) {
+    let _ = write!(
+        s,
+        r#"<line x1="{x}" y1="{y}" x2="{}" y2="{y}" stroke="{colour}" stroke-width="2"/><text x="{}" y="{}">{}</text>"#,
+        x + 16.0,
+        x + 20.0,
+        y + 4.0,
+        xml(label)
+    );
+}

@@ -1,0 +1,175 @@
+//! A curvature snapshot of the current weights, as `hesscope train` takes
+//! one at its spectrum epochs: on any [`Curvature`] engine (the float64
+//! reference or a GPU executor built for the weights of that moment), the
+//! SLQ density, the top-k eigenvalues with residuals, the fraction of ‖g‖²
+//! in their span, a Hutchinson trace, and optionally each module's λmax and
+//! trace. The Hessian is that of the engine's loss (the data loss: weight
+//! decay's constant wd·I is reported by the caller, not added).
+//!
+//! Every solver is seeded by the same seed at every snapshot, so successive
+//! epochs are compared with the same start vectors and probes (common
+//! random numbers: differences between epochs are not probe noise).
+
+use crate::engine::{Curvature, Hessian};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::report::{known, CurvatureRecord, LayerCurvature, QuadratureRun};
+use crate::spectral::eigs::{eigs, gradient_fractions, EigsSettings, Which};
+use crate::spectral::layers::BlockOperator;
+use crate::spectral::slq;
+use crate::spectral::trace::hutchinson;
+use crate::spectral::SymOperator;
+
+/// What a snapshot computes (the `density`/`eigs`/`trace` settings).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotSettings {
+    /// SLQ: Lanczos steps per run and runs.
+    pub slq_steps: usize,
+    pub slq_runs: usize,
+    /// Kernel width (default Ghorbani et al.'s sigma² = 1e-5·max(1, λmax − λmin)).
+    pub sigma: Option<f64>,
+    /// Grid points of the density.
+    pub grid: usize,
+    /// Top-k eigenvalues (and the gradient fractions k = 1..top).
+    pub top: usize,
+    /// Lanczos step budget and relative residual tolerance of `eigs`.
+    pub eigs_steps: usize,
+    pub tol: f64,
+    /// Hutchinson probes (whole Hessian and each module).
+    pub probes: usize,
+    /// Per module λmax (Lanczos on its diagonal block, same budget and
+    /// tolerance) and Hutchinson trace.
+    pub layerwise: bool,
+    pub seed: u64,
+}
+
+/// Counts the products an operator serves (blocks included).
+struct Counting<'a> {
+    inner: &'a mut dyn SymOperator,
+    count: usize,
+}
+
+impl SymOperator for Counting<'_> {
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+    fn apply(&mut self, v: &[f64], out: &mut [f64]) -> Result<()> {
+        self.count += 1;
+        self.inner.apply(v, out)
+    }
+    fn apply_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
+        self.count += vs.len();
+        self.inner.apply_block(vs, outs)
+    }
+}
+
+/// The curvature of `engine`'s loss at its weights. `about` fills the
+/// record's description of the subset (samples, batch, bn) and
+/// `weight_decay_shift`.
+pub fn snapshot(
+    engine: &mut dyn Curvature,
+    model: &Model,
+    s: &SnapshotSettings,
+    about: (usize, usize, &str, f64),
+) -> Result<CurvatureRecord> {
+    let t0 = std::time::Instant::now();
+    let n = engine.n_params();
+    if s.top == 0 || s.top > n {
+        return Err(Error::Invalid {
+            what: "eigenpair count",
+            msg: format!("{} must be between 1 and the {n} parameters", s.top),
+        });
+    }
+    let (loss, grad) = engine.loss_grad()?;
+    let backend = engine.backend();
+    let adapter = engine.adapter();
+    let mut h = Hessian(engine);
+    let mut op = Counting {
+        inner: &mut h,
+        count: 0,
+    };
+    // The density.
+    let slq_steps = s.slq_steps.min(n);
+    let runs = slq::slq(&mut op, slq_steps, s.slq_runs, s.seed)?;
+    let summary = slq::summarize(&runs, n);
+    let (lo, hi) = slq::extremes(&runs);
+    let sigma = s.sigma.unwrap_or_else(|| slq::default_sigma(lo, hi));
+    let grid = slq::default_grid(lo, hi, sigma, s.grid);
+    let mut density = slq::density_on(&runs, &grid, sigma);
+    let mass = slq::integrate(&grid, &density);
+    if !(mass.is_finite() && mass > 0.0) {
+        return Err(Error::Numerical(format!(
+            "the density with sigma {sigma:e} on [{:e}, {:e}] has mass {mass:e}; \
+             choose a sigma near the grid spacing or above",
+            grid[0],
+            grid[grid.len() - 1]
+        )));
+    }
+    slq::normalize(&grid, &mut density);
+    // The top-k eigenpairs and the gradient's share of their span.
+    let mut es = EigsSettings::new(s.top, Which::Largest);
+    es.tol = s.tol;
+    es.max_steps = s.eigs_steps;
+    es.seed = s.seed;
+    let top = eigs(&mut op, &es)?;
+    let fracs = gradient_fractions(&grad, &top.vectors);
+    // The trace.
+    let tr = hutchinson(&mut op, s.probes, s.seed)?;
+    // Per module.
+    let mut layers = vec![];
+    if s.layerwise {
+        for (module, range) in model.modules() {
+            let size = range.len();
+            let mut block = BlockOperator::new(&mut op, range);
+            let mut es = EigsSettings::new(1, Which::Largest);
+            es.tol = s.tol;
+            es.max_steps = s.eigs_steps;
+            es.seed = s.seed;
+            let e = eigs(&mut block, &es)?;
+            let t = hutchinson(&mut block, s.probes, s.seed)?;
+            layers.push(LayerCurvature {
+                module,
+                size,
+                lambda_max: e.values[0],
+                residual: e.residuals[0],
+                trace: t.estimate,
+                trace_stderr: known(t.stderr),
+            });
+        }
+    }
+    let (samples, batch, bn, weight_decay_shift) = about;
+    Ok(CurvatureRecord {
+        samples,
+        batch,
+        bn: bn.to_string(),
+        backend,
+        adapter,
+        loss,
+        grad_norm: grad.iter().map(|g| g * g).sum::<f64>().sqrt(),
+        weight_decay_shift,
+        lambda_max: summary.lambda_max,
+        lambda_min: summary.lambda_min,
+        slq_trace: summary.trace,
+        negative_mass: summary.negative_mass,
+        slq_steps,
+        sigma,
+        grid,
+        density,
+        runs: runs
+            .into_iter()
+            .map(|r| QuadratureRun {
+                nodes: r.nodes,
+                weights: r.weights,
+            })
+            .collect(),
+        top_eigenvalues: top.values,
+        residuals: top.residuals,
+        eigs_converged: top.converged,
+        grad_frac_in_top_k: fracs,
+        trace: tr.estimate,
+        trace_stderr: known(tr.stderr),
+        layers,
+        hvps: op.count,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
