@@ -6,6 +6,11 @@
 //! trace. The Hessian is that of the engine's loss (the data loss: weight
 //! decay's constant wd·I is reported by the caller, not added).
 //!
+//! Products go through the solvers' block entry points (`slq_block`,
+//! `hutchinson_block`, `EigsSettings::block`) with the engine's preferred
+//! block ([`Curvature::preferred_block`]; 1 on the float64 reference, where
+//! the block solvers are the single-vector ones).
+//!
 //! Every solver is seeded by the same seed at every snapshot, so successive
 //! epochs are compared with the same start vectors and probes (common
 //! random numbers: differences between epochs are not probe noise).
@@ -17,7 +22,7 @@ use crate::report::{known, CurvatureRecord, LayerCurvature, QuadratureRun};
 use crate::spectral::eigs::{eigs, gradient_fractions, EigsSettings, Which};
 use crate::spectral::layers::BlockOperator;
 use crate::spectral::slq;
-use crate::spectral::trace::hutchinson;
+use crate::spectral::trace::hutchinson_block;
 use crate::spectral::SymOperator;
 
 /// What a snapshot computes (the `density`/`eigs`/`trace` settings).
@@ -81,6 +86,7 @@ pub fn snapshot(
         });
     }
     let (loss, grad) = engine.loss_grad()?;
+    let block = engine.preferred_block().max(1);
     let backend = engine.backend();
     let adapter = engine.adapter();
     let mut h = Hessian(engine);
@@ -90,7 +96,7 @@ pub fn snapshot(
     };
     // The density.
     let slq_steps = s.slq_steps.min(n);
-    let runs = slq::slq(&mut op, slq_steps, s.slq_runs, s.seed)?;
+    let runs = slq::slq_block(&mut op, slq_steps, s.slq_runs, s.seed, block)?;
     let summary = slq::summarize(&runs, n);
     let (lo, hi) = slq::extremes(&runs);
     let sigma = s.sigma.unwrap_or_else(|| slq::default_sigma(lo, hi));
@@ -111,22 +117,24 @@ pub fn snapshot(
     es.tol = s.tol;
     es.max_steps = s.eigs_steps;
     es.seed = s.seed;
+    es.block = block;
     let top = eigs(&mut op, &es)?;
     let fracs = gradient_fractions(&grad, &top.vectors);
     // The trace.
-    let tr = hutchinson(&mut op, s.probes, s.seed)?;
+    let tr = hutchinson_block(&mut op, s.probes, s.seed, block)?;
     // Per module.
     let mut layers = vec![];
     if s.layerwise {
         for (module, range) in model.modules() {
             let size = range.len();
-            let mut block = BlockOperator::new(&mut op, range);
+            let mut op_b = BlockOperator::new(&mut op, range);
             let mut es = EigsSettings::new(1, Which::Largest);
             es.tol = s.tol;
             es.max_steps = s.eigs_steps;
             es.seed = s.seed;
-            let e = eigs(&mut block, &es)?;
-            let t = hutchinson(&mut block, s.probes, s.seed)?;
+            es.block = block;
+            let e = eigs(&mut op_b, &es)?;
+            let t = hutchinson_block(&mut op_b, s.probes, s.seed, block)?;
             layers.push(LayerCurvature {
                 module,
                 size,
@@ -169,6 +177,7 @@ pub fn snapshot(
         trace: tr.estimate,
         trace_stderr: known(tr.stderr),
         layers,
+        block,
         hvps: op.count,
         seconds: t0.elapsed().as_secs_f64(),
     })

@@ -349,8 +349,15 @@ pub struct CurvatureRecord {
     /// Per module with `--layerwise`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<LayerCurvature>,
+    /// Vectors per block product (the engine's preferred block).
+    #[serde(default = "one")]
+    pub block: usize,
     pub hvps: usize,
     pub seconds: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The regulariser's part of an epoch.
