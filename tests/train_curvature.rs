@@ -342,10 +342,15 @@ fn zero_means_start_and_end_and_resume_keeps_the_records() {
         strip(ta["epochs"][2]["curvature"].clone()),
         strip(tb["epochs"][2]["curvature"].clone())
     );
-    // Without --spectrum-every: no curvature, no curvature plots.
+    // Without --spectrum-every: no curvature, no curvature plots; and with
+    // stderr not a terminal, no progress bar on it.
     let c = tmp.path().join("c");
     let (ok, _, stderr) = hesscope(&args("mlp-tiny", &c, &["--epochs", "1"]));
     assert!(ok, "{stderr}");
+    assert!(
+        !stderr.contains("samples/s") && !stderr.contains("steps"),
+        "{stderr}"
+    );
     let tc = json(c.join("trajectory.json"));
     assert!(tc["epochs"][0]["curvature"].is_null() && tc["start"]["curvature"].is_null());
     assert!(c.join("training.svg").exists() && !c.join("densities.svg").exists());

@@ -742,15 +742,7 @@ fn write_plots(dir: &Path, model: &Model, r: &TrainReport) -> Result<Vec<PathBuf
     };
     let start = r.start.as_ref();
     let ep = |e: usize| e as f64;
-    // Loss and accuracy.
-    let mut loss = vec![Series {
-        label: "train (steps' mean)".into(),
-        points: r
-            .epochs
-            .iter()
-            .map(|e| (ep(e.epoch), e.train_loss))
-            .collect(),
-    }];
+    // Loss and accuracy; the same series keep the same colour in both panels.
     let pts = |f: &dyn Fn(&EpochRecord) -> Option<f64>, s0: Option<f64>| -> Vec<(f64, f64)> {
         s0.map(|v| (0.0, v))
             .into_iter()
@@ -761,13 +753,13 @@ fn write_plots(dir: &Path, model: &Model, r: &TrainReport) -> Result<Vec<PathBuf
             )
             .collect()
     };
-    loss.push(Series {
+    let mut loss = vec![Series {
         label: "train (eval)".into(),
         points: pts(
             &|e| e.train_eval_loss,
             start.and_then(|s| s.train_eval_loss),
         ),
-    });
+    }];
     let mut acc = vec![Series {
         label: "train (eval)".into(),
         points: pts(&|e| e.train_accuracy, start.and_then(|s| s.train_accuracy)),
@@ -782,21 +774,39 @@ fn write_plots(dir: &Path, model: &Model, r: &TrainReport) -> Result<Vec<PathBuf
             points: pts(&|e| e.test_accuracy, start.and_then(|s| s.test_accuracy)),
         });
     }
+    loss.push(Series {
+        label: "train (steps' mean)".into(),
+        points: r
+            .epochs
+            .iter()
+            .map(|e| (ep(e.epoch), e.train_loss))
+            .collect(),
+    });
+    let mut panels = vec![
+        Panel {
+            y_label: "cross-entropy".into(),
+            series: loss,
+        },
+        Panel {
+            y_label: "accuracy".into(),
+            series: acc,
+        },
+    ];
+    if r.htr.is_some() {
+        panels.push(Panel {
+            y_label: "regulariser (1/P)Σ vᵀH_S v".into(),
+            series: vec![Series {
+                label: "epoch mean".into(),
+                points: pts(&|e| e.htr.as_ref().and_then(|h| h.value), None),
+            }],
+        });
+    }
     write(
         "training.svg",
         panels_svg(
             &format!("{}: loss and accuracy", model.name),
             "epoch",
-            &[
-                Panel {
-                    y_label: "cross-entropy".into(),
-                    series: loss,
-                },
-                Panel {
-                    y_label: "accuracy".into(),
-                    series: acc,
-                },
-            ],
+            &panels,
         ),
     )?;
     // Curvature.
