@@ -446,6 +446,46 @@ pub fn reorth_seconds(n: usize, basis: usize) -> f64 {
     t.elapsed().as_secs_f64() * basis as f64 / fit as f64
 }
 
+/// One block size of `hesscope bench --block-sizes`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BlockTiming {
+    /// Vectors per block product.
+    pub block: usize,
+    /// Median time of one block product of `block` vectors.
+    pub seconds: f64,
+    /// `seconds / block`: the HVP cost per vector at this block size.
+    pub per_vector_seconds: f64,
+}
+
+/// Median time of one block product (`hvp_block`, one sweep over the data
+/// for K vectors) and its cost per vector, for each K of `sizes`.
+pub fn block_timings(
+    engine: &mut dyn Curvature,
+    sizes: &[usize],
+    reps: usize,
+) -> Result<Vec<BlockTiming>> {
+    let n = engine.n_params();
+    let mut rows = vec![];
+    for &k in sizes {
+        let vs: Vec<Vec<f64>> = (0..k)
+            .map(|j| {
+                (0..n)
+                    .map(|i| (((i + 31 * j) * 7919 % 1000) as f64 / 1000.0) - 0.5)
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[f64]> = vs.iter().map(|v| v.as_slice()).collect();
+        let mut outs = vec![vec![0.0; n]; k];
+        let seconds = time_it(reps, || engine.hvp_block(&refs, &mut outs))?;
+        rows.push(BlockTiming {
+            block: k,
+            seconds,
+            per_vector_seconds: seconds / k.max(1) as f64,
+        });
+    }
+    Ok(rows)
+}
+
 /// Gradient and cached-HVP times of an engine.
 pub fn end_to_end(engine: &mut dyn Curvature, reps: usize) -> Result<EndToEnd> {
     let n = engine.n_params();

@@ -19,6 +19,7 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("eigenpair count", "--top"),
     ("tolerance", "--tol"),
     ("trace probes", "--probes"),
+    ("block size", "--block"),
     ("probe", "--probe"),
     ("exact size limit", "--max-params"),
     ("kernel width", "--sigma"),

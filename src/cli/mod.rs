@@ -88,6 +88,11 @@ pub enum Command {
         /// Skip the per-kernel table.
         #[arg(long)]
         no_kernels: bool,
+        /// Also time block products of these sizes (comma-separated, each
+        /// 1..=64, e.g. 1,4,10,16): one sweep for K vectors, reported per
+        /// vector.
+        #[arg(long, value_delimiter = ',', value_name = "K,...")]
+        block_sizes: Vec<usize>,
         #[command(flatten)]
         inputs: Inputs,
     },
@@ -123,7 +128,8 @@ pub fn run(cli: Cli) -> Result<()> {
             inputs,
             reps,
             no_kernels,
-        } => bench(&inputs, reps, no_kernels),
+            block_sizes,
+        } => bench(&inputs, reps, no_kernels, &block_sizes),
         Command::Grad { inputs, out } => grad(&inputs, out),
         Command::Hvp {
             inputs,
@@ -239,13 +245,19 @@ fn devices(json: bool) -> Result<()> {
     output::print(&text)
 }
 
-fn bench(inputs: &Inputs, reps: usize, no_kernels: bool) -> Result<()> {
+fn bench(inputs: &Inputs, reps: usize, no_kernels: bool, block_sizes: &[usize]) -> Result<()> {
     if reps == 0 || reps > MAX_REPS {
         bail!("invalid --reps: {reps}; between 1 and {MAX_REPS}");
+    }
+    let max_block = spectral_cmds::MAX_BLOCK;
+    if let Some(k) = block_sizes.iter().find(|k| !(1..=max_block).contains(*k)) {
+        bail!("invalid --block-sizes: {k}; each block size between 1 and {max_block}");
     }
     let mut l = inputs.load()?;
     let e2e =
         hesscope::bench::end_to_end(l.engine.as_mut(), reps).context("timing gradient and HVP")?;
+    let block_products = hesscope::bench::block_timings(l.engine.as_mut(), block_sizes, reps)
+        .context("timing block products")?;
     let adapter = l.engine.adapter();
     let backend = l.engine.backend();
     drop(l.engine);
@@ -265,6 +277,7 @@ fn bench(inputs: &Inputs, reps: usize, no_kernels: bool) -> Result<()> {
         adapter,
         reps,
         end_to_end: e2e,
+        block_products,
         kernels,
     };
     if inputs.json {
@@ -289,6 +302,15 @@ fn bench(inputs: &Inputs, reps: usize, no_kernels: bool) -> Result<()> {
         slq::DEFAULT_RUNS,
         default_steps as f64 * e2e.lanczos_step_seconds
     ));
+    for b in &report.block_products {
+        text.push_str(&format!(
+            "  HVP per vector at K = {:<3} {:.4} s   (block product {:.4} s; {:.2}× the single HVP)\n",
+            b.block,
+            b.per_vector_seconds,
+            b.seconds,
+            b.per_vector_seconds / e2e.hvp_seconds
+        ));
+    }
     if !report.kernels.is_empty() {
         text.push_str(&hesscope::bench::format_kernel_table(&report.kernels));
     }

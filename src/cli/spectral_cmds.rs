@@ -4,7 +4,7 @@ use crate::cli::common::{Backend, Inputs};
 use crate::cli::output::{self, export, or_unknown};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use hesscope::engine::Hessian;
+use hesscope::engine::{Curvature, Hessian};
 use hesscope::model::Model;
 use hesscope::report::{
     known, DensityReport, EigsReport, ExactReport, LayerRow, LayersReport, TraceEstimates,
@@ -15,7 +15,7 @@ use hesscope::spectral::exact::{exact_spectrum, EXACT_HARD_MAX_PARAMS, EXACT_MAX
 use hesscope::spectral::layers::{bhattacharyya, BlockOperator};
 use hesscope::spectral::plot::density_svg;
 use hesscope::spectral::slq::{self, SlqRun};
-use hesscope::spectral::trace::{hutchinson, hutchpp};
+use hesscope::spectral::trace::{hutchinson_block, hutchpp_block};
 use hesscope::spectral::SymOperator;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
@@ -32,6 +32,8 @@ pub const MAX_RUNS: usize = 100_000;
 pub const MAX_PROBES: usize = 10_000_000;
 /// `layers`' default grid (a coarser one: it smooths every module).
 pub const LAYERS_GRID: usize = 2000;
+/// The most vectors per sweep (`--block`).
+pub const MAX_BLOCK: usize = 64;
 
 /// An operator that ticks a progress bar per product (drawn only on a
 /// terminal) and counts the products, and the sweeps that computed them
@@ -89,6 +91,34 @@ pub struct BlockArgs {
     /// The diagonal block of one layer or name-prefix group (`layer1`, `fc`).
     #[arg(long)]
     pub layer: Option<String>,
+}
+
+/// How many Hessian-vector products one sweep over the data computes.
+#[derive(Args, Debug, Clone)]
+pub struct SweepArgs {
+    /// Vectors per sweep: one pass over the data computes K Hessian-vector
+    /// products (SLQ runs in lockstep, trace probes in blocks, block
+    /// Lanczos for eigs); 1 gives single products. Default: the executor's
+    /// preferred block.
+    #[arg(long = "block", value_name = "K", allow_hyphen_values = true)]
+    pub block: Option<usize>,
+}
+
+impl SweepArgs {
+    /// Refuses a block outside 1..=MAX_BLOCK, before any work.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(k) = self.block {
+            check_count("--block", k, MAX_BLOCK)?;
+        }
+        Ok(())
+    }
+
+    /// `--block`, or the executor's preferred block (within 1..=MAX_BLOCK).
+    pub fn resolve(&self, engine: &dyn Curvature) -> usize {
+        self.block
+            .unwrap_or_else(|| engine.preferred_block())
+            .clamp(1, MAX_BLOCK)
+    }
 }
 
 /// How a spectrum becomes a density: shared by density, exact and layers,
@@ -190,6 +220,8 @@ pub struct DensityArgs {
     #[arg(long, default_value_t = slq::DEFAULT_RUNS, allow_hyphen_values = true)]
     pub runs: usize,
     #[command(flatten)]
+    pub sweep: SweepArgs,
+    #[command(flatten)]
     pub smoothing: SmoothingArgs,
     /// Write the report as JSON (grid, density, nodes and weights per run, summary, settings).
     #[arg(long, help_heading = "Output")]
@@ -245,19 +277,20 @@ fn check_count(flag: &str, value: usize, max: usize) -> Result<()> {
     Ok(())
 }
 
-/// SLQ over `op` with a progress bar (on a terminal): the runs and how many
-/// HVPs they took.
+/// SLQ over `op`, `block` runs in lockstep, with a progress bar (on a
+/// terminal): the runs, how many HVPs they took and in how many sweeps.
 fn counted_slq(
     op: &mut dyn SymOperator,
     steps: usize,
     runs: usize,
     seed: u64,
+    block: usize,
     what: &str,
-) -> hesscope::Result<(Vec<slq::SlqRun>, usize)> {
+) -> hesscope::Result<(Vec<slq::SlqRun>, usize, usize)> {
     let mut counted = Counted::new(op, steps * runs, what);
-    let r = slq::slq(&mut counted, steps, runs, seed)?;
+    let r = slq::slq_block(&mut counted, steps, runs, seed, block)?;
     counted.bar.finish_and_clear();
-    Ok((r, counted.count))
+    Ok((r, counted.count, counted.sweeps))
 }
 
 fn layer_suffix(layer: &Option<String>) -> String {
@@ -270,6 +303,7 @@ fn layer_suffix(layer: &Option<String>) -> String {
 pub fn density(a: DensityArgs) -> Result<()> {
     check_count("--steps", a.steps, MAX_STEPS)?;
     check_count("--runs", a.runs, MAX_RUNS)?;
+    a.sweep.validate()?;
     a.smoothing.validate()?;
     check_plot(&a.plot)?;
     let t0 = Instant::now();
@@ -278,13 +312,15 @@ pub fn density(a: DensityArgs) -> Result<()> {
     let settings = a
         .inputs
         .settings(l.engine.as_ref(), a.block.layer.as_deref());
+    let sweep = a.sweep.resolve(l.engine.as_ref());
     let mut h = Hessian(l.engine.as_mut());
     let mut block = BlockOperator::new(&mut h, range.clone());
     let n = block.dim();
     let steps = a.steps.min(n);
     let t = Instant::now();
-    let (runs, hvps) = counted_slq(&mut block, steps, a.runs, a.inputs.seed, "density")
-        .context("stochastic Lanczos quadrature")?;
+    let (runs, hvps, sweeps) =
+        counted_slq(&mut block, steps, a.runs, a.inputs.seed, sweep, "density")
+            .context("stochastic Lanczos quadrature")?;
     let lanczos_seconds = t.elapsed().as_secs_f64();
     let summary = slq::summarize(&runs, n);
     let smoothed = a.smoothing.smooth(&runs, slq::DEFAULT_GRID)?;
@@ -308,6 +344,8 @@ pub fn density(a: DensityArgs) -> Result<()> {
         sigma: smoothed.sigma,
         grid_points: smoothed.grid.len(),
         hvps,
+        block: sweep,
+        sweeps,
         lanczos_seconds,
         seconds: t0.elapsed().as_secs_f64(),
         settings,
@@ -334,7 +372,7 @@ pub fn density(a: DensityArgs) -> Result<()> {
         report.negative_mass
     ));
     text.push_str(&format!(
-        "  {hvps} Hessian-vector products in {lanczos_seconds:.1} s (total {:.1} s)\n",
+        "  {hvps} Hessian-vector products ({sweeps} sweeps of up to {sweep}) in {lanczos_seconds:.1} s (total {:.1} s)\n",
         report.seconds
     ));
     for p in a.out.iter().chain(&a.plot) {
@@ -380,6 +418,8 @@ pub struct EigsArgs {
     /// Residual tolerance relative to |λmax|, in (0, 1).
     #[arg(long, default_value_t = 1e-6, allow_hyphen_values = true)]
     pub tol: f64,
+    #[command(flatten)]
+    pub sweep: SweepArgs,
     /// Write the report as JSON (eigenvalues, residuals, gradient fractions, settings).
     #[arg(long, help_heading = "Output")]
     pub out: Option<PathBuf>,
@@ -396,6 +436,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
     if !(a.tol.is_finite() && a.tol > 0.0 && a.tol < 1.0) {
         bail!("invalid --tol: {}; a relative tolerance in (0, 1)", a.tol);
     }
+    a.sweep.validate()?;
     let t0 = Instant::now();
     let mut l = a.inputs.load()?;
     let range = block_range(&l.model, &a.block.layer)?;
@@ -411,6 +452,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
     let settings = a
         .inputs
         .settings(l.engine.as_ref(), a.block.layer.as_deref());
+    let sweep = a.sweep.resolve(l.engine.as_ref());
     let (_, grad) = l.engine.loss_grad().context("computing the gradient")?;
     let g = grad[range.clone()].to_vec();
     let mut h = Hessian(l.engine.as_mut());
@@ -421,9 +463,10 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
     s.tol = a.tol;
     s.max_steps = a.steps;
     s.seed = a.inputs.seed;
+    s.block = sweep;
     let r = eigs(&mut op, &s).context("Lanczos")?;
     op.bar.finish_and_clear();
-    let hvps = op.count;
+    let (hvps, sweeps) = (op.count, op.sweeps);
     let fracs = gradient_fractions(&g, &r.vectors);
     if let Some(p) = &a.vectors {
         let k = r.vectors.len();
@@ -452,6 +495,8 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
         tol: a.tol,
         steps: r.steps,
         hvps,
+        block: sweep,
+        sweeps,
         grad_frac_in_top_k: fracs,
         seconds: t0.elapsed().as_secs_f64(),
         settings,
@@ -483,7 +528,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
         ));
     }
     text.push_str(&format!(
-        "  {hvps} Hessian-vector products, {:.1} s\n",
+        "  {hvps} Hessian-vector products ({sweeps} sweeps of up to {sweep}), {:.1} s\n",
         report.seconds
     ));
     output::print(&text)
@@ -499,6 +544,8 @@ pub struct TraceArgs {
     /// Per layer (module), each with its own estimates.
     #[arg(long, conflicts_with = "layer")]
     pub layerwise: bool,
+    #[command(flatten)]
+    pub sweep: SweepArgs,
     /// Write the report as JSON (estimates with standard errors per block, settings).
     #[arg(long, help_heading = "Output")]
     pub out: Option<PathBuf>,
@@ -506,10 +553,15 @@ pub struct TraceArgs {
     pub inputs: Inputs,
 }
 
-fn trace_of(op: &mut dyn SymOperator, probes: usize, seed: u64) -> Result<TraceEstimates> {
-    let hutchinson = hutchinson(op, probes, seed)?;
+fn trace_of(
+    op: &mut dyn SymOperator,
+    probes: usize,
+    seed: u64,
+    block: usize,
+) -> Result<TraceEstimates> {
+    let hutchinson = hutchinson_block(op, probes, seed, block)?;
     let hutchpp = if probes >= 6 && op.dim() >= 2 {
-        Some(hutchpp(op, probes, seed)?)
+        Some(hutchpp_block(op, probes, seed, block)?)
     } else {
         None
     };
@@ -521,11 +573,13 @@ fn trace_of(op: &mut dyn SymOperator, probes: usize, seed: u64) -> Result<TraceE
 
 pub fn trace_cmd(a: TraceArgs) -> Result<()> {
     check_count("--probes", a.probes, MAX_PROBES)?;
+    a.sweep.validate()?;
     let t0 = Instant::now();
     let mut l = a.inputs.load()?;
     let settings = a
         .inputs
         .settings(l.engine.as_ref(), a.block.layer.as_deref());
+    let sweep = a.sweep.resolve(l.engine.as_ref());
     let blocks: Vec<(String, std::ops::Range<usize>)> = if a.layerwise {
         l.model.modules()
     } else {
@@ -539,7 +593,7 @@ pub fn trace_cmd(a: TraceArgs) -> Result<()> {
     for (name, range) in blocks {
         let mut block = BlockOperator::new(&mut h, range.clone());
         let mut op = Counted::new(&mut block, 2 * a.probes, &name);
-        let estimates = trace_of(&mut op, a.probes, a.inputs.seed)?;
+        let estimates = trace_of(&mut op, a.probes, a.inputs.seed, sweep)?;
         op.bar.finish_and_clear();
         if !a.inputs.json {
             let e = |t: &hesscope::spectral::trace::TraceEstimate| {
@@ -569,6 +623,7 @@ pub fn trace_cmd(a: TraceArgs) -> Result<()> {
     let report = TraceReport {
         traces: rows,
         probes: a.probes,
+        block: sweep,
         seconds: t0.elapsed().as_secs_f64(),
         settings,
     };
@@ -697,6 +752,8 @@ pub struct LayersArgs {
     #[arg(long, default_value_t = 3, allow_hyphen_values = true)]
     pub runs: usize,
     #[command(flatten)]
+    pub sweep: SweepArgs,
+    #[command(flatten)]
     pub smoothing: SmoothingArgs,
     /// Write the report as JSON (per module: λmax, λmin, trace, similarity; settings).
     #[arg(long, help_heading = "Output")]
@@ -711,25 +768,28 @@ pub struct LayersArgs {
 pub fn layers_cmd(a: LayersArgs) -> Result<()> {
     check_count("--steps", a.steps, MAX_STEPS)?;
     check_count("--runs", a.runs, MAX_RUNS)?;
+    a.sweep.validate()?;
     a.smoothing.validate()?;
     let t0 = Instant::now();
     let mut l = a.inputs.load()?;
     let settings = a.inputs.settings(l.engine.as_ref(), None);
+    let sweep = a.sweep.resolve(l.engine.as_ref());
     let modules = l.model.modules();
     let mut h = Hessian(l.engine.as_mut());
     let n = h.dim();
-    let (full, _) = counted_slq(
+    let (full, _, _) = counted_slq(
         &mut h,
         a.steps.min(n),
         a.runs,
         a.inputs.seed,
+        sweep,
         "full Hessian",
     )?;
     let mut per = vec![];
     for (name, range) in modules {
         let mut block = BlockOperator::new(&mut h, range.clone());
         let steps = a.steps.min(range.len());
-        let (runs, _) = counted_slq(&mut block, steps, a.runs, a.inputs.seed, &name)?;
+        let (runs, _, _) = counted_slq(&mut block, steps, a.runs, a.inputs.seed, sweep, &name)?;
         per.push((name, range.len(), runs));
     }
     // One grid for all, covering every layer's and the full spectrum.
@@ -764,6 +824,7 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
         layers: rows,
         steps: a.steps,
         runs: a.runs,
+        block: sweep,
         sigma,
         seconds: t0.elapsed().as_secs_f64(),
         settings,

@@ -95,6 +95,9 @@ pub struct BenchReport {
     pub adapter: String,
     pub reps: usize,
     pub end_to_end: crate::bench::EndToEnd,
+    /// With `--block-sizes`: a block product's time and its cost per vector
+    /// at each block size (empty otherwise).
+    pub block_products: Vec<crate::bench::BlockTiming>,
     pub kernels: Vec<crate::bench::KernelRow>,
 }
 
@@ -113,6 +116,10 @@ pub struct DensityReport {
     pub sigma: f64,
     pub grid_points: usize,
     pub hvps: usize,
+    /// Vectors per sweep: runs in lockstep (`--block`).
+    pub block: usize,
+    /// Block products (sweeps over the data) that computed the `hvps`.
+    pub sweeps: usize,
     pub lanczos_seconds: f64,
     pub seconds: f64,
     pub settings: Settings,
@@ -132,6 +139,11 @@ pub struct EigsReport {
     pub tol: f64,
     pub steps: usize,
     pub hvps: usize,
+    /// Vectors per sweep (`--block`): 1 is single-vector Lanczos, more is
+    /// block Lanczos.
+    pub block: usize,
+    /// Block products (sweeps over the data) that computed the `hvps`.
+    pub sweeps: usize,
     pub grad_frac_in_top_k: Vec<f64>,
     pub seconds: f64,
     pub settings: Settings,
@@ -160,6 +172,8 @@ pub struct TraceRow {
 pub struct TraceReport {
     pub traces: Vec<TraceRow>,
     pub probes: usize,
+    /// Probes per sweep (`--block`).
+    pub block: usize,
     pub seconds: f64,
     pub settings: Settings,
 }
@@ -244,6 +258,8 @@ pub struct LayersReport {
     pub layers: Vec<LayerRow>,
     pub steps: usize,
     pub runs: usize,
+    /// Runs in lockstep per sweep (`--block`).
+    pub block: usize,
     pub sigma: f64,
     pub seconds: f64,
     pub settings: Settings,
