@@ -5,7 +5,9 @@
 mod common;
 use common::*;
 use hesscope::cpu::CpuReference;
-use hesscope::engine::{BnMode, Curvature};
+use hesscope::engine::{BnMode, Curvature, Hessian};
+use hesscope::spectral::slq::{slq, slq_block};
+use hesscope::spectral::trace::{hutchinson, hutchinson_block, hutchpp, hutchpp_block};
 
 /// K deterministic directions: the fixture's v, then smooth, signed,
 /// distinct patterns of the same size.
@@ -98,6 +100,39 @@ fn cpu_block_refuses_mismatched_outputs() {
     let bad = vec![1.0; n + 1];
     let mut one = vec![vec![0.0; n]];
     assert!(engine.hvp_block(&[&bad], &mut one).is_err());
+}
+
+/// The solvers on the float64 Hessian of cnn-tiny (BN in batch mode):
+/// SLQ runs in lockstep and trace probes in blocks, through the
+/// reference's block products, against block 1. The block products equal
+/// single ones bit for bit and every run does its own arithmetic, so the
+/// results agree exactly; the bound is the 1e-10 relative.
+#[test]
+fn solvers_on_the_cpu_hessian_agree_across_blocks() {
+    let mut engine = CpuReference::new(problem("cnn-tiny", BnMode::Batch));
+    let close = |a: f64, b: f64, what: &str| {
+        assert!(
+            (a - b).abs() <= 1e-10 * a.abs().max(b.abs()).max(1e-300),
+            "{what}: {a} vs {b}"
+        );
+    };
+    let one = slq(&mut Hessian(&mut engine), 6, 3, 2).unwrap();
+    let two = slq_block(&mut Hessian(&mut engine), 6, 3, 2, 2).unwrap();
+    for (a, b) in one.iter().zip(&two) {
+        assert_eq!(a.nodes.len(), 6);
+        for (x, y) in a.nodes.iter().zip(&b.nodes) {
+            close(*x, *y, "SLQ node");
+        }
+        for (x, y) in a.weights.iter().zip(&b.weights) {
+            close(*x, *y, "SLQ weight");
+        }
+    }
+    let h1 = hutchinson(&mut Hessian(&mut engine), 5, 1).unwrap();
+    let h4 = hutchinson_block(&mut Hessian(&mut engine), 5, 1, 4).unwrap();
+    close(h1.estimate, h4.estimate, "Hutchinson");
+    let p1 = hutchpp(&mut Hessian(&mut engine), 6, 1).unwrap();
+    let p4 = hutchpp_block(&mut Hessian(&mut engine), 6, 1, 4).unwrap();
+    close(p1.estimate, p4.estimate, "Hutch++");
 }
 
 /// `hesscope <cmd> --json` on mlp-tiny's synthetic data (32 samples,
