@@ -73,7 +73,8 @@ pub enum Command {
     /// over probes on a layer set (third derivatives; float64 reference).
     TraceGrad(trace_grad_cmd::TraceGradArgs),
     /// SGD training as PyTorch's (momentum, weight decay, MultiStepLR; BN
-    /// in train mode), on the float64 reference.
+    /// in train mode), on the float64 reference; the Hessian along the way
+    /// and the Hessian-trace regulariser.
     Train(train_cmd::TrainArgs),
     /// The whole spectrum of a small model from its dense Hessian.
     Exact(spectral_cmds::ExactArgs),

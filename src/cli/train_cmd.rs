@@ -185,8 +185,10 @@ pub struct TrainArgs {
     /// (num_batches_tracked is always int64).
     #[arg(long, value_enum, default_value_t = SaveDtype::F32)]
     pub dtype: SaveDtype,
-    /// Folder for final.safetensors, checkpoints/epoch-E.safetensors and
-    /// trajectory.json (created if missing; with --resume, that folder).
+    /// Folder for final.safetensors, checkpoints/epoch-E.safetensors,
+    /// trajectory.json and its plots (training.svg; with --spectrum-every
+    /// densities.svg and curvature.svg), created if missing; with
+    /// --resume, that folder.
     #[arg(long, help_heading = "Output", required_unless_present = "resume")]
     pub out: Option<PathBuf>,
     /// Continue the run in DIR (a killed or finished one) from its latest
