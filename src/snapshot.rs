@@ -48,23 +48,30 @@ pub struct SnapshotSettings {
     pub seed: u64,
 }
 
-/// Counts the products an operator serves (blocks included).
-struct Counting<'a> {
+/// Counts the products an operator serves (blocks included) and reports
+/// the count with the current stage after each.
+struct Counting<'a, 'p> {
     inner: &'a mut dyn SymOperator,
     count: usize,
+    stage: String,
+    progress: &'p mut dyn FnMut(&str, usize),
 }
 
-impl SymOperator for Counting<'_> {
+impl SymOperator for Counting<'_, '_> {
     fn dim(&self) -> usize {
         self.inner.dim()
     }
     fn apply(&mut self, v: &[f64], out: &mut [f64]) -> Result<()> {
+        self.inner.apply(v, out)?;
         self.count += 1;
-        self.inner.apply(v, out)
+        (self.progress)(&self.stage, self.count);
+        Ok(())
     }
     fn apply_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
+        self.inner.apply_block(vs, outs)?;
         self.count += vs.len();
-        self.inner.apply_block(vs, outs)
+        (self.progress)(&self.stage, self.count);
+        Ok(())
     }
 }
 
@@ -76,6 +83,18 @@ pub fn snapshot(
     model: &Model,
     s: &SnapshotSettings,
     about: (usize, usize, &str, f64),
+) -> Result<CurvatureRecord> {
+    snapshot_with(engine, model, s, about, &mut |_, _| {})
+}
+
+/// [`snapshot`], calling `progress(stage, products so far)` after every
+/// product (stages: `density`, `eigs`, `trace`, then a module's name).
+pub fn snapshot_with(
+    engine: &mut dyn Curvature,
+    model: &Model,
+    s: &SnapshotSettings,
+    about: (usize, usize, &str, f64),
+    progress: &mut dyn FnMut(&str, usize),
 ) -> Result<CurvatureRecord> {
     let t0 = std::time::Instant::now();
     let n = engine.n_params();
@@ -93,6 +112,8 @@ pub fn snapshot(
     let mut op = Counting {
         inner: &mut h,
         count: 0,
+        stage: "density".into(),
+        progress,
     };
     // The density.
     let slq_steps = s.slq_steps.min(n);
@@ -113,6 +134,7 @@ pub fn snapshot(
     }
     slq::normalize(&grid, &mut density);
     // The top-k eigenpairs and the gradient's share of their span.
+    op.stage = "eigs".into();
     let mut es = EigsSettings::new(s.top, Which::Largest);
     es.tol = s.tol;
     es.max_steps = s.eigs_steps;
@@ -121,12 +143,14 @@ pub fn snapshot(
     let top = eigs(&mut op, &es)?;
     let fracs = gradient_fractions(&grad, &top.vectors);
     // The trace.
+    op.stage = "trace".into();
     let tr = hutchinson_block(&mut op, s.probes, s.seed, block)?;
     // Per module.
     let mut layers = vec![];
     if s.layerwise {
         for (module, range) in model.modules() {
             let size = range.len();
+            op.stage = module.clone();
             let mut op_b = BlockOperator::new(&mut op, range);
             let mut es = EigsSettings::new(1, Which::Largest);
             es.tol = s.tol;

@@ -313,6 +313,7 @@ fn zero_means_start_and_end_and_resume_keeps_the_records() {
         .map(|e| e["curvature"].is_object())
         .collect();
     assert_eq!(has, vec![false, true], "0: the end only (and the start)");
+    assert_eq!(tb["finished"], true);
     assert!(tb["start"]["curvature"].is_object());
     run(&b, "3", true);
     let (ta, tb) = (

@@ -15,7 +15,7 @@ use hesscope::model::Model;
 use hesscope::report::{
     CurvatureRecord, EpochRecord, Exporter, HtrRecord, StartRecord, TrainReport,
 };
-use hesscope::snapshot::{snapshot, SnapshotSettings};
+use hesscope::snapshot::{snapshot_with, SnapshotSettings};
 use hesscope::spectral::plot::{densities_svg, panels_svg, DensitySeries, Panel, Series};
 use hesscope::spectral::slq;
 use hesscope::train::{
@@ -366,11 +366,16 @@ impl Measures<'_> {
             BnMode::Batch => "batch",
             BnMode::Running => "running",
         };
-        let r = snapshot(
+        let r = snapshot_with(
             engine.as_mut(),
             tr.model(),
             s,
             (n, self.inputs.batch, bn_name, self.weight_decay),
+            &mut |stage, count| {
+                bar.set_message(format!(
+                    "{label}: the Hessian on {n} samples: {stage}, {count} HVPs"
+                ))
+            },
         )
         .with_context(|| format!("{label}: measuring the Hessian"));
         bar.finish_and_clear();
@@ -662,6 +667,22 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
             meta(&tr, r.lr, &epochs, &step_losses, &start),
         )
         .with_context(|| format!("writing checkpoint {}", ckdir.join(&stem).display()))?;
+        // The trajectory so far and its plots, for a look while it runs.
+        let so_far = TrainReport {
+            recipe: recipe.clone(),
+            augment,
+            htr: htr.clone(),
+            start: start.clone(),
+            epochs: epochs.clone(),
+            step_losses: step_losses.clone(),
+            steps: tr.steps,
+            out: rec.checkpoint.clone(),
+            finished: false,
+            dtype: dtype.into(),
+            seconds: t0.elapsed().as_secs_f64(),
+            settings: a.inputs.settings(&tr.cpu, None),
+        };
+        write_trajectory(&out, tr.model(), &so_far)?;
         if !a.inputs.json {
             let test = match (rec.test_loss, rec.test_accuracy) {
                 (Some(l), Some(acc)) => format!("  test loss {l:.6} acc {acc:.4}"),
@@ -697,14 +718,12 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         step_losses,
         steps: tr.steps,
         out: fin.clone(),
+        finished: true,
         dtype: dtype.into(),
         seconds: t0.elapsed().as_secs_f64(),
         settings: a.inputs.settings(&tr.cpu, None),
     };
-    let traj = out.join("trajectory.json");
-    write_atomic(&traj, |p| Exporter::JsonPretty.write(p, &report))
-        .with_context(|| format!("writing {}", traj.display()))?;
-    let plots = write_plots(&out, tr.model(), &report)?;
+    let (traj, plots) = write_trajectory(&out, tr.model(), &report)?;
     if a.inputs.json {
         return output::line(Exporter::JsonLine.render(&report)?);
     }
@@ -720,6 +739,15 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     ))
+}
+
+/// DIR/trajectory.json and the plots.
+fn write_trajectory(dir: &Path, model: &Model, r: &TrainReport) -> Result<(PathBuf, Vec<PathBuf>)> {
+    let traj = dir.join("trajectory.json");
+    write_atomic(&traj, |p| Exporter::JsonPretty.write(p, r))
+        .with_context(|| format!("writing {}", traj.display()))?;
+    let plots = write_plots(dir, model, r)?;
+    Ok((traj, plots))
 }
 
 /// The message of a library `Invalid` error without its own "what".

@@ -416,8 +416,10 @@ pub struct TrainReport {
     /// Every step's mini-batch loss, in order.
     pub step_losses: Vec<f64>,
     pub steps: usize,
-    /// The final state_dict.
+    /// The final state_dict (while the run is on: the latest checkpoint's).
     pub out: PathBuf,
+    /// False in the copies written after each epoch, true at the end.
+    pub finished: bool,
     /// Float dtype of the saved state_dicts (`F32` or `F64`).
     pub dtype: String,
     pub seconds: f64,
