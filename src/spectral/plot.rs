@@ -364,7 +364,9 @@ pub fn panels_svg(title: &str, x_label: &str, panels: &[Panel]) -> String {
                 fmt(t)
             );
         }
-        for t in nice_ticks(x0, x1, 8) {
+        // Whole epochs: no ticks closer than 1 apart.
+        let xticks = 8.min((x1 - x0).ceil().max(1.0) as usize);
+        for t in nice_ticks(x0, x1, xticks) {
             let x = px(t);
             let _ = write!(
                 s,
