@@ -230,12 +230,17 @@ fn act_forward(@builtin(workgroup_id) wid: vec3<u32>,
 @group(0) @binding(2) var<storage, read> d_g: array<f32>;
 @group(0) @binding(3) var<storage, read_write> d_out: array<f32>;
 
-fn derivative_times(i: u32) {
-    var v = df(d_x[i]) * d_g[i];
+// With tangent k's slices (tangents.wgsl): x is shared, g and the output
+// are the tangent's (ẋ, or R(gy) in ReLU's R-backward).
+fn derivative_times(i: u32, k: u32) {
+    let o_x = kslice(1u, arrayLength(&d_x), k);
+    let o_g = kslice(2u, arrayLength(&d_g), k);
+    let o_out = kslice(3u, arrayLength(&d_out), k);
+    var v = df(d_x[o_x + i]) * d_g[o_g + i];
     if (ACC) {
-        v += d_out[i];
+        v += d_out[o_out + i];
     }
-    d_out[i] = v;
+    d_out[o_out + i] = v;
 }
 
 @compute @workgroup_size(256)
@@ -244,7 +249,7 @@ fn act_r_forward(@builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, nwg, lid);
     if (i >= p.len) { return; }
-    derivative_times(i);
+    derivative_times(i, wid.z);
 }
 
 @compute @workgroup_size(256)
@@ -253,7 +258,7 @@ fn act_backward(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, nwg, lid);
     if (i >= p.len) { return; }
-    derivative_times(i);
+    derivative_times(i, wid.z);
 }
 
 // ---- R(gx) (+)= f'(x)·R(gy) + f''(x)·ẋ·gy
@@ -269,14 +274,21 @@ fn act_r_backward(@builtin(workgroup_id) wid: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, nwg, lid);
     if (i >= p.len) { return; }
-    let x = r_x[i];
-    var v = df(x) * r_rgy[i];
+    // Tangent slices (tangents.wgsl).
+    let k = wid.z;
+    let o_x = kslice(1u, arrayLength(&r_x), k);
+    let o_dx = kslice(2u, arrayLength(&r_dx), k);
+    let o_gy = kslice(3u, arrayLength(&r_gy), k);
+    let o_rgy = kslice(4u, arrayLength(&r_rgy), k);
+    let o_out = kslice(5u, arrayLength(&r_out), k);
+    let x = r_x[o_x + i];
+    var v = df(x) * r_rgy[o_rgy + i];
     // The curvature term exists only for the smooth activations.
     if (ACT >= TANH) {
-        v += d2f(x) * r_dx[i] * r_gy[i];
+        v += d2f(x) * r_dx[o_dx + i] * r_gy[o_gy + i];
     }
     if (ACC) {
-        v += r_out[i];
+        v += r_out[o_out + i];
     }
-    r_out[i] = v;
+    r_out[o_out + i] = v;
 }

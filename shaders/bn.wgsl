@@ -131,20 +131,29 @@ fn bn_r_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     let q = quad(wid, nwg, lid);
     let ch = q.z;
+    // Tangent slices (tangents.wgsl). The statistics' forward rows (μ, s)
+    // are shared, in slice 0; the R rows (Σẋ, Σx̂ẋ) are the tangent's own.
+    let k = wid.z;
+    let o_dx = kslice(1u, arrayLength(&rf_dx), k);
+    let o_xhat = kslice(2u, arrayLength(&rf_xhat), k);
+    let o_st = kslice(3u, arrayLength(&rf_stats), k);
+    let o_v = kslice(5u, arrayLength(&rf_v), k);
+    let o_xhd = kslice(6u, arrayLength(&rf_xhd), k);
+    let o_dy = kslice(7u, arrayLength(&rf_dy), k);
     let s = rf_stats[p.c + ch];
     // Batch mode: x̂̇ = s·(ẋ − Σẋ/m − x̂·Σx̂ẋ/m); running mode: s·ẋ.
     let batch = BATCH;
     let m = count();
-    let mean_dx = select(0.0, rf_stats[2u * p.c + ch] / m, batch);
-    let mean_xdx = select(0.0, rf_stats[3u * p.c + ch] / m, batch);
-    let dgamma = rf_v[p.gamma_off + ch];
+    let mean_dx = select(0.0, rf_stats[o_st + 2u * p.c + ch] / m, batch);
+    let mean_xdx = select(0.0, rf_stats[o_st + 3u * p.c + ch] / m, batch);
+    let dgamma = rf_v[o_v + p.gamma_off + ch];
     let gamma = rf_theta[p.gamma_off + ch];
-    let dbeta = rf_v[p.beta_off + ch];
+    let dbeta = rf_v[o_v + p.beta_off + ch];
     for (var i = q.x; i < q.x + q.y; i++) {
-        let xh = rf_xhat[i];
-        let xhd = s * (rf_dx[i] - mean_dx - xh * mean_xdx);
-        rf_xhd[i] = xhd;
-        rf_dy[i] = dgamma * xh + gamma * xhd + dbeta;
+        let xh = rf_xhat[o_xhat + i];
+        let xhd = s * (rf_dx[o_dx + i] - mean_dx - xh * mean_xdx);
+        rf_xhd[o_xhd + i] = xhd;
+        rf_dy[o_dy + i] = dgamma * xh + gamma * xhd + dbeta;
     }
 }
 
@@ -194,33 +203,44 @@ fn bn_r_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let q = quad(wid, nwg, lid);
     let c = p.c;
     let ch = q.z;
+    // Tangent slices (tangents.wgsl). The statistics' forward and backward
+    // rows (s, Σgy, Σgy·x̂) are shared, in slice 0; the R rows (Σx̂ẋ,
+    // ΣR(gy), ΣR(gy)·x̂, Σgy·x̂̇) are the tangent's own.
+    let k = wid.z;
+    let o_gy = kslice(1u, arrayLength(&rb_gy), k);
+    let o_rgy = kslice(2u, arrayLength(&rb_rgy), k);
+    let o_xhat = kslice(3u, arrayLength(&rb_xhat), k);
+    let o_xhd = kslice(4u, arrayLength(&rb_xhd), k);
+    let o_st = kslice(5u, arrayLength(&rb_stats), k);
+    let o_v = kslice(7u, arrayLength(&rb_v), k);
+    let o_rgx = kslice(8u, arrayLength(&rb_rgx), k);
     let s = rb_stats[c + ch];
     let gamma = rb_theta[p.gamma_off + ch];
-    let dgamma = rb_v[p.gamma_off + ch];
+    let dgamma = rb_v[o_v + p.gamma_off + ch];
     let batch = BATCH;
     let m = count();
     let sum_gy = rb_stats[4u * c + ch];
     let sum_gy_xh = rb_stats[5u * c + ch];
     let m_g = gamma * sum_gy / m;
     let m_gx = gamma * sum_gy_xh / m;
-    let m_rg = (dgamma * sum_gy + gamma * rb_stats[6u * c + ch]) / m;
-    let m_mix = (dgamma * sum_gy_xh + gamma * rb_stats[7u * c + ch]
-        + gamma * rb_stats[8u * c + ch]) / m;
-    let sdot = -s * s * rb_stats[3u * c + ch] / m;
+    let m_rg = (dgamma * sum_gy + gamma * rb_stats[o_st + 6u * c + ch]) / m;
+    let m_mix = (dgamma * sum_gy_xh + gamma * rb_stats[o_st + 7u * c + ch]
+        + gamma * rb_stats[o_st + 8u * c + ch]) / m;
+    let sdot = -s * s * rb_stats[o_st + 3u * c + ch] / m;
     let acc = ACC;
     for (var i = q.x; i < q.x + q.y; i++) {
-        let gy = rb_gy[i];
-        let r_ghat = dgamma * gy + gamma * rb_rgy[i];
+        let gy = rb_gy[o_gy + i];
+        let r_ghat = dgamma * gy + gamma * rb_rgy[o_rgy + i];
         var r = s * r_ghat;
         if (batch) {
-            let xh = rb_xhat[i];
+            let xh = rb_xhat[o_xhat + i];
             let t = gamma * gy - m_g - xh * m_gx;
-            let tdot = r_ghat - m_rg - rb_xhd[i] * m_gx - xh * m_mix;
+            let tdot = r_ghat - m_rg - rb_xhd[o_xhd + i] * m_gx - xh * m_mix;
             r = sdot * t + s * tdot;
         }
         if (acc) {
-            r += rb_rgx[i];
+            r += rb_rgx[o_rgx + i];
         }
-        rb_rgx[i] = r;
+        rb_rgx[o_rgx + i] = r;
     }
 }

@@ -28,23 +28,50 @@ const WG: u32 = 256u;
 @group(0) @binding(3) var<storage, read> xb: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
-// BEGIN WEIGHTS: read from whole parameter buffers (θ or v) at an offset.
-// src/gpu/kernels.rs swaps this block for shaders/conv_weights_uniform.wgsl
-// to make the uniform-window variant of these kernels.
+// Tangent k's slices of the bindings (tangents.wgsl); the weights' are set
+// in the weights block.
+var<private> ko_xa: u32;
+var<private> ko_xb: u32;
+var<private> ko_out: u32;
+var<private> ko_wa: u32;
+var<private> ko_wb: u32;
+
+fn slices(k: u32) {
+    ko_xa = kslice(1u, arrayLength(&xa), k);
+    ko_xb = kslice(3u, arrayLength(&xb), k);
+    ko_out = kslice(5u, arrayLength(&out), k);
+    weight_slices_a(k);
+    weight_slices_b(k);
+}
+
+// Weights are read from whole parameter buffers (θ or v) at an offset.
+// src/gpu/kernels.rs swaps block A (the first pair's weights), or both,
+// for those of shaders/conv_weights_uniform.wgsl to make the
+// uniform-window variants of these kernels.
+// BEGIN WEIGHTS A
 @group(0) @binding(2) var<storage, read> wa: array<f32>;
-@group(0) @binding(4) var<storage, read> wb: array<f32>;
 
 // A weight of channel `c`, or 0 past the last channel (blocks may overhang).
 fn weight_a(c: u32, climit: u32, i: u32) -> f32 {
-    return select(0.0, wa[min(i, arrayLength(&wa) - 1u)], c < climit);
+    return select(0.0, wa[min(ko_wa + i, arrayLength(&wa) - 1u)], c < climit);
 }
+fn weight_slices_a(k: u32) {
+    ko_wa = kslice(2u, arrayLength(&wa), k);
+}
+// END WEIGHTS A
+// BEGIN WEIGHTS B
+@group(0) @binding(4) var<storage, read> wb: array<f32>;
+
 fn weight_b(c: u32, climit: u32, i: u32) -> f32 {
-    return select(0.0, wb[min(i, arrayLength(&wb) - 1u)], c < climit);
+    return select(0.0, wb[min(ko_wb + i, arrayLength(&wb) - 1u)], c < climit);
 }
 fn bias_b(i: u32) -> f32 {
-    return wb[min(i, arrayLength(&wb) - 1u)];
+    return wb[min(ko_wb + i, arrayLength(&wb) - 1u)];
 }
-// END WEIGHTS
+fn weight_slices_b(k: u32) {
+    ko_wb = kslice(4u, arrayLength(&wb), k);
+}
+// END WEIGHTS B
 
 // Register blocking: each thread computes CB channels × XB columns of one
 // row, so every loaded input feeds CB products and every loaded weight XB.
@@ -133,13 +160,13 @@ fn channel(a: Acc8, j: u32) -> vec4<f32> {
 // (0 outside [0, width) and where `ok` is false), from `xa` and from `xb`.
 fn row4_a(base: u32, i: vec4<i32>, width: u32, ok: vec4<bool>) -> vec4<f32> {
     let m = ok & i >= vec4<i32>(0) & i < vec4<i32>(i32(width));
-    let j = min(vec4<u32>(base) + vec4<u32>(clamp(i, vec4<i32>(0), vec4<i32>(i32(width) - 1))),
+    let j = min(vec4<u32>(ko_xa + base) + vec4<u32>(clamp(i, vec4<i32>(0), vec4<i32>(i32(width) - 1))),
                 vec4<u32>(arrayLength(&xa) - 1u));
     return select(vec4<f32>(0.0), vec4<f32>(xa[j.x], xa[j.y], xa[j.z], xa[j.w]), m);
 }
 fn row4_b(base: u32, i: vec4<i32>, width: u32, ok: vec4<bool>) -> vec4<f32> {
     let m = ok & i >= vec4<i32>(0) & i < vec4<i32>(i32(width));
-    let j = min(vec4<u32>(base) + vec4<u32>(clamp(i, vec4<i32>(0), vec4<i32>(i32(width) - 1))),
+    let j = min(vec4<u32>(ko_xb + base) + vec4<u32>(clamp(i, vec4<i32>(0), vec4<i32>(i32(width) - 1))),
                 vec4<u32>(arrayLength(&xb) - 1u));
     return select(vec4<f32>(0.0), vec4<f32>(xb[j.x], xb[j.y], xb[j.z], xb[j.w]), m);
 }
@@ -159,7 +186,7 @@ fn store8(a: Acc8, n: u32, c0: u32, cs: u32, hh: u32, ww: u32, y: u32, x0: u32, 
         for (var i = 0u; i < XB; i++) {
             let x = x0 + i * xstep;
             if (x >= ww) { break; }
-            let o = (n * cs + c) * plane + y * ww + x;
+            let o = ko_out + (n * cs + c) * plane + y * ww + x;
             var r = v[i] + b;
             if (ACC) {
                 r += out[o];
@@ -176,6 +203,7 @@ fn store8(a: Acc8, n: u32, c0: u32, cs: u32, hh: u32, ww: u32, y: u32, x0: u32, 
 fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
+    slices(wid.z);
     let blk = row_block(wid, nwg, lid, p.cout, p.oh, p.ow);
     if (!blk.live) { return; }
     let n = blk.n;
@@ -211,6 +239,7 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn conv_forward_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
+    slices(wid.z);
     let blk = row_block(wid, nwg, lid, p.cout, p.oh, p.ow);
     if (!blk.live) { return; }
     let n = blk.n;
@@ -256,6 +285,7 @@ fn conv_forward_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
 fn conv_backward_data(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
+    slices(wid.z);
     let s = p.stride;
     let cblocks = (p.cin + CB - 1u) / CB;
     let at = split_launch(wid, nwg, lid, cblocks);
@@ -307,6 +337,7 @@ fn conv_backward_data(@builtin(workgroup_id) wid: vec3<u32>,
 fn conv_backward_data_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
                            @builtin(num_workgroups) nwg: vec3<u32>,
                            @builtin(local_invocation_index) lid: u32) {
+    slices(wid.z);
     let blk = row_block(wid, nwg, lid, p.cin, p.h, p.w);
     if (!blk.live) { return; }
     let n = blk.n;

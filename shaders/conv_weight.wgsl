@@ -29,6 +29,12 @@ const COLS: vec4<u32> = vec4<u32>(0u, 1u, 2u, 3u);
 @group(0) @binding(1) var<storage, read> xa4: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> xb4: array<vec4<f32>>;
 
+// Tangent k's slices (tangents.wgsl) of the inputs `wa`/`wb`, read by
+// tap_input; each entry point sets them (and those of the bindings only it
+// reads) before anything else.
+var<private> ko_wa: u32;
+var<private> ko_wb: u32;
+
 // Grids wider than 65,535 workgroups fold into y.
 fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid;
@@ -53,11 +59,11 @@ const WCB: u32 = 4u;
 // wa[xrow + ix] where 0 ≤ ix < w and the row is inside the image, else 0.
 fn tap_input(xrow: u32, ix: i32, row_ok: bool) -> f32 {
     let ok = row_ok && ix >= 0 && ix < i32(p.w);
-    return select(0.0, wa[min(xrow + u32(clamp(ix, 0, i32(p.w) - 1)), arrayLength(&wa) - 1u)], ok);
+    return select(0.0, wa[min(ko_wa + xrow + u32(clamp(ix, 0, i32(p.w) - 1)), arrayLength(&wa) - 1u)], ok);
 }
 fn tap_input_b(xrow: u32, ix: i32, row_ok: bool) -> f32 {
     let ok = row_ok && ix >= 0 && ix < i32(p.w);
-    return select(0.0, wb[min(xrow + u32(clamp(ix, 0, i32(p.w) - 1)), arrayLength(&wb) - 1u)], ok);
+    return select(0.0, wb[min(ko_wb + xrow + u32(clamp(ix, 0, i32(p.w) - 1)), arrayLength(&wb) - 1u)], ok);
 }
 
 // out[chunk · W + w] = Σ over the chunk's rows (n, oy) and columns ox of
@@ -67,6 +73,11 @@ fn tap_input_b(xrow: u32, ix: i32, row_ok: bool) -> f32 {
 fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
                         @builtin(num_workgroups) nwg: vec3<u32>,
                         @builtin(local_invocation_index) lid: u32) {
+    ko_wa = kslice(2u, arrayLength(&wa), wid.z);
+    ko_wb = kslice(4u, arrayLength(&wb), wid.z);
+    let ko_xa = kslice(1u, arrayLength(&xa), wid.z);
+    let ko_xb = kslice(3u, arrayLength(&xb), wid.z);
+    let ko_out = kslice(5u, arrayLength(&out), wid.z);
     let idx = flat_index(wid, nwg, lid);
     let cblocks = (p.cout + WCB - 1u) / WCB;
     let nrows_w = cblocks * p.cin * p.k;
@@ -107,7 +118,7 @@ fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
             let grow = (n * p.cout + co0) * plane + oy * p.ow;
             let xrow = ((n * p.cin + ci) * p.h + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
             for (var ox = 0u; ox < p.ow; ox++) {
-                let gi = min(vec4<u32>(grow + ox) + coff, vec4<u32>(glast));
+                let gi = min(vec4<u32>(ko_xa + grow + ox) + coff, vec4<u32>(glast));
                 let g = vec4<f32>(xa[gi.x], xa[gi.y], xa[gi.z], xa[gi.w]);
                 // Input column of tap kx0 + t: ix0 + t.
                 let ix0 = i32(ox * p.stride + kx0) - i32(p.pad);
@@ -125,7 +136,7 @@ fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
                     acc6 += g * tap_input(xrow, ix0 + 6, row_ok);
                 }
                 if (PAIR_B) {
-                    let gb = min(vec4<u32>(grow + ox) + coff, vec4<u32>(glast_b));
+                    let gb = min(vec4<u32>(ko_xb + grow + ox) + coff, vec4<u32>(glast_b));
                     let g2 = vec4<f32>(xb[gb.x], xb[gb.y], xb[gb.z], xb[gb.w]);
                     acc0 += g2 * tap_input_b(xrow, ix0 + 0, row_ok);
                     if (taps > 1u) {
@@ -147,7 +158,7 @@ fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
         for (var j = 0u; j < WCB; j++) {
             let co = co0 + j;
             if (co >= p.cout) { break; }
-            let base = chunk * nw + ((co * p.cin + ci) * p.k + ky) * p.k + kx0;
+            let base = ko_out + chunk * nw + ((co * p.cin + ci) * p.k + ky) * p.k + kx0;
             for (var t = 0u; t < taps; t++) {
                 out[base + t] = acc[t][j];
             }
@@ -163,14 +174,16 @@ fn conv_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
 fn conv_weight_sum(@builtin(workgroup_id) wid: vec3<u32>,
                    @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
+    let ko_parts = kslice(1u, arrayLength(&sum_parts), wid.z);
+    let ko_sum = kslice(2u, arrayLength(&sum_out), wid.z);
     let wi = flat_index(wid, nwg, lid);
     let nw = p.cout * p.cin * p.k * p.k;
     if (wi >= nw) { return; }
     var s = 0.0;
     for (var c = 0u; c < p.chunks; c++) {
-        s += sum_parts[c * nw + wi];
+        s += sum_parts[ko_parts + c * nw + wi];
     }
-    sum_out[p.wa_off + wi] += s;
+    sum_out[ko_sum + p.wa_off + wi] += s;
 }
 
 // The weight gradient's first stage (as conv_backward_weight) for the most
@@ -192,6 +205,13 @@ fn dots(g0: vec4<f32>, g1: vec4<f32>, g2: vec4<f32>, g3: vec4<f32>, r: vec4<f32>
 fn conv_backward_weight_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>,
                              @builtin(local_invocation_index) lid: u32) {
+    ko_wa = kslice(2u, arrayLength(&wa), wid.z);
+    ko_wb = kslice(4u, arrayLength(&wb), wid.z);
+    // In vec4s: a slice of the adjoints is a whole number of them (rows of
+    // a multiple of 4 columns).
+    let ko_xa = kslice(1u, arrayLength(&xa4), wid.z);
+    let ko_xb = kslice(3u, arrayLength(&xb4), wid.z);
+    let ko_out = kslice(5u, arrayLength(&out), wid.z);
     let idx = flat_index(wid, nwg, lid);
     let cblocks = (p.cout + WCB - 1u) / WCB;
     let nrows_w = cblocks * p.cin * 3u;
@@ -221,7 +241,7 @@ fn conv_backward_weight_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
         let xrow = ((n * p.cin + ci) * p.h + u32(clamp(iy, 0, i32(p.h) - 1))) * p.w;
         let grow = (vec4<u32>(n * p.cout) + cos) * plane4 + vec4<u32>(oy * ow4);
         for (var q = 0u; q < ow4; q++) {
-            let gi = min(grow + vec4<u32>(q), vec4<u32>(glast));
+            let gi = min(grow + vec4<u32>(ko_xa + q), vec4<u32>(glast));
             let ga0 = xa4[gi.x];
             let ga1 = xa4[gi.y];
             let ga2 = xa4[gi.z];
@@ -237,7 +257,7 @@ fn conv_backward_weight_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
             acc1 += dots(ga0, ga1, ga2, ga3, vec4<f32>(a1, a2, a3, a4));
             acc2 += dots(ga0, ga1, ga2, ga3, vec4<f32>(a2, a3, a4, a5));
             if (PAIR_B) {
-                let gj = min(grow + vec4<u32>(q), vec4<u32>(glast_b));
+                let gj = min(grow + vec4<u32>(ko_xb + q), vec4<u32>(glast_b));
                 let gb0 = xb4[gj.x];
                 let gb1 = xb4[gj.y];
                 let gb2 = xb4[gj.z];
@@ -259,7 +279,7 @@ fn conv_backward_weight_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
     for (var j = 0u; j < WCB; j++) {
         let co = co0 + j;
         if (co >= p.cout) { break; }
-        let base = chunk * nw + ((co * p.cin + ci) * 3u + ky) * 3u;
+        let base = ko_out + chunk * nw + ((co * p.cin + ci) * 3u + ky) * 3u;
         out[base] = acc[0][j];
         out[base + 1u] = acc[1][j];
         out[base + 2u] = acc[2][j];

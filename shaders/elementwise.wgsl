@@ -25,6 +25,7 @@ fn store(i: u32, v: f32) {
     }
 }
 
+
 // out = a + b.
 @compute @workgroup_size(256)
 fn add(@builtin(workgroup_id) wid: vec3<u32>,
@@ -32,7 +33,12 @@ fn add(@builtin(workgroup_id) wid: vec3<u32>,
        @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, nwg, lid);
     if (i >= p.len) { return; }
-    store(i, a[i] + b[i]);
+    // Tangent slices (tangents.wgsl).
+    let k = wid.z;
+    let o_a = kslice(1u, arrayLength(&a), k);
+    let o_b = kslice(2u, arrayLength(&b), k);
+    let o_out = kslice(3u, arrayLength(&out), k);
+    store(o_out + i, a[o_a + i] + b[o_b + i]);
 }
 
 // out[out_off + i] (+)= a[a_off + i]: adjoints of residual adds, and
@@ -45,10 +51,13 @@ fn copy(@builtin(workgroup_id) wid: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let i = flat_index(wid, nwg, lid);
     if (i >= p.len) { return; }
-    let v = a[p.a_off + i];
+    // Tangent slices (tangents.wgsl).
+    let o_a = kslice(1u, arrayLength(&a), wid.z) + p.a_off;
+    let o_out = kslice(2u, arrayLength(&copy_out), wid.z) + p.out_off;
+    let v = a[o_a + i];
     if (ACC) {
-        copy_out[p.out_off + i] += v;
+        copy_out[o_out + i] += v;
     } else {
-        copy_out[p.out_off + i] = v;
+        copy_out[o_out + i] = v;
     }
 }

@@ -55,12 +55,15 @@ fn xent_r_backward(@builtin(workgroup_id) wid: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
     let s = flat_index(wid, nwg, lid);
     if (s >= p.n) { return; }
+    // Tangent slices (tangents.wgsl); the softmax is shared.
+    let o_dz = kslice(2u, arrayLength(&r_dz), wid.z);
+    let o_rgz = kslice(3u, arrayLength(&r_rgz), wid.z);
     let base = s * p.k;
     var pz = 0.0;
     for (var j = 0u; j < p.k; j++) {
-        pz += r_p[base + j] * r_dz[base + j];
+        pz += r_p[base + j] * r_dz[o_dz + base + j];
     }
     for (var j = 0u; j < p.k; j++) {
-        r_rgz[base + j] = p.scale * r_p[base + j] * (r_dz[base + j] - pz);
+        r_rgz[o_rgz + base + j] = p.scale * r_p[base + j] * (r_dz[o_dz + base + j] - pz);
     }
 }

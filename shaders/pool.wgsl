@@ -77,7 +77,10 @@ fn maxpool_gather(@builtin(workgroup_id) wid: vec3<u32>,
     let o = flat_index(wid, nwg, lid);
     let plane_out = p.oh * p.ow;
     if (o >= p.planes * plane_out) { return; }
-    g_y[o] = g_x[(o / plane_out) * p.h * p.w + g_arg[o]];
+    // Tangent slices (tangents.wgsl); the argmax is shared.
+    let o_x = kslice(1u, arrayLength(&g_x), wid.z);
+    let o_y = kslice(3u, arrayLength(&g_y), wid.z);
+    g_y[o_y + o] = g_x[o_x + (o / plane_out) * p.h * p.w + g_arg[o]];
 }
 
 // ---- backward: each input sums the outputs whose argmax it is. Written
@@ -94,6 +97,9 @@ fn maxpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let i = flat_index(wid, nwg, lid);
     let plane_in = p.h * p.w;
     if (i >= p.planes * plane_in) { return; }
+    // Tangent slices (tangents.wgsl); the argmax is shared.
+    let o_gy = kslice(1u, arrayLength(&s_gy), wid.z);
+    let o_gx = kslice(3u, arrayLength(&s_gx), wid.z);
     let pl = i / plane_in;
     let idx = i % plane_in;
     let oys = covering(idx / p.w + p.pad, p.oh);
@@ -103,14 +109,14 @@ fn maxpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
         for (var ox = oxs.x; ox < oxs.y; ox++) {
             let o = (pl * p.oh + oy) * p.ow + ox;
             if (s_arg[o] == idx) {
-                acc += s_gy[o];
+                acc += s_gy[o_gy + o];
             }
         }
     }
     if (ACC) {
-        acc += s_gx[i];
+        acc += s_gx[o_gx + i];
     }
-    s_gx[i] = acc;
+    s_gx[o_gx + i] = acc;
 }
 
 // ---- average pool, count_include_pad as PyTorch's default: every window
@@ -129,6 +135,9 @@ fn avgpool_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let o = flat_index(wid, nwg, lid);
     let plane_out = p.oh * p.ow;
     if (o >= p.planes * plane_out) { return; }
+    // Tangent slices (tangents.wgsl).
+    let o_in = kslice(1u, arrayLength(&av_in), wid.z);
+    let o_out = kslice(2u, arrayLength(&av_out), wid.z);
     let pl = o / plane_out;
     let oy = (o % plane_out) / p.ow;
     let ox = o % p.ow;
@@ -140,12 +149,12 @@ fn avgpool_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let xb = max(min(x0 + p.k, p.w + p.pad), p.pad) - p.pad;
     var acc = 0.0;
     for (var iy = ya; iy < yb; iy++) {
-        let row = (pl * p.h + iy) * p.w;
+        let row = o_in + (pl * p.h + iy) * p.w;
         for (var ix = xa; ix < xb; ix++) {
             acc += av_in[row + ix];
         }
     }
-    av_out[o] = acc / f32(p.k * p.k);
+    av_out[o_out + o] = acc / f32(p.k * p.k);
 }
 
 // Backward (the transpose), a thread per input, gathering from the
@@ -158,21 +167,24 @@ fn avgpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let i = flat_index(wid, nwg, lid);
     let plane_in = p.h * p.w;
     if (i >= p.planes * plane_in) { return; }
+    // Tangent slices (tangents.wgsl).
+    let o_in = kslice(1u, arrayLength(&av_in), wid.z);
+    let o_out = kslice(2u, arrayLength(&av_out), wid.z);
     let pl = i / plane_in;
     let oys = covering((i % plane_in) / p.w + p.pad, p.oh);
     let oxs = covering(i % p.w + p.pad, p.ow);
     var acc = 0.0;
     for (var oy = oys.x; oy < oys.y; oy++) {
-        let row = (pl * p.oh + oy) * p.ow;
+        let row = o_in + (pl * p.oh + oy) * p.ow;
         for (var ox = oxs.x; ox < oxs.y; ox++) {
             acc += av_in[row + ox];
         }
     }
     acc /= f32(p.k * p.k);
     if (ACC) {
-        acc += av_out[i];
+        acc += av_out[o_out + i];
     }
-    av_out[i] = acc;
+    av_out[o_out + i] = acc;
 }
 
 // ---- global average pool: y[plane] = mean of the plane (h·w = 64 or fewer
@@ -186,12 +198,15 @@ fn gap_forward(@builtin(workgroup_id) wid: vec3<u32>,
                @builtin(local_invocation_index) lid: u32) {
     let pl = flat_index(wid, nwg, lid);
     if (pl >= p.planes) { return; }
+    // Tangent slices (tangents.wgsl).
+    let o_x = kslice(1u, arrayLength(&ga_x), wid.z);
+    let o_y = kslice(2u, arrayLength(&ga_y), wid.z);
     let hw = p.h * p.w;
     var s = 0.0;
     for (var j = 0u; j < hw; j++) {
-        s += ga_x[pl * hw + j];
+        s += ga_x[o_x + pl * hw + j];
     }
-    ga_y[pl] = s / f32(hw);
+    ga_y[o_y + pl] = s / f32(hw);
 }
 
 @compute @workgroup_size(256)
@@ -201,9 +216,11 @@ fn gap_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let i = flat_index(wid, nwg, lid);
     let hw = p.h * p.w;
     if (i >= p.planes * hw) { return; }
-    var g = ga_x[i / hw] / f32(hw);
+    let o_x = kslice(1u, arrayLength(&ga_x), wid.z);
+    let o_y = kslice(2u, arrayLength(&ga_y), wid.z);
+    var g = ga_x[o_x + i / hw] / f32(hw);
     if (ACC) {
-        g += ga_y[i];
+        g += ga_y[o_y + i];
     }
-    ga_y[i] = g;
+    ga_y[o_y + i] = g;
 }

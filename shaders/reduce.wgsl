@@ -67,16 +67,20 @@ fn channel_element(j: u32, ch: u32) -> u32 {
 fn channel_sums(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     let ch = wid.x;
+    // Tangent slices (tangents.wgsl).
+    let o_a = kslice(1u, arrayLength(&a), wid.z);
+    let o_b = kslice(2u, arrayLength(&b), wid.z);
+    let o_out = kslice(3u, arrayLength(&out), wid.z);
     let count = p.n * p.hw;
     let has_b = HAS_B;
     var sa = 0.0;
     var sab = 0.0;
     for (var j = lid; j < count; j += WG) {
         let i = channel_element(j, ch);
-        let av = a[i];
+        let av = a[o_a + i];
         sa += av;
         if (has_b) {
-            sab += av * b[i];
+            sab += av * b[o_b + i];
         }
     }
     let r = reduce_pair(lid, sa, sab);
@@ -84,11 +88,11 @@ fn channel_sums(@builtin(workgroup_id) wid: vec3<u32>,
         var ra = r.x;
         var rab = r.y;
         if (ACC) {
-            ra += out[p.out_a + ch];
-            if (has_b) { rab += out[p.out_b + ch]; }
+            ra += out[o_out + p.out_a + ch];
+            if (has_b) { rab += out[o_out + p.out_b + ch]; }
         }
-        out[p.out_a + ch] = ra;
-        if (has_b) { out[p.out_b + ch] = rab; }
+        out[o_out + p.out_a + ch] = ra;
+        if (has_b) { out[o_out + p.out_b + ch] = rab; }
     }
 }
 
@@ -116,6 +120,14 @@ fn sum_all(@builtin(local_invocation_index) lid: u32) {
 fn bn_param_sums(@builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
     let ch = wid.x;
+    // Tangent slices (tangents.wgsl).
+    let k = wid.z;
+    let o_a = kslice(1u, arrayLength(&a), k);
+    let o_b = kslice(2u, arrayLength(&b), k);
+    let o_out = kslice(3u, arrayLength(&out), k);
+    let o_c = kslice(4u, arrayLength(&c), k);
+    let o_d = kslice(5u, arrayLength(&d), k);
+    let o_tgt = kslice(6u, arrayLength(&tgt), k);
     let count = p.n * p.hw;
     let pair2 = PAIR2;
     var sa = 0.0;
@@ -123,11 +135,11 @@ fn bn_param_sums(@builtin(workgroup_id) wid: vec3<u32>,
     var scd = 0.0;
     for (var j = lid; j < count; j += WG) {
         let i = channel_element(j, ch);
-        let av = a[i];
+        let av = a[o_a + i];
         sa += av;
-        sab += av * b[i];
+        sab += av * b[o_b + i];
         if (pair2) {
-            scd += c[i] * d[i];
+            scd += c[o_c + i] * d[o_d + i];
         }
     }
     let r = reduce_pair(lid, sa, sab);
@@ -137,12 +149,12 @@ fn bn_param_sums(@builtin(workgroup_id) wid: vec3<u32>,
         r2 = reduce_pair(lid, scd, 0.0);
     }
     if (lid == 0u) {
-        out[p.out_a + ch] = r.x;
-        out[p.out_b + ch] = r.y;
+        out[o_out + p.out_a + ch] = r.x;
+        out[o_out + p.out_b + ch] = r.y;
         if (pair2) {
-            out[p.out_d + ch] = r2.x;
+            out[o_out + p.out_d + ch] = r2.x;
         }
-        tgt[p.t_a + ch] += r.x;
-        tgt[p.t_b + ch] += r.y + r2.x;
+        tgt[o_tgt + p.t_a + ch] += r.x;
+        tgt[o_tgt + p.t_b + ch] += r.y + r2.x;
     }
 }

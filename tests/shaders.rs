@@ -17,9 +17,15 @@ fn shader_files() -> Vec<PathBuf> {
     files
 }
 
+/// A file as the engine compiles it: after tangents.wgsl (block products'
+/// slices), which every module is prefixed with.
 fn check(path: &PathBuf) -> Result<usize, String> {
     let src = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    check_source(&src, &[])
+    let tangents = hesscope::gpu::kernels::TANGENTS;
+    if src == tangents {
+        return check_source(&src, &[]);
+    }
+    check_source(&format!("{tangents}{src}"), &[])
 }
 
 /// Parses, validates, specialises the override constants (`consts`, the
@@ -110,6 +116,9 @@ fn override_values(name: &str) -> Vec<f64> {
     match name {
         // layers::activation::act_code: relu .. silu.
         "ACT" => (0..=5).map(f64::from).collect(),
+        // Block products: no tangent bindings, or all; one tangent or 3.
+        "KB" => vec![0.0, 510.0],
+        "KMAX" => vec![1.0, 3.0],
         _ => vec![0.0, 1.0],
     }
 }

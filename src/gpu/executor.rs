@@ -22,6 +22,37 @@ pub type KernelTimes = Vec<(Kernel, f64)>;
 /// Bytes of per-batch state kept resident for reuse by every HVP.
 pub const CACHE_BUDGET_BYTES: usize = 2 << 30;
 
+/// Bytes the tangent buffers of a block product may take when the block
+/// size is chosen for the user (`GpuEngine::new`).
+pub const BLOCK_BUDGET_BYTES: usize = 1 << 30;
+
+/// The largest block size chosen for the user: past it the per-vector cost
+/// of a block product stops falling (BENCHMARKS.md, "Block products").
+pub const DEFAULT_MAX_BLOCK: usize = 16;
+
+/// The most tangents one block product serves (a dispatch's z extent is
+/// at least 65,535 everywhere; this bounds the memory a flag can ask for).
+pub const MAX_BLOCK: usize = 64;
+
+/// How an engine is built.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    /// Per-batch state resident for reuse by every HVP while it fits.
+    pub cache_budget: usize,
+    /// Tangents per sweep of a block product; None: the most that fit in
+    /// `BLOCK_BUDGET_BYTES`, up to `DEFAULT_MAX_BLOCK`.
+    pub block: Option<usize>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            cache_budget: CACHE_BUDGET_BYTES,
+            block: None,
+        }
+    }
+}
+
 struct BatchProgram {
     ws: usize,
     start: usize,
@@ -44,11 +75,13 @@ pub struct GpuEngine {
     programs: Vec<BatchProgram>,
     /// Canonical buffer value of every value (flatten aliases its input).
     canon: Vec<usize>,
+    /// Tangents one R-pass dispatch serves (block products).
+    kmax: usize,
 }
 
 impl GpuEngine {
     pub fn new(ctx: GpuContext, problem: &Problem) -> Result<GpuEngine> {
-        Self::with_cache_budget(ctx, problem, CACHE_BUDGET_BYTES)
+        Self::with_options(ctx, problem, EngineOptions::default())
     }
 
     /// As `new`, keeping every batch's activations resident only while
@@ -59,18 +92,46 @@ impl GpuEngine {
         problem: &Problem,
         budget: usize,
     ) -> Result<GpuEngine> {
+        let options = EngineOptions {
+            cache_budget: budget,
+            ..Default::default()
+        };
+        Self::with_options(ctx, problem, options)
+    }
+
+    pub fn with_options(
+        ctx: GpuContext,
+        problem: &Problem,
+        options: EngineOptions,
+    ) -> Result<GpuEngine> {
         layers::check_model(&problem.model)?;
+        let budget = options.cache_budget;
         let model = problem.model.clone();
         let data = problem.data.clone();
         let batches = data.batches(problem.batch);
         let max_count = batches.iter().map(|b| b.1).max().unwrap_or(0);
         let canon = memory::canonical_values(&model);
-        let mut arena = Arena { buffers: vec![] };
+        let kmax = match options.block {
+            Some(k) if (1..=MAX_BLOCK).contains(&k) => k,
+            Some(k) => {
+                return Err(Error::Invalid {
+                    what: "block size",
+                    msg: format!("{k} tangents per sweep: must be 1 to {MAX_BLOCK}"),
+                })
+            }
+            None => default_block(&ctx, &model, &canon, max_count),
+        };
+        let mut arena = Arena::default();
         let np = model.n_params;
         let theta = arena.weights(&ctx, "parameters θ", np)?;
-        let v = arena.weights(&ctx, "direction v", np)?;
+        // A block product reads v from storage (one slice per tangent).
+        let v = if kmax > 1 {
+            arena.alloc_tangent(&ctx, "directions v".into(), np, kmax)?
+        } else {
+            arena.weights(&ctx, "direction v", np)?
+        };
         let grad = arena.alloc(&ctx, "gradient".into(), np)?;
-        let hv = arena.alloc(&ctx, "Hv".into(), np)?;
+        let hv = arena.alloc_tangent(&ctx, "Hv".into(), np, kmax)?;
         let losses = arena.alloc(&ctx, "batch losses".into(), batches.len())?;
         let dummy = arena.alloc(&ctx, "unused binding".into(), 4)?;
         let scratch = model
@@ -80,7 +141,8 @@ impl GpuEngine {
             .max()
             .unwrap_or(0)
             .max(1);
-        let partials = arena.alloc(&ctx, "weight-gradient partial sums".into(), scratch)?;
+        let partials =
+            arena.alloc_tangent(&ctx, "weight-gradient partial sums".into(), scratch, kmax)?;
         let theta_f32: Vec<f32> = problem.weights.theta.iter().map(|&x| x as f32).collect();
         // Refused here, not left to propagate: a kernel's result from an
         // infinite weight is the driver's business (llvmpipe's uniform
@@ -94,12 +156,13 @@ impl GpuEngine {
             buffers: &problem.weights.buffers,
             batch_mode,
         };
-        let ws_bytes = memory::workspace_bytes(&model, &canon, max_count, &scx);
+        let ws_bytes = memory::workspace_bytes(&model, &canon, max_count, &scx, kmax);
         let n_ws = if ws_bytes.saturating_mul(batches.len()) <= budget {
             batches.len()
         } else {
             1
         };
+        let tangents = memory::tangent_buffers(&ctx, &mut arena, &model, &canon, max_count, kmax)?;
         let mut workspaces = vec![];
         for w in 0..n_ws {
             let tag = if n_ws > 1 {
@@ -108,7 +171,7 @@ impl GpuEngine {
                 String::new()
             };
             workspaces.push(memory::workspace(
-                &ctx, &mut arena, &model, &canon, max_count, &scx, &tag,
+                &ctx, &mut arena, &model, &canon, max_count, &scx, &tag, &tangents, kmax,
             )?);
         }
 
@@ -129,7 +192,11 @@ impl GpuEngine {
                 batch_mode,
                 window_alignment,
             );
-            let steps = plan::plan_batch(p, &workspaces[w], &canon, bi, losses, scale);
+            let block = plan::BlockPlan {
+                kmax,
+                tangent: &arena.tangent,
+            };
+            let steps = plan::plan_batch(p, &workspaces[w], &canon, bi, losses, scale, Some(block));
             let forward_backward = Compiled::build(
                 &ctx,
                 &format!("batch {bi} forward/backward"),
@@ -163,6 +230,7 @@ impl GpuEngine {
             workspaces,
             programs,
             canon,
+            kmax,
         };
         if n_ws == e.programs.len() {
             for bi in 0..e.programs.len() {
@@ -224,6 +292,11 @@ impl GpuEngine {
     /// Runs every batch's forward/backward (and with `r`, its R-pass),
     /// reusing resident batches for the R-pass.
     fn run(&mut self, grad: bool, r: bool) -> Result<()> {
+        self.run_block(grad, r, 1)
+    }
+
+    /// `run` with the R-pass for the first `tangents` slices of v.
+    fn run_block(&mut self, grad: bool, r: bool, tangents: usize) -> Result<()> {
         let (gb, hb, lb) = (self.grad, self.hv, self.losses);
         self.submit("clearing the accumulators", |enc| {
             if grad {
@@ -249,7 +322,7 @@ impl GpuEngine {
                     p.forward_backward.record(enc);
                 }
                 if r {
-                    p.r_pass.record(enc);
+                    p.r_pass.record_block(enc, tangents as u32);
                 }
             })?;
             self.workspaces[w].resident = Some(bi);
@@ -320,6 +393,11 @@ impl GpuEngine {
     }
 
     fn upload_v(&mut self, v: &[f64]) -> Result<()> {
+        self.upload_v_at(v, 0)
+    }
+
+    /// Writes direction `v` into tangent slice `k` of the v buffer.
+    fn upload_v_at(&mut self, v: &[f64], k: usize) -> Result<()> {
         if v.len() != self.model.n_params {
             return Err(Error::Invalid {
                 what: "direction v",
@@ -328,7 +406,13 @@ impl GpuEngine {
         }
         let vf: Vec<f32> = v.iter().map(|&x| x as f32).collect();
         self.check_finite("the direction v", &vf)?;
-        self.ctx.write_f32(&self.arena.buffers[self.v], 0, &vf)
+        let np = self.model.n_params;
+        self.ctx.write_f32(&self.arena.buffers[self.v], k * np, &vf)
+    }
+
+    /// Tangents one sweep serves.
+    pub fn block(&self) -> usize {
+        self.kmax
     }
 
     /// The ReLU masks (input > 0, in f32) per batch and node, as the GPU
@@ -428,6 +512,20 @@ impl GpuEngine {
     }
 }
 
+/// The block size chosen for the user. On a CPU emulator (lavapipe,
+/// llvmpipe) 1: its two to few dozen threads are already busy with one
+/// tangent's work, so K tangents per dispatch cost K times one (measured,
+/// BENCHMARKS.md "Block products"). On a GPU, as many tangents as fit in
+/// `BLOCK_BUDGET_BYTES` of tangent buffers, up to `DEFAULT_MAX_BLOCK`:
+/// small layers leave most of a GPU idle, and K tangents fill it.
+fn default_block(ctx: &GpuContext, model: &Model, canon: &[usize], n: usize) -> usize {
+    if ctx.info.device_type == format!("{:?}", wgpu::DeviceType::Cpu) {
+        return 1;
+    }
+    let per = memory::tangent_bytes(model, canon, n, 1).max(1);
+    (BLOCK_BUDGET_BYTES / per).clamp(1, DEFAULT_MAX_BLOCK)
+}
+
 /// An error naming the first non-finite value of a parameter-shaped vector.
 fn non_finite_error(model: &Model, what: &str, xs: &[f32], device: &str) -> Result<()> {
     if let Some(i) = xs.iter().position(|x| !x.is_finite()) {
@@ -470,6 +568,43 @@ impl Curvature for GpuEngine {
         Ok(())
     }
 
+    /// One sweep over the data per `block()` directions: the forward pass,
+    /// its caches and the weights are shared by the tangents, each layer's
+    /// R-pass kernels take them together (one dispatch per layer).
+    fn hvp_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
+        if vs.len() != outs.len() {
+            return Err(Error::Invalid {
+                what: "output vectors",
+                msg: format!("{} outputs for {} directions", outs.len(), vs.len()),
+            });
+        }
+        let np = self.model.n_params;
+        for o in outs.iter() {
+            check_out_len(o, np)?;
+        }
+        for (vc, oc) in vs.chunks(self.kmax).zip(outs.chunks_mut(self.kmax)) {
+            for (k, v) in vc.iter().enumerate() {
+                self.upload_v_at(v, k)?;
+            }
+            self.run_block(false, true, vc.len())?;
+            let r = self
+                .ctx
+                .read_f32(&[(&self.arena.buffers[self.hv], 0, vc.len() * np)])?;
+            if r[0].iter().any(|x| !x.is_finite()) {
+                self.diagnose(true)?;
+            }
+            self.check_finite("Hv", &r[0])?;
+            for (o, hv) in oc.iter_mut().zip(r[0].chunks(np)) {
+                o.iter_mut().zip(hv).for_each(|(a, &b)| *a = b as f64);
+            }
+        }
+        Ok(())
+    }
+
+    fn preferred_block(&self) -> usize {
+        self.kmax
+    }
+
     fn loss_grad_hvp(&mut self, v: &[f64]) -> Result<(f64, Vec<f64>, Vec<f64>)> {
         self.upload_v(v)?;
         self.run(true, true)?;
@@ -496,6 +631,16 @@ pub fn open(
     choice: crate::gpu::BackendChoice,
     adapter: usize,
 ) -> Result<GpuEngine> {
+    open_with(problem, choice, adapter, EngineOptions::default())
+}
+
+/// `open` with engine options (block size, cache budget).
+pub fn open_with(
+    problem: &Problem,
+    choice: crate::gpu::BackendChoice,
+    adapter: usize,
+    options: EngineOptions,
+) -> Result<GpuEngine> {
     let ctx = GpuContext::open(choice, adapter)?;
-    GpuEngine::new(ctx, problem)
+    GpuEngine::with_options(ctx, problem, options)
 }

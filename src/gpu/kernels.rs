@@ -14,6 +14,9 @@ pub const BN: &str = include_str!("../../shaders/bn.wgsl");
 pub const POOL: &str = include_str!("../../shaders/pool.wgsl");
 pub const LOSS: &str = include_str!("../../shaders/loss.wgsl");
 pub const ACTIVATION: &str = include_str!("../../shaders/activation.wgsl");
+/// Block products' tangent slices (`KB`, `KMAX`, `kslice`): prepended to
+/// every module.
+pub const TANGENTS: &str = include_str!("../../shaders/tangents.wgsl");
 
 /// Threads per workgroup of every kernel.
 pub const WORKGROUP: usize = 256;
@@ -37,33 +40,57 @@ const R: Binding = Binding::Read;
 const W: Binding = Binding::Write;
 const U: Binding = Binding::Window;
 
+/// Block `which` ("A" or "B") of a source's weights, between its markers.
+fn weight_block(src: &str, which: &str) -> (usize, usize) {
+    let begin = src
+        .find(&format!("// BEGIN WEIGHTS {which}"))
+        .expect("the conv sources mark their weight blocks");
+    let end_marker = format!("// END WEIGHTS {which}");
+    let end = src
+        .find(&end_marker)
+        .expect("the conv sources mark their weight blocks")
+        + end_marker.len();
+    (begin, end)
+}
+
+/// conv.wgsl with weight block A (and with `both`, B) swapped for
+/// uniform windows (conv_weights_uniform.wgsl).
+fn conv_with_windows(both: bool) -> String {
+    let mut src = CONV.to_string();
+    for which in if both { &["A", "B"][..] } else { &["A"][..] } {
+        let (b, e) = weight_block(&src, which);
+        let (ub, ue) = weight_block(CONV_WEIGHTS_UNIFORM, which);
+        src.replace_range(b..e, &CONV_WEIGHTS_UNIFORM[ub..ue]);
+    }
+    src
+}
+
 /// conv.wgsl with its storage weight bindings swapped for uniform windows.
 pub fn conv_windowed_source() -> &'static str {
     static SRC: OnceLock<String> = OnceLock::new();
-    SRC.get_or_init(|| {
-        let begin = CONV
-            .find("// BEGIN WEIGHTS")
-            .expect("conv.wgsl marks its weights");
-        let end = CONV
-            .find("// END WEIGHTS")
-            .expect("conv.wgsl marks its weights");
-        format!("{}{}{}", &CONV[..begin], CONV_WEIGHTS_UNIFORM, &CONV[end..])
-    })
+    SRC.get_or_init(|| conv_with_windows(true))
+}
+
+/// conv.wgsl with the first pair's weights (θ) in a uniform window and the
+/// second pair's (each tangent's v) in storage: block products.
+pub fn conv_half_windowed_source() -> &'static str {
+    static SRC: OnceLock<String> = OnceLock::new();
+    SRC.get_or_init(|| conv_with_windows(false))
 }
 
 /// Pipeline-overridable constants a step specialises its kernel with
 /// (WGSL `override`), e.g. `ACC` (add into the output) or `ACT` (which
 /// activation): no dispatch computes or branches on a term that is absent.
-/// At most four per kernel; part of the pipeline cache key.
+/// At most six per kernel; part of the pipeline cache key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Consts {
-    items: [(&'static str, u32); 4],
+    items: [(&'static str, u32); 6],
     len: u8,
 }
 
 impl Consts {
     pub fn new(items: &[(&'static str, u32)]) -> Consts {
-        assert!(items.len() <= 4, "at most four override constants");
+        assert!(items.len() <= 6, "at most six override constants");
         let mut c = Consts::default();
         c.items[..items.len()].copy_from_slice(items);
         c.len = items.len() as u8;
@@ -94,6 +121,8 @@ pub enum Module {
     Conv,
     /// conv.wgsl with its weight bindings swapped for uniform windows.
     ConvWindowed,
+    /// conv.wgsl with the first pair's weights in a uniform window.
+    ConvHalfWindowed,
     ConvWeight,
     Reduce,
     Elementwise,
@@ -104,13 +133,30 @@ pub enum Module {
 }
 
 impl Module {
-    /// (file name, WGSL source).
-    pub fn source(self) -> (&'static str, &'static str) {
+    const ALL: [Module; 10] = [
+        Module::Conv,
+        Module::ConvWindowed,
+        Module::ConvHalfWindowed,
+        Module::ConvWeight,
+        Module::Reduce,
+        Module::Elementwise,
+        Module::Bn,
+        Module::Pool,
+        Module::Loss,
+        Module::Activation,
+    ];
+
+    /// (file name, the file's own WGSL).
+    fn file(self) -> (&'static str, &'static str) {
         match self {
             Module::Conv => ("conv.wgsl", CONV),
             Module::ConvWindowed => (
                 "conv.wgsl+conv_weights_uniform.wgsl",
                 conv_windowed_source(),
+            ),
+            Module::ConvHalfWindowed => (
+                "conv.wgsl+conv_weights_uniform.wgsl (A)",
+                conv_half_windowed_source(),
             ),
             Module::ConvWeight => ("conv_weight.wgsl", CONV_WEIGHT),
             Module::Reduce => ("reduce.wgsl", REDUCE),
@@ -120,6 +166,19 @@ impl Module {
             Module::Loss => ("loss.wgsl", LOSS),
             Module::Activation => ("activation.wgsl", ACTIVATION),
         }
+    }
+
+    /// (file name, WGSL source as compiled: tangents.wgsl + the file).
+    pub fn source(self) -> (&'static str, &'static str) {
+        static SRC: OnceLock<Vec<String>> = OnceLock::new();
+        let all = SRC.get_or_init(|| {
+            Module::ALL
+                .iter()
+                .map(|m| format!("{TANGENTS}{}", m.file().1))
+                .collect()
+        });
+        let i = Module::ALL.iter().position(|&m| m == self).unwrap();
+        (self.file().0, &all[i])
     }
 }
 
@@ -160,46 +219,50 @@ macro_rules! kernels {
 }
 
 kernels! {
-    ConvForward => Conv::"conv_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
-    ConvBackwardData => Conv::"conv_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
+    ConvForward => Conv::"conv_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
+    ConvBackwardData => Conv::"conv_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
     /// ConvForward and ConvBackwardData reading the weights through uniform
     /// windows (`WINDOW_FLOATS` of θ and v from a step's window offset).
     ConvForwardWindowed => ConvWindowed::"conv_forward", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
     ConvBackwardDataWindowed => ConvWindowed::"conv_backward_data", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
     /// The four above for 3×3 taps at stride 1 (`conv_k3s1_applies`).
-    ConvForwardK3 => Conv::"conv_forward_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
-    ConvBackwardDataK3 => Conv::"conv_backward_data_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
+    ConvForwardK3 => Conv::"conv_forward_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
+    ConvBackwardDataK3 => Conv::"conv_backward_data_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
     ConvForwardK3Windowed => ConvWindowed::"conv_forward_k3s1", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
     ConvBackwardDataK3Windowed => ConvWindowed::"conv_backward_data_k3s1", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
-    ConvBackwardWeight => ConvWeight::"conv_backward_weight", [R, R, R, R, W], ConvParams, ["PAIR_B"];
+    ConvForwardHalfWindowed => ConvHalfWindowed::"conv_forward", [R, U, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
+    ConvBackwardDataHalfWindowed => ConvHalfWindowed::"conv_backward_data", [R, U, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
+    ConvForwardK3HalfWindowed => ConvHalfWindowed::"conv_forward_k3s1", [R, U, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
+    ConvBackwardDataK3HalfWindowed => ConvHalfWindowed::"conv_backward_data_k3s1", [R, U, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
+    ConvBackwardWeight => ConvWeight::"conv_backward_weight", [R, R, R, R, W], ConvParams, ["PAIR_B", "KB", "KMAX"];
     /// ConvBackwardWeight for 3×3, stride 1, output rows of a multiple of
     /// 4 columns (`conv_weight_k3_applies`).
-    ConvBackwardWeightK3 => ConvWeight::"conv_backward_weight_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B"];
-    ConvWeightSum => ConvWeight::"conv_weight_sum", [R, W], ConvParams, [];
-    ChannelSums => Reduce::"channel_sums", [R, R, W], ReduceParams, ["HAS_B", "ACC"];
-    BnParamSums => Reduce::"bn_param_sums", [R, R, W, R, R, W], ReduceParams, ["PAIR2"];
+    ConvBackwardWeightK3 => ConvWeight::"conv_backward_weight_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B", "KB", "KMAX"];
+    ConvWeightSum => ConvWeight::"conv_weight_sum", [R, W], ConvParams, ["KB", "KMAX"];
+    ChannelSums => Reduce::"channel_sums", [R, R, W], ReduceParams, ["HAS_B", "ACC", "KB", "KMAX"];
+    BnParamSums => Reduce::"bn_param_sums", [R, R, W, R, R, W], ReduceParams, ["PAIR2", "KB", "KMAX"];
     SumAll => Reduce::"sum_all", [R, W], ReduceParams, [];
-    Add => Elementwise::"add", [R, R, W], EwParams, ["ACC"];
-    Copy => Elementwise::"copy", [R, W], EwParams, ["ACC"];
+    Add => Elementwise::"add", [R, R, W], EwParams, ["ACC", "KB", "KMAX"];
+    Copy => Elementwise::"copy", [R, W], EwParams, ["ACC", "KB", "KMAX"];
     BnStats => Bn::"bn_stats", [R, W], BnParams, [];
     BnForward => Bn::"bn_forward", [R, R, R, W, W], BnParams, [];
-    BnRForward => Bn::"bn_r_forward", [R, R, R, R, R, W, W], BnParams, ["BATCH"];
+    BnRForward => Bn::"bn_r_forward", [R, R, R, R, R, W, W], BnParams, ["BATCH", "KB", "KMAX"];
     BnBackward => Bn::"bn_backward", [R, R, R, R, W], BnParams, ["BATCH", "ACC"];
-    BnRBackward => Bn::"bn_r_backward", [R, R, R, R, R, R, R, W], BnParams, ["BATCH", "ACC"];
+    BnRBackward => Bn::"bn_r_backward", [R, R, R, R, R, R, R, W], BnParams, ["BATCH", "ACC", "KB", "KMAX"];
     MaxPoolForward => Pool::"maxpool_forward", [R, W, W], PoolParams, [];
-    MaxPoolGather => Pool::"maxpool_gather", [R, R, W], PoolParams, [];
-    MaxPoolBackward => Pool::"maxpool_backward", [R, R, W], PoolParams, ["ACC"];
-    AvgPoolForward => Pool::"avgpool_forward", [R, W], PoolParams, [];
-    AvgPoolBackward => Pool::"avgpool_backward", [R, W], PoolParams, ["ACC"];
-    GapForward => Pool::"gap_forward", [R, W], PoolParams, [];
-    GapBackward => Pool::"gap_backward", [R, W], PoolParams, ["ACC"];
+    MaxPoolGather => Pool::"maxpool_gather", [R, R, W], PoolParams, ["KB", "KMAX"];
+    MaxPoolBackward => Pool::"maxpool_backward", [R, R, W], PoolParams, ["ACC", "KB", "KMAX"];
+    AvgPoolForward => Pool::"avgpool_forward", [R, W], PoolParams, ["KB", "KMAX"];
+    AvgPoolBackward => Pool::"avgpool_backward", [R, W], PoolParams, ["ACC", "KB", "KMAX"];
+    GapForward => Pool::"gap_forward", [R, W], PoolParams, ["KB", "KMAX"];
+    GapBackward => Pool::"gap_backward", [R, W], PoolParams, ["ACC", "KB", "KMAX"];
     XentForwardBackward => Loss::"xent_forward_backward", [R, R, W, W, W], LossParams, [];
-    XentRBackward => Loss::"xent_r_backward", [R, R, W], LossParams, [];
+    XentRBackward => Loss::"xent_r_backward", [R, R, W], LossParams, ["KB", "KMAX"];
     /// y = f(x) for the activation `ACT` (see `layers::activation`).
     ActForward => Activation::"act_forward", [R, W], ActParams, ["ACT"];
-    ActRForward => Activation::"act_r_forward", [R, R, W], ActParams, ["ACT"];
-    ActBackward => Activation::"act_backward", [R, R, W], ActParams, ["ACT", "ACC"];
-    ActRBackward => Activation::"act_r_backward", [R, R, R, R, W], ActParams, ["ACT", "ACC"];
+    ActRForward => Activation::"act_r_forward", [R, R, W], ActParams, ["ACT", "KB", "KMAX"];
+    ActBackward => Activation::"act_backward", [R, R, W], ActParams, ["ACT", "ACC", "KB", "KMAX"];
+    ActRBackward => Activation::"act_r_backward", [R, R, R, R, W], ActParams, ["ACT", "ACC", "KB", "KMAX"];
 }
 
 impl Kernel {
@@ -225,6 +288,13 @@ impl Consts {
             ("BIAS", bias as u32),
             ("ACC", acc as u32),
         ])
+    }
+    /// These constants and one more.
+    pub fn with(mut self, name: &'static str, value: u32) -> Consts {
+        assert!((self.len as usize) < 6, "at most six override constants");
+        self.items[self.len as usize] = (name, value);
+        self.len += 1;
+        self
     }
     /// Just `ACC` (add into the output).
     pub fn acc(acc: bool) -> Consts {
@@ -305,16 +375,40 @@ pub fn conv_k3s1_applies(k: usize, stride: usize) -> bool {
 /// stride-1 form where it applies, reading the weights through a uniform
 /// window when `windowed`.
 pub fn conv_variant(base: Kernel, k: usize, stride: usize, windowed: bool) -> Kernel {
+    let w = if windowed {
+        WeightsVia::Windows
+    } else {
+        WeightsVia::Storage
+    };
+    conv_variant_via(base, k, stride, w)
+}
+
+/// How a conv forward / backward-data kernel reads its two weight pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightsVia {
+    Storage,
+    /// Both pairs through uniform windows.
+    Windows,
+    /// The first pair (θ) through a window, the second (v) from storage.
+    HalfWindows,
+}
+
+pub fn conv_variant_via(base: Kernel, k: usize, stride: usize, via: WeightsVia) -> Kernel {
     use Kernel::*;
-    match (base, conv_k3s1_applies(k, stride), windowed) {
-        (ConvForward, false, false) => ConvForward,
-        (ConvForward, false, true) => ConvForwardWindowed,
-        (ConvForward, true, false) => ConvForwardK3,
-        (ConvForward, true, true) => ConvForwardK3Windowed,
-        (ConvBackwardData, false, false) => ConvBackwardData,
-        (ConvBackwardData, false, true) => ConvBackwardDataWindowed,
-        (ConvBackwardData, true, false) => ConvBackwardDataK3,
-        (ConvBackwardData, true, true) => ConvBackwardDataK3Windowed,
+    use WeightsVia::*;
+    match (base, conv_k3s1_applies(k, stride), via) {
+        (ConvForward, false, Storage) => ConvForward,
+        (ConvForward, false, Windows) => ConvForwardWindowed,
+        (ConvForward, false, HalfWindows) => ConvForwardHalfWindowed,
+        (ConvForward, true, Storage) => ConvForwardK3,
+        (ConvForward, true, Windows) => ConvForwardK3Windowed,
+        (ConvForward, true, HalfWindows) => ConvForwardK3HalfWindowed,
+        (ConvBackwardData, false, Storage) => ConvBackwardData,
+        (ConvBackwardData, false, Windows) => ConvBackwardDataWindowed,
+        (ConvBackwardData, false, HalfWindows) => ConvBackwardDataHalfWindowed,
+        (ConvBackwardData, true, Storage) => ConvBackwardDataK3,
+        (ConvBackwardData, true, Windows) => ConvBackwardDataK3Windowed,
+        (ConvBackwardData, true, HalfWindows) => ConvBackwardDataK3HalfWindowed,
         _ => panic!("conv_variant of {base:?}"),
     }
 }

@@ -8,21 +8,54 @@ use crate::layers::{self, StateCx};
 use crate::model::Model;
 
 /// Every buffer the engine owns; steps name them by index.
+#[derive(Default)]
 pub struct Arena {
     pub buffers: Vec<GpuBuffer>,
+    /// Per buffer: it holds one slice per tangent of a block product
+    /// (`alloc_tangent`), which the R-pass kernels index by their tangent.
+    pub tangent: Vec<bool>,
 }
 
 impl Arena {
+    fn push(&mut self, b: GpuBuffer, tangent: bool) -> usize {
+        self.buffers.push(b);
+        self.tangent.push(tangent);
+        self.buffers.len() - 1
+    }
     /// A zeroed storage buffer of `len` floats named `name` in errors.
     pub fn alloc(&mut self, ctx: &GpuContext, name: String, len: usize) -> Result<usize> {
-        self.buffers.push(ctx.storage(&name, len)?);
-        Ok(self.buffers.len() - 1)
+        let b = ctx.storage(&name, len)?;
+        Ok(self.push(b, false))
+    }
+    /// A zeroed storage buffer of `kmax` slices of `len` floats, one per
+    /// tangent of a block product (shaders/tangents.wgsl): exactly
+    /// `kmax · len`, since the kernels find a slice's length by dividing.
+    pub fn alloc_tangent(
+        &mut self,
+        ctx: &GpuContext,
+        name: String,
+        len: usize,
+        kmax: usize,
+    ) -> Result<usize> {
+        let total = len.max(1).checked_mul(kmax).ok_or_else(|| {
+            crate::Error::Gpu(format!("{name}: {kmax} slices of {len} floats overflow"))
+        })?;
+        let b = ctx.storage(&name, total)?;
+        Ok(self.push(b, kmax > 1))
     }
     /// A parameter-shaped buffer that uniform weight windows may read.
     pub fn weights(&mut self, ctx: &GpuContext, name: &str, len: usize) -> Result<usize> {
-        self.buffers.push(ctx.weights(name, len)?);
-        Ok(self.buffers.len() - 1)
+        let b = ctx.weights(name, len)?;
+        Ok(self.push(b, false))
     }
+}
+
+/// The tangent-side buffers of every value (R-forward values and
+/// R-adjoints), one slice per tangent; shared by all batches, since the
+/// R-pass of each batch writes them before it reads them.
+pub struct TangentBufs {
+    pub dact: Vec<usize>,
+    pub radj: Vec<usize>,
 }
 
 /// Buffers of one batch's passes, by canonical value id or node index.
@@ -62,23 +95,78 @@ fn value_len(model: &Model, v: usize, n: usize) -> usize {
     n * s.numel()
 }
 
-/// Bytes of one workspace for batches of up to `n` samples.
-pub fn workspace_bytes(model: &Model, canon: &[usize], n: usize, cx: &StateCx) -> usize {
+/// Bytes of one batch's cached workspace (values, adjoints and unit state,
+/// whose R-pass parts hold `kmax` slices) for batches of up to `n`.
+pub fn workspace_bytes(
+    model: &Model,
+    canon: &[usize],
+    n: usize,
+    cx: &StateCx,
+    kmax: usize,
+) -> usize {
     let values: usize = (0..canon.len())
         .filter(|&v| canon[v] == v)
-        .map(|v| 4 * value_len(model, v, n))
+        .map(|v| 2 * value_len(model, v, n))
         .sum();
     let state: usize = model
         .nodes
         .iter()
         .flat_map(|nd| layers::unit(&nd.op).gpu_state(nd, n, cx))
-        .map(|s| s.len)
+        .map(|s| if s.tangent { s.len * kmax } else { s.len })
         .sum();
     4 * (values + state)
 }
 
-/// Allocates one workspace for batches of up to `n` samples; `tag` is
-/// appended to every buffer name.
+/// Bytes of the shared tangent buffers (`TangentBufs`).
+pub fn tangent_bytes(model: &Model, canon: &[usize], n: usize, kmax: usize) -> usize {
+    let values: usize = (0..canon.len())
+        .filter(|&v| canon[v] == v)
+        .map(|v| 2 * value_len(model, v, n))
+        .sum();
+    4 * values * kmax
+}
+
+/// Allocates the shared tangent buffers for batches of up to `n` samples
+/// and `kmax` tangents.
+pub fn tangent_buffers(
+    ctx: &GpuContext,
+    arena: &mut Arena,
+    model: &Model,
+    canon: &[usize],
+    n: usize,
+    kmax: usize,
+) -> Result<TangentBufs> {
+    let nv = model.nodes.len() + 1;
+    let mut dact = vec![usize::MAX; nv];
+    let mut radj = vec![usize::MAX; nv];
+    for vi in 0..nv {
+        if canon[vi] != vi {
+            continue;
+        }
+        let len = value_len(model, vi, n);
+        let nm = value_name(model, vi);
+        dact[vi] = arena.alloc_tangent(ctx, format!("R-forward of {nm}"), len, kmax)?;
+        radj[vi] = arena.alloc_tangent(ctx, format!("R-adjoint of {nm}"), len, kmax)?;
+    }
+    Ok(TangentBufs { dact, radj })
+}
+
+fn value_name(model: &Model, vi: usize) -> String {
+    if vi == 0 {
+        "input".to_string()
+    } else {
+        let nd = &model.nodes[vi - 1];
+        if nd.name.is_empty() {
+            format!("{} output #{vi}", nd.kind())
+        } else {
+            format!("{} output", nd.name)
+        }
+    }
+}
+
+/// Allocates one workspace for batches of up to `n` samples over the
+/// shared tangent buffers; `tag` is appended to every buffer name.
+#[allow(clippy::too_many_arguments)]
 pub fn workspace(
     ctx: &GpuContext,
     arena: &mut Arena,
@@ -87,41 +175,32 @@ pub fn workspace(
     n: usize,
     cx: &StateCx,
     tag: &str,
+    tangents: &TangentBufs,
+    kmax: usize,
 ) -> Result<Workspace> {
     let nodes = &model.nodes;
     let nv = nodes.len() + 1;
-    let value_name = |vi: usize| -> String {
-        if vi == 0 {
-            "input".to_string()
-        } else {
-            let nd = &nodes[vi - 1];
-            if nd.name.is_empty() {
-                format!("{} output #{vi}", nd.kind())
-            } else {
-                format!("{} output", nd.name)
-            }
-        }
-    };
     let mut act = vec![usize::MAX; nv];
-    let mut dact = vec![usize::MAX; nv];
     let mut adj = vec![usize::MAX; nv];
-    let mut radj = vec![usize::MAX; nv];
     for vi in 0..nv {
         if canon[vi] != vi {
             continue;
         }
         let len = value_len(model, vi, n);
-        let nm = value_name(vi);
+        let nm = value_name(model, vi);
         act[vi] = arena.alloc(ctx, format!("{nm}{tag}"), len)?;
-        dact[vi] = arena.alloc(ctx, format!("R-forward of {nm}{tag}"), len)?;
         adj[vi] = arena.alloc(ctx, format!("adjoint of {nm}{tag}"), len)?;
-        radj[vi] = arena.alloc(ctx, format!("R-adjoint of {nm}{tag}"), len)?;
     }
     let mut state = Vec::with_capacity(nodes.len());
     for node in nodes {
         let mut ids = vec![];
         for s in layers::unit(&node.op).gpu_state(node, n, cx) {
-            let id = arena.alloc(ctx, format!("{} {}{tag}", node.name, s.name), s.len)?;
+            let name = format!("{} {}{tag}", node.name, s.name);
+            let id = if s.tangent {
+                arena.alloc_tangent(ctx, name, s.len, kmax)?
+            } else {
+                arena.alloc(ctx, name, s.len)?
+            };
             if let Some(init) = &s.init {
                 ctx.write_f32(&arena.buffers[id], 0, init)?;
             }
@@ -135,9 +214,9 @@ pub fn workspace(
         probs: arena.alloc(ctx, format!("softmax{tag}"), n * k)?,
         sample_loss: arena.alloc(ctx, format!("per-sample loss{tag}"), n)?,
         act,
-        dact,
+        dact: tangents.dact.clone(),
         adj,
-        radj,
+        radj: tangents.radj.clone(),
         state,
         resident: None,
     })

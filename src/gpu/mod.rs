@@ -9,4 +9,4 @@ pub mod plan;
 pub mod program;
 
 pub use context::{list_adapters, AdapterReport, BackendChoice, GpuBuffer, GpuContext};
-pub use executor::{open, GpuEngine};
+pub use executor::{open, open_with, EngineOptions, GpuEngine};

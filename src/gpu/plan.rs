@@ -6,7 +6,7 @@
 //! flatten aliasing — and asks each layer's unit (`crate::layers`) for its
 //! kernels.
 
-use crate::gpu::kernels::{Consts, EwParams, Kernel, KernelParams, ReduceParams};
+use crate::gpu::kernels::{Binding, Consts, EwParams, Kernel, KernelParams, ReduceParams};
 use crate::gpu::memory::Workspace;
 use crate::gpu::program::{Grid, Step};
 use crate::layers::{self, loss};
@@ -55,7 +55,19 @@ pub struct Plan<'a> {
     /// The alignment (floats) of uniform weight windows, where the device
     /// allows them.
     pub window_alignment: Option<usize>,
+    /// Set while planning the R-pass of a block product.
+    block: Option<BlockPlan<'a>>,
     steps: Vec<Step>,
+}
+
+/// The R-pass of a block product: every step serves up to `kmax` tangents
+/// in one dispatch (its workgroup z index), and each binding of a buffer
+/// marked in `tangent` (by arena index) is read and written at the
+/// tangent's slice (shaders/tangents.wgsl). Units plan as for one tangent.
+#[derive(Clone, Copy)]
+pub struct BlockPlan<'a> {
+    pub kmax: usize,
+    pub tangent: &'a [bool],
 }
 
 impl<'a> Plan<'a> {
@@ -83,6 +95,7 @@ impl<'a> Plan<'a> {
             partials,
             batch_mode,
             window_alignment,
+            block: None,
             steps: vec![],
         }
     }
@@ -119,7 +132,45 @@ impl<'a> Plan<'a> {
         buffers: Vec<usize>,
         grid: Grid,
     ) {
-        self.steps.push(Step::new(kernel, consts, p, buffers, grid));
+        self.push_step(kernel, consts, p, buffers, grid, 0);
+    }
+
+    /// Whether the R-pass of a block product is being planned.
+    pub fn in_block(&self) -> bool {
+        self.block.is_some()
+    }
+
+    /// A step; in a block product's R-pass, with the constants that make
+    /// each binding of a tangent buffer read and write the tangent's slice.
+    fn push_step<P: KernelParams>(
+        &mut self,
+        kernel: Kernel,
+        consts: Consts,
+        p: &P,
+        buffers: Vec<usize>,
+        grid: Grid,
+        window: usize,
+    ) {
+        let consts = match self.block {
+            Some(b) => {
+                let kinds = kernel.bindings();
+                let mut kb = 0u32;
+                for (j, &id) in buffers.iter().enumerate() {
+                    if b.tangent[id] {
+                        assert!(
+                            kinds[j] != Binding::Window,
+                            "internal: {kernel:?} reads tangent slices through a uniform window"
+                        );
+                        kb |= 1 << (j + 1);
+                    }
+                }
+                consts.with("KB", kb).with("KMAX", b.kmax as u32)
+            }
+            None => consts,
+        };
+        let mut s = Step::new(kernel, consts, p, buffers, grid);
+        s.window = window;
+        self.steps.push(s);
     }
 
     /// A step whose uniform windows start at `window` floats.
@@ -132,9 +183,7 @@ impl<'a> Plan<'a> {
         grid: Grid,
         window: usize,
     ) {
-        let mut s = Step::new(kernel, consts, p, buffers, grid);
-        s.window = window;
-        self.steps.push(s);
+        self.push_step(kernel, consts, p, buffers, grid, window);
     }
 
     /// dst[dst_off..][..len] (+)= src[src_off..][..len].
@@ -205,14 +254,16 @@ pub struct BatchSteps {
     pub r_pass: Vec<Step>,
 }
 
-/// Plans one batch: `batch` indexes its slot in `losses`; `scale` is 1/N.
-pub fn plan_batch(
-    mut p: Plan,
+/// Plans one batch: `batch` indexes its slot in `losses`; `scale` is 1/N;
+/// with `block` the R-pass serves that many tangents per dispatch.
+pub fn plan_batch<'a>(
+    mut p: Plan<'a>,
     ws: &Workspace,
     canon: &[usize],
     batch: usize,
     losses: usize,
     scale: f32,
+    block: Option<BlockPlan<'a>>,
 ) -> BatchSteps {
     let model = p.model;
     let nodes = &model.nodes;
@@ -243,6 +294,7 @@ pub fn plan_batch(
 
     // R-forward (tracking which tangents are still zero: ẋ = 0 at the
     // input), R-loss, R-backward.
+    p.block = block.filter(|b| b.kmax > 1);
     let mut zero = vec![false; nodes.len() + 1];
     zero[0] = true;
     for (i, node) in nodes.iter().enumerate() {

@@ -180,6 +180,13 @@ impl Compiled {
     }
 
     pub fn record(&self, enc: &mut wgpu::CommandEncoder) {
+        self.record_block(enc, 1)
+    }
+
+    /// Records the program for `tangents` tangents of a block product: each
+    /// step's grid repeated along z, the tangent index of its kernels
+    /// (shaders/tangents.wgsl).
+    pub fn record_block(&self, enc: &mut wgpu::CommandEncoder, tangents: u32) {
         if self.steps.is_empty() {
             return;
         }
@@ -190,7 +197,7 @@ impl Compiled {
         for (p, bg, (x, y)) in &self.steps {
             pass.set_pipeline(&p.pipeline);
             pass.set_bind_group(0, bg, &[]);
-            pass.dispatch_workgroups(*x, *y, 1);
+            pass.dispatch_workgroups(*x, *y, tangents);
         }
     }
 

@@ -209,16 +209,21 @@ impl Layer for BatchNormUnit {
                 name: "x̂",
                 len,
                 init: None,
+                tangent: false,
             },
             StateBuf {
                 name: "R(x̂)",
                 len,
                 init: None,
+                tangent: true,
             },
             StateBuf {
                 name: "statistics",
                 len: bn_rows::COUNT * b.c,
                 init,
+                // Rows μ, s, Σgy, Σgy·x̂ in slice 0; every tangent's R rows
+                // in its own slice (shaders/bn.wgsl).
+                tangent: true,
             },
         ]
     }

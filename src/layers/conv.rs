@@ -10,7 +10,7 @@
 
 use super::{unsupported, CpuCx, Layer, Saved};
 use crate::error::Result;
-use crate::gpu::kernels::{self, Consts, ConvParams, Kernel};
+use crate::gpu::kernels::{self, Consts, ConvParams, Kernel, WeightsVia};
 use crate::gpu::plan::{NodeBufs, Plan};
 use crate::gpu::program::Grid;
 use crate::model::{Node, Op};
@@ -385,32 +385,53 @@ fn push_conv(
     grid: Grid,
 ) {
     let (k, s) = (pr.k as usize, pr.stride as usize);
-    let windowed = kernels::conv_variant(kernel, k, s, true);
-    let kernel = kernels::conv_variant(kernel, k, s, false);
+    let storage = kernels::conv_variant_via(kernel, k, s, WeightsVia::Storage);
     let Some(align) = p.window_alignment else {
-        return p.push_with(kernel, consts, pr, buffers, grid);
+        return p.push_with(storage, consts, pr, buffers, grid);
     };
+    // In a block product's R-pass the second pair's weights are each
+    // tangent's slice of v, which a window cannot select: only θ (the
+    // first pair's, when it is θ) goes through one.
+    let half = p.in_block();
+    if half && buffers[1] != p.theta {
+        return p.push_with(storage, consts, pr, buffers, grid);
+    }
     let weights = (pr.cin * pr.cout * pr.k * pr.k) as usize;
     let (woff, boff) = (pr.wa_off as usize, pr.bias_off as usize);
     let mut lo = woff;
     let mut hi = woff + weights;
     let bias = consts.get("BIAS") == Some(1);
-    if bias {
+    if bias && !half {
         lo = lo.min(boff);
         hi = hi.max(boff + pr.cout as usize);
     }
     let start = lo / align * align;
     if hi - start > kernels::WINDOW_FLOATS {
-        return p.push_with(kernel, consts, pr, buffers, grid);
+        return p.push_with(storage, consts, pr, buffers, grid);
     }
     let rel = |x: usize| (x - start) as u32;
-    let pr = ConvParams {
-        wa_off: rel(woff),
-        // The second pair's weights share the first's offset (θ and v have
-        // one layout); without a second pair they are read and zeroed.
-        wb_off: rel(woff),
-        bias_off: if bias { rel(boff) } else { 0 },
-        ..*pr
+    let pr = if half {
+        // The bias, if any, is v's: read from storage with the second pair.
+        ConvParams {
+            wa_off: rel(woff),
+            ..*pr
+        }
+    } else {
+        ConvParams {
+            wa_off: rel(woff),
+            // The second pair's weights share the first's offset (θ and v
+            // have one layout); without a second pair they are read and
+            // zeroed.
+            wb_off: rel(woff),
+            bias_off: if bias { rel(boff) } else { 0 },
+            ..*pr
+        }
     };
+    let via = if half {
+        WeightsVia::HalfWindows
+    } else {
+        WeightsVia::Windows
+    };
+    let windowed = kernels::conv_variant_via(kernel, k, s, via);
     p.push_windowed(windowed, consts, &pr, buffers, grid, start);
 }

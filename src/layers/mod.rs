@@ -90,6 +90,9 @@ pub struct StateBuf {
     pub len: usize,
     /// Written once when the buffer is allocated (BN running statistics).
     pub init: Option<Vec<f32>>,
+    /// The R-passes write it: a block product keeps one slice of `len`
+    /// per tangent (shaders/tangents.wgsl); the forward passes use slice 0.
+    pub tangent: bool,
 }
 
 /// One op family's passes on both executors.

@@ -99,6 +99,7 @@ impl LinearUnit for MaxPoolUnit {
             name: "argmax",
             len: n * node.out_shape.numel(),
             init: None,
+            tangent: false,
         }]
     }
 
