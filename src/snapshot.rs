@@ -7,9 +7,9 @@
 //! decay's constant wd·I is reported by the caller, not added).
 //!
 //! Products go through the solvers' block entry points (`slq_block`,
-//! `hutchinson_block`, `EigsSettings::block`) with the engine's preferred
-//! block ([`Curvature::preferred_block`]; 1 on the float64 reference, where
-//! the block solvers are the single-vector ones).
+//! `hutchinson_block`, `EigsSettings::block`), by default with the engine's
+//! preferred block ([`Curvature::preferred_block`]; 1 on the float64
+//! reference, where the block solvers are the single-vector ones).
 //!
 //! Every solver is seeded by the same seed at every snapshot, so successive
 //! epochs are compared with the same start vectors and probes (common
@@ -46,6 +46,9 @@ pub struct SnapshotSettings {
     /// tolerance) and Hutchinson trace.
     pub layerwise: bool,
     pub seed: u64,
+    /// Vectors per block product (None: the engine's preferred block).
+    #[serde(default)]
+    pub block: Option<usize>,
 }
 
 /// Counts the products an operator serves (blocks included) and reports
@@ -105,7 +108,7 @@ pub fn snapshot_with(
         });
     }
     let (loss, grad) = engine.loss_grad()?;
-    let block = engine.preferred_block().max(1);
+    let block = s.block.unwrap_or_else(|| engine.preferred_block()).max(1);
     let backend = engine.backend();
     let adapter = engine.adapter();
     let mut h = Hessian(engine);

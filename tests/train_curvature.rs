@@ -416,6 +416,7 @@ fn bad_spectrum_flags_are_refused_naming_them() {
         (vec!["--hessian-samples", "0"], "invalid --hessian-samples"),
         (vec!["--steps", "0"], "invalid --steps"),
         (vec!["--sigma", "-1"], "invalid --sigma"),
+        (vec!["--block", "0"], "invalid --block"),
     ] {
         let mut e = vec!["--epochs", "1", "--spectrum-every", "1"];
         e.extend(extra.iter());
@@ -470,4 +471,38 @@ fn a_gpu_hessian_backend_measures_while_the_reference_trains() {
     );
     println!("λ1: vulkan {a} vs cpu {b} ({:.1e})", rel(a, b));
     assert!(rel(a, b) <= 1e-4, "λ1 {a} vs {b}");
+}
+
+#[test]
+fn block_products_give_the_same_records() {
+    // --block 4: SLQ runs in lockstep and trace probes four at a time (the
+    // same start vectors and probes: equal to rounding, bound 1e-10 as
+    // tests/block.rs), block Lanczos for the top eigenvalues (converged to
+    // the residual tolerance 1e-6·|λ1| either way, so within 1e-5·|λ1|).
+    let tmp = tempfile::tempdir().unwrap();
+    let mut recs = vec![];
+    for block in ["1", "4"] {
+        let out = tmp.path().join(block);
+        let mut extra = MLP_SPECTRUM.to_vec();
+        extra.extend(["--epochs", "1", "--spectrum-every", "0", "--block", block]);
+        let (ok, _, stderr) = hesscope(&args("mlp-tiny", &out, &extra));
+        assert!(ok, "{stderr}");
+        recs.push(json(out.join("trajectory.json"))["epochs"][0]["curvature"].clone());
+    }
+    let (one, four) = (&recs[0], &recs[1]);
+    assert_eq!(
+        (one["block"].clone(), four["block"].clone()),
+        (1.into(), 4.into())
+    );
+    for key in ["trace", "slq_trace", "lambda_max", "lambda_min"] {
+        let (a, b) = (four[key].as_f64().unwrap(), one[key].as_f64().unwrap());
+        assert!(rel(a, b) <= 1e-10, "{key}: {a} vs {b}");
+    }
+    let (a, b) = (
+        floats(&four["top_eigenvalues"]),
+        floats(&one["top_eigenvalues"]),
+    );
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * b[0].abs(), "{a:?} vs {b:?}");
+    }
 }

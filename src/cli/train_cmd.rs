@@ -6,7 +6,7 @@
 
 use crate::cli::common::{Backend, BnArg, Inputs};
 use crate::cli::output::{self, notice};
-use crate::cli::spectral_cmds::{MAX_GRID, MAX_PROBES, MAX_RUNS, MAX_STEPS};
+use crate::cli::spectral_cmds::{SweepArgs, MAX_GRID, MAX_PROBES, MAX_RUNS, MAX_STEPS};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hesscope::data::Dataset;
@@ -99,6 +99,8 @@ pub struct SpectrumArgs {
     /// Each module's λmax and trace (its diagonal block of the Hessian).
     #[arg(long)]
     pub layerwise: bool,
+    #[command(flatten)]
+    pub sweep: SweepArgs,
 }
 
 /// The Hessian-trace regulariser (Sankar et al.).
@@ -231,6 +233,7 @@ impl SpectrumArgs {
         check_count("--probes", self.probes, MAX_PROBES)?;
         check_count("--hessian-samples", self.hessian_samples, usize::MAX)?;
         check_count("--top", self.top, MAX_STEPS)?;
+        self.sweep.validate()?;
         if !(2..=MAX_GRID).contains(&self.grid) {
             bail!(
                 "invalid --grid: {}; a density needs between 2 and {MAX_GRID} grid points",
@@ -259,6 +262,7 @@ impl SpectrumArgs {
             probes: self.probes,
             layerwise: self.layerwise,
             seed,
+            block: self.sweep.block,
         })
     }
 }
