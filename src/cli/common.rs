@@ -158,17 +158,46 @@ impl Inputs {
 
     /// The engine for a model and weights already loaded.
     pub fn load_with(&self, model: Model, weights: Weights) -> Result<Loaded> {
+        self.load_with_block(model, weights, None)
+    }
+
+    /// `load` with an engine built for block products of up to `block`
+    /// vectors per sweep (`--block`; None: the engine's own choice).
+    pub fn load_block(&self, block: Option<usize>) -> Result<Loaded> {
+        let (model, weights) = self.model_and_weights()?;
+        self.load_with_block(model, weights, block)
+    }
+
+    pub fn load_with_block(
+        &self,
+        model: Model,
+        weights: Weights,
+        block: Option<usize>,
+    ) -> Result<Loaded> {
         let data = self.dataset(&model)?;
         let problem = Problem::new(model.clone(), weights, data, self.batch, self.bn_mode())?;
-        let engine = self.engine(problem)?;
+        let engine = self.engine_block(problem, block)?;
         Ok(Loaded { model, engine })
     }
 
     pub fn engine(&self, problem: Problem) -> Result<Box<dyn Curvature>> {
+        self.engine_block(problem, None)
+    }
+
+    /// The engine, a GPU one built for `block` tangents per sweep.
+    pub fn engine_block(
+        &self,
+        problem: Problem,
+        block: Option<usize>,
+    ) -> Result<Box<dyn Curvature>> {
         let Some(choice) = self.backend.gpu() else {
             return Ok(Box::new(CpuReference::new(problem)));
         };
-        match hesscope::gpu::open(&problem, choice, self.adapter) {
+        let options = hesscope::gpu::EngineOptions {
+            block,
+            ..Default::default()
+        };
+        match hesscope::gpu::open_with(&problem, choice, self.adapter, options) {
             Ok(engine) => Ok(Box::new(engine)),
             Err(_)
                 if self.backend == Backend::Auto && hesscope::gpu::list_adapters().is_empty() =>

@@ -254,7 +254,8 @@ fn bench(inputs: &Inputs, reps: usize, no_kernels: bool, block_sizes: &[usize]) 
     if let Some(k) = block_sizes.iter().find(|k| !(1..=max_block).contains(*k)) {
         bail!("invalid --block-sizes: {k}; each block size between 1 and {max_block}");
     }
-    let mut l = inputs.load()?;
+    // An engine for the largest block timed (GPU tangent buffers for K).
+    let mut l = inputs.load_block(block_sizes.iter().max().copied())?;
     let e2e =
         hesscope::bench::end_to_end(l.engine.as_mut(), reps).context("timing gradient and HVP")?;
     let block_products = hesscope::bench::block_timings(l.engine.as_mut(), block_sizes, reps)

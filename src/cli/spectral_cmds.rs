@@ -307,7 +307,7 @@ pub fn density(a: DensityArgs) -> Result<()> {
     a.smoothing.validate()?;
     check_plot(&a.plot)?;
     let t0 = Instant::now();
-    let mut l = a.inputs.load()?;
+    let mut l = a.inputs.load_block(a.sweep.block)?;
     let range = block_range(&l.model, &a.block.layer)?;
     let settings = a
         .inputs
@@ -438,7 +438,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
     }
     a.sweep.validate()?;
     let t0 = Instant::now();
-    let mut l = a.inputs.load()?;
+    let mut l = a.inputs.load_block(a.sweep.block)?;
     let range = block_range(&l.model, &a.block.layer)?;
     if a.top > range.len() {
         bail!(
@@ -575,7 +575,7 @@ pub fn trace_cmd(a: TraceArgs) -> Result<()> {
     check_count("--probes", a.probes, MAX_PROBES)?;
     a.sweep.validate()?;
     let t0 = Instant::now();
-    let mut l = a.inputs.load()?;
+    let mut l = a.inputs.load_block(a.sweep.block)?;
     let settings = a
         .inputs
         .settings(l.engine.as_ref(), a.block.layer.as_deref());
@@ -771,7 +771,7 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
     a.sweep.validate()?;
     a.smoothing.validate()?;
     let t0 = Instant::now();
-    let mut l = a.inputs.load()?;
+    let mut l = a.inputs.load_block(a.sweep.block)?;
     let settings = a.inputs.settings(l.engine.as_ref(), None);
     let sweep = a.sweep.resolve(l.engine.as_ref());
     let modules = l.model.modules();

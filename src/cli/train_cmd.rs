@@ -364,7 +364,7 @@ impl Measures<'_> {
         .context("the Hessian's subset")?;
         let mut inputs = self.inputs.clone();
         inputs.backend = args.hessian_backend;
-        let mut engine = inputs.engine(problem)?;
+        let mut engine = inputs.engine_block(problem, args.sweep.block)?;
         let bar = spinner(format!("{label}: measuring the Hessian on {n} samples"));
         let bn_name = match bn {
             BnMode::Batch => "batch",
