@@ -74,12 +74,12 @@ timed() { # name, command...: wall seconds of the command into $OUT/<name>.time
 # 3. hesscope: the kernel table and gradient / HVP at resnet20 batch B.
 timed bench_resnet20 "$HS" bench "${GPU[@]}" "${COMMON20[@]}" --reps 10 --json
 # K-block HVPs (issue 12 item 1) where the binary has them.
-if "$HS" bench --help 2>/dev/null | grep -q -- '--block'; then
-    for K in 1 4 16; do
-        timed "bench_resnet20_block$K" "$HS" bench "${GPU[@]}" "${COMMON20[@]}" --reps 10 --no-kernels --block "$K" --json
-    done
+# `bench --block-sizes` builds the engine for the largest K and times a
+# block product per vector at each (BenchReport.block_products).
+if "$HS" bench --help 2>/dev/null | grep -q -- '--block-sizes'; then
+    timed bench_resnet20_blocks "$HS" bench "${GPU[@]}" "${COMMON20[@]}" --reps 10 --no-kernels --block-sizes 1,4,16 --json
 else
-    say "this binary has no --block: K-block HVPs not measured"
+    say "this binary has no --block-sizes: K-block HVPs not measured"
 fi
 # The README's default density.
 timed density_default "$HS" density "${GPU[@]}" --json
