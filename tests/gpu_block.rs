@@ -28,7 +28,7 @@ fn engine(choice: BackendChoice, p: &Problem, block: usize, cache: bool) -> Opti
         ..Default::default()
     };
     if !cache {
-        options.cache_budget = 0;
+        options.cache_budget = Some(0);
     }
     Some(GpuEngine::with_options(ctx, p, options).unwrap())
 }

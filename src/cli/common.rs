@@ -98,6 +98,12 @@ pub struct Inputs {
     /// Which adapter of the backend (see `hesscope devices`).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub adapter: usize,
+    /// GiB of GPU memory for keeping every batch's forward results resident
+    /// between Hessian-vector products (above it each product recomputes
+    /// them). Default: 2, or a quarter of the host's available memory on a
+    /// CPU emulator (lavapipe, llvmpipe), whichever is smaller.
+    #[arg(long, value_name = "GIB", allow_hyphen_values = true)]
+    pub cache_budget: Option<f64>,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub seed: u64,
@@ -180,10 +186,6 @@ impl Inputs {
         Ok(Loaded { model, engine })
     }
 
-    pub fn engine(&self, problem: Problem) -> Result<Box<dyn Curvature>> {
-        self.engine_block(problem, None)
-    }
-
     /// The engine, a GPU one built for `block` tangents per sweep.
     pub fn engine_block(
         &self,
@@ -193,10 +195,16 @@ impl Inputs {
         let Some(choice) = self.backend.gpu() else {
             return Ok(Box::new(CpuReference::new(problem)));
         };
-        let options = hesscope::gpu::EngineOptions {
+        let mut options = hesscope::gpu::EngineOptions {
             block,
             ..Default::default()
         };
+        if let Some(gib) = self.cache_budget {
+            if !(gib.is_finite() && (0.0..=1024.0).contains(&gib)) {
+                anyhow::bail!("invalid --cache-budget: {gib}; GiB between 0 and 1024");
+            }
+            options.cache_budget = Some((gib * (1u64 << 30) as f64) as usize);
+        }
         match hesscope::gpu::open_with(&problem, choice, self.adapter, options) {
             Ok(engine) => Ok(Box::new(engine)),
             Err(_)

@@ -37,8 +37,11 @@ pub const MAX_BLOCK: usize = 64;
 /// How an engine is built.
 #[derive(Clone, Copy, Debug)]
 pub struct EngineOptions {
-    /// Per-batch state resident for reuse by every HVP while it fits.
-    pub cache_budget: usize,
+    /// Bytes of per-batch state resident for reuse by every HVP while it
+    /// fits; None: `CACHE_BUDGET_BYTES`, or on a CPU emulator (whose
+    /// "device memory" is the host's) at most a quarter of the host's
+    /// available memory.
+    pub cache_budget: Option<usize>,
     /// Tangents per sweep of a block product; None: the most that fit in
     /// `BLOCK_BUDGET_BYTES`, up to `DEFAULT_MAX_BLOCK`.
     pub block: Option<usize>,
@@ -47,7 +50,7 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
-            cache_budget: CACHE_BUDGET_BYTES,
+            cache_budget: None,
             block: None,
         }
     }
@@ -93,7 +96,7 @@ impl GpuEngine {
         budget: usize,
     ) -> Result<GpuEngine> {
         let options = EngineOptions {
-            cache_budget: budget,
+            cache_budget: Some(budget),
             ..Default::default()
         };
         Self::with_options(ctx, problem, options)
@@ -105,7 +108,9 @@ impl GpuEngine {
         options: EngineOptions,
     ) -> Result<GpuEngine> {
         layers::check_model(&problem.model)?;
-        let budget = options.cache_budget;
+        let budget = options
+            .cache_budget
+            .unwrap_or_else(|| default_cache_budget(&ctx));
         let model = problem.model.clone();
         let data = problem.data.clone();
         let batches = data.batches(problem.batch);
@@ -524,6 +529,25 @@ fn default_block(ctx: &GpuContext, model: &Model, canon: &[usize], n: usize) -> 
     }
     let per = memory::tangent_bytes(model, canon, n, 1).max(1);
     (BLOCK_BUDGET_BYTES / per).clamp(1, DEFAULT_MAX_BLOCK)
+}
+
+/// `CACHE_BUDGET_BYTES`, or on a CPU emulator at most a quarter of the
+/// host's available memory (/proc/meminfo). wgpu reports no device memory
+/// size, so on a GPU the constant stands (`--cache-budget` overrides it).
+fn default_cache_budget(ctx: &GpuContext) -> usize {
+    if ctx.info.device_type != format!("{:?}", wgpu::DeviceType::Cpu) {
+        return CACHE_BUDGET_BYTES;
+    }
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+            .map(|kib| kib.saturating_mul(1024))
+    });
+    match available {
+        Some(bytes) => CACHE_BUDGET_BYTES.min(bytes / 4),
+        None => CACHE_BUDGET_BYTES,
+    }
 }
 
 /// An error naming the first non-finite value of a parameter-shaped vector.
