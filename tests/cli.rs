@@ -430,3 +430,36 @@ fn spectral_reports_keep_their_keys_in_json_and_out() {
     assert_eq!(rows.len(), 3, "one row per module of mlp-tiny");
     assert!(rows[0]["estimates"]["hutchinson"]["estimate"].is_number());
 }
+
+/// The spectral commands' `--layer` takes the tensor sets of `trace-grad`
+/// and `train --htr-layers` (`middle`, lists) when they are one contiguous
+/// block of parameters, and refuses the others by name.
+#[test]
+fn layer_sets_in_the_spectral_commands() {
+    let model = hesscope::model::Model::load("cnn-tiny").unwrap();
+    let middle = hesscope::trace_grad::LayerSet::parse(&model, "middle").unwrap();
+    let base = [
+        "trace",
+        "--backend",
+        "cpu",
+        "--model",
+        "cnn-tiny",
+        "--samples",
+        "16",
+        "--batch",
+        "16",
+        "--probes",
+        "2",
+        "--json",
+        "--layer",
+    ];
+    let (ok, out, err) = hesscope(&[&base[..], &["middle"]].concat());
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["traces"][0]["size"], middle.size(&model));
+    let (ok, _, err) = hesscope(&[&base[..], &["conv1,fc"]].concat());
+    assert!(
+        !ok && err.contains("--layer conv1,fc") && err.contains("contiguous"),
+        "{err}"
+    );
+}

@@ -233,11 +233,31 @@ pub struct DensityArgs {
     pub inputs: Inputs,
 }
 
-/// The layer's parameter range, or everything.
+/// The layer's parameter range, or everything: a module name or prefix,
+/// or a tensor set as `trace-grad --layer` and `train --htr-layers` take it
+/// (`all`, `middle`, `block1,block2`) when its tensors are one contiguous
+/// run in parameter order (a diagonal block of the Hessian).
 fn block_range(model: &Model, layer: &Option<String>) -> Result<std::ops::Range<usize>> {
-    match layer {
-        Some(l) => Ok(model.prefix_range(l)?),
-        None => Ok(0..model.n_params),
+    let Some(l) = layer else {
+        return Ok(0..model.n_params);
+    };
+    match model.prefix_range(l) {
+        Ok(r) => Ok(r),
+        Err(prefix_err) => {
+            let Ok(set) = hesscope::trace_grad::LayerSet::parse(model, l) else {
+                return Err(prefix_err.into());
+            };
+            let (first, last) = (set.tensors[0], set.tensors[set.tensors.len() - 1]);
+            if last - first + 1 != set.tensors.len() {
+                bail!(
+                    "invalid --layer {l}: its tensors ({}) are not one contiguous run in parameter order; \
+                     the spectral commands take one diagonal block of the Hessian",
+                    set.names(model).join(", ")
+                );
+            }
+            let (a, b) = (&model.params[first], &model.params[last]);
+            Ok(a.offset..b.offset + b.numel())
+        }
     }
 }
 
