@@ -3,9 +3,11 @@
 // depend on x, in running mode they are constants. The formulas are those
 // of the float64 reference (src/ops/bn.rs); per-channel sums come from
 // reduce.wgsl's channel_sums into this node's stats buffer, laid out as
-// nine rows of c values (src/gpu/kernels.rs bn_rows):
+// ten rows of c values (src/gpu/kernels.rs bn_rows):
 //   0 μ, 1 s, 2 Σẋ, 3 Σx̂ẋ, 4 Σgy, 5 Σgy·x̂, 6 Σ R(gy), 7 Σ R(gy)·x̂,
-//   8 Σgy·x̂̇.
+//   8 Σgy·x̂̇, 9 σ² (batch mode: the biased variance bn_stats found, which
+//   training folds into the running variance, shaders/optim.wgsl; s alone
+//   would give it back only to f32's relative error times 1/(1 − ε·s²)).
 
 struct BnParams {
     n: u32, c: u32, hw: u32, gamma_off: u32,
@@ -89,6 +91,7 @@ fn bn_stats(@builtin(workgroup_id) wid: vec3<u32>,
     if (lid == 0u) {
         st_out[ch] = mean;
         st_out[p.c + ch] = 1.0 / sqrt(var_ + p.eps);
+        st_out[9u * p.c + ch] = var_;
     }
 }
 

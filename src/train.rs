@@ -393,6 +393,12 @@ pub struct Trainer {
     pub augment: Augment,
     /// The Hessian-trace regulariser and its layer set ([`Trainer::set_htr`]).
     htr: Option<(Htr, LayerSet)>,
+    /// With [`Trainer::use_gpu`]: the steps run there, and θ, the BN
+    /// buffers and the momentum buffer live on the device; the host's
+    /// copies are refreshed by [`Trainer::sync`] (every epoch's end).
+    gpu: Option<crate::gpu::trainer::GpuTrainer>,
+    /// The device has taken steps the host copies do not show.
+    gpu_ahead: bool,
 }
 
 impl Trainer {
@@ -418,11 +424,62 @@ impl Trainer {
             epoch: 0,
             augment: Augment::None,
             htr: None,
+            gpu: None,
+            gpu_ahead: false,
         })
+    }
+
+    /// Run the steps on a GPU from now on (after [`Trainer::restore`], or
+    /// before the first step): θ, the BN running buffers and the momentum
+    /// buffer are uploaded and stay on the device; each step reads back
+    /// only its loss ([`crate::gpu::trainer`]). The regulariser is not
+    /// supported there.
+    pub fn use_gpu(&mut self, ctx: crate::gpu::GpuContext) -> Result<()> {
+        if self.htr.is_some() {
+            return Err(invalid(
+                "backend",
+                "the Hessian-trace regulariser trains on the float64 reference only",
+            ));
+        }
+        let max_count = self.cpu.problem.batch.min(self.data.len()).max(1);
+        let g = crate::gpu::trainer::GpuTrainer::new(
+            ctx,
+            self.model(),
+            self.weights(),
+            self.momentum_buf.as_deref(),
+            max_count,
+        )?;
+        self.gpu = Some(g);
+        self.gpu_ahead = false;
+        Ok(())
+    }
+
+    /// The GPU the steps run on, if any.
+    pub fn gpu(&self) -> Option<&crate::gpu::GpuContext> {
+        self.gpu.as_ref().map(|g| g.context())
+    }
+
+    /// Reads θ, the BN running buffers and the momentum buffer back from
+    /// the GPU into the host copies ([`Trainer::weights`],
+    /// [`Trainer::momentum_buffer`]) when the device is ahead.
+    pub fn sync(&mut self) -> Result<()> {
+        if let (Some(g), true) = (&self.gpu, self.gpu_ahead) {
+            let (w, m) = g.state()?;
+            self.cpu.problem.weights = w;
+            self.momentum_buf = Some(m);
+            self.gpu_ahead = false;
+        }
+        Ok(())
     }
 
     /// Turn the Hessian-trace regulariser on (or off with None).
     pub fn set_htr(&mut self, htr: Option<Htr>) -> Result<()> {
+        if htr.is_some() && self.gpu.is_some() {
+            return Err(invalid(
+                "backend",
+                "the Hessian-trace regulariser trains on the float64 reference only",
+            ));
+        }
         self.htr = match htr {
             Some(h) => {
                 let set = h.check(self.model())?;
@@ -466,6 +523,10 @@ impl Trainer {
         self.epoch = epoch;
         self.steps = steps;
         self.momentum_buf = momentum;
+        if let Some(g) = &mut self.gpu {
+            g.upload(&self.cpu.problem.weights, self.momentum_buf.as_deref())?;
+            self.gpu_ahead = false;
+        }
         Ok(())
     }
 
@@ -523,6 +584,9 @@ impl Trainer {
     /// current order: the mini-batch loss before the update, and the
     /// regulariser's estimate on a regularised step.
     pub fn step(&mut self, start: usize, count: usize, lr: f64) -> Result<(f64, Option<f64>)> {
+        if self.gpu.is_some() {
+            return self.gpu_step(start, count, lr).map(|l| (l, None));
+        }
         let st = self.gradient(start, count)?;
         let gamma = self.htr.as_ref().map_or(0.0, |(h, _)| h.gamma);
         let r = &self.recipe;
@@ -560,6 +624,33 @@ impl Trainer {
         self.momentum_buf = Some(buf);
         self.steps += 1;
         Ok((st.loss, st.htr.map(|h| h.estimate)))
+    }
+
+    /// [`Trainer::step`] on the GPU: the same update in float32 there.
+    fn gpu_step(&mut self, start: usize, count: usize, lr: f64) -> Result<f64> {
+        let r = &self.recipe;
+        let s = crate::gpu::trainer::SgdStep {
+            lr,
+            momentum: r.momentum,
+            weight_decay: r.weight_decay,
+            first: r.momentum == 0.0 || (self.momentum_buf.is_none() && !self.gpu_ahead),
+            bn_momentum: BN_MOMENTUM,
+        };
+        let data = &self.cpu.problem.data;
+        let d = data.shape.numel();
+        let x = &data.x[start * d..(start + count) * d];
+        let y = &data.y[start..start + count];
+        let g = self.gpu.as_mut().expect("a GPU trainer");
+        let loss = g.step(x, y, s).map_err(|e| match e {
+            Error::Numerical(m) => Error::Numerical(format!("step {}: {m}", self.steps + 1)),
+            other => other,
+        })?;
+        self.gpu_ahead = true;
+        for rm in running_means(&self.cpu.problem.model) {
+            self.batches_tracked[rm] += 1;
+        }
+        self.steps += 1;
+        Ok(loss)
     }
 
     /// The next epoch: its order, its steps.
@@ -600,6 +691,7 @@ impl Trainer {
             });
         }
         self.epoch += 1;
+        self.sync()?;
         Ok(EpochResult {
             epoch: e,
             lr,

@@ -1207,6 +1207,15 @@ fn batch_norm_kernels_match() {
                         TOL,
                     );
                     worst.check("bn_stats", &format!("{what} s"), &got[row(1)], &s, TOL);
+                    // The biased variance training folds into running_var.
+                    let (_, var) = bn::batch_moments(&g, &x);
+                    worst.check(
+                        "bn_stats",
+                        &format!("{what} σ²"),
+                        &got[row(bn_rows::VAR)],
+                        &var,
+                        TOL,
+                    );
                     (got[row(0)].to_vec(), got[row(1)].to_vec())
                 } else {
                     let rm = rnd(&mut r, c);

@@ -397,18 +397,59 @@ fn describe_curvature(c: &CurvatureRecord) -> String {
     )
 }
 
-pub fn train_cmd(a: TrainArgs) -> Result<()> {
-    match a.inputs.backend {
-        Backend::Cpu => {}
-        Backend::Auto => {
-            notice("hesscope: train runs on the float64 CPU reference so far (--backend cpu)")
+/// The GPU the steps run on: None for `--backend cpu`, for `auto` without
+/// an adapter (with a notice) and for `auto` with the regulariser (whose
+/// third derivatives are the float64 reference's: with a notice); an
+/// explicit GPU backend with --htr-gamma is refused.
+fn train_device(a: &TrainArgs) -> Result<Option<hesscope::gpu::GpuContext>> {
+    let Some(choice) = a.inputs.backend.gpu() else {
+        return Ok(None);
+    };
+    if a.htr.htr_gamma.is_some() {
+        if a.inputs.backend == Backend::Auto {
+            notice(
+                "hesscope: the Hessian-trace regulariser (--htr-gamma) trains on the float64 \
+                 CPU reference; running there (--backend cpu)",
+            );
+            return Ok(None);
         }
-        other => bail!(
-            "invalid --backend {}: training runs on the float64 CPU reference so far; \
-             use --backend cpu (or auto)",
-            other.name()
-        ),
+        bail!(
+            "invalid --backend {} with --htr-gamma: the Hessian-trace regulariser \
+             (--htr-gamma, --htr-layers, --htr-probes, --htr-every, --htr-from-epoch, \
+             --htr-probe-dist) trains on the float64 CPU reference only; use --backend cpu",
+            a.inputs.backend.name()
+        );
     }
+    match hesscope::gpu::GpuContext::open(choice, a.inputs.adapter) {
+        Ok(ctx) => Ok(Some(ctx)),
+        Err(_)
+            if a.inputs.backend == Backend::Auto && hesscope::gpu::list_adapters().is_empty() =>
+        {
+            notice(
+                "hesscope: no GPU adapter found; training on the float64 CPU reference \
+                 (--backend cpu)",
+            );
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "--backend {} --adapter {}",
+            a.inputs.backend.name(),
+            a.inputs.adapter
+        ))),
+    }
+}
+
+/// The report's settings, naming the device the steps ran on.
+fn run_settings(a: &TrainArgs, tr: &Trainer) -> hesscope::report::Settings {
+    let mut s = a.inputs.settings(&tr.cpu, None);
+    if let Some(ctx) = tr.gpu() {
+        s.backend = ctx.info.backend.clone();
+        s.adapter = ctx.info.name.clone();
+    }
+    s
+}
+
+pub fn train_cmd(a: TrainArgs) -> Result<()> {
     if a.inputs.bn == BnArg::Running {
         bail!("invalid --bn running: training normalises by each mini-batch's statistics (--bn batch)");
     }
@@ -445,6 +486,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     let f64_out = a.dtype == SaveDtype::F64;
     let dtype = if f64_out { "F64" } else { "F32" };
     let t0 = Instant::now();
+    let device = train_device(&a)?;
     let (model, mut weights) = a.inputs.model_and_weights()?;
     if let Some(h) = &htr {
         h.check(&model)
@@ -553,6 +595,9 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     let mut tr = Trainer::new(model, weights, data, a.inputs.batch, recipe.clone(), counts)?;
     tr.augment = augment;
     tr.set_htr(htr.clone())?;
+    if let Some(ctx) = device {
+        tr.use_gpu(ctx).context("building the GPU trainer")?;
+    }
     let measures = Measures {
         inputs: &a.inputs,
         spectrum,
@@ -684,7 +729,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
             finished: false,
             dtype: dtype.into(),
             seconds: t0.elapsed().as_secs_f64(),
-            settings: a.inputs.settings(&tr.cpu, None),
+            settings: run_settings(&a, &tr),
         };
         write_trajectory(&out, tr.model(), &so_far)?;
         if !a.inputs.json {
@@ -725,7 +770,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         finished: true,
         dtype: dtype.into(),
         seconds: t0.elapsed().as_secs_f64(),
-        settings: a.inputs.settings(&tr.cpu, None),
+        settings: run_settings(&a, &tr),
     };
     let (traj, plots) = write_trajectory(&out, tr.model(), &report)?;
     if a.inputs.json {

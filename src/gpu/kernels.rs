@@ -14,6 +14,8 @@ pub const BN: &str = include_str!("../../shaders/bn.wgsl");
 pub const POOL: &str = include_str!("../../shaders/pool.wgsl");
 pub const LOSS: &str = include_str!("../../shaders/loss.wgsl");
 pub const ACTIVATION: &str = include_str!("../../shaders/activation.wgsl");
+/// Training's SGD and running-statistics updates.
+pub const OPTIM: &str = include_str!("../../shaders/optim.wgsl");
 /// Block products' tangent slices (`KB`, `KMAX`, `kslice`): prepended to
 /// every module.
 pub const TANGENTS: &str = include_str!("../../shaders/tangents.wgsl");
@@ -130,10 +132,11 @@ pub enum Module {
     Pool,
     Loss,
     Activation,
+    Optim,
 }
 
 impl Module {
-    const ALL: [Module; 10] = [
+    const ALL: [Module; 11] = [
         Module::Conv,
         Module::ConvWindowed,
         Module::ConvHalfWindowed,
@@ -144,6 +147,7 @@ impl Module {
         Module::Pool,
         Module::Loss,
         Module::Activation,
+        Module::Optim,
     ];
 
     /// (file name, the file's own WGSL).
@@ -165,6 +169,7 @@ impl Module {
             Module::Pool => ("pool.wgsl", POOL),
             Module::Loss => ("loss.wgsl", LOSS),
             Module::Activation => ("activation.wgsl", ACTIVATION),
+            Module::Optim => ("optim.wgsl", OPTIM),
         }
     }
 
@@ -263,6 +268,11 @@ kernels! {
     ActRForward => Activation::"act_r_forward", [R, R, W], ActParams, ["ACT", "KB", "KMAX"];
     ActBackward => Activation::"act_backward", [R, R, W], ActParams, ["ACT", "ACC", "KB", "KMAX"];
     ActRBackward => Activation::"act_r_backward", [R, R, R, R, W], ActParams, ["ACT", "ACC", "KB", "KMAX"];
+    /// Training: θ and the momentum buffer from the gradient (torch's SGD).
+    Sgd => Optim::"sgd", [R, W, W], SgdParams, [];
+    /// Training: a batch norm's running mean and variance from its batch
+    /// statistics rows.
+    BnRunning => Optim::"bn_running", [R, W], BnRunningParams, [];
 }
 
 impl Kernel {
@@ -317,12 +327,15 @@ pub mod bn_rows {
     pub const SUM_RGY: usize = 6;
     pub const SUM_RGY_XHAT: usize = 7;
     pub const SUM_GY_XHD: usize = 8;
-    pub const COUNT: usize = 9;
+    /// Batch mode: the biased batch variance (bn_stats), for training's
+    /// running-variance update.
+    pub const VAR: usize = 9;
+    pub const COUNT: usize = 10;
 }
 
 pub use crate::gpu::params::{
-    ActParams, BnParams, ConvParams, EwParams, KernelParams, LossParams, Params, PoolParams,
-    ReduceParams,
+    ActParams, BnParams, BnRunningParams, ConvParams, EwParams, KernelParams, LossParams, Params,
+    PoolParams, ReduceParams, SgdParams,
 };
 
 /// Threads of the per-element batch-norm kernels: one per 4 elements of a

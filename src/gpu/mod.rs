@@ -7,6 +7,7 @@ pub mod memory;
 pub mod params;
 pub mod plan;
 pub mod program;
+pub mod trainer;
 
 pub use context::{list_adapters, AdapterReport, BackendChoice, GpuBuffer, GpuContext};
 pub use executor::{open, open_with, EngineOptions, GpuEngine};

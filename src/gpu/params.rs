@@ -117,6 +117,25 @@ params_struct! {
     }
 }
 
+params_struct! {
+    /// shaders/optim.wgsl `sgd`: `first` (0 or 1) makes the momentum
+    /// buffer the step's gradient (torch's first step, or momentum 0).
+    SgdParams {
+        len: u32, first: u32, lr: f32, momentum: f32,
+        weight_decay: f32, _p0: u32, _p1: u32, _p2: u32,
+    }
+}
+
+params_struct! {
+    /// shaders/optim.wgsl `bn_running`: the statistics rows at `mean_off`
+    /// and `var_off` of the stats buffer, the running buffers at `rm_off`
+    /// and `rv_off`; `unbias` = count/(count − 1).
+    BnRunningParams {
+        c: u32, mean_off: u32, var_off: u32, rm_off: u32,
+        rv_off: u32, momentum: f32, unbias: f32, _p0: u32,
+    }
+}
+
 /// Every params struct, for the reflection test: (WGSL name, members).
 pub fn all() -> Vec<(&'static str, Vec<(&'static str, usize)>)> {
     fn e<P: KernelParams>() -> (&'static str, Vec<(&'static str, usize)>) {
@@ -130,5 +149,7 @@ pub fn all() -> Vec<(&'static str, Vec<(&'static str, usize)>)> {
         e::<PoolParams>(),
         e::<LossParams>(),
         e::<ActParams>(),
+        e::<SgdParams>(),
+        e::<BnRunningParams>(),
     ]
 }

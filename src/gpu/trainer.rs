@@ -1,0 +1,370 @@
+//! SGD training on the GPU (`hesscope::train` with a GPU backend): θ, the
+//! momentum buffer and the batch-norm running buffers stay on the device.
+//! A step uploads its mini-batch (x and y, ordered and augmented by the
+//! host exactly as on the reference path), runs the batch's
+//! forward/loss/backward program (`plan::plan_batch` with scale 1/count,
+//! so the gradient is that of the mini-batch's mean loss), then the update
+//! program of shaders/optim.wgsl: one `bn_running` per batch-norm layer
+//! (from the statistics rows μ and σ² its `bn_stats` just wrote) and one
+//! `sgd` over θ. Only the batch loss (one f32) is read back per step; θ,
+//! the momentum buffer and the running buffers are read by [`GpuTrainer::state`]
+//! (at checkpoints and the end).
+//!
+//! Batches of different sizes (the last may be smaller) get their own
+//! forward/backward programs over one shared workspace sized for the
+//! largest; update programs are cached per (count, first step, lr).
+
+use crate::error::{Error, Result};
+use crate::gpu::context::GpuContext;
+use crate::gpu::kernels::{bn_rows, BnRunningParams, Kernel, SgdParams};
+use crate::gpu::memory::{self, Arena, Workspace};
+use crate::gpu::plan::{self, Plan};
+use crate::gpu::program::{Compiled, Grid, Step};
+use crate::layers::{self, StateCx};
+use crate::model::{Model, Op, Weights};
+use std::collections::HashMap;
+
+/// One batch-norm layer's update: its node (whose workspace state holds
+/// its statistics rows), channels and the offsets of its running buffers
+/// in `running`.
+struct BnLayer {
+    node: usize,
+    c: usize,
+    rm_off: usize,
+    rv_off: usize,
+}
+
+/// The optimiser's settings one update program is built for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdStep {
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// The momentum buffer becomes the gradient (first step, or momentum 0).
+    pub first: bool,
+    /// batch-norm running momentum.
+    pub bn_momentum: f64,
+}
+
+pub struct GpuTrainer {
+    ctx: GpuContext,
+    model: Model,
+    arena: Arena,
+    theta: usize,
+    grad: usize,
+    momentum: usize,
+    running: usize,
+    losses: usize,
+    /// Offsets of each `Model::buffers` entry in `running`.
+    buffer_offsets: Vec<usize>,
+    bn: Vec<BnLayer>,
+    ws: Workspace,
+    canon: Vec<usize>,
+    max_count: usize,
+    forward_backward: HashMap<usize, Compiled>,
+    updates: HashMap<(usize, bool, u64), Compiled>,
+    dummy: usize,
+    partials: usize,
+}
+
+impl GpuTrainer {
+    /// A trainer for mini-batches of up to `max_count` samples starting
+    /// from `weights` (θ and the running buffers) and, when given, a
+    /// momentum buffer.
+    pub fn new(
+        ctx: GpuContext,
+        model: &Model,
+        weights: &Weights,
+        momentum: Option<&[f64]>,
+        max_count: usize,
+    ) -> Result<GpuTrainer> {
+        layers::check_model(model)?;
+        let model = model.clone();
+        let np = model.n_params;
+        let canon = memory::canonical_values(&model);
+        let mut arena = Arena::default();
+        let theta = arena.weights(&ctx, "parameters θ", np)?;
+        let grad = arena.alloc(&ctx, "gradient".into(), np)?;
+        let mom = arena.alloc(&ctx, "momentum buffer".into(), np)?;
+        let mut buffer_offsets = vec![];
+        let mut total = 0;
+        for b in &model.buffers {
+            buffer_offsets.push(total);
+            total += b.len;
+        }
+        let running = arena.alloc(&ctx, "batch-norm running buffers".into(), total)?;
+        let losses = arena.alloc(&ctx, "batch loss".into(), 1)?;
+        let dummy = arena.alloc(&ctx, "unused binding".into(), 4)?;
+        let scratch = model
+            .nodes
+            .iter()
+            .map(|nd| layers::unit(&nd.op).gpu_scratch(nd, max_count))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let partials = arena.alloc(&ctx, "weight-gradient partial sums".into(), scratch)?;
+        let scx = StateCx {
+            model: &model,
+            buffers: &weights.buffers,
+            batch_mode: true,
+        };
+        let tangents = memory::tangent_buffers(&ctx, &mut arena, &model, &canon, max_count, 1)?;
+        let ws = memory::workspace(
+            &ctx, &mut arena, &model, &canon, max_count, &scx, "", &tangents, 1,
+        )?;
+        let bn = model
+            .nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| match n.op {
+                Op::BatchNorm {
+                    running_mean,
+                    running_var,
+                    c,
+                    ..
+                } => Some(BnLayer {
+                    node: i,
+                    c,
+                    rm_off: buffer_offsets[running_mean],
+                    rv_off: buffer_offsets[running_var],
+                }),
+                _ => None,
+            })
+            .collect();
+        let mut t = GpuTrainer {
+            ctx,
+            model,
+            arena,
+            theta,
+            grad,
+            momentum: mom,
+            running,
+            losses,
+            buffer_offsets,
+            bn,
+            ws,
+            canon,
+            max_count,
+            forward_backward: HashMap::new(),
+            updates: HashMap::new(),
+            dummy,
+            partials,
+        };
+        t.upload(weights, momentum)?;
+        t.ctx.check()?;
+        Ok(t)
+    }
+
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    /// Writes θ, the running buffers and (when given) the momentum buffer.
+    pub fn upload(&mut self, weights: &Weights, momentum: Option<&[f64]>) -> Result<()> {
+        let np = self.model.n_params;
+        if weights.theta.len() != np {
+            return Err(Error::Invalid {
+                what: "weights",
+                msg: format!("{} values for {np} parameters", weights.theta.len()),
+            });
+        }
+        let th: Vec<f32> = weights.theta.iter().map(|&x| x as f32).collect();
+        if let Some(i) = th.iter().position(|x| !x.is_finite()) {
+            return Err(Error::Numerical(format!(
+                "parameter {i} is {} in float32 on {}",
+                th[i], self.ctx.info.name
+            )));
+        }
+        self.ctx
+            .write_f32(&self.arena.buffers[self.theta], 0, &th)?;
+        let run: Vec<f32> = weights
+            .buffers
+            .iter()
+            .flatten()
+            .map(|&x| x as f32)
+            .collect();
+        self.ctx
+            .write_f32(&self.arena.buffers[self.running], 0, &run)?;
+        if let Some(m) = momentum {
+            if m.len() != np {
+                return Err(Error::Invalid {
+                    what: "momentum buffer",
+                    msg: format!("{} values for {np} parameters", m.len()),
+                });
+            }
+            let mf: Vec<f32> = m.iter().map(|&x| x as f32).collect();
+            self.ctx
+                .write_f32(&self.arena.buffers[self.momentum], 0, &mf)?;
+        }
+        Ok(())
+    }
+
+    /// θ, the running buffers (as `Weights`) and the momentum buffer, read
+    /// back from the device (float32 values, exactly as float64).
+    pub fn state(&self) -> Result<(Weights, Vec<f64>)> {
+        let np = self.model.n_params;
+        let total: usize = self.model.buffers.iter().map(|b| b.len).sum();
+        let r = self.ctx.read_f32(&[
+            (&self.arena.buffers[self.theta], 0, np),
+            (&self.arena.buffers[self.running], 0, total),
+            (&self.arena.buffers[self.momentum], 0, np),
+        ])?;
+        let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let buffers = self
+            .model
+            .buffers
+            .iter()
+            .zip(&self.buffer_offsets)
+            .map(|(b, &o)| f(&r[1][o..o + b.len]))
+            .collect();
+        Ok((
+            Weights {
+                theta: f(&r[0]),
+                buffers,
+            },
+            f(&r[2]),
+        ))
+    }
+
+    fn forward_backward(&mut self, count: usize) -> Result<&Compiled> {
+        if !self.forward_backward.contains_key(&count) {
+            let window_alignment = self
+                .ctx
+                .windows_supported()
+                .then(|| self.ctx.window_alignment());
+            let p = Plan::new(
+                &self.model,
+                count,
+                self.theta,
+                self.dummy,
+                self.grad,
+                self.dummy,
+                self.dummy,
+                self.partials,
+                true,
+                window_alignment,
+            );
+            let steps = plan::plan_batch(
+                p,
+                &self.ws,
+                &self.canon,
+                0,
+                self.losses,
+                1.0 / count as f32,
+                None,
+            );
+            let c = Compiled::build(
+                &self.ctx,
+                &format!("training batch of {count} forward/backward"),
+                &steps.forward_backward,
+                &self.arena.buffers,
+            )?;
+            self.forward_backward.insert(count, c);
+        }
+        Ok(&self.forward_backward[&count])
+    }
+
+    /// The update steps after a batch of `count`: each batch norm's running
+    /// buffers, then SGD over θ.
+    pub fn update_steps(&self, count: usize, s: SgdStep) -> Vec<Step> {
+        let mut steps = vec![];
+        for b in &self.bn {
+            let node = &self.model.nodes[b.node];
+            let m = (count * node.in_shape.spatial()) as f64;
+            let stats = self.ws.state[b.node][2];
+            steps.push(Step::new(
+                Kernel::BnRunning,
+                Default::default(),
+                &BnRunningParams {
+                    c: b.c as u32,
+                    mean_off: (bn_rows::MEAN * b.c) as u32,
+                    var_off: (bn_rows::VAR * b.c) as u32,
+                    rm_off: b.rm_off as u32,
+                    rv_off: b.rv_off as u32,
+                    momentum: s.bn_momentum as f32,
+                    unbias: (m / (m - 1.0)) as f32,
+                    _p0: 0,
+                },
+                vec![stats, self.running],
+                Grid::Threads(b.c),
+            ));
+        }
+        let np = self.model.n_params;
+        steps.push(Step::new(
+            Kernel::Sgd,
+            Default::default(),
+            &SgdParams {
+                len: np as u32,
+                first: s.first as u32,
+                lr: s.lr as f32,
+                momentum: s.momentum as f32,
+                weight_decay: s.weight_decay as f32,
+                ..Default::default()
+            },
+            vec![self.grad, self.theta, self.momentum],
+            Grid::Threads(np),
+        ));
+        steps
+    }
+
+    fn update(&mut self, count: usize, s: SgdStep) -> Result<&Compiled> {
+        let key = (count, s.first, s.lr.to_bits());
+        if !self.updates.contains_key(&key) {
+            // A new learning rate retires the old epochs' programs.
+            self.updates.retain(|k, _| k.2 == key.2);
+            let steps = self.update_steps(count, s);
+            let c = Compiled::build(&self.ctx, "training update", &steps, &self.arena.buffers)?;
+            self.updates.insert(key, c);
+        }
+        Ok(&self.updates[&key])
+    }
+
+    /// One step on a mini-batch of `y.len()` samples (`x` their inputs):
+    /// the batch's mean loss at the current weights, read back; θ, the
+    /// momentum buffer and the running buffers are updated on the device.
+    pub fn step(&mut self, x: &[f32], y: &[u32], s: SgdStep) -> Result<f64> {
+        let count = y.len();
+        if count == 0 || count > self.max_count {
+            return Err(Error::Invalid {
+                what: "mini-batch",
+                msg: format!(
+                    "{count} samples; this trainer takes 1 to {}",
+                    self.max_count
+                ),
+            });
+        }
+        let d = self.model.input.numel();
+        if x.len() != count * d {
+            return Err(Error::Invalid {
+                what: "mini-batch",
+                msg: format!("{} input values for {count} samples of {d}", x.len()),
+            });
+        }
+        self.forward_backward(count)?;
+        self.update(count, s)?;
+        let key = (count, s.first, s.lr.to_bits());
+        let bufs = &self.arena.buffers;
+        self.ctx.write_f32(&bufs[self.ws.act[0]], 0, x)?;
+        self.ctx.write_u32(&bufs[self.ws.labels], y)?;
+        let fb = &self.forward_backward[&count];
+        let up = &self.updates[&key];
+        let grad = &bufs[self.grad].buffer;
+        self.ctx.scoped("a training step", || {
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            enc.clear_buffer(grad, 0, None);
+            fb.record(&mut enc);
+            up.record(&mut enc);
+            self.ctx.queue.submit([enc.finish()]);
+        })?;
+        let r = self.ctx.read_f32(&[(&bufs[self.losses], 0, 1)])?;
+        let loss = r[0][0] as f64;
+        if !loss.is_finite() {
+            return Err(Error::Numerical(format!(
+                "the mini-batch loss is {loss} on {}: the weights or data overflow in float32 \
+                 (a learning rate too large?); the float64 reference (--backend cpu) computes in its range",
+                self.ctx.info.name
+            )));
+        }
+        Ok(loss)
+    }
+}
