@@ -411,6 +411,106 @@ pub fn kernel_table(
     Ok(rows)
 }
 
+/// Throughput of the tiled conv kernels (shaders/conv_tiled.wgsl, the
+/// engine's `ConvPath::Tiled`) at every conv shape of `model` at batch
+/// `n`: forward, backward data, and the weight gradient's tiled stage one
+/// plus conv_weight_sum, FLOPs counted as `kernel_table` counts them
+/// (2·n·cout·oh·ow·cin·k² per kernel). On CPU emulators these numbers only
+/// show that the kernels run: they are shaped for GPUs.
+pub fn tiled_kernel_table(
+    ctx: &GpuContext,
+    model: &Model,
+    n: usize,
+    reps: usize,
+) -> Result<Vec<KernelRow>> {
+    let mut rows = vec![];
+    for s in conv_shapes(model) {
+        let [cin, cout, h, w, k, stride, pad, oh, ow] = s;
+        let weights = cout * cin * k * k;
+        let x = filled(ctx, "bench input", n * cin * h * w, 1)?;
+        let wt = filled(ctx, "bench weights", weights, 2)?;
+        let gy = filled(ctx, "bench adjoint", n * cout * oh * ow, 3)?;
+        let y = ctx.storage("bench output", n * cout * oh * ow)?;
+        let gx = ctx.storage("bench input adjoint", n * cin * h * w)?;
+        let gw = ctx.storage("bench weight gradient", weights)?;
+        let (per, chunks) = kernels::conv_weight_chunks(n, oh, ow, weights);
+        let parts = ctx.storage("bench partial sums", weights * chunks)?;
+        let p = ConvParams {
+            n: n as u32,
+            cin: cin as u32,
+            h: h as u32,
+            w: w as u32,
+            cout: cout as u32,
+            k: k as u32,
+            stride: stride as u32,
+            pad: pad as u32,
+            oh: oh as u32,
+            ow: ow as u32,
+            rows_per_chunk: per as u32,
+            chunks: chunks as u32,
+            ..Default::default()
+        };
+        let flops = 2.0 * (n * cout * oh * ow * cin * k * k) as f64;
+        let shape = format!("n={n} {cin}→{cout} {h}x{w} k{k} s{stride}");
+        let io = |a: usize, b: usize, c: usize| 4.0 * (a + b + c) as f64;
+        let groups = kernels::conv_tiled_groups;
+        let cases: [(Kernel, [&GpuBuffer; 5], usize, f64); 3] = [
+            (
+                Kernel::ConvTiledForward,
+                [&x, &wt, &x, &wt, &y],
+                groups(cout, n * oh * ow, 1),
+                io(x.len, wt.len, y.len),
+            ),
+            (
+                Kernel::ConvTiledBackwardData,
+                [&gy, &wt, &gy, &wt, &gx],
+                groups(cin, n * h * w, 1),
+                io(gy.len, wt.len, gx.len),
+            ),
+            (
+                Kernel::ConvTiledBackwardWeight,
+                [&gy, &x, &gy, &x, &parts],
+                groups(cout, cin * k * k, chunks),
+                io(gy.len, x.len, gw.len),
+            ),
+        ];
+        for (kern, bufs, g, bytes) in cases {
+            let (mut t, timer) = time_kernel(
+                ctx,
+                reps,
+                kern,
+                Consts::default(),
+                &p,
+                &bufs,
+                Grid::Groups(g),
+            )?;
+            let mut name = kern.entry().to_string();
+            if kern == Kernel::ConvTiledBackwardWeight {
+                let (t2, _) = time_kernel(
+                    ctx,
+                    reps,
+                    Kernel::ConvWeightSum,
+                    Consts::default(),
+                    &p,
+                    &[&parts, &gw],
+                    Grid::Threads(weights),
+                )?;
+                t += t2;
+                name += " + conv_weight_sum";
+            }
+            rows.push(KernelRow {
+                kernel: name,
+                shape: shape.clone(),
+                seconds: t,
+                timer,
+                gflops: flops / t / 1e9,
+                gbs: bytes / t / 1e9,
+            });
+        }
+    }
+    Ok(rows)
+}
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct EndToEnd {
     pub grad_seconds: f64,

@@ -94,6 +94,12 @@ pub enum Command {
         /// vector.
         #[arg(long, value_delimiter = ',', value_name = "K,...")]
         block_sizes: Vec<usize>,
+        /// Which conv kernels the kernel table times: `emulator` (the
+        /// register-blocked kernels shaped for CPU emulators), `tiled`
+        /// (tiled implicit GEMM for GPUs) beside them, or `auto` (the tiled
+        /// ones too where the adapter is a GPU).
+        #[arg(long, value_enum, default_value_t = ConvPathArg::Auto)]
+        conv_path: ConvPathArg,
         #[command(flatten)]
         inputs: Inputs,
     },
@@ -130,7 +136,8 @@ pub fn run(cli: Cli) -> Result<()> {
             reps,
             no_kernels,
             block_sizes,
-        } => bench(&inputs, reps, no_kernels, &block_sizes),
+            conv_path,
+        } => bench(&inputs, reps, no_kernels, &block_sizes, conv_path),
         Command::Grad { inputs, out } => grad(&inputs, out),
         Command::Hvp {
             inputs,
@@ -246,7 +253,21 @@ fn devices(json: bool) -> Result<()> {
     output::print(&text)
 }
 
-fn bench(inputs: &Inputs, reps: usize, no_kernels: bool, block_sizes: &[usize]) -> Result<()> {
+/// `bench --conv-path`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConvPathArg {
+    Auto,
+    Tiled,
+    Emulator,
+}
+
+fn bench(
+    inputs: &Inputs,
+    reps: usize,
+    no_kernels: bool,
+    block_sizes: &[usize],
+    conv_path: ConvPathArg,
+) -> Result<()> {
     if reps == 0 || reps > MAX_REPS {
         bail!("invalid --reps: {reps}; between 1 and {MAX_REPS}");
     }
@@ -270,6 +291,16 @@ fn bench(inputs: &Inputs, reps: usize, no_kernels: bool, block_sizes: &[usize]) 
         let ctx = hesscope::gpu::GpuContext::open(choice, inputs.adapter)?;
         let n = inputs.batch.min(inputs.samples.unwrap_or(inputs.batch));
         kernels = hesscope::bench::kernel_table(&ctx, &model, n, reps).context("timing kernels")?;
+        let path = match conv_path {
+            ConvPathArg::Auto => hesscope::gpu::executor::ConvPath::Auto,
+            ConvPathArg::Tiled => hesscope::gpu::executor::ConvPath::Tiled,
+            ConvPathArg::Emulator => hesscope::gpu::executor::ConvPath::Emulator,
+        };
+        if path.tiled_on(&ctx.info.device_type) {
+            let tiled = hesscope::bench::tiled_kernel_table(&ctx, &model, n, reps)
+                .context("timing the tiled conv kernels")?;
+            kernels.extend(tiled);
+        }
     }
     let report = BenchReport {
         model: model.name.clone(),

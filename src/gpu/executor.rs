@@ -45,6 +45,34 @@ pub struct EngineOptions {
     /// Tangents per sweep of a block product; None: the most that fit in
     /// `BLOCK_BUDGET_BYTES`, up to `DEFAULT_MAX_BLOCK`.
     pub block: Option<usize>,
+    /// Which convolution kernels the engine runs.
+    pub conv_path: ConvPath,
+}
+
+/// The convolution kernels an engine runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConvPath {
+    /// Tiled on GPUs (discrete, integrated, virtual), the emulator kernels
+    /// on CPU adapters (lavapipe, llvmpipe) and unknown ones.
+    #[default]
+    Auto,
+    /// Workgroup-memory tiled implicit GEMM (shaders/conv_tiled.wgsl).
+    Tiled,
+    /// The register-blocked kernels shaped for CPU emulators
+    /// (shaders/conv.wgsl, conv_weight.wgsl).
+    Emulator,
+}
+
+impl ConvPath {
+    /// Whether an adapter of `device_type` (wgpu's `DeviceType`, as
+    /// `AdapterReport::device_type` names it) runs the tiled kernels.
+    pub fn tiled_on(self, device_type: &str) -> bool {
+        match self {
+            ConvPath::Tiled => true,
+            ConvPath::Emulator => false,
+            ConvPath::Auto => matches!(device_type, "DiscreteGpu" | "IntegratedGpu" | "VirtualGpu"),
+        }
+    }
 }
 
 impl Default for EngineOptions {
@@ -52,6 +80,7 @@ impl Default for EngineOptions {
         EngineOptions {
             cache_budget: None,
             block: None,
+            conv_path: ConvPath::Auto,
         }
     }
 }
@@ -182,10 +211,11 @@ impl GpuEngine {
 
         let scale = 1.0 / data.len() as f32;
         let window_alignment = ctx.windows_supported().then(|| ctx.window_alignment());
+        let conv_tiled = options.conv_path.tiled_on(&ctx.info.device_type);
         let mut programs = vec![];
         for (bi, &(start, count)) in batches.iter().enumerate() {
             let w = bi % n_ws;
-            let p = Plan::new(
+            let mut p = Plan::new(
                 &model,
                 count,
                 theta,
@@ -197,6 +227,7 @@ impl GpuEngine {
                 batch_mode,
                 window_alignment,
             );
+            p.conv_tiled = conv_tiled;
             let block = plan::BlockPlan {
                 kmax,
                 tangent: &arena.tangent,

@@ -7,6 +7,8 @@ use std::sync::OnceLock;
 
 pub const CONV: &str = include_str!("../../shaders/conv.wgsl");
 pub const CONV_WEIGHT: &str = include_str!("../../shaders/conv_weight.wgsl");
+/// Convolution as tiled implicit GEMM (GPUs; `ConvPath::Tiled`).
+pub const CONV_TILED: &str = include_str!("../../shaders/conv_tiled.wgsl");
 pub const CONV_WEIGHTS_UNIFORM: &str = include_str!("../../shaders/conv_weights_uniform.wgsl");
 pub const REDUCE: &str = include_str!("../../shaders/reduce.wgsl");
 pub const ELEMENTWISE: &str = include_str!("../../shaders/elementwise.wgsl");
@@ -126,6 +128,8 @@ pub enum Module {
     /// conv.wgsl with the first pair's weights in a uniform window.
     ConvHalfWindowed,
     ConvWeight,
+    /// conv_tiled.wgsl: the tiled implicit-GEMM convolutions.
+    ConvTiled,
     Reduce,
     Elementwise,
     Bn,
@@ -136,11 +140,12 @@ pub enum Module {
 }
 
 impl Module {
-    const ALL: [Module; 11] = [
+    const ALL: [Module; 12] = [
         Module::Conv,
         Module::ConvWindowed,
         Module::ConvHalfWindowed,
         Module::ConvWeight,
+        Module::ConvTiled,
         Module::Reduce,
         Module::Elementwise,
         Module::Bn,
@@ -163,6 +168,7 @@ impl Module {
                 conv_half_windowed_source(),
             ),
             Module::ConvWeight => ("conv_weight.wgsl", CONV_WEIGHT),
+            Module::ConvTiled => ("conv_tiled.wgsl", CONV_TILED),
             Module::Reduce => ("reduce.wgsl", REDUCE),
             Module::Elementwise => ("elementwise.wgsl", ELEMENTWISE),
             Module::Bn => ("bn.wgsl", BN),
@@ -244,6 +250,11 @@ kernels! {
     /// 4 columns (`conv_weight_k3_applies`).
     ConvBackwardWeightK3 => ConvWeight::"conv_backward_weight_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B", "KB", "KMAX"];
     ConvWeightSum => ConvWeight::"conv_weight_sum", [R, W], ConvParams, ["KB", "KMAX"];
+    /// Tiled implicit GEMM (conv_tiled.wgsl): ConvForward, ConvBackwardData
+    /// and ConvBackwardWeight's stage one for GPUs (`conv_tiled_groups`).
+    ConvTiledForward => ConvTiled::"conv_tiled_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
+    ConvTiledBackwardData => ConvTiled::"conv_tiled_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
+    ConvTiledBackwardWeight => ConvTiled::"conv_tiled_backward_weight", [R, R, R, R, W], ConvParams, ["PAIR_B", "KB", "KMAX"];
     ChannelSums => Reduce::"channel_sums", [R, R, W], ReduceParams, ["HAS_B", "ACC", "KB", "KMAX"];
     BnParamSums => Reduce::"bn_param_sums", [R, R, W, R, R, W], ReduceParams, ["PAIR2", "KB", "KMAX"];
     SumAll => Reduce::"sum_all", [R, W], ReduceParams, [];
@@ -457,4 +468,17 @@ pub fn conv_weight_chunks(n: usize, oh: usize, ow: usize, weights: usize) -> (us
         chunks = rows.div_ceil(per);
     }
     (per, chunks)
+}
+
+/// The default tile of conv_tiled.wgsl (override constants TM, TN; TK is
+/// the slab depth): C tiles of CONV_TILE_M × CONV_TILE_N.
+pub const CONV_TILE_M: usize = 64;
+pub const CONV_TILE_N: usize = 64;
+
+/// Workgroups of a tiled conv kernel at the default tile: one per
+/// (chunk, TM × TN tile of the m × n result). Forward: m = cout,
+/// n = batch·oh·ow; backward data: m = cin, n = batch·h·w; weight
+/// gradient: m = cout, n = cin·k·k, `chunks` of conv_weight_chunks.
+pub fn conv_tiled_groups(m: usize, n: usize, chunks: usize) -> usize {
+    m.div_ceil(CONV_TILE_M) * n.div_ceil(CONV_TILE_N) * chunks
 }

@@ -55,6 +55,9 @@ pub struct Plan<'a> {
     /// The alignment (floats) of uniform weight windows, where the device
     /// allows them.
     pub window_alignment: Option<usize>,
+    /// Convolutions run the tiled kernels (shaders/conv_tiled.wgsl;
+    /// `executor::ConvPath`); false (`new`): the emulator kernels.
+    pub conv_tiled: bool,
     /// Set while planning the R-pass of a block product.
     block: Option<BlockPlan<'a>>,
     steps: Vec<Step>,
@@ -95,6 +98,7 @@ impl<'a> Plan<'a> {
             partials,
             batch_mode,
             window_alignment,
+            conv_tiled: false,
             block: None,
             steps: vec![],
         }

@@ -6,7 +6,9 @@
 //! R-backward: R(gx) = convᵀ(R(gy), W) + convᵀ(gy, V);
 //! (Hv)_W = Σ R(gy) ⊗ x + Σ gy ⊗ ẋ; (Hv)_b = Σ R(gy).
 //! Kernels: shaders/conv.wgsl (forward, backward data) and
-//! shaders/conv_weight.wgsl (weight gradient in two stages).
+//! shaders/conv_weight.wgsl (weight gradient in two stages), or with
+//! `Plan::conv_tiled` shaders/conv_tiled.wgsl's tiled implicit GEMMs (the
+//! weight gradient's stage one; conv_weight_sum adds its chunks as before).
 
 use super::{unsupported, CpuCx, Layer, Saved};
 use crate::error::Result;
@@ -319,9 +321,18 @@ impl Layer for ConvUnit {
         } else {
             vec![gy, x, gy, x, parts]
         };
-        let kernel = kernels::conv_weight_variant(d.k, d.stride, d.ow);
-        let groups = kernels::conv_weight_groups(d.cout, d.cin, d.k, chunks);
         let c = Consts::new(&[("PAIR_B", pair_b as u32)]);
+        let (kernel, groups) = if p.conv_tiled {
+            let taps = d.cin * d.k * d.k;
+            let groups = kernels::conv_tiled_groups(d.cout, taps, chunks);
+            (Kernel::ConvTiledBackwardWeight, groups)
+        } else {
+            let kernel = kernels::conv_weight_variant(d.k, d.stride, d.ow);
+            (
+                kernel,
+                kernels::conv_weight_groups(d.cout, d.cin, d.k, chunks),
+            )
+        };
         p.push_with(kernel, c, &pr, bufs, Grid::Groups(groups));
         p.push(
             Kernel::ConvWeightSum,
@@ -384,6 +395,15 @@ fn push_conv(
     buffers: Vec<usize>,
     grid: Grid,
 ) {
+    if p.conv_tiled {
+        // The tiled kernels read the weights from storage.
+        let (tiled, m, cols) = match kernel {
+            Kernel::ConvForward => (Kernel::ConvTiledForward, pr.cout, pr.oh * pr.ow),
+            _ => (Kernel::ConvTiledBackwardData, pr.cin, pr.h * pr.w),
+        };
+        let groups = kernels::conv_tiled_groups(m as usize, (pr.n * cols) as usize, 1);
+        return p.push_with(tiled, consts, pr, buffers, Grid::Groups(groups));
+    }
     let (k, s) = (pr.k as usize, pr.stride as usize);
     let storage = kernels::conv_variant_via(kernel, k, s, WeightsVia::Storage);
     let Some(align) = p.window_alignment else {
