@@ -11,17 +11,13 @@ use hesscope::engine::{BnMode, Curvature, Problem};
 use hesscope::model::{tensorio, Model, Weights};
 use hesscope::train::{initial_counts, permutation, Recipe, Trainer};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 /// The brief's bound; the measured errors are ~1e-15.
 const TOL: f64 = 1e-9;
 
 const FIXTURES: [&str; 2] = ["cnn-tiny", "cnn-tiny-nobn"];
-
-fn train_dir(model: &str) -> PathBuf {
-    fixtures_dir().join(model).join("train-sgd")
-}
 
 /// The fixture's recipe (file order) and batch size.
 fn recipe(model: &str) -> (Recipe, usize) {
@@ -330,44 +326,6 @@ fn recipes_are_checked() {
     for (a, b) in lrs.iter().zip(want) {
         assert!((a - b).abs() < 1e-15, "{lrs:?}");
     }
-}
-
-fn fixture_args(model: &str, out: &Path, backend: &str) -> Vec<String> {
-    let fx = fixtures_dir().join(model);
-    let j = json(train_dir(model).join("train.json"));
-    let mut a: Vec<String> = [
-        "train",
-        "--backend",
-        backend,
-        "--model",
-        model,
-        "--weights",
-        fx.join("weights.safetensors").to_str().unwrap(),
-        "--data",
-        fx.join("data.safetensors").to_str().unwrap(),
-        "--no-shuffle",
-        "--out",
-        out.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for (flag, key) in [
-        ("--epochs", "epochs"),
-        ("--batch", "batch"),
-        ("--lr", "lr"),
-        ("--momentum", "momentum"),
-        ("--weight-decay", "weight_decay"),
-        ("--lr-gamma", "lr_gamma"),
-    ] {
-        a.push(flag.into());
-        a.push(j[key].to_string());
-    }
-    a.push("--milestones".into());
-    for m in j["milestones"].as_array().unwrap() {
-        a.push(m.to_string());
-    }
-    a
 }
 
 #[test]

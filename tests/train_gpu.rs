@@ -30,17 +30,13 @@ use hesscope::train::{initial_counts, Recipe, Trainer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const TOL_TRAJ: f64 = 1e-5;
 const TOL_FEW: f64 = 1e-6;
 
 const FIXTURES: [&str; 2] = ["cnn-tiny", "cnn-tiny-nobn"];
-
-fn train_dir(model: &str) -> PathBuf {
-    fixtures_dir().join(model).join("train-sgd")
-}
 
 fn recipe(model: &str) -> (Recipe, usize) {
     let j = json(train_dir(model).join("train.json"));
@@ -428,44 +424,6 @@ fn bn_running_kernel_matches_the_float64_rule() {
 }
 
 // ------------------------------------------------------------ the CLI
-
-fn fixture_args(model: &str, out: &Path, backend: &str) -> Vec<String> {
-    let fx = fixtures_dir().join(model);
-    let j = json(train_dir(model).join("train.json"));
-    let mut a: Vec<String> = [
-        "train",
-        "--backend",
-        backend,
-        "--model",
-        model,
-        "--weights",
-        fx.join("weights.safetensors").to_str().unwrap(),
-        "--data",
-        fx.join("data.safetensors").to_str().unwrap(),
-        "--no-shuffle",
-        "--out",
-        out.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for (flag, key) in [
-        ("--epochs", "epochs"),
-        ("--batch", "batch"),
-        ("--lr", "lr"),
-        ("--momentum", "momentum"),
-        ("--weight-decay", "weight_decay"),
-        ("--lr-gamma", "lr_gamma"),
-    ] {
-        a.push(flag.into());
-        a.push(j[key].to_string());
-    }
-    a.push("--milestones".into());
-    for m in j["milestones"].as_array().unwrap() {
-        a.push(m.to_string());
-    }
-    a
-}
 
 /// `hesscope train --backend vulkan|gl` on the fixture: the final state
 /// within TOL_TRAJ of PyTorch's float64, the report naming the backend;

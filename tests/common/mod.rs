@@ -4,7 +4,7 @@
 use hesscope::data::Dataset;
 use hesscope::engine::{BnMode, Problem};
 use hesscope::model::{params, Model, Weights};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
@@ -109,4 +109,49 @@ pub fn hesscope<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String)
         String::from_utf8_lossy(&out.stdout).to_string(),
         String::from_utf8_lossy(&out.stderr).to_string(),
     )
+}
+
+/// A train-sgd fixture's folder (PyTorch SGD trajectories).
+pub fn train_dir(model: &str) -> PathBuf {
+    fixtures_dir().join(model).join("train-sgd")
+}
+
+/// `hesscope train` with a train-sgd fixture's recipe (file order), its
+/// weights and data, on `backend`, into `out`.
+pub fn fixture_args(model: &str, out: &Path, backend: &str) -> Vec<String> {
+    let fx = fixtures_dir().join(model);
+    let j = json(train_dir(model).join("train.json"));
+    let mut a: Vec<String> = [
+        "train",
+        "--backend",
+        backend,
+        "--model",
+        model,
+        "--weights",
+        fx.join("weights.safetensors").to_str().unwrap(),
+        "--data",
+        fx.join("data.safetensors").to_str().unwrap(),
+        "--no-shuffle",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (flag, key) in [
+        ("--epochs", "epochs"),
+        ("--batch", "batch"),
+        ("--lr", "lr"),
+        ("--momentum", "momentum"),
+        ("--weight-decay", "weight_decay"),
+        ("--lr-gamma", "lr_gamma"),
+    ] {
+        a.push(flag.into());
+        a.push(j[key].to_string());
+    }
+    a.push("--milestones".into());
+    for m in j["milestones"].as_array().unwrap() {
+        a.push(m.to_string());
+    }
+    a
 }
