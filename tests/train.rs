@@ -12,7 +12,6 @@ use hesscope::model::{tensorio, Model, Weights};
 use hesscope::train::{initial_counts, permutation, Recipe, Trainer};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
 /// The brief's bound; the measured errors are ~1e-15.
 const TOL: f64 = 1e-9;
@@ -564,20 +563,6 @@ fn without_out(mut args: Vec<String>) -> Vec<String> {
     args
 }
 
-fn latest_epoch(dir: &Path) -> usize {
-    std::fs::read_dir(dir.join("checkpoints"))
-        .unwrap()
-        .filter_map(|e| {
-            let n = e.unwrap().file_name().into_string().unwrap();
-            n.strip_prefix("epoch-")?
-                .strip_suffix(".json")?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_run_killed_mid_run_resumes_to_the_identical_result() {
     let tmp = tempfile::tempdir().unwrap();
@@ -586,23 +571,7 @@ fn a_run_killed_mid_run_resumes_to_the_identical_result() {
     let (ok, _, stderr) = hesscope(&long_args(&a));
     assert!(ok, "{stderr}");
     // The same run, SIGKILLed once its first checkpoint is complete.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hesscope"))
-        .args(long_args(&b))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let first = b.join("checkpoints/epoch-1.json");
-    let t0 = std::time::Instant::now();
-    while !first.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
-        assert!(t0.elapsed().as_secs() < 120, "no first checkpoint");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    // The kill landed mid-run: no final state, some epochs still to do.
-    let done = latest_epoch(&b);
+    let done = kill_after_first_checkpoint(&long_args(&b), &b, 120);
     assert!(!b.join("final.safetensors").exists(), "the run finished");
     assert!((1..20).contains(&done), "killed after epoch {done}");
     println!("killed after {done} of 20 epochs");

@@ -31,7 +31,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
 const TOL_TRAJ: f64 = 1e-5;
 const TOL_FEW: f64 = 1e-6;
@@ -508,20 +507,6 @@ fn long_args(out: &Path) -> Vec<String> {
     .to_vec()
 }
 
-fn latest_epoch(dir: &Path) -> usize {
-    std::fs::read_dir(dir.join("checkpoints"))
-        .unwrap()
-        .filter_map(|e| {
-            let n = e.unwrap().file_name().into_string().unwrap();
-            n.strip_prefix("epoch-")?
-                .strip_suffix(".json")?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 /// A Vulkan run SIGKILLed after its first checkpoint and resumed ends in
 /// files byte-identical to an uninterrupted Vulkan run's.
 #[test]
@@ -534,22 +519,7 @@ fn a_vulkan_run_killed_mid_run_resumes_to_the_identical_result() {
     let b = tmp.path().join("b");
     let (ok, _, stderr) = hesscope(&long_args(&a));
     assert!(ok, "{stderr}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hesscope"))
-        .args(long_args(&b))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let first = b.join("checkpoints/epoch-1.json");
-    let t0 = std::time::Instant::now();
-    while !first.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
-        assert!(t0.elapsed().as_secs() < 300, "no first checkpoint");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let done = latest_epoch(&b);
+    let done = kill_after_first_checkpoint(&long_args(&b), &b, 300);
     assert!(!b.join("final.safetensors").exists(), "the run finished");
     assert!((1..20).contains(&done), "killed after epoch {done}");
     println!("killed after {done} of 20 epochs");

@@ -155,3 +155,41 @@ pub fn fixture_args(model: &str, out: &Path, backend: &str) -> Vec<String> {
     }
     a
 }
+
+/// The newest complete checkpoint's epoch in a train run's folder (0: none).
+pub fn latest_epoch(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().into_string().unwrap();
+            n.strip_prefix("epoch-")?
+                .strip_suffix(".json")?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Starts `hesscope train` with `args` (writing into `dir`), SIGKILLs it
+/// once its first checkpoint is complete (failing if that takes over
+/// `limit_s` seconds or the run ends first), and returns the epoch of its
+/// newest checkpoint.
+pub fn kill_after_first_checkpoint(args: &[String], dir: &Path, limit_s: u64) -> usize {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hesscope"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = dir.join("checkpoints/epoch-1.json");
+    let t0 = std::time::Instant::now();
+    while !first.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(t0.elapsed().as_secs() < limit_s, "no first checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    latest_epoch(dir)
+}
