@@ -160,6 +160,31 @@ pub fn format_kernel_table(rows: &[KernelRow]) -> String {
     out
 }
 
+/// A conv shape of `conv_shapes` at batch `n`: the kernels' parameters,
+/// the FLOPs of one kernel (2·n·cout·oh·ow·cin·k²) and the table's label.
+fn conv_geometry(n: usize, s: [usize; 9]) -> (ConvParams, f64, String) {
+    let [cin, cout, h, w, k, stride, pad, oh, ow] = s;
+    let p = ConvParams {
+        n: n as u32,
+        cin: cin as u32,
+        h: h as u32,
+        w: w as u32,
+        cout: cout as u32,
+        k: k as u32,
+        stride: stride as u32,
+        pad: pad as u32,
+        oh: oh as u32,
+        ow: ow as u32,
+        ..Default::default()
+    };
+    let flops = 2.0 * (n * cout * oh * ow * cin * k * k) as f64;
+    (
+        p,
+        flops,
+        format!("n={n} {cin}→{cout} {h}x{w} k{k} s{stride}"),
+    )
+}
+
 /// Throughput of the conv kernels at every conv shape of `model` at batch
 /// `n`, and of batch norm and the elementwise kernels at its largest
 /// activation.
@@ -171,7 +196,7 @@ pub fn kernel_table(
 ) -> Result<Vec<KernelRow>> {
     let mut rows = vec![];
     for s in conv_shapes(model) {
-        let [cin, cout, h, w, k, stride, pad, oh, ow] = s;
+        let [cin, cout, h, w, k, stride, _, oh, ow] = s;
         let x = filled(ctx, "bench input", n * cin * h * w, 1)?;
         // The kernels the engine runs for this layer: weights through a
         // uniform window where they fit in one.
@@ -186,21 +211,7 @@ pub fn kernel_table(
         let y = ctx.storage("bench output", n * cout * oh * ow)?;
         let gx = ctx.storage("bench input adjoint", n * cin * h * w)?;
         let gw = ctx.storage("bench weight gradient", cout * cin * k * k)?;
-        let p = ConvParams {
-            n: n as u32,
-            cin: cin as u32,
-            h: h as u32,
-            w: w as u32,
-            cout: cout as u32,
-            k: k as u32,
-            stride: stride as u32,
-            pad: pad as u32,
-            oh: oh as u32,
-            ow: ow as u32,
-            ..Default::default()
-        };
-        let flops = 2.0 * (n * cout * oh * ow * cin * k * k) as f64;
-        let shape = format!("n={n} {cin}→{cout} {h}x{w} k{k} s{stride}");
+        let (p, flops, shape) = conv_geometry(n, s);
         let io = |a: usize, b: usize, c: usize| 4.0 * (a + b + c) as f64;
         let cases: [(Kernel, [&GpuBuffer; 5], Grid, f64); 2] = [
             (
@@ -425,7 +436,7 @@ pub fn tiled_kernel_table(
 ) -> Result<Vec<KernelRow>> {
     let mut rows = vec![];
     for s in conv_shapes(model) {
-        let [cin, cout, h, w, k, stride, pad, oh, ow] = s;
+        let [cin, cout, h, w, k, _, _, oh, ow] = s;
         let weights = cout * cin * k * k;
         let x = filled(ctx, "bench input", n * cin * h * w, 1)?;
         let wt = filled(ctx, "bench weights", weights, 2)?;
@@ -435,23 +446,12 @@ pub fn tiled_kernel_table(
         let gw = ctx.storage("bench weight gradient", weights)?;
         let (per, chunks) = kernels::conv_weight_chunks(n, oh, ow, weights);
         let parts = ctx.storage("bench partial sums", weights * chunks)?;
+        let (p, flops, shape) = conv_geometry(n, s);
         let p = ConvParams {
-            n: n as u32,
-            cin: cin as u32,
-            h: h as u32,
-            w: w as u32,
-            cout: cout as u32,
-            k: k as u32,
-            stride: stride as u32,
-            pad: pad as u32,
-            oh: oh as u32,
-            ow: ow as u32,
             rows_per_chunk: per as u32,
             chunks: chunks as u32,
-            ..Default::default()
+            ..p
         };
-        let flops = 2.0 * (n * cout * oh * ow * cin * k * k) as f64;
-        let shape = format!("n={n} {cin}→{cout} {h}x{w} k{k} s{stride}");
         let io = |a: usize, b: usize, c: usize| 4.0 * (a + b + c) as f64;
         let groups = kernels::conv_tiled_groups;
         let cases: [(Kernel, [&GpuBuffer; 5], usize, f64); 3] = [
