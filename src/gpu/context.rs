@@ -314,6 +314,12 @@ impl GpuContext {
     /// Whether kernels may read weights through uniform windows of
     /// `WINDOW_FLOATS` floats (every backend allows 64 KiB; this guards
     /// against one that does not).
+    /// A CPU emulator (lavapipe, llvmpipe): its threads are busy with one
+    /// tangent's work and its "device memory" is the host's.
+    pub fn is_cpu_adapter(&self) -> bool {
+        self.info.device_type == format!("{:?}", wgpu::DeviceType::Cpu)
+    }
+
     pub fn windows_supported(&self) -> bool {
         self.limits.max_uniform_buffer_binding_size >= (WINDOW_FLOATS * 4) as u64
     }

@@ -555,7 +555,7 @@ impl GpuEngine {
 /// `BLOCK_BUDGET_BYTES` of tangent buffers, up to `DEFAULT_MAX_BLOCK`:
 /// small layers leave most of a GPU idle, and K tangents fill it.
 fn default_block(ctx: &GpuContext, model: &Model, canon: &[usize], n: usize) -> usize {
-    if ctx.info.device_type == format!("{:?}", wgpu::DeviceType::Cpu) {
+    if ctx.is_cpu_adapter() {
         return 1;
     }
     let per = memory::tangent_bytes(model, canon, n, 1).max(1);
@@ -566,7 +566,7 @@ fn default_block(ctx: &GpuContext, model: &Model, canon: &[usize], n: usize) -> 
 /// host's available memory (/proc/meminfo). wgpu reports no device memory
 /// size, so on a GPU the constant stands (`--cache-budget` overrides it).
 fn default_cache_budget(ctx: &GpuContext) -> usize {
-    if ctx.info.device_type != format!("{:?}", wgpu::DeviceType::Cpu) {
+    if !ctx.is_cpu_adapter() {
         return CACHE_BUDGET_BYTES;
     }
     let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
