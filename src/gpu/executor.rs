@@ -47,6 +47,10 @@ pub struct EngineOptions {
     pub block: Option<usize>,
     /// Which convolution kernels the engine runs.
     pub conv_path: ConvPath,
+    /// Plan for held piecewise decisions (`GpuEngine::hold_decisions`):
+    /// every pass replays the ReLU/LeakyReLU pieces and max-pool argmax
+    /// recorded at one θ. Needs every batch resident (the cache budget).
+    pub frozen: bool,
 }
 
 /// The convolution kernels an engine runs.
@@ -81,6 +85,7 @@ impl Default for EngineOptions {
             cache_budget: None,
             block: None,
             conv_path: ConvPath::Auto,
+            frozen: false,
         }
     }
 }
@@ -91,6 +96,8 @@ struct BatchProgram {
     count: usize,
     forward_backward: Compiled,
     r_pass: Compiled,
+    /// A frozen engine's recording forward pass.
+    record: Option<Compiled>,
 }
 
 pub struct GpuEngine {
@@ -109,6 +116,11 @@ pub struct GpuEngine {
     canon: Vec<usize>,
     /// Tangents one R-pass dispatch serves (block products).
     kmax: usize,
+    theta: usize,
+    /// θ as last uploaded.
+    theta_host: Vec<f64>,
+    /// Planned for held decisions (`EngineOptions::frozen`).
+    frozen: bool,
 }
 
 impl GpuEngine {
@@ -189,6 +201,7 @@ impl GpuEngine {
             model: &model,
             buffers: &problem.weights.buffers,
             batch_mode,
+            frozen: options.frozen,
         };
         let ws_bytes = memory::workspace_bytes(&model, &canon, max_count, &scx, kmax);
         let n_ws = if ws_bytes.saturating_mul(batches.len()) <= budget {
@@ -196,6 +209,17 @@ impl GpuEngine {
         } else {
             1
         };
+        if options.frozen && n_ws < batches.len() {
+            return Err(Error::Invalid {
+                what: "held decisions",
+                msg: format!(
+                    "replaying recorded decisions needs every batch resident: {} batches of {} bytes \
+                     each exceed the cache budget of {budget} bytes",
+                    batches.len(),
+                    ws_bytes
+                ),
+            });
+        }
         let tangents = memory::tangent_buffers(&ctx, &mut arena, &model, &canon, max_count, kmax)?;
         let mut workspaces = vec![];
         for w in 0..n_ws {
@@ -228,6 +252,7 @@ impl GpuEngine {
                 window_alignment,
             );
             p.conv_tiled = conv_tiled;
+            p.frozen = options.frozen;
             let block = plan::BlockPlan {
                 kmax,
                 tangent: &arena.tangent,
@@ -245,12 +270,22 @@ impl GpuEngine {
                 &steps.r_pass,
                 &arena.buffers,
             )?;
+            let record = match &steps.record {
+                Some(r) => Some(Compiled::build(
+                    &ctx,
+                    &format!("batch {bi} recording forward"),
+                    r,
+                    &arena.buffers,
+                )?),
+                None => None,
+            };
             programs.push(BatchProgram {
                 ws: w,
                 start,
                 count,
                 forward_backward,
                 r_pass,
+                record,
             });
         }
         let mut e = GpuEngine {
@@ -267,14 +302,119 @@ impl GpuEngine {
             programs,
             canon,
             kmax,
+            theta,
+            theta_host: problem.weights.theta.clone(),
+            frozen: options.frozen,
         };
         if n_ws == e.programs.len() {
             for bi in 0..e.programs.len() {
                 e.upload_batch(bi)?;
             }
         }
+        if e.frozen {
+            e.record_decisions()?;
+        }
         e.ctx.check()?;
         Ok(e)
+    }
+
+    /// θ as last set.
+    pub fn theta(&self) -> &[f64] {
+        &self.theta_host
+    }
+
+    /// Moves the engine to θ: every batch's passes are recomputed at the
+    /// next product (a frozen engine keeps its recorded decisions).
+    pub fn set_theta(&mut self, theta: &[f64]) -> Result<()> {
+        if theta.len() != self.model.n_params {
+            return Err(Error::Invalid {
+                what: "parameters θ",
+                msg: format!(
+                    "{} values for {} parameters",
+                    theta.len(),
+                    self.model.n_params
+                ),
+            });
+        }
+        let tf: Vec<f32> = theta.iter().map(|&x| x as f32).collect();
+        non_finite_error(&self.model, "the weights", &tf, &self.ctx.info.name)?;
+        self.ctx
+            .write_f32(&self.arena.buffers[self.theta], 0, &tf)?;
+        self.theta_host.copy_from_slice(theta);
+        for w in &mut self.workspaces {
+            w.resident = None;
+        }
+        Ok(())
+    }
+
+    /// Replaces the samples (as many as the engine was built for, so every
+    /// batch keeps its size): a training step's mini-batch.
+    pub fn set_samples(&mut self, x: &[f32], y: &[u32]) -> Result<()> {
+        if x.len() != self.data.x.len() || y.len() != self.data.y.len() {
+            return Err(Error::Invalid {
+                what: "samples",
+                msg: format!(
+                    "{} labels and {} input values for an engine built for {} and {}",
+                    y.len(),
+                    x.len(),
+                    self.data.y.len(),
+                    self.data.x.len()
+                ),
+            });
+        }
+        self.data.x.copy_from_slice(x);
+        self.data.y.copy_from_slice(y);
+        self.data.validate(&self.model)?;
+        for w in &mut self.workspaces {
+            w.resident = None;
+        }
+        if self.cached_batches() > 0 {
+            for bi in 0..self.programs.len() {
+                self.upload_batch(bi)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the engine was planned for held decisions.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// Runs every batch's recording forward pass at the current θ.
+    fn record_decisions(&mut self) -> Result<()> {
+        for bi in 0..self.programs.len() {
+            let p = &self.programs[bi];
+            let rec = p.record.as_ref().expect("a frozen engine records");
+            self.submit(&format!("batch {bi} recording"), |enc| rec.record(enc))?;
+            // The recording forward leaves the batch's values, not its
+            // adjoints: the next product runs the forward/backward pass.
+            self.workspaces[p.ws].resident = None;
+        }
+        Ok(())
+    }
+
+    /// `hold`: records the piecewise decisions (ReLU/LeakyReLU pieces,
+    /// max-pool argmax) of every batch at the current θ, and every later
+    /// pass replays them until the next call — the loss is then the smooth
+    /// continuation of the piece holding this θ, the function autograd
+    /// differentiates. Needs an engine built with `EngineOptions::frozen`.
+    /// `!hold` is accepted only by an engine that was not (its passes
+    /// decide for themselves); a frozen one keeps replaying, which at the
+    /// recording θ is the plain pass bit for bit.
+    pub fn hold_decisions(&mut self, hold: bool) -> Result<()> {
+        match (hold, self.frozen) {
+            (true, true) => self.record_decisions(),
+            (false, false) => Ok(()),
+            (true, false) => Err(Error::Invalid {
+                what: "held decisions",
+                msg: "this engine was not planned for them (EngineOptions::frozen)".into(),
+            }),
+            (false, true) => Err(Error::Invalid {
+                what: "held decisions",
+                msg: "an engine planned for them always replays recorded decisions".into(),
+            }),
+        }
     }
 
     pub fn context(&self) -> &GpuContext {

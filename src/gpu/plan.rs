@@ -58,6 +58,15 @@ pub struct Plan<'a> {
     /// Convolutions run the tiled kernels (shaders/conv_tiled.wgsl;
     /// `executor::ConvPath`); false (`new`): the emulator kernels.
     pub conv_tiled: bool,
+    /// Piecewise units (ReLU/LeakyReLU, max pool) replay the decisions
+    /// recorded by the batch's `record` program instead of making their
+    /// own: the loss is then the smooth continuation of the piece holding
+    /// the recording θ (`GpuEngine::hold_decisions`). Units that need it
+    /// keep state for it (`StateCx::frozen`).
+    pub frozen: bool,
+    /// Set while planning the `record` program of a frozen plan: the plain
+    /// forward pass, each piecewise unit also storing its decisions.
+    pub recording: bool,
     /// Set while planning the R-pass of a block product.
     block: Option<BlockPlan<'a>>,
     steps: Vec<Step>,
@@ -99,6 +108,8 @@ impl<'a> Plan<'a> {
             batch_mode,
             window_alignment,
             conv_tiled: false,
+            frozen: false,
+            recording: false,
             block: None,
             steps: vec![],
         }
@@ -137,6 +148,12 @@ impl<'a> Plan<'a> {
         grid: Grid,
     ) {
         self.push_step(kernel, consts, p, buffers, grid, 0);
+    }
+
+    /// Whether piecewise units replay recorded decisions in the pass
+    /// being planned (a frozen plan, outside its `record` program).
+    pub fn replaying(&self) -> bool {
+        self.frozen && !self.recording
     }
 
     /// Whether the R-pass of a block product is being planned.
@@ -252,10 +269,13 @@ impl<'a> Plan<'a> {
     }
 }
 
-/// The two programs of one batch, as steps.
+/// The programs of one batch, as steps.
 pub struct BatchSteps {
     pub forward_backward: Vec<Step>,
     pub r_pass: Vec<Step>,
+    /// A frozen plan's forward pass that records the decisions the other
+    /// two replay.
+    pub record: Option<Vec<Step>>,
 }
 
 /// Plans one batch: `batch` indexes its slot in `losses`; `scale` is 1/N;
@@ -282,6 +302,20 @@ pub fn plan_batch<'a>(
         radj: ws.radj[last],
     };
     let k = model.classes;
+
+    // A frozen plan's recording forward pass.
+    let record = p.frozen.then(|| {
+        p.recording = true;
+        for (i, node) in nodes.iter().enumerate() {
+            let unit = layers::unit(&node.op);
+            if !unit.is_alias() {
+                let io = node_bufs(&p, ws, canon, i, &[], false, &[]);
+                unit.plan_forward(&mut p, node, &io);
+            }
+        }
+        p.recording = false;
+        p.take()
+    });
 
     // Forward, loss, backward.
     for (i, node) in nodes.iter().enumerate() {
@@ -317,6 +351,7 @@ pub fn plan_batch<'a>(
     BatchSteps {
         forward_backward,
         r_pass,
+        record,
     }
 }
 

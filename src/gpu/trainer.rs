@@ -107,6 +107,7 @@ impl GpuTrainer {
             model: &model,
             buffers: &weights.buffers,
             batch_mode: true,
+            frozen: false,
         };
         let tangents = memory::tangent_buffers(&ctx, &mut arena, &model, &canon, max_count, 1)?;
         let ws = memory::workspace(

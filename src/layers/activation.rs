@@ -7,8 +7,15 @@
 //! f, f', f'' in float64: `crate::ops::activation`; kernels:
 //! shaders/activation.wgsl, specialised per activation by the `ACT`
 //! override constant (and `ACC` for accumulating adjoints).
+//!
+//! Frozen decisions on the GPU (`Plan::frozen`): a ReLU/LeakyReLU keeps
+//! its input x₀ from the recording pass, and replays its pieces as the
+//! linear map y = f'(x₀)·x — the R-forward kernel with x₀ in place of x —
+//! while every other pass reads f'(x₀) where it read f'(x). At the
+//! recording θ this is the plain pass bit for bit (f' is exactly 0, 1 or
+//! the slope).
 
-use super::{CpuCx, Layer, Saved};
+use super::{CpuCx, Layer, Saved, StateBuf, StateCx};
 use crate::gpu::kernels::{ActParams, Consts, Kernel};
 use crate::gpu::plan::{NodeBufs, Plan};
 use crate::gpu::program::Grid;
@@ -49,7 +56,30 @@ fn scaled(s: &[f64], x: &[f64]) -> Vec<f64> {
     s.iter().zip(x).map(|(a, b)| a * b).collect()
 }
 
+/// The input whose pieces the passes follow: the recorded x₀ while a
+/// frozen plan replays, else the input itself.
+fn pieces_of(p: &Plan, node: &Node, io: &NodeBufs) -> usize {
+    if p.replaying() && !curved(of(node)) {
+        io.state[0]
+    } else {
+        io.x[0]
+    }
+}
+
 impl Layer for ActivationUnit {
+    fn gpu_state(&self, node: &Node, n: usize, cx: &StateCx) -> Vec<StateBuf> {
+        if cx.frozen && !curved(of(node)) {
+            vec![StateBuf {
+                name: "recorded input",
+                len: n * node.in_shape.numel(),
+                init: None,
+                tangent: false,
+            }]
+        } else {
+            vec![]
+        }
+    }
+
     fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
         let a = of(node);
         let forced = forced_slopes(a, cx.mask);
@@ -115,6 +145,17 @@ impl Layer for ActivationUnit {
     fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
         let len = p.n * node.out_shape.numel();
         let a = of(node);
+        if p.replaying() && !curved(a) {
+            // y = f'(x₀)·x.
+            p.push_with(
+                Kernel::ActRForward,
+                consts(a, None),
+                &act_params(a, len),
+                vec![io.state[0], io.x[0], io.y],
+                Grid::Threads(len),
+            );
+            return;
+        }
         p.push_with(
             Kernel::ActForward,
             consts(a, None),
@@ -122,6 +163,9 @@ impl Layer for ActivationUnit {
             vec![io.x[0], io.y],
             Grid::Threads(len),
         );
+        if p.recording && !curved(a) {
+            p.copy(io.x[0], 0, io.state[0], 0, len, false);
+        }
     }
 
     fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
@@ -134,7 +178,7 @@ impl Layer for ActivationUnit {
             Kernel::ActRForward,
             consts(a, None),
             &act_params(a, len),
-            vec![io.x[0], io.dx[0], io.dy],
+            vec![pieces_of(p, node, io), io.dx[0], io.dy],
             Grid::Threads(len),
         );
         false
@@ -162,7 +206,7 @@ impl Layer for ActivationUnit {
                 Kernel::ActBackward,
                 c,
                 &act_params(a, len),
-                vec![io.x[0], io.gy, io.gx[0]],
+                vec![pieces_of(p, node, io), io.gy, io.gx[0]],
                 Grid::Threads(len),
             );
         }

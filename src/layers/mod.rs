@@ -272,6 +272,9 @@ pub struct StateCx<'a> {
     pub model: &'a Model,
     pub buffers: &'a [Vec<f64>],
     pub batch_mode: bool,
+    /// The engine replays recorded piecewise decisions (`Plan::frozen`):
+    /// units that make them keep what they need to replay them.
+    pub frozen: bool,
 }
 
 /// The unit that computes an op: the registration table.

@@ -103,7 +103,13 @@ impl LinearUnit for MaxPoolUnit {
         }]
     }
 
+    /// While a frozen plan replays (`Plan::frozen`), the gather through
+    /// the argmax its recording pass left.
     fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        if p.replaying() {
+            self.plan_apply(p, node, io, io.x[0], io.y);
+            return;
+        }
         p.push(
             Kernel::MaxPoolForward,
             &pool_params(node, p.n),
