@@ -19,7 +19,7 @@
 //! conservative error estimate).
 
 use crate::cpu::CpuReference;
-use crate::engine::Problem;
+use crate::engine::{Curvature, Problem};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use rand::{Rng, SeedableRng};
@@ -209,6 +209,9 @@ pub struct Steps {
     /// Freeze the piecewise decisions at θ (the derivative autograd
     /// takes). `false` only to show what an unfrozen difference does.
     pub freeze: bool,
+    /// δ: the relative accuracy ‖error‖/‖Hv‖ of one Hessian-vector
+    /// product of the executor, for the rounding part of the error bound.
+    pub hvp_accuracy: f64,
 }
 
 impl Default for Steps {
@@ -222,7 +225,64 @@ impl Default for Steps {
             eps: 1e-3,
             levels: 3,
             freeze: true,
+            hvp_accuracy: 1e-14,
         }
+    }
+}
+
+impl Steps {
+    /// For float32 products (the GPU engines). Measured on the fixtures on
+    /// lavapipe and llvmpipe (tests/trace_grad_gpu.rs, `step_sweep`): eps
+    /// 1e-2 with 3 levels lands at 3e-6 to 6e-6 relative to PyTorch's
+    /// float64; larger steps leave truncation (3e-2: up to 2e-3), smaller
+    /// ones gain rounding (3e-3 at 3 levels: up to 1.6e-5), which grows as
+    /// δ/h. δ = 1e-6: the GPU products are within 4e-7 of float64 on every
+    /// fixture (tests/gpu.rs), with margin for the other points θ ± h·v.
+    pub fn for_f32() -> Steps {
+        Steps {
+            eps: 1e-2,
+            levels: 3,
+            freeze: true,
+            hvp_accuracy: 1e-6,
+        }
+    }
+
+    /// The Richardson weights wⱼ of the level-j differences in the result,
+    /// Σⱼ wⱼ·D(h₀/2ʲ).
+    fn weights(&self) -> Vec<f64> {
+        let l = self.levels;
+        // Row k of the tableau at level j, as coefficients of D_0..D_{l-1}.
+        let mut prev: Vec<Vec<f64>> = vec![];
+        for j in 0..l {
+            let mut e = vec![0.0; l];
+            e[j] = 1.0;
+            let mut row = vec![e];
+            for k in 1..=j {
+                let f = 4f64.powi(k as i32) - 1.0;
+                let next = row[k - 1]
+                    .iter()
+                    .zip(&prev[k - 1])
+                    .map(|(a, b)| a + (a - b) / f)
+                    .collect();
+                row.push(next);
+            }
+            prev = row;
+        }
+        prev.pop().unwrap_or_default()
+    }
+
+    /// The bound on the rounding part of one probe's result, relative to
+    /// ‖Hv‖/h₀ (h₀ the largest step along v): each difference D(h) =
+    /// (H(θ+hv)v − H(θ−hv)v)/2h carries at most 2δ‖Hv‖/2h of the products'
+    /// error, and the tableau sums them with weights wⱼ at h₀/2ʲ:
+    /// δ·Σⱼ |wⱼ|·2ʲ.
+    pub fn rounding_factor(&self) -> f64 {
+        let w = self.weights();
+        self.hvp_accuracy
+            * w.iter()
+                .enumerate()
+                .map(|(j, x)| x.abs() * (1u64 << j) as f64)
+                .sum::<f64>()
     }
 }
 
@@ -235,18 +295,24 @@ pub struct TraceGrad {
     pub per_probe: Vec<f64>,
     /// ∇θ of the estimate, over all parameters.
     pub grad: Vec<f64>,
-    /// The largest over probes of ‖last Richardson correction‖ / ‖result‖:
-    /// an estimate of the relative error of the extrapolation.
+    /// A bound on the relative error, the largest over probes of (the
+    /// last Richardson correction — the truncation left by the level
+    /// before — plus the rounding bound δ·Σⱼ|wⱼ|2ʲ·‖Hv‖/h₀ of
+    /// [`Steps::rounding_factor`]) / ‖result‖.
     pub error_estimate: f64,
     /// Hessian-vector products computed.
     pub hvps: usize,
 }
 
-/// ∇θ[(1/P) Σₖ vₖᵀ H vₖ] on the float64 reference (method: module doc).
-/// The probes must hold `n_params` finite values each; θ is restored and
-/// `frozen` cleared on return.
-pub fn trace_grad(cpu: &mut CpuReference, probes: &[Vec<f64>], steps: Steps) -> Result<TraceGrad> {
-    let np = cpu.problem.model.n_params;
+/// ∇θ[(1/P) Σₖ vₖᵀ H vₖ] on any executor that holds decisions (method:
+/// module doc). The probes must hold `n_params` finite values each; θ is
+/// restored and the decisions released on return.
+pub fn trace_grad<E: HoldsDecisions + ?Sized>(
+    cpu: &mut E,
+    probes: &[Vec<f64>],
+    steps: Steps,
+) -> Result<TraceGrad> {
+    let np = cpu.n_params();
     if probes.is_empty() {
         return Err(Error::Invalid {
             what: "trace probes",
@@ -259,17 +325,20 @@ pub fn trace_grad(cpu: &mut CpuReference, probes: &[Vec<f64>], steps: Steps) -> 
             msg: format!("eps {} with {} levels", steps.eps, steps.levels),
         });
     }
-    let theta = cpu.problem.weights.theta.clone();
-    let saved_frozen = cpu.frozen.take();
-    cpu.frozen = steps.freeze.then(|| cpu.decisions());
-    let result = (|| {
+    let theta = cpu.theta();
+    if steps.freeze {
+        cpu.hold_decisions(true)?;
+    }
+    let mut result = (|| {
         let mut grad = vec![0.0; np];
         let mut per_probe = vec![];
         let mut error_estimate: f64 = 0.0;
         let mut hvps = 0;
+        let mut hv = vec![0.0; np];
+        let mut work = vec![0.0; np];
         for v in probes {
-            cpu.problem.weights.theta.copy_from_slice(&theta);
-            let hv = cpu.pass(Some(v))?.hv.unwrap_or_default();
+            cpu.set_theta(&theta)?;
+            cpu.hvp(v, &mut hv)?;
             hvps += 1;
             per_probe.push(v.iter().zip(&hv).map(|(a, b)| a * b).sum::<f64>());
             let vmax = v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
@@ -283,10 +352,13 @@ pub fn trace_grad(cpu: &mut CpuReference, probes: &[Vec<f64>], steps: Steps) -> 
             for j in 0..steps.levels {
                 let h = h0 / (1u64 << j) as f64;
                 let mut at = |s: f64| -> Result<Vec<f64>> {
-                    for ((t, t0), vi) in cpu.problem.weights.theta.iter_mut().zip(&theta).zip(v) {
+                    for ((t, t0), vi) in work.iter_mut().zip(&theta).zip(v) {
                         *t = t0 + s * vi;
                     }
-                    Ok(cpu.pass(Some(v))?.hv.unwrap_or_default())
+                    cpu.set_theta(&work)?;
+                    let mut out = vec![0.0; np];
+                    cpu.hvp(v, &mut out)?;
+                    Ok(out)
                 };
                 let plus = at(h)?;
                 let minus = at(-h)?;
@@ -311,8 +383,10 @@ pub fn trace_grad(cpu: &mut CpuReference, probes: &[Vec<f64>], steps: Steps) -> 
                 }
                 prev = row;
             }
-            error_estimate = error_estimate.max(last_change);
             let best = prev.last().expect("at least one level");
+            let rounding = steps.rounding_factor() * norm(&hv) / h0;
+            let bound = last_change + rounding / norm(best).max(f64::MIN_POSITIVE);
+            error_estimate = error_estimate.max(bound);
             grad.iter_mut().zip(best).for_each(|(g, d)| *g += d);
         }
         let p = probes.len() as f64;
@@ -332,8 +406,16 @@ pub fn trace_grad(cpu: &mut CpuReference, probes: &[Vec<f64>], steps: Steps) -> 
             hvps,
         })
     })();
-    cpu.problem.weights.theta.copy_from_slice(&theta);
-    cpu.frozen = saved_frozen;
+    // Back at θ, where held decisions are the pass's own.
+    let restored = cpu.set_theta(&theta);
+    let released = if steps.freeze {
+        cpu.hold_decisions(false)
+    } else {
+        Ok(())
+    };
+    if result.is_ok() {
+        result = restored.and(released).and(result);
+    }
     result
 }
 
@@ -342,6 +424,61 @@ pub fn trace_grad(cpu: &mut CpuReference, probes: &[Vec<f64>], steps: Steps) -> 
 /// then that mini-batch's mean cross-entropy, as a training step takes it.
 pub fn trace_grad_on(problem: Problem, probes: &[Vec<f64>], steps: Steps) -> Result<TraceGrad> {
     trace_grad(&mut CpuReference::new(problem), probes, steps)
+}
+
+/// What the frozen differences need of an executor besides products:
+/// moving θ, and holding the piecewise decisions of one θ.
+pub trait HoldsDecisions: Curvature {
+    /// θ as last set.
+    fn theta(&self) -> Vec<f64>;
+    fn set_theta(&mut self, theta: &[f64]) -> Result<()>;
+    /// `true`: record the decisions at the current θ and replay them in
+    /// every later pass; `false`: release them.
+    fn hold_decisions(&mut self, hold: bool) -> Result<()>;
+}
+
+impl HoldsDecisions for CpuReference {
+    fn theta(&self) -> Vec<f64> {
+        self.problem.weights.theta.clone()
+    }
+    fn set_theta(&mut self, theta: &[f64]) -> Result<()> {
+        check_len("parameters θ", theta, self.problem.model.n_params)?;
+        self.problem.weights.theta.copy_from_slice(theta);
+        Ok(())
+    }
+    fn hold_decisions(&mut self, hold: bool) -> Result<()> {
+        self.frozen = hold.then(|| self.decisions());
+        Ok(())
+    }
+}
+
+/// The GPU engine: held decisions need an engine planned for them
+/// (`EngineOptions::frozen`), whose passes always replay the last
+/// recording; releasing them is then a no-op, since θ is back where they
+/// were recorded.
+impl HoldsDecisions for crate::gpu::GpuEngine {
+    fn theta(&self) -> Vec<f64> {
+        crate::gpu::GpuEngine::theta(self).to_vec()
+    }
+    fn set_theta(&mut self, theta: &[f64]) -> Result<()> {
+        crate::gpu::GpuEngine::set_theta(self, theta)
+    }
+    fn hold_decisions(&mut self, hold: bool) -> Result<()> {
+        if !hold && self.is_frozen() {
+            return Ok(());
+        }
+        crate::gpu::GpuEngine::hold_decisions(self, hold)
+    }
+}
+
+fn check_len(what: &'static str, v: &[f64], n: usize) -> Result<()> {
+    if v.len() != n {
+        return Err(Error::Invalid {
+            what,
+            msg: format!("{} values for {n} parameters", v.len()),
+        });
+    }
+    Ok(())
 }
 
 fn norm(a: &[f64]) -> f64 {

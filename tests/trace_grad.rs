@@ -86,7 +86,7 @@ fn step_sweep() {
                 let steps = Steps {
                     eps,
                     levels,
-                    freeze: true,
+                    ..Steps::default()
                 };
                 let t = trace_grad(&mut c.cpu, &c.probes, steps).unwrap();
                 println!(
@@ -213,12 +213,22 @@ fn run(args: &[String]) -> (bool, String, String) {
     hesscope(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
+/// On the float64 reference within `TOL`; on the GPU engines (lavapipe,
+/// llvmpipe: float32 products with held decisions) within the bound the
+/// run states, which must meet the 1e-3 aim (tests/trace_grad_gpu.rs
+/// derives it; measured 4.6e-6 here).
 #[test]
 fn cli_writes_the_fixture_gradient_and_the_spec_json() {
+    for backend in ["cpu", "vulkan", "gl"] {
+        cli_fixture_gradient(backend);
+    }
+}
+
+fn cli_fixture_gradient(backend: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("g.safetensors");
     let dir = ref_dir("cnn-tiny", BnMode::Running).join("third-block1");
-    let mut args = cnn_tiny_args("running", "cpu");
+    let mut args = cnn_tiny_args("running", backend);
     args.extend(["--layer", "block1", "--json", "--out"].map(String::from));
     args.push(out.to_str().unwrap().into());
     args.push("--probe".into());
@@ -231,7 +241,13 @@ fn cli_writes_the_fixture_gradient_and_the_spec_json() {
         );
     }
     let (ok, stdout, stderr) = run(&args);
-    assert!(ok, "{stderr}");
+    if !ok && backend != "cpu" && stderr.contains("no ") && stderr.contains("adapter") {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!ci, "CI=true but no {backend} adapter: {stderr}");
+        eprintln!("SKIPPED: no {backend} adapter");
+        return;
+    }
+    assert!(ok, "{backend}: {stderr}");
     let j: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     for key in [
         "estimate",
@@ -246,18 +262,31 @@ fn cli_writes_the_fixture_gradient_and_the_spec_json() {
     }
     assert_eq!(j["probes"], 2);
     assert_eq!(j["layers"], "block1");
-    assert_eq!(j["backend"], "cpu");
     let want = json(dir.join("third.json"));
     let e_est = (j["estimate"].as_f64().unwrap() - want["estimate"].as_f64().unwrap()).abs()
         / want["estimate"].as_f64().unwrap().abs();
-    assert!(e_est < 1e-10, "estimate {e_est:.2e}");
     let p = problem("cnn-tiny", BnMode::Running);
     let e = rel_err(
         &vector(&p, out),
         &vector(&p, dir.join("trace_grad.safetensors")),
     );
-    println!("CLI cnn-tiny running block1: rel err {e:.2e}");
-    assert!(e <= TOL, "{e:.2e}");
+    let bound = j["error_estimate"].as_f64().unwrap();
+    println!("CLI {backend} cnn-tiny running block1: rel err {e:.2e} (stated bound {bound:.2e}), estimate {e_est:.2e}");
+    if backend == "cpu" {
+        assert_eq!(j["backend"], "cpu");
+        assert!(e_est < 1e-10, "estimate {e_est:.2e}");
+        assert!(e <= TOL, "{e:.2e}");
+    } else {
+        assert_ne!(j["backend"], "cpu");
+        assert!(
+            j["method"].as_str().unwrap().contains("float32"),
+            "{stdout}"
+        );
+        // vᵀHv from one float32 product: its accuracy (4e-7 on every
+        // fixture, tests/gpu.rs) with margin.
+        assert!(e_est < 1e-5, "estimate {e_est:.2e}");
+        assert!(e <= bound && bound <= 1e-3, "{e:.2e} (bound {bound:.2e})");
+    }
 }
 
 #[test]
@@ -300,7 +329,11 @@ fn cli_refuses_bad_inputs_naming_the_flag() {
             "invalid --layer",
         ),
         ("cpu", vec!["--probes", "0"], "invalid --probes"),
-        ("vulkan", vec!["--probes", "1"], "float64 CPU reference"),
+        (
+            "vulkan",
+            vec!["--probes", "1", "--cache-budget", "0"],
+            "every batch resident",
+        ),
         ("cpu", vec![], "--probe"),
     ];
     for (backend, extra, want) in cases {

@@ -192,12 +192,26 @@ impl Inputs {
         problem: Problem,
         block: Option<usize>,
     ) -> Result<Box<dyn Curvature>> {
-        let Some(choice) = self.backend.gpu() else {
-            return Ok(Box::new(CpuReference::new(problem)));
-        };
-        let mut options = hesscope::gpu::EngineOptions {
+        let options = hesscope::gpu::EngineOptions {
             block,
             ..Default::default()
+        };
+        Ok(match self.gpu_engine(&problem, options)? {
+            Some(engine) => Box::new(engine),
+            None => Box::new(CpuReference::new(problem)),
+        })
+    }
+
+    /// The GPU engine of --backend with `options` (and --cache-budget);
+    /// None for the float64 reference: --backend cpu, or auto without a
+    /// GPU adapter (with a notice).
+    pub fn gpu_engine(
+        &self,
+        problem: &Problem,
+        mut options: hesscope::gpu::EngineOptions,
+    ) -> Result<Option<hesscope::gpu::GpuEngine>> {
+        let Some(choice) = self.backend.gpu() else {
+            return Ok(None);
         };
         if let Some(gib) = self.cache_budget {
             if !(gib.is_finite() && (0.0..=1024.0).contains(&gib)) {
@@ -205,8 +219,8 @@ impl Inputs {
             }
             options.cache_budget = Some((gib * (1u64 << 30) as f64) as usize);
         }
-        match hesscope::gpu::open_with(&problem, choice, self.adapter, options) {
-            Ok(engine) => Ok(Box::new(engine)),
+        match hesscope::gpu::open_with(problem, choice, self.adapter, options) {
+            Ok(engine) => Ok(Some(engine)),
             Err(_)
                 if self.backend == Backend::Auto && hesscope::gpu::list_adapters().is_empty() =>
             {
@@ -215,7 +229,7 @@ impl Inputs {
                      (--backend cpu). For a GPU path on Linux without a GPU, install Mesa's \
                      software Vulkan driver: apt-get install mesa-vulkan-drivers",
                 );
-                Ok(Box::new(CpuReference::new(problem)))
+                Ok(None)
             }
             Err(e) => Err(anyhow::Error::new(e).context(format!(
                 "--backend {} --adapter {}",

@@ -1,15 +1,17 @@
 //! `hesscope trace-grad`: the gradient of a Hutchinson trace estimate over
-//! a layer set (`hesscope::trace_grad`), on the float64 reference.
+//! a layer set (`hesscope::trace_grad`), on a GPU engine that holds its
+//! decisions (float32 steps, `Steps::for_f32`) or the float64 reference.
 
-use crate::cli::common::{Backend, Inputs};
-use crate::cli::output::{self, emit, notice, vnorm};
+use crate::cli::common::Inputs;
+use crate::cli::output::{self, emit, vnorm};
 use anyhow::{bail, Context, Result};
 use clap::{ArgGroup, Args};
 use hesscope::cpu::CpuReference;
 use hesscope::engine::{Curvature, Problem};
+use hesscope::gpu::EngineOptions;
 use hesscope::model::params;
 use hesscope::report::TraceGradReport;
-use hesscope::trace_grad::{trace_grad, LayerSet, Steps};
+use hesscope::trace_grad::{trace_grad, HoldsDecisions, LayerSet, Steps};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -39,17 +41,6 @@ pub struct TraceGradArgs {
 }
 
 pub fn trace_grad_cmd(a: TraceGradArgs) -> Result<()> {
-    match a.inputs.backend {
-        Backend::Cpu => {}
-        Backend::Auto => {
-            notice("hesscope: trace-grad runs on the float64 CPU reference so far (--backend cpu)")
-        }
-        other => bail!(
-            "invalid --backend {}: trace-grad runs on the float64 CPU reference so far; \
-             use --backend cpu (or auto)",
-            other.name()
-        ),
-    }
     if let Some(p) = a.probes {
         if p == 0 {
             bail!("invalid --probes: must be at least 1");
@@ -89,9 +80,18 @@ pub fn trace_grad_cmd(a: TraceGradArgs) -> Result<()> {
         a.inputs.batch,
         a.inputs.bn_mode(),
     )?;
-    let mut cpu = CpuReference::new(problem);
-    let steps = Steps::default();
-    let t = trace_grad(&mut cpu, &probes, steps).context("computing the trace gradient")?;
+    let options = EngineOptions {
+        frozen: true,
+        block: Some(1),
+        ..Default::default()
+    };
+    let (mut engine, steps): (Box<dyn HoldsDecisions>, Steps) =
+        match a.inputs.gpu_engine(&problem, options)? {
+            Some(gpu) => (Box::new(gpu), Steps::for_f32()),
+            None => (Box::new(CpuReference::new(problem)), Steps::default()),
+        };
+    let cpu = engine.as_mut();
+    let t = trace_grad(cpu, &probes, steps).context("computing the trace gradient")?;
     a.inputs.save_vector(&model, &a.out, &t.grad)?;
     let report = TraceGradReport {
         estimate: t.estimate,
@@ -102,9 +102,16 @@ pub fn trace_grad_cmd(a: TraceGradArgs) -> Result<()> {
         selected: set.names(&model),
         selected_size: set.size(&model),
         probe_source,
-        method: "central differences of exact Hessian-vector products along each probe, \
-                 ReLU masks and max-pool argmax frozen at θ, Richardson-extrapolated"
-            .into(),
+        method: format!(
+            "central differences of exact Hessian-vector products along each probe, \
+             ReLU masks and max-pool argmax frozen at θ, Richardson-extrapolated \
+             ({} products)",
+            if steps.hvp_accuracy < 1e-10 {
+                "float64"
+            } else {
+                "float32"
+            }
+        ),
         eps: steps.eps,
         levels: steps.levels,
         error_estimate: t.error_estimate,
@@ -113,14 +120,14 @@ pub fn trace_grad_cmd(a: TraceGradArgs) -> Result<()> {
         adapter: cpu.adapter(),
         seconds: t0.elapsed().as_secs_f64(),
         out: a.out.clone(),
-        settings: a.inputs.settings(&cpu, Some(&a.layer)),
+        settings: a.inputs.settings(&*cpu as &dyn Curvature, Some(&a.layer)),
     };
     if a.inputs.json {
         return emit(true, &report);
     }
     output::line(format!(
         "trace-grad over `{}` ({} tensors, {} parameters), {} probe(s): estimate {:.6e}, \
-         ‖gradient‖ {:.6e} (error estimate {:.1e}, {} HVPs); wrote {}",
+         ‖gradient‖ {:.6e} (error bound {:.1e}, {} HVPs); wrote {}",
         report.layers,
         report.selected.len(),
         report.selected_size,
