@@ -28,9 +28,10 @@ use crate::data::Dataset;
 use crate::engine::{BnMode, Problem};
 use crate::error::{Error, Result};
 use crate::model::{params, tensorio, Model, Op, Shape, Weights};
-use crate::trace_grad::{trace_grad_on, LayerSet, Steps};
+use crate::trace_grad::{trace_grad, trace_grad_on, LayerSet, Steps, TraceGrad};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// Batch norm's running-statistics momentum (PyTorch's default).
@@ -399,6 +400,9 @@ pub struct Trainer {
     gpu: Option<crate::gpu::trainer::GpuTrainer>,
     /// The device has taken steps the host copies do not show.
     gpu_ahead: bool,
+    /// The regulariser's engines on the trainer's device, by mini-batch
+    /// size: float32 products with held decisions (`trace_grad`).
+    htr_engines: HashMap<usize, crate::gpu::GpuEngine>,
 }
 
 impl Trainer {
@@ -426,21 +430,19 @@ impl Trainer {
             htr: None,
             gpu: None,
             gpu_ahead: false,
+            htr_engines: HashMap::new(),
         })
     }
 
     /// Run the steps on a GPU from now on (after [`Trainer::restore`], or
     /// before the first step): θ, the BN running buffers and the momentum
     /// buffer are uploaded and stay on the device; each step reads back
-    /// only its loss ([`crate::gpu::trainer`]). The regulariser is not
-    /// supported there.
+    /// only its loss ([`crate::gpu::trainer`]). A regularised step computes
+    /// its trace gradient there too ([`Trainer::gradient`] for the method),
+    /// with float32 products ([`Steps::for_f32`]) on an engine sharing the
+    /// device, and adds it to the gradient on the device.
     pub fn use_gpu(&mut self, ctx: crate::gpu::GpuContext) -> Result<()> {
-        if self.htr.is_some() {
-            return Err(invalid(
-                "backend",
-                "the Hessian-trace regulariser trains on the float64 reference only",
-            ));
-        }
+        self.htr_engines.clear();
         let max_count = self.cpu.problem.batch.min(self.data.len()).max(1);
         let g = crate::gpu::trainer::GpuTrainer::new(
             ctx,
@@ -474,12 +476,6 @@ impl Trainer {
 
     /// Turn the Hessian-trace regulariser on (or off with None).
     pub fn set_htr(&mut self, htr: Option<Htr>) -> Result<()> {
-        if htr.is_some() && self.gpu.is_some() {
-            return Err(invalid(
-                "backend",
-                "the Hessian-trace regulariser trains on the float64 reference only",
-            ));
-        }
         self.htr = match htr {
             Some(h) => {
                 let set = h.check(self.model())?;
@@ -585,7 +581,7 @@ impl Trainer {
     /// regulariser's estimate on a regularised step.
     pub fn step(&mut self, start: usize, count: usize, lr: f64) -> Result<(f64, Option<f64>)> {
         if self.gpu.is_some() {
-            return self.gpu_step(start, count, lr).map(|l| (l, None));
+            return self.gpu_step(start, count, lr);
         }
         let st = self.gradient(start, count)?;
         let gamma = self.htr.as_ref().map_or(0.0, |(h, _)| h.gamma);
@@ -626,8 +622,64 @@ impl Trainer {
         Ok((st.loss, st.htr.map(|h| h.estimate)))
     }
 
+    /// The regulariser's trace gradient for a step on the samples from
+    /// `start` (`count` of them) on the GPU, at θ as on the device:
+    /// [`Trainer::gradient`]'s term with float32 products.
+    fn gpu_trace_grad(&mut self, start: usize, count: usize) -> Result<Option<TraceGrad>> {
+        let (Some((h, set)), Some(g)) = (&self.htr, &self.gpu) else {
+            return Ok(None);
+        };
+        if !h.active(self.epoch, self.steps) {
+            return Ok(None);
+        }
+        let pr = &self.cpu.problem;
+        let probes = htr_probes(
+            &pr.model,
+            set,
+            h.probes,
+            h.dist,
+            self.recipe.seed,
+            self.epoch,
+            self.steps,
+        )?;
+        let theta = g.theta()?;
+        let mini = samples(&pr.data, start, count);
+        let engine = match self.htr_engines.entry(count) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let e = e.into_mut();
+                e.set_samples(&mini.x, &mini.y)?;
+                e.set_theta(&theta)?;
+                e
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let weights = Weights {
+                    theta,
+                    buffers: pr.weights.buffers.clone(),
+                };
+                let problem = Problem::new(pr.model.clone(), weights, mini, count, BnMode::Batch)?;
+                let options = crate::gpu::EngineOptions {
+                    frozen: true,
+                    block: Some(1),
+                    ..Default::default()
+                };
+                v.insert(crate::gpu::GpuEngine::with_options(
+                    g.context().share(),
+                    &problem,
+                    options,
+                )?)
+            }
+        };
+        let t = trace_grad(engine, &probes, Steps::for_f32())?;
+        Ok(Some(t))
+    }
+
     /// [`Trainer::step`] on the GPU: the same update in float32 there.
-    fn gpu_step(&mut self, start: usize, count: usize, lr: f64) -> Result<f64> {
+    fn gpu_step(&mut self, start: usize, count: usize, lr: f64) -> Result<(f64, Option<f64>)> {
+        let htr = self.gpu_trace_grad(start, count)?;
+        let gamma = self.htr.as_ref().map_or(0.0, |(h, _)| h.gamma);
+        let extra: Option<Vec<f64>> = htr
+            .as_ref()
+            .map(|t| t.grad.iter().map(|x| gamma * x).collect());
         let r = &self.recipe;
         let s = crate::gpu::trainer::SgdStep {
             lr,
@@ -641,16 +693,18 @@ impl Trainer {
         let x = &data.x[start * d..(start + count) * d];
         let y = &data.y[start..start + count];
         let g = self.gpu.as_mut().expect("a GPU trainer");
-        let loss = g.step(x, y, s).map_err(|e| match e {
-            Error::Numerical(m) => Error::Numerical(format!("step {}: {m}", self.steps + 1)),
-            other => other,
-        })?;
+        let loss = g
+            .step_with(x, y, s, extra.as_deref())
+            .map_err(|e| match e {
+                Error::Numerical(m) => Error::Numerical(format!("step {}: {m}", self.steps + 1)),
+                other => other,
+            })?;
         self.gpu_ahead = true;
         for rm in running_means(&self.cpu.problem.model) {
             self.batches_tracked[rm] += 1;
         }
         self.steps += 1;
-        Ok(loss)
+        Ok((loss, htr.map(|t| t.estimate)))
     }
 
     /// The next epoch: its order, its steps.

@@ -439,8 +439,7 @@ fn cli_refuses_bad_flags_naming_them() {
         ),
         ("cpu", vec!["--lr-gamma", "0"], "invalid --lr-gamma"),
         ("cpu", vec!["--bn", "running"], "invalid --bn"),
-        // The regulariser trains on the reference only.
-        ("vulkan", vec!["--htr-gamma", "0.1"], "--htr-gamma"),
+        ("vulkan", vec!["--htr-gamma", "-1"], "invalid --htr-gamma"),
     ];
     for (backend, extra, want) in cases {
         let mut args = fixture_args("cnn-tiny", &out, backend);

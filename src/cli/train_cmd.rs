@@ -397,29 +397,13 @@ fn describe_curvature(c: &CurvatureRecord) -> String {
     )
 }
 
-/// The GPU the steps run on: None for `--backend cpu`, for `auto` without
-/// an adapter (with a notice) and for `auto` with the regulariser (whose
-/// third derivatives are the float64 reference's: with a notice); an
-/// explicit GPU backend with --htr-gamma is refused.
+/// The GPU the steps run on (the regulariser's third derivatives too):
+/// None for `--backend cpu` and for `auto` without an adapter (with a
+/// notice).
 fn train_device(a: &TrainArgs) -> Result<Option<hesscope::gpu::GpuContext>> {
     let Some(choice) = a.inputs.backend.gpu() else {
         return Ok(None);
     };
-    if a.htr.htr_gamma.is_some() {
-        if a.inputs.backend == Backend::Auto {
-            notice(
-                "hesscope: the Hessian-trace regulariser (--htr-gamma) trains on the float64 \
-                 CPU reference; running there (--backend cpu)",
-            );
-            return Ok(None);
-        }
-        bail!(
-            "invalid --backend {} with --htr-gamma: the Hessian-trace regulariser \
-             (--htr-gamma, --htr-layers, --htr-probes, --htr-every, --htr-from-epoch, \
-             --htr-probe-dist) trains on the float64 CPU reference only; use --backend cpu",
-            a.inputs.backend.name()
-        );
-    }
     match hesscope::gpu::GpuContext::open(choice, a.inputs.adapter) {
         Ok(ctx) => Ok(Some(ctx)),
         Err(_)

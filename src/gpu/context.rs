@@ -233,6 +233,20 @@ impl GpuContext {
         })
     }
 
+    /// Another handle on the same device and queue (buffers of either can
+    /// be used by both), with its own pipeline cache: for an engine beside
+    /// a trainer. Faults are recorded once, seen by both.
+    pub fn share(&self) -> GpuContext {
+        GpuContext {
+            device: self.device.clone(),
+            queue: self.queue.clone(),
+            info: self.info.clone(),
+            limits: self.limits.clone(),
+            faults: self.faults.clone(),
+            pipelines: RefCell::new(HashMap::new()),
+        }
+    }
+
     /// Turns recorded faults into an error.
     pub fn check(&self) -> Result<()> {
         let mut f = self.faults.lock().unwrap();

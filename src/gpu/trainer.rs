@@ -16,7 +16,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
-use crate::gpu::kernels::{bn_rows, BnRunningParams, Kernel, SgdParams};
+use crate::gpu::kernels::{bn_rows, BnRunningParams, Consts, EwParams, Kernel, SgdParams};
 use crate::gpu::memory::{self, Arena, Workspace};
 use crate::gpu::plan::{self, Plan};
 use crate::gpu::program::{Compiled, Grid, Step};
@@ -65,6 +65,10 @@ pub struct GpuTrainer {
     updates: HashMap<(usize, bool, u64), Compiled>,
     dummy: usize,
     partials: usize,
+    /// An extra gradient term added before the update (the regulariser's).
+    extra: usize,
+    /// grad += extra.
+    add_extra: Option<Compiled>,
 }
 
 impl GpuTrainer {
@@ -95,6 +99,7 @@ impl GpuTrainer {
         let running = arena.alloc(&ctx, "batch-norm running buffers".into(), total)?;
         let losses = arena.alloc(&ctx, "batch loss".into(), 1)?;
         let dummy = arena.alloc(&ctx, "unused binding".into(), 4)?;
+        let extra = arena.alloc(&ctx, "regulariser gradient".into(), np)?;
         let scratch = model
             .nodes
             .iter()
@@ -150,6 +155,8 @@ impl GpuTrainer {
             updates: HashMap::new(),
             dummy,
             partials,
+            extra,
+            add_extra: None,
         };
         t.upload(weights, momentum)?;
         t.ctx.check()?;
@@ -324,6 +331,28 @@ impl GpuTrainer {
     /// the batch's mean loss at the current weights, read back; θ, the
     /// momentum buffer and the running buffers are updated on the device.
     pub fn step(&mut self, x: &[f32], y: &[u32], s: SgdStep) -> Result<f64> {
+        self.step_with(x, y, s, None)
+    }
+
+    /// θ as on the device (float32 values, exactly as float64).
+    pub fn theta(&self) -> Result<Vec<f64>> {
+        let np = self.model.n_params;
+        let r = self
+            .ctx
+            .read_f32(&[(&self.arena.buffers[self.theta], 0, np)])?;
+        Ok(r[0].iter().map(|&x| x as f64).collect())
+    }
+
+    /// [`GpuTrainer::step`] with `extra` added to the mini-batch gradient
+    /// before the update (weight decay and momentum then act on the sum,
+    /// as on the reference): the regulariser's term.
+    pub fn step_with(
+        &mut self,
+        x: &[f32],
+        y: &[u32],
+        s: SgdStep,
+        extra: Option<&[f64]>,
+    ) -> Result<f64> {
         let count = y.len();
         if count == 0 || count > self.max_count {
             return Err(Error::Invalid {
@@ -343,17 +372,59 @@ impl GpuTrainer {
         }
         self.forward_backward(count)?;
         self.update(count, s)?;
+        let np = self.model.n_params;
+        if let Some(e) = extra {
+            if e.len() != np {
+                return Err(Error::Invalid {
+                    what: "extra gradient",
+                    msg: format!("{} values for {np} parameters", e.len()),
+                });
+            }
+            let ef: Vec<f32> = e.iter().map(|&x| x as f32).collect();
+            if let Some(i) = ef.iter().position(|x| !x.is_finite()) {
+                return Err(Error::Numerical(format!(
+                    "the regulariser's gradient is {} at parameter {i} in float32 on {}",
+                    ef[i], self.ctx.info.name
+                )));
+            }
+            self.ctx
+                .write_f32(&self.arena.buffers[self.extra], 0, &ef)?;
+            if self.add_extra.is_none() {
+                let step = Step::new(
+                    Kernel::Copy,
+                    Consts::acc(true),
+                    &EwParams {
+                        len: np as u32,
+                        a_off: 0,
+                        out_off: 0,
+                        _p0: 0,
+                    },
+                    vec![self.extra, self.grad],
+                    Grid::Threads(np),
+                );
+                self.add_extra = Some(Compiled::build(
+                    &self.ctx,
+                    "adding the regulariser's gradient",
+                    &[step],
+                    &self.arena.buffers,
+                )?);
+            }
+        }
         let key = (count, s.first, s.lr.to_bits());
         let bufs = &self.arena.buffers;
         self.ctx.write_f32(&bufs[self.ws.act[0]], 0, x)?;
         self.ctx.write_u32(&bufs[self.ws.labels], y)?;
         let fb = &self.forward_backward[&count];
         let up = &self.updates[&key];
+        let add = extra.and(self.add_extra.as_ref());
         let grad = &bufs[self.grad].buffer;
         self.ctx.scoped("a training step", || {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             enc.clear_buffer(grad, 0, None);
             fb.record(&mut enc);
+            if let Some(a) = add {
+                a.record(&mut enc);
+            }
             up.record(&mut enc);
             self.ctx.queue.submit([enc.finish()]);
         })?;
