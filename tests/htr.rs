@@ -519,38 +519,41 @@ fn gpu_regularised_training_follows_the_reference() {
 }
 
 /// `hesscope train --backend vulkan --htr-gamma`: the run regularises on
-/// the GPU, records the regulariser's value, and lands within 1e-5 of the
-/// float64 run (as `gpu_regularised_training_follows_the_reference`).
+/// the GPU, records the regulariser's value, lands within 1e-5 of the
+/// float64 run (as `gpu_regularised_training_follows_the_reference`), and
+/// a run stopped after its first epoch resumes to the same bytes.
 #[test]
-fn cli_regularises_on_the_gpu() {
+fn cli_regularises_on_the_gpu_and_resumes_bit_for_bit() {
     let Some(_) = gpu_context(GPU_BACKENDS[0]) else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let flags = [
-        "--batch",
-        "16",
-        "--epochs",
-        "1",
-        "--lr",
-        "0.05",
-        "--seed",
-        "3",
-        "--htr-gamma",
-        "1e-3",
-        "--htr-every",
-        "2",
-        "--htr-probes",
-        "1",
-        "--json",
-    ];
+    let flags = |epochs: &'static str| {
+        vec![
+            "--batch",
+            "16",
+            "--epochs",
+            epochs,
+            "--lr",
+            "0.05",
+            "--seed",
+            "3",
+            "--htr-gamma",
+            "1e-3",
+            "--htr-every",
+            "3",
+            "--htr-probes",
+            "1",
+            "--json",
+        ]
+    };
+    let m = Model::load("cnn-tiny").unwrap();
     let mut out = vec![];
     for backend in ["vulkan", "cpu"] {
         let dir = tmp.path().join(backend);
-        let (ok, stdout, stderr) = hesscope(&cli_args_on(backend, &dir, &flags));
+        let (ok, stdout, stderr) = hesscope(&cli_args_on(backend, &dir, &flags("2")));
         assert!(ok, "{backend}: {stderr}");
         let j: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-        let m = Model::load("cnn-tiny").unwrap();
         let theta = Weights::load(&m, &dir.join("final.safetensors"))
             .unwrap()
             .theta;
@@ -558,11 +561,30 @@ fn cli_regularises_on_the_gpu() {
     }
     let (gpu, cpu) = (&out[0], &out[1]);
     assert_eq!(gpu.0["settings"]["backend"], "vulkan", "{}", gpu.0);
-    let (a, b) = (&gpu.0["epochs"][0]["htr"], &cpu.0["epochs"][0]["htr"]);
-    assert_eq!(a["steps"], b["steps"]);
-    let (va, vb) = (a["value"].as_f64().unwrap(), b["value"].as_f64().unwrap());
+    for e in 0..2 {
+        let (a, b) = (&gpu.0["epochs"][e]["htr"], &cpu.0["epochs"][e]["htr"]);
+        assert_eq!(a["steps"], b["steps"]);
+        let (va, vb) = (a["value"].as_f64().unwrap(), b["value"].as_f64().unwrap());
+        println!("epoch {e}: regulariser value {va} (vulkan) vs {vb} (cpu)");
+        assert!((va - vb).abs() <= 1e-5 * vb.abs(), "{va} vs {vb}");
+    }
     let e = rel_err(&gpu.1, &cpu.1);
-    println!("CLI vulkan vs cpu with the regulariser: θ {e:.2e}, value {va} vs {vb}");
-    assert!((va - vb).abs() <= 1e-5 * vb.abs(), "{va} vs {vb}");
+    println!("CLI vulkan vs cpu with the regulariser: θ {e:.2e}");
     assert!(e <= 1e-5, "{e:.2e}");
+    // Stopped after epoch 1, resumed to 2: the same bytes as the run above.
+    let b = tmp.path().join("resumed");
+    let (ok, _, stderr) = hesscope(&cli_args_on("vulkan", &b, &flags("1")));
+    assert!(ok, "{stderr}");
+    let mut again = flags("2");
+    let bs = b.to_str().unwrap().to_string();
+    again.extend(["--resume", &bs]);
+    let (ok, _, stderr) = hesscope(&cli_args_on("vulkan", &b, &again));
+    assert!(ok, "{stderr}");
+    for f in ["final.safetensors", "final.optim.safetensors"] {
+        let a = tmp.path().join("vulkan").join(f);
+        assert!(
+            std::fs::read(a).unwrap() == std::fs::read(b.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
 }
