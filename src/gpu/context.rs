@@ -479,7 +479,15 @@ impl GpuContext {
                     entry_point: Some(k.entry()),
                     compilation_options: wgpu::PipelineCompilationOptions {
                         constants: &constants,
-                        ..Default::default()
+                        // Every kernel writes the workgroup memory it reads
+                        // (conv_tiled.wgsl stages whole slabs, zeros past
+                        // the edges; the reductions fill one slot per
+                        // thread) before a barrier, so wgpu's zeroing is
+                        // dead work, and on GL it is ruinous: naga's GLSL
+                        // zeroes each array with a literal of every element,
+                        // which llvmpipe took 25–40 s to compile for
+                        // conv_tiled's two 1024-float slabs.
+                        zero_initialize_workgroup_memory: false,
                     },
                     cache: None,
                 });
