@@ -72,6 +72,9 @@ timed() { # name, command...: wall seconds of the command into $OUT/<name>.time
 }
 
 # 3. hesscope: the kernel table and gradient / HVP at resnet20 batch B.
+# On a GPU the table holds the tiled conv kernels at the tile the engine
+# chooses per layer (marked *) and at every other candidate tile
+# (bench::TILE_CANDIDATES): the data for choosing tiles per adapter.
 timed bench_resnet20 "$HS" bench "${GPU[@]}" "${COMMON20[@]}" --reps 10 --json
 # K-block HVPs (issue 12 item 1) where the binary has them.
 # `bench --block-sizes` builds the engine for the largest K and times a

@@ -28,8 +28,11 @@
 // tx + j·TN/RN (strided, so the threads of a row read neighbouring
 // workgroup-memory words). TM, TN, TK are override constants:
 // (TM/RM)·(TN/RN) ≤ 256 threads compute (the rest only load),
-// TK·TM ≤ 1024 and TK·TN ≤ 1024. The host's grid (kernels.rs,
-// conv_tiled_groups) uses the defaults.
+// TK·TM ≤ 1024 and TK·TN ≤ 1024 (kernels.rs `ConvTile::check` refuses
+// other tiles). The host sets all three per layer: the adapter's widest
+// tile (64×64×16 unless overridden) narrowed to the GEMM's rows
+// (`ConvTile::for_rows`: 16×256×4 for 16 rows, 32×128×8 for 32), and
+// sizes the grid to it (`ConvTile::groups`).
 
 struct ConvParams {
     n: u32, cin: u32, h: u32, w: u32,
@@ -310,7 +313,7 @@ fn store(mode: u32, chunk: u32, m: u32, col: u32, v: f32) {
 }
 
 // y[n, co, oy, ox] = Σ W[co, ci, ky, kx] · x[n, ci, oy·s + ky − pad, ox·s + kx − pad]
-// (+ the second pair, + bias, + y with ACC). Grid: conv_tiled_groups.
+// (+ the second pair, + bias, + y with ACC). Grid: ConvTile::groups.
 @compute @workgroup_size(256)
 fn conv_tiled_forward(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,

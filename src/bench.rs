@@ -6,8 +6,8 @@
 use crate::engine::Curvature;
 use crate::error::Result;
 use crate::gpu::kernels::{
-    self, bn_rows, ActParams, BnParams, Consts, ConvParams, EwParams, Kernel, KernelParams,
-    ReduceParams,
+    self, bn_rows, ActParams, BnParams, Consts, ConvParams, ConvTile, EwParams, Kernel,
+    KernelParams, ReduceParams,
 };
 use crate::gpu::program::{dispatch_timed, Grid};
 use crate::gpu::{GpuBuffer, GpuContext};
@@ -428,11 +428,16 @@ pub fn kernel_table(
 /// plus conv_weight_sum, FLOPs counted as `kernel_table` counts them
 /// (2·n·cout·oh·ow·cin·k² per kernel). On CPU emulators these numbers only
 /// show that the kernels run: they are shaped for GPUs.
+///
+/// Each kernel runs at the tile the engine would choose (`tile` narrowed
+/// by `ConvTile::for_rows`, marked `*`) and at every other tile of
+/// `TILE_CANDIDATES`, so a run on a new adapter shows which to choose.
 pub fn tiled_kernel_table(
     ctx: &GpuContext,
     model: &Model,
     n: usize,
     reps: usize,
+    tile: ConvTile,
 ) -> Result<Vec<KernelRow>> {
     let mut rows = vec![];
     for s in conv_shapes(model) {
@@ -453,63 +458,98 @@ pub fn tiled_kernel_table(
             ..p
         };
         let io = |a: usize, b: usize, c: usize| 4.0 * (a + b + c) as f64;
-        let groups = kernels::conv_tiled_groups;
-        let cases: [(Kernel, [&GpuBuffer; 5], usize, f64); 3] = [
+        // (kernel, buffers, GEMM rows m, columns, chunks, bytes)
+        type Case<'a> = (Kernel, [&'a GpuBuffer; 5], usize, usize, usize, f64);
+        let cases: [Case; 3] = [
             (
                 Kernel::ConvTiledForward,
                 [&x, &wt, &x, &wt, &y],
-                groups(cout, n * oh * ow, 1),
+                cout,
+                n * oh * ow,
+                1,
                 io(x.len, wt.len, y.len),
             ),
             (
                 Kernel::ConvTiledBackwardData,
                 [&gy, &wt, &gy, &wt, &gx],
-                groups(cin, n * h * w, 1),
+                cin,
+                n * h * w,
+                1,
                 io(gy.len, wt.len, gx.len),
             ),
             (
                 Kernel::ConvTiledBackwardWeight,
                 [&gy, &x, &gy, &x, &parts],
-                groups(cout, cin * k * k, chunks),
+                cout,
+                cin * k * k,
+                chunks,
                 io(gy.len, x.len, gw.len),
             ),
         ];
-        for (kern, bufs, g, bytes) in cases {
-            let (mut t, timer) = time_kernel(
-                ctx,
-                reps,
-                kern,
-                Consts::default(),
-                &p,
-                &bufs,
-                Grid::Groups(g),
-            )?;
-            let mut name = kern.entry().to_string();
-            if kern == Kernel::ConvTiledBackwardWeight {
-                let (t2, _) = time_kernel(
+        for (kern, bufs, m, cols, ch, bytes) in cases {
+            let chosen = tile.for_rows(m);
+            let mut tiles = vec![chosen];
+            tiles.extend(TILE_CANDIDATES.iter().copied().filter(|t| *t != chosen));
+            for t_ in tiles {
+                let (mut t, timer) = time_kernel(
                     ctx,
                     reps,
-                    Kernel::ConvWeightSum,
-                    Consts::default(),
+                    kern,
+                    t_.consts(Consts::default()),
                     &p,
-                    &[&parts, &gw],
-                    Grid::Threads(weights),
+                    &bufs,
+                    Grid::Groups(t_.groups(m, cols, ch)),
                 )?;
-                t += t2;
-                name += " + conv_weight_sum";
+                let mark = if t_ == chosen { "*" } else { "" };
+                let mut name = format!("{} {t_}{mark}", kern.entry());
+                if kern == Kernel::ConvTiledBackwardWeight {
+                    let (t2, _) = time_kernel(
+                        ctx,
+                        reps,
+                        Kernel::ConvWeightSum,
+                        Consts::default(),
+                        &p,
+                        &[&parts, &gw],
+                        Grid::Threads(weights),
+                    )?;
+                    t += t2;
+                    name += " + conv_weight_sum";
+                }
+                rows.push(KernelRow {
+                    kernel: name,
+                    shape: shape.clone(),
+                    seconds: t,
+                    timer,
+                    gflops: flops / t / 1e9,
+                    gbs: bytes / t / 1e9,
+                });
             }
-            rows.push(KernelRow {
-                kernel: name,
-                shape: shape.clone(),
-                seconds: t,
-                timer,
-                gflops: flops / t / 1e9,
-                gbs: bytes / t / 1e9,
-            });
         }
     }
     Ok(rows)
 }
+
+/// The tiles `tiled_kernel_table` compares with the chosen one: the
+/// default and the narrow and wide shapes `ConvTile::for_rows` picks
+/// between, and one deeper-than-wide.
+pub const TILE_CANDIDATES: [ConvTile; 4] = [
+    ConvTile::DEFAULT,
+    ConvTile {
+        tm: 32,
+        tn: 128,
+        tk: 8,
+    },
+    ConvTile {
+        tm: 16,
+        tn: 256,
+        tk: 4,
+    },
+    ConvTile {
+        tm: 128,
+        tn: 32,
+        tk: 8,
+    },
+];
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct EndToEnd {

@@ -29,7 +29,7 @@ use common::*;
 use hesscope::cpu::CpuReference;
 use hesscope::engine::{BnMode, Curvature, Problem};
 use hesscope::gpu::executor::ConvPath;
-use hesscope::gpu::kernels::{self, Consts, ConvParams, Kernel};
+use hesscope::gpu::kernels::{self, Consts, ConvParams, ConvTile, Kernel};
 use hesscope::gpu::program::{dispatch_once, Compiled, Grid, Step};
 use hesscope::gpu::{BackendChoice, EngineOptions, GpuBuffer, GpuContext, GpuEngine};
 use hesscope::model::{arch, Weights};
@@ -195,20 +195,95 @@ fn params(g: &conv::ConvGeom, wa: usize, wb: usize, bias: usize) -> ConvParams {
     }
 }
 
-fn forward_groups(g: &conv::ConvGeom) -> Grid {
-    Grid::Groups(kernels::conv_tiled_groups(g.cout, g.n * g.oh * g.ow, 1))
+fn forward_groups(g: &conv::ConvGeom, t: ConvTile) -> Grid {
+    Grid::Groups(t.groups(g.cout, g.n * g.oh * g.ow, 1))
 }
 
-fn data_groups(g: &conv::ConvGeom) -> Grid {
-    Grid::Groups(kernels::conv_tiled_groups(g.cin, g.n * g.h * g.w, 1))
+fn data_groups(g: &conv::ConvGeom, t: ConvTile) -> Grid {
+    Grid::Groups(t.groups(g.cin, g.n * g.h * g.w, 1))
 }
 
-fn weight_groups(g: &conv::ConvGeom, chunks: usize) -> Grid {
-    Grid::Groups(kernels::conv_tiled_groups(
-        g.cout,
-        g.cin * g.k * g.k,
-        chunks,
-    ))
+fn weight_groups(g: &conv::ConvGeom, chunks: usize, t: ConvTile) -> Grid {
+    Grid::Groups(t.groups(g.cout, g.cin * g.k * g.k, chunks))
+}
+
+/// Tiles besides the engine's choice, one per shape in turn: the bench's
+/// candidates and odd ones at the edges of what `ConvTile::check`
+/// accepts (one micro-tile; sides not powers of two; one-deep slabs; a
+/// full 1024-float slab).
+const OTHER_TILES: [ConvTile; 7] = [
+    ConvTile {
+        tm: 32,
+        tn: 128,
+        tk: 8,
+    },
+    ConvTile {
+        tm: 16,
+        tn: 256,
+        tk: 4,
+    },
+    ConvTile {
+        tm: 128,
+        tn: 32,
+        tk: 8,
+    },
+    ConvTile {
+        tm: 4,
+        tn: 4,
+        tk: 1,
+    },
+    ConvTile {
+        tm: 12,
+        tn: 20,
+        tk: 3,
+    },
+    ConvTile {
+        tm: 8,
+        tn: 128,
+        tk: 8,
+    },
+    ConvTile {
+        tm: 64,
+        tn: 64,
+        tk: 16,
+    },
+];
+
+/// The tiles shape `i` runs with for a GEMM of `m` rows: the engine's
+/// (the default narrowed to m), then another; `first` marks the engine's,
+/// which runs every variant of the kernel, the other only the fullest.
+fn tiles(i: usize, m: usize) -> [(ConvTile, bool); 2] {
+    [
+        (ConvTile::DEFAULT.for_rows(m), true),
+        (OTHER_TILES[i % OTHER_TILES.len()], false),
+    ]
+}
+
+#[test]
+fn tiles_are_checked_and_narrowed_within_the_shaders_bounds() {
+    for t in OTHER_TILES {
+        t.check().unwrap();
+    }
+    for m in 1..=200 {
+        let t = ConvTile::DEFAULT.for_rows(m);
+        t.check().unwrap();
+        assert!(t.tm as usize >= m.min(64), "{m}: {t}");
+    }
+    assert_eq!(ConvTile::DEFAULT.for_rows(16).to_string(), "16x256x4");
+    assert_eq!(ConvTile::DEFAULT.for_rows(32).to_string(), "32x128x8");
+    assert_eq!(ConvTile::DEFAULT.for_rows(33), ConvTile::DEFAULT);
+    for bad in [
+        "64x64",
+        "0x64x16",
+        "6x64x16",
+        "128x64x16",
+        "64x64x17",
+        "64x64x0",
+        "axbxc",
+    ] {
+        assert!(bad.parse::<ConvTile>().is_err(), "{bad}");
+    }
+    assert_eq!("32x128x8".parse::<ConvTile>().unwrap(), OTHER_TILES[0]);
 }
 
 /// Random shapes: k 1..=11, stride 1..=4, padding 0..=k+1; channels up to
@@ -259,7 +334,7 @@ fn tiled_conv_kernels_match_the_reference() {
     for (backend, ctx) in contexts() {
         let mut r = StdRng::seed_from_u64(1);
         let mut worst = [0.0f64; 3];
-        for g in &cases {
+        for (gi, g) in cases.iter().enumerate() {
             let what = format!(
                 "{backend} tiled n{} cin{} {}x{} cout{} k{} s{} p{}",
                 g.n, g.cin, g.h, g.w, g.cout, g.k, g.stride, g.pad
@@ -286,85 +361,95 @@ fn tiled_conv_kernels_match_the_reference() {
             let (gyb, rgyb) = (upload(&ctx, "gy", &gy), upload(&ctx, "R(gy)", &rgy));
 
             // Forward: [x, θ, x, θ] (+ θ's bias), R-forward [ẋ, θ, x, v] (+ v's bias).
-            for (pair, bias, acc) in [
-                (false, false, false),
-                (false, true, false),
-                (false, false, true),
-                (true, false, false),
-                (true, true, true),
-            ] {
-                let y0 = rnd(&mut r, yl);
-                let y = if acc {
-                    upload(&ctx, "y", &y0)
-                } else {
-                    poisoned(&ctx, "y", yl)
-                };
-                let mut want = if acc { y0.clone() } else { vec![0.0; yl] };
-                let (p, bufs) = if pair {
-                    conv::forward_acc(g, &dx, wt, &mut want);
-                    conv::forward_acc(g, &x, vt, &mut want);
-                    if bias {
-                        conv::bias_acc(g.n, g.cout, g.oh * g.ow, &v[boff..], &mut want);
+            for (tile, first) in tiles(gi, g.cout) {
+                for (pair, bias, acc) in [
+                    (false, false, false),
+                    (false, true, false),
+                    (false, false, true),
+                    (true, false, false),
+                    (true, true, true),
+                ] {
+                    if !(first || pair && bias && acc) {
+                        continue;
                     }
-                    (params(g, woff, woff, boff), [&dxb, &tb, &xb, &vb, &y])
-                } else {
-                    conv::forward_acc(g, &x, wt, &mut want);
-                    if bias {
-                        conv::bias_acc(g.n, g.cout, g.oh * g.ow, &theta[boff..], &mut want);
-                    }
-                    (params(g, woff, 0, boff), [&xb, &tb, &xb, &tb, &y])
-                };
-                let c = Consts::conv(pair, bias, acc);
-                dispatch_once(
-                    &ctx,
-                    Kernel::ConvTiledForward,
-                    c,
-                    &p,
-                    &bufs,
-                    forward_groups(g),
-                )
-                .unwrap();
-                let e = check(
-                    &format!("{what} forward pair={pair} bias={bias} acc={acc}"),
-                    &read(&ctx, &y),
-                    &want,
-                );
-                worst[0] = worst[0].max(e);
+                    let y0 = rnd(&mut r, yl);
+                    let y = if acc {
+                        upload(&ctx, "y", &y0)
+                    } else {
+                        poisoned(&ctx, "y", yl)
+                    };
+                    let mut want = if acc { y0.clone() } else { vec![0.0; yl] };
+                    let (p, bufs) = if pair {
+                        conv::forward_acc(g, &dx, wt, &mut want);
+                        conv::forward_acc(g, &x, vt, &mut want);
+                        if bias {
+                            conv::bias_acc(g.n, g.cout, g.oh * g.ow, &v[boff..], &mut want);
+                        }
+                        (params(g, woff, woff, boff), [&dxb, &tb, &xb, &vb, &y])
+                    } else {
+                        conv::forward_acc(g, &x, wt, &mut want);
+                        if bias {
+                            conv::bias_acc(g.n, g.cout, g.oh * g.ow, &theta[boff..], &mut want);
+                        }
+                        (params(g, woff, 0, boff), [&xb, &tb, &xb, &tb, &y])
+                    };
+                    let c = tile.consts(Consts::conv(pair, bias, acc));
+                    dispatch_once(
+                        &ctx,
+                        Kernel::ConvTiledForward,
+                        c,
+                        &p,
+                        &bufs,
+                        forward_groups(g, tile),
+                    )
+                    .unwrap();
+                    let e = check(
+                        &format!("{what} tile {tile} forward pair={pair} bias={bias} acc={acc}"),
+                        &read(&ctx, &y),
+                        &want,
+                    );
+                    worst[0] = worst[0].max(e);
+                }
             }
 
             // Backward data: [gy, θ, gy, θ] and [R(gy), θ, gy, v].
-            for (pair, acc) in [(false, false), (false, true), (true, false), (true, true)] {
-                let gx0 = rnd(&mut r, xl);
-                let gx = if acc {
-                    upload(&ctx, "gx", &gx0)
-                } else {
-                    poisoned(&ctx, "gx", xl)
-                };
-                let mut want = if acc { gx0.clone() } else { vec![0.0; xl] };
-                let (p, bufs) = if pair {
-                    conv::backward_data_acc(g, &rgy, wt, &mut want);
-                    conv::backward_data_acc(g, &gy, vt, &mut want);
-                    (params(g, woff, woff, 0), [&rgyb, &tb, &gyb, &vb, &gx])
-                } else {
-                    conv::backward_data_acc(g, &gy, wt, &mut want);
-                    (params(g, woff, 0, 0), [&gyb, &tb, &gyb, &tb, &gx])
-                };
-                let c = Consts::conv(pair, false, acc);
-                dispatch_once(
-                    &ctx,
-                    Kernel::ConvTiledBackwardData,
-                    c,
-                    &p,
-                    &bufs,
-                    data_groups(g),
-                )
-                .unwrap();
-                let e = check(
-                    &format!("{what} backward data pair={pair} acc={acc}"),
-                    &read(&ctx, &gx),
-                    &want,
-                );
-                worst[1] = worst[1].max(e);
+            for (tile, first) in tiles(gi, g.cin) {
+                for (pair, acc) in [(false, false), (false, true), (true, false), (true, true)] {
+                    if !(first || pair && acc) {
+                        continue;
+                    }
+                    let gx0 = rnd(&mut r, xl);
+                    let gx = if acc {
+                        upload(&ctx, "gx", &gx0)
+                    } else {
+                        poisoned(&ctx, "gx", xl)
+                    };
+                    let mut want = if acc { gx0.clone() } else { vec![0.0; xl] };
+                    let (p, bufs) = if pair {
+                        conv::backward_data_acc(g, &rgy, wt, &mut want);
+                        conv::backward_data_acc(g, &gy, vt, &mut want);
+                        (params(g, woff, woff, 0), [&rgyb, &tb, &gyb, &vb, &gx])
+                    } else {
+                        conv::backward_data_acc(g, &gy, wt, &mut want);
+                        (params(g, woff, 0, 0), [&gyb, &tb, &gyb, &tb, &gx])
+                    };
+                    let c = tile.consts(Consts::conv(pair, false, acc));
+                    dispatch_once(
+                        &ctx,
+                        Kernel::ConvTiledBackwardData,
+                        c,
+                        &p,
+                        &bufs,
+                        data_groups(g, tile),
+                    )
+                    .unwrap();
+                    let e = check(
+                        &format!("{what} tile {tile} backward data pair={pair} acc={acc}"),
+                        &read(&ctx, &gx),
+                        &want,
+                    );
+                    worst[1] = worst[1].max(e);
+                }
             }
 
             // Weight gradient, stage one: the engine's split and a random
@@ -372,43 +457,49 @@ fn tiled_conv_kernels_match_the_reference() {
             // partials is written.
             let rows = g.n * g.oh;
             let (per_engine, _) = kernels::conv_weight_chunks(g.n, g.oh, g.ow, wl);
-            for per in [per_engine, r.random_range(1..=rows)] {
-                let chunks = rows.div_ceil(per);
-                for pair in [false, true] {
-                    let p = ConvParams {
-                        rows_per_chunk: per as u32,
-                        chunks: chunks as u32,
-                        ..params(g, woff, 0, 0)
-                    };
-                    let parts = poisoned(&ctx, "partials", wl * chunks + 3);
-                    let (bufs, want) = if pair {
-                        (
-                            [&rgyb, &xb, &gyb, &dxb, &parts],
-                            weight_partials(g, per, chunks, &rgy, &x, Some((&gy, &dx))),
+            let per_random = r.random_range(1..=rows);
+            for (tile, first) in tiles(gi, g.cout) {
+                for per in [per_engine, per_random] {
+                    let chunks = rows.div_ceil(per);
+                    for pair in [false, true] {
+                        if !(first || pair && per == per_engine) {
+                            continue;
+                        }
+                        let p = ConvParams {
+                            rows_per_chunk: per as u32,
+                            chunks: chunks as u32,
+                            ..params(g, woff, 0, 0)
+                        };
+                        let parts = poisoned(&ctx, "partials", wl * chunks + 3);
+                        let (bufs, want) = if pair {
+                            (
+                                [&rgyb, &xb, &gyb, &dxb, &parts],
+                                weight_partials(g, per, chunks, &rgy, &x, Some((&gy, &dx))),
+                            )
+                        } else {
+                            (
+                                [&gyb, &xb, &gyb, &xb, &parts],
+                                weight_partials(g, per, chunks, &gy, &x, None),
+                            )
+                        };
+                        let c = tile.consts(Consts::new(&[("PAIR_B", pair as u32)]));
+                        dispatch_once(
+                            &ctx,
+                            Kernel::ConvTiledBackwardWeight,
+                            c,
+                            &p,
+                            &bufs,
+                            weight_groups(g, chunks, tile),
                         )
-                    } else {
-                        (
-                            [&gyb, &xb, &gyb, &xb, &parts],
-                            weight_partials(g, per, chunks, &gy, &x, None),
-                        )
-                    };
-                    let c = Consts::new(&[("PAIR_B", pair as u32)]);
-                    dispatch_once(
-                        &ctx,
-                        Kernel::ConvTiledBackwardWeight,
-                        c,
-                        &p,
-                        &bufs,
-                        weight_groups(g, chunks),
-                    )
-                    .unwrap();
-                    let got = read(&ctx, &parts);
-                    let tag = format!("{what} weight pair={pair} rows/chunk {per}");
-                    worst[2] = worst[2].max(check(&tag, &got[..wl * chunks], &want));
-                    assert!(
-                        got[wl * chunks..].iter().all(|v| v.is_nan()),
-                        "{tag}: wrote past the partials"
-                    );
+                        .unwrap();
+                        let got = read(&ctx, &parts);
+                        let tag = format!("{what} tile {tile} weight pair={pair} rows/chunk {per}");
+                        worst[2] = worst[2].max(check(&tag, &got[..wl * chunks], &want));
+                        assert!(
+                            got[wl * chunks..].iter().all(|v| v.is_nan()),
+                            "{tag}: wrote past the partials"
+                        );
+                    }
                 }
             }
         }
@@ -510,7 +601,7 @@ fn tiled_conv_kernels_serve_three_tangents_per_dispatch() {
                     consts(Consts::conv(true, true, true)),
                     &params(g, woff, woff, boff),
                     bufs,
-                    forward_groups(g),
+                    forward_groups(g, ConvTile::DEFAULT),
                     K as u32,
                 );
                 let got = read(&ctx, &out[4]);
@@ -546,7 +637,7 @@ fn tiled_conv_kernels_serve_three_tangents_per_dispatch() {
                     consts(Consts::conv(true, false, false)),
                     &params(g, woff, woff, 0),
                     bufs,
-                    data_groups(g),
+                    data_groups(g, ConvTile::DEFAULT),
                     K as u32,
                 );
                 let got = read(&ctx, &out[4]);
@@ -588,7 +679,7 @@ fn tiled_conv_kernels_serve_three_tangents_per_dispatch() {
                     consts(Consts::new(&[("PAIR_B", 1)])),
                     &p,
                     bufs,
-                    weight_groups(g, chunks),
+                    weight_groups(g, chunks, ConvTile::DEFAULT),
                     K as u32,
                 );
                 let got = read(&ctx, &out[4]);

@@ -186,6 +186,19 @@ impl Inputs {
         Ok(Loaded { model, engine })
     }
 
+    /// `load` with a GPU engine built with `options` (the reference where
+    /// --backend asks for it).
+    pub fn load_with_options(&self, options: hesscope::gpu::EngineOptions) -> Result<Loaded> {
+        let (model, weights) = self.model_and_weights()?;
+        let data = self.dataset(&model)?;
+        let problem = Problem::new(model.clone(), weights, data, self.batch, self.bn_mode())?;
+        let engine: Box<dyn Curvature> = match self.gpu_engine(&problem, options)? {
+            Some(e) => Box::new(e),
+            None => Box::new(CpuReference::new(problem)),
+        };
+        Ok(Loaded { model, engine })
+    }
+
     /// The engine, a GPU one built for `block` tangents per sweep.
     pub fn engine_block(
         &self,

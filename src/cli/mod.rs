@@ -100,6 +100,12 @@ pub enum Command {
         /// ones too where the adapter is a GPU).
         #[arg(long, value_enum, default_value_t = ConvPathArg::Auto)]
         conv_path: ConvPathArg,
+        /// The tiled conv kernels' widest tile, TMxTNxTK (default
+        /// 64x64x16; narrowed per layer as the engine does): for the
+        /// engine's gradient and HVPs and the tiled kernel table, which
+        /// also times the other candidate tiles.
+        #[arg(long, value_name = "TMxTNxTK")]
+        conv_tile: Option<hesscope::gpu::kernels::ConvTile>,
         #[command(flatten)]
         inputs: Inputs,
     },
@@ -137,7 +143,15 @@ pub fn run(cli: Cli) -> Result<()> {
             no_kernels,
             block_sizes,
             conv_path,
-        } => bench(&inputs, reps, no_kernels, &block_sizes, conv_path),
+            conv_tile,
+        } => bench(
+            &inputs,
+            reps,
+            no_kernels,
+            &block_sizes,
+            conv_path,
+            conv_tile,
+        ),
         Command::Grad { inputs, out } => grad(&inputs, out),
         Command::Hvp {
             inputs,
@@ -267,6 +281,7 @@ fn bench(
     no_kernels: bool,
     block_sizes: &[usize],
     conv_path: ConvPathArg,
+    conv_tile: Option<hesscope::gpu::kernels::ConvTile>,
 ) -> Result<()> {
     if reps == 0 || reps > MAX_REPS {
         bail!("invalid --reps: {reps}; between 1 and {MAX_REPS}");
@@ -276,7 +291,11 @@ fn bench(
         bail!("invalid --block-sizes: {k}; each block size between 1 and {max_block}");
     }
     // An engine for the largest block timed (GPU tangent buffers for K).
-    let mut l = inputs.load_block(block_sizes.iter().max().copied())?;
+    let mut l = inputs.load_with_options(hesscope::gpu::EngineOptions {
+        block: block_sizes.iter().max().copied(),
+        conv_tile,
+        ..Default::default()
+    })?;
     let e2e =
         hesscope::bench::end_to_end(l.engine.as_mut(), reps).context("timing gradient and HVP")?;
     let block_products = hesscope::bench::block_timings(l.engine.as_mut(), block_sizes, reps)
@@ -297,7 +316,8 @@ fn bench(
             ConvPathArg::Emulator => hesscope::gpu::executor::ConvPath::Emulator,
         };
         if path.tiled_on(&ctx.info.device_type) {
-            let tiled = hesscope::bench::tiled_kernel_table(&ctx, &model, n, reps)
+            let tile = conv_tile.unwrap_or(hesscope::gpu::kernels::ConvTile::DEFAULT);
+            let tiled = hesscope::bench::tiled_kernel_table(&ctx, &model, n, reps, tile)
                 .context("timing the tiled conv kernels")?;
             kernels.extend(tiled);
         }

@@ -9,7 +9,7 @@ use crate::data::Dataset;
 use crate::engine::{check_out_len, BnMode, Curvature, Problem};
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
-use crate::gpu::kernels::Kernel;
+use crate::gpu::kernels::{self, ConvTile, Kernel};
 use crate::gpu::memory::{self, Arena, Workspace};
 use crate::gpu::plan::{self, Plan};
 use crate::gpu::program::Compiled;
@@ -47,6 +47,10 @@ pub struct EngineOptions {
     pub block: Option<usize>,
     /// Which convolution kernels the engine runs.
     pub conv_path: ConvPath,
+    /// The tiled kernels' widest tile (narrowed per layer by
+    /// `ConvTile::for_rows`); None: `ConvTile::DEFAULT`. Which adapters
+    /// run tiled kernels at all: `conv_path`, and their limits.
+    pub conv_tile: Option<ConvTile>,
     /// Plan for held piecewise decisions (`GpuEngine::hold_decisions`):
     /// every pass replays the ReLU/LeakyReLU pieces and max-pool argmax
     /// recorded at one θ. Needs every batch resident (the cache budget).
@@ -85,6 +89,7 @@ impl Default for EngineOptions {
             cache_budget: None,
             block: None,
             conv_path: ConvPath::Auto,
+            conv_tile: None,
             frozen: false,
         }
     }
@@ -235,7 +240,18 @@ impl GpuEngine {
 
         let scale = 1.0 / data.len() as f32;
         let window_alignment = ctx.windows_supported().then(|| ctx.window_alignment());
-        let conv_tiled = options.conv_path.tiled_on(&ctx.info.device_type);
+        let conv_tile = match options.conv_tile {
+            Some(t) => {
+                t.check().map_err(|msg| Error::Invalid {
+                    what: "conv tile",
+                    msg,
+                })?;
+                t
+            }
+            None => ConvTile::DEFAULT,
+        };
+        let conv_tiled = options.conv_path.tiled_on(&ctx.info.device_type)
+            && tiles_fit(&ctx, options.conv_path)?;
         let mut programs = vec![];
         for (bi, &(start, count)) in batches.iter().enumerate() {
             let w = bi % n_ws;
@@ -252,6 +268,7 @@ impl GpuEngine {
                 window_alignment,
             );
             p.conv_tiled = conv_tiled;
+            p.conv_tile = conv_tile;
             p.frozen = options.frozen;
             let block = plan::BlockPlan {
                 kmax,
@@ -700,6 +717,30 @@ fn default_block(ctx: &GpuContext, model: &Model, canon: &[usize], n: usize) -> 
     }
     let per = memory::tangent_bytes(model, canon, n, 1).max(1);
     (BLOCK_BUDGET_BYTES / per).clamp(1, DEFAULT_MAX_BLOCK)
+}
+
+/// Whether the adapter runs conv_tiled.wgsl's workgroups (256 threads,
+/// two slabs of `CONV_TILE_CAP` floats in workgroup memory): where it
+/// cannot, `Auto` keeps the emulator kernels and `Tiled` is refused.
+pub(crate) fn tiles_fit(ctx: &GpuContext, path: ConvPath) -> Result<bool> {
+    let need_mem = 2 * 4 * kernels::CONV_TILE_CAP;
+    let l = &ctx.limits;
+    let fits = l.max_compute_workgroup_storage_size >= need_mem
+        && l.max_compute_invocations_per_workgroup >= 256
+        && l.max_compute_workgroup_size_x >= 256;
+    if !fits && path == ConvPath::Tiled {
+        return Err(Error::Invalid {
+            what: "conv path",
+            msg: format!(
+                "{} cannot run the tiled conv kernels: they need 256 threads per workgroup \
+                 and {need_mem} bytes of workgroup memory (it has {} and {})",
+                ctx.info.name,
+                l.max_compute_invocations_per_workgroup,
+                l.max_compute_workgroup_storage_size
+            ),
+        });
+    }
+    Ok(fits)
 }
 
 /// `CACHE_BUDGET_BYTES`, or on a CPU emulator at most a quarter of the

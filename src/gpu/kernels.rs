@@ -85,16 +85,16 @@ pub fn conv_half_windowed_source() -> &'static str {
 /// Pipeline-overridable constants a step specialises its kernel with
 /// (WGSL `override`), e.g. `ACC` (add into the output) or `ACT` (which
 /// activation): no dispatch computes or branches on a term that is absent.
-/// At most six per kernel; part of the pipeline cache key.
+/// At most eight per kernel; part of the pipeline cache key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Consts {
-    items: [(&'static str, u32); 6],
+    items: [(&'static str, u32); 8],
     len: u8,
 }
 
 impl Consts {
     pub fn new(items: &[(&'static str, u32)]) -> Consts {
-        assert!(items.len() <= 6, "at most six override constants");
+        assert!(items.len() <= 8, "at most eight override constants");
         let mut c = Consts::default();
         c.items[..items.len()].copy_from_slice(items);
         c.len = items.len() as u8;
@@ -251,10 +251,11 @@ kernels! {
     ConvBackwardWeightK3 => ConvWeight::"conv_backward_weight_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B", "KB", "KMAX"];
     ConvWeightSum => ConvWeight::"conv_weight_sum", [R, W], ConvParams, ["KB", "KMAX"];
     /// Tiled implicit GEMM (conv_tiled.wgsl): ConvForward, ConvBackwardData
-    /// and ConvBackwardWeight's stage one for GPUs (`conv_tiled_groups`).
-    ConvTiledForward => ConvTiled::"conv_tiled_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
-    ConvTiledBackwardData => ConvTiled::"conv_tiled_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
-    ConvTiledBackwardWeight => ConvTiled::"conv_tiled_backward_weight", [R, R, R, R, W], ConvParams, ["PAIR_B", "KB", "KMAX"];
+    /// and ConvBackwardWeight's stage one for GPUs, at a `ConvTile`
+    /// (`ConvTile::groups`).
+    ConvTiledForward => ConvTiled::"conv_tiled_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "TM", "TN", "TK", "KB", "KMAX"];
+    ConvTiledBackwardData => ConvTiled::"conv_tiled_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "TM", "TN", "TK", "KB", "KMAX"];
+    ConvTiledBackwardWeight => ConvTiled::"conv_tiled_backward_weight", [R, R, R, R, W], ConvParams, ["PAIR_B", "TM", "TN", "TK", "KB", "KMAX"];
     ChannelSums => Reduce::"channel_sums", [R, R, W], ReduceParams, ["HAS_B", "ACC", "KB", "KMAX"];
     BnParamSums => Reduce::"bn_param_sums", [R, R, W, R, R, W], ReduceParams, ["PAIR2", "KB", "KMAX"];
     SumAll => Reduce::"sum_all", [R, W], ReduceParams, [];
@@ -312,7 +313,7 @@ impl Consts {
     }
     /// These constants and one more.
     pub fn with(mut self, name: &'static str, value: u32) -> Consts {
-        assert!((self.len as usize) < 6, "at most six override constants");
+        assert!((self.len as usize) < 8, "at most eight override constants");
         self.items[self.len as usize] = (name, value);
         self.len += 1;
         self
@@ -470,15 +471,108 @@ pub fn conv_weight_chunks(n: usize, oh: usize, ow: usize, weights: usize) -> (us
     (per, chunks)
 }
 
-/// The default tile of conv_tiled.wgsl (override constants TM, TN; TK is
-/// the slab depth): C tiles of CONV_TILE_M × CONV_TILE_N.
-pub const CONV_TILE_M: usize = 64;
-pub const CONV_TILE_N: usize = 64;
+/// A tile of conv_tiled.wgsl's implicit GEMMs (its override constants):
+/// a workgroup computes a `tm` × `tn` tile of C, staging `tk`-deep slabs
+/// of A and B in workgroup memory; each of its 256 threads owns a 4 × 4
+/// register micro-tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvTile {
+    pub tm: u32,
+    pub tn: u32,
+    pub tk: u32,
+}
 
-/// Workgroups of a tiled conv kernel at the default tile: one per
-/// (chunk, TM × TN tile of the m × n result). Forward: m = cout,
-/// n = batch·oh·ow; backward data: m = cin, n = batch·h·w; weight
-/// gradient: m = cout, n = cin·k·k, `chunks` of conv_weight_chunks.
-pub fn conv_tiled_groups(m: usize, n: usize, chunks: usize) -> usize {
-    m.div_ceil(CONV_TILE_M) * n.div_ceil(CONV_TILE_N) * chunks
+/// Floats in each of conv_tiled.wgsl's workgroup-memory slabs (`CAP`).
+pub const CONV_TILE_CAP: u32 = 1024;
+
+impl ConvTile {
+    /// The shader's defaults, and the widest tile the host chooses.
+    pub const DEFAULT: ConvTile = ConvTile {
+        tm: 64,
+        tn: 64,
+        tk: 16,
+    };
+
+    /// The tiles the shader computes right, or why not: `tm` and `tn`
+    /// multiples of the 4 × 4 micro-tile with at most 256 micro-tiles
+    /// (the workgroup's threads), each slab (`tk`·`tm`, `tk`·`tn`) within
+    /// `CONV_TILE_CAP`, `tk` ≥ 1.
+    pub fn check(self) -> std::result::Result<(), String> {
+        let ConvTile { tm, tn, tk } = self;
+        if tm == 0 || tn == 0 || tm % 4 != 0 || tn % 4 != 0 {
+            return Err(format!(
+                "{self}: the tile's sides must be positive multiples of 4"
+            ));
+        }
+        if (tm / 4) * (tn / 4) > 256 {
+            return Err(format!(
+                "{self}: more than 256 4×4 micro-tiles (tm·tn > 4096)"
+            ));
+        }
+        if tk == 0 || tk * tm > CONV_TILE_CAP || tk * tn > CONV_TILE_CAP {
+            return Err(format!(
+                "{self}: the slab depth must be at least 1 with tk·tm and tk·tn at most {CONV_TILE_CAP}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The constants that specialise a tiled kernel to this tile.
+    pub fn consts(self, c: Consts) -> Consts {
+        c.with("TM", self.tm)
+            .with("TN", self.tn)
+            .with("TK", self.tk)
+    }
+
+    /// The tile for a GEMM with `m` rows, from this (the adapter's) one:
+    /// rows narrowed to the smallest of 16, 32, 64 that holds `m` (a
+    /// 16-row layer in 64-row tiles computes four rows for every one it
+    /// keeps), columns widened to keep the 256 threads busy, the slab
+    /// depth to what workgroup memory holds.
+    pub fn for_rows(self, m: usize) -> ConvTile {
+        let mut tm = self.tm;
+        while tm > 16 && m as u32 <= tm / 2 {
+            tm /= 2;
+        }
+        if tm == self.tm {
+            return self;
+        }
+        let tn = (self.tm * self.tn / tm).min(CONV_TILE_CAP);
+        let tk = self.tk.min(CONV_TILE_CAP / tn).max(1);
+        ConvTile { tm, tn, tk }
+    }
+
+    /// Workgroups of a tiled conv kernel: one per (chunk, tile of the
+    /// m × n result). Forward: m = cout, n = batch·oh·ow; backward data:
+    /// m = cin, n = batch·h·w; weight gradient: m = cout, n = cin·k·k,
+    /// `chunks` of conv_weight_chunks.
+    pub fn groups(self, m: usize, n: usize, chunks: usize) -> usize {
+        m.div_ceil(self.tm as usize) * n.div_ceil(self.tn as usize) * chunks
+    }
+}
+
+impl std::fmt::Display for ConvTile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}", self.tm, self.tn, self.tk)
+    }
+}
+
+impl std::str::FromStr for ConvTile {
+    type Err = String;
+    /// `TMxTNxTK`, e.g. `64x64x16`, checked.
+    fn from_str(s: &str) -> std::result::Result<ConvTile, String> {
+        let parts: Vec<&str> = s.split('x').collect();
+        let bad = || format!("`{s}`: expected TMxTNxTK, e.g. 64x64x16");
+        if parts.len() != 3 {
+            return Err(bad());
+        }
+        let n = |t: &str| t.trim().parse::<u32>().map_err(|_| bad());
+        let tile = ConvTile {
+            tm: n(parts[0])?,
+            tn: n(parts[1])?,
+            tk: n(parts[2])?,
+        };
+        tile.check()?;
+        Ok(tile)
+    }
 }

@@ -6,7 +6,9 @@
 //! flatten aliasing — and asks each layer's unit (`crate::layers`) for its
 //! kernels.
 
-use crate::gpu::kernels::{Binding, Consts, EwParams, Kernel, KernelParams, ReduceParams};
+use crate::gpu::kernels::{
+    Binding, Consts, ConvTile, EwParams, Kernel, KernelParams, ReduceParams,
+};
 use crate::gpu::memory::Workspace;
 use crate::gpu::program::{Grid, Step};
 use crate::layers::{self, loss};
@@ -58,6 +60,9 @@ pub struct Plan<'a> {
     /// Convolutions run the tiled kernels (shaders/conv_tiled.wgsl;
     /// `executor::ConvPath`); false (`new`): the emulator kernels.
     pub conv_tiled: bool,
+    /// The adapter's tile for them, narrowed per layer
+    /// (`ConvTile::for_rows`).
+    pub conv_tile: ConvTile,
     /// Piecewise units (ReLU/LeakyReLU, max pool) replay the decisions
     /// recorded by the batch's `record` program instead of making their
     /// own: the loss is then the smooth continuation of the piece holding
@@ -108,6 +113,7 @@ impl<'a> Plan<'a> {
             batch_mode,
             window_alignment,
             conv_tiled: false,
+            conv_tile: ConvTile::DEFAULT,
             frozen: false,
             recording: false,
             block: None,

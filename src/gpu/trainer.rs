@@ -16,6 +16,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
+use crate::gpu::executor::{tiles_fit, ConvPath};
 use crate::gpu::kernels::{bn_rows, BnRunningParams, Consts, EwParams, Kernel, SgdParams};
 use crate::gpu::memory::{self, Arena, Workspace};
 use crate::gpu::plan::{self, Plan};
@@ -240,7 +241,7 @@ impl GpuTrainer {
                 .ctx
                 .windows_supported()
                 .then(|| self.ctx.window_alignment());
-            let p = Plan::new(
+            let mut p = Plan::new(
                 &self.model,
                 count,
                 self.theta,
@@ -252,6 +253,9 @@ impl GpuTrainer {
                 true,
                 window_alignment,
             );
+            // The conv kernels of the spectral engine's default path.
+            let path = ConvPath::Auto;
+            p.conv_tiled = path.tiled_on(&self.ctx.info.device_type) && tiles_fit(&self.ctx, path)?;
             let steps = plan::plan_batch(
                 p,
                 &self.ws,

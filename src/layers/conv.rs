@@ -322,15 +322,17 @@ impl Layer for ConvUnit {
             vec![gy, x, gy, x, parts]
         };
         let c = Consts::new(&[("PAIR_B", pair_b as u32)]);
-        let (kernel, groups) = if p.conv_tiled {
+        let (kernel, groups, c) = if p.conv_tiled {
             let taps = d.cin * d.k * d.k;
-            let groups = kernels::conv_tiled_groups(d.cout, taps, chunks);
-            (Kernel::ConvTiledBackwardWeight, groups)
+            let tile = p.conv_tile.for_rows(d.cout);
+            let groups = tile.groups(d.cout, taps, chunks);
+            (Kernel::ConvTiledBackwardWeight, groups, tile.consts(c))
         } else {
             let kernel = kernels::conv_weight_variant(d.k, d.stride, d.ow);
             (
                 kernel,
                 kernels::conv_weight_groups(d.cout, d.cin, d.k, chunks),
+                c,
             )
         };
         p.push_with(kernel, c, &pr, bufs, Grid::Groups(groups));
@@ -401,8 +403,15 @@ fn push_conv(
             Kernel::ConvForward => (Kernel::ConvTiledForward, pr.cout, pr.oh * pr.ow),
             _ => (Kernel::ConvTiledBackwardData, pr.cin, pr.h * pr.w),
         };
-        let groups = kernels::conv_tiled_groups(m as usize, (pr.n * cols) as usize, 1);
-        return p.push_with(tiled, consts, pr, buffers, Grid::Groups(groups));
+        let tile = p.conv_tile.for_rows(m as usize);
+        let groups = tile.groups(m as usize, (pr.n * cols) as usize, 1);
+        return p.push_with(
+            tiled,
+            tile.consts(consts),
+            pr,
+            buffers,
+            Grid::Groups(groups),
+        );
     }
     let (k, s) = (pr.k as usize, pr.stride as usize);
     let storage = kernels::conv_variant_via(kernel, k, s, WeightsVia::Storage);
