@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hesscope::data::Dataset;
 use hesscope::engine::{BnMode, Problem};
+use hesscope::gpu::GpuEngine;
 use hesscope::model::Model;
 use hesscope::report::{
     CurvatureRecord, EpochRecord, Exporter, HtrRecord, StartRecord, TrainReport,
@@ -23,6 +24,7 @@ use hesscope::train::{
     CheckpointMeta, Htr, ProbeDist, Recipe, StepInfo, Trainer,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::collections::hash_map::Entry;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -324,11 +326,41 @@ struct Measures<'a> {
     spectrum: Option<(SnapshotSettings, &'a SpectrumArgs)>,
     test: Option<&'a Dataset>,
     weight_decay: f64,
+    /// A GPU run's evaluation engines on its device, for the training and
+    /// the test data.
+    gpu_eval: std::cell::RefCell<std::collections::HashMap<&'static str, GpuEngine>>,
 }
 
 impl Measures<'_> {
-    /// Mean cross-entropy and accuracy with running statistics.
-    fn eval(&self, tr: &Trainer, data: &Dataset) -> Result<(f64, f64)> {
+    /// Mean cross-entropy and accuracy with running statistics: on the
+    /// trainer's GPU (float32 forward passes) when it has one, else on the
+    /// float64 reference. `key` names the data set (its engine is kept).
+    fn eval(&self, tr: &Trainer, data: &Dataset, key: &'static str) -> Result<(f64, f64)> {
+        if let Some(ctx) = tr.gpu() {
+            let mut cache = self.gpu_eval.borrow_mut();
+            let engine = match cache.entry(key) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(v) => {
+                    let p = Problem::new(
+                        tr.model().clone(),
+                        tr.weights().clone(),
+                        data.clone(),
+                        self.inputs.batch,
+                        BnMode::Running,
+                    )?;
+                    // One workspace, each batch uploaded in turn.
+                    let options = hesscope::gpu::EngineOptions {
+                        cache_budget: Some(0),
+                        block: Some(1),
+                        ..Default::default()
+                    };
+                    v.insert(GpuEngine::with_options(ctx.share(), &p, options)?)
+                }
+            };
+            engine.set_theta(&tr.weights().theta)?;
+            engine.set_running_buffers(&tr.weights().buffers)?;
+            return Ok(engine.evaluate()?);
+        }
         let p = Problem::new(
             tr.model().clone(),
             tr.weights().clone(),
@@ -342,7 +374,7 @@ impl Measures<'_> {
     fn test(&self, tr: &Trainer) -> Result<(Option<f64>, Option<f64>)> {
         Ok(match self.test {
             Some(t) => {
-                let (l, a) = self.eval(tr, t)?;
+                let (l, a) = self.eval(tr, t, "test")?;
                 (Some(l), Some(a))
             }
             None => (None, None),
@@ -587,6 +619,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         spectrum,
         test: test.as_ref(),
         weight_decay: recipe.weight_decay,
+        gpu_eval: Default::default(),
     };
     let mut epochs = vec![];
     let mut step_losses = vec![];
@@ -609,7 +642,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     std::fs::create_dir_all(&ckdir).with_context(|| format!("creating {}", ckdir.display()))?;
     if tr.epoch == 0 && start.is_none() {
         let (test_loss, test_accuracy) = measures.test(&tr)?;
-        let (train_eval_loss, train_accuracy) = measures.eval(&tr, tr.data())?;
+        let (train_eval_loss, train_accuracy) = measures.eval(&tr, tr.data(), "train")?;
         let curvature = match measures.spectrum {
             Some(_) => Some(measures.curvature(&tr, "start")?),
             None => None,
@@ -664,7 +697,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         last_lr = r.lr;
         let done = r.epoch + 1;
         let (test_loss, test_accuracy) = measures.test(&tr)?;
-        let (train_eval_loss, train_accuracy) = measures.eval(&tr, tr.data())?;
+        let (train_eval_loss, train_accuracy) = measures.eval(&tr, tr.data(), "train")?;
         let curvature = match (&measures.spectrum, a.spectrum.spectrum_every) {
             (Some(_), Some(every)) if done == recipe.epochs || (every > 0 && done % every == 0) => {
                 Some(measures.curvature(&tr, &format!("epoch {done}"))?)

@@ -103,6 +103,8 @@ struct BatchProgram {
     r_pass: Compiled,
     /// A frozen engine's recording forward pass.
     record: Option<Compiled>,
+    /// The forward pass and the loss (`evaluate`).
+    forward_loss: Compiled,
 }
 
 pub struct GpuEngine {
@@ -296,6 +298,12 @@ impl GpuEngine {
                 )?),
                 None => None,
             };
+            let forward_loss = Compiled::build(
+                &ctx,
+                &format!("batch {bi} forward/loss"),
+                &steps.forward_loss,
+                &arena.buffers,
+            )?;
             programs.push(BatchProgram {
                 ws: w,
                 start,
@@ -303,6 +311,7 @@ impl GpuEngine {
                 forward_backward,
                 r_pass,
                 record,
+                forward_loss,
             });
         }
         let mut e = GpuEngine {
@@ -388,6 +397,106 @@ impl GpuEngine {
         if self.cached_batches() > 0 {
             for bi in 0..self.programs.len() {
                 self.upload_batch(bi)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The mean cross-entropy and the accuracy (the fraction of samples
+    /// whose largest logit, the first on ties, is the label) over the
+    /// data, forward passes only, batch norm in the engine's mode (a
+    /// PyTorch `model.eval()` evaluation is `BnMode::Running`). Leaves no
+    /// batch resident for the products.
+    pub fn evaluate(&mut self) -> Result<(f64, f64)> {
+        let lb = self.losses;
+        self.submit("clearing the losses", |enc| {
+            enc.clear_buffer(&self.arena.buffers[lb].buffer, 0, None);
+        })?;
+        let shared = self.workspaces.len() < self.programs.len();
+        let k = self.model.classes;
+        let last = self.canon[self.model.nodes.len()];
+        let mut correct = 0usize;
+        for bi in 0..self.programs.len() {
+            if shared || self.workspaces[self.programs[bi].ws].resident != Some(bi) {
+                self.upload_batch(bi)?;
+            }
+            let p = &self.programs[bi];
+            self.submit(&format!("batch {bi} forward"), |enc| {
+                p.forward_loss.record(enc)
+            })?;
+            let (start, count, w) = (p.start, p.count, p.ws);
+            self.check_bn_statistics(&[bi])?;
+            let buf = &self.arena.buffers[self.workspaces[w].act[last]];
+            let z = self.ctx.read_f32(&[(buf, 0, count * k)])?;
+            for (row, &label) in z[0].chunks(k).zip(&self.data.y[start..start + count]) {
+                let mut best = 0;
+                for (j, v) in row.iter().enumerate() {
+                    if *v > row[best] {
+                        best = j;
+                    }
+                }
+                correct += (best == label as usize) as usize;
+            }
+            let w = self.programs[bi].ws;
+            self.workspaces[w].resident = None;
+        }
+        let r = self
+            .ctx
+            .read_f32(&[(&self.arena.buffers[lb], 0, self.programs.len())])?;
+        let loss: f64 = r[0].iter().map(|&x| x as f64).sum();
+        if !loss.is_finite() {
+            self.diagnose(false)?;
+            return Err(Error::Numerical(format!(
+                "the evaluation loss is {loss} on {}: the weights or data overflow in float32",
+                self.ctx.info.name
+            )));
+        }
+        Ok((loss, correct as f64 / self.data.len() as f64))
+    }
+
+    /// Writes batch norm's running statistics (`buffers`, by
+    /// `Model::buffers` index) where a running-mode engine reads them.
+    pub fn set_running_buffers(&mut self, buffers: &[Vec<f64>]) -> Result<()> {
+        if buffers.len() != self.model.buffers.len()
+            || buffers
+                .iter()
+                .zip(&self.model.buffers)
+                .any(|(b, m)| b.len() != m.len)
+        {
+            return Err(Error::Invalid {
+                what: "running buffers",
+                msg: format!(
+                    "{} buffers for the {} of {}",
+                    buffers.len(),
+                    self.model.buffers.len(),
+                    self.model.name
+                ),
+            });
+        }
+        if self.bn != BnMode::Running {
+            return Ok(());
+        }
+        for (i, node) in self.model.nodes.iter().enumerate() {
+            if let Op::BatchNorm {
+                running_mean,
+                running_var,
+                ..
+            } = node.op
+            {
+                let (m, inv) =
+                    crate::ops::bn::running_stats(&buffers[running_mean], &buffers[running_var]);
+                let rows: Vec<f32> = m.iter().chain(&inv).map(|&x| x as f32).collect();
+                if rows.iter().any(|x| !x.is_finite()) {
+                    return Err(Error::Numerical(format!(
+                        "the running statistics of layer `{}` (batch norm) overflow float32 on {}",
+                        crate::layers::layer_name(node),
+                        self.ctx.info.name
+                    )));
+                }
+                for ws in &self.workspaces {
+                    self.ctx
+                        .write_f32(&self.arena.buffers[ws.state[i][2]], 0, &rows)?;
+                }
             }
         }
         Ok(())

@@ -282,6 +282,8 @@ pub struct BatchSteps {
     /// A frozen plan's forward pass that records the decisions the other
     /// two replay.
     pub record: Option<Vec<Step>>,
+    /// The forward pass and the loss only (evaluation).
+    pub forward_loss: Vec<Step>,
 }
 
 /// Plans one batch: `batch` indexes its slot in `losses`; `scale` is 1/N;
@@ -323,16 +325,21 @@ pub fn plan_batch<'a>(
         p.take()
     });
 
-    // Forward, loss, backward.
-    for (i, node) in nodes.iter().enumerate() {
-        let unit = layers::unit(&node.op);
-        if unit.is_alias() {
-            continue;
+    // Forward and loss; then again with the backward pass.
+    let forward = |p: &mut Plan<'a>| {
+        for (i, node) in nodes.iter().enumerate() {
+            let unit = layers::unit(&node.op);
+            if unit.is_alias() {
+                continue;
+            }
+            let io = node_bufs(p, ws, canon, i, &[], false, &[]);
+            unit.plan_forward(p, node, &io);
         }
-        let io = node_bufs(&p, ws, canon, i, &[], false, &[]);
-        unit.plan_forward(&mut p, node, &io);
-    }
-    loss::plan_forward_backward(&mut p, &lb, k, scale, batch, losses);
+        loss::plan_forward_backward(p, &lb, k, scale, batch, losses);
+    };
+    forward(&mut p);
+    let forward_loss = p.take();
+    forward(&mut p);
     backward(&mut p, ws, canon, false, &[]);
     let forward_backward = p.take();
 
@@ -358,6 +365,7 @@ pub fn plan_batch<'a>(
         forward_backward,
         r_pass,
         record,
+        forward_loss,
     }
 }
 
