@@ -533,6 +533,20 @@ impl Trainer {
         &self.cpu.problem.weights
     }
 
+    /// The regulariser's probes for the next step ([`htr_probes`] of this
+    /// run's seed, epoch and step count).
+    fn step_probes(&self, h: &Htr, set: &LayerSet) -> Result<Vec<Vec<f64>>> {
+        htr_probes(
+            &self.cpu.problem.model,
+            set,
+            h.probes,
+            h.dist,
+            self.recipe.seed,
+            self.epoch,
+            self.steps,
+        )
+    }
+
     /// The parts of the next step's gradient on samples `start..start +
     /// count` of the problem's current order, at the current weights: the
     /// mini-batch loss and gradient, and on a regularised step the trace
@@ -543,15 +557,7 @@ impl Trainer {
         let htr = match &self.htr {
             Some((h, set)) if h.active(self.epoch, self.steps) => {
                 let pr = &self.cpu.problem;
-                let probes = htr_probes(
-                    &pr.model,
-                    set,
-                    h.probes,
-                    h.dist,
-                    self.recipe.seed,
-                    self.epoch,
-                    self.steps,
-                )?;
+                let probes = self.step_probes(h, set)?;
                 let mini = Problem::new(
                     pr.model.clone(),
                     pr.weights.clone(),
@@ -633,15 +639,7 @@ impl Trainer {
             return Ok(None);
         }
         let pr = &self.cpu.problem;
-        let probes = htr_probes(
-            &pr.model,
-            set,
-            h.probes,
-            h.dist,
-            self.recipe.seed,
-            self.epoch,
-            self.steps,
-        )?;
+        let probes = self.step_probes(h, set)?;
         let theta = g.theta()?;
         let mini = samples(&pr.data, start, count);
         let engine = match self.htr_engines.entry(count) {

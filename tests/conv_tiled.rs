@@ -208,46 +208,16 @@ fn weight_groups(g: &conv::ConvGeom, chunks: usize, t: ConvTile) -> Grid {
 }
 
 /// Tiles besides the engine's choice, one per shape in turn: the bench's
-/// candidates and odd ones at the edges of what `ConvTile::check`
-/// accepts (one micro-tile; sides not powers of two; one-deep slabs; a
-/// full 1024-float slab).
-const OTHER_TILES: [ConvTile; 7] = [
-    ConvTile {
-        tm: 32,
-        tn: 128,
-        tk: 8,
-    },
-    ConvTile {
-        tm: 16,
-        tn: 256,
-        tk: 4,
-    },
-    ConvTile {
-        tm: 128,
-        tn: 32,
-        tk: 8,
-    },
-    ConvTile {
-        tm: 4,
-        tn: 4,
-        tk: 1,
-    },
-    ConvTile {
-        tm: 12,
-        tn: 20,
-        tk: 3,
-    },
-    ConvTile {
-        tm: 8,
-        tn: 128,
-        tk: 8,
-    },
-    ConvTile {
-        tm: 64,
-        tn: 64,
-        tk: 16,
-    },
-];
+/// other candidates, odd ones at the edges of what `ConvTile::check`
+/// accepts (one micro-tile and one-deep slabs; sides not powers of two;
+/// a full 1024-float slab), and the default.
+fn other_tiles() -> Vec<ConvTile> {
+    let odd = ["4x4x1", "12x20x3", "8x128x8"].map(|t| t.parse::<ConvTile>().unwrap());
+    let mut tiles = hesscope::bench::TILE_CANDIDATES[1..].to_vec();
+    tiles.extend(odd);
+    tiles.push(ConvTile::DEFAULT);
+    tiles
+}
 
 /// The tiles shape `i` runs with for a GEMM of `m` rows: the engine's
 /// (the default narrowed to m), then another; `first` marks the engine's,
@@ -255,13 +225,13 @@ const OTHER_TILES: [ConvTile; 7] = [
 fn tiles(i: usize, m: usize) -> [(ConvTile, bool); 2] {
     [
         (ConvTile::DEFAULT.for_rows(m), true),
-        (OTHER_TILES[i % OTHER_TILES.len()], false),
+        (other_tiles()[i % other_tiles().len()], false),
     ]
 }
 
 #[test]
 fn tiles_are_checked_and_narrowed_within_the_shaders_bounds() {
-    for t in OTHER_TILES {
+    for t in other_tiles() {
         t.check().unwrap();
     }
     for m in 1..=200 {
@@ -283,7 +253,7 @@ fn tiles_are_checked_and_narrowed_within_the_shaders_bounds() {
     ] {
         assert!(bad.parse::<ConvTile>().is_err(), "{bad}");
     }
-    assert_eq!("32x128x8".parse::<ConvTile>().unwrap(), OTHER_TILES[0]);
+    assert_eq!("32x128x8".parse::<ConvTile>().unwrap(), other_tiles()[0]);
 }
 
 /// Random shapes: k 1..=11, stride 1..=4, padding 0..=k+1; channels up to

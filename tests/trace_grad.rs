@@ -28,32 +28,23 @@ struct Case {
 }
 
 fn case(model: &str, bn: BnMode, tag: &str) -> Case {
-    let p = problem(model, bn);
-    let dir = ref_dir(model, bn).join(tag);
-    let j = json(dir.join("third.json"));
-    let set = LayerSet::parse(&p.model, j["layers"].as_str().unwrap()).unwrap();
-    let selected: Vec<String> = j["selected"]
+    let f = third_fixture(model, bn, tag);
+    let selected: Vec<String> = f.json["selected"]
         .as_array()
         .unwrap()
         .iter()
         .map(|s| s.as_str().unwrap().to_string())
         .collect();
-    assert_eq!(set.names(&p.model), selected, "{model} {tag}: layer set");
-    let probes: Vec<Vec<f64>> = j["files"]["probes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| vector(&p, dir.join(f.as_str().unwrap())))
-        .collect();
-    for (k, v) in probes.iter().enumerate() {
-        set.check_probe(&p.model, v, &format!("probe {k}")).unwrap();
-    }
-    let want = vector(&p, dir.join("trace_grad.safetensors"));
+    assert_eq!(
+        f.set.names(&f.problem.model),
+        selected,
+        "{model} {tag}: layer set"
+    );
     Case {
-        cpu: CpuReference::new(p),
-        probes,
-        want,
-        estimate: j["estimate"].as_f64().unwrap(),
+        cpu: CpuReference::new(f.problem),
+        probes: f.probes,
+        want: f.want,
+        estimate: f.json["estimate"].as_f64().unwrap(),
     }
 }
 

@@ -5,8 +5,8 @@
 mod common;
 use common::*;
 use hesscope::engine::{BnMode, Problem};
-use hesscope::gpu::{EngineOptions, GpuEngine};
-use hesscope::trace_grad::{trace_grad, LayerSet, Steps};
+use hesscope::gpu::{BackendChoice, EngineOptions, GpuEngine};
+use hesscope::trace_grad::{trace_grad, Steps};
 
 const FIXTURES: [(&str, BnMode, &str); 3] = [
     ("cnn-tiny", BnMode::Batch, "third-middle"),
@@ -21,24 +21,11 @@ struct Case {
 }
 
 fn case(model: &str, bn: BnMode, tag: &str) -> Case {
-    let p = problem(model, bn);
-    let dir = ref_dir(model, bn).join(tag);
-    let j = json(dir.join("third.json"));
-    let set = LayerSet::parse(&p.model, j["layers"].as_str().unwrap()).unwrap();
-    let probes: Vec<Vec<f64>> = j["files"]["probes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| vector(&p, dir.join(f.as_str().unwrap())))
-        .collect();
-    for (k, v) in probes.iter().enumerate() {
-        set.check_probe(&p.model, v, &format!("probe {k}")).unwrap();
-    }
-    let want = vector(&p, dir.join("trace_grad.safetensors"));
+    let f = third_fixture(model, bn, tag);
     Case {
-        problem: p,
-        probes,
-        want,
+        problem: f.problem,
+        probes: f.probes,
+        want: f.want,
     }
 }
 
@@ -50,6 +37,20 @@ fn frozen_engine(ctx: hesscope::gpu::GpuContext, p: &Problem) -> GpuEngine {
     GpuEngine::with_options(ctx, p, options).unwrap()
 }
 
+/// `f` on every fixture on every GPU backend, with a frozen engine.
+fn for_each_fixture(mut f: impl FnMut(BackendChoice, &str, BnMode, &str, Case, GpuEngine)) {
+    for choice in GPU_BACKENDS {
+        for (model, bn, tag) in FIXTURES {
+            let Some(ctx) = gpu_context(choice) else {
+                return;
+            };
+            let c = case(model, bn, tag);
+            let e = frozen_engine(ctx, &c.problem);
+            f(choice, model, bn, tag, c, e);
+        }
+    }
+}
+
 /// The aim of the issue for float32 differences.
 const AIM: f64 = 1e-3;
 
@@ -59,33 +60,26 @@ const AIM: f64 = 1e-3;
 /// is dominated by the truncation estimate, which is conservative).
 #[test]
 fn every_fixture_matches_pytorch_within_the_stated_bound() {
-    for choice in GPU_BACKENDS {
-        for (model, bn, tag) in FIXTURES {
-            let Some(ctx) = gpu_context(choice) else {
-                return;
-            };
-            let c = case(model, bn, tag);
-            let mut e = frozen_engine(ctx, &c.problem);
-            let theta = e.theta().to_vec();
-            let t = trace_grad(&mut e, &c.probes, Steps::for_f32()).unwrap();
-            let err = rel_err(&t.grad, &c.want);
-            println!(
-                "{choice:?} {model} {bn:?} {tag}: grad rel err {err:.2e}, stated bound {:.2e}, {} HVPs",
-                t.error_estimate, t.hvps
-            );
-            assert!(
-                err <= t.error_estimate,
-                "{model} {tag}: {err:.3e} above the stated bound {:.3e}",
-                t.error_estimate
-            );
-            assert!(
-                t.error_estimate <= AIM,
-                "{model} {tag}: bound {:.3e}",
-                t.error_estimate
-            );
-            assert_eq!(e.theta(), &theta[..], "θ is restored");
-        }
-    }
+    for_each_fixture(|choice, model, bn, tag, c, mut e| {
+        let theta = e.theta().to_vec();
+        let t = trace_grad(&mut e, &c.probes, Steps::for_f32()).unwrap();
+        let err = rel_err(&t.grad, &c.want);
+        println!(
+            "{choice:?} {model} {bn:?} {tag}: grad rel err {err:.2e}, stated bound {:.2e}, {} HVPs",
+            t.error_estimate, t.hvps
+        );
+        assert!(
+            err <= t.error_estimate,
+            "{model} {tag}: {err:.3e} above the stated bound {:.3e}",
+            t.error_estimate
+        );
+        assert!(
+            t.error_estimate <= AIM,
+            "{model} {tag}: bound {:.3e}",
+            t.error_estimate
+        );
+        assert_eq!(e.theta(), &theta[..], "θ is restored");
+    });
 }
 
 /// At the recording θ a frozen engine's passes are the plain engine's bit
@@ -180,28 +174,21 @@ fn held_decisions_refuse_what_they_cannot_do() {
 #[test]
 #[ignore]
 fn step_sweep() {
-    for choice in GPU_BACKENDS {
-        for (model, bn, tag) in FIXTURES {
-            let Some(ctx) = gpu_context(choice) else {
-                return;
-            };
-            let c = case(model, bn, tag);
-            let mut e = frozen_engine(ctx, &c.problem);
-            for eps in [3e-1, 1e-1, 3e-2, 1e-2, 3e-3] {
-                for levels in [1, 2, 3] {
-                    let steps = Steps {
-                        eps,
-                        levels,
-                        ..Steps::for_f32()
-                    };
-                    let t = trace_grad(&mut e, &c.probes, steps).unwrap();
-                    println!(
-                        "{choice:?} {model} {tag} eps {eps:.0e} levels {levels}: {:.2e} (est {:.2e})",
-                        rel_err(&t.grad, &c.want),
-                        t.error_estimate
-                    );
-                }
+    for_each_fixture(|choice, model, bn, tag, c, mut e| {
+        for eps in [3e-1, 1e-1, 3e-2, 1e-2, 3e-3] {
+            for levels in [1, 2, 3] {
+                let steps = Steps {
+                    eps,
+                    levels,
+                    ..Steps::for_f32()
+                };
+                let t = trace_grad(&mut e, &c.probes, steps).unwrap();
+                println!(
+                    "{choice:?} {model} {bn:?} {tag} eps {eps:.0e} levels {levels}: {:.2e} (est {:.2e})",
+                    rel_err(&t.grad, &c.want),
+                    t.error_estimate
+                );
             }
         }
-    }
+    });
 }

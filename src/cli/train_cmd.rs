@@ -336,18 +336,22 @@ impl Measures<'_> {
     /// trainer's GPU (float32 forward passes) when it has one, else on the
     /// float64 reference. `key` names the data set (its engine is kept).
     fn eval(&self, tr: &Trainer, data: &Dataset, key: &'static str) -> Result<(f64, f64)> {
+        // Model mode: batch norm on its running statistics.
+        let problem = || {
+            Problem::new(
+                tr.model().clone(),
+                tr.weights().clone(),
+                data.clone(),
+                self.inputs.batch,
+                BnMode::Running,
+            )
+        };
         if let Some(ctx) = tr.gpu() {
             let mut cache = self.gpu_eval.borrow_mut();
             let engine = match cache.entry(key) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(v) => {
-                    let p = Problem::new(
-                        tr.model().clone(),
-                        tr.weights().clone(),
-                        data.clone(),
-                        self.inputs.batch,
-                        BnMode::Running,
-                    )?;
+                    let p = problem()?;
                     // One workspace, each batch uploaded in turn.
                     let options = hesscope::gpu::EngineOptions {
                         cache_budget: Some(0),
@@ -361,14 +365,7 @@ impl Measures<'_> {
             engine.set_running_buffers(&tr.weights().buffers)?;
             return Ok(engine.evaluate()?);
         }
-        let p = Problem::new(
-            tr.model().clone(),
-            tr.weights().clone(),
-            data.clone(),
-            self.inputs.batch,
-            BnMode::Running,
-        )?;
-        Ok(hesscope::cpu::CpuReference::new(p).evaluate()?)
+        Ok(hesscope::cpu::CpuReference::new(problem()?).evaluate()?)
     }
 
     fn test(&self, tr: &Trainer) -> Result<(Option<f64>, Option<f64>)> {

@@ -193,3 +193,39 @@ pub fn kill_after_first_checkpoint(args: &[String], dir: &Path, limit_s: u64) ->
     child.wait().unwrap();
     latest_epoch(dir)
 }
+
+/// One of PyTorch's trace-grad fixtures (`<ref dir>/<tag>/third.json`):
+/// the problem, the probes (each checked against the fixture's layer
+/// set), the expected gradient, and the fixture's JSON.
+pub struct ThirdFixture {
+    pub problem: Problem,
+    pub set: hesscope::trace_grad::LayerSet,
+    pub probes: Vec<Vec<f64>>,
+    pub want: Vec<f64>,
+    pub json: serde_json::Value,
+}
+
+pub fn third_fixture(model: &str, bn: BnMode, tag: &str) -> ThirdFixture {
+    let p = problem(model, bn);
+    let dir = ref_dir(model, bn).join(tag);
+    let j = json(dir.join("third.json"));
+    let set =
+        hesscope::trace_grad::LayerSet::parse(&p.model, j["layers"].as_str().unwrap()).unwrap();
+    let probes: Vec<Vec<f64>> = j["files"]["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| vector(&p, dir.join(f.as_str().unwrap())))
+        .collect();
+    for (k, v) in probes.iter().enumerate() {
+        set.check_probe(&p.model, v, &format!("probe {k}")).unwrap();
+    }
+    let want = vector(&p, dir.join("trace_grad.safetensors"));
+    ThirdFixture {
+        problem: p,
+        set,
+        probes,
+        want,
+        json: j,
+    }
+}
