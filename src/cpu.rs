@@ -245,15 +245,7 @@ impl CpuReference {
             let y = &pr.data.y[start..start + count];
             let (l, _, _) = loss::cpu_forward_backward(count, k, &z, y, scale);
             total += l;
-            for (row, &label) in z.chunks(k).zip(y) {
-                let mut best = 0;
-                for (j, v) in row.iter().enumerate() {
-                    if *v > row[best] {
-                        best = j;
-                    }
-                }
-                correct += (best == label as usize) as usize;
-            }
+            correct += loss::count_correct(&z, k, y);
         }
         if !total.is_finite() {
             return Err(Error::Numerical(format!(

@@ -180,22 +180,29 @@ impl Inputs {
         weights: Weights,
         block: Option<usize>,
     ) -> Result<Loaded> {
-        let data = self.dataset(&model)?;
-        let problem = Problem::new(model.clone(), weights, data, self.batch, self.bn_mode())?;
-        let engine = self.engine_block(problem, block)?;
-        Ok(Loaded { model, engine })
+        let options = hesscope::gpu::EngineOptions {
+            block,
+            ..Default::default()
+        };
+        self.load_model_with_options(model, weights, options)
     }
 
     /// `load` with a GPU engine built with `options` (the reference where
     /// --backend asks for it).
     pub fn load_with_options(&self, options: hesscope::gpu::EngineOptions) -> Result<Loaded> {
         let (model, weights) = self.model_and_weights()?;
+        self.load_model_with_options(model, weights, options)
+    }
+
+    fn load_model_with_options(
+        &self,
+        model: Model,
+        weights: Weights,
+        options: hesscope::gpu::EngineOptions,
+    ) -> Result<Loaded> {
         let data = self.dataset(&model)?;
         let problem = Problem::new(model.clone(), weights, data, self.batch, self.bn_mode())?;
-        let engine: Box<dyn Curvature> = match self.gpu_engine(&problem, options)? {
-            Some(e) => Box::new(e),
-            None => Box::new(CpuReference::new(problem)),
-        };
+        let engine = self.engine_with_options(problem, options)?;
         Ok(Loaded { model, engine })
     }
 
@@ -209,6 +216,15 @@ impl Inputs {
             block,
             ..Default::default()
         };
+        self.engine_with_options(problem, options)
+    }
+
+    /// The engine, a GPU one built with `options`.
+    fn engine_with_options(
+        &self,
+        problem: Problem,
+        options: hesscope::gpu::EngineOptions,
+    ) -> Result<Box<dyn Curvature>> {
         Ok(match self.gpu_engine(&problem, options)? {
             Some(engine) => Box::new(engine),
             None => Box::new(CpuReference::new(problem)),

@@ -315,7 +315,7 @@ fn bench(
             ConvPathArg::Tiled => hesscope::gpu::executor::ConvPath::Tiled,
             ConvPathArg::Emulator => hesscope::gpu::executor::ConvPath::Emulator,
         };
-        if path.tiled_on(&ctx.info.device_type) {
+        if path.tiled_for(&ctx)? {
             let tile = conv_tile.unwrap_or(hesscope::gpu::kernels::ConvTile::DEFAULT);
             let tiled = hesscope::bench::tiled_kernel_table(&ctx, &model, n, reps, tile)
                 .context("timing the tiled conv kernels")?;

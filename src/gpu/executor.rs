@@ -12,7 +12,7 @@ use crate::gpu::context::GpuContext;
 use crate::gpu::kernels::{self, ConvTile, Kernel};
 use crate::gpu::memory::{self, Arena, Workspace};
 use crate::gpu::plan::{self, Plan};
-use crate::gpu::program::Compiled;
+use crate::gpu::program::{Compiled, Step};
 use crate::layers::{self, StateCx};
 use crate::model::{Activation, Model, Op};
 
@@ -81,6 +81,35 @@ impl ConvPath {
             ConvPath::Auto => matches!(device_type, "DiscreteGpu" | "IntegratedGpu" | "VirtualGpu"),
         }
     }
+
+    /// Whether the engine runs the tiled kernels on `ctx`: where this
+    /// path picks them for its device type and the adapter runs
+    /// conv_tiled.wgsl's workgroups (256 threads, two slabs of
+    /// `CONV_TILE_CAP` floats in workgroup memory). Where it cannot,
+    /// `Auto` keeps the emulator kernels and `Tiled` is refused.
+    pub fn tiled_for(self, ctx: &GpuContext) -> Result<bool> {
+        if !self.tiled_on(&ctx.info.device_type) {
+            return Ok(false);
+        }
+        let need_mem = 2 * 4 * kernels::CONV_TILE_CAP;
+        let l = &ctx.limits;
+        let fits = l.max_compute_workgroup_storage_size >= need_mem
+            && l.max_compute_invocations_per_workgroup >= 256
+            && l.max_compute_workgroup_size_x >= 256;
+        if !fits && self == ConvPath::Tiled {
+            return Err(Error::Invalid {
+                what: "conv path",
+                msg: format!(
+                    "{} cannot run the tiled conv kernels: they need 256 threads per workgroup \
+                     and {need_mem} bytes of workgroup memory (it has {} and {})",
+                    ctx.info.name,
+                    l.max_compute_invocations_per_workgroup,
+                    l.max_compute_workgroup_storage_size
+                ),
+            });
+        }
+        Ok(fits)
+    }
 }
 
 impl Default for EngineOptions {
@@ -103,8 +132,10 @@ struct BatchProgram {
     r_pass: Compiled,
     /// A frozen engine's recording forward pass.
     record: Option<Compiled>,
-    /// The forward pass and the loss (`evaluate`).
-    forward_loss: Compiled,
+    /// The forward pass and the loss (`evaluate`), compiled on first use
+    /// (most engines never evaluate).
+    forward_loss: Vec<Step>,
+    forward_loss_compiled: Option<Compiled>,
 }
 
 pub struct GpuEngine {
@@ -252,8 +283,7 @@ impl GpuEngine {
             }
             None => ConvTile::DEFAULT,
         };
-        let conv_tiled = options.conv_path.tiled_on(&ctx.info.device_type)
-            && tiles_fit(&ctx, options.conv_path)?;
+        let conv_tiled = options.conv_path.tiled_for(&ctx)?;
         let mut programs = vec![];
         for (bi, &(start, count)) in batches.iter().enumerate() {
             let w = bi % n_ws;
@@ -298,12 +328,6 @@ impl GpuEngine {
                 )?),
                 None => None,
             };
-            let forward_loss = Compiled::build(
-                &ctx,
-                &format!("batch {bi} forward/loss"),
-                &steps.forward_loss,
-                &arena.buffers,
-            )?;
             programs.push(BatchProgram {
                 ws: w,
                 start,
@@ -311,7 +335,8 @@ impl GpuEngine {
                 forward_backward,
                 r_pass,
                 record,
-                forward_loss,
+                forward_loss: steps.forward_loss,
+                forward_loss_compiled: None,
             });
         }
         let mut e = GpuEngine {
@@ -420,24 +445,24 @@ impl GpuEngine {
             if shared || self.workspaces[self.programs[bi].ws].resident != Some(bi) {
                 self.upload_batch(bi)?;
             }
+            let p = &mut self.programs[bi];
+            if p.forward_loss_compiled.is_none() {
+                p.forward_loss_compiled = Some(Compiled::build(
+                    &self.ctx,
+                    &format!("batch {bi} forward/loss"),
+                    &p.forward_loss,
+                    &self.arena.buffers,
+                )?);
+            }
             let p = &self.programs[bi];
-            self.submit(&format!("batch {bi} forward"), |enc| {
-                p.forward_loss.record(enc)
-            })?;
+            if let Some(forward) = &p.forward_loss_compiled {
+                self.submit(&format!("batch {bi} forward"), |enc| forward.record(enc))?;
+            }
             let (start, count, w) = (p.start, p.count, p.ws);
             self.check_bn_statistics(&[bi])?;
             let buf = &self.arena.buffers[self.workspaces[w].act[last]];
             let z = self.ctx.read_f32(&[(buf, 0, count * k)])?;
-            for (row, &label) in z[0].chunks(k).zip(&self.data.y[start..start + count]) {
-                let mut best = 0;
-                for (j, v) in row.iter().enumerate() {
-                    if *v > row[best] {
-                        best = j;
-                    }
-                }
-                correct += (best == label as usize) as usize;
-            }
-            let w = self.programs[bi].ws;
+            correct += layers::loss::count_correct(&z[0], k, &self.data.y[start..start + count]);
             self.workspaces[w].resident = None;
         }
         let r = self
@@ -477,15 +502,8 @@ impl GpuEngine {
             return Ok(());
         }
         for (i, node) in self.model.nodes.iter().enumerate() {
-            if let Op::BatchNorm {
-                running_mean,
-                running_var,
-                ..
-            } = node.op
-            {
-                let (m, inv) =
-                    crate::ops::bn::running_stats(&buffers[running_mean], &buffers[running_var]);
-                let rows: Vec<f32> = m.iter().chain(&inv).map(|&x| x as f32).collect();
+            if let Op::BatchNorm { .. } = node.op {
+                let rows = layers::batchnorm::running_rows(node, buffers);
                 if rows.iter().any(|x| !x.is_finite()) {
                     return Err(Error::Numerical(format!(
                         "the running statistics of layer `{}` (batch norm) overflow float32 on {}",
@@ -826,30 +844,6 @@ fn default_block(ctx: &GpuContext, model: &Model, canon: &[usize], n: usize) -> 
     }
     let per = memory::tangent_bytes(model, canon, n, 1).max(1);
     (BLOCK_BUDGET_BYTES / per).clamp(1, DEFAULT_MAX_BLOCK)
-}
-
-/// Whether the adapter runs conv_tiled.wgsl's workgroups (256 threads,
-/// two slabs of `CONV_TILE_CAP` floats in workgroup memory): where it
-/// cannot, `Auto` keeps the emulator kernels and `Tiled` is refused.
-pub(crate) fn tiles_fit(ctx: &GpuContext, path: ConvPath) -> Result<bool> {
-    let need_mem = 2 * 4 * kernels::CONV_TILE_CAP;
-    let l = &ctx.limits;
-    let fits = l.max_compute_workgroup_storage_size >= need_mem
-        && l.max_compute_invocations_per_workgroup >= 256
-        && l.max_compute_workgroup_size_x >= 256;
-    if !fits && path == ConvPath::Tiled {
-        return Err(Error::Invalid {
-            what: "conv path",
-            msg: format!(
-                "{} cannot run the tiled conv kernels: they need 256 threads per workgroup \
-                 and {need_mem} bytes of workgroup memory (it has {} and {})",
-                ctx.info.name,
-                l.max_compute_invocations_per_workgroup,
-                l.max_compute_workgroup_storage_size
-            ),
-        });
-    }
-    Ok(fits)
 }
 
 /// `CACHE_BUDGET_BYTES`, or on a CPU emulator at most a quarter of the

@@ -16,7 +16,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
-use crate::gpu::executor::{tiles_fit, ConvPath};
+use crate::gpu::executor::ConvPath;
 use crate::gpu::kernels::{bn_rows, BnRunningParams, Consts, EwParams, Kernel, SgdParams};
 use crate::gpu::memory::{self, Arena, Workspace};
 use crate::gpu::plan::{self, Plan};
@@ -254,8 +254,7 @@ impl GpuTrainer {
                 window_alignment,
             );
             // The conv kernels of the spectral engine's default path.
-            let path = ConvPath::Auto;
-            p.conv_tiled = path.tiled_on(&self.ctx.info.device_type) && tiles_fit(&self.ctx, path)?;
+            p.conv_tiled = ConvPath::Auto.tiled_for(&self.ctx)?;
             let steps = plan::plan_batch(
                 p,
                 &self.ws,

@@ -20,6 +20,15 @@ struct Bn {
     c: usize,
 }
 
+/// A batch-norm node's running-mode statistics rows as the GPU kernels
+/// read them: the running mean, then 1/√(running var + ε), in float32,
+/// from the model's buffers (`Model::buffers` order).
+pub fn running_rows(node: &Node, buffers: &[Vec<f64>]) -> Vec<f32> {
+    let b = of(node);
+    let (m, inv) = bn::running_stats(&buffers[b.running_mean], &buffers[b.running_var]);
+    m.iter().chain(&inv).map(|&x| x as f32).collect()
+}
+
 fn of(node: &Node) -> Bn {
     match node.op {
         Op::BatchNorm {
@@ -199,11 +208,7 @@ impl Layer for BatchNormUnit {
     fn gpu_state(&self, node: &Node, n: usize, cx: &StateCx) -> Vec<StateBuf> {
         let b = of(node);
         let len = n * node.in_shape.numel();
-        let init = (!cx.batch_mode).then(|| {
-            let (m, inv) =
-                bn::running_stats(&cx.buffers[b.running_mean], &cx.buffers[b.running_var]);
-            m.iter().chain(&inv).map(|&x| x as f32).collect()
-        });
+        let init = (!cx.batch_mode).then(|| running_rows(node, cx.buffers));
         vec![
             StateBuf {
                 name: "x̂",

@@ -9,6 +9,22 @@ use crate::gpu::plan::Plan;
 use crate::gpu::program::Grid;
 use crate::ops::loss;
 
+/// How many rows of `z` (`k` logits each) have their largest logit, the
+/// first on ties, at the row's label.
+pub fn count_correct<T: PartialOrd>(z: &[T], k: usize, labels: &[u32]) -> usize {
+    let mut correct = 0;
+    for (row, &label) in z.chunks(k).zip(labels) {
+        let mut best = 0;
+        for (j, v) in row.iter().enumerate() {
+            if *v > row[best] {
+                best = j;
+            }
+        }
+        correct += (best == label as usize) as usize;
+    }
+    correct
+}
+
 /// The float64 loss of a batch: (batch loss · scale, ∂L/∂z, softmax).
 pub fn cpu_forward_backward(
     n: usize,
