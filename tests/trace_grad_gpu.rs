@@ -14,21 +14,6 @@ const FIXTURES: [(&str, BnMode, &str); 3] = [
     ("cnn-smooth", BnMode::Batch, "third-all"),
 ];
 
-struct Case {
-    problem: Problem,
-    probes: Vec<Vec<f64>>,
-    want: Vec<f64>,
-}
-
-fn case(model: &str, bn: BnMode, tag: &str) -> Case {
-    let f = third_fixture(model, bn, tag);
-    Case {
-        problem: f.problem,
-        probes: f.probes,
-        want: f.want,
-    }
-}
-
 fn frozen_engine(ctx: hesscope::gpu::GpuContext, p: &Problem) -> GpuEngine {
     let options = EngineOptions {
         frozen: true,
@@ -38,13 +23,13 @@ fn frozen_engine(ctx: hesscope::gpu::GpuContext, p: &Problem) -> GpuEngine {
 }
 
 /// `f` on every fixture on every GPU backend, with a frozen engine.
-fn for_each_fixture(mut f: impl FnMut(BackendChoice, &str, BnMode, &str, Case, GpuEngine)) {
+fn for_each_fixture(mut f: impl FnMut(BackendChoice, &str, BnMode, &str, ThirdFixture, GpuEngine)) {
     for choice in GPU_BACKENDS {
         for (model, bn, tag) in FIXTURES {
             let Some(ctx) = gpu_context(choice) else {
                 return;
             };
-            let c = case(model, bn, tag);
+            let c = third_fixture(model, bn, tag);
             let e = frozen_engine(ctx, &c.problem);
             f(choice, model, bn, tag, c, e);
         }
