@@ -11,6 +11,7 @@ use hesscope::gpu::{BackendChoice, GpuContext};
 const SRC: &str = r#"
 @group(0) @binding(0) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read_write> o: array<f32>;
+@group(0) @binding(3) var<storage, read> a4: array<vec4<f32>>;
 @group(0) @binding(2) var<uniform> u: array<vec4<f32>, 1024>;
 var<workgroup> sh: array<f32, 4096>;
 
@@ -27,6 +28,25 @@ fn from_storage(@builtin(global_invocation_id) g: vec3<u32>) {
     var s = 0.0;
     for (var k = 0u; k < 64u; k++) { s += a[at(g.x, k)]; }
     o[g.x] = s;
+}
+@compute @workgroup_size(256)
+fn from_storage_contiguous(@builtin(global_invocation_id) g: vec3<u32>) {
+    var s = 0.0;
+    for (var k = 0u; k < 64u; k++) { s += a[(g.x + k * 61u) & 262143u]; }
+    o[g.x] = s;
+}
+@compute @workgroup_size(256)
+fn from_storage_uniform(@builtin(global_invocation_id) g: vec3<u32>,
+                        @builtin(workgroup_id) w: vec3<u32>) {
+    var s = 0.0;
+    for (var k = 0u; k < 64u; k++) { s += a[(w.x + k * 61u) & 4095u]; }
+    o[g.x] = s;
+}
+@compute @workgroup_size(256)
+fn from_storage_vec4(@builtin(global_invocation_id) g: vec3<u32>) {
+    var s = vec4<f32>(0.0);
+    for (var k = 0u; k < 16u; k++) { s += a4[(g.x + k * 61u) & 65535u]; }
+    o[g.x] = s.x + s.y + s.z + s.w;
 }
 @compute @workgroup_size(256)
 fn from_uniform(@builtin(global_invocation_id) g: vec3<u32>) {
@@ -94,7 +114,20 @@ fn main() -> anyhow::Result<()> {
             binding: 1,
             resource: o.as_entire_binding(),
         }];
-        if matches!(entry, "from_storage" | "from_workgroup" | "copy") {
+        if entry == "from_storage_vec4" {
+            entries.push(wgpu::BindGroupEntry {
+                binding: 3,
+                resource: a.as_entire_binding(),
+            });
+        }
+        if matches!(
+            entry,
+            "from_storage"
+                | "from_storage_contiguous"
+                | "from_storage_uniform"
+                | "from_workgroup"
+                | "copy"
+        ) {
             entries.push(wgpu::BindGroupEntry {
                 binding: 0,
                 resource: a.as_entire_binding(),
@@ -134,15 +167,14 @@ fn main() -> anyhow::Result<()> {
     for entry in [
         "none",
         "from_storage",
+        "from_storage_contiguous",
+        "from_storage_uniform",
+        "from_storage_vec4",
         "from_uniform",
         "from_uniform_vec4",
         "from_workgroup",
     ] {
-        let loads = if entry == "from_uniform_vec4" {
-            16.0
-        } else {
-            64.0
-        };
+        let loads = if entry.ends_with("vec4") { 16.0 } else { 64.0 };
         let t = time(entry, groups, 10)? / n as f64;
         println!(
             "{entry:<18} {:.3} ns per loop iteration, {:.3} ns per float",

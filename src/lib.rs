@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod error;
 pub mod gpu;
+pub mod host;
 pub mod spectral;
 
 pub use error::{Error, Result};

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::report::{known, CurvatureRecord, LayerCurvature, QuadratureRun};
 use crate::spectral::eigs::{eigs, gradient_fractions, EigsSettings, Which};
+use crate::spectral::lanczos::BasisBudget;
 use crate::spectral::layers::BlockOperator;
 use crate::spectral::slq;
 use crate::spectral::trace::hutchinson_block;
@@ -49,6 +50,10 @@ pub struct SnapshotSettings {
     /// Vectors per block product (None: the engine's preferred block).
     #[serde(default)]
     pub block: Option<usize>,
+    /// Host memory (bytes) for the Lanczos bases (None: half the host's
+    /// available memory, `BasisBudget::host_default`).
+    #[serde(default)]
+    pub basis_budget: Option<usize>,
 }
 
 /// Counts the products an operator serves (blocks included) and reports
@@ -120,7 +125,11 @@ pub fn snapshot_with(
     };
     // The density.
     let slq_steps = s.slq_steps.min(n);
-    let runs = slq::slq_block(&mut op, slq_steps, s.slq_runs, s.seed, block)?;
+    let budget = s
+        .basis_budget
+        .map(BasisBudget)
+        .unwrap_or_else(BasisBudget::host_default);
+    let runs = slq::slq_block(&mut op, slq_steps, s.slq_runs, s.seed, block, budget)?;
     let summary = slq::summarize(&runs, n);
     let (lo, hi) = slq::extremes(&runs);
     let sigma = s.sigma.unwrap_or_else(|| slq::default_sigma(lo, hi));
@@ -143,6 +152,7 @@ pub fn snapshot_with(
     es.max_steps = s.eigs_steps;
     es.seed = s.seed;
     es.block = block;
+    es.basis_budget = budget;
     let top = eigs(&mut op, &es)?;
     let fracs = gradient_fractions(&grad, &top.vectors);
     // The trace.
@@ -160,6 +170,7 @@ pub fn snapshot_with(
             es.max_steps = s.eigs_steps;
             es.seed = s.seed;
             es.block = block;
+            es.basis_budget = budget;
             let e = eigs(&mut op_b, &es)?;
             let t = hutchinson_block(&mut op_b, s.probes, s.seed, block)?;
             layers.push(LayerCurvature {

@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use hesscope::cpu::CpuReference;
 use hesscope::engine::{BnMode, Curvature, Hessian};
+use hesscope::spectral::lanczos::BasisBudget;
 use hesscope::spectral::slq::{slq, slq_block};
 use hesscope::spectral::trace::{hutchinson, hutchinson_block, hutchpp, hutchpp_block};
 
@@ -117,7 +118,15 @@ fn solvers_on_the_cpu_hessian_agree_across_blocks() {
         );
     };
     let one = slq(&mut Hessian(&mut engine), 6, 3, 2).unwrap();
-    let two = slq_block(&mut Hessian(&mut engine), 6, 3, 2, 2).unwrap();
+    let two = slq_block(
+        &mut Hessian(&mut engine),
+        6,
+        3,
+        2,
+        2,
+        BasisBudget::host_default(),
+    )
+    .unwrap();
     for (a, b) in one.iter().zip(&two) {
         assert_eq!(a.nodes.len(), 6);
         for (x, y) in a.nodes.iter().zip(&b.nodes) {

@@ -104,6 +104,49 @@ fn bad_flags_are_named() {
     );
 }
 
+/// `--basis-budget`: out of range, or too small for the bases even in f32
+/// (cnn-tiny: 1400 parameters × 21 vectors × 4 bytes = 117,600 bytes), is
+/// refused naming the flag; one that fits only f32 bases runs.
+#[test]
+fn the_basis_budget_is_checked_and_named() {
+    let tiny = [
+        "density",
+        "--backend",
+        "cpu",
+        "--steps",
+        "20",
+        "--runs",
+        "1",
+        "--samples",
+        "16",
+        "--json",
+    ];
+    for bad in ["0", "-1", "nan", "2000"] {
+        let (ok, _, stderr) = hesscope(&[&tiny[..], &["--basis-budget", bad]].concat());
+        assert!(!ok && stderr.contains("--basis-budget"), "{bad}: {stderr}");
+    }
+    // 1e-4 GiB = 107,374 bytes: not even the f32 basis.
+    let (ok, _, stderr) = hesscope(&[&tiny[..], &["--basis-budget", "0.0001"]].concat());
+    assert!(
+        !ok && stderr.contains("--basis-budget") && stderr.contains("21 vectors × 1400"),
+        "{stderr}"
+    );
+    // 1.5e-4 GiB = 161,061 bytes: the f32 basis, not the f64 one (235,200).
+    let (ok, stdout, stderr) = hesscope(&[&tiny[..], &["--basis-budget", "0.00015"]].concat());
+    assert!(ok, "{stderr}");
+    let (_, wide, _) = hesscope(&tiny);
+    let lmax = |s: &str| {
+        serde_json::from_str::<serde_json::Value>(s).unwrap()["lambda_max"]
+            .as_f64()
+            .unwrap()
+    };
+    let (a, b) = (lmax(&stdout), lmax(&wide));
+    assert!(
+        (a - b).abs() <= 1e-5 * b.abs(),
+        "f32 basis {a} vs f64 basis {b}"
+    );
+}
+
 fn fixture_args(dir: &std::path::Path) -> Vec<String> {
     let fx = fixtures_dir().join("cnn-tiny");
     let _ = dir;

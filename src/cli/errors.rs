@@ -20,6 +20,7 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("tolerance", "--tol"),
     ("trace probes", "--probes"),
     ("block size", "--block"),
+    ("basis budget", "--basis-budget"),
     ("probe", "--probe"),
     ("exact size limit", "--max-params"),
     ("kernel width", "--sigma"),

@@ -12,6 +12,7 @@ use hesscope::report::{
 };
 use hesscope::spectral::eigs::{eigs, gradient_fractions, EigsSettings, Which};
 use hesscope::spectral::exact::{exact_spectrum, EXACT_HARD_MAX_PARAMS, EXACT_MAX_PARAMS};
+use hesscope::spectral::lanczos::BasisBudget;
 use hesscope::spectral::layers::{bhattacharyya, BlockOperator};
 use hesscope::spectral::plot::density_svg;
 use hesscope::spectral::slq::{self, SlqRun};
@@ -102,6 +103,11 @@ pub struct SweepArgs {
     /// preferred block.
     #[arg(long = "block", value_name = "K", allow_hyphen_values = true)]
     pub block: Option<usize>,
+    /// GiB of host memory the Lanczos bases may take (f64 while they fit,
+    /// f32 beyond; refused if they do not fit even so). Default: half of
+    /// the host's available memory.
+    #[arg(long, value_name = "GIB", allow_hyphen_values = true)]
+    pub basis_budget: Option<f64>,
 }
 
 impl SweepArgs {
@@ -110,7 +116,18 @@ impl SweepArgs {
         if let Some(k) = self.block {
             check_count("--block", k, MAX_BLOCK)?;
         }
-        Ok(())
+        self.budget().map(|_| ())
+    }
+
+    /// `--basis-budget` in bytes, or the host default.
+    pub fn budget(&self) -> Result<BasisBudget> {
+        match self.basis_budget {
+            None => Ok(BasisBudget::host_default()),
+            Some(gib) if gib.is_finite() && gib > 0.0 && gib <= 1024.0 => {
+                Ok(BasisBudget((gib * (1u64 << 30) as f64) as usize))
+            }
+            Some(gib) => bail!("invalid --basis-budget: {gib}; GiB above 0 and at most 1024"),
+        }
     }
 
     /// `--block`, or the executor's preferred block (within 1..=MAX_BLOCK).
@@ -305,10 +322,11 @@ fn counted_slq(
     runs: usize,
     seed: u64,
     block: usize,
+    budget: BasisBudget,
     what: &str,
 ) -> hesscope::Result<(Vec<slq::SlqRun>, usize, usize)> {
     let mut counted = Counted::new(op, steps * runs, what);
-    let r = slq::slq_block(&mut counted, steps, runs, seed, block)?;
+    let r = slq::slq_block(&mut counted, steps, runs, seed, block, budget)?;
     counted.bar.finish_and_clear();
     Ok((r, counted.count, counted.sweeps))
 }
@@ -338,9 +356,16 @@ pub fn density(a: DensityArgs) -> Result<()> {
     let n = block.dim();
     let steps = a.steps.min(n);
     let t = Instant::now();
-    let (runs, hvps, sweeps) =
-        counted_slq(&mut block, steps, a.runs, a.inputs.seed, sweep, "density")
-            .context("stochastic Lanczos quadrature")?;
+    let (runs, hvps, sweeps) = counted_slq(
+        &mut block,
+        steps,
+        a.runs,
+        a.inputs.seed,
+        sweep,
+        a.sweep.budget()?,
+        "density",
+    )
+    .context("stochastic Lanczos quadrature")?;
     let lanczos_seconds = t.elapsed().as_secs_f64();
     let summary = slq::summarize(&runs, n);
     let smoothed = a.smoothing.smooth(&runs, slq::DEFAULT_GRID)?;
@@ -484,6 +509,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
     s.max_steps = a.steps;
     s.seed = a.inputs.seed;
     s.block = sweep;
+    s.basis_budget = a.sweep.budget()?;
     let r = eigs(&mut op, &s).context("Lanczos")?;
     op.bar.finish_and_clear();
     let (hvps, sweeps) = (op.count, op.sweeps);
@@ -794,6 +820,7 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
     let mut l = a.inputs.load_block(a.sweep.block)?;
     let settings = a.inputs.settings(l.engine.as_ref(), None);
     let sweep = a.sweep.resolve(l.engine.as_ref());
+    let budget = a.sweep.budget()?;
     let modules = l.model.modules();
     let mut h = Hessian(l.engine.as_mut());
     let n = h.dim();
@@ -803,13 +830,22 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
         a.runs,
         a.inputs.seed,
         sweep,
+        budget,
         "full Hessian",
     )?;
     let mut per = vec![];
     for (name, range) in modules {
         let mut block = BlockOperator::new(&mut h, range.clone());
         let steps = a.steps.min(range.len());
-        let (runs, _, _) = counted_slq(&mut block, steps, a.runs, a.inputs.seed, sweep, &name)?;
+        let (runs, _, _) = counted_slq(
+            &mut block,
+            steps,
+            a.runs,
+            a.inputs.seed,
+            sweep,
+            budget,
+            &name,
+        )?;
         per.push((name, range.len(), runs));
     }
     // One grid for all, covering every layer's and the full spectrum.

@@ -265,6 +265,10 @@ impl SpectrumArgs {
             layerwise: self.layerwise,
             seed,
             block: self.sweep.block,
+            basis_budget: match self.sweep.basis_budget {
+                Some(_) => Some(self.sweep.budget()?.0),
+                None => None,
+            },
         })
     }
 }

@@ -847,18 +847,13 @@ fn default_block(ctx: &GpuContext, model: &Model, canon: &[usize], n: usize) -> 
 }
 
 /// `CACHE_BUDGET_BYTES`, or on a CPU emulator at most a quarter of the
-/// host's available memory (/proc/meminfo). wgpu reports no device memory
+/// host's available memory (`host::available_memory`). wgpu reports no device memory
 /// size, so on a GPU the constant stands (`--cache-budget` overrides it).
 fn default_cache_budget(ctx: &GpuContext) -> usize {
     if !ctx.is_cpu_adapter() {
         return CACHE_BUDGET_BYTES;
     }
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find(|l| l.starts_with("MemAvailable:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
-            .map(|kib| kib.saturating_mul(1024))
-    });
+    let available = crate::host::available_memory();
     match available {
         Some(bytes) => CACHE_BUDGET_BYTES.min(bytes / 4),
         None => CACHE_BUDGET_BYTES,

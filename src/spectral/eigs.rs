@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::spectral::compensated::norm;
-use crate::spectral::lanczos::{gaussian_unit, Basis, BasisPrecision, Lanczos};
+use crate::spectral::lanczos::{gaussian_unit, Basis, BasisBudget, BasisPrecision, Lanczos};
 use crate::spectral::operator::SymOperator;
 use rand::SeedableRng;
 
@@ -33,6 +33,8 @@ pub struct EigsSettings {
     /// block Lanczos, b vectors per sweep ([`eigs`]). `min_steps` and
     /// `max_steps` count products (basis vectors) either way.
     pub block: usize,
+    /// Host memory the Lanczos basis may take (f64 while it fits, else f32).
+    pub basis_budget: BasisBudget,
 }
 
 impl EigsSettings {
@@ -45,6 +47,7 @@ impl EigsSettings {
             max_steps: 400,
             seed: 0,
             block: 1,
+            basis_budget: BasisBudget::host_default(),
         }
     }
 }
@@ -113,7 +116,7 @@ pub fn eigs(op: &mut dyn SymOperator, s: &EigsSettings) -> Result<EigsResult> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed ^ 0xe165);
     let start = gaussian_unit(n, &mut rng);
     let max_steps = s.max_steps.min(n).max(s.k);
-    let precision = BasisPrecision::for_size(n, max_steps);
+    let precision = BasisPrecision::for_size(n, max_steps, s.basis_budget)?;
     let mut lz = Lanczos::new(op, &start, precision, s.seed)?;
     let mut more = true;
     let mut applications = 0;
@@ -189,7 +192,7 @@ pub fn block_eigs(op: &mut dyn SymOperator, s: &EigsSettings) -> Result<EigsResu
     let max_steps = s.max_steps.min(n).max(s.k);
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed ^ 0xe165);
     let mut restart = rand::rngs::StdRng::seed_from_u64(s.seed ^ 0x1a2c05);
-    let mut basis = Basis::new(BasisPrecision::for_size(n, max_steps + b));
+    let mut basis = Basis::new(BasisPrecision::for_size(n, max_steps + b, s.basis_budget)?);
     // cols[p]: the coefficients of A q_p on q_0, q_1, … (T's column p).
     let mut cols: Vec<Vec<f64>> = vec![];
     let mut scale: f64 = 0.0;
@@ -519,5 +522,38 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// Single and block Lanczos both refuse a basis the budget cannot
+    /// hold even in f32 (30 entries × 31 vectors × 4 bytes = 3720; block
+    /// Lanczos keeps b more), and run within one that holds it in f32 only.
+    #[test]
+    fn eigs_respects_the_basis_budget() {
+        let d: Vec<f64> = (0..30).map(|i| i as f64 * 0.5 - 3.0).collect();
+        for block in [1, 3] {
+            let mut s = EigsSettings::new(2, Which::Largest);
+            s.max_steps = 30;
+            s.block = block;
+            s.basis_budget = BasisBudget(1000);
+            let e = eigs(&mut DiagonalOperator { d: d.clone() }, &s).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    Error::Invalid {
+                        what: "basis budget",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            let extra = if block > 1 { block } else { 0 };
+            s.basis_budget = BasisBudget(30 * (31 + extra) * 4);
+            let r = eigs(&mut DiagonalOperator { d: d.clone() }, &s).unwrap();
+            assert!(
+                (r.values[0] - 11.5).abs() < 1e-5,
+                "block {block}: {:?}",
+                r.values
+            );
+        }
     }
 }

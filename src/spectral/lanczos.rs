@@ -1,10 +1,13 @@
 //! The Lanczos process with full reorthogonalisation against every earlier
 //! vector: two passes of classical Gram–Schmidt with compensated dot
-//! products and updates (`compensated.rs`). The basis is kept in f64 while
-//! it fits in `F64_BASIS_BYTES`, else in f32 — resnet18's 11.7M parameters
-//! × 90 vectors take 4.2 GB in f32, 8.4 GB in f64 — with every product
-//! still accumulated in f64, so orthogonality stays at f32 storage rounding
-//! (≈ 1e-7), not at the accumulated error of f32 arithmetic.
+//! products and updates (`compensated.rs`). The bases live in host memory,
+//! as much of it as a [`BasisBudget`] allows (by default half of what the
+//! host has available): in f64 while they fit, else in f32 — resnet18's
+//! 11.7M parameters × 91 vectors take 4.3 GB in f32, 8.5 GB in f64 — with
+//! every product still accumulated in f64, so orthogonality stays at f32
+//! storage rounding (≈ 1e-7), not at the accumulated error of f32
+//! arithmetic. Bases that do not fit even in f32 are refused before any
+//! product is computed.
 
 use crate::error::{Error, Result};
 use crate::spectral::compensated::{dot, norm, subtract_combination};
@@ -13,8 +16,42 @@ use crate::spectral::tridiagonal::{tridiagonal_eigen, TridiagEigen};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
-/// Largest basis kept in f64.
-pub const F64_BASIS_BYTES: usize = 2 << 30;
+/// The basis budget where the host's available memory cannot be read.
+pub const FALLBACK_BASIS_BYTES: usize = 2 << 30;
+
+/// Host memory (bytes) the Lanczos bases of one solve may take together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BasisBudget(pub usize);
+
+impl BasisBudget {
+    /// Half the host's available memory (`host::available_memory`), or
+    /// `FALLBACK_BASIS_BYTES` where that cannot be read.
+    pub fn host_default() -> BasisBudget {
+        BasisBudget(
+            crate::host::available_memory()
+                .map(|b| b / 2)
+                .unwrap_or(FALLBACK_BASIS_BYTES),
+        )
+    }
+}
+
+impl Default for BasisBudget {
+    fn default() -> Self {
+        BasisBudget::host_default()
+    }
+}
+
+/// Bytes for messages: GiB, MiB or KiB, whichever reads best.
+fn size(bytes: usize) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.2} MiB", b / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BasisPrecision {
@@ -24,21 +61,44 @@ pub enum BasisPrecision {
 
 impl BasisPrecision {
     /// For one basis of `steps` + 1 vectors of n entries.
-    pub fn for_size(n: usize, steps: usize) -> BasisPrecision {
-        BasisPrecision::for_bases(n, steps, 1)
+    pub fn for_size(n: usize, steps: usize, budget: BasisBudget) -> Result<BasisPrecision> {
+        BasisPrecision::for_bases(n, steps, 1, budget)
     }
 
     /// For `bases` such bases held at once (recurrences in lockstep): f64
-    /// while all of them together fit in `F64_BASIS_BYTES`.
-    pub fn for_bases(n: usize, steps: usize, bases: usize) -> BasisPrecision {
-        if n.saturating_mul(steps + 1)
-            .saturating_mul(8)
-            .saturating_mul(bases.max(1))
-            <= F64_BASIS_BYTES
-        {
-            BasisPrecision::F64
+    /// while all of them together fit in the budget, f32 while they fit in
+    /// it so; refused (naming the sizes) when they do not fit even in f32.
+    pub fn for_bases(
+        n: usize,
+        steps: usize,
+        bases: usize,
+        budget: BasisBudget,
+    ) -> Result<BasisPrecision> {
+        let entries = n
+            .saturating_mul(steps.saturating_add(1))
+            .saturating_mul(bases.max(1));
+        if entries.saturating_mul(8) <= budget.0 {
+            Ok(BasisPrecision::F64)
+        } else if entries.saturating_mul(4) <= budget.0 {
+            Ok(BasisPrecision::F32)
         } else {
-            BasisPrecision::F32
+            Err(Error::Invalid {
+                what: "basis budget",
+                msg: format!(
+                    "{} of {} vectors × {n} entries need{} {} even in f32, over the budget of \
+                     {} of host memory (by default half of what is available): take fewer \
+                     steps, fewer runs in lockstep (the block), or a larger budget",
+                    if bases > 1 {
+                        format!("{bases} Lanczos bases")
+                    } else {
+                        "a Lanczos basis".to_string()
+                    },
+                    steps.saturating_add(1),
+                    if bases > 1 { "" } else { "s" },
+                    size(entries.saturating_mul(4)),
+                    size(budget.0)
+                ),
+            })
         }
     }
 }

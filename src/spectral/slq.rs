@@ -4,7 +4,7 @@
 //! weights, so Σ wᵢ f(λᵢ) ≈ vᵀ f(H) v / ‖v‖² ≈ (1/n) tr f(H).
 
 use crate::error::{Error, Result};
-use crate::spectral::lanczos::{gaussian_unit, BasisPrecision, Recurrence};
+use crate::spectral::lanczos::{gaussian_unit, BasisBudget, BasisPrecision, Recurrence};
 use crate::spectral::operator::SymOperator;
 use rand::SeedableRng;
 
@@ -24,7 +24,7 @@ pub struct SlqRun {
 /// operator's dimension is smaller), one after another: [`slq_block`] with
 /// a block of 1.
 pub fn slq(op: &mut dyn SymOperator, steps: usize, runs: usize, seed: u64) -> Result<Vec<SlqRun>> {
-    slq_block(op, steps, runs, seed, 1)
+    slq_block(op, steps, runs, seed, 1, BasisBudget::host_default())
 }
 
 /// `runs` independent Lanczos runs of `steps` steps (fewer when the
@@ -33,14 +33,15 @@ pub fn slq(op: &mut dyn SymOperator, steps: usize, runs: usize, seed: u64) -> Re
 /// block product (`apply_block`), and each run then continues with its own
 /// full reorthogonalisation. The starts are drawn in run order from `seed`
 /// whatever the block, so the runs are the same ones; only the basis
-/// storage may change (f32 once the group's bases together pass
-/// `F64_BASIS_BYTES`).
+/// storage may change (f32 once the group's bases together pass half of
+/// `budget`; refused when they pass all of it even in f32).
 pub fn slq_block(
     op: &mut dyn SymOperator,
     steps: usize,
     runs: usize,
     seed: u64,
     block: usize,
+    budget: BasisBudget,
 ) -> Result<Vec<SlqRun>> {
     if steps == 0 {
         return Err(Error::Invalid {
@@ -69,7 +70,7 @@ pub fn slq_block(
     }
     let block = block.min(runs);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x51a9);
-    let precision = BasisPrecision::for_bases(n, steps, block);
+    let precision = BasisPrecision::for_bases(n, steps, block, budget)?;
     let mut out = vec![];
     for first in (0..runs).step_by(block) {
         let mut group = vec![];
@@ -254,8 +255,15 @@ mod tests {
             let one = slq(&mut DiagonalOperator { d: d.clone() }, steps, 7, 3).unwrap();
             assert!(one.iter().any(|r| r.breakdowns > 0) || steps < 13);
             for block in [2, 3, 7, 10] {
-                let many =
-                    slq_block(&mut DiagonalOperator { d: d.clone() }, steps, 7, 3, block).unwrap();
+                let many = slq_block(
+                    &mut DiagonalOperator { d: d.clone() },
+                    steps,
+                    7,
+                    3,
+                    block,
+                    BasisBudget::host_default(),
+                )
+                .unwrap();
                 assert_eq!(many.len(), 7);
                 for (a, b) in one.iter().zip(&many) {
                     assert_eq!(a.nodes, b.nodes, "steps {steps} block {block}");
@@ -264,6 +272,72 @@ mod tests {
                 }
             }
         }
-        assert!(slq_block(&mut DiagonalOperator { d }, 5, 2, 0, 0).is_err());
+        assert!(slq_block(
+            &mut DiagonalOperator { d },
+            5,
+            2,
+            0,
+            0,
+            BasisBudget::host_default()
+        )
+        .is_err());
+    }
+
+    /// The basis budget decides the storage: f64 while all bases fit in
+    /// it, f32 while they fit so, and a refusal naming the sizes before
+    /// any product otherwise. 40 entries × 13 vectors × 2 bases = 1040
+    /// entries: 8320 bytes in f64, 4160 in f32.
+    #[test]
+    fn the_basis_budget_picks_the_precision_or_refuses() {
+        let f = |bytes| BasisPrecision::for_bases(40, 12, 2, BasisBudget(bytes));
+        assert_eq!(f(8320).unwrap(), BasisPrecision::F64);
+        assert_eq!(f(8319).unwrap(), BasisPrecision::F32);
+        assert_eq!(f(4160).unwrap(), BasisPrecision::F32);
+        let e = f(4159).unwrap_err().to_string();
+        assert!(
+            e.contains("basis budget") && e.contains("13 vectors × 40"),
+            "{e}"
+        );
+        // Refused before the operator is asked for anything.
+        struct Never;
+        impl SymOperator for Never {
+            fn dim(&self) -> usize {
+                40
+            }
+            fn apply(&mut self, _: &[f64], _: &mut [f64]) -> Result<()> {
+                panic!("a product was computed before the refusal")
+            }
+        }
+        assert!(slq_block(&mut Never, 12, 2, 0, 2, BasisBudget(4159)).is_err());
+    }
+
+    /// An f32 basis (forced by the budget) gives the f64 basis's quadrature
+    /// to f32 storage rounding: nodes within 1e-5 relative.
+    #[test]
+    fn an_f32_basis_agrees_with_an_f64_basis() {
+        let d: Vec<f64> = (0..200)
+            .map(|i| (i as f64 * 0.37).sin() * 3.0 + 0.01 * i as f64)
+            .collect();
+        let run = |bytes| {
+            slq_block(
+                &mut DiagonalOperator { d: d.clone() },
+                30,
+                3,
+                5,
+                3,
+                BasisBudget(bytes),
+            )
+            .unwrap()
+        };
+        let (wide, narrow) = (run(usize::MAX), run(200 * 31 * 3 * 4));
+        for (a, b) in wide.iter().zip(&narrow) {
+            for (x, y) in a.nodes.iter().zip(&b.nodes) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
+            }
+        }
+        assert_ne!(
+            wide[0].nodes, narrow[0].nodes,
+            "the budget did not change the storage"
+        );
     }
 }

@@ -1,0 +1,32 @@
+//! What the host machine offers: its available memory, from which the
+//! default budgets of host-side buffers (Lanczos bases; a CPU emulator's
+//! "device" memory) are derived.
+
+/// Bytes of memory the host can still give out without swapping
+/// (`MemAvailable` of /proc/meminfo), or None where that cannot be read
+/// (not Linux, or a restricted /proc).
+pub fn available_memory() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_available(&meminfo)
+}
+
+fn parse_mem_available(meminfo: &str) -> Option<usize> {
+    meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .map(|kib| kib.saturating_mul(1024))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_mem_available_in_kib() {
+        let m = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2048 kB\n";
+        assert_eq!(parse_mem_available(m), Some(2048 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: lots kB\n"), None);
+    }
+}
