@@ -125,6 +125,16 @@ fn the_basis_budget_is_checked_and_named() {
         let (ok, _, stderr) = hesscope(&[&tiny[..], &["--basis-budget", bad]].concat());
         assert!(!ok && stderr.contains("--basis-budget"), "{bad}: {stderr}");
     }
+    let (ok, _, stderr) = hesscope(&[
+        "trace",
+        "--backend",
+        "cpu",
+        "--samples",
+        "16",
+        "--basis-budget",
+        "1",
+    ]);
+    assert!(!ok && stderr.contains("--basis-budget"), "{stderr}");
     // 1e-4 GiB = 107,374 bytes: not even the f32 basis.
     let (ok, _, stderr) = hesscope(&[&tiny[..], &["--basis-budget", "0.0001"]].concat());
     assert!(

@@ -620,6 +620,11 @@ fn trace_of(
 pub fn trace_cmd(a: TraceArgs) -> Result<()> {
     check_count("--probes", a.probes, MAX_PROBES)?;
     a.sweep.validate()?;
+    if a.sweep.basis_budget.is_some() {
+        bail!(
+            "--basis-budget bounds Lanczos bases (density, eigs, layers, train); trace keeps none"
+        );
+    }
     let t0 = Instant::now();
     let mut l = a.inputs.load_block(a.sweep.block)?;
     let settings = a
