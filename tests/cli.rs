@@ -399,6 +399,8 @@ fn spectral_reports_keep_their_keys_in_json_and_out() {
                 "sigma",
                 "grid_points",
                 "hvps",
+                "lanczos_seconds",
+                "hvp_seconds",
                 "settings",
                 "grid",
                 "density",
@@ -415,6 +417,7 @@ fn spectral_reports_keep_their_keys_in_json_and_out() {
                 "tol",
                 "steps",
                 "hvps",
+                "hvp_seconds",
                 "grad_frac_in_top_k",
                 "settings",
             ],
@@ -470,9 +473,20 @@ fn spectral_reports_keep_their_keys_in_json_and_out() {
         let strip = |mut v: serde_json::Value| {
             v.as_object_mut().unwrap().remove("seconds");
             v.as_object_mut().unwrap().remove("lanczos_seconds");
+            v.as_object_mut().unwrap().remove("hvp_seconds");
             v
         };
         assert_eq!(strip(printed.clone()), strip(written), "{}", args[0]);
+        if let Some(h) = printed.get("hvp_seconds") {
+            let whole = printed
+                .get("lanczos_seconds")
+                .unwrap_or(&printed["seconds"]);
+            assert!(
+                h.as_f64().unwrap() <= whole.as_f64().unwrap(),
+                "{}: {h} s of products in {whole} s",
+                args[0]
+            );
+        }
         assert_eq!(printed["settings"]["backend"], "cpu", "{}", args[0]);
         assert_eq!(printed["settings"]["bn"], "batch", "{}", args[0]);
     }

@@ -44,6 +44,8 @@ pub struct Counted<'a> {
     pub bar: ProgressBar,
     pub count: usize,
     pub sweeps: usize,
+    /// Wall time spent in the inner operator's products.
+    pub product_seconds: f64,
 }
 
 impl<'a> Counted<'a> {
@@ -64,6 +66,7 @@ impl<'a> Counted<'a> {
             bar,
             count: 0,
             sweeps: 0,
+            product_seconds: 0.0,
         }
     }
 }
@@ -76,13 +79,19 @@ impl SymOperator for Counted<'_> {
         self.count += 1;
         self.sweeps += 1;
         self.bar.inc(1);
-        self.inner.apply(v, out)
+        let t = Instant::now();
+        let r = self.inner.apply(v, out);
+        self.product_seconds += t.elapsed().as_secs_f64();
+        r
     }
     fn apply_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> hesscope::Result<()> {
         self.count += vs.len();
         self.sweeps += 1;
         self.bar.inc(vs.len() as u64);
-        self.inner.apply_block(vs, outs)
+        let t = Instant::now();
+        let r = self.inner.apply_block(vs, outs);
+        self.product_seconds += t.elapsed().as_secs_f64();
+        r
     }
 }
 
@@ -315,7 +324,8 @@ fn check_count(flag: &str, value: usize, max: usize) -> Result<()> {
 }
 
 /// SLQ over `op`, `block` runs in lockstep, with a progress bar (on a
-/// terminal): the runs, how many HVPs they took and in how many sweeps.
+/// terminal): the runs, how many HVPs they took, in how many sweeps, and
+/// the seconds spent in them.
 fn counted_slq(
     op: &mut dyn SymOperator,
     steps: usize,
@@ -324,11 +334,11 @@ fn counted_slq(
     block: usize,
     budget: BasisBudget,
     what: &str,
-) -> hesscope::Result<(Vec<slq::SlqRun>, usize, usize)> {
+) -> hesscope::Result<(Vec<slq::SlqRun>, usize, usize, f64)> {
     let mut counted = Counted::new(op, steps * runs, what);
     let r = slq::slq_block(&mut counted, steps, runs, seed, block, budget)?;
     counted.bar.finish_and_clear();
-    Ok((r, counted.count, counted.sweeps))
+    Ok((r, counted.count, counted.sweeps, counted.product_seconds))
 }
 
 fn layer_suffix(layer: &Option<String>) -> String {
@@ -356,7 +366,7 @@ pub fn density(a: DensityArgs) -> Result<()> {
     let n = block.dim();
     let steps = a.steps.min(n);
     let t = Instant::now();
-    let (runs, hvps, sweeps) = counted_slq(
+    let (runs, hvps, sweeps, hvp_seconds) = counted_slq(
         &mut block,
         steps,
         a.runs,
@@ -392,6 +402,7 @@ pub fn density(a: DensityArgs) -> Result<()> {
         block: sweep,
         sweeps,
         lanczos_seconds,
+        hvp_seconds,
         seconds: t0.elapsed().as_secs_f64(),
         settings,
         grid: smoothed.grid,
@@ -417,7 +428,8 @@ pub fn density(a: DensityArgs) -> Result<()> {
         report.negative_mass
     ));
     text.push_str(&format!(
-        "  {hvps} Hessian-vector products ({sweeps} sweeps of up to {sweep}) in {lanczos_seconds:.1} s (total {:.1} s)\n",
+        "  {hvps} Hessian-vector products ({sweeps} sweeps of up to {sweep}) in {lanczos_seconds:.1} s, \
+         {hvp_seconds:.1} s of them in the products (total {:.1} s)\n",
         report.seconds
     ));
     for p in a.out.iter().chain(&a.plot) {
@@ -512,7 +524,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
     s.basis_budget = a.sweep.budget()?;
     let r = eigs(&mut op, &s).context("Lanczos")?;
     op.bar.finish_and_clear();
-    let (hvps, sweeps) = (op.count, op.sweeps);
+    let (hvps, sweeps, hvp_seconds) = (op.count, op.sweeps, op.product_seconds);
     let fracs = gradient_fractions(&g, &r.vectors);
     if let Some(p) = &a.vectors {
         let k = r.vectors.len();
@@ -543,6 +555,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
         hvps,
         block: sweep,
         sweeps,
+        hvp_seconds,
         grad_frac_in_top_k: fracs,
         seconds: t0.elapsed().as_secs_f64(),
         settings,
@@ -574,7 +587,8 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
         ));
     }
     text.push_str(&format!(
-        "  {hvps} Hessian-vector products ({sweeps} sweeps of up to {sweep}), {:.1} s\n",
+        "  {hvps} Hessian-vector products ({sweeps} sweeps of up to {sweep}), {:.1} s, \
+         {hvp_seconds:.1} s of it in the products\n",
         report.seconds
     ));
     output::print(&text)
@@ -829,7 +843,7 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
     let modules = l.model.modules();
     let mut h = Hessian(l.engine.as_mut());
     let n = h.dim();
-    let (full, _, _) = counted_slq(
+    let (full, _, _, _) = counted_slq(
         &mut h,
         a.steps.min(n),
         a.runs,
@@ -842,7 +856,7 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
     for (name, range) in modules {
         let mut block = BlockOperator::new(&mut h, range.clone());
         let steps = a.steps.min(range.len());
-        let (runs, _, _) = counted_slq(
+        let (runs, _, _, _) = counted_slq(
             &mut block,
             steps,
             a.runs,

@@ -121,6 +121,9 @@ pub struct DensityReport {
     /// Block products (sweeps over the data) that computed the `hvps`.
     pub sweeps: usize,
     pub lanczos_seconds: f64,
+    /// Of `lanczos_seconds`, the time in Hessian-vector products; the rest
+    /// is the host's reorthogonalisation and bookkeeping.
+    pub hvp_seconds: f64,
     pub seconds: f64,
     pub settings: Settings,
     pub grid: Vec<f64>,
@@ -144,6 +147,8 @@ pub struct EigsReport {
     pub block: usize,
     /// Block products (sweeps over the data) that computed the `hvps`.
     pub sweeps: usize,
+    /// Of `seconds`, the time in Hessian-vector products.
+    pub hvp_seconds: f64,
     pub grad_frac_in_top_k: Vec<f64>,
     pub seconds: f64,
     pub settings: Settings,
