@@ -277,3 +277,51 @@ fn float32_overflow_inside_the_passes_names_the_layer() {
         eprintln!("{choice:?}: {err}");
     }
 }
+
+/// Vulkan adapters report their device-local memory (read through wgpu's
+/// hal, since wgpu itself reports none); GL ones cannot and say so.
+#[test]
+fn adapters_report_their_memory_where_the_backend_tells() {
+    let adapters = hesscope::gpu::list_adapters();
+    let vulkan: Vec<_> = adapters.iter().filter(|a| a.backend == "vulkan").collect();
+    if vulkan.is_empty() {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!ci, "CI=true but no Vulkan adapter");
+        eprintln!("SKIPPED: no Vulkan adapter");
+    }
+    for a in vulkan {
+        let b = a.device_memory.unwrap_or(0);
+        assert!(b >= 1 << 28, "{}: device memory {b}", a.name);
+    }
+    for a in adapters.iter().filter(|a| a.backend == "gl") {
+        assert_eq!(a.device_memory, None, "{}", a.name);
+    }
+}
+
+/// The default budgets follow the adapter's memory: a quarter of a GPU's
+/// device-local memory (of the host's available memory on a CPU emulator)
+/// for the forward caches, a sixteenth of a GPU's for a chosen block's
+/// tangents; the old constants where the memory is unknown.
+#[test]
+fn default_budgets_follow_the_adapter_memory() {
+    use hesscope::gpu::executor::{
+        block_budget, cache_budget, BLOCK_BUDGET_BYTES, CACHE_BUDGET_BYTES,
+    };
+    let gib = 1usize << 30;
+    // An H200: 141 GiB device-local.
+    assert_eq!(
+        cache_budget(false, Some(141 << 30), Some(8 * gib)),
+        141 * gib / 4
+    );
+    assert_eq!(block_budget(Some(141 << 30)), 141 * gib / 16);
+    // lavapipe reports 2 GiB; the host has 20 GiB available.
+    assert_eq!(cache_budget(true, Some(2 << 30), Some(20 * gib)), 5 * gib);
+    // GL (no memory reported), or no /proc/meminfo.
+    assert_eq!(
+        cache_budget(false, None, Some(20 * gib)),
+        CACHE_BUDGET_BYTES
+    );
+    assert_eq!(cache_budget(true, Some(2 << 30), None), CACHE_BUDGET_BYTES);
+    assert_eq!(block_budget(None), BLOCK_BUDGET_BYTES);
+    assert_eq!(block_budget(Some(4 << 30)), BLOCK_BUDGET_BYTES);
+}

@@ -100,8 +100,9 @@ pub struct Inputs {
     pub adapter: usize,
     /// GiB of GPU memory for keeping every batch's forward results resident
     /// between Hessian-vector products (above it each product recomputes
-    /// them). Default: 2, or a quarter of the host's available memory on a
-    /// CPU emulator (lavapipe, llvmpipe), whichever is smaller.
+    /// them). Default: a quarter of the adapter's device-local memory
+    /// (Vulkan reports it), of the host's available memory on a CPU
+    /// emulator (lavapipe, llvmpipe), or 2 where neither is known.
     #[arg(long, value_name = "GIB", allow_hyphen_values = true)]
     pub cache_budget: Option<f64>,
     /// Seed of every random choice.

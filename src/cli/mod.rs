@@ -263,6 +263,12 @@ fn devices(json: bool) -> Result<()> {
             a.max_storage_buffers_per_shader_stage, a.max_compute_workgroup_storage_size,
             a.max_compute_invocations_per_workgroup, a.max_compute_workgroups_per_dimension,
         ));
+        if let Some(b) = a.device_memory {
+            text.push_str(&format!(
+                "  memory: {:.1} GiB device-local\n",
+                b as f64 / (1u64 << 30) as f64
+            ));
+        }
     }
     output::print(&text)
 }

@@ -58,6 +58,11 @@ pub struct AdapterReport {
     pub max_compute_workgroup_storage_size: u32,
     pub max_compute_invocations_per_workgroup: u32,
     pub max_compute_workgroups_per_dimension: u32,
+    /// Bytes of the adapter's largest device-local memory heap, where the
+    /// backend tells (Vulkan); `null` elsewhere. A CPU emulator reports
+    /// what its driver chooses (lavapipe: 2 GiB); the budgets use the
+    /// host's available memory there instead.
+    pub device_memory: Option<u64>,
 }
 
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
@@ -101,7 +106,34 @@ fn report(index: usize, a: &wgpu::Adapter) -> AdapterReport {
         max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
         max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
         max_compute_workgroups_per_dimension: l.max_compute_workgroups_per_dimension,
+        device_memory: device_memory(a),
     }
+}
+
+/// The largest device-local heap of a Vulkan adapter (wgpu reports no
+/// memory size; its Vulkan backend's physical device does).
+#[cfg(not(any(target_vendor = "apple", target_arch = "wasm32")))]
+fn device_memory(a: &wgpu::Adapter) -> Option<u64> {
+    // SAFETY: the hal adapter is only read (a property query on its
+    // physical device) while the guard keeps it alive.
+    let hal = unsafe { a.as_hal::<wgpu::hal::api::Vulkan>() }?;
+    let props = unsafe {
+        hal.shared_instance()
+            .raw_instance()
+            .get_physical_device_memory_properties(hal.raw_physical_device())
+    };
+    let count = (props.memory_heap_count as usize).min(props.memory_heaps.len());
+    props.memory_heaps[..count]
+        .iter()
+        .filter(|h| h.flags.contains(ash::vk::MemoryHeapFlags::DEVICE_LOCAL))
+        .map(|h| h.size)
+        .max()
+        .filter(|&b| b > 0)
+}
+
+#[cfg(any(target_vendor = "apple", target_arch = "wasm32"))]
+fn device_memory(_: &wgpu::Adapter) -> Option<u64> {
+    None
 }
 
 /// The adapters of one backend choice, in the order `--adapter N` counts

@@ -19,11 +19,12 @@ use crate::model::{Activation, Model, Op};
 /// Wall seconds per dispatched kernel, in program order.
 pub type KernelTimes = Vec<(Kernel, f64)>;
 
-/// Bytes of per-batch state kept resident for reuse by every HVP.
+/// Bytes of per-batch state kept resident for reuse by every HVP where the
+/// adapter's memory is unknown (`cache_budget`).
 pub const CACHE_BUDGET_BYTES: usize = 2 << 30;
 
-/// Bytes the tangent buffers of a block product may take when the block
-/// size is chosen for the user (`GpuEngine::new`).
+/// Bytes the tangent buffers of a block product may take at least when the
+/// block size is chosen for the user (`block_budget`).
 pub const BLOCK_BUDGET_BYTES: usize = 1 << 30;
 
 /// The largest block size chosen for the user: past it the per-vector cost
@@ -38,12 +39,10 @@ pub const MAX_BLOCK: usize = 64;
 #[derive(Clone, Copy, Debug)]
 pub struct EngineOptions {
     /// Bytes of per-batch state resident for reuse by every HVP while it
-    /// fits; None: `CACHE_BUDGET_BYTES`, or on a CPU emulator (whose
-    /// "device memory" is the host's) at most a quarter of the host's
-    /// available memory.
+    /// fits; None: a quarter of the adapter's memory (`cache_budget`).
     pub cache_budget: Option<usize>,
     /// Tangents per sweep of a block product; None: the most that fit in
-    /// `BLOCK_BUDGET_BYTES`, up to `DEFAULT_MAX_BLOCK`.
+    /// `block_budget`, up to `DEFAULT_MAX_BLOCK`.
     pub block: Option<usize>,
     /// Which convolution kernels the engine runs.
     pub conv_path: ConvPath,
@@ -836,26 +835,49 @@ impl GpuEngine {
 /// llvmpipe) 1: its two to few dozen threads are already busy with one
 /// tangent's work, so K tangents per dispatch cost K times one (measured,
 /// BENCHMARKS.md "Block products"). On a GPU, as many tangents as fit in
-/// `BLOCK_BUDGET_BYTES` of tangent buffers, up to `DEFAULT_MAX_BLOCK`:
-/// small layers leave most of a GPU idle, and K tangents fill it.
+/// `block_budget` of tangent buffers, up to `DEFAULT_MAX_BLOCK`: small
+/// layers leave most of a GPU idle, and K tangents fill it.
 fn default_block(ctx: &GpuContext, model: &Model, canon: &[usize], n: usize) -> usize {
     if ctx.is_cpu_adapter() {
         return 1;
     }
     let per = memory::tangent_bytes(model, canon, n, 1).max(1);
-    (BLOCK_BUDGET_BYTES / per).clamp(1, DEFAULT_MAX_BLOCK)
+    (block_budget(ctx.info.device_memory) / per).clamp(1, DEFAULT_MAX_BLOCK)
 }
 
-/// `CACHE_BUDGET_BYTES`, or on a CPU emulator at most a quarter of the
-/// host's available memory (`host::available_memory`). wgpu reports no device memory
-/// size, so on a GPU the constant stands (`--cache-budget` overrides it).
+/// Bytes of tangent buffers a chosen block may take: a sixteenth of the
+/// device's memory where the backend reports it, at least
+/// `BLOCK_BUDGET_BYTES`.
+pub fn block_budget(device_memory: Option<u64>) -> usize {
+    let sixteenth = device_memory.map_or(0, |b| usize::try_from(b / 16).unwrap_or(usize::MAX));
+    sixteenth.max(BLOCK_BUDGET_BYTES)
+}
+
 fn default_cache_budget(ctx: &GpuContext) -> usize {
-    if !ctx.is_cpu_adapter() {
-        return CACHE_BUDGET_BYTES;
-    }
-    let available = crate::host::available_memory();
-    match available {
-        Some(bytes) => CACHE_BUDGET_BYTES.min(bytes / 4),
+    cache_budget(
+        ctx.is_cpu_adapter(),
+        ctx.info.device_memory,
+        crate::host::available_memory(),
+    )
+}
+
+/// The default cache budget: a quarter of the memory the adapter has — its
+/// device-local memory on a GPU (Vulkan reports it), the host's available
+/// memory on a CPU emulator (whose "device memory" is the host's) — or
+/// `CACHE_BUDGET_BYTES` where that is unknown (`--cache-budget` overrides
+/// it either way).
+pub fn cache_budget(
+    cpu_adapter: bool,
+    device_memory: Option<u64>,
+    host_available: Option<usize>,
+) -> usize {
+    let have = if cpu_adapter {
+        host_available.map(|b| b as u64)
+    } else {
+        device_memory
+    };
+    match have {
+        Some(bytes) => usize::try_from(bytes / 4).unwrap_or(usize::MAX),
         None => CACHE_BUDGET_BYTES,
     }
 }
