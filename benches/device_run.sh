@@ -86,6 +86,10 @@ else
 fi
 # The README's default density.
 timed density_default "$HS" density "${GPU[@]}" --json
+# A density at resnet20's size: its JSON splits lanczos_seconds into the
+# products (hvp_seconds) and the host's reorthogonalisation (the rest),
+# which says whether the Lanczos basis should move to the device.
+timed density_resnet20 "$HS" density "${GPU[@]}" "${COMMON20[@]}" --steps 40 --runs 2 --json
 # resnet18 at 224×224: the largest batch that fits, from 64 down.
 for R18 in 64 32 16 8 4 2; do
     [ "${QUICK:-0}" = 1 ] && [ "$R18" -gt 4 ] && continue
