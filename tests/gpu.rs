@@ -299,9 +299,10 @@ fn adapters_report_their_memory_where_the_backend_tells() {
 }
 
 /// The default budgets follow the adapter's memory: a quarter of a GPU's
-/// device-local memory (of the host's available memory on a CPU emulator)
-/// for the forward caches, a sixteenth of a GPU's for a chosen block's
-/// tangents; the old constants where the memory is unknown.
+/// device-local memory for the forward caches (on a CPU emulator a quarter
+/// of the host's available memory, at most 2 GiB), a sixteenth of a GPU's
+/// for a chosen block's tangents; the old constants where the memory is
+/// unknown.
 #[test]
 fn default_budgets_follow_the_adapter_memory() {
     use hesscope::gpu::executor::{
@@ -314,8 +315,13 @@ fn default_budgets_follow_the_adapter_memory() {
         141 * gib / 4
     );
     assert_eq!(block_budget(Some(141 << 30)), 141 * gib / 16);
-    // lavapipe reports 2 GiB; the host has 20 GiB available.
-    assert_eq!(cache_budget(true, Some(2 << 30), Some(20 * gib)), 5 * gib);
+    // lavapipe reports 2 GiB whatever the host: a quarter of the host's
+    // available memory, at most the old 2 GiB.
+    assert_eq!(
+        cache_budget(true, Some(2 << 30), Some(20 * gib)),
+        CACHE_BUDGET_BYTES
+    );
+    assert_eq!(cache_budget(true, Some(2 << 30), Some(4 * gib)), gib);
     // GL (no memory reported), or no /proc/meminfo.
     assert_eq!(
         cache_budget(false, None, Some(20 * gib)),

@@ -101,8 +101,8 @@ pub struct Inputs {
     /// GiB of GPU memory for keeping every batch's forward results resident
     /// between Hessian-vector products (above it each product recomputes
     /// them). Default: a quarter of the adapter's device-local memory
-    /// (Vulkan reports it), of the host's available memory on a CPU
-    /// emulator (lavapipe, llvmpipe), or 2 where neither is known.
+    /// (Vulkan reports it); on a CPU emulator (lavapipe, llvmpipe) a
+    /// quarter of the host's available memory, at most 2; else 2.
     #[arg(long, value_name = "GIB", allow_hyphen_values = true)]
     pub cache_budget: Option<f64>,
     /// Seed of every random choice.

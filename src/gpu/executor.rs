@@ -861,24 +861,22 @@ fn default_cache_budget(ctx: &GpuContext) -> usize {
     )
 }
 
-/// The default cache budget: a quarter of the memory the adapter has — its
-/// device-local memory on a GPU (Vulkan reports it), the host's available
-/// memory on a CPU emulator (whose "device memory" is the host's) — or
-/// `CACHE_BUDGET_BYTES` where that is unknown (`--cache-budget` overrides
-/// it either way).
+/// The default cache budget: on a GPU a quarter of its device-local memory
+/// (Vulkan reports it); on a CPU emulator, whose "device memory" is the
+/// host's, a quarter of the host's available memory but at most
+/// `CACHE_BUDGET_BYTES` (lavapipe reports a 2 GiB heap whatever the
+/// host); `CACHE_BUDGET_BYTES` where the memory is unknown.
+/// `--cache-budget` overrides it either way.
 pub fn cache_budget(
     cpu_adapter: bool,
     device_memory: Option<u64>,
     host_available: Option<usize>,
 ) -> usize {
-    let have = if cpu_adapter {
-        host_available.map(|b| b as u64)
-    } else {
-        device_memory
-    };
-    match have {
-        Some(bytes) => usize::try_from(bytes / 4).unwrap_or(usize::MAX),
-        None => CACHE_BUDGET_BYTES,
+    let quarter = |b: u64| usize::try_from(b / 4).unwrap_or(usize::MAX);
+    match (cpu_adapter, device_memory, host_available) {
+        (true, _, Some(host)) => quarter(host as u64).min(CACHE_BUDGET_BYTES),
+        (false, Some(device), _) => quarter(device),
+        _ => CACHE_BUDGET_BYTES,
     }
 }
 
