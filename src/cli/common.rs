@@ -244,10 +244,7 @@ impl Inputs {
             return Ok(None);
         };
         if let Some(gib) = self.cache_budget {
-            if !(gib.is_finite() && (0.0..=1024.0).contains(&gib)) {
-                anyhow::bail!("invalid --cache-budget: {gib}; GiB between 0 and 1024");
-            }
-            options.cache_budget = Some((gib * (1u64 << 30) as f64) as usize);
+            options.cache_budget = Some(gib_bytes("--cache-budget", gib, true)?);
         }
         match hesscope::gpu::open_with(problem, choice, self.adapter, options) {
             Ok(engine) => Ok(Some(engine)),
@@ -304,4 +301,19 @@ pub fn random_unit(n: usize, seed: u64) -> Vec<f64> {
         v.iter_mut().for_each(|x| *x /= norm);
     }
     v
+}
+
+/// A memory flag given in GiB, as bytes: finite, at most 1024, and above 0
+/// unless `zero_ok` (a budget of nothing).
+pub fn gib_bytes(flag: &str, gib: f64, zero_ok: bool) -> Result<usize> {
+    let ok = gib.is_finite() && gib <= 1024.0 && (gib > 0.0 || (zero_ok && gib == 0.0));
+    if !ok {
+        let range = if zero_ok {
+            "GiB between 0 and 1024"
+        } else {
+            "GiB above 0 and at most 1024"
+        };
+        anyhow::bail!("invalid {flag}: {gib}; {range}");
+    }
+    Ok((gib * (1u64 << 30) as f64) as usize)
 }

@@ -1,6 +1,6 @@
 //! The spectral subcommands: density, eigs, trace, exact, layers.
 
-use crate::cli::common::{Backend, Inputs};
+use crate::cli::common::{gib_bytes, Backend, Inputs};
 use crate::cli::output::{self, export, or_unknown};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -112,11 +112,28 @@ pub struct SweepArgs {
     /// preferred block.
     #[arg(long = "block", value_name = "K", allow_hyphen_values = true)]
     pub block: Option<usize>,
+}
+
+/// How much host memory the Lanczos bases may take: the commands that run
+/// Lanczos (density, eigs, layers, train's spectra) take it; trace, which
+/// keeps no basis, does not.
+#[derive(Args, Debug, Clone)]
+pub struct BasisArgs {
     /// GiB of host memory the Lanczos bases may take (f64 while they fit,
     /// f32 beyond; refused if they do not fit even so). Default: half of
     /// the host's available memory.
     #[arg(long, value_name = "GIB", allow_hyphen_values = true)]
     pub basis_budget: Option<f64>,
+}
+
+impl BasisArgs {
+    /// `--basis-budget` in bytes, or the host default.
+    pub fn budget(&self) -> Result<BasisBudget> {
+        Ok(match self.basis_budget {
+            None => BasisBudget::host_default(),
+            Some(gib) => BasisBudget(gib_bytes("--basis-budget", gib, false)?),
+        })
+    }
 }
 
 impl SweepArgs {
@@ -125,18 +142,7 @@ impl SweepArgs {
         if let Some(k) = self.block {
             check_count("--block", k, MAX_BLOCK)?;
         }
-        self.budget().map(|_| ())
-    }
-
-    /// `--basis-budget` in bytes, or the host default.
-    pub fn budget(&self) -> Result<BasisBudget> {
-        match self.basis_budget {
-            None => Ok(BasisBudget::host_default()),
-            Some(gib) if gib.is_finite() && gib > 0.0 && gib <= 1024.0 => {
-                Ok(BasisBudget((gib * (1u64 << 30) as f64) as usize))
-            }
-            Some(gib) => bail!("invalid --basis-budget: {gib}; GiB above 0 and at most 1024"),
-        }
+        Ok(())
     }
 
     /// `--block`, or the executor's preferred block (within 1..=MAX_BLOCK).
@@ -248,6 +254,8 @@ pub struct DensityArgs {
     #[command(flatten)]
     pub sweep: SweepArgs,
     #[command(flatten)]
+    pub basis: BasisArgs,
+    #[command(flatten)]
     pub smoothing: SmoothingArgs,
     /// Write the report as JSON (grid, density, nodes and weights per run, summary, settings).
     #[arg(long, help_heading = "Output")]
@@ -352,6 +360,7 @@ pub fn density(a: DensityArgs) -> Result<()> {
     check_count("--steps", a.steps, MAX_STEPS)?;
     check_count("--runs", a.runs, MAX_RUNS)?;
     a.sweep.validate()?;
+    let budget = a.basis.budget()?;
     a.smoothing.validate()?;
     check_plot(&a.plot)?;
     let t0 = Instant::now();
@@ -372,7 +381,7 @@ pub fn density(a: DensityArgs) -> Result<()> {
         a.runs,
         a.inputs.seed,
         sweep,
-        a.sweep.budget()?,
+        budget,
         "density",
     )
     .context("stochastic Lanczos quadrature")?;
@@ -477,6 +486,8 @@ pub struct EigsArgs {
     pub tol: f64,
     #[command(flatten)]
     pub sweep: SweepArgs,
+    #[command(flatten)]
+    pub basis: BasisArgs,
     /// Write the report as JSON (eigenvalues, residuals, gradient fractions, settings).
     #[arg(long, help_heading = "Output")]
     pub out: Option<PathBuf>,
@@ -494,6 +505,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
         bail!("invalid --tol: {}; a relative tolerance in (0, 1)", a.tol);
     }
     a.sweep.validate()?;
+    let budget = a.basis.budget()?;
     let t0 = Instant::now();
     let mut l = a.inputs.load_block(a.sweep.block)?;
     let range = block_range(&l.model, &a.block.layer)?;
@@ -521,7 +533,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
     s.max_steps = a.steps;
     s.seed = a.inputs.seed;
     s.block = sweep;
-    s.basis_budget = a.sweep.budget()?;
+    s.basis_budget = budget;
     let r = eigs(&mut op, &s).context("Lanczos")?;
     op.bar.finish_and_clear();
     let (hvps, sweeps, hvp_seconds) = (op.count, op.sweeps, op.product_seconds);
@@ -634,11 +646,6 @@ fn trace_of(
 pub fn trace_cmd(a: TraceArgs) -> Result<()> {
     check_count("--probes", a.probes, MAX_PROBES)?;
     a.sweep.validate()?;
-    if a.sweep.basis_budget.is_some() {
-        bail!(
-            "--basis-budget bounds Lanczos bases (density, eigs, layers, train); trace keeps none"
-        );
-    }
     let t0 = Instant::now();
     let mut l = a.inputs.load_block(a.sweep.block)?;
     let settings = a
@@ -819,6 +826,8 @@ pub struct LayersArgs {
     #[command(flatten)]
     pub sweep: SweepArgs,
     #[command(flatten)]
+    pub basis: BasisArgs,
+    #[command(flatten)]
     pub smoothing: SmoothingArgs,
     /// Write the report as JSON (per module: λmax, λmin, trace, similarity; settings).
     #[arg(long, help_heading = "Output")]
@@ -834,12 +843,12 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
     check_count("--steps", a.steps, MAX_STEPS)?;
     check_count("--runs", a.runs, MAX_RUNS)?;
     a.sweep.validate()?;
+    let budget = a.basis.budget()?;
     a.smoothing.validate()?;
     let t0 = Instant::now();
     let mut l = a.inputs.load_block(a.sweep.block)?;
     let settings = a.inputs.settings(l.engine.as_ref(), None);
     let sweep = a.sweep.resolve(l.engine.as_ref());
-    let budget = a.sweep.budget()?;
     let modules = l.model.modules();
     let mut h = Hessian(l.engine.as_mut());
     let n = h.dim();

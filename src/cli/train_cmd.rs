@@ -6,7 +6,7 @@
 
 use crate::cli::common::{Backend, BnArg, Inputs};
 use crate::cli::output::{self, notice};
-use crate::cli::spectral_cmds::{SweepArgs, MAX_GRID, MAX_PROBES, MAX_RUNS, MAX_STEPS};
+use crate::cli::spectral_cmds::{BasisArgs, SweepArgs, MAX_GRID, MAX_PROBES, MAX_RUNS, MAX_STEPS};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hesscope::data::Dataset;
@@ -103,6 +103,8 @@ pub struct SpectrumArgs {
     pub layerwise: bool,
     #[command(flatten)]
     pub sweep: SweepArgs,
+    #[command(flatten)]
+    pub basis: BasisArgs,
 }
 
 /// The Hessian-trace regulariser (Sankar et al.).
@@ -265,8 +267,8 @@ impl SpectrumArgs {
             layerwise: self.layerwise,
             seed,
             block: self.sweep.block,
-            basis_budget: match self.sweep.basis_budget {
-                Some(_) => Some(self.sweep.budget()?.0),
+            basis_budget: match self.basis.basis_budget {
+                Some(_) => Some(self.basis.budget()?.0),
                 None => None,
             },
         })

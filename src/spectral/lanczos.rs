@@ -35,12 +35,6 @@ impl BasisBudget {
     }
 }
 
-impl Default for BasisBudget {
-    fn default() -> Self {
-        BasisBudget::host_default()
-    }
-}
-
 /// Bytes for messages: GiB, MiB or KiB, whichever reads best.
 fn size(bytes: usize) -> String {
     let b = bytes as f64;
