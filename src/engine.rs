@@ -114,6 +114,11 @@ pub trait Curvature {
         self.hvp(v, &mut hv)?;
         Ok((loss, grad, hv))
     }
+    /// A device the solvers may keep their Lanczos bases on
+    /// (`SymOperator::basis_device`); None: host memory.
+    fn basis_device(&self) -> Option<std::rc::Rc<dyn crate::spectral::lanczos::BasisDevice>> {
+        None
+    }
     /// `cpu`, `vulkan`, `gl`, ...
     fn backend(&self) -> String;
     /// The adapter's name (`float64 reference` for the CPU).
@@ -143,5 +148,8 @@ impl SymOperator for Hessian<'_> {
     }
     fn apply_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
         self.0.hvp_block(vs, outs)
+    }
+    fn basis_device(&self) -> Option<std::rc::Rc<dyn crate::spectral::lanczos::BasisDevice>> {
+        self.0.basis_device()
     }
 }

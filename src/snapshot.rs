@@ -81,6 +81,9 @@ impl SymOperator for Counting<'_, '_> {
         (self.progress)(&self.stage, self.count);
         Ok(())
     }
+    fn basis_device(&self) -> Option<std::rc::Rc<dyn crate::spectral::lanczos::BasisDevice>> {
+        self.inner.basis_device()
+    }
 }
 
 /// The curvature of `engine`'s loss at its weights. `about` fills the

@@ -71,7 +71,7 @@ fn compensated_reorthogonalisation_keeps_the_basis_orthonormal() {
         let mut op = DiagonalOperator { d: d.clone() };
         let mut lz = Lanczos::new(&mut op, &start, precision, 0).unwrap();
         while lz.steps() < steps && lz.step().unwrap() {}
-        losses.push(lz.orthogonality_loss());
+        losses.push(lz.orthogonality_loss().unwrap());
     }
     let plain = plain_f32_loss(&d, steps, &start);
     eprintln!(
@@ -234,7 +234,7 @@ fn breakdown_on_an_invariant_subspace_is_handled() {
         lz.step().unwrap();
     }
     assert!(lz.breakdowns >= 1);
-    assert!(lz.orthogonality_loss() < 1e-12);
+    assert!(lz.orthogonality_loss().unwrap() < 1e-12);
     assert!(lz.alpha.iter().chain(&lz.beta).all(|x| x.is_finite()));
 }
 

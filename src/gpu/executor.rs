@@ -8,6 +8,7 @@
 use crate::data::Dataset;
 use crate::engine::{check_out_len, BnMode, Curvature, Problem};
 use crate::error::{Error, Result};
+use crate::gpu::basis::{device_basis_budget, BasisPlace, GpuBasisDevice};
 use crate::gpu::context::GpuContext;
 use crate::gpu::kernels::{self, ConvTile, Kernel};
 use crate::gpu::memory::{self, Arena, Workspace};
@@ -15,6 +16,8 @@ use crate::gpu::plan::{self, Plan};
 use crate::gpu::program::{Compiled, Step};
 use crate::layers::{self, StateCx};
 use crate::model::{Activation, Model, Op};
+use crate::spectral::lanczos::BasisDevice;
+use std::rc::Rc;
 
 /// Wall seconds per dispatched kernel, in program order.
 pub type KernelTimes = Vec<(Kernel, f64)>;
@@ -54,6 +57,8 @@ pub struct EngineOptions {
     /// every pass replays the ReLU/LeakyReLU pieces and max-pool argmax
     /// recorded at one θ. Needs every batch resident (the cache budget).
     pub frozen: bool,
+    /// Where the solvers keep their Lanczos bases (`basis_device`).
+    pub basis_place: BasisPlace,
 }
 
 /// The convolution kernels an engine runs.
@@ -119,6 +124,7 @@ impl Default for EngineOptions {
             conv_path: ConvPath::Auto,
             conv_tile: None,
             frozen: false,
+            basis_place: BasisPlace::Auto,
         }
     }
 }
@@ -158,6 +164,10 @@ pub struct GpuEngine {
     theta_host: Vec<f64>,
     /// Planned for held decisions (`EngineOptions::frozen`).
     frozen: bool,
+    basis_place: BasisPlace,
+    /// The device handle Lanczos bases use (one pipeline cache for all),
+    /// made on first use.
+    basis_ctx: std::cell::OnceCell<Rc<GpuContext>>,
 }
 
 impl GpuEngine {
@@ -355,6 +365,8 @@ impl GpuEngine {
             theta,
             theta_host: problem.weights.theta.clone(),
             frozen: options.frozen,
+            basis_place: options.basis_place,
+            basis_ctx: Default::default(),
         };
         if n_ws == e.programs.len() {
             for bi in 0..e.programs.len() {
@@ -976,6 +988,20 @@ impl Curvature for GpuEngine {
 
     fn adapter(&self) -> String {
         self.ctx.info.name.clone()
+    }
+
+    /// This GPU, by `EngineOptions::basis_place`: offered (and preferred)
+    /// for `Auto` unless it is a CPU emulator, required for `Device`.
+    fn basis_device(&self) -> Option<Rc<dyn BasisDevice>> {
+        let required = match self.basis_place {
+            BasisPlace::Host => return None,
+            BasisPlace::Auto if self.ctx.is_cpu_adapter() => return None,
+            BasisPlace::Auto => false,
+            BasisPlace::Device => true,
+        };
+        let budget = device_basis_budget(self.ctx.info.device_memory);
+        let ctx = self.basis_ctx.get_or_init(|| Rc::new(self.ctx.share()));
+        Some(Rc::new(GpuBasisDevice::new(ctx.clone(), budget, required)))
     }
 }
 

@@ -18,6 +18,8 @@ pub const LOSS: &str = include_str!("../../shaders/loss.wgsl");
 pub const ACTIVATION: &str = include_str!("../../shaders/activation.wgsl");
 /// Training's SGD and running-statistics updates.
 pub const OPTIM: &str = include_str!("../../shaders/optim.wgsl");
+/// A Lanczos basis on the device: Qᵀw and Q·c, compensated.
+pub const BASIS: &str = include_str!("../../shaders/basis.wgsl");
 /// Block products' tangent slices (`KB`, `KMAX`, `kslice`): prepended to
 /// every module.
 pub const TANGENTS: &str = include_str!("../../shaders/tangents.wgsl");
@@ -137,10 +139,11 @@ pub enum Module {
     Loss,
     Activation,
     Optim,
+    Basis,
 }
 
 impl Module {
-    const ALL: [Module; 12] = [
+    const ALL: [Module; 13] = [
         Module::Conv,
         Module::ConvWindowed,
         Module::ConvHalfWindowed,
@@ -153,6 +156,7 @@ impl Module {
         Module::Loss,
         Module::Activation,
         Module::Optim,
+        Module::Basis,
     ];
 
     /// (file name, the file's own WGSL).
@@ -176,6 +180,7 @@ impl Module {
             Module::Loss => ("loss.wgsl", LOSS),
             Module::Activation => ("activation.wgsl", ACTIVATION),
             Module::Optim => ("optim.wgsl", OPTIM),
+            Module::Basis => ("basis.wgsl", BASIS),
         }
     }
 
@@ -285,6 +290,11 @@ kernels! {
     /// Training: a batch norm's running mean and variance from its batch
     /// statistics rows.
     BnRunning => Optim::"bn_running", [R, W], BnRunningParams, [];
+    /// A device-resident Lanczos basis: (sum, error) pairs of Qᵀw per
+    /// segment of rows (shaders/basis.wgsl).
+    BasisDots => Basis::"basis_dots", [R, R, W], BasisParams, [];
+    /// A device-resident Lanczos basis: Q·c, compensated over the vectors.
+    BasisCombine => Basis::"basis_combine", [R, R, W], BasisParams, [];
 }
 
 impl Kernel {
@@ -346,8 +356,8 @@ pub mod bn_rows {
 }
 
 pub use crate::gpu::params::{
-    ActParams, BnParams, BnRunningParams, ConvParams, EwParams, KernelParams, LossParams, Params,
-    PoolParams, ReduceParams, SgdParams,
+    ActParams, BasisParams, BnParams, BnRunningParams, ConvParams, EwParams, KernelParams,
+    LossParams, Params, PoolParams, ReduceParams, SgdParams,
 };
 
 /// Threads of the per-element batch-norm kernels: one per 4 elements of a

@@ -136,6 +136,18 @@ params_struct! {
     }
 }
 
+params_struct! {
+    /// shaders/basis.wgsl: a chunk of `rows` rows of a device-resident
+    /// basis, vector j at j·`stride`; `vectors` in use; basis_dots splits
+    /// the rows into `segments` of `seg_rows`. `zero` is always 0: the
+    /// kernels XOR their compensation's intermediates with it so that no
+    /// driver can simplify the algebra away (shaders/basis.wgsl).
+    BasisParams {
+        rows: u32, stride: u32, vectors: u32, segments: u32,
+        seg_rows: u32, zero: u32, _p1: u32, _p2: u32,
+    }
+}
+
 /// Every params struct, for the reflection test: (WGSL name, members).
 pub fn all() -> Vec<(&'static str, Vec<(&'static str, usize)>)> {
     fn e<P: KernelParams>() -> (&'static str, Vec<(&'static str, usize)>) {
@@ -151,5 +163,6 @@ pub fn all() -> Vec<(&'static str, Vec<(&'static str, usize)>)> {
         e::<ActParams>(),
         e::<SgdParams>(),
         e::<BnRunningParams>(),
+        e::<BasisParams>(),
     ]
 }

@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::spectral::compensated::norm;
-use crate::spectral::lanczos::{gaussian_unit, Basis, BasisBudget, BasisPrecision, Lanczos};
+use crate::spectral::lanczos::{gaussian_unit, Basis, BasisBudget, BasisPlan, Lanczos};
 use crate::spectral::operator::SymOperator;
 use rand::SeedableRng;
 
@@ -65,6 +65,8 @@ pub struct EigsResult {
     /// Calls of `apply_block` (each one sweep over the data for a Hessian)
     /// and of `apply`: with block 1, every application is one.
     pub block_products: usize,
+    /// Where the Lanczos vectors were kept (`BasisPlan::describe`).
+    pub basis: String,
 }
 
 fn order(values: &[f64], which: Which) -> Vec<usize> {
@@ -116,8 +118,9 @@ pub fn eigs(op: &mut dyn SymOperator, s: &EigsSettings) -> Result<EigsResult> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed ^ 0xe165);
     let start = gaussian_unit(n, &mut rng);
     let max_steps = s.max_steps.min(n).max(s.k);
-    let precision = BasisPrecision::for_size(n, max_steps, s.basis_budget)?;
-    let mut lz = Lanczos::new(op, &start, precision, s.seed)?;
+    let plan = BasisPlan::choose(op.basis_device(), n, max_steps, 1, s.basis_budget)?;
+    let basis = plan.basis(n, max_steps + 1)?;
+    let mut lz = Lanczos::with_basis(op, &start, basis, s.seed)?;
     let mut more = true;
     let mut applications = 0;
     loop {
@@ -138,8 +141,10 @@ pub fn eigs(op: &mut dyn SymOperator, s: &EigsSettings) -> Result<EigsResult> {
         // product per vector, so they are taken only once it says done.
         if at_end || est.iter().all(|e| *e <= s.tol * lmax) {
             let values: Vec<f64> = wanted.iter().map(|&i| t.values[i]).collect();
-            let vectors: Vec<Vec<f64>> =
-                wanted.iter().map(|&i| lz.combine(&t.vectors[i])).collect();
+            let vectors: Vec<Vec<f64>> = wanted
+                .iter()
+                .map(|&i| lz.combine(&t.vectors[i]))
+                .collect::<Result<_>>()?;
             let mut residuals = vec![];
             let mut av = vec![0.0; n];
             for (l, v) in values.iter().zip(&vectors) {
@@ -160,6 +165,7 @@ pub fn eigs(op: &mut dyn SymOperator, s: &EigsSettings) -> Result<EigsResult> {
                     converged,
                     operator_applications: steps + applications,
                     block_products: steps + applications,
+                    basis: plan.describe(),
                 });
             }
         }
@@ -192,42 +198,40 @@ pub fn block_eigs(op: &mut dyn SymOperator, s: &EigsSettings) -> Result<EigsResu
     let max_steps = s.max_steps.min(n).max(s.k);
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed ^ 0xe165);
     let mut restart = rand::rngs::StdRng::seed_from_u64(s.seed ^ 0x1a2c05);
-    let mut basis = Basis::new(BasisPrecision::for_size(n, max_steps + b, s.basis_budget)?);
+    let plan = BasisPlan::choose(op.basis_device(), n, max_steps + b, 1, s.basis_budget)?;
+    let mut basis = plan.basis(n, max_steps + b + 1)?;
     // cols[p]: the coefficients of A q_p on q_0, q_1, … (T's column p).
     let mut cols: Vec<Vec<f64>> = vec![];
     let mut scale: f64 = 0.0;
     // w ⟂ the basis, normalised and stored; a random vector instead when
     // w is (numerically) in the span. Returns the coupling (0 for a
     // replacement) or None once the basis spans the space.
-    let mut extend = |basis: &mut Basis, mut w: Vec<f64>, thresh: f64| -> Option<f64> {
+    let mut extend = |basis: &mut Basis, mut w: Vec<f64>, thresh: f64| -> Result<Option<f64>> {
         if basis.len() >= n {
-            return None;
+            return Ok(None);
         }
-        let c1 = basis.dots(&w);
-        basis.subtract(&mut w, &c1);
-        let c2 = basis.dots(&w);
-        basis.subtract(&mut w, &c2);
+        basis.orthogonalize(&mut w)?;
         let r = norm(&w);
         if r > thresh {
             w.iter_mut().for_each(|x| *x /= r);
-            basis.push(w);
-            return Some(r);
+            basis.push(w)?;
+            return Ok(Some(r));
         }
         for _ in 0..3 {
             let mut g = gaussian_unit(n, &mut restart);
-            basis.orthogonalize(&mut g);
+            basis.orthogonalize(&mut g)?;
             let r = norm(&g);
             if r >= 1e-8 {
                 g.iter_mut().for_each(|x| *x /= r);
-                basis.push(g);
-                return Some(0.0);
+                basis.push(g)?;
+                return Ok(Some(0.0));
             }
         }
-        None
+        Ok(None)
     };
     for _ in 0..b {
         let start = gaussian_unit(n, &mut rng);
-        extend(&mut basis, start, 1e-8);
+        extend(&mut basis, start, 1e-8)?;
     }
     let mut processed = 0usize;
     let mut sweeps = 0usize;
@@ -239,7 +243,10 @@ pub fn block_eigs(op: &mut dyn SymOperator, s: &EigsSettings) -> Result<EigsResu
             // One block product for the whole pending block (it may be
             // cut at the budget).
             let take = pending.len().min(max_steps - processed);
-            let qs: Vec<Vec<f64>> = pending[..take].iter().map(|&j| basis.get(j)).collect();
+            let qs: Vec<Vec<f64>> = pending[..take]
+                .iter()
+                .map(|&j| basis.get(j))
+                .collect::<Result<_>>()?;
             let refs: Vec<&[f64]> = qs.iter().map(|q| q.as_slice()).collect();
             let mut ws = vec![vec![0.0; n]; take];
             op.apply_block(&refs, &mut ws)?;
@@ -252,19 +259,19 @@ pub fn block_eigs(op: &mut dyn SymOperator, s: &EigsSettings) -> Result<EigsResu
                     )));
                 }
                 let mut w = w;
-                let c1 = basis.dots(&w);
-                basis.subtract(&mut w, &c1);
-                let c2 = basis.dots(&w);
-                basis.subtract(&mut w, &c2);
+                let c1 = basis.dots(&w)?;
+                basis.subtract(&mut w, &c1)?;
+                let c2 = basis.dots(&w)?;
+                basis.subtract(&mut w, &c2)?;
                 let mut col: Vec<f64> = c1.iter().zip(&c2).map(|(a, b)| a + b).collect();
                 scale = col.iter().fold(scale, |m, x| m.max(x.abs()));
                 let r = norm(&w);
                 if basis.len() < n {
                     if r > 1e-10 * scale.max(f64::MIN_POSITIVE) {
                         w.iter_mut().for_each(|x| *x /= r);
-                        basis.push(w);
+                        basis.push(w)?;
                         col.push(r);
-                    } else if extend(&mut basis, vec![0.0; n], f64::INFINITY).is_some() {
+                    } else if extend(&mut basis, vec![0.0; n], f64::INFINITY)?.is_some() {
                         col.push(0.0);
                     }
                 }
@@ -312,7 +319,10 @@ pub fn block_eigs(op: &mut dyn SymOperator, s: &EigsSettings) -> Result<EigsResu
             .collect();
         if at_end || est.iter().all(|e| *e <= s.tol * lmax) {
             let values: Vec<f64> = wanted.iter().map(|&k| theta[k]).collect();
-            let vectors: Vec<Vec<f64>> = ys.iter().map(|y| basis.combine(y, n)).collect();
+            let vectors: Vec<Vec<f64>> = ys
+                .iter()
+                .map(|y| basis.combine(y, n))
+                .collect::<Result<_>>()?;
             let refs: Vec<&[f64]> = vectors.iter().map(|v| v.as_slice()).collect();
             let mut avs = vec![vec![0.0; n]; vectors.len()];
             for lo in (0..vectors.len()).step_by(b) {
@@ -341,6 +351,7 @@ pub fn block_eigs(op: &mut dyn SymOperator, s: &EigsSettings) -> Result<EigsResu
                     converged,
                     operator_applications: processed + applications,
                     block_products: sweeps,
+                    basis: plan.describe(),
                 });
             }
         }

@@ -8,6 +8,15 @@
 //! storage rounding (≈ 1e-7), not at the accumulated error of f32
 //! arithmetic. Bases that do not fit even in f32 are refused before any
 //! product is computed.
+//!
+//! Or they live on the operator's device ([`BasisDevice`], offered by a
+//! GPU engine through [`SymOperator::basis_device`]): stored in f32, the
+//! two products of each pass (c = Qᵀw, Q·c) run there with compensated
+//! sums, and only w, c and Q·c cross the bus. The recurrence itself (its
+//! three-term update, norms, T) stays on the host in f64. This is for
+//! models whose reorthogonalisation would otherwise dominate a GPU run:
+//! at resnet18's size the host's products take ~0.9 s per step on two
+//! cores (BENCHMARKS.md, "The host's side of Lanczos").
 
 use crate::error::{Error, Result};
 use crate::spectral::compensated::{dot, norm, subtract_combination};
@@ -97,29 +106,149 @@ impl BasisPrecision {
     }
 }
 
-/// Orthonormal vectors kept in f64 or f32, with compensated products.
-pub(crate) enum Basis {
+/// Basis vectors kept on a device, with the products reorthogonalisation
+/// takes. Vectors are stored in f32; products are compensated.
+pub trait DeviceBasis {
+    /// Vectors stored.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Vectors it has room for.
+    fn capacity(&self) -> usize;
+    /// Stores q (refused past the capacity) and returns it as stored
+    /// (rounded to f32).
+    fn push(&mut self, q: &[f64]) -> Result<Vec<f64>>;
+    /// Stored vector j.
+    fn get(&mut self, j: usize) -> Result<Vec<f64>>;
+    /// q_j · w for every stored q_j.
+    fn dots(&mut self, w: &[f64]) -> Result<Vec<f64>>;
+    /// Σ_j c_j q_j over the first c.len() stored vectors.
+    fn combination(&mut self, c: &[f64]) -> Result<Vec<f64>>;
+}
+
+/// A device an operator offers for its Lanczos bases.
+pub trait BasisDevice {
+    /// Bytes the bases of one solve may take there together.
+    fn budget(&self) -> usize;
+    /// Whether bases must live there (refused where they do not fit), or
+    /// only should (the host's otherwise).
+    fn required(&self) -> bool;
+    /// The device's name, for messages and reports.
+    fn name(&self) -> String;
+    /// Room for `vectors` vectors of `n` entries.
+    fn allocate(&self, n: usize, vectors: usize) -> Result<Box<dyn DeviceBasis>>;
+}
+
+/// Bytes a device basis of `vectors` vectors of `n` entries takes: the
+/// f32 vectors and two vectors of workspace (w, Q·c).
+pub fn device_basis_bytes(n: usize, vectors: usize) -> usize {
+    n.saturating_mul(vectors.saturating_add(2))
+        .saturating_mul(4)
+}
+
+/// Where the bases of one solve live.
+#[derive(Clone)]
+pub enum BasisPlan {
+    Host(BasisPrecision),
+    Device(std::rc::Rc<dyn BasisDevice>),
+}
+
+impl std::fmt::Debug for BasisPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.describe())
+    }
+}
+
+impl BasisPlan {
+    /// For `bases` bases of `steps` + 1 vectors of n entries, on
+    /// `device` where one is offered and they fit in its budget (refused
+    /// where it is required and they do not), else in host memory by
+    /// `BasisPrecision::for_bases`.
+    pub fn choose(
+        device: Option<std::rc::Rc<dyn BasisDevice>>,
+        n: usize,
+        steps: usize,
+        bases: usize,
+        budget: BasisBudget,
+    ) -> Result<BasisPlan> {
+        if let Some(dev) = device {
+            let bytes = device_basis_bytes(n, steps.saturating_add(1)).saturating_mul(bases.max(1));
+            if bytes <= dev.budget() {
+                return Ok(BasisPlan::Device(dev));
+            }
+            if dev.required() {
+                return Err(Error::Invalid {
+                    what: "device basis budget",
+                    msg: format!(
+                        "{} of {} vectors × {n} entries need {} on {}, over its basis budget \
+                         of {}: take fewer steps, fewer runs in lockstep (the block), or keep \
+                         the basis on the host",
+                        if bases > 1 {
+                            format!("{bases} Lanczos bases")
+                        } else {
+                            "a Lanczos basis".to_string()
+                        },
+                        steps.saturating_add(1),
+                        size(bytes),
+                        dev.name(),
+                        size(dev.budget())
+                    ),
+                });
+            }
+        }
+        Ok(BasisPlan::Host(BasisPrecision::for_bases(
+            n, steps, bases, budget,
+        )?))
+    }
+
+    /// An empty basis with room for `vectors` vectors of n entries.
+    pub fn basis(&self, n: usize, vectors: usize) -> Result<Basis> {
+        Ok(match self {
+            BasisPlan::Host(p) => Basis::new(*p),
+            BasisPlan::Device(dev) => Basis::Device(dev.allocate(n, vectors)?),
+        })
+    }
+
+    /// "host f64", "host f32" or "<device> f32", for reports.
+    pub fn describe(&self) -> String {
+        match self {
+            BasisPlan::Host(BasisPrecision::F64) => "host f64".into(),
+            BasisPlan::Host(BasisPrecision::F32) => "host f32".into(),
+            BasisPlan::Device(d) => format!("{} f32", d.name()),
+        }
+    }
+}
+
+/// Orthonormal vectors kept in f64 or f32 on the host, or on a device,
+/// with compensated products.
+pub enum Basis {
     F64(Vec<Vec<f64>>),
     F32(Vec<Vec<f32>>),
+    Device(Box<dyn DeviceBasis>),
 }
 
 impl Basis {
-    pub(crate) fn new(precision: BasisPrecision) -> Basis {
+    pub fn new(precision: BasisPrecision) -> Basis {
         match precision {
             BasisPrecision::F64 => Basis::F64(vec![]),
             BasisPrecision::F32 => Basis::F32(vec![]),
         }
     }
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         match self {
             Basis::F64(v) => v.len(),
             Basis::F32(v) => v.len(),
+            Basis::Device(d) => d.len(),
         }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
     /// Stores q and returns it as stored (rounded to f32 if so kept), so
     /// the recurrence runs on exactly the vectors that are kept.
-    pub(crate) fn push(&mut self, q: Vec<f64>) -> Vec<f64> {
-        match self {
+    pub fn push(&mut self, q: Vec<f64>) -> Result<Vec<f64>> {
+        Ok(match self {
             Basis::F64(v) => {
                 v.push(q.clone());
                 q
@@ -130,21 +259,24 @@ impl Basis {
                 v.push(s);
                 back
             }
-        }
+            Basis::Device(d) => d.push(&q)?,
+        })
     }
-    pub(crate) fn get(&self, j: usize) -> Vec<f64> {
-        match self {
+    pub fn get(&mut self, j: usize) -> Result<Vec<f64>> {
+        Ok(match self {
             Basis::F64(v) => v[j].clone(),
             Basis::F32(v) => v[j].iter().map(|&x| x as f64).collect(),
-        }
+            Basis::Device(d) => d.get(j)?,
+        })
     }
-    pub(crate) fn dots(&self, w: &[f64]) -> Vec<f64> {
-        match self {
+    pub fn dots(&mut self, w: &[f64]) -> Result<Vec<f64>> {
+        Ok(match self {
             Basis::F64(v) => v.iter().map(|q| dot(w, q)).collect(),
             Basis::F32(v) => v.iter().map(|q| dot(w, q)).collect(),
-        }
+            Basis::Device(d) => d.dots(w)?,
+        })
     }
-    pub(crate) fn subtract(&self, w: &mut [f64], c: &[f64]) {
+    pub fn subtract(&mut self, w: &mut [f64], c: &[f64]) -> Result<()> {
         match self {
             Basis::F64(v) => {
                 subtract_combination(w, c, &v.iter().map(|q| q.as_slice()).collect::<Vec<_>>())
@@ -152,32 +284,40 @@ impl Basis {
             Basis::F32(v) => {
                 subtract_combination(w, c, &v.iter().map(|q| q.as_slice()).collect::<Vec<_>>())
             }
+            Basis::Device(d) => {
+                let y = d.combination(c)?;
+                w.iter_mut().zip(&y).for_each(|(x, y)| *x -= y);
+            }
         }
+        Ok(())
     }
     /// w ⟂ every stored vector: two passes of classical Gram–Schmidt.
-    pub(crate) fn orthogonalize(&self, w: &mut [f64]) {
+    pub fn orthogonalize(&mut self, w: &mut [f64]) -> Result<()> {
         for _ in 0..2 {
-            let c = self.dots(w);
-            self.subtract(w, &c);
+            let c = self.dots(w)?;
+            self.subtract(w, &c)?;
         }
+        Ok(())
     }
-    pub(crate) fn combine(&self, y: &[f64], n: usize) -> Vec<f64> {
-        let mut out = vec![0.0; n];
-        let neg: Vec<f64> = y.iter().map(|x| -x).collect();
+    /// Σ_j y_j q_j over the first y.len() stored vectors.
+    pub fn combine(&mut self, y: &[f64], n: usize) -> Result<Vec<f64>> {
         let k = y.len().min(self.len());
+        let neg: Vec<f64> = y[..k].iter().map(|x| -x).collect();
+        let mut out = vec![0.0; n];
         match self {
             Basis::F64(v) => subtract_combination(
                 &mut out,
-                &neg[..k],
+                &neg,
                 &v[..k].iter().map(|q| q.as_slice()).collect::<Vec<_>>(),
             ),
             Basis::F32(v) => subtract_combination(
                 &mut out,
-                &neg[..k],
+                &neg,
                 &v[..k].iter().map(|q| q.as_slice()).collect::<Vec<_>>(),
             ),
+            Basis::Device(d) => return d.combination(&y[..k]),
         }
-        out
+        Ok(out)
     }
 }
 
@@ -240,6 +380,18 @@ impl<'a> Lanczos<'a> {
         Ok(Lanczos { op, rec })
     }
 
+    /// As `new`, keeping the vectors in `basis` (empty; e.g. from
+    /// `BasisPlan::basis`).
+    pub fn with_basis(
+        op: &'a mut dyn SymOperator,
+        start: &[f64],
+        basis: Basis,
+        seed: u64,
+    ) -> Result<Lanczos<'a>> {
+        let rec = Recurrence::with_basis(op.dim(), start, basis, seed)?;
+        Ok(Lanczos { op, rec })
+    }
+
     /// One Lanczos step. Returns false once the basis spans the whole space.
     pub fn step(&mut self) -> Result<bool> {
         let Some(q) = self.rec.pending() else {
@@ -265,6 +417,16 @@ impl Recurrence {
         precision: BasisPrecision,
         seed: u64,
     ) -> Result<Recurrence> {
+        Recurrence::with_basis(n, start, Basis::new(precision), seed)
+    }
+
+    /// As `new`, keeping the vectors in `basis`, which must be empty.
+    pub fn with_basis(n: usize, start: &[f64], mut basis: Basis, seed: u64) -> Result<Recurrence> {
+        if !basis.is_empty() {
+            return Err(Error::Numerical(
+                "a Lanczos recurrence must start from an empty basis".into(),
+            ));
+        }
         if start.len() != n {
             return Err(Error::Numerical(format!(
                 "start vector of {} for an operator of dimension {n}",
@@ -277,8 +439,7 @@ impl Recurrence {
                 "the Lanczos start vector is zero or not finite".into(),
             ));
         }
-        let mut basis = Basis::new(precision);
-        let current = basis.push(start.iter().map(|x| x / s).collect());
+        let current = basis.push(start.iter().map(|x| x / s).collect())?;
         Ok(Recurrence {
             basis,
             alpha: vec![],
@@ -334,7 +495,7 @@ impl Recurrence {
         w.iter_mut()
             .zip(&self.current)
             .for_each(|(x, q)| *x -= a * q);
-        self.basis.orthogonalize(&mut w);
+        self.basis.orthogonalize(&mut w)?;
         self.alpha.push(a);
         self.scale = self
             .scale
@@ -350,7 +511,7 @@ impl Recurrence {
         if b <= 1e-10 * self.scale.max(f64::MIN_POSITIVE) {
             self.breakdowns += 1;
             w = gaussian_unit(n, &mut self.rng);
-            self.basis.orthogonalize(&mut w);
+            self.basis.orthogonalize(&mut w)?;
             let r = norm(&w);
             if r < 1e-8 {
                 self.exhausted = true;
@@ -362,7 +523,7 @@ impl Recurrence {
             w.iter_mut().for_each(|x| *x /= b);
         }
         self.beta.push(b);
-        let next = self.basis.push(w);
+        let next = self.basis.push(w)?;
         self.previous = Some(std::mem::replace(&mut self.current, next));
         Ok(true)
     }
@@ -384,21 +545,81 @@ impl Recurrence {
     }
 
     /// Σ_j y_j q_j over the first y.len() basis vectors.
-    pub fn combine(&self, y: &[f64]) -> Vec<f64> {
-        self.basis.combine(y, self.dim())
+    pub fn combine(&mut self, y: &[f64]) -> Result<Vec<f64>> {
+        let n = self.dim();
+        self.basis.combine(y, n)
+    }
+
+    /// Where the vectors are kept: "host f64", "host f32" or "device f32".
+    pub fn basis_kind(&self) -> &'static str {
+        match self.basis {
+            Basis::F64(_) => "host f64",
+            Basis::F32(_) => "host f32",
+            Basis::Device(_) => "device f32",
+        }
     }
 
     /// max |QᵀQ − I| over the stored basis (for tests; O(m² n)).
-    pub fn orthogonality_loss(&self) -> f64 {
+    pub fn orthogonality_loss(&mut self) -> Result<f64> {
         let m = self.basis.len();
         let mut worst: f64 = 0.0;
         for i in 0..m {
-            let qi = self.basis.get(i);
-            for (j, d) in self.basis.dots(&qi).into_iter().enumerate() {
+            let qi = self.basis.get(i)?;
+            for (j, d) in self.basis.dots(&qi)?.into_iter().enumerate() {
                 let target = if i == j { 1.0 } else { 0.0 };
                 worst = worst.max((d - target).abs());
             }
         }
-        worst
+        Ok(worst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::rc::Rc;
+
+    /// A device of `budget` bytes that stores nothing (only the choice is
+    /// tested here; tests/gpu_basis.rs runs real ones).
+    struct Fake {
+        budget: usize,
+        required: bool,
+    }
+
+    impl BasisDevice for Fake {
+        fn budget(&self) -> usize {
+            self.budget
+        }
+        fn required(&self) -> bool {
+            self.required
+        }
+        fn name(&self) -> String {
+            "fake".into()
+        }
+        fn allocate(&self, _: usize, _: usize) -> Result<Box<dyn DeviceBasis>> {
+            Err(Error::Numerical("not for allocation".into()))
+        }
+    }
+
+    #[test]
+    fn bases_go_to_the_device_where_they_fit_and_are_refused_where_required() {
+        // 2 bases of 13 vectors of 100 entries + 2 workspace vectors each.
+        let need = device_basis_bytes(100, 13) * 2;
+        assert_eq!(need, 100 * 15 * 4 * 2);
+        let host = BasisBudget(1 << 30);
+        let plan = |budget, required| {
+            let dev: Rc<dyn BasisDevice> = Rc::new(Fake { budget, required });
+            BasisPlan::choose(Some(dev), 100, 12, 2, host)
+        };
+        assert_eq!(plan(need, false).unwrap().describe(), "fake f32");
+        assert_eq!(plan(need, true).unwrap().describe(), "fake f32");
+        assert_eq!(plan(need - 1, false).unwrap().describe(), "host f64");
+        let err = plan(need - 1, true).unwrap_err().to_string();
+        assert!(
+            err.contains("device basis budget") && err.contains("13 vectors × 100"),
+            "{err}"
+        );
+        let none = BasisPlan::choose(None, 100, 12, 2, host).unwrap();
+        assert_eq!(none.describe(), "host f64");
     }
 }

@@ -60,6 +60,9 @@ impl SymOperator for BlockOperator<'_> {
         }
         Ok(())
     }
+    fn basis_device(&self) -> Option<std::rc::Rc<dyn crate::spectral::lanczos::BasisDevice>> {
+        self.inner.basis_device()
+    }
 }
 
 /// Bhattacharyya coefficient ∫ √(p q) of two densities on one grid: 1 for

@@ -2,6 +2,7 @@
 //! the float64 CPU reference, a layer's diagonal block, or a test matrix.
 
 use crate::error::Result;
+use crate::spectral::lanczos::BasisDevice;
 
 pub trait SymOperator {
     /// Dimension n of the (n x n) operator.
@@ -17,6 +18,11 @@ pub trait SymOperator {
             self.apply(v, out)?;
         }
         Ok(())
+    }
+    /// A device the solvers may keep their Lanczos bases on (a GPU
+    /// engine's, `BasisPlan::choose`); None: host memory.
+    fn basis_device(&self) -> Option<std::rc::Rc<dyn BasisDevice>> {
+        None
     }
 }
 

@@ -4,7 +4,9 @@
 //! weights, so Σ wᵢ f(λᵢ) ≈ vᵀ f(H) v / ‖v‖² ≈ (1/n) tr f(H).
 
 use crate::error::{Error, Result};
-use crate::spectral::lanczos::{gaussian_unit, BasisBudget, BasisPrecision, Recurrence};
+#[cfg(test)]
+use crate::spectral::lanczos::BasisPrecision;
+use crate::spectral::lanczos::{gaussian_unit, BasisBudget, BasisPlan, Recurrence};
 use crate::spectral::operator::SymOperator;
 use rand::SeedableRng;
 
@@ -70,16 +72,16 @@ pub fn slq_block(
     }
     let block = block.min(runs);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x51a9);
-    let precision = BasisPrecision::for_bases(n, steps, block, budget)?;
+    let plan = basis_plan(op, steps, runs, block, budget)?;
     let mut out = vec![];
     for first in (0..runs).step_by(block) {
         let mut group = vec![];
         for r in first..(first + block).min(runs) {
             let start = gaussian_unit(n, &mut rng);
-            group.push(Recurrence::new(
+            group.push(Recurrence::with_basis(
                 n,
                 &start,
-                precision,
+                plan.basis(n, steps + 1)?,
                 seed.wrapping_add(r as u64),
             )?);
         }
@@ -94,6 +96,25 @@ pub fn slq_block(
         }
     }
     Ok(out)
+}
+
+/// Where `slq_block` keeps the bases of `block` runs in lockstep (of
+/// `runs`): on the operator's device where it offers one and they fit,
+/// else on the host (`BasisPlan::choose`).
+pub fn basis_plan(
+    op: &dyn SymOperator,
+    steps: usize,
+    runs: usize,
+    block: usize,
+    budget: BasisBudget,
+) -> Result<BasisPlan> {
+    BasisPlan::choose(
+        op.basis_device(),
+        op.dim(),
+        steps,
+        block.min(runs).max(1),
+        budget,
+    )
 }
 
 /// Steps every recurrence of `group` until it has `steps` steps or spans
