@@ -7,7 +7,8 @@
 #
 # Prepare here (no GPU needed), from the repository root:
 #   cargo build --release
-#   mkdir -p .devbin && cp target/release/hesscope .devbin/ && strip .devbin/hesscope
+#   cargo build --release --example lanczos_host_cost
+#   mkdir -p .devbin && cp target/release/hesscope target/release/examples/lanczos_host_cost .devbin/ && strip .devbin/*
 #   echo /.devbin/ >> .git/info/exclude
 #   # the Vulkan/EGL loaders, once (see ../.library/device/README.md):
 #   echo /.gl/ >> .git/info/exclude; mkdir -p .gl /tmp/amd64/partial
@@ -90,6 +91,15 @@ timed density_default "$HS" density "${GPU[@]}" --json
 # products (hvp_seconds) and the host's reorthogonalisation (the rest),
 # which says whether the Lanczos basis should move to the device.
 timed density_resnet20 "$HS" density "${GPU[@]}" "${COMMON20[@]}" --steps 40 --runs 2 --json
+# The same with the basis kept on the host (the default, auto, keeps it on
+# a GPU where it fits): the JSON's `basis` says where it was.
+timed density_resnet20_host_basis "$HS" density "${GPU[@]}" "${COMMON20[@]}" --steps 40 --runs 2 --basis-on host --json
+# Lanczos apart from the products at resnet18's size (11.7M), 40 steps:
+# the basis on the host's cores against the GPU's (compensated GEMVs).
+if [ -x .devbin/lanczos_host_cost ]; then
+    timed lanczos_resnet18_host .devbin/lanczos_host_cost 11689512 40 1 1 host
+    timed lanczos_resnet18_device .devbin/lanczos_host_cost 11689512 40 1 1 vulkan
+fi
 # resnet18 at 224×224: the largest batch that fits, from 64 down.
 for R18 in 64 32 16 8 4 2; do
     [ "${QUICK:-0}" = 1 ] && [ "$R18" -gt 4 ] && continue

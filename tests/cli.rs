@@ -157,6 +157,80 @@ fn the_basis_budget_is_checked_and_named() {
     );
 }
 
+/// `--basis-on`: device keeps the vectors on the GPU (reported as the
+/// adapter's f32) and gives the density and eigenvalues of the host basis;
+/// on the float64 reference it is refused naming the flag; auto on a CPU
+/// emulator stays on the host.
+#[test]
+fn the_basis_place_is_chosen_reported_and_checked() {
+    let density = |backend: &str, on: &str| {
+        hesscope(&[
+            "density",
+            "--backend",
+            backend,
+            "--steps",
+            "30",
+            "--runs",
+            "2",
+            "--block",
+            "2",
+            "--samples",
+            "32",
+            "--json",
+            "--basis-on",
+            on,
+        ])
+    };
+    let (ok, _, stderr) = density("cpu", "device");
+    assert!(!ok && stderr.contains("--basis-on"), "{stderr}");
+    let field = |s: &str, k: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()[k].clone();
+    for backend in ["vulkan", "gl"] {
+        let (ok, host, stderr) = density(backend, "host");
+        if !ok && stderr.contains("no ") && stderr.contains("adapter") {
+            eprintln!("SKIPPED {backend}: {stderr}");
+            continue;
+        }
+        assert!(ok, "{stderr}");
+        let (ok, dev, stderr) = density(backend, "device");
+        assert!(ok, "{stderr}");
+        let (ok, auto, stderr) = density(backend, "auto");
+        assert!(ok, "{stderr}");
+        assert_eq!(field(&host, "basis"), "host f64", "{backend}");
+        assert_eq!(
+            field(&auto, "basis"),
+            "host f64",
+            "{backend}: an emulator keeps the host's"
+        );
+        let on = field(&dev, "basis").as_str().unwrap().to_string();
+        assert!(
+            on.ends_with(" f32") && !on.starts_with("host"),
+            "{backend}: {on}"
+        );
+        let (a, b) = (
+            field(&host, "lambda_max").as_f64().unwrap(),
+            field(&dev, "lambda_max").as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "{backend}: λmax host {a} device {b}"
+        );
+        let (ok, eig, stderr) = hesscope(&[
+            "eigs",
+            "--backend",
+            backend,
+            "--top",
+            "2",
+            "--samples",
+            "32",
+            "--json",
+            "--basis-on",
+            "device",
+        ]);
+        assert!(ok, "{stderr}");
+        assert_eq!(field(&eig, "basis").as_str().unwrap(), on, "{backend}");
+    }
+}
+
 fn fixture_args(dir: &std::path::Path) -> Vec<String> {
     let fx = fixtures_dir().join("cnn-tiny");
     let _ = dir;

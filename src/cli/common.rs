@@ -207,21 +207,8 @@ impl Inputs {
         Ok(Loaded { model, engine })
     }
 
-    /// The engine, a GPU one built for `block` tangents per sweep.
-    pub fn engine_block(
-        &self,
-        problem: Problem,
-        block: Option<usize>,
-    ) -> Result<Box<dyn Curvature>> {
-        let options = hesscope::gpu::EngineOptions {
-            block,
-            ..Default::default()
-        };
-        self.engine_with_options(problem, options)
-    }
-
     /// The engine, a GPU one built with `options`.
-    fn engine_with_options(
+    pub fn engine_with_options(
         &self,
         problem: Problem,
         options: hesscope::gpu::EngineOptions,

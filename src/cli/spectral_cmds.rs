@@ -5,6 +5,7 @@ use crate::cli::output::{self, export, or_unknown};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hesscope::engine::{Curvature, Hessian};
+use hesscope::gpu::{BasisPlace, EngineOptions};
 use hesscope::model::Model;
 use hesscope::report::{
     known, DensityReport, EigsReport, ExactReport, LayerRow, LayersReport, TraceEstimates,
@@ -93,6 +94,9 @@ impl SymOperator for Counted<'_> {
         self.product_seconds += t.elapsed().as_secs_f64();
         r
     }
+    fn basis_device(&self) -> Option<std::rc::Rc<dyn hesscope::spectral::lanczos::BasisDevice>> {
+        self.inner.basis_device()
+    }
 }
 
 /// Which diagonal block of the Hessian a command works on.
@@ -124,9 +128,57 @@ pub struct BasisArgs {
     /// the host's available memory.
     #[arg(long, value_name = "GIB", allow_hyphen_values = true)]
     pub basis_budget: Option<f64>,
+    /// Where the Lanczos bases live. auto: in the GPU's memory when the
+    /// engine runs on a GPU (not a CPU emulator) and they fit in a quarter
+    /// of it, else the host's; host; device: the GPU's, refused where they
+    /// do not fit or there is no GPU. On the device the vectors are kept in
+    /// f32 and reorthogonalised there with compensated sums.
+    #[arg(long = "basis-on", value_enum, default_value_t = BasisOn::Auto)]
+    pub basis_on: BasisOn,
+}
+
+/// `--basis-on`: the CLI's mirror of [`BasisPlace`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BasisOn {
+    Auto,
+    Host,
+    Device,
+}
+
+impl From<BasisOn> for BasisPlace {
+    fn from(b: BasisOn) -> BasisPlace {
+        match b {
+            BasisOn::Auto => BasisPlace::Auto,
+            BasisOn::Host => BasisPlace::Host,
+            BasisOn::Device => BasisPlace::Device,
+        }
+    }
 }
 
 impl BasisArgs {
+    /// Engine options for `block` tangents per sweep and these bases.
+    pub fn engine_options(&self, block: Option<usize>) -> EngineOptions {
+        EngineOptions {
+            block,
+            basis_place: self.basis_on.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Refuses `--basis-on device` for an engine that offers no device
+    /// (the float64 reference).
+    pub fn check_engine(&self, engine: &dyn Curvature) -> Result<()> {
+        if self.basis_on == BasisOn::Device && engine.basis_device().is_none() {
+            bail!(
+                "invalid --basis-on device: the {} ({}) keeps no vectors on a device; \
+                 use a GPU backend or --basis-on host",
+                engine.adapter(),
+                engine.backend()
+            );
+        }
+        Ok(())
+    }
+
     /// `--basis-budget` in bytes, or the host default.
     pub fn budget(&self) -> Result<BasisBudget> {
         Ok(match self.basis_budget {
@@ -364,7 +416,10 @@ pub fn density(a: DensityArgs) -> Result<()> {
     a.smoothing.validate()?;
     check_plot(&a.plot)?;
     let t0 = Instant::now();
-    let mut l = a.inputs.load_block(a.sweep.block)?;
+    let mut l = a
+        .inputs
+        .load_with_options(a.basis.engine_options(a.sweep.block))?;
+    a.basis.check_engine(l.engine.as_ref())?;
     let range = block_range(&l.model, &a.block.layer)?;
     let settings = a
         .inputs
@@ -374,6 +429,9 @@ pub fn density(a: DensityArgs) -> Result<()> {
     let mut block = BlockOperator::new(&mut h, range.clone());
     let n = block.dim();
     let steps = a.steps.min(n);
+    let basis = slq::basis_plan(&block, steps, a.runs, sweep, budget)
+        .context("stochastic Lanczos quadrature")?
+        .describe();
     let t = Instant::now();
     let (runs, hvps, sweeps, hvp_seconds) = counted_slq(
         &mut block,
@@ -412,6 +470,7 @@ pub fn density(a: DensityArgs) -> Result<()> {
         sweeps,
         lanczos_seconds,
         hvp_seconds,
+        basis,
         seconds: t0.elapsed().as_secs_f64(),
         settings,
         grid: smoothed.grid,
@@ -438,8 +497,8 @@ pub fn density(a: DensityArgs) -> Result<()> {
     ));
     text.push_str(&format!(
         "  {hvps} Hessian-vector products ({sweeps} sweeps of up to {sweep}) in {lanczos_seconds:.1} s, \
-         {hvp_seconds:.1} s of them in the products (total {:.1} s)\n",
-        report.seconds
+         {hvp_seconds:.1} s of them in the products (total {:.1} s); basis in {}\n",
+        report.seconds, report.basis
     ));
     for p in a.out.iter().chain(&a.plot) {
         text.push_str(&format!("  wrote {}\n", p.display()));
@@ -507,7 +566,10 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
     a.sweep.validate()?;
     let budget = a.basis.budget()?;
     let t0 = Instant::now();
-    let mut l = a.inputs.load_block(a.sweep.block)?;
+    let mut l = a
+        .inputs
+        .load_with_options(a.basis.engine_options(a.sweep.block))?;
+    a.basis.check_engine(l.engine.as_ref())?;
     let range = block_range(&l.model, &a.block.layer)?;
     if a.top > range.len() {
         bail!(
@@ -568,6 +630,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
         block: sweep,
         sweeps,
         hvp_seconds,
+        basis: r.basis.clone(),
         grad_frac_in_top_k: fracs,
         seconds: t0.elapsed().as_secs_f64(),
         settings,
@@ -600,8 +663,8 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
     }
     text.push_str(&format!(
         "  {hvps} Hessian-vector products ({sweeps} sweeps of up to {sweep}), {:.1} s, \
-         {hvp_seconds:.1} s of it in the products\n",
-        report.seconds
+         {hvp_seconds:.1} s of it in the products; basis in {}\n",
+        report.seconds, report.basis
     ));
     output::print(&text)
 }
@@ -846,7 +909,10 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
     let budget = a.basis.budget()?;
     a.smoothing.validate()?;
     let t0 = Instant::now();
-    let mut l = a.inputs.load_block(a.sweep.block)?;
+    let mut l = a
+        .inputs
+        .load_with_options(a.basis.engine_options(a.sweep.block))?;
+    a.basis.check_engine(l.engine.as_ref())?;
     let settings = a.inputs.settings(l.engine.as_ref(), None);
     let sweep = a.sweep.resolve(l.engine.as_ref());
     let modules = l.model.modules();

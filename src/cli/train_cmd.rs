@@ -6,7 +6,9 @@
 
 use crate::cli::common::{Backend, BnArg, Inputs};
 use crate::cli::output::{self, notice};
-use crate::cli::spectral_cmds::{BasisArgs, SweepArgs, MAX_GRID, MAX_PROBES, MAX_RUNS, MAX_STEPS};
+use crate::cli::spectral_cmds::{
+    BasisArgs, BasisOn, SweepArgs, MAX_GRID, MAX_PROBES, MAX_RUNS, MAX_STEPS,
+};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hesscope::data::Dataset;
@@ -238,6 +240,12 @@ impl SpectrumArgs {
         check_count("--hessian-samples", self.hessian_samples, usize::MAX)?;
         check_count("--top", self.top, MAX_STEPS)?;
         self.sweep.validate()?;
+        if self.basis.basis_on == BasisOn::Device && self.hessian_backend == Backend::Cpu {
+            bail!(
+                "invalid --basis-on device: --hessian-backend cpu (the float64 reference) keeps \
+                 no vectors on a device; use a GPU backend or --basis-on host"
+            );
+        }
         if !(2..=MAX_GRID).contains(&self.grid) {
             bail!(
                 "invalid --grid: {}; a density needs between 2 and {MAX_GRID} grid points",
@@ -399,7 +407,9 @@ impl Measures<'_> {
         .context("the Hessian's subset")?;
         let mut inputs = self.inputs.clone();
         inputs.backend = args.hessian_backend;
-        let mut engine = inputs.engine_block(problem, args.sweep.block)?;
+        let mut engine =
+            inputs.engine_with_options(problem, args.basis.engine_options(args.sweep.block))?;
+        args.basis.check_engine(engine.as_ref())?;
         let bar = spinner(format!("{label}: measuring the Hessian on {n} samples"));
         let bn_name = match bn {
             BnMode::Batch => "batch",

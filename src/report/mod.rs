@@ -122,8 +122,11 @@ pub struct DensityReport {
     pub sweeps: usize,
     pub lanczos_seconds: f64,
     /// Of `lanczos_seconds`, the time in Hessian-vector products; the rest
-    /// is the host's reorthogonalisation and bookkeeping.
+    /// is reorthogonalisation and bookkeeping.
     pub hvp_seconds: f64,
+    /// Where the Lanczos vectors were kept: `host f64`, `host f32`, or the
+    /// adapter's name and backend with `f32` (`--basis-on`).
+    pub basis: String,
     pub seconds: f64,
     pub settings: Settings,
     pub grid: Vec<f64>,
@@ -149,6 +152,8 @@ pub struct EigsReport {
     pub sweeps: usize,
     /// Of `seconds`, the time in Hessian-vector products.
     pub hvp_seconds: f64,
+    /// Where the Lanczos vectors were kept (as in `DensityReport`).
+    pub basis: String,
     pub grad_frac_in_top_k: Vec<f64>,
     pub seconds: f64,
     pub settings: Settings,
