@@ -228,6 +228,29 @@ fn the_basis_place_is_chosen_reported_and_checked() {
         ]);
         assert!(ok, "{stderr}");
         assert_eq!(field(&eig, "basis").as_str().unwrap(), on, "{backend}");
+        // --basis-budget bounds the device's share too: 1e-4 GiB is less
+        // than 2 bases × 31 vectors (+ 2 of workspace) × 1400 × 4 bytes.
+        let (ok, _, stderr) = hesscope(&[
+            "density",
+            "--backend",
+            backend,
+            "--steps",
+            "30",
+            "--runs",
+            "2",
+            "--block",
+            "2",
+            "--samples",
+            "32",
+            "--basis-on",
+            "device",
+            "--basis-budget",
+            "0.0001",
+        ]);
+        assert!(
+            !ok && stderr.contains("--basis-budget") && stderr.contains("31 vectors"),
+            "{stderr}"
+        );
     }
 }
 

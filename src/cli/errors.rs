@@ -21,6 +21,7 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("trace probes", "--probes"),
     ("block size", "--block"),
     ("basis budget", "--basis-budget"),
+    ("device basis budget", "--basis-budget"),
     ("probe", "--probe"),
     ("exact size limit", "--max-params"),
     ("kernel width", "--sigma"),

@@ -123,14 +123,15 @@ pub struct SweepArgs {
 /// keeps no basis, does not.
 #[derive(Args, Debug, Clone)]
 pub struct BasisArgs {
-    /// GiB of host memory the Lanczos bases may take (f64 while they fit,
-    /// f32 beyond; refused if they do not fit even so). Default: half of
-    /// the host's available memory.
+    /// GiB of memory the Lanczos bases may take where they live: on the
+    /// host, f64 while they fit, f32 beyond, refused if they do not fit
+    /// even so (default: half of the host's available memory); on a GPU
+    /// (--basis-on), f32 (default: a quarter of its memory).
     #[arg(long, value_name = "GIB", allow_hyphen_values = true)]
     pub basis_budget: Option<f64>,
     /// Where the Lanczos bases live. auto: in the GPU's memory when the
-    /// engine runs on a GPU (not a CPU emulator) and they fit in a quarter
-    /// of it, else the host's; host; device: the GPU's, refused where they
+    /// engine runs on a GPU (not a CPU emulator) and they fit in its
+    /// --basis-budget (default a quarter of its memory), else the host's; host; device: the GPU's, refused where they
     /// do not fit or there is no GPU. On the device the vectors are kept in
     /// f32 and reorthogonalised there with compensated sums.
     #[arg(long = "basis-on", value_enum, default_value_t = BasisOn::Auto)]
@@ -157,12 +158,19 @@ impl From<BasisOn> for BasisPlace {
 
 impl BasisArgs {
     /// Engine options for `block` tangents per sweep and these bases.
-    pub fn engine_options(&self, block: Option<usize>) -> EngineOptions {
-        EngineOptions {
+    pub fn engine_options(&self, block: Option<usize>) -> Result<EngineOptions> {
+        Ok(EngineOptions {
             block,
             basis_place: self.basis_on.into(),
+            basis_budget: self.budget_bytes()?,
             ..Default::default()
-        }
+        })
+    }
+
+    fn budget_bytes(&self) -> Result<Option<usize>> {
+        self.basis_budget
+            .map(|gib| gib_bytes("--basis-budget", gib, false))
+            .transpose()
     }
 
     /// Refuses `--basis-on device` for an engine that offers no device
@@ -181,10 +189,9 @@ impl BasisArgs {
 
     /// `--basis-budget` in bytes, or the host default.
     pub fn budget(&self) -> Result<BasisBudget> {
-        Ok(match self.basis_budget {
-            None => BasisBudget::host_default(),
-            Some(gib) => BasisBudget(gib_bytes("--basis-budget", gib, false)?),
-        })
+        Ok(self
+            .budget_bytes()?
+            .map_or_else(BasisBudget::host_default, BasisBudget))
     }
 }
 
@@ -418,7 +425,7 @@ pub fn density(a: DensityArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut l = a
         .inputs
-        .load_with_options(a.basis.engine_options(a.sweep.block))?;
+        .load_with_options(a.basis.engine_options(a.sweep.block)?)?;
     a.basis.check_engine(l.engine.as_ref())?;
     let range = block_range(&l.model, &a.block.layer)?;
     let settings = a
@@ -568,7 +575,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut l = a
         .inputs
-        .load_with_options(a.basis.engine_options(a.sweep.block))?;
+        .load_with_options(a.basis.engine_options(a.sweep.block)?)?;
     a.basis.check_engine(l.engine.as_ref())?;
     let range = block_range(&l.model, &a.block.layer)?;
     if a.top > range.len() {
@@ -911,7 +918,7 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut l = a
         .inputs
-        .load_with_options(a.basis.engine_options(a.sweep.block))?;
+        .load_with_options(a.basis.engine_options(a.sweep.block)?)?;
     a.basis.check_engine(l.engine.as_ref())?;
     let settings = a.inputs.settings(l.engine.as_ref(), None);
     let sweep = a.sweep.resolve(l.engine.as_ref());

@@ -408,7 +408,7 @@ impl Measures<'_> {
         let mut inputs = self.inputs.clone();
         inputs.backend = args.hessian_backend;
         let mut engine =
-            inputs.engine_with_options(problem, args.basis.engine_options(args.sweep.block))?;
+            inputs.engine_with_options(problem, args.basis.engine_options(args.sweep.block)?)?;
         args.basis.check_engine(engine.as_ref())?;
         let bar = spinner(format!("{label}: measuring the Hessian on {n} samples"));
         let bn_name = match bn {

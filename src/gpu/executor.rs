@@ -59,6 +59,9 @@ pub struct EngineOptions {
     pub frozen: bool,
     /// Where the solvers keep their Lanczos bases (`basis_device`).
     pub basis_place: BasisPlace,
+    /// Bytes of device memory those bases may take; None: a quarter of
+    /// the adapter's (`device_basis_budget`).
+    pub basis_budget: Option<usize>,
 }
 
 /// The convolution kernels an engine runs.
@@ -125,6 +128,7 @@ impl Default for EngineOptions {
             conv_tile: None,
             frozen: false,
             basis_place: BasisPlace::Auto,
+            basis_budget: None,
         }
     }
 }
@@ -165,6 +169,7 @@ pub struct GpuEngine {
     /// Planned for held decisions (`EngineOptions::frozen`).
     frozen: bool,
     basis_place: BasisPlace,
+    basis_budget: Option<usize>,
     /// The device handle Lanczos bases use (one pipeline cache for all),
     /// made on first use.
     basis_ctx: std::cell::OnceCell<Rc<GpuContext>>,
@@ -366,6 +371,7 @@ impl GpuEngine {
             theta_host: problem.weights.theta.clone(),
             frozen: options.frozen,
             basis_place: options.basis_place,
+            basis_budget: options.basis_budget,
             basis_ctx: Default::default(),
         };
         if n_ws == e.programs.len() {
@@ -999,7 +1005,9 @@ impl Curvature for GpuEngine {
             BasisPlace::Auto => false,
             BasisPlace::Device => true,
         };
-        let budget = device_basis_budget(self.ctx.info.device_memory);
+        let budget = self
+            .basis_budget
+            .unwrap_or_else(|| device_basis_budget(self.ctx.info.device_memory));
         let ctx = self.basis_ctx.get_or_init(|| Rc::new(self.ctx.share()));
         Some(Rc::new(GpuBasisDevice::new(ctx.clone(), budget, required)))
     }
