@@ -17,7 +17,10 @@
 # Run there (device tool): carry [".devbin", ".gl"], command
 #   bash benches/device_run.sh
 # Environment: OUT (where results go; default ./device-out), HESSCOPE (the
-# binary; default .devbin/hesscope), QUICK=1 for a short smoke run.
+# binary; default .devbin/hesscope), QUICK=1 for a short smoke run,
+# DRY_RUN=1 to check the script itself on a machine without an NVIDIA GPU
+# (any adapter, QUICK sizes, no resnet18 or PyTorch peer; its numbers are
+# not GPU numbers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device-out}"
@@ -47,12 +50,21 @@ nv = [a for a in ads if a["backend"] == "vulkan" and a.get("vendor") == 0x10DE]
 print(nv[0]["index"] if nv else "")
 EOF
 )
+REPS=10
+LZ_N=11689512
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    QUICK=1
+    REPS=1
+    LZ_N=272474
+    ADAPTER=0
+    say "DRY_RUN: adapter 0 whatever it is; these are not GPU numbers"
+fi
 if [ -z "$ADAPTER" ]; then
     say "no NVIDIA (vendor 0x10DE) Vulkan adapter: refusing to time lavapipe as a GPU"
     cat "$OUT/devices.json" >> "$LOG"
     exit 4
 fi
-say "NVIDIA Vulkan adapter index $ADAPTER"
+[ "${DRY_RUN:-0}" = 1 ] || say "NVIDIA Vulkan adapter index $ADAPTER"
 GPU=(--backend vulkan --adapter "$ADAPTER")
 
 # 2. Files shared with the PyTorch peer.
@@ -76,12 +88,12 @@ timed() { # name, command...: wall seconds of the command into $OUT/<name>.time
 # On a GPU the table holds the tiled conv kernels at the tile the engine
 # chooses per layer (marked *) and at every other candidate tile
 # (bench::TILE_CANDIDATES): the data for choosing tiles per adapter.
-timed bench_resnet20 "$HS" bench "${GPU[@]}" "${COMMON20[@]}" --reps 10 --json
+timed bench_resnet20 "$HS" bench "${GPU[@]}" "${COMMON20[@]}" --reps "$REPS" --json
 # K-block HVPs (issue 12 item 1) where the binary has them.
 # `bench --block-sizes` builds the engine for the largest K and times a
 # block product per vector at each (BenchReport.block_products).
 if "$HS" bench --help 2>/dev/null | grep -q -- '--block-sizes'; then
-    timed bench_resnet20_blocks "$HS" bench "${GPU[@]}" "${COMMON20[@]}" --reps 10 --no-kernels --block-sizes 1,4,16 --json
+    timed bench_resnet20_blocks "$HS" bench "${GPU[@]}" "${COMMON20[@]}" --reps "$REPS" --no-kernels --block-sizes 1,4,16 --json
 else
     say "this binary has no --block-sizes: K-block HVPs not measured"
 fi
@@ -97,11 +109,12 @@ timed density_resnet20_host_basis "$HS" density "${GPU[@]}" "${COMMON20[@]}" --s
 # Lanczos apart from the products at resnet18's size (11.7M), 40 steps:
 # the basis on the host's cores against the GPU's (compensated GEMVs).
 if [ -x .devbin/lanczos_host_cost ]; then
-    timed lanczos_resnet18_host .devbin/lanczos_host_cost 11689512 40 1 1 host
-    timed lanczos_resnet18_device .devbin/lanczos_host_cost 11689512 40 1 1 vulkan
+    timed lanczos_resnet18_host .devbin/lanczos_host_cost "$LZ_N" 40 1 1 host
+    timed lanczos_resnet18_device .devbin/lanczos_host_cost "$LZ_N" 40 1 1 vulkan
 fi
 # resnet18 at 224×224: the largest batch that fits, from 64 down.
 for R18 in 64 32 16 8 4 2; do
+    [ "${DRY_RUN:-0}" = 1 ] && break
     [ "${QUICK:-0}" = 1 ] && [ "$R18" -gt 4 ] && continue
     if timed "bench_resnet18_b$R18" "$HS" bench "${GPU[@]}" --model resnet18 --samples "$R18" --batch "$R18" --reps 3 --no-kernels --json; then
         echo "$R18" > "$OUT/resnet18_batch"
@@ -110,7 +123,7 @@ for R18 in 64 32 16 8 4 2; do
 done
 
 # 4. The PyTorch peer on the same files, FP32 with TF32 off.
-timed peer_resnet20 python3 benches/peer/pytorch_hvp.py "${COMMON20[@]}" --repeats 20 --json
+[ "${DRY_RUN:-0}" = 1 ] || timed peer_resnet20 python3 benches/peer/pytorch_hvp.py "${COMMON20[@]}" --repeats 20 --json
 
 # 5. One JSON of everything.
 python3 - "$OUT" <<'EOF'
