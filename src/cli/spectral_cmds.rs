@@ -925,6 +925,9 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
     let modules = l.model.modules();
     let mut h = Hessian(l.engine.as_mut());
     let n = h.dim();
+    let basis = slq::basis_plan(&h, a.steps.min(n), a.runs, sweep, budget)
+        .context("stochastic Lanczos quadrature")?
+        .describe();
     let (full, _, _, _) = counted_slq(
         &mut h,
         a.steps.min(n),
@@ -982,6 +985,7 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
         steps: a.steps,
         runs: a.runs,
         block: sweep,
+        basis,
         sigma,
         seconds: t0.elapsed().as_secs_f64(),
         settings,

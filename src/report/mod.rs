@@ -270,6 +270,9 @@ pub struct LayersReport {
     pub runs: usize,
     /// Runs in lockstep per sweep (`--block`).
     pub block: usize,
+    /// Where the full Hessian's Lanczos vectors were kept (as in
+    /// `DensityReport`; a layer's, being smaller, fit at least as well).
+    pub basis: String,
     pub sigma: f64,
     pub seconds: f64,
     pub settings: Settings,
