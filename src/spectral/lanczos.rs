@@ -550,15 +550,6 @@ impl Recurrence {
         self.basis.combine(y, n)
     }
 
-    /// Where the vectors are kept: "host f64", "host f32" or "device f32".
-    pub fn basis_kind(&self) -> &'static str {
-        match self.basis {
-            Basis::F64(_) => "host f64",
-            Basis::F32(_) => "host f32",
-            Basis::Device(_) => "device f32",
-        }
-    }
-
     /// max |QᵀQ − I| over the stored basis (for tests; O(m² n)).
     pub fn orthogonality_loss(&mut self) -> Result<f64> {
         let m = self.basis.len();
