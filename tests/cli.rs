@@ -163,8 +163,9 @@ fn the_basis_budget_is_checked_and_named() {
 /// emulator stays on the host.
 #[test]
 fn the_basis_place_is_chosen_reported_and_checked() {
-    let density = |backend: &str, on: &str| {
-        hesscope(&[
+    // A small density with the basis `on`, and `extra` flags.
+    let density = |backend: &str, on: &str, extra: &[&str]| {
+        let base = [
             "density",
             "--backend",
             backend,
@@ -176,24 +177,24 @@ fn the_basis_place_is_chosen_reported_and_checked() {
             "2",
             "--samples",
             "32",
-            "--json",
             "--basis-on",
             on,
-        ])
+        ];
+        hesscope(&[&base[..], extra].concat())
     };
-    let (ok, _, stderr) = density("cpu", "device");
+    let (ok, _, stderr) = density("cpu", "device", &["--json"]);
     assert!(!ok && stderr.contains("--basis-on"), "{stderr}");
     let field = |s: &str, k: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()[k].clone();
     for backend in ["vulkan", "gl"] {
-        let (ok, host, stderr) = density(backend, "host");
+        let (ok, host, stderr) = density(backend, "host", &["--json"]);
         if !ok && stderr.contains("no ") && stderr.contains("adapter") {
             eprintln!("SKIPPED {backend}: {stderr}");
             continue;
         }
         assert!(ok, "{stderr}");
-        let (ok, dev, stderr) = density(backend, "device");
+        let (ok, dev, stderr) = density(backend, "device", &["--json"]);
         assert!(ok, "{stderr}");
-        let (ok, auto, stderr) = density(backend, "auto");
+        let (ok, auto, stderr) = density(backend, "auto", &["--json"]);
         assert!(ok, "{stderr}");
         assert_eq!(field(&host, "basis"), "host f64", "{backend}");
         assert_eq!(
@@ -230,23 +231,7 @@ fn the_basis_place_is_chosen_reported_and_checked() {
         assert_eq!(field(&eig, "basis").as_str().unwrap(), on, "{backend}");
         // --basis-budget bounds the device's share too: 1e-4 GiB is less
         // than 2 bases × 31 vectors (+ 2 of workspace) × 1400 × 4 bytes.
-        let (ok, _, stderr) = hesscope(&[
-            "density",
-            "--backend",
-            backend,
-            "--steps",
-            "30",
-            "--runs",
-            "2",
-            "--block",
-            "2",
-            "--samples",
-            "32",
-            "--basis-on",
-            "device",
-            "--basis-budget",
-            "0.0001",
-        ]);
+        let (ok, _, stderr) = density(backend, "device", &["--basis-budget", "0.0001"]);
         assert!(
             !ok && stderr.contains("--basis-budget") && stderr.contains("31 vectors"),
             "{stderr}"
