@@ -390,9 +390,18 @@ fn check_count(flag: &str, value: usize, max: usize) -> Result<()> {
     Ok(())
 }
 
+/// What [`counted_slq`] ran and what it took.
+struct CountedSlq {
+    runs: Vec<SlqRun>,
+    hvps: usize,
+    sweeps: usize,
+    hvp_seconds: f64,
+    /// Where the bases were kept (`BasisPlan::describe`).
+    basis: String,
+}
+
 /// SLQ over `op`, `block` runs in lockstep, with a progress bar (on a
-/// terminal): the runs, how many HVPs they took, in how many sweeps, and
-/// the seconds spent in them.
+/// terminal).
 fn counted_slq(
     op: &mut dyn SymOperator,
     steps: usize,
@@ -401,11 +410,18 @@ fn counted_slq(
     block: usize,
     budget: BasisBudget,
     what: &str,
-) -> hesscope::Result<(Vec<slq::SlqRun>, usize, usize, f64)> {
+) -> hesscope::Result<CountedSlq> {
+    let plan = slq::basis_plan(op, steps, runs, block, budget)?;
     let mut counted = Counted::new(op, steps * runs, what);
-    let r = slq::slq_block(&mut counted, steps, runs, seed, block, budget)?;
+    let r = slq::slq_with_plan(&mut counted, steps, runs, seed, block, &plan)?;
     counted.bar.finish_and_clear();
-    Ok((r, counted.count, counted.sweeps, counted.product_seconds))
+    Ok(CountedSlq {
+        runs: r,
+        hvps: counted.count,
+        sweeps: counted.sweeps,
+        hvp_seconds: counted.product_seconds,
+        basis: plan.describe(),
+    })
 }
 
 fn layer_suffix(layer: &Option<String>) -> String {
@@ -436,11 +452,14 @@ pub fn density(a: DensityArgs) -> Result<()> {
     let mut block = BlockOperator::new(&mut h, range.clone());
     let n = block.dim();
     let steps = a.steps.min(n);
-    let basis = slq::basis_plan(&block, steps, a.runs, sweep, budget)
-        .context("stochastic Lanczos quadrature")?
-        .describe();
     let t = Instant::now();
-    let (runs, hvps, sweeps, hvp_seconds) = counted_slq(
+    let CountedSlq {
+        runs,
+        hvps,
+        sweeps,
+        hvp_seconds,
+        basis,
+    } = counted_slq(
         &mut block,
         steps,
         a.runs,
@@ -925,10 +944,9 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
     let modules = l.model.modules();
     let mut h = Hessian(l.engine.as_mut());
     let n = h.dim();
-    let basis = slq::basis_plan(&h, a.steps.min(n), a.runs, sweep, budget)
-        .context("stochastic Lanczos quadrature")?
-        .describe();
-    let (full, _, _, _) = counted_slq(
+    let CountedSlq {
+        runs: full, basis, ..
+    } = counted_slq(
         &mut h,
         a.steps.min(n),
         a.runs,
@@ -941,7 +959,7 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
     for (name, range) in modules {
         let mut block = BlockOperator::new(&mut h, range.clone());
         let steps = a.steps.min(range.len());
-        let (runs, _, _, _) = counted_slq(
+        let runs = counted_slq(
             &mut block,
             steps,
             a.runs,
@@ -949,7 +967,8 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
             sweep,
             budget,
             &name,
-        )?;
+        )?
+        .runs;
         per.push((name, range.len(), runs));
     }
     // One grid for all, covering every layer's and the full spectrum.

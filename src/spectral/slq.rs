@@ -45,34 +45,25 @@ pub fn slq_block(
     block: usize,
     budget: BasisBudget,
 ) -> Result<Vec<SlqRun>> {
-    if steps == 0 {
-        return Err(Error::Invalid {
-            what: "Lanczos steps",
-            msg: "must be at least 1".into(),
-        });
-    }
-    if runs == 0 {
-        return Err(Error::Invalid {
-            what: "SLQ runs",
-            msg: "must be at least 1".into(),
-        });
-    }
-    if block == 0 {
-        return Err(Error::Invalid {
-            what: "block size",
-            msg: "must be at least 1".into(),
-        });
-    }
+    check_counts(op, steps, runs, block)?;
+    let plan = basis_plan(op, steps, runs, block, budget)?;
+    slq_with_plan(op, steps, runs, seed, block, &plan)
+}
+
+/// [`slq_block`] with the bases where `plan` puts them (from
+/// [`basis_plan`], for a caller that reports it).
+pub fn slq_with_plan(
+    op: &mut dyn SymOperator,
+    steps: usize,
+    runs: usize,
+    seed: u64,
+    block: usize,
+    plan: &BasisPlan,
+) -> Result<Vec<SlqRun>> {
+    check_counts(op, steps, runs, block)?;
     let n = op.dim();
-    if n == 0 {
-        return Err(Error::Invalid {
-            what: "operator",
-            msg: "the operator has dimension 0 (no parameters): no spectrum to estimate".into(),
-        });
-    }
     let block = block.min(runs);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x51a9);
-    let plan = basis_plan(op, steps, runs, block, budget)?;
     let mut out = vec![];
     for first in (0..runs).step_by(block) {
         let mut group = vec![];
@@ -96,6 +87,35 @@ pub fn slq_block(
         }
     }
     Ok(out)
+}
+
+/// Steps, runs and block of at least 1, and an operator of some dimension.
+fn check_counts(op: &dyn SymOperator, steps: usize, runs: usize, block: usize) -> Result<()> {
+    if steps == 0 {
+        return Err(Error::Invalid {
+            what: "Lanczos steps",
+            msg: "must be at least 1".into(),
+        });
+    }
+    if runs == 0 {
+        return Err(Error::Invalid {
+            what: "SLQ runs",
+            msg: "must be at least 1".into(),
+        });
+    }
+    if block == 0 {
+        return Err(Error::Invalid {
+            what: "block size",
+            msg: "must be at least 1".into(),
+        });
+    }
+    if op.dim() == 0 {
+        return Err(Error::Invalid {
+            what: "operator",
+            msg: "the operator has dimension 0 (no parameters): no spectrum to estimate".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Where `slq_block` keeps the bases of `block` runs in lockstep (of
