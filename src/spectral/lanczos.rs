@@ -56,6 +56,24 @@ fn size(bytes: usize) -> String {
     }
 }
 
+/// "a Lanczos basis" or "N Lanczos bases", for refusals.
+fn bases_phrase(bases: usize) -> String {
+    if bases > 1 {
+        format!("{bases} Lanczos bases")
+    } else {
+        "a Lanczos basis".to_string()
+    }
+}
+
+/// The verb agreeing with `bases_phrase`.
+fn need(bases: usize) -> &'static str {
+    if bases > 1 {
+        "need"
+    } else {
+        "needs"
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BasisPrecision {
     F64,
@@ -88,16 +106,12 @@ impl BasisPrecision {
             Err(Error::Invalid {
                 what: "basis budget",
                 msg: format!(
-                    "{} of {} vectors × {n} entries need{} {} even in f32, over the budget of \
+                    "{} of {} vectors × {n} entries {} {} even in f32, over the budget of \
                      {} of host memory (by default half of what is available): take fewer \
                      steps, fewer runs in lockstep (the block), or a larger budget",
-                    if bases > 1 {
-                        format!("{bases} Lanczos bases")
-                    } else {
-                        "a Lanczos basis".to_string()
-                    },
+                    bases_phrase(bases),
                     steps.saturating_add(1),
-                    if bases > 1 { "" } else { "s" },
+                    need(bases),
                     size(entries.saturating_mul(4)),
                     size(budget.0)
                 ),
@@ -181,15 +195,12 @@ impl BasisPlan {
                 return Err(Error::Invalid {
                     what: "device basis budget",
                     msg: format!(
-                        "{} of {} vectors × {n} entries need {} on {}, over its basis budget \
+                        "{} of {} vectors × {n} entries {} {} on {}, over its basis budget \
                          of {}: take fewer steps, fewer runs in lockstep (the block), or keep \
                          the basis on the host",
-                        if bases > 1 {
-                            format!("{bases} Lanczos bases")
-                        } else {
-                            "a Lanczos basis".to_string()
-                        },
+                        bases_phrase(bases),
                         steps.saturating_add(1),
+                        need(bases),
                         size(bytes),
                         dev.name(),
                         size(dev.budget())
