@@ -5,7 +5,8 @@
 //! cargo run --release --example lanczos_host_cost -- N STEPS [RUNS [BLOCK [host|vulkan|gl|auto]]]
 //! e.g. 272474 (resnet20) or 11689512 (resnet18). The seconds per step are
 //! what every step of `density` adds to its products.
-use hesscope::gpu::basis::{device_basis_budget, GpuBasisDevice};
+use hesscope::gpu::basis::GpuBasisDevice;
+use hesscope::gpu::executor::device_basis_budget;
 use hesscope::gpu::{BackendChoice, GpuContext};
 use hesscope::spectral::lanczos::{BasisBudget, BasisDevice};
 use hesscope::spectral::slq::{basis_plan, slq_block};

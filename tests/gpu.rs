@@ -306,7 +306,8 @@ fn adapters_report_their_memory_where_the_backend_tells() {
 #[test]
 fn default_budgets_follow_the_adapter_memory() {
     use hesscope::gpu::executor::{
-        block_budget, cache_budget, BLOCK_BUDGET_BYTES, CACHE_BUDGET_BYTES,
+        block_budget, cache_budget, device_basis_budget, BLOCK_BUDGET_BYTES, CACHE_BUDGET_BYTES,
+        FALLBACK_DEVICE_BASIS_BYTES,
     };
     let gib = 1usize << 30;
     // An H200: 141 GiB device-local.
@@ -315,6 +316,7 @@ fn default_budgets_follow_the_adapter_memory() {
         141 * gib / 4
     );
     assert_eq!(block_budget(Some(141 << 30)), 141 * gib / 16);
+    assert_eq!(device_basis_budget(Some(141 << 30)), 141 * gib / 4);
     // lavapipe reports 2 GiB whatever the host: a quarter of the host's
     // available memory, at most the old 2 GiB.
     assert_eq!(
@@ -329,5 +331,6 @@ fn default_budgets_follow_the_adapter_memory() {
     );
     assert_eq!(cache_budget(true, Some(2 << 30), None), CACHE_BUDGET_BYTES);
     assert_eq!(block_budget(None), BLOCK_BUDGET_BYTES);
+    assert_eq!(device_basis_budget(None), FALLBACK_DEVICE_BASIS_BYTES);
     assert_eq!(block_budget(Some(4 << 30)), BLOCK_BUDGET_BYTES);
 }

@@ -22,9 +22,10 @@ pub const SEGMENT_ROWS: usize = 32 * WORKGROUP;
 /// Where a GPU engine keeps its Lanczos bases.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BasisPlace {
-    /// On the device when it is a GPU (not a CPU emulator, where device
-    /// memory is host memory and the host's f64 products are as fast) and
-    /// the bases fit in its basis budget; in host memory otherwise.
+    /// On the device when it is a GPU (not a CPU emulator, whose device is
+    /// the host's own cores, where the host's products are faster:
+    /// BENCHMARKS.md) and the bases fit in its basis budget; in host
+    /// memory otherwise.
     #[default]
     Auto,
     /// In host memory.
@@ -32,17 +33,6 @@ pub enum BasisPlace {
     /// On the device, refused where the bases do not fit.
     Device,
 }
-
-/// The device's basis budget: a quarter of its device-local memory where
-/// the backend reports it, else `FALLBACK_DEVICE_BASIS_BYTES`.
-pub fn device_basis_budget(device_memory: Option<u64>) -> usize {
-    device_memory.map_or(FALLBACK_DEVICE_BASIS_BYTES, |b| {
-        usize::try_from(b / 4).unwrap_or(usize::MAX)
-    })
-}
-
-/// The basis budget of a device whose memory is unknown.
-pub const FALLBACK_DEVICE_BASIS_BYTES: usize = 1 << 30;
 
 /// A GPU offered for Lanczos bases.
 pub struct GpuBasisDevice {

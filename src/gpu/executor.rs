@@ -8,7 +8,7 @@
 use crate::data::Dataset;
 use crate::engine::{check_out_len, BnMode, Curvature, Problem};
 use crate::error::{Error, Result};
-use crate::gpu::basis::{device_basis_budget, BasisPlace, GpuBasisDevice};
+use crate::gpu::basis::{BasisPlace, GpuBasisDevice};
 use crate::gpu::context::GpuContext;
 use crate::gpu::kernels::{self, ConvTile, Kernel};
 use crate::gpu::memory::{self, Arena, Workspace};
@@ -867,8 +867,24 @@ fn default_block(ctx: &GpuContext, model: &Model, canon: &[usize], n: usize) -> 
 /// device's memory where the backend reports it, at least
 /// `BLOCK_BUDGET_BYTES`.
 pub fn block_budget(device_memory: Option<u64>) -> usize {
-    let sixteenth = device_memory.map_or(0, |b| usize::try_from(b / 16).unwrap_or(usize::MAX));
-    sixteenth.max(BLOCK_BUDGET_BYTES)
+    device_memory
+        .map_or(0, |b| share(b, 16))
+        .max(BLOCK_BUDGET_BYTES)
+}
+
+/// The device's Lanczos basis budget (`--basis-on`): a quarter of its
+/// device-local memory where the backend reports it, else
+/// `FALLBACK_DEVICE_BASIS_BYTES`. `--basis-budget` overrides it.
+pub fn device_basis_budget(device_memory: Option<u64>) -> usize {
+    device_memory.map_or(FALLBACK_DEVICE_BASIS_BYTES, |b| share(b, 4))
+}
+
+/// The basis budget of a device whose memory is unknown.
+pub const FALLBACK_DEVICE_BASIS_BYTES: usize = 1 << 30;
+
+/// bytes / parts, saturated to usize.
+fn share(bytes: u64, parts: u64) -> usize {
+    usize::try_from(bytes / parts).unwrap_or(usize::MAX)
 }
 
 fn default_cache_budget(ctx: &GpuContext) -> usize {
@@ -890,10 +906,9 @@ pub fn cache_budget(
     device_memory: Option<u64>,
     host_available: Option<usize>,
 ) -> usize {
-    let quarter = |b: u64| usize::try_from(b / 4).unwrap_or(usize::MAX);
     match (cpu_adapter, device_memory, host_available) {
-        (true, _, Some(host)) => quarter(host as u64).min(CACHE_BUDGET_BYTES),
-        (false, Some(device), _) => quarter(device),
+        (true, _, Some(host)) => share(host as u64, 4).min(CACHE_BUDGET_BYTES),
+        (false, Some(device), _) => share(device, 4),
         _ => CACHE_BUDGET_BYTES,
     }
 }
