@@ -94,13 +94,6 @@ fn check(what: &str, got: &[f64], want: &[f64]) -> f64 {
     err
 }
 
-fn contexts() -> Vec<(String, GpuContext)> {
-    GPU_BACKENDS
-        .iter()
-        .filter_map(|&c| gpu_context(c).map(|ctx| (format!("{c:?}"), ctx)))
-        .collect()
-}
-
 #[allow(clippy::too_many_arguments)]
 fn geom(
     n: usize,
@@ -301,7 +294,7 @@ fn shapes() -> Vec<conv::ConvGeom> {
 #[test]
 fn tiled_conv_kernels_match_the_reference() {
     let cases = shapes();
-    for (backend, ctx) in contexts() {
+    for (backend, ctx) in gpu_contexts() {
         let mut r = StdRng::seed_from_u64(1);
         let mut worst = [0.0f64; 3];
         for (gi, g) in cases.iter().enumerate() {
@@ -517,7 +510,7 @@ fn tiled_conv_kernels_serve_three_tangents_per_dispatch() {
     let slices =
         |r: &mut StdRng, len: usize| -> Vec<Vec<f64>> { (0..K).map(|_| rnd(r, len)).collect() };
     let flat = |v: &[Vec<f64>]| -> Vec<f64> { v.concat() };
-    for (backend, ctx) in contexts() {
+    for (backend, ctx) in gpu_contexts() {
         let mut r = StdRng::seed_from_u64(2);
         for g in &cases {
             let what = format!(

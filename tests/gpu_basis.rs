@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{gpu_context, problem, GPU_BACKENDS};
+use common::{gpu_contexts, problem};
 use hesscope::engine::{BnMode, Curvature, Hessian};
 use hesscope::gpu::basis::{GpuBasis, GpuBasisDevice, SEGMENT_ROWS};
 use hesscope::gpu::kernels::{BasisParams, Consts, Kernel};
@@ -21,13 +21,6 @@ use rand::{Rng, SeedableRng};
 use std::rc::Rc;
 
 const EPS32: f64 = 1.0 / (1u64 << 24) as f64;
-
-fn contexts() -> Vec<(String, GpuContext)> {
-    GPU_BACKENDS
-        .iter()
-        .filter_map(|&c| gpu_context(c).map(|ctx| (format!("{c:?}"), ctx)))
-        .collect()
-}
 
 fn upload(ctx: &GpuContext, name: &str, xs: &[f32]) -> GpuBuffer {
     let b = ctx.storage(name, xs.len()).unwrap();
@@ -99,7 +92,7 @@ fn run_dots(
 
 #[test]
 fn basis_kernels_match_float64_sums_on_random_shapes() {
-    for (name, ctx) in contexts() {
+    for (name, ctx) in gpu_contexts() {
         let mut r = rand::rngs::StdRng::seed_from_u64(7);
         let mut worst_dot: f64 = 0.0;
         let mut worst_comb: f64 = 0.0;
@@ -210,7 +203,7 @@ fn basis_dots_keeps_what_plain_f32_sums_drop() {
         plain_err > 1.0,
         "plain f32 error {plain_err} (the test needs a large one)"
     );
-    for (name, ctx) in contexts() {
+    for (name, ctx) in gpu_contexts() {
         let out = run_dots(&ctx, &ones, &w, rows, rows, 1);
         let got = out[0] as f64 + out[1] as f64;
         let err = (got - exact).abs();
@@ -230,7 +223,7 @@ fn unit(r: &mut rand::rngs::StdRng, n: usize) -> Vec<f64> {
 
 #[test]
 fn the_device_store_matches_the_host_store_in_chunks_or_whole() {
-    for (name, ctx) in contexts() {
+    for (name, ctx) in gpu_contexts() {
         let n = 5003;
         for chunk in [None, Some(1024), Some(SEGMENT_ROWS / 3)] {
             let mut r = rand::rngs::StdRng::seed_from_u64(11);
@@ -312,7 +305,7 @@ fn lanczos_on_a_device_basis_stays_orthonormal_and_finds_the_same_ritz_values() 
         (loss, t.values)
     };
     let (host_loss, host_values) = run(Basis::new(BasisPrecision::F32));
-    for (name, ctx) in contexts() {
+    for (name, ctx) in gpu_contexts() {
         let dev = GpuBasisDevice::new(Rc::new(ctx.share()), 1 << 30, true).with_chunk_rows(700);
         let (loss, values) = run(Basis::Device(dev.allocate(n, steps + 1).unwrap()));
         let top = |v: &[f64]| (v[0], v[v.len() - 1]);
@@ -334,7 +327,7 @@ fn lanczos_on_a_device_basis_stays_orthonormal_and_finds_the_same_ritz_values() 
 
 #[test]
 fn a_gpu_engine_keeps_bases_where_asked_and_gets_the_same_spectrum() {
-    for (name, ctx) in contexts() {
+    for (name, ctx) in gpu_contexts() {
         let p = problem("cnn-tiny", BnMode::Batch);
         let engine = |place| {
             GpuEngine::with_options(

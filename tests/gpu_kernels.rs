@@ -35,7 +35,7 @@
 
 mod common;
 
-use common::{gpu_context, GPU_BACKENDS};
+use common::gpu_contexts;
 use hesscope::gpu::kernels::{
     self, bn_rows, ActParams, BnParams, Consts, ConvParams, EwParams, Kernel, KernelParams,
     LossParams, PoolParams, ReduceParams,
@@ -136,13 +136,6 @@ fn run_with<P: KernelParams>(
     grid: Grid,
 ) {
     dispatch_once(ctx, k, consts, p, bufs, grid).unwrap();
-}
-
-fn contexts() -> Vec<(String, GpuContext)> {
-    GPU_BACKENDS
-        .iter()
-        .filter_map(|&c| gpu_context(c).map(|ctx| (format!("{c:?}"), ctx)))
-        .collect()
 }
 
 /// Worst errors per kernel and backend over a test, printed at its end
@@ -474,7 +467,7 @@ fn conv_forms(general: Kernel, k3: bool) -> Vec<(Kernel, &'static str, bool)> {
 fn conv_kernels_match_the_reference() {
     let mut worst = Worst::default();
     let cases = conv_cases();
-    for (backend, ctx) in contexts() {
+    for (backend, ctx) in gpu_contexts() {
         worst.on(&backend);
         let mut r = StdRng::seed_from_u64(1);
         for g in &cases {
@@ -810,7 +803,7 @@ fn reductions_and_elementwise_kernels_match() {
             ));
         }
     }
-    for (backend, ctx) in contexts() {
+    for (backend, ctx) in gpu_contexts() {
         worst.on(&backend);
         let mut r = StdRng::seed_from_u64(2);
         let d = dummy(&ctx);
@@ -1001,7 +994,7 @@ fn reductions_and_elementwise_kernels_match() {
 /// must write every element exactly once and nothing past the end.
 #[test]
 fn folded_grids_cover_every_element() {
-    for (backend, ctx) in contexts() {
+    for (backend, ctx) in gpu_contexts() {
         let max_dim = ctx.limits.max_compute_workgroups_per_dimension as usize;
         let len = (max_dim + 3) * kernels::WORKGROUP + 77;
         if (len + 5) * 4 > ctx.limits.max_storage_buffer_binding_size as usize {
@@ -1076,7 +1069,7 @@ fn batch_norm_kernels_match() {
             ));
         }
     }
-    for (backend, ctx) in contexts() {
+    for (backend, ctx) in gpu_contexts() {
         worst.on(&backend);
         let mut r = StdRng::seed_from_u64(3);
         for &(n, c, hw) in &shapes {
@@ -1490,7 +1483,7 @@ fn pooling_kernels_match() {
         }
     }
     let mut ties_decided = 0;
-    for (backend, ctx) in contexts() {
+    for (backend, ctx) in gpu_contexts() {
         worst.on(&backend);
         let mut r = StdRng::seed_from_u64(4);
         for &(planes, h, w, k, s, pad) in &cases {
@@ -1743,7 +1736,7 @@ fn average_pooling_kernels_match() {
         .filter(|&&(_, h, w, k, s, pad)| (h + 2 * pad - k) / s == 0 && (w + 2 * pad - k) / s == 0)
         .count();
     assert!(one_pixel >= 8, "only {one_pixel} cases have a 1×1 output");
-    for (backend, ctx) in contexts() {
+    for (backend, ctx) in gpu_contexts() {
         worst.on(&backend);
         let mut r = StdRng::seed_from_u64(6);
         for &(planes, h, w, k, s, pad) in &cases {
@@ -1971,7 +1964,7 @@ fn activation_kernels_match() {
         .iter()
         .map(|&v| v as f32 as f64)
         .collect();
-    for (backend, ctx) in contexts() {
+    for (backend, ctx) in gpu_contexts() {
         worst.on(&backend);
         worst_elem.on(&backend);
         let mut r = StdRng::seed_from_u64(7);
@@ -2133,7 +2126,7 @@ fn softmax_cross_entropy_kernels_match() {
             cases.push((r.random_range(1..=300), r.random_range(2..=30), 0.0));
         }
     }
-    for (backend, ctx) in contexts() {
+    for (backend, ctx) in gpu_contexts() {
         worst.on(&backend);
         let mut r = StdRng::seed_from_u64(5);
         for &(n, k, shift) in &cases {

@@ -98,6 +98,15 @@ pub const GPU_BACKENDS: [hesscope::gpu::BackendChoice; 2] = [
     hesscope::gpu::BackendChoice::Gl,
 ];
 
+/// Every backend of `GPU_BACKENDS` that has an adapter here, named
+/// (`gpu_context` decides what a missing one means).
+pub fn gpu_contexts() -> Vec<(String, hesscope::gpu::GpuContext)> {
+    GPU_BACKENDS
+        .iter()
+        .filter_map(|&c| gpu_context(c).map(|ctx| (format!("{c:?}"), ctx)))
+        .collect()
+}
+
 /// Runs the built binary: (success, stdout, stderr).
 pub fn hesscope<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hesscope"))
