@@ -97,6 +97,12 @@ if "$HS" bench --help 2>/dev/null | grep -q -- '--block-sizes'; then
 else
     say "this binary has no --block-sizes: K-block HVPs not measured"
 fi
+# The engine with its reductions a workgroup per channel (the emulators'
+# form) against the default above (split in segments on a GPU): what the
+# split buys end to end. The kernel table above times both forms per kernel.
+if "$HS" bench --help 2>/dev/null | grep -q -- '--reductions'; then
+    timed bench_resnet20_whole_reductions "$HS" bench "${GPU[@]}" "${COMMON20[@]}" --reps "$REPS" --no-kernels --reductions whole --json
+fi
 # The README's default density.
 timed density_default "$HS" density "${GPU[@]}" --json
 # A density at resnet20's size: its JSON splits lanczos_seconds into the

@@ -11,13 +11,22 @@
 
 struct BnParams {
     n: u32, c: u32, hw: u32, gamma_off: u32,
-    beta_off: u32, eps: f32, _p0: u32, _p1: u32,
+    // bn_stats split (STAGE 1, 2): segments per channel, elements per
+    // segment (the last may have fewer).
+    beta_off: u32, eps: f32, seg: u32, span: u32,
 }
 
 const WG: u32 = 256u;
 // Batch statistics (train mode) or running ones; add into the output.
 override BATCH: bool = false;
 override ACC: bool = false;
+// bn_stats on GPUs, as reduce.wgsl's reductions (src/gpu/reduce.rs):
+// STAGE 0 one workgroup per channel; STAGE 1 a workgroup per (channel,
+// segment), flattened ch·seg + s, writes the segment's f32 mean mₛ,
+// Σ(x − mₛ)² and Σ(x − mₛ) (two-pass within the segment) to st_out rows
+// 0, 1 and 2 of c·seg floats; STAGE 2, one workgroup per channel with
+// those rows bound as st_x, merges them into the rows STAGE 0 writes.
+override STAGE: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> p: BnParams;
 
@@ -74,21 +83,76 @@ fn tree_sum(lid: u32, v: f32) -> f32 {
 
 @compute @workgroup_size(256)
 fn bn_stats(@builtin(workgroup_id) wid: vec3<u32>,
+            @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lid: u32) {
-    let ch = wid.x;
     let m = p.n * p.hw;
+    if (STAGE == 2u) {
+        let ch = wid.x;
+        let row = ch * p.seg;
+        let r_q = p.c * p.seg;
+        let r_r = 2u * p.c * p.seg;
+        var s = 0.0;
+        for (var j = lid; j < p.seg; j += WG) {
+            let cnt = f32(min(p.span, m - j * p.span));
+            s += cnt * st_x[row + j] + st_x[r_r + row + j];
+        }
+        let mean = tree_sum(lid, s) / f32(m);
+        // Σ over the segment of (x − mean)² = Σ(x − mₛ)² + 2(mₛ − mean)·Σ(x − mₛ)
+        // + cnt·(mₛ − mean)², exactly: the middle term is not zero for an f32
+        // mₛ, and dropping it (Chan's update) would leave mₛ's rounding
+        // in the variance to first order (5e-5 of a mean-100 channel's s).
+        var q = 0.0;
+        for (var j = lid; j < p.seg; j += WG) {
+            let cnt = f32(min(p.span, m - j * p.span));
+            let d = st_x[row + j] - mean;
+            q += st_x[r_q + row + j] + d * (2.0 * st_x[r_r + row + j] + cnt * d);
+        }
+        let var_ = tree_sum(lid, q) / f32(m);
+        if (lid == 0u) {
+            st_out[ch] = mean;
+            st_out[p.c + ch] = 1.0 / sqrt(var_ + p.eps);
+            st_out[9u * p.c + ch] = var_;
+        }
+        return;
+    }
+    var ch = wid.x;
+    var lo = 0u;
+    var hi = m;
+    var seg = 0u;
+    if (STAGE == 1u) {
+        let g = wid.x + wid.y * nwg.x;
+        ch = g / p.seg;
+        seg = g % p.seg;
+        lo = seg * p.span;
+        hi = min(lo + p.span, m);
+    }
+    // A folded grid's padding.
+    if (ch >= p.c) { return; }
     var s = 0.0;
-    for (var j = lid; j < m; j += WG) {
+    for (var j = lo + lid; j < hi; j += WG) {
         s += st_x[((j / p.hw) * p.c + ch) * p.hw + j % p.hw];
     }
-    let mean = tree_sum(lid, s) / f32(m);
+    let mean = tree_sum(lid, s) / f32(hi - lo);
     var q = 0.0;
-    for (var j = lid; j < m; j += WG) {
+    var r = 0.0;
+    for (var j = lo + lid; j < hi; j += WG) {
         let d = st_x[((j / p.hw) * p.c + ch) * p.hw + j % p.hw] - mean;
         q += d * d;
+        r += d;
     }
-    let var_ = tree_sum(lid, q) / f32(m);
+    let sq = tree_sum(lid, q);
+    var sr = 0.0;
+    if (STAGE == 1u) {
+        sr = tree_sum(lid, r);
+    }
     if (lid == 0u) {
+        if (STAGE == 1u) {
+            st_out[ch * p.seg + seg] = mean;
+            st_out[(p.c + ch) * p.seg + seg] = sq;
+            st_out[(2u * p.c + ch) * p.seg + seg] = sr;
+            return;
+        }
+        let var_ = sq / f32(m);
         st_out[ch] = mean;
         st_out[p.c + ch] = 1.0 / sqrt(var_ + p.eps);
         st_out[9u * p.c + ch] = var_;

@@ -6,7 +6,10 @@ struct ReduceParams {
     n: u32, c: u32, hw: u32, out_a: u32,
     out_b: u32, len: u32, out_d: u32,
     // bn_param_sums: where Σa and Σa·b (+ Σc·d) go in `tgt`.
-    t_a: u32, t_b: u32, _p0: u32, _p1: u32, _p2: u32,
+    t_a: u32, t_b: u32,
+    // Split reductions (STAGE 1, 2): segments per channel, and elements
+    // per segment (the last may have fewer).
+    seg: u32, span: u32, _p0: u32,
 }
 
 const WG: u32 = 256u;
@@ -14,6 +17,15 @@ const WG: u32 = 256u;
 override HAS_B: bool = false;
 override ACC: bool = false;
 override PAIR2: bool = false;
+// channel_sums and bn_param_sums on GPUs (src/gpu/reduce.rs): a workgroup
+// per channel (STAGE 0, the emulators' form: barriers and dispatches are
+// what they pay for) leaves most of a GPU idle. Split, STAGE 1 runs a
+// workgroup per (channel, segment of `span` elements), flattened
+// ch·seg + s, and writes its sums to the first writable binding at
+// partial rows of c·seg floats: [(row·c + ch)·seg + s], rows Σa, Σa·b,
+// Σc·d. STAGE 2 runs a workgroup per channel that sums the seg partials,
+// bound in place of `a`, and finishes as STAGE 0 does.
+override STAGE: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> p: ReduceParams;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
@@ -61,30 +73,66 @@ fn channel_element(j: u32, ch: u32) -> u32 {
     return ((j / p.hw) * p.c + ch) * p.hw + j % p.hw;
 }
 
+// What one workgroup sums: elements [lo, hi) of channel ch, its segment
+// s (STAGE 1), or all n·hw. ch ≥ c: a folded grid's padding.
+struct Part { ch: u32, s: u32, lo: u32, hi: u32 }
+
+fn part(wid: vec3<u32>, nwg: vec3<u32>) -> Part {
+    let count = p.n * p.hw;
+    if (STAGE == 1u) {
+        let g = wid.x + wid.y * nwg.x;
+        let s = g % p.seg;
+        let lo = s * p.span;
+        return Part(g / p.seg, s, lo, min(lo + p.span, count));
+    }
+    return Part(wid.x, 0u, 0u, count);
+}
+
+// Partial row `row` of channel ch, segment s, in the slice at o.
+fn partial(o: u32, row: u32, ch: u32, s: u32) -> u32 {
+    return o + (row * p.c + ch) * p.seg + s;
+}
+
 // Per channel ch of [n, c, hw]: out[out_a + ch] = Σ a, and with HAS_B
-// out[out_b + ch] = Σ a·b. One workgroup per channel.
+// out[out_b + ch] = Σ a·b (or their partial rows 0 and 1, STAGE 1).
 @compute @workgroup_size(256)
 fn channel_sums(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
-    let ch = wid.x;
+    let pt = part(wid, nwg);
+    let ch = pt.ch;
+    if (ch >= p.c) { return; }
     // Tangent slices (tangents.wgsl).
     let o_a = kslice(1u, arrayLength(&a), wid.z);
     let o_b = kslice(2u, arrayLength(&b), wid.z);
     let o_out = kslice(3u, arrayLength(&out), wid.z);
-    let count = p.n * p.hw;
     let has_b = HAS_B;
     var sa = 0.0;
     var sab = 0.0;
-    for (var j = lid; j < count; j += WG) {
-        let i = channel_element(j, ch);
-        let av = a[o_a + i];
-        sa += av;
-        if (has_b) {
-            sab += av * b[o_b + i];
+    if (STAGE == 2u) {
+        for (var s = lid; s < p.seg; s += WG) {
+            sa += a[partial(o_a, 0u, ch, s)];
+            if (has_b) {
+                sab += a[partial(o_a, 1u, ch, s)];
+            }
+        }
+    } else {
+        for (var j = pt.lo + lid; j < pt.hi; j += WG) {
+            let i = channel_element(j, ch);
+            let av = a[o_a + i];
+            sa += av;
+            if (has_b) {
+                sab += av * b[o_b + i];
+            }
         }
     }
     let r = reduce_pair(lid, sa, sab);
     if (lid == 0u) {
+        if (STAGE == 1u) {
+            out[partial(o_out, 0u, ch, pt.s)] = r.x;
+            if (has_b) { out[partial(o_out, 1u, ch, pt.s)] = r.y; }
+            return;
+        }
         var ra = r.x;
         var rab = r.y;
         if (ACC) {
@@ -118,8 +166,11 @@ fn sum_all(@builtin(local_invocation_index) lid: u32) {
 // then tgt[t_a + ch] += Σa (β) and tgt[t_b + ch] += Σa·b (+ Σc·d) (γ).
 @compute @workgroup_size(256)
 fn bn_param_sums(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
-    let ch = wid.x;
+    let pt = part(wid, nwg);
+    let ch = pt.ch;
+    if (ch >= p.c) { return; }
     // Tangent slices (tangents.wgsl).
     let k = wid.z;
     let o_a = kslice(1u, arrayLength(&a), k);
@@ -128,18 +179,27 @@ fn bn_param_sums(@builtin(workgroup_id) wid: vec3<u32>,
     let o_c = kslice(4u, arrayLength(&c), k);
     let o_d = kslice(5u, arrayLength(&d), k);
     let o_tgt = kslice(6u, arrayLength(&tgt), k);
-    let count = p.n * p.hw;
     let pair2 = PAIR2;
     var sa = 0.0;
     var sab = 0.0;
     var scd = 0.0;
-    for (var j = lid; j < count; j += WG) {
-        let i = channel_element(j, ch);
-        let av = a[o_a + i];
-        sa += av;
-        sab += av * b[o_b + i];
-        if (pair2) {
-            scd += c[o_c + i] * d[o_d + i];
+    if (STAGE == 2u) {
+        for (var s = lid; s < p.seg; s += WG) {
+            sa += a[partial(o_a, 0u, ch, s)];
+            sab += a[partial(o_a, 1u, ch, s)];
+            if (pair2) {
+                scd += a[partial(o_a, 2u, ch, s)];
+            }
+        }
+    } else {
+        for (var j = pt.lo + lid; j < pt.hi; j += WG) {
+            let i = channel_element(j, ch);
+            let av = a[o_a + i];
+            sa += av;
+            sab += av * b[o_b + i];
+            if (pair2) {
+                scd += c[o_c + i] * d[o_d + i];
+            }
         }
     }
     let r = reduce_pair(lid, sa, sab);
@@ -149,6 +209,12 @@ fn bn_param_sums(@builtin(workgroup_id) wid: vec3<u32>,
         r2 = reduce_pair(lid, scd, 0.0);
     }
     if (lid == 0u) {
+        if (STAGE == 1u) {
+            out[partial(o_out, 0u, ch, pt.s)] = r.x;
+            out[partial(o_out, 1u, ch, pt.s)] = r.y;
+            if (pair2) { out[partial(o_out, 2u, ch, pt.s)] = r2.x; }
+            return;
+        }
         out[o_out + p.out_a + ch] = r.x;
         out[o_out + p.out_b + ch] = r.y;
         if (pair2) {

@@ -10,6 +10,7 @@ use crate::gpu::kernels::{
     KernelParams, ReduceParams,
 };
 use crate::gpu::program::{dispatch_timed, Grid};
+use crate::gpu::reduce::{self, SplitParams};
 use crate::gpu::{GpuBuffer, GpuContext};
 use crate::model::{Model, Op};
 use std::time::Instant;
@@ -59,6 +60,34 @@ fn time_kernel<P: KernelParams>(
     } else {
         Ok((median(host), "host"))
     }
+}
+
+/// A per-channel reduction's time as the engine runs it
+/// (`reduce::stages`): its one dispatch, or split at `span` elements per
+/// segment the sum of its two (each timed as `time_kernel` does).
+#[allow(clippy::too_many_arguments)]
+fn time_reduction<P: SplitParams>(
+    ctx: &GpuContext,
+    reps: usize,
+    kern: Kernel,
+    consts: Consts,
+    p: &P,
+    bufs: &[&GpuBuffer],
+    c: usize,
+    count: usize,
+    span: Option<usize>,
+) -> Result<(f64, &'static str)> {
+    let floats = reduce::partials_for(c, count, span);
+    let partials = ctx.storage("bench reduction partials", floats)?;
+    let split = span.map(|s| (s, &partials));
+    let mut total = 0.0;
+    let mut timer = "host";
+    for st in reduce::stages(kern, consts, *p, bufs, c, count, split) {
+        let (t, tm) = time_kernel(ctx, reps, kern, st.consts, &st.params, &st.buffers, st.grid)?;
+        total += t;
+        timer = tm;
+    }
+    Ok((total, timer))
 }
 
 /// Median wall time of `reps` runs of `f` after one warm-up run.
@@ -345,13 +374,35 @@ pub fn kernel_table(
         Kernel::ChannelSums,
         Kernel::BnBackward,
     );
-    row(
-        time_kernel(ctx, reps, k1, none(), &bp, &[&x, &stats], Grid::Groups(c)),
-        k1,
-        "",
-        mb(2),
-        3.0 * l,
-    )?;
+    // The reductions whole (a workgroup per channel, the emulators' form)
+    // and split in segments (GPUs', `ReducePath::Auto`).
+    let split_name = format!(" (split {})", reduce::GPU_SPAN);
+    for (span, name) in [(None, ""), (Some(reduce::GPU_SPAN), split_name.as_str())] {
+        row(
+            time_reduction(ctx, reps, k1, none(), &bp, &[&x, &stats], c, n * hw, span),
+            k1,
+            name,
+            mb(2),
+            3.0 * l,
+        )?;
+        row(
+            time_reduction(
+                ctx,
+                reps,
+                k3,
+                Consts::new(&[("HAS_B", 1), ("ACC", 0)]),
+                &sums,
+                &[&g, &x, &stats],
+                c,
+                n * hw,
+                span,
+            ),
+            k3,
+            name,
+            mb(2),
+            3.0 * l,
+        )?;
+    }
     row(
         time_kernel(
             ctx,
@@ -366,21 +417,6 @@ pub fn kernel_table(
         "",
         mb(3),
         4.0 * l,
-    )?;
-    row(
-        time_kernel(
-            ctx,
-            reps,
-            k3,
-            Consts::new(&[("HAS_B", 1), ("ACC", 0)]),
-            &sums,
-            &[&g, &x, &stats],
-            Grid::Groups(c),
-        ),
-        k3,
-        "",
-        mb(2),
-        3.0 * l,
     )?;
     row(
         time_kernel(

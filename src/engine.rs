@@ -123,6 +123,11 @@ pub trait Curvature {
     fn backend(&self) -> String;
     /// The adapter's name (`float64 reference` for the CPU).
     fn adapter(&self) -> String;
+    /// Which kernel variants a GPU engine's programs run, in words (conv
+    /// path and tile, reductions whole or split); None for the CPU.
+    fn kernel_paths(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Refuses an output slice that is not parameter-shaped.

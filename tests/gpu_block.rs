@@ -8,7 +8,8 @@ mod common;
 use common::*;
 use hesscope::data::synthetic;
 use hesscope::engine::{BnMode, Curvature, Problem};
-use hesscope::gpu::{BackendChoice, EngineOptions, GpuEngine};
+use hesscope::gpu::kernels::Kernel;
+use hesscope::gpu::{BackendChoice, EngineOptions, GpuEngine, ReducePath};
 use hesscope::model::{Model, Weights};
 use rand::{Rng, SeedableRng};
 
@@ -213,4 +214,134 @@ fn cli_density_on_the_gpu_with_blocks() {
     assert_eq!(four["block"], 4);
     assert_eq!(four["sweeps"], 16);
     assert_eq!(one["sweeps"], 40);
+}
+
+/// Reductions split in segments (the GPUs' form, `ReducePath::Split`; 37
+/// elements per segment, so every fixture's channels get several, the
+/// last ragged) give PyTorch's gradient and Hv on every fixture, and block
+/// products through them (each tangent's partials in its own slice) the
+/// same Hv as the whole-channel engine. Tolerances: FIXTURE_TOL against
+/// float64 as tests/gpu.rs; between the two f32 engines, which sum the
+/// same terms in a different order, the same bound (each is within a few
+/// f32 roundings of the truth; a partial read from another tangent's or
+/// segment's slice errs by O(1)).
+#[test]
+fn split_reductions_match_pytorch_and_the_whole_channel_engine() {
+    let mut rows = vec![];
+    for choice in GPU_BACKENDS {
+        for (model, bn) in fixture_cases() {
+            let p = problem(&model, bn);
+            let n = p.model.n_params;
+            let v = vector(&p, fixtures_dir().join(&model).join("v.safetensors"));
+            let g_ref = vector(&p, ref_dir(&model, bn).join("grad.safetensors"));
+            let hv_ref = vector(&p, ref_dir(&model, bn).join("hv.safetensors"));
+            let vs = directions(n, Some(v), 3, 5);
+            let make = |reduce_path| {
+                let ctx = gpu_context(choice)?;
+                let options = EngineOptions {
+                    block: Some(3),
+                    reduce_path,
+                    ..Default::default()
+                };
+                Some(GpuEngine::with_options(ctx, &p, options).unwrap())
+            };
+            let (Some(mut split), Some(mut whole)) =
+                (make(ReducePath::Split(37)), make(ReducePath::Whole))
+            else {
+                continue;
+            };
+            let (_, grad) = split.loss_grad().unwrap();
+            // The split is in force: two dispatches per reduction.
+            let reductions = |e: &mut GpuEngine| {
+                let (fb, rp) = e.profile().unwrap();
+                let is = |k: &Kernel| {
+                    matches!(
+                        k,
+                        Kernel::BnStats | Kernel::BnParamSums | Kernel::ChannelSums
+                    )
+                };
+                fb.iter().chain(&rp).filter(|t| is(&t.0)).count()
+            };
+            // (Reductions of at most 37 elements stay whole: the linear
+            // layers' bias sums over a batch of 32, in the backward and
+            // R-backward; all of cnn-tiny's others have 32·16 or more.)
+            let (rs, rw) = (reductions(&mut split), reductions(&mut whole));
+            assert!(rw > 0 && rs >= rw, "{model}: {rs} split against {rw} whole");
+            if model == "cnn-tiny" {
+                assert_eq!(rs, 2 * rw - 2, "{model}: all but the bias sums split");
+            }
+            let refs: Vec<&[f64]> = vs.iter().map(|v| v.as_slice()).collect();
+            let mut a = vec![vec![f64::NAN; n]; 3];
+            let mut b = vec![vec![f64::NAN; n]; 3];
+            split.hvp_block(&refs, &mut a).unwrap();
+            whole.hvp_block(&refs, &mut b).unwrap();
+            let vs_whole = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| rel_err(x, y))
+                .fold(0.0, f64::max);
+            let (eg, eh) = (rel_err(&grad, &g_ref), rel_err(&a[0], &hv_ref));
+            let row = format!(
+                "{choice:?} {model} {bn:?}: grad {eg:.1e}, Hv {eh:.1e} vs PyTorch; \
+                 block vs whole-channel engine {vs_whole:.1e}"
+            );
+            eprintln!("{row}");
+            rows.push((row, eg.max(eh), vs_whole));
+        }
+    }
+    assert!(!rows.is_empty(), "no GPU backend ran");
+    let bad: Vec<_> = rows
+        .iter()
+        .filter(|r| r.1.is_nan() || r.2.is_nan() || r.1 > FIXTURE_TOL || r.2 > FIXTURE_TOL)
+        .collect();
+    assert!(bad.is_empty(), "{bad:?}");
+}
+
+/// `bench --reductions` chooses how the timed engine reduces per channel,
+/// and the report says what its programs ran (null on the CPU reference).
+#[test]
+fn cli_bench_reports_the_kernel_paths_it_ran() {
+    let bench = |backend: &str, reductions: &str| {
+        let (ok, out, err) = hesscope(&[
+            "bench",
+            "--backend",
+            backend,
+            "--model",
+            "cnn-tiny",
+            "--samples",
+            "32",
+            "--batch",
+            "32",
+            "--reps",
+            "1",
+            "--no-kernels",
+            "--reductions",
+            reductions,
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    assert!(bench("cpu", "split")["kernel_paths"].is_null());
+    let (ok, _, stderr) = hesscope(&["bench", "--reductions", "halves"]);
+    assert!(!ok && stderr.contains("--reductions"), "{stderr}");
+    let Some(ctx) = gpu_context(BackendChoice::Vulkan) else {
+        return;
+    };
+    let mut cases = vec![
+        ("whole", "reductions a workgroup per channel"),
+        ("split", "reductions split in segments of 4096"),
+    ];
+    // On a CPU adapter (lavapipe) Auto keeps the emulators' forms.
+    if ctx.info.device_type == "Cpu" {
+        cases.push((
+            "auto",
+            "conv emulator kernels, reductions a workgroup per channel",
+        ));
+    }
+    for (arg, want) in cases {
+        let v = bench("vulkan", arg);
+        let k = v["kernel_paths"].as_str().unwrap();
+        assert!(k.contains(want) && k.starts_with("conv "), "{arg}: {k}");
+    }
 }

@@ -16,7 +16,8 @@
 //!   errors are a random walk over partial sums that grow like the total).
 //!   Here L ≤ 4608 (conv: cin·k·k per output, two pairs; the widest
 //!   edge case, 12 channels at k = 11, has 2904), ≤ 544 for the tree
-//!   reductions (n·hw/256 per thread + 2×16 tree adds), so ≈ 4e-6 at
+//!   reductions (n·hw/256 per thread + 2×16 tree adds; split in segments,
+//!   fewer: span/256 + 32, then segments/256 + 32), so ≈ 4e-6 at
 //!   worst; chained BN passes add a few u per step. 1e-5 keeps ≥ 2×
 //!   headroom, while a wrong index, a missing term or a missed flag errs
 //!   by ≥ 1e-2 on these random inputs.
@@ -41,6 +42,7 @@ use hesscope::gpu::kernels::{
     LossParams, PoolParams, ReduceParams,
 };
 use hesscope::gpu::program::{dispatch_once, Grid};
+use hesscope::gpu::reduce::{self, SplitParams};
 use hesscope::gpu::{GpuBuffer, GpuContext};
 use hesscope::layers::activation::act_code;
 use hesscope::model::Activation;
@@ -136,6 +138,34 @@ fn run_with<P: KernelParams>(
     grid: Grid,
 ) {
     dispatch_once(ctx, k, consts, p, bufs, grid).unwrap();
+}
+
+/// A per-channel reduction over `c` channels of `count` elements as the
+/// engine runs it (`reduce::stages`): whole, or split in segments of
+/// `span` elements through a NaN-poisoned partials buffer, so that a
+/// segment stage one skipped shows in stage two's result.
+#[allow(clippy::too_many_arguments)]
+fn run_reduction<P: SplitParams>(
+    ctx: &GpuContext,
+    k: Kernel,
+    consts: Consts,
+    p: &P,
+    bufs: &[&GpuBuffer],
+    c: usize,
+    count: usize,
+    span: Option<usize>,
+) {
+    let floats = reduce::partials_for(c, count, span);
+    let partials = poisoned(ctx, "partials", floats);
+    let split = span.map(|s| (s, &partials));
+    let stages = reduce::stages(k, consts, *p, bufs, c, count, split);
+    if let Some(s) = span {
+        let want = if count > s { 2 } else { 1 };
+        assert_eq!(stages.len(), want, "{k:?}: {count} elements at span {s}");
+    }
+    for st in stages {
+        run_with(ctx, k, st.consts, &st.params, &st.buffers, st.grid);
+    }
 }
 
 /// Worst errors per kernel and backend over a test, printed at its end
@@ -792,7 +822,14 @@ fn conv_kernels_match_the_reference() {
 #[test]
 fn reductions_and_elementwise_kernels_match() {
     let mut worst = Worst::default();
-    let mut shapes = vec![(128usize, 3usize, 1024usize), (7, 600, 1), (1, 1, 1)];
+    // (2, 80, 2600) split in 5s: 867 segments of 6 per channel, 69,360
+    // stage-one workgroups, folded into a 65,535 × 2 grid.
+    let mut shapes = vec![
+        (128usize, 3usize, 1024usize),
+        (7, 600, 1),
+        (1, 1, 1),
+        (2, 80, 2600),
+    ];
     {
         let mut r = StdRng::seed_from_u64(20);
         for _ in 0..4 {
@@ -825,7 +862,17 @@ fn reductions_and_elementwise_kernels_match() {
             let out_a = r.random_range(0..4);
             let out_b = out_a + c + r.random_range(0..4);
             let olen = out_b + c + 3;
-            for (has_b, acc) in [(true, false), (false, true), (true, true)] {
+            // Whole channels (the emulators' form), and split in segments
+            // (GPUs'): of 5 elements (ragged; 128x3x1024 gets 1024 of 128,
+            // more partials than stage two has threads) and of 64.
+            for (has_b, acc, span) in [
+                (true, false, None),
+                (false, true, None),
+                (true, true, None),
+                (true, false, Some(5)),
+                (false, true, Some(5)),
+                (true, true, Some(64)),
+            ] {
                 let consts = Consts::new(&[("HAS_B", has_b as u32), ("ACC", acc as u32)]);
                 let init = rnd(&mut r, olen);
                 let out = if acc {
@@ -843,16 +890,18 @@ fn reductions_and_elementwise_kernels_match() {
                     ..Default::default()
                 };
                 let bbind = if has_b { &bb } else { &d };
-                run_with(
+                run_reduction(
                     &ctx,
                     Kernel::ChannelSums,
                     consts,
                     &p,
                     &[&ab, bbind, &out],
-                    Grid::Groups(c),
+                    c,
+                    n * hw,
+                    span,
                 );
                 let got = read(&ctx, &out);
-                let tag = format!("{what} channel_sums has_b={has_b} acc={acc}");
+                let tag = format!("{what} channel_sums has_b={has_b} acc={acc} span={span:?}");
                 let wa = if acc {
                     plus(&sa, &init[out_a..out_a + c])
                 } else {
@@ -882,6 +931,33 @@ fn reductions_and_elementwise_kernels_match() {
                     written.push(out_b..out_b + c);
                 }
                 untouched(&tag, &read_raw(&ctx, &out), &before, &written);
+            }
+
+            // ---- bn_stats split where stage one's grid folds (it is
+            // checked whole and split in batch_norm_kernels_match; a
+            // folded dispatch of 65,536+ workgroups costs lavapipe
+            // seconds, so once here). Mean 3 against a spread of 1.
+            if c * (n * hw).div_ceil(5) > 65_535 {
+                let x: Vec<f64> = a.iter().map(|v| v + 3.0).collect();
+                let xb = upload(&ctx, "x", &x);
+                let stats = poisoned(&ctx, "stats", bn_rows::COUNT * c);
+                let p = BnParams {
+                    n: n as u32,
+                    c: c as u32,
+                    hw: hw as u32,
+                    eps: bn::EPS as f32,
+                    ..Default::default()
+                };
+                let k = Kernel::BnStats;
+                let none = Consts::default();
+                run_reduction(&ctx, k, none, &p, &[&xb, &stats], c, n * hw, Some(5));
+                let got = read(&ctx, &stats);
+                let g = bn::BnGeom { n, c, hw };
+                let (mean, var) = bn::batch_moments(&g, &x);
+                let tag = format!("{what} bn_stats folded split");
+                worst.check("bn_stats", &format!("{tag} mean"), &got[..c], &mean, TOL);
+                let gv = &got[bn_rows::VAR * c..(bn_rows::VAR + 1) * c];
+                worst.check("bn_stats", &format!("{tag} σ²"), gv, &var, TOL);
             }
 
             // ---- sum_all: the per-sample losses (positive) into the
@@ -1102,8 +1178,16 @@ fn batch_norm_kernels_match() {
                 upload(&ctx, "R(gy)", &rgy),
             );
 
-            for batch in [true, false] {
-                let what = format!("{backend} bn {n}x{c}x{hw} batch={batch}");
+            // Reductions whole (emulators) and split in segments of 5
+            // elements (GPUs' form, ragged; 128x4x64 gets 1024 of 8; a
+            // folded stage-one grid: `reductions_and_elementwise_kernels_match`).
+            for (batch, span) in [
+                (true, None),
+                (false, None),
+                (true, Some(5)),
+                (false, Some(5)),
+            ] {
+                let what = format!("{backend} bn {n}x{c}x{hw} batch={batch} span={span:?}");
                 let bp = || BnParams {
                     n: n as u32,
                     c: c as u32,
@@ -1134,13 +1218,15 @@ fn batch_norm_kernels_match() {
                         out_b: (rb * c) as u32,
                         ..Default::default()
                     };
-                    run_with(
+                    run_reduction(
                         &ctx,
                         Kernel::ChannelSums,
                         Consts::new(&[("HAS_B", 1), ("ACC", 0)]),
                         &p,
                         &[a, b, &stats],
-                        Grid::Groups(c),
+                        c,
+                        n * hw,
+                        span,
                     );
                 };
                 // bn_param_sums as the engine runs it: rows ra, rb (and rd
@@ -1167,13 +1253,15 @@ fn batch_norm_kernels_match() {
                     };
                     let d = dummy(&ctx);
                     let (cb, db) = cd.unwrap_or((&d, &d));
-                    run_with(
+                    run_reduction(
                         &ctx,
                         Kernel::BnParamSums,
                         pair2,
                         &p,
                         &[a, b, &stats, cb, db, tgt],
-                        Grid::Groups(c),
+                        c,
+                        n * hw,
+                        span,
                     );
                 };
 
@@ -1183,12 +1271,15 @@ fn batch_norm_kernels_match() {
                 // read (a mean of 100 is only held to ~4e-6, 4e-4 of the
                 // channel's spread).
                 let (mean, s) = if batch {
-                    run(
+                    run_reduction(
                         &ctx,
                         Kernel::BnStats,
+                        Consts::default(),
                         &bp(),
                         &[&xb, &stats],
-                        Grid::Groups(c),
+                        c,
+                        n * hw,
+                        span,
                     );
                     let got = read(&ctx, &stats);
                     let (mean, s) = bn::batch_stats(&g, &x);

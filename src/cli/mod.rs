@@ -13,6 +13,7 @@ mod train_cmd;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use common::Inputs;
+use hesscope::gpu::ReducePath;
 use hesscope::report::{
     BenchReport, DevicesReport, GradReport, HvpReport, InitReport, SynthReport,
 };
@@ -100,6 +101,14 @@ pub enum Command {
         /// ones too where the adapter is a GPU).
         #[arg(long, value_enum, default_value_t = ConvPathArg::Auto)]
         conv_path: ConvPathArg,
+        /// How the engine timed (gradient, HVP, block products) runs its
+        /// per-channel reductions (batch-norm statistics and parameter
+        /// sums, bias sums): `whole` (a workgroup per channel), `split`
+        /// (segments of 4096 elements, then one workgroup per channel over
+        /// their partials), `auto` (split on GPUs, whole on CPU
+        /// emulators). The kernel table times both forms.
+        #[arg(long, value_enum, default_value_t = ReductionsArg::Auto)]
+        reductions: ReductionsArg,
         /// The tiled conv kernels' widest tile, TMxTNxTK (default
         /// 64x64x16; narrowed per layer as the engine does): for the
         /// engine's gradient and HVPs and the tiled kernel table, which
@@ -143,6 +152,7 @@ pub fn run(cli: Cli) -> Result<()> {
             no_kernels,
             block_sizes,
             conv_path,
+            reductions,
             conv_tile,
         } => bench(
             &inputs,
@@ -150,6 +160,7 @@ pub fn run(cli: Cli) -> Result<()> {
             no_kernels,
             &block_sizes,
             conv_path,
+            reductions,
             conv_tile,
         ),
         Command::Grad { inputs, out } => grad(&inputs, out),
@@ -281,12 +292,21 @@ pub enum ConvPathArg {
     Emulator,
 }
 
+/// `bench --reductions`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReductionsArg {
+    Auto,
+    Whole,
+    Split,
+}
+
 fn bench(
     inputs: &Inputs,
     reps: usize,
     no_kernels: bool,
     block_sizes: &[usize],
     conv_path: ConvPathArg,
+    reductions: ReductionsArg,
     conv_tile: Option<hesscope::gpu::kernels::ConvTile>,
 ) -> Result<()> {
     if reps == 0 || reps > MAX_REPS {
@@ -297,9 +317,15 @@ fn bench(
         bail!("invalid --block-sizes: {k}; each block size between 1 and {max_block}");
     }
     // An engine for the largest block timed (GPU tangent buffers for K).
+    let reduce_path = match reductions {
+        ReductionsArg::Auto => ReducePath::Auto,
+        ReductionsArg::Whole => ReducePath::Whole,
+        ReductionsArg::Split => ReducePath::Split(hesscope::gpu::reduce::GPU_SPAN),
+    };
     let mut l = inputs.load_with_options(hesscope::gpu::EngineOptions {
         block: block_sizes.iter().max().copied(),
         conv_tile,
+        reduce_path,
         ..Default::default()
     })?;
     let e2e =
@@ -308,6 +334,7 @@ fn bench(
         .context("timing block products")?;
     let adapter = l.engine.adapter();
     let backend = l.engine.backend();
+    let kernel_paths = l.engine.kernel_paths();
     drop(l.engine);
     let model = l.model;
     let mut kernels = vec![];
@@ -334,6 +361,7 @@ fn bench(
         bn: inputs.bn_mode(),
         backend,
         adapter,
+        kernel_paths,
         reps,
         end_to_end: e2e,
         block_products,
@@ -348,6 +376,12 @@ fn bench(
         "hesscope bench: {} on {} ({}), batch {}, bn {:?}, median of {reps}\n",
         model.name, report.adapter, report.backend, inputs.batch, report.bn
     );
+    if let Some(k) = &report.kernel_paths {
+        text.push_str(&format!(
+            "  kernels: {k}
+"
+        ));
+    }
     text.push_str(&format!(
         "  gradient {:.4} s   HVP (cached) {:.4} s   HVP/gradient {:.2}\n",
         e2e.grad_seconds, e2e.hvp_seconds, e2e.hvp_over_grad

@@ -14,6 +14,7 @@ use crate::gpu::kernels::{self, ConvTile, Kernel};
 use crate::gpu::memory::{self, Arena, Workspace};
 use crate::gpu::plan::{self, Plan};
 use crate::gpu::program::{Compiled, Step};
+use crate::gpu::reduce::{self, ReducePath};
 use crate::layers::{self, StateCx};
 use crate::model::{Activation, Model, Op};
 use crate::spectral::lanczos::BasisDevice;
@@ -49,6 +50,9 @@ pub struct EngineOptions {
     pub block: Option<usize>,
     /// Which convolution kernels the engine runs.
     pub conv_path: ConvPath,
+    /// How it runs its per-channel reductions (batch-norm statistics and
+    /// parameter sums, conv bias sums).
+    pub reduce_path: ReducePath,
     /// The tiled kernels' widest tile (narrowed per layer by
     /// `ConvTile::for_rows`); None: `ConvTile::DEFAULT`. Which adapters
     /// run tiled kernels at all: `conv_path`, and their limits.
@@ -125,6 +129,7 @@ impl Default for EngineOptions {
             cache_budget: None,
             block: None,
             conv_path: ConvPath::Auto,
+            reduce_path: ReducePath::Auto,
             conv_tile: None,
             frozen: false,
             basis_place: BasisPlace::Auto,
@@ -170,6 +175,8 @@ pub struct GpuEngine {
     frozen: bool,
     basis_place: BasisPlace,
     basis_budget: Option<usize>,
+    /// Which conv kernels and reductions its programs run, in words.
+    kernel_paths: String,
     /// The device handle Lanczos bases use (one pipeline cache for all),
     /// made on first use.
     basis_ctx: std::cell::OnceCell<Rc<GpuContext>>,
@@ -241,6 +248,13 @@ impl GpuEngine {
             .max(1);
         let partials =
             arena.alloc_tangent(&ctx, "weight-gradient partial sums".into(), scratch, kmax)?;
+        let reduce_span = options.reduce_path.span_on(&ctx.info.device_type)?;
+        let reduce_partials = arena.alloc_tangent(
+            &ctx,
+            "reduction partial sums".into(),
+            reduce_span.map_or(1, |s| reduce::partial_floats(&model, max_count, s)),
+            kmax,
+        )?;
         let theta_f32: Vec<f32> = problem.weights.theta.iter().map(|&x| x as f32).collect();
         // Refused here, not left to propagate: a kernel's result from an
         // infinite weight is the driver's business (llvmpipe's uniform
@@ -315,6 +329,7 @@ impl GpuEngine {
             );
             p.conv_tiled = conv_tiled;
             p.conv_tile = conv_tile;
+            p.reduce_split = reduce_span.map(|s| (s, reduce_partials));
             p.frozen = options.frozen;
             let block = plan::BlockPlan {
                 kmax,
@@ -353,6 +368,18 @@ impl GpuEngine {
                 forward_loss_compiled: None,
             });
         }
+        let kernel_paths = format!(
+            "conv {}, reductions {}",
+            if conv_tiled {
+                format!("tiled (widest tile {conv_tile})")
+            } else {
+                "emulator kernels".into()
+            },
+            match reduce_span {
+                Some(s) => format!("split in segments of {s}"),
+                None => "a workgroup per channel".into(),
+            }
+        );
         let mut e = GpuEngine {
             ctx,
             model,
@@ -372,6 +399,7 @@ impl GpuEngine {
             frozen: options.frozen,
             basis_place: options.basis_place,
             basis_budget: options.basis_budget,
+            kernel_paths,
             basis_ctx: Default::default(),
         };
         if n_ws == e.programs.len() {
@@ -1009,6 +1037,10 @@ impl Curvature for GpuEngine {
 
     fn adapter(&self) -> String {
         self.ctx.info.name.clone()
+    }
+
+    fn kernel_paths(&self) -> Option<String> {
+        Some(self.kernel_paths.clone())
     }
 
     /// This GPU, by `EngineOptions::basis_place`: offered (and preferred)

@@ -261,12 +261,12 @@ kernels! {
     ConvTiledForward => ConvTiled::"conv_tiled_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "TM", "TN", "TK", "KB", "KMAX"];
     ConvTiledBackwardData => ConvTiled::"conv_tiled_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "TM", "TN", "TK", "KB", "KMAX"];
     ConvTiledBackwardWeight => ConvTiled::"conv_tiled_backward_weight", [R, R, R, R, W], ConvParams, ["PAIR_B", "TM", "TN", "TK", "KB", "KMAX"];
-    ChannelSums => Reduce::"channel_sums", [R, R, W], ReduceParams, ["HAS_B", "ACC", "KB", "KMAX"];
-    BnParamSums => Reduce::"bn_param_sums", [R, R, W, R, R, W], ReduceParams, ["PAIR2", "KB", "KMAX"];
+    ChannelSums => Reduce::"channel_sums", [R, R, W], ReduceParams, ["HAS_B", "ACC", "STAGE", "KB", "KMAX"];
+    BnParamSums => Reduce::"bn_param_sums", [R, R, W, R, R, W], ReduceParams, ["PAIR2", "STAGE", "KB", "KMAX"];
     SumAll => Reduce::"sum_all", [R, W], ReduceParams, [];
     Add => Elementwise::"add", [R, R, W], EwParams, ["ACC", "KB", "KMAX"];
     Copy => Elementwise::"copy", [R, W], EwParams, ["ACC", "KB", "KMAX"];
-    BnStats => Bn::"bn_stats", [R, W], BnParams, [];
+    BnStats => Bn::"bn_stats", [R, W], BnParams, ["STAGE"];
     BnForward => Bn::"bn_forward", [R, R, R, W, W], BnParams, [];
     BnRForward => Bn::"bn_r_forward", [R, R, R, R, R, W, W], BnParams, ["BATCH", "KB", "KMAX"];
     BnBackward => Bn::"bn_backward", [R, R, R, R, W], BnParams, ["BATCH", "ACC"];

@@ -70,7 +70,9 @@ params_struct! {
     BnParams {
         n: u32, c: u32, hw: u32, gamma_off: u32,
         beta_off: u32,
-        eps: f32, _p0: u32, _p1: u32,
+        eps: f32,
+        /// bn_stats split in segments (`STAGE` 1, 2; src/gpu/reduce.rs).
+        seg: u32, span: u32,
     }
 }
 
@@ -82,7 +84,9 @@ params_struct! {
         out_b: u32,
         len: u32, out_d: u32,
         /// bn_param_sums: where Σa and Σa·b (+ Σc·d) go in `tgt`.
-        t_a: u32, t_b: u32, _p0: u32, _p1: u32, _p2: u32,
+        t_a: u32, t_b: u32,
+        /// A reduction split in segments (`STAGE` 1, 2; src/gpu/reduce.rs).
+        seg: u32, span: u32, _p0: u32,
     }
 }
 

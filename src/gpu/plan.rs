@@ -11,6 +11,7 @@ use crate::gpu::kernels::{
 };
 use crate::gpu::memory::Workspace;
 use crate::gpu::program::{Grid, Step};
+use crate::gpu::reduce::{self, SplitParams};
 use crate::layers::{self, loss};
 use crate::model::Model;
 
@@ -72,6 +73,10 @@ pub struct Plan<'a> {
     /// Set while planning the `record` program of a frozen plan: the plain
     /// forward pass, each piecewise unit also storing its decisions.
     pub recording: bool,
+    /// Per-channel reductions split in segments of this many elements,
+    /// with that buffer (arena index) for their partials
+    /// (`reduce::stages`); None (`new`): a workgroup per channel.
+    pub reduce_split: Option<(usize, usize)>,
     /// Set while planning the R-pass of a block product.
     block: Option<BlockPlan<'a>>,
     steps: Vec<Step>,
@@ -116,6 +121,7 @@ impl<'a> Plan<'a> {
             conv_tile: ConvTile::DEFAULT,
             frozen: false,
             recording: false,
+            reduce_split: None,
             block: None,
             steps: vec![],
         }
@@ -254,10 +260,10 @@ impl<'a> Plan<'a> {
     ) {
         let d = self.dummy;
         let consts = Consts::new(&[("HAS_B", b.is_some() as u32), ("ACC", acc as u32)]);
-        self.push_with(
+        self.reduction(
             Kernel::ChannelSums,
             consts,
-            &ReduceParams {
+            ReduceParams {
                 n: n as u32,
                 c: c as u32,
                 hw: hw as u32,
@@ -266,8 +272,28 @@ impl<'a> Plan<'a> {
                 ..Default::default()
             },
             vec![a, b.unwrap_or(d), out],
-            Grid::Groups(c),
+            c,
+            n * hw,
         );
+    }
+
+    /// A per-channel reduction (ChannelSums, BnParamSums, BnStats) over
+    /// `c` channels of `count` elements, given as its whole-channel
+    /// dispatch: that, or split in two (`reduce_split`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn reduction<P: SplitParams>(
+        &mut self,
+        kernel: Kernel,
+        consts: Consts,
+        p: P,
+        buffers: Vec<usize>,
+        c: usize,
+        count: usize,
+    ) {
+        let split = self.reduce_split;
+        for s in reduce::stages(kernel, consts, p, &buffers, c, count, split) {
+            self.push_with(kernel, s.consts, &s.params, s.buffers, s.grid);
+        }
     }
 
     fn take(&mut self) -> Vec<Step> {

@@ -21,6 +21,7 @@ use crate::gpu::kernels::{bn_rows, BnRunningParams, Consts, EwParams, Kernel, Sg
 use crate::gpu::memory::{self, Arena, Workspace};
 use crate::gpu::plan::{self, Plan};
 use crate::gpu::program::{Compiled, Grid, Step};
+use crate::gpu::reduce::{self, ReducePath};
 use crate::layers::{self, StateCx};
 use crate::model::{Model, Op, Weights};
 use std::collections::HashMap;
@@ -66,6 +67,9 @@ pub struct GpuTrainer {
     updates: HashMap<(usize, bool, u64), Compiled>,
     dummy: usize,
     partials: usize,
+    /// Split reductions: elements per segment and their partials buffer
+    /// (`reduce::stages`), as the spectral engine's default path chooses.
+    reduce_split: Option<(usize, usize)>,
     /// An extra gradient term added before the update (the regulariser's).
     extra: usize,
     /// grad += extra.
@@ -109,6 +113,16 @@ impl GpuTrainer {
             .unwrap_or(0)
             .max(1);
         let partials = arena.alloc(&ctx, "weight-gradient partial sums".into(), scratch)?;
+        let reduce_split = match ReducePath::Auto.span_on(&ctx.info.device_type)? {
+            Some(span) => {
+                let floats = reduce::partial_floats(&model, max_count, span);
+                Some((
+                    span,
+                    arena.alloc(&ctx, "reduction partial sums".into(), floats)?,
+                ))
+            }
+            None => None,
+        };
         let scx = StateCx {
             model: &model,
             buffers: &weights.buffers,
@@ -156,6 +170,7 @@ impl GpuTrainer {
             updates: HashMap::new(),
             dummy,
             partials,
+            reduce_split,
             extra,
             add_extra: None,
         };
@@ -255,6 +270,7 @@ impl GpuTrainer {
             );
             // The conv kernels of the spectral engine's default path.
             p.conv_tiled = ConvPath::Auto.tiled_for(&self.ctx)?;
+            p.reduce_split = self.reduce_split;
             let steps = plan::plan_batch(
                 p,
                 &self.ws,

@@ -79,7 +79,8 @@ pub fn batch_moments(sv: &Saved) -> Option<(&[f64], &[f64])> {
         .map(|(m, v)| (m.as_slice(), v.as_slice()))
 }
 
-/// The per-channel reductions run one workgroup per channel along x only.
+/// The per-channel reductions run one workgroup per channel along x only
+/// (whole, or a split's second stage; src/gpu/reduce.rs).
 pub const MAX_CHANNELS: usize = 65_535;
 
 impl Layer for BatchNormUnit {
@@ -240,7 +241,15 @@ impl Layer for BatchNormUnit {
         let bp = bn_params(p, b.c, hw, &b);
         let x = io.x[0];
         if p.batch_mode {
-            p.push(Kernel::BnStats, &bp, vec![x, stats], Grid::Groups(b.c));
+            let count = p.n * hw;
+            p.reduction(
+                Kernel::BnStats,
+                Consts::default(),
+                bp,
+                vec![x, stats],
+                b.c,
+                count,
+            );
         }
         p.push(
             Kernel::BnForward,
@@ -312,12 +321,13 @@ impl Layer for BatchNormUnit {
             t_b: goff as u32,
             ..Default::default()
         };
-        p.push_with(
+        p.reduction(
             Kernel::BnParamSums,
             Consts::new(&[("PAIR2", pair2 as u32)]),
-            &sums,
+            sums,
             vec![gy, xhat, stats, c2, d2, target],
-            Grid::Groups(c),
+            c,
+            p.n * hw,
         );
         if !io.needs_gx[0] {
             return;

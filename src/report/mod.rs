@@ -93,6 +93,9 @@ pub struct BenchReport {
     pub bn: BnMode,
     pub backend: String,
     pub adapter: String,
+    /// The GPU engine's conv path and tile and how it reduces per
+    /// channel (`Curvature::kernel_paths`); null on the CPU.
+    pub kernel_paths: Option<String>,
     pub reps: usize,
     pub end_to_end: crate::bench::EndToEnd,
     /// With `--block-sizes`: a block product's time and its cost per vector
