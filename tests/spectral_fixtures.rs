@@ -367,3 +367,73 @@ fn gpu_eigs_and_density_match_the_fixtures() {
         }
     }
 }
+
+/// Everything `Auto` picks on a discrete GPU, forced on lavapipe at once
+/// — tiled conv kernels, reductions split in segments (of 256 elements, so
+/// that small channels split too), Lanczos bases in device memory, block
+/// products of 4 — since an NVIDIA run flips them all together. Each is
+/// tested on Vulkan and GL on its own against the fixtures (conv_tiled.rs,
+/// gpu_block.rs, gpu_basis.rs); here together, on lavapipe only and on
+/// cnn-tiny's first 16 samples (its batch norm, ReLU and biased linear
+/// layer), as these kernels are slow on an emulator: eigs' top 5 and SLQ
+/// nodes against the default (emulator) engine's from the same starts,
+/// within 1e-5 relative to λmax (the two differ in the products' f32
+/// rounding only, ~1e-7 measured).
+#[test]
+fn the_discrete_gpu_configuration_agrees_with_the_default_one() {
+    use hesscope::gpu::executor::ConvPath;
+    use hesscope::gpu::{BackendChoice, BasisPlace, EngineOptions, GpuEngine, ReducePath};
+    let budget = hesscope::spectral::lanczos::BasisBudget::host_default();
+    let Some(ctx) = gpu_context(BackendChoice::Vulkan) else {
+        return;
+    };
+    let mut p = problem("cnn-tiny", BnMode::Batch);
+    p.data.truncate(16);
+    let p = hesscope::engine::Problem::new(p.model, p.weights, p.data, 16, BnMode::Batch).unwrap();
+    let gpu_like = EngineOptions {
+        conv_path: ConvPath::Tiled,
+        reduce_path: ReducePath::Split(256),
+        basis_place: BasisPlace::Device,
+        block: Some(4),
+        ..Default::default()
+    };
+    let mut e = GpuEngine::with_options(ctx.share(), &p, gpu_like).unwrap();
+    let paths = e.kernel_paths().unwrap();
+    assert!(
+        paths.contains("tiled") && paths.contains("split"),
+        "{paths}"
+    );
+    let mut default = GpuEngine::new(ctx, &p).unwrap();
+    let mut s = EigsSettings::new(8, Which::Largest);
+    s.seed = 1;
+    let want = eigs(&mut Hessian(&mut default), &s).unwrap();
+    s.block = 4;
+    let got = eigs(&mut Hessian(&mut e), &s).unwrap();
+    // On the device: "<adapter> f32", not "host f64".
+    assert!(
+        got.basis.ends_with(" f32") && !got.basis.contains("host"),
+        "{}",
+        got.basis
+    );
+    let lmax = want.values[0].abs();
+    let e_top = (0..5)
+        .map(|i| (got.values[i] - want.values[i]).abs() / lmax)
+        .fold(0.0, f64::max);
+    let a = slq::slq_block(&mut Hessian(&mut e), 30, 4, 3, 4, budget).unwrap();
+    let b = slq::slq_block(&mut Hessian(&mut default), 30, 4, 3, 1, budget).unwrap();
+    let mut worst = 0.0f64;
+    for (ra, rb) in a.iter().zip(&b) {
+        for (x, y) in ra.nodes.iter().zip(&rb.nodes) {
+            worst = worst.max((x - y).abs() / lmax);
+        }
+    }
+    eprintln!(
+        "eigs top-5 {e_top:.1e}·λmax apart ({} products in {} sweeps); \
+         SLQ nodes {worst:.1e}·λmax apart",
+        got.operator_applications, got.block_products
+    );
+    assert!(
+        e_top <= 1e-5 && worst <= 1e-5,
+        "eigs {e_top:.1e}, nodes {worst:.1e}"
+    );
+}
