@@ -685,6 +685,59 @@ fn auto_chooses_the_tiled_path_on_gpus_only() {
     }
 }
 
+/// What `hesscope devices` says the automatic choices are: on a GPU that
+/// has the tiled kernels' limits, tiled convs, split reductions and
+/// device bases; on one without them the emulator convs; on a CPU
+/// adapter the emulators' forms throughout.
+#[test]
+fn devices_reports_the_automatic_choices_per_adapter() {
+    use hesscope::gpu::executor::AutoChoices;
+    let mem = ConvPath::TILED_WORKGROUP_MEMORY;
+    let h200 = AutoChoices::on("DiscreteGpu", 49_152, 1024, 1024);
+    assert_eq!(
+        (h200.conv, h200.reductions.as_str(), h200.lanczos_bases),
+        ("tiled", "split in segments of 4096", "device")
+    );
+    let small = AutoChoices::on("IntegratedGpu", mem - 4, 256, 256);
+    assert_eq!((small.conv, small.lanczos_bases), ("emulator", "device"));
+    assert_eq!(small.reductions, "split in segments of 4096");
+    let lavapipe = AutoChoices::on("Cpu", 32_768, 1024, 1024);
+    assert_eq!(
+        (
+            lavapipe.conv,
+            lavapipe.reductions.as_str(),
+            lavapipe.lanczos_bases
+        ),
+        ("emulator", "a workgroup per channel", "host")
+    );
+    // And an engine on each adapter here runs what its report says.
+    for a in hesscope::gpu::list_adapters() {
+        let choice = match a.backend.as_str() {
+            "vulkan" => BackendChoice::Vulkan,
+            "gl" => BackendChoice::Gl,
+            _ => continue,
+        };
+        let Ok(ctx) = GpuContext::open(choice, a.index) else {
+            continue;
+        };
+        let p = problem("cnn-tiny", BnMode::Batch);
+        let e = GpuEngine::with_options(ctx, &p, EngineOptions::default()).unwrap();
+        let paths = e.kernel_paths().unwrap();
+        let conv = if a.auto.conv == "tiled" {
+            "conv tiled"
+        } else {
+            "conv emulator"
+        };
+        assert!(
+            paths.starts_with(conv) && paths.ends_with(&a.auto.reductions),
+            "{}: {paths} against {:?}",
+            a.name,
+            a.auto
+        );
+        assert_eq!(e.basis_device().is_some(), a.auto.lanczos_bases == "device");
+    }
+}
+
 /// The programs of an engine run the kernels of its path: on lavapipe,
 /// Auto and Emulator none of the tiled ones, Tiled no emulator conv.
 #[test]

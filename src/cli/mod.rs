@@ -280,6 +280,14 @@ fn devices(json: bool) -> Result<()> {
                 b as f64 / (1u64 << 30) as f64
             ));
         }
+        let bases = match a.auto.lanczos_bases {
+            "device" => "on the device where they fit its budget",
+            _ => "on the host",
+        };
+        text.push_str(&format!(
+            "  hesscope runs here: {} conv kernels, reductions {}, Lanczos bases {bases}\n",
+            a.auto.conv, a.auto.reductions
+        ));
     }
     output::print(&text)
 }

@@ -58,11 +58,14 @@ pub struct AdapterReport {
     pub max_compute_workgroup_storage_size: u32,
     pub max_compute_invocations_per_workgroup: u32,
     pub max_compute_workgroups_per_dimension: u32,
+    pub max_compute_workgroup_size_x: u32,
     /// Bytes of the adapter's largest device-local memory heap, where the
     /// backend tells (Vulkan); `null` elsewhere. A CPU emulator reports
     /// what its driver chooses (lavapipe: 2 GiB); the budgets use the
     /// host's available memory there instead.
     pub device_memory: Option<u64>,
+    /// What the engine's automatic choices are here.
+    pub auto: crate::gpu::executor::AutoChoices,
 }
 
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
@@ -106,7 +109,14 @@ fn report(index: usize, a: &wgpu::Adapter) -> AdapterReport {
         max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
         max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
         max_compute_workgroups_per_dimension: l.max_compute_workgroups_per_dimension,
+        max_compute_workgroup_size_x: l.max_compute_workgroup_size_x,
         device_memory: device_memory(a),
+        auto: crate::gpu::executor::AutoChoices::on(
+            &format!("{:?}", info.device_type),
+            l.max_compute_workgroup_storage_size,
+            l.max_compute_invocations_per_workgroup,
+            l.max_compute_workgroup_size_x,
+        ),
     }
 }
 

@@ -83,6 +83,17 @@ pub enum ConvPath {
 }
 
 impl ConvPath {
+    /// Bytes of workgroup memory conv_tiled.wgsl's workgroups take (two
+    /// slabs of `CONV_TILE_CAP` floats).
+    pub const TILED_WORKGROUP_MEMORY: u32 = 2 * 4 * kernels::CONV_TILE_CAP;
+
+    /// Whether an adapter with these limits (workgroup memory, invocations
+    /// per workgroup, workgroup size x) runs the tiled kernels' 256-thread
+    /// workgroups.
+    pub fn tiled_fits(workgroup_memory: u32, invocations: u32, size_x: u32) -> bool {
+        workgroup_memory >= Self::TILED_WORKGROUP_MEMORY && invocations >= 256 && size_x >= 256
+    }
+
     /// Whether an adapter of `device_type` (wgpu's `DeviceType`, as
     /// `AdapterReport::device_type` names it) runs the tiled kernels.
     pub fn tiled_on(self, device_type: &str) -> bool {
@@ -102,11 +113,13 @@ impl ConvPath {
         if !self.tiled_on(&ctx.info.device_type) {
             return Ok(false);
         }
-        let need_mem = 2 * 4 * kernels::CONV_TILE_CAP;
+        let need_mem = ConvPath::TILED_WORKGROUP_MEMORY;
         let l = &ctx.limits;
-        let fits = l.max_compute_workgroup_storage_size >= need_mem
-            && l.max_compute_invocations_per_workgroup >= 256
-            && l.max_compute_workgroup_size_x >= 256;
+        let fits = ConvPath::tiled_fits(
+            l.max_compute_workgroup_storage_size,
+            l.max_compute_invocations_per_workgroup,
+            l.max_compute_workgroup_size_x,
+        );
         if !fits && self == ConvPath::Tiled {
             return Err(Error::Invalid {
                 what: "conv path",
@@ -120,6 +133,41 @@ impl ConvPath {
             });
         }
         Ok(fits)
+    }
+}
+
+/// What an engine's `Auto` options come to on an adapter, before any
+/// model is known (`hesscope devices`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AutoChoices {
+    /// `tiled` (shaders/conv_tiled.wgsl) or `emulator` (conv.wgsl,
+    /// conv_weight.wgsl): `ConvPath::Auto`.
+    pub conv: &'static str,
+    /// `ReducePath::Auto`, in `reduce::describe`'s words.
+    pub reductions: String,
+    /// `BasisPlace::Auto`: `device` (where the bases fit its budget, else
+    /// the host) or `host`.
+    pub lanczos_bases: &'static str,
+}
+
+impl AutoChoices {
+    /// For an adapter of `device_type` with these limits (as
+    /// `ConvPath::tiled_fits` takes them).
+    pub fn on(device_type: &str, workgroup_memory: u32, invocations: u32, size_x: u32) -> Self {
+        let tiled = ConvPath::Auto.tiled_on(device_type)
+            && ConvPath::tiled_fits(workgroup_memory, invocations, size_x);
+        let span = ReducePath::Auto
+            .span_on(device_type)
+            .expect("Auto names no invalid span");
+        AutoChoices {
+            conv: if tiled { "tiled" } else { "emulator" },
+            reductions: reduce::describe(span),
+            lanczos_bases: if device_type == "Cpu" {
+                "host"
+            } else {
+                "device"
+            },
+        }
     }
 }
 
@@ -375,10 +423,7 @@ impl GpuEngine {
             } else {
                 "emulator kernels".into()
             },
-            match reduce_span {
-                Some(s) => format!("split in segments of {s}"),
-                None => "a workgroup per channel".into(),
-            }
+            reduce::describe(reduce_span)
         );
         let mut e = GpuEngine {
             ctx,

@@ -71,6 +71,14 @@ impl ReducePath {
     }
 }
 
+/// How reductions at `span` run, in words (`kernel_paths`, `devices`).
+pub fn describe(span: Option<usize>) -> String {
+    match span {
+        Some(s) => format!("split in segments of {s}"),
+        None => "a workgroup per channel".into(),
+    }
+}
+
 /// (segments, elements per segment) of a channel of `count` elements split
 /// at `span`, widened so that there are at most `MAX_SEGMENTS`; None where
 /// one segment would hold them all.
