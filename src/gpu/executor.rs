@@ -82,6 +82,13 @@ pub enum ConvPath {
     Emulator,
 }
 
+/// Whether `Auto` choices treat an adapter of `device_type` (wgpu's
+/// `DeviceType`, as `AdapterReport::device_type` names it) as a GPU:
+/// discrete, integrated or virtual; not CPU emulators or unknown ones.
+pub fn is_gpu_type(device_type: &str) -> bool {
+    matches!(device_type, "DiscreteGpu" | "IntegratedGpu" | "VirtualGpu")
+}
+
 impl ConvPath {
     /// Bytes of workgroup memory conv_tiled.wgsl's workgroups take (two
     /// slabs of `CONV_TILE_CAP` floats).
@@ -100,7 +107,7 @@ impl ConvPath {
         match self {
             ConvPath::Tiled => true,
             ConvPath::Emulator => false,
-            ConvPath::Auto => matches!(device_type, "DiscreteGpu" | "IntegratedGpu" | "VirtualGpu"),
+            ConvPath::Auto => is_gpu_type(device_type),
         }
     }
 

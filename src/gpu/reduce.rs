@@ -12,10 +12,11 @@
 //! one workgroup per channel, combines the partials and finishes as the
 //! whole-channel kernel does. Both are f32 sums of the same terms in a
 //! different order (tests/gpu_kernels.rs holds both to the float64
-//! reference); batch statistics stay two-pass within each segment and are
-//! merged with Chan et al.'s update, so a large mean cannot cancel the
-//! variance in either form.
+//! reference); batch statistics stay two-pass within each segment, and
+//! their merge keeps each segment's residual Σ(x − mₛ) (shaders/bn.wgsl),
+//! so neither a large mean nor an f32 segment mean spoils the variance.
 
+use crate::gpu::executor::is_gpu_type;
 use crate::gpu::kernels::{Binding, Consts, Kernel};
 use crate::gpu::params::{BnParams, KernelParams, ReduceParams};
 use crate::gpu::program::Grid;
@@ -56,11 +57,7 @@ impl ReducePath {
     /// workgroup per channel.
     pub fn span_on(self, device_type: &str) -> Result<Option<usize>> {
         match self {
-            ReducePath::Auto => Ok(matches!(
-                device_type,
-                "DiscreteGpu" | "IntegratedGpu" | "VirtualGpu"
-            )
-            .then_some(GPU_SPAN)),
+            ReducePath::Auto => Ok(is_gpu_type(device_type).then_some(GPU_SPAN)),
             ReducePath::Whole => Ok(None),
             ReducePath::Split(0) => Err(Error::Invalid {
                 what: "reduction split",
@@ -194,10 +191,7 @@ pub fn stages<P: SplitParams, B: Copy>(
             buffers: one,
             grid: Grid::Groups(c * seg),
         },
-        Stage {
-            grid: Grid::Groups(c),
-            ..whole(consts.with("STAGE", 2), p, &two)
-        },
+        whole(consts.with("STAGE", 2), p, &two),
     ]
 }
 

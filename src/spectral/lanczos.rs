@@ -387,8 +387,7 @@ impl<'a> Lanczos<'a> {
         precision: BasisPrecision,
         seed: u64,
     ) -> Result<Lanczos<'a>> {
-        let rec = Recurrence::new(op.dim(), start, precision, seed)?;
-        Ok(Lanczos { op, rec })
+        Lanczos::with_basis(op, start, Basis::new(precision), seed)
     }
 
     /// As `new`, keeping the vectors in `basis` (empty; e.g. from
