@@ -105,6 +105,14 @@ if "$HS" bench --help 2>/dev/null | grep -q -- '--reductions'; then
 fi
 # The README's default density.
 timed density_default "$HS" density "${GPU[@]}" --json
+# Decisions as float64 takes them (the default): the same densities with
+# each float32 pass's own decisions, for the cost of taking them from a
+# float64 forward pass on the host (the reports' `decisions` say how many
+# lay within float32 rounding and how many float32 flipped).
+if "$HS" density --help 2>/dev/null | grep -q -- '--decisions'; then
+    timed density_default_float32_decisions "$HS" density "${GPU[@]}" --decisions float32 --json
+    timed density_resnet20_float32_decisions "$HS" density "${GPU[@]}" "${COMMON20[@]}" --steps 40 --runs 2 --decisions float32 --json
+fi
 # A density at resnet20's size: its JSON splits lanczos_seconds into the
 # products (hvp_seconds) and the host's reorthogonalisation (the rest),
 # which says whether the Lanczos basis should move to the device.

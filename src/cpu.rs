@@ -3,6 +3,7 @@
 //! R-forward, backward and R-backward (Pearlmutter's forward-over-reverse)
 //! — and owns the values, tangents and adjoints between them.
 
+use crate::decisions::{self, DecisionReport, DecisionSource, Tally};
 use crate::engine::{check_out_len, BnMode, Curvature, Problem};
 use crate::error::{Error, Result};
 use crate::layers::{self, loss, CpuCx, Decision, Saved};
@@ -156,28 +157,41 @@ impl CpuReference {
     /// The piecewise decisions of every batch at the current θ, per node
     /// ([`Decision::None`] for smooth ops), for [`CpuReference::frozen`].
     pub fn decisions(&self) -> Vec<Vec<Decision>> {
+        self.decisions_tallied().0
+    }
+
+    /// [`CpuReference::decisions`] with their tally over the data (how
+    /// many lie within float32 rounding of their threshold, per layer):
+    /// one forward pass per batch, the batches on all cores (each batch's
+    /// decisions are its own, so the result does not depend on the order).
+    pub fn decisions_tallied(&self) -> (Vec<Vec<Decision>>, Tally) {
+        use rayon::prelude::*;
         let pr = &self.problem;
-        pr.data
+        let per_batch: Vec<(Vec<Decision>, Tally)> = pr
+            .data
             .batches(pr.batch)
-            .into_iter()
+            .into_par_iter()
             .map(|(start, count)| {
-                let (vals, saved) = self.forward(None, start, count);
-                pr.model
-                    .nodes
-                    .iter()
-                    .zip(&saved)
-                    .map(|(n, s)| match n.op {
-                        Op::Act(Activation::Relu | Activation::LeakyRelu { .. }) => {
-                            Decision::Mask(vals[n.inputs[0]].iter().map(|x| *x > 0.0).collect())
-                        }
-                        Op::MaxPool { .. } => {
-                            Decision::Argmax(layers::saved::<Vec<u32>>(s, n).clone())
-                        }
-                        _ => Decision::None,
-                    })
-                    .collect()
+                let (vals, _) = self.forward(None, start, count);
+                let cx = self.cx(count, None, None);
+                decisions::decide_batch(&cx, &pr.model, |ni| {
+                    Some(vals[pr.model.nodes[ni].inputs[0]].as_slice())
+                })
             })
-            .collect()
+            .collect();
+        let mut tally = Tally::default();
+        let mut out = Vec::with_capacity(per_batch.len());
+        for (d, t) in per_batch {
+            tally.merge(t);
+            out.push(d);
+        }
+        (out, tally)
+    }
+
+    /// Every value (the input, then each node's output) of samples
+    /// `start..start + count`, decisions taken in float64.
+    pub fn values(&self, start: usize, count: usize) -> Vec<Vec<f64>> {
+        self.forward(None, start, count).0
     }
 
     /// Values and saved states of a batch; `bi` selects the forced
@@ -550,6 +564,17 @@ impl Curvature for CpuReference {
         let hv = o.hv.unwrap_or_default();
         Ok((o.loss, o.grad, hv))
     }
+    /// The reference takes every decision in float64 (its own, or frozen
+    /// ones where set): the tally of its own at the current θ.
+    fn decision_report(&mut self) -> Result<Option<DecisionReport>> {
+        let t = std::time::Instant::now();
+        let (_, tally) = self.decisions_tallied();
+        let seconds = t.elapsed().as_secs_f64();
+        Ok(tally
+            .has_layers()
+            .then(|| tally.report(&self.problem.model, DecisionSource::Float64, seconds)))
+    }
+
     fn backend(&self) -> String {
         "cpu".into()
     }

@@ -119,6 +119,13 @@ pub trait Curvature {
     fn basis_device(&self) -> Option<std::rc::Rc<dyn crate::spectral::lanczos::BasisDevice>> {
         None
     }
+    /// The piecewise decisions (ReLU/LeakyReLU sides, max-pool choices)
+    /// the products take at the current θ: where they come from and how
+    /// many lie within float32 rounding of their threshold, per layer
+    /// (`crate::decisions`). None for a model that takes none.
+    fn decision_report(&mut self) -> Result<Option<crate::decisions::DecisionReport>> {
+        Ok(None)
+    }
     /// `cpu`, `vulkan`, `gl`, ...
     fn backend(&self) -> String;
     /// The adapter's name (`float64 reference` for the CPU).

@@ -13,6 +13,7 @@ pub mod spectral;
 pub use error::{Error, Result};
 pub mod cpu;
 pub mod data;
+pub mod decisions;
 pub mod engine;
 pub mod layers;
 pub mod model;

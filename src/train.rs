@@ -655,9 +655,13 @@ impl Trainer {
                     buffers: pr.weights.buffers.clone(),
                 };
                 let problem = Problem::new(pr.model.clone(), weights, mini, count, BnMode::Batch)?;
+                // Held float32 decisions: float64 ones would add a
+                // float64 forward pass on the host to every regularised
+                // step (`trace-grad` on a fixed θ takes them).
                 let options = crate::gpu::EngineOptions {
                     frozen: true,
                     block: Some(1),
+                    decisions: crate::decisions::DecisionSource::Float32,
                     ..Default::default()
                 };
                 v.insert(crate::gpu::GpuEngine::with_options(

@@ -4,6 +4,7 @@
 
 mod common;
 use common::*;
+use hesscope::decisions::DecisionSource;
 use hesscope::engine::{BnMode, Problem};
 use hesscope::gpu::{BackendChoice, EngineOptions, GpuEngine};
 use hesscope::trace_grad::{trace_grad, Steps};
@@ -127,8 +128,11 @@ fn held_decisions_replay_the_recorded_pieces() {
     }
 }
 
-/// What a frozen engine refuses: releasing its decisions, or batches that
-/// do not all stay resident; a plain one refuses to hold them.
+/// What a frozen engine refuses: releasing its decisions, or float32
+/// recordings of batches that do not all stay resident; a plain one
+/// refuses to hold them. Float64 decisions, kept on the host, are
+/// rewritten into a shared workspace before each batch: the same Hv as
+/// with every batch resident (to float32 summation, 1e-6).
 #[test]
 fn held_decisions_refuse_what_they_cannot_do() {
     let p = problem("cnn-tiny", BnMode::Batch);
@@ -141,6 +145,7 @@ fn held_decisions_refuse_what_they_cannot_do() {
     let options = EngineOptions {
         frozen: true,
         cache_budget: Some(1),
+        decisions: DecisionSource::Float32,
         ..Default::default()
     };
     let ctx = gpu_context(GPU_BACKENDS[0]).unwrap();
@@ -149,6 +154,23 @@ fn held_decisions_refuse_what_they_cannot_do() {
         Err(e) => e.to_string(),
     };
     assert!(e.contains("every batch resident"), "{e}");
+    let shared = EngineOptions {
+        decisions: DecisionSource::Float64,
+        ..options
+    };
+    let mut e = GpuEngine::with_options(gpu_context(GPU_BACKENDS[0]).unwrap(), &p, shared).unwrap();
+    assert_eq!(e.cached_batches(), 0);
+    let v = vector(&p, fixtures_dir().join("cnn-tiny").join("v.safetensors"));
+    let mut hv_shared = vec![0.0; v.len()];
+    hesscope::engine::Curvature::hvp(&mut e, &v, &mut hv_shared).unwrap();
+    let mut resident = frozen_engine(gpu_context(GPU_BACKENDS[0]).unwrap(), &p);
+    let mut hv = vec![0.0; v.len()];
+    hesscope::engine::Curvature::hvp(&mut resident, &v, &mut hv).unwrap();
+    let err = rel_err(&hv_shared, &hv);
+    assert!(
+        err <= 1e-6,
+        "shared workspace with held float64 decisions: {err:.1e}"
+    );
     let mut frozen = frozen_engine(gpu_context(GPU_BACKENDS[0]).unwrap(), &p);
     let e = frozen.hold_decisions(false).unwrap_err().to_string();
     assert!(e.contains("always replays"), "{e}");

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use hesscope::cpu::CpuReference;
 use hesscope::data::{self, Dataset};
+use hesscope::decisions::DecisionSource;
 use hesscope::engine::{BnMode, Curvature, Problem};
 use hesscope::gpu::BackendChoice;
 use hesscope::model::{params, Model, Weights};
@@ -61,6 +62,25 @@ pub enum BnArg {
     Running,
 }
 
+/// `--decisions`: the CLI's mirror of the library's [`DecisionSource`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DecisionsArg {
+    /// From the float64 reference's forward pass, replayed by every
+    /// float32 pass (only the decisions move; every value stays float32).
+    Float64,
+    /// Each float32 pass's own, as every float32 framework takes them.
+    Float32,
+}
+
+impl From<DecisionsArg> for DecisionSource {
+    fn from(d: DecisionsArg) -> DecisionSource {
+        match d {
+            DecisionsArg::Float64 => DecisionSource::Float64,
+            DecisionsArg::Float32 => DecisionSource::Float32,
+        }
+    }
+}
+
 impl From<BnArg> for BnMode {
     fn from(b: BnArg) -> BnMode {
         match b {
@@ -105,6 +125,14 @@ pub struct Inputs {
     /// quarter of the host's available memory, at most 2; else 2.
     #[arg(long, value_name = "GIB", allow_hyphen_values = true)]
     pub cache_budget: Option<f64>,
+    /// Where a GPU engine's piecewise decisions (ReLU/LeakyReLU sides,
+    /// max-pool choices) come from: `float64`, the float64 reference's
+    /// forward pass at θ (once per θ on the host), replayed by every
+    /// float32 pass, so that a value within float32 rounding of a kink
+    /// cannot flip it; `float32`, each pass's own (as PyTorch's float32).
+    /// The float64 reference (`--backend cpu`) takes them in float64.
+    #[arg(long, value_enum, default_value_t = DecisionsArg::Float64)]
+    pub decisions: DecisionsArg,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub seed: u64,
@@ -228,8 +256,15 @@ impl Inputs {
         mut options: hesscope::gpu::EngineOptions,
     ) -> Result<Option<hesscope::gpu::GpuEngine>> {
         let Some(choice) = self.backend.gpu() else {
+            if self.decisions == DecisionsArg::Float32 {
+                anyhow::bail!(
+                    "invalid --decisions float32 with --backend cpu: the float64 reference takes \
+                     every decision in float64"
+                );
+            }
             return Ok(None);
         };
+        options.decisions = self.decisions.into();
         if let Some(gib) = self.cache_budget {
             options.cache_budget = Some(gib_bytes("--cache-budget", gib, true)?);
         }
@@ -262,7 +297,23 @@ impl Inputs {
         params::save_vector(model, path, v).with_context(|| format!("writing {}", path.display()))
     }
 
-    /// The settings block of a report.
+    /// The settings block of a report, with the engine's piecewise
+    /// decisions at its θ (`decisions`: their source and fragility).
+    pub fn settings_with_decisions(
+        &self,
+        engine: &mut dyn Curvature,
+        layer: Option<&str>,
+    ) -> Result<Settings> {
+        let decisions = engine
+            .decision_report()
+            .context("taking the piecewise decisions")?;
+        Ok(Settings {
+            decisions,
+            ..self.settings(engine, layer)
+        })
+    }
+
+    /// The settings block of a report (no decision report).
     pub fn settings(&self, engine: &dyn Curvature, layer: Option<&str>) -> Settings {
         Settings {
             model: self.model.clone(),
@@ -275,6 +326,7 @@ impl Inputs {
             layer: layer.map(str::to_string),
             backend: engine.backend(),
             adapter: engine.adapter(),
+            decisions: None,
         }
     }
 }

@@ -207,6 +207,10 @@ fn grad(inputs: &Inputs, out: Option<PathBuf>) -> Result<()> {
     if let Some(path) = &out {
         inputs.save_vector(&l.model, path, &grad)?;
     }
+    let decisions = l
+        .engine
+        .decision_report()
+        .context("taking the piecewise decisions")?;
     emit(
         inputs.json,
         &GradReport {
@@ -216,6 +220,7 @@ fn grad(inputs: &Inputs, out: Option<PathBuf>) -> Result<()> {
             adapter: l.engine.adapter(),
             seconds,
             out,
+            decisions,
         },
     )
 }
@@ -235,6 +240,10 @@ fn hvp(inputs: &Inputs, vector: Option<PathBuf>, out: Option<PathBuf>) -> Result
         inputs.save_vector(&l.model, path, &hv)?;
     }
     let vhv: f64 = v.iter().zip(&hv).map(|(a, b)| a * b).sum();
+    let decisions = l
+        .engine
+        .decision_report()
+        .context("taking the piecewise decisions")?;
     emit(
         inputs.json,
         &HvpReport {
@@ -249,6 +258,7 @@ fn hvp(inputs: &Inputs, vector: Option<PathBuf>, out: Option<PathBuf>) -> Result
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| format!("random unit Gaussian (seed {})", inputs.seed)),
             out,
+            decisions,
         },
     )
 }
@@ -340,6 +350,10 @@ fn bench(
         hesscope::bench::end_to_end(l.engine.as_mut(), reps).context("timing gradient and HVP")?;
     let block_products = hesscope::bench::block_timings(l.engine.as_mut(), block_sizes, reps)
         .context("timing block products")?;
+    let decisions = l
+        .engine
+        .decision_report()
+        .context("taking the piecewise decisions")?;
     let adapter = l.engine.adapter();
     let backend = l.engine.backend();
     let kernel_paths = l.engine.kernel_paths();
@@ -374,6 +388,7 @@ fn bench(
         end_to_end: e2e,
         block_products,
         kernels,
+        decisions,
     };
     if inputs.json {
         return emit(true, &report);

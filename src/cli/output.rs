@@ -4,6 +4,7 @@
 //! and any other failure (a full disk) into an error naming stdout.
 
 use anyhow::{Context, Result};
+use hesscope::decisions::DecisionReport;
 use hesscope::report::Exporter;
 use serde::Serialize;
 use serde_json::Value;
@@ -59,6 +60,13 @@ pub fn emit<T: Serialize>(json: bool, report: &T) -> Result<()> {
         let mut text = String::new();
         for (k, v) in map {
             if v.is_null() {
+                continue;
+            }
+            // The decision report, as one line.
+            if k == "decisions" {
+                if let Ok(d) = serde_json::from_value::<DecisionReport>(v.clone()) {
+                    text.push_str(&format!("{k:>width$}  {}\n", d.summary()));
+                }
                 continue;
             }
             let shown = match &v {

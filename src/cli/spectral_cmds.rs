@@ -424,6 +424,15 @@ fn counted_slq(
     })
 }
 
+/// The decision report's line for the text output ("" without one).
+fn decisions_text(settings: &hesscope::report::Settings) -> String {
+    settings
+        .decisions
+        .as_ref()
+        .map(|d| format!("  {}\n", d.summary()))
+        .unwrap_or_default()
+}
+
 fn layer_suffix(layer: &Option<String>) -> String {
     layer
         .as_ref()
@@ -446,7 +455,7 @@ pub fn density(a: DensityArgs) -> Result<()> {
     let range = block_range(&l.model, &a.block.layer)?;
     let settings = a
         .inputs
-        .settings(l.engine.as_ref(), a.block.layer.as_deref());
+        .settings_with_decisions(l.engine.as_mut(), a.block.layer.as_deref())?;
     let sweep = a.sweep.resolve(l.engine.as_ref());
     let mut h = Hessian(l.engine.as_mut());
     let mut block = BlockOperator::new(&mut h, range.clone());
@@ -529,6 +538,7 @@ pub fn density(a: DensityArgs) -> Result<()> {
     for p in a.out.iter().chain(&a.plot) {
         text.push_str(&format!("  wrote {}\n", p.display()));
     }
+    text.push_str(&decisions_text(&report.settings));
     output::print(&text)
 }
 
@@ -608,7 +618,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
     }
     let settings = a
         .inputs
-        .settings(l.engine.as_ref(), a.block.layer.as_deref());
+        .settings_with_decisions(l.engine.as_mut(), a.block.layer.as_deref())?;
     let sweep = a.sweep.resolve(l.engine.as_ref());
     let (_, grad) = l.engine.loss_grad().context("computing the gradient")?;
     let g = grad[range.clone()].to_vec();
@@ -692,6 +702,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
          {hvp_seconds:.1} s of it in the products; basis in {}\n",
         report.seconds, report.basis
     ));
+    text.push_str(&decisions_text(&report.settings));
     output::print(&text)
 }
 
@@ -739,7 +750,7 @@ pub fn trace_cmd(a: TraceArgs) -> Result<()> {
     let mut l = a.inputs.load_block(a.sweep.block)?;
     let settings = a
         .inputs
-        .settings(l.engine.as_ref(), a.block.layer.as_deref());
+        .settings_with_decisions(l.engine.as_mut(), a.block.layer.as_deref())?;
     let sweep = a.sweep.resolve(l.engine.as_ref());
     let blocks: Vec<(String, std::ops::Range<usize>)> = if a.layerwise {
         l.model.modules()
@@ -841,7 +852,7 @@ pub fn exact_cmd(mut a: ExactArgs) -> Result<()> {
     let mut l = a.inputs.load_with(model, weights)?;
     let settings = a
         .inputs
-        .settings(l.engine.as_ref(), a.block.layer.as_deref());
+        .settings_with_decisions(l.engine.as_mut(), a.block.layer.as_deref())?;
     let (_, grad) = l.engine.loss_grad().context("computing the gradient")?;
     let g = grad[range.clone()].to_vec();
     let mut h = Hessian(l.engine.as_mut());
@@ -899,8 +910,9 @@ pub fn exact_cmd(mut a: ExactArgs) -> Result<()> {
         return Ok(());
     }
     output::print(&format!(
-        "exact spectrum of {} ({n} parameters, {n} products):\n  λmax {lmax:.9e}   λmin {lmin:.9e}   trace {trace:.6e}   negative mass {:.4}\n  asymmetry of the assembled Hessian {:.1e}; {:.1} s\n",
-        l.model.name, report.negative_mass, report.asymmetry, report.seconds
+        "exact spectrum of {} ({n} parameters, {n} products):\n  λmax {lmax:.9e}   λmin {lmin:.9e}   trace {trace:.6e}   negative mass {:.4}\n  asymmetry of the assembled Hessian {:.1e}; {:.1} s\n{}",
+        l.model.name, report.negative_mass, report.asymmetry, report.seconds,
+        decisions_text(&report.settings)
     ))
 }
 
@@ -939,7 +951,7 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
         .inputs
         .load_with_options(a.basis.engine_options(a.sweep.block)?)?;
     a.basis.check_engine(l.engine.as_ref())?;
-    let settings = a.inputs.settings(l.engine.as_ref(), None);
+    let settings = a.inputs.settings_with_decisions(l.engine.as_mut(), None)?;
     let sweep = a.sweep.resolve(l.engine.as_ref());
     let modules = l.model.modules();
     let mut h = Hessian(l.engine.as_mut());
@@ -1027,5 +1039,6 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
             r.module, r.size, r.lambda_max, r.lambda_min, r.trace, r.similarity
         ));
     }
+    text.push_str(&decisions_text(&report.settings));
     output::print(&text)
 }

@@ -92,6 +92,9 @@ pub fn trace_grad_cmd(a: TraceGradArgs) -> Result<()> {
         };
     let cpu = engine.as_mut();
     let t = trace_grad(cpu, &probes, steps).context("computing the trace gradient")?;
+    let settings = a
+        .inputs
+        .settings_with_decisions(cpu as &mut dyn Curvature, Some(&a.layer))?;
     a.inputs.save_vector(&model, &a.out, &t.grad)?;
     let report = TraceGradReport {
         estimate: t.estimate,
@@ -120,7 +123,7 @@ pub fn trace_grad_cmd(a: TraceGradArgs) -> Result<()> {
         adapter: cpu.adapter(),
         seconds: t0.elapsed().as_secs_f64(),
         out: a.out.clone(),
-        settings: a.inputs.settings(&*cpu as &dyn Curvature, Some(&a.layer)),
+        settings,
     };
     if a.inputs.json {
         return emit(true, &report);

@@ -367,9 +367,12 @@ impl Measures<'_> {
                 Entry::Vacant(v) => {
                     let p = problem()?;
                     // One workspace, each batch uploaded in turn.
+                    // A forward pass: float32 decisions (float64 ones
+                    // would cost a float64 forward of the whole set).
                     let options = hesscope::gpu::EngineOptions {
                         cache_budget: Some(0),
                         block: Some(1),
+                        decisions: hesscope::decisions::DecisionSource::Float32,
                         ..Default::default()
                     };
                     v.insert(GpuEngine::with_options(ctx.share(), &p, options)?)

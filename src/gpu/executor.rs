@@ -5,193 +5,32 @@
 //! the cache budget every batch keeps its own workspace and an HVP runs
 //! only the R program.
 
+use crate::cpu::CpuReference;
 use crate::data::Dataset;
+use crate::decisions::DecisionSource;
 use crate::engine::{check_out_len, BnMode, Curvature, Problem};
 use crate::error::{Error, Result};
 use crate::gpu::basis::{BasisPlace, GpuBasisDevice};
 use crate::gpu::context::GpuContext;
-use crate::gpu::kernels::{self, ConvTile, Kernel};
+use crate::gpu::kernels::{ConvTile, Kernel};
 use crate::gpu::memory::{self, Arena, Workspace};
 use crate::gpu::plan::{self, Plan};
 use crate::gpu::program::{Compiled, Step};
-use crate::gpu::reduce::{self, ReducePath};
+use crate::gpu::reduce;
 use crate::layers::{self, StateCx};
-use crate::model::{Activation, Model, Op};
+use crate::model::{Model, Op};
 use crate::spectral::lanczos::BasisDevice;
 use std::rc::Rc;
 
+mod checks;
+mod decisions;
+mod options;
+
+use checks::non_finite_error;
+pub use options::*;
+
 /// Wall seconds per dispatched kernel, in program order.
 pub type KernelTimes = Vec<(Kernel, f64)>;
-
-/// Bytes of per-batch state kept resident for reuse by every HVP where the
-/// adapter's memory is unknown (`cache_budget`).
-pub const CACHE_BUDGET_BYTES: usize = 2 << 30;
-
-/// Bytes the tangent buffers of a block product may take at least when the
-/// block size is chosen for the user (`block_budget`).
-pub const BLOCK_BUDGET_BYTES: usize = 1 << 30;
-
-/// The largest block size chosen for the user: past it the per-vector cost
-/// of a block product stops falling (BENCHMARKS.md, "Block products").
-pub const DEFAULT_MAX_BLOCK: usize = 16;
-
-/// The most tangents one block product serves (a dispatch's z extent is
-/// at least 65,535 everywhere; this bounds the memory a flag can ask for).
-pub const MAX_BLOCK: usize = 64;
-
-/// How an engine is built.
-#[derive(Clone, Copy, Debug)]
-pub struct EngineOptions {
-    /// Bytes of per-batch state resident for reuse by every HVP while it
-    /// fits; None: a quarter of the adapter's memory (`cache_budget`).
-    pub cache_budget: Option<usize>,
-    /// Tangents per sweep of a block product; None: the most that fit in
-    /// `block_budget`, up to `DEFAULT_MAX_BLOCK`.
-    pub block: Option<usize>,
-    /// Which convolution kernels the engine runs.
-    pub conv_path: ConvPath,
-    /// How it runs its per-channel reductions (batch-norm statistics and
-    /// parameter sums, conv bias sums).
-    pub reduce_path: ReducePath,
-    /// The tiled kernels' widest tile (narrowed per layer by
-    /// `ConvTile::for_rows`); None: `ConvTile::DEFAULT`. Which adapters
-    /// run tiled kernels at all: `conv_path`, and their limits.
-    pub conv_tile: Option<ConvTile>,
-    /// Plan for held piecewise decisions (`GpuEngine::hold_decisions`):
-    /// every pass replays the ReLU/LeakyReLU pieces and max-pool argmax
-    /// recorded at one θ. Needs every batch resident (the cache budget).
-    pub frozen: bool,
-    /// Where the solvers keep their Lanczos bases (`basis_device`).
-    pub basis_place: BasisPlace,
-    /// Bytes of device memory those bases may take; None: a quarter of
-    /// the adapter's (`device_basis_budget`).
-    pub basis_budget: Option<usize>,
-}
-
-/// The convolution kernels an engine runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ConvPath {
-    /// Tiled on GPUs (discrete, integrated, virtual), the emulator kernels
-    /// on CPU adapters (lavapipe, llvmpipe) and unknown ones.
-    #[default]
-    Auto,
-    /// Workgroup-memory tiled implicit GEMM (shaders/conv_tiled.wgsl).
-    Tiled,
-    /// The register-blocked kernels shaped for CPU emulators
-    /// (shaders/conv.wgsl, conv_weight.wgsl).
-    Emulator,
-}
-
-/// Whether `Auto` choices treat an adapter of `device_type` (wgpu's
-/// `DeviceType`, as `AdapterReport::device_type` names it) as a GPU:
-/// discrete, integrated or virtual; not CPU emulators or unknown ones.
-pub fn is_gpu_type(device_type: &str) -> bool {
-    matches!(device_type, "DiscreteGpu" | "IntegratedGpu" | "VirtualGpu")
-}
-
-impl ConvPath {
-    /// Bytes of workgroup memory conv_tiled.wgsl's workgroups take (two
-    /// slabs of `CONV_TILE_CAP` floats).
-    pub const TILED_WORKGROUP_MEMORY: u32 = 2 * 4 * kernels::CONV_TILE_CAP;
-
-    /// Whether an adapter with these limits (workgroup memory, invocations
-    /// per workgroup, workgroup size x) runs the tiled kernels' 256-thread
-    /// workgroups.
-    pub fn tiled_fits(workgroup_memory: u32, invocations: u32, size_x: u32) -> bool {
-        workgroup_memory >= Self::TILED_WORKGROUP_MEMORY && invocations >= 256 && size_x >= 256
-    }
-
-    /// Whether an adapter of `device_type` (wgpu's `DeviceType`, as
-    /// `AdapterReport::device_type` names it) runs the tiled kernels.
-    pub fn tiled_on(self, device_type: &str) -> bool {
-        match self {
-            ConvPath::Tiled => true,
-            ConvPath::Emulator => false,
-            ConvPath::Auto => is_gpu_type(device_type),
-        }
-    }
-
-    /// Whether the engine runs the tiled kernels on `ctx`: where this
-    /// path picks them for its device type and the adapter runs
-    /// conv_tiled.wgsl's workgroups (256 threads, two slabs of
-    /// `CONV_TILE_CAP` floats in workgroup memory). Where it cannot,
-    /// `Auto` keeps the emulator kernels and `Tiled` is refused.
-    pub fn tiled_for(self, ctx: &GpuContext) -> Result<bool> {
-        if !self.tiled_on(&ctx.info.device_type) {
-            return Ok(false);
-        }
-        let need_mem = ConvPath::TILED_WORKGROUP_MEMORY;
-        let l = &ctx.limits;
-        let fits = ConvPath::tiled_fits(
-            l.max_compute_workgroup_storage_size,
-            l.max_compute_invocations_per_workgroup,
-            l.max_compute_workgroup_size_x,
-        );
-        if !fits && self == ConvPath::Tiled {
-            return Err(Error::Invalid {
-                what: "conv path",
-                msg: format!(
-                    "{} cannot run the tiled conv kernels: they need 256 threads per workgroup \
-                     and {need_mem} bytes of workgroup memory (it has {} and {})",
-                    ctx.info.name,
-                    l.max_compute_invocations_per_workgroup,
-                    l.max_compute_workgroup_storage_size
-                ),
-            });
-        }
-        Ok(fits)
-    }
-}
-
-/// What an engine's `Auto` options come to on an adapter, before any
-/// model is known (`hesscope devices`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct AutoChoices {
-    /// `tiled` (shaders/conv_tiled.wgsl) or `emulator` (conv.wgsl,
-    /// conv_weight.wgsl): `ConvPath::Auto`.
-    pub conv: &'static str,
-    /// `ReducePath::Auto`, in `reduce::describe`'s words.
-    pub reductions: String,
-    /// `BasisPlace::Auto`: `device` (where the bases fit its budget, else
-    /// the host) or `host`.
-    pub lanczos_bases: &'static str,
-}
-
-impl AutoChoices {
-    /// For an adapter of `device_type` with these limits (as
-    /// `ConvPath::tiled_fits` takes them).
-    pub fn on(device_type: &str, workgroup_memory: u32, invocations: u32, size_x: u32) -> Self {
-        let tiled = ConvPath::Auto.tiled_on(device_type)
-            && ConvPath::tiled_fits(workgroup_memory, invocations, size_x);
-        let span = ReducePath::Auto
-            .span_on(device_type)
-            .expect("Auto names no invalid span");
-        AutoChoices {
-            conv: if tiled { "tiled" } else { "emulator" },
-            reductions: reduce::describe(span),
-            lanczos_bases: if device_type == "Cpu" {
-                "host"
-            } else {
-                "device"
-            },
-        }
-    }
-}
-
-impl Default for EngineOptions {
-    fn default() -> Self {
-        EngineOptions {
-            cache_budget: None,
-            block: None,
-            conv_path: ConvPath::Auto,
-            reduce_path: ReducePath::Auto,
-            conv_tile: None,
-            frozen: false,
-            basis_place: BasisPlace::Auto,
-            basis_budget: None,
-        }
-    }
-}
 
 struct BatchProgram {
     ws: usize,
@@ -226,8 +65,13 @@ pub struct GpuEngine {
     theta: usize,
     /// θ as last uploaded.
     theta_host: Vec<f64>,
-    /// Planned for held decisions (`EngineOptions::frozen`).
+    /// Planned for held decisions (`EngineOptions::frozen`): kept as θ
+    /// moves.
     frozen: bool,
+    /// The plans replay decisions held in the units' state (held ones,
+    /// or float64 ones of the current θ) instead of taking their own.
+    replay: bool,
+    held: decisions::Held,
     basis_place: BasisPlace,
     basis_budget: Option<usize>,
     /// Which conv kernels and reductions its programs run, in words.
@@ -318,11 +162,12 @@ impl GpuEngine {
         ctx.write_f32(&arena.buffers[theta], 0, &theta_f32)?;
 
         let batch_mode = problem.bn == BnMode::Batch;
+        let replay = options.frozen || options.decisions == DecisionSource::Float64;
         let scx = StateCx {
             model: &model,
             buffers: &problem.weights.buffers,
             batch_mode,
-            frozen: options.frozen,
+            frozen: replay,
         };
         let ws_bytes = memory::workspace_bytes(&model, &canon, max_count, &scx, kmax);
         let n_ws = if ws_bytes.saturating_mul(batches.len()) <= budget {
@@ -330,11 +175,13 @@ impl GpuEngine {
         } else {
             1
         };
-        if options.frozen && n_ws < batches.len() {
+        // Float32 decisions are recorded into each batch's own workspace;
+        // float64 ones are rewritten into a shared one before each pass.
+        if options.frozen && options.decisions == DecisionSource::Float32 && n_ws < batches.len() {
             return Err(Error::Invalid {
                 what: "held decisions",
                 msg: format!(
-                    "replaying recorded decisions needs every batch resident: {} batches of {} bytes \
+                    "replaying float32-recorded decisions needs every batch resident: {} batches of {} bytes \
                      each exceed the cache budget of {budget} bytes",
                     batches.len(),
                     ws_bytes
@@ -385,7 +232,7 @@ impl GpuEngine {
             p.conv_tiled = conv_tiled;
             p.conv_tile = conv_tile;
             p.reduce_split = reduce_span.map(|s| (s, reduce_partials));
-            p.frozen = options.frozen;
+            p.frozen = replay;
             let block = plan::BlockPlan {
                 kmax,
                 tangent: &arena.tangent,
@@ -449,6 +296,12 @@ impl GpuEngine {
             theta,
             theta_host: problem.weights.theta.clone(),
             frozen: options.frozen,
+            replay,
+            held: decisions::Held::new(
+                options.decisions,
+                (options.decisions == DecisionSource::Float64)
+                    .then(|| CpuReference::new(problem.clone())),
+            ),
             basis_place: options.basis_place,
             basis_budget: options.basis_budget,
             kernel_paths,
@@ -492,6 +345,9 @@ impl GpuEngine {
         for w in &mut self.workspaces {
             w.resident = None;
         }
+        if !self.frozen {
+            self.held.invalidate();
+        }
         Ok(())
     }
 
@@ -513,6 +369,13 @@ impl GpuEngine {
         self.data.x.copy_from_slice(x);
         self.data.y.copy_from_slice(y);
         self.data.validate(&self.model)?;
+        if let Some(r) = &mut self.held.reference {
+            r.problem.data.x.copy_from_slice(x);
+            r.problem.data.y.copy_from_slice(y);
+        }
+        if !self.frozen {
+            self.held.invalidate();
+        }
         for w in &mut self.workspaces {
             w.resident = None;
         }
@@ -530,6 +393,7 @@ impl GpuEngine {
     /// PyTorch `model.eval()` evaluation is `BnMode::Running`). Leaves no
     /// batch resident for the products.
     pub fn evaluate(&mut self) -> Result<(f64, f64)> {
+        self.ensure_decisions()?;
         let lb = self.losses;
         self.submit("clearing the losses", |enc| {
             enc.clear_buffer(&self.arena.buffers[lb].buffer, 0, None);
@@ -541,6 +405,9 @@ impl GpuEngine {
         for bi in 0..self.programs.len() {
             if shared || self.workspaces[self.programs[bi].ws].resident != Some(bi) {
                 self.upload_batch(bi)?;
+                if shared {
+                    self.upload_held(bi)?;
+                }
             }
             let p = &mut self.programs[bi];
             if p.forward_loss_compiled.is_none() {
@@ -595,8 +462,14 @@ impl GpuEngine {
                 ),
             });
         }
+        if let Some(r) = &mut self.held.reference {
+            r.problem.weights.buffers = buffers.to_vec();
+        }
         if self.bn != BnMode::Running {
             return Ok(());
+        }
+        if !self.frozen {
+            self.held.invalidate();
         }
         for (i, node) in self.model.nodes.iter().enumerate() {
             if let Op::BatchNorm { .. } = node.op {
@@ -620,19 +493,6 @@ impl GpuEngine {
     /// Whether the engine was planned for held decisions.
     pub fn is_frozen(&self) -> bool {
         self.frozen
-    }
-
-    /// Runs every batch's recording forward pass at the current θ.
-    fn record_decisions(&mut self) -> Result<()> {
-        for bi in 0..self.programs.len() {
-            let p = &self.programs[bi];
-            let rec = p.record.as_ref().expect("a frozen engine records");
-            self.submit(&format!("batch {bi} recording"), |enc| rec.record(enc))?;
-            // The recording forward leaves the batch's values, not its
-            // adjoints: the next product runs the forward/backward pass.
-            self.workspaces[p.ws].resident = None;
-        }
-        Ok(())
     }
 
     /// `hold`: records the piecewise decisions (ReLU/LeakyReLU pieces,
@@ -678,7 +538,9 @@ impl GpuEngine {
     /// Per-kernel wall times of the first batch's forward/backward and
     /// R-pass programs, each dispatch submitted and waited for alone.
     pub fn profile(&mut self) -> Result<(KernelTimes, KernelTimes)> {
+        self.ensure_decisions()?;
         self.upload_batch(0)?;
+        self.upload_held(0)?;
         let p = &self.programs[0];
         let fb = p.forward_backward.profile(&self.ctx)?;
         let r = p.r_pass.profile(&self.ctx)?;
@@ -714,6 +576,7 @@ impl GpuEngine {
 
     /// `run` with the R-pass for the first `tangents` slices of v.
     fn run_block(&mut self, grad: bool, r: bool, tangents: usize) -> Result<()> {
+        self.ensure_decisions()?;
         let (gb, hb, lb) = (self.grad, self.hv, self.losses);
         self.submit("clearing the accumulators", |enc| {
             if grad {
@@ -732,6 +595,7 @@ impl GpuEngine {
             let need_fb = grad || !resident;
             if need_fb && shared {
                 self.upload_batch(bi)?;
+                self.upload_held(bi)?;
             }
             let p = &self.programs[bi];
             self.submit(&format!("batch {bi}"), |enc| {
@@ -753,60 +617,6 @@ impl GpuEngine {
             }
         }
         self.check_bn_statistics(&fresh)
-    }
-
-    /// Batch statistics that overflow float32 (a variance beyond its range,
-    /// which makes 1/√(σ²+ε) zero) give finite but wrong outputs: refused,
-    /// naming the layer, for the batches whose forward pass just ran. Their
-    /// workspaces are then forgotten, so a later call recomputes and checks
-    /// again.
-    fn check_bn_statistics(&mut self, batches: &[usize]) -> Result<()> {
-        if self.bn != BnMode::Batch || batches.is_empty() {
-            return Ok(());
-        }
-        let bns: Vec<(usize, usize)> = (self.model.nodes.iter().enumerate())
-            .filter_map(|(i, n)| match n.op {
-                Op::BatchNorm { c, .. } => Some((i, c)),
-                _ => None,
-            })
-            .collect();
-        if bns.is_empty() {
-            return Ok(());
-        }
-        let mut ranges = vec![];
-        for &bi in batches {
-            let ws = &self.workspaces[self.programs[bi].ws];
-            for &(i, c) in &bns {
-                // Rows MEAN and S (kernels::bn_rows).
-                ranges.push((&self.arena.buffers[ws.state[i][2]], 0, 2 * c));
-            }
-        }
-        let rows = self.ctx.read_f32(&ranges)?;
-        for (k, r) in rows.iter().enumerate() {
-            let (i, c) = bns[k % bns.len()];
-            let bad = r[..c].iter().any(|m| !m.is_finite())
-                || r[c..].iter().any(|s| !s.is_finite() || *s == 0.0);
-            if bad {
-                let bi = batches[k / bns.len()];
-                let node = &self.model.nodes[i];
-                for &b in batches {
-                    let w = self.programs[b].ws;
-                    self.workspaces[w].resident = None;
-                }
-                return Err(Error::Numerical(format!(
-                    "the batch statistics of layer `{}` (batch norm) overflow float32 on {} (batch {bi}: \
-                     a mean or variance beyond its range): the data or weights are too large for float32; \
-                     the float64 reference computes in their range",
-                    crate::layers::layer_name(node),
-                    self.ctx.info.name
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    fn check_finite(&self, what: &str, xs: &[f32]) -> Result<()> {
-        non_finite_error(&self.model, what, xs, &self.ctx.info.name)
     }
 
     fn upload_v(&mut self, v: &[f64]) -> Result<()> {
@@ -832,48 +642,6 @@ impl GpuEngine {
         self.kmax
     }
 
-    /// The ReLU masks (input > 0, in f32) per batch and node, as the GPU
-    /// sees them: lets tests run the float64 reference with the same kinks.
-    pub fn relu_masks(&mut self) -> Result<Vec<Vec<Vec<bool>>>> {
-        let mut out = vec![];
-        for bi in 0..self.programs.len() {
-            let w = self.programs[bi].ws;
-            if self.workspaces[w].resident != Some(bi) {
-                if self.workspaces.len() < self.programs.len() {
-                    self.upload_batch(bi)?;
-                }
-                let p = &self.programs[bi];
-                self.submit(&format!("batch {bi}"), |enc| p.forward_backward.record(enc))?;
-                self.workspaces[w].resident = Some(bi);
-            }
-            let count = self.programs[bi].count;
-            let ws = &self.workspaces[w];
-            let mut ranges = vec![];
-            for node in &self.model.nodes {
-                if node.op == Op::Act(Activation::Relu) {
-                    let b = ws.act[self.canon[node.inputs[0]]];
-                    ranges.push((&self.arena.buffers[b], 0, count * node.in_shape.numel()));
-                }
-            }
-            let vals = self.ctx.read_f32(&ranges)?;
-            let mut it = vals.into_iter();
-            let masks = self
-                .model
-                .nodes
-                .iter()
-                .map(|n| {
-                    if n.op == Op::Act(Activation::Relu) {
-                        it.next().unwrap().iter().map(|x| *x > 0.0).collect()
-                    } else {
-                        vec![]
-                    }
-                })
-                .collect();
-            out.push(masks);
-        }
-        Ok(out)
-    }
-
     fn read_loss_grad(&self) -> Result<(f64, Vec<f64>)> {
         let np = self.model.n_params;
         let nb = self.programs.len();
@@ -894,120 +662,6 @@ impl GpuEngine {
         self.check_finite("the gradient", &r[1])?;
         Ok((loss, r[1].iter().map(|&x| x as f64).collect()))
     }
-
-    /// After a non-finite result: the first layer (in graph order, over the
-    /// batches still resident) whose output (`tangents`: its R-forward
-    /// output) holds an infinity or NaN, as an error naming it. Ok when
-    /// every resident value is finite (the overflow happened later).
-    fn diagnose(&self, tangents: bool) -> Result<()> {
-        for (bi, prog) in self.programs.iter().enumerate() {
-            let ws = &self.workspaces[prog.ws];
-            if ws.resident != Some(bi) {
-                continue;
-            }
-            for (i, node) in self.model.nodes.iter().enumerate() {
-                if layers::unit(&node.op).is_alias() {
-                    continue;
-                }
-                let v = self.canon[i + 1];
-                let buf = if tangents { ws.dact[v] } else { ws.act[v] };
-                let len = prog.count * node.out_shape.numel();
-                let vals = self.ctx.read_f32(&[(&self.arena.buffers[buf], 0, len)])?;
-                if let Some(x) = vals[0].iter().find(|x| !x.is_finite()) {
-                    let pass = if tangents { "R-forward" } else { "forward" };
-                    return Err(Error::Numerical(format!(
-                        "the {pass} pass overflows float32 at layer `{}` ({}) on {} (batch {bi}: an output is {x}): \
-                         the weights, data or direction are too large for float32; the float64 reference computes in their range",
-                        crate::layers::layer_name(node),
-                        node.kind(),
-                        self.ctx.info.name
-                    )));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The block size chosen for the user. On a CPU emulator (lavapipe,
-/// llvmpipe) 1: its two to few dozen threads are already busy with one
-/// tangent's work, so K tangents per dispatch cost K times one (measured,
-/// BENCHMARKS.md "Block products"). On a GPU, as many tangents as fit in
-/// `block_budget` of tangent buffers, up to `DEFAULT_MAX_BLOCK`: small
-/// layers leave most of a GPU idle, and K tangents fill it.
-fn default_block(ctx: &GpuContext, model: &Model, canon: &[usize], n: usize) -> usize {
-    if ctx.is_cpu_adapter() {
-        return 1;
-    }
-    let per = memory::tangent_bytes(model, canon, n, 1).max(1);
-    (block_budget(ctx.info.device_memory) / per).clamp(1, DEFAULT_MAX_BLOCK)
-}
-
-/// Bytes of tangent buffers a chosen block may take: a sixteenth of the
-/// device's memory where the backend reports it, at least
-/// `BLOCK_BUDGET_BYTES`.
-pub fn block_budget(device_memory: Option<u64>) -> usize {
-    device_memory
-        .map_or(0, |b| share(b, 16))
-        .max(BLOCK_BUDGET_BYTES)
-}
-
-/// The device's Lanczos basis budget (`--basis-on`): a quarter of its
-/// device-local memory where the backend reports it, else
-/// `FALLBACK_DEVICE_BASIS_BYTES`. `--basis-budget` overrides it.
-pub fn device_basis_budget(device_memory: Option<u64>) -> usize {
-    device_memory.map_or(FALLBACK_DEVICE_BASIS_BYTES, |b| share(b, 4))
-}
-
-/// The basis budget of a device whose memory is unknown.
-pub const FALLBACK_DEVICE_BASIS_BYTES: usize = 1 << 30;
-
-/// bytes / parts, saturated to usize.
-fn share(bytes: u64, parts: u64) -> usize {
-    usize::try_from(bytes / parts).unwrap_or(usize::MAX)
-}
-
-fn default_cache_budget(ctx: &GpuContext) -> usize {
-    cache_budget(
-        ctx.is_cpu_adapter(),
-        ctx.info.device_memory,
-        crate::host::available_memory(),
-    )
-}
-
-/// The default cache budget: on a GPU a quarter of its device-local memory
-/// (Vulkan reports it); on a CPU emulator, whose "device memory" is the
-/// host's, a quarter of the host's available memory but at most
-/// `CACHE_BUDGET_BYTES` (lavapipe reports a 2 GiB heap whatever the
-/// host); `CACHE_BUDGET_BYTES` where the memory is unknown.
-/// `--cache-budget` overrides it either way.
-pub fn cache_budget(
-    cpu_adapter: bool,
-    device_memory: Option<u64>,
-    host_available: Option<usize>,
-) -> usize {
-    match (cpu_adapter, device_memory, host_available) {
-        (true, _, Some(host)) => share(host as u64, 4).min(CACHE_BUDGET_BYTES),
-        (false, Some(device), _) => share(device, 4),
-        _ => CACHE_BUDGET_BYTES,
-    }
-}
-
-/// An error naming the first non-finite value of a parameter-shaped vector.
-fn non_finite_error(model: &Model, what: &str, xs: &[f32], device: &str) -> Result<()> {
-    if let Some(i) = xs.iter().position(|x| !x.is_finite()) {
-        let name = model
-            .params
-            .iter()
-            .find(|p| i >= p.offset && i < p.offset + p.numel())
-            .map(|p| p.name.clone())
-            .unwrap_or_default();
-        return Err(Error::Numerical(format!(
-            "{what} is {} at parameter {i} ({name}) on {device}: the weights, data or direction overflow in float32",
-            xs[i]
-        )));
-    }
-    Ok(())
 }
 
 impl Curvature for GpuEngine {
@@ -1093,6 +747,10 @@ impl Curvature for GpuEngine {
 
     fn kernel_paths(&self) -> Option<String> {
         Some(self.kernel_paths.clone())
+    }
+
+    fn decision_report(&mut self) -> Result<Option<crate::decisions::DecisionReport>> {
+        self.decisions_report()
     }
 
     /// This GPU, by `EngineOptions::basis_place`: offered (and preferred)

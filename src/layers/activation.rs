@@ -8,14 +8,15 @@
 //! shaders/activation.wgsl, specialised per activation by the `ACT`
 //! override constant (and `ACC` for accumulating adjoints).
 //!
-//! Frozen decisions on the GPU (`Plan::frozen`): a ReLU/LeakyReLU keeps
-//! its input x₀ from the recording pass, and replays its pieces as the
-//! linear map y = f'(x₀)·x — the R-forward kernel with x₀ in place of x —
-//! while every other pass reads f'(x₀) where it read f'(x). At the
-//! recording θ this is the plain pass bit for bit (f' is exactly 0, 1 or
-//! the slope).
+//! Replayed decisions on the GPU (`Plan::frozen`): a ReLU/LeakyReLU keeps
+//! an input x₀ — its own from a float32 recording pass, or 1/0 for the
+//! sides a float64 forward decided (`crate::decisions`) — and replays its
+//! pieces as the linear map y = f'(x₀)·x (the R-forward kernel with x₀ in
+//! place of x), while every other pass reads f'(x₀) where it read f'(x).
+//! At a float32 recording θ this is the plain pass bit for bit (f' is
+//! exactly 0, 1 or the slope).
 
-use super::{CpuCx, Layer, Saved, StateBuf, StateCx};
+use super::{CpuCx, Decision, Layer, Saved, StateBuf, StateCx, StateWords};
 use crate::gpu::kernels::{ActParams, Consts, Kernel};
 use crate::gpu::plan::{NodeBufs, Plan};
 use crate::gpu::program::Grid;
@@ -67,6 +68,32 @@ fn pieces_of(p: &Plan, node: &Node, io: &NodeBufs) -> usize {
 }
 
 impl Layer for ActivationUnit {
+    fn decides(&self, node: &Node) -> bool {
+        !curved(of(node))
+    }
+
+    /// ReLU/LeakyReLU: which side of the kink each input is on (x > 0,
+    /// as the forward decides), with margin |x|.
+    fn decide(&self, _cx: &CpuCx, node: &Node, x: &[f64]) -> Option<(Decision, Vec<f64>)> {
+        if curved(of(node)) {
+            return None;
+        }
+        let mask = x.iter().map(|&v| v > 0.0).collect();
+        Some((Decision::Mask(mask), x.iter().map(|v| v.abs()).collect()))
+    }
+
+    /// The recorded-input buffer a replaying plan reads f'(x₀) from: 1
+    /// on the positive side, 0 elsewhere (f'(0) is 0 for ReLU and the
+    /// slope for LeakyReLU, as at a real x₀ ≤ 0).
+    fn decision_words(&self, node: &Node, d: &Decision) -> Option<StateWords> {
+        match d {
+            Decision::Mask(m) if !curved(of(node)) => Some(StateWords::F32(
+                m.iter().map(|&on| if on { 1.0 } else { 0.0 }).collect(),
+            )),
+            _ => None,
+        }
+    }
+
     fn gpu_state(&self, node: &Node, n: usize, cx: &StateCx) -> Vec<StateBuf> {
         if cx.frozen && !curved(of(node)) {
             vec![StateBuf {

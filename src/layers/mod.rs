@@ -83,6 +83,13 @@ impl CpuCx<'_> {
     }
 }
 
+/// The contents of a unit's state buffer, as its kernels read them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StateWords {
+    F32(Vec<f32>),
+    U32(Vec<u32>),
+}
+
 /// A buffer a unit keeps per batch workspace on the GPU.
 pub struct StateBuf {
     /// Appended to the node's name in errors (`bn1 x̂`).
@@ -147,6 +154,27 @@ pub trait Layer: Sync {
         hv: &mut [f64],
     ) -> Vec<Vec<f64>>;
 
+    // ---- piecewise decisions (crate::decisions) ----
+    /// Whether the unit takes piecewise decisions on this node.
+    fn decides(&self, _node: &Node) -> bool {
+        false
+    }
+    /// A piecewise unit (ReLU/LeakyReLU, max pool): the decisions its
+    /// forward takes on input `x` (a batch of `cx.n` samples, in whatever
+    /// precision it was computed, here as f64), and each decision's
+    /// margin: how far its deciding quantity lies from the threshold where
+    /// it would flip (|x| at a kink; the window's best minus its runner-up
+    /// for a max pool; 0 on a tie, NaN where undecidable). Smooth units
+    /// take none: `None`.
+    fn decide(&self, _cx: &CpuCx, _node: &Node, _x: &[f64]) -> Option<(Decision, Vec<f64>)> {
+        None
+    }
+    /// What a replaying GPU plan (`Plan::replaying`) reads in the unit's
+    /// first state buffer to take decision `d`; None for smooth units.
+    fn decision_words(&self, _node: &Node, _d: &Decision) -> Option<StateWords> {
+        None
+    }
+
     // ---- GPU plan ----
     /// Buffers kept per workspace for a batch of up to `n` samples.
     fn gpu_state(&self, _node: &Node, _n: usize, _cx: &StateCx) -> Vec<StateBuf> {
@@ -182,6 +210,19 @@ pub trait LinearUnit: Sync {
     fn apply(&self, cx: &CpuCx, node: &Node, saved: &Saved, x: &[f64]) -> Vec<f64>;
     /// Aᵀ·g.
     fn transpose(&self, cx: &CpuCx, node: &Node, saved: &Saved, g: &[f64]) -> Vec<f64>;
+
+    /// As [`Layer::decides`].
+    fn decides(&self, _node: &Node) -> bool {
+        false
+    }
+    /// As [`Layer::decide`]: the decisions the state A depends on.
+    fn decide(&self, _cx: &CpuCx, _node: &Node, _x: &[f64]) -> Option<(Decision, Vec<f64>)> {
+        None
+    }
+    /// As [`Layer::decision_words`].
+    fn decision_words(&self, _node: &Node, _d: &Decision) -> Option<StateWords> {
+        None
+    }
 
     fn gpu_state(&self, _node: &Node, _n: usize, _cx: &StateCx) -> Vec<StateBuf> {
         vec![]
@@ -246,6 +287,15 @@ impl<T: LinearUnit> Layer for T {
         _hv: &mut [f64],
     ) -> Vec<Vec<f64>> {
         vec![self.transpose(cx, node, saved, rgy)]
+    }
+    fn decides(&self, node: &Node) -> bool {
+        LinearUnit::decides(self, node)
+    }
+    fn decide(&self, cx: &CpuCx, node: &Node, x: &[f64]) -> Option<(Decision, Vec<f64>)> {
+        LinearUnit::decide(self, cx, node, x)
+    }
+    fn decision_words(&self, node: &Node, d: &Decision) -> Option<StateWords> {
+        LinearUnit::decision_words(self, node, d)
     }
     fn gpu_state(&self, node: &Node, n: usize, cx: &StateCx) -> Vec<StateBuf> {
         LinearUnit::gpu_state(self, node, n, cx)

@@ -4,7 +4,9 @@
 //! ([`LinearUnit`]): each gives its map and the transpose, and the R-passes
 //! follow. Kernels: shaders/pool.wgsl.
 
-use super::{saved, unsupported, CpuCx, LinearUnit, Saved, StateBuf, StateCx};
+use super::{
+    saved, unsupported, CpuCx, Decision, LinearUnit, Saved, StateBuf, StateCx, StateWords,
+};
 use crate::error::Result;
 use crate::gpu::kernels::{Consts, Kernel, PoolParams};
 use crate::gpu::plan::{NodeBufs, Plan};
@@ -92,6 +94,29 @@ impl LinearUnit for MaxPoolUnit {
         let arg: &Vec<u32> = saved(sv, node);
         let (s, o) = (node.in_shape, node.out_shape);
         pool::maxpool_scatter(cx.n * s.c, s.spatial(), o.spatial(), arg, g)
+    }
+
+    fn decides(&self, _node: &Node) -> bool {
+        true
+    }
+
+    /// Each window's argmax (as the forward picks it), with margin the
+    /// window's maximum minus its runner-up.
+    fn decide(&self, cx: &CpuCx, node: &Node, x: &[f64]) -> Option<(Decision, Vec<f64>)> {
+        let (k, stride, pad) = window(node);
+        let (s, o) = (node.in_shape, node.out_shape);
+        let planes = cx.n * s.c;
+        let (_, arg) = pool::maxpool_forward(planes, s.h, s.w, k, stride, pad, o.h, o.w, x);
+        let margins = pool::maxpool_margins(planes, s.h, s.w, k, stride, pad, o.h, o.w, x);
+        Some((Decision::Argmax(arg), margins))
+    }
+
+    /// The argmax buffer the gather and scatter kernels read.
+    fn decision_words(&self, _node: &Node, d: &Decision) -> Option<StateWords> {
+        match d {
+            Decision::Argmax(a) => Some(StateWords::U32(a.clone())),
+            _ => None,
+        }
     }
 
     fn gpu_state(&self, node: &Node, n: usize, _cx: &StateCx) -> Vec<StateBuf> {

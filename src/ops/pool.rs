@@ -49,6 +49,65 @@ pub fn maxpool_forward(
     (y, arg)
 }
 
+/// Per window of a max pool (as `maxpool_forward` walks them): its
+/// maximum minus the runner-up over the window's in-bounds elements (0 on
+/// a tie, +∞ for a window of one element or a tie of exact zeros, NaN
+/// where a NaN takes part):
+/// how far the argmax is from changing.
+#[allow(clippy::too_many_arguments)]
+pub fn maxpool_margins(
+    planes: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
+    x: &[f64],
+) -> Vec<f64> {
+    let mut out = vec![0.0; planes * oh * ow];
+    for p in 0..planes {
+        let xp = &x[p * h * w..(p + 1) * h * w];
+        for r in 0..oh {
+            for c in 0..ow {
+                let (mut best, mut second) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+                let mut nan = false;
+                for kh in 0..k {
+                    let ir = (r * stride + kh) as isize - pad as isize;
+                    if ir < 0 || ir >= h as isize {
+                        continue;
+                    }
+                    for kw in 0..k {
+                        let ic = (c * stride + kw) as isize - pad as isize;
+                        if ic < 0 || ic >= w as isize {
+                            continue;
+                        }
+                        let v = xp[ir as usize * w + ic as usize];
+                        nan |= v.is_nan();
+                        if v > best {
+                            second = best;
+                            best = v;
+                        } else if v > second {
+                            second = v;
+                        }
+                    }
+                }
+                // A tie of exact zeros (a ReLU's floor) is exact in any
+                // precision: no rounding can break it.
+                out[(p * oh + r) * ow + c] = if nan {
+                    f64::NAN
+                } else if second == f64::NEG_INFINITY || (best == 0.0 && second == 0.0) {
+                    f64::INFINITY
+                } else {
+                    best - second
+                };
+            }
+        }
+    }
+    out
+}
+
 /// Gather through the argmax (R-forward): out[o] = x[arg[o]].
 pub fn maxpool_gather(
     planes: usize,

@@ -7,6 +7,7 @@
 //! Floats that are unknown (a standard error from one run) are `None` and
 //! come out as `null`.
 
+use crate::decisions::DecisionReport;
 use crate::engine::BnMode;
 use crate::error::{Error, Result};
 use crate::spectral::eigs::Which;
@@ -34,6 +35,9 @@ pub struct Settings {
     pub layer: Option<String>,
     pub backend: String,
     pub adapter: String,
+    /// The piecewise decisions the products took (`crate::decisions`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decisions: Option<DecisionReport>,
 }
 
 /// `hesscope grad`.
@@ -45,6 +49,9 @@ pub struct GradReport {
     pub adapter: String,
     pub seconds: f64,
     pub out: Option<PathBuf>,
+    /// The piecewise decisions the pass took (`crate::decisions`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decisions: Option<DecisionReport>,
 }
 
 /// `hesscope hvp` (the spec's keys, plus the direction and output).
@@ -60,6 +67,9 @@ pub struct HvpReport {
     /// The direction's file, or how it was drawn.
     pub vector: String,
     pub out: Option<PathBuf>,
+    /// The piecewise decisions the passes took (`crate::decisions`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decisions: Option<DecisionReport>,
 }
 
 /// `hesscope init`.
@@ -102,6 +112,10 @@ pub struct BenchReport {
     /// at each block size (empty otherwise).
     pub block_products: Vec<crate::bench::BlockTiming>,
     pub kernels: Vec<crate::bench::KernelRow>,
+    /// The engine's piecewise decisions, with the seconds taking them
+    /// cost (once per θ, in the warm-up: not in `end_to_end`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decisions: Option<DecisionReport>,
 }
 
 /// `hesscope density`: the SLQ density and what it summarises.

@@ -1,0 +1,173 @@
+//! What an engine checks of its results: batch statistics and outputs
+//! that overflow float32 (naming the layer), non-finite parameter-shaped
+//! vectors (naming the tensor), and the masks tests compare against.
+
+use super::GpuEngine;
+use crate::engine::BnMode;
+use crate::error::{Error, Result};
+use crate::layers;
+use crate::model::{Activation, Model, Op};
+
+impl GpuEngine {
+    /// Batch statistics that overflow float32 (a variance beyond its range,
+    /// which makes 1/√(σ²+ε) zero) give finite but wrong outputs: refused,
+    /// naming the layer, for the batches whose forward pass just ran. Their
+    /// workspaces are then forgotten, so a later call recomputes and checks
+    /// again.
+    pub(super) fn check_bn_statistics(&mut self, batches: &[usize]) -> Result<()> {
+        if self.bn != BnMode::Batch || batches.is_empty() {
+            return Ok(());
+        }
+        let bns: Vec<(usize, usize)> = (self.model.nodes.iter().enumerate())
+            .filter_map(|(i, n)| match n.op {
+                Op::BatchNorm { c, .. } => Some((i, c)),
+                _ => None,
+            })
+            .collect();
+        if bns.is_empty() {
+            return Ok(());
+        }
+        let mut ranges = vec![];
+        for &bi in batches {
+            let ws = &self.workspaces[self.programs[bi].ws];
+            for &(i, c) in &bns {
+                // Rows MEAN and S (kernels::bn_rows).
+                ranges.push((&self.arena.buffers[ws.state[i][2]], 0, 2 * c));
+            }
+        }
+        let rows = self.ctx.read_f32(&ranges)?;
+        for (k, r) in rows.iter().enumerate() {
+            let (i, c) = bns[k % bns.len()];
+            let bad = r[..c].iter().any(|m| !m.is_finite())
+                || r[c..].iter().any(|s| !s.is_finite() || *s == 0.0);
+            if bad {
+                let bi = batches[k / bns.len()];
+                let node = &self.model.nodes[i];
+                for &b in batches {
+                    let w = self.programs[b].ws;
+                    self.workspaces[w].resident = None;
+                }
+                return Err(Error::Numerical(format!(
+                    "the batch statistics of layer `{}` (batch norm) overflow float32 on {} (batch {bi}: \
+                     a mean or variance beyond its range): the data or weights are too large for float32; \
+                     the float64 reference computes in their range",
+                    crate::layers::layer_name(node),
+                    self.ctx.info.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_finite(&self, what: &str, xs: &[f32]) -> Result<()> {
+        non_finite_error(&self.model, what, xs, &self.ctx.info.name)
+    }
+
+    /// The ReLU masks (input > 0, in f32) per batch and node, as the GPU
+    /// sees them: lets tests run the float64 reference with the same kinks.
+    /// An engine replaying float64 decisions gives those.
+    pub fn relu_masks(&mut self) -> Result<Vec<Vec<Vec<bool>>>> {
+        self.ensure_decisions()?;
+        if let (true, Some(host)) = (self.replay, &self.held.host) {
+            let relu = |n: &crate::model::Node| n.op == Op::Act(Activation::Relu);
+            return Ok(host
+                .iter()
+                .map(|b| {
+                    (self.model.nodes.iter().zip(b))
+                        .map(|(n, d)| match d {
+                            layers::Decision::Mask(m) if relu(n) => m.clone(),
+                            _ => vec![],
+                        })
+                        .collect()
+                })
+                .collect());
+        }
+        let mut out = vec![];
+        for bi in 0..self.programs.len() {
+            let w = self.programs[bi].ws;
+            if self.workspaces[w].resident != Some(bi) {
+                if self.workspaces.len() < self.programs.len() {
+                    self.upload_batch(bi)?;
+                }
+                let p = &self.programs[bi];
+                self.submit(&format!("batch {bi}"), |enc| p.forward_backward.record(enc))?;
+                self.workspaces[w].resident = Some(bi);
+            }
+            let count = self.programs[bi].count;
+            let ws = &self.workspaces[w];
+            let mut ranges = vec![];
+            for node in &self.model.nodes {
+                if node.op == Op::Act(Activation::Relu) {
+                    let b = ws.act[self.canon[node.inputs[0]]];
+                    ranges.push((&self.arena.buffers[b], 0, count * node.in_shape.numel()));
+                }
+            }
+            let vals = self.ctx.read_f32(&ranges)?;
+            let mut it = vals.into_iter();
+            let masks = self
+                .model
+                .nodes
+                .iter()
+                .map(|n| {
+                    if n.op == Op::Act(Activation::Relu) {
+                        it.next().unwrap().iter().map(|x| *x > 0.0).collect()
+                    } else {
+                        vec![]
+                    }
+                })
+                .collect();
+            out.push(masks);
+        }
+        Ok(out)
+    }
+
+    /// After a non-finite result: the first layer (in graph order, over the
+    /// batches still resident) whose output (`tangents`: its R-forward
+    /// output) holds an infinity or NaN, as an error naming it. Ok when
+    /// every resident value is finite (the overflow happened later).
+    pub(super) fn diagnose(&self, tangents: bool) -> Result<()> {
+        for (bi, prog) in self.programs.iter().enumerate() {
+            let ws = &self.workspaces[prog.ws];
+            if ws.resident != Some(bi) {
+                continue;
+            }
+            for (i, node) in self.model.nodes.iter().enumerate() {
+                if layers::unit(&node.op).is_alias() {
+                    continue;
+                }
+                let v = self.canon[i + 1];
+                let buf = if tangents { ws.dact[v] } else { ws.act[v] };
+                let len = prog.count * node.out_shape.numel();
+                let vals = self.ctx.read_f32(&[(&self.arena.buffers[buf], 0, len)])?;
+                if let Some(x) = vals[0].iter().find(|x| !x.is_finite()) {
+                    let pass = if tangents { "R-forward" } else { "forward" };
+                    return Err(Error::Numerical(format!(
+                        "the {pass} pass overflows float32 at layer `{}` ({}) on {} (batch {bi}: an output is {x}): \
+                         the weights, data or direction are too large for float32; the float64 reference computes in their range",
+                        crate::layers::layer_name(node),
+                        node.kind(),
+                        self.ctx.info.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An error naming the first non-finite value of a parameter-shaped vector.
+pub(super) fn non_finite_error(model: &Model, what: &str, xs: &[f32], device: &str) -> Result<()> {
+    if let Some(i) = xs.iter().position(|x| !x.is_finite()) {
+        let name = model
+            .params
+            .iter()
+            .find(|p| i >= p.offset && i < p.offset + p.numel())
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
+        return Err(Error::Numerical(format!(
+            "{what} is {} at parameter {i} ({name}) on {device}: the weights, data or direction overflow in float32",
+            xs[i]
+        )));
+    }
+    Ok(())
+}
