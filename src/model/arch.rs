@@ -23,7 +23,13 @@
 //! shortcut             # ... optional projection branch from the same input
 //! end                  # out = main + shortcut (identity when absent)
 //! basicblock NAME COUT [stride=1] [bn=true|false] [shortcut=NAME]
+//! NAME = OP(INPUT, ...) [ARGS]   # explicit edges: any layer above by
+//!                                # its keyword, or add(A, B, ...)
 //! ```
+//! Each sequential line reads the value the line before it made; an
+//! explicit-edge line (`edges`) names its inputs, so a value may feed
+//! several layers (`input` is the model's input).
+//! `edges::to_text` writes any model in the explicit form.
 //! `basicblock` expands to the ResNet BasicBlock of the spec, including its
 //! final ReLU.
 //!
@@ -34,6 +40,11 @@
 //! value (per sample) or parameter tensor may exceed
 //! [`MAX_ELEMENTS`](super::MAX_ELEMENTS) elements, nor the model that many
 //! parameters in all. A model without trainable parameters is an error.
+
+mod blocks;
+mod edges;
+
+pub use edges::to_text;
 
 use super::graph::{Activation, BufferSpec, Init, Node, Op, ParamSpec, Shape};
 use super::{Model, MAX_ARCH_BYTES, MAX_ELEMENTS};
@@ -97,6 +108,8 @@ struct Parser<'a> {
     flat: Vec<bool>,
     /// Open residual blocks: (prefix, block input, main-branch end once `shortcut` is seen).
     blocks: Vec<Block>,
+    /// Values defined by explicit-edge lines (`edges`), by name.
+    names: std::collections::HashMap<String, usize>,
 }
 
 struct Block {
@@ -410,91 +423,6 @@ impl<'a> Parser<'a> {
         )
     }
 
-    fn basicblock(
-        &mut self,
-        local: &str,
-        cout: usize,
-        stride: usize,
-        bn: bool,
-        sc_name: &str,
-    ) -> Result<()> {
-        let (_, s) = self.image_input("basicblock", "Conv2d")?;
-        self.open_block(local)?;
-        self.conv("conv1", cout, 3, stride, 1, !bn)?;
-        if bn {
-            self.bn("bn1")?;
-        }
-        self.act("", Activation::Relu)?;
-        self.conv("conv2", cout, 3, 1, 1, !bn)?;
-        if bn {
-            self.bn("bn2")?;
-        }
-        if stride != 1 || s.c != cout {
-            self.open_shortcut()?;
-            self.conv(&format!("{sc_name}.0"), cout, 1, stride, 0, !bn)?;
-            if bn {
-                self.bn(&format!("{sc_name}.1"))?;
-            }
-        }
-        self.close_block()?;
-        self.act("", Activation::Relu)
-    }
-
-    fn open_block(&mut self, local: &str) -> Result<()> {
-        let input = self.cur()?;
-        self.blocks.push(Block {
-            prefix: local.to_string(),
-            input,
-            main: None,
-        });
-        Ok(())
-    }
-
-    fn open_shortcut(&mut self) -> Result<()> {
-        let cur = self.cur()?;
-        let b = self
-            .blocks
-            .last_mut()
-            .ok_or_else(|| err(self.file, self.line, "`shortcut` outside `residual`"))?;
-        if b.main.is_some() {
-            return Err(err(self.file, self.line, "second `shortcut` in one block"));
-        }
-        b.main = Some(cur);
-        self.cur = Some(b.input);
-        Ok(())
-    }
-
-    fn close_block(&mut self) -> Result<()> {
-        let b = self
-            .blocks
-            .pop()
-            .ok_or_else(|| self.e("`end` without `residual`"))?;
-        let cur = self.cur()?;
-        let (main, short) = match b.main {
-            Some(m) => (m, cur),
-            None => (cur, b.input),
-        };
-        let (main_flat, short_flat) = (self.is_flat(main.0), self.is_flat(short.0));
-        if main.1 != short.1 || main_flat != short_flat {
-            let show = |s: Shape, flat: bool| {
-                if flat {
-                    format!("flat [{}]", s.c)
-                } else {
-                    s.to_string()
-                }
-            };
-            return Err(self.e(format!(
-                "residual `{}`: main branch gives {} but shortcut gives {}",
-                b.prefix,
-                show(main.1, main_flat),
-                show(short.1, short_flat)
-            )));
-        }
-        let name = self.full_name(&b.prefix);
-        self.cur = Some(main);
-        self.push(name, Op::Add, vec![main.0, short.0], main.1, main_flat)
-    }
-
     fn line(&mut self, words: &[&str]) -> Result<()> {
         let (kw, rest) = (words[0], &words[1..]);
         if !KEYWORDS.contains(&kw) {
@@ -762,10 +690,14 @@ pub fn parse(file: &str, text: &str) -> Result<Model> {
         cur: None,
         flat: vec![],
         blocks: vec![],
+        names: Default::default(),
     };
     for (i, raw) in text.lines().enumerate() {
         p.line = i + 1;
         let content = raw.split('#').next().unwrap_or("");
+        if p.edge_line(content)? {
+            continue;
+        }
         let words: Vec<&str> = content.split_whitespace().collect();
         if !words.is_empty() {
             p.line(&words)?;
