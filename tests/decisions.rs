@@ -396,3 +396,46 @@ fn random_initialisations_decide_as_float64() {
         );
     }
 }
+
+/// The CLI: every report states its decisions (source, counts per layer,
+/// flips on a GPU), `--decisions float32` keeps each pass's own, and the
+/// float64 reference refuses float32 decisions by name.
+#[test]
+fn reports_state_their_decisions() {
+    let (ok, _, err) = common::hesscope(&["grad", "--backend", "cpu", "--decisions", "float32"]);
+    assert!(!ok && err.contains("--decisions float32"), "{err}");
+    let (ok, out, err) = common::hesscope(&["grad", "--backend", "cpu", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let d = &v["decisions"];
+    assert_eq!(d["source"], "float64", "{out}");
+    assert!(
+        d["flipped"].is_null(),
+        "the reference counts no float32 flips: {out}"
+    );
+    // cnn-tiny: a ReLU after bn1 and four in its two blocks.
+    let layers = d["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 5, "{out}");
+    let total: u64 = layers
+        .iter()
+        .map(|l| l["decisions"].as_u64().unwrap())
+        .sum();
+    assert_eq!(d["decisions"].as_u64().unwrap(), total);
+    if common::gpu_context(hesscope::gpu::BackendChoice::Vulkan).is_none() {
+        return;
+    }
+    for (dec, flips_counted) in [("float64", true), ("float32", false)] {
+        let (ok, out, err) =
+            common::hesscope(&["hvp", "--backend", "vulkan", "--decisions", dec, "--json"]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["decisions"]["source"], dec, "{out}");
+        assert_eq!(!v["decisions"]["flipped"].is_null(), flips_counted, "{out}");
+        assert_eq!(v["decisions"]["decisions"].as_u64(), Some(total), "{out}");
+    }
+    let (ok, out, err) = common::hesscope(&["hvp", "--backend", "vulkan"]);
+    assert!(
+        ok && out.contains("decisions:") && out.contains("taken as float64 does"),
+        "{out}{err}"
+    );
+}
