@@ -9,6 +9,8 @@
 #   cargo build --release
 #   cargo build --release --example lanczos_host_cost
 #   mkdir -p .devbin && cp target/release/hesscope target/release/examples/lanczos_host_cost .devbin/ && strip .devbin/*
+#   # the fixtures the correctness step reads (those with ref-*/reference.json, ~3.5 MB):
+#   mkdir -p .devbin/fixtures && for d in ../shared/fixtures/*/; do ls "$d"ref-*/reference.json >/dev/null 2>&1 && cp -r "$d" .devbin/fixtures/; done
 #   echo /.devbin/ >> .git/info/exclude
 #   # the Vulkan/EGL loaders, once (see ../.library/device/README.md):
 #   echo /.gl/ >> .git/info/exclude; mkdir -p .gl /tmp/amd64/partial
@@ -20,7 +22,16 @@
 # binary; default .devbin/hesscope), QUICK=1 for a short smoke run,
 # DRY_RUN=1 to check the script itself on a machine without an NVIDIA GPU
 # (any adapter, QUICK sizes, no resnet18 or PyTorch peer; its numbers are
-# not GPU numbers).
+# not GPU numbers), FIXTURES (default .devbin/fixtures, else
+# ../shared/fixtures), ONLY=selftest to stop after the correctness step.
+#
+# The correctness step runs first: `hesscope selftest` on the adapter
+# (gradient and Hv of every fixture against PyTorch's float64, with the
+# tiled convs and split reductions forced on too, eigs top 5, a density
+# against the exact spectrum) into $OUT/selftest.json; device_run.json
+# carries it as `selftest` and its verdict as `correct`, so the first
+# minutes on a lent GPU say whether its numbers are right before how fast
+# they are. Timing goes on after a failure (the failure is the finding).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device-out}"
@@ -67,13 +78,7 @@ fi
 [ "${DRY_RUN:-0}" = 1 ] || say "NVIDIA Vulkan adapter index $ADAPTER"
 GPU=(--backend vulkan --adapter "$ADAPTER")
 
-# 2. Files shared with the PyTorch peer.
-B=128
-[ "${QUICK:-0}" = 1 ] && B=32
-"$HS" init --model resnet20 --out "$OUT/w20.safetensors" >> "$LOG" 2>&1
-"$HS" synth --model resnet20 --samples "$B" --out "$OUT/d20.safetensors" >> "$LOG" 2>&1
-COMMON20=(--model resnet20 --weights "$OUT/w20.safetensors" --data "$OUT/d20.safetensors" --batch "$B")
-
+# 1b. Correctness before speed (see the header).
 timed() { # name, command...: wall seconds of the command into $OUT/<name>.time
     local name=$1; shift
     local t0; t0=$(date +%s.%N)
@@ -83,6 +88,34 @@ timed() { # name, command...: wall seconds of the command into $OUT/<name>.time
     say "$name: rc $rc, $(cat "$OUT/$name.time") s"
     return $rc
 }
+FIX="${FIXTURES:-.devbin/fixtures}"
+[ -d "$FIX" ] || FIX=../shared/fixtures
+if timed selftest "$HS" selftest "${GPU[@]}" --fixtures "$FIX" --json; then
+    say "selftest: every check passed"
+else
+    say "selftest FAILED (or did not run): see $OUT/selftest.json and the log; timing anyway"
+fi
+python3 - "$OUT/selftest.json" <<'EOF' | tee -a "$LOG"
+import json, sys
+try:
+    text = open(sys.argv[1]).read().strip()
+    r = json.loads(text.splitlines()[-1])
+except Exception as e:
+    print(f"selftest: no report ({e!r})")
+    sys.exit(0)
+for c in r["checks"]:
+    err = "-" if c["error"] is None else f'{c["error"]:.2e}'
+    print(f'{"pass" if c["passed"] else "FAIL"} {c["fixture"]:<20} {c["engine"]:<11} {c["quantity"]:<13} {err:>9} (tol {c["tolerance"]:.0e})')
+print(f'selftest on {r["adapter"]}: {r["failed"]} of {len(r["checks"])} failed, {r["seconds"]:.1f} s')
+EOF
+
+# 2. Files shared with the PyTorch peer.
+if [ "${ONLY:-}" != selftest ]; then
+B=128
+[ "${QUICK:-0}" = 1 ] && B=32
+"$HS" init --model resnet20 --out "$OUT/w20.safetensors" >> "$LOG" 2>&1
+"$HS" synth --model resnet20 --samples "$B" --out "$OUT/d20.safetensors" >> "$LOG" 2>&1
+COMMON20=(--model resnet20 --weights "$OUT/w20.safetensors" --data "$OUT/d20.safetensors" --batch "$B")
 
 # 3. hesscope: the kernel table and gradient / HVP at resnet20 batch B.
 # On a GPU the table holds the tiled conv kernels at the tile the engine
@@ -139,6 +172,8 @@ done
 # 4. The PyTorch peer on the same files, FP32 with TF32 off.
 [ "${DRY_RUN:-0}" = 1 ] || timed peer_resnet20 python3 benches/peer/pytorch_hvp.py "${COMMON20[@]}" --repeats 20 --json
 
+fi # ONLY=selftest
+
 # 5. One JSON of everything.
 python3 - "$OUT" <<'EOF'
 import glob, json, os, sys
@@ -161,6 +196,8 @@ for f in sorted(glob.glob(os.path.join(out, "*.json"))):
     res[name] = entry
 rb = os.path.join(out, "resnet18_batch")
 res["resnet18_largest_batch"] = int(open(rb).read()) if os.path.exists(rb) else None
+st = res.get("selftest", {}).get("result")
+res["correct"] = bool(st and st.get("passed"))
 json.dump(res, open(os.path.join(out, "device_run.json"), "w"), indent=1)
 print(json.dumps({k: v.get("wall_seconds") for k, v in res.items() if isinstance(v, dict) and "wall_seconds" in v}, indent=1))
 EOF

@@ -19,6 +19,7 @@ pub mod layers;
 pub mod model;
 pub mod ops;
 pub mod report;
+pub mod selftest;
 pub mod snapshot;
 pub mod trace_grad;
 pub mod train;

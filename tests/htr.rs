@@ -448,12 +448,11 @@ fn bad_regulariser_flags_are_refused_naming_them() {
 /// extra term — θ(plain) − θ(regularised) on one backend — against the
 /// reference's lr·γ·∇trace (an extra term with zero gradient gives 1).
 ///
-/// Tolerances: the estimates 1e-5 (vᵀHv from one float32 product, 4e-7 on
-/// every fixture, tests/gpu.rs); the weights 1e-5 as for plain training
-/// (tests/train_gpu.rs; the trace gradient's own error is ≤ 1e-5,
-/// tests/trace_grad_gpu.rs, times γ·lr); the extra term 1e-3, the aim for
-/// float32 trace gradients, which must also absorb the cancellation
-/// ε₃₂·‖θ₁‖/‖θ(plain) − θ(reg)‖ (printed, asserted below 1e-4).
+/// Tolerances: the estimates 1e-5 (vᵀHv from one float32 product; measured
+/// 3.8e-8 to 2.5e-6, 4× below); the weights 4e-6 (measured 6.0e-7; plain
+/// training's own is 3.2e-7, tests/train_gpu.rs); the extra term 3e-5
+/// (measured 4.4e-6), which must also absorb the cancellation
+/// ε₃₂·‖θ₁‖/‖θ(plain) − θ(reg)‖ (printed, 6.1e-8, asserted below 1e-4).
 ///
 /// Why γ = 1e-3 for the run: at γ = 1e-2 this small net runs away into
 /// negative curvature (the estimate goes −7.9 → −182 in three regularised
@@ -496,7 +495,10 @@ fn gpu_regularised_training_follows_the_reference() {
         let lost = 6e-8 * norm(&rg.weights().theta) / norm(&dc);
         println!("{choice:?}: first step's extra term {e_first:.2e} (cancellation {lost:.1e})");
         assert!(lost < 1e-4, "{lost:.1e}");
-        assert!(e_first <= 1e-3, "{e_first:.2e}");
+        // Measured 4.4e-6 on Vulkan and GL (the README's figure): 3e-5 is
+        // 6.8× that (the aim for float32 trace gradients, 1e-3, would let a
+        // hundredfold regression pass).
+        assert!(e_first <= 3e-5, "{e_first:.2e}");
         // Two epochs from the start.
         let reg = || Some(htr(1e-3, "block1,block2.conv1", 2, 2, 0));
         let (mut rg, mut rc) = (make(reg(), true), make(reg(), false));
@@ -514,13 +516,14 @@ fn gpu_regularised_training_follows_the_reference() {
         }
         let e = rel_err(&rg.weights().theta, &rc.weights().theta);
         println!("{choice:?}: θ after 2 regularised epochs {e:.2e}");
-        assert!(e <= 1e-5, "{e:.2e}");
+        // Measured 6.0e-7 (Vulkan, GL): held at 6.7× that.
+        assert!(e <= 4e-6, "{e:.2e}");
     }
 }
 
 /// `hesscope train --backend vulkan --htr-gamma`: the run regularises on
-/// the GPU, records the regulariser's value, lands within 1e-5 of the
-/// float64 run (as `gpu_regularised_training_follows_the_reference`), and
+/// the GPU, records the regulariser's value, lands close to the
+/// float64 run (4e-6, as `gpu_regularised_training_follows_the_reference`), and
 /// a run stopped after its first epoch resumes to the same bytes.
 #[test]
 fn cli_regularises_on_the_gpu_and_resumes_bit_for_bit() {
@@ -570,7 +573,8 @@ fn cli_regularises_on_the_gpu_and_resumes_bit_for_bit() {
     }
     let e = rel_err(&gpu.1, &cpu.1);
     println!("CLI vulkan vs cpu with the regulariser: θ {e:.2e}");
-    assert!(e <= 1e-5, "{e:.2e}");
+    // Measured 5.9e-7: held at 6.8× that, as the library's run above.
+    assert!(e <= 4e-6, "{e:.2e}");
     // Stopped after epoch 1, resumed to 2: the same bytes as the run above.
     let b = tmp.path().join("resumed");
     let (ok, _, stderr) = hesscope(&cli_args_on("vulkan", &b, &flags("1")));

@@ -11,8 +11,11 @@ use hesscope::layers::Decision;
 use hesscope::model::{Model, Weights};
 use hesscope::trace_grad::{trace_grad, LayerSet, Steps};
 
-/// The brief's bound; the measured errors are ~1e-11 or below.
-const TOL: f64 = 1e-8;
+/// Measured 9.2e-14 to 6.7e-12 against PyTorch's float64 (the three
+/// fixtures and the CLI; the README quotes the range); 5e-11 is 7.5× the
+/// worst, the room Richardson's last correction leaves (its estimates are
+/// 5.8e-12 to 1.5e-8, conservative), and a hundredfold regression fails.
+const TOL: f64 = 5e-11;
 
 const FIXTURES: [(&str, BnMode, &str); 3] = [
     ("cnn-tiny", BnMode::Batch, "third-middle"),
@@ -233,9 +236,7 @@ fn cli_fixture_gradient(backend: &str) {
     }
     let (ok, stdout, stderr) = run(&args);
     if !ok && backend != "cpu" && stderr.contains("no ") && stderr.contains("adapter") {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-        assert!(!ci, "CI=true but no {backend} adapter: {stderr}");
-        eprintln!("SKIPPED: no {backend} adapter");
+        skip(&format!("no {backend} adapter: {stderr}"));
         return;
     }
     assert!(ok, "{backend}: {stderr}");
@@ -276,7 +277,12 @@ fn cli_fixture_gradient(backend: &str) {
         // vᵀHv from one float32 product: its accuracy (4e-7 on every
         // fixture, tests/gpu.rs) with margin.
         assert!(e_est < 1e-5, "estimate {e_est:.2e}");
-        assert!(e <= bound && bound <= 1e-3, "{e:.2e} (bound {bound:.2e})");
+        // Measured 4.6e-6 on Vulkan and GL (bound 5.6e-5): held 8.7× above
+        // it, as tests/trace_grad_gpu.rs holds the library's.
+        assert!(
+            e <= 4e-5 && e <= bound && bound <= 1e-3,
+            "{e:.2e} (bound {bound:.2e})"
+        );
     }
 }
 

@@ -37,13 +37,22 @@ fn for_each_fixture(mut f: impl FnMut(BackendChoice, &str, BnMode, &str, ThirdFi
     }
 }
 
-/// The aim of the issue for float32 differences.
+/// The aim of the issue for float32 differences (what the stated bound
+/// must stay under).
 const AIM: f64 = 1e-3;
 
+/// What the errors themselves are held to: measured 3.1e-6 to 6.4e-6 on
+/// the three fixtures, Vulkan and GL (the README's range), 4.6e-6 through
+/// the CLI; 4e-5 is 6.2× the worst, below every stated bound (5.5e-5 to
+/// 1.5e-4), so a hundredfold regression fails even where the bound would
+/// still hold it.
+const MEASURED_TOL: f64 = 4e-5;
+
 /// Every fixture on both GPU backends with the float32 steps: within the
-/// bound the run states (truncation estimate + rounding bound) and within
-/// the aim. Measured: 3e-6 to 6.4e-6 (bounds 2e-6 to 1.4e-4; the bound
-/// is dominated by the truncation estimate, which is conservative).
+/// bound the run states (truncation estimate + rounding bound), within
+/// [`MEASURED_TOL`], and the bound within the aim. Measured: 3.1e-6 to
+/// 6.4e-6 (bounds 5.5e-5 to 1.5e-4; the bound is dominated by the
+/// truncation estimate, which is conservative).
 #[test]
 fn every_fixture_matches_pytorch_within_the_stated_bound() {
     for_each_fixture(|choice, model, bn, tag, c, mut e| {
@@ -59,6 +68,7 @@ fn every_fixture_matches_pytorch_within_the_stated_bound() {
             "{model} {tag}: {err:.3e} above the stated bound {:.3e}",
             t.error_estimate
         );
+        assert!(err <= MEASURED_TOL, "{model} {tag}: {err:.3e}");
         assert!(
             t.error_estimate <= AIM,
             "{model} {tag}: bound {:.3e}",

@@ -3,9 +3,12 @@
 //! CI=true.
 //!
 //! Tolerances:
-//! - `TOL_TRAJ` = 1e-5 relative, every step's loss and every final
+//! - `TOL_TRAJ` = 2e-6 relative, every step's loss and every final
 //!   trainable tensor and BN buffer against PyTorch's float64 trajectory
-//!   (../shared/fixtures/<model>/train-sgd/). PyTorch's own float32 run
+//!   (../shared/fixtures/<model>/train-sgd/). Measured on lavapipe and
+//!   llvmpipe: step losses 1.1e-7 to 1.5e-7, final tensors 1.2e-7 to
+//!   3.2e-7, momentum buffers 1.9e-7 to 2.4e-7; 2e-6 is 6.3× the worst,
+//!   so a hundredfold looser trajectory fails. PyTorch's own float32 run
 //!   lands 9.6e-8 from float64 on cnn-tiny (train.json), so float32
 //!   arithmetic done right sits near 1e-7; a wrong term does not: the run
 //!   travels 0.156 of ‖θ‖ in 12 steps, so dropping weight decay (5e-4·θ
@@ -32,7 +35,7 @@ use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-const TOL_TRAJ: f64 = 1e-5;
+const TOL_TRAJ: f64 = 2e-6;
 const TOL_FEW: f64 = 1e-6;
 
 const FIXTURES: [&str; 2] = ["cnn-tiny", "cnn-tiny-nobn"];

@@ -6,6 +6,7 @@
 mod common;
 pub mod errors;
 pub mod output;
+mod selftest_cmd;
 mod spectral_cmds;
 mod trace_grad_cmd;
 mod train_cmd;
@@ -118,6 +119,10 @@ pub enum Command {
         #[command(flatten)]
         inputs: Inputs,
     },
+    /// Check the GPU engine on an adapter against the PyTorch fixtures'
+    /// float64 references (gradients, Hv, eigs, a density, the GPU-only
+    /// kernel paths forced on); exits non-zero when a check fails.
+    Selftest(selftest_cmd::SelftestArgs),
     /// Write the model's deterministic initial weights (a PyTorch state_dict).
     Init {
         /// The safetensors file to write.
@@ -146,6 +151,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train_cmd::train_cmd(a),
         Command::Exact(a) => spectral_cmds::exact_cmd(a),
         Command::Layers(a) => spectral_cmds::layers_cmd(a),
+        Command::Selftest(a) => selftest_cmd::selftest_cmd(a),
         Command::Bench {
             inputs,
             reps,

@@ -28,6 +28,9 @@ pub fn fixture_cases() -> Vec<(String, BnMode)> {
             ("ref-batch", BnMode::Batch),
             ("ref-running", BnMode::Running),
         ] {
+            // The fixtures README's `ref-<bn>/` form (reference.json, grad,
+            // hv, ...); the third-party networks' `ref-<bn>/` folders hold
+            // loss/grad/hv safetensors only and have their own tests.
             if fixtures_dir()
                 .join(&d)
                 .join(sub)
@@ -92,12 +95,30 @@ pub fn gpu_context(choice: hesscope::gpu::BackendChoice) -> Option<hesscope::gpu
     match hesscope::gpu::GpuContext::open(choice, 0) {
         Ok(ctx) => Some(ctx),
         Err(e) => {
-            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-            assert!(!ci, "CI=true but no {choice:?} adapter: {e}");
-            eprintln!("SKIPPED: no {choice:?} adapter ({e})");
+            skip(&format!("no {choice:?} adapter ({e})"));
             None
         }
     }
+}
+
+/// Whether this run is CI's (`CI=true`, as `.ci/run` sets it).
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Every skip of a test goes through here: under `CI=true` it fails (CI
+/// installs Mesa's software drivers, so a GPU test that cannot run there
+/// is a broken setup, never a pass); elsewhere it prints what was skipped.
+pub fn skip(what: &str) {
+    assert!(!under_ci(), "CI=true but a test would skip: {what}");
+    eprintln!("SKIPPED: {what}");
+}
+
+/// Whether a backend's first adapter is a CPU emulator (lavapipe,
+/// llvmpipe), for assertions about what `auto` chooses there; None (after
+/// [`skip`]) without an adapter.
+pub fn is_cpu_adapter(choice: hesscope::gpu::BackendChoice) -> Option<bool> {
+    gpu_context(choice).map(|c| c.is_cpu_adapter())
 }
 
 /// The backends every GPU test runs on: lavapipe and llvmpipe in CI.
