@@ -228,9 +228,11 @@ fn tv_resnet18_trunc_over_12_seeds_decides_as_float64() {
         );
         let data = gaussian_data(model.input, model.classes, 8, seed);
         let problem = Problem::new(model.clone(), w, data, 8, BnMode::Batch).unwrap();
-        // Float32 decisions beside them on a third of the seeds (time).
+        // Float32 decisions beside them on the first seed only (CI time:
+        // the planted kinks of `random_initialisations_decide_as_float64`
+        // show float32 flipping; BENCHMARKS.md has all 12 seeds both ways).
         let label = format!("seed {seed}");
-        for (_, err32, flipped) in check_network(&label, problem, seed, seed % 3 == 0) {
+        for (_, err32, flipped) in check_network(&label, problem, seed, seed == 0) {
             flips += flipped;
             far += (err32 > 1e-5) as u64;
         }
