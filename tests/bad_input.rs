@@ -1389,6 +1389,146 @@ fn flag_cases(dir: &Path) -> Vec<Case> {
     out
 }
 
+/// `hesscope train`: divergence (on the reference, Vulkan and GL), flags
+/// checked whether or not their feature is on, folders holding another
+/// run, and a stdout that goes away.
+fn train_cases(dir: &Path) -> Vec<Case> {
+    let mut out = vec![];
+    let mut n = 0;
+    let mut fresh = || {
+        n += 1;
+        s(&dir.join(format!("train-{n}")))
+    };
+    let base = |o: String, flags: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "train",
+            "--model",
+            "cnn-tiny",
+            "--samples",
+            "64",
+            "--batch",
+            "16",
+            "--epochs",
+            "3",
+            "--lr",
+            "0.05",
+            "--out",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.push(o);
+        // A flag given replaces the default one.
+        let mut i = 0;
+        while i < flags.len() {
+            match a.iter().position(|x| x == flags[i]) {
+                Some(p) if i + 1 < flags.len() && !flags[i + 1].starts_with("--") => {
+                    a[p + 1] = flags[i + 1].into();
+                    i += 2;
+                }
+                _ => {
+                    a.push(flags[i].into());
+                    i += 1;
+                }
+            }
+        }
+        if !a.iter().any(|x| x == "--backend") {
+            a.extend(["--backend".into(), "cpu".into()]);
+        }
+        a
+    };
+    let mut push = |name: String, a: Vec<String>, needles: &[&str]| {
+        let refs: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        out.push(case(name, &refs, needles));
+    };
+    // Divergence: named with its epoch and step, no checkpoint, exit 1.
+    for backend in ["cpu", "vulkan", "gl"] {
+        for flags in [
+            vec!["--lr", "1e6"],
+            vec!["--lr", "1e50"],
+            vec!["--lr", "1e150"],
+            vec!["--lr", "1e3"],
+            vec!["--weight-decay", "1e10"],
+        ] {
+            let mut f = flags.clone();
+            f.extend(["--backend", backend]);
+            push(
+                format!("train {} on {backend}", flags.join(" ")),
+                base(fresh(), &f),
+                &["diverged in epoch", ", step", "last good checkpoint"],
+            );
+        }
+    }
+    push(
+        "train --htr-gamma 1e30".into(),
+        base(fresh(), &["--htr-gamma", "1e30", "--samples", "16"]),
+        &["epoch 1", "step 1", "last good checkpoint"],
+    );
+    // Flags checked without their feature.
+    for (flags, needle) in [
+        (vec!["--steps", "0"], "--steps"),
+        (vec!["--probes", "0"], "--probes"),
+        (vec!["--block", "0"], "--block"),
+        (vec!["--runs", "0"], "--runs"),
+        (vec!["--grid", "1"], "--grid"),
+        (vec!["--tol", "2"], "--tol"),
+        (vec!["--sigma", "-1"], "--sigma"),
+        (vec!["--htr-probes", "0"], "--htr-probes"),
+        (vec!["--htr-every", "0"], "--htr-every"),
+        (vec!["--htr-layers", "nosuch"], "--htr-layers"),
+        (vec!["--htr-from-epoch", "5"], "--htr-from-epoch"),
+        (vec!["--htr-from-epoch", "3"], "--htr-from-epoch"),
+        (vec!["--cache-budget", "NaN"], "--cache-budget"),
+        (vec!["--cache-budget", "-1"], "--cache-budget"),
+        (
+            vec!["--overwrite", "--resume", "/nonexistent/r"],
+            "--overwrite",
+        ),
+        (vec!["--resume", "/nonexistent/r"], "--resume"),
+    ] {
+        push(
+            format!("train {}", flags.join(" ")),
+            base(fresh(), &flags),
+            &[needle],
+        );
+    }
+    // crop-flip on images a crop can miss: 1×1 (a flat input) and 4×4.
+    for (name, input) in [("flat", "36 1 1"), ("small", "1 4 4")] {
+        let arch = dir.join(format!("{name}.arch"));
+        std::fs::write(
+            &arch,
+            format!("model {name}\ninput {input}\nclasses 4\nflatten\nlinear fc 4\n"),
+        )
+        .unwrap();
+        push(
+            format!("train --augment crop-flip on {input}"),
+            base(fresh(), &["--augment", "crop-flip", "--model", &s(&arch)]),
+            &["--augment", "crop-flip"],
+        );
+    }
+    // A folder holding another run's checkpoint.
+    let old = dir.join("old-run");
+    std::fs::create_dir_all(old.join("checkpoints")).unwrap();
+    std::fs::write(old.join("checkpoints/epoch-1.json"), "{}").unwrap();
+    push(
+        "train into another run's folder".into(),
+        base(s(&old), &[]),
+        &["--out", "another run", "--overwrite", "--resume"],
+    );
+    // stdout closed: the run goes on and ends with 0; /dev/full: 1.
+    let mut c = case("x", &[], &[]);
+    let a = base(fresh(), &[]);
+    c.args = a;
+    c.name = "train (stdout closed)".into();
+    c.expect = Expect::Quiet;
+    c.stdout = Out::Closed;
+    out.push(c);
+    let mut c = case("train > /dev/full", &[], &["stdout"]);
+    c.args = base(fresh(), &[]);
+    c.stdout = Out::Full;
+    out.push(c);
+    out
+}
+
 #[test]
 fn crafted_bad_input_ends_in_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -1398,6 +1538,7 @@ fn crafted_bad_input_ends_in_a_clear_error() {
     cases.extend(vector_cases(dir.path()));
     cases.extend(data_cases(dir.path()));
     cases.extend(flag_cases(dir.path()));
+    cases.extend(train_cases(dir.path()));
     assert!(cases.len() >= 300, "only {} cases", cases.len());
     check_all(cases);
 }

@@ -227,6 +227,7 @@ impl Inputs {
         problem: &Problem,
         mut options: hesscope::gpu::EngineOptions,
     ) -> Result<Option<hesscope::gpu::GpuEngine>> {
+        self.check_cache_budget()?;
         let Some(choice) = self.backend.gpu() else {
             return Ok(None);
         };
@@ -251,6 +252,15 @@ impl Inputs {
                 self.adapter
             ))),
         }
+    }
+
+    /// --cache-budget is checked on every backend, the reference's too
+    /// (which does not use it).
+    pub fn check_cache_budget(&self) -> Result<()> {
+        if let Some(gib) = self.cache_budget {
+            gib_bytes("--cache-budget", gib, true)?;
+        }
+        Ok(())
     }
 
     /// A direction with the model's trainable tensor names.

@@ -41,6 +41,7 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("htr gamma", "--htr-gamma"),
     ("htr probes", "--htr-probes"),
     ("htr every", "--htr-every"),
+    ("augment", "--augment"),
 ];
 
 /// The flag for a library input name, if the CLI has one.

@@ -9,6 +9,8 @@ pub mod output;
 mod spectral_cmds;
 mod trace_grad_cmd;
 mod train_cmd;
+mod train_guard;
+mod train_plots;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
