@@ -499,6 +499,23 @@ fn arch_cases(dir: &Path) -> Vec<Case> {
             &["line 5", "slope"],
         );
     }
+    // An option split by spaces: named as such, not "unknown option ``".
+    for (i, line) in [
+        "leaky_relu slope = 0.1",
+        "leaky_relu slope= 0.1",
+        "leaky_relu slope =0.1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        add(
+            &format!("leaky-spaced-{i}"),
+            4,
+            1,
+            &[line],
+            &["line 5", "slope=", "without spaces"],
+        );
+    }
     // bn, gap, flatten, linear.
     add("bn-no-name", 4, 0, &["bn"], &["line 5", "usage"]);
     add("bn-option", 4, 0, &["bn b eps=1"], &["line 5", "eps"]);
@@ -1389,6 +1406,141 @@ fn flag_cases(dir: &Path) -> Vec<Case> {
     out
 }
 
+/// Leftovers of the previous battery: a header whose byte range does not
+/// match a tensor's shape names the tensor; a CIFAR .bin given as --data;
+/// a missing .arch file; `all` inside a list of modules; a non-finite Hv.
+fn leftover_cases(dir: &Path) -> Vec<Case> {
+    let mut out = vec![];
+    // fc2.bias's range is 4 bytes short of its shape; then fc1.weight's
+    // data offsets overlap fc1.bias's... each error names the tensor.
+    let mut t = mlp_weights();
+    let i = t.iter().position(|x| x.0 == "fc2.bias").unwrap();
+    let short = t[i].3.len() - 4;
+    t[i].3.truncate(short);
+    let specs: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = t
+        .iter()
+        .map(|(n, d, sh, b)| (n.as_str(), d.as_str(), sh.clone(), b.clone()))
+        .collect();
+    let f = dir.join("short-range.safetensors");
+    std::fs::write(&f, st_bytes(&specs)).unwrap();
+    out.push(case(
+        "weights with a short byte range",
+        &[
+            "grad",
+            "--backend",
+            "cpu",
+            "--model",
+            "mlp-tiny",
+            "--samples",
+            "4",
+            "--weights",
+            &s(&f),
+        ],
+        &["short-range.safetensors", "fc2.bias", "data_offsets"],
+    ));
+    // A CIFAR batch file alone.
+    let bin = dir.join("data_batch_1.bin");
+    std::fs::write(&bin, vec![0u8; 3073 * 2]).unwrap();
+    out.push(case(
+        "a CIFAR .bin as --data",
+        &["grad", "--backend", "cpu", "--data", &s(&bin)],
+        &["data_batch_1.bin", "folder"],
+    ));
+    // A missing architecture file is a missing file.
+    let missing = dir.join("nosuch.arch");
+    out.push(case(
+        "a missing .arch",
+        &["grad", "--backend", "cpu", "--model", &s(&missing)],
+        &["--model", "nosuch.arch", "No such file"],
+    ));
+    out.push(case(
+        "a missing arch in a folder",
+        &["grad", "--backend", "cpu", "--model", "/nonexistent/m"],
+        &["--model", "/nonexistent/m", "No such file"],
+    ));
+    // `all` and `middle` stand alone.
+    for spec in ["all,middle", "fc1,all", "middle,fc2"] {
+        out.push(case(
+            format!("--layer {spec}"),
+            &[
+                "density",
+                "--backend",
+                "cpu",
+                "--model",
+                "mlp-tiny",
+                "--samples",
+                "4",
+                "--layer",
+                spec,
+            ],
+            &["--layer", "stands alone"],
+        ));
+    }
+    // Weights so large that Hv overflows float64: an error, not a null.
+    let big: Vec<Spec> = mlp_weights()
+        .into_iter()
+        .map(|(n, _, sh, b)| {
+            let k = b.len() / 4;
+            (
+                n,
+                "F64".to_string(),
+                sh,
+                (0..k).flat_map(|_| 1e120f64.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let f = dir.join("huge.safetensors");
+    write_st(&f, &big);
+    // A direction of 1e300s: Hv or vᵀHv overflows; an error, not a null.
+    let v: Vec<Spec> = mlp_params()
+        .into_iter()
+        .map(|(n, sh)| {
+            let k: usize = sh.iter().product();
+            (
+                n,
+                "F64".to_string(),
+                sh,
+                (0..k).flat_map(|_| 1e300f64.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let vf = dir.join("huge-v.safetensors");
+    write_st(&vf, &v);
+    out.push(case(
+        "hvp along a direction of 1e300",
+        &[
+            "hvp",
+            "--backend",
+            "cpu",
+            "--model",
+            "mlp-tiny",
+            "--samples",
+            "4",
+            "--vector",
+            &s(&vf),
+            "--json",
+        ],
+        &["overflow"],
+    ));
+    out.push(case(
+        "hvp on weights of 1e120",
+        &[
+            "hvp",
+            "--backend",
+            "cpu",
+            "--model",
+            "mlp-tiny",
+            "--samples",
+            "4",
+            "--weights",
+            &s(&f),
+            "--json",
+        ],
+        &["NaN", "overflow"],
+    ));
+    out
+}
+
 /// `hesscope train`: divergence (on the reference, Vulkan and GL), flags
 /// checked whether or not their feature is on, folders holding another
 /// run, and a stdout that goes away.
@@ -1539,6 +1691,7 @@ fn crafted_bad_input_ends_in_a_clear_error() {
     cases.extend(data_cases(dir.path()));
     cases.extend(flag_cases(dir.path()));
     cases.extend(train_cases(dir.path()));
+    cases.extend(leftover_cases(dir.path()));
     assert!(cases.len() >= 300, "only {} cases", cases.len());
     check_all(cases);
 }

@@ -233,10 +233,34 @@ fn hvp(inputs: &Inputs, vector: Option<PathBuf>, out: Option<PathBuf>) -> Result
     let t = Instant::now();
     let (loss, grad, hv) = l.engine.loss_grad_hvp(&v).context("computing Hv")?;
     let seconds = t.elapsed().as_secs_f64();
+    for (what, x) in [("Hv", &hv), ("the gradient", &grad)] {
+        if let Some(i) = x.iter().position(|x| !x.is_finite()) {
+            let p = l
+                .model
+                .params
+                .iter()
+                .find(|p| (p.offset..p.offset + p.numel()).contains(&i));
+            bail!(
+                "{what} is not finite: `{}` element {} is {} (the weights or the direction \
+                 overflow float64's range)",
+                p.map_or("?", |p| p.name.as_str()),
+                i - p.map_or(0, |p| p.offset),
+                x[i]
+            );
+        }
+    }
     if let Some(path) = &out {
         inputs.save_vector(&l.model, path, &hv)?;
     }
     let vhv: f64 = v.iter().zip(&hv).map(|(a, b)| a * b).sum();
+    if !vhv.is_finite() {
+        bail!(
+            "vᵀHv is {vhv}: it overflows float64 (‖v‖ = {:e}, ‖Hv‖ = {:e}); scale the direction \
+             (--vector) down",
+            vnorm(&v),
+            vnorm(&hv)
+        );
+    }
     emit(
         inputs.json,
         &HvpReport {

@@ -44,8 +44,17 @@ pub fn notice(text: impl AsRef<str>) {
     let _ = writeln!(std::io::stderr(), "{}", text.as_ref());
 }
 
+/// ‖v‖₂, scaled by the largest |vᵢ| so that it overflows only when the
+/// norm itself does (NaN when an element is).
 pub fn vnorm(v: &[f64]) -> f64 {
-    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+    if v.iter().any(|x| x.is_nan()) {
+        return f64::NAN;
+    }
+    let m = v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    if m == 0.0 || m.is_infinite() {
+        return m;
+    }
+    m * v.iter().map(|x| (x / m) * (x / m)).sum::<f64>().sqrt()
 }
 
 /// A report: as one JSON line with `json`, otherwise as `key  value` lines.

@@ -337,8 +337,11 @@ fn block_range(model: &Model, layer: &Option<String>) -> Result<std::ops::Range<
     match model.prefix_range(l) {
         Ok(r) => Ok(r),
         Err(prefix_err) => {
-            let Ok(set) = hesscope::trace_grad::LayerSet::parse(model, l) else {
-                return Err(prefix_err.into());
+            let set = match hesscope::trace_grad::LayerSet::parse(model, l) {
+                Ok(set) => set,
+                // A list is a tensor set: its own error names the item.
+                Err(e) if l.contains(',') => return Err(e.into()),
+                Err(_) => return Err(prefix_err.into()),
             };
             let (first, last) = (set.tensors[0], set.tensors[set.tensors.len() - 1]);
             if last - first + 1 != set.tensors.len() {
