@@ -1372,6 +1372,24 @@ fn flag_cases(dir: &Path) -> Vec<Case> {
             &["/nonexistent/dir/o.safetensors"],
         ));
     }
+    // Outputs checked before the computation: a folder given as the file,
+    // a missing folder, for every command that writes one.
+    for (cmd, flag, extra) in [
+        ("density", "--plot", vec!["--steps", "4", "--runs", "1"]),
+        ("exact", "--plot", vec![]),
+        ("eigs", "--vectors", vec!["--top", "1"]),
+        ("trace", "--out", vec!["--probes", "2"]),
+        ("layers", "--out", vec!["--steps", "3", "--runs", "1"]),
+    ] {
+        let missing = dir.join("no-such-folder").join("o.x");
+        let mut a = extra.clone();
+        a.extend([flag, dir.to_str().unwrap()]);
+        out.push(with(cmd, &a, &[flag, "a folder"]));
+        let mut a = extra;
+        let m = s(&missing);
+        a.extend([flag, m.as_str()]);
+        out.push(with(cmd, &a, &[flag, "no-such-folder", "does not exist"]));
+    }
     let json_out = dir.join("no-such-dir").join("d.json");
     out.push(with(
         "density",

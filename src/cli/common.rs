@@ -269,7 +269,8 @@ impl Inputs {
     }
 
     pub fn save_vector(&self, model: &Model, path: &Path, v: &[f64]) -> Result<()> {
-        params::save_vector(model, path, v).with_context(|| format!("writing {}", path.display()))
+        crate::cli::output::write_atomic(path, |t| params::save_vector(model, t, v))
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// The settings block of a report.

@@ -138,7 +138,32 @@ pub enum Command {
     },
 }
 
+/// Every output file a command will write, with its flag.
+fn outputs(c: &Command) -> Vec<(&'static str, &std::path::Path)> {
+    let mut v: Vec<(&'static str, Option<&PathBuf>)> = vec![];
+    match c {
+        Command::Grad { out, .. } | Command::Hvp { out, .. } => v.push(("--out", out.as_ref())),
+        Command::Init { out, .. } | Command::Synth { out, .. } => v.push(("--out", Some(out))),
+        Command::Density(a) => v.extend([("--out", a.out.as_ref()), ("--plot", a.plot.as_ref())]),
+        Command::Eigs(a) => {
+            v.extend([("--out", a.out.as_ref()), ("--vectors", a.vectors.as_ref())])
+        }
+        Command::Trace(a) => v.push(("--out", a.out.as_ref())),
+        Command::Exact(a) => v.extend([("--out", a.out.as_ref()), ("--plot", a.plot.as_ref())]),
+        Command::Layers(a) => v.push(("--out", a.out.as_ref())),
+        Command::TraceGrad(a) => v.push(("--out", Some(&a.out))),
+        _ => {}
+    }
+    v.into_iter()
+        .filter_map(|(f, p)| p.map(|p| (f, p.as_path())))
+        .collect()
+}
+
 pub fn run(cli: Cli) -> Result<()> {
+    // Output files are checked before any computation.
+    for (flag, path) in outputs(&cli.command) {
+        output::check_writable(flag, path)?;
+    }
     match cli.command {
         Command::Devices { json } => devices(json),
         Command::Density(a) => spectral_cmds::density(a),
@@ -173,8 +198,10 @@ pub fn run(cli: Cli) -> Result<()> {
         } => hvp(&inputs, vector, out),
         Command::Init { inputs, out } => {
             let (model, weights) = inputs.model_and_weights()?;
-            hesscope::model::params::save_state_dict(&model, &out, &weights)
-                .with_context(|| format!("writing {}", out.display()))?;
+            output::write_atomic(&out, |t| {
+                hesscope::model::params::save_state_dict(&model, t, &weights)
+            })
+            .with_context(|| format!("writing {}", out.display()))?;
             emit(
                 inputs.json,
                 &InitReport {
@@ -187,7 +214,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Synth { inputs, out } => {
             let model = inputs.model()?;
             let data = inputs.dataset(&model)?;
-            data.save(&out)
+            output::write_atomic(&out, |t| data.save(t))
                 .with_context(|| format!("writing {}", out.display()))?;
             emit(
                 inputs.json,

@@ -375,8 +375,11 @@ fn write_plot(
     exact: Option<&[f64]>,
 ) -> Result<()> {
     if let Some(p) = path {
-        std::fs::write(p, density_svg(title, grid, dens, exact))
-            .with_context(|| format!("writing {}", p.display()))?;
+        let text = density_svg(title, grid, dens, exact);
+        output::write_atomic(p, |t| {
+            std::fs::write(t, &text).map_err(|e| hesscope::Error::io(t, e))
+        })
+        .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }
@@ -645,7 +648,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
             shape.extend(&spec.shape);
             tensors.push((spec.name.clone(), shape, data));
         }
-        hesscope::model::tensorio::write_f64(p, &tensors)
+        output::write_atomic(p, |t| hesscope::model::tensorio::write_f64(t, &tensors))
             .with_context(|| format!("writing {}", p.display()))?;
     }
     let report = EigsReport {
