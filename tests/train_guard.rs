@@ -313,6 +313,54 @@ fn one_run_per_folder() {
 }
 
 #[test]
+fn resume_tells_apart_another_architecture_or_other_data_under_the_same_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let arch = tmp.path().join("m.arch");
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cnn-tiny.arch"))
+            .unwrap();
+    std::fs::write(&arch, &text).unwrap();
+    let data = tmp.path().join("d.safetensors");
+    let synth = |seed: &str| {
+        let (ok, _, stderr) = hesscope(&[
+            "synth",
+            "--model",
+            "cnn-tiny",
+            "--samples",
+            "48",
+            "--seed",
+            seed,
+            "--out",
+            data.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stderr}");
+    };
+    synth("1");
+    let out = tmp.path().join("run");
+    let mut a = args(&out, &["--data", data.to_str().unwrap()]);
+    let p = a.iter().position(|x| x == "--model").unwrap();
+    a[p + 1] = arch.to_str().unwrap().into();
+    let (ok, _, stderr) = hesscope(&a);
+    assert!(ok, "{stderr}");
+    let mut r = a.clone();
+    r.extend(["--resume".to_string(), out.to_str().unwrap().to_string()]);
+    // The same file names, other samples: refused, naming --data.
+    synth("2");
+    let (ok, _, stderr) = hesscope(&r);
+    assert!(!ok);
+    assert!(stderr.contains("holds other samples"), "{stderr}");
+    synth("1");
+    // The same architecture path, another activation (same tensors).
+    std::fs::write(&arch, text.replacen("relu", "leaky_relu", 1)).unwrap();
+    let (ok, _, stderr) = hesscope(&r);
+    assert!(!ok);
+    assert!(stderr.contains("is not the architecture"), "{stderr}");
+    std::fs::write(&arch, &text).unwrap();
+    let (ok, _, stderr) = hesscope(&r);
+    assert!(ok, "{stderr}");
+}
+
+#[test]
 fn a_closed_stdout_does_not_stop_the_training() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("piped");

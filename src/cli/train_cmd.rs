@@ -23,8 +23,8 @@ use hesscope::snapshot::{snapshot_with, SnapshotSettings};
 use hesscope::spectral::slq;
 use hesscope::trace_grad::LayerSet;
 use hesscope::train::{
-    initial_counts, latest_checkpoint, samples, save_checkpoint, Augment, CheckpointMeta,
-    FileDigest, Htr, ProbeDist, Recipe, StepInfo, Trainer,
+    initial_counts, latest_checkpoint, run_identity, samples, save_checkpoint, Augment,
+    CheckpointMeta, FileDigest, Htr, ProbeDist, Recipe, StepInfo, Trainer,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::hash_map::Entry;
@@ -579,6 +579,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     }
     // The folder is ours (locked, no other run's files) before any work.
     let _held = train_guard::claim(&out, a.resume.is_some(), a.overwrite)?;
+    let (model_sha256, data_sha256) = run_identity(&model, &data);
     let given = train_guard::Given {
         recipe: &recipe,
         batch: a.inputs.batch,
@@ -588,6 +589,8 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         dtype,
         augment,
         htr: htr.as_ref(),
+        model_sha256: &model_sha256,
+        data_sha256: &data_sha256,
     };
     let mut resumed = None;
     if let Some(dir) = &a.resume {
@@ -683,6 +686,8 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         samples: n_samples,
         model: a.inputs.model.clone(),
         data: a.inputs.data.clone(),
+        model_sha256: model_sha256.clone(),
+        data_sha256: data_sha256.clone(),
         dtype: dtype.into(),
         state_dict: String::new(),
         state_f64: String::new(),

@@ -149,6 +149,9 @@ pub struct Given<'a> {
     pub dtype: &'a str,
     pub augment: Augment,
     pub htr: Option<&'a Htr>,
+    /// [`hesscope::train::run_identity`] of the model and data given.
+    pub model_sha256: &'a str,
+    pub data_sha256: &'a str,
 }
 
 /// Every way `m` (a checkpoint of the run) differs from the settings given.
@@ -178,6 +181,20 @@ pub fn differences(g: &Given, m: &CheckpointMeta) -> Vec<String> {
         diffs.push(format!(
             "--data {:?} with {} samples, the run's is {:?} with {}",
             g.data, g.samples, m.data, m.samples
+        ));
+    }
+    if g.model == m.model && g.model_sha256 != m.model_sha256 {
+        diffs.push(format!(
+            "--model {} is not the architecture the run was made with (its layers or \
+             tensors changed)",
+            g.model
+        ));
+    }
+    if g.data == m.data.as_deref() && g.samples == m.samples && g.data_sha256 != m.data_sha256 {
+        diffs.push(format!(
+            "--data {:?} holds other samples than the run was trained on (same name and \
+             count, other values or labels)",
+            g.data
         ));
     }
     if g.dtype != m.dtype {

@@ -53,6 +53,27 @@ pub fn digest(dir: &Path, file: &str) -> Result<FileDigest> {
     })
 }
 
+/// The SHA-256 (lowercase hex) of the bytes of `parts` in order.
+pub fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the run trains: the model's graph (its layers, options and
+/// tensor layout, as `Debug` prints them) and the training samples as
+/// loaded (x as float32 and y as u32, little-endian, in file order), each
+/// as a SHA-256, so a resumed run on another architecture file or other
+/// data under the same names is told apart.
+pub fn run_identity(model: &Model, data: &crate::data::Dataset) -> (String, String) {
+    let m = format!("{:?} {:?} {:?}", model.nodes, model.params, model.buffers);
+    let x: Vec<u8> = data.x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let y: Vec<u8> = data.y.iter().flat_map(|v| v.to_le_bytes()).collect();
+    (sha256_hex(&[m.as_bytes()]), sha256_hex(&[&x, &y]))
+}
+
 /// Whether `dir/d.file` still has the digest `d`; the reason when not.
 fn verify(dir: &Path, d: &FileDigest) -> std::result::Result<(), String> {
     let now = digest(dir, &d.file).map_err(|e| e.to_string())?;
@@ -112,6 +133,9 @@ pub struct CheckpointMeta {
     pub samples: usize,
     pub model: String,
     pub data: Option<PathBuf>,
+    /// [`run_identity`]: the model's graph and the training samples.
+    pub model_sha256: String,
+    pub data_sha256: String,
     /// Float dtype of the state_dict (`F32`, `F64`).
     pub dtype: String,
     /// File names beside this one: the state_dict, the same state in
