@@ -147,6 +147,11 @@ fn flip_last_byte(p: &Path) {
     std::fs::write(p, b).unwrap();
 }
 
+fn fifo(p: &Path) {
+    std::fs::remove_file(p).unwrap();
+    assert!(Command::new("mkfifo").arg(p).status().unwrap().success());
+}
+
 fn final_files(d: &Path) -> Vec<Vec<u8>> {
     [
         "final.safetensors",
@@ -199,6 +204,15 @@ fn resume_verifies_every_file_of_a_checkpoint_and_its_chain() {
                 j["epoch"] = 3.into();
                 std::fs::write(ck.join("epoch-3.json"), j.to_string()).unwrap();
             }),
+        ),
+        (
+            // A FIFO in place of a file: refused from its metadata, no hang.
+            "epoch-3.optim.safetensors",
+            Box::new(|ck: &Path| fifo(&ck.join("epoch-3.optim.safetensors"))),
+        ),
+        (
+            "epoch-3.json",
+            Box::new(|ck: &Path| fifo(&ck.join("epoch-3.json"))),
         ),
         (
             "epoch-2.json",

@@ -33,6 +33,7 @@ pub struct FileDigest {
 /// The digest of `dir/file`.
 pub fn digest(dir: &Path, file: &str) -> Result<FileDigest> {
     let path = dir.join(file);
+    crate::model::tensorio::regular_file(&path)?;
     let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -76,7 +77,18 @@ pub fn run_identity(model: &Model, data: &crate::data::Dataset) -> (String, Stri
 
 /// Whether `dir/d.file` still has the digest `d`; the reason when not.
 fn verify(dir: &Path, d: &FileDigest) -> std::result::Result<(), String> {
-    let now = digest(dir, &d.file).map_err(|e| e.to_string())?;
+    // The size first, from the metadata: a wrong one is not read.
+    let len = crate::model::tensorio::regular_file(&dir.join(&d.file))
+        .map_err(|e| e.to_string())?
+        .len();
+    let now = if len == d.bytes {
+        digest(dir, &d.file).map_err(|e| e.to_string())?
+    } else {
+        FileDigest {
+            bytes: len,
+            ..d.clone()
+        }
+    };
     if now.bytes != d.bytes {
         return Err(format!(
             "{}: {} bytes, the checkpoint recorded {}",
@@ -231,7 +243,22 @@ pub struct Resumed {
     pub skipped: Vec<String>,
 }
 
+/// The largest checkpoint JSON read (one epoch's record with a curvature
+/// measurement at the largest grid is a few tens of MB).
+const MAX_META_BYTES: u64 = 256 << 20;
+
 fn read_meta(json: &Path) -> std::result::Result<CheckpointMeta, String> {
+    // A FIFO or device in its place would block or never end: refused
+    // from its metadata, as is a file too large to be a checkpoint's.
+    let len = crate::model::tensorio::regular_file(json)
+        .map_err(|e| e.to_string())?
+        .len();
+    if len > MAX_META_BYTES {
+        return Err(format!(
+            "{}: {len} bytes, more than a checkpoint's JSON holds ({MAX_META_BYTES})",
+            json.display()
+        ));
+    }
     let text = std::fs::read_to_string(json).map_err(|e| Error::io(json, e).to_string())?;
     serde_json::from_str(&text).map_err(|e| {
         format!(
