@@ -37,8 +37,8 @@ use std::path::Path;
 mod checkpoint;
 mod guard;
 pub use checkpoint::{
-    checkpoint_epochs, digest, latest_checkpoint, run_identity, save_checkpoint, sha256_hex,
-    write_atomic, CheckpointMeta, FileDigest, Resumed,
+    checkpoint_epochs, data_sha256, digest, latest_checkpoint, run_identity, save_checkpoint,
+    sha256_hex, write_atomic, CheckpointMeta, FileDigest, Resumed, RunMeasures,
 };
 pub use guard::check_state;
 

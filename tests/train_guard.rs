@@ -370,6 +370,17 @@ fn resume_tells_apart_another_architecture_or_other_data_under_the_same_names() 
     assert!(!ok);
     assert!(stderr.contains("is not the architecture"), "{stderr}");
     std::fs::write(&arch, &text).unwrap();
+    // Measured otherwise: a test set, or the curvature, the run had not.
+    for extra in [
+        vec!["--test-data", data.to_str().unwrap()],
+        vec!["--spectrum-every", "1", "--steps", "5", "--runs", "1"],
+    ] {
+        let mut m = r.clone();
+        m.extend(extra.iter().map(|s| s.to_string()));
+        let (ok, _, stderr) = hesscope(&m);
+        assert!(!ok, "{extra:?}");
+        assert!(stderr.contains("the measurements"), "{stderr}");
+    }
     let (ok, _, stderr) = hesscope(&r);
     assert!(ok, "{stderr}");
 }

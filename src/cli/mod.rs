@@ -10,6 +10,7 @@ mod spectral_cmds;
 mod trace_grad_cmd;
 mod train_cmd;
 mod train_guard;
+mod train_measures;
 mod train_plots;
 
 use anyhow::{bail, Context, Result};

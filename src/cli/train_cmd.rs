@@ -10,24 +10,20 @@ use crate::cli::spectral_cmds::{
     BasisArgs, BasisOn, SweepArgs, MAX_GRID, MAX_PROBES, MAX_RUNS, MAX_STEPS,
 };
 use crate::cli::train_guard;
+use crate::cli::train_measures::{describe_curvature, describe_epoch, Measures};
 use crate::cli::train_plots::write_trajectory;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hesscope::data::Dataset;
-use hesscope::engine::{BnMode, Problem};
-use hesscope::gpu::GpuEngine;
-use hesscope::report::{
-    CurvatureRecord, EpochRecord, Exporter, HtrRecord, StartRecord, TrainReport,
-};
-use hesscope::snapshot::{snapshot_with, SnapshotSettings};
+use hesscope::report::{EpochRecord, Exporter, HtrRecord, StartRecord, TrainReport};
+use hesscope::snapshot::SnapshotSettings;
 use hesscope::spectral::slq;
 use hesscope::trace_grad::LayerSet;
 use hesscope::train::{
-    initial_counts, latest_checkpoint, run_identity, samples, save_checkpoint, Augment,
-    CheckpointMeta, FileDigest, Htr, ProbeDist, Recipe, StepInfo, Trainer,
+    initial_counts, latest_checkpoint, run_identity, save_checkpoint, Augment, CheckpointMeta,
+    FileDigest, Htr, ProbeDist, Recipe, RunMeasures, StepInfo, Trainer,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::collections::hash_map::Entry;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -336,126 +332,6 @@ fn epoch_bar(epoch: usize, epochs: usize, steps: usize) -> ProgressBar {
     }
 }
 
-/// A spinner on stderr (terminal only) while the Hessian is measured.
-fn spinner(msg: String) -> ProgressBar {
-    if std::io::stderr().is_terminal() {
-        let b = ProgressBar::new_spinner();
-        b.set_message(msg);
-        b.enable_steady_tick(std::time::Duration::from_millis(200));
-        b
-    } else {
-        ProgressBar::hidden()
-    }
-}
-
-/// What the run measures besides training.
-struct Measures<'a> {
-    inputs: &'a Inputs,
-    spectrum: Option<(SnapshotSettings, &'a SpectrumArgs)>,
-    test: Option<&'a Dataset>,
-    weight_decay: f64,
-    /// A GPU run's evaluation engines on its device, for the training and
-    /// the test data.
-    gpu_eval: std::cell::RefCell<std::collections::HashMap<&'static str, GpuEngine>>,
-}
-
-impl Measures<'_> {
-    /// Mean cross-entropy and accuracy with running statistics: on the
-    /// trainer's GPU (float32 forward passes) when it has one, else on the
-    /// float64 reference. `key` names the data set (its engine is kept).
-    fn eval(&self, tr: &Trainer, data: &Dataset, key: &'static str) -> Result<(f64, f64)> {
-        // Model mode: batch norm on its running statistics.
-        let problem = || {
-            Problem::new(
-                tr.model().clone(),
-                tr.weights().clone(),
-                data.clone(),
-                self.inputs.batch,
-                BnMode::Running,
-            )
-        };
-        if let Some(ctx) = tr.gpu() {
-            let mut cache = self.gpu_eval.borrow_mut();
-            let engine = match cache.entry(key) {
-                Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(v) => {
-                    let p = problem()?;
-                    // One workspace, each batch uploaded in turn.
-                    let options = hesscope::gpu::EngineOptions {
-                        cache_budget: Some(0),
-                        block: Some(1),
-                        ..Default::default()
-                    };
-                    v.insert(GpuEngine::with_options(ctx.share(), &p, options)?)
-                }
-            };
-            engine.set_theta(&tr.weights().theta)?;
-            engine.set_running_buffers(&tr.weights().buffers)?;
-            return Ok(engine.evaluate()?);
-        }
-        Ok(hesscope::cpu::CpuReference::new(problem()?).evaluate()?)
-    }
-
-    fn test(&self, tr: &Trainer) -> Result<(Option<f64>, Option<f64>)> {
-        Ok(match self.test {
-            Some(t) => {
-                let (l, a) = self.eval(tr, t, "test")?;
-                (Some(l), Some(a))
-            }
-            None => (None, None),
-        })
-    }
-
-    /// The Hessian of the data loss over the subset at the current weights.
-    fn curvature(&self, tr: &Trainer, label: &str) -> Result<CurvatureRecord> {
-        let (s, args) = self.spectrum.as_ref().expect("spectrum settings");
-        let n = args.hessian_samples.min(tr.data().len());
-        let bn: BnMode = args.hessian_bn.into();
-        let problem = Problem::new(
-            tr.model().clone(),
-            tr.weights().clone(),
-            samples(tr.data(), 0, n),
-            self.inputs.batch,
-            bn,
-        )
-        .context("the Hessian's subset")?;
-        let mut inputs = self.inputs.clone();
-        inputs.backend = args.hessian_backend;
-        let mut engine =
-            inputs.engine_with_options(problem, args.basis.engine_options(args.sweep.block)?)?;
-        args.basis.check_engine(engine.as_ref())?;
-        let bar = spinner(format!("{label}: measuring the Hessian on {n} samples"));
-        let bn_name = match bn {
-            BnMode::Batch => "batch",
-            BnMode::Running => "running",
-        };
-        let r = snapshot_with(
-            engine.as_mut(),
-            tr.model(),
-            s,
-            (n, self.inputs.batch, bn_name, self.weight_decay),
-            &mut |stage, count| {
-                bar.set_message(format!(
-                    "{label}: the Hessian on {n} samples: {stage}, {count} HVPs"
-                ))
-            },
-        )
-        .with_context(|| format!("{label}: measuring the Hessian"));
-        bar.finish_and_clear();
-        r
-    }
-}
-
-fn describe_curvature(c: &CurvatureRecord) -> String {
-    format!(
-        "  λmax {:.4e}  trace {:.4e}  ‖g‖² in top-{} {:.3}",
-        c.top_eigenvalues.first().copied().unwrap_or(f64::NAN),
-        c.trace,
-        c.grad_frac_in_top_k.len(),
-        c.grad_frac_in_top_k.last().copied().unwrap_or(f64::NAN)
-    )
-}
-
 /// The GPU the steps run on (the regulariser's third derivatives too):
 /// None for `--backend cpu` and for `auto` without an adapter (with a
 /// notice).
@@ -580,6 +456,15 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     // The folder is ours (locked, no other run's files) before any work.
     let _held = train_guard::claim(&out, a.resume.is_some(), a.overwrite)?;
     let (model_sha256, data_sha256) = run_identity(&model, &data);
+    let run_measures = RunMeasures {
+        spectrum_every: a.spectrum.spectrum_every,
+        curvature: spectrum.as_ref().map(|(s, _)| s.clone()),
+        hessian_samples: a.spectrum.hessian_samples,
+        hessian_bn: format!("{:?}", a.spectrum.hessian_bn),
+        hessian_backend: a.spectrum.hessian_backend.name().to_string(),
+        test_data: a.test_data.clone(),
+        test_sha256: test.as_ref().map(hesscope::train::data_sha256),
+    };
     let given = train_guard::Given {
         recipe: &recipe,
         batch: a.inputs.batch,
@@ -591,6 +476,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         htr: htr.as_ref(),
         model_sha256: &model_sha256,
         data_sha256: &data_sha256,
+        measures: &run_measures,
     };
     let mut resumed = None;
     if let Some(dir) = &a.resume {
@@ -688,6 +574,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         data: a.inputs.data.clone(),
         model_sha256: model_sha256.clone(),
         data_sha256: data_sha256.clone(),
+        measures: run_measures.clone(),
         dtype: dtype.into(),
         state_dict: String::new(),
         state_f64: String::new(),
@@ -854,31 +741,6 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         ));
     }
     say.finish()
-}
-
-/// An epoch's progress line (and its curvature's).
-fn describe_epoch(rec: &EpochRecord) -> String {
-    let test = match (rec.test_loss, rec.test_accuracy) {
-        (Some(l), Some(acc)) => format!("  test loss {l:.6} acc {acc:.4}"),
-        _ => String::new(),
-    };
-    let htr = match &rec.htr {
-        Some(HtrRecord { value: Some(v), .. }) => format!("  htr {v:.4e}"),
-        _ => String::new(),
-    };
-    let mut s = format!(
-        "epoch {:>3}  lr {:.4e}  train loss {:.6} acc {:.4}{test}{htr}  ({} steps, {:.2} s)",
-        rec.epoch,
-        rec.lr,
-        rec.train_loss,
-        rec.train_accuracy.unwrap_or(f64::NAN),
-        rec.steps,
-        rec.seconds
-    );
-    if let Some(c) = &rec.curvature {
-        s += &format!("\n     {}", describe_curvature(c));
-    }
-    s
 }
 
 /// The message of a library `Invalid` error without its own "what".

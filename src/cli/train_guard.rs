@@ -7,7 +7,7 @@
 
 use crate::cli::output::{self, notice, BrokenPipe};
 use anyhow::{bail, Result};
-use hesscope::train::{Augment, CheckpointMeta, Htr, Recipe};
+use hesscope::train::{Augment, CheckpointMeta, Htr, Recipe, RunMeasures};
 use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -152,6 +152,7 @@ pub struct Given<'a> {
     /// [`hesscope::train::run_identity`] of the model and data given.
     pub model_sha256: &'a str,
     pub data_sha256: &'a str,
+    pub measures: &'a RunMeasures,
 }
 
 /// Every way `m` (a checkpoint of the run) differs from the settings given.
@@ -195,6 +196,13 @@ pub fn differences(g: &Given, m: &CheckpointMeta) -> Vec<String> {
             "--data {:?} holds other samples than the run was trained on (same name and \
              count, other values or labels)",
             g.data
+        ));
+    }
+    if g.measures != &m.measures {
+        diffs.push(format!(
+            "the measurements (--spectrum-every, the curvature flags, --test-data) {:?}, the \
+             run's are {:?}",
+            g.measures, m.measures
         ));
     }
     if g.dtype != m.dtype {

@@ -70,9 +70,14 @@ pub fn sha256_hex(parts: &[&[u8]]) -> String {
 /// data under the same names is told apart.
 pub fn run_identity(model: &Model, data: &crate::data::Dataset) -> (String, String) {
     let m = format!("{:?} {:?} {:?}", model.nodes, model.params, model.buffers);
+    (sha256_hex(&[m.as_bytes()]), data_sha256(data))
+}
+
+/// The SHA-256 of a data set's samples (x as f32, y as u32, little-endian).
+pub fn data_sha256(data: &crate::data::Dataset) -> String {
     let x: Vec<u8> = data.x.iter().flat_map(|v| v.to_le_bytes()).collect();
     let y: Vec<u8> = data.y.iter().flat_map(|v| v.to_le_bytes()).collect();
-    (sha256_hex(&[m.as_bytes()]), sha256_hex(&[&x, &y]))
+    sha256_hex(&[&x, &y])
 }
 
 /// Whether `dir/d.file` still has the digest `d`; the reason when not.
@@ -128,6 +133,22 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     Ok(())
 }
 
+/// What a run measures besides training (its records depend on it, so a
+/// resumed run must measure the same way).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunMeasures {
+    /// `--spectrum-every` and, with it, the curvature settings.
+    pub spectrum_every: Option<usize>,
+    pub curvature: Option<crate::snapshot::SnapshotSettings>,
+    pub hessian_samples: usize,
+    pub hessian_bn: String,
+    pub hessian_backend: String,
+    /// The test set: its path and the SHA-256 of its samples as loaded
+    /// (as [`run_identity`] hashes the training data).
+    pub test_data: Option<PathBuf>,
+    pub test_sha256: Option<String>,
+}
+
 /// What a checkpoint's `.json` holds besides its tensor files: enough to
 /// continue the run exactly (`hesscope train --resume`). It is written
 /// last, so a checkpoint is complete iff its `.json` exists and every file
@@ -148,6 +169,7 @@ pub struct CheckpointMeta {
     /// [`run_identity`]: the model's graph and the training samples.
     pub model_sha256: String,
     pub data_sha256: String,
+    pub measures: RunMeasures,
     /// Float dtype of the state_dict (`F32`, `F64`).
     pub dtype: String,
     /// File names beside this one: the state_dict, the same state in
