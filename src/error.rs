@@ -59,6 +59,23 @@ pub enum Error {
     DeviceLost(String),
     #[error("numerical: {0}")]
     Numerical(String),
+    /// Training left the range of the numbers it is computed or saved in:
+    /// where (epoch and step, 1-based) and which tensor (`loss` for the
+    /// mini-batch loss).
+    #[error(
+        "training diverged in epoch {epoch}, step {step} of {steps_in_epoch} (step {run_step} \
+         of the run): `{}` {}",
+        escape(.tensor),
+        escape(.msg)
+    )]
+    Diverged {
+        epoch: usize,
+        step: usize,
+        steps_in_epoch: usize,
+        run_step: usize,
+        tensor: String,
+        msg: String,
+    },
     #[error("{0}")]
     TooLarge(String),
 }

@@ -51,6 +51,15 @@ impl LayerSet {
                             msg: format!("empty name in `{spec}`"),
                         });
                     }
+                    if name == "all" || name == "middle" {
+                        return Err(Error::Invalid {
+                            what: "layer",
+                            msg: format!(
+                                "`{name}` stands alone, it is not a module to list with others \
+                                 (`{spec}`)"
+                            ),
+                        });
+                    }
                     let mut any = false;
                     for (i, p) in model.params.iter().enumerate() {
                         if p.name == name || p.name.starts_with(&format!("{name}.")) {

@@ -34,6 +34,14 @@ use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::Path;
 
+mod checkpoint;
+mod guard;
+pub use checkpoint::{
+    checkpoint_epochs, data_sha256, digest, latest_checkpoint, run_identity, save_checkpoint,
+    sha256_hex, write_atomic, CheckpointMeta, FileDigest, Resumed, RunMeasures,
+};
+pub use guard::check_state;
+
 /// Batch norm's running-statistics momentum (PyTorch's default).
 pub const BN_MOMENTUM: f64 = 0.1;
 
@@ -138,6 +146,32 @@ pub enum Augment {
 
 /// Zero padding on each side before the random crop.
 pub const CROP_PAD: usize = 4;
+
+impl Augment {
+    /// Whether it applies to samples of `shape`: a crop of an image with
+    /// H or W ≤ [`CROP_PAD`] (a flat input is 1×1) can hold no pixel of
+    /// it, only padding.
+    pub fn check(&self, shape: Shape) -> Result<()> {
+        if *self == Augment::CropFlip && (shape.h <= CROP_PAD || shape.w <= CROP_PAD) {
+            return Err(invalid(
+                "augment",
+                format!(
+                    "crop-flip pads {CROP_PAD} zeros on each side and crops an H×W window: \
+                     on {}×{}×{} samples{} a crop can hold nothing of the image",
+                    shape.c,
+                    shape.h,
+                    shape.w,
+                    if shape.h == 1 && shape.w == 1 {
+                        " (a flat input)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// One sample's crop and flip: the crop's top-left corner in the padded
 /// image (`dy`, `dx` in 0..=2·[`CROP_PAD`]; 4, 4 is the original window)
@@ -403,6 +437,9 @@ pub struct Trainer {
     /// The regulariser's engines on the trainer's device, by mini-batch
     /// size: float32 products with held decisions (`trace_grad`).
     htr_engines: HashMap<usize, crate::gpu::GpuEngine>,
+    /// The state_dict is saved as float32: every step also checks that θ
+    /// and the running buffers stay finite in float32.
+    pub f32_saved: bool,
 }
 
 impl Trainer {
@@ -431,6 +468,7 @@ impl Trainer {
             gpu: None,
             gpu_ahead: false,
             htr_engines: HashMap::new(),
+            f32_saved: false,
         })
     }
 
@@ -617,12 +655,6 @@ impl Trainer {
             _ => g,
         };
         w.theta.iter_mut().zip(&buf).for_each(|(t, b)| *t -= lr * b);
-        if w.theta.iter().any(|t| !t.is_finite()) {
-            return Err(Error::Numerical(format!(
-                "step {}: the parameters left float64's range (lr {lr})",
-                self.steps + 1
-            )));
-        }
         self.momentum_buf = Some(buf);
         self.steps += 1;
         Ok((st.loss, st.htr.map(|h| h.estimate)))
@@ -695,12 +727,7 @@ impl Trainer {
         let x = &data.x[start * d..(start + count) * d];
         let y = &data.y[start..start + count];
         let g = self.gpu.as_mut().expect("a GPU trainer");
-        let loss = g
-            .step_with(x, y, s, extra.as_deref())
-            .map_err(|e| match e {
-                Error::Numerical(m) => Error::Numerical(format!("step {}: {m}", self.steps + 1)),
-                other => other,
-            })?;
+        let loss = g.step_with(x, y, s, extra.as_deref())?;
         self.gpu_ahead = true;
         for rm in running_means(&self.cpu.problem.model) {
             self.batches_tracked[rm] += 1;
@@ -736,7 +763,30 @@ impl Trainer {
         let mut htr = vec![];
         let of = batches.len();
         for (index, (start, count)) in batches.into_iter().enumerate() {
-            let (loss, h) = self.step(start, count, lr)?;
+            let run_step = self.steps + 1;
+            let at = |tensor: &str, msg: String| Error::Diverged {
+                epoch: e + 1,
+                step: index + 1,
+                steps_in_epoch: of,
+                run_step,
+                tensor: tensor.into(),
+                msg,
+            };
+            let (loss, h) = match self.step(start, count, lr) {
+                Ok(r) => r,
+                Err(Error::Numerical(m)) => {
+                    let tensor = if m.contains("regulariser") {
+                        "regulariser gradient"
+                    } else {
+                        "loss"
+                    };
+                    return Err(at(tensor, format!("is not finite ({m})")));
+                }
+                Err(other) => return Err(other),
+            };
+            if let Some((tensor, msg)) = self.check_step(loss) {
+                return Err(at(&tensor, msg));
+            }
             losses.push(loss);
             htr.extend(h);
             on_step(&StepInfo {
@@ -746,8 +796,25 @@ impl Trainer {
                 loss,
             });
         }
-        self.epoch += 1;
         self.sync()?;
+        // On a GPU θ and the momentum buffer are read back (and checked)
+        // at the epoch's end only: a non-finite one there makes the next
+        // step's loss non-finite, but the last step's would go unseen.
+        if self.gpu.is_some() {
+            if let Some((tensor, msg)) =
+                check_state(self.model(), self.weights(), self.momentum_buffer(), false)
+            {
+                return Err(Error::Diverged {
+                    epoch: e + 1,
+                    step: of,
+                    steps_in_epoch: of,
+                    run_step: self.steps,
+                    tensor,
+                    msg: format!("{msg} (read back from the device at the epoch's end)"),
+                });
+            }
+        }
+        self.epoch += 1;
         Ok(EpochResult {
             epoch: e,
             lr,
@@ -755,6 +822,27 @@ impl Trainer {
             htr,
             seconds: t0.elapsed().as_secs_f64(),
         })
+    }
+
+    /// What is wrong after a step whose mini-batch loss was `loss`, as
+    /// (tensor, why): the loss; on the reference θ, the momentum buffer
+    /// and the running buffers ([`check_state`]); on a GPU the running
+    /// buffers the step read back (θ and momentum at the epoch's end).
+    fn check_step(&self, loss: f64) -> Option<(String, String)> {
+        if !loss.is_finite() {
+            return Some(("loss".into(), format!("is {loss}")));
+        }
+        match &self.gpu {
+            Some(g) => g
+                .nonfinite_running()
+                .map(|(name, i, v)| (name, format!("element {i} is {v} (float32 on the device)"))),
+            None => check_state(
+                self.model(),
+                self.weights(),
+                self.momentum_buffer(),
+                self.f32_saved,
+            ),
+        }
     }
 
     /// The training data in file order, unaugmented.
@@ -834,6 +922,15 @@ pub fn save_state_dict(
     for (b, vals) in model.buffers.iter().zip(&w.buffers) {
         floats.push((b.name.clone(), vec![b.len], vals.clone()));
     }
+    // Never a non-finite state_dict (the steps' checks stop a run first).
+    for (n, _, v) in &floats {
+        if let Some(m) = guard::check_tensor(n, v, !f64_out) {
+            return Err(Error::Numerical(format!(
+                "not writing {}: {m}",
+                path.display()
+            )));
+        }
+    }
     let counts: Vec<(String, [i64; 1])> = running_means(model)
         .into_iter()
         .filter_map(|rm| {
@@ -856,178 +953,4 @@ pub fn save_state_dict(
         t.push((n.as_str(), &[], tensorio::Values::I64(c)));
     }
     tensorio::write(path, &t)
-}
-
-/// Write a file atomically: to `NAME.tmp` beside it, fsync, rename over
-/// `NAME`, fsync the folder; a kill leaves the old file or the new one,
-/// never a torn one (a stray `.tmp` is ignored by [`latest_checkpoint`]).
-pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    write(&tmp)?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    if let Some(dir) = path.parent() {
-        // Best effort: some file systems refuse fsync on a folder.
-        let _ = std::fs::File::open(dir).and_then(|f| f.sync_all());
-    }
-    Ok(())
-}
-
-/// What a checkpoint's `.json` holds besides its tensor files: enough to
-/// continue the run exactly (`hesscope train --resume`). It is written
-/// last, so a checkpoint is complete iff its `.json` exists and its files
-/// load.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct CheckpointMeta {
-    /// Epochs finished (the next epoch, 0-based, is this one).
-    pub epoch: usize,
-    /// SGD steps taken in all.
-    pub steps: usize,
-    /// The learning rate of the epoch just finished.
-    pub lr: f64,
-    pub recipe: Recipe,
-    pub batch: usize,
-    pub samples: usize,
-    pub model: String,
-    pub data: Option<std::path::PathBuf>,
-    /// Float dtype of the state_dict (`F32`, `F64`).
-    pub dtype: String,
-    /// File names beside this one: the state_dict, the same state in
-    /// float64 (the same file when dtype is F64), and the momentum
-    /// buffers named like the parameters (float64; None before a step).
-    pub state_dict: String,
-    pub state_f64: String,
-    pub optim: Option<String>,
-    /// The trajectory so far (its epochs and every step's loss).
-    pub epochs: Vec<crate::report::EpochRecord>,
-    pub step_losses: Vec<f64>,
-    /// Data augmentation and the Hessian-trace regulariser of the run
-    /// (absent in checkpoints from before they existed: none).
-    #[serde(default)]
-    pub augment: Augment,
-    #[serde(default)]
-    pub htr: Option<Htr>,
-    /// The record before the first epoch.
-    #[serde(default)]
-    pub start: Option<crate::report::StartRecord>,
-}
-
-/// Write a checkpoint `DIR/STEM.safetensors` (+ `.f64.safetensors` when the
-/// state_dict is float32, `.optim.safetensors`, and last `.json`), each
-/// file atomically. `meta`'s file names are filled in here.
-pub fn save_checkpoint(
-    tr: &Trainer,
-    dir: &Path,
-    stem: &str,
-    f64_out: bool,
-    mut meta: CheckpointMeta,
-) -> Result<std::path::PathBuf> {
-    let sd = format!("{stem}.safetensors");
-    let sd_path = dir.join(&sd);
-    write_atomic(&sd_path, |p| tr.save(p, f64_out))?;
-    meta.state_dict = sd.clone();
-    meta.state_f64 = if f64_out {
-        sd
-    } else {
-        let f = format!("{stem}.f64.safetensors");
-        write_atomic(&dir.join(&f), |p| tr.save(p, true))?;
-        f
-    };
-    meta.optim = match tr.momentum_buffer() {
-        Some(m) => {
-            let f = format!("{stem}.optim.safetensors");
-            write_atomic(&dir.join(&f), |p| params::save_vector(tr.model(), p, m))?;
-            Some(f)
-        }
-        None => None,
-    };
-    meta.dtype = if f64_out { "F64" } else { "F32" }.into();
-    let js = dir.join(format!("{stem}.json"));
-    let text = serde_json::to_string_pretty(&meta)
-        .map_err(|e| invalid("resume", format!("serialising {}: {e}", js.display())))?;
-    write_atomic(&js, |p| {
-        std::fs::write(p, text).map_err(|e| Error::io(p, e))
-    })?;
-    Ok(sd_path)
-}
-
-/// A checkpoint loaded for resuming.
-pub struct Resumed {
-    pub meta: CheckpointMeta,
-    pub weights: Weights,
-    pub batches_tracked: Vec<i64>,
-    pub momentum: Option<Vec<f64>>,
-    /// Later checkpoints passed over, with why.
-    pub skipped: Vec<String>,
-}
-
-fn load_checkpoint(model: &Model, dir: &Path, json: &Path) -> Result<Resumed> {
-    let text = std::fs::read_to_string(json).map_err(|e| Error::io(json, e))?;
-    let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| Error::Format {
-        path: json.into(),
-        msg: e.to_string(),
-    })?;
-    let f64p = dir.join(&meta.state_f64);
-    let weights = Weights::load(model, &f64p)?;
-    let batches_tracked = initial_counts(model, Some(&f64p))?;
-    let momentum = match &meta.optim {
-        Some(f) => Some(params::load_vector(model, &dir.join(f))?),
-        None => None,
-    };
-    Ok(Resumed {
-        meta,
-        weights,
-        batches_tracked,
-        momentum,
-        skipped: vec![],
-    })
-}
-
-/// The latest complete checkpoint in `RUN/checkpoints` (`epoch-E.json`
-/// with its files loading for `model`); later ones that do not load are
-/// passed over (listed in `skipped`). An error when there is none.
-pub fn latest_checkpoint(model: &Model, run: &Path) -> Result<Resumed> {
-    let dir = run.join("checkpoints");
-    let entries = std::fs::read_dir(&dir).map_err(|e| {
-        invalid(
-            "resume",
-            format!("{}: no checkpoints folder ({e})", run.display()),
-        )
-    })?;
-    let mut found: Vec<usize> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let n = e.file_name().into_string().ok()?;
-            n.strip_prefix("epoch-")?
-                .strip_suffix(".json")?
-                .parse::<usize>()
-                .ok()
-        })
-        .collect();
-    found.sort_unstable();
-    let mut skipped = vec![];
-    for e in found.into_iter().rev() {
-        let json = dir.join(format!("epoch-{e}.json"));
-        match load_checkpoint(model, &dir, &json) {
-            Ok(mut r) if r.meta.epoch == e => {
-                r.skipped = skipped;
-                return Ok(r);
-            }
-            Ok(r) => skipped.push(format!(
-                "{}: says epoch {}, not {e}",
-                json.display(),
-                r.meta.epoch
-            )),
-            Err(err) => skipped.push(format!("{}: {err}", json.display())),
-        }
-    }
-    let mut msg = format!("{}: no complete checkpoint to resume from", dir.display());
-    if !skipped.is_empty() {
-        msg += &format!(" ({})", skipped.join("; "));
-    }
-    Err(invalid("resume", msg))
 }

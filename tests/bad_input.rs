@@ -499,6 +499,23 @@ fn arch_cases(dir: &Path) -> Vec<Case> {
             &["line 5", "slope"],
         );
     }
+    // An option split by spaces: named as such, not "unknown option ``".
+    for (i, line) in [
+        "leaky_relu slope = 0.1",
+        "leaky_relu slope= 0.1",
+        "leaky_relu slope =0.1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        add(
+            &format!("leaky-spaced-{i}"),
+            4,
+            1,
+            &[line],
+            &["line 5", "slope=", "without spaces"],
+        );
+    }
     // bn, gap, flatten, linear.
     add("bn-no-name", 4, 0, &["bn"], &["line 5", "usage"]);
     add("bn-option", 4, 0, &["bn b eps=1"], &["line 5", "eps"]);
@@ -1355,6 +1372,24 @@ fn flag_cases(dir: &Path) -> Vec<Case> {
             &["/nonexistent/dir/o.safetensors"],
         ));
     }
+    // Outputs checked before the computation: a folder given as the file,
+    // a missing folder, for every command that writes one.
+    for (cmd, flag, extra) in [
+        ("density", "--plot", vec!["--steps", "4", "--runs", "1"]),
+        ("exact", "--plot", vec![]),
+        ("eigs", "--vectors", vec!["--top", "1"]),
+        ("trace", "--out", vec!["--probes", "2"]),
+        ("layers", "--out", vec!["--steps", "3", "--runs", "1"]),
+    ] {
+        let missing = dir.join("no-such-folder").join("o.x");
+        let mut a = extra.clone();
+        a.extend([flag, dir.to_str().unwrap()]);
+        out.push(with(cmd, &a, &[flag, "a folder"]));
+        let mut a = extra;
+        let m = s(&missing);
+        a.extend([flag, m.as_str()]);
+        out.push(with(cmd, &a, &[flag, "no-such-folder", "does not exist"]));
+    }
     let json_out = dir.join("no-such-dir").join("d.json");
     out.push(with(
         "density",
@@ -1389,6 +1424,281 @@ fn flag_cases(dir: &Path) -> Vec<Case> {
     out
 }
 
+/// Leftovers of the previous battery: a header whose byte range does not
+/// match a tensor's shape names the tensor; a CIFAR .bin given as --data;
+/// a missing .arch file; `all` inside a list of modules; a non-finite Hv.
+fn leftover_cases(dir: &Path) -> Vec<Case> {
+    let mut out = vec![];
+    // fc2.bias's range is 4 bytes short of its shape; then fc1.weight's
+    // data offsets overlap fc1.bias's... each error names the tensor.
+    let mut t = mlp_weights();
+    let i = t.iter().position(|x| x.0 == "fc2.bias").unwrap();
+    let short = t[i].3.len() - 4;
+    t[i].3.truncate(short);
+    let specs: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = t
+        .iter()
+        .map(|(n, d, sh, b)| (n.as_str(), d.as_str(), sh.clone(), b.clone()))
+        .collect();
+    let f = dir.join("short-range.safetensors");
+    std::fs::write(&f, st_bytes(&specs)).unwrap();
+    out.push(case(
+        "weights with a short byte range",
+        &[
+            "grad",
+            "--backend",
+            "cpu",
+            "--model",
+            "mlp-tiny",
+            "--samples",
+            "4",
+            "--weights",
+            &s(&f),
+        ],
+        &["short-range.safetensors", "fc2.bias", "data_offsets"],
+    ));
+    // A CIFAR batch file alone.
+    let bin = dir.join("data_batch_1.bin");
+    std::fs::write(&bin, vec![0u8; 3073 * 2]).unwrap();
+    out.push(case(
+        "a CIFAR .bin as --data",
+        &["grad", "--backend", "cpu", "--data", &s(&bin)],
+        &["data_batch_1.bin", "folder"],
+    ));
+    // A missing architecture file is a missing file.
+    let missing = dir.join("nosuch.arch");
+    out.push(case(
+        "a missing .arch",
+        &["grad", "--backend", "cpu", "--model", &s(&missing)],
+        &["--model", "nosuch.arch", "No such file"],
+    ));
+    out.push(case(
+        "a missing arch in a folder",
+        &["grad", "--backend", "cpu", "--model", "/nonexistent/m"],
+        &["--model", "/nonexistent/m", "No such file"],
+    ));
+    // `all` and `middle` stand alone.
+    for spec in ["all,middle", "fc1,all", "middle,fc2"] {
+        out.push(case(
+            format!("--layer {spec}"),
+            &[
+                "density",
+                "--backend",
+                "cpu",
+                "--model",
+                "mlp-tiny",
+                "--samples",
+                "4",
+                "--layer",
+                spec,
+            ],
+            &["--layer", "stands alone"],
+        ));
+    }
+    // Weights so large that Hv overflows float64: an error, not a null.
+    let big: Vec<Spec> = mlp_weights()
+        .into_iter()
+        .map(|(n, _, sh, b)| {
+            let k = b.len() / 4;
+            (
+                n,
+                "F64".to_string(),
+                sh,
+                (0..k).flat_map(|_| 1e120f64.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let f = dir.join("huge.safetensors");
+    write_st(&f, &big);
+    // A direction of 1e300s: Hv or vᵀHv overflows; an error, not a null.
+    let v: Vec<Spec> = mlp_params()
+        .into_iter()
+        .map(|(n, sh)| {
+            let k: usize = sh.iter().product();
+            (
+                n,
+                "F64".to_string(),
+                sh,
+                (0..k).flat_map(|_| 1e300f64.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let vf = dir.join("huge-v.safetensors");
+    write_st(&vf, &v);
+    out.push(case(
+        "hvp along a direction of 1e300",
+        &[
+            "hvp",
+            "--backend",
+            "cpu",
+            "--model",
+            "mlp-tiny",
+            "--samples",
+            "4",
+            "--vector",
+            &s(&vf),
+            "--json",
+        ],
+        &["overflow"],
+    ));
+    out.push(case(
+        "hvp on weights of 1e120",
+        &[
+            "hvp",
+            "--backend",
+            "cpu",
+            "--model",
+            "mlp-tiny",
+            "--samples",
+            "4",
+            "--weights",
+            &s(&f),
+            "--json",
+        ],
+        &["NaN", "overflow"],
+    ));
+    out
+}
+
+/// `hesscope train`: divergence (on the reference, Vulkan and GL), flags
+/// checked whether or not their feature is on, folders holding another
+/// run, and a stdout that goes away.
+fn train_cases(dir: &Path) -> Vec<Case> {
+    let mut out = vec![];
+    let mut n = 0;
+    let mut fresh = || {
+        n += 1;
+        s(&dir.join(format!("train-{n}")))
+    };
+    let base = |o: String, flags: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "train",
+            "--model",
+            "cnn-tiny",
+            "--samples",
+            "64",
+            "--batch",
+            "16",
+            "--epochs",
+            "3",
+            "--lr",
+            "0.05",
+            "--out",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.push(o);
+        // A flag given replaces the default one.
+        let mut i = 0;
+        while i < flags.len() {
+            match a.iter().position(|x| x == flags[i]) {
+                Some(p) if i + 1 < flags.len() && !flags[i + 1].starts_with("--") => {
+                    a[p + 1] = flags[i + 1].into();
+                    i += 2;
+                }
+                _ => {
+                    a.push(flags[i].into());
+                    i += 1;
+                }
+            }
+        }
+        if !a.iter().any(|x| x == "--backend") {
+            a.extend(["--backend".into(), "cpu".into()]);
+        }
+        a
+    };
+    let mut push = |name: String, a: Vec<String>, needles: &[&str]| {
+        let refs: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        out.push(case(name, &refs, needles));
+    };
+    // Divergence: named with its epoch and step, no checkpoint, exit 1.
+    for backend in ["cpu", "vulkan", "gl"] {
+        for flags in [
+            vec!["--lr", "1e6"],
+            vec!["--lr", "1e50"],
+            vec!["--lr", "1e150"],
+            vec!["--lr", "1e3"],
+            vec!["--weight-decay", "1e10"],
+        ] {
+            let mut f = flags.clone();
+            f.extend(["--backend", backend]);
+            push(
+                format!("train {} on {backend}", flags.join(" ")),
+                base(fresh(), &f),
+                &["diverged in epoch", ", step", "last good checkpoint"],
+            );
+        }
+    }
+    push(
+        "train --htr-gamma 1e30".into(),
+        base(fresh(), &["--htr-gamma", "1e30", "--samples", "16"]),
+        &["epoch 1", "step 1", "last good checkpoint"],
+    );
+    // Flags checked without their feature.
+    for (flags, needle) in [
+        (vec!["--steps", "0"], "--steps"),
+        (vec!["--probes", "0"], "--probes"),
+        (vec!["--block", "0"], "--block"),
+        (vec!["--runs", "0"], "--runs"),
+        (vec!["--grid", "1"], "--grid"),
+        (vec!["--tol", "2"], "--tol"),
+        (vec!["--sigma", "-1"], "--sigma"),
+        (vec!["--htr-probes", "0"], "--htr-probes"),
+        (vec!["--htr-every", "0"], "--htr-every"),
+        (vec!["--htr-layers", "nosuch"], "--htr-layers"),
+        (vec!["--htr-from-epoch", "5"], "--htr-from-epoch"),
+        (vec!["--htr-from-epoch", "3"], "--htr-from-epoch"),
+        (vec!["--cache-budget", "NaN"], "--cache-budget"),
+        (vec!["--cache-budget", "-1"], "--cache-budget"),
+        (
+            vec!["--overwrite", "--resume", "/nonexistent/r"],
+            "--overwrite",
+        ),
+        (vec!["--resume", "/nonexistent/r"], "--resume"),
+    ] {
+        push(
+            format!("train {}", flags.join(" ")),
+            base(fresh(), &flags),
+            &[needle],
+        );
+    }
+    // crop-flip on images a crop can miss: 1×1 (a flat input) and 4×4.
+    for (name, input) in [("flat", "36 1 1"), ("small", "1 4 4")] {
+        let arch = dir.join(format!("{name}.arch"));
+        std::fs::write(
+            &arch,
+            format!("model {name}\ninput {input}\nclasses 4\nflatten\nlinear fc 4\n"),
+        )
+        .unwrap();
+        push(
+            format!("train --augment crop-flip on {input}"),
+            base(fresh(), &["--augment", "crop-flip", "--model", &s(&arch)]),
+            &["--augment", "crop-flip"],
+        );
+    }
+    // A folder holding another run's checkpoint.
+    let old = dir.join("old-run");
+    std::fs::create_dir_all(old.join("checkpoints")).unwrap();
+    std::fs::write(old.join("checkpoints/epoch-1.json"), "{}").unwrap();
+    push(
+        "train into another run's folder".into(),
+        base(s(&old), &[]),
+        &["--out", "another run", "--overwrite", "--resume"],
+    );
+    // stdout closed: the run goes on and ends with 0; /dev/full: 1.
+    let mut c = case("x", &[], &[]);
+    let a = base(fresh(), &[]);
+    c.args = a;
+    c.name = "train (stdout closed)".into();
+    c.expect = Expect::Quiet;
+    c.stdout = Out::Closed;
+    out.push(c);
+    let mut c = case("train > /dev/full", &[], &["stdout"]);
+    c.args = base(fresh(), &[]);
+    c.stdout = Out::Full;
+    out.push(c);
+    out
+}
+
 #[test]
 fn crafted_bad_input_ends_in_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -1398,6 +1708,8 @@ fn crafted_bad_input_ends_in_a_clear_error() {
     cases.extend(vector_cases(dir.path()));
     cases.extend(data_cases(dir.path()));
     cases.extend(flag_cases(dir.path()));
+    cases.extend(train_cases(dir.path()));
+    cases.extend(leftover_cases(dir.path()));
     assert!(cases.len() >= 300, "only {} cases", cases.len());
     check_all(cases);
 }

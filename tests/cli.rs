@@ -624,3 +624,49 @@ fn layer_sets_in_the_spectral_commands() {
         "{err}"
     );
 }
+
+/// A conv bias before batch-mode batch norm has an identically zero
+/// Hessian block: its density is reported as zero (it read as a negative
+/// mass of ~0.8 from 1e-17 rounding noise), while the weight's block of
+/// the same layer is not.
+#[test]
+fn a_block_zero_but_for_rounding_is_reported_as_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let arch = dir.path().join("zb.arch");
+    std::fs::write(
+        &arch,
+        "model zb\ninput 3 8 8\nclasses 4\nconv c1 4 k=3 pad=1\nbn b1\nrelu\ngap\nlinear fc 4\n",
+    )
+    .unwrap();
+    let run = |layer: &str| {
+        let (ok, stdout, stderr) = hesscope(&[
+            "density",
+            "--backend",
+            "cpu",
+            "--model",
+            arch.to_str().unwrap(),
+            "--samples",
+            "32",
+            "--layer",
+            layer,
+            "--steps",
+            "10",
+            "--runs",
+            "2",
+            "--json",
+        ]);
+        assert!(ok, "{stderr}");
+        (
+            serde_json::from_str::<serde_json::Value>(&stdout).unwrap(),
+            stderr,
+        )
+    };
+    let (bias, stderr) = run("c1.bias");
+    assert!(stderr.contains("zero but for rounding"), "{stderr}");
+    for k in ["lambda_max", "lambda_min", "trace", "negative_mass"] {
+        assert_eq!(bias[k].as_f64(), Some(0.0), "{k}: {bias}");
+    }
+    let (weight, stderr) = run("c1.weight");
+    assert!(!stderr.contains("zero but for rounding"), "{stderr}");
+    assert!(weight["lambda_max"].as_f64().unwrap() > 1e-3, "{weight}");
+}

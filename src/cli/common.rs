@@ -255,6 +255,7 @@ impl Inputs {
         problem: &Problem,
         mut options: hesscope::gpu::EngineOptions,
     ) -> Result<Option<hesscope::gpu::GpuEngine>> {
+        self.check_cache_budget()?;
         let Some(choice) = self.backend.gpu() else {
             if self.decisions == DecisionsArg::Float32 {
                 anyhow::bail!(
@@ -288,13 +289,23 @@ impl Inputs {
         }
     }
 
+    /// --cache-budget is checked on every backend, the reference's too
+    /// (which does not use it).
+    pub fn check_cache_budget(&self) -> Result<()> {
+        if let Some(gib) = self.cache_budget {
+            gib_bytes("--cache-budget", gib, true)?;
+        }
+        Ok(())
+    }
+
     /// A direction with the model's trainable tensor names.
     pub fn load_vector(&self, model: &Model, path: &Path) -> Result<Vec<f64>> {
         params::load_vector(model, path).with_context(|| format!("--vector {}", path.display()))
     }
 
     pub fn save_vector(&self, model: &Model, path: &Path, v: &[f64]) -> Result<()> {
-        params::save_vector(model, path, v).with_context(|| format!("writing {}", path.display()))
+        crate::cli::output::write_atomic(path, |t| params::save_vector(model, t, v))
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// The settings block of a report, with the engine's piecewise

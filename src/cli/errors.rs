@@ -42,6 +42,7 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("htr probes", "--htr-probes"),
     ("htr every", "--htr-every"),
     ("fixtures folder", "--fixtures"),
+    ("augment", "--augment"),
 ];
 
 /// The flag for a library input name, if the CLI has one.

@@ -10,6 +10,9 @@ mod selftest_cmd;
 mod spectral_cmds;
 mod trace_grad_cmd;
 mod train_cmd;
+mod train_guard;
+mod train_measures;
+mod train_plots;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -141,7 +144,32 @@ pub enum Command {
     },
 }
 
+/// Every output file a command will write, with its flag.
+fn outputs(c: &Command) -> Vec<(&'static str, &std::path::Path)> {
+    let mut v: Vec<(&'static str, Option<&PathBuf>)> = vec![];
+    match c {
+        Command::Grad { out, .. } | Command::Hvp { out, .. } => v.push(("--out", out.as_ref())),
+        Command::Init { out, .. } | Command::Synth { out, .. } => v.push(("--out", Some(out))),
+        Command::Density(a) => v.extend([("--out", a.out.as_ref()), ("--plot", a.plot.as_ref())]),
+        Command::Eigs(a) => {
+            v.extend([("--out", a.out.as_ref()), ("--vectors", a.vectors.as_ref())])
+        }
+        Command::Trace(a) => v.push(("--out", a.out.as_ref())),
+        Command::Exact(a) => v.extend([("--out", a.out.as_ref()), ("--plot", a.plot.as_ref())]),
+        Command::Layers(a) => v.push(("--out", a.out.as_ref())),
+        Command::TraceGrad(a) => v.push(("--out", Some(&a.out))),
+        _ => {}
+    }
+    v.into_iter()
+        .filter_map(|(f, p)| p.map(|p| (f, p.as_path())))
+        .collect()
+}
+
 pub fn run(cli: Cli) -> Result<()> {
+    // Output files are checked before any computation.
+    for (flag, path) in outputs(&cli.command) {
+        output::check_writable(flag, path)?;
+    }
     match cli.command {
         Command::Devices { json } => devices(json),
         Command::Density(a) => spectral_cmds::density(a),
@@ -177,8 +205,10 @@ pub fn run(cli: Cli) -> Result<()> {
         } => hvp(&inputs, vector, out),
         Command::Init { inputs, out } => {
             let (model, weights) = inputs.model_and_weights()?;
-            hesscope::model::params::save_state_dict(&model, &out, &weights)
-                .with_context(|| format!("writing {}", out.display()))?;
+            output::write_atomic(&out, |t| {
+                hesscope::model::params::save_state_dict(&model, t, &weights)
+            })
+            .with_context(|| format!("writing {}", out.display()))?;
             emit(
                 inputs.json,
                 &InitReport {
@@ -191,7 +221,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Synth { inputs, out } => {
             let model = inputs.model()?;
             let data = inputs.dataset(&model)?;
-            data.save(&out)
+            output::write_atomic(&out, |t| data.save(t))
                 .with_context(|| format!("writing {}", out.display()))?;
             emit(
                 inputs.json,
@@ -242,10 +272,34 @@ fn hvp(inputs: &Inputs, vector: Option<PathBuf>, out: Option<PathBuf>) -> Result
     let t = Instant::now();
     let (loss, grad, hv) = l.engine.loss_grad_hvp(&v).context("computing Hv")?;
     let seconds = t.elapsed().as_secs_f64();
+    for (what, x) in [("Hv", &hv), ("the gradient", &grad)] {
+        if let Some(i) = x.iter().position(|x| !x.is_finite()) {
+            let p = l
+                .model
+                .params
+                .iter()
+                .find(|p| (p.offset..p.offset + p.numel()).contains(&i));
+            bail!(
+                "{what} is not finite: `{}` element {} is {} (the weights or the direction \
+                 overflow float64's range)",
+                p.map_or("?", |p| p.name.as_str()),
+                i - p.map_or(0, |p| p.offset),
+                x[i]
+            );
+        }
+    }
     if let Some(path) = &out {
         inputs.save_vector(&l.model, path, &hv)?;
     }
     let vhv: f64 = v.iter().zip(&hv).map(|(a, b)| a * b).sum();
+    if !vhv.is_finite() {
+        bail!(
+            "vᵀHv is {vhv}: it overflows float64 (‖v‖ = {:e}, ‖Hv‖ = {:e}); scale the direction \
+             (--vector) down",
+            vnorm(&v),
+            vnorm(&hv)
+        );
+    }
     let decisions = l
         .engine
         .decision_report()

@@ -9,6 +9,43 @@ use hesscope::report::Exporter;
 use serde::Serialize;
 use serde_json::Value;
 use std::io::Write;
+use std::path::Path;
+
+pub use hesscope::train::write_atomic;
+
+/// An output file `path` (given by `flag`) can be written: its folder
+/// exists and takes a new file (`NAME.tmp`, created and removed here), and
+/// it is not a folder itself. Checked before the computation, so a typo
+/// does not cost a run.
+pub fn check_writable(flag: &str, path: &Path) -> Result<()> {
+    if path.is_dir() {
+        anyhow::bail!("invalid {flag} {}: a folder, not a file", path.display());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "invalid {flag} {}: its folder {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    let mut probe = path.as_os_str().to_owned();
+    probe.push(".tmp");
+    let probe = std::path::PathBuf::from(probe);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&probe)
+        .map_err(|e| {
+            anyhow::anyhow!("invalid {flag} {}: cannot be written ({e})", path.display())
+        })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
 
 /// The reader of stdout went away (`hesscope density --json | head -c 10`).
 #[derive(Debug)]
@@ -45,8 +82,17 @@ pub fn notice(text: impl AsRef<str>) {
     let _ = writeln!(std::io::stderr(), "{}", text.as_ref());
 }
 
+/// ‖v‖₂, scaled by the largest |vᵢ| so that it overflows only when the
+/// norm itself does (NaN when an element is).
 pub fn vnorm(v: &[f64]) -> f64 {
-    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+    if v.iter().any(|x| x.is_nan()) {
+        return f64::NAN;
+    }
+    let m = v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    if m == 0.0 || m.is_infinite() {
+        return m;
+    }
+    m * v.iter().map(|x| (x / m) * (x / m)).sum::<f64>().sqrt()
 }
 
 /// A report: as one JSON line with `json`, otherwise as `key  value` lines.
@@ -85,8 +131,7 @@ pub fn emit<T: Serialize>(json: bool, report: &T) -> Result<()> {
 /// otherwise), and write it to `out` as indented JSON when given.
 pub fn export<T: Serialize>(json: bool, out: Option<&std::path::Path>, report: &T) -> Result<()> {
     if let Some(p) = out {
-        Exporter::JsonPretty
-            .write(p, report)
+        write_atomic(p, |t| Exporter::JsonPretty.write(t, report))
             .with_context(|| format!("writing {}", p.display()))?;
     }
     if json {

@@ -1,6 +1,6 @@
 //! The spectral subcommands: density, eigs, trace, exact, layers.
 
-use crate::cli::common::{gib_bytes, Backend, Inputs};
+use crate::cli::common::{self, gib_bytes, Backend, Inputs};
 use crate::cli::output::{self, export, or_unknown};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -337,8 +337,11 @@ fn block_range(model: &Model, layer: &Option<String>) -> Result<std::ops::Range<
     match model.prefix_range(l) {
         Ok(r) => Ok(r),
         Err(prefix_err) => {
-            let Ok(set) = hesscope::trace_grad::LayerSet::parse(model, l) else {
-                return Err(prefix_err.into());
+            let set = match hesscope::trace_grad::LayerSet::parse(model, l) {
+                Ok(set) => set,
+                // A list is a tensor set: its own error names the item.
+                Err(e) if l.contains(',') => return Err(e.into()),
+                Err(_) => return Err(prefix_err.into()),
             };
             let (first, last) = (set.tensors[0], set.tensors[set.tensors.len() - 1]);
             if last - first + 1 != set.tensors.len() {
@@ -372,8 +375,11 @@ fn write_plot(
     exact: Option<&[f64]>,
 ) -> Result<()> {
     if let Some(p) = path {
-        std::fs::write(p, density_svg(title, grid, dens, exact))
-            .with_context(|| format!("writing {}", p.display()))?;
+        let text = density_svg(title, grid, dens, exact);
+        output::write_atomic(p, |t| {
+            std::fs::write(t, &text).map_err(|e| hesscope::Error::io(t, e))
+        })
+        .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }
@@ -479,7 +485,24 @@ pub fn density(a: DensityArgs) -> Result<()> {
     )
     .context("stochastic Lanczos quadrature")?;
     let lanczos_seconds = t.elapsed().as_secs_f64();
-    let summary = slq::summarize(&runs, n);
+    let mut summary = slq::summarize(&runs, n);
+    // A block of a larger Hessian whose Ritz values are all tiny: compared
+    // with ‖H u‖ of one random unit u over every parameter (one product).
+    if n < l.model.n_params {
+        let u = common::random_unit(l.model.n_params, a.inputs.seed);
+        let mut hu = vec![0.0; u.len()];
+        h.apply(&u, &mut hu).context("the full Hessian's scale")?;
+        let scale = output::vnorm(&hu);
+        if slq::is_zero_block(&runs, scale) {
+            output::notice(format!(
+                "hesscope: the block{} is zero but for rounding (every Ritz value within {:e}·‖Hu‖ \
+                 of zero, ‖Hu‖ = {scale:.3e} for a random unit u): reported as zero",
+                layer_suffix(&a.block.layer),
+                slq::ZERO_BLOCK_TOL
+            ));
+            summary = slq::SlqSummary::zero();
+        }
+    }
     let smoothed = a.smoothing.smooth(&runs, slq::DEFAULT_GRID)?;
     let title = format!(
         "{}{} Hessian density ({} steps × {} runs)",
@@ -652,7 +675,7 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
             shape.extend(&spec.shape);
             tensors.push((spec.name.clone(), shape, data));
         }
-        hesscope::model::tensorio::write_f64(p, &tensors)
+        output::write_atomic(p, |t| hesscope::model::tensorio::write_f64(t, &tensors))
             .with_context(|| format!("writing {}", p.display()))?;
     }
     let report = EigsReport {
@@ -995,8 +1018,13 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
     let fd = a.smoothing.density(&full, &grid, sigma)?;
     let fs = slq::summarize(&full, n);
     let mut rows = vec![];
+    let scale = fs.lambda_max.abs().max(fs.lambda_min.abs());
     for (name, size, runs) in &per {
-        let s = slq::summarize(runs, *size);
+        let s = if slq::is_zero_block(runs, scale) {
+            slq::SlqSummary::zero()
+        } else {
+            slq::summarize(runs, *size)
+        };
         let d = a.smoothing.density(runs, &grid, sigma)?;
         rows.push(LayerRow {
             module: name.clone(),

@@ -5,30 +5,27 @@
 //! the Hessian-trace regulariser.
 
 use crate::cli::common::{Backend, BnArg, Inputs};
-use crate::cli::output::{self, notice};
+use crate::cli::output::notice;
 use crate::cli::spectral_cmds::{
     BasisArgs, BasisOn, SweepArgs, MAX_GRID, MAX_PROBES, MAX_RUNS, MAX_STEPS,
 };
+use crate::cli::train_guard;
+use crate::cli::train_measures::{describe_curvature, describe_epoch, Measures};
+use crate::cli::train_plots::write_trajectory;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hesscope::data::Dataset;
-use hesscope::engine::{BnMode, Problem};
-use hesscope::gpu::GpuEngine;
-use hesscope::model::Model;
-use hesscope::report::{
-    CurvatureRecord, EpochRecord, Exporter, HtrRecord, StartRecord, TrainReport,
-};
-use hesscope::snapshot::{snapshot_with, SnapshotSettings};
-use hesscope::spectral::plot::{densities_svg, panels_svg, DensitySeries, Panel, Series};
+use hesscope::report::{EpochRecord, Exporter, HtrRecord, StartRecord, TrainReport};
+use hesscope::snapshot::SnapshotSettings;
 use hesscope::spectral::slq;
+use hesscope::trace_grad::LayerSet;
 use hesscope::train::{
-    initial_counts, latest_checkpoint, samples, save_checkpoint, write_atomic, Augment,
-    CheckpointMeta, Htr, ProbeDist, Recipe, StepInfo, Trainer,
+    initial_counts, latest_checkpoint, run_identity, save_checkpoint, Augment, CheckpointMeta,
+    FileDigest, Htr, ProbeDist, Recipe, RunMeasures, StepInfo, Trainer,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::collections::hash_map::Entry;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// `--augment`.
@@ -204,6 +201,11 @@ pub struct TrainArgs {
     /// recipe flags must be those of the run (--epochs may be larger).
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
+    /// Delete the files of another run in --out (its checkpoints,
+    /// final.*, trajectory.json and plots) before training; without it a
+    /// folder holding another run is refused.
+    #[arg(long, help_heading = "Output", conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Test set (safetensors x/y or a CIFAR-10 folder): its mean loss and
     /// accuracy after each epoch, batch norm by running statistics
     /// (PyTorch's eval()), in trajectory.json.
@@ -284,15 +286,23 @@ impl SpectrumArgs {
 }
 
 impl HtrArgs {
-    fn htr(&self) -> Result<Option<Htr>> {
+    /// The regulariser with --htr-gamma; every flag is checked either way
+    /// (the layer set against the model by the caller).
+    fn htr(&self, epochs: usize) -> Result<Option<Htr>> {
+        check_count("--htr-probes", self.htr_probes, MAX_PROBES)?;
+        check_count("--htr-every", self.htr_every, usize::MAX)?;
+        if self.htr_from_epoch >= epochs {
+            bail!(
+                "invalid --htr-from-epoch: {} with --epochs {epochs}: no epoch would be regularised",
+                self.htr_from_epoch
+            );
+        }
         let Some(gamma) = self.htr_gamma else {
             return Ok(None);
         };
         if !(gamma.is_finite() && gamma >= 0.0) {
             bail!("invalid --htr-gamma: {gamma} is not a finite number ≥ 0");
         }
-        check_count("--htr-probes", self.htr_probes, MAX_PROBES)?;
-        check_count("--htr-every", self.htr_every, usize::MAX)?;
         Ok(Some(Htr {
             gamma,
             layers: self.htr_layers.clone(),
@@ -320,129 +330,6 @@ fn epoch_bar(epoch: usize, epochs: usize, steps: usize) -> ProgressBar {
         }
         _ => ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::hidden()),
     }
-}
-
-/// A spinner on stderr (terminal only) while the Hessian is measured.
-fn spinner(msg: String) -> ProgressBar {
-    if std::io::stderr().is_terminal() {
-        let b = ProgressBar::new_spinner();
-        b.set_message(msg);
-        b.enable_steady_tick(std::time::Duration::from_millis(200));
-        b
-    } else {
-        ProgressBar::hidden()
-    }
-}
-
-/// What the run measures besides training.
-struct Measures<'a> {
-    inputs: &'a Inputs,
-    spectrum: Option<(SnapshotSettings, &'a SpectrumArgs)>,
-    test: Option<&'a Dataset>,
-    weight_decay: f64,
-    /// A GPU run's evaluation engines on its device, for the training and
-    /// the test data.
-    gpu_eval: std::cell::RefCell<std::collections::HashMap<&'static str, GpuEngine>>,
-}
-
-impl Measures<'_> {
-    /// Mean cross-entropy and accuracy with running statistics: on the
-    /// trainer's GPU (float32 forward passes) when it has one, else on the
-    /// float64 reference. `key` names the data set (its engine is kept).
-    fn eval(&self, tr: &Trainer, data: &Dataset, key: &'static str) -> Result<(f64, f64)> {
-        // Model mode: batch norm on its running statistics.
-        let problem = || {
-            Problem::new(
-                tr.model().clone(),
-                tr.weights().clone(),
-                data.clone(),
-                self.inputs.batch,
-                BnMode::Running,
-            )
-        };
-        if let Some(ctx) = tr.gpu() {
-            let mut cache = self.gpu_eval.borrow_mut();
-            let engine = match cache.entry(key) {
-                Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(v) => {
-                    let p = problem()?;
-                    // One workspace, each batch uploaded in turn.
-                    // A forward pass: float32 decisions (float64 ones
-                    // would cost a float64 forward of the whole set).
-                    let options = hesscope::gpu::EngineOptions {
-                        cache_budget: Some(0),
-                        block: Some(1),
-                        decisions: hesscope::decisions::DecisionSource::Float32,
-                        ..Default::default()
-                    };
-                    v.insert(GpuEngine::with_options(ctx.share(), &p, options)?)
-                }
-            };
-            engine.set_theta(&tr.weights().theta)?;
-            engine.set_running_buffers(&tr.weights().buffers)?;
-            return Ok(engine.evaluate()?);
-        }
-        Ok(hesscope::cpu::CpuReference::new(problem()?).evaluate()?)
-    }
-
-    fn test(&self, tr: &Trainer) -> Result<(Option<f64>, Option<f64>)> {
-        Ok(match self.test {
-            Some(t) => {
-                let (l, a) = self.eval(tr, t, "test")?;
-                (Some(l), Some(a))
-            }
-            None => (None, None),
-        })
-    }
-
-    /// The Hessian of the data loss over the subset at the current weights.
-    fn curvature(&self, tr: &Trainer, label: &str) -> Result<CurvatureRecord> {
-        let (s, args) = self.spectrum.as_ref().expect("spectrum settings");
-        let n = args.hessian_samples.min(tr.data().len());
-        let bn: BnMode = args.hessian_bn.into();
-        let problem = Problem::new(
-            tr.model().clone(),
-            tr.weights().clone(),
-            samples(tr.data(), 0, n),
-            self.inputs.batch,
-            bn,
-        )
-        .context("the Hessian's subset")?;
-        let mut inputs = self.inputs.clone();
-        inputs.backend = args.hessian_backend;
-        let mut engine =
-            inputs.engine_with_options(problem, args.basis.engine_options(args.sweep.block)?)?;
-        args.basis.check_engine(engine.as_ref())?;
-        let bar = spinner(format!("{label}: measuring the Hessian on {n} samples"));
-        let bn_name = match bn {
-            BnMode::Batch => "batch",
-            BnMode::Running => "running",
-        };
-        let r = snapshot_with(
-            engine.as_mut(),
-            tr.model(),
-            s,
-            (n, self.inputs.batch, bn_name, self.weight_decay),
-            &mut |stage, count| {
-                bar.set_message(format!(
-                    "{label}: the Hessian on {n} samples: {stage}, {count} HVPs"
-                ))
-            },
-        )
-        .with_context(|| format!("{label}: measuring the Hessian"));
-        bar.finish_and_clear();
-        r
-    }
-}
-
-fn describe_curvature(c: &CurvatureRecord) -> String {
-    format!(
-        "  λmax {:.4e}  trace {:.4e}  ‖g‖² in top-{} {:.3}",
-        c.top_eigenvalues.first().copied().unwrap_or(f64::NAN),
-        c.trace,
-        c.grad_frac_in_top_k.len(),
-        c.grad_frac_in_top_k.last().copied().unwrap_or(f64::NAN)
-    )
 }
 
 /// The GPU the steps run on (the regulariser's third derivatives too):
@@ -500,11 +387,11 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         AugmentArg::None => Augment::None,
         AugmentArg::CropFlip => Augment::CropFlip,
     };
-    let htr = a.htr.htr()?;
-    let spectrum = match a.spectrum.spectrum_every {
-        Some(_) => Some((a.spectrum.settings(a.inputs.seed)?, &a.spectrum)),
-        None => None,
-    };
+    // Every flag is checked, whether or not its feature is on.
+    let htr = a.htr.htr(a.epochs)?;
+    let settings = a.spectrum.settings(a.inputs.seed)?;
+    a.inputs.check_cache_budget()?;
+    let spectrum = a.spectrum.spectrum_every.map(|_| (settings, &a.spectrum));
     let out = match (&a.resume, &a.out) {
         (Some(r), Some(o)) if r != o => bail!(
             "invalid --out {}: a resumed run writes into its --resume folder {}",
@@ -515,15 +402,20 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         (None, Some(o)) => o.clone(),
         (None, None) => bail!("--out DIR is required (or --resume DIR)"),
     };
+    if let Some(d) = a.inputs.data.as_ref().filter(|d| d.to_str().is_none()) {
+        bail!(
+            "invalid --data {}: not a UTF-8 path (the checkpoints record it)",
+            d.display()
+        );
+    }
     let f64_out = a.dtype == SaveDtype::F64;
     let dtype = if f64_out { "F64" } else { "F32" };
     let t0 = Instant::now();
     let device = train_device(&a)?;
     let (model, mut weights) = a.inputs.model_and_weights()?;
-    if let Some(h) = &htr {
-        h.check(&model)
-            .map_err(|e| anyhow!("invalid --htr-layers: {}", strip_invalid(&e)))?;
-    }
+    LayerSet::parse(&model, &a.htr.htr_layers)
+        .map_err(|e| anyhow!("invalid --htr-layers: {}", strip_invalid(&e)))?;
+    augment.check(model.input)?;
     if let Some((s, _)) = &spectrum {
         if s.top > model.n_params {
             bail!(
@@ -553,69 +445,58 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
             );
         }
     }
+    if let Some(r) = &a.resume {
+        if !r.join("checkpoints").is_dir() {
+            bail!(
+                "invalid --resume {}: no checkpoints folder there (not a hesscope train run)",
+                r.display()
+            );
+        }
+    }
+    // The folder is ours (locked, no other run's files) before any work.
+    let _held = train_guard::claim(&out, a.resume.is_some(), a.overwrite)?;
+    let (model_sha256, data_sha256) = run_identity(&model, &data);
+    let run_measures = RunMeasures {
+        spectrum_every: a.spectrum.spectrum_every,
+        curvature: spectrum.as_ref().map(|(s, _)| s.clone()),
+        hessian_samples: a.spectrum.hessian_samples,
+        hessian_bn: format!("{:?}", a.spectrum.hessian_bn),
+        hessian_backend: a.spectrum.hessian_backend.name().to_string(),
+        test_data: a.test_data.clone(),
+        test_sha256: test.as_ref().map(hesscope::train::data_sha256),
+    };
+    let given = train_guard::Given {
+        recipe: &recipe,
+        batch: a.inputs.batch,
+        model: &a.inputs.model,
+        data: a.inputs.data.as_deref(),
+        samples: n_samples,
+        dtype,
+        augment,
+        htr: htr.as_ref(),
+        model_sha256: &model_sha256,
+        data_sha256: &data_sha256,
+        measures: &run_measures,
+    };
     let mut resumed = None;
     if let Some(dir) = &a.resume {
-        let r = latest_checkpoint(&model, dir)?;
-        for s in &r.skipped {
-            notice(format!("hesscope: ignoring an incomplete checkpoint: {s}"));
-        }
-        let m = &r.meta;
-        let mut given = recipe.clone();
-        given.epochs = m.recipe.epochs;
-        let mut diffs = vec![];
-        if given != m.recipe {
-            diffs.push(format!("recipe {:?}, the run's is {:?}", recipe, m.recipe));
-        }
-        if recipe.epochs < m.epoch {
-            diffs.push(format!(
-                "--epochs {} but {} epochs are done",
-                recipe.epochs, m.epoch
-            ));
-        }
-        if a.inputs.batch != m.batch {
-            diffs.push(format!(
-                "--batch {}, the run's is {}",
-                a.inputs.batch, m.batch
-            ));
-        }
-        if a.inputs.model != m.model {
-            diffs.push(format!(
-                "--model {}, the run's is {}",
-                a.inputs.model, m.model
-            ));
-        }
-        if a.inputs.data != m.data || n_samples != m.samples {
-            diffs.push(format!(
-                "--data {:?} with {n_samples} samples, the run's is {:?} with {}",
-                a.inputs.data, m.data, m.samples
-            ));
-        }
-        if dtype != m.dtype {
-            diffs.push(format!("--dtype {dtype}, the run's is {}", m.dtype));
-        }
-        if augment != m.augment {
-            diffs.push(format!(
-                "--augment {augment:?}, the run's is {:?}",
-                m.augment
-            ));
-        }
-        if htr != m.htr {
-            diffs.push(format!(
-                "Hessian-trace regulariser {htr:?}, the run's is {:?}",
-                m.htr
-            ));
-        }
-        if !diffs.is_empty() {
-            return Err(hesscope::error::Error::Invalid {
+        let r = latest_checkpoint(&model, dir, &mut |json, m| {
+            let diffs = train_guard::differences(&given, m);
+            if diffs.is_empty() {
+                return Ok(());
+            }
+            Err(hesscope::error::Error::Invalid {
                 what: "resume",
                 msg: format!(
                     "{} (epoch {}) was made with other settings: {}",
-                    dir.display(),
+                    json.display(),
                     m.epoch,
                     diffs.join("; ")
                 ),
-            }
-            .into());
+            })
+        })?;
+        for s in &r.skipped {
+            notice(format!("hesscope: ignoring checkpoint {s}"));
         }
         if a.inputs.weights.is_some() {
             notice("hesscope: --resume continues from the checkpoint; --weights is not used");
@@ -626,6 +507,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     }
     let mut tr = Trainer::new(model, weights, data, a.inputs.batch, recipe.clone(), counts)?;
     tr.augment = augment;
+    tr.f32_saved = !f64_out;
     tr.set_htr(htr.clone())?;
     if let Some(ctx) = device {
         tr.use_gpu(ctx).context("building the GPU trainer")?;
@@ -637,25 +519,27 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         weight_decay: recipe.weight_decay,
         gpu_eval: Default::default(),
     };
+    let say = train_guard::Progress::default();
     let mut epochs = vec![];
     let mut step_losses = vec![];
     let mut start = None;
+    let mut previous = None;
     if let Some(r) = resumed {
         tr.restore(r.meta.epoch, r.meta.steps, r.momentum)?;
-        epochs = r.meta.epochs;
-        step_losses = r.meta.step_losses;
-        start = r.meta.start;
+        epochs = r.epochs;
+        step_losses = r.step_losses;
+        start = r.start;
+        previous = Some(r.json);
         if !a.inputs.json {
-            output::line(format!(
+            say.line(format!(
                 "resuming {} after epoch {} ({} steps)",
                 out.display(),
                 tr.epoch,
                 tr.steps
-            ))?;
+            ));
         }
     }
     let ckdir = out.join("checkpoints");
-    std::fs::create_dir_all(&ckdir).with_context(|| format!("creating {}", ckdir.display()))?;
     if tr.epoch == 0 && start.is_none() {
         let (test_loss, test_accuracy) = measures.test(&tr)?;
         let (train_eval_loss, train_accuracy) = measures.eval(&tr, tr.data(), "train")?;
@@ -664,7 +548,7 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
             None => None,
         };
         if let (Some(c), false) = (&curvature, a.inputs.json) {
-            output::line(format!("start{}", describe_curvature(c)))?;
+            say.line(format!("start{}", describe_curvature(c)));
         }
         start = Some(StartRecord {
             epoch: 0,
@@ -677,9 +561,9 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     }
     let meta = |tr: &Trainer,
                 lr: f64,
-                epochs: &[EpochRecord],
+                record: Option<EpochRecord>,
                 step_losses: &[f64],
-                start: &Option<StartRecord>| CheckpointMeta {
+                previous: Option<FileDigest>| CheckpointMeta {
         epoch: tr.epoch,
         steps: tr.steps,
         lr,
@@ -688,18 +572,39 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         samples: n_samples,
         model: a.inputs.model.clone(),
         data: a.inputs.data.clone(),
+        model_sha256: model_sha256.clone(),
+        data_sha256: data_sha256.clone(),
+        measures: run_measures.clone(),
         dtype: dtype.into(),
         state_dict: String::new(),
         state_f64: String::new(),
         optim: None,
-        epochs: epochs.to_vec(),
+        files: vec![],
+        start: if tr.epoch == 1 && record.is_some() {
+            start.clone()
+        } else {
+            None
+        },
+        record,
         step_losses: step_losses.to_vec(),
+        previous,
         augment,
         htr: htr.clone(),
-        start: start.clone(),
     };
     let mut last_lr = recipe.lr_at(tr.epoch.saturating_sub(1));
     while tr.epoch < recipe.epochs {
+        // Where a failure in this epoch leaves the run.
+        let good = match tr.epoch {
+            0 => "none (this is the first epoch)".to_string(),
+            k => ckdir
+                .join(format!("epoch-{k}.safetensors"))
+                .display()
+                .to_string(),
+        };
+        let stop = format!(
+            "nothing written for epoch {}; the last good checkpoint: {good}",
+            tr.epoch + 1
+        );
         let n_steps = tr.data().batches(a.inputs.batch).len();
         let bar = epoch_bar(tr.epoch + 1, recipe.epochs, n_steps);
         let (t_bar, mut seen) = (Instant::now(), 0usize);
@@ -708,15 +613,32 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
             let rate = seen as f64 / t_bar.elapsed().as_secs_f64().max(1e-9);
             bar.set_message(format!("loss {:.4}  {rate:.0} samples/s", s.loss));
             bar.inc(1);
-        })?;
+        });
         bar.finish_and_clear();
+        let r = r.map_err(|e| match e {
+            hesscope::Error::Diverged { .. } => anyhow!("{e}; {stop}"),
+            other => anyhow::Error::new(other).context(format!("training stopped: {stop}")),
+        })?;
         last_lr = r.lr;
         let done = r.epoch + 1;
-        let (test_loss, test_accuracy) = measures.test(&tr)?;
-        let (train_eval_loss, train_accuracy) = measures.eval(&tr, tr.data(), "train")?;
+        // A failure here (an evaluation overflowing) is after the epoch's
+        // last step: named so.
+        let after = || {
+            format!(
+                "training stopped after epoch {done}'s last step (step {} of the run): {stop}",
+                tr.steps
+            )
+        };
+        let (test_loss, test_accuracy) = measures.test(&tr).with_context(after)?;
+        let (train_eval_loss, train_accuracy) =
+            measures.eval(&tr, tr.data(), "train").with_context(after)?;
         let curvature = match (&measures.spectrum, a.spectrum.spectrum_every) {
             (Some(_), Some(every)) if done == recipe.epochs || (every > 0 && done % every == 0) => {
-                Some(measures.curvature(&tr, &format!("epoch {done}"))?)
+                Some(
+                    measures
+                        .curvature(&tr, &format!("epoch {done}"))
+                        .with_context(after)?,
+                )
             }
             _ => None,
         };
@@ -738,17 +660,18 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
             htr: htr_rec,
             curvature,
         };
-        step_losses.extend(r.losses);
-        epochs.push(rec.clone());
         let stem = format!("epoch-{done}");
-        save_checkpoint(
+        let (_, json) = save_checkpoint(
             &tr,
             &ckdir,
             &stem,
             f64_out,
-            meta(&tr, r.lr, &epochs, &step_losses, &start),
+            meta(&tr, r.lr, Some(rec.clone()), &r.losses, previous.take()),
         )
         .with_context(|| format!("writing checkpoint {}", ckdir.join(&stem).display()))?;
+        previous = Some(json);
+        step_losses.extend(r.losses);
+        epochs.push(rec.clone());
         // The trajectory so far and its plots, for a look while it runs.
         let so_far = TrainReport {
             recipe: recipe.clone(),
@@ -766,29 +689,24 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         };
         write_trajectory(&out, tr.model(), &so_far)?;
         if !a.inputs.json {
-            let test = match (rec.test_loss, rec.test_accuracy) {
-                (Some(l), Some(acc)) => format!("  test loss {l:.6} acc {acc:.4}"),
-                _ => String::new(),
-            };
-            let htr = match &rec.htr {
-                Some(HtrRecord { value: Some(v), .. }) => format!("  htr {v:.4e}"),
-                _ => String::new(),
-            };
-            output::line(format!(
-                "epoch {:>3}  lr {:.4e}  train loss {:.6} acc {:.4}{test}{htr}  ({} steps, {:.2} s)",
-                rec.epoch, rec.lr, rec.train_loss, train_accuracy, rec.steps, rec.seconds
-            ))?;
-            if let Some(c) = &rec.curvature {
-                output::line(format!("     {}", describe_curvature(c)))?;
-            }
+            say.line(describe_epoch(&rec));
         }
     }
-    let fin = save_checkpoint(
+    let (fin, _) = save_checkpoint(
         &tr,
         &out,
         "final",
         f64_out,
-        meta(&tr, last_lr, &epochs, &step_losses, &start),
+        meta(
+            &tr,
+            last_lr,
+            None,
+            &[],
+            previous.map(|p| FileDigest {
+                file: format!("checkpoints/{}", p.file),
+                ..p
+            }),
+        ),
     )
     .with_context(|| format!("writing {}", out.join("final.safetensors").display()))?;
     let report = TrainReport {
@@ -807,29 +725,22 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     };
     let (traj, plots) = write_trajectory(&out, tr.model(), &report)?;
     if a.inputs.json {
-        return output::line(Exporter::JsonLine.render(&report)?);
+        say.line(Exporter::JsonLine.render(&report)?);
+    } else {
+        say.line(format!(
+            "trained {} epochs ({} steps); wrote {}, {} and {}",
+            report.epochs.len(),
+            report.steps,
+            fin.display(),
+            traj.display(),
+            plots
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
-    output::line(format!(
-        "trained {} epochs ({} steps); wrote {}, {} and {}",
-        report.epochs.len(),
-        report.steps,
-        fin.display(),
-        traj.display(),
-        plots
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    ))
-}
-
-/// DIR/trajectory.json and the plots.
-fn write_trajectory(dir: &Path, model: &Model, r: &TrainReport) -> Result<(PathBuf, Vec<PathBuf>)> {
-    let traj = dir.join("trajectory.json");
-    write_atomic(&traj, |p| Exporter::JsonPretty.write(p, r))
-        .with_context(|| format!("writing {}", traj.display()))?;
-    let plots = write_plots(dir, model, r)?;
-    Ok((traj, plots))
+    say.finish()
 }
 
 /// The message of a library `Invalid` error without its own "what".
@@ -838,186 +749,4 @@ fn strip_invalid(e: &hesscope::Error) -> String {
         hesscope::Error::Invalid { msg, .. } => msg.clone(),
         other => other.to_string(),
     }
-}
-
-/// training.svg always; with curvature, densities.svg and curvature.svg.
-fn write_plots(dir: &Path, model: &Model, r: &TrainReport) -> Result<Vec<PathBuf>> {
-    let mut written = vec![];
-    let mut write = |name: &str, text: String| -> Result<()> {
-        let p = dir.join(name);
-        write_atomic(&p, |f| {
-            std::fs::write(f, &text).map_err(|e| hesscope::Error::io(f, e))
-        })
-        .with_context(|| format!("writing {}", p.display()))?;
-        written.push(p);
-        Ok(())
-    };
-    let start = r.start.as_ref();
-    let ep = |e: usize| e as f64;
-    // Loss and accuracy; the same series keep the same colour in both panels.
-    let pts = |f: &dyn Fn(&EpochRecord) -> Option<f64>, s0: Option<f64>| -> Vec<(f64, f64)> {
-        s0.map(|v| (0.0, v))
-            .into_iter()
-            .chain(
-                r.epochs
-                    .iter()
-                    .filter_map(|e| f(e).map(|v| (ep(e.epoch), v))),
-            )
-            .collect()
-    };
-    let mut loss = vec![Series {
-        label: "train (eval)".into(),
-        points: pts(
-            &|e| e.train_eval_loss,
-            start.and_then(|s| s.train_eval_loss),
-        ),
-    }];
-    let mut acc = vec![Series {
-        label: "train (eval)".into(),
-        points: pts(&|e| e.train_accuracy, start.and_then(|s| s.train_accuracy)),
-    }];
-    if r.epochs.iter().any(|e| e.test_loss.is_some()) {
-        loss.push(Series {
-            label: "test".into(),
-            points: pts(&|e| e.test_loss, start.and_then(|s| s.test_loss)),
-        });
-        acc.push(Series {
-            label: "test".into(),
-            points: pts(&|e| e.test_accuracy, start.and_then(|s| s.test_accuracy)),
-        });
-    }
-    loss.push(Series {
-        label: "train (steps' mean)".into(),
-        points: r
-            .epochs
-            .iter()
-            .map(|e| (ep(e.epoch), e.train_loss))
-            .collect(),
-    });
-    let mut panels = vec![
-        Panel {
-            y_label: "cross-entropy".into(),
-            series: loss,
-        },
-        Panel {
-            y_label: "accuracy".into(),
-            series: acc,
-        },
-    ];
-    if r.htr.is_some() {
-        panels.push(Panel {
-            y_label: "regulariser (1/P)Σ vᵀH_S v".into(),
-            series: vec![Series {
-                label: "epoch mean".into(),
-                points: pts(&|e| e.htr.as_ref().and_then(|h| h.value), None),
-            }],
-        });
-    }
-    write(
-        "training.svg",
-        panels_svg(
-            &format!("{}: loss and accuracy", model.name),
-            "epoch",
-            &panels,
-        ),
-    )?;
-    // Curvature.
-    let curv: Vec<(usize, &CurvatureRecord)> = start
-        .and_then(|s| s.curvature.as_ref().map(|c| (0, c)))
-        .into_iter()
-        .chain(
-            r.epochs
-                .iter()
-                .filter_map(|e| e.curvature.as_ref().map(|c| (e.epoch, c))),
-        )
-        .collect();
-    if !curv.is_empty() {
-        let series: Vec<DensitySeries> = curv
-            .iter()
-            .map(|(e, c)| DensitySeries {
-                label: format!("epoch {e}"),
-                grid: &c.grid,
-                density: &c.density,
-            })
-            .collect();
-        write(
-            "densities.svg",
-            densities_svg(
-                &format!(
-                    "{}: Hessian density along training ({} samples, bn {})",
-                    model.name, curv[0].1.samples, curv[0].1.bn
-                ),
-                &series,
-            ),
-        )?;
-        let k = curv[0].1.grad_frac_in_top_k.len();
-        let line = |label: &str, f: &dyn Fn(&CurvatureRecord) -> Option<f64>| Series {
-            label: label.into(),
-            points: curv
-                .iter()
-                .filter_map(|(e, c)| f(c).map(|v| (ep(*e), v)))
-                .collect(),
-        };
-        let mut panels = vec![
-            Panel {
-                y_label: "λmax".into(),
-                series: vec![line("λ1 (Lanczos)", &|c| {
-                    c.top_eigenvalues.first().copied()
-                })],
-            },
-            Panel {
-                y_label: "trace".into(),
-                series: vec![line("Hutchinson", &|c| Some(c.trace))],
-            },
-            Panel {
-                y_label: "‖g‖² fraction".into(),
-                series: vec![
-                    line("top 1", &|c| c.grad_frac_in_top_k.first().copied()),
-                    line(&format!("top {k}"), &|c| {
-                        c.grad_frac_in_top_k.last().copied()
-                    }),
-                ],
-            },
-        ];
-        let modules: Vec<String> = curv[0].1.layers.iter().map(|l| l.module.clone()).collect();
-        if !modules.is_empty() {
-            let per = |f: fn(&hesscope::report::LayerCurvature) -> f64| -> Vec<Series> {
-                modules
-                    .iter()
-                    .map(|m| Series {
-                        label: m.clone(),
-                        points: curv
-                            .iter()
-                            .filter_map(|(e, c)| {
-                                c.layers
-                                    .iter()
-                                    .find(|l| &l.module == m)
-                                    .map(|l| (ep(*e), f(l)))
-                            })
-                            .collect(),
-                    })
-                    .collect()
-            };
-            panels.push(Panel {
-                y_label: "module λmax".into(),
-                series: per(|l| l.lambda_max),
-            });
-            panels.push(Panel {
-                y_label: "module trace".into(),
-                series: per(|l| l.trace),
-            });
-        }
-        write(
-            "curvature.svg",
-            panels_svg(
-                &format!(
-                    "{}: curvature of the data loss along training ({} samples)",
-                    model.name, curv[0].1.samples
-                ),
-                "epoch",
-                &panels,
-            ),
-        )?;
-    }
-    Ok(written)
 }

@@ -146,6 +146,16 @@ impl Dataset {
         if std::fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false) {
             return load_cifar_dir_first(path, samples);
         }
+        // A CIFAR-10 batch file given alone: its folder is what loads.
+        if path.extension().is_some_and(|e| e == "bin") {
+            return Err(Error::Data {
+                file: path.display().to_string(),
+                msg: "a CIFAR-10 .bin batch file is read from its folder: give the folder \
+                      that holds data_batch_*.bin (or test_batch.bin), or a safetensors file \
+                      with x and y"
+                    .into(),
+            });
+        }
         let file = tensorio::File::open(path)?;
         let label = file.label.clone();
         let err = |msg: String| Error::Data {

@@ -406,14 +406,17 @@ impl GpuContext {
                 limit: self.limits.max_buffer_size,
             });
         }
-        let buf = self.scoped(&format!("allocating `{name}`"), || {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(name),
-                size: bytes.len().max(16) as u64,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        })?;
+        let buf = self.scoped(
+            &format!("allocating `{name}` ({} bytes)", bytes.len()),
+            || {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(name),
+                    size: bytes.len().max(16) as u64,
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            },
+        )?;
         self.queue.write_buffer(&buf, 0, bytes);
         Ok(buf)
     }
@@ -558,14 +561,17 @@ impl GpuContext {
     /// Reads `(buffer, offset, len)` ranges back in one staging copy and one map.
     pub fn read_f32(&self, ranges: &[(&GpuBuffer, usize, usize)]) -> Result<Vec<Vec<f32>>> {
         let total: usize = ranges.iter().map(|r| r.2).sum();
-        let staging = self.scoped("allocating the readback buffer", || {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("readback"),
-                size: (total.max(1) * 4) as u64,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        })?;
+        let staging = self.scoped(
+            &format!("allocating a readback buffer of {} bytes", total.max(1) * 4),
+            || {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("readback"),
+                    size: (total.max(1) * 4) as u64,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            },
+        )?;
         let mut enc = self.device.create_command_encoder(&Default::default());
         let mut at = 0u64;
         for (buf, off, len) in ranges {

@@ -74,6 +74,9 @@ pub struct GpuTrainer {
     extra: usize,
     /// grad += extra.
     add_extra: Option<Compiled>,
+    /// The running buffers as the last step left them (read back with its
+    /// loss, for the divergence check; empty before a step).
+    last_running: Vec<f32>,
 }
 
 impl GpuTrainer {
@@ -162,6 +165,7 @@ impl GpuTrainer {
             running,
             losses,
             buffer_offsets,
+            last_running: vec![],
             bn,
             ws,
             canon,
@@ -248,6 +252,20 @@ impl GpuTrainer {
             },
             f(&r[2]),
         ))
+    }
+
+    /// The first running buffer the last step left non-finite on the
+    /// device: its name, the element and the value.
+    pub fn nonfinite_running(&self) -> Option<(String, usize, f32)> {
+        self.model
+            .buffers
+            .iter()
+            .zip(&self.buffer_offsets)
+            .find_map(|(b, &o)| {
+                let v = self.last_running.get(o..o + b.len)?;
+                let i = v.iter().position(|x| !x.is_finite())?;
+                Some((b.name.clone(), i, v[i]))
+            })
     }
 
     fn forward_backward(&mut self, count: usize) -> Result<&Compiled> {
@@ -447,8 +465,14 @@ impl GpuTrainer {
             up.record(&mut enc);
             self.ctx.queue.submit([enc.finish()]);
         })?;
-        let r = self.ctx.read_f32(&[(&bufs[self.losses], 0, 1)])?;
+        let total: usize = self.model.buffers.iter().map(|b| b.len).sum();
+        let mut ranges = vec![(&bufs[self.losses], 0, 1)];
+        if total > 0 {
+            ranges.push((&bufs[self.running], 0, total));
+        }
+        let mut r = self.ctx.read_f32(&ranges)?;
         let loss = r[0][0] as f64;
+        self.last_running = if total > 0 { r.swap_remove(1) } else { vec![] };
         if !loss.is_finite() {
             return Err(Error::Numerical(format!(
                 "the mini-batch loss is {loss} on {}: the weights or data overflow in float32 \

@@ -434,6 +434,27 @@ impl<'a> Parser<'a> {
         let mut pos = Vec::new();
         let mut kv: BTreeMap<&str, &str> = BTreeMap::new();
         let allowed = options(kw);
+        // `slope = 0.1`: an option split by spaces.
+        if let Some(i) = rest
+            .iter()
+            .position(|w| w.starts_with('=') || w.ends_with('='))
+        {
+            let key = if rest[i] == "=" || rest[i].ends_with('=') {
+                rest[i].trim_end_matches('=').to_string()
+            } else {
+                String::new()
+            };
+            let key = if key.is_empty() && i > 0 {
+                rest[i - 1].to_string()
+            } else {
+                key
+            };
+            return Err(self.e(format!(
+                "{kw}: an option is written key=value without spaces (`{key}=...`), \
+                 not `{}`",
+                rest[i.saturating_sub(1)..(i + 2).min(rest.len())].join(" ")
+            )));
+        }
         for w in rest {
             match w.split_once('=') {
                 Some((k, v)) => {

@@ -116,6 +116,13 @@ impl Model {
             })?;
             return arch::parse(&label, &text);
         }
+        // A path (an .arch name or one with a folder) that is not there:
+        // the file is missing, not the model unknown.
+        if name_or_path.ends_with(".arch") || name_or_path.contains(std::path::MAIN_SEPARATOR) {
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(Error::io(path, e));
+            }
+        }
         let known: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
         Err(Error::UnknownModel(
             name_or_path.to_string(),

@@ -8,7 +8,6 @@
 
 use crate::error::{Error, Result};
 use safetensors::tensor::{Dtype, TensorView};
-use safetensors::SafeTensors;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -104,41 +103,112 @@ pub fn regular_file(path: &Path) -> Result<std::fs::Metadata> {
     Ok(meta)
 }
 
-/// A safetensors file in memory, its header validated.
+/// Where a file's tensor data is: in memory, or on disk, read tensor by
+/// tensor.
+enum Data {
+    Memory(Vec<u8>),
+    Disk(std::sync::Mutex<std::fs::File>),
+}
+
+/// The most header bytes read (safetensors' own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// A safetensors file, its header read and validated first (every tensor's
+/// name, dtype, shape and byte range, each error naming its tensor); the
+/// data of a file on disk is read only tensor by tensor as asked for.
 pub struct File {
     pub label: String,
-    bytes: Vec<u8>,
+    data: Data,
+    /// Where the data starts (8 + the header's length).
+    start: u64,
     layout: BTreeMap<String, Layout>,
+    ranges: BTreeMap<String, (u64, u64)>,
 }
 
 impl File {
-    /// Read a regular file and validate its header (offsets, sizes).
+    /// Open a regular file and validate its header (offsets, sizes); no
+    /// tensor data is read.
     pub fn open(path: &Path) -> Result<File> {
-        regular_file(path)?;
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        File::from_bytes(&file_label(path), bytes)
+        use std::io::Read;
+        let len = regular_file(path)?.len();
+        let label = file_label(path);
+        let bad = |msg: String| Error::Format {
+            path: label.clone().into(),
+            msg: format!("not a valid safetensors file: {msg}"),
+        };
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        if len < 8 {
+            return Err(bad(format!(
+                "{len} bytes, shorter than the 8-byte header length"
+            )));
+        }
+        let mut n8 = [0u8; 8];
+        f.read_exact(&mut n8).map_err(|e| Error::io(path, e))?;
+        let n = u64::from_le_bytes(n8);
+        check_header_len(n, len).map_err(bad)?;
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+        let (layout, ranges) = parse_header(&header, len - 8 - n).map_err(bad)?;
+        Ok(File {
+            label,
+            data: Data::Disk(std::sync::Mutex::new(f)),
+            start: 8 + n,
+            layout,
+            ranges,
+        })
     }
 
     pub fn from_bytes(label: &str, bytes: Vec<u8>) -> Result<File> {
-        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::Format {
+        let bad = |msg: String| Error::Format {
             path: label.into(),
-            msg: format!("not a valid safetensors file: {e}"),
-        })?;
-        let mut layout = BTreeMap::new();
-        for (name, info) in meta.tensors() {
-            layout.insert(
-                name,
-                Layout {
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                },
-            );
-        }
+            msg: format!("not a valid safetensors file: {msg}"),
+        };
+        let len = bytes.len() as u64;
+        let Some(n8) = bytes.get(..8) else {
+            return Err(bad(format!(
+                "{len} bytes, shorter than the 8-byte header length"
+            )));
+        };
+        let n = u64::from_le_bytes(n8.try_into().expect("8 bytes"));
+        check_header_len(n, len).map_err(bad)?;
+        let (layout, ranges) = parse_header(&bytes[8..8 + n as usize], len - 8 - n).map_err(bad)?;
         Ok(File {
             label: label.to_string(),
-            bytes,
+            data: Data::Memory(bytes),
+            start: 8 + n,
             layout,
+            ranges,
         })
+    }
+
+    /// `len` bytes of a tensor's data from `offset` (relative to the data).
+    fn read_range(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let at = self.start + offset;
+        match &self.data {
+            Data::Memory(b) => Ok(b[at as usize..at as usize + len].to_vec()),
+            Data::Disk(f) => {
+                use std::io::{Read, Seek, SeekFrom};
+                let io = |e| Error::io(self.label.clone(), e);
+                let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+                f.seek(SeekFrom::Start(at)).map_err(io)?;
+                let mut out = Vec::new();
+                out.try_reserve_exact(len).map_err(|_| {
+                    self.tensor_error_at(offset, format!("no memory for its {len} bytes"))
+                })?;
+                out.resize(len, 0);
+                f.read_exact(&mut out).map_err(io)?;
+                Ok(out)
+            }
+        }
+    }
+
+    fn tensor_error_at(&self, offset: u64, msg: String) -> Error {
+        let name = self
+            .ranges
+            .iter()
+            .find(|(_, r)| r.0 == offset)
+            .map_or("?", |(n, _)| n.as_str());
+        self.tensor_error(name, msg)
     }
 
     /// Every tensor's dtype and shape, by name, from the header.
@@ -177,25 +247,122 @@ impl File {
                 ),
             ));
         }
-        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| Error::Format {
-            path: self.label.clone().into(),
-            msg: format!("not a valid safetensors file: {e}"),
-        })?;
-        let view = st
-            .tensor(name)
-            .map_err(|e| self.tensor_error(name, e.to_string()))?;
-        let bytes = view.dtype().bitsize() / 8;
-        if bytes == 0 {
-            return Err(self.tensor_error(name, format!("unsupported dtype {}", view.dtype())));
+        let bytes = layout.dtype.bitsize() / 8;
+        if bytes == 0 || layout.dtype.bitsize() % 8 != 0 {
+            return Err(self.tensor_error(name, format!("unsupported dtype {}", layout.dtype)));
         }
-        let data = convert(view.dtype(), &view.data()[..count * bytes])
-            .map_err(|msg| self.tensor_error(name, msg))?;
+        let (s, _) = self.ranges[name];
+        let raw = self.read_range(s, count * bytes)?;
+        let data = convert(layout.dtype, &raw).map_err(|msg| self.tensor_error(name, msg))?;
         Ok(Tensor {
-            shape: view.shape().to_vec(),
+            shape: layout.shape.clone(),
             data,
-            dtype: view.dtype(),
+            dtype: layout.dtype,
         })
     }
+}
+
+/// A header length `n` in a file of `len` bytes.
+fn check_header_len(n: u64, len: u64) -> std::result::Result<(), String> {
+    if n > MAX_HEADER {
+        return Err(format!(
+            "its first 8 bytes give a header of {n} bytes, above the limit of {MAX_HEADER} \
+             (not a safetensors file?)"
+        ));
+    }
+    if 8 + n > len {
+        return Err(format!(
+            "its first 8 bytes give a header of {n} bytes, past the end of the file ({len} bytes)"
+        ));
+    }
+    Ok(())
+}
+
+type Header = (BTreeMap<String, Layout>, BTreeMap<String, (u64, u64)>);
+
+/// A header's tensors, checked: each tensor's byte range holds exactly
+/// its shape × dtype, the ranges tile the `data_len` bytes after the
+/// header; every error names its tensor.
+fn parse_header(header: &[u8], data_len: u64) -> std::result::Result<Header, String> {
+    let text = std::str::from_utf8(header).map_err(|e| format!("its header is not UTF-8 ({e})"))?;
+    /// One tensor's entry, as the header spells it.
+    #[derive(serde::Deserialize)]
+    struct Info {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        data_offsets: (u64, u64),
+    }
+    let raw: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| format!("its header: {e}"))?;
+    let mut layout = BTreeMap::new();
+    let mut ranges = BTreeMap::new();
+    let mut by_start: Vec<(u64, u64, String)> = vec![];
+    for (name, v) in raw {
+        if name == "__metadata__" {
+            continue;
+        }
+        let info: Info = serde_json::from_value(v).map_err(|e| {
+            format!(
+                "tensor `{}` in its header: {e}",
+                crate::error::escape(&name)
+            )
+        })?;
+        let (s, e) = info.data_offsets;
+        let size = info
+            .shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .and_then(|n| n.checked_mul(info.dtype.bitsize() as u64))
+            .filter(|b| b % 8 == 0)
+            .map(|b| b / 8);
+        let shown = crate::error::escape(&name);
+        match size {
+            None => {
+                return Err(format!(
+                    "tensor `{shown}`: shape {:?} of {} is not a whole number of bytes that fits \
+                     in 64 bits",
+                    info.shape, info.dtype
+                ))
+            }
+            Some(b) if e < s || e - s != b => {
+                return Err(format!(
+                    "tensor `{shown}`: shape {:?} of {} takes {b} bytes, its data_offsets [{s}, \
+                     {e}] give {}",
+                    info.shape,
+                    info.dtype,
+                    e as i128 - s as i128
+                ))
+            }
+            _ => {}
+        }
+        by_start.push((s, e, name.clone()));
+        layout.insert(
+            name.clone(),
+            Layout {
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+            },
+        );
+        ranges.insert(name, (s, e));
+    }
+    by_start.sort();
+    let mut at = 0;
+    for (s, e, name) in &by_start {
+        if *s != at {
+            return Err(format!(
+                "tensor `{}`: its data starts at byte {s}, the tensor before it ends at {at} \
+                 (overlapping or a gap)",
+                crate::error::escape(name)
+            ));
+        }
+        at = *e;
+    }
+    if at != data_len {
+        return Err(format!(
+            "the header describes {at} bytes of tensor data, the file holds {data_len} after it"
+        ));
+    }
+    Ok((layout, ranges))
 }
 
 /// Read every tensor of a safetensors file, converting floats and integers

@@ -279,6 +279,35 @@ pub fn summarize(runs: &[SlqRun], n: usize) -> SlqSummary {
     }
 }
 
+/// The fraction of the operator's scale below which a block's Ritz values
+/// are rounding noise (float64 products carry ~1e-16 of it).
+pub const ZERO_BLOCK_TOL: f64 = 1e-10;
+
+/// Whether every Ritz value of `runs` is within [`ZERO_BLOCK_TOL`]·`scale`
+/// of zero: a block that is zero but for rounding (a conv bias before
+/// batch-mode batch norm), whose noise would otherwise read as a density
+/// with a negative mass.
+pub fn is_zero_block(runs: &[SlqRun], scale: f64) -> bool {
+    scale.is_finite()
+        && runs
+            .iter()
+            .flat_map(|r| &r.nodes)
+            .all(|l| l.abs() <= ZERO_BLOCK_TOL * scale)
+}
+
+impl SlqSummary {
+    /// The summary of a zero block: every figure 0.
+    pub fn zero() -> SlqSummary {
+        SlqSummary {
+            lambda_max: 0.0,
+            lambda_min: 0.0,
+            trace: 0.0,
+            trace_stderr: 0.0,
+            negative_mass: 0.0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
