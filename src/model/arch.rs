@@ -135,6 +135,15 @@ fn is_module_name(s: &str) -> bool {
         })
 }
 
+/// A value's shape in errors: `flat [C]` or the image `[C, H, W]`.
+fn show_shape(s: Shape, flat: bool) -> String {
+    if flat {
+        format!("flat [{}]", s.c)
+    } else {
+        s.to_string()
+    }
+}
+
 /// `a·b·…` with the operands written out, for errors.
 fn product_text(parts: &[usize]) -> String {
     parts

@@ -217,15 +217,22 @@ impl GpuEngine {
     pub(super) fn decisions_report(&mut self) -> Result<Option<DecisionReport>> {
         self.ensure_decisions()?;
         if self.held.report.is_none() {
-            let t0 = Instant::now();
-            let t = self.float32_tally(None)?;
-            let seconds = t0.elapsed().as_secs_f64();
-            self.held.report = Some(
-                t.has_layers()
-                    .then(|| t.report(&self.model, DecisionSource::Float32, seconds)),
-            );
+            self.take_float32_report()?;
         }
         Ok(self.held.report.clone().flatten())
+    }
+
+    /// A float32 forward pass's decisions counted into the report (on a
+    /// replaying plan its recording pass, which leaves them in the state).
+    fn take_float32_report(&mut self) -> Result<()> {
+        let t0 = Instant::now();
+        let t = self.float32_tally(None)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        self.held.report = Some(
+            t.has_layers()
+                .then(|| t.report(&self.model, DecisionSource::Float32, seconds)),
+        );
+        Ok(())
     }
 
     /// The decisions of a held (`EngineOptions::frozen`) engine at the
@@ -234,13 +241,7 @@ impl GpuEngine {
         match self.held.source {
             DecisionSource::Float64 => self.take_float64_decisions(),
             DecisionSource::Float32 => {
-                let t0 = Instant::now();
-                let t = self.float32_tally(None)?;
-                let seconds = t0.elapsed().as_secs_f64();
-                self.held.report = Some(
-                    t.has_layers()
-                        .then(|| t.report(&self.model, DecisionSource::Float32, seconds)),
-                );
+                self.take_float32_report()?;
                 self.held.stale = false;
                 Ok(())
             }

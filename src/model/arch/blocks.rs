@@ -1,9 +1,9 @@
 //! Residual blocks of the architecture language: `residual NAME ...
 //! [shortcut ...] end` and the `basicblock` that expands to ResNet's.
 
-use super::{err, Block, Parser};
+use super::{err, show_shape, Block, Parser};
 use crate::error::Result;
-use crate::model::graph::{Activation, Op, Shape};
+use crate::model::graph::{Activation, Op};
 
 impl Parser<'_> {
     pub(super) fn basicblock(
@@ -72,18 +72,11 @@ impl Parser<'_> {
         };
         let (main_flat, short_flat) = (self.is_flat(main.0), self.is_flat(short.0));
         if main.1 != short.1 || main_flat != short_flat {
-            let show = |s: Shape, flat: bool| {
-                if flat {
-                    format!("flat [{}]", s.c)
-                } else {
-                    s.to_string()
-                }
-            };
             return Err(self.e(format!(
                 "residual `{}`: main branch gives {} but shortcut gives {}",
                 b.prefix,
-                show(main.1, main_flat),
-                show(short.1, short_flat)
+                show_shape(main.1, main_flat),
+                show_shape(short.1, short_flat)
             )));
         }
         let name = self.full_name(&b.prefix);

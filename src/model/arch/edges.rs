@@ -7,7 +7,7 @@
 //! an explicit one continues from it. [`to_text`] writes any model in this
 //! form, which reads back to the same model.
 
-use super::{is_module_name, Parser};
+use super::{is_module_name, show_shape, Parser};
 use crate::error::Result;
 use crate::model::graph::{Activation, Op, Shape};
 use crate::model::Model;
@@ -144,17 +144,10 @@ impl Parser<'_> {
             .iter()
             .find(|(v, s)| *s != s0 || self.is_flat(*v) != flat)
         {
-            let show = |s: Shape, f: bool| {
-                if f {
-                    format!("flat [{}]", s.c)
-                } else {
-                    s.to_string()
-                }
-            };
             return Err(self.e(format!(
                 "`{name} = add(...)`: inputs of different shapes ({} and {})",
-                show(s0, flat),
-                show(s, self.is_flat(v))
+                show_shape(s0, flat),
+                show_shape(s, self.is_flat(v))
             )));
         }
         let mut acc = v0;
