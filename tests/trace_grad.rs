@@ -326,9 +326,18 @@ fn cli_refuses_bad_inputs_naming_the_flag() {
             "invalid --layer",
         ),
         ("cpu", vec!["--probes", "0"], "invalid --probes"),
+        // Float32 recordings stay in each batch's workspace; float64
+        // decisions (the default) are rewritten into a shared one.
         (
             "vulkan",
-            vec!["--probes", "1", "--cache-budget", "0"],
+            vec![
+                "--probes",
+                "1",
+                "--cache-budget",
+                "0",
+                "--decisions",
+                "float32",
+            ],
             "every batch resident",
         ),
         ("cpu", vec![], "--probe"),
