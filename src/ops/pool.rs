@@ -15,37 +15,17 @@ pub fn maxpool_forward(
     ow: usize,
     x: &[f64],
 ) -> (Vec<f64>, Vec<u32>) {
-    let mut y = vec![0.0; planes * oh * ow];
-    let mut arg = vec![0u32; planes * oh * ow];
-    for p in 0..planes {
-        let xp = &x[p * h * w..(p + 1) * h * w];
-        for r in 0..oh {
-            for c in 0..ow {
-                let mut best = f64::NEG_INFINITY;
-                let mut bi = u32::MAX;
-                for kh in 0..k {
-                    let ir = (r * stride + kh) as isize - pad as isize;
-                    if ir < 0 || ir >= h as isize {
-                        continue;
-                    }
-                    for kw in 0..k {
-                        let ic = (c * stride + kw) as isize - pad as isize;
-                        if ic < 0 || ic >= w as isize {
-                            continue;
-                        }
-                        let idx = ir as usize * w + ic as usize;
-                        // NaN-propagating like PyTorch: a NaN always wins.
-                        if xp[idx] > best || bi == u32::MAX || xp[idx].is_nan() && !best.is_nan() {
-                            best = xp[idx];
-                            bi = idx as u32;
-                        }
-                    }
-                }
-                y[(p * oh + r) * ow + c] = best;
-                arg[(p * oh + r) * ow + c] = bi;
-            }
+    let mut y = vec![f64::NEG_INFINITY; planes * oh * ow];
+    let mut arg = vec![u32::MAX; planes * oh * ow];
+    let plane = h * w;
+    each_window_tap(planes, h, w, k, stride, pad, oh, ow, |o, i| {
+        let (v, best) = (x[i], y[o]);
+        // NaN-propagating like PyTorch: a NaN always wins.
+        if v > best || arg[o] == u32::MAX || v.is_nan() && !best.is_nan() {
+            y[o] = v;
+            arg[o] = (i % plane) as u32;
         }
-    }
+    });
     (y, arg)
 }
 
@@ -66,46 +46,33 @@ pub fn maxpool_margins(
     ow: usize,
     x: &[f64],
 ) -> Vec<f64> {
-    let mut out = vec![0.0; planes * oh * ow];
-    for p in 0..planes {
-        let xp = &x[p * h * w..(p + 1) * h * w];
-        for r in 0..oh {
-            for c in 0..ow {
-                let (mut best, mut second) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
-                let mut nan = false;
-                for kh in 0..k {
-                    let ir = (r * stride + kh) as isize - pad as isize;
-                    if ir < 0 || ir >= h as isize {
-                        continue;
-                    }
-                    for kw in 0..k {
-                        let ic = (c * stride + kw) as isize - pad as isize;
-                        if ic < 0 || ic >= w as isize {
-                            continue;
-                        }
-                        let v = xp[ir as usize * w + ic as usize];
-                        nan |= v.is_nan();
-                        if v > best {
-                            second = best;
-                            best = v;
-                        } else if v > second {
-                            second = v;
-                        }
-                    }
-                }
-                // A tie of exact zeros (a ReLU's floor) is exact in any
-                // precision: no rounding can break it.
-                out[(p * oh + r) * ow + c] = if nan {
-                    f64::NAN
-                } else if second == f64::NEG_INFINITY || (best == 0.0 && second == 0.0) {
-                    f64::INFINITY
-                } else {
-                    best - second
-                };
-            }
+    let n = planes * oh * ow;
+    let (mut best, mut second) = (vec![f64::NEG_INFINITY; n], vec![f64::NEG_INFINITY; n]);
+    let mut nan = vec![false; n];
+    each_window_tap(planes, h, w, k, stride, pad, oh, ow, |o, i| {
+        let v = x[i];
+        nan[o] |= v.is_nan();
+        if v > best[o] {
+            second[o] = best[o];
+            best[o] = v;
+        } else if v > second[o] {
+            second[o] = v;
         }
-    }
-    out
+    });
+    // A tie of exact zeros (a ReLU's floor) is exact in any precision: no
+    // rounding can break it.
+    (0..n)
+        .map(|o| {
+            let (b, s) = (best[o], second[o]);
+            if nan[o] {
+                f64::NAN
+            } else if s == f64::NEG_INFINITY || (b == 0.0 && s == 0.0) {
+                f64::INFINITY
+            } else {
+                b - s
+            }
+        })
+        .collect()
 }
 
 /// Gather through the argmax (R-forward): out[o] = x[arg[o]].
