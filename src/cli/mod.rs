@@ -7,6 +7,7 @@ mod common;
 pub mod errors;
 pub mod output;
 mod selftest_cmd;
+mod spectral_args;
 mod spectral_cmds;
 mod trace_grad_cmd;
 mod train_cmd;

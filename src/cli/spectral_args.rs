@@ -1,0 +1,421 @@
+//! What the spectral subcommands share: their argument groups (block,
+//! sweep, basis, smoothing), the counted operator, the checks and the
+//! plot and density helpers.
+
+use crate::cli::common::gib_bytes;
+use crate::cli::output::{self};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use hesscope::engine::Curvature;
+use hesscope::gpu::{BasisPlace, EngineOptions};
+use hesscope::model::Model;
+use hesscope::spectral::lanczos::BasisBudget;
+use hesscope::spectral::plot::density_svg;
+use hesscope::spectral::slq::{self, SlqRun};
+use hesscope::spectral::SymOperator;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// The most grid points a density is evaluated at (8 MB per array).
+pub const MAX_GRID: usize = 1_000_000;
+/// The most Lanczos steps per run (`density`, `layers`) or in all (`eigs`).
+pub const MAX_STEPS: usize = 100_000;
+/// The most SLQ runs.
+pub const MAX_RUNS: usize = 100_000;
+/// The most trace probes.
+pub const MAX_PROBES: usize = 10_000_000;
+/// `layers`' default grid (a coarser one: it smooths every module).
+pub const LAYERS_GRID: usize = 2000;
+/// The most vectors per sweep (`--block`).
+pub const MAX_BLOCK: usize = 64;
+
+/// An operator that ticks a progress bar per product (drawn only on a
+/// terminal) and counts the products, and the sweeps that computed them
+/// (a block product of K vectors is K products in one sweep).
+pub struct Counted<'a> {
+    pub inner: &'a mut dyn SymOperator,
+    pub bar: ProgressBar,
+    pub count: usize,
+    pub sweeps: usize,
+    /// Wall time spent in the inner operator's products.
+    pub product_seconds: f64,
+}
+
+impl<'a> Counted<'a> {
+    pub fn new(inner: &'a mut dyn SymOperator, expected: usize, what: &str) -> Counted<'a> {
+        let bar = match ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} HVPs, {elapsed} (eta {eta})",
+        ) {
+            Ok(style) if std::io::stderr().is_terminal() => {
+                let b = ProgressBar::new(expected as u64);
+                b.set_style(style.progress_chars("=> "));
+                b.set_message(what.to_string());
+                b
+            }
+            _ => ProgressBar::with_draw_target(Some(expected as u64), ProgressDrawTarget::hidden()),
+        };
+        Counted {
+            inner,
+            bar,
+            count: 0,
+            sweeps: 0,
+            product_seconds: 0.0,
+        }
+    }
+}
+
+impl SymOperator for Counted<'_> {
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+    fn apply(&mut self, v: &[f64], out: &mut [f64]) -> hesscope::Result<()> {
+        self.count += 1;
+        self.sweeps += 1;
+        self.bar.inc(1);
+        let t = Instant::now();
+        let r = self.inner.apply(v, out);
+        self.product_seconds += t.elapsed().as_secs_f64();
+        r
+    }
+    fn apply_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> hesscope::Result<()> {
+        self.count += vs.len();
+        self.sweeps += 1;
+        self.bar.inc(vs.len() as u64);
+        let t = Instant::now();
+        let r = self.inner.apply_block(vs, outs);
+        self.product_seconds += t.elapsed().as_secs_f64();
+        r
+    }
+    fn basis_device(&self) -> Option<std::rc::Rc<dyn hesscope::spectral::lanczos::BasisDevice>> {
+        self.inner.basis_device()
+    }
+}
+
+/// Which diagonal block of the Hessian a command works on.
+#[derive(Args, Debug, Clone)]
+pub struct BlockArgs {
+    /// The diagonal block of one layer or name-prefix group (`layer1`, `fc`).
+    #[arg(long)]
+    pub layer: Option<String>,
+}
+
+/// How many Hessian-vector products one sweep over the data computes.
+#[derive(Args, Debug, Clone)]
+pub struct SweepArgs {
+    /// Vectors per sweep: one pass over the data computes K Hessian-vector
+    /// products (SLQ runs in lockstep, trace probes in blocks, block
+    /// Lanczos for eigs); 1 gives single products. Default: the executor's
+    /// preferred block.
+    #[arg(long = "block", value_name = "K", allow_hyphen_values = true)]
+    pub block: Option<usize>,
+}
+
+/// How much host memory the Lanczos bases may take: the commands that run
+/// Lanczos (density, eigs, layers, train's spectra) take it; trace, which
+/// keeps no basis, does not.
+#[derive(Args, Debug, Clone)]
+pub struct BasisArgs {
+    /// GiB of memory the Lanczos bases may take where they live: on the
+    /// host, f64 while they fit, f32 beyond, refused if they do not fit
+    /// even so (default: half of the host's available memory); on a GPU
+    /// (--basis-on), f32 (default: a quarter of its memory).
+    #[arg(long, value_name = "GIB", allow_hyphen_values = true)]
+    pub basis_budget: Option<f64>,
+    /// Where the Lanczos bases live. auto: in the GPU's memory when the
+    /// engine runs on a GPU (not a CPU emulator) and they fit in its
+    /// --basis-budget (default a quarter of its memory), else the host's; host; device: the GPU's, refused where they
+    /// do not fit or there is no GPU. On the device the vectors are kept in
+    /// f32 and reorthogonalised there with compensated sums.
+    #[arg(long = "basis-on", value_enum, default_value_t = BasisOn::Auto)]
+    pub basis_on: BasisOn,
+}
+
+/// `--basis-on`: the CLI's mirror of [`BasisPlace`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BasisOn {
+    Auto,
+    Host,
+    Device,
+}
+
+impl From<BasisOn> for BasisPlace {
+    fn from(b: BasisOn) -> BasisPlace {
+        match b {
+            BasisOn::Auto => BasisPlace::Auto,
+            BasisOn::Host => BasisPlace::Host,
+            BasisOn::Device => BasisPlace::Device,
+        }
+    }
+}
+
+impl BasisArgs {
+    /// Engine options for `block` tangents per sweep and these bases.
+    pub fn engine_options(&self, block: Option<usize>) -> Result<EngineOptions> {
+        Ok(EngineOptions {
+            block,
+            basis_place: self.basis_on.into(),
+            basis_budget: self.budget_bytes()?,
+            ..Default::default()
+        })
+    }
+
+    fn budget_bytes(&self) -> Result<Option<usize>> {
+        self.basis_budget
+            .map(|gib| gib_bytes("--basis-budget", gib, false))
+            .transpose()
+    }
+
+    /// Refuses `--basis-on device` for an engine that offers no device
+    /// (the float64 reference).
+    pub fn check_engine(&self, engine: &dyn Curvature) -> Result<()> {
+        if self.basis_on == BasisOn::Device && engine.basis_device().is_none() {
+            bail!(
+                "invalid --basis-on device: the {} ({}) keeps no vectors on a device; \
+                 use a GPU backend or --basis-on host",
+                engine.adapter(),
+                engine.backend()
+            );
+        }
+        Ok(())
+    }
+
+    /// `--basis-budget` in bytes, or the host default.
+    pub fn budget(&self) -> Result<BasisBudget> {
+        Ok(self
+            .budget_bytes()?
+            .map_or_else(BasisBudget::host_default, BasisBudget))
+    }
+}
+
+impl SweepArgs {
+    /// Refuses a block outside 1..=MAX_BLOCK, before any work.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(k) = self.block {
+            check_count("--block", k, MAX_BLOCK)?;
+        }
+        Ok(())
+    }
+
+    /// `--block`, or the executor's preferred block (within 1..=MAX_BLOCK).
+    pub fn resolve(&self, engine: &dyn Curvature) -> usize {
+        self.block
+            .unwrap_or_else(|| engine.preferred_block())
+            .clamp(1, MAX_BLOCK)
+    }
+}
+
+/// How a spectrum becomes a density: shared by density, exact and layers,
+/// validated in one place.
+#[derive(Args, Debug, Clone)]
+pub struct SmoothingArgs {
+    /// Gaussian kernel standard deviation in eigenvalue units (default:
+    /// sigma² = 1e-5·max(1, λmax − λmin), as in Ghorbani et al.).
+    #[arg(long, allow_hyphen_values = true)]
+    pub sigma: Option<f64>,
+    /// Grid points of the density (default 10000; `layers`: 2000).
+    #[arg(long, allow_hyphen_values = true)]
+    pub grid: Option<usize>,
+}
+
+/// A density on a grid.
+pub struct Smoothed {
+    pub grid: Vec<f64>,
+    pub density: Vec<f64>,
+    pub sigma: f64,
+}
+
+impl SmoothingArgs {
+    /// Refuse settings no spectrum can make sense of, before any work.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(s) = self.sigma {
+            if !(s.is_finite() && s > 0.0) {
+                bail!("invalid --sigma: {s}; the kernel width must be a positive finite number");
+            }
+        }
+        if let Some(g) = self.grid {
+            if !(2..=MAX_GRID).contains(&g) {
+                bail!("invalid --grid: {g}; a density needs between 2 and {MAX_GRID} grid points");
+            }
+        }
+        Ok(())
+    }
+
+    /// The grid over [lo, hi] and the kernel width: `--sigma` or `default`.
+    pub(crate) fn grid(
+        &self,
+        lo: f64,
+        hi: f64,
+        default: f64,
+        points: usize,
+    ) -> Result<(Vec<f64>, f64)> {
+        let sigma = self.sigma.unwrap_or(default);
+        let points = self.grid.unwrap_or(points);
+        let grid = slq::default_grid(lo, hi, sigma, points);
+        let (a, b) = (grid[0], grid[grid.len() - 1]);
+        if !(a.is_finite() && b.is_finite() && a < b) {
+            bail!(
+                "invalid --sigma: {sigma:e} over the spectrum [{lo:e}, {hi:e}] gives no finite grid \
+                 ([{a:e}, {b:e}]); choose a smaller --sigma"
+            );
+        }
+        Ok((grid, sigma))
+    }
+
+    /// The normalised density of `runs` on `grid`; refuses a density that
+    /// underflows to zero everywhere (a kernel far narrower than the grid
+    /// spacing) or is not finite.
+    pub(crate) fn density(&self, runs: &[SlqRun], grid: &[f64], sigma: f64) -> Result<Vec<f64>> {
+        let mut d = slq::density_on(runs, grid, sigma);
+        let mass = slq::integrate(grid, &d);
+        let spacing = (grid[grid.len() - 1] - grid[0]) / (grid.len() - 1) as f64;
+        if !(mass.is_finite() && mass > 0.0) {
+            bail!(
+                "invalid --sigma: {sigma:e}: the density is {} at every one of the {} grid points \
+                 (spacing {spacing:.3e}); choose a --sigma near the spacing or above, or more --grid points",
+                if mass.is_finite() { "zero" } else { "not finite" },
+                grid.len()
+            );
+        }
+        slq::normalize(grid, &mut d);
+        if d.iter().any(|x| !x.is_finite()) {
+            bail!(
+                "invalid --sigma: {sigma:e}: the normalised density overflows (grid spacing \
+                 {spacing:.3e}); choose a --sigma near the spacing or above"
+            );
+        }
+        Ok(d)
+    }
+
+    pub(crate) fn smooth(&self, runs: &[SlqRun], default_points: usize) -> Result<Smoothed> {
+        let (lo, hi) = slq::extremes(runs);
+        let (grid, sigma) = self.grid(lo, hi, slq::default_sigma(lo, hi), default_points)?;
+        let density = self.density(runs, &grid, sigma)?;
+        Ok(Smoothed {
+            grid,
+            density,
+            sigma,
+        })
+    }
+}
+
+/// The layer's parameter range, or everything: a module name or prefix,
+/// or a tensor set as `trace-grad --layer` and `train --htr-layers` take it
+/// (`all`, `middle`, `block1,block2`) when its tensors are one contiguous
+/// run in parameter order (a diagonal block of the Hessian).
+pub(crate) fn block_range(model: &Model, layer: &Option<String>) -> Result<std::ops::Range<usize>> {
+    let Some(l) = layer else {
+        return Ok(0..model.n_params);
+    };
+    match model.prefix_range(l) {
+        Ok(r) => Ok(r),
+        Err(prefix_err) => {
+            let set = match hesscope::trace_grad::LayerSet::parse(model, l) {
+                Ok(set) => set,
+                // A list is a tensor set: its own error names the item.
+                Err(e) if l.contains(',') => return Err(e.into()),
+                Err(_) => return Err(prefix_err.into()),
+            };
+            let (first, last) = (set.tensors[0], set.tensors[set.tensors.len() - 1]);
+            if last - first + 1 != set.tensors.len() {
+                bail!(
+                    "invalid --layer {l}: its tensors ({}) are not one contiguous run in parameter order; \
+                     the spectral commands take one diagonal block of the Hessian",
+                    set.names(model).join(", ")
+                );
+            }
+            let (a, b) = (&model.params[first], &model.params[last]);
+            Ok(a.offset..b.offset + b.numel())
+        }
+    }
+}
+
+pub(crate) fn check_plot(path: &Option<PathBuf>) -> Result<()> {
+    if let Some(p) = path {
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if ext != "svg" {
+            bail!("invalid --plot {}: only .svg is written", p.display());
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn write_plot(
+    path: &Option<PathBuf>,
+    title: &str,
+    grid: &[f64],
+    dens: &[f64],
+    exact: Option<&[f64]>,
+) -> Result<()> {
+    if let Some(p) = path {
+        let text = density_svg(title, grid, dens, exact);
+        output::write_atomic(p, |t| {
+            std::fs::write(t, &text).map_err(|e| hesscope::Error::io(t, e))
+        })
+        .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// `value` must be in 1..=max; the error names the flag, the value and
+/// the limit.
+pub(crate) fn check_count(flag: &str, value: usize, max: usize) -> Result<()> {
+    if value == 0 {
+        bail!("invalid {flag}: must be at least 1");
+    }
+    if value > max {
+        bail!("invalid {flag}: {value} is above the limit of {max}");
+    }
+    Ok(())
+}
+
+/// What [`counted_slq`] ran and what it took.
+pub(crate) struct CountedSlq {
+    pub runs: Vec<SlqRun>,
+    pub hvps: usize,
+    pub sweeps: usize,
+    pub hvp_seconds: f64,
+    /// Where the bases were kept (`BasisPlan::describe`).
+    pub basis: String,
+}
+
+/// SLQ over `op`, `block` runs in lockstep, with a progress bar (on a
+/// terminal).
+pub(crate) fn counted_slq(
+    op: &mut dyn SymOperator,
+    steps: usize,
+    runs: usize,
+    seed: u64,
+    block: usize,
+    budget: BasisBudget,
+    what: &str,
+) -> hesscope::Result<CountedSlq> {
+    let plan = slq::basis_plan(op, steps, runs, block, budget)?;
+    let mut counted = Counted::new(op, steps * runs, what);
+    let r = slq::slq_with_plan(&mut counted, steps, runs, seed, block, &plan)?;
+    counted.bar.finish_and_clear();
+    Ok(CountedSlq {
+        runs: r,
+        hvps: counted.count,
+        sweeps: counted.sweeps,
+        hvp_seconds: counted.product_seconds,
+        basis: plan.describe(),
+    })
+}
+
+/// The decision report's line for the text output ("" without one).
+pub(crate) fn decisions_text(settings: &hesscope::report::Settings) -> String {
+    settings
+        .decisions
+        .as_ref()
+        .map(|d| format!("  {}\n", d.summary()))
+        .unwrap_or_default()
+}
+
+pub(crate) fn layer_suffix(layer: &Option<String>) -> String {
+    layer
+        .as_ref()
+        .map(|l| format!(" [{l}]"))
+        .unwrap_or_default()
+}
