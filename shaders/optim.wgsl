@@ -8,10 +8,19 @@
 // bn_running: a batch-norm layer's running buffers from the batch's
 // statistics rows (bn.wgsl, kernels::bn_rows): mean = (1 − m)·mean + m·μ,
 // var = (1 − m)·var + m·σ²·count/(count − 1) (the unbiased variance).
+// first_nonfinite: the divergence check of every step. Records in flag
+// slot `out_off` the first element of `len` whose exponent bits are all
+// ones (±inf or NaN), as 0xffffffff − index by atomicMax over a flag
+// cleared to 0 (0: none). The test is on the bits, so no compiler's
+// finite-math assumption can fold it away.
 
 struct SgdParams {
     len: u32, first: u32, lr: f32, momentum: f32,
     weight_decay: f32, _p0: u32, _p1: u32, _p2: u32,
+}
+
+struct EwParams {
+    len: u32, a_off: u32, out_off: u32, _p0: u32,
 }
 
 struct BnRunningParams {
@@ -61,4 +70,20 @@ fn bn_running(@builtin(workgroup_id) wid: vec3<u32>,
     let rv = rp.rv_off + ch;
     run_buf[rm] = (1.0 - m) * run_buf[rm] + m * run_stats[rp.mean_off + ch];
     run_buf[rv] = (1.0 - m) * run_buf[rv] + m * (run_stats[rp.var_off + ch] * rp.unbias);
+}
+
+@group(0) @binding(0) var<uniform> fp: EwParams;
+@group(0) @binding(1) var<storage, read> fin_x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> fin_flags: array<atomic<u32>>;
+
+@compute @workgroup_size(256)
+fn first_nonfinite(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if (i >= fp.len) { return; }
+    let bits = bitcast<u32>(fin_x[i]);
+    if ((bits & 0x7f800000u) == 0x7f800000u) {
+        atomicMax(&fin_flags[fp.out_off], 0xffffffffu - i);
+    }
 }

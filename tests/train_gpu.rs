@@ -25,8 +25,9 @@
 mod common;
 use common::*;
 use hesscope::data::Dataset;
-use hesscope::gpu::kernels::{bn_rows, BnRunningParams, Consts, Kernel, SgdParams};
+use hesscope::gpu::kernels::{bn_rows, BnRunningParams, Consts, EwParams, Kernel, SgdParams};
 use hesscope::gpu::program::{dispatch_once, Grid};
+use hesscope::gpu::trainer::{GpuTrainer, SgdStep};
 use hesscope::gpu::{BackendChoice, GpuBuffer, GpuContext};
 use hesscope::model::{tensorio, Model, Weights};
 use hesscope::train::{initial_counts, Recipe, Trainer};
@@ -469,6 +470,121 @@ fn bn_running_kernel_matches_the_float64_rule() {
 /// `hesscope train --backend vulkan|gl` on the fixture: the final state
 /// within TOL_TRAJ of PyTorch's float64, the report naming the backend;
 /// and --htr-gamma on a GPU backend is refused naming the flags.
+/// shaders/optim.wgsl `first_nonfinite` (the divergence check of every
+/// step) against the host's first non-finite index: buffers of several
+/// lengths with +inf, -inf and NaN planted at random places (several per
+/// buffer, the first one anywhere), none planted, huge finite values and
+/// denormals (which are finite), and elements past `len` non-finite (they
+/// must not count). The flag of the other slot and a guard word stay 0 and
+/// as they were.
+#[test]
+fn nonfinite_check_kernel_finds_the_first_bad_element() {
+    let mut r = StdRng::seed_from_u64(9);
+    for (_, ctx) in contexts() {
+        let mut cases = 0;
+        for &n in &[1usize, 255, 257, 5003, 70_001] {
+            for planted in 0..4 {
+                let mut v = uniform(&mut r, n, -3.0e38, 3.0e38);
+                v.iter_mut()
+                    .step_by(7)
+                    .for_each(|x| *x = f32::from_bits(1) as f64);
+                let mut bad: Vec<usize> = vec![];
+                for k in 0..planted {
+                    let i = r.random_range(0..n);
+                    v[i] = [f64::INFINITY, f64::NEG_INFINITY, f64::NAN][k % 3];
+                    bad.push(i);
+                }
+                let want = bad.iter().min().copied();
+                let mut x = f32s(&v);
+                x.extend([f32::NAN, f32::INFINITY]);
+                let xb = buffer(&ctx, "watched", &x);
+                for slot in [0usize, 1] {
+                    let guard = f32::from_bits(0x1234_5678);
+                    let fb = buffer(&ctx, "flags", &[0.0, 0.0, guard]);
+                    dispatch_once(
+                        &ctx,
+                        Kernel::FirstNonFinite,
+                        Consts::default(),
+                        &EwParams {
+                            len: n as u32,
+                            a_off: 0,
+                            out_off: slot as u32,
+                            _p0: 0,
+                        },
+                        &[&xb, &fb],
+                        Grid::Threads(n),
+                    )
+                    .unwrap();
+                    let f = read(&ctx, &fb);
+                    let got = match f[slot].to_bits() {
+                        0 => None,
+                        w => Some((u32::MAX - w) as usize),
+                    };
+                    assert_eq!(got, want, "n {n}, planted at {bad:?}, slot {slot}");
+                    assert_eq!(f[1 - slot].to_bits(), 0, "other slot written");
+                    assert_eq!(f[2].to_bits(), guard.to_bits(), "guard written");
+                    cases += 1;
+                }
+            }
+        }
+        println!("{}: {cases} cases", ctx.info.name);
+        assert_eq!(cases, 5 * 4 * 2);
+    }
+}
+
+/// A step that overflows θ (lr and weight decay 1e30: the update's
+/// lr·wd·θ is ~1e59, while the step's loss, taken before the update, stays
+/// finite) is caught on the
+/// device by the step itself, naming the same tensor and element as the
+/// host's check of the state read back; a sane step reports nothing.
+#[test]
+fn a_gpu_step_that_overflows_the_weights_is_caught_at_that_step() {
+    let model = "cnn-tiny";
+    let dir = fixtures_dir().join(model);
+    let m = Model::load(model).unwrap();
+    let w = Weights::load(&m, &dir.join("weights.safetensors")).unwrap();
+    let data = Dataset::load(&dir.join("data.safetensors")).unwrap();
+    let n = 8;
+    let d = m.input.numel();
+    let x = data.x[..n * d].to_vec();
+    let y: Vec<u32> = data.y[..n].to_vec();
+    for (b, ctx) in contexts() {
+        let name = format!("{b:?} {}", ctx.info.name);
+        let mut t = GpuTrainer::new(ctx, &m, &w, None, n).unwrap();
+        let sane = SgdStep {
+            lr: 0.01,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            first: true,
+            bn_momentum: 0.1,
+        };
+        let loss = t.step(&x, &y, sane).unwrap();
+        assert!(loss.is_finite());
+        assert_eq!(t.nonfinite_state(), None, "{name}: a sane step");
+        let huge = SgdStep {
+            lr: 1e30,
+            weight_decay: 1e30,
+            first: false,
+            ..sane
+        };
+        let loss = t.step(&x, &y, huge).unwrap();
+        assert!(loss.is_finite(), "{name}: the loss precedes the update");
+        let (tensor, i, v) = t
+            .nonfinite_state()
+            .unwrap_or_else(|| panic!("{name}: an overflowing step went unseen"));
+        assert!(!v.is_finite(), "{name}: {tensor}[{i}] = {v}");
+        let (back, mom) = t.state().unwrap();
+        let (host_tensor, host_msg) = hesscope::train::check_state(&m, &back, Some(&mom), false)
+            .expect("the host sees it too");
+        assert_eq!(tensor, host_tensor, "{name}: {host_msg}");
+        assert!(
+            host_msg.contains(&format!("element {i} ")),
+            "{name}: {host_msg} vs {i}"
+        );
+        println!("{name}: {tensor}[{i}] = {v}; host: {host_msg}");
+    }
+}
+
 #[test]
 fn cli_trains_on_the_gpu_backends() {
     for (backend, name) in [(BackendChoice::Vulkan, "vulkan"), (BackendChoice::Gl, "gl")] {

@@ -290,6 +290,9 @@ kernels! {
     /// Training: a batch norm's running mean and variance from its batch
     /// statistics rows.
     BnRunning => Optim::"bn_running", [R, W], BnRunningParams, [];
+    /// Training's divergence check: the first non-finite element of a
+    /// buffer into a flag slot (`out_off`), as 0xffffffff − index.
+    FirstNonFinite => Optim::"first_nonfinite", [R, W], EwParams, [];
     /// A device-resident Lanczos basis: (sum, error) pairs of Qᵀw per
     /// segment of rows (shaders/basis.wgsl).
     BasisDots => Basis::"basis_dots", [R, R, W], BasisParams, [];

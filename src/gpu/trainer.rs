@@ -77,6 +77,12 @@ pub struct GpuTrainer {
     /// The running buffers as the last step left them (read back with its
     /// loss, for the divergence check; empty before a step).
     last_running: Vec<f32>,
+    /// Two flag words the update's divergence check writes (θ, momentum;
+    /// shaders/optim.wgsl `first_nonfinite`), cleared before each step.
+    flags: usize,
+    /// The first non-finite element of θ and of the momentum buffer after
+    /// the last step, with its float32 value.
+    last_nonfinite: [Option<(usize, f32)>; 2],
 }
 
 impl GpuTrainer {
@@ -107,6 +113,7 @@ impl GpuTrainer {
         let running = arena.alloc(&ctx, "batch-norm running buffers".into(), total)?;
         let losses = arena.alloc(&ctx, "batch loss".into(), 1)?;
         let dummy = arena.alloc(&ctx, "unused binding".into(), 4)?;
+        let flags = arena.alloc(&ctx, "divergence flags".into(), 2)?;
         let extra = arena.alloc(&ctx, "regulariser gradient".into(), np)?;
         let scratch = model
             .nodes
@@ -166,6 +173,8 @@ impl GpuTrainer {
             losses,
             buffer_offsets,
             last_running: vec![],
+            flags,
+            last_nonfinite: [None; 2],
             bn,
             ws,
             canon,
@@ -268,6 +277,31 @@ impl GpuTrainer {
             })
     }
 
+    /// The first parameter tensor θ or the momentum buffer holds a
+    /// non-finite value in after the last step (checked on the device
+    /// after every update): the tensor's name (`… (momentum buffer)` for
+    /// the buffer), the element within it and the value.
+    /// Of two, the one the host's `train::check_state` would name: the
+    /// earlier tensor, θ before its momentum buffer.
+    pub fn nonfinite_state(&self) -> Option<(String, usize, f32)> {
+        let params = &self.model.params;
+        let tensor = |i: usize| params.iter().position(|p| i < p.offset + p.numel());
+        let found = self
+            .last_nonfinite
+            .iter()
+            .enumerate()
+            .filter_map(|(which, f)| f.and_then(|(i, v)| Some((tensor(i)?, which, i, v))))
+            .min_by_key(|&(t, which, _, _)| (t, which))?;
+        let (t, which, i, v) = found;
+        let p = &params[t];
+        let name = if which == 0 {
+            p.name.clone()
+        } else {
+            format!("{} (momentum buffer)", p.name)
+        };
+        Some((name, i - p.offset, v))
+    }
+
     fn forward_backward(&mut self, count: usize) -> Result<&Compiled> {
         if !self.forward_backward.contains_key(&count) {
             let window_alignment = self
@@ -349,6 +383,22 @@ impl GpuTrainer {
             vec![self.grad, self.theta, self.momentum],
             Grid::Threads(np),
         ));
+        // The divergence check of every step: θ into flag 0, the momentum
+        // buffer into flag 1.
+        for (slot, buf) in [self.theta, self.momentum].into_iter().enumerate() {
+            steps.push(Step::new(
+                Kernel::FirstNonFinite,
+                Default::default(),
+                &EwParams {
+                    len: np as u32,
+                    a_off: 0,
+                    out_off: slot as u32,
+                    _p0: 0,
+                },
+                vec![buf, self.flags],
+                Grid::Threads(np),
+            ));
+        }
         steps
     }
 
@@ -455,9 +505,11 @@ impl GpuTrainer {
         let up = &self.updates[&key];
         let add = extra.and(self.add_extra.as_ref());
         let grad = &bufs[self.grad].buffer;
+        let flags = &bufs[self.flags].buffer;
         self.ctx.scoped("a training step", || {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             enc.clear_buffer(grad, 0, None);
+            enc.clear_buffer(flags, 0, None);
             fb.record(&mut enc);
             if let Some(a) = add {
                 a.record(&mut enc);
@@ -466,13 +518,22 @@ impl GpuTrainer {
             self.ctx.queue.submit([enc.finish()]);
         })?;
         let total: usize = self.model.buffers.iter().map(|b| b.len).sum();
-        let mut ranges = vec![(&bufs[self.losses], 0, 1)];
+        let mut ranges = vec![(&bufs[self.losses], 0, 1), (&bufs[self.flags], 0, 2)];
         if total > 0 {
             ranges.push((&bufs[self.running], 0, total));
         }
         let mut r = self.ctx.read_f32(&ranges)?;
         let loss = r[0][0] as f64;
-        self.last_running = if total > 0 { r.swap_remove(1) } else { vec![] };
+        self.last_running = if total > 0 { r.swap_remove(2) } else { vec![] };
+        for (k, buf) in [self.theta, self.momentum].into_iter().enumerate() {
+            self.last_nonfinite[k] = match r[1][k].to_bits() {
+                0 => None,
+                word => {
+                    let i = (u32::MAX - word) as usize;
+                    Some((i, self.ctx.read_f32(&[(&bufs[buf], i, 1)])?[0][0]))
+                }
+            };
+        }
         if !loss.is_finite() {
             return Err(Error::Numerical(format!(
                 "the mini-batch loss is {loss} on {}: the weights or data overflow in float32 \
