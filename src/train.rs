@@ -23,369 +23,35 @@
 //! Everything random is a function of the seed, the epoch and the step, so
 //! a resumed run repeats an uninterrupted one bit for bit.
 
-use crate::cpu::{BnMoments, CpuReference};
+use crate::cpu::CpuReference;
 use crate::data::Dataset;
 use crate::engine::{BnMode, Problem};
 use crate::error::{Error, Result};
-use crate::model::{params, tensorio, Model, Op, Shape, Weights};
+use crate::model::{Model, Weights};
 use crate::trace_grad::{trace_grad, trace_grad_on, LayerSet, Steps, TraceGrad};
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::Path;
 
 mod checkpoint;
 mod guard;
+mod htr;
+mod recipe;
+mod state_dict;
 pub use checkpoint::{
     checkpoint_epochs, data_sha256, digest, latest_checkpoint, run_identity, save_checkpoint,
     sha256_hex, write_atomic, CheckpointMeta, FileDigest, Resumed, RunMeasures,
 };
 pub use guard::check_state;
+pub use htr::{htr_probes, Htr, HtrStep, ProbeDist, StepGradient};
+pub use recipe::{
+    crop_flip, crop_flip_draws, permutation, samples, Augment, CropFlip, Recipe, CROP_PAD,
+};
+use recipe::{invalid, permuted};
+use state_dict::running_means;
+pub use state_dict::{initial_counts, save_state_dict};
 
 /// Batch norm's running-statistics momentum (PyTorch's default).
 pub const BN_MOMENTUM: f64 = 0.1;
-
-/// The optimiser and schedule.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Recipe {
-    pub epochs: usize,
-    pub lr: f64,
-    pub momentum: f64,
-    pub weight_decay: f64,
-    /// Epochs (1-based counts of finished epochs) after which lr is
-    /// multiplied by `lr_gamma`; strictly increasing, each ≥ 1.
-    pub milestones: Vec<usize>,
-    pub lr_gamma: f64,
-    /// A permutation of the data per epoch from `seed`; else file order.
-    pub shuffle: bool,
-    pub seed: u64,
-}
-
-fn invalid(what: &'static str, msg: impl Into<String>) -> Error {
-    Error::Invalid {
-        what,
-        msg: msg.into(),
-    }
-}
-
-impl Recipe {
-    pub fn check(&self) -> Result<()> {
-        if self.epochs == 0 {
-            return Err(invalid("epochs", "must be at least 1"));
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(invalid(
-                "learning rate",
-                format!("{} is not a finite positive number", self.lr),
-            ));
-        }
-        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
-            return Err(invalid(
-                "momentum",
-                format!("{} is not in [0, 1)", self.momentum),
-            ));
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(invalid(
-                "weight decay",
-                format!("{} is not a finite number ≥ 0", self.weight_decay),
-            ));
-        }
-        if !(self.lr_gamma.is_finite() && self.lr_gamma > 0.0) {
-            return Err(invalid(
-                "learning-rate gamma",
-                format!("{} is not a finite positive number", self.lr_gamma),
-            ));
-        }
-        if self.milestones.first() == Some(&0) {
-            return Err(invalid(
-                "milestones",
-                "epochs are counted from 1: a milestone is at least 1",
-            ));
-        }
-        if self.milestones.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(invalid(
-                "milestones",
-                format!("{:?} is not strictly increasing", self.milestones),
-            ));
-        }
-        Ok(())
-    }
-
-    /// The learning rate of epoch `e` (0-based).
-    pub fn lr_at(&self, e: usize) -> f64 {
-        let k = self.milestones.iter().filter(|&&m| m <= e).count();
-        self.lr * self.lr_gamma.powi(k as i32)
-    }
-}
-
-/// The sample order of epoch `epoch` (0-based) under `seed`: 0..n shuffled
-/// by rand's `SliceRandom::shuffle` (Fisher–Yates) with `StdRng` (rand 0.9,
-/// ChaCha12) seeded by `seed_from_u64(seed ^ 0x7472_6169_6e00_0000 ^
-/// epoch·0x9E37_79B9_7F4A_7C15)`, a fresh generator per epoch, so any
-/// epoch's order depends only on the seed and the epoch.
-pub fn permutation(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let s = seed ^ 0x7472_6169_6e00_0000 ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(s);
-    let mut p: Vec<usize> = (0..n).collect();
-    p.shuffle(&mut rng);
-    p
-}
-
-/// Data augmentation applied to the training samples each epoch.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Augment {
-    /// The samples as they are.
-    #[default]
-    None,
-    /// torchvision's `RandomCrop(H×W, padding=4)` (zero padding) then
-    /// `RandomHorizontalFlip(0.5)`, per sample and epoch ([`crop_flip_draws`]).
-    CropFlip,
-}
-
-/// Zero padding on each side before the random crop.
-pub const CROP_PAD: usize = 4;
-
-impl Augment {
-    /// Whether it applies to samples of `shape`: a crop of an image with
-    /// H or W ≤ [`CROP_PAD`] (a flat input is 1×1) can hold no pixel of
-    /// it, only padding.
-    pub fn check(&self, shape: Shape) -> Result<()> {
-        if *self == Augment::CropFlip && (shape.h <= CROP_PAD || shape.w <= CROP_PAD) {
-            return Err(invalid(
-                "augment",
-                format!(
-                    "crop-flip pads {CROP_PAD} zeros on each side and crops an H×W window: \
-                     on {}×{}×{} samples{} a crop can hold nothing of the image",
-                    shape.c,
-                    shape.h,
-                    shape.w,
-                    if shape.h == 1 && shape.w == 1 {
-                        " (a flat input)"
-                    } else {
-                        ""
-                    }
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// One sample's crop and flip: the crop's top-left corner in the padded
-/// image (`dy`, `dx` in 0..=2·[`CROP_PAD`]; 4, 4 is the original window)
-/// and whether it is then mirrored left-right.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CropFlip {
-    pub dy: usize,
-    pub dx: usize,
-    pub flip: bool,
-}
-
-/// The crop and flip of each of `n` samples (indexed in file order) in
-/// epoch `epoch` (0-based): `StdRng::seed_from_u64(seed ^ 0x6175_676d_0000_0000
-/// ^ epoch·0xD1B5_4A32_D192_ED03)`, per sample in file order dy, dx uniform
-/// in 0..=8 (`random_range`), then flip = `random::<bool>()` (probability
-/// 1/2), as torchvision draws the crop before the flip. A sample's draw
-/// depends on the seed, the epoch and its index only, not on the order the
-/// epoch visits it in.
-pub fn crop_flip_draws(n: usize, seed: u64, epoch: usize) -> Vec<CropFlip> {
-    let s = seed ^ 0x6175_676d_0000_0000 ^ (epoch as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(s);
-    (0..n)
-        .map(|_| {
-            let dy = rng.random_range(0..=2 * CROP_PAD);
-            let dx = rng.random_range(0..=2 * CROP_PAD);
-            CropFlip {
-                dy,
-                dx,
-                flip: rng.random::<bool>(),
-            }
-        })
-        .collect()
-}
-
-/// One C×H×W image cropped and flipped: out[c][y][x] = padded[c][y+dy][x'+dx]
-/// with x' = W−1−x when flipped (else x), where the padded image is the
-/// input with [`CROP_PAD`] zeros on every side (so padded[y][x] =
-/// img[y−4][x−4] inside, 0 outside).
-pub fn crop_flip(img: &[f32], shape: Shape, t: CropFlip, out: &mut [f32]) {
-    let (h, w) = (shape.h as isize, shape.w as isize);
-    let pad = CROP_PAD as isize;
-    for c in 0..shape.c {
-        let plane = &img[c * shape.spatial()..(c + 1) * shape.spatial()];
-        let dst = &mut out[c * shape.spatial()..(c + 1) * shape.spatial()];
-        for y in 0..h {
-            let sy = y + t.dy as isize - pad;
-            for x in 0..w {
-                let xs = if t.flip { w - 1 - x } else { x };
-                let sx = xs + t.dx as isize - pad;
-                dst[(y * w + x) as usize] = if (0..h).contains(&sy) && (0..w).contains(&sx) {
-                    plane[(sy * w + sx) as usize]
-                } else {
-                    0.0
-                };
-            }
-        }
-    }
-}
-
-/// Which Hutchinson probes the regulariser draws.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProbeDist {
-    /// ±1 entries: the lower-variance Hutchinson estimator (see [`Htr`]).
-    #[default]
-    Rademacher,
-    /// Standard normal entries.
-    Gaussian,
-}
-
-/// The Hessian-trace regulariser of Sankar et al.: on a regularised step
-/// the gradient gains γ·∇θ[(1/P) Σₖ vₖᵀ H_S vₖ], H_S the Hessian's diagonal
-/// block over the layer set S of the step's own mini-batch loss (batch
-/// norm on the mini-batch's statistics, as the step's forward), the vₖ
-/// drawn by [`htr_probes`] for that step, zero outside S.
-///
-/// Rademacher probes by default: for a symmetric A the Hutchinson
-/// estimate zᵀAz has variance 2(‖A‖²_F − Σᵢ A²ᵢᵢ) with Rademacher z and
-/// 2‖A‖²_F with Gaussian z (E z⁴ = 1 against 3), so Rademacher is never
-/// worse and removes the diagonal's share entirely; with P = 1 probe per
-/// step that variance is the noise the regulariser injects. It is also
-/// what PyHessian's trace (and `hesscope trace`/`trace-grad`) use.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Htr {
-    /// γ, the regulariser's weight.
-    pub gamma: f64,
-    /// The layer set S (`all`, `middle`, module names; [`LayerSet::parse`]).
-    pub layers: String,
-    /// Probes P per regularised step.
-    pub probes: usize,
-    /// A step is regularised when the steps taken before it are a
-    /// multiple of `every` (counted over the whole run) ...
-    pub every: usize,
-    /// ... and at least `from_epoch` epochs have finished (0: from the
-    /// first step).
-    pub from_epoch: usize,
-    pub dist: ProbeDist,
-}
-
-impl Htr {
-    pub fn check(&self, model: &Model) -> Result<LayerSet> {
-        if !(self.gamma.is_finite() && self.gamma >= 0.0) {
-            return Err(invalid(
-                "htr gamma",
-                format!("{} is not a finite number ≥ 0", self.gamma),
-            ));
-        }
-        if self.probes == 0 {
-            return Err(invalid("htr probes", "must be at least 1"));
-        }
-        if self.every == 0 {
-            return Err(invalid("htr every", "must be at least 1"));
-        }
-        LayerSet::parse(model, &self.layers)
-    }
-
-    /// Whether step `step` (0-based over the run) of epoch `epoch`
-    /// (0-based) is regularised.
-    pub fn active(&self, epoch: usize, step: usize) -> bool {
-        epoch >= self.from_epoch && step.is_multiple_of(self.every)
-    }
-}
-
-/// The probes of step `step` (0-based over the run) in epoch `epoch`
-/// (0-based): [`LayerSet::rademacher`] or [`LayerSet::gaussian`] seeded by
-/// `seed ^ 0x4854_5200_0000_0000 ^ (epoch+1)·0x9E37_79B9_7F4A_7C15 ^
-/// (step+1)·0xC2B2_AE3D_27D4_EB4F`.
-pub fn htr_probes(
-    model: &Model,
-    set: &LayerSet,
-    count: usize,
-    dist: ProbeDist,
-    seed: u64,
-    epoch: usize,
-    step: usize,
-) -> Result<Vec<Vec<f64>>> {
-    let s = seed
-        ^ 0x4854_5200_0000_0000
-        ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ (step as u64 + 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-    match dist {
-        ProbeDist::Rademacher => set.rademacher(model, count, s),
-        ProbeDist::Gaussian => set.gaussian(model, count, s),
-    }
-}
-
-/// Samples `start..start + count` of a data set, as a data set.
-pub fn samples(data: &Dataset, start: usize, count: usize) -> Dataset {
-    let d = data.shape.numel();
-    Dataset {
-        x: data.x[start * d..(start + count) * d].to_vec(),
-        y: data.y[start..start + count].to_vec(),
-        shape: data.shape,
-        source: data.source.clone(),
-    }
-}
-
-/// The data set with its samples in the order `perm`, each augmented by
-/// `draws[j]` (indexed by the sample's file position j) when given.
-fn permuted(data: &Dataset, perm: &[usize], draws: Option<&[CropFlip]>) -> Dataset {
-    let d = data.shape.numel();
-    let mut out = data.clone();
-    for (i, &j) in perm.iter().enumerate() {
-        let src = &data.x[j * d..(j + 1) * d];
-        let dst = &mut out.x[i * d..(i + 1) * d];
-        match draws {
-            Some(t) => crop_flip(src, data.shape, t[j], dst),
-            None => dst.copy_from_slice(src),
-        }
-        out.y[i] = data.y[j];
-    }
-    out
-}
-
-/// The regulariser's part of one step.
-#[derive(Clone, Debug)]
-pub struct HtrStep {
-    /// (1/P) Σₖ vₖᵀ H_S vₖ on the mini-batch.
-    pub estimate: f64,
-    /// Its gradient ∇θ (not yet multiplied by γ).
-    pub grad: Vec<f64>,
-    pub probes: Vec<Vec<f64>>,
-}
-
-/// What a step's update is made of.
-pub struct StepGradient {
-    /// The mini-batch's mean cross-entropy.
-    pub loss: f64,
-    /// Its gradient ∇L_B.
-    pub data_grad: Vec<f64>,
-    /// On a regularised step.
-    pub htr: Option<HtrStep>,
-    /// Per batch-norm node, the mini-batch's moments.
-    pub bn: Vec<BnMoments>,
-}
-
-impl StepGradient {
-    /// g = ∇L_B + γ·∇θ(trace estimate) + wd·θ: what momentum and the
-    /// learning rate act on.
-    pub fn total(&self, gamma: f64, weight_decay: f64, theta: &[f64]) -> Vec<f64> {
-        let mut g = self.data_grad.clone();
-        if let Some(h) = &self.htr {
-            g.iter_mut()
-                .zip(&h.grad)
-                .for_each(|(gi, t)| *gi += gamma * t);
-        }
-        if weight_decay != 0.0 {
-            g.iter_mut()
-                .zip(theta)
-                .for_each(|(gi, t)| *gi += weight_decay * t);
-        }
-        g
-    }
-}
 
 /// One step as the progress display sees it.
 #[derive(Clone, Copy, Debug)]
@@ -456,7 +122,7 @@ impl Trainer {
         recipe.check()?;
         let problem = Problem::new(model, weights, data.clone(), batch, BnMode::Batch)?;
         Ok(Trainer {
-            cpu: CpuReference::new(problem),
+            cpu: CpuReference::checked(problem)?,
             recipe,
             data,
             momentum_buf: None,
@@ -797,9 +463,9 @@ impl Trainer {
             });
         }
         self.sync()?;
-        // On a GPU θ and the momentum buffer are read back (and checked)
-        // at the epoch's end only: a non-finite one there makes the next
-        // step's loss non-finite, but the last step's would go unseen.
+        // On a GPU the device checks θ and the momentum buffer after every
+        // step (`GpuTrainer::nonfinite_state`); the copies read back at the
+        // epoch's end are checked once more on the host.
         if self.gpu.is_some() {
             if let Some((tensor, msg)) =
                 check_state(self.model(), self.weights(), self.momentum_buffer(), false)
@@ -826,15 +492,17 @@ impl Trainer {
 
     /// What is wrong after a step whose mini-batch loss was `loss`, as
     /// (tensor, why): the loss; on the reference θ, the momentum buffer
-    /// and the running buffers ([`check_state`]); on a GPU the running
-    /// buffers the step read back (θ and momentum at the epoch's end).
+    /// and the running buffers ([`check_state`]); on a GPU θ and the
+    /// momentum buffer as the device checked them, and the running buffers
+    /// the step read back.
     fn check_step(&self, loss: f64) -> Option<(String, String)> {
         if !loss.is_finite() {
             return Some(("loss".into(), format!("is {loss}")));
         }
         match &self.gpu {
             Some(g) => g
-                .nonfinite_running()
+                .nonfinite_state()
+                .or_else(|| g.nonfinite_running())
                 .map(|(name, i, v)| (name, format!("element {i} is {v} (float32 on the device)"))),
             None => check_state(
                 self.model(),
@@ -862,95 +530,4 @@ impl Trainer {
             f64_out,
         )
     }
-}
-
-/// The BN module name of a running_mean buffer (`block1.bn1`).
-fn bn_module(model: &Model, buffer: usize) -> Option<&str> {
-    model.buffers[buffer].name.strip_suffix(".running_mean")
-}
-
-/// The indices of the running_mean buffers of the model's BN nodes.
-fn running_means(model: &Model) -> Vec<usize> {
-    model
-        .nodes
-        .iter()
-        .filter_map(|n| match n.op {
-            Op::BatchNorm { running_mean, .. } => Some(running_mean),
-            _ => None,
-        })
-        .collect()
-}
-
-/// `num_batches_tracked` per buffer index from a state_dict file (0 where
-/// the file has none, or without a file).
-pub fn initial_counts(model: &Model, weights: Option<&Path>) -> Result<Vec<i64>> {
-    let mut out = vec![0; model.buffers.len()];
-    let Some(path) = weights else {
-        return Ok(out);
-    };
-    let file = tensorio::File::open(path)?;
-    for rm in running_means(model) {
-        let Some(module) = bn_module(model, rm) else {
-            continue;
-        };
-        let name = format!("{module}.num_batches_tracked");
-        if file.layout().contains_key(&name) {
-            let t = file.tensor(&name)?;
-            match t.data.as_slice() {
-                [v] if *v >= 0.0 && v.fract() == 0.0 => out[rm] = *v as i64,
-                _ => {
-                    return Err(Error::Invalid {
-                        what: "weights",
-                        msg: format!("{name} is not one non-negative integer"),
-                    })
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Write a whole state_dict (see [`Trainer::save`]).
-pub fn save_state_dict(
-    model: &Model,
-    w: &Weights,
-    batches_tracked: &[i64],
-    path: &Path,
-    f64_out: bool,
-) -> Result<()> {
-    let mut floats = params::named(model, &w.theta);
-    for (b, vals) in model.buffers.iter().zip(&w.buffers) {
-        floats.push((b.name.clone(), vec![b.len], vals.clone()));
-    }
-    // Never a non-finite state_dict (the steps' checks stop a run first).
-    for (n, _, v) in &floats {
-        if let Some(m) = guard::check_tensor(n, v, !f64_out) {
-            return Err(Error::Numerical(format!(
-                "not writing {}: {m}",
-                path.display()
-            )));
-        }
-    }
-    let counts: Vec<(String, [i64; 1])> = running_means(model)
-        .into_iter()
-        .filter_map(|rm| {
-            bn_module(model, rm)
-                .map(|m| (format!("{m}.num_batches_tracked"), [batches_tracked[rm]]))
-        })
-        .collect();
-    let mut t: Vec<(&str, &[usize], tensorio::Values)> = floats
-        .iter()
-        .map(|(n, s, d)| {
-            let v = if f64_out {
-                tensorio::Values::F64(d)
-            } else {
-                tensorio::Values::F32(d)
-            };
-            (n.as_str(), s.as_slice(), v)
-        })
-        .collect();
-    for (n, c) in &counts {
-        t.push((n.as_str(), &[], tensorio::Values::I64(c)));
-    }
-    tensorio::write(path, &t)
 }
