@@ -432,7 +432,7 @@ pub fn trace_grad<E: HoldsDecisions + ?Sized>(
 /// the batch's samples, batch = their count, BN in batch mode): the loss is
 /// then that mini-batch's mean cross-entropy, as a training step takes it.
 pub fn trace_grad_on(problem: Problem, probes: &[Vec<f64>], steps: Steps) -> Result<TraceGrad> {
-    trace_grad(&mut CpuReference::new(problem), probes, steps)
+    trace_grad(&mut CpuReference::checked(problem)?, probes, steps)
 }
 
 /// What the frozen differences need of an executor besides products:

@@ -1476,6 +1476,45 @@ fn leftover_cases(dir: &Path) -> Vec<Case> {
         &["grad", "--backend", "cpu", "--model", "/nonexistent/m"],
         &["--model", "/nonexistent/m", "No such file"],
     ));
+    // A float64 reference beyond the host's memory is refused before any
+    // work, with the sizes (3 float64s per value: 512 channels of 512²
+    // values per sample in 2 layers, 64 samples: ~400 GiB; the data set
+    // itself is 64 MiB), not aborted by a failed allocation.
+    let huge = dir.join("huge-activations.arch");
+    std::fs::write(
+        &huge,
+        "model huge\ninput 1 512 512\nclasses 2\nconv c1 512 k=3 pad=1\nrelu\ngap\nlinear fc 2\n",
+    )
+    .unwrap();
+    for cmd in ["hvp", "density", "train"] {
+        let out_dir = dir.join(format!("huge-{cmd}"));
+        let mut a = vec![
+            cmd,
+            "--backend",
+            "cpu",
+            "--model",
+            huge.to_str().unwrap(),
+            "--samples",
+            "64",
+            "--batch",
+            "64",
+        ];
+        if cmd == "train" {
+            a.extend([
+                "--epochs",
+                "1",
+                "--lr",
+                "0.1",
+                "--out",
+                out_dir.to_str().unwrap(),
+            ]);
+        }
+        out.push(case(
+            format!("{cmd}: a float64 reference larger than the host's memory"),
+            &a,
+            &["host memory", "GiB", "available", "`huge`"],
+        ));
+    }
     // `all` and `middle` stand alone.
     for spec in ["all,middle", "fc1,all", "middle,fc2"] {
         out.push(case(

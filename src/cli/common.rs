@@ -243,7 +243,7 @@ impl Inputs {
     ) -> Result<Box<dyn Curvature>> {
         Ok(match self.gpu_engine(&problem, options)? {
             Some(engine) => Box::new(engine),
-            None => Box::new(CpuReference::new(problem)),
+            None => Box::new(CpuReference::checked(problem)?),
         })
     }
 

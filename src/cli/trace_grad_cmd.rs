@@ -88,7 +88,7 @@ pub fn trace_grad_cmd(a: TraceGradArgs) -> Result<()> {
     let (mut engine, steps): (Box<dyn HoldsDecisions>, Steps) =
         match a.inputs.gpu_engine(&problem, options)? {
             Some(gpu) => (Box::new(gpu), Steps::for_f32()),
-            None => (Box::new(CpuReference::new(problem)), Steps::default()),
+            None => (Box::new(CpuReference::checked(problem)?), Steps::default()),
         };
     let cpu = engine.as_mut();
     let t = trace_grad(cpu, &probes, steps).context("computing the trace gradient")?;

@@ -76,7 +76,7 @@ impl Measures<'_> {
             engine.set_running_buffers(&tr.weights().buffers)?;
             return Ok(engine.evaluate()?);
         }
-        Ok(hesscope::cpu::CpuReference::new(problem()?).evaluate()?)
+        Ok(hesscope::cpu::CpuReference::checked(problem()?)?.evaluate()?)
     }
 
     pub fn test(&self, tr: &Trainer) -> Result<(Option<f64>, Option<f64>)> {
