@@ -38,7 +38,7 @@ struct ConvParams {
     n: u32, cin: u32, h: u32, w: u32,
     cout: u32, k: u32, stride: u32, pad: u32,
     oh: u32, ow: u32, wa_off: u32, wb_off: u32,
-    bias_off: u32, rows_per_chunk: u32, chunks: u32, _p0: u32,
+    bias_off: u32, rows_per_chunk: u32, chunks: u32, groups: u32,
 }
 
 override PAIR_B: bool = false;

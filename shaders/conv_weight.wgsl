@@ -9,8 +9,10 @@ struct ConvParams {
     n: u32, cin: u32, h: u32, w: u32,
     cout: u32, k: u32, stride: u32, pad: u32,
     oh: u32, ow: u32, wa_off: u32, wb_off: u32,
-    // rows_per_chunk, chunks: how stage one splits the n·oh output rows.
-    bias_off: u32, rows_per_chunk: u32, chunks: u32, _p0: u32,
+    // rows_per_chunk, chunks: how stage one splits the n·oh output rows;
+    // groups: conv_weight_sum's weights are [cout, cin/groups, k, k]
+    // (the other kernels here compute dense layers only).
+    bias_off: u32, rows_per_chunk: u32, chunks: u32, groups: u32,
 }
 
 const WG: u32 = 256u;
@@ -177,7 +179,7 @@ fn conv_weight_sum(@builtin(workgroup_id) wid: vec3<u32>,
     let ko_parts = kslice(1u, arrayLength(&sum_parts), wid.z);
     let ko_sum = kslice(2u, arrayLength(&sum_out), wid.z);
     let wi = flat_index(wid, nwg, lid);
-    let nw = p.cout * p.cin * p.k * p.k;
+    let nw = p.cout * (p.cin / max(p.groups, 1u)) * p.k * p.k;
     if (wi >= nw) { return; }
     var s = 0.0;
     for (var c = 0u; c < p.chunks; c++) {

@@ -120,10 +120,22 @@ fn maxpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // ---- average pool, count_include_pad as PyTorch's default: every window
-// divides by k·k, padding included; with ACC the backward adds into gx.
+// divides by its element count inside the padded input, padding included
+// (k·k, except for windows that ceil_mode lets run past the padded edge);
+// with ACC the backward adds into gx.
 
 @group(0) @binding(1) var<storage, read> av_in: array<f32>;
 @group(0) @binding(2) var<storage, read_write> av_out: array<f32>;
+
+// The divisor of output (oy, ox): (min(y0 + k, h + 2·pad) − y0) times the
+// same along x, y0 = oy·s in padded coordinates (PyTorch's pool_size).
+fn avg_divisor(oy: u32, ox: u32) -> f32 {
+    let y0 = oy * p.stride;
+    let x0 = ox * p.stride;
+    let dy = min(y0 + p.k, p.h + 2u * p.pad) - y0;
+    let dx = min(x0 + p.k, p.w + 2u * p.pad) - x0;
+    return f32(dy * dx);
+}
 
 // Forward, a thread per output: y = Σ over the window's inputs inside the
 // image / k². Rows iy = oy·s − pad + t, t < k, clipped to [0, h), in
@@ -154,7 +166,7 @@ fn avgpool_forward(@builtin(workgroup_id) wid: vec3<u32>,
             acc += av_in[row + ix];
         }
     }
-    av_out[o_out + o] = acc / f32(p.k * p.k);
+    av_out[o_out + o] = acc / avg_divisor(oy, ox);
 }
 
 // Backward (the transpose), a thread per input, gathering from the
@@ -177,10 +189,9 @@ fn avgpool_backward(@builtin(workgroup_id) wid: vec3<u32>,
     for (var oy = oys.x; oy < oys.y; oy++) {
         let row = o_in + (pl * p.oh + oy) * p.ow;
         for (var ox = oxs.x; ox < oxs.y; ox++) {
-            acc += av_in[row + ox];
+            acc += av_in[row + ox] / avg_divisor(oy, ox);
         }
     }
-    acc /= f32(p.k * p.k);
     if (ACC) {
         acc += av_out[o_out + i];
     }

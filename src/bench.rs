@@ -119,7 +119,8 @@ fn fill(ctx: &GpuContext, b: GpuBuffer, len: usize, seed: u32) -> Result<GpuBuff
     Ok(b)
 }
 
-/// The distinct conv shapes of a model: (cin, cout, h, w, k, stride, pad, oh, ow).
+/// The distinct dense conv shapes of a model (groups 1, dilation 1: the
+/// layers the timed kernels compute): (cin, cout, h, w, k, stride, pad, oh, ow).
 pub fn conv_shapes(model: &Model) -> Vec<[usize; 9]> {
     let mut out: Vec<[usize; 9]> = vec![];
     for n in &model.nodes {
@@ -129,6 +130,8 @@ pub fn conv_shapes(model: &Model) -> Vec<[usize; 9]> {
             k,
             stride,
             pad,
+            groups: 1,
+            dilation: 1,
             ..
         } = n.op
         {

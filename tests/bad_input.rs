@@ -381,7 +381,12 @@ fn arch_cases(dir: &Path) -> Vec<Case> {
         "k=3 foo=1",
         "k=3 =3",
         "k=3 groups=2",
-        "k=3 dilation=2",
+        "k=3 groups=0",
+        "k=3 groups=4",
+        "k=3 dilation=0",
+        "k=3 dilation=abc",
+        "k=3 dilation=18446744073709551615",
+        "k=3 ceil=true",
         "pad=1",
         "k=9",
     ]
@@ -454,6 +459,10 @@ fn arch_cases(dir: &Path) -> Vec<Case> {
             "k=abc",
             "k=2 pad=18446744073709551615",
             "p1 p2 k=2",
+            "k=2 ceil=1",
+            "k=2 ceil=",
+            "k=100 ceil=true",
+            "k=3 pad=2 ceil=true",
         ]
         .iter()
         .enumerate()

@@ -116,6 +116,8 @@ fn geom(
         pad: p,
         oh: (h + 2 * p - k) / s + 1,
         ow: (w + 2 * p - k) / s + 1,
+        groups: 1,
+        dilation: 1,
     }
 }
 

@@ -284,6 +284,8 @@ fn conv_geom(
         pad: p,
         oh: (h + 2 * p - k) / s + 1,
         ow: (w + 2 * p - k) / s + 1,
+        groups: 1,
+        dilation: 1,
     }
 }
 

@@ -103,7 +103,8 @@ fn cnn_smooth_lowers_to_the_spec_ops_and_shapes() {
         == Op::AvgPool {
             k: 2,
             stride: 2,
-            pad: 0
+            pad: 0,
+            ceil: false
         }));
     assert!(m
         .nodes

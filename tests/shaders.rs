@@ -119,6 +119,8 @@ fn override_values(name: &str) -> Vec<f64> {
         // Block products: no tangent bindings, or all; one tangent or 3.
         "KB" => vec![0.0, 510.0],
         "KMAX" => vec![1.0, 3.0],
+        // conv_direct.wgsl's dilation: adjacent taps and spread ones.
+        "DIL" => vec![1.0, 3.0],
         // conv_tiled.wgsl's tile (kernels::ConvTile): the narrow and the
         // default sides, the smallest and largest slab depth; every
         // combination is a tile ConvTile::check accepts.

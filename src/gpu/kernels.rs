@@ -10,6 +10,8 @@ pub const CONV_WEIGHT: &str = include_str!("../../shaders/conv_weight.wgsl");
 /// Convolution as tiled implicit GEMM (GPUs; `ConvPath::Tiled`).
 pub const CONV_TILED: &str = include_str!("../../shaders/conv_tiled.wgsl");
 pub const CONV_WEIGHTS_UNIFORM: &str = include_str!("../../shaders/conv_weights_uniform.wgsl");
+/// Direct convolution for grouped (depthwise included) and dilated layers.
+pub const CONV_DIRECT: &str = include_str!("../../shaders/conv_direct.wgsl");
 pub const REDUCE: &str = include_str!("../../shaders/reduce.wgsl");
 pub const ELEMENTWISE: &str = include_str!("../../shaders/elementwise.wgsl");
 pub const BN: &str = include_str!("../../shaders/bn.wgsl");
@@ -132,6 +134,8 @@ pub enum Module {
     ConvWeight,
     /// conv_tiled.wgsl: the tiled implicit-GEMM convolutions.
     ConvTiled,
+    /// conv_direct.wgsl: grouped and dilated convolutions.
+    ConvDirect,
     Reduce,
     Elementwise,
     Bn,
@@ -143,12 +147,13 @@ pub enum Module {
 }
 
 impl Module {
-    const ALL: [Module; 13] = [
+    const ALL: [Module; 14] = [
         Module::Conv,
         Module::ConvWindowed,
         Module::ConvHalfWindowed,
         Module::ConvWeight,
         Module::ConvTiled,
+        Module::ConvDirect,
         Module::Reduce,
         Module::Elementwise,
         Module::Bn,
@@ -173,6 +178,7 @@ impl Module {
             ),
             Module::ConvWeight => ("conv_weight.wgsl", CONV_WEIGHT),
             Module::ConvTiled => ("conv_tiled.wgsl", CONV_TILED),
+            Module::ConvDirect => ("conv_direct.wgsl", CONV_DIRECT),
             Module::Reduce => ("reduce.wgsl", REDUCE),
             Module::Elementwise => ("elementwise.wgsl", ELEMENTWISE),
             Module::Bn => ("bn.wgsl", BN),
@@ -261,6 +267,13 @@ kernels! {
     ConvTiledForward => ConvTiled::"conv_tiled_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "TM", "TN", "TK", "KB", "KMAX"];
     ConvTiledBackwardData => ConvTiled::"conv_tiled_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "TM", "TN", "TK", "KB", "KMAX"];
     ConvTiledBackwardWeight => ConvTiled::"conv_tiled_backward_weight", [R, R, R, R, W], ConvParams, ["PAIR_B", "TM", "TN", "TK", "KB", "KMAX"];
+    /// Grouped and dilated layers (conv_direct.wgsl), on either conv path:
+    /// forward, backward data and the weight gradient's stage one, a
+    /// thread per output, input element, and (chunk, weight); `DIL` the
+    /// dilation.
+    ConvDirectForward => ConvDirect::"conv_direct_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "DIL", "KB", "KMAX"];
+    ConvDirectBackwardData => ConvDirect::"conv_direct_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "DIL", "KB", "KMAX"];
+    ConvDirectBackwardWeight => ConvDirect::"conv_direct_backward_weight", [R, R, R, R, W], ConvParams, ["PAIR_B", "DIL", "KB", "KMAX"];
     ChannelSums => Reduce::"channel_sums", [R, R, W], ReduceParams, ["HAS_B", "ACC", "STAGE", "KB", "KMAX"];
     BnParamSums => Reduce::"bn_param_sums", [R, R, W, R, R, W], ReduceParams, ["PAIR2", "STAGE", "KB", "KMAX"];
     SumAll => Reduce::"sum_all", [R, W], ReduceParams, [];
@@ -400,6 +413,12 @@ pub const CONV_WEIGHT_CB: usize = 4;
 /// CONV_WEIGHT_CB output channels, ci, ky).
 pub fn conv_weight_groups(cout: usize, cin: usize, k: usize, chunks: usize) -> usize {
     (chunks * cout.div_ceil(CONV_WEIGHT_CB) * cin * k).div_ceil(WORKGROUP)
+}
+
+/// Whether a conv layer runs on conv_direct.wgsl's kernels (grouped or
+/// dilated) rather than the dense ones of either conv path.
+pub fn conv_direct_applies(groups: usize, dilation: usize) -> bool {
+    groups != 1 || dilation != 1
 }
 
 /// Whether the k3s1 forward and backward-data kernels apply (3×3 taps,

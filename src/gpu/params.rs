@@ -61,7 +61,10 @@ params_struct! {
         rows_per_chunk: u32,
         /// Weight gradient: chunks of stage one.
         chunks: u32,
-        _p0: u32,
+        /// Channel groups (weights [cout, cin/groups, k, k]): read by
+        /// conv_direct.wgsl and conv_weight_sum; the other conv kernels
+        /// compute dense layers only (the conv unit routes the rest).
+        groups: u32,
     }
 }
 

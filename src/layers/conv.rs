@@ -9,6 +9,9 @@
 //! shaders/conv_weight.wgsl (weight gradient in two stages), or with
 //! `Plan::conv_tiled` shaders/conv_tiled.wgsl's tiled implicit GEMMs (the
 //! weight gradient's stage one; conv_weight_sum adds its chunks as before).
+//! Those compute dense layers; grouped (depthwise included) and dilated
+//! ones run on shaders/conv_direct.wgsl on either path (a thread per
+//! element over its group's channels only), conv_weight_sum after it.
 
 use super::{unsupported, CpuCx, Layer, Saved};
 use crate::error::Result;
@@ -45,6 +48,8 @@ fn geom(node: &Node, n: usize) -> conv::ConvGeom {
         pad: d.pad,
         oh: d.oh,
         ow: d.ow,
+        groups: d.groups,
+        dilation: d.dilation,
     }
 }
 
@@ -60,6 +65,19 @@ pub struct Dims {
     pub pad: usize,
     pub oh: usize,
     pub ow: usize,
+    pub groups: usize,
+    pub dilation: usize,
+}
+
+impl Dims {
+    /// Weights: cout·(cin/groups)·k·k.
+    pub fn weights(&self) -> usize {
+        self.cout * (self.cin / self.groups) * self.k * self.k
+    }
+    /// Whether conv_direct.wgsl computes the layer (grouped or dilated).
+    pub fn direct(&self) -> bool {
+        kernels::conv_direct_applies(self.groups, self.dilation)
+    }
 }
 
 pub fn dims(node: &Node) -> Dims {
@@ -70,6 +88,8 @@ pub fn dims(node: &Node) -> Dims {
             k,
             stride,
             pad,
+            groups,
+            dilation,
             ..
         } => Dims {
             cin,
@@ -81,6 +101,8 @@ pub fn dims(node: &Node) -> Dims {
             pad,
             oh: node.out_shape.h,
             ow: node.out_shape.w,
+            groups,
+            dilation,
         },
         Op::Linear { din, dout, .. } => Dims {
             cin: din,
@@ -92,6 +114,8 @@ pub fn dims(node: &Node) -> Dims {
             pad: 0,
             oh: 1,
             ow: 1,
+            groups: 1,
+            dilation: 1,
         },
         _ => unreachable!("conv dims on {}", node.kind()),
     }
@@ -130,9 +154,23 @@ fn bias_grad(cx: &CpuCx, node: &Node, bias: Option<usize>, gy: &[f64], out: &mut
 impl Layer for ConvUnit {
     /// k ≤ 11 and stride 1..=4 (tests/gpu_kernels.rs and tests/shapes.rs
     /// cover them); any padding (the kernels' index arithmetic is exact for
-    /// every size the parser accepts; tested to k + 3).
+    /// every size the parser accepts; tested to k + 3); groups dividing
+    /// both channel counts, any dilation ≥ 1 (tests/gpu_grouped_conv.rs).
     fn check(&self, node: &Node) -> Result<()> {
         let d = dims(node);
+        if d.groups == 0 || !d.cin.is_multiple_of(d.groups) || !d.cout.is_multiple_of(d.groups) {
+            return Err(unsupported(
+                node,
+                format!(
+                    "groups={} must divide both the input channels ({}) and the output \
+                     channels ({})",
+                    d.groups, d.cin, d.cout
+                ),
+            ));
+        }
+        if d.dilation == 0 {
+            return Err(unsupported(node, "dilation must be at least 1"));
+        }
         if d.k > MAX_K {
             return Err(unsupported(
                 node,
@@ -255,6 +293,7 @@ impl Layer for ConvUnit {
             &pr,
             vec![x, th, x, th, io.y],
             grid,
+            dims(node).dilation,
         );
     }
 
@@ -275,12 +314,14 @@ impl Layer for ConvUnit {
                 &pr,
                 vec![x, p.v, x, p.v, io.dy],
                 grid,
+                dims(node).dilation,
             );
         } else {
             let pr = conv_params(node, p.n, woff, woff, boff);
             let c = Consts::conv(true, bias.is_some(), false);
             let bufs = vec![dx, p.theta, x, p.v, io.dy];
-            push_conv(p, Kernel::ConvForward, c, &pr, bufs, grid);
+            let dil = dims(node).dilation;
+            push_conv(p, Kernel::ConvForward, c, &pr, bufs, grid, dil);
         }
         false
     }
@@ -305,7 +346,7 @@ impl Layer for ConvUnit {
             let grid = Grid::Threads(kernels::conv_backward_data_threads(
                 n, d.cin, d.h, d.w, d.stride,
             ));
-            push_conv(p, Kernel::ConvBackwardData, c, &pr, bufs, grid);
+            push_conv(p, Kernel::ConvBackwardData, c, &pr, bufs, grid, d.dilation);
         }
         // The weight block: Σ R(gy)·x + Σ gy·ẋ (ẋ may be zero).
         let pair_b = r && !io.dx_zero[0];
@@ -322,20 +363,24 @@ impl Layer for ConvUnit {
             vec![gy, x, gy, x, parts]
         };
         let c = Consts::new(&[("PAIR_B", pair_b as u32)]);
-        let (kernel, groups, c) = if p.conv_tiled {
+        let (kernel, grid, c) = if d.direct() {
+            (
+                Kernel::ConvDirectBackwardWeight,
+                Grid::Threads(weights * chunks),
+                c.with("DIL", d.dilation as u32),
+            )
+        } else if p.conv_tiled {
             let taps = d.cin * d.k * d.k;
             let tile = p.conv_tile.for_rows(d.cout);
             let groups = tile.groups(d.cout, taps, chunks);
-            (Kernel::ConvTiledBackwardWeight, groups, tile.consts(c))
+            let grid = Grid::Groups(groups);
+            (Kernel::ConvTiledBackwardWeight, grid, tile.consts(c))
         } else {
             let kernel = kernels::conv_weight_variant(d.k, d.stride, d.ow);
-            (
-                kernel,
-                kernels::conv_weight_groups(d.cout, d.cin, d.k, chunks),
-                c,
-            )
+            let groups = kernels::conv_weight_groups(d.cout, d.cin, d.k, chunks);
+            (kernel, Grid::Groups(groups), c)
         };
-        p.push_with(kernel, c, &pr, bufs, Grid::Groups(groups));
+        p.push_with(kernel, c, &pr, bufs, grid);
         p.push(
             Kernel::ConvWeightSum,
             &pr,
@@ -358,7 +403,7 @@ fn forward_grid(node: &Node, n: usize) -> Grid {
 /// (weights, rows per chunk, chunks) of a layer's weight gradient.
 pub fn weight_split(node: &Node, n: usize) -> (usize, usize, usize) {
     let d = dims(node);
-    let weights = d.cout * d.cin * d.k * d.k;
+    let weights = d.weights();
     let (per, chunks) = kernels::conv_weight_chunks(n, d.oh, d.ow, weights);
     (weights, per, chunks)
 }
@@ -382,13 +427,15 @@ fn conv_params(node: &Node, n: usize, wa_off: usize, wb_off: usize, bias_off: us
         bias_off: bias_off as u32,
         rows_per_chunk: 0,
         chunks: 0,
-        _p0: 0,
+        groups: d.groups as u32,
     }
 }
 
 /// Pushes a conv forward or backward-data step, reading the layer's
 /// weights (and bias) through one uniform window of θ/v where they fit in
-/// it: the offsets in `pr` become relative to the window.
+/// it: the offsets in `pr` become relative to the window. A grouped or
+/// dilated layer runs conv_direct.wgsl's kernel instead, on a thread per
+/// output (forward) or input (backward data) element.
 fn push_conv(
     p: &mut Plan,
     kernel: Kernel,
@@ -396,7 +443,17 @@ fn push_conv(
     pr: &ConvParams,
     buffers: Vec<usize>,
     grid: Grid,
+    dilation: usize,
 ) {
+    if kernels::conv_direct_applies(pr.groups as usize, dilation) {
+        let (direct, elements) = match kernel {
+            Kernel::ConvForward => (Kernel::ConvDirectForward, pr.cout * pr.oh * pr.ow),
+            _ => (Kernel::ConvDirectBackwardData, pr.cin * pr.h * pr.w),
+        };
+        let grid = Grid::Threads((pr.n * elements) as usize);
+        let consts = consts.with("DIL", dilation as u32);
+        return p.push_with(direct, consts, pr, buffers, grid);
+    }
     if p.conv_tiled {
         // The tiled kernels read the weights from storage.
         let (tiled, m, cols) = match kernel {
@@ -425,7 +482,7 @@ fn push_conv(
     if half && buffers[1] != p.theta {
         return p.push_with(storage, consts, pr, buffers, grid);
     }
-    let weights = (pr.cin * pr.cout * pr.k * pr.k) as usize;
+    let weights = (pr.cin * pr.cout * pr.k * pr.k) as usize; // dense: groups 1
     let (woff, boff) = (pr.wa_off as usize, pr.bias_off as usize);
     let mut lo = woff;
     let mut hi = woff + weights;

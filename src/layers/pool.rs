@@ -1,5 +1,7 @@
 //! Pooling: MaxPool2d (the argmax kept for the gather/scatter passes; ties
-//! to the first maximum as PyTorch), AvgPool2d (count_include_pad) and the
+//! to the first maximum as PyTorch), AvgPool2d (count_include_pad; both
+//! with ceil_mode, which only changes the output size and, for the
+//! average, the divisor of windows past the padded edge) and the
 //! global average pool. All three are linear in x given the argmax
 //! ([`LinearUnit`]): each gives its map and the transpose, and the R-passes
 //! follow. Kernels: shaders/pool.wgsl.
@@ -21,7 +23,7 @@ pub struct GlobalAvgPoolUnit;
 /// (k, stride, pad) of a max or average pool.
 fn window(node: &Node) -> (usize, usize, usize) {
     match node.op {
-        Op::MaxPool { k, stride, pad } | Op::AvgPool { k, stride, pad } => (k, stride, pad),
+        Op::MaxPool { k, stride, pad, .. } | Op::AvgPool { k, stride, pad, .. } => (k, stride, pad),
         _ => unreachable!("pool unit on {}", node.kind()),
     }
 }
@@ -49,7 +51,7 @@ fn check_window(node: &Node) -> Result<()> {
 fn pool_params(node: &Node, n: usize) -> PoolParams {
     let (s, o) = (node.in_shape, node.out_shape);
     let (k, stride, pad) = match node.op {
-        Op::MaxPool { k, stride, pad } | Op::AvgPool { k, stride, pad } => (k, stride, pad),
+        Op::MaxPool { k, stride, pad, .. } | Op::AvgPool { k, stride, pad, .. } => (k, stride, pad),
         _ => (0, 0, 0),
     };
     PoolParams {

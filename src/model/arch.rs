@@ -9,13 +9,13 @@
 //! model   NAME
 //! input   C H W
 //! classes K
-//! conv    NAME COUT k=K [stride=1] [pad=0] [bias=true|false]
+//! conv    NAME COUT k=K [stride=1] [pad=0] [bias=true|false] [groups=1] [dilation=1]
 //! bn      NAME                       # BatchNorm2d
 //! relu    [NAME]
 //! leaky_relu [NAME] [slope=0.01]
 //! tanh | sigmoid | gelu | silu [NAME]
-//! maxpool [NAME] k=K [stride=K] [pad=0]
-//! avgpool [NAME] k=K [stride=K] [pad=0]   # AvgPool2d, count_include_pad
+//! maxpool [NAME] k=K [stride=K] [pad=0] [ceil=false]
+//! avgpool [NAME] k=K [stride=K] [pad=0] [ceil=false]   # count_include_pad
 //! gap     [NAME]                     # global average pool -> flat [C]
 //! flatten [NAME]                     # -> flat [C*H*W]
 //! linear  NAME DOUT [bias=true|false]
@@ -43,6 +43,7 @@
 
 mod blocks;
 mod edges;
+mod windows;
 
 pub use edges::to_text;
 
@@ -78,8 +79,8 @@ pub const KEYWORDS: &[&str] = &[
 /// The `key=value` options each keyword takes.
 fn options(kw: &str) -> &'static [&'static str] {
     match kw {
-        "conv" => &["k", "stride", "pad", "bias"],
-        "maxpool" | "avgpool" => &["k", "stride", "pad"],
+        "conv" => &["k", "stride", "pad", "bias", "groups", "dilation"],
+        "maxpool" | "avgpool" => &["k", "stride", "pad", "ceil"],
         "leaky_relu" => &["slope"],
         "linear" => &["bias"],
         "basicblock" => &["stride", "bn", "shortcut"],
@@ -223,28 +224,6 @@ impl<'a> Parser<'a> {
         Ok(Shape::new(c, h, w))
     }
 
-    /// Output length of a window of size `k`, `stride` and zero padding
-    /// `pad` over `size` inputs: ⌊(size + 2·pad − k)/stride⌋ + 1.
-    fn window_out(
-        &self,
-        layer: &str,
-        size: usize,
-        k: usize,
-        stride: usize,
-        pad: usize,
-    ) -> Result<usize> {
-        let padded = pad
-            .checked_mul(2)
-            .and_then(|p| p.checked_add(size))
-            .ok_or_else(|| self.e(format!("{layer}: pad={pad} is too large")))?;
-        if padded < k {
-            return Err(self.e(format!(
-                "{layer}: kernel size {k} is larger than the padded input ({size} + 2·{pad} = {padded})"
-            )));
-        }
-        Ok((padded - k) / stride + 1)
-    }
-
     fn add_param(&mut self, name: String, shape: Vec<usize>, init: Init) -> Result<usize> {
         if self.params.iter().any(|p| p.name == name) {
             return Err(self.e(format!("duplicate tensor name `{name}`")));
@@ -296,50 +275,6 @@ impl<'a> Parser<'a> {
         Ok(())
     }
 
-    fn conv(
-        &mut self,
-        local: &str,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        pad: usize,
-        bias: bool,
-    ) -> Result<()> {
-        let (v, s) = self.image_input("conv", "Conv2d")?;
-        if k == 0 || stride == 0 || cout == 0 {
-            return Err(self.e("conv needs positive COUT, k and stride"));
-        }
-        let name = self.full_name(local);
-        let h = self.window_out(&format!("conv `{name}`"), s.h, k, stride, pad)?;
-        let w = self.window_out(&format!("conv `{name}`"), s.w, k, stride, pad)?;
-        let out = self.shape(&format!("the output of conv `{name}`"), cout, h, w)?;
-        let fan_in = self.elements(&format!("conv `{name}`'s fan-in"), &[s.c, k, k])?;
-        let weight = self.add_param(
-            format!("{name}.weight"),
-            vec![cout, s.c, k, k],
-            Init::UniformFanIn(fan_in),
-        )?;
-        let bias = if bias {
-            Some(self.add_param(
-                format!("{name}.bias"),
-                vec![cout],
-                Init::UniformFanIn(fan_in),
-            )?)
-        } else {
-            None
-        };
-        let op = Op::Conv {
-            weight,
-            bias,
-            cin: s.c,
-            cout,
-            k,
-            stride,
-            pad,
-        };
-        self.push(name, op, vec![v], out, false)
-    }
-
     fn bn(&mut self, local: &str) -> Result<()> {
         let (v, s) = self.image_input("bn", "BatchNorm2d")?;
         let name = self.full_name(local);
@@ -362,37 +297,6 @@ impl<'a> Parser<'a> {
         let name = self.optional_name(local);
         let flat = self.is_flat(v);
         self.push(name, Op::Act(a), vec![v], s, flat)
-    }
-
-    fn pool(&mut self, kw: &str, local: &str, k: usize, stride: usize, pad: usize) -> Result<()> {
-        let torch = if kw == "maxpool" {
-            "MaxPool2d"
-        } else {
-            "AvgPool2d"
-        };
-        let (v, s) = self.image_input(kw, torch)?;
-        if k == 0 || stride == 0 {
-            return Err(self.e(format!("{kw} needs positive k and stride")));
-        }
-        // PyTorch: "pad should be at most half of effective kernel size".
-        if pad > k / 2 {
-            return Err(self.e(format!(
-                "{kw} k={k} pad={pad}: pad should be at most half of effective kernel size \
-                 (pad <= {}), as PyTorch's {torch} requires",
-                k / 2
-            )));
-        }
-        let name = self.optional_name(local);
-        let label = format!("{kw} k={k} stride={stride} pad={pad}");
-        let h = self.window_out(&label, s.h, k, stride, pad)?;
-        let w = self.window_out(&label, s.w, k, stride, pad)?;
-        let out = Shape::new(s.c, h, w);
-        let op = if kw == "maxpool" {
-            Op::MaxPool { k, stride, pad }
-        } else {
-            Op::AvgPool { k, stride, pad }
-        };
-        self.push(name, op, vec![v], out, false)
     }
 
     fn linear(&mut self, local: &str, dout: usize, bias: bool) -> Result<()> {
@@ -582,17 +486,22 @@ impl<'a> Parser<'a> {
                 self.classes = Some(num(pos[0], "K")?);
             }
             "conv" => {
-                need(2, "conv NAME COUT k=K [stride=S] [pad=P] [bias=true|false]")?;
-                let name = module(pos[0])?;
-                let cout = num(pos[1], "COUT")?;
-                self.conv(
-                    &name,
-                    cout,
-                    required("k")?,
-                    opt("stride", 1)?,
-                    opt("pad", 0)?,
-                    flag("bias", true)?,
+                need(
+                    2,
+                    "conv NAME COUT k=K [stride=S] [pad=P] [bias=true|false] [groups=G] \
+                     [dilation=D]",
                 )?;
+                let name = module(pos[0])?;
+                let args = windows::ConvArgs {
+                    cout: num(pos[1], "COUT")?,
+                    k: required("k")?,
+                    stride: opt("stride", 1)?,
+                    pad: opt("pad", 0)?,
+                    bias: flag("bias", true)?,
+                    groups: opt("groups", 1)?,
+                    dilation: opt("dilation", 1)?,
+                };
+                self.conv_with(&name, args)?;
             }
             "bn" => {
                 need(1, "bn NAME")?;
@@ -626,7 +535,8 @@ impl<'a> Parser<'a> {
             "maxpool" | "avgpool" => {
                 let n = name_opt(&pos)?;
                 let k = required("k")?;
-                self.pool(kw, &n, k, opt("stride", k)?, opt("pad", 0)?)?;
+                let ceil = flag("ceil", false)?;
+                self.pool(kw, &n, k, opt("stride", k)?, opt("pad", 0)?, ceil)?;
             }
             "gap" => {
                 let n = name_opt(&pos)?;

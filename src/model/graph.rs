@@ -73,6 +73,11 @@ pub enum Op {
         k: usize,
         stride: usize,
         pad: usize,
+        /// Conv2d's groups: weight [cout, cin/groups, k, k] (1: dense;
+        /// cin = cout = groups: depthwise).
+        groups: usize,
+        /// Conv2d's dilation: taps `dilation` apart.
+        dilation: usize,
     },
     BatchNorm {
         gamma: usize,
@@ -83,17 +88,23 @@ pub enum Op {
     },
     /// An elementwise activation y = f(x).
     Act(Activation),
+    /// MaxPool2d(k, stride, pad, ceil_mode=ceil): `ceil` only sets the
+    /// output size (windows past the padded edge take what they cover).
     MaxPool {
         k: usize,
         stride: usize,
         pad: usize,
+        ceil: bool,
     },
-    /// AvgPool2d(k, stride, pad) with count_include_pad: every window is
-    /// divided by k·k, padding included.
+    /// AvgPool2d(k, stride, pad, ceil_mode=ceil) with count_include_pad:
+    /// every window is divided by the number of its elements inside the
+    /// padded input (k·k, except for the windows ceil_mode lets run past
+    /// the padded edge, as PyTorch).
     AvgPool {
         k: usize,
         stride: usize,
         pad: usize,
+        ceil: bool,
     },
     GlobalAvgPool,
     Flatten,

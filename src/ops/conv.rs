@@ -1,5 +1,8 @@
-//! 2-D convolution (zero padding, groups 1, dilation 1) in float64: the
-//! three linear maps from which the forward, backward and R passes are built.
+//! 2-D convolution (zero padding, any groups and dilation, as PyTorch's
+//! Conv2d) in float64: the three linear maps from which the forward,
+//! backward and R passes are built. Weights are [cout, cin/groups, k, k];
+//! output channel co reads the input channels of its group
+//! co / (cout/groups).
 
 use super::valid_range;
 use rayon::prelude::*;
@@ -17,6 +20,10 @@ pub struct ConvGeom {
     pub pad: usize,
     pub oh: usize,
     pub ow: usize,
+    /// Channel groups (1: dense; cin: depthwise); divides cin and cout.
+    pub groups: usize,
+    /// Spacing of the kernel taps (1: adjacent).
+    pub dilation: usize,
 }
 
 impl ConvGeom {
@@ -31,7 +38,7 @@ impl ConvGeom {
     fn row_table(&self) -> Vec<(usize, usize, isize)> {
         (0..self.k)
             .map(|kh| {
-                let off = kh as isize - self.pad as isize;
+                let off = (kh * self.dilation) as isize - self.pad as isize;
                 let (lo, hi) = valid_range(self.oh, self.h, self.stride, off);
                 (lo, hi, off)
             })
@@ -40,15 +47,28 @@ impl ConvGeom {
     fn col_table(&self) -> Vec<(usize, usize, isize)> {
         (0..self.k)
             .map(|kw| {
-                let off = kw as isize - self.pad as isize;
+                let off = (kw * self.dilation) as isize - self.pad as isize;
                 let (lo, hi) = valid_range(self.ow, self.w, self.stride, off);
                 (lo, hi, off)
             })
             .collect()
     }
+    /// Input channels per group (the weight's second dimension).
+    pub fn cin_g(&self) -> usize {
+        self.cin / self.groups
+    }
+    /// Output channels per group.
+    pub fn cout_g(&self) -> usize {
+        self.cout / self.groups
+    }
+    /// The input channels output channel `co` reads: (first, count).
+    fn group_inputs(&self, co: usize) -> (usize, usize) {
+        let cig = self.cin_g();
+        ((co / self.cout_g()) * cig, cig)
+    }
 }
 
-/// y += conv(x, w): x [n, cin, h, w], w [cout, cin, k, k], y [n, cout, oh, ow].
+/// y += conv(x, w): x [n, cin, h, w], w [cout, cin/groups, k, k], y [n, cout, oh, ow].
 pub fn forward_acc(g: &ConvGeom, x: &[f64], w: &[f64], y: &mut [f64]) {
     let (ip, op) = (g.in_plane(), g.out_plane());
     let (rows, cols) = (g.row_table(), g.col_table());
@@ -58,12 +78,14 @@ pub fn forward_acc(g: &ConvGeom, x: &[f64], w: &[f64], y: &mut [f64]) {
             let xn = &x[n * g.cin * ip..(n + 1) * g.cin * ip];
             for co in 0..g.cout {
                 let yp = &mut yn[co * op..(co + 1) * op];
-                for ci in 0..g.cin {
+                let (first, cig) = g.group_inputs(co);
+                for cl in 0..cig {
+                    let ci = first + cl;
                     let xp = &xn[ci * ip..(ci + 1) * ip];
                     for kh in 0..g.k {
                         let (r0, r1, roff) = rows[kh];
                         for kw in 0..g.k {
-                            let wv = w[((co * g.cin + ci) * g.k + kh) * g.k + kw];
+                            let wv = w[((co * cig + cl) * g.k + kh) * g.k + kw];
                             let (c0, c1, coff) = cols[kw];
                             for o_r in r0..r1 {
                                 let ir = (o_r * g.stride) as isize + roff;
@@ -91,12 +113,14 @@ pub fn backward_data_acc(g: &ConvGeom, gy: &[f64], w: &[f64], gx: &mut [f64]) {
             let gyn = &gy[n * g.cout * op..(n + 1) * g.cout * op];
             for co in 0..g.cout {
                 let gp = &gyn[co * op..(co + 1) * op];
-                for ci in 0..g.cin {
+                let (first, cig) = g.group_inputs(co);
+                for cl in 0..cig {
+                    let ci = first + cl;
                     let xp = &mut gxn[ci * ip..(ci + 1) * ip];
                     for kh in 0..g.k {
                         let (r0, r1, roff) = rows[kh];
                         for kw in 0..g.k {
-                            let wv = w[((co * g.cin + ci) * g.k + kh) * g.k + kw];
+                            let wv = w[((co * cig + cl) * g.k + kh) * g.k + kw];
                             let (c0, c1, coff) = cols[kw];
                             for o_r in r0..r1 {
                                 let ir = ((o_r * g.stride) as isize + roff) as usize;
@@ -117,12 +141,14 @@ pub fn backward_weight_acc(g: &ConvGeom, gy: &[f64], x: &[f64], gw: &mut [f64]) 
     let (ip, op) = (g.in_plane(), g.out_plane());
     let (rows, cols) = (g.row_table(), g.col_table());
     let kk = g.k * g.k;
-    gw.par_chunks_mut(g.cin * kk)
+    gw.par_chunks_mut(g.cin_g() * kk)
         .enumerate()
         .for_each(|(co, gwc)| {
+            let (first, cig) = g.group_inputs(co);
             for n in 0..g.n {
                 let gp = &gy[(n * g.cout + co) * op..(n * g.cout + co + 1) * op];
-                for ci in 0..g.cin {
+                for cl in 0..cig {
+                    let ci = first + cl;
                     let xp = &x[(n * g.cin + ci) * ip..(n * g.cin + ci + 1) * ip];
                     for kh in 0..g.k {
                         let (r0, r1, roff) = rows[kh];
@@ -136,7 +162,7 @@ pub fn backward_weight_acc(g: &ConvGeom, gy: &[f64], x: &[f64], gw: &mut [f64]) 
                                     acc += gp[o_r * g.ow + o_c] * xp[ir * g.w + ic];
                                 }
                             }
-                            gwc[ci * kk + kh * g.k + kw] += acc;
+                            gwc[cl * kk + kh * g.k + kw] += acc;
                         }
                     }
                 }

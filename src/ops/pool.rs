@@ -154,8 +154,30 @@ fn each_window_tap(
     }
 }
 
+/// Per output position of an average pool (one plane, row-major): its
+/// window's element count inside the padded input, PyTorch's
+/// count_include_pad divisor. k·k for every window unless ceil_mode let
+/// the last ones run past the padded edge: (min(y0 + k, h + 2·pad) − y0)
+/// times the same along x, y0 = oy·stride in padded coordinates.
+#[allow(clippy::too_many_arguments)]
+pub fn avgpool_divisors(
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
+) -> Vec<f64> {
+    let span = |o: usize, size: usize| (o * stride + k).min(size + 2 * pad) - o * stride;
+    (0..oh * ow)
+        .map(|i| (span(i / ow, h) * span(i % ow, w)) as f64)
+        .collect()
+}
+
 /// Average pool over [n·c planes of h×w] with zero padding counted in the
-/// divisor (count_include_pad): every window divides by k·k.
+/// divisor (count_include_pad): every window divides by its element count
+/// inside the padded input (`avgpool_divisors`; k·k without ceil_mode).
 #[allow(clippy::too_many_arguments)]
 pub fn avgpool_forward(
     planes: usize,
@@ -169,14 +191,16 @@ pub fn avgpool_forward(
     x: &[f64],
 ) -> Vec<f64> {
     let mut y = vec![0.0; planes * oh * ow];
-    let div = (k * k) as f64;
+    let div = avgpool_divisors(h, w, k, stride, pad, oh, ow);
     each_window_tap(planes, h, w, k, stride, pad, oh, ow, |o, i| y[o] += x[i]);
-    y.iter_mut().for_each(|v| *v /= div);
+    y.iter_mut()
+        .enumerate()
+        .for_each(|(o, v)| *v /= div[o % (oh * ow)]);
     y
 }
 
 /// The transpose of `avgpool_forward`: each output's adjoint spread over
-/// its window's inputs, divided by k·k.
+/// its window's inputs, divided by the window's divisor.
 #[allow(clippy::too_many_arguments)]
 pub fn avgpool_backward(
     planes: usize,
@@ -190,9 +214,9 @@ pub fn avgpool_backward(
     gy: &[f64],
 ) -> Vec<f64> {
     let mut gx = vec![0.0; planes * h * w];
-    let div = (k * k) as f64;
+    let div = avgpool_divisors(h, w, k, stride, pad, oh, ow);
     each_window_tap(planes, h, w, k, stride, pad, oh, ow, |o, i| {
-        gx[i] += gy[o] / div
+        gx[i] += gy[o] / div[o % (oh * ow)]
     });
     gx
 }

@@ -200,14 +200,37 @@ pub fn to_text(model: &Model) -> String {
                 stride,
                 pad,
                 bias,
+                groups,
+                dilation,
                 ..
-            } => format!(
-                " {cout} k={k} stride={stride} pad={pad} bias={}",
-                bias.is_some()
-            ),
+            } => {
+                let mut a = format!(
+                    " {cout} k={k} stride={stride} pad={pad} bias={}",
+                    bias.is_some()
+                );
+                if groups != 1 {
+                    a.push_str(&format!(" groups={groups}"));
+                }
+                if dilation != 1 {
+                    a.push_str(&format!(" dilation={dilation}"));
+                }
+                a
+            }
             Op::Linear { dout, bias, .. } => format!(" {dout} bias={}", bias.is_some()),
-            Op::MaxPool { k, stride, pad } | Op::AvgPool { k, stride, pad } => {
-                format!(" k={k} stride={stride} pad={pad}")
+            Op::MaxPool {
+                k,
+                stride,
+                pad,
+                ceil,
+            }
+            | Op::AvgPool {
+                k,
+                stride,
+                pad,
+                ceil,
+            } => {
+                let c = if ceil { " ceil=true" } else { "" };
+                format!(" k={k} stride={stride} pad={pad}{c}")
             }
             Op::Act(Activation::LeakyRelu { slope }) => format!(" slope={slope}"),
             _ => String::new(),
