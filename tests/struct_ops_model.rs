@@ -95,13 +95,10 @@ fn the_channel_layers_parse_and_round_trip_through_to_text() {
 
     // Flat values concatenate (and narrow) as PyTorch's [N, C] do along
     // dim 1: the result stays flat, so `linear` takes it.
-    let flat = "model f\ninput 2 4 4\nclasses 2\nc = conv(input) 3 k=3\ng = gap(c)\n\
-                h = flatten(c)\nk = concat(g, h, g)\nn = narrow(k) start=1 len=5\n\
-                m = mul(n, n)\nlinear fc 2\n";
-    let f = arch::parse("flat.arch", flat).unwrap();
+    let f = arch::parse("flat.arch", FLAT).unwrap();
     let k = f.nodes.iter().find(|n| n.name == "k").unwrap();
     assert_eq!(k.out_shape, hesscope::model::Shape::new(3 + 12 + 3, 1, 1));
-    assert_eq!(f.params.last().unwrap().shape, vec![2, 5]);
+    assert_eq!(f.param("fc.weight").unwrap().shape, vec![2, 5]);
 }
 
 #[test]
@@ -277,44 +274,60 @@ fn the_float64_reference_matches_pytorch_float64() {
     }
 }
 
-/// Six samples in batches of 4 and 2 (a zero tangent's channels move
-/// with the batch size), block products of three directions.
-#[test]
-fn the_gpu_matches_the_float64_reference() {
-    let m = model();
+/// Flat values through concat (one read twice), narrow and a mul of a
+/// value by itself.
+const FLAT: &str = "model f\ninput 2 4 4\nclasses 2\nc = conv(input) 3 k=3\ng = gap(c)\n\
+                    h = flatten(c)\nk = concat(g, h, g)\nn = narrow(k) start=1 len=5\n\
+                    m = mul(n, n)\nlinear fc 2\n";
+
+/// Six samples in batches of 4 and 2, block products of three
+/// directions: the GPU's gradient, Hv and block Hv against the float64
+/// reference's.
+fn gpu_matches(m: &Model, bn: BnMode, label: &str) {
     let data = data::try_synthetic(m.input, m.classes, 6, 11).unwrap();
     let vs: Vec<Vec<f64>> = (0..3u64)
         .map(|s| {
-            let w = Weights::init(&m, 100 + s);
+            let w = Weights::init(m, 100 + s);
             w.theta.iter().map(|x| x * 3.0 + 0.01).collect()
         })
         .collect();
     let vrefs: Vec<&[f64]> = vs.iter().map(|v| v.as_slice()).collect();
-    for bn in [BnMode::Batch, BnMode::Running] {
-        let p = Problem::new(m.clone(), Weights::init(&m, 7), data.clone(), 4, bn).unwrap();
-        let mut cpu = CpuReference::new(p.clone());
-        let (_, g, hv) = cpu.loss_grad_hvp(&vs[0]).unwrap();
-        let block = cpu.hv_block(&vrefs).unwrap();
-        for (name, ctx) in common::gpu_contexts() {
-            let opts = EngineOptions {
-                block: Some(3),
-                ..Default::default()
-            };
-            let mut e = GpuEngine::with_options(ctx, &p, opts).unwrap();
-            let (_, g2, hv2) = e.loss_grad_hvp(&vs[0]).unwrap();
-            let (eg, eh) = (common::rel_err(&g2, &g), common::rel_err(&hv2, &hv));
-            let mut outs = vec![vec![0.0; m.n_params]; 3];
-            e.hvp_block(&vrefs, &mut outs).unwrap();
-            let eb = outs
-                .iter()
-                .zip(&block)
-                .map(|(a, b)| common::rel_err(a, b))
-                .fold(0.0, f64::max);
-            eprintln!("struct-ops {bn:?} {name}: grad {eg:.1e} Hv {eh:.1e} block Hv {eb:.1e}");
-            assert!(
-                eg <= 1e-5 && eh <= 1e-5 && eb <= 1e-5,
-                "{bn:?} {name}: gradient {eg:.1e}, Hv {eh:.1e}, block Hv {eb:.1e}"
-            );
-        }
+    let p = Problem::new(m.clone(), Weights::init(m, 7), data, 4, bn).unwrap();
+    let mut cpu = CpuReference::new(p.clone());
+    let (_, g, hv) = cpu.loss_grad_hvp(&vs[0]).unwrap();
+    let block = cpu.hv_block(&vrefs).unwrap();
+    for (name, ctx) in common::gpu_contexts() {
+        let opts = EngineOptions {
+            block: Some(3),
+            ..Default::default()
+        };
+        let mut e = GpuEngine::with_options(ctx, &p, opts).unwrap();
+        let (_, g2, hv2) = e.loss_grad_hvp(&vs[0]).unwrap();
+        let (eg, eh) = (common::rel_err(&g2, &g), common::rel_err(&hv2, &hv));
+        let mut outs = vec![vec![0.0; m.n_params]; 3];
+        e.hvp_block(&vrefs, &mut outs).unwrap();
+        let eb = outs
+            .iter()
+            .zip(&block)
+            .map(|(a, b)| common::rel_err(a, b))
+            .fold(0.0, f64::max);
+        eprintln!("{label} {bn:?} {name}: grad {eg:.1e} Hv {eh:.1e} block Hv {eb:.1e}");
+        assert!(
+            eg <= 1e-5 && eh <= 1e-5 && eb <= 1e-5,
+            "{label} {bn:?} {name}: gradient {eg:.1e}, Hv {eh:.1e}, block Hv {eb:.1e}"
+        );
     }
+}
+
+#[test]
+fn the_gpu_matches_the_float64_reference() {
+    let m = model();
+    for bn in [BnMode::Batch, BnMode::Running] {
+        gpu_matches(&m, bn, "struct-ops");
+    }
+    gpu_matches(
+        &arch::parse("flat.arch", FLAT).unwrap(),
+        BnMode::Batch,
+        "flat",
+    );
 }

@@ -13,6 +13,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 out = sys.argv[1]
+try:  # ShuffleNetV2's own channel shuffle, where torchvision is installed
+    from torchvision.models.shufflenetv2 import channel_shuffle as tv_shuffle
+except ImportError:
+    tv_shuffle = None
 torch.manual_seed(26)
 
 # (name, shape) in registration order; BN tensors get their own ranges.
@@ -54,6 +58,8 @@ def forward(x, batch_mode):
                             Pd[f"{name}.weight"], Pd[f"{name}.bias"], batch_mode, 0.0, 1e-5)
 
     def shuffle(t, g):
+        if tv_shuffle is not None:
+            return tv_shuffle(t, g)
         n, c, h, w = t.shape
         return t.view(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w)
 
