@@ -180,7 +180,8 @@ fn bad_channel_layers_are_refused_naming_the_line_and_layer() {
 }
 
 /// Nodes the parser would never make (an importer's bug) are refused by
-/// the engine's checks, naming the layer.
+/// the engine's checks and by `Problem::new` (before the float64
+/// reference indexes out of range), naming the layer.
 #[test]
 fn malformed_channel_nodes_are_refused_by_name() {
     let m = model();
@@ -220,6 +221,11 @@ fn malformed_channel_nodes_are_refused_by_name() {
         change(&mut bad, i);
         let e = hesscope::layers::check_model(&bad).unwrap_err().to_string();
         assert!(e.contains(&m.nodes[i].name) && e.contains(want), "{e}");
+        // The float64 reference refuses it too, rather than panic.
+        let data = data::try_synthetic(bad.input, bad.classes, 2, 1).unwrap();
+        let w = Weights::init(&bad, 1);
+        let e = Problem::new(bad, w, data, 2, BnMode::Running).unwrap_err();
+        assert!(e.to_string().contains(want), "{e}");
     }
     hesscope::layers::check_model(&m).unwrap();
 }

@@ -350,15 +350,24 @@ pub fn unit(op: &Op) -> &'static dyn Layer {
 }
 
 /// Checks every node of a model against its unit's GPU envelope, and the
-/// inputs of the nodes that read several against their output.
+/// graph ([`check_graph`]).
 pub fn check_model(model: &Model) -> Result<()> {
-    model.nodes.iter().try_for_each(|n| {
-        match n.op {
-            Op::Concat => channels::check_concat(model, n)?,
-            Op::Mul => mul::check_mul(model, n)?,
-            _ => {}
+    check_graph(model)?;
+    model.nodes.iter().try_for_each(|n| unit(&n.op).check(n))
+}
+
+/// Checks what both executors need of the channel layers' shapes (the
+/// parser makes no other; a hand-built graph may): the inputs of the
+/// nodes that read several against their output, and a narrow's range,
+/// a shuffle's groups and an adaptive pool's output size.
+pub fn check_graph(model: &Model) -> Result<()> {
+    model.nodes.iter().try_for_each(|n| match n.op {
+        Op::Concat => channels::check_concat(model, n),
+        Op::Mul => mul::check_mul(model, n),
+        Op::Narrow { .. } | Op::ChannelShuffle { .. } | Op::AdaptiveAvgPool { .. } => {
+            unit(&n.op).check(n)
         }
-        unit(&n.op).check(n)
+        _ => Ok(()),
     })
 }
 
