@@ -90,7 +90,7 @@ fn channel_shuffle(@builtin(workgroup_id) wid: vec3<u32>,
 
 // ---- products: `mul` out[i] (+)= a[i]·b[⌊i/hw⌋] (+ c[i]·d[⌊i/hw⌋]) for
 // i < len (hw = 1: elementwise); `plane_dot` out[pl] (+)= Σ over the
-// plane's hw elements of a·b (+ c·d), for pl < blocks.
+// plane's hw elements of a·b (+ c·d), for pl < blocks (a workgroup each).
 @group(0) @binding(1) var<storage, read> m_a: array<f32>;
 @group(0) @binding(2) var<storage, read> m_b: array<f32>;
 @group(0) @binding(3) var<storage, read> m_c: array<f32>;
@@ -121,30 +121,45 @@ fn mul(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
+// A workgroup per plane: each thread sums a stride of the plane, then a
+// tree over the workgroup.
+var<workgroup> pd_sum: array<f32, 256>;
+
 @compute @workgroup_size(256)
 fn plane_dot(@builtin(workgroup_id) wid: vec3<u32>,
              @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) lid: u32) {
-    let pl = flat_index(wid, nwg, lid);
+    // Uniform per workgroup, so every thread reaches the barriers.
+    let pl = wid.x + wid.y * nwg.x;
     if (pl >= p.blocks) { return; }
     let k = wid.z;
     let o_a = kslice(1u, arrayLength(&m_a), k) + pl * p.hw;
     let o_b = kslice(2u, arrayLength(&m_b), k) + pl * p.hw;
     let o_out = kslice(5u, arrayLength(&m_out), k);
     var s = 0.0;
-    for (var j = 0u; j < p.hw; j++) {
+    for (var j = lid; j < p.hw; j += WG) {
         s += m_a[o_a + j] * m_b[o_b + j];
     }
     if (PAIR_B) {
         let o_c = kslice(3u, arrayLength(&m_c), k) + pl * p.hw;
         let o_d = kslice(4u, arrayLength(&m_d), k) + pl * p.hw;
-        for (var j = 0u; j < p.hw; j++) {
+        for (var j = lid; j < p.hw; j += WG) {
             s += m_c[o_c + j] * m_d[o_d + j];
         }
     }
-    if (ACC) {
-        m_out[o_out + pl] += s;
-    } else {
-        m_out[o_out + pl] = s;
+    pd_sum[lid] = s;
+    workgroupBarrier();
+    for (var half = WG / 2u; half > 0u; half /= 2u) {
+        if (lid < half) {
+            pd_sum[lid] += pd_sum[lid + half];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        if (ACC) {
+            m_out[o_out + pl] += pd_sum[0];
+        } else {
+            m_out[o_out + pl] = pd_sum[0];
+        }
     }
 }

@@ -295,7 +295,7 @@ kernels! {
     ChannelShuffle => Channels::"channel_shuffle", [R, W], ChannelParams, ["ACC", "KB", "KMAX"];
     /// a·b (+ c·d), b and d per plane of `hw` elements.
     Mul => Channels::"mul", [R, R, R, R, W], ChannelParams, ["PAIR_B", "ACC", "KB", "KMAX"];
-    /// Per plane, Σ a·b (+ c·d).
+    /// Per plane, Σ a·b (+ c·d): a workgroup per plane (`Grid::Groups`).
     PlaneDot => Channels::"plane_dot", [R, R, R, R, W], ChannelParams, ["PAIR_B", "ACC", "KB", "KMAX"];
     XentForwardBackward => Loss::"xent_forward_backward", [R, R, W, W, W], LossParams, [];
     XentRBackward => Loss::"xent_r_backward", [R, R, W], LossParams, ["KB", "KMAX"];

@@ -75,7 +75,8 @@ fn plan_mul(
     );
 }
 
-/// Pushes out[pl] (+)= Σ a·b (+ c·d) over each of `planes` planes of `hw`.
+/// Pushes out[pl] (+)= Σ a·b (+ c·d) over each of `planes` planes of `hw`
+/// (a workgroup per plane).
 fn plan_plane_dot(
     p: &mut Plan,
     planes: usize,
@@ -95,7 +96,7 @@ fn plan_plane_dot(
             ..Default::default()
         },
         vec![a, b, c, d, out],
-        Grid::Threads(planes),
+        Grid::Groups(planes),
     );
 }
 
