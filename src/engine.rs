@@ -34,6 +34,7 @@ impl Problem {
         bn: BnMode,
     ) -> Result<Problem> {
         data.validate(&model)?;
+        crate::layers::check_graph(&model)?;
         if batch == 0 {
             return Err(Error::Invalid {
                 what: "batch size",

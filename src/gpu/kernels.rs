@@ -16,6 +16,9 @@ pub const REDUCE: &str = include_str!("../../shaders/reduce.wgsl");
 pub const ELEMENTWISE: &str = include_str!("../../shaders/elementwise.wgsl");
 pub const BN: &str = include_str!("../../shaders/bn.wgsl");
 pub const POOL: &str = include_str!("../../shaders/pool.wgsl");
+/// Concat, narrow, channel shuffle and the broadcast product.
+pub const CHANNELS: &str = include_str!("../../shaders/channels.wgsl");
+pub const ADAPTIVE_POOL: &str = include_str!("../../shaders/adaptive_pool.wgsl");
 pub const LOSS: &str = include_str!("../../shaders/loss.wgsl");
 pub const ACTIVATION: &str = include_str!("../../shaders/activation.wgsl");
 /// Training's SGD and running-statistics updates.
@@ -144,10 +147,12 @@ pub enum Module {
     Activation,
     Optim,
     Basis,
+    Channels,
+    AdaptivePool,
 }
 
 impl Module {
-    const ALL: [Module; 14] = [
+    const ALL: [Module; 16] = [
         Module::Conv,
         Module::ConvWindowed,
         Module::ConvHalfWindowed,
@@ -162,6 +167,8 @@ impl Module {
         Module::Activation,
         Module::Optim,
         Module::Basis,
+        Module::Channels,
+        Module::AdaptivePool,
     ];
 
     /// (file name, the file's own WGSL).
@@ -187,6 +194,8 @@ impl Module {
             Module::Activation => ("activation.wgsl", ACTIVATION),
             Module::Optim => ("optim.wgsl", OPTIM),
             Module::Basis => ("basis.wgsl", BASIS),
+            Module::Channels => ("channels.wgsl", CHANNELS),
+            Module::AdaptivePool => ("adaptive_pool.wgsl", ADAPTIVE_POOL),
         }
     }
 
@@ -291,6 +300,16 @@ kernels! {
     AvgPoolBackward => Pool::"avgpool_backward", [R, W], PoolParams, ["ACC", "KB", "KMAX"];
     GapForward => Pool::"gap_forward", [R, W], PoolParams, ["KB", "KMAX"];
     GapBackward => Pool::"gap_backward", [R, W], PoolParams, ["ACC", "KB", "KMAX"];
+    AdaptiveAvgPoolForward => AdaptivePool::"adaptive_avgpool_forward", [R, W], PoolParams, ["KB", "KMAX"];
+    AdaptiveAvgPoolBackward => AdaptivePool::"adaptive_avgpool_backward", [R, W], PoolParams, ["ACC", "KB", "KMAX"];
+    /// Strided block copies (concat, narrow): `FILL` zeroes the rest of
+    /// each destination block.
+    BlockCopy => Channels::"block_copy", [R, W], ChannelParams, ["ACC", "FILL", "KB", "KMAX"];
+    ChannelShuffle => Channels::"channel_shuffle", [R, W], ChannelParams, ["ACC", "KB", "KMAX"];
+    /// a·b (+ c·d), b and d per plane of `hw` elements.
+    Mul => Channels::"mul", [R, R, R, R, W], ChannelParams, ["PAIR_B", "ACC", "KB", "KMAX"];
+    /// Per plane, Σ a·b (+ c·d): a workgroup per plane (`Grid::Groups`).
+    PlaneDot => Channels::"plane_dot", [R, R, R, R, W], ChannelParams, ["PAIR_B", "ACC", "KB", "KMAX"];
     XentForwardBackward => Loss::"xent_forward_backward", [R, R, W, W, W], LossParams, [];
     XentRBackward => Loss::"xent_r_backward", [R, R, W], LossParams, ["KB", "KMAX"];
     /// y = f(x) for the activation `ACT` (see `layers::activation`).
@@ -372,8 +391,8 @@ pub mod bn_rows {
 }
 
 pub use crate::gpu::params::{
-    ActParams, BasisParams, BnParams, BnRunningParams, ConvParams, EwParams, KernelParams,
-    LossParams, Params, PoolParams, ReduceParams, SgdParams,
+    ActParams, BasisParams, BnParams, BnRunningParams, ChannelParams, ConvParams, EwParams,
+    KernelParams, LossParams, Params, PoolParams, ReduceParams, SgdParams,
 };
 
 /// Threads of the per-element batch-norm kernels: one per 4 elements of a

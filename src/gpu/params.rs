@@ -111,6 +111,19 @@ params_struct! {
 }
 
 params_struct! {
+    /// shaders/channels.wgsl: `blocks` blocks copied `len` floats at a
+    /// time between strides and offsets (concat, narrow), `blocks` samples
+    /// of `c` channels of `hw` shuffled in `groups` (channel shuffle),
+    /// `len` products with one factor per `hw` (mul) or `blocks` planes of
+    /// `hw` summed (plane_dot).
+    ChannelParams {
+        blocks: u32, len: u32, src_stride: u32, src_off: u32,
+        dst_stride: u32, dst_off: u32, c: u32, hw: u32,
+        groups: u32, _p0: u32, _p1: u32, _p2: u32,
+    }
+}
+
+params_struct! {
     /// shaders/loss.wgsl: softmax cross-entropy, `scale` = 1/N.
     LossParams {
         n: u32, k: u32, scale: f32, _p0: u32,
@@ -166,6 +179,7 @@ pub fn all() -> Vec<(&'static str, Vec<(&'static str, usize)>)> {
         e::<ReduceParams>(),
         e::<EwParams>(),
         e::<PoolParams>(),
+        e::<ChannelParams>(),
         e::<LossParams>(),
         e::<ActParams>(),
         e::<SgdParams>(),

@@ -20,11 +20,14 @@
 //! variant with its `.arch` keyword, and one line in [`unit`].
 
 pub mod activation;
+pub mod adaptive_pool;
 pub mod add;
 pub mod batchnorm;
+pub mod channels;
 pub mod conv;
 pub mod flatten;
 pub mod loss;
+pub mod mul;
 pub mod pool;
 
 use crate::error::{Error, Result};
@@ -338,12 +341,34 @@ pub fn unit(op: &Op) -> &'static dyn Layer {
         Op::GlobalAvgPool => &pool::GlobalAvgPoolUnit,
         Op::Flatten => &flatten::FlattenUnit,
         Op::Add => &add::AddUnit,
+        Op::Concat => &channels::ConcatUnit,
+        Op::Narrow { .. } => &channels::NarrowUnit,
+        Op::ChannelShuffle { .. } => &channels::ShuffleUnit,
+        Op::Mul => &mul::MulUnit,
+        Op::AdaptiveAvgPool { .. } => &adaptive_pool::AdaptiveAvgPoolUnit,
     }
 }
 
-/// Checks every node of a model against its unit's GPU envelope.
+/// Checks every node of a model against its unit's GPU envelope, and the
+/// graph ([`check_graph`]).
 pub fn check_model(model: &Model) -> Result<()> {
+    check_graph(model)?;
     model.nodes.iter().try_for_each(|n| unit(&n.op).check(n))
+}
+
+/// Checks what both executors need of the channel layers' shapes (the
+/// parser makes no other; a hand-built graph may): the inputs of the
+/// nodes that read several against their output, and a narrow's range,
+/// a shuffle's groups and an adaptive pool's output size.
+pub fn check_graph(model: &Model) -> Result<()> {
+    model.nodes.iter().try_for_each(|n| match n.op {
+        Op::Concat => channels::check_concat(model, n),
+        Op::Mul => mul::check_mul(model, n),
+        Op::Narrow { .. } | Op::ChannelShuffle { .. } | Op::AdaptiveAvgPool { .. } => {
+            unit(&n.op).check(n)
+        }
+        _ => Ok(()),
+    })
 }
 
 /// The saved state of a unit, downcast; a mismatch is an internal error.

@@ -18,13 +18,17 @@
 //! avgpool [NAME] k=K [stride=K] [pad=0] [ceil=false]   # count_include_pad
 //! gap     [NAME]                     # global average pool -> flat [C]
 //! flatten [NAME]                     # -> flat [C*H*W]
+//! narrow  [NAME] start=S len=L       # channels [S, S+L)
+//! shuffle [NAME] groups=G            # ShuffleNet channel shuffle
+//! adaptive_avgpool [NAME] h=OH w=OW  # AdaptiveAvgPool2d((OH, OW))
 //! linear  NAME DOUT [bias=true|false]
 //! residual NAME        # main branch from the block input ...
 //! shortcut             # ... optional projection branch from the same input
 //! end                  # out = main + shortcut (identity when absent)
 //! basicblock NAME COUT [stride=1] [bn=true|false] [shortcut=NAME]
 //! NAME = OP(INPUT, ...) [ARGS]   # explicit edges: any layer above by
-//!                                # its keyword, or add(A, B, ...)
+//!                                # its keyword, add(A, B, ...),
+//!                                # concat(A, B, ...) or mul(X, S)
 //! ```
 //! Each sequential line reads the value the line before it made; an
 //! explicit-edge line (`edges`) names its inputs, so a value may feed
@@ -42,6 +46,7 @@
 //! parameters in all. A model without trainable parameters is an error.
 
 mod blocks;
+mod channels;
 mod edges;
 mod windows;
 
@@ -69,6 +74,9 @@ pub const KEYWORDS: &[&str] = &[
     "avgpool",
     "gap",
     "flatten",
+    "narrow",
+    "shuffle",
+    "adaptive_avgpool",
     "linear",
     "residual",
     "shortcut",
@@ -83,6 +91,9 @@ fn options(kw: &str) -> &'static [&'static str] {
         "maxpool" | "avgpool" => &["k", "stride", "pad", "ceil"],
         "leaky_relu" => &["slope"],
         "linear" => &["bias"],
+        "narrow" => &["start", "len"],
+        "shuffle" => &["groups"],
+        "adaptive_avgpool" => &["h", "w"],
         "basicblock" => &["stride", "bn", "shortcut"],
         _ => &[],
     }
@@ -562,6 +573,10 @@ impl<'a> Parser<'a> {
                     Shape::new(s.numel(), 1, 1),
                     true,
                 )?;
+            }
+            "narrow" | "shuffle" | "adaptive_avgpool" => {
+                let n = name_opt(&pos)?;
+                self.channel_line(kw, &n, &kv)?;
             }
             "linear" => {
                 need(2, "linear NAME DOUT [bias=true|false]")?;

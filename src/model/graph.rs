@@ -116,6 +116,29 @@ pub enum Op {
     },
     /// Residual add of two values of the same shape.
     Add,
+    /// Concatenation along channels of two or more values of equal h, w
+    /// (torch.cat(dim=1)); the inputs' channel counts are their shapes'.
+    Concat,
+    /// Channels [start, start + len) of the input (torch.narrow, chunk or
+    /// split along dim 1).
+    Narrow {
+        start: usize,
+        len: usize,
+    },
+    /// ShuffleNet's channel shuffle: view(n, groups, c/groups, h, w),
+    /// transpose(1, 2), reshape(n, c, h, w).
+    ChannelShuffle {
+        groups: usize,
+    },
+    /// y = x·s of the inputs (x, s): s of x's shape, or s [c, 1, 1]
+    /// broadcast over x's h, w (squeeze-and-excitation).
+    Mul,
+    /// AdaptiveAvgPool2d((h, w)): output (i, j) averages input rows
+    /// [⌊i·H/h⌋, ⌈(i+1)·H/h⌉) and columns likewise, for any input size.
+    AdaptiveAvgPool {
+        h: usize,
+        w: usize,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -123,7 +146,8 @@ pub struct Node {
     /// Module name (`layer1.0.conv1`); empty for anonymous parameter-free ops.
     pub name: String,
     pub op: Op,
-    /// Value ids this node reads (one, or two for `Add`).
+    /// Value ids this node reads (one; two for `Add` and `Mul`; two or
+    /// more for `Concat`). `in_shape` is the first one's shape.
     pub inputs: Vec<usize>,
     pub in_shape: Shape,
     pub out_shape: Shape,
@@ -141,6 +165,11 @@ impl Node {
             Op::Flatten => "flatten",
             Op::Linear { .. } => "linear",
             Op::Add => "add",
+            Op::Concat => "concat",
+            Op::Narrow { .. } => "narrow",
+            Op::ChannelShuffle { .. } => "shuffle",
+            Op::Mul => "mul",
+            Op::AdaptiveAvgPool { .. } => "adaptive_avgpool",
         }
     }
 }

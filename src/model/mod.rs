@@ -130,6 +130,16 @@ impl Model {
         ))
     }
 
+    /// The per-sample shape of value `v` (0: the input; `i + 1`: node
+    /// `i`'s output).
+    pub fn value_shape(&self, v: usize) -> Shape {
+        if v == 0 {
+            self.input
+        } else {
+            self.nodes[v - 1].out_shape
+        }
+    }
+
     pub fn param(&self, name: &str) -> Option<&ParamSpec> {
         self.params.iter().find(|p| p.name == name)
     }

@@ -3,7 +3,9 @@
 //! over cleverness. Layouts are PyTorch's (NCHW, weights [cout, cin, k, k]).
 
 pub mod activation;
+pub mod adaptive_pool;
 pub mod bn;
+pub mod channels;
 pub mod conv;
 pub mod linear;
 pub mod loss;

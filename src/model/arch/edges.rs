@@ -1,6 +1,6 @@
 //! Explicit edges: the architecture language's graph form, one line per
 //! value, `NAME = OP(INPUT, ...) [ARGS]`, in which a value may feed several
-//! layers and `add` takes two or more. `OP` and `ARGS` are those of the
+//! layers, `add` and `concat` take two or more and `mul` two. `OP` and `ARGS` are those of the
 //! sequential form (`conv1 = conv(input) 64 k=3 pad=1 bias=false`);
 //! `input` is the model's input; a value named by a sequential line
 //! (`conv conv1 ...`) can be read by name too, and a sequential line after
@@ -70,9 +70,11 @@ impl Parser<'_> {
         }
         match op {
             "add" => self.add_values(name, &vals)?,
+            "concat" => self.concat_values(name, &vals)?,
+            "mul" => self.mul_values(name, &vals)?,
             _ if NOT_LAYERS.contains(&op) || !super::KEYWORDS.contains(&op) => {
                 return Err(self.e(format!(
-                    "`{name} = {op}(...)`: `{op}` is not a layer (known: add, {})",
+                    "`{name} = {op}(...)`: `{op}` is not a layer (known: add, concat, mul, {})",
                     super::KEYWORDS
                         .iter()
                         .filter(|k| !NOT_LAYERS.contains(k))
@@ -233,6 +235,9 @@ pub fn to_text(model: &Model) -> String {
                 format!(" k={k} stride={stride} pad={pad}{c}")
             }
             Op::Act(Activation::LeakyRelu { slope }) => format!(" slope={slope}"),
+            Op::Narrow { start, len } => format!(" start={start} len={len}"),
+            Op::ChannelShuffle { groups } => format!(" groups={groups}"),
+            Op::AdaptiveAvgPool { h, w } => format!(" h={h} w={w}"),
             _ => String::new(),
         };
         let op = match node.op {
