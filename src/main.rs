@@ -3,7 +3,25 @@ mod cli;
 use clap::Parser;
 use std::process::ExitCode;
 
+/// Mesa's Vulkan device-selection layer (an implicit layer that orders
+/// adapters for a display) connects to Wayland at instance creation and,
+/// where XDG_RUNTIME_DIR is unset (a server, a container, CI), prints
+/// `error: XDG_RUNTIME_DIR is invalid or not set in the environment.`
+/// twice before anything else. hesscope lists and picks adapters itself,
+/// so there the layer is switched off (its own `NODEVICE_SELECT`) unless
+/// the user configured it. Set before any thread starts.
+fn quiet_display_probe() {
+    use std::env::{set_var, var_os};
+    if var_os("XDG_RUNTIME_DIR").is_none()
+        && var_os("MESA_VK_DEVICE_SELECT").is_none()
+        && var_os("NODEVICE_SELECT").is_none()
+    {
+        set_var("NODEVICE_SELECT", "1");
+    }
+}
+
 fn main() -> ExitCode {
+    quiet_display_probe();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,

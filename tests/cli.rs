@@ -670,3 +670,41 @@ fn a_block_zero_but_for_rounding_is_reported_as_zero() {
     assert!(!stderr.contains("zero but for rounding"), "{stderr}");
     assert!(weight["lambda_max"].as_f64().unwrap() > 1e-3, "{weight}");
 }
+
+/// Without XDG_RUNTIME_DIR (a server, a container, CI) a GPU run's stderr
+/// holds nothing but hesscope's own lines: Mesa's Vulkan device-selection
+/// layer would print "error: XDG_RUNTIME_DIR is invalid or not set in the
+/// environment." twice before anything else (src/main.rs).
+#[test]
+fn a_run_without_xdg_runtime_dir_greets_with_no_driver_error() {
+    for backend in ["vulkan", "gl"] {
+        let choice = match backend {
+            "vulkan" => hesscope::gpu::BackendChoice::Vulkan,
+            _ => hesscope::gpu::BackendChoice::Gl,
+        };
+        if gpu_context(choice).is_none() {
+            continue;
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hesscope"))
+            .args([
+                "hvp",
+                "--backend",
+                backend,
+                "--samples",
+                "4",
+                "--batch",
+                "4",
+            ])
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("NODEVICE_SELECT")
+            .env_remove("MESA_VK_DEVICE_SELECT")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{backend}: {stderr}");
+        assert!(
+            !stderr.contains("XDG_RUNTIME_DIR"),
+            "{backend}: a driver's complaint reached the user:\n{stderr}"
+        );
+    }
+}
