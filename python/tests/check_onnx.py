@@ -5,7 +5,9 @@ loss and Hv of each backend relative to PyTorch float64. Also exports it
 folded (eval mode, constant folding) and checks that hesscope refuses the
 state_dict for it, naming a batch-norm tensor. Run in a scratch folder:
 HESSCOPE=path/to/hesscope python check_onnx.py NAME C H W [BACKEND ...]
-(tests/onnx.rs runs it wherever torch, torchvision and onnx are installed)."""
+(tests/onnx.rs runs it on cpu wherever torch, torchvision and onnx are
+installed; `cpu vulkan gl` gives the GPU's numbers, with PyTorch float32's
+own error beside them)."""
 import json, os, subprocess, sys, warnings
 import torch, torch.nn as nn, torchvision
 from safetensors.torch import save_file, load_file
@@ -53,6 +55,15 @@ for bn_mode in ("batch", "running"):
     g = torch.autograd.grad(loss, ps, create_graph=True)
     hv = torch.autograd.grad(sum((a * v[n]).sum() for a, n in zip(g, names)), ps)
     row = {"loss": loss.item()}
+    # PyTorch's own float32, for the GPU's numbers.
+    m32 = getattr(torchvision.models, name)(num_classes=10)
+    m32.load_state_dict(sd)
+    m32 = m32.train(bn_mode == "batch")
+    p32 = [dict(m32.named_parameters())[n] for n in names]
+    g32 = torch.autograd.grad(nn.functional.cross_entropy(m32(x), y), p32, create_graph=True)
+    hv32 = torch.autograd.grad(sum((a * v[n].float()).sum() for a, n in zip(g32, names)), p32)
+    row["pytorch_f32_hv_rel"] = float(sum(((a.double() - b) ** 2).sum() for a, b in zip(hv32, hv)) ** 0.5
+                                      / sum((b ** 2).sum() for b in hv) ** 0.5)
     runs = [(be, []) for be in backends] + [("cpu-state-dict", ["--weights", "w.safetensors"])]
     for tag, extra in runs:
         be = "cpu" if tag.startswith("cpu") else tag

@@ -112,7 +112,6 @@ fn out_len(size: usize, w: Win) -> R<usize> {
 /// The IR's convolution. Grouped and dilated convolutions are refused
 /// until `Op::Conv` holds `groups` and `dilation`; then they become its
 /// two fields here and the two refusals go.
-#[allow(clippy::too_many_arguments)]
 fn conv_op(
     weight: usize,
     bias: Option<usize>,
@@ -149,6 +148,9 @@ impl Builder<'_> {
         if let Some(&lin) = self.absorbed.get(&idx) {
             self.set(n, 0, Val::Value(lin));
             return Ok(());
+        }
+        if n.output.first().is_none_or(|o| o.is_empty()) {
+            return Err("its first output has no name".into());
         }
         if !n.domain.is_empty() && n.domain != "ai.onnx" {
             return Err(format!(
