@@ -93,11 +93,13 @@ impl From<BnArg> for BnMode {
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Problem")]
 pub struct Inputs {
-    /// A model under models/ by name (cnn-tiny, resnet20, lenet5, ...), or
-    /// an architecture file.
+    /// A model under models/ by name (cnn-tiny, resnet20, lenet5, ...), an
+    /// architecture file, or an ONNX file (`.onnx`; its initializers are
+    /// the weights unless --weights is given).
     #[arg(long, default_value = "cnn-tiny")]
     pub model: String,
-    /// safetensors state_dict with PyTorch names (default: init from --seed).
+    /// safetensors state_dict with PyTorch names (default: init from --seed;
+    /// an ONNX model's own initializers).
     #[arg(long)]
     pub weights: Option<PathBuf>,
     /// safetensors x/y, or a folder of CIFAR-10 .bin files (default: synthetic).
@@ -167,6 +169,18 @@ impl Inputs {
     }
 
     pub fn model_and_weights(&self) -> Result<(Model, Weights)> {
+        if hesscope::model::onnx::is_onnx(&self.model) {
+            // The initializers are the weights, unless --weights is given.
+            let (model, init) = hesscope::model::onnx::read(Path::new(&self.model))
+                .with_context(|| format!("--model {}", self.model))?;
+            let weights = match &self.weights {
+                Some(p) => hesscope::model::onnx::check_not_folded(&model, p)
+                    .and_then(|()| Weights::load(&model, p))
+                    .with_context(|| format!("--weights {}", p.display()))?,
+                None => init,
+            };
+            return Ok((model, weights));
+        }
         let model = self.model()?;
         let weights = self.weights(&model)?;
         Ok((model, weights))

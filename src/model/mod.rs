@@ -3,6 +3,7 @@
 
 pub mod arch;
 pub mod graph;
+pub mod onnx;
 pub mod params;
 pub mod tensorio;
 
@@ -80,12 +81,16 @@ impl Model {
         }
     }
 
-    /// A built-in model by name, or an architecture file by path (a
-    /// regular file of at most [`MAX_ARCH_BYTES`]; a FIFO or device is
-    /// refused before it is opened, so nothing blocks).
+    /// A built-in model by name, an ONNX file (`.onnx`, see [`onnx`]), or
+    /// an architecture file by path (a regular file of at most
+    /// [`MAX_ARCH_BYTES`]; a FIFO or device is refused before it is
+    /// opened, so nothing blocks).
     pub fn load(name_or_path: &str) -> Result<Model> {
         if let Some((name, text)) = BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
             return arch::parse(&format!("models/{name}.arch"), text);
+        }
+        if onnx::is_onnx(name_or_path) {
+            return onnx::read(Path::new(name_or_path)).map(|(model, _)| model);
         }
         let path = Path::new(name_or_path);
         if let Ok(meta) = std::fs::metadata(path) {
