@@ -339,29 +339,29 @@ fn bad_onnx_files_are_refused_with_clear_errors() {
     mp.attribute.retain(|a| a.name != "ceil_mode");
     mp.attribute.push(proto::AttributeProto {
         name: "ceil_mode".into(),
-        i: 1,
+        i: 2,
         r#type: 2,
         ..Default::default()
     });
     check(
         "ceil",
         &m.encode_to_vec(),
-        &["/pool/MaxPool", "ceil_mode=1"],
+        &["/pool/MaxPool", "ceil_mode=2"],
     );
 
     let mut m = small();
-    let conv = node_mut(&mut m, "Conv");
-    conv.attribute.retain(|a| a.name != "dilations");
-    conv.attribute.push(proto::AttributeProto {
+    let mp = node_mut(&mut m, "MaxPool");
+    mp.attribute.retain(|a| a.name != "dilations");
+    mp.attribute.push(proto::AttributeProto {
         name: "dilations".into(),
         ints: vec![2, 2],
         r#type: 7,
         ..Default::default()
     });
     check(
-        "dilated",
+        "dilated-pool",
         &m.encode_to_vec(),
-        &["/conv1/Conv", "dilated convolution"],
+        &["/pool/MaxPool", "dilated pools"],
     );
 
     let mut m = small();

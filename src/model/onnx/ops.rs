@@ -1,8 +1,7 @@
 //! The ONNX operators hesscope reads, each onto the IR's ops. Anything
 //! else is refused naming the node and its op type; so are attributes
 //! that would change what an op computes in a way hesscope does not
-//! (grouped or dilated convolution until the IR has them, asymmetric
-//! padding, ceil mode, ...).
+//! (asymmetric padding, dilated pools, ...).
 
 use super::convert::{module_of, Attrs, Builder, Origin, Val, R};
 use super::dense::transpose;
@@ -90,6 +89,13 @@ fn window(a: &Attrs, kernel: Option<(usize, usize)>) -> R<Win> {
 /// ⌊(size + 2·pad − dilation·(k − 1) − 1)/stride⌋ + 1, refusing a window
 /// larger than its padded input.
 fn out_len(size: usize, w: Win) -> R<usize> {
+    out_len_mode(size, w, false)
+}
+
+/// [`out_len`], or with `ceil` (ceil_mode) ⌈…⌉ + 1 less one where the last
+/// window would start past the input and its left padding, as PyTorch
+/// (whose exports these are) and the `.arch` parser size it.
+fn out_len_mode(size: usize, w: Win, ceil: bool) -> R<usize> {
     let eff = w
         .dilation
         .checked_mul(w.k - 1)
@@ -106,12 +112,17 @@ fn out_len(size: usize, w: Win) -> R<usize> {
             w.pad
         ));
     }
-    Ok((padded - eff) / w.stride + 1)
+    if !ceil {
+        return Ok((padded - eff) / w.stride + 1);
+    }
+    let mut out = (padded - eff).div_ceil(w.stride) + 1;
+    if (out - 1) * w.stride >= size + w.pad {
+        out -= 1;
+    }
+    Ok(out)
 }
 
-/// The IR's convolution. Grouped and dilated convolutions are refused
-/// until `Op::Conv` holds `groups` and `dilation`; then they become its
-/// two fields here and the two refusals go.
+/// The IR's convolution (grouped, depthwise and dilated included).
 fn conv_op(
     weight: usize,
     bias: Option<usize>,
@@ -120,18 +131,9 @@ fn conv_op(
     win: Win,
     groups: usize,
 ) -> R<Op> {
-    if groups != 1 {
-        return Err(format!(
-            "group={groups}: grouped convolution is not supported yet"
-        ));
-    }
-    if win.dilation != 1 {
-        return Err(format!(
-            "dilations=[{0}, {0}]: dilated convolution is not supported yet",
-            win.dilation
-        ));
-    }
     Ok(Op::Conv {
+        groups,
+        dilation: win.dilation,
         weight,
         bias,
         cin,
@@ -422,9 +424,11 @@ impl Builder<'_> {
                 ],
             )?
         };
-        if a.int("ceil_mode", 0) != 0 {
-            return Err("ceil_mode=1 is not supported yet".into());
-        }
+        let ceil = match a.int("ceil_mode", 0) {
+            0 => false,
+            1 => true,
+            c => return Err(format!("ceil_mode={c}: must be 0 or 1")),
+        };
         if a.int("storage_order", 0) != 0 {
             return Err("storage_order=1 is not supported".into());
         }
@@ -449,12 +453,26 @@ impl Builder<'_> {
                     .into(),
             );
         }
-        let out = Shape::new(s.c, out_len(s.h, win)?, out_len(s.w, win)?);
+        let out = Shape::new(
+            s.c,
+            out_len_mode(s.h, win, ceil)?,
+            out_len_mode(s.w, win, ceil)?,
+        );
         let (k, stride, pad) = (win.k, win.stride, win.pad);
         let op = if max {
-            Op::MaxPool { k, stride, pad }
+            Op::MaxPool {
+                k,
+                stride,
+                pad,
+                ceil,
+            }
         } else {
-            Op::AvgPool { k, stride, pad }
+            Op::AvgPool {
+                k,
+                stride,
+                pad,
+                ceil,
+            }
         };
         let id = self.push(module.to_string(), op, vec![v], out, false)?;
         self.set(n, 0, Val::Value(id));
