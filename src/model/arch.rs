@@ -14,6 +14,7 @@
 //! relu    [NAME]
 //! leaky_relu [NAME] [slope=0.01]
 //! tanh | sigmoid | gelu | silu [NAME]
+//! relu6 | hardswish | hardsigmoid [NAME]
 //! maxpool [NAME] k=K [stride=K] [pad=0]
 //! avgpool [NAME] k=K [stride=K] [pad=0]   # AvgPool2d, count_include_pad
 //! gap     [NAME]                     # global average pool -> flat [C]
@@ -64,6 +65,9 @@ pub const KEYWORDS: &[&str] = &[
     "sigmoid",
     "gelu",
     "silu",
+    "relu6",
+    "hardswish",
+    "hardsigmoid",
     "maxpool",
     "avgpool",
     "gap",
@@ -599,7 +603,8 @@ impl<'a> Parser<'a> {
                 let name = module(pos[0])?;
                 self.bn(&name)?;
             }
-            "relu" | "tanh" | "sigmoid" | "gelu" | "silu" | "leaky_relu" => {
+            "relu" | "tanh" | "sigmoid" | "gelu" | "silu" | "relu6" | "hardswish"
+            | "hardsigmoid" | "leaky_relu" => {
                 let n = name_opt(&pos)?;
                 let a = match kw {
                     "relu" => Activation::Relu,
@@ -607,6 +612,9 @@ impl<'a> Parser<'a> {
                     "sigmoid" => Activation::Sigmoid,
                     "gelu" => Activation::Gelu,
                     "silu" => Activation::Silu,
+                    "relu6" => Activation::Relu6,
+                    "hardswish" => Activation::Hardswish,
+                    "hardsigmoid" => Activation::Hardsigmoid,
                     _ => {
                         let slope = match kv.get("slope") {
                             None => DEFAULT_LEAKY_SLOPE,
