@@ -2,7 +2,8 @@
 //! reference against PyTorch's definitions and float64 autograd, every
 //! kernel (the plain ones and the `act_replay_*` ones of frozen plans)
 //! against the float64 reference on Vulkan (lavapipe) and GL (llvmpipe),
-//! and their piecewise decisions taken by float64 and replayed on the GPU.
+//! and their piecewise decisions taken by float64 and replayed on the GPU;
+//! with batch norm's `eps` option (MobileNetV3 uses 1e-3).
 //!
 //! Tolerances:
 //! - kernels: per element, relative to the sum of the magnitudes of the
@@ -635,6 +636,27 @@ fn hard_activation_decisions_replay_float64() {
             *f > 0,
             "{name}: no decision flipped: the planted kinks missed"
         );
+    }
+}
+
+/// `bn NAME eps=E` (MobileNetV3's 1e-3): parsed, printed back, and a bad
+/// value refused naming the option.
+#[test]
+fn bn_eps_parses_and_prints() {
+    let text =
+        "model t\ninput 2 3 3\nclasses 2\nconv c 2 k=1\nbn b eps=0.001\nflatten\nlinear fc 2\n";
+    let m = arch::parse("t.arch", text).unwrap();
+    assert!(matches!(m.nodes[1].op, Op::BatchNorm { eps, .. } if eps == 0.001));
+    let again = arch::parse("again.arch", &arch::to_text(&m)).unwrap();
+    assert_eq!(again.nodes[1].op, m.nodes[1].op);
+    let plain = arch::parse("t.arch", &text.replace(" eps=0.001", "")).unwrap();
+    assert!(matches!(plain.nodes[1].op, Op::BatchNorm { eps, .. } if eps == 1e-5));
+    assert!(!arch::to_text(&plain).contains("eps"));
+    for bad in ["0", "-1", "x", "inf"] {
+        let e = arch::parse("t.arch", &text.replace("0.001", bad))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("eps") && e.contains(bad), "{bad}: {e}");
     }
 }
 

@@ -1,5 +1,5 @@
 """Writes tests/data/hard-act/: a small network with Hardswish, ReLU6 and
-Hardsigmoid (tests/data/hard-act/hard-act.arch is its hand-written
+Hardsigmoid (and a batch norm with eps 1e-3, as MobileNetV3's) (tests/data/hard-act/hard-act.arch is its hand-written
 hesscope file), its weights (batch norm perturbed), a batch, a direction v,
 and PyTorch float64's loss, gradient and Hv in both batch-norm modes
 (ref-batch: model.train(), ref-running: model.eval()); tests/hard_activations.rs
@@ -33,7 +33,7 @@ class Net(nn.Module):
     def __init__(self, clamp=False):
         super().__init__()
         self.c1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
-        self.b1 = nn.BatchNorm2d(6)
+        self.b1 = nn.BatchNorm2d(6, eps=1e-3)  # MobileNetV3's eps
         self.a1 = ClampHardswish() if clamp else nn.Hardswish()
         self.c2 = nn.Conv2d(6, 6, 3, padding=1)
         self.b2 = nn.BatchNorm2d(6)

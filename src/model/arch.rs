@@ -10,7 +10,7 @@
 //! input   C H W
 //! classes K
 //! conv    NAME COUT k=K [stride=1] [pad=0] [bias=true|false]
-//! bn      NAME                       # BatchNorm2d
+//! bn      NAME [eps=1e-5]            # BatchNorm2d
 //! relu    [NAME]
 //! leaky_relu [NAME] [slope=0.01]
 //! tanh | sigmoid | gelu | silu [NAME]
@@ -83,6 +83,7 @@ pub const KEYWORDS: &[&str] = &[
 fn options(kw: &str) -> &'static [&'static str] {
     match kw {
         "conv" => &["k", "stride", "pad", "bias"],
+        "bn" => &["eps"],
         "maxpool" | "avgpool" => &["k", "stride", "pad"],
         "leaky_relu" => &["slope"],
         "linear" => &["bias"],
@@ -344,7 +345,7 @@ impl<'a> Parser<'a> {
         self.push(name, op, vec![v], out, false)
     }
 
-    fn bn(&mut self, local: &str) -> Result<()> {
+    fn bn(&mut self, local: &str, eps: f64) -> Result<()> {
         let (v, s) = self.image_input("bn", "BatchNorm2d")?;
         let name = self.full_name(local);
         let gamma = self.add_param(format!("{name}.weight"), vec![s.c], Init::Const(1.0))?;
@@ -357,6 +358,7 @@ impl<'a> Parser<'a> {
             running_mean,
             running_var,
             c: s.c,
+            eps,
         };
         self.push(name, op, vec![v], s, false)
     }
@@ -601,7 +603,17 @@ impl<'a> Parser<'a> {
             "bn" => {
                 need(1, "bn NAME")?;
                 let name = module(pos[0])?;
-                self.bn(&name)?;
+                let eps = match kv.get("eps") {
+                    None => crate::ops::bn::EPS,
+                    Some(s) => s
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|v| *v > 0.0 && v.is_finite())
+                        .ok_or_else(|| {
+                            self.e(format!("bn: eps must be a positive number, got `{s}`"))
+                        })?,
+                };
+                self.bn(&name, eps)?;
             }
             "relu" | "tanh" | "sigmoid" | "gelu" | "silu" | "relu6" | "hardswish"
             | "hardsigmoid" | "leaky_relu" => {

@@ -93,6 +93,9 @@ pub enum Op {
         running_mean: usize,
         running_var: usize,
         c: usize,
+        /// Added to the variance (PyTorch's `eps`; 1e-5 by default,
+        /// MobileNetV3's 1e-3).
+        eps: f64,
     },
     /// An elementwise activation y = f(x).
     Act(Activation),

@@ -210,6 +210,7 @@ pub fn to_text(model: &Model) -> String {
                 format!(" k={k} stride={stride} pad={pad}")
             }
             Op::Act(Activation::LeakyRelu { slope }) => format!(" slope={slope}"),
+            Op::BatchNorm { eps, .. } if eps != crate::ops::bn::EPS => format!(" eps={eps}"),
             _ => String::new(),
         };
         let op = match node.op {
