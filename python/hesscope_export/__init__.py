@@ -130,6 +130,7 @@ class _Exporter:
         sig = self.ep.graph_signature
         self.params = dict(sig.inputs_to_parameters)  # placeholder -> state_dict name
         self.buffers = dict(sig.inputs_to_buffers)
+        self.constants = set(getattr(sig, "inputs_to_lifted_tensor_constants", {}))
         self.param_index = {n: i for i, n in enumerate(dict(module.named_parameters()))}
         self.records = []  # (name, keyword, inputs, args, first parameter index)
         self.value = {}  # graph node -> hesscope value name, or a _Shuffle/_Parts
@@ -200,6 +201,9 @@ class _Exporter:
             if node.op == "placeholder":
                 if node.name in self.params or node.name in self.buffers:
                     continue
+                if node.name in self.constants:
+                    self.value[node] = _CONSTANT
+                    continue
                 if "input" in self.value.values():
                     raise UnsupportedOp(f"{node.name}: a second input (hesscope models take one image)")
                 self.value[node] = "input"
@@ -222,6 +226,8 @@ class _Exporter:
     def call(self, node, where):
         t = node.target
         a = node.args
+        # In-place ops (relu_, add_) are read as new values: torch.export
+        # points every later read of the value they change at their output.
         if t in _IDENTITY:
             v = self.value.get(a[0]) if isinstance(a[0], torch.fx.Node) else None
             if not isinstance(v, (str, _Shuffle)):

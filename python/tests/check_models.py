@@ -43,7 +43,7 @@ def reference(m, sd, x, y, v, names, batch, dtype=torch.float64):
     loss = F.cross_entropy(mm(x.to(dtype)), y)
     g = torch.autograd.grad(loss, ps, create_graph=True)
     hv = torch.autograd.grad(sum((a * v[n].to(dtype)).sum() for a, n in zip(g, names)), ps)
-    return float(loss), {n: t.detach() for n, t in zip(names, g)}, {n: t.detach() for n, t in zip(names, hv)}
+    return float(loss.detach()), {n: t.detach() for n, t in zip(names, g)}, {n: t.detach() for n, t in zip(names, hv)}
 
 
 def build_like(m):

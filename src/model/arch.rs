@@ -132,11 +132,15 @@ fn err(file: &str, line: usize, msg: impl Into<String>) -> Error {
 }
 
 /// A PyTorch module path: `.`-separated, non-empty parts of ASCII letters,
-/// digits and `_` (`layer1.0.conv1`, `features.3`).
+/// digits, `_` and `-` (`layer1.0.conv1`, `features.3`, RegNet's
+/// `trunk_output.block1.block1-0`).
 fn is_module_name(s: &str) -> bool {
     !s.is_empty()
         && s.split('.').all(|part| {
-            !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
         })
 }
 
@@ -536,7 +540,7 @@ impl<'a> Parser<'a> {
                     file,
                     line,
                     format!(
-                        "{kw}: `{s}` is not a PyTorch module name (ASCII letters, digits and `_`, \
+                        "{kw}: `{s}` is not a PyTorch module name (ASCII letters, digits, `_` and `-`, \
                          parts separated by `.`)"
                     ),
                 ))

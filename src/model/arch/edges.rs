@@ -45,7 +45,7 @@ impl Parser<'_> {
         }
         if !is_module_name(name) {
             return Err(self.e(format!(
-                "`{name}` is not a PyTorch module name (ASCII letters, digits and `_`, parts \
+                "`{name}` is not a PyTorch module name (ASCII letters, digits, `_` and `-`, parts \
                  separated by `.`)"
             )));
         }
