@@ -1,7 +1,8 @@
 // Elementwise activations y = f(x) and their derivatives. One module for
 // every activation: the pipeline-overridable constant ACT picks f
 // (0 ReLU, 1 LeakyReLU(p.slope), 2 Tanh, 3 Sigmoid, 4 GELU (exact, x·Φ(x)),
-// 5 SiLU), so a pipeline holds only its own activation; ACC adds into the
+// 5 SiLU, 6 ReLU6, 7 Hardswish, 8 Hardsigmoid), so a pipeline holds only
+// its own activation; ACC adds into the
 // output instead of overwriting it. Both are resolved when the pipeline is
 // created, so no dispatch branches on them or computes an absent term.
 //   act_forward:    y (+)= f(x)
@@ -10,6 +11,15 @@
 //                                            LeakyReLU, where f'' = 0)
 //   act_r_backward: R(gx) (+)= f'(x)·R(gy) + f''(x)·ẋ·gy
 // ReLU' is 0 at 0; LeakyReLU' is the slope for x <= 0 (PyTorch).
+// ReLU6, Hardswish and Hardsigmoid have three pieces (`piece`): x at or
+// below the lower kink, strictly between, at or above the upper kink
+// (PyTorch's derivatives at the kinks: relu6' 0 at 0 and 6, hardsigmoid' 0
+// at ±3, hardswish' 0 at -3 and 1 at 3). A frozen plan replays them with
+// the act_replay_* entry points, which take each element's piece from a
+// recorded x0 (binding 1) and evaluate that piece's polynomial at x:
+//   act_replay_forward:    y (+)= f_{piece(x0)}(x)
+//   act_replay_r_forward:  ẏ = f'_{piece(x0)}(x)·ẋ   (act_replay_backward: gx (+)=)
+//   act_replay_r_backward: R(gx) (+)= f'_{piece(x0)}(x)·R(gy) + f''_{piece(x0)}·ẋ·gy
 //
 // Accuracy: each f, f', f'' is within a few ulp (measured: 4.7e-7 on
 // lavapipe and llvmpipe over [-10, 10]) of the exact value at the f32
@@ -48,6 +58,9 @@ const TANH: u32 = 2u;
 const SIGMOID: u32 = 3u;
 const GELU: u32 = 4u;
 const SILU: u32 = 5u;
+const RELU6: u32 = 6u;
+const HARDSWISH: u32 = 7u;
+const HARDSIGMOID: u32 = 8u;
 
 const WG: u32 = 256u;
 const LOG2E: f32 = 1.4426950408889634;
@@ -152,6 +165,47 @@ fn normal(x: f32) -> vec2<f32> {
     return vec2<f32>(cdf, pdf);
 }
 
+// The piece of a three-piece activation x lies on: 0u at or below the
+// lower kink, 1u strictly between the kinks, 2u at or above the upper one.
+fn piece(x: f32) -> u32 {
+    let lo = select(-3.0, 0.0, ACT == RELU6);
+    let hi = select(3.0, 6.0, ACT == RELU6);
+    return select(select(0u, 2u, x >= hi), 1u, x > lo && x < hi);
+}
+
+// Piece q's f at x; a NaN passes unchanged (tested by its bits).
+fn f_on(q: u32, x: f32) -> f32 {
+    var v = 0.0;
+    switch ACT {
+        case RELU6: { v = select(select(0.0, x, q == 1u), 6.0, q == 2u); }
+        case HARDSWISH: { v = select(select(0.0, x * (x + 3.0) / 6.0, q == 1u), x, q == 2u); }
+        default: { v = select(select(0.0, (x + 3.0) / 6.0, q == 1u), 1.0, q == 2u); }
+    }
+    let nan = (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
+    return select(v, x, nan);
+}
+
+// Piece q's f' at x.
+fn df_on(q: u32, x: f32) -> f32 {
+    switch ACT {
+        case RELU6: { return select(0.0, 1.0, q == 1u); }
+        case HARDSWISH: {
+            return select(select(0.0, (2.0 * x + 3.0) / 6.0, q == 1u), 1.0, q == 2u);
+        }
+        default: { return select(0.0, 1.0 / 6.0, q == 1u); }
+    }
+}
+
+// Piece q's f'': 1/3 on Hardswish's middle piece, else 0.
+fn d2f_on(q: u32) -> f32 {
+    return select(0.0, 1.0 / 3.0, ACT == HARDSWISH && q == 1u);
+}
+
+// Whether f'' is non-zero somewhere (the R-backward's curvature term).
+fn curved() -> bool {
+    return ACT == TANH || ACT == SIGMOID || ACT == GELU || ACT == SILU || ACT == HARDSWISH;
+}
+
 fn f(x: f32) -> f32 {
     switch ACT {
         // A NaN or infinite input passes unchanged (PyTorch's relu keeps a
@@ -166,6 +220,7 @@ fn f(x: f32) -> f32 {
         case TANH: { return tanh_(x); }
         case SIGMOID: { return sigmoid(x); }
         case GELU: { return x * normal(x).x; }
+        case RELU6, HARDSWISH, HARDSIGMOID: { return f_on(piece(x), x); }
         default: { return x * sigmoid(x); }
     }
 }
@@ -182,6 +237,7 @@ fn df(x: f32) -> f32 {
             let n = normal(xc);
             return n.x + xc * n.y;
         }
+        case RELU6, HARDSWISH, HARDSIGMOID: { return df_on(piece(x), x); }
         default: {
             // σ(x) + x·σ'(x) = σ(x)·(1 + x·σ(-x)).
             return sigmoid(x) * (1.0 + x * sigmoid(-x));
@@ -189,7 +245,8 @@ fn df(x: f32) -> f32 {
     }
 }
 
-// f''; 0 for ReLU and LeakyReLU (act_r_backward never calls it for them).
+// f''; 0 for ReLU, LeakyReLU, ReLU6 and Hardsigmoid (act_r_backward never
+// calls it for them).
 fn d2f(x: f32) -> f32 {
     switch ACT {
         case TANH: { return -2.0 * tanh_(x) * tanh_d(x); }
@@ -204,6 +261,7 @@ fn d2f(x: f32) -> f32 {
             // 2σ' + x·σ'' = σ'(x)·(2 - x·tanh(x/2)).
             return sigmoid_d(x) * (2.0 - x * tanh_(0.5 * x));
         }
+        case HARDSWISH: { return d2f_on(piece(x)); }
         default: { return 0.0; }
     }
 }
@@ -283,12 +341,96 @@ fn act_r_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let o_out = kslice(5u, arrayLength(&r_out), k);
     let x = r_x[o_x + i];
     var v = df(x) * r_rgy[o_rgy + i];
-    // The curvature term exists only for the smooth activations.
-    if (ACT >= TANH) {
+    // The curvature term exists only for the curved activations.
+    if (curved()) {
         v += d2f(x) * r_dx[o_dx + i] * r_gy[o_gy + i];
     }
     if (ACC) {
         v += r_out[o_out + i];
     }
     r_out[o_out + i] = v;
+}
+
+// ---- Three-piece activations replaying frozen decisions: the piece of
+// each element from the recorded x0, the value from x.
+@group(0) @binding(1) var<storage, read> q_x0: array<f32>;
+@group(0) @binding(2) var<storage, read> q_x: array<f32>;
+@group(0) @binding(3) var<storage, read_write> q_y: array<f32>;
+
+@compute @workgroup_size(256)
+fn act_replay_forward(@builtin(workgroup_id) wid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.len) { return; }
+    var v = f_on(piece(q_x0[i]), q_x[i]);
+    if (ACC) {
+        v += q_y[i];
+    }
+    q_y[i] = v;
+}
+
+@group(0) @binding(1) var<storage, read> qd_x0: array<f32>;
+@group(0) @binding(2) var<storage, read> qd_x: array<f32>;
+@group(0) @binding(3) var<storage, read> qd_g: array<f32>;
+@group(0) @binding(4) var<storage, read_write> qd_out: array<f32>;
+
+// out (+)= f'_{piece(x0)}(x)·g, with tangent k's slices (x0 and x shared).
+fn replay_derivative_times(i: u32, k: u32) {
+    let o_x0 = kslice(1u, arrayLength(&qd_x0), k);
+    let o_x = kslice(2u, arrayLength(&qd_x), k);
+    let o_g = kslice(3u, arrayLength(&qd_g), k);
+    let o_out = kslice(4u, arrayLength(&qd_out), k);
+    var v = df_on(piece(qd_x0[o_x0 + i]), qd_x[o_x + i]) * qd_g[o_g + i];
+    if (ACC) {
+        v += qd_out[o_out + i];
+    }
+    qd_out[o_out + i] = v;
+}
+
+@compute @workgroup_size(256)
+fn act_replay_r_forward(@builtin(workgroup_id) wid: vec3<u32>,
+                        @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.len) { return; }
+    replay_derivative_times(i, wid.z);
+}
+
+@compute @workgroup_size(256)
+fn act_replay_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.len) { return; }
+    replay_derivative_times(i, wid.z);
+}
+
+@group(0) @binding(1) var<storage, read> qr_x0: array<f32>;
+@group(0) @binding(2) var<storage, read> qr_x: array<f32>;
+@group(0) @binding(3) var<storage, read> qr_dx: array<f32>;
+@group(0) @binding(4) var<storage, read> qr_gy: array<f32>;
+@group(0) @binding(5) var<storage, read> qr_rgy: array<f32>;
+@group(0) @binding(6) var<storage, read_write> qr_out: array<f32>;
+
+@compute @workgroup_size(256)
+fn act_replay_r_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                         @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.len) { return; }
+    let k = wid.z;
+    let o_x0 = kslice(1u, arrayLength(&qr_x0), k);
+    let o_x = kslice(2u, arrayLength(&qr_x), k);
+    let o_dx = kslice(3u, arrayLength(&qr_dx), k);
+    let o_gy = kslice(4u, arrayLength(&qr_gy), k);
+    let o_rgy = kslice(5u, arrayLength(&qr_rgy), k);
+    let o_out = kslice(6u, arrayLength(&qr_out), k);
+    let q = piece(qr_x0[o_x0 + i]);
+    let x = qr_x[o_x + i];
+    var v = df_on(q, x) * qr_rgy[o_rgy + i] + d2f_on(q) * qr_dx[o_dx + i] * qr_gy[o_gy + i];
+    if (ACC) {
+        v += qr_out[o_out + i];
+    }
+    qr_out[o_out + i] = v;
 }

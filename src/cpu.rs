@@ -134,6 +134,7 @@ impl CpuReference {
         count: usize,
         mask: Option<&'a [bool]>,
         argmax: Option<&'a [u32]>,
+        pieces: Option<&'a [u8]>,
     ) -> CpuCx<'a> {
         let pr = &self.problem;
         CpuCx {
@@ -144,6 +145,7 @@ impl CpuReference {
             batch_mode: pr.bn == BnMode::Batch,
             mask,
             argmax,
+            pieces,
         }
     }
 
@@ -228,7 +230,7 @@ impl CpuReference {
             .into_par_iter()
             .map(|(start, count)| {
                 let (vals, _) = self.forward(None, start, count);
-                let cx = self.cx(count, None, None);
+                let cx = self.cx(count, None, None, None);
                 decisions::decide_batch(&cx, &pr.model, |ni| {
                     Some(vals[pr.model.nodes[ni].inputs[0]].as_slice())
                 })
@@ -272,9 +274,14 @@ impl CpuReference {
                 (Some(f), Some(bi)) => f.get(bi).and_then(|b| b.get(ni)),
                 _ => None,
             };
+            let pieces = match frozen {
+                Some(Decision::Piece(p)) => Some(p.as_slice()),
+                _ => None,
+            };
             let (mask, argmax) = match frozen {
                 Some(Decision::Mask(m)) => (Some(m.as_slice()), None),
                 Some(Decision::Argmax(a)) => (None, Some(a.as_slice())),
+                Some(Decision::Piece(_)) => (None, None),
                 _ => match (&self.relu_masks, bi) {
                     (Some(m), Some(bi)) if !m[bi][ni].is_empty() => {
                         (Some(m[bi][ni].as_slice()), None)
@@ -282,7 +289,7 @@ impl CpuReference {
                     _ => (None, None),
                 },
             };
-            let cx = self.cx(count, mask, argmax);
+            let cx = self.cx(count, mask, argmax, pieces);
             let xs: Vec<&[f64]> = node.inputs.iter().map(|&i| vals[i].as_slice()).collect();
             let (y, s) = layers::unit(&node.op).forward(&cx, node, &xs);
             vals.push(y);
@@ -397,7 +404,7 @@ impl CpuReference {
     ) -> (f64, Vec<Saved>) {
         let pr = &self.problem;
         let nodes = &pr.model.nodes;
-        let cx = self.cx(count, None, None);
+        let cx = self.cx(count, None, None, None);
         let (vals, mut saved) = self.forward(bi, start, count);
 
         // R-forward: the directional derivative of every value along v.
@@ -511,7 +518,7 @@ impl CpuReference {
     ) -> f64 {
         let pr = &self.problem;
         let nodes = &pr.model.nodes;
-        let cx = self.cx(count, None, None);
+        let cx = self.cx(count, None, None, None);
         let (vals, mut saved) = self.forward(Some(bi), start, count);
         let k = pr.model.classes;
         let nv = vals.len();

@@ -1,5 +1,6 @@
 //! Piecewise decisions — which side of a ReLU/LeakyReLU kink each input is
-//! on, which element each max-pool window picks — and how fragile a point
+//! on, which piece of a ReLU6/Hardswish/Hardsigmoid, which element each
+//! max-pool window picks — and how fragile a point
 //! is in them.
 //!
 //! A float32 forward pass takes a decision differently from float64
@@ -57,7 +58,8 @@ pub const NEAR_BAND: f64 = 1.0 / 16384.0;
 pub struct LayerDecisions {
     /// The layer's module name (its kind where it has none).
     pub layer: String,
-    /// `relu`, `leaky_relu` or `maxpool`.
+    /// `relu`, `leaky_relu`, `relu6`, `hardswish`, `hardsigmoid` or
+    /// `maxpool`.
     pub kind: String,
     /// Decisions taken (elements, or windows).
     pub decisions: u64,
@@ -149,6 +151,9 @@ impl Tally {
             (Decision::Argmax(p), Decision::Argmax(q)) => {
                 p.iter().zip(q).filter(|(x, y)| x != y).count() + p.len().abs_diff(q.len())
             }
+            (Decision::Piece(p), Decision::Piece(q)) => {
+                p.iter().zip(q).filter(|(x, y)| x != y).count() + p.len().abs_diff(q.len())
+            }
             _ => 0,
         };
         self.nodes.entry(ni).or_default().flipped += n as u64;
@@ -197,7 +202,8 @@ impl Tally {
         DecisionReport {
             source,
             near_means: format!(
-                "margin (|x| at a ReLU kink; best minus runner-up in a max-pool window) at most \
+                "margin (distance to the nearest kink of an activation, |x| for a ReLU; best minus \
+                 runner-up in a max-pool window) at most \
                  {NEAR_BAND:.3e} of the root mean square of the layer's input over its batch"
             ),
             decisions: layers.iter().map(|l| l.decisions).sum(),

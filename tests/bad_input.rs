@@ -407,7 +407,7 @@ fn arch_cases(dir: &Path) -> Vec<Case> {
         "conv c1 4 4 k=3",
         "conv a..b 4 k=3",
         "conv .a 4 k=3",
-        "conv a-b 4 k=3",
+        "conv a/b 4 k=3",
         "conv c\u{1b}[31mred 4 k=3",
         "conv c\u{7}bell 4 k=3",
         "conv c\u{202e}rtl 4 k=3",
@@ -527,7 +527,8 @@ fn arch_cases(dir: &Path) -> Vec<Case> {
     }
     // bn, gap, flatten, linear.
     add("bn-no-name", 4, 0, &["bn"], &["line 5", "usage"]);
-    add("bn-option", 4, 0, &["bn b eps=1"], &["line 5", "eps"]);
+    add("bn-option", 4, 0, &["bn b eps=0"], &["line 5", "eps"]);
+    add("bn-unknown-option", 4, 0, &["bn b momentum=0.1"], &["line 5", "momentum"]);
     add("gap-option", 5, 1, &["gap k=2"], &["line 6"]);
     add(
         "flatten-option",

@@ -5,7 +5,9 @@
 //! tensor, and reads torchvision's own state_dict to PyTorch's float64
 //! gradient and Hv (float64 reference: 1e-10, the fixtures' bound). Where
 //! torch and torchvision are installed: the exporter on torchvision's
-//! ResNet-18 itself, run by the built binary against PyTorch float64.
+//! ResNet-18 itself, run by the built binary against PyTorch float64, its
+//! refusal of an op it has no layer for, and its own checks on small
+//! modules (python/tests/test_exporter.py).
 
 mod common;
 
@@ -97,30 +99,32 @@ fn the_exporter_on_torchvision_resnet18_matches_pytorch_float64() {
     let cpu = r["cpu"]["hv_rel"].as_f64().unwrap();
     assert!(cpu <= 1e-10, "float64 reference: {cpu:.1e}");
     // An op hesscope has no layer for is refused at export, naming the
-    // op and the module path.
+    // module path and the ATen op (ConvNeXt's LayerNorm2d permutes).
     let refused = std::process::Command::new("python3")
         .args([
             "-m",
             "hesscope_export",
-            "torchvision:mobilenet_v2",
+            "torchvision:convnext_tiny",
+            "--kwargs",
+            r#"{"num_classes": 10}"#,
             "--input",
             "3",
             "32",
             "32",
         ])
         .arg("--out")
-        .arg(tmp.path().join("mb.arch"))
+        .arg(tmp.path().join("cx.arch"))
         .env("PYTHONPATH", root.join("python"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{err}");
     assert!(
-        err.contains("features.0.2") && err.contains("ReLU6"),
+        err.contains("features.0.1: aten.permute is not supported"),
         "{err}"
     );
     assert!(
-        !tmp.path().join("mb.arch").exists(),
+        !tmp.path().join("cx.arch").exists(),
         "no file for a refused module"
     );
     // The GPU, where there is one: within 10× of PyTorch's own float32
@@ -131,5 +135,40 @@ fn the_exporter_on_torchvision_resnet18_matches_pytorch_float64() {
             gpu <= 10.0 * peer.max(1e-6),
             "GPU {gpu:.1e} against PyTorch float32 {peer:.1e}"
         );
+    }
+}
+
+/// The exporter's own checks on small modules (python/tests/test_exporter.py:
+/// each mapping's text, the refusals naming module path and ATen op, tensor
+/// names and parameter order). Needs python3 with torch (skipped with a
+/// message where it is missing).
+#[test]
+fn the_exporter_maps_and_refuses_small_modules() {
+    let has_torch = std::process::Command::new("python3")
+        .args(["-c", "import torch"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_torch {
+        eprintln!("SKIPPED: python3 with torch not found");
+        return;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("python3")
+        .arg(root.join("python/tests/test_exporter.py"))
+        .env("PYTHONPATH", root.join("python"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for t in [
+        "test_every_mapping",
+        "test_parameter_order",
+        "test_refusals",
+    ] {
+        assert!(stdout.contains(&format!("{t}: ok")), "{stdout}");
     }
 }

@@ -114,8 +114,9 @@ fn every_shader_validates_and_translates_to_every_backend() {
 /// The values each override constant takes in the engine.
 fn override_values(name: &str) -> Vec<f64> {
     match name {
-        // layers::activation::act_code: relu .. silu.
-        "ACT" => (0..=5).map(f64::from).collect(),
+        // layers::activation::act_code: relu .. silu, relu6, hardswish,
+        // hardsigmoid.
+        "ACT" => (0..=8).map(f64::from).collect(),
         // Block products: no tangent bindings, or all; one tangent or 3.
         "KB" => vec![0.0, 510.0],
         "KMAX" => vec![1.0, 3.0],

@@ -317,6 +317,13 @@ kernels! {
     ActRForward => Activation::"act_r_forward", [R, R, W], ActParams, ["ACT", "KB", "KMAX"];
     ActBackward => Activation::"act_backward", [R, R, W], ActParams, ["ACT", "ACC", "KB", "KMAX"];
     ActRBackward => Activation::"act_r_backward", [R, R, R, R, W], ActParams, ["ACT", "ACC", "KB", "KMAX"];
+    /// The three-piece activations (ReLU6, Hardswish, Hardsigmoid) of a
+    /// replaying plan: each element's piece from the recorded x₀ (the
+    /// first binding), the value of that piece at x.
+    ActReplayForward => Activation::"act_replay_forward", [R, R, W], ActParams, ["ACT"];
+    ActReplayRForward => Activation::"act_replay_r_forward", [R, R, R, W], ActParams, ["ACT", "KB", "KMAX"];
+    ActReplayBackward => Activation::"act_replay_backward", [R, R, R, W], ActParams, ["ACT", "ACC", "KB", "KMAX"];
+    ActReplayRBackward => Activation::"act_replay_r_backward", [R, R, R, R, R, W], ActParams, ["ACT", "ACC", "KB", "KMAX"];
     /// Training: θ and the momentum buffer from the gradient (torch's SGD).
     Sgd => Optim::"sgd", [R, W, W], SgdParams, [];
     /// Training: a batch norm's running mean and variance from its batch

@@ -1,5 +1,5 @@
 //! Elementwise activations y = f(x) (`model::Activation`): ReLU, LeakyReLU,
-//! Tanh, Sigmoid, GELU, SiLU.
+//! Tanh, Sigmoid, GELU, SiLU, ReLU6, Hardswish, Hardsigmoid.
 //!
 //! R-forward: ẏ = f'(x)·ẋ. Backward: gx = f'(x)·gy.
 //! R-backward: R(gx) = f'(x)·R(gy) + f''(x)·ẋ·gy — the second term is the
@@ -15,6 +15,13 @@
 //! place of x), while every other pass reads f'(x₀) where it read f'(x).
 //! At a float32 recording θ this is the plain pass bit for bit (f' is
 //! exactly 0, 1 or the slope).
+//!
+//! The three-piece activations (ReLU6, Hardswish, Hardsigmoid) decide a
+//! piece per element (`Decision::Piece`) and keep x₀ likewise — recorded,
+//! or a value inside the piece float64 decided — but their pieces are not
+//! linear maps of x (ReLU6 is 6 above its upper kink; Hardswish is
+//! quadratic between its kinks), so a replaying plan runs the
+//! `act_replay_*` kernels, which evaluate the piece of x₀ at x.
 
 use super::{CpuCx, Decision, Layer, Saved, StateBuf, StateCx, StateWords};
 use crate::gpu::kernels::{ActParams, Consts, Kernel};
@@ -46,11 +53,36 @@ fn forced_slopes(a: Activation, mask: Option<&[bool]>) -> Option<Vec<f64>> {
     mask.map(|m| m.iter().map(|&on| if on { 1.0 } else { off }).collect())
 }
 
-/// The slopes of a forced mask, if the forward had one.
-struct ActSaved(Option<Vec<f64>>);
+/// The slopes of a forced mask, or the forced pieces of a three-piece
+/// activation, if the forward had them.
+struct ActSaved(Option<Vec<f64>>, Option<Vec<u8>>);
 
 fn slopes(s: &Saved) -> Option<&[f64]> {
     s.downcast_ref::<ActSaved>().and_then(|a| a.0.as_deref())
+}
+
+fn forced_pieces(s: &Saved) -> Option<&[u8]> {
+    s.downcast_ref::<ActSaved>().and_then(|a| a.1.as_deref())
+}
+
+/// The pieces a forward forces on a three-piece activation.
+fn pieces_for<'a>(a: Activation, cx: &CpuCx<'a>) -> Option<&'a [u8]> {
+    if three_piece(a) {
+        cx.pieces
+    } else {
+        None
+    }
+}
+
+/// A value strictly inside piece `p` of a three-piece activation (what a
+/// replaying plan's x₀ holds for a float64 decision).
+fn inside(a: Activation, p: u8) -> f32 {
+    let (lo, hi) = act::kinks(a).expect("a three-piece activation");
+    (match p {
+        0 => lo - 1.0,
+        1 => 0.5 * (lo + hi),
+        _ => hi + 1.0,
+    }) as f32
 }
 
 fn scaled(s: &[f64], x: &[f64]) -> Vec<f64> {
@@ -58,9 +90,9 @@ fn scaled(s: &[f64], x: &[f64]) -> Vec<f64> {
 }
 
 /// The input whose pieces the passes follow: the recorded x₀ while a
-/// frozen plan replays, else the input itself.
+/// frozen plan replays a ReLU/LeakyReLU, else the input itself.
 fn pieces_of(p: &Plan, node: &Node, io: &NodeBufs) -> usize {
-    if p.replaying() && !curved(of(node)) {
+    if p.replaying() && relu_like(of(node)) {
         io.state[0]
     } else {
         io.x[0]
@@ -69,13 +101,21 @@ fn pieces_of(p: &Plan, node: &Node, io: &NodeBufs) -> usize {
 
 impl Layer for ActivationUnit {
     fn decides(&self, node: &Node) -> bool {
-        !curved(of(node))
+        piecewise(of(node))
     }
 
     /// ReLU/LeakyReLU: which side of the kink each input is on (x > 0,
-    /// as the forward decides), with margin |x|.
+    /// as the forward decides), with margin |x|. ReLU6, Hardswish,
+    /// Hardsigmoid: the piece of each input, with margin its distance to
+    /// the nearest kink.
     fn decide(&self, _cx: &CpuCx, node: &Node, x: &[f64]) -> Option<(Decision, Vec<f64>)> {
-        if curved(of(node)) {
+        let a = of(node);
+        if three_piece(a) {
+            let p = x.iter().map(|&v| act::piece(a, v)).collect();
+            let m = x.iter().map(|&v| act::kink_margin(a, v)).collect();
+            return Some((Decision::Piece(p), m));
+        }
+        if !relu_like(a) {
             return None;
         }
         let mask = x.iter().map(|&v| v > 0.0).collect();
@@ -84,18 +124,23 @@ impl Layer for ActivationUnit {
 
     /// The recorded-input buffer a replaying plan reads f'(x₀) from: 1
     /// on the positive side, 0 elsewhere (f'(0) is 0 for ReLU and the
-    /// slope for LeakyReLU, as at a real x₀ ≤ 0).
+    /// slope for LeakyReLU, as at a real x₀ ≤ 0); for a three-piece
+    /// activation a value inside each element's piece.
     fn decision_words(&self, node: &Node, d: &Decision) -> Option<StateWords> {
+        let a = of(node);
         match d {
-            Decision::Mask(m) if !curved(of(node)) => Some(StateWords::F32(
+            Decision::Mask(m) if relu_like(a) => Some(StateWords::F32(
                 m.iter().map(|&on| if on { 1.0 } else { 0.0 }).collect(),
             )),
+            Decision::Piece(p) if three_piece(a) => {
+                Some(StateWords::F32(p.iter().map(|&q| inside(a, q)).collect()))
+            }
             _ => None,
         }
     }
 
     fn gpu_state(&self, node: &Node, n: usize, cx: &StateCx) -> Vec<StateBuf> {
-        if cx.frozen && !curved(of(node)) {
+        if cx.frozen && piecewise(of(node)) {
             vec![StateBuf {
                 name: "recorded input",
                 len: n * node.in_shape.numel(),
@@ -110,11 +155,13 @@ impl Layer for ActivationUnit {
     fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
         let a = of(node);
         let forced = forced_slopes(a, cx.mask);
-        let y = match &forced {
-            Some(s) => scaled(s, xs[0]),
-            None => act::forward(a, xs[0]),
+        let pieces = pieces_for(a, cx);
+        let y = match (&forced, pieces) {
+            (Some(s), _) => scaled(s, xs[0]),
+            (None, Some(p)) => act::forward_on(a, p, xs[0]),
+            (None, None) => act::forward(a, xs[0]),
         };
-        (y, Box::new(ActSaved(forced)))
+        (y, Box::new(ActSaved(forced, pieces.map(<[u8]>::to_vec))))
     }
 
     fn r_forward(
@@ -126,6 +173,9 @@ impl Layer for ActivationUnit {
         _v: &[f64],
         saved: &mut Saved,
     ) -> Vec<f64> {
+        if let Some(p) = forced_pieces(saved) {
+            return act::derivative_on(of(node), p, xs[0], dxs[0]);
+        }
         match slopes(saved) {
             Some(s) => scaled(s, dxs[0]),
             None => act::r_forward(of(node), xs[0], dxs[0]),
@@ -143,6 +193,9 @@ impl Layer for ActivationUnit {
     ) -> Vec<Vec<f64>> {
         if let Some(s) = slopes(saved) {
             return vec![scaled(s, gy)];
+        }
+        if let Some(p) = forced_pieces(saved) {
+            return vec![act::derivative_on(of(node), p, xs[0], gy)];
         }
         let mut gx = vec![0.0; xs[0].len()];
         act::backward_acc(of(node), xs[0], gy, &mut gx);
@@ -164,6 +217,9 @@ impl Layer for ActivationUnit {
         if let Some(s) = slopes(saved) {
             return vec![scaled(s, rgy)];
         }
+        if let Some(p) = forced_pieces(saved) {
+            return vec![act::r_backward_on(of(node), p, xs[0], dxs[0], gy, rgy)];
+        }
         let mut rgx = vec![0.0; xs[0].len()];
         act::r_backward_acc(of(node), xs[0], dxs[0], gy, rgy, &mut rgx);
         vec![rgx]
@@ -172,7 +228,18 @@ impl Layer for ActivationUnit {
     fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
         let len = p.n * node.out_shape.numel();
         let a = of(node);
-        if p.replaying() && !curved(a) {
+        if p.replaying() && three_piece(a) {
+            // y = f_{piece(x₀)}(x).
+            p.push_with(
+                Kernel::ActReplayForward,
+                consts(a, None),
+                &act_params(a, len),
+                vec![io.state[0], io.x[0], io.y],
+                Grid::Threads(len),
+            );
+            return;
+        }
+        if p.replaying() && relu_like(a) {
             // y = f'(x₀)·x.
             p.push_with(
                 Kernel::ActRForward,
@@ -190,7 +257,7 @@ impl Layer for ActivationUnit {
             vec![io.x[0], io.y],
             Grid::Threads(len),
         );
-        if p.recording && !curved(a) {
+        if p.recording && piecewise(a) {
             p.copy(io.x[0], 0, io.state[0], 0, len, false);
         }
     }
@@ -201,6 +268,16 @@ impl Layer for ActivationUnit {
         }
         let len = p.n * node.out_shape.numel();
         let a = of(node);
+        if p.replaying() && three_piece(a) {
+            p.push_with(
+                Kernel::ActReplayRForward,
+                consts(a, None),
+                &act_params(a, len),
+                vec![io.state[0], io.x[0], io.dx[0], io.dy],
+                Grid::Threads(len),
+            );
+            return false;
+        }
         p.push_with(
             Kernel::ActRForward,
             consts(a, None),
@@ -220,7 +297,23 @@ impl Layer for ActivationUnit {
         let c = consts(a, Some(io.acc[0]));
         // The f''(x)·ẋ·gy term exists only for curved activations and a
         // non-zero ẋ; otherwise R(gx) = f'(x)·R(gy) is the plain backward.
-        if r && curved(a) && !io.dx_zero[0] {
+        let curvature = r && curved(a) && !io.dx_zero[0];
+        if p.replaying() && three_piece(a) {
+            let (kernel, bufs) = if curvature {
+                (
+                    Kernel::ActReplayRBackward,
+                    vec![io.state[0], io.x[0], io.dx[0], io.g, io.gy, io.gx[0]],
+                )
+            } else {
+                (
+                    Kernel::ActReplayBackward,
+                    vec![io.state[0], io.x[0], io.gy, io.gx[0]],
+                )
+            };
+            p.push_with(kernel, c, &act_params(a, len), bufs, Grid::Threads(len));
+            return;
+        }
+        if curvature {
             p.push_with(
                 Kernel::ActRBackward,
                 c,
@@ -242,7 +335,29 @@ impl Layer for ActivationUnit {
 
 /// Whether f'' is non-zero somewhere (off the kinks).
 pub fn curved(a: Activation) -> bool {
-    !matches!(a, Activation::Relu | Activation::LeakyRelu { .. })
+    matches!(
+        a,
+        Activation::Tanh
+            | Activation::Sigmoid
+            | Activation::Gelu
+            | Activation::Silu
+            | Activation::Hardswish
+    )
+}
+
+/// ReLU and LeakyReLU: two pieces, each a linear map (a mask decides).
+pub fn relu_like(a: Activation) -> bool {
+    matches!(a, Activation::Relu | Activation::LeakyRelu { .. })
+}
+
+/// ReLU6, Hardswish, Hardsigmoid: three pieces (`Decision::Piece`).
+pub fn three_piece(a: Activation) -> bool {
+    act::kinks(a).is_some()
+}
+
+/// Whether the activation takes piecewise decisions.
+pub fn piecewise(a: Activation) -> bool {
+    relu_like(a) || three_piece(a)
 }
 
 /// The `ACT` override constant of shaders/activation.wgsl.
@@ -254,6 +369,9 @@ pub fn act_code(a: Activation) -> u32 {
         Activation::Sigmoid => 3,
         Activation::Gelu => 4,
         Activation::Silu => 5,
+        Activation::Relu6 => 6,
+        Activation::Hardswish => 7,
+        Activation::Hardsigmoid => 8,
     }
 }
 

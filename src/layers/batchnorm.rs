@@ -8,7 +8,7 @@ use crate::gpu::kernels::{self, bn_rows, BnParams, Consts, Kernel, ReduceParams}
 use crate::gpu::plan::{NodeBufs, Plan};
 use crate::gpu::program::Grid;
 use crate::model::{Node, Op};
-use crate::ops::bn::{self, EPS};
+use crate::ops::bn;
 
 pub struct BatchNormUnit;
 
@@ -18,6 +18,7 @@ struct Bn {
     running_mean: usize,
     running_var: usize,
     c: usize,
+    eps: f64,
 }
 
 /// A batch-norm node's running-mode statistics rows as the GPU kernels
@@ -25,7 +26,7 @@ struct Bn {
 /// from the model's buffers (`Model::buffers` order).
 pub fn running_rows(node: &Node, buffers: &[Vec<f64>]) -> Vec<f32> {
     let b = of(node);
-    let (m, inv) = bn::running_stats(&buffers[b.running_mean], &buffers[b.running_var]);
+    let (m, inv) = bn::running_stats_eps(&buffers[b.running_mean], &buffers[b.running_var], b.eps);
     m.iter().chain(&inv).map(|&x| x as f32).collect()
 }
 
@@ -37,12 +38,14 @@ fn of(node: &Node) -> Bn {
             running_mean,
             running_var,
             c,
+            eps,
         } => Bn {
             gamma,
             beta,
             running_mean,
             running_var,
             c,
+            eps,
         },
         _ => unreachable!("batch-norm unit on {}", node.kind()),
     }
@@ -100,11 +103,14 @@ impl Layer for BatchNormUnit {
         let g = geom(cx, node);
         let (mean, s, moments) = if cx.batch_mode {
             let (mean, var) = bn::batch_moments(&g, xs[0]);
-            let s = bn::scales(&var);
+            let s = bn::scales_eps(&var, b.eps);
             (mean.clone(), s, Some((mean, var)))
         } else {
-            let (mean, s) =
-                bn::running_stats(&cx.buffers[b.running_mean], &cx.buffers[b.running_var]);
+            let (mean, s) = bn::running_stats_eps(
+                &cx.buffers[b.running_mean],
+                &cx.buffers[b.running_var],
+                b.eps,
+            );
             (mean, s, None)
         };
         let (xhat, y) = bn::forward(
@@ -362,7 +368,7 @@ fn bn_params(p: &Plan, c: usize, hw: usize, b: &Bn) -> BnParams {
         hw: hw as u32,
         gamma_off: p.param_off(b.gamma) as u32,
         beta_off: p.param_off(b.beta) as u32,
-        eps: EPS as f32,
+        eps: b.eps as f32,
         ..Default::default()
     }
 }

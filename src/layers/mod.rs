@@ -56,11 +56,16 @@ pub struct CpuCx<'a> {
     pub mask: Option<&'a [bool]>,
     /// A max-pool argmax to use instead of the windows' own maxima.
     pub argmax: Option<&'a [u32]>,
+    /// The piece of each input of a three-piece activation (ReLU6,
+    /// Hardswish, Hardsigmoid: `ops::activation::piece`) to use instead of
+    /// the input's own: the activation then computes that piece's
+    /// polynomial at the input (frozen [`Decision`]s).
+    pub pieces: Option<&'a [u8]>,
 }
 
 /// The piecewise choice a node made in one batch's forward pass: which
-/// side of the kink each ReLU/LeakyReLU input is on, which element each
-/// max-pool window picked. Smooth ops (tanh, GELU, batch norm, average
+/// side of the kink each ReLU/LeakyReLU input is on, which piece of a
+/// ReLU6/Hardswish/Hardsigmoid, which element each max-pool window picked. Smooth ops (tanh, GELU, batch norm, average
 /// pools) make none. Recorded at one θ and replayed at another, they make
 /// the loss a smooth function of θ that agrees with the real one on the
 /// piece holding the recording θ — the function autograd differentiates.
@@ -71,6 +76,10 @@ pub enum Decision {
     Mask(Vec<bool>),
     /// Each window's maximum, as an index within its input plane.
     Argmax(Vec<u32>),
+    /// The piece of a three-piece activation (ReLU6, Hardswish,
+    /// Hardsigmoid) per element: 0 at or below the lower kink, 1 between
+    /// the kinks, 2 at or above the upper one.
+    Piece(Vec<u8>),
 }
 
 impl CpuCx<'_> {

@@ -10,10 +10,11 @@
 //! input   C H W
 //! classes K
 //! conv    NAME COUT k=K [stride=1] [pad=0] [bias=true|false] [groups=1] [dilation=1]
-//! bn      NAME                       # BatchNorm2d
+//! bn      NAME [eps=1e-5]            # BatchNorm2d
 //! relu    [NAME]
 //! leaky_relu [NAME] [slope=0.01]
 //! tanh | sigmoid | gelu | silu [NAME]
+//! relu6 | hardswish | hardsigmoid [NAME]
 //! maxpool [NAME] k=K [stride=K] [pad=0] [ceil=false]
 //! avgpool [NAME] k=K [stride=K] [pad=0] [ceil=false]   # count_include_pad
 //! gap     [NAME]                     # global average pool -> flat [C]
@@ -70,6 +71,9 @@ pub const KEYWORDS: &[&str] = &[
     "sigmoid",
     "gelu",
     "silu",
+    "relu6",
+    "hardswish",
+    "hardsigmoid",
     "maxpool",
     "avgpool",
     "gap",
@@ -88,6 +92,7 @@ pub const KEYWORDS: &[&str] = &[
 fn options(kw: &str) -> &'static [&'static str] {
     match kw {
         "conv" => &["k", "stride", "pad", "bias", "groups", "dilation"],
+        "bn" => &["eps"],
         "maxpool" | "avgpool" => &["k", "stride", "pad", "ceil"],
         "leaky_relu" => &["slope"],
         "linear" => &["bias"],
@@ -139,11 +144,15 @@ fn err(file: &str, line: usize, msg: impl Into<String>) -> Error {
 }
 
 /// A PyTorch module path: `.`-separated, non-empty parts of ASCII letters,
-/// digits and `_` (`layer1.0.conv1`, `features.3`).
+/// digits, `_` and `-` (`layer1.0.conv1`, `features.3`, RegNet's
+/// `trunk_output.block1.block1-0`).
 fn is_module_name(s: &str) -> bool {
     !s.is_empty()
         && s.split('.').all(|part| {
-            !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
         })
 }
 
@@ -286,7 +295,7 @@ impl<'a> Parser<'a> {
         Ok(())
     }
 
-    fn bn(&mut self, local: &str) -> Result<()> {
+    fn bn(&mut self, local: &str, eps: f64) -> Result<()> {
         let (v, s) = self.image_input("bn", "BatchNorm2d")?;
         let name = self.full_name(local);
         let gamma = self.add_param(format!("{name}.weight"), vec![s.c], Init::Const(1.0))?;
@@ -299,6 +308,7 @@ impl<'a> Parser<'a> {
             running_mean,
             running_var,
             c: s.c,
+            eps,
         };
         self.push(name, op, vec![v], s, false)
     }
@@ -445,7 +455,7 @@ impl<'a> Parser<'a> {
                     file,
                     line,
                     format!(
-                        "{kw}: `{s}` is not a PyTorch module name (ASCII letters, digits and `_`, \
+                        "{kw}: `{s}` is not a PyTorch module name (ASCII letters, digits, `_` and `-`, \
                          parts separated by `.`)"
                     ),
                 ))
@@ -517,9 +527,20 @@ impl<'a> Parser<'a> {
             "bn" => {
                 need(1, "bn NAME")?;
                 let name = module(pos[0])?;
-                self.bn(&name)?;
+                let eps = match kv.get("eps") {
+                    None => crate::ops::bn::EPS,
+                    Some(s) => s
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|v| *v > 0.0 && v.is_finite())
+                        .ok_or_else(|| {
+                            self.e(format!("bn: eps must be a positive number, got `{s}`"))
+                        })?,
+                };
+                self.bn(&name, eps)?;
             }
-            "relu" | "tanh" | "sigmoid" | "gelu" | "silu" | "leaky_relu" => {
+            "relu" | "tanh" | "sigmoid" | "gelu" | "silu" | "relu6" | "hardswish"
+            | "hardsigmoid" | "leaky_relu" => {
                 let n = name_opt(&pos)?;
                 let a = match kw {
                     "relu" => Activation::Relu,
@@ -527,6 +548,9 @@ impl<'a> Parser<'a> {
                     "sigmoid" => Activation::Sigmoid,
                     "gelu" => Activation::Gelu,
                     "silu" => Activation::Silu,
+                    "relu6" => Activation::Relu6,
+                    "hardswish" => Activation::Hardswish,
+                    "hardsigmoid" => Activation::Hardsigmoid,
                     _ => {
                         let slope = match kv.get("slope") {
                             None => DEFAULT_LEAKY_SLOPE,

@@ -28,9 +28,10 @@ impl std::fmt::Display for Shape {
     }
 }
 
-/// Elementwise activations. ReLU and LeakyReLU are piecewise linear
-/// (f'' = 0); the others have curvature of their own, so the R-backward
-/// gains the term f''(x)·ẋ·gy.
+/// Elementwise activations. ReLU, LeakyReLU, ReLU6 and Hardsigmoid are
+/// piecewise linear (f'' = 0); the others have curvature of their own
+/// (Hardswish on its middle piece), so the R-backward gains the term
+/// f''(x)·ẋ·gy. The piecewise ones take decisions (`crate::decisions`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
     /// max(x, 0); derivative 0 at 0.
@@ -46,6 +47,15 @@ pub enum Activation {
     Gelu,
     /// x·sigmoid(x).
     Silu,
+    /// min(max(x, 0), 6); derivative 1 on (0, 6), 0 elsewhere, so 0 at
+    /// both kinks (PyTorch).
+    Relu6,
+    /// x·relu6(x + 3)/6: 0 for x ≤ −3, x(x + 3)/6 on (−3, 3), x for x ≥ 3
+    /// (derivatives 0 at −3 and 1 at 3, PyTorch's choices).
+    Hardswish,
+    /// relu6(x + 3)/6: 0 for x ≤ −3, x/6 + 1/2 on (−3, 3), 1 for x ≥ 3
+    /// (derivative 0 at both kinks, PyTorch).
+    Hardsigmoid,
 }
 
 impl Activation {
@@ -58,6 +68,9 @@ impl Activation {
             Activation::Sigmoid => "sigmoid",
             Activation::Gelu => "gelu",
             Activation::Silu => "silu",
+            Activation::Relu6 => "relu6",
+            Activation::Hardswish => "hardswish",
+            Activation::Hardsigmoid => "hardsigmoid",
         }
     }
 }
@@ -85,6 +98,9 @@ pub enum Op {
         running_mean: usize,
         running_var: usize,
         c: usize,
+        /// Added to the variance (PyTorch's `eps`; 1e-5 by default,
+        /// MobileNetV3's 1e-3).
+        eps: f64,
     },
     /// An elementwise activation y = f(x).
     Act(Activation),

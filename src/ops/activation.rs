@@ -3,8 +3,16 @@
 //!
 //! The R-operator of y = f(x) is ẏ = f'(x)·ẋ; the adjoint is gx = f'(x)·gy
 //! and its R-derivative R(gx) = f'(x)·R(gy) + f''(x)·ẋ·gy. The last term is
-//! the curvature an activation adds to the Hessian; ReLU and LeakyReLU
-//! (piecewise linear) have f'' = 0.
+//! the curvature an activation adds to the Hessian; ReLU, LeakyReLU, ReLU6
+//! and Hardsigmoid (piecewise linear) have f'' = 0.
+//!
+//! ReLU6, Hardswish and Hardsigmoid have three pieces ([`piece`]): below
+//! the lower kink (inclusive), strictly between the kinks, at or above the
+//! upper one — PyTorch's derivative at each kink (measured with
+//! torch.autograd in float64: relu6' is 0 at 0 and at 6, hardsigmoid' 0 at
+//! ±3, hardswish' 0 at −3 and 1 at 3, hardswish'' 0 at ±3). The `*_on`
+//! forms evaluate one piece's polynomial at any x: a frozen decision
+//! (`crate::layers::Decision::Piece`) picks the piece, the value the x.
 //!
 //! Every form is written to stay finite and relatively accurate for large
 //! |x|: σ'(x) and tanh'(x) are computed from e^{-|x|}, not as σ(1 − σ) or
@@ -48,6 +56,73 @@ fn tanh_d(x: f64) -> f64 {
     4.0 * e / ((1.0 + e) * (1.0 + e))
 }
 
+/// The kinks (lower, upper) of a three-piece activation.
+pub fn kinks(a: Activation) -> Option<(f64, f64)> {
+    match a {
+        Activation::Relu6 => Some((0.0, 6.0)),
+        Activation::Hardswish | Activation::Hardsigmoid => Some((-3.0, 3.0)),
+        _ => None,
+    }
+}
+
+/// The piece of a three-piece activation x lies on: 0 for x ≤ lower
+/// kink (and NaN), 1 strictly between the kinks, 2 for x ≥ upper kink.
+pub fn piece(a: Activation, x: f64) -> u8 {
+    let (lo, hi) = kinks(a).expect("a three-piece activation");
+    if x > lo && x < hi {
+        1
+    } else if x >= hi {
+        2
+    } else {
+        0
+    }
+}
+
+/// The distance from x to the nearest kink of a three-piece activation
+/// (NaN for a NaN x).
+pub fn kink_margin(a: Activation, x: f64) -> f64 {
+    let (lo, hi) = kinks(a).expect("a three-piece activation");
+    (x - lo).abs().min((x - hi).abs())
+}
+
+/// Piece `p`'s f at x. A NaN passes unchanged on every piece, as
+/// PyTorch's clamp-based forms keep it.
+pub fn f_on(a: Activation, p: u8, x: f64) -> f64 {
+    if x.is_nan() {
+        return x;
+    }
+    match (a, p) {
+        (Activation::Relu6 | Activation::Hardswish | Activation::Hardsigmoid, 0) => 0.0,
+        (Activation::Relu6, 1) => x,
+        (Activation::Relu6, _) => 6.0,
+        (Activation::Hardswish, 1) => x * (x + 3.0) / 6.0,
+        (Activation::Hardswish, _) => x,
+        (Activation::Hardsigmoid, 1) => (x + 3.0) / 6.0,
+        (Activation::Hardsigmoid, _) => 1.0,
+        _ => unreachable!("f_on: {a:?} has no pieces"),
+    }
+}
+
+/// Piece `p`'s f' at x.
+pub fn df_on(a: Activation, p: u8, x: f64) -> f64 {
+    match (a, p) {
+        (_, 0) => 0.0,
+        (Activation::Relu6, 1) => 1.0,
+        (Activation::Hardswish, 1) => (2.0 * x + 3.0) / 6.0,
+        (Activation::Hardswish, _) => 1.0,
+        (Activation::Hardsigmoid, 1) => 1.0 / 6.0,
+        _ => 0.0,
+    }
+}
+
+/// Piece `p`'s f'': 1/3 on Hardswish's middle piece, else 0.
+pub fn d2f_on(a: Activation, p: u8) -> f64 {
+    match (a, p) {
+        (Activation::Hardswish, 1) => 1.0 / 3.0,
+        _ => 0.0,
+    }
+}
+
 /// f(x).
 pub fn f(a: Activation, x: f64) -> f64 {
     match a {
@@ -69,6 +144,9 @@ pub fn f(a: Activation, x: f64) -> f64 {
         Activation::Sigmoid => sigmoid(x),
         Activation::Gelu => x * normal_cdf(x),
         Activation::Silu => x * sigmoid(x),
+        Activation::Relu6 | Activation::Hardswish | Activation::Hardsigmoid => {
+            f_on(a, piece(a, x), x)
+        }
     }
 }
 
@@ -95,13 +173,21 @@ pub fn df(a: Activation, x: f64) -> f64 {
         Activation::Gelu => normal_cdf(x) + x * normal_pdf(x),
         // σ(x) + x·σ'(x).
         Activation::Silu => sigmoid(x) + x * sigmoid_d(x),
+        Activation::Relu6 | Activation::Hardswish | Activation::Hardsigmoid => {
+            df_on(a, piece(a, x), x)
+        }
     }
 }
 
-/// f''(x); 0 for the piecewise-linear ReLU and LeakyReLU.
+/// f''(x); 0 for the piecewise-linear ReLU, LeakyReLU, ReLU6 and
+/// Hardsigmoid.
 pub fn d2f(a: Activation, x: f64) -> f64 {
     match a {
-        Activation::Relu | Activation::LeakyRelu { .. } => 0.0,
+        Activation::Relu
+        | Activation::LeakyRelu { .. }
+        | Activation::Relu6
+        | Activation::Hardsigmoid => 0.0,
+        Activation::Hardswish => d2f_on(a, piece(a, x)),
         // −2·tanh(x)·sech²(x).
         Activation::Tanh => -2.0 * x.tanh() * tanh_d(x),
         // σ'(x)(1 − 2σ(x)) = −σ'(x)·tanh(x/2).
@@ -157,7 +243,13 @@ pub fn r_backward_acc(
 ) {
     let n = x.len();
     assert!(dx.len() == n && gy.len() == n && rgy.len() == n && rgx.len() == n);
-    let curved = !matches!(a, Activation::Relu | Activation::LeakyRelu { .. });
+    let curved = !matches!(
+        a,
+        Activation::Relu
+            | Activation::LeakyRelu { .. }
+            | Activation::Relu6
+            | Activation::Hardsigmoid
+    );
     for i in 0..n {
         let mut r = df(a, x[i]) * rgy[i];
         if curved {
@@ -165,4 +257,33 @@ pub fn r_backward_acc(
         }
         rgx[i] += r;
     }
+}
+
+/// The four passes with every element's piece given (a three-piece
+/// activation replaying frozen decisions): y = f_p(x).
+pub fn forward_on(a: Activation, p: &[u8], x: &[f64]) -> Vec<f64> {
+    assert_eq!(p.len(), x.len());
+    p.iter().zip(x).map(|(&p, &v)| f_on(a, p, v)).collect()
+}
+
+/// out = f_p'(x)·g (the R-forward with g = ẋ, the backward with g = gy).
+pub fn derivative_on(a: Activation, p: &[u8], x: &[f64], g: &[f64]) -> Vec<f64> {
+    assert!(p.len() == x.len() && x.len() == g.len());
+    (0..x.len()).map(|i| df_on(a, p[i], x[i]) * g[i]).collect()
+}
+
+/// R(gx) = f_p'(x)·R(gy) + f_p''·ẋ·gy.
+pub fn r_backward_on(
+    a: Activation,
+    p: &[u8],
+    x: &[f64],
+    dx: &[f64],
+    gy: &[f64],
+    rgy: &[f64],
+) -> Vec<f64> {
+    let n = x.len();
+    assert!(p.len() == n && dx.len() == n && gy.len() == n && rgy.len() == n);
+    (0..n)
+        .map(|i| df_on(a, p[i], x[i]) * rgy[i] + d2f_on(a, p[i]) * dx[i] * gy[i])
+        .collect()
 }

@@ -73,13 +73,23 @@ pub fn batch_stats(g: &BnGeom, x: &[f64]) -> (Vec<f64>, Vec<f64>) {
     (mean, scales(&var))
 }
 
-/// 1/sqrt(var + eps) per channel.
+/// 1/sqrt(var + eps) per channel, eps = [`EPS`].
 pub fn scales(var: &[f64]) -> Vec<f64> {
-    var.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect()
+    scales_eps(var, EPS)
+}
+
+/// 1/sqrt(var + eps) per channel.
+pub fn scales_eps(var: &[f64], eps: f64) -> Vec<f64> {
+    var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()
 }
 
 pub fn running_stats(rm: &[f64], rv: &[f64]) -> (Vec<f64>, Vec<f64>) {
-    (rm.to_vec(), scales(rv))
+    running_stats_eps(rm, rv, EPS)
+}
+
+/// (running mean, 1/sqrt(running var + eps)).
+pub fn running_stats_eps(rm: &[f64], rv: &[f64], eps: f64) -> (Vec<f64>, Vec<f64>) {
+    (rm.to_vec(), scales_eps(rv, eps))
 }
 
 /// x̂ and y = γx̂ + β.

@@ -264,5 +264,6 @@ fn cpu_cx<'a>(model: &'a Model, n: usize, theta: &'a [f64]) -> CpuCx<'a> {
         batch_mode: false,
         mask: None,
         argmax: None,
+        pieces: None,
     }
 }

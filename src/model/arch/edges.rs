@@ -45,7 +45,7 @@ impl Parser<'_> {
         }
         if !is_module_name(name) {
             return Err(self.e(format!(
-                "`{name}` is not a PyTorch module name (ASCII letters, digits and `_`, parts \
+                "`{name}` is not a PyTorch module name (ASCII letters, digits, `_` and `-`, parts \
                  separated by `.`)"
             )));
         }
@@ -238,6 +238,7 @@ pub fn to_text(model: &Model) -> String {
             Op::Narrow { start, len } => format!(" start={start} len={len}"),
             Op::ChannelShuffle { groups } => format!(" groups={groups}"),
             Op::AdaptiveAvgPool { h, w } => format!(" h={h} w={w}"),
+            Op::BatchNorm { eps, .. } if eps != crate::ops::bn::EPS => format!(" eps={eps}"),
             _ => String::new(),
         };
         let op = match node.op {

@@ -340,12 +340,12 @@ impl Builder<'_> {
         if a.int("spatial", 1) != 1 {
             return Err("spatial=0 is not supported".into());
         }
-        let eps = a.float("epsilon", 1e-5);
-        if (eps - crate::ops::bn::EPS).abs() > 1e-12 {
-            return Err(format!(
-                "epsilon={eps}: hesscope's batch norm has eps={} (PyTorch's default)",
-                crate::ops::bn::EPS
-            ));
+        // ONNX stores epsilon as a float32: its shortest decimal form is the
+        // PyTorch module's eps (1e-5, MobileNetV3's 1e-3), as float64.
+        let eps32 = a.float("epsilon", 1e-5) as f32;
+        let eps: f64 = eps32.to_string().parse().unwrap_or(f64::NAN);
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(format!("epsilon={eps32}: must be a positive number"));
         }
         let (v, s) = self.image(n, 0)?;
         let mut ts = Vec::with_capacity(4);
@@ -381,6 +381,7 @@ impl Builder<'_> {
             running_mean,
             running_var,
             c,
+            eps,
         };
         let id = self.push(module, op, vec![v], s, false)?;
         self.set(n, 0, Val::Value(id));
