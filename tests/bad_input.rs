@@ -528,7 +528,13 @@ fn arch_cases(dir: &Path) -> Vec<Case> {
     // bn, gap, flatten, linear.
     add("bn-no-name", 4, 0, &["bn"], &["line 5", "usage"]);
     add("bn-option", 4, 0, &["bn b eps=0"], &["line 5", "eps"]);
-    add("bn-unknown-option", 4, 0, &["bn b momentum=0.1"], &["line 5", "momentum"]);
+    add(
+        "bn-unknown-option",
+        4,
+        0,
+        &["bn b momentum=0.1"],
+        &["line 5", "momentum"],
+    );
     add("gap-option", 5, 1, &["gap k=2"], &["line 6"]);
     add(
         "flatten-option",
