@@ -169,6 +169,18 @@ for R18 in 64 32 16 8 4 2; do
     fi
 done
 
+# 3b. torchvision's own CNNs exported (python/hesscope_export) and checked
+# against PyTorch float64 on the NVIDIA adapter with float64 decisions
+# (issue 26: within 1e-5), PyTorch float32 beside them; five of the fifteen
+# (python/tests/check_models.py runs all where time allows).
+if [ "${DRY_RUN:-0}" != 1 ] && python3 -c 'import torch, torchvision, safetensors' 2>/dev/null; then
+    timed torchvision_models env PYTHONPATH=python HESSCOPE="$HS" timeout 300 \
+        python3 python/tests/check_models.py resnet50 mobilenet_v3_small densenet121 \
+        efficientnet_b0 shufflenet_v2_x0_5 --size 64 --batch 4 --backends vulkan \
+        --hesscope-args "--adapter $ADAPTER" --work "$OUT/models"
+    rm -rf "$OUT/models"
+fi
+
 # 4. The PyTorch peer on the same files, FP32 with TF32 off.
 [ "${DRY_RUN:-0}" = 1 ] || timed peer_resnet20 python3 benches/peer/pytorch_hvp.py "${COMMON20[@]}" --repeats 20 --json
 

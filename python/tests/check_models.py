@@ -10,7 +10,7 @@ relative errors (‖got − ref‖/‖ref‖ over all parameters), then a table.
 
     PYTHONPATH=python HESSCOPE=target/release/hesscope \
         python3 python/tests/check_models.py [NAME ...] [--size 64] [--batch 4] \
-        [--backends cpu,auto] [--work DIR]
+        [--backends cpu,auto] [--work DIR] [--hesscope-args '--adapter 1']
 
 Bounds (issue 26): cpu (the float64 reference) ≤ 1e-10, GPU ≤ 1e-5 with
 float64 decisions (the default). The exit status is 1 if any model fails
@@ -86,7 +86,7 @@ def check(name, a, work):
         for be in a.backends.split(","):
             common = ["--model", arch, "--weights", os.path.join(d, "w.safetensors"),
                       "--data", os.path.join(d, "d.safetensors"), "--batch", str(a.batch), "--bn", mode,
-                      "--backend", be, "--json"]
+                      "--backend", be, "--json"] + a.hesscope_args.split()
             gout = os.path.join(d, f"g-{mode}-{be}.safetensors")
             hout = os.path.join(d, f"hv-{mode}-{be}.safetensors")
             row = {"model": name, "bn": mode, "backend": be}
@@ -120,6 +120,8 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--backends", default="cpu,auto", help="comma-separated --backend values")
     ap.add_argument("--work", help="folder for the files (default: a temporary one)")
+    ap.add_argument("--hesscope-args", default="",
+                    help="more arguments for every hesscope run (e.g. '--adapter 1')")
     a = ap.parse_args()
     work = a.work or tempfile.mkdtemp(prefix="hesscope-models-")
     rows = []
