@@ -45,6 +45,14 @@ pub enum Val {
     Const(Rc<Tensor>, Origin),
     /// A piece of GELU's erf form of the value with this id.
     Gelu(usize, GeluPart),
+    /// A piece of ShuffleNet's channel shuffle of the value with this id:
+    /// reshaped to [N, groups, C/groups, H, W], then (`transposed`) with
+    /// axes 1 and 2 swapped. Only the reshape back to [N, C, H, W] is a value.
+    Shuffle {
+        v: usize,
+        groups: usize,
+        transposed: bool,
+    },
 }
 
 pub struct Builder<'a> {
@@ -267,6 +275,7 @@ impl<'a> Builder<'a> {
                 n.op_type
             )),
             Val::Gelu(..) => Err(gelu_incomplete(&n.input[i])),
+            Val::Shuffle { .. } => Err(shuffle_incomplete(&n.input[i])),
         }
     }
 
@@ -433,6 +442,7 @@ impl<'a> Builder<'a> {
             Some(Val::Value(v)) => *v,
             Some(Val::Const(..)) => return Err(format!("the output `{output}` is a constant")),
             Some(Val::Gelu(..)) => return Err(gelu_incomplete(output)),
+            Some(Val::Shuffle { .. }) => return Err(shuffle_incomplete(output)),
             None => return Err(format!("no node makes the output `{output}`")),
         };
         if v == 0 {
@@ -489,6 +499,14 @@ pub fn gelu_incomplete(name: &str) -> String {
     format!(
         "`{name}` is part of GELU's erf form 0.5·x·(1 + erf(x/√2)) but is read as a value of \
          its own; hesscope reads that form only whole (or the Gelu op of opset 20)"
+    )
+}
+
+pub fn shuffle_incomplete(name: &str) -> String {
+    format!(
+        "`{name}` is part of a channel shuffle (Reshape to [N, G, C/G, H, W], Transpose perm \
+         [0, 2, 1, 3, 4], Reshape to [N, C, H, W]) but is read as a value of its own; hesscope \
+         reads that pattern only whole"
     )
 }
 

@@ -15,10 +15,12 @@
 //! Protobuf is decoded by `prost` (`proto.rs` holds the messages).
 
 mod arith;
+mod channels;
 mod convert;
 mod dense;
 mod ops;
 pub mod proto;
+mod shape;
 mod tensor;
 
 use super::graph::Shape;
