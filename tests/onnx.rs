@@ -326,6 +326,61 @@ fn node_mut<'a>(m: &'a mut proto::ModelProto, op: &str) -> &'a mut proto::NodePr
         .unwrap()
 }
 
+/// The channel ops outside what hesscope computes are refused naming the
+/// node: a HardSigmoid other than PyTorch's, a Clip other than ReLU6, a
+/// Split or Concat along another axis, a Transpose inside the shuffle.
+#[test]
+fn bad_channel_ops_are_refused_naming_the_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = std::fs::read(dir().join("channels.onnx")).unwrap();
+    let base = || proto::ModelProto::decode(whole.as_slice()).unwrap();
+    let attr = |n: &mut proto::NodeProto, name: &str| -> usize {
+        n.attribute.iter().position(|a| a.name == name).unwrap()
+    };
+    let check = |tag: &str, m: &proto::ModelProto, wants: &[&str]| {
+        let err = refused(tmp.path(), tag, &m.encode_to_vec());
+        eprintln!("{tag}: {err}");
+        for w in wants {
+            assert!(err.contains(w), "{tag}: `{w}` not in: {err}");
+        }
+    };
+    let mut m = base();
+    let n = node_mut(&mut m, "HardSigmoid");
+    let i = attr(n, "alpha");
+    n.attribute[i].f = 0.2;
+    check(
+        "hardsigmoid",
+        &m,
+        &["/gate/HardSigmoid", "alpha=0.2", "1/6"],
+    );
+    let mut m = base();
+    let n = node_mut(&mut m, "Clip");
+    n.input[2] = n.input[1].clone();
+    check("clip", &m, &["/act1/Clip", "Clip to [0, 0]"]);
+    let mut m = base();
+    let n = node_mut(&mut m, "Split");
+    let i = attr(n, "axis");
+    n.attribute[i].i = 2;
+    check("split", &m, &["/Split", "along axis 2"]);
+    let mut m = base();
+    let n = node_mut(&mut m, "Transpose");
+    let i = attr(n, "perm");
+    n.attribute[i].ints = vec![0, 1, 2, 4, 3];
+    check("transpose", &m, &["/Transpose", "channel shuffle"]);
+    let mut m = base();
+    let n = m
+        .graph
+        .as_mut()
+        .unwrap()
+        .node
+        .iter_mut()
+        .find(|n| n.op_type == "Concat" && n.input.len() == 5)
+        .unwrap();
+    let i = attr(n, "axis");
+    n.attribute[i].i = 2;
+    check("concat", &m, &["/Concat", "Concat along axis 2"]);
+}
+
 #[test]
 fn bad_onnx_files_are_refused_with_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
