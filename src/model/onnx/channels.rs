@@ -263,8 +263,9 @@ impl Builder<'_> {
                 Ok(Some(()))
             }
             Val::Shuffle { .. } => Err(format!(
-                "Transpose with perm {perm:?} within a channel shuffle (only [0, 2, 1, 3, 4] is \
-                 supported)"
+                "Transpose with perm {:?} within a channel shuffle (only [0, 2, 1, 3, 4] is \
+                 supported)",
+                perm.unwrap_or_default()
             )),
             _ => Ok(None),
         }
@@ -280,9 +281,7 @@ impl Builder<'_> {
         Attrs::only(n, &[])?;
         let ((sa, fa), (sb, fb)) = (self.shapes[a], self.shapes[b]);
         let squeeze = |s: Shape, f: bool| !f && s.h == 1 && s.w == 1;
-        let (x, s) = if sa == sb && fa == fb {
-            (a, b)
-        } else if !fa && squeeze(sb, fb) && sb.c == sa.c {
+        let (x, s) = if (sa == sb && fa == fb) || (!fa && squeeze(sb, fb) && sb.c == sa.c) {
             (a, b)
         } else if !fb && squeeze(sa, fa) && sa.c == sb.c {
             (b, a)
@@ -306,7 +305,7 @@ impl Builder<'_> {
         let hi = self.scalar_input(n, 2)?;
         let act = match (lo, hi) {
             (Some(l), Some(h)) if l == 0.0 && h == 6.0 => Activation::Relu6,
-            (Some(l), None) if l == 0.0 => Activation::Relu,
+            (Some(0.0), None) => Activation::Relu,
             _ => {
                 return Err(format!(
                     "Clip to [{}, {}] is not supported (only [0, 6], ReLU6, and [0, ∞), ReLU)",

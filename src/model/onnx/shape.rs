@@ -168,9 +168,7 @@ impl Builder<'_> {
         Attrs::only(n, &[])?;
         let a = self.int_const(n, 0)?;
         let b = self.int_const(n, 1)?;
-        let (dims, len) = if a.dims == b.dims {
-            (a.dims.clone(), a.numel())
-        } else if b.numel() == 1 {
+        let (dims, len) = if a.dims == b.dims || b.numel() == 1 {
             (a.dims.clone(), a.numel())
         } else if a.numel() == 1 {
             (b.dims.clone(), b.numel())
