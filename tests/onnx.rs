@@ -632,6 +632,11 @@ fn onnx_squeezenet_mobilenet_v3_and_shufflenet_match_pytorch_float64() {
                     "{name} {bn} {run}: Hv {hv:.1e}, loss {loss:.1e}"
                 );
             }
+            let row = &r[bn]["cpu-grad"];
+            let g = row["grad_rel"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{name} {bn} grad: {row}"));
+            assert!(g <= CPU_TOL, "{name} {bn}: gradient {g:.1e}");
         }
     }
 }

@@ -1,7 +1,8 @@
 """Exports a torchvision model to ONNX unfolded (batch norm perturbed),
 runs hesscope's hvp on the .onnx file (weights from its initializers, and
 once from the state_dict) and prints one JSON line: for each BN mode, the
-loss and Hv of each backend relative to PyTorch float64. Also exports it
+loss and Hv of each backend relative to PyTorch float64 (and the cpu
+gradient, `cpu-grad`). Also exports it
 folded (eval mode, constant folding) and checks that hesscope refuses the
 state_dict for it, naming a batch-norm tensor. Run in a scratch folder:
 HESSCOPE=path/to/hesscope python check_onnx.py NAME C H W [BACKEND ...]
@@ -63,6 +64,16 @@ for bn_mode in ("batch", "running"):
     g = torch.autograd.grad(loss, ps, create_graph=True)
     hv = torch.autograd.grad(sum((a * v[n]).sum() for a, n in zip(g, names)), ps)
     row = {"loss": loss.item()}
+    # The gradient, from hesscope's `grad` on the float64 reference.
+    r = subprocess.run([hesscope, "grad", "--model", f"{name}.onnx", "--data", "d.safetensors",
+                        "--batch", str(batch), "--bn", bn_mode, "--backend", "cpu",
+                        "--out", f"grad-{bn_mode}.safetensors", "--json"], capture_output=True, text=True)
+    if r.returncode != 0:
+        row["cpu-grad"] = {"error": r.stderr.strip()}
+    else:
+        got = load_file(f"grad-{bn_mode}.safetensors")
+        num = sum(((got[n].double() - a) ** 2).sum() for n, a in zip(names, g))
+        row["cpu-grad"] = {"grad_rel": float((num / sum((a ** 2).sum() for a in g)) ** 0.5)}
     # PyTorch's own float32, for the GPU's numbers.
     m32 = getattr(torchvision.models, name)(num_classes=10)
     m32.load_state_dict(sd)
