@@ -92,11 +92,14 @@ pub fn label(idx: usize, n: &NodeProto) -> String {
 }
 
 /// A PyTorch module path: `.`-separated, non-empty parts of ASCII letters,
-/// digits and `_`.
+/// digits, `_` and `-` (RegNet's `block1-0`).
 pub fn is_module_name(s: &str) -> bool {
     !s.is_empty()
         && s.split('.').all(|part| {
-            !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         })
 }
 
