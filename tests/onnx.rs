@@ -13,6 +13,7 @@ use hesscope::cpu::CpuReference;
 use hesscope::data::Dataset;
 use hesscope::engine::{BnMode, Curvature, Problem};
 use hesscope::gpu::GpuEngine;
+use hesscope::model::graph::Op;
 use hesscope::model::onnx::{self, proto};
 use hesscope::model::{params, Model, Weights};
 use prost::Message;
@@ -44,15 +45,22 @@ struct Case {
 
 fn cases() -> Vec<Case> {
     let mut out = vec![];
-    for file in ["small.onnx", "small-gelu20.onnx"] {
+    // channels.onnx (python/tests/make_onnx_channels.py) keeps its data
+    // and references in channels/.
+    for (file, sub) in [
+        ("small.onnx", ""),
+        ("small-gelu20.onnx", ""),
+        ("channels.onnx", "channels"),
+    ] {
         for bn in [BnMode::Batch, BnMode::Running] {
             let (model, weights) = onnx::load(&dir().join(file), None).unwrap();
-            let data = Dataset::load(&dir().join("data.safetensors")).unwrap();
-            let rd = dir().join(match bn {
+            let d = dir().join(sub);
+            let data = Dataset::load(&d.join("data.safetensors")).unwrap();
+            let rd = d.join(match bn {
                 BnMode::Batch => "ref-batch",
                 BnMode::Running => "ref-running",
             });
-            let v = params::load_vector(&model, &dir().join("v.safetensors")).unwrap();
+            let v = params::load_vector(&model, &d.join("v.safetensors")).unwrap();
             let grad = params::load_vector(&model, &rd.join("grad.safetensors")).unwrap();
             let hv = params::load_vector(&model, &rd.join("hv.safetensors")).unwrap();
             let loss = json(rd.join("reference.json"))["loss"].as_f64().unwrap();
@@ -122,6 +130,68 @@ fn the_small_onnx_model_reads_as_exported() {
         let m = Model::load(dir().join(file).to_str().unwrap()).unwrap();
         assert_eq!(m.n_params, model.n_params);
     }
+}
+
+/// channels.onnx: the channel ops of torchvision's lighter CNNs, each read
+/// onto its IR op (the shape arithmetic around the shuffle folded away).
+#[test]
+fn the_channels_onnx_model_reads_as_exported() {
+    let d = dir().join("channels");
+    let (model, init) = onnx::load(&dir().join("channels.onnx"), None).unwrap();
+    let kinds: Vec<&str> = model.nodes.iter().map(|n| n.kind()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "conv",
+            "bn",
+            "relu6",
+            "narrow",
+            "narrow",
+            "conv",
+            "bn",
+            "hardswish",
+            "narrow",
+            "conv",
+            "narrow",
+            "narrow",
+            "narrow",
+            "concat",
+            "shuffle",
+            "gap",
+            "conv",
+            "relu",
+            "conv",
+            "hardsigmoid",
+            "mul",
+            "sigmoid",
+            "mul",
+            "gap",
+            "flatten",
+            "linear"
+        ]
+    );
+    let narrows: Vec<(usize, usize)> = model
+        .nodes
+        .iter()
+        .filter_map(|n| match n.op {
+            Op::Narrow { start, len } => Some((start, len)),
+            _ => None,
+        })
+        .collect();
+    // split [3, 5]; narrow(1, 2, 2); b[:, :1]; a[:, 1:]; b[:, 4:] (the two
+    // torch.cat calls export as one Concat of five).
+    assert_eq!(narrows, [(0, 3), (3, 5), (2, 2), (0, 1), (1, 2), (4, 2)]);
+    let shuffle = model.nodes.iter().find(|n| n.kind() == "shuffle").unwrap();
+    assert_eq!(shuffle.op, Op::ChannelShuffle { groups: 2 });
+    assert_eq!(shuffle.out_shape.c, 10);
+    // The squeeze-and-excitation Mul reads the image first, the gate second.
+    let se = model.nodes.iter().find(|n| n.kind() == "mul").unwrap();
+    let gate = &model.nodes[se.inputs[1] - 1];
+    assert_eq!(gate.kind(), "hardsigmoid");
+    assert_eq!((gate.out_shape.h, gate.out_shape.w), (1, 1));
+    let sd = Weights::load(&model, &d.join("weights.safetensors")).unwrap();
+    assert_eq!(init.theta, sd.theta);
+    assert_eq!(init.buffers, sd.buffers);
 }
 
 #[test]
@@ -254,6 +324,61 @@ fn node_mut<'a>(m: &'a mut proto::ModelProto, op: &str) -> &'a mut proto::NodePr
         .iter_mut()
         .find(|n| n.op_type == op)
         .unwrap()
+}
+
+/// The channel ops outside what hesscope computes are refused naming the
+/// node: a HardSigmoid other than PyTorch's, a Clip other than ReLU6, a
+/// Split or Concat along another axis, a Transpose inside the shuffle.
+#[test]
+fn bad_channel_ops_are_refused_naming_the_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = std::fs::read(dir().join("channels.onnx")).unwrap();
+    let base = || proto::ModelProto::decode(whole.as_slice()).unwrap();
+    let attr = |n: &mut proto::NodeProto, name: &str| -> usize {
+        n.attribute.iter().position(|a| a.name == name).unwrap()
+    };
+    let check = |tag: &str, m: &proto::ModelProto, wants: &[&str]| {
+        let err = refused(tmp.path(), tag, &m.encode_to_vec());
+        eprintln!("{tag}: {err}");
+        for w in wants {
+            assert!(err.contains(w), "{tag}: `{w}` not in: {err}");
+        }
+    };
+    let mut m = base();
+    let n = node_mut(&mut m, "HardSigmoid");
+    let i = attr(n, "alpha");
+    n.attribute[i].f = 0.2;
+    check(
+        "hardsigmoid",
+        &m,
+        &["/gate/HardSigmoid", "alpha=0.2", "1/6"],
+    );
+    let mut m = base();
+    let n = node_mut(&mut m, "Clip");
+    n.input[2] = n.input[1].clone();
+    check("clip", &m, &["/act1/Clip", "Clip to [0, 0]"]);
+    let mut m = base();
+    let n = node_mut(&mut m, "Split");
+    let i = attr(n, "axis");
+    n.attribute[i].i = 2;
+    check("split", &m, &["/Split", "along axis 2"]);
+    let mut m = base();
+    let n = node_mut(&mut m, "Transpose");
+    let i = attr(n, "perm");
+    n.attribute[i].ints = vec![0, 1, 2, 4, 3];
+    check("transpose", &m, &["/Transpose", "channel shuffle"]);
+    let mut m = base();
+    let n = m
+        .graph
+        .as_mut()
+        .unwrap()
+        .node
+        .iter_mut()
+        .find(|n| n.op_type == "Concat" && n.input.len() == 5)
+        .unwrap();
+    let i = attr(n, "axis");
+    n.attribute[i].i = 2;
+    check("concat", &m, &["/Concat", "Concat along axis 2"]);
 }
 
 #[test]
@@ -455,6 +580,65 @@ fn an_onnx_resnet18_matches_pytorch_float64() {
         err.contains("layer1.0.bn1.") && err.contains("do_constant_folding=False"),
         "{err}"
     );
+}
+
+/// Needs python3 with torch, torchvision and onnx (skipped with a message
+/// elsewhere): torchvision's lighter CNNs, whose exports hold the channel
+/// ops (SqueezeNet: Concat; MobileNetV3: HardSwish, HardSigmoid, the
+/// squeeze-and-excitation Mul, BN eps 1e-3; ShuffleNetV2: Slice, Concat,
+/// the channel shuffle with its shape arithmetic), 10 classes, 64 px,
+/// batch 2, BN perturbed, exported unfolded at test time and read with
+/// their initializers and with their state_dicts, against PyTorch float64
+/// (Hardswish/Hardsigmoid in their clamp forms, dropout the identity) in
+/// both BN modes.
+#[test]
+fn onnx_squeezenet_mobilenet_v3_and_shufflenet_match_pytorch_float64() {
+    let has_torch = std::process::Command::new("python3")
+        .args(["-c", "import torch, torchvision, onnx, safetensors"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_torch {
+        eprintln!("SKIPPED: python3 with torch, torchvision, onnx and safetensors not found");
+        return;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for name in ["squeezenet1_1", "mobilenet_v3_small", "shufflenet_v2_x0_5"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("python3")
+            .arg(root.join("python/tests/check_onnx.py"))
+            .args([name, "3", "64", "64", "cpu"])
+            .current_dir(tmp.path())
+            .env("HESSCOPE", env!("CARGO_BIN_EXE_hesscope"))
+            .env("BATCH", "2")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        eprintln!("{name}: {r}");
+        for bn in ["batch", "running"] {
+            for run in ["cpu", "cpu-state-dict"] {
+                let row = &r[bn][run];
+                let hv = row["hv_rel"]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{name} {bn} {run}: {row}"));
+                let loss = row["loss_rel"].as_f64().unwrap();
+                assert!(
+                    hv <= CPU_TOL && loss <= CPU_TOL,
+                    "{name} {bn} {run}: Hv {hv:.1e}, loss {loss:.1e}"
+                );
+            }
+            let row = &r[bn]["cpu-grad"];
+            let g = row["grad_rel"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{name} {bn} grad: {row}"));
+            assert!(g <= CPU_TOL, "{name} {bn}: gradient {g:.1e}");
+        }
+    }
 }
 
 /// The dynamo exporter's eval-mode file: opset 20, batch norm folded,

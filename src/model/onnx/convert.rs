@@ -45,6 +45,14 @@ pub enum Val {
     Const(Rc<Tensor>, Origin),
     /// A piece of GELU's erf form of the value with this id.
     Gelu(usize, GeluPart),
+    /// A piece of ShuffleNet's channel shuffle of the value with this id:
+    /// reshaped to [N, groups, C/groups, H, W], then (`transposed`) with
+    /// axes 1 and 2 swapped. Only the reshape back to [N, C, H, W] is a value.
+    Shuffle {
+        v: usize,
+        groups: usize,
+        transposed: bool,
+    },
 }
 
 pub struct Builder<'a> {
@@ -84,11 +92,14 @@ pub fn label(idx: usize, n: &NodeProto) -> String {
 }
 
 /// A PyTorch module path: `.`-separated, non-empty parts of ASCII letters,
-/// digits and `_`.
+/// digits, `_` and `-` (RegNet's `block1-0`).
 pub fn is_module_name(s: &str) -> bool {
     !s.is_empty()
         && s.split('.').all(|part| {
-            !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         })
 }
 
@@ -267,6 +278,7 @@ impl<'a> Builder<'a> {
                 n.op_type
             )),
             Val::Gelu(..) => Err(gelu_incomplete(&n.input[i])),
+            Val::Shuffle { .. } => Err(shuffle_incomplete(&n.input[i])),
         }
     }
 
@@ -433,6 +445,7 @@ impl<'a> Builder<'a> {
             Some(Val::Value(v)) => *v,
             Some(Val::Const(..)) => return Err(format!("the output `{output}` is a constant")),
             Some(Val::Gelu(..)) => return Err(gelu_incomplete(output)),
+            Some(Val::Shuffle { .. }) => return Err(shuffle_incomplete(output)),
             None => return Err(format!("no node makes the output `{output}`")),
         };
         if v == 0 {
@@ -489,6 +502,14 @@ pub fn gelu_incomplete(name: &str) -> String {
     format!(
         "`{name}` is part of GELU's erf form 0.5·x·(1 + erf(x/√2)) but is read as a value of \
          its own; hesscope reads that form only whole (or the Gelu op of opset 20)"
+    )
+}
+
+pub fn shuffle_incomplete(name: &str) -> String {
+    format!(
+        "`{name}` is part of a channel shuffle (Reshape to [N, G, C/G, H, W], Transpose perm \
+         [0, 2, 1, 3, 4], Reshape to [N, C, H, W]) but is read as a value of its own; hesscope \
+         reads that pattern only whole"
     )
 }
 

@@ -45,13 +45,20 @@ impl Builder<'_> {
     /// other reshape is supported.
     pub(super) fn reshape(&mut self, n: &NodeProto, module: String) -> R<()> {
         let allowzero = Attrs::only(n, &["allowzero"])?.int("allowzero", 0);
-        let (_, s, _) = self.value(n, 0)?;
         let (t, _) = self.konst(n, 1)?;
         let target: Vec<i64> = t.data.iter().map(|&x| x as i64).collect();
+        let batch = self.batch;
+        let batch_ok =
+            |d: i64| (d == 0 && allowzero == 0) || d == -1 || batch.is_some_and(|b| b as i64 == d);
+        let first_ok = t.int && target.first().is_some_and(|&d| batch_ok(d));
+        if self
+            .shuffle_reshape(n, &module, &target, first_ok)?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let (_, s, _) = self.value(n, 0)?;
         let numel = s.numel() as i64;
-        let batch_ok = |d: i64| {
-            (d == 0 && allowzero == 0) || d == -1 || self.batch.is_some_and(|b| b as i64 == d)
-        };
         let ok = match target[..] {
             [b, -1] => b != -1 && batch_ok(b),
             [b, d] => d == numel && batch_ok(b),

@@ -4,10 +4,13 @@
 //! Read: opset 13 and later, the standard domain only; the operators
 //! Conv, BatchNormalization, Relu, LeakyRelu, Tanh, Sigmoid, Gelu (opset
 //! 20, or the erf form 0.5·x·(1 + erf(x/√2)) older exporters write),
-//! MaxPool, AveragePool, GlobalAveragePool, ReduceMean over H and W,
-//! Flatten, Reshape to [N, C·H·W], Gemm, MatMul (+ Add of its bias), Add,
-//! Identity, Dropout (the identity, as in eval()), Constant and Transpose
-//! of a constant. The graph has one input, an image batch [N, C, H, W],
+//! Clip(0, 6), HardSigmoid, HardSwish, MaxPool, AveragePool,
+//! GlobalAveragePool, ReduceMean over H and W, Flatten, Reshape to
+//! [N, C·H·W], Gemm, MatMul (+ Add of its bias), Add, Mul of values,
+//! Concat, Slice and Split along channels, the channel shuffle (Reshape,
+//! Transpose, Reshape), Identity, Dropout (the identity, as in eval()),
+//! Constant, Transpose of a constant, and shape arithmetic (Shape,
+//! Gather, Unsqueeze, Cast, integer Add/Sub/Mul/Div) folded to constants. The graph has one input, an image batch [N, C, H, W],
 //! and one output, the logits [N, classes]; the loss is cross-entropy on
 //! them, as for `.arch` models. Parameter names are the initializers'
 //! (PyTorch's state_dict names, when torch exported the graph unfolded).
@@ -15,10 +18,12 @@
 //! Protobuf is decoded by `prost` (`proto.rs` holds the messages).
 
 mod arith;
+mod channels;
 mod convert;
 mod dense;
 mod ops;
 pub mod proto;
+mod shape;
 mod tensor;
 
 use super::graph::Shape;

@@ -210,8 +210,20 @@ impl Builder<'_> {
             "Reshape" => self.reshape(n, module),
             "Gemm" => self.gemm(n, &module),
             "MatMul" => self.matmul(n, &module),
-            "Add" => self.add(n, module),
+            "Add" if !self.both_int_consts(n) => self.add(n, module),
+            "Add" | "Sub" | "Mul" | "Div" if self.both_int_consts(n) => self.int_arith(n),
+            "Mul" if self.mul_values(n, &module)?.is_some() => Ok(()),
             "Mul" | "Div" | "Erf" => self.gelu_piece(n, module),
+            "Concat" => self.concat(n, module),
+            "Slice" => self.slice(n, &module),
+            "Split" => self.split(n, &module),
+            "Shape" => self.shape_of(n),
+            "Gather" => self.gather(n),
+            "Unsqueeze" => self.unsqueeze(n),
+            "Cast" => self.cast(n),
+            "Clip" => self.clip(n, &module),
+            "HardSigmoid" => self.hardsigmoid(n, &module),
+            "HardSwish" => self.act(n, &module, &[], Activation::Hardswish),
             "Identity" | "Dropout" => {
                 // Dropout is the identity, as in eval().
                 Attrs::only(
@@ -230,6 +242,9 @@ impl Builder<'_> {
             "Constant" => self.constant(n),
             "Transpose" => {
                 let a = Attrs::only(n, &["perm"])?;
+                if self.shuffle_transpose(n, a.ints("perm"))?.is_some() {
+                    return Ok(());
+                }
                 let (t, o) = self.konst(n, 0)?;
                 if t.dims.len() != 2 || a.ints("perm").is_some_and(|p| p != [1, 0]) {
                     return Err(format!(
@@ -257,7 +272,13 @@ impl Builder<'_> {
         }
     }
 
-    fn act(&mut self, n: &NodeProto, module: &str, attrs: &[&str], a: Activation) -> R<()> {
+    pub(super) fn act(
+        &mut self,
+        n: &NodeProto,
+        module: &str,
+        attrs: &[&str],
+        a: Activation,
+    ) -> R<()> {
         Attrs::only(n, attrs)?;
         let (v, s, flat) = self.value(n, 0)?;
         let id = self.push(module.to_string(), Op::Act(a), vec![v], s, flat)?;
