@@ -5,6 +5,8 @@
 //! Backward: gx = convᵀ(gy, W); gW = Σ gy ⊗ x; gb = Σ gy.
 //! R-backward: R(gx) = convᵀ(R(gy), W) + convᵀ(gy, V);
 //! (Hv)_W = Σ R(gy) ⊗ x + Σ gy ⊗ ẋ; (Hv)_b = Σ R(gy).
+//! The float64 passes run as GEMMs (`ops::gemm`), each R-pass's two terms
+//! summed in one call.
 //! Kernels: shaders/conv.wgsl (forward, backward data) and
 //! shaders/conv_weight.wgsl (weight gradient in two stages), or with
 //! `Plan::conv_tiled` shaders/conv_tiled.wgsl's tiled implicit GEMMs (the
@@ -19,7 +21,7 @@ use crate::gpu::kernels::{self, Consts, ConvParams, Kernel, WeightsVia};
 use crate::gpu::plan::{NodeBufs, Plan};
 use crate::gpu::program::Grid;
 use crate::model::{Node, Op};
-use crate::ops::{conv, linear};
+use crate::ops::{conv, gemm};
 
 pub struct ConvUnit;
 
@@ -121,25 +123,42 @@ pub fn dims(node: &Node) -> Dims {
     }
 }
 
-/// y += conv(x, w) (linear layers by the dense f64 kernel).
-fn fwd_acc(node: &Node, n: usize, x: &[f64], w: &[f64], y: &mut [f64]) {
+/// Pairs of (input, weights) whose products a pass sums.
+type Pairs<'a> = [(&'a [f64], &'a [f64])];
+
+/// y += Σ conv(x, w) over (x, w) pairs, as GEMMs (ops::gemm).
+fn fwd_acc(node: &Node, n: usize, pairs: &Pairs, y: &mut [f64]) {
     match node.op {
-        Op::Linear { din, dout, .. } => linear::forward_acc(n, din, dout, x, w, y),
-        _ => conv::forward_acc(&geom(node, n), x, w, y),
+        Op::Linear { din, dout, .. } => {
+            for &(x, w) in pairs {
+                gemm::linear_forward_acc(n, din, dout, x, w, y);
+            }
+        }
+        _ => gemm::conv_forward_acc(&geom(node, n), pairs, y),
     }
 }
 
-fn data_acc(node: &Node, n: usize, gy: &[f64], w: &[f64], gx: &mut [f64]) {
+/// gx += Σ convᵀ(gy, w) over (gy, w) pairs.
+fn data_acc(node: &Node, n: usize, pairs: &Pairs, gx: &mut [f64]) {
     match node.op {
-        Op::Linear { din, dout, .. } => linear::backward_data_acc(n, din, dout, gy, w, gx),
-        _ => conv::backward_data_acc(&geom(node, n), gy, w, gx),
+        Op::Linear { din, dout, .. } => {
+            for &(gy, w) in pairs {
+                gemm::linear_backward_data_acc(n, din, dout, gy, w, gx);
+            }
+        }
+        _ => gemm::conv_backward_data_acc(&geom(node, n), pairs, gx),
     }
 }
 
-fn weight_acc(node: &Node, n: usize, gy: &[f64], x: &[f64], gw: &mut [f64]) {
+/// gw += Σ gy ⊗ x over (gy, x) pairs.
+fn weight_acc(node: &Node, n: usize, pairs: &Pairs, gw: &mut [f64]) {
     match node.op {
-        Op::Linear { din, dout, .. } => linear::backward_weight_acc(n, din, dout, gy, x, gw),
-        _ => conv::backward_weight_acc(&geom(node, n), gy, x, gw),
+        Op::Linear { din, dout, .. } => {
+            for &(gy, x) in pairs {
+                gemm::linear_backward_weight_acc(n, din, dout, gy, x, gw);
+            }
+        }
+        _ => gemm::conv_backward_weight_acc(&geom(node, n), pairs, gw),
     }
 }
 
@@ -200,7 +219,7 @@ impl Layer for ConvUnit {
     fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
         let (weight, bias) = params_of(node);
         let mut y = vec![0.0; cx.n * node.out_shape.numel()];
-        fwd_acc(node, cx.n, xs[0], cx.param(cx.theta, weight), &mut y);
+        fwd_acc(node, cx.n, &[(xs[0], cx.param(cx.theta, weight))], &mut y);
         if let Some(b) = bias {
             let c = dims(node).cout;
             conv::bias_acc(
@@ -225,8 +244,11 @@ impl Layer for ConvUnit {
     ) -> Vec<f64> {
         let (weight, bias) = params_of(node);
         let mut y = vec![0.0; cx.n * node.out_shape.numel()];
-        fwd_acc(node, cx.n, dxs[0], cx.param(cx.theta, weight), &mut y);
-        fwd_acc(node, cx.n, xs[0], cx.param(v, weight), &mut y);
+        let pairs = [
+            (dxs[0], cx.param(cx.theta, weight)),
+            (xs[0], cx.param(v, weight)),
+        ];
+        fwd_acc(node, cx.n, &pairs, &mut y);
         if let Some(b) = bias {
             let c = dims(node).cout;
             conv::bias_acc(cx.n, c, node.out_shape.spatial(), cx.param(v, b), &mut y);
@@ -245,8 +267,8 @@ impl Layer for ConvUnit {
     ) -> Vec<Vec<f64>> {
         let (weight, bias) = params_of(node);
         let mut gx = vec![0.0; cx.n * node.in_shape.numel()];
-        data_acc(node, cx.n, gy, cx.param(cx.theta, weight), &mut gx);
-        weight_acc(node, cx.n, gy, xs[0], cx.param_mut(grad, weight));
+        data_acc(node, cx.n, &[(gy, cx.param(cx.theta, weight))], &mut gx);
+        weight_acc(node, cx.n, &[(gy, xs[0])], cx.param_mut(grad, weight));
         bias_grad(cx, node, bias, gy, grad);
         vec![gx]
     }
@@ -265,11 +287,10 @@ impl Layer for ConvUnit {
     ) -> Vec<Vec<f64>> {
         let (weight, bias) = params_of(node);
         let mut rgx = vec![0.0; cx.n * node.in_shape.numel()];
-        data_acc(node, cx.n, rgy, cx.param(cx.theta, weight), &mut rgx);
-        data_acc(node, cx.n, gy, cx.param(v, weight), &mut rgx);
+        let pairs = [(rgy, cx.param(cx.theta, weight)), (gy, cx.param(v, weight))];
+        data_acc(node, cx.n, &pairs, &mut rgx);
         let hw = cx.param_mut(hv, weight);
-        weight_acc(node, cx.n, rgy, xs[0], hw);
-        weight_acc(node, cx.n, gy, dxs[0], hw);
+        weight_acc(node, cx.n, &[(rgy, xs[0]), (gy, dxs[0])], hw);
         bias_grad(cx, node, bias, rgy, hv);
         vec![rgx]
     }

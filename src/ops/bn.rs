@@ -13,6 +13,8 @@
 //!   running: R(gx) = s·R(ĝ)
 //!   R(gγ) = Σ(R(gy)x̂ + gy·x̂̇),  R(gβ) = Σ R(gy)
 
+use rayon::prelude::*;
+
 pub const EPS: f64 = 1e-5;
 
 #[derive(Clone, Copy, Debug)]
@@ -26,27 +28,34 @@ impl BnGeom {
     fn count(&self) -> f64 {
         (self.n * self.hw) as f64
     }
-    /// Per channel: Σ over the channel's elements of f(flat index).
-    fn channel_sums(&self, f: impl Fn(usize) -> f64) -> Vec<f64> {
-        let mut out = vec![0.0; self.c];
-        for n in 0..self.n {
-            for (ch, o) in out.iter_mut().enumerate() {
-                let base = (n * self.c + ch) * self.hw;
-                *o += (base..base + self.hw).map(&f).sum::<f64>();
-            }
-        }
-        out
-    }
-    /// Apply f(flat index, channel) to every element.
-    fn each(&self, out: &mut [f64], f: impl Fn(usize, usize) -> f64) {
-        for n in 0..self.n {
-            for ch in 0..self.c {
-                let base = (n * self.c + ch) * self.hw;
-                for (i, o) in out[base..base + self.hw].iter_mut().enumerate() {
-                    *o = f(base + i, ch);
+    /// Per channel: Σ over the channel's elements of f(flat index), the
+    /// channels on all cores, each summed sample by sample in order (the
+    /// same sums whatever the thread count).
+    fn channel_sums(&self, f: impl Fn(usize) -> f64 + Sync) -> Vec<f64> {
+        (0..self.c)
+            .into_par_iter()
+            .map(|ch| {
+                let mut o = 0.0;
+                for n in 0..self.n {
+                    let base = (n * self.c + ch) * self.hw;
+                    o += (base..base + self.hw).map(&f).sum::<f64>();
                 }
-            }
-        }
+                o
+            })
+            .collect()
+    }
+    /// Apply f(flat index, channel) to every element, planes on all cores.
+    fn each(&self, out: &mut [f64], f: impl Fn(usize, usize) -> f64 + Sync) {
+        let hw = self.hw.max(1);
+        out[..self.n * self.c * self.hw]
+            .par_chunks_mut(hw)
+            .enumerate()
+            .for_each(|(p, o)| {
+                let (base, ch) = (p * hw, p % self.c);
+                for (i, v) in o.iter_mut().enumerate() {
+                    *v = f(base + i, ch);
+                }
+            });
     }
 }
 

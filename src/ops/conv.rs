@@ -3,6 +3,10 @@
 //! backward and R passes are built. Weights are [cout, cin/groups, k, k];
 //! output channel co reads the input channels of its group
 //! co / (cout/groups).
+//!
+//! These are the plain loops: the float64 reference computes through
+//! [`super::gemm`]'s GEMMs, and tests/conv_gemm.rs checks those against
+//! these loops on random shapes (the GPU tests use them as their reference).
 
 use super::valid_range;
 use rayon::prelude::*;
@@ -35,7 +39,7 @@ impl ConvGeom {
     }
     /// Per kernel row offset: the valid output rows and the input offset,
     /// computed once per call rather than in the hot loops.
-    fn row_table(&self) -> Vec<(usize, usize, isize)> {
+    pub(crate) fn row_table(&self) -> Vec<(usize, usize, isize)> {
         (0..self.k)
             .map(|kh| {
                 let off = (kh * self.dilation) as isize - self.pad as isize;
@@ -44,7 +48,7 @@ impl ConvGeom {
             })
             .collect()
     }
-    fn col_table(&self) -> Vec<(usize, usize, isize)> {
+    pub(crate) fn col_table(&self) -> Vec<(usize, usize, isize)> {
         (0..self.k)
             .map(|kw| {
                 let off = (kw * self.dilation) as isize - self.pad as isize;

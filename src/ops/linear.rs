@@ -1,4 +1,6 @@
-//! Fully connected layer y = x Wᵀ + b in float64 (W is [dout, din]).
+//! Fully connected layer y = x Wᵀ + b in float64 (W is [dout, din]): the
+//! plain loops, kept as the independent check of [`super::gemm`]'s GEMMs
+//! (tests/conv_gemm.rs), which the reference computes through.
 
 use rayon::prelude::*;
 

@@ -1,12 +1,14 @@
 //! Float64 reference kernels, one file per op family. They are the ground
-//! truth every GPU kernel is tested against, so they favour plain loops
-//! over cleverness. Layouts are PyTorch's (NCHW, weights [cout, cin, k, k]).
+//! truth every GPU kernel is tested against. Convolutions and linear
+//! layers run as GEMMs (`gemm`), checked against the plain loops of
+//! `conv` and `linear`. Layouts are PyTorch's (NCHW, weights [cout, cin, k, k]).
 
 pub mod activation;
 pub mod adaptive_pool;
 pub mod bn;
 pub mod channels;
 pub mod conv;
+pub mod gemm;
 pub mod linear;
 pub mod loss;
 pub mod pool;
