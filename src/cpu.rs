@@ -56,11 +56,6 @@ pub struct BnMoments {
     pub var: Vec<f64>,
 }
 
-/// Bytes as GiB with two decimals.
-fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
-}
-
 fn add_into(dst: &mut Option<Vec<f64>>, src: Vec<f64>) {
     match dst {
         Some(d) => d.iter_mut().zip(&src).for_each(|(a, b)| *a += b),
@@ -92,12 +87,12 @@ impl CpuReference {
                     "the float64 reference needs about {} of host memory for model `{}` \
                      ({} parameters; {} of values per sample, each with its tangent and \
                      adjoint, in batches of {}), and the host has {} available",
-                    gib(need),
+                    crate::host::bytes_text(need),
                     pr.model.name,
                     pr.model.n_params,
-                    gib(Self::values_per_sample(&pr.model) as u64 * 8),
+                    crate::host::bytes_text(Self::values_per_sample(&pr.model) as u64 * 8),
                     pr.batch.min(pr.data.len()),
-                    gib(have as u64),
+                    crate::host::bytes_text(have as u64),
                 )));
             }
         }

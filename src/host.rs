@@ -10,6 +10,18 @@ pub fn available_memory() -> Option<usize> {
     parse_mem_available(&meminfo)
 }
 
+/// Bytes for messages: GiB, MiB or KiB, whichever reads best.
+pub fn bytes_text(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.2} MiB", b / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
 fn parse_mem_available(meminfo: &str) -> Option<usize> {
     meminfo
         .lines()

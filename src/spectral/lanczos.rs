@@ -44,18 +44,6 @@ impl BasisBudget {
     }
 }
 
-/// Bytes for messages: GiB, MiB or KiB, whichever reads best.
-fn size(bytes: usize) -> String {
-    let b = bytes as f64;
-    if b >= (1u64 << 30) as f64 {
-        format!("{:.2} GiB", b / (1u64 << 30) as f64)
-    } else if b >= (1u64 << 20) as f64 {
-        format!("{:.2} MiB", b / (1u64 << 20) as f64)
-    } else {
-        format!("{:.1} KiB", b / 1024.0)
-    }
-}
-
 /// "a Lanczos basis" or "N Lanczos bases", for refusals.
 fn bases_phrase(bases: usize) -> String {
     if bases > 1 {
@@ -112,8 +100,8 @@ impl BasisPrecision {
                     bases_phrase(bases),
                     steps.saturating_add(1),
                     need(bases),
-                    size(entries.saturating_mul(4)),
-                    size(budget.0)
+                    crate::host::bytes_text(entries.saturating_mul(4) as u64),
+                    crate::host::bytes_text(budget.0 as u64)
                 ),
             })
         }
@@ -201,9 +189,9 @@ impl BasisPlan {
                         bases_phrase(bases),
                         steps.saturating_add(1),
                         need(bases),
-                        size(bytes),
+                        crate::host::bytes_text(bytes as u64),
                         dev.name(),
-                        size(dev.budget())
+                        crate::host::bytes_text(dev.budget() as u64)
                     ),
                 });
             }
