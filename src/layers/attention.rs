@@ -21,6 +21,7 @@
 
 use super::{saved, CpuCx, Layer, Saved};
 use crate::model::{Node, Op};
+use rayon::prelude::*;
 
 pub struct MhaUnit;
 
@@ -217,21 +218,30 @@ impl MhaUnit {
     }
 }
 
+/// f(sample, head) for every pair, in parallel, in order.
+fn per_head<T: Send>(g: &Geo, n: usize, f: impl Fn(usize, usize) -> T + Sync) -> Vec<T> {
+    (0..n * g.heads)
+        .into_par_iter()
+        .map(|sh| f(sh / g.heads, sh % g.heads))
+        .collect()
+}
+
 impl Layer for MhaUnit {
     fn forward(&self, _cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
         let g = geo(node);
         let n = xs[0].len() / (g.t * if g.fused { 3 * g.d } else { g.d });
+        let per = per_head(&g, n, |s, h| {
+            let (q, k, v) = (g.get(xs, 0, s, h), g.get(xs, 1, s, h), g.get(xs, 2, s, h));
+            let p = g.softmax(&g.scores(&q, &k));
+            let mut o = vec![0.0; g.t * g.e];
+            mm_acc(g.t, g.e, &p, &v, &mut o);
+            (o, p)
+        });
         let mut y = vec![0.0; n * g.t * g.d];
         let mut probs = Vec::with_capacity(n * g.heads);
-        for s in 0..n {
-            for h in 0..g.heads {
-                let (q, k, v) = (g.get(xs, 0, s, h), g.get(xs, 1, s, h), g.get(xs, 2, s, h));
-                let p = g.softmax(&g.scores(&q, &k));
-                let mut o = vec![0.0; g.t * g.e];
-                mm_acc(g.t, g.e, &p, &v, &mut o);
-                g.put_out(&mut y, s, h, &o);
-                probs.push(p);
-            }
+        for (sh, (o, p)) in per.into_iter().enumerate() {
+            g.put_out(&mut y, sh / g.heads, sh % g.heads, &o);
+            probs.push(p);
         }
         (y, Box::new(Probs(probs)))
     }
@@ -247,22 +257,23 @@ impl Layer for MhaUnit {
         let g = geo(node);
         let probs: &Probs = saved(saved_, node);
         let n = probs.0.len() / g.heads;
+        let per = per_head(&g, n, |s, h| {
+            let p = &probs.0[s * g.heads + h];
+            let (q, k, v) = (g.get(xs, 0, s, h), g.get(xs, 1, s, h), g.get(xs, 2, s, h));
+            let (dq, dk, dv) = (
+                g.get(dxs, 0, s, h),
+                g.get(dxs, 1, s, h),
+                g.get(dxs, 2, s, h),
+            );
+            let dp = Self::p_dot(&g, p, &q, &k, &dq, &dk);
+            let mut o = vec![0.0; g.t * g.e];
+            mm_acc(g.t, g.e, &dp, &v, &mut o);
+            mm_acc(g.t, g.e, p, &dv, &mut o);
+            o
+        });
         let mut dy = vec![0.0; n * g.t * g.d];
-        for s in 0..n {
-            for h in 0..g.heads {
-                let p = &probs.0[s * g.heads + h];
-                let (q, k, v) = (g.get(xs, 0, s, h), g.get(xs, 1, s, h), g.get(xs, 2, s, h));
-                let (dq, dk, dv) = (
-                    g.get(dxs, 0, s, h),
-                    g.get(dxs, 1, s, h),
-                    g.get(dxs, 2, s, h),
-                );
-                let dp = Self::p_dot(&g, p, &q, &k, &dq, &dk);
-                let mut o = vec![0.0; g.t * g.e];
-                mm_acc(g.t, g.e, &dp, &v, &mut o);
-                mm_acc(g.t, g.e, p, &dv, &mut o);
-                g.put_out(&mut dy, s, h, &o);
-            }
+        for (sh, o) in per.iter().enumerate() {
+            g.put_out(&mut dy, sh / g.heads, sh % g.heads, o);
         }
         dy
     }
@@ -278,24 +289,25 @@ impl Layer for MhaUnit {
         let g = geo(node);
         let probs: &Probs = saved(saved_, node);
         let n = probs.0.len() / g.heads;
-        let mut gxs: Vec<Vec<f64>> = xs.iter().map(|x| vec![0.0; x.len()]).collect();
         let c = g.scale();
-        for s in 0..n {
-            for h in 0..g.heads {
-                let p = &probs.0[s * g.heads + h];
-                let (q, k, v) = (g.get(xs, 0, s, h), g.get(xs, 1, s, h), g.get(xs, 2, s, h));
-                let go = g.get_out(gy, s, h);
-                let gp = mmt(g.t, g.e, &go, &v);
-                let mut gv = vec![0.0; g.t * g.e];
-                mtm_acc(g.t, g.e, p, &go, &mut gv);
-                let mut gs = g.softmax_jac(p, &gp);
-                gs.iter_mut().for_each(|a| *a *= c);
-                let (mut gq, mut gk) = (vec![0.0; g.t * g.e], vec![0.0; g.t * g.e]);
-                mm_acc(g.t, g.e, &gs, &k, &mut gq);
-                mtm_acc(g.t, g.e, &gs, &q, &mut gk);
-                g.put(&mut gxs, 0, s, h, &gq);
-                g.put(&mut gxs, 1, s, h, &gk);
-                g.put(&mut gxs, 2, s, h, &gv);
+        let per = per_head(&g, n, |s, h| {
+            let p = &probs.0[s * g.heads + h];
+            let (q, k, v) = (g.get(xs, 0, s, h), g.get(xs, 1, s, h), g.get(xs, 2, s, h));
+            let go = g.get_out(gy, s, h);
+            let gp = mmt(g.t, g.e, &go, &v);
+            let mut gv = vec![0.0; g.t * g.e];
+            mtm_acc(g.t, g.e, p, &go, &mut gv);
+            let mut gs = g.softmax_jac(p, &gp);
+            gs.iter_mut().for_each(|a| *a *= c);
+            let (mut gq, mut gk) = (vec![0.0; g.t * g.e], vec![0.0; g.t * g.e]);
+            mm_acc(g.t, g.e, &gs, &k, &mut gq);
+            mtm_acc(g.t, g.e, &gs, &q, &mut gk);
+            [gq, gk, gv]
+        });
+        let mut gxs: Vec<Vec<f64>> = xs.iter().map(|x| vec![0.0; x.len()]).collect();
+        for (sh, parts) in per.iter().enumerate() {
+            for (which, part) in parts.iter().enumerate() {
+                g.put(&mut gxs, which, sh / g.heads, sh % g.heads, part);
             }
         }
         gxs
@@ -316,49 +328,50 @@ impl Layer for MhaUnit {
         let probs: &Probs = saved(saved_, node);
         let n = probs.0.len() / g.heads;
         let (t, e, c) = (g.t, g.e, g.scale());
-        let mut out: Vec<Vec<f64>> = xs.iter().map(|x| vec![0.0; x.len()]).collect();
-        for s in 0..n {
-            for h in 0..g.heads {
-                let p = &probs.0[s * g.heads + h];
-                let (q, k, v) = (g.get(xs, 0, s, h), g.get(xs, 1, s, h), g.get(xs, 2, s, h));
-                let (dq, dk, dv) = (
-                    g.get(dxs, 0, s, h),
-                    g.get(dxs, 1, s, h),
-                    g.get(dxs, 2, s, h),
-                );
-                let dp = Self::p_dot(&g, p, &q, &k, &dq, &dk);
-                let (go, rgo) = (g.get_out(gy, s, h), g.get_out(rgy, s, h));
-                let gp = mmt(t, e, &go, &v);
-                let mut rgp = mmt(t, e, &rgo, &v);
-                let gp2 = mmt(t, e, &go, &dv);
-                rgp.iter_mut().zip(&gp2).for_each(|(a, b)| *a += b);
-                // R(gv) = Ṗᵀ·gO + Pᵀ·R(gO).
-                let mut rgv = vec![0.0; t * e];
-                mtm_acc(t, e, &dp, &go, &mut rgv);
-                mtm_acc(t, e, p, &rgo, &mut rgv);
-                // gS and R(gS) (times c below).
-                let gs = g.softmax_jac(p, &gp);
-                let mut rgs = vec![0.0; t * t];
-                for i in 0..t {
-                    let r = i * t;
-                    let m = g.cols(i);
-                    let dot: f64 = (0..m).map(|j| p[r + j] * gp[r + j]).sum();
-                    let rdot: f64 = (0..m)
-                        .map(|j| dp[r + j] * gp[r + j] + p[r + j] * rgp[r + j])
-                        .sum();
-                    for j in 0..m {
-                        rgs[r + j] = dp[r + j] * (gp[r + j] - dot) + p[r + j] * (rgp[r + j] - rdot);
-                    }
+        let per = per_head(&g, n, |s, h| {
+            let p = &probs.0[s * g.heads + h];
+            let (q, k, v) = (g.get(xs, 0, s, h), g.get(xs, 1, s, h), g.get(xs, 2, s, h));
+            let (dq, dk, dv) = (
+                g.get(dxs, 0, s, h),
+                g.get(dxs, 1, s, h),
+                g.get(dxs, 2, s, h),
+            );
+            let dp = Self::p_dot(&g, p, &q, &k, &dq, &dk);
+            let (go, rgo) = (g.get_out(gy, s, h), g.get_out(rgy, s, h));
+            let gp = mmt(t, e, &go, &v);
+            let mut rgp = mmt(t, e, &rgo, &v);
+            let gp2 = mmt(t, e, &go, &dv);
+            rgp.iter_mut().zip(&gp2).for_each(|(a, b)| *a += b);
+            // R(gv) = Ṗᵀ·gO + Pᵀ·R(gO).
+            let mut rgv = vec![0.0; t * e];
+            mtm_acc(t, e, &dp, &go, &mut rgv);
+            mtm_acc(t, e, p, &rgo, &mut rgv);
+            // gS and R(gS) (times c below).
+            let gs = g.softmax_jac(p, &gp);
+            let mut rgs = vec![0.0; t * t];
+            for i in 0..t {
+                let r = i * t;
+                let m = g.cols(i);
+                let dot: f64 = (0..m).map(|j| p[r + j] * gp[r + j]).sum();
+                let rdot: f64 = (0..m)
+                    .map(|j| dp[r + j] * gp[r + j] + p[r + j] * rgp[r + j])
+                    .sum();
+                for j in 0..m {
+                    rgs[r + j] = dp[r + j] * (gp[r + j] - dot) + p[r + j] * (rgp[r + j] - rdot);
                 }
-                let (mut rgq, mut rgk) = (vec![0.0; t * e], vec![0.0; t * e]);
-                mm_acc(t, e, &rgs, &k, &mut rgq);
-                mm_acc(t, e, &gs, &dk, &mut rgq);
-                mtm_acc(t, e, &rgs, &q, &mut rgk);
-                mtm_acc(t, e, &gs, &dq, &mut rgk);
-                rgq.iter_mut().chain(rgk.iter_mut()).for_each(|a| *a *= c);
-                g.put(&mut out, 0, s, h, &rgq);
-                g.put(&mut out, 1, s, h, &rgk);
-                g.put(&mut out, 2, s, h, &rgv);
+            }
+            let (mut rgq, mut rgk) = (vec![0.0; t * e], vec![0.0; t * e]);
+            mm_acc(t, e, &rgs, &k, &mut rgq);
+            mm_acc(t, e, &gs, &dk, &mut rgq);
+            mtm_acc(t, e, &rgs, &q, &mut rgk);
+            mtm_acc(t, e, &gs, &dq, &mut rgk);
+            rgq.iter_mut().chain(rgk.iter_mut()).for_each(|a| *a *= c);
+            [rgq, rgk, rgv]
+        });
+        let mut out: Vec<Vec<f64>> = xs.iter().map(|x| vec![0.0; x.len()]).collect();
+        for (sh, parts) in per.iter().enumerate() {
+            for (which, part) in parts.iter().enumerate() {
+                g.put(&mut out, which, sh / g.heads, sh % g.heads, part);
             }
         }
         out

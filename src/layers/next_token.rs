@@ -7,6 +7,7 @@
 //! The last position's logits get a zero adjoint.
 
 use crate::data::Dataset;
+use crate::layers::loss::count_correct;
 use crate::model::Model;
 use crate::ops::loss;
 
@@ -44,6 +45,21 @@ pub fn r_backward(model: &Model, count: usize, p: &[f64], zdot: &[f64], scale: f
     let (zc, _) = gather(zdot, None, count, t, k);
     let rc = loss::r_backward(count * (t - 1), k, p, &zc, token_scale(scale, t));
     scatter(&rc, count, t, k)
+}
+
+/// How many samples of the batch are classified right (their largest
+/// logit, the first on ties, is the label), or for a language model how
+/// many tokens are predicted right divided by the T−1 predicted per sample
+/// (so that the sum over batches divided by N is the fraction of tokens).
+pub fn correct(model: &Model, data: &Dataset, start: usize, count: usize, z: &[f64]) -> f64 {
+    let k = model.classes;
+    if !model.next_token() {
+        return count_correct(z, k, &data.y[start..start + count]) as f64;
+    }
+    let t = model.input.tokens();
+    let x = &data.x[start * t..(start + count) * t];
+    let (zc, labels) = gather(z, Some(x), count, t, k);
+    count_correct(&zc, k, &labels) as f64 / (t - 1) as f64
 }
 
 /// 1/N per sample becomes 1/(N·(T−1)) per predicted token.

@@ -10,6 +10,8 @@
 
 use super::{CpuCx, Layer, Saved};
 use crate::model::{Node, Op};
+use rayon::prelude::*;
+use std::borrow::Cow;
 
 fn none() -> Saved {
     Box::new(())
@@ -178,49 +180,66 @@ fn lin(node: &Node) -> Lin {
 }
 
 impl Lin {
-    /// Index of W(o, i) in the stored weight.
-    fn at(&self, o: usize, i: usize) -> usize {
-        if self.transposed {
-            i * self.dout + o
-        } else {
-            o * self.din + i
+    /// W as [dout, din] row-major: the stored weight, or a transposed copy
+    /// of Conv1D's [din, dout].
+    fn rows<'a>(&self, w: &'a [f64]) -> Cow<'a, [f64]> {
+        if !self.transposed {
+            return Cow::Borrowed(w);
         }
+        let mut t = vec![0.0; w.len()];
+        for i in 0..self.din {
+            for o in 0..self.dout {
+                t[o * self.din + i] = w[i * self.dout + o];
+            }
+        }
+        Cow::Owned(t)
     }
-    /// y[r] += W·x[r] for every row.
+    /// y[r] += W·x[r] for every row (rows in parallel).
     fn apply_acc(&self, w: &[f64], x: &[f64], y: &mut [f64]) {
-        for (xr, yr) in x.chunks(self.din).zip(y.chunks_mut(self.dout)) {
-            for (o, yo) in yr.iter_mut().enumerate() {
-                let mut s = 0.0;
-                for (i, xi) in xr.iter().enumerate() {
-                    s += w[self.at(o, i)] * xi;
+        let w = self.rows(w);
+        let din = self.din;
+        y.par_chunks_mut(self.dout)
+            .zip(x.par_chunks(din))
+            .for_each(|(yr, xr)| {
+                for (yo, wo) in yr.iter_mut().zip(w.chunks(din)) {
+                    *yo += wo.iter().zip(xr).map(|(a, b)| a * b).sum::<f64>();
                 }
-                *yo += s;
-            }
-        }
+            });
     }
-    /// gx[r] += Wᵀ·g[r] for every row.
+    /// gx[r] += Wᵀ·g[r] for every row (rows in parallel).
     fn transpose_acc(&self, w: &[f64], g: &[f64], gx: &mut [f64]) {
-        for (gr, xr) in g.chunks(self.dout).zip(gx.chunks_mut(self.din)) {
-            for (i, xi) in xr.iter_mut().enumerate() {
-                let mut s = 0.0;
-                for (o, go) in gr.iter().enumerate() {
-                    s += w[self.at(o, i)] * go;
+        let w = self.rows(w);
+        let din = self.din;
+        gx.par_chunks_mut(din)
+            .zip(g.par_chunks(self.dout))
+            .for_each(|(xr, gr)| {
+                for (go, wo) in gr.iter().zip(w.chunks(din)) {
+                    if *go != 0.0 {
+                        xr.iter_mut().zip(wo).for_each(|(a, b)| *a += go * b);
+                    }
                 }
-                *xi += s;
-            }
-        }
+            });
     }
-    /// dW(o, i) += Σ_r g[r, o]·x[r, i].
+    /// dW(o, i) += Σ_r g[r, o]·x[r, i] (output rows of dW in parallel).
     fn outer_acc(&self, g: &[f64], x: &[f64], dw: &mut [f64]) {
-        for (gr, xr) in g.chunks(self.dout).zip(x.chunks(self.din)) {
-            for (o, go) in gr.iter().enumerate() {
-                if *go == 0.0 {
-                    continue;
-                }
-                for (i, xi) in xr.iter().enumerate() {
-                    dw[self.at(o, i)] += go * xi;
+        let (din, dout) = (self.din, self.dout);
+        let mut t = vec![0.0; din * dout];
+        t.par_chunks_mut(din).enumerate().for_each(|(o, row)| {
+            for (gr, xr) in g.chunks(dout).zip(x.chunks(din)) {
+                let go = gr[o];
+                if go != 0.0 {
+                    row.iter_mut().zip(xr).for_each(|(a, b)| *a += go * b);
                 }
             }
+        });
+        if self.transposed {
+            for o in 0..dout {
+                for i in 0..din {
+                    dw[i * dout + o] += t[o * din + i];
+                }
+            }
+        } else {
+            dw.iter_mut().zip(&t).for_each(|(a, b)| *a += b);
         }
     }
     /// db(o) += Σ_r g[r, o].
