@@ -225,6 +225,16 @@ fn a_tied_tensor_that_differs_is_refused_naming_both() {
             && e.contains("element 5"),
         "{e}"
     );
+    // Written back with both names, as PyTorch's state_dict.
+    let w = Weights::load(&m, &dir.join("weights.safetensors")).unwrap();
+    let out = tmp.path().join("back.safetensors");
+    params::save_state_dict(&m, &out, &w).unwrap();
+    let back = hesscope::model::tensorio::File::open(&out).unwrap();
+    assert_eq!(back.layout().len(), f.layout().len());
+    assert_eq!(
+        back.tensor("lm_head.weight").unwrap().data,
+        f.tensor("transformer.wte.weight").unwrap().data
+    );
     // Without its second name the state_dict loads as well.
     tensors.retain(|t| t.0 != "lm_head.weight");
     hesscope::model::tensorio::write_f64(&path, &tensors).unwrap();

@@ -238,7 +238,8 @@ pub fn save_vector(model: &Model, path: &Path, v: &[f64]) -> Result<()> {
     tensorio::write_f64(path, &named(model, v))
 }
 
-/// The full state_dict (parameters and BN buffers), as PyTorch names it.
+/// The full state_dict (parameters, tied parameters' second names and BN
+/// buffers), as PyTorch names it.
 pub fn save_state_dict(model: &Model, path: &Path, w: &Weights) -> Result<()> {
     if w.theta.len() != model.n_params || w.buffers.len() != model.buffers.len() {
         return Err(Error::Invalid {
@@ -254,6 +255,12 @@ pub fn save_state_dict(model: &Model, path: &Path, w: &Weights) -> Result<()> {
         });
     }
     let mut t = named(model, &w.theta);
+    // A tied parameter under its second name too, as PyTorch's state_dict.
+    for (alias, i) in &model.tied {
+        let p = &model.params[*i];
+        let vals = w.theta[p.offset..p.offset + p.numel()].to_vec();
+        t.push((alias.clone(), p.shape.clone(), vals));
+    }
     for (b, vals) in model.buffers.iter().zip(&w.buffers) {
         t.push((b.name.clone(), vec![b.len], vals.clone()));
     }
