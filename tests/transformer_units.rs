@@ -53,6 +53,25 @@ fn stencil<T, F: Fn(f64) -> T>(f: F, eps: f64, comb: impl Fn(&[T; 4]) -> T) -> T
 
 fn check(label: &str, text: &str) {
     let m = arch::parse(&format!("{label}.arch"), text).unwrap_or_else(|e| panic!("{label}: {e}"));
+    // The explicit form reads back to the same graph and tensors.
+    let back = arch::parse("back.arch", &arch::to_text(&m)).unwrap();
+    let ops = |m: &Model| {
+        m.nodes
+            .iter()
+            .map(|n| (n.op.clone(), n.inputs.clone()))
+            .collect::<Vec<_>>()
+    };
+    let names = |m: &Model| {
+        m.params
+            .iter()
+            .map(|p| (p.name.clone(), p.shape.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        (ops(&back), names(&back), &back.tied),
+        (ops(&m), names(&m), &m.tied),
+        "{label}"
+    );
     let d = data_for(&m, 3);
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let np = m.n_params;
