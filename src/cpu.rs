@@ -6,7 +6,7 @@
 use crate::decisions::{self, DecisionReport, DecisionSource, Tally};
 use crate::engine::{check_out_len, BnMode, Curvature, Problem};
 use crate::error::{Error, Result};
-use crate::layers::{self, loss, CpuCx, Decision, Saved};
+use crate::layers::{self, next_token, CpuCx, Decision, Saved};
 use crate::model::{Activation, Op};
 
 pub struct CpuReference {
@@ -301,29 +301,29 @@ impl CpuReference {
     }
 
     /// Mean cross-entropy and accuracy (fraction of samples whose largest
-    /// logit, the first on ties, is the label) over the whole data set,
+    /// logit, the first on ties, is the label; for a language model the
+    /// fraction of predicted tokens) over the whole data set,
     /// forward passes only, batch by batch with the problem's BN mode (a
     /// PyTorch `model.eval()` evaluation is `BnMode::Running`).
     pub fn evaluate(&self) -> Result<(f64, f64)> {
         let pr = &self.problem;
-        let k = pr.model.classes;
         let n = pr.data.len();
         let scale = 1.0 / n as f64;
         let mut total = 0.0;
-        let mut correct = 0usize;
+        let mut correct = 0.0;
         for (start, count) in pr.data.batches(pr.batch) {
             let z = self.logits(start, count);
-            let y = &pr.data.y[start..start + count];
-            let (l, _, _) = loss::cpu_forward_backward(count, k, &z, y, scale);
+            let (l, _, _) =
+                next_token::forward_backward(&pr.model, &pr.data, start, count, &z, scale);
             total += l;
-            correct += loss::count_correct(&z, k, y);
+            correct += next_token::correct(&pr.model, &pr.data, start, count, &z);
         }
         if !total.is_finite() {
             return Err(Error::Numerical(format!(
                 "the evaluation loss is {total}: the weights or data overflow in float64"
             )));
         }
-        Ok((total, correct as f64 / n as f64))
+        Ok((total, correct / n as f64))
     }
 
     /// One mini-batch of samples `start..start + count` as a training step
@@ -420,15 +420,20 @@ impl CpuReference {
         }
 
         // Loss, its gradient and (with v) its R-gradient.
-        let k = pr.model.classes;
         let nv = vals.len();
-        let y = &pr.data.y[start..start + count];
-        let (l, gz, p) = loss::cpu_forward_backward(count, k, &vals[nv - 1], y, scale);
+        let (l, gz, p) =
+            next_token::forward_backward(&pr.model, &pr.data, start, count, &vals[nv - 1], scale);
         let mut adj: Vec<Option<Vec<f64>>> = vec![None; nv];
         let mut radj: Vec<Option<Vec<f64>>> = vec![None; nv];
         adj[nv - 1] = Some(gz);
         if v.is_some() {
-            radj[nv - 1] = Some(loss::cpu_r_backward(count, k, &p, &dvals[nv - 1], scale));
+            radj[nv - 1] = Some(next_token::r_backward(
+                &pr.model,
+                count,
+                &p,
+                &dvals[nv - 1],
+                scale,
+            ));
         }
 
         // Backward and R-backward, node by node in reverse.
@@ -515,10 +520,9 @@ impl CpuReference {
         let nodes = &pr.model.nodes;
         let cx = self.cx(count, None, None, None);
         let (vals, mut saved) = self.forward(Some(bi), start, count);
-        let k = pr.model.classes;
         let nv = vals.len();
-        let y = &pr.data.y[start..start + count];
-        let (l, gz, p) = loss::cpu_forward_backward(count, k, &vals[nv - 1], y, scale);
+        let (l, gz, p) =
+            next_token::forward_backward(&pr.model, &pr.data, start, count, &vals[nv - 1], scale);
 
         // The plain backward once: every node's output adjoint gy, kept
         // (None where no adjoint reaches the node, which the R-backward
@@ -555,7 +559,13 @@ impl CpuReference {
                 dvals.push(dy);
             }
             let mut radj: Vec<Option<Vec<f64>>> = vec![None; nv];
-            radj[nv - 1] = Some(loss::cpu_r_backward(count, k, &p, &dvals[nv - 1], scale));
+            radj[nv - 1] = Some(next_token::r_backward(
+                &pr.model,
+                count,
+                &p,
+                &dvals[nv - 1],
+                scale,
+            ));
             for (ni, node) in nodes.iter().enumerate().rev() {
                 let (Some(gy), Some(rgy)) = (gys[ni].as_deref(), radj[ni + 1].take()) else {
                     continue;

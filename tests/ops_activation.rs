@@ -9,11 +9,12 @@ use hesscope::ops::activation::{self as act, d2f, df, f};
 use hesscope::ops::pool;
 use rand::{Rng, SeedableRng};
 
-const SMOOTH: [Activation; 4] = [
+const SMOOTH: [Activation; 5] = [
     Activation::Tanh,
     Activation::Sigmoid,
     Activation::Gelu,
     Activation::Silu,
+    Activation::GeluTanh,
 ];
 
 fn all() -> Vec<Activation> {
@@ -195,6 +196,27 @@ fn everything_stays_finite_for_huge_inputs() {
     assert_eq!(df(Activation::Gelu, 1e300), 1.0);
     assert_eq!(df(Activation::Silu, -1e300), 0.0);
     assert_eq!(d2f(Activation::Gelu, 1e300), 0.0);
+    assert_eq!(f(Activation::GeluTanh, 1e300), 1e300);
+    assert_eq!(df(Activation::GeluTanh, 1e300), 1.0);
+    assert_eq!(d2f(Activation::GeluTanh, -1e300), 0.0);
+}
+
+/// GELU's tanh form against its formula as Hugging Face writes it
+/// (`gelu_new`: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))) where that
+/// form does not cancel, to rounding.
+#[test]
+fn gelu_tanh_is_hugging_faces_gelu_new() {
+    for i in -40..=40 {
+        let x = i as f64 * 0.15;
+        let hf = 0.5
+            * x
+            * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
+        let y = f(Activation::GeluTanh, x);
+        assert!(
+            (y - hf).abs() <= 1e-15 * (1.0 + hf.abs()),
+            "{x}: {y} vs {hf}"
+        );
+    }
 }
 
 #[test]

@@ -190,6 +190,12 @@ impl Inputs {
         match &self.data {
             Some(p) => Dataset::load_first(p, self.samples)
                 .with_context(|| format!("--data {}", p.display())),
+            None if model.input.kind == hesscope::model::Kind::Ids => Ok(data::synthetic_tokens(
+                model.input.tokens(),
+                model.vocab().unwrap_or(model.classes),
+                self.samples.unwrap_or(SYNTHETIC_SAMPLES),
+                self.seed,
+            )?),
             None => Ok(data::try_synthetic(
                 model.input,
                 model.classes,

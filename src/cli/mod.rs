@@ -137,7 +137,8 @@ pub enum Command {
     },
     /// Write the built-in synthetic data set as safetensors `x`/`y`.
     Synth {
-        /// The safetensors file to write (`x` f64 [N, C, H, W], `y` i64 [N]).
+        /// The safetensors file to write (`x` f64 [N, C, H, W], `y` i64 [N]; a model
+        /// reading token ids: `x` i64 [N, T] only).
         #[arg(long, help_heading = "Output")]
         out: PathBuf,
         #[command(flatten)]

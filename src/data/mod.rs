@@ -3,9 +3,11 @@
 
 mod cifar;
 mod synthetic;
+mod tokens;
 
 pub use cifar::{load_cifar_dir, load_cifar_dir_first, CIFAR_MEAN, CIFAR_STD};
 pub use synthetic::{synthetic, try_synthetic};
+pub use tokens::{synthetic_tokens, MAX_TOKEN_ID};
 
 use crate::error::{Error, Result};
 use crate::model::{tensorio, Model, Shape};
@@ -117,6 +119,9 @@ impl Dataset {
                 model.classes - 1
             )));
         }
+        if self.shape.kind == crate::model::Kind::Ids {
+            tokens::check_ids(self, model)?;
+        }
         if let Some(i) = self.x.iter().position(|v| !v.is_finite()) {
             return Err(err(format!(
                 "x element {i} (sample {}) is {} (not finite)",
@@ -171,13 +176,17 @@ impl Dataset {
         let x = layout
             .get("x")
             .ok_or_else(|| err("missing tensor `x` (images [N, C, H, W])".into()))?;
+        if tensorio::is_integer(x.dtype) && x.shape.len() == 2 {
+            return tokens::load_tokens(&file, samples);
+        }
         let y = layout
             .get("y")
             .ok_or_else(|| err("missing tensor `y` (labels [N])".into()))?;
         if !tensorio::is_float(x.dtype) {
             return Err(err(format!(
                 "`x` has dtype {}; images must be floating point (F32, F64, F16 or BF16), \
-                 normalised as the model expects (raw U8 pixels are not)",
+                 normalised as the model expects (raw U8 pixels are not); token ids are \
+                 integer [N, T]",
                 x.dtype
             )));
         }
@@ -240,6 +249,10 @@ impl Dataset {
     pub fn save(&self, path: &Path) -> Result<()> {
         let n = self.len();
         let s = self.shape;
+        if s.kind == crate::model::Kind::Ids {
+            let x: Vec<i64> = self.x.iter().map(|&v| v as i64).collect();
+            return tensorio::write(path, &[("x", &[n, s.c], tensorio::Values::I64(&x))]);
+        }
         let x: Vec<f64> = self.x.iter().map(|&v| v as f64).collect();
         let y: Vec<i64> = self.y.iter().map(|&v| v as i64).collect();
         tensorio::write(

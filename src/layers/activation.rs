@@ -100,6 +100,16 @@ fn pieces_of(p: &Plan, node: &Node, io: &NodeBufs) -> usize {
 }
 
 impl Layer for ActivationUnit {
+    fn check(&self, node: &Node) -> crate::error::Result<()> {
+        match of(node) {
+            Activation::GeluTanh => Err(super::unsupported(
+                node,
+                "gelu_tanh has no GPU kernels yet (the float64 reference computes it)",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn decides(&self, node: &Node) -> bool {
         piecewise(of(node))
     }
@@ -340,6 +350,7 @@ pub fn curved(a: Activation) -> bool {
         Activation::Tanh
             | Activation::Sigmoid
             | Activation::Gelu
+            | Activation::GeluTanh
             | Activation::Silu
             | Activation::Hardswish
     )
@@ -372,6 +383,8 @@ pub fn act_code(a: Activation) -> u32 {
         Activation::Relu6 => 6,
         Activation::Hardswish => 7,
         Activation::Hardsigmoid => 8,
+        // No kernel: `ActivationUnit::check` refuses it on the GPU.
+        Activation::GeluTanh => u32::MAX,
     }
 }
 

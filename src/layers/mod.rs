@@ -19,16 +19,24 @@
 //! its kernels in `shaders/` registered in `crate::gpu::kernels`, an `Op`
 //! variant with its `.arch` keyword, and one line in [`unit`].
 
+#[macro_use]
+mod cpu_only;
+
 pub mod activation;
 pub mod adaptive_pool;
 pub mod add;
+pub mod attention;
 pub mod batchnorm;
 pub mod channels;
 pub mod conv;
+pub mod embedding;
 pub mod flatten;
+pub mod layernorm;
 pub mod loss;
 pub mod mul;
+pub mod next_token;
 pub mod pool;
+pub mod seq;
 
 use crate::error::{Error, Result};
 use crate::gpu::plan::{NodeBufs, Plan};
@@ -355,6 +363,14 @@ pub fn unit(op: &Op) -> &'static dyn Layer {
         Op::ChannelShuffle { .. } => &channels::ShuffleUnit,
         Op::Mul => &mul::MulUnit,
         Op::AdaptiveAvgPool { .. } => &adaptive_pool::AdaptiveAvgPoolUnit,
+        Op::Embedding { .. } => &embedding::EmbeddingUnit,
+        Op::AddParam { .. } => &embedding::AddParamUnit,
+        Op::ClsToken { .. } => &embedding::ClsTokenUnit,
+        Op::Tokens => &seq::TokensUnit,
+        Op::Select { .. } => &seq::SelectUnit,
+        Op::SeqLinear { .. } => &seq::SeqLinearUnit,
+        Op::LayerNorm { .. } => &layernorm::LayerNormUnit,
+        Op::Mha { .. } => &attention::MhaUnit,
     }
 }
 

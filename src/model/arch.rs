@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! model   NAME
-//! input   C H W
+//! input   C H W | input tokens T
 //! classes K
 //! conv    NAME COUT k=K [stride=1] [pad=0] [bias=true|false] [groups=1] [dilation=1]
 //! bn      NAME [eps=1e-5]            # BatchNorm2d
@@ -27,6 +27,11 @@
 //! shortcut             # ... optional projection branch from the same input
 //! end                  # out = main + shortcut (identity when absent)
 //! basicblock NAME COUT [stride=1] [bn=true|false] [shortcut=NAME]
+//! gelu_tanh [NAME]; embedding NAME V D; pos_embedding NAME ROWS;
+//! add_param [NAME] PARAM; cls_token [NAME] PARAM; tokens [NAME];
+//! select [NAME] index=I; layernorm NAME [eps=1e-5]; conv1d NAME DOUT;
+//! mha [NAME] heads=H [causal=false]; attention NAME heads=H [causal=false]
+//!                                    # sequences: see `seq`
 //! NAME = OP(INPUT, ...) [ARGS]   # explicit edges: any layer above by
 //!                                # its keyword, add(A, B, ...),
 //!                                # concat(A, B, ...) or mul(X, S)
@@ -49,6 +54,7 @@
 mod blocks;
 mod channels;
 mod edges;
+mod seq;
 mod windows;
 
 pub use edges::to_text;
@@ -86,6 +92,17 @@ pub const KEYWORDS: &[&str] = &[
     "shortcut",
     "end",
     "basicblock",
+    "gelu_tanh",
+    "embedding",
+    "pos_embedding",
+    "add_param",
+    "cls_token",
+    "tokens",
+    "select",
+    "layernorm",
+    "conv1d",
+    "mha",
+    "attention",
 ];
 
 /// The `key=value` options each keyword takes.
@@ -95,12 +112,12 @@ fn options(kw: &str) -> &'static [&'static str] {
         "bn" => &["eps"],
         "maxpool" | "avgpool" => &["k", "stride", "pad", "ceil"],
         "leaky_relu" => &["slope"],
-        "linear" => &["bias"],
+        "linear" => &["bias", "tie"],
         "narrow" => &["start", "len"],
         "shuffle" => &["groups"],
         "adaptive_avgpool" => &["h", "w"],
         "basicblock" => &["stride", "bn", "shortcut"],
-        _ => &[],
+        _ => seq::seq_options(kw).unwrap_or(&[]),
     }
 }
 
@@ -127,6 +144,10 @@ struct Parser<'a> {
     blocks: Vec<Block>,
     /// Values defined by explicit-edge lines (`edges`), by name.
     names: std::collections::HashMap<String, usize>,
+    /// Tied parameters: (second state_dict name, parameter index).
+    tied: Vec<(String, usize)>,
+    /// The inputs after the first of an explicit `mha(Q, K, V)` line.
+    pending: Vec<(usize, Shape)>,
 }
 
 struct Block {
@@ -216,6 +237,11 @@ impl<'a> Parser<'a> {
                 "{kw} needs an image [C, H, W], but its input is flat [{}] (after `flatten`, \
                  `gap` or `linear`); PyTorch's {torch} raises on a 2-D input",
                 s.c
+            )));
+        }
+        if !s.is_image() {
+            return Err(self.e(format!(
+                "{kw} needs an image [C, H, W], but its input is the {s}; {torch} takes images"
             )));
         }
         Ok((v, s))
@@ -320,8 +346,12 @@ impl<'a> Parser<'a> {
         self.push(name, Op::Act(a), vec![v], s, flat)
     }
 
-    fn linear(&mut self, local: &str, dout: usize, bias: bool) -> Result<()> {
+    fn linear(&mut self, local: &str, dout: usize, bias: bool, tie: Option<&str>) -> Result<()> {
         let (v, s) = self.cur()?;
+        if s.is_seq() {
+            let a = seq::LinearArgs { dout, bias, tie };
+            return self.seq_linear(local, a);
+        }
         if !self.is_flat(v) {
             return Err(self.e(format!(
                 "linear needs a flat input, got the image {s}: add `flatten` or `gap`"
@@ -333,11 +363,9 @@ impl<'a> Parser<'a> {
         let name = self.full_name(local);
         let din = s.c;
         let out = self.shape(&format!("the output of linear `{name}`"), dout, 1, 1)?;
-        let weight = self.add_param(
-            format!("{name}.weight"),
-            vec![dout, din],
-            Init::UniformFanIn(din),
-        )?;
+        let label = format!("linear `{name}`");
+        let weight =
+            self.linear_weight(&label, &format!("{name}.weight"), vec![dout, din], din, tie)?;
         let bias = if bias {
             Some(self.add_param(format!("{name}.bias"), vec![dout], Init::UniformFanIn(din))?)
         } else {
@@ -486,10 +514,22 @@ impl<'a> Parser<'a> {
                 self.name = Some(n.to_string());
             }
             "input" => {
-                need(3, "input C H W")?;
                 if self.cur.is_some() {
                     return Err(self.e("`input` given twice"));
                 }
+                if pos.first() == Some(&"tokens") {
+                    need(2, "input tokens T")?;
+                    let t = num(pos[1], "T")?;
+                    if t < 2 {
+                        return Err(self.e("input tokens T: T must be at least 2"));
+                    }
+                    self.shape("the input", t, 1, 1)?;
+                    self.input = Some(Shape::ids(t));
+                    self.cur = Some((0, Shape::ids(t)));
+                    self.flat = vec![false];
+                    return Ok(());
+                }
+                need(3, "input C H W")?;
                 let (c, h, w) = (num(pos[0], "C")?, num(pos[1], "H")?, num(pos[2], "W")?);
                 if c == 0 || h == 0 || w == 0 {
                     return Err(self.e("input shape must be positive"));
@@ -540,13 +580,14 @@ impl<'a> Parser<'a> {
                 self.bn(&name, eps)?;
             }
             "relu" | "tanh" | "sigmoid" | "gelu" | "silu" | "relu6" | "hardswish"
-            | "hardsigmoid" | "leaky_relu" => {
+            | "hardsigmoid" | "leaky_relu" | "gelu_tanh" => {
                 let n = name_opt(&pos)?;
                 let a = match kw {
                     "relu" => Activation::Relu,
                     "tanh" => Activation::Tanh,
                     "sigmoid" => Activation::Sigmoid,
                     "gelu" => Activation::Gelu,
+                    "gelu_tanh" => Activation::GeluTanh,
                     "silu" => Activation::Silu,
                     "relu6" => Activation::Relu6,
                     "hardswish" => Activation::Hardswish,
@@ -603,10 +644,11 @@ impl<'a> Parser<'a> {
                 self.channel_line(kw, &n, &kv)?;
             }
             "linear" => {
-                need(2, "linear NAME DOUT [bias=true|false]")?;
+                need(2, "linear NAME DOUT [bias=true|false] [tie=PARAM]")?;
                 let name = module(pos[0])?;
                 let dout = num(pos[1], "DOUT")?;
-                self.linear(&name, dout, flag("bias", true)?)?;
+                let tie = kv.get("tie").map(|t| module(t)).transpose()?;
+                self.linear(&name, dout, flag("bias", true)?, tie.as_deref())?;
             }
             "residual" => {
                 need(1, "residual NAME")?;
@@ -634,6 +676,7 @@ impl<'a> Parser<'a> {
                 let cout = num(pos[1], "COUT")?;
                 self.basicblock(&name, cout, opt("stride", 1)?, flag("bn", true)?, &sc)?;
             }
+            _ if seq::SEQ_KEYWORDS.contains(&kw) => self.seq_line(kw, &pos, &kv)?,
             _ => {
                 return Err(self.e(format!(
                     "internal: keyword `{kw}` is listed but not handled"
@@ -670,6 +713,8 @@ pub fn parse(file: &str, text: &str) -> Result<Model> {
         flat: vec![],
         blocks: vec![],
         names: Default::default(),
+        tied: vec![],
+        pending: vec![],
     };
     for (i, raw) in text.lines().enumerate() {
         p.line = i + 1;
@@ -696,15 +741,17 @@ pub fn parse(file: &str, text: &str) -> Result<Model> {
         return Err(p.e("a classifier needs at least 2 classes"));
     }
     let (last, out) = p.cur()?;
-    if !p.is_flat(last) || out.c != classes {
+    let lm = input.kind == super::graph::Kind::Ids && out.is_seq() && out.features() == classes;
+    if !lm && (!p.is_flat(last) || out.c != classes) {
         let got = if p.is_flat(last) {
             format!("flat [{}]", out.c)
         } else {
-            format!("the image {out}")
+            format!("the {}{out}", if out.is_image() { "image " } else { "" })
         };
         return Err(p.e(format!(
             "the last layer gives {got}, but the model has {classes} classes: it must end in \
-             flat logits [{classes}] (a `linear`, `gap` or `flatten`)"
+             flat logits [{classes}] (a `linear`, `gap` or `flatten`), or, reading token ids, \
+             in logits [T, {classes}] (a language model)"
         )));
     }
     if p.params.is_empty() {
@@ -713,7 +760,7 @@ pub fn parse(file: &str, text: &str) -> Result<Model> {
              its Hessian would be empty"
         )));
     }
-    Ok(Model::new(
-        name, input, classes, p.nodes, p.params, p.buffers,
-    ))
+    let mut model = Model::new(name, input, classes, p.nodes, p.params, p.buffers);
+    model.tied = p.tied;
+    Ok(model)
 }

@@ -3,16 +3,68 @@
 //! value holds the logits, to which softmax cross-entropy is applied.
 
 /// Per-sample shape of a value: `[c, h, w]`; flat vectors have h = w = 1.
+/// A sequence [T, F] (row-major, F fastest, as PyTorch's [B, T, F]) is
+/// c = T, h = 1, w = F of kind [`Kind::Seq`]; token ids [T] are c = T,
+/// h = w = 1 of kind [`Kind::Ids`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shape {
     pub c: usize,
     pub h: usize,
     pub w: usize,
+    pub kind: Kind,
+}
+
+/// What a value holds per sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// An image [c, h, w] or a flat vector [c].
+    Image,
+    /// A sequence of `c` tokens of `w` features.
+    Seq,
+    /// `c` token ids (the input of a language model; f64 holds them exactly).
+    Ids,
 }
 
 impl Shape {
     pub fn new(c: usize, h: usize, w: usize) -> Self {
-        Shape { c, h, w }
+        Shape {
+            c,
+            h,
+            w,
+            kind: Kind::Image,
+        }
+    }
+    /// A sequence of `t` tokens of `f` features.
+    pub fn seq(t: usize, f: usize) -> Self {
+        Shape {
+            c: t,
+            h: 1,
+            w: f,
+            kind: Kind::Seq,
+        }
+    }
+    /// `t` token ids.
+    pub fn ids(t: usize) -> Self {
+        Shape {
+            c: t,
+            h: 1,
+            w: 1,
+            kind: Kind::Ids,
+        }
+    }
+    pub fn is_seq(&self) -> bool {
+        self.kind == Kind::Seq
+    }
+    pub fn is_image(&self) -> bool {
+        self.kind == Kind::Image
+    }
+    /// Tokens of a sequence or of token ids.
+    pub fn tokens(&self) -> usize {
+        self.c
+    }
+    /// Features per token of a sequence.
+    pub fn features(&self) -> usize {
+        self.w
     }
     pub fn numel(&self) -> usize {
         self.c * self.h * self.w
@@ -24,7 +76,11 @@ impl Shape {
 
 impl std::fmt::Display for Shape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "[{}, {}, {}]", self.c, self.h, self.w)
+        match self.kind {
+            Kind::Image => write!(f, "[{}, {}, {}]", self.c, self.h, self.w),
+            Kind::Seq => write!(f, "sequence [{}, {}]", self.c, self.w),
+            Kind::Ids => write!(f, "token ids [{}]", self.c),
+        }
     }
 }
 
@@ -47,6 +103,9 @@ pub enum Activation {
     Gelu,
     /// x·sigmoid(x).
     Silu,
+    /// GELU in its tanh form, 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
+    /// (Hugging Face `gelu_new`, PyTorch approximate='tanh').
+    GeluTanh,
     /// min(max(x, 0), 6); derivative 1 on (0, 6), 0 elsewhere, so 0 at
     /// both kinks (PyTorch).
     Relu6,
@@ -68,6 +127,7 @@ impl Activation {
             Activation::Sigmoid => "sigmoid",
             Activation::Gelu => "gelu",
             Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_tanh",
             Activation::Relu6 => "relu6",
             Activation::Hardswish => "hardswish",
             Activation::Hardsigmoid => "hardsigmoid",
@@ -155,6 +215,51 @@ pub enum Op {
         h: usize,
         w: usize,
     },
+    /// nn.Embedding: token ids [T] -> [T, dim], rows of weight [vocab, dim].
+    Embedding {
+        weight: usize,
+        vocab: usize,
+        dim: usize,
+    },
+    /// y = x + the first T·D values of a parameter: GPT-2's learned
+    /// position embedding (`pos`: `pos_embedding`, weight [rows, D]) or
+    /// ViT's raw [1, T, D] `add_param`.
+    AddParam {
+        param: usize,
+        pos: bool,
+    },
+    /// Prepends the parameter [1, 1, D] as token 0: [T, D] -> [T+1, D].
+    ClsToken {
+        param: usize,
+    },
+    /// Image [C, H, W] -> sequence [H·W, C].
+    Tokens,
+    /// Token `index` of a sequence [T, D] -> flat [D].
+    Select {
+        index: usize,
+    },
+    /// nn.LayerNorm(dim) over the last dimension of a sequence.
+    LayerNorm {
+        weight: usize,
+        bias: usize,
+        dim: usize,
+        eps: f64,
+    },
+    /// A linear map on the last dimension of a sequence: weight [dout, din]
+    /// (nn.Linear), or [din, dout] when `transposed` (Hugging Face Conv1D).
+    SeqLinear {
+        weight: usize,
+        bias: Option<usize>,
+        din: usize,
+        dout: usize,
+        transposed: bool,
+    },
+    /// Multi-head softmax attention, parameter-free: one input [T, 3D]
+    /// (q | k | v along the features) or three [T, D]; -> [T, D].
+    Mha {
+        heads: usize,
+        causal: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -186,6 +291,18 @@ impl Node {
             Op::ChannelShuffle { .. } => "shuffle",
             Op::Mul => "mul",
             Op::AdaptiveAvgPool { .. } => "adaptive_avgpool",
+            Op::Embedding { .. } => "embedding",
+            Op::AddParam { pos: true, .. } => "pos_embedding",
+            Op::AddParam { pos: false, .. } => "add_param",
+            Op::ClsToken { .. } => "cls_token",
+            Op::Tokens => "tokens",
+            Op::Select { .. } => "select",
+            Op::LayerNorm { .. } => "layernorm",
+            Op::SeqLinear {
+                transposed: true, ..
+            } => "conv1d",
+            Op::SeqLinear { .. } => "linear",
+            Op::Mha { .. } => "mha",
         }
     }
 }

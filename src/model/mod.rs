@@ -7,7 +7,7 @@ pub mod onnx;
 pub mod params;
 pub mod tensorio;
 
-pub use graph::{Activation, BufferSpec, Init, Node, Op, ParamSpec, Shape};
+pub use graph::{Activation, BufferSpec, Init, Kind, Node, Op, ParamSpec, Shape};
 pub use params::Weights;
 
 use crate::error::{Error, Result};
@@ -33,6 +33,9 @@ pub struct Model {
     pub params: Vec<ParamSpec>,
     pub buffers: Vec<BufferSpec>,
     pub n_params: usize,
+    /// Tied parameters: a second state_dict name for a parameter (index
+    /// into `params`), e.g. `lm_head.weight` = `transformer.wte.weight`.
+    pub tied: Vec<(String, usize)>,
 }
 
 /// The architecture files shipped in the binary, by name.
@@ -78,7 +81,25 @@ impl Model {
             params,
             buffers,
             n_params,
+            tied: vec![],
         }
+    }
+
+    /// Whether the loss is next-token cross-entropy: token ids in, logits
+    /// [T, classes] out (a language model trained on its own input).
+    pub fn next_token(&self) -> bool {
+        let out = self.nodes.last().map(|n| n.out_shape);
+        self.input.kind == Kind::Ids
+            && out.is_some_and(|s| s.is_seq() && s.features() == self.classes)
+    }
+
+    /// The vocabulary of a model reading token ids: the rows of the first
+    /// embedding that reads the input.
+    pub fn vocab(&self) -> Option<usize> {
+        self.nodes.iter().find_map(|n| match n.op {
+            Op::Embedding { vocab, .. } if n.inputs == [0] => Some(vocab),
+            _ => None,
+        })
     }
 
     /// A built-in model by name, an ONNX file (`.onnx`, see [`onnx`]), or

@@ -46,13 +46,15 @@ impl Weights {
             .collect();
         wanted.extend(model.buffers.iter().map(|b| (b.name.as_str(), vec![b.len])));
         // PyTorch saves this counter with every BN; it plays no part here.
+        // A tied parameter's second name may be there too (checked below).
         check_layout(model, &file, &wanted, |name| {
-            name.ends_with("num_batches_tracked")
+            name.ends_with("num_batches_tracked") || model.tied.iter().any(|(t, _)| t == name)
         })?;
         let mut theta = Vec::with_capacity(model.n_params);
         for p in &model.params {
             theta.extend(take(&file, &p.name)?);
         }
+        check_tied(model, &file, &theta)?;
         let mut buffers = Vec::with_capacity(model.buffers.len());
         for b in &model.buffers {
             let data = take(&file, &b.name)?;
@@ -69,6 +71,40 @@ impl Weights {
         }
         Ok(Weights { theta, buffers })
     }
+}
+
+/// A tied parameter saved under its second name too (PyTorch's state_dict
+/// holds both, `lm_head.weight` and `transformer.wte.weight`) must hold
+/// the same values, of the same shape.
+fn check_tied(model: &Model, file: &tensorio::File, theta: &[f64]) -> Result<()> {
+    let layout = file.layout();
+    for (alias, i) in &model.tied {
+        let Some(t) = layout.get(alias.as_str()) else {
+            continue;
+        };
+        let p = &model.params[*i];
+        let err = |msg: String| Error::Tensor {
+            file: file.label.clone(),
+            name: alias.clone(),
+            msg,
+        };
+        if t.shape != p.shape {
+            return Err(err(format!(
+                "has shape {:?}, but it is tied to `{}` of shape {:?}",
+                t.shape, p.name, p.shape
+            )));
+        }
+        let vals = take(file, alias)?;
+        let own = &theta[p.offset..p.offset + p.numel()];
+        if let Some(j) = vals.iter().zip(own).position(|(a, b)| a != b) {
+            return Err(err(format!(
+                "is tied to `{}` (one parameter, two names) but differs from it at element {j} \
+                 ({} against {})",
+                p.name, vals[j], own[j]
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Check a file's header against the tensors wanted (name, shape), all of
@@ -202,7 +238,8 @@ pub fn save_vector(model: &Model, path: &Path, v: &[f64]) -> Result<()> {
     tensorio::write_f64(path, &named(model, v))
 }
 
-/// The full state_dict (parameters and BN buffers), as PyTorch names it.
+/// The full state_dict (parameters, tied parameters' second names and BN
+/// buffers), as PyTorch names it.
 pub fn save_state_dict(model: &Model, path: &Path, w: &Weights) -> Result<()> {
     if w.theta.len() != model.n_params || w.buffers.len() != model.buffers.len() {
         return Err(Error::Invalid {
@@ -218,6 +255,12 @@ pub fn save_state_dict(model: &Model, path: &Path, w: &Weights) -> Result<()> {
         });
     }
     let mut t = named(model, &w.theta);
+    // A tied parameter under its second name too, as PyTorch's state_dict.
+    for (alias, i) in &model.tied {
+        let p = &model.params[*i];
+        let vals = w.theta[p.offset..p.offset + p.numel()].to_vec();
+        t.push((alias.clone(), p.shape.clone(), vals));
+    }
     for (b, vals) in model.buffers.iter().zip(&w.buffers) {
         t.push((b.name.clone(), vec![b.len], vals.clone()));
     }

@@ -56,6 +56,17 @@ fn tanh_d(x: f64) -> f64 {
     4.0 * e / ((1.0 + e) * (1.0 + e))
 }
 
+/// GELU-tanh's inner u = √(2/π)(x + 0.044715x³) and its derivatives u', u''.
+fn gelu_tanh_u(x: f64) -> (f64, f64, f64) {
+    const C: f64 = 0.797_884_560_802_865_4; // √(2/π)
+    const A: f64 = 0.044_715;
+    (
+        C * (x + A * x * x * x),
+        C * (1.0 + 3.0 * A * x * x),
+        C * 6.0 * A * x,
+    )
+}
+
 /// The kinks (lower, upper) of a three-piece activation.
 pub fn kinks(a: Activation) -> Option<(f64, f64)> {
     match a {
@@ -144,6 +155,9 @@ pub fn f(a: Activation, x: f64) -> f64 {
         Activation::Sigmoid => sigmoid(x),
         Activation::Gelu => x * normal_cdf(x),
         Activation::Silu => x * sigmoid(x),
+        // 0.5·(1 + tanh u) = σ(2u), which keeps relative accuracy where
+        // 1 + tanh u would cancel (x ≪ 0).
+        Activation::GeluTanh => x * sigmoid(2.0 * gelu_tanh_u(x).0),
         Activation::Relu6 | Activation::Hardswish | Activation::Hardsigmoid => {
             f_on(a, piece(a, x), x)
         }
@@ -173,6 +187,13 @@ pub fn df(a: Activation, x: f64) -> f64 {
         Activation::Gelu => normal_cdf(x) + x * normal_pdf(x),
         // σ(x) + x·σ'(x).
         Activation::Silu => sigmoid(x) + x * sigmoid_d(x),
+        // σ(2u) + 0.5·x·sech²(u)·u' (σ(2u) = 0.5(1 + tanh u)).
+        Activation::GeluTanh => {
+            let (u, du, _) = gelu_tanh_u(x);
+            let s2 = tanh_d(u);
+            let xs = if s2 == 0.0 { 0.0 } else { x * s2 * du };
+            sigmoid(2.0 * u) + 0.5 * xs
+        }
         Activation::Relu6 | Activation::Hardswish | Activation::Hardsigmoid => {
             df_on(a, piece(a, x), x)
         }
@@ -199,6 +220,16 @@ pub fn d2f(a: Activation, x: f64) -> f64 {
                 0.0
             } else {
                 phi * (2.0 - x * x)
+            }
+        }
+        // sech²(u)·(u' + x/2·(u'' − 2·tanh(u)·u'²)).
+        Activation::GeluTanh => {
+            let (u, du, d2u) = gelu_tanh_u(x);
+            let s2 = tanh_d(u);
+            if s2 == 0.0 {
+                0.0
+            } else {
+                s2 * (du + 0.5 * x * (d2u - 2.0 * u.tanh() * du * du))
             }
         }
         // 2σ' + x·σ'' = σ'(x)(2 − x·tanh(x/2)).

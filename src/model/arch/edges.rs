@@ -68,6 +68,13 @@ impl Parser<'_> {
             })?;
             vals.push(v);
         }
+        if matches!(op, "concat" | "mul") {
+            if let Some((_, s)) = vals.iter().find(|(_, s)| !s.is_image()) {
+                return Err(self.e(format!(
+                    "`{name} = {op}(...)`: {op} takes images or flat values, not the {s}"
+                )));
+            }
+        }
         match op {
             "add" => self.add_values(name, &vals)?,
             "concat" => self.concat_values(name, &vals)?,
@@ -84,7 +91,9 @@ impl Parser<'_> {
                 )));
             }
             _ => {
-                if vals.len() != 1 {
+                if op == "mha" && vals.len() == 3 {
+                    self.pending = vals[1..].to_vec();
+                } else if vals.len() != 1 {
                     return Err(self.e(format!(
                         "`{name} = {op}(...)`: {op} takes one input, got {}",
                         vals.len()
@@ -189,12 +198,28 @@ pub fn to_text(model: &Model) -> String {
         names.push(n);
     }
     let s = model.input;
+    let input = if s.kind == crate::model::Kind::Ids {
+        format!("tokens {}", s.c)
+    } else {
+        format!("{} {} {}", s.c, s.h, s.w)
+    };
     let mut out = format!(
-        "# {} in the explicit-edge form: NAME = OP(INPUTS) ARGS\nmodel {}\ninput {} {} {}\nclasses {}\n",
-        model.name, model.name, s.c, s.h, s.w, model.classes
+        "# {} in the explicit-edge form: NAME = OP(INPUTS) ARGS\nmodel {}\ninput {input}\nclasses {}\n",
+        model.name, model.name, model.classes
     );
+    let mut skip = 0;
     for (i, node) in model.nodes.iter().enumerate() {
+        if skip > 0 {
+            skip -= 1;
+            continue;
+        }
         let ins: Vec<&str> = node.inputs.iter().map(|&v| names[v].as_str()).collect();
+        if let Some((prefix, line)) = super::seq::attention_text(model, i, &ins.join(", ")) {
+            out.push_str(&line);
+            names[i + 3] = prefix;
+            skip = 2;
+            continue;
+        }
         let args = match node.op {
             Op::Conv {
                 cout,
@@ -239,7 +264,7 @@ pub fn to_text(model: &Model) -> String {
             Op::ChannelShuffle { groups } => format!(" groups={groups}"),
             Op::AdaptiveAvgPool { h, w } => format!(" h={h} w={w}"),
             Op::BatchNorm { eps, .. } if eps != crate::ops::bn::EPS => format!(" eps={eps}"),
-            _ => String::new(),
+            _ => super::seq::seq_args(model, node),
         };
         let op = match node.op {
             Op::Add => "add",

@@ -1,0 +1,43 @@
+//! The GPU side of units that have float64 passes only (the sequence
+//! layers of issue 25): `check` refuses the node naming the layer, so the
+//! GPU executor (which checks every node before planning) never plans them.
+
+/// `check` refusing the GPU, and the three plan methods, which are never
+/// reached after that refusal and push nothing.
+macro_rules! cpu_only_gpu {
+    () => {
+        fn check(&self, node: &crate::model::Node) -> crate::error::Result<()> {
+            Err(crate::layers::unsupported(
+                node,
+                format!(
+                    "{} has no GPU kernels yet (the float64 reference computes it: \
+                     --backend cpu)",
+                    node.kind()
+                ),
+            ))
+        }
+        fn plan_forward(
+            &self,
+            _p: &mut crate::gpu::plan::Plan,
+            _node: &crate::model::Node,
+            _io: &crate::gpu::plan::NodeBufs,
+        ) {
+        }
+        fn plan_r_forward(
+            &self,
+            _p: &mut crate::gpu::plan::Plan,
+            _node: &crate::model::Node,
+            _io: &crate::gpu::plan::NodeBufs,
+        ) -> bool {
+            true
+        }
+        fn plan_backward(
+            &self,
+            _p: &mut crate::gpu::plan::Plan,
+            _node: &crate::model::Node,
+            _io: &crate::gpu::plan::NodeBufs,
+            _r: bool,
+        ) {
+        }
+    };
+}

@@ -1,0 +1,247 @@
+//! Token and position embeddings and the class token, in float64:
+//! `Op::Embedding` (a gather of weight rows by token id; the adjoint a
+//! scatter-add), `Op::AddParam` (y = x + P[0..T·D]: GPT-2's learned
+//! positions, ViT's position embedding) and `Op::ClsToken` (P prepended as
+//! token 0). All three are affine in (x, θ), so the R-backward is the
+//! backward of R(gy) and carries no curvature term of its own.
+
+use super::{CpuCx, Layer, Saved};
+use crate::model::{Node, Op};
+
+fn none() -> Saved {
+    Box::new(())
+}
+
+/// nn.Embedding: y[t] = W[id_t].
+pub struct EmbeddingUnit;
+
+fn emb(node: &Node) -> (usize, usize) {
+    match node.op {
+        Op::Embedding { weight, dim, .. } => (weight, dim),
+        _ => unreachable!("embedding unit on {}", node.kind()),
+    }
+}
+
+/// y[r] = table[ids[r]] for every row r.
+fn gather(ids: &[f64], table: &[f64], d: usize) -> Vec<f64> {
+    let mut y = Vec::with_capacity(ids.len() * d);
+    for &id in ids {
+        let i = id as usize;
+        y.extend_from_slice(&table[i * d..(i + 1) * d]);
+    }
+    y
+}
+
+/// table[ids[r]] += g[r] for every row r.
+fn scatter_add(ids: &[f64], g: &[f64], table: &mut [f64], d: usize) {
+    for (r, &id) in ids.iter().enumerate() {
+        let i = id as usize;
+        for (a, b) in table[i * d..(i + 1) * d]
+            .iter_mut()
+            .zip(&g[r * d..(r + 1) * d])
+        {
+            *a += b;
+        }
+    }
+}
+
+impl Layer for EmbeddingUnit {
+    fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
+        let (w, d) = emb(node);
+        (gather(xs[0], cx.param(cx.theta, w), d), none())
+    }
+    fn r_forward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        _dxs: &[&[f64]],
+        v: &[f64],
+        _saved: &mut Saved,
+    ) -> Vec<f64> {
+        let (w, d) = emb(node);
+        gather(xs[0], cx.param(v, w), d)
+    }
+    fn backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        _saved: &Saved,
+        gy: &[f64],
+        grad: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let (w, d) = emb(node);
+        scatter_add(xs[0], gy, cx.param_mut(grad, w), d);
+        // Token ids are data: no adjoint flows into them.
+        vec![vec![0.0; xs[0].len()]]
+    }
+    fn r_backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        _dxs: &[&[f64]],
+        _saved: &Saved,
+        _gy: &[f64],
+        rgy: &[f64],
+        _v: &[f64],
+        hv: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let (w, d) = emb(node);
+        scatter_add(xs[0], rgy, cx.param_mut(hv, w), d);
+        vec![vec![0.0; xs[0].len()]]
+    }
+    cpu_only_gpu!();
+}
+
+/// y = x + P[0..T·D] for every sample (position embeddings).
+pub struct AddParamUnit;
+
+fn added(node: &Node) -> usize {
+    match node.op {
+        Op::AddParam { param, .. } => param,
+        _ => unreachable!("add_param unit on {}", node.kind()),
+    }
+}
+
+/// x + p (p repeated over the samples).
+fn plus(x: &[f64], p: &[f64]) -> Vec<f64> {
+    let m = p.len();
+    x.iter().enumerate().map(|(i, a)| a + p[i % m]).collect()
+}
+
+/// dst += Σ over samples of g (sample length dst.len()).
+fn sum_samples(g: &[f64], dst: &mut [f64]) {
+    for chunk in g.chunks(dst.len()) {
+        dst.iter_mut().zip(chunk).for_each(|(a, b)| *a += b);
+    }
+}
+
+impl Layer for AddParamUnit {
+    fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
+        let m = node.out_shape.numel();
+        let p = &cx.param(cx.theta, added(node))[..m];
+        (plus(xs[0], p), none())
+    }
+    fn r_forward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        dxs: &[&[f64]],
+        v: &[f64],
+        _saved: &mut Saved,
+    ) -> Vec<f64> {
+        let m = node.out_shape.numel();
+        plus(dxs[0], &cx.param(v, added(node))[..m])
+    }
+    fn backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        _saved: &Saved,
+        gy: &[f64],
+        grad: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let m = node.out_shape.numel();
+        sum_samples(gy, &mut cx.param_mut(grad, added(node))[..m]);
+        vec![gy.to_vec()]
+    }
+    fn r_backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        _dxs: &[&[f64]],
+        _saved: &Saved,
+        _gy: &[f64],
+        rgy: &[f64],
+        _v: &[f64],
+        hv: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let m = node.out_shape.numel();
+        sum_samples(rgy, &mut cx.param_mut(hv, added(node))[..m]);
+        vec![rgy.to_vec()]
+    }
+    cpu_only_gpu!();
+}
+
+/// Prepends the parameter P [1, 1, D] as token 0 (torch.cat at dim 1).
+pub struct ClsTokenUnit;
+
+fn cls(node: &Node) -> usize {
+    match node.op {
+        Op::ClsToken { param } => param,
+        _ => unreachable!("cls_token unit on {}", node.kind()),
+    }
+}
+
+/// Per sample: p, then the sample's rows of x.
+fn prepend(x: &[f64], p: &[f64], per: usize) -> Vec<f64> {
+    let mut y = Vec::with_capacity(x.len() / per.max(1) * (per + p.len()) + p.len());
+    for s in x.chunks(per) {
+        y.extend_from_slice(p);
+        y.extend_from_slice(s);
+    }
+    y
+}
+
+/// The adjoint of `prepend`: token 0 of every sample summed into `dst`,
+/// the other rows returned.
+fn split_first(g: &[f64], dst: &mut [f64], per_out: usize) -> Vec<f64> {
+    let d = dst.len();
+    let mut gx = Vec::with_capacity(g.len());
+    for s in g.chunks(per_out) {
+        dst.iter_mut().zip(&s[..d]).for_each(|(a, b)| *a += b);
+        gx.extend_from_slice(&s[d..]);
+    }
+    gx
+}
+
+impl Layer for ClsTokenUnit {
+    fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
+        let p = cx.param(cx.theta, cls(node));
+        (prepend(xs[0], p, node.in_shape.numel()), none())
+    }
+    fn r_forward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        dxs: &[&[f64]],
+        v: &[f64],
+        _saved: &mut Saved,
+    ) -> Vec<f64> {
+        prepend(dxs[0], cx.param(v, cls(node)), node.in_shape.numel())
+    }
+    fn backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        _saved: &Saved,
+        gy: &[f64],
+        grad: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let per = node.out_shape.numel();
+        vec![split_first(gy, cx.param_mut(grad, cls(node)), per)]
+    }
+    fn r_backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        _dxs: &[&[f64]],
+        _saved: &Saved,
+        _gy: &[f64],
+        rgy: &[f64],
+        _v: &[f64],
+        hv: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let per = node.out_shape.numel();
+        vec![split_first(rgy, cx.param_mut(hv, cls(node)), per)]
+    }
+    cpu_only_gpu!();
+}

@@ -1,0 +1,328 @@
+//! Sequence plumbing and the linear map on a sequence's last dimension, in
+//! float64: `Op::Tokens` (image [C, H, W] -> sequence [H·W, C], ViT's
+//! reshape + permute), `Op::Select` (token I -> flat [D], ViT's x[:, 0])
+//! and `Op::SeqLinear` (nn.Linear on [T, DIN], or Hugging Face's Conv1D:
+//! the same map with the weight stored transposed).
+//!
+//! Tokens and select are linear in x; the linear map is bilinear in
+//! (x, W), so its R-backward gains the term Vᵀ·gy (into R(gx)) and
+//! gy·ẋᵀ (into Hv's weight block) beside the backward of R(gy).
+
+use super::{CpuCx, Layer, Saved};
+use crate::model::{Node, Op};
+use rayon::prelude::*;
+use std::borrow::Cow;
+
+fn none() -> Saved {
+    Box::new(())
+}
+
+/// Image [C, H, W] -> sequence [H·W, C], per sample.
+pub struct TokensUnit;
+
+/// Per sample, the transpose of a [rows, cols] matrix.
+fn transpose(x: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let mut y = vec![0.0; x.len()];
+    let per = rows * cols;
+    for (xs, ys) in x.chunks(per).zip(y.chunks_mut(per)) {
+        for r in 0..rows {
+            for c in 0..cols {
+                ys[c * rows + r] = xs[r * cols + c];
+            }
+        }
+    }
+    y
+}
+
+impl Layer for TokensUnit {
+    fn forward(&self, _cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
+        let s = node.in_shape;
+        (transpose(xs[0], s.c, s.spatial()), none())
+    }
+    fn r_forward(
+        &self,
+        _cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        dxs: &[&[f64]],
+        _v: &[f64],
+        _saved: &mut Saved,
+    ) -> Vec<f64> {
+        let s = node.in_shape;
+        transpose(dxs[0], s.c, s.spatial())
+    }
+    fn backward(
+        &self,
+        _cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        _saved: &Saved,
+        gy: &[f64],
+        _grad: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let s = node.in_shape;
+        vec![transpose(gy, s.spatial(), s.c)]
+    }
+    fn r_backward(
+        &self,
+        _cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        _dxs: &[&[f64]],
+        _saved: &Saved,
+        _gy: &[f64],
+        rgy: &[f64],
+        _v: &[f64],
+        _hv: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let s = node.in_shape;
+        vec![transpose(rgy, s.spatial(), s.c)]
+    }
+    cpu_only_gpu!();
+}
+
+/// Token `index` of [T, D] -> flat [D].
+pub struct SelectUnit;
+
+fn pick(node: &Node, x: &[f64]) -> Vec<f64> {
+    let Op::Select { index } = node.op else {
+        unreachable!("select unit on {}", node.kind())
+    };
+    let (per, d) = (node.in_shape.numel(), node.in_shape.features());
+    x.chunks(per)
+        .flat_map(|s| s[index * d..(index + 1) * d].iter().copied())
+        .collect()
+}
+
+fn unpick(node: &Node, g: &[f64]) -> Vec<f64> {
+    let Op::Select { index } = node.op else {
+        unreachable!("select unit on {}", node.kind())
+    };
+    let (per, d) = (node.in_shape.numel(), node.in_shape.features());
+    let mut gx = vec![0.0; g.len() / d * per];
+    for (s, gs) in gx.chunks_mut(per).zip(g.chunks(d)) {
+        s[index * d..(index + 1) * d].copy_from_slice(gs);
+    }
+    gx
+}
+
+impl Layer for SelectUnit {
+    fn forward(&self, _cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
+        (pick(node, xs[0]), none())
+    }
+    fn r_forward(
+        &self,
+        _cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        dxs: &[&[f64]],
+        _v: &[f64],
+        _saved: &mut Saved,
+    ) -> Vec<f64> {
+        pick(node, dxs[0])
+    }
+    fn backward(
+        &self,
+        _cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        _saved: &Saved,
+        gy: &[f64],
+        _grad: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        vec![unpick(node, gy)]
+    }
+    fn r_backward(
+        &self,
+        _cx: &CpuCx,
+        node: &Node,
+        _xs: &[&[f64]],
+        _dxs: &[&[f64]],
+        _saved: &Saved,
+        _gy: &[f64],
+        rgy: &[f64],
+        _v: &[f64],
+        _hv: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        vec![unpick(node, rgy)]
+    }
+    cpu_only_gpu!();
+}
+
+/// y = x·Wᵀ + b on every token (nn.Linear), or x·W + b (Conv1D).
+pub struct SeqLinearUnit;
+
+struct Lin {
+    weight: usize,
+    bias: Option<usize>,
+    din: usize,
+    dout: usize,
+    transposed: bool,
+}
+
+fn lin(node: &Node) -> Lin {
+    match node.op {
+        Op::SeqLinear {
+            weight,
+            bias,
+            din,
+            dout,
+            transposed,
+        } => Lin {
+            weight,
+            bias,
+            din,
+            dout,
+            transposed,
+        },
+        _ => unreachable!("sequence linear unit on {}", node.kind()),
+    }
+}
+
+impl Lin {
+    /// W as [dout, din] row-major: the stored weight, or a transposed copy
+    /// of Conv1D's [din, dout].
+    fn rows<'a>(&self, w: &'a [f64]) -> Cow<'a, [f64]> {
+        if !self.transposed {
+            return Cow::Borrowed(w);
+        }
+        let mut t = vec![0.0; w.len()];
+        for i in 0..self.din {
+            for o in 0..self.dout {
+                t[o * self.din + i] = w[i * self.dout + o];
+            }
+        }
+        Cow::Owned(t)
+    }
+    /// y[r] += W·x[r] for every row (rows in parallel).
+    fn apply_acc(&self, w: &[f64], x: &[f64], y: &mut [f64]) {
+        let w = self.rows(w);
+        let din = self.din;
+        y.par_chunks_mut(self.dout)
+            .zip(x.par_chunks(din))
+            .for_each(|(yr, xr)| {
+                for (yo, wo) in yr.iter_mut().zip(w.chunks(din)) {
+                    *yo += wo.iter().zip(xr).map(|(a, b)| a * b).sum::<f64>();
+                }
+            });
+    }
+    /// gx[r] += Wᵀ·g[r] for every row (rows in parallel).
+    fn transpose_acc(&self, w: &[f64], g: &[f64], gx: &mut [f64]) {
+        let w = self.rows(w);
+        let din = self.din;
+        gx.par_chunks_mut(din)
+            .zip(g.par_chunks(self.dout))
+            .for_each(|(xr, gr)| {
+                for (go, wo) in gr.iter().zip(w.chunks(din)) {
+                    if *go != 0.0 {
+                        xr.iter_mut().zip(wo).for_each(|(a, b)| *a += go * b);
+                    }
+                }
+            });
+    }
+    /// dW(o, i) += Σ_r g[r, o]·x[r, i] (output rows of dW in parallel).
+    fn outer_acc(&self, g: &[f64], x: &[f64], dw: &mut [f64]) {
+        let (din, dout) = (self.din, self.dout);
+        let mut t = vec![0.0; din * dout];
+        t.par_chunks_mut(din).enumerate().for_each(|(o, row)| {
+            for (gr, xr) in g.chunks(dout).zip(x.chunks(din)) {
+                let go = gr[o];
+                if go != 0.0 {
+                    row.iter_mut().zip(xr).for_each(|(a, b)| *a += go * b);
+                }
+            }
+        });
+        if self.transposed {
+            for o in 0..dout {
+                for i in 0..din {
+                    dw[i * dout + o] += t[o * din + i];
+                }
+            }
+        } else {
+            dw.iter_mut().zip(&t).for_each(|(a, b)| *a += b);
+        }
+    }
+    /// db(o) += Σ_r g[r, o].
+    fn bias_acc(&self, g: &[f64], db: &mut [f64]) {
+        for gr in g.chunks(self.dout) {
+            db.iter_mut().zip(gr).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
+impl Layer for SeqLinearUnit {
+    fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
+        let l = lin(node);
+        let rows = xs[0].len() / l.din;
+        let mut y = match l.bias {
+            Some(b) => cx.param(cx.theta, b).repeat(rows),
+            None => vec![0.0; rows * l.dout],
+        };
+        l.apply_acc(cx.param(cx.theta, l.weight), xs[0], &mut y);
+        (y, none())
+    }
+    fn r_forward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        dxs: &[&[f64]],
+        v: &[f64],
+        _saved: &mut Saved,
+    ) -> Vec<f64> {
+        let l = lin(node);
+        let rows = xs[0].len() / l.din;
+        let mut y = match l.bias {
+            Some(b) => cx.param(v, b).repeat(rows),
+            None => vec![0.0; rows * l.dout],
+        };
+        l.apply_acc(cx.param(cx.theta, l.weight), dxs[0], &mut y);
+        l.apply_acc(cx.param(v, l.weight), xs[0], &mut y);
+        y
+    }
+    fn backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        _saved: &Saved,
+        gy: &[f64],
+        grad: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let l = lin(node);
+        l.outer_acc(gy, xs[0], cx.param_mut(grad, l.weight));
+        if let Some(b) = l.bias {
+            l.bias_acc(gy, cx.param_mut(grad, b));
+        }
+        let mut gx = vec![0.0; xs[0].len()];
+        l.transpose_acc(cx.param(cx.theta, l.weight), gy, &mut gx);
+        vec![gx]
+    }
+    fn r_backward(
+        &self,
+        cx: &CpuCx,
+        node: &Node,
+        xs: &[&[f64]],
+        dxs: &[&[f64]],
+        _saved: &Saved,
+        gy: &[f64],
+        rgy: &[f64],
+        v: &[f64],
+        hv: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        let l = lin(node);
+        {
+            let hw = cx.param_mut(hv, l.weight);
+            l.outer_acc(rgy, xs[0], hw);
+            l.outer_acc(gy, dxs[0], hw);
+        }
+        if let Some(b) = l.bias {
+            l.bias_acc(rgy, cx.param_mut(hv, b));
+        }
+        let mut rgx = vec![0.0; xs[0].len()];
+        l.transpose_acc(cx.param(cx.theta, l.weight), rgy, &mut rgx);
+        l.transpose_acc(cx.param(v, l.weight), gy, &mut rgx);
+        vec![rgx]
+    }
+    cpu_only_gpu!();
+}
