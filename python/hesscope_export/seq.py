@@ -146,7 +146,7 @@ class SequenceMixin:
             return self.ep.constants[lifted[ph.name]]
         raise UnsupportedOp(f"{ph.name}: the model's input read as a constant")
 
-    def const_eval(self, node, memo=None):
+    def const_eval(self, node):
         """The value of a node computed from constants and parameters
         alone (a mask, position ids), by running its ATen ops."""
         memo = self.const_memo
