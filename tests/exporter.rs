@@ -69,39 +69,24 @@ fn the_exported_truncated_resnet18_matches_pytorch_float64() {
 /// message there and wherever they are missing).
 #[test]
 fn the_exporter_on_torchvision_resnet18_matches_pytorch_float64() {
-    let has_torch = std::process::Command::new("python3")
-        .args(["-c", "import torch, torchvision, safetensors"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_torch {
-        eprintln!("SKIPPED: python3 with torch, torchvision and safetensors not found");
+    let Some(py) = common::python::python_with(&["torch", "torchvision", "safetensors"]) else {
         return;
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    };
     let tmp = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new("python3")
-        .arg(root.join("python/tests/check_torchvision.py"))
-        .args(["resnet18", "3", "64", "64", "running"])
-        .current_dir(tmp.path())
-        .env("HESSCOPE", env!("CARGO_BIN_EXE_hesscope"))
-        .env("PYTHONPATH", root.join("python"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let r = py.json(
+        "check_torchvision.py",
+        &["resnet18", "3", "64", "64", "running"],
+        tmp.path(),
+        &[],
     );
-    let line = stdout.lines().last().unwrap();
-    let r: serde_json::Value = serde_json::from_str(line).unwrap();
     eprintln!("{r}");
     let cpu = r["cpu"]["hv_rel"].as_f64().unwrap();
     assert!(cpu <= 1e-10, "float64 reference: {cpu:.1e}");
     // An op hesscope has no layer for is refused at export, naming the
     // module path and the ATen op (ConvNeXt's LayerNorm2d permutes).
-    let refused = std::process::Command::new("python3")
-        .args([
+    let out = tmp.path().join("cx.arch");
+    let refused = py.run(
+        &[
             "-m",
             "hesscope_export",
             "torchvision:convnext_tiny",
@@ -111,12 +96,12 @@ fn the_exporter_on_torchvision_resnet18_matches_pytorch_float64() {
             "3",
             "32",
             "32",
-        ])
-        .arg("--out")
-        .arg(tmp.path().join("cx.arch"))
-        .env("PYTHONPATH", root.join("python"))
-        .output()
-        .unwrap();
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        tmp.path(),
+        &[],
+    );
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{err}");
     assert!(
@@ -144,30 +129,18 @@ fn the_exporter_on_torchvision_resnet18_matches_pytorch_float64() {
 /// message where it is missing).
 #[test]
 fn the_exporter_maps_and_refuses_small_modules() {
-    let has_torch = std::process::Command::new("python3")
-        .args(["-c", "import torch"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_torch {
-        eprintln!("SKIPPED: python3 with torch not found");
+    let Some(py) = common::python::python_with(&["torch"]) else {
         return;
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new("python3")
-        .arg(root.join("python/tests/test_exporter.py"))
-        .env("PYTHONPATH", root.join("python"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let stdout = py.script("test_exporter.py", &[], tmp.path(), &[]);
     for t in [
         "test_every_mapping",
         "test_parameter_order",
         "test_refusals",
+        "test_vision_transformer",
+        "test_gpt2",
+        "test_sequence_refusals",
     ] {
         assert!(stdout.contains(&format!("{t}: ok")), "{stdout}");
     }

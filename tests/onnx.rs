@@ -535,30 +535,17 @@ fn bad_onnx_files_are_refused_with_clear_errors() {
 /// PyTorch float64 in both BN modes; its folded export refused.
 #[test]
 fn an_onnx_resnet18_matches_pytorch_float64() {
-    let has_torch = std::process::Command::new("python3")
-        .args(["-c", "import torch, torchvision, onnx, safetensors"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_torch {
-        eprintln!("SKIPPED: python3 with torch, torchvision, onnx and safetensors not found");
+    let Some(py) = common::python::python_with(&["torch", "torchvision", "onnx", "safetensors"])
+    else {
         return;
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    };
     let tmp = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new("python3")
-        .arg(root.join("python/tests/check_onnx.py"))
-        .args(["resnet18", "3", "32", "32", "cpu"])
-        .current_dir(tmp.path())
-        .env("HESSCOPE", env!("CARGO_BIN_EXE_hesscope"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let r = py.json(
+        "check_onnx.py",
+        &["resnet18", "3", "32", "32", "cpu"],
+        tmp.path(),
+        &[],
     );
-    let r: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     eprintln!("{r}");
     for bn in ["batch", "running"] {
         for run in ["cpu", "cpu-state-dict"] {
@@ -590,35 +577,22 @@ fn an_onnx_resnet18_matches_pytorch_float64() {
 /// batch 2, BN perturbed, exported unfolded at test time and read with
 /// their initializers and with their state_dicts, against PyTorch float64
 /// (Hardswish/Hardsigmoid in their clamp forms, dropout the identity) in
-/// both BN modes.
+/// both BN modes; their folded exports with the state_dict refused naming a
+/// batch norm (SqueezeNet, which has none, read and matched).
 #[test]
 fn onnx_squeezenet_mobilenet_v3_and_shufflenet_match_pytorch_float64() {
-    let has_torch = std::process::Command::new("python3")
-        .args(["-c", "import torch, torchvision, onnx, safetensors"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_torch {
-        eprintln!("SKIPPED: python3 with torch, torchvision, onnx and safetensors not found");
+    let Some(py) = common::python::python_with(&["torch", "torchvision", "onnx", "safetensors"])
+    else {
         return;
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    };
     for name in ["squeezenet1_1", "mobilenet_v3_small", "shufflenet_v2_x0_5"] {
         let tmp = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("python3")
-            .arg(root.join("python/tests/check_onnx.py"))
-            .args([name, "3", "64", "64", "cpu"])
-            .current_dir(tmp.path())
-            .env("HESSCOPE", env!("CARGO_BIN_EXE_hesscope"))
-            .env("BATCH", "2")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{name}: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
+        let r = py.json(
+            "check_onnx.py",
+            &[name, "3", "64", "64", "cpu"],
+            tmp.path(),
+            &[("BATCH", "2")],
         );
-        let r: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
         eprintln!("{name}: {r}");
         for bn in ["batch", "running"] {
             for run in ["cpu", "cpu-state-dict"] {
@@ -637,6 +611,22 @@ fn onnx_squeezenet_mobilenet_v3_and_shufflenet_match_pytorch_float64() {
                 .as_f64()
                 .unwrap_or_else(|| panic!("{name} {bn} grad: {row}"));
             assert!(g <= CPU_TOL, "{name} {bn}: gradient {g:.1e}");
+        }
+        // Folded (eval mode, constant folding: BN merged into the convs,
+        // equal initializers merged): with the state_dict, refused naming
+        // a batch norm; SqueezeNet has none and reads as it is.
+        let folded = &r["folded"];
+        if name == "squeezenet1_1" {
+            let hv = folded["hv_rel"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{name} folded: {folded}"));
+            assert!(hv <= CPU_TOL, "{name} folded: Hv {hv:.1e}");
+        } else {
+            let err = folded["stderr"].as_str().unwrap();
+            assert!(
+                err.contains("a batch-norm tensor") && err.contains("do_constant_folding=False"),
+                "{name} folded: {folded}"
+            );
         }
     }
 }

@@ -16,12 +16,39 @@ graph allows it.
 The module is traced (in ``eval()`` mode) with ``torch.export`` to an ATen
 graph; layers are named by the module paths of ``nn_module_stack`` (a
 convolution, batch norm or linear by the state_dict prefix of its
-parameters). What ``torch.export`` cannot trace — Python control flow on
-tensor values, data-dependent shapes, calls it cannot see through — is
-refused with its message. Dropout (and stochastic depth, the identity in
-``eval()``) is the identity; batch norm's mode is hesscope's ``--bn``. An op
-hesscope has no layer for is refused here, naming the module path and the
-op (``features.3.block.1: aten.grid_sampler_2d is not supported``).
+parameters). Dropout (and stochastic depth, the identity in ``eval()``) is
+the identity; batch norm's mode is hesscope's ``--bn``. An op hesscope has
+no layer for is refused here, naming the module path and the op
+(``features.3.block.1: aten.grid_sampler_2d is not supported``).
+
+Transformers (``seq.py``): an example input of token ids (integers
+[N, T]) makes a language model (``input tokens T``, logits [N, T, V]); a
+Hugging Face model is traced as ``model(input_ids=ids,
+use_cache=False).logits`` and keeps its own state_dict names. torchvision's
+``VisionTransformer`` and Hugging Face's ``GPT2LMHeadModel`` (eager
+attention) export; their attention, ``Conv1D`` and ``gelu_new`` modules are
+recognised by ``nn_module_stack`` and checked numerically against
+hesscope's layers before they are written.
+
+What ``torch.export`` cannot trace, refused with its message (``torch.export
+cannot trace NAME: ...``):
+
+- Python control flow on tensor values (``if x.sum() > 0:``), loops whose
+  count depends on a tensor, and ``.item()`` / ``.tolist()`` feeding shapes
+  or branches: export traces one path, so data-dependent branches are
+  errors (rewrite them with ``torch.cond`` / ``torch.where``).
+- Data-dependent output shapes (``nonzero``, boolean-mask indexing,
+  ``unique``), unless bounded with ``torch._check``.
+- Calls it cannot see through: NumPy or other non-torch code on tensors,
+  custom autograd Functions and C++ extensions without fake-tensor
+  kernels, ``torch.jit.script`` modules, global state mutated in forward.
+- Inputs other than tensors that change the graph per call (Python
+  objects, ``**kwargs`` dictionaries): a Hugging Face model is therefore
+  traced through a wrapper taking ``input_ids`` alone, with
+  ``use_cache=False`` (a cache would be a second output).
+- Fused attention kernels trace (``scaled_dot_product_attention``) but
+  PyTorch cannot differentiate them twice; hesscope computes its own
+  second-order passes, so the exported model needs no math-backend switch.
 """
 
 import heapq
@@ -29,11 +56,9 @@ import operator
 
 import torch
 
+from .seq import MARKERS, SequenceMixin, UnsupportedOp
+
 __all__ = ["export", "to_text", "UnsupportedOp"]
-
-
-class UnsupportedOp(ValueError):
-    """An op of the module that hesscope cannot compute."""
 
 
 aten = torch.ops.aten
@@ -119,25 +144,46 @@ class _Parts:
 _CONSTANT = object()
 
 
-class _Exporter:
-    def __init__(self, module, x):
+class _Exporter(SequenceMixin):
+    CONSTANT = _CONSTANT
+
+    def __init__(self, module, x, prefix=""):
         self.module = module
+        # A wrapper's attribute path (`inner.`), stripped from every name.
+        self.prefix = prefix
         try:
             self.ep = torch.export.export(module, (x,))
         except Exception as e:  # noqa: BLE001 - torch.export raises many kinds
             raise UnsupportedOp(f"torch.export cannot trace {type(module).__name__}: "
                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         sig = self.ep.graph_signature
-        self.params = dict(sig.inputs_to_parameters)  # placeholder -> state_dict name
-        self.buffers = dict(sig.inputs_to_buffers)
+        self.params_raw = dict(sig.inputs_to_parameters)  # placeholder -> state_dict name
+        self.buffers_raw = dict(sig.inputs_to_buffers)
+        self.params = {k: self.strip(v) for k, v in self.params_raw.items()}
+        self.buffers = {k: self.strip(v) for k, v in self.buffers_raw.items()}
         self.constants = set(getattr(sig, "inputs_to_lifted_tensor_constants", {}))
-        self.param_index = {n: i for i, n in enumerate(dict(module.named_parameters()))}
+        self.tensors = dict(module.named_parameters(remove_duplicate=False))
+        self.tensors.update(dict(module.named_buffers(remove_duplicate=False)))
+        # Tied parameters: every name -> the first name of that tensor.
+        first = {}
+        self.canon = {}
+        for n, p in module.named_parameters(remove_duplicate=False):
+            self.canon[self.strip(n)] = self.strip(first.setdefault(id(p), n))
+        self.param_index = {self.strip(n): i for i, n in enumerate(dict(module.named_parameters()))}
+        self.in_block = set()
+        self.const_memo = {}
         self.records = []  # (name, keyword, inputs, args, first parameter index)
         self.value = {}  # graph node -> hesscope value name, or a _Shuffle/_Parts
         self.used = {"input"}
         # Layer names with tensors (the state_dict prefixes): other values
         # never take them.
-        self.reserved = {k.rpartition(".")[0] for k in module.state_dict()}
+        self.reserved = {self.strip(k).rpartition(".")[0] for k in module.state_dict()}
+
+    def strip(self, name):
+        """A name without the wrapper's prefix."""
+        if self.prefix and name.startswith(self.prefix):
+            return name[len(self.prefix):]
+        return "" if name + "." == self.prefix else name
 
     # ---- names
     def fresh(self, base):
@@ -159,7 +205,7 @@ class _Exporter:
                 continue
             if not isinstance(ph, torch.fx.Node) or (ph.name not in self.params and ph.name not in self.buffers):
                 raise UnsupportedOp(f"{where}: {kind} whose {role} is computed, not a parameter or buffer")
-            full = self.params.get(ph.name) or self.buffers.get(ph.name)
+            full = self.canon_name(ph)
             if not full.endswith("." + role):
                 raise UnsupportedOp(f"{where}: {kind} {role} is `{full}`, not <module>.{role}")
             p = full[: -len(role) - 1]
@@ -180,14 +226,15 @@ class _Exporter:
         if v is _CONSTANT:
             raise UnsupportedOp(f"{where}: {_opname(node.target)} of a constant is not supported")
         if not isinstance(v, str):
-            raise UnsupportedOp(f"{where}: {_opname(node.target)} of an intermediate "
-                                f"{'channel shuffle' if isinstance(v, _Shuffle) else 'split'} "
+            what = ("channel shuffle" if isinstance(v, _Shuffle) else "split" if isinstance(v, _Parts)
+                    else "patch reshape" if isinstance(v, MARKERS[0]) else "parameter or embedding")
+            raise UnsupportedOp(f"{where}: {_opname(node.target)} of an intermediate {what} "
                                 "is not supported")
         return v
 
     def emit(self, node, where, kw, ins, args="", name=None, param=None):
         if name is None:
-            name = self.fresh(_where(node, "") or node.name)
+            name = self.fresh(self.strip(_where(node, "")) or node.name)
         first = self.param_index.get(param) if param is not None else None
         self.records.append((name, kw, ins, args, first))
         self.value[node] = name
@@ -205,7 +252,8 @@ class _Exporter:
                     self.value[node] = _CONSTANT
                     continue
                 if "input" in self.value.values():
-                    raise UnsupportedOp(f"{node.name}: a second input (hesscope models take one image)")
+                    raise UnsupportedOp(f"{node.name}: a second input (hesscope models take one image "
+                                        "or one sequence of token ids)")
                 self.value[node] = "input"
                 continue
             if node.op == "output":
@@ -216,9 +264,12 @@ class _Exporter:
                     res = res[0]
                 out = res
                 continue
+            where = self.strip(_where(node, top)) or top
             if node.op != "call_function":
-                raise UnsupportedOp(f"{_where(node, top)}: graph op {node.op} ({node.target}) is not supported")
-            self.call(node, _where(node, top))
+                raise UnsupportedOp(f"{where}: graph op {node.op} ({node.target}) is not supported")
+            if self.try_block(node):
+                continue
+            self.call(node, where)
         if out is None or not isinstance(self.value.get(out), str):
             raise UnsupportedOp(f"{top}: the output is not a value hesscope computes")
         return self.value[out]
@@ -234,20 +285,21 @@ class _Exporter:
                 raise UnsupportedOp(f"{where}: {_opname(t)} of a constant or a parameter is not supported")
             self.value[node] = v
             return
+        if self.seq_call(node, where):
+            return
+        if not any(isinstance(self.value.get(n), (str, _Shuffle, _Parts) + MARKERS)
+                   or (n.op == "placeholder" and (n.name in self.params or n.name in self.buffers))
+                   for n in node.all_input_nodes):
+            # Made from constants alone (a mask, position ids): a constant,
+            # refused only where a layer reads it.
+            self.value[node] = _CONSTANT
+            return
         if t in (aten.conv2d.default, aten.convolution.default):
             return self.conv(node, where)
         if t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
             return self.bn(node, where)
         if t == aten.linear.default:
-            w, b = a[1], _arg(node, 2, "bias", None)
-            shape_in = _shape(a[0])
-            if shape_in is None or len(shape_in) != 2:
-                raise UnsupportedOp(f"{where}: linear on a {len(shape_in or ())}-d input (hesscope's takes [N, F])")
-            name = self.layer_name(where, node, "linear", [("weight", w), ("bias", b)])
-            dout = _shape(w)[0]
-            return self.emit(node, where, "linear", [self.src(node, where, a[0])],
-                             f" {dout} bias={'true' if b is not None else 'false'}", name=name,
-                             param=name + ".weight")
+            return self.linear(node, where)
         if t in _ACTIVATIONS:
             return self.emit(node, where, _ACTIVATIONS[t], [self.src(node, where, a[0])])
         if t in (aten.hardtanh.default, aten.hardtanh_.default):
@@ -259,9 +311,11 @@ class _Exporter:
             slope = _arg(node, 1, "negative_slope", 0.01)
             return self.emit(node, where, "leaky_relu", [self.src(node, where, a[0])], f" slope={float(slope)!r}")
         if t == aten.gelu.default or t == aten.gelu_.default:
-            if _arg(node, 1, "approximate", "none") != "none":
-                raise UnsupportedOp(f"{where}: aten.gelu(approximate='tanh') is not supported (hesscope's is exact)")
-            return self.emit(node, where, "gelu", [self.src(node, where, a[0])])
+            approx = _arg(node, 1, "approximate", "none")
+            if approx not in ("none", "tanh"):
+                raise UnsupportedOp(f"{where}: aten.gelu(approximate={approx!r}) is not supported")
+            kw = "gelu" if approx == "none" else "gelu_tanh"
+            return self.emit(node, where, kw, [self.src(node, where, a[0])])
         if t in (aten.max_pool2d.default, aten.max_pool2d_with_indices.default):
             return self.pool(node, where, "maxpool")
         if t == aten.avg_pool2d.default:
@@ -281,6 +335,8 @@ class _Exporter:
         if t in (aten.transpose.int, aten.permute.default):
             return self.transpose(node, where)
         if t in (aten.add.Tensor, aten.add_.Tensor):
+            if node.kwargs.get("alpha", 1) == 1 and self.seq_add(node, where):
+                return
             if not isinstance(a[1], torch.fx.Node) or node.kwargs.get("alpha", 1) != 1:
                 raise UnsupportedOp(f"{where}: aten.add of a constant (or with alpha) is not supported")
             if _shape(a[0]) != _shape(a[1]):
@@ -290,6 +346,8 @@ class _Exporter:
         if t in (aten.mul.Tensor, aten.mul_.Tensor):
             return self.mul(node, where)
         if t == aten.cat.default:
+            if self.seq_cat(node, where):
+                return
             xs, dim = a[0], _arg(node, 1, "dim", 0)
             shape = _shape(node)
             if shape is None or len(shape) != 4 or dim % 4 != 1:
@@ -306,12 +364,37 @@ class _Exporter:
             return self.getitem(node, where)
         if t in (aten.narrow.default, aten.slice.Tensor):
             return self.narrow(node, where)
-        if not any(isinstance(self.value.get(n), (str, _Shuffle, _Parts)) for n in node.all_input_nodes):
+        if not any(isinstance(self.value.get(n), (str, _Shuffle, _Parts) + MARKERS) for n in node.all_input_nodes):
             # Made from constants and parameters alone (a grid, a mask): a
             # constant, refused only where a layer reads it.
             self.value[node] = _CONSTANT
             return
         raise UnsupportedOp(f"{where}: {_opname(t)} is not supported")
+
+    def linear(self, node, where):
+        """Linear on [N, F] or on the last dimension of a sequence; a
+        weight declared under another module's name is a tie."""
+        a = node.args
+        w, b = a[1], _arg(node, 2, "bias", None)
+        shape_in = _shape(a[0])
+        if shape_in is None or len(shape_in) not in (2, 3):
+            raise UnsupportedOp(f"{where}: linear on a {len(shape_in or ())}-d input (hesscope's takes [N, F] "
+                                "or a sequence [N, T, F])")
+        dout = _shape(w)[0]
+        bias = f" bias={'true' if b is not None else 'false'}"
+        if isinstance(w, torch.fx.Node) and w.name in self.params:
+            first = self.canon_name(w)
+            own = where + ".weight"
+            if first != own and self.canon.get(own) == first:
+                # A tied weight (GPT-2's lm_head.weight = transformer.wte.weight).
+                if b is not None:
+                    raise UnsupportedOp(f"{where}: a linear with a tied weight and a bias is not supported")
+                self.take(where, where)
+                return self.emit(node, where, "linear", [self.src(node, where, a[0])],
+                                 f" {dout}{bias} tie={first}", name=where)
+        name = self.layer_name(where, node, "linear", [("weight", w), ("bias", b)])
+        self.emit(node, where, "linear", [self.src(node, where, a[0])], f" {dout}{bias}", name=name,
+                  param=name + ".weight")
 
     def conv(self, node, where):
         a = node.args
@@ -414,6 +497,8 @@ class _Exporter:
                 and shape[3:] == shape_in[2:]):
             self.value[node] = _Shuffle(self.src(node, where, x), shape[1], 1)
             return
+        if self.seq_reshape(node, where):
+            return
         if self.is_flatten(node):
             if node.target == aten.flatten.using_ints:
                 start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
@@ -424,6 +509,8 @@ class _Exporter:
                             "is not supported (only flattening to [N, -1] and the channel shuffle)")
 
     def transpose(self, node, where):
+        if self.seq_transpose(node, where):
+            return
         v = self.value.get(node.args[0])
         if node.target == aten.transpose.int:
             dims = sorted(d % 5 for d in node.args[1:3])
@@ -559,24 +646,48 @@ def _ordered(records, output):
     return out
 
 
+class _Logits(torch.nn.Module):
+    """A Hugging Face language model as a function of its token ids:
+    `model(input_ids=ids, use_cache=False).logits`."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids):
+        return self.inner(input_ids=ids, use_cache=False).logits
+
+
 def to_text(module, example_input, name=None, loss="cross_entropy"):
-    """The module as hesscope architecture text (explicit edges)."""
+    """The module as hesscope architecture text (explicit edges). The
+    example input is an image batch [N, C, H, W] (a classifier: logits
+    [N, classes]) or token ids, integers [N, T] (a language model: logits
+    [N, T, vocabulary]; a Hugging Face model is called as
+    `model(input_ids=ids, use_cache=False).logits`)."""
     if loss != "cross_entropy":
         raise UnsupportedOp(f"loss {loss!r}: hesscope computes the mean softmax cross-entropy")
     module = module.eval()
     x = example_input
-    if x.dim() != 4:
-        raise UnsupportedOp(f"example input of shape {tuple(x.shape)}: an image batch [N, C, H, W]")
+    tokens = not x.is_floating_point()
+    if tokens and x.dim() != 2:
+        raise UnsupportedOp(f"example token ids of shape {tuple(x.shape)}: [N, T] expected")
+    if not tokens and x.dim() != 4:
+        raise UnsupportedOp(f"example input of shape {tuple(x.shape)}: an image batch [N, C, H, W] "
+                            "or token ids [N, T]")
+    traced, prefix = module, ""
+    if tokens and hasattr(module, "config") and hasattr(module, "get_input_embeddings"):
+        traced, prefix = _Logits(module).eval(), "inner."
     try:
         with torch.no_grad():
-            out = module(x)
+            out = traced(x)
     except Exception as e:  # noqa: BLE001 - whatever the module raises
         raise UnsupportedOp(f"{type(module).__name__} fails on the example input of shape "
                             f"{tuple(x.shape)}: {type(e).__name__}: {e}") from e
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise UnsupportedOp(f"the module gives {getattr(out, 'shape', type(out).__name__)}: "
-                            "logits [N, classes] expected")
-    ex = _Exporter(module, x)
+    want = 3 if tokens else 2
+    if not isinstance(out, torch.Tensor) or out.dim() != want:
+        raise UnsupportedOp(f"the module gives {getattr(out, 'shape', type(out).__name__)}: logits "
+                            + ("[N, T, vocabulary]" if tokens else "[N, classes]") + " expected")
+    ex = _Exporter(traced, x, prefix)
     result = ex.run()
     records = _ordered(ex.records, result)
     if not records or records[-1][0] != result:
@@ -585,8 +696,8 @@ def to_text(module, example_input, name=None, loss="cross_entropy"):
     lines = [
         f"# {type(module).__module__}.{type(module).__name__}, exported by hesscope_export",
         f"model {name}",
-        f"input {x.shape[1]} {x.shape[2]} {x.shape[3]}",
-        f"classes {out.shape[1]}",
+        f"input tokens {x.shape[1]}" if tokens else f"input {x.shape[1]} {x.shape[2]} {x.shape[3]}",
+        f"classes {out.shape[-1]}",
     ]
     for n, kw, ins, args, _ in records:
         lines.append(f"{n} = {kw}({', '.join(ins)}){args}")

@@ -1,4 +1,5 @@
-"""python -m hesscope_export torchvision:resnet18 --kwargs '{"num_classes": 10}' --input 3 224 224 --out resnet18.arch"""
+"""python -m hesscope_export torchvision:resnet18 --kwargs '{"num_classes": 10}' --input 3 224 224 --out resnet18.arch
+python -m hesscope_export transformers:GPT2LMHeadModel --kwargs '{"n_layer": 2, "attn_implementation": "eager"}' --tokens 64 --out gpt2.arch"""
 import argparse
 import importlib
 import json
@@ -14,7 +15,9 @@ def main(argv=None):
     ap.add_argument("factory", help="MODULE:FUNCTION returning an nn.Module, e.g. torchvision:resnet18 "
                     "(torchvision:NAME is looked up in torchvision.models)")
     ap.add_argument("--kwargs", default="{}", help="JSON keyword arguments for the factory")
-    ap.add_argument("--input", nargs=3, type=int, required=True, metavar=("C", "H", "W"))
+    shape = ap.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--input", nargs=3, type=int, metavar=("C", "H", "W"), help="an image model's input")
+    shape.add_argument("--tokens", type=int, metavar="T", help="a language model's sequence length")
     ap.add_argument("--out", required=True, help="the architecture file to write")
     ap.add_argument("--weights", help="also write the module's state_dict here (safetensors)")
     ap.add_argument("--seed", type=int, default=0, help="torch.manual_seed before building the module")
@@ -28,15 +31,24 @@ def main(argv=None):
     except AttributeError:
         ap.error(f"{mod_name} has no {fn_name}")
     torch.manual_seed(a.seed)
-    model = factory(**json.loads(a.kwargs))
+    kwargs = json.loads(a.kwargs)
+    config_class = getattr(factory, "config_class", None)
+    if mod_name == "transformers" and config_class is not None:
+        # A Hugging Face model class: --kwargs is its config.
+        model = factory(config_class(**kwargs))
+    else:
+        model = factory(**kwargs)
+    example = torch.zeros(2, a.tokens, dtype=torch.long) if a.tokens else torch.zeros(2, *a.input)
     try:
-        export(model, torch.zeros(2, *a.input), a.out, name=fn_name)
+        export(model, example, a.out, name=fn_name)
     except UnsupportedOp as e:
         print(f"hesscope_export: {a.factory}: {e}", file=sys.stderr)
         return 1
     if a.weights:
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, a.weights)
+        # Cloned: tied tensors (GPT-2's lm_head.weight) share memory, which
+        # safetensors refuses; the file keeps both names, as the state_dict.
+        save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, a.weights)
     print(f"wrote {a.out}" + (f" and {a.weights}" if a.weights else ""))
     return 0
 

@@ -3,8 +3,9 @@ runs hesscope's hvp on the .onnx file (weights from its initializers, and
 once from the state_dict) and prints one JSON line: for each BN mode, the
 loss and Hv of each backend relative to PyTorch float64 (and the cpu
 gradient, `cpu-grad`). Also exports it
-folded (eval mode, constant folding) and checks that hesscope refuses the
-state_dict for it, naming a batch-norm tensor. Run in a scratch folder:
+folded (eval mode, constant folding) and runs hesscope on it with the
+state_dict: refused naming a batch-norm tensor where the model has batch
+norms; else (SqueezeNet) read, its Hv in `folded.hv_rel`. Run in a scratch folder:
 HESSCOPE=path/to/hesscope python check_onnx.py NAME C H W [BACKEND ...]
 (BATCH=B sets the batch, 4 by default; the export uses it too, since
 ShuffleNet's reshapes bake it in). The PyTorch references use the clamp
@@ -100,6 +101,14 @@ for bn_mode in ("batch", "running"):
         row[tag] = {"hv_rel": float((num / den) ** 0.5), "loss_rel": abs(j["loss"] - loss.item()) / abs(loss.item())}
     res[bn_mode] = row
 r = subprocess.run([hesscope, "hvp", "--model", f"{name}-folded.onnx", "--weights", "w.safetensors",
-                    "--data", "d.safetensors", "--batch", str(batch), "--backend", "cpu", "--json"], capture_output=True, text=True)
+                    "--data", "d.safetensors", "--batch", str(batch), "--backend", "cpu", "--bn", "running",
+                    "--vector", "v.safetensors", "--out", "hv-folded.safetensors", "--json"],
+                   capture_output=True, text=True)
 res["folded"] = {"status": r.returncode, "stderr": r.stderr.strip()}
+if r.returncode == 0:
+    # A model without batch norm folds to itself (the eval-mode export
+    # only merges equal initializers): its Hv, against running mode's.
+    got = load_file("hv-folded.safetensors")
+    num = sum(((got[n].double() - h) ** 2).sum() for n, h in zip(names, hv))
+    res["folded"]["hv_rel"] = float((num / sum((h ** 2).sum() for h in hv)) ** 0.5)
 print(json.dumps(res))

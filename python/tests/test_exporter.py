@@ -170,14 +170,271 @@ def test_refusals():
             return self.fc(self.c(x).flatten(1))
 
     refused(Rect(), x, "c: a 1×3 kernel is not square")
-    refused(nn.Sequential(nn.Conv2d(3, 2, 1), nn.GELU(approximate="tanh"), nn.Flatten(), nn.Linear(32, 2)),
-            x, "1: aten.gelu(approximate='tanh')")
+    # GELU's tanh form is the agreed `gelu_tanh` (issue 25).
+    tanh = to_text(nn.Sequential(nn.Conv2d(3, 2, 1), nn.GELU(approximate="tanh"), nn.Flatten(),
+                                 nn.Linear(32, 2)), x)
+    assert "1 = gelu_tanh(0)" in tanh, tanh
     refused(nn.Sequential(nn.Conv2d(3, 2, 1)), x, "logits [N, classes] expected")
     try:
         to_text(Late(), x, loss="mse")
         raise AssertionError("loss mse accepted")
     except UnsupportedOp as e:
         assert "cross-entropy" in str(e)
+
+
+# ---- transformers (issue 25): the agreed sequence syntax, on the configs
+# of ../shared/fixtures/tv-vit-tiny and ../shared/fixtures/hf-gpt2-tiny.
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "fixtures")
+
+
+def fixture_config(name, default):
+    """The fixture's config (meta.json), or `default` where the fixtures
+    are not beside the checkout."""
+    import json
+    path = os.path.join(FIXTURES, name, "meta.json")
+    if not os.path.exists(path):
+        return dict(default)
+    with open(path) as f:
+        return json.load(f)["config"]
+
+
+def vit():
+    from torchvision.models import VisionTransformer
+    cfg = fixture_config("tv-vit-tiny", dict(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                             hidden_dim=64, mlp_dim=128, num_classes=10))
+    torch.manual_seed(9)
+    return VisionTransformer(**cfg), cfg
+
+
+def gpt2(**over):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = fixture_config("hf-gpt2-tiny", dict(vocab_size=96, n_positions=32, n_embd=64, n_layer=2,
+                                              n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                              bos_token_id=0, eos_token_id=0))
+    cfg.update(over)
+    torch.manual_seed(5)
+    return GPT2LMHeadModel(GPT2Config(**cfg, attn_implementation="eager")), cfg
+
+
+def declared(text):
+    """Parameter names and shapes the text declares, by the agreed syntax
+    (what the Rust side will read), in file order."""
+    out = []
+    for ln in lines(text):
+        name, rest = ln.split(" = ")
+        kw = rest.split("(")[0]
+        args = dict(a.split("=") for a in rest.split(")")[-1].split() if "=" in a)
+        pos = [a for a in rest.split(")")[-1].split() if "=" not in a]
+        out.append((name, kw, args, pos))
+    return out
+
+
+def param_shapes(text, sd):
+    """{parameter name: shape} the text declares; shapes from the state_dict
+    for raw parameters, checked against the layer's own arguments."""
+    got = {}
+    dims = {}
+    for name, kw, args, pos in declared(text):
+        if kw == "layernorm":
+            got[name + ".weight"] = sd[name + ".weight"].shape
+            got[name + ".bias"] = sd[name + ".bias"].shape
+        elif kw == "attention":
+            for r in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
+                got[f"{name}.{r}"] = sd[f"{name}.{r}"].shape
+        elif kw == "conv1d":
+            got[name + ".weight"] = sd[name + ".weight"].shape
+            got[name + ".bias"] = sd[name + ".bias"].shape
+            assert sd[name + ".weight"].shape[1] == int(pos[0]), (name, pos)
+        elif kw in ("linear", "conv") and "tie" not in args:
+            got[name + ".weight"] = sd[name + ".weight"].shape
+            if args.get("bias", "true") == "true":
+                got[name + ".bias"] = sd[name + ".bias"].shape
+            assert sd[name + ".weight"].shape[0] == int(pos[0]), (name, pos)
+        elif kw == "linear":
+            assert args["tie"] in got, f"{name} ties {args['tie']} before it is declared"
+            assert args["bias"] == "false"
+        elif kw == "embedding":
+            got[name + ".weight"] = torch.Size([int(pos[0]), int(pos[1])])
+        elif kw == "pos_embedding":
+            got[name + ".weight"] = sd[name + ".weight"].shape
+            assert sd[name + ".weight"].shape[0] == int(pos[0])
+        elif kw in ("add_param", "cls_token"):
+            got[pos[0]] = sd[pos[0]].shape
+        dims[name] = kw
+    return got
+
+
+def run_arch(text, sd, x):
+    """The exported text evaluated by the agreed syntax's definitions (a
+    float64 interpreter of the sequence layers written from the spec, not
+    from the modules), on input x: what hesscope will compute."""
+    import math
+    sd = {k: t.double() for k, t in sd.items()}
+    env = {"input": x if not x.is_floating_point() else x.double()}
+    for name, kw, args, pos in declared(text):
+        ins = [env[i.strip()] for i in text.split(f"\n{name} = {kw}(")[1].split(")")[0].split(",")]
+        z = ins[0]
+        if kw == "conv":
+            z = F.conv2d(z, sd[name + ".weight"], sd.get(name + ".bias"), int(args.get("stride", 1)),
+                         int(args.get("pad", 0)))
+        elif kw == "tokens":
+            z = z.flatten(2).transpose(1, 2)
+        elif kw == "cls_token":
+            z = torch.cat([sd[pos[0]].expand(z.shape[0], -1, -1), z], 1)
+        elif kw == "add_param":
+            z = z + sd[pos[0]]
+        elif kw == "layernorm":
+            z = F.layer_norm(z, z.shape[-1:], sd[name + ".weight"], sd[name + ".bias"],
+                             float(args.get("eps", 1e-5)))
+        elif kw in ("mha", "attention"):
+            h, causal = int(args["heads"]), args.get("causal", "false") == "true"
+            if kw == "attention":
+                z = F.linear(z, sd[name + ".in_proj_weight"], sd[name + ".in_proj_bias"])
+            n, t, d = z.shape[0], z.shape[1], z.shape[2] // 3
+            q, k, v = (u.reshape(n, t, h, d // h).transpose(1, 2) for u in z.split(d, -1))
+            a = q @ k.transpose(-1, -2) / math.sqrt(d // h)
+            if causal:
+                a = a.masked_fill(torch.ones(t, t).triu(1).bool(), float("-inf"))
+            z = (a.softmax(-1) @ v).transpose(1, 2).reshape(n, t, d)
+            if kw == "attention":
+                z = F.linear(z, sd[name + ".out_proj.weight"], sd[name + ".out_proj.bias"])
+        elif kw == "add":
+            z = ins[0] + ins[1]
+        elif kw == "linear":
+            w = sd[args["tie"]] if "tie" in args else sd[name + ".weight"]
+            z = F.linear(z, w, sd[name + ".bias"] if args.get("bias", "true") == "true" else None)
+        elif kw == "gelu":
+            z = F.gelu(z)
+        elif kw == "gelu_tanh":
+            z = 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+        elif kw == "select":
+            z = z[:, int(args["index"])]
+        elif kw == "embedding":
+            z = sd[name + ".weight"][z]
+        elif kw == "pos_embedding":
+            z = z + sd[name + ".weight"][: z.shape[1]]
+        elif kw == "conv1d":
+            z = z @ sd[name + ".weight"] + sd[name + ".bias"]
+        else:
+            raise AssertionError(f"run_arch: no {kw}")
+        env[name] = z
+    return z
+
+
+def test_vision_transformer():
+    m, cfg = vit()
+    text = to_text(m, torch.zeros(2, 3, cfg["image_size"], cfg["image_size"]))
+    kinds = [kw for _, kw, _, _ in declared(text)]
+    per_layer = ["layernorm", "attention", "add", "layernorm", "linear", "gelu", "linear", "add"]
+    assert kinds == ["conv", "tokens", "cls_token", "add_param"] + per_layer * cfg["num_layers"] \
+        + ["layernorm", "select", "linear"], kinds
+    assert f"input 3 {cfg['image_size']} {cfg['image_size']}" in text
+    assert f"classes {cfg['num_classes']}" in text
+    d = {n: (kw, a, p) for n, kw, a, p in declared(text)}
+    assert d["encoder.layers.encoder_layer_0.self_attention"][1] == {"heads": str(cfg["num_heads"])}
+    assert d["encoder.ln"][1] == {"eps": "1e-06"}
+    assert any(kw == "cls_token" and p == ["class_token"] for kw, a, p in d.values())
+    assert any(kw == "add_param" and p == ["encoder.pos_embedding"] for kw, a, p in d.values())
+    assert any(kw == "select" and a == {"index": "0"} for kw, a, p in d.values())
+    sd = m.state_dict()
+    got = param_shapes(text, sd)
+    assert got == {k: v.shape for k, v in sd.items()}, sorted(set(got) ^ set(sd))
+    # The text computes the module's function (float64, by the syntax's
+    # definitions): the same sums in another order, ~1e-15.
+    with torch.no_grad():
+        m.class_token.normal_(0, 0.02)
+        m.encoder.pos_embedding.normal_(0, 0.02)
+        x = torch.randn(3, 3, cfg["image_size"], cfg["image_size"], dtype=torch.float64)
+        e = (run_arch(text, m.state_dict(), x) - m.double().eval()(x)).abs().max().item()
+    assert e <= 1e-10, e
+
+
+def test_gpt2():
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("test_gpt2: SKIPPED (transformers not installed)")
+        return
+    m, cfg = gpt2()
+    t = cfg["n_positions"]
+    text = to_text(m, torch.zeros(2, t, dtype=torch.long))
+    assert f"input tokens {t}" in text and f"classes {cfg['vocab_size']}" in text, text
+    kinds = [kw for _, kw, _, _ in declared(text)]
+    per_layer = ["layernorm", "conv1d", "mha", "conv1d", "add", "layernorm", "conv1d", "gelu_tanh",
+                 "conv1d", "add"]
+    assert kinds == ["embedding", "pos_embedding"] + per_layer * cfg["n_layer"] \
+        + ["layernorm", "linear"], kinds
+    d = {n: (kw, a, p) for n, kw, a, p in declared(text)}
+    assert d["transformer.h.0.attn"][:2] == ("mha", {"heads": str(cfg["n_head"]), "causal": "true"})
+    assert d["transformer.wte"] == ("embedding", {}, [str(cfg["vocab_size"]), str(cfg["n_embd"])])
+    assert d["transformer.wpe"] == ("pos_embedding", {}, [str(cfg["n_positions"])])
+    assert d["lm_head"] == ("linear", {"bias": "false", "tie": "transformer.wte.weight"},
+                            [str(cfg["vocab_size"])])
+    sd = m.state_dict()
+    got = param_shapes(text, sd)
+    # The state_dict minus the tied duplicate (lm_head.weight).
+    want = {k: v.shape for k, v in sd.items() if k != "lm_head.weight"}
+    assert got == want, sorted(set(got) ^ set(want))
+    # Names in named_parameters() order, which is the tensors' first names.
+    assert list(got) == [n for n, _ in m.named_parameters()], list(got)
+    # The text computes the module's logits (float64; ~1e-15).
+    with torch.no_grad():
+        ids = torch.randint(0, cfg["vocab_size"], (3, t))
+        m = m.double().eval()
+        e = (run_arch(text, m.state_dict(), ids) - m(input_ids=ids).logits).abs().max().item()
+    assert e <= 1e-10, e
+
+
+def test_sequence_refusals():
+    # Each block is checked numerically against hesscope's layer: a GPT-2
+    # whose attention scales by the layer index is not `mha`.
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("test_sequence_refusals: SKIPPED (transformers not installed)")
+        return
+    m, cfg = gpt2(scale_attn_by_inverse_layer_idx=True)
+    e = refused(m, torch.zeros(2, 8, dtype=torch.long), "transformer.h.1.attn:",
+                "does not compute softmax attention")
+    assert "transformer.h.0" not in e, e
+    # An attention mask other than the causal one.
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            mask = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).triu(2)
+            return self.head(self.attn(x, x, x, attn_mask=mask, need_weights=False)[0])
+    refused(Masked(), torch.zeros(2, 5, dtype=torch.long), "attn: nn.MultiheadAttention with a mask")
+    # Cross-attention (query differs from key and value).
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.q = nn.Linear(8, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            return self.head(self.attn(self.q(x), x, x, need_weights=False)[0])
+    refused(Cross(), torch.zeros(2, 5, dtype=torch.long), "attn: nn.MultiheadAttention (self-attention")
+    # LayerNorm over two dimensions.
+    class Ln2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.ln = nn.LayerNorm([5, 8])
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, ids):
+            return self.head(self.ln(self.emb(ids)))
+    refused(Ln2(), torch.zeros(2, 5, dtype=torch.long), "ln: layer_norm over [5, 8]")
 
 
 if __name__ == "__main__":

@@ -170,15 +170,14 @@ impl Inputs {
 
     pub fn model_and_weights(&self) -> Result<(Model, Weights)> {
         if hesscope::model::onnx::is_onnx(&self.model) {
-            // The initializers are the weights, unless --weights is given.
-            let (model, init) = hesscope::model::onnx::read(Path::new(&self.model))
-                .with_context(|| format!("--model {}", self.model))?;
-            let weights = match &self.weights {
-                Some(p) => hesscope::model::onnx::check_not_folded(&model, p)
-                    .and_then(|()| Weights::load(&model, p))
-                    .with_context(|| format!("--weights {}", p.display()))?,
-                None => init,
-            };
+            // The initializers are the weights, unless --weights is given
+            // (refused for a graph whose batch norms were folded).
+            let path = Path::new(&self.model);
+            let (model, weights) = hesscope::model::onnx::load(path, self.weights.as_deref())
+                .with_context(|| match &self.weights {
+                    Some(p) => format!("--model {} --weights {}", self.model, p.display()),
+                    None => format!("--model {}", self.model),
+                })?;
             return Ok((model, weights));
         }
         let model = self.model()?;

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: the PyTorch fixtures.
 #![allow(dead_code)]
 
+pub mod python;
+
 use hesscope::data::Dataset;
 use hesscope::engine::{BnMode, Problem};
 use hesscope::model::{params, Model, Weights};

@@ -3,6 +3,7 @@
 //! outputs are read). The operators themselves are in `ops.rs`.
 
 use super::proto::{AttributeProto, GraphProto, NodeProto, TensorProto};
+use super::random::{random_incomplete, RandPart};
 use super::tensor::{self, attr_f64, Tensor};
 use crate::model::graph::{BufferSpec, Init, Node, Op, ParamSpec, Shape};
 use crate::model::params::Weights;
@@ -53,6 +54,8 @@ pub enum Val {
         groups: usize,
         transposed: bool,
     },
+    /// A piece of stochastic depth's random mask (`random.rs`).
+    Random(RandPart),
 }
 
 pub struct Builder<'a> {
@@ -279,6 +282,7 @@ impl<'a> Builder<'a> {
             )),
             Val::Gelu(..) => Err(gelu_incomplete(&n.input[i])),
             Val::Shuffle { .. } => Err(shuffle_incomplete(&n.input[i])),
+            Val::Random(_) => Err(random_incomplete(&n.input[i])),
         }
     }
 
@@ -407,8 +411,11 @@ impl<'a> Builder<'a> {
             match self.taken.get(init) {
                 Some(other) if torch_name => {
                     return Err(format!(
-                        "initializer `{init}` is also a parameter of `{other}`; hesscope does \
-                         not tie parameters between layers"
+                        "initializer `{init}` is also a parameter of `{other}`: the graph \
+                         reads one tensor in two layers (tied parameters, e.g. `b.weight = \
+                         a.weight`; an exporter that merges equal tensors hands each layer \
+                         its own name through an Identity node instead), and hesscope does \
+                         not read tied parameters from ONNX"
                     ))
                 }
                 Some(_) => {}
@@ -446,6 +453,7 @@ impl<'a> Builder<'a> {
             Some(Val::Const(..)) => return Err(format!("the output `{output}` is a constant")),
             Some(Val::Gelu(..)) => return Err(gelu_incomplete(output)),
             Some(Val::Shuffle { .. }) => return Err(shuffle_incomplete(output)),
+            Some(Val::Random(_)) => return Err(random_incomplete(output)),
             None => return Err(format!("no node makes the output `{output}`")),
         };
         if v == 0 {

@@ -8,12 +8,18 @@
 //! GlobalAveragePool, ReduceMean over H and W, Flatten, Reshape to
 //! [N, C·H·W], Gemm, MatMul (+ Add of its bias), Add, Mul of values,
 //! Concat, Slice and Split along channels, the channel shuffle (Reshape,
-//! Transpose, Reshape), Identity, Dropout (the identity, as in eval()),
+//! Transpose, Reshape), Identity, Dropout and torchvision's stochastic
+//! depth (RandomUniformLike, Less, Cast, Div, Mul; the identity, as in
+//! eval(); other random ops are refused),
 //! Constant, Transpose of a constant, and shape arithmetic (Shape,
 //! Gather, Unsqueeze, Cast, integer Add/Sub/Mul/Div) folded to constants. The graph has one input, an image batch [N, C, H, W],
 //! and one output, the logits [N, classes]; the loss is cross-entropy on
 //! them, as for `.arch` models. Parameter names are the initializers'
 //! (PyTorch's state_dict names, when torch exported the graph unfolded).
+//!
+//! Initializers an eval-mode export merged (equal values, handed on by
+//! Identity nodes under each parameter's name) are separate parameters;
+//! tied ones (read directly by two layers) are refused.
 //!
 //! Protobuf is decoded by `prost` (`proto.rs` holds the messages).
 
@@ -23,6 +29,7 @@ mod convert;
 mod dense;
 mod ops;
 pub mod proto;
+mod random;
 mod shape;
 mod tensor;
 
@@ -52,10 +59,21 @@ pub fn is_onnx(name_or_path: &str) -> bool {
 
 /// The model and the weights its initializers hold.
 pub fn read(path: &Path) -> Result<(Model, Weights)> {
-    let fail = |msg: String| Error::Format {
+    let (m, name) = parse(path)?;
+    lower_model(&m, path, name)
+}
+
+fn format_error(path: &Path, msg: String) -> Error {
+    Error::Format {
         path: path.to_path_buf(),
         msg,
-    };
+    }
+}
+
+/// The decoded protobuf, checked for what hesscope reads (size, opset,
+/// one graph), and the model's name (the file's stem).
+fn parse(path: &Path) -> Result<(proto::ModelProto, String)> {
+    let fail = |msg: String| format_error(path, msg);
     let meta = tensorio::regular_file(path)?;
     if meta.len() > MAX_ONNX_BYTES {
         return Err(fail(format!(
@@ -91,7 +109,6 @@ pub fn read(path: &Path) -> Result<(Model, Weights)> {
     if !g.sparse_initializer.is_empty() {
         return Err(fail("sparse initializers are not supported".into()));
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -107,15 +124,41 @@ pub fn read(path: &Path) -> Result<(Model, Weights)> {
         })
         .collect();
     let name = if name.is_empty() { "onnx".into() } else { name };
-    lower(g, dir, name).map_err(fail)
+    Ok((m, name))
+}
+
+fn lower_model(m: &proto::ModelProto, path: &Path, name: String) -> Result<(Model, Weights)> {
+    let g = m.graph.as_ref().expect("parse checks the graph");
+    let dir = path.parent().unwrap_or(Path::new("."));
+    lower(g, dir, name).map_err(|msg| format_error(path, msg))
 }
 
 /// The model, with the weights of `weights` (a state_dict, by names) when
 /// given, else the initializers'. A state_dict with batch-norm tensors the
 /// graph lacks is refused naming them: the graph's batch norms were
-/// folded into its convolutions.
+/// folded into its convolutions. That check comes first, on the graph as
+/// it is (its initializers and BatchNormalization nodes), so that a folded
+/// graph is refused for what it is even where lowering it would fail for
+/// another reason.
 pub fn load(path: &Path, weights: Option<&Path>) -> Result<(Model, Weights)> {
-    let (model, init) = read(path)?;
+    let (m, name) = parse(path)?;
+    if let Some(w) = weights {
+        let g = m.graph.as_ref().expect("parse checks the graph");
+        let inits: std::collections::HashSet<&str> =
+            g.initializer.iter().map(|t| t.name.as_str()).collect();
+        let bn_modules: Vec<String> = g
+            .node
+            .iter()
+            .filter(|n| n.op_type == "BatchNormalization")
+            .map(|n| convert::module_of(&n.name))
+            .collect();
+        not_folded(&name, w, |module| {
+            inits.contains(format!("{module}.running_mean").as_str())
+                || inits.contains(format!("{module}.running_var").as_str())
+                || bn_modules.iter().any(|b| b == module)
+        })?;
+    }
+    let (model, init) = lower_model(&m, path, name)?;
     let Some(w) = weights else {
         return Ok((model, init));
     };
@@ -126,18 +169,25 @@ pub fn load(path: &Path, weights: Option<&Path>) -> Result<(Model, Weights)> {
 
 /// Refuses a state_dict that holds batch-norm modules the model lacks.
 pub fn check_not_folded(model: &Model, weights: &Path) -> Result<()> {
+    not_folded(&model.name, weights, |m| {
+        model.buffers.iter().any(|b| {
+            b.name
+                .strip_prefix(m)
+                .is_some_and(|rest| rest == ".running_mean" || rest == ".running_var")
+        })
+    })
+}
+
+/// Refuses a state_dict that holds batch-norm modules (by their running
+/// statistics) for which `has_bn(module)` is false.
+fn not_folded(model_name: &str, weights: &Path, has_bn: impl Fn(&str) -> bool) -> Result<()> {
     let file = tensorio::File::open(weights)?;
     let names: Vec<&String> = file.layout().keys().collect();
     let mut modules: Vec<&str> = vec![];
     for name in &names {
         for suffix in [".running_mean", ".running_var", ".num_batches_tracked"] {
             if let Some(m) = name.strip_suffix(suffix) {
-                let has = model.buffers.iter().any(|b| {
-                    b.name
-                        .strip_prefix(m)
-                        .is_some_and(|rest| rest == ".running_mean" || rest == ".running_var")
-                });
-                if !has && !modules.contains(&m) {
+                if !has_bn(m) && !modules.contains(&m) {
                     modules.push(m);
                 }
             }
@@ -174,7 +224,7 @@ pub fn check_not_folded(model: &Model, weights: &Path) -> Result<()> {
              eval mode with constant folding): a different parameterisation, which cannot be \
              told from a convolution with bias and onto which these tensors do not map. Export \
              unfolded: {EXPORT_HINT}",
-            model.name,
+            model_name,
             lacking.len(),
             modules.len(),
             shown.join(", "),

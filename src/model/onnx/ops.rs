@@ -3,7 +3,7 @@
 //! that would change what an op computes in a way hesscope does not
 //! (asymmetric padding, dilated pools, ...).
 
-use super::convert::{module_of, Attrs, Builder, Origin, Val, R};
+use super::convert::{is_module_name, module_of, Attrs, Builder, Origin, Val, R};
 use super::dense::transpose;
 use super::proto::NodeProto;
 use super::tensor::Tensor;
@@ -161,6 +161,9 @@ impl Builder<'_> {
             ));
         }
         let module = module_of(&n.name);
+        if self.is_random(n) {
+            return self.random(n);
+        }
         match n.op_type.as_str() {
             "Conv" => self.conv(n, &module),
             "BatchNormalization" => self.bn(n, &module),
@@ -234,7 +237,24 @@ impl Builder<'_> {
                         &[]
                     },
                 )?;
-                let v = self.val(n, 0)?;
+                let v = match self.val(n, 0)? {
+                    // An eval-mode export merges initializers of equal
+                    // values (SqueezeNet's zero biases) into one, which
+                    // Identity nodes hand on under each parameter's own
+                    // name: each is a parameter of its own (tied
+                    // parameters are read directly, with no Identity).
+                    Val::Const(t, o) if n.op_type == "Identity" && o.init.is_some() => {
+                        let out = &n.output[0];
+                        let torch_name = is_module_name(out) && out.contains('.');
+                        let init = if torch_name {
+                            Some(out.clone())
+                        } else {
+                            o.init
+                        };
+                        Val::Const(t, Origin { init, ..o })
+                    }
+                    v => v,
+                };
                 self.set(n, 0, v);
                 self.unread_from(n, 1, &["Dropout's mask"]);
                 Ok(())
