@@ -30,8 +30,8 @@ pub mod loss;
 pub mod mul;
 pub mod pool;
 
+use crate::dispatch::plan::{NodeBufs, Plan};
 use crate::error::{Error, Result};
-use crate::gpu::plan::{NodeBufs, Plan};
 use crate::model::{Model, Node, Op};
 use std::any::Any;
 
