@@ -257,3 +257,46 @@ fn threads_sets_the_engine_and_not_its_results() {
         );
     }
 }
+
+/// The trainer and `trace-grad` resolve `auto` as every other command: on
+/// a machine without a GPU both run on the float64 CPU engine.
+#[test]
+fn train_and_trace_grad_resolve_auto_the_same_way() {
+    let (d, gpu) = devices();
+    let want = match gpu {
+        true => d["auto"]["backend"].clone(),
+        false => serde_json::Value::from("cpu"),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let small = [
+        "--model",
+        "mlp-tiny",
+        "--samples",
+        "16",
+        "--batch",
+        "8",
+        "--json",
+    ];
+    let (ok, out, err) = hesscope(
+        &[
+            &["train", "--epochs", "1", "--lr", "0.01", "--out"][..],
+            &[run.to_str().unwrap()],
+            &small,
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    assert_eq!(json(&out)["settings"]["backend"], want, "{out}");
+    let g = tmp.path().join("g.safetensors");
+    let (ok, out, err) = hesscope(
+        &[
+            &["trace-grad", "--probes", "1", "--out"][..],
+            &[g.to_str().unwrap()],
+            &small,
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    assert_eq!(json(&out)["backend"], want, "{out}");
+}
