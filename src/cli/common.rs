@@ -141,7 +141,8 @@ pub struct Inputs {
     /// Mesa's CPU emulators lavapipe and llvmpipe).
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
-    /// Which adapter of the backend (see `hesscope devices`).
+    /// Which adapter of the backend (see `hesscope devices`); with `auto`,
+    /// which GPU in auto's order.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub adapter: usize,
     /// GiB of GPU memory for keeping every batch's forward results resident
