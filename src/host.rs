@@ -30,6 +30,44 @@ fn parse_mem_available(meminfo: &str) -> Option<usize> {
         .map(|kib| kib.saturating_mul(1024))
 }
 
+/// The host's cores, as the standard library counts them (1 if unknown).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Sets the float64 CPU engine's parallelism for the process: rayon's
+/// global pool (its per-sample and per-block work) and faer's global
+/// parallelism (its own products: Par::Seq for one thread) to `threads`
+/// threads, or to all cores for None. Returns the count set. Refused for
+/// 0, and once rayon's pool is running with another count (it is built
+/// once per process: call this before any parallel work).
+pub fn set_threads(threads: Option<usize>) -> crate::Result<usize> {
+    let n = threads.unwrap_or_else(cores);
+    if n == 0 {
+        return Err(crate::Error::Invalid {
+            what: "thread count",
+            msg: "0 threads; at least 1".to_string(),
+        });
+    }
+    let built = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+    if built.is_err() && rayon::current_num_threads() != n {
+        return Err(crate::Error::Invalid {
+            what: "thread count",
+            msg: format!(
+                "{n}: the process's thread pool already runs {} threads",
+                rayon::current_num_threads()
+            ),
+        });
+    }
+    faer::set_global_parallelism(match std::num::NonZeroUsize::new(n) {
+        Some(k) if n > 1 => faer::Par::Rayon(k),
+        _ => faer::Par::Seq,
+    });
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

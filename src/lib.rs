@@ -14,6 +14,8 @@ pub use error::{Error, Result};
 pub mod cpu;
 pub mod data;
 pub mod decisions;
+pub mod device;
+pub mod dispatch;
 pub mod engine;
 pub mod layers;
 pub mod model;

@@ -22,7 +22,16 @@ fn quiet_display_probe() {
 
 fn main() -> ExitCode {
     quiet_display_probe();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // wgpu's GL backend logs its EGL probing as errors where a display
+    // driver is missing (`EGL 'eglInitialize' code 0x3001: DRI2: failed to
+    // load driver` on a server with llvmpipe), though the adapter then
+    // opens: every `auto` run lists the adapters, and a driver's complaint
+    // must not greet the user. Real GL faults still come back as errors.
+    // RUST_LOG overrides.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("warn,wgpu_hal::gles=off"),
+    )
+    .init();
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,
         Err(e) => {

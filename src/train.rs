@@ -37,6 +37,7 @@ mod guard;
 mod htr;
 mod recipe;
 mod state_dict;
+mod trajectory;
 pub use checkpoint::{
     checkpoint_epochs, data_sha256, digest, latest_checkpoint, run_identity, save_checkpoint,
     sha256_hex, write_atomic, CheckpointMeta, FileDigest, Resumed, RunMeasures,
@@ -49,6 +50,7 @@ pub use recipe::{
 use recipe::{invalid, permuted};
 use state_dict::running_means;
 pub use state_dict::{initial_counts, save_state_dict};
+pub use trajectory::TrainReport;
 
 /// Batch norm's running-statistics momentum (PyTorch's default).
 pub const BN_MOMENTUM: f64 = 0.1;

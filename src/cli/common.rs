@@ -1,12 +1,12 @@
 //! The inputs shared by the compute subcommands, and how they become an
 //! engine: the model and weights are loaded once per command.
 
-use crate::cli::output::notice;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use hesscope::cpu::CpuReference;
 use hesscope::data::{self, Dataset};
 use hesscope::decisions::DecisionSource;
+use hesscope::device::Need;
 use hesscope::engine::{BnMode, Curvature, Problem};
 use hesscope::gpu::BackendChoice;
 use hesscope::model::{params, Model, Weights};
@@ -20,8 +20,9 @@ pub const SYNTHETIC_SAMPLES: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
-    /// The first GPU adapter (hardware before software); the float64
-    /// reference when there is none.
+    /// A GPU adapter where there is one (discrete, integrated; see
+    /// `hesscope devices`), else the float64 CPU engine (`cpu`); CPU
+    /// emulators (lavapipe, llvmpipe) only where named (`vulkan`, `gl`).
     Auto,
     /// Vulkan (Linux, Windows, Android; Mesa's lavapipe without a GPU).
     Vulkan,
@@ -31,25 +32,45 @@ pub enum Backend {
     Dx12,
     /// OpenGL / GLES (Mesa's llvmpipe without a GPU).
     Gl,
-    /// The float64 CPU reference.
+    /// The float64 CPU engine (all cores; `--threads`).
     Cpu,
 }
 
 impl Backend {
-    pub fn gpu(self) -> Option<BackendChoice> {
-        match self {
-            Backend::Auto => Some(BackendChoice::Auto),
-            Backend::Vulkan => Some(BackendChoice::Vulkan),
-            Backend::Metal => Some(BackendChoice::Metal),
-            Backend::Dx12 => Some(BackendChoice::Dx12),
-            Backend::Gl => Some(BackendChoice::Gl),
-            Backend::Cpu => None,
-        }
+    /// The adapter this `--backend` and `--adapter` run on (backend, index
+    /// within it), or None for the float64 CPU engine. `auto` is decided
+    /// by `hesscope::device::choose` (what `hesscope devices` shows); a
+    /// caller that needs an adapter (`selftest`) asks with `Need::Adapter`.
+    pub fn resolve(self, adapter: usize, need: Need) -> Result<Option<(BackendChoice, usize)>> {
+        let choice = match self {
+            Backend::Auto => {
+                let c = hesscope::device::choose(&hesscope::gpu::list_adapters(), need, adapter)
+                    .with_context(|| format!("--backend auto --adapter {adapter}"))?;
+                return Ok(c.gpu());
+            }
+            Backend::Cpu => return Ok(None),
+            Backend::Vulkan => BackendChoice::Vulkan,
+            Backend::Metal => BackendChoice::Metal,
+            Backend::Dx12 => BackendChoice::Dx12,
+            Backend::Gl => BackendChoice::Gl,
+        };
+        Ok(Some((choice, adapter)))
     }
     pub fn name(self) -> String {
         self.to_possible_value()
             .map(|v| v.get_name().to_string())
             .unwrap_or_default()
+    }
+}
+
+/// The name of a backend as `--backend` spells it.
+pub fn backend_flag(b: BackendChoice) -> &'static str {
+    match b {
+        BackendChoice::Auto => "auto",
+        BackendChoice::Vulkan => "vulkan",
+        BackendChoice::Metal => "metal",
+        BackendChoice::Dx12 => "dx12",
+        BackendChoice::Gl => "gl",
     }
 }
 
@@ -114,10 +135,14 @@ pub struct Inputs {
     /// Batch-norm statistics.
     #[arg(long, value_enum, default_value_t = BnArg::Batch)]
     pub bn: BnArg,
-    /// Where the Hessian-vector products run (`cpu`: the float64 reference).
+    /// Where the Hessian-vector products run: `auto` (a GPU, else the
+    /// float64 CPU engine; `hesscope devices` says which and why), `cpu`
+    /// (the float64 engine), or a GPU backend (`vulkan`, `gl` also run
+    /// Mesa's CPU emulators lavapipe and llvmpipe).
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
-    /// Which adapter of the backend (see `hesscope devices`).
+    /// Which adapter of the backend (see `hesscope devices`); with `auto`,
+    /// which GPU in auto's order.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub adapter: usize,
     /// GiB of GPU memory for keeping every batch's forward results resident
@@ -138,6 +163,11 @@ pub struct Inputs {
     /// Seed of every random choice.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub seed: u64,
+    /// Threads of the float64 CPU engine (its per-sample and per-block
+    /// work and faer's matrix products); default: all cores. Results do
+    /// not depend on it.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub threads: Option<usize>,
     /// Print one JSON object on stdout instead of prose.
     #[arg(long, help_heading = "Output")]
     pub json: bool,
@@ -267,19 +297,26 @@ impl Inputs {
     }
 
     /// The GPU engine of --backend with `options` (and --cache-budget);
-    /// None for the float64 reference: --backend cpu, or auto without a
-    /// GPU adapter (with a notice).
+    /// None for the float64 CPU engine: --backend cpu, or auto without a
+    /// GPU adapter.
     pub fn gpu_engine(
         &self,
         problem: &Problem,
         mut options: hesscope::gpu::EngineOptions,
     ) -> Result<Option<hesscope::gpu::GpuEngine>> {
         self.check_cache_budget()?;
-        let Some(choice) = self.backend.gpu() else {
+        let Some((choice, adapter)) = self.backend.resolve(self.adapter, Need::Engine)? else {
             if self.decisions == DecisionsArg::Float32 {
+                let why = match self.backend {
+                    Backend::Cpu => "--backend cpu".to_string(),
+                    _ => format!(
+                        "--backend {} (no GPU adapter here: the float64 CPU engine)",
+                        self.backend.name()
+                    ),
+                };
                 anyhow::bail!(
-                    "invalid --decisions float32 with --backend cpu: the float64 reference takes \
-                     every decision in float64"
+                    "invalid --decisions float32 with {why}: the float64 CPU engine takes \
+                     every decision in float64; name a GPU backend (vulkan, gl, ...)"
                 );
             }
             return Ok(None);
@@ -288,24 +325,21 @@ impl Inputs {
         if let Some(gib) = self.cache_budget {
             options.cache_budget = Some(gib_bytes("--cache-budget", gib, true)?);
         }
-        match hesscope::gpu::open_with(problem, choice, self.adapter, options) {
-            Ok(engine) => Ok(Some(engine)),
-            Err(_)
-                if self.backend == Backend::Auto && hesscope::gpu::list_adapters().is_empty() =>
-            {
-                notice(
-                    "hesscope: no GPU adapter found; running on the float64 CPU reference \
-                     (--backend cpu). For a GPU path on Linux without a GPU, install Mesa's \
-                     software Vulkan driver: apt-get install mesa-vulkan-drivers",
-                );
-                Ok(None)
-            }
-            Err(e) => Err(anyhow::Error::new(e).context(format!(
-                "--backend {} --adapter {}",
-                self.backend.name(),
-                self.adapter
-            ))),
-        }
+        hesscope::gpu::open_with(problem, choice, adapter, options)
+            .map(Some)
+            .map_err(|e| {
+                let picked = match self.backend {
+                    Backend::Auto => {
+                        format!(" (picked {} adapter {adapter})", backend_flag(choice))
+                    }
+                    _ => String::new(),
+                };
+                anyhow::Error::new(e).context(format!(
+                    "--backend {} --adapter {}{picked}",
+                    self.backend.name(),
+                    self.adapter
+                ))
+            })
     }
 
     /// --cache-budget is checked on every backend, the reference's too

@@ -43,6 +43,7 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("htr every", "--htr-every"),
     ("fixtures folder", "--fixtures"),
     ("augment", "--augment"),
+    ("thread count", "--threads"),
 ];
 
 /// The flag for a library input name, if the CLI has one.

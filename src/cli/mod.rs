@@ -18,6 +18,7 @@ mod train_plots;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use common::Inputs;
+use hesscope::device::Need;
 use hesscope::gpu::ReducePath;
 use hesscope::report::{
     BenchReport, DevicesReport, GradReport, HvpReport, InitReport, SynthReport,
@@ -167,10 +168,34 @@ fn outputs(c: &Command) -> Vec<(&'static str, &std::path::Path)> {
         .collect()
 }
 
+/// The shared inputs of a command that computes (None: `devices`,
+/// `selftest`).
+fn inputs_of(c: &Command) -> Option<&Inputs> {
+    Some(match c {
+        Command::Grad { inputs, .. }
+        | Command::Hvp { inputs, .. }
+        | Command::Bench { inputs, .. }
+        | Command::Init { inputs, .. }
+        | Command::Synth { inputs, .. } => inputs,
+        Command::Density(a) => &a.inputs,
+        Command::Eigs(a) => &a.inputs,
+        Command::Trace(a) => &a.inputs,
+        Command::TraceGrad(a) => &a.inputs,
+        Command::Train(a) => &a.inputs,
+        Command::Exact(a) => &a.inputs,
+        Command::Layers(a) => &a.inputs,
+        Command::Devices { .. } | Command::Selftest(_) => return None,
+    })
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     // Output files are checked before any computation.
     for (flag, path) in outputs(&cli.command) {
         output::check_writable(flag, path)?;
+    }
+    // The float64 engine's threads, before any parallel work.
+    if let Some(inputs) = inputs_of(&cli.command) {
+        hesscope::host::set_threads(inputs.threads)?;
     }
     match cli.command {
         Command::Devices { json } => devices(json),
@@ -326,21 +351,34 @@ fn hvp(inputs: &Inputs, vector: Option<PathBuf>, out: Option<PathBuf>) -> Result
 }
 
 fn devices(json: bool) -> Result<()> {
+    let adapters = hesscope::gpu::list_adapters();
     let report = DevicesReport {
-        adapters: hesscope::gpu::list_adapters(),
+        auto: hesscope::device::choose(&adapters, Need::Engine, 0)?,
+        cpu_threads: hesscope::host::cores(),
+        adapters,
     };
     if json {
         return line(hesscope::report::Exporter::JsonLine.render(&report)?);
     }
+    let auto = &report.auto;
+    let at = match auto.gpu() {
+        Some((b, i)) => format!(" (--backend {} --adapter {i})", common::backend_flag(b)),
+        None => " (--backend cpu)".to_string(),
+    };
+    let mut text = format!(
+        "--backend auto runs on: {}{at}\n  why: {}\ncpu: the float64 CPU engine, {} threads by default (--threads)\n",
+        auto.name, auto.reason, report.cpu_threads
+    );
     if report.adapters.is_empty() {
-        return line("no GPU adapter found (without a GPU on Linux, install Mesa's software drivers: apt-get install mesa-vulkan-drivers libegl-mesa0); `--backend cpu` runs the float64 reference");
+        text.push_str("no GPU adapter found (for a GPU path on Linux without a GPU, install Mesa's software drivers: apt-get install mesa-vulkan-drivers libegl-mesa0)\n");
     }
-    let mut text = String::new();
     for a in &report.adapters {
         let mib = |b: u64| b / (1 << 20);
         text.push_str(&format!(
-            "{} adapter {}: {} ({})\n  driver: {} {}\n  features: f64 {}, f16 {}, subgroups {}, timestamps {}\n  limits: storage binding {} MiB, buffer {} MiB, {} storage buffers/stage, {} B workgroup memory, {} invocations/workgroup, {} workgroups/dimension\n",
-            a.backend, a.index, a.name, a.device_type, a.driver, a.driver_info,
+            "{} adapter {}: {} ({}: {})\n  driver: {} {}\n  features: f64 {}, f16 {}, subgroups {}, timestamps {}\n  limits: storage binding {} MiB, buffer {} MiB, {} storage buffers/stage, {} B workgroup memory, {} invocations/workgroup, {} workgroups/dimension\n",
+            a.backend, a.index, a.name, a.device_type,
+            if hesscope::dispatch::is_gpu_type(&a.device_type) { "a GPU" } else { "a CPU emulator" },
+            a.driver, a.driver_info,
             a.f64, a.f16, a.subgroups, a.timestamps,
             mib(a.max_storage_buffer_binding_size), mib(a.max_buffer_size),
             a.max_storage_buffers_per_shader_stage, a.max_compute_workgroup_storage_size,
@@ -422,9 +460,14 @@ fn bench(
     drop(l.engine);
     let model = l.model;
     let mut kernels = vec![];
-    // No kernel table when `auto` fell back to the CPU reference.
-    if let (Some(choice), false, false) = (inputs.backend.gpu(), no_kernels, backend == "cpu") {
-        let ctx = hesscope::gpu::GpuContext::open(choice, inputs.adapter)?;
+    // No kernel table on the float64 CPU engine (`cpu`, or `auto` without
+    // a GPU).
+    let gpu = match backend == "cpu" {
+        true => None,
+        false => inputs.backend.resolve(inputs.adapter, Need::Engine)?,
+    };
+    if let (Some((choice, adapter)), false) = (gpu, no_kernels) {
+        let ctx = hesscope::gpu::GpuContext::open(choice, adapter)?;
         let n = inputs.batch.min(inputs.samples.unwrap_or(inputs.batch));
         kernels = hesscope::bench::kernel_table(&ctx, &model, n, reps).context("timing kernels")?;
         let path = match conv_path {

@@ -2,10 +2,11 @@
 //! one adapter, as text or one JSON object; the exit status is non-zero
 //! when any check fails.
 
-use crate::cli::common::Backend;
+use crate::cli::common::{backend_flag, Backend};
 use crate::cli::output::{emit, line};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use hesscope::device::Need;
 use hesscope::gpu::GpuContext;
 use hesscope::selftest::SelftestReport;
 use std::path::PathBuf;
@@ -17,8 +18,9 @@ pub struct SelftestArgs {
     /// else ../shared/fixtures.
     #[arg(long, value_name = "DIR")]
     pub fixtures: Option<PathBuf>,
-    /// The GPU backend to check (`auto`: the first GPU adapter; `cpu` is
-    /// refused: the float64 reference is what the GPU is checked against).
+    /// The GPU backend to check (`auto`: a GPU adapter, else a CPU
+    /// emulator; `cpu` is refused: the float64 reference is what the GPU
+    /// is checked against).
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
     /// Which adapter of the backend (see `hesscope devices`).
@@ -77,15 +79,25 @@ fn text(r: &SelftestReport) -> Result<()> {
 }
 
 pub fn selftest_cmd(a: SelftestArgs) -> Result<()> {
-    let Some(choice) = a.backend.gpu() else {
+    if a.backend == Backend::Cpu {
         bail!(
             "--backend cpu: selftest checks a GPU adapter against the float64 references; \
              name a GPU backend (auto, vulkan, metal, dx12, gl)"
         );
+    }
+    // `auto`: a GPU, else an emulator (an adapter is what is checked).
+    let Some((choice, adapter)) = a.backend.resolve(a.adapter, Need::Adapter)? else {
+        bail!("selftest: no adapter to check (see `hesscope devices`)");
     };
     let root = fixtures_dir(&a);
-    let ctx = GpuContext::open(choice, a.adapter)
-        .with_context(|| format!("--backend {} --adapter {}", a.backend.name(), a.adapter))?;
+    let ctx = GpuContext::open(choice, adapter).with_context(|| {
+        format!(
+            "--backend {} --adapter {} ({} adapter {adapter})",
+            a.backend.name(),
+            a.adapter,
+            backend_flag(choice)
+        )
+    })?;
     let report = hesscope::selftest::run(&ctx, &root)
         .with_context(|| format!("--fixtures {}", root.display()))?;
     if a.json {

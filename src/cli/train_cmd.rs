@@ -4,7 +4,7 @@
 //! curvature along the way (`hesscope::snapshot`), data augmentation and
 //! the Hessian-trace regulariser.
 
-use crate::cli::common::{Backend, BnArg, Inputs};
+use crate::cli::common::{backend_flag, Backend, BnArg, Inputs};
 use crate::cli::output::notice;
 use crate::cli::spectral_cmds::{
     BasisArgs, BasisOn, SweepArgs, MAX_GRID, MAX_PROBES, MAX_RUNS, MAX_STEPS,
@@ -15,10 +15,12 @@ use crate::cli::train_plots::write_trajectory;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hesscope::data::Dataset;
-use hesscope::report::{EpochRecord, Exporter, HtrRecord, StartRecord, TrainReport};
+use hesscope::device::Need;
+use hesscope::report::{EpochRecord, Exporter, HtrRecord, StartRecord};
 use hesscope::snapshot::SnapshotSettings;
 use hesscope::spectral::slq;
 use hesscope::trace_grad::LayerSet;
+use hesscope::train::TrainReport;
 use hesscope::train::{
     initial_counts, latest_checkpoint, run_identity, save_checkpoint, Augment, CheckpointMeta,
     FileDigest, Htr, ProbeDist, Recipe, RunMeasures, StepInfo, Trainer,
@@ -333,29 +335,22 @@ fn epoch_bar(epoch: usize, epochs: usize, steps: usize) -> ProgressBar {
 }
 
 /// The GPU the steps run on (the regulariser's third derivatives too):
-/// None for `--backend cpu` and for `auto` without an adapter (with a
-/// notice).
+/// None for the float64 CPU engine (`--backend cpu`, or `auto` without a
+/// GPU adapter: the same decision as every command's, `hesscope devices`).
 fn train_device(a: &TrainArgs) -> Result<Option<hesscope::gpu::GpuContext>> {
-    let Some(choice) = a.inputs.backend.gpu() else {
+    let Some((choice, adapter)) = a.inputs.backend.resolve(a.inputs.adapter, Need::Engine)? else {
         return Ok(None);
     };
-    match hesscope::gpu::GpuContext::open(choice, a.inputs.adapter) {
-        Ok(ctx) => Ok(Some(ctx)),
-        Err(_)
-            if a.inputs.backend == Backend::Auto && hesscope::gpu::list_adapters().is_empty() =>
-        {
-            notice(
-                "hesscope: no GPU adapter found; training on the float64 CPU reference \
-                 (--backend cpu)",
-            );
-            Ok(None)
-        }
-        Err(e) => Err(anyhow::Error::new(e).context(format!(
-            "--backend {} --adapter {}",
-            a.inputs.backend.name(),
-            a.inputs.adapter
-        ))),
-    }
+    hesscope::gpu::GpuContext::open(choice, adapter)
+        .map(Some)
+        .with_context(|| {
+            format!(
+                "--backend {} --adapter {} ({} adapter {adapter})",
+                a.inputs.backend.name(),
+                a.inputs.adapter,
+                backend_flag(choice)
+            )
+        })
 }
 
 /// The report's settings, naming the device the steps ran on.

@@ -4,9 +4,10 @@
 
 use anyhow::{Context, Result};
 use hesscope::model::Model;
-use hesscope::report::{CurvatureRecord, EpochRecord, Exporter, TrainReport};
+use hesscope::report::{CurvatureRecord, EpochRecord, Exporter};
 use hesscope::spectral::plot::{densities_svg, panels_svg, DensitySeries, Panel, Series};
 use hesscope::train::write_atomic;
+use hesscope::train::TrainReport;
 use std::path::{Path, PathBuf};
 
 /// DIR/trajectory.json and the plots.

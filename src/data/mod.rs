@@ -14,8 +14,9 @@ use crate::model::{tensorio, Model, Shape};
 use std::path::Path;
 
 /// The most image values a data set may hold in memory: 2^30 f32 values
-/// (4 GiB), e.g. 349,525 CIFAR-10 images or 7,133 ImageNet-sized ones.
-pub const MAX_DATA_ELEMENTS: usize = 1 << 30;
+/// (4 GiB), e.g. 349,525 CIFAR-10 images or 7,133 ImageNet-sized ones
+/// (defined beside the file reader, which `data` builds on).
+pub use crate::model::tensorio::MAX_FILE_ELEMENTS as MAX_DATA_ELEMENTS;
 
 /// `n` samples of `shape` as a number of values, refused above
 /// [`MAX_DATA_ELEMENTS`] (`what` says where they come from).

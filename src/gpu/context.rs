@@ -11,7 +11,8 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 /// Which wgpu backend to open.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     /// The first adapter in the order Vulkan, Metal, DX12, GL, preferring
     /// hardware over software rasterisers.

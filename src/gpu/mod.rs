@@ -3,13 +3,13 @@
 pub mod basis;
 pub mod context;
 pub mod executor;
-pub mod kernels;
 pub mod memory;
-pub mod params;
 pub mod plan;
 pub mod program;
-pub mod reduce;
 pub mod trainer;
+
+// Moved to `crate::dispatch` (wgpu-free, below `layers`); the old paths stay.
+pub use crate::dispatch::{kernels, params, reduce};
 
 pub use basis::BasisPlace;
 pub use context::{list_adapters, AdapterReport, BackendChoice, GpuBuffer, GpuContext};

@@ -24,9 +24,9 @@
 //! `act_replay_*` kernels, which evaluate the piece of x₀ at x.
 
 use super::{CpuCx, Decision, Layer, Saved, StateBuf, StateCx, StateWords};
-use crate::gpu::kernels::{ActParams, Consts, Kernel};
-use crate::gpu::plan::{NodeBufs, Plan};
-use crate::gpu::program::Grid;
+use crate::dispatch::kernels::{ActParams, Consts, Kernel};
+use crate::dispatch::plan::{NodeBufs, Plan};
+use crate::dispatch::step::Grid;
 use crate::model::{Activation, Node, Op};
 use crate::ops::activation as act;
 

@@ -3,10 +3,10 @@
 //! shaders/adaptive_pool.wgsl.
 
 use super::{unsupported, CpuCx, LinearUnit, Saved};
+use crate::dispatch::kernels::{Consts, Kernel, PoolParams};
+use crate::dispatch::plan::{NodeBufs, Plan};
+use crate::dispatch::step::Grid;
 use crate::error::Result;
-use crate::gpu::kernels::{Consts, Kernel, PoolParams};
-use crate::gpu::plan::{NodeBufs, Plan};
-use crate::gpu::program::Grid;
 use crate::model::{Node, Op};
 use crate::ops::adaptive_pool as ap;
 

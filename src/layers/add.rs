@@ -2,9 +2,9 @@
 //! adjoint (and R-adjoint) of y flows unchanged to both inputs.
 
 use super::{add_vecs, CpuCx, Layer, Saved};
-use crate::gpu::kernels::{EwParams, Kernel};
-use crate::gpu::plan::{NodeBufs, Plan};
-use crate::gpu::program::Grid;
+use crate::dispatch::kernels::{EwParams, Kernel};
+use crate::dispatch::plan::{NodeBufs, Plan};
+use crate::dispatch::step::Grid;
 use crate::model::Node;
 
 pub struct AddUnit;

@@ -4,9 +4,9 @@
 //! the statistics rows of shaders/reduce.wgsl (`kernels::bn_rows`).
 
 use super::{saved, CpuCx, Layer, Saved, StateBuf, StateCx};
-use crate::gpu::kernels::{self, bn_rows, BnParams, Consts, Kernel, ReduceParams};
-use crate::gpu::plan::{NodeBufs, Plan};
-use crate::gpu::program::Grid;
+use crate::dispatch::kernels::{self, bn_rows, BnParams, Consts, Kernel, ReduceParams};
+use crate::dispatch::plan::{NodeBufs, Plan};
+use crate::dispatch::step::Grid;
 use crate::model::{Node, Op};
 use crate::ops::bn;
 
@@ -83,7 +83,7 @@ pub fn batch_moments(sv: &Saved) -> Option<(&[f64], &[f64])> {
 }
 
 /// The per-channel reductions run one workgroup per channel along x only
-/// (whole, or a split's second stage; src/gpu/reduce.rs).
+/// (whole, or a split's second stage; src/dispatch/reduce.rs).
 pub const MAX_CHANNELS: usize = 65_535;
 
 impl Layer for BatchNormUnit {

@@ -4,10 +4,10 @@
 //! tangents and adjoints the same way. Kernels: shaders/channels.wgsl.
 
 use super::{unsupported, CpuCx, Layer, LinearUnit, Saved};
+use crate::dispatch::kernels::{ChannelParams, Consts, Kernel};
+use crate::dispatch::plan::{NodeBufs, Plan};
+use crate::dispatch::step::Grid;
 use crate::error::Result;
-use crate::gpu::kernels::{ChannelParams, Consts, Kernel};
-use crate::gpu::plan::{NodeBufs, Plan};
-use crate::gpu::program::Grid;
 use crate::model::{Model, Node, Op};
 use crate::ops::channels as ch;
 

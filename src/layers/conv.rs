@@ -16,10 +16,10 @@
 //! element over its group's channels only), conv_weight_sum after it.
 
 use super::{unsupported, CpuCx, Layer, Saved};
+use crate::dispatch::kernels::{self, Consts, ConvParams, Kernel, WeightsVia};
+use crate::dispatch::plan::{NodeBufs, Plan};
+use crate::dispatch::step::Grid;
 use crate::error::Result;
-use crate::gpu::kernels::{self, Consts, ConvParams, Kernel, WeightsVia};
-use crate::gpu::plan::{NodeBufs, Plan};
-use crate::gpu::program::Grid;
 use crate::model::{Node, Op};
 use crate::ops::{conv, gemm};
 

@@ -18,24 +18,24 @@ macro_rules! cpu_only_gpu {
         }
         fn plan_forward(
             &self,
-            _p: &mut crate::gpu::plan::Plan,
+            _p: &mut crate::dispatch::plan::Plan,
             _node: &crate::model::Node,
-            _io: &crate::gpu::plan::NodeBufs,
+            _io: &crate::dispatch::plan::NodeBufs,
         ) {
         }
         fn plan_r_forward(
             &self,
-            _p: &mut crate::gpu::plan::Plan,
+            _p: &mut crate::dispatch::plan::Plan,
             _node: &crate::model::Node,
-            _io: &crate::gpu::plan::NodeBufs,
+            _io: &crate::dispatch::plan::NodeBufs,
         ) -> bool {
             true
         }
         fn plan_backward(
             &self,
-            _p: &mut crate::gpu::plan::Plan,
+            _p: &mut crate::dispatch::plan::Plan,
             _node: &crate::model::Node,
-            _io: &crate::gpu::plan::NodeBufs,
+            _io: &crate::dispatch::plan::NodeBufs,
             _r: bool,
         ) {
         }

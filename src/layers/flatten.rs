@@ -2,7 +2,7 @@
 //! both executors alias the output to the input and run no pass for it.
 
 use super::{CpuCx, Layer, Saved};
-use crate::gpu::plan::{NodeBufs, Plan};
+use crate::dispatch::plan::{NodeBufs, Plan};
 use crate::model::Node;
 
 pub struct FlattenUnit;

@@ -4,9 +4,9 @@
 //! f64: `crate::ops::loss`; kernels: shaders/loss.wgsl and the loss sum of
 //! shaders/reduce.wgsl.
 
-use crate::gpu::kernels::{Kernel, LossParams, ReduceParams};
-use crate::gpu::plan::Plan;
-use crate::gpu::program::Grid;
+use crate::dispatch::kernels::{Kernel, LossParams, ReduceParams};
+use crate::dispatch::plan::Plan;
+use crate::dispatch::step::Grid;
 use crate::ops::loss;
 
 /// How many rows of `z` (`k` logits each) have their largest logit, the

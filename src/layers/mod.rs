@@ -16,7 +16,7 @@
 //!   block of Hv accumulated.
 //!
 //! Adding an op: a unit here (its f64 passes, its GPU plan, its `check`),
-//! its kernels in `shaders/` registered in `crate::gpu::kernels`, an `Op`
+//! its kernels in `shaders/` registered in `crate::dispatch::kernels`, an `Op`
 //! variant with its `.arch` keyword, and one line in [`unit`].
 
 #[macro_use]
@@ -38,8 +38,8 @@ pub mod next_token;
 pub mod pool;
 pub mod seq;
 
+use crate::dispatch::plan::{NodeBufs, Plan};
 use crate::error::{Error, Result};
-use crate::gpu::plan::{NodeBufs, Plan};
 use crate::model::{Model, Node, Op};
 use std::any::Any;
 

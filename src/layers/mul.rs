@@ -9,10 +9,10 @@
 //! Kernels: shaders/channels.wgsl (`mul`, `plane_dot`).
 
 use super::{unsupported, CpuCx, Layer, Saved};
+use crate::dispatch::kernels::{ChannelParams, Consts, Kernel};
+use crate::dispatch::plan::{NodeBufs, Plan};
+use crate::dispatch::step::Grid;
 use crate::error::Result;
-use crate::gpu::kernels::{ChannelParams, Consts, Kernel};
-use crate::gpu::plan::{NodeBufs, Plan};
-use crate::gpu::program::Grid;
 use crate::model::{Model, Node};
 use crate::ops::channels as ch;
 

@@ -9,10 +9,10 @@
 use super::{
     saved, unsupported, CpuCx, Decision, LinearUnit, Saved, StateBuf, StateCx, StateWords,
 };
+use crate::dispatch::kernels::{Consts, Kernel, PoolParams};
+use crate::dispatch::plan::{NodeBufs, Plan};
+use crate::dispatch::step::Grid;
 use crate::error::Result;
-use crate::gpu::kernels::{Consts, Kernel, PoolParams};
-use crate::gpu::plan::{NodeBufs, Plan};
-use crate::gpu::program::Grid;
 use crate::model::{Node, Op};
 use crate::ops::pool;
 

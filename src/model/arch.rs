@@ -568,7 +568,7 @@ impl<'a> Parser<'a> {
                 need(1, "bn NAME")?;
                 let name = module(pos[0])?;
                 let eps = match kv.get("eps") {
-                    None => crate::ops::bn::EPS,
+                    None => crate::model::graph::BN_EPS,
                     Some(s) => s
                         .parse::<f64>()
                         .ok()

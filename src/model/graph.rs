@@ -135,6 +135,9 @@ impl Activation {
     }
 }
 
+/// Batch norm's default `eps` (PyTorch's BatchNorm2d).
+pub const BN_EPS: f64 = 1e-5;
+
 /// Indices are into `Model::params` / `Model::buffers`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {

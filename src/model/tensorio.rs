@@ -12,8 +12,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The most values converted from one tensor of a file (the largest
-/// image tensor of a data set).
-pub const MAX_FILE_ELEMENTS: usize = crate::data::MAX_DATA_ELEMENTS;
+/// image tensor of a data set: `data::MAX_DATA_ELEMENTS`, 2^30 f32 values,
+/// 4 GiB).
+pub const MAX_FILE_ELEMENTS: usize = 1 << 30;
 
 /// A tensor read from a file: its shape and values.
 #[derive(Clone, Debug)]

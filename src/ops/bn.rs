@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-pub const EPS: f64 = 1e-5;
+pub const EPS: f64 = crate::model::graph::BN_EPS;
 
 #[derive(Clone, Copy, Debug)]
 pub struct BnGeom {

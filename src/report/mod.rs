@@ -92,6 +92,14 @@ pub struct SynthReport {
 /// `hesscope devices`.
 #[derive(Clone, Debug, Serialize)]
 pub struct DevicesReport {
+    /// What `--backend auto` runs on here, and why.
+    pub auto: crate::device::AutoChoice,
+    /// The float64 CPU engine (`--backend cpu`): the threads it runs by
+    /// default (all cores; `--threads`).
+    pub cpu_threads: usize,
+    /// Every adapter of every backend, each with its device type
+    /// (`DiscreteGpu`, `IntegratedGpu`, `VirtualGpu`, `Cpu` for an
+    /// emulator, `Other`) and its index within its backend.
     pub adapters: Vec<crate::gpu::AdapterReport>,
 }
 
@@ -431,29 +439,6 @@ pub struct StartRecord {
     pub test_accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub curvature: Option<CurvatureRecord>,
-}
-
-/// `hesscope train`: `trajectory.json` and `--json`.
-#[derive(Clone, Debug, Serialize)]
-pub struct TrainReport {
-    pub recipe: crate::train::Recipe,
-    /// Data augmentation and the Hessian-trace regulariser of the run.
-    pub augment: crate::train::Augment,
-    pub htr: Option<crate::train::Htr>,
-    /// The state before the first epoch (curvature, test metrics).
-    pub start: Option<StartRecord>,
-    pub epochs: Vec<EpochRecord>,
-    /// Every step's mini-batch loss, in order.
-    pub step_losses: Vec<f64>,
-    pub steps: usize,
-    /// The final state_dict (while the run is on: the latest checkpoint's).
-    pub out: PathBuf,
-    /// False in the copies written after each epoch, true at the end.
-    pub finished: bool,
-    /// Float dtype of the saved state_dicts (`F32` or `F64`).
-    pub dtype: String,
-    pub seconds: f64,
-    pub settings: Settings,
 }
 
 /// An output format for reports.

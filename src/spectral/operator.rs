@@ -2,7 +2,6 @@
 //! the float64 CPU reference, a layer's diagonal block, or a test matrix.
 
 use crate::error::Result;
-use crate::spectral::lanczos::BasisDevice;
 
 pub trait SymOperator {
     /// Dimension n of the (n x n) operator.
@@ -60,4 +59,38 @@ impl SymOperator for DiagonalOperator {
         }
         Ok(())
     }
+}
+
+/// Basis vectors kept on a device, with the products reorthogonalisation
+/// takes. Vectors are stored in f32; products are compensated.
+pub trait DeviceBasis {
+    /// Vectors stored.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Vectors it has room for.
+    fn capacity(&self) -> usize;
+    /// Stores q (refused past the capacity) and returns it as stored
+    /// (rounded to f32).
+    fn push(&mut self, q: &[f64]) -> Result<Vec<f64>>;
+    /// Stored vector j.
+    fn get(&mut self, j: usize) -> Result<Vec<f64>>;
+    /// q_j · w for every stored q_j.
+    fn dots(&mut self, w: &[f64]) -> Result<Vec<f64>>;
+    /// Σ_j c_j q_j over the first c.len() stored vectors.
+    fn combination(&mut self, c: &[f64]) -> Result<Vec<f64>>;
+}
+
+/// A device an operator offers for its Lanczos bases.
+pub trait BasisDevice {
+    /// Bytes the bases of one solve may take there together.
+    fn budget(&self) -> usize;
+    /// Whether bases must live there (refused where they do not fit), or
+    /// only should (the host's otherwise).
+    fn required(&self) -> bool;
+    /// The device's name, for messages and reports.
+    fn name(&self) -> String;
+    /// Room for `vectors` vectors of `n` entries.
+    fn allocate(&self, n: usize, vectors: usize) -> Result<Box<dyn DeviceBasis>>;
 }

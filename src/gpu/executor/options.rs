@@ -74,12 +74,7 @@ pub enum ConvPath {
     Emulator,
 }
 
-/// Whether `Auto` choices treat an adapter of `device_type` (wgpu's
-/// `DeviceType`, as `AdapterReport::device_type` names it) as a GPU:
-/// discrete, integrated or virtual; not CPU emulators or unknown ones.
-pub fn is_gpu_type(device_type: &str) -> bool {
-    matches!(device_type, "DiscreteGpu" | "IntegratedGpu" | "VirtualGpu")
-}
+pub use crate::dispatch::is_gpu_type;
 
 impl ConvPath {
     /// Bytes of workgroup memory conv_tiled.wgsl's workgroups take (two

@@ -3,8 +3,7 @@
 
 use super::{err, show_shape, Block, Parser};
 use crate::error::Result;
-use crate::model::graph::{Activation, Op};
-use crate::ops::bn;
+use crate::model::graph::{Activation, Op, BN_EPS};
 
 impl Parser<'_> {
     pub(super) fn basicblock(
@@ -19,18 +18,18 @@ impl Parser<'_> {
         self.open_block(local)?;
         self.conv("conv1", cout, 3, stride, 1, !bn)?;
         if bn {
-            self.bn("bn1", bn::EPS)?;
+            self.bn("bn1", BN_EPS)?;
         }
         self.act("", Activation::Relu)?;
         self.conv("conv2", cout, 3, 1, 1, !bn)?;
         if bn {
-            self.bn("bn2", bn::EPS)?;
+            self.bn("bn2", BN_EPS)?;
         }
         if stride != 1 || s.c != cout {
             self.open_shortcut()?;
             self.conv(&format!("{sc_name}.0"), cout, 1, stride, 0, !bn)?;
             if bn {
-                self.bn(&format!("{sc_name}.1"), bn::EPS)?;
+                self.bn(&format!("{sc_name}.1"), BN_EPS)?;
             }
         }
         self.close_block()?;

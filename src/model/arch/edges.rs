@@ -263,7 +263,9 @@ pub fn to_text(model: &Model) -> String {
             Op::Narrow { start, len } => format!(" start={start} len={len}"),
             Op::ChannelShuffle { groups } => format!(" groups={groups}"),
             Op::AdaptiveAvgPool { h, w } => format!(" h={h} w={w}"),
-            Op::BatchNorm { eps, .. } if eps != crate::ops::bn::EPS => format!(" eps={eps}"),
+            Op::BatchNorm { eps, .. } if eps != crate::model::graph::BN_EPS => {
+                format!(" eps={eps}")
+            }
             _ => super::seq::seq_args(model, node),
         };
         let op = match node.op {

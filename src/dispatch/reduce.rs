@@ -16,10 +16,10 @@
 //! their merge keeps each segment's residual Σ(x − mₛ) (shaders/bn.wgsl),
 //! so neither a large mean nor an f32 segment mean spoils the variance.
 
-use crate::gpu::executor::is_gpu_type;
-use crate::gpu::kernels::{Binding, Consts, Kernel};
-use crate::gpu::params::{BnParams, KernelParams, ReduceParams};
-use crate::gpu::program::Grid;
+use crate::dispatch::is_gpu_type;
+use crate::dispatch::kernels::{Binding, Consts, Kernel};
+use crate::dispatch::params::{BnParams, KernelParams, ReduceParams};
+use crate::dispatch::step::Grid;
 use crate::model::Model;
 use crate::{Error, Result};
 

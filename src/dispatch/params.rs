@@ -74,7 +74,7 @@ params_struct! {
         n: u32, c: u32, hw: u32, gamma_off: u32,
         beta_off: u32,
         eps: f32,
-        /// bn_stats split in segments (`STAGE` 1, 2; src/gpu/reduce.rs).
+        /// bn_stats split in segments (`STAGE` 1, 2; src/dispatch/reduce.rs).
         seg: u32, span: u32,
     }
 }
@@ -88,7 +88,7 @@ params_struct! {
         len: u32, out_d: u32,
         /// bn_param_sums: where Σa and Σa·b (+ Σc·d) go in `tgt`.
         t_a: u32, t_b: u32,
-        /// A reduction split in segments (`STAGE` 1, 2; src/gpu/reduce.rs).
+        /// A reduction split in segments (`STAGE` 1, 2; src/dispatch/reduce.rs).
         seg: u32, span: u32, _p0: u32,
     }
 }

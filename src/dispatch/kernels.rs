@@ -397,7 +397,7 @@ pub mod bn_rows {
     pub const COUNT: usize = 10;
 }
 
-pub use crate::gpu::params::{
+pub use crate::dispatch::params::{
     ActParams, BasisParams, BnParams, BnRunningParams, ChannelParams, ConvParams, EwParams,
     KernelParams, LossParams, Params, PoolParams, ReduceParams, SgdParams,
 };
