@@ -159,7 +159,11 @@ fn bn_stats(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-// ---- forward: x̂ and y.
+// ---- forward: x̂ and y. GIVEN (batch mode, float64 decisions): x̂ and the
+// statistics rows were uploaded from the float64 forward pass, each value
+// rounded once (src/layers/batchnorm.rs float64_state), and y alone is
+// computed from them.
+override GIVEN: bool = false;
 @group(0) @binding(1) var<storage, read> f_x: array<f32>;
 @group(0) @binding(2) var<storage, read> f_stats: array<f32>;
 @group(0) @binding(3) var<storage, read> f_theta: array<f32>;
@@ -176,9 +180,15 @@ fn bn_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let s = f_stats[p.c + ch];
     let gamma = f_theta[p.gamma_off + ch];
     let beta = f_theta[p.beta_off + ch];
+    let given = GIVEN;
     for (var i = q.x; i < q.x + q.y; i++) {
-        let xh = (f_x[i] - mean) * s;
-        f_xhat[i] = xh;
+        var xh: f32;
+        if (given) {
+            xh = f_xhat[i];
+        } else {
+            xh = (f_x[i] - mean) * s;
+            f_xhat[i] = xh;
+        }
         f_y[i] = gamma * xh + beta;
     }
 }

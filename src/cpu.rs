@@ -217,27 +217,42 @@ impl CpuReference {
     /// one forward pass per batch, the batches on all cores (each batch's
     /// decisions are its own, so the result does not depend on the order).
     pub fn decisions_tallied(&self) -> (Vec<Vec<Decision>>, Tally) {
+        let (d, t, _) = self.decisions_tallied_with(|_, _| ());
+        (d, t)
+    }
+
+    /// [`CpuReference::decisions_tallied`], with `extra` of each batch's
+    /// values (the input, then every node's output; `extra`'s second
+    /// argument) from the same forward pass: what else a GPU engine takes
+    /// from it (batch norm's float64 state, `layers::batchnorm::float64_state`).
+    pub fn decisions_tallied_with<T: Send>(
+        &self,
+        extra: impl Fn(usize, &[Vec<f64>]) -> T + Sync,
+    ) -> (Vec<Vec<Decision>>, Tally, Vec<T>) {
         use rayon::prelude::*;
         let pr = &self.problem;
-        let per_batch: Vec<(Vec<Decision>, Tally)> = pr
+        let per_batch: Vec<(Vec<Decision>, Tally, T)> = pr
             .data
             .batches(pr.batch)
             .into_par_iter()
             .map(|(start, count)| {
                 let (vals, _) = self.forward(None, start, count);
                 let cx = self.cx(count, None, None, None);
-                decisions::decide_batch(&cx, &pr.model, |ni| {
+                let (d, t) = decisions::decide_batch(&cx, &pr.model, |ni| {
                     Some(vals[pr.model.nodes[ni].inputs[0]].as_slice())
-                })
+                });
+                (d, t, extra(count, &vals))
             })
             .collect();
         let mut tally = Tally::default();
         let mut out = Vec::with_capacity(per_batch.len());
-        for (d, t) in per_batch {
+        let mut extras = Vec::with_capacity(per_batch.len());
+        for (d, t, e) in per_batch {
             tally.merge(t);
             out.push(d);
+            extras.push(e);
         }
-        (out, tally)
+        (out, tally, extras)
     }
 
     /// Every value (the input, then each node's output) of samples

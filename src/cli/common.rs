@@ -160,6 +160,14 @@ pub struct Inputs {
     /// The float64 reference (`--backend cpu`) takes them in float64.
     #[arg(long, value_enum, default_value_t = DecisionsArg::Float64)]
     pub decisions: DecisionsArg,
+    /// With `--bn batch` and `--decisions float64`, where a GPU engine's
+    /// batch-norm statistics and normalised values x̂ come from: `float64`,
+    /// the same float64 forward pass (each rounded once to float32), so
+    /// that a channel whose spread is small against its values does not
+    /// amplify float32 rounding; `float32`, the float32 pass's own (as
+    /// before, for comparison).
+    #[arg(long, value_enum, default_value_t = DecisionsArg::Float64)]
+    pub bn_state: DecisionsArg,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub seed: u64,
@@ -322,6 +330,7 @@ impl Inputs {
             return Ok(None);
         };
         options.decisions = self.decisions.into();
+        options.bn_state = self.bn_state.into();
         if let Some(gib) = self.cache_budget {
             options.cache_budget = Some(gib_bytes("--cache-budget", gib, true)?);
         }

@@ -289,7 +289,7 @@ kernels! {
     Add => Elementwise::"add", [R, R, W], EwParams, ["ACC", "KB", "KMAX"];
     Copy => Elementwise::"copy", [R, W], EwParams, ["ACC", "KB", "KMAX"];
     BnStats => Bn::"bn_stats", [R, W], BnParams, ["STAGE"];
-    BnForward => Bn::"bn_forward", [R, R, R, W, W], BnParams, [];
+    BnForward => Bn::"bn_forward", [R, R, R, W, W], BnParams, ["GIVEN"];
     BnRForward => Bn::"bn_r_forward", [R, R, R, R, R, W, W], BnParams, ["BATCH", "KB", "KMAX"];
     BnBackward => Bn::"bn_backward", [R, R, R, R, W], BnParams, ["BATCH", "ACC"];
     BnRBackward => Bn::"bn_r_backward", [R, R, R, R, R, R, R, W], BnParams, ["BATCH", "ACC", "KB", "KMAX"];

@@ -67,6 +67,10 @@ pub struct Plan<'a> {
     /// Set while planning the `record` program of a frozen plan: the plain
     /// forward pass, each piecewise unit also storing its decisions.
     pub recording: bool,
+    /// Batch mode with float64 decisions: batch norm's statistics and x̂
+    /// are uploaded from the float64 forward pass (`GpuEngine`'s decisions
+    /// module) and its replaying forward computes y alone.
+    pub bn_float64: bool,
     /// Per-channel reductions split in segments of this many elements,
     /// with that buffer (arena index) for their partials
     /// (`reduce::stages`); None (`new`): a workgroup per channel.
@@ -115,6 +119,7 @@ impl<'a> Plan<'a> {
             conv_tile: ConvTile::DEFAULT,
             frozen: false,
             recording: false,
+            bn_float64: false,
             reduce_split: None,
             block: None,
             steps: vec![],

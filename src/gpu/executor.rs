@@ -27,6 +27,7 @@ mod decisions;
 mod options;
 
 use checks::non_finite_error;
+pub use checks::ValueKind;
 pub use options::*;
 
 /// Wall seconds per dispatched kernel, in program order.
@@ -163,6 +164,7 @@ impl GpuEngine {
 
         let batch_mode = problem.bn == BnMode::Batch;
         let replay = options.frozen || options.decisions == DecisionSource::Float64;
+        let bn_float64 = options.bn_float64(batch_mode);
         let scx = StateCx {
             model: &model,
             buffers: &problem.weights.buffers,
@@ -233,6 +235,7 @@ impl GpuEngine {
             p.conv_tile = conv_tile;
             p.reduce_split = reduce_span.map(|s| (s, reduce_partials));
             p.frozen = replay;
+            p.bn_float64 = bn_float64;
             let block = plan::BlockPlan {
                 kmax,
                 tangent: &arena.tangent,
@@ -301,6 +304,7 @@ impl GpuEngine {
                 options.decisions,
                 (options.decisions == DecisionSource::Float64)
                     .then(|| CpuReference::new(problem.clone())),
+                bn_float64,
             ),
             basis_place: options.basis_place,
             basis_budget: options.basis_budget,

@@ -30,6 +30,37 @@ pub fn running_rows(node: &Node, buffers: &[Vec<f64>]) -> Vec<f32> {
     m.iter().chain(&inv).map(|&x| x as f32).collect()
 }
 
+/// A batch-mode node's float64 state as a replaying GPU plan reads it
+/// instead of computing it (`Plan::bn_float64`), from the node's float64
+/// input `x` of `n` samples, each value rounded once to float32: x̂, and
+/// the statistics rows MEAN and S (μ, then 1/√(σ² + ε): `2c` floats from
+/// the buffer's start) and VAR (σ², `c` floats at `bn_rows::VAR · c`).
+/// Float32 arithmetic would take x − μ with the rounding of x relative to
+/// |x|, and where a channel's spread σ is small against its values (tiny
+/// late-stage maps times a small batch) that is amplified by |x|/σ
+/// (BENCHMARKS.md, "torchvision's fifteen CNNs").
+pub fn float64_state(node: &Node, n: usize, x: &[f64]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let b = of(node);
+    let g = bn::BnGeom {
+        n,
+        c: b.c,
+        hw: node.in_shape.spatial(),
+    };
+    let (mean, var) = bn::batch_moments(&g, x);
+    let s = bn::scales_eps(&var, b.eps);
+    let hw = g.hw.max(1);
+    let xhat = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let ch = (i / hw) % g.c;
+            ((v - mean[ch]) * s[ch]) as f32
+        })
+        .collect();
+    let rows = mean.iter().chain(&s).map(|&v| v as f32).collect();
+    (xhat, rows, var.iter().map(|&v| v as f32).collect())
+}
+
 fn of(node: &Node) -> Bn {
     match node.op {
         Op::BatchNorm {
@@ -246,7 +277,10 @@ impl Layer for BatchNormUnit {
         let hw = node.in_shape.spatial();
         let bp = bn_params(p, b.c, hw, &b);
         let x = io.x[0];
-        if p.batch_mode {
+        // x̂ and the statistics rows uploaded from the float64 forward pass
+        // (`GpuEngine` with float64 decisions): y = γx̂ + β alone.
+        let given = p.batch_mode && p.bn_float64 && p.replaying();
+        if p.batch_mode && !given {
             let count = p.n * hw;
             p.reduction(
                 Kernel::BnStats,
@@ -257,8 +291,9 @@ impl Layer for BatchNormUnit {
                 count,
             );
         }
-        p.push(
+        p.push_with(
             Kernel::BnForward,
+            Consts::new(&[("GIVEN", given as u32)]),
             &bp,
             vec![x, stats, p.theta, xhat, io.y],
             Grid::Threads(kernels::bn_threads(p.n, b.c, hw)),

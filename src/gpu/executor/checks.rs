@@ -155,6 +155,50 @@ impl GpuEngine {
     }
 }
 
+/// Which of a workspace's per-value buffers [`GpuEngine::resident_values`]
+/// reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueKind {
+    /// Forward values.
+    Forward,
+    /// R-forward values (the first tangent's slice).
+    Tangent,
+    /// Adjoints (gradients of the loss with respect to each value).
+    Adjoint,
+    /// R-adjoints (the first tangent's slice).
+    RAdjoint,
+}
+
+impl GpuEngine {
+    /// Every value's buffer (the input, then each node's output; an alias
+    /// reads its input's) of batch `bi` as its last pass left it, for
+    /// diagnostics that compare a pass with the float64 reference node by
+    /// node (examples/bn_precision.rs). Forward values and adjoints are
+    /// those of the batch's last forward/backward pass only while it is
+    /// resident; tangent values are those of the last R-pass.
+    pub fn resident_values(&self, bi: usize, kind: ValueKind) -> Result<Vec<Vec<f32>>> {
+        let prog = &self.programs[bi];
+        let ws = &self.workspaces[prog.ws];
+        let mut ranges = vec![];
+        for v in 0..self.canon.len() {
+            let shape = if v == 0 {
+                self.model.input
+            } else {
+                self.model.nodes[v - 1].out_shape
+            };
+            let c = self.canon[v];
+            let buf = match kind {
+                ValueKind::Forward => ws.act[c],
+                ValueKind::Tangent => ws.dact[c],
+                ValueKind::Adjoint => ws.adj[c],
+                ValueKind::RAdjoint => ws.radj[c],
+            };
+            ranges.push((&self.arena.buffers[buf], 0, prog.count * shape.numel()));
+        }
+        self.ctx.read_f32(&ranges)
+    }
+}
+
 /// An error naming the first non-finite value of a parameter-shaped vector.
 pub(super) fn non_finite_error(model: &Model, what: &str, xs: &[f32], device: &str) -> Result<()> {
     if let Some(i) = xs.iter().position(|x| !x.is_finite()) {

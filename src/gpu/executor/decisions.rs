@@ -7,6 +7,7 @@ use super::GpuEngine;
 use crate::cpu::CpuReference;
 use crate::decisions::{self, DecisionReport, DecisionSource, Tally};
 use crate::error::Result;
+use crate::gpu::kernels;
 use crate::layers::{self, CpuCx, Decision, StateWords};
 use crate::model::Model;
 use std::time::Instant;
@@ -30,10 +31,30 @@ pub(super) struct Held {
     /// The report of the current decisions, once made (inner None: the
     /// model takes none).
     pub report: Option<Option<DecisionReport>>,
+    /// Batch mode with float64 decisions (`Plan::bn_float64`): batch
+    /// norm's statistics and x̂ come from the same float64 forward pass.
+    pub bn: bool,
+    /// That state per batch, kept on the host only where the workspace is
+    /// shared and it is written again before each batch's pass.
+    pub bn_host: Option<Vec<BnState>>,
+}
+
+/// One batch's float64 batch-norm state: per batch-norm node, its index,
+/// x̂, the rows μ and s, and the row σ² (`layers::batchnorm::float64_state`).
+pub(super) type BnState = Vec<(usize, Vec<f32>, Vec<f32>, Vec<f32>)>;
+
+fn bn_state_of(model: &Model, count: usize, vals: &[Vec<f64>]) -> BnState {
+    (model.nodes.iter().enumerate())
+        .filter(|(_, n)| matches!(n.op, crate::model::Op::BatchNorm { .. }))
+        .map(|(ni, n)| {
+            let (xhat, rows, var) = layers::batchnorm::float64_state(n, count, &vals[n.inputs[0]]);
+            (ni, xhat, rows, var)
+        })
+        .collect()
 }
 
 impl Held {
-    pub fn new(source: DecisionSource, reference: Option<CpuReference>) -> Held {
+    pub fn new(source: DecisionSource, reference: Option<CpuReference>, bn: bool) -> Held {
         Held {
             source,
             reference,
@@ -41,6 +62,8 @@ impl Held {
             stale: true,
             dirty: false,
             report: None,
+            bn,
+            bn_host: None,
         }
     }
 
@@ -90,13 +113,24 @@ impl GpuEngine {
             .weights
             .theta
             .copy_from_slice(&self.theta_host);
-        let (dec, tally) = reference.decisions_tallied();
+        let reference = &*reference;
+        let bn = self.held.bn;
+        let (dec, tally, bn_state) = reference.decisions_tallied_with(|count, vals| {
+            if bn {
+                bn_state_of(&reference.problem.model, count, vals)
+            } else {
+                vec![]
+            }
+        });
         let flips = self.float32_tally(Some(&dec))?;
-        if self.workspaces.len() == self.programs.len() {
+        let resident = self.workspaces.len() == self.programs.len();
+        if resident {
             for (bi, d) in dec.iter().enumerate() {
                 self.upload_decisions(bi, d)?;
+                self.upload_bn(bi, &bn_state[bi])?;
             }
         }
+        self.held.bn_host = (bn && !resident).then_some(bn_state);
         let seconds = t.elapsed().as_secs_f64();
         let report = tally.has_layers().then(|| {
             tally
@@ -129,9 +163,27 @@ impl GpuEngine {
         Ok(())
     }
 
+    /// Writes batch `bi`'s float64 batch-norm state where its replaying
+    /// forward pass reads it: x̂ (state 0), the rows μ, s and σ² (state 2).
+    pub(super) fn upload_bn(&self, bi: usize, st: &BnState) -> Result<()> {
+        let ws = &self.workspaces[self.programs[bi].ws];
+        for (ni, xhat, rows, var) in st {
+            let c = var.len();
+            let stats = &self.arena.buffers[ws.state[*ni][2]];
+            self.ctx
+                .write_f32(&self.arena.buffers[ws.state[*ni][0]], 0, xhat)?;
+            self.ctx.write_f32(stats, 0, rows)?;
+            self.ctx.write_f32(stats, kernels::bn_rows::VAR * c, var)?;
+        }
+        Ok(())
+    }
+
     /// Before batch `bi`'s forward pass in a shared workspace: its
-    /// float64 decisions, if the engine holds them.
+    /// float64 decisions and batch-norm state, if the engine holds them.
     pub(super) fn upload_held(&self, bi: usize) -> Result<()> {
+        if let Some(b) = &self.held.bn_host {
+            self.upload_bn(bi, &b[bi])?;
+        }
         match &self.held.host {
             Some(h) if self.replay => self.upload_decisions(bi, &h[bi]),
             _ => Ok(()),
@@ -198,6 +250,11 @@ impl GpuEngine {
         self.workspaces[w].resident = p.record.is_none().then_some(bi);
         if p.record.is_some() && self.held.source == DecisionSource::Float64 {
             self.held.dirty = true;
+            // The float64 batch-norm state it overwrote is not kept on the
+            // host for resident workspaces: the next pass takes it anew.
+            if self.held.bn && self.held.bn_host.is_none() {
+                self.held.stale = true;
+            }
         }
         let ws = &self.workspaces[w];
         let ranges: Vec<_> = deciding

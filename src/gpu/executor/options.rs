@@ -53,6 +53,13 @@ pub struct EngineOptions {
     /// pass at the engine's θ, replayed by every float32 pass
     /// (`crate::decisions`); `Float32`: each pass's own.
     pub decisions: DecisionSource,
+    /// With float64 decisions in batch mode, where batch norm's batch
+    /// statistics and normalised values x̂ come from: by default the same
+    /// float64 forward pass, each rounded once to float32 (uploaded once
+    /// per θ and batch; `layers::batchnorm::float64_state`); `Float32`:
+    /// the float32 pass's own, as before (for comparison). Ignored with
+    /// float32 or held (`frozen`) decisions.
+    pub bn_state: DecisionSource,
     /// Where the solvers keep their Lanczos bases (`basis_device`).
     pub basis_place: BasisPlace,
     /// Bytes of device memory those bases may take; None: a quarter of
@@ -165,6 +172,17 @@ impl AutoChoices {
     }
 }
 
+impl EngineOptions {
+    /// Whether batch norm takes its statistics and x̂ from the float64
+    /// forward pass (`bn_state`): batch mode, float64 decisions, not held.
+    pub fn bn_float64(&self, batch_mode: bool) -> bool {
+        batch_mode
+            && !self.frozen
+            && self.decisions == DecisionSource::Float64
+            && self.bn_state == DecisionSource::Float64
+    }
+}
+
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
@@ -175,6 +193,7 @@ impl Default for EngineOptions {
             conv_tile: None,
             frozen: false,
             decisions: DecisionSource::Float64,
+            bn_state: DecisionSource::Float64,
             basis_place: BasisPlace::Auto,
             basis_budget: None,
         }
