@@ -269,9 +269,13 @@ fn gpu_plans_refuse_the_sequence_layers_naming_them() {
         e.contains("transformer.wte") && e.contains("no GPU kernels"),
         "{e}"
     );
-    // Every layer but the residual adds is a sequence layer without
-    // kernels: each is refused by its own unit, naming it.
-    for n in m.nodes.iter().filter(|n| n.kind() != "add") {
+    // Every layer but those with kernels (the residual adds, gelu_tanh,
+    // layernorm, the tied lm_head `linear`, the position embedding) is a
+    // sequence layer without kernels (the token embedding, conv1d, mha):
+    // each is refused by its own unit, naming it.
+    let with_kernels = ["add", "gelu_tanh", "layernorm", "linear", "pos_embedding"];
+    let mut refused = std::collections::BTreeSet::new();
+    for n in m.nodes.iter().filter(|n| !with_kernels.contains(&n.kind())) {
         let e = hesscope::layers::unit(&n.op)
             .check(n)
             .unwrap_err()
@@ -282,7 +286,12 @@ fn gpu_plans_refuse_the_sequence_layers_naming_them() {
             n.kind()
         );
         assert!(e.contains(&want), "{e}");
+        refused.insert(n.kind());
     }
+    assert_eq!(
+        refused.into_iter().collect::<Vec<_>>(),
+        ["conv1d", "embedding", "mha"]
+    );
     let mha = m.nodes.iter().find(|n| n.kind() == "mha").unwrap();
     let e = hesscope::layers::unit(&mha.op)
         .check(mha)

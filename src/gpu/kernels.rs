@@ -19,6 +19,8 @@ pub const POOL: &str = include_str!("../../shaders/pool.wgsl");
 /// Concat, narrow, channel shuffle and the broadcast product.
 pub const CHANNELS: &str = include_str!("../../shaders/channels.wgsl");
 pub const ADAPTIVE_POOL: &str = include_str!("../../shaders/adaptive_pool.wgsl");
+/// LayerNorm over the last dimension (sequences).
+pub const LAYERNORM: &str = include_str!("../../shaders/layernorm.wgsl");
 pub const LOSS: &str = include_str!("../../shaders/loss.wgsl");
 pub const ACTIVATION: &str = include_str!("../../shaders/activation.wgsl");
 /// Training's SGD and running-statistics updates.
@@ -149,10 +151,11 @@ pub enum Module {
     Basis,
     Channels,
     AdaptivePool,
+    LayerNorm,
 }
 
 impl Module {
-    const ALL: [Module; 16] = [
+    const ALL: [Module; 17] = [
         Module::Conv,
         Module::ConvWindowed,
         Module::ConvHalfWindowed,
@@ -169,6 +172,7 @@ impl Module {
         Module::Basis,
         Module::Channels,
         Module::AdaptivePool,
+        Module::LayerNorm,
     ];
 
     /// (file name, the file's own WGSL).
@@ -196,6 +200,7 @@ impl Module {
             Module::Basis => ("basis.wgsl", BASIS),
             Module::Channels => ("channels.wgsl", CHANNELS),
             Module::AdaptivePool => ("adaptive_pool.wgsl", ADAPTIVE_POOL),
+            Module::LayerNorm => ("layernorm.wgsl", LAYERNORM),
         }
     }
 
@@ -310,6 +315,14 @@ kernels! {
     Mul => Channels::"mul", [R, R, R, R, W], ChannelParams, ["PAIR_B", "ACC", "KB", "KMAX"];
     /// Per plane, Σ a·b (+ c·d): a workgroup per plane (`Grid::Groups`).
     PlaneDot => Channels::"plane_dot", [R, R, R, R, W], ChannelParams, ["PAIR_B", "ACC", "KB", "KMAX"];
+    /// LayerNorm over rows of `d` (shaders/layernorm.wgsl): a workgroup
+    /// per row (`Grid::Groups(rows)`); the parameter sums a thread per
+    /// feature.
+    LnForward => LayerNorm::"ln_forward", [R, R, W, W], LnParams, [];
+    LnRForward => LayerNorm::"ln_r_forward", [R, R, R, R, W, W], LnParams, ["KB", "KMAX"];
+    LnBackward => LayerNorm::"ln_backward", [R, R, R, W], LnParams, ["ACC"];
+    LnRBackward => LayerNorm::"ln_r_backward", [R, R, R, R, R, R, W], LnParams, ["ACC", "KB", "KMAX"];
+    LnParamSums => LayerNorm::"ln_param_sums", [R, R, R, R, W], LnParams, ["PAIR2", "KB", "KMAX"];
     XentForwardBackward => Loss::"xent_forward_backward", [R, R, W, W, W], LossParams, [];
     XentRBackward => Loss::"xent_r_backward", [R, R, W], LossParams, ["KB", "KMAX"];
     /// y = f(x) for the activation `ACT` (see `layers::activation`).
@@ -399,7 +412,7 @@ pub mod bn_rows {
 
 pub use crate::gpu::params::{
     ActParams, BasisParams, BnParams, BnRunningParams, ChannelParams, ConvParams, EwParams,
-    KernelParams, LossParams, Params, PoolParams, ReduceParams, SgdParams,
+    KernelParams, LnParams, LossParams, Params, PoolParams, ReduceParams, SgdParams,
 };
 
 /// Threads of the per-element batch-norm kernels: one per 4 elements of a

@@ -4,8 +4,12 @@
 //! positions, ViT's position embedding) and `Op::ClsToken` (P prepended as
 //! token 0). All three are affine in (x, θ), so the R-backward is the
 //! backward of R(gy) and carries no curvature term of its own.
+//! On the GPU `add_param` and `cls_token` are copies (shaders/elementwise
+//! and channels); the embedding's gather has no kernels yet.
 
+use super::channels::block_copy;
 use super::{CpuCx, Layer, Saved};
+use crate::gpu::plan::{NodeBufs, Plan};
 use crate::model::{Node, Op};
 
 fn none() -> Saved {
@@ -165,7 +169,36 @@ impl Layer for AddParamUnit {
         sum_samples(rgy, &mut cx.param_mut(hv, added(node))[..m]);
         vec![rgy.to_vec()]
     }
-    cpu_only_gpu!();
+    // GPU: copies (shaders/elementwise.wgsl `copy`, with offsets): P
+    // added to each sample, and the parameter's adjoint the samples' sum,
+    // added in sample order (deterministic).
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        let (m, off) = (node.out_shape.numel(), p.param_off(added(node)));
+        p.copy(io.x[0], 0, io.y, 0, p.n * m, false);
+        for s in 0..p.n {
+            p.copy(p.theta, off, io.y, s * m, m, true);
+        }
+    }
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        let (m, off) = (node.out_shape.numel(), p.param_off(added(node)));
+        for s in 0..p.n {
+            p.copy(p.v, off, io.dy, s * m, m, false);
+        }
+        if !io.dx_zero[0] {
+            p.copy(io.dx[0], 0, io.dy, 0, p.n * m, true);
+        }
+        false
+    }
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
+        let (m, off) = (node.out_shape.numel(), p.param_off(added(node)));
+        let target = p.target(r);
+        for s in 0..p.n {
+            p.copy(io.gy, s * m, target, off, m, true);
+        }
+        if io.needs_gx[0] {
+            p.copy(io.gy, 0, io.gx[0], 0, p.n * m, io.acc[0]);
+        }
+    }
 }
 
 /// Prepends the parameter P [1, 1, D] as token 0 (torch.cat at dim 1).
@@ -243,5 +276,55 @@ impl Layer for ClsTokenUnit {
         let per = node.out_shape.numel();
         vec![split_first(rgy, cx.param_mut(hv, cls(node)), per)]
     }
-    cpu_only_gpu!();
+    // GPU: block copies (shaders/channels.wgsl): the samples' rows after
+    // P's; the adjoint of P the samples' token-0 rows, added in sample
+    // order (deterministic).
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        plan_prepend(p, node, io.x[0], p.theta, io.y);
+    }
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        // A zero ẋ is read as the zero buffer it is.
+        plan_prepend(p, node, io.dx[0], p.v, io.dy);
+        false
+    }
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
+        let (per_in, per_out) = (node.in_shape.numel(), node.out_shape.numel());
+        let (d, off) = (per_out - per_in, p.param_off(cls(node)));
+        let target = p.target(r);
+        for s in 0..p.n {
+            p.copy(io.gy, s * per_out, target, off, d, true);
+        }
+        if io.needs_gx[0] {
+            block_copy(
+                p,
+                io.gy,
+                io.gx[0],
+                p.n,
+                per_in,
+                (per_out, d),
+                (per_in, 0),
+                io.acc[0],
+                false,
+            );
+        }
+    }
+}
+
+/// dst = per sample, the parameter row of `params` then the sample's rows
+/// of x.
+fn plan_prepend(p: &mut Plan, node: &Node, x: usize, params: usize, dst: usize) {
+    let (per_in, per_out) = (node.in_shape.numel(), node.out_shape.numel());
+    let (d, off) = (per_out - per_in, p.param_off(cls(node)));
+    block_copy(
+        p,
+        x,
+        dst,
+        p.n,
+        per_in,
+        (per_in, 0),
+        (per_out, d),
+        false,
+        false,
+    );
+    block_copy(p, params, dst, p.n, d, (0, off), (per_out, 0), false, false);
 }
