@@ -9,7 +9,7 @@
 //! last dimension (shaders/layernorm.wgsl); `tokens` and `select` through
 //! the channel shuffle and block copies of shaders/channels.wgsl, and
 //! nn.Linear on a sequence through the linear layer's kernels (these three
-//! tested in whole networks).
+//! tested in whole networks). The embedding: tests/gpu_embedding.rs.
 
 mod common;
 
@@ -145,6 +145,9 @@ fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
     (num / den).sqrt()
 }
 
+/// One kernel run: (kernel, has ACC, inputs, reference, term sizes).
+type Case<'a> = (Kernel, bool, Vec<&'a GpuBuffer>, Vec<f64>, Vec<f64>);
+
 /// f, f', f'' of the kernel against `ops::activation` (whose gelu_tanh is
 /// checked against Hugging Face's formula and by finite differences in
 /// tests/ops_activation.rs) through the four entry points, with and
@@ -189,8 +192,7 @@ fn gelu_tanh_kernels_match() {
             act::backward_acc(a, &x, &gy, &mut bwd);
             let mut rbwd = vec![0.0; len];
             act::r_backward_acc(a, &x, &dx, &gy, &rgy, &mut rbwd);
-            // (kernel, has ACC, inputs, reference, term sizes).
-            let cases: Vec<(Kernel, bool, Vec<&GpuBuffer>, Vec<f64>, Vec<f64>)> = vec![
+            let cases: Vec<Case> = vec![
                 (
                     Kernel::ActForward,
                     false,

@@ -21,6 +21,8 @@ pub const CHANNELS: &str = include_str!("../../shaders/channels.wgsl");
 pub const ADAPTIVE_POOL: &str = include_str!("../../shaders/adaptive_pool.wgsl");
 /// LayerNorm over the last dimension (sequences).
 pub const LAYERNORM: &str = include_str!("../../shaders/layernorm.wgsl");
+/// nn.Embedding's gather and its deterministic scatter-add.
+pub const EMBEDDING: &str = include_str!("../../shaders/embedding.wgsl");
 pub const LOSS: &str = include_str!("../../shaders/loss.wgsl");
 pub const ACTIVATION: &str = include_str!("../../shaders/activation.wgsl");
 /// Training's SGD and running-statistics updates.
@@ -152,10 +154,11 @@ pub enum Module {
     Channels,
     AdaptivePool,
     LayerNorm,
+    Embedding,
 }
 
 impl Module {
-    const ALL: [Module; 17] = [
+    const ALL: [Module; 18] = [
         Module::Conv,
         Module::ConvWindowed,
         Module::ConvHalfWindowed,
@@ -173,6 +176,7 @@ impl Module {
         Module::Channels,
         Module::AdaptivePool,
         Module::LayerNorm,
+        Module::Embedding,
     ];
 
     /// (file name, the file's own WGSL).
@@ -201,6 +205,7 @@ impl Module {
             Module::Channels => ("channels.wgsl", CHANNELS),
             Module::AdaptivePool => ("adaptive_pool.wgsl", ADAPTIVE_POOL),
             Module::LayerNorm => ("layernorm.wgsl", LAYERNORM),
+            Module::Embedding => ("embedding.wgsl", EMBEDDING),
         }
     }
 
@@ -323,6 +328,10 @@ kernels! {
     LnBackward => LayerNorm::"ln_backward", [R, R, R, W], LnParams, ["ACC"];
     LnRBackward => LayerNorm::"ln_r_backward", [R, R, R, R, R, R, W], LnParams, ["ACC", "KB", "KMAX"];
     LnParamSums => LayerNorm::"ln_param_sums", [R, R, R, R, W], LnParams, ["PAIR2", "KB", "KMAX"];
+    /// nn.Embedding (shaders/embedding.wgsl): the gather a thread per
+    /// output, the scatter-add a thread per weight element.
+    EmbGather => Embedding::"emb_gather", [R, R, W], EmbParams, ["KB", "KMAX"];
+    EmbScatter => Embedding::"emb_scatter", [R, R, W], EmbParams, ["KB", "KMAX"];
     XentForwardBackward => Loss::"xent_forward_backward", [R, R, W, W, W], LossParams, [];
     XentRBackward => Loss::"xent_r_backward", [R, R, W], LossParams, ["KB", "KMAX"];
     /// y = f(x) for the activation `ACT` (see `layers::activation`).
@@ -411,8 +420,8 @@ pub mod bn_rows {
 }
 
 pub use crate::gpu::params::{
-    ActParams, BasisParams, BnParams, BnRunningParams, ChannelParams, ConvParams, EwParams,
-    KernelParams, LnParams, LossParams, Params, PoolParams, ReduceParams, SgdParams,
+    ActParams, BasisParams, BnParams, BnRunningParams, ChannelParams, ConvParams, EmbParams,
+    EwParams, KernelParams, LnParams, LossParams, Params, PoolParams, ReduceParams, SgdParams,
 };
 
 /// Threads of the per-element batch-norm kernels: one per 4 elements of a

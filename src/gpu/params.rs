@@ -140,6 +140,14 @@ params_struct! {
 }
 
 params_struct! {
+    /// shaders/embedding.wgsl: `tokens` ids, a weight [vocab, d] at
+    /// `w_off`.
+    EmbParams {
+        tokens: u32, d: u32, vocab: u32, w_off: u32,
+    }
+}
+
+params_struct! {
     /// shaders/activation.wgsl: `slope` of LeakyReLU.
     ActParams {
         len: u32, slope: f32, _p0: u32, _p1: u32,
@@ -192,6 +200,7 @@ pub fn all() -> Vec<(&'static str, Vec<(&'static str, usize)>)> {
         e::<LossParams>(),
         e::<ActParams>(),
         e::<LnParams>(),
+        e::<EmbParams>(),
         e::<SgdParams>(),
         e::<BnRunningParams>(),
         e::<BasisParams>(),

@@ -5,11 +5,14 @@
 //! token 0). All three are affine in (x, θ), so the R-backward is the
 //! backward of R(gy) and carries no curvature term of its own.
 //! On the GPU `add_param` and `cls_token` are copies (shaders/elementwise
-//! and channels); the embedding's gather has no kernels yet.
+//! and channels); the embedding's gather and scatter-add are
+//! shaders/embedding.wgsl.
 
 use super::channels::block_copy;
 use super::{CpuCx, Layer, Saved};
+use crate::gpu::kernels::{EmbParams, Kernel};
 use crate::gpu::plan::{NodeBufs, Plan};
+use crate::gpu::program::Grid;
 use crate::model::{Node, Op};
 
 fn none() -> Saved {
@@ -96,7 +99,49 @@ impl Layer for EmbeddingUnit {
         scatter_add(xs[0], rgy, cx.param_mut(hv, w), d);
         vec![vec![0.0; xs[0].len()]]
     }
-    cpu_only_gpu!();
+    // GPU: shaders/embedding.wgsl; ids are data, so no input adjoint.
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        plan_gather(p, node, io.x[0], p.theta, io.y);
+    }
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        plan_gather(p, node, io.x[0], p.v, io.dy);
+        false
+    }
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
+        let ep = emb_params(p, node);
+        let target = p.target(r);
+        p.push(
+            Kernel::EmbScatter,
+            &ep,
+            vec![io.x[0], io.gy, target],
+            Grid::Threads((ep.vocab * ep.d) as usize),
+        );
+    }
+}
+
+fn emb_params(p: &Plan, node: &Node) -> EmbParams {
+    let (w, d) = emb(node);
+    let vocab = match node.op {
+        Op::Embedding { vocab, .. } => vocab,
+        _ => unreachable!("embedding unit on {}", node.kind()),
+    };
+    EmbParams {
+        tokens: (p.n * node.in_shape.tokens()) as u32,
+        d: d as u32,
+        vocab: vocab as u32,
+        w_off: p.param_off(w) as u32,
+    }
+}
+
+/// dst = rows of the weight in `table` (θ or v) by token id.
+fn plan_gather(p: &mut Plan, node: &Node, ids: usize, table: usize, dst: usize) {
+    let ep = emb_params(p, node);
+    p.push(
+        Kernel::EmbGather,
+        &ep,
+        vec![ids, table, dst],
+        Grid::Threads((ep.tokens * ep.d) as usize),
+    );
 }
 
 /// y = x + P[0..T·D] for every sample (position embeddings).
