@@ -1,7 +1,9 @@
 // Elementwise activations y = f(x) and their derivatives. One module for
 // every activation: the pipeline-overridable constant ACT picks f
 // (0 ReLU, 1 LeakyReLU(p.slope), 2 Tanh, 3 Sigmoid, 4 GELU (exact, x·Φ(x)),
-// 5 SiLU, 6 ReLU6, 7 Hardswish, 8 Hardsigmoid), so a pipeline holds only
+// 5 SiLU, 6 ReLU6, 7 Hardswish, 8 Hardsigmoid, 9 GELU's tanh form
+// x·σ(2u), u = √(2/π)(x + 0.044715x³), Hugging Face's gelu_new), so a
+// pipeline holds only
 // its own activation; ACC adds into the
 // output instead of overwriting it. Both are resolved when the pipeline is
 // created, so no dispatch branches on them or computes an absent term.
@@ -61,6 +63,7 @@ const SILU: u32 = 5u;
 const RELU6: u32 = 6u;
 const HARDSWISH: u32 = 7u;
 const HARDSIGMOID: u32 = 8u;
+const GELU_TANH: u32 = 9u;
 
 const WG: u32 = 256u;
 const LOG2E: f32 = 1.4426950408889634;
@@ -70,6 +73,8 @@ const LN2_HI: f32 = 0.693145751953125;
 const LN2_LO: f32 = 1.4286068203094173e-6;
 const INV_SQRT2: f32 = 0.7071067811865476;
 const INV_SQRT_2PI: f32 = 0.3989422804014327;
+const SQRT_2_OVER_PI: f32 = 0.7978845608028654;
+const GELU_TANH_A: f32 = 0.044715;
 
 @group(0) @binding(0) var<uniform> p: ActParams;
 
@@ -201,9 +206,42 @@ fn d2f_on(q: u32) -> f32 {
     return select(0.0, 1.0 / 3.0, ACT == HARDSWISH && q == 1u);
 }
 
+// GELU-tanh's inner u = √(2/π)·x·(1 + 0.044715x²) and its derivatives
+// u' = √(2/π)(1 + 3·0.044715x²), u'' = √(2/π)·6·0.044715x. Each is a few
+// ulp of its value; e^{±2u} then errs by 2|u| times that relative
+// rounding (the tails, where the terms below are tiny: see
+// tests/gpu_seq.rs). x² overflows to +inf past |x| ≈ 1.8e19, where u = ±inf
+// gives σ(2u) = 0 or 1 and sech²(u) = 0 exactly (exp_dd(-inf) = 0).
+fn gelu_tanh_u(x: f32) -> vec3<f32> {
+    let x2 = x * x;
+    return vec3<f32>(
+        SQRT_2_OVER_PI * x * (1.0 + GELU_TANH_A * x2),
+        SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_A * x2),
+        SQRT_2_OVER_PI * 6.0 * GELU_TANH_A * x,
+    );
+}
+
+// GELU-tanh' = σ(2u) + x/2·sech²(u)·u' (σ(2u) = (1 + tanh u)/2); the
+// second term is 0 where sech²(u) underflows (x·u' may be infinite there).
+fn gelu_tanh_d(x: f32) -> f32 {
+    let u = gelu_tanh_u(x);
+    let s2 = tanh_d(u.x);
+    return sigmoid(2.0 * u.x) + select(0.5 * x * s2 * u.y, 0.0, s2 == 0.0);
+}
+
+// GELU-tanh'' = sech²(u)·(u' + x/2·(u'' - 2·tanh(u)·u'²)); 0 where sech²(u)
+// underflows.
+fn gelu_tanh_d2(x: f32) -> f32 {
+    let u = gelu_tanh_u(x);
+    let s2 = tanh_d(u.x);
+    let v = s2 * (u.y + 0.5 * x * (u.z - 2.0 * tanh_(u.x) * u.y * u.y));
+    return select(v, 0.0, s2 == 0.0);
+}
+
 // Whether f'' is non-zero somewhere (the R-backward's curvature term).
 fn curved() -> bool {
-    return ACT == TANH || ACT == SIGMOID || ACT == GELU || ACT == SILU || ACT == HARDSWISH;
+    return ACT == TANH || ACT == SIGMOID || ACT == GELU || ACT == SILU || ACT == HARDSWISH
+        || ACT == GELU_TANH;
 }
 
 fn f(x: f32) -> f32 {
@@ -220,6 +258,8 @@ fn f(x: f32) -> f32 {
         case TANH: { return tanh_(x); }
         case SIGMOID: { return sigmoid(x); }
         case GELU: { return x * normal(x).x; }
+        // x·σ(2u): no cancellation where x ≪ 0 (1 + tanh u would).
+        case GELU_TANH: { return x * sigmoid(2.0 * gelu_tanh_u(x).x); }
         case RELU6, HARDSWISH, HARDSIGMOID: { return f_on(piece(x), x); }
         default: { return x * sigmoid(x); }
     }
@@ -238,6 +278,7 @@ fn df(x: f32) -> f32 {
             return n.x + xc * n.y;
         }
         case RELU6, HARDSWISH, HARDSIGMOID: { return df_on(piece(x), x); }
+        case GELU_TANH: { return gelu_tanh_d(x); }
         default: {
             // σ(x) + x·σ'(x) = σ(x)·(1 + x·σ(-x)).
             return sigmoid(x) * (1.0 + x * sigmoid(-x));
@@ -262,6 +303,7 @@ fn d2f(x: f32) -> f32 {
             return sigmoid_d(x) * (2.0 - x * tanh_(0.5 * x));
         }
         case HARDSWISH: { return d2f_on(piece(x)); }
+        case GELU_TANH: { return gelu_tanh_d2(x); }
         default: { return 0.0; }
     }
 }

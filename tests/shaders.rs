@@ -115,8 +115,8 @@ fn every_shader_validates_and_translates_to_every_backend() {
 fn override_values(name: &str) -> Vec<f64> {
     match name {
         // layers::activation::act_code: relu .. silu, relu6, hardswish,
-        // hardsigmoid.
-        "ACT" => (0..=8).map(f64::from).collect(),
+        // hardsigmoid, gelu_tanh.
+        "ACT" => (0..=9).map(f64::from).collect(),
         // Block products: no tangent bindings, or all; one tangent or 3.
         "KB" => vec![0.0, 510.0],
         "KMAX" => vec![1.0, 3.0],

@@ -266,12 +266,23 @@ fn gpu_plans_refuse_the_sequence_layers_naming_them() {
     let m = Model::load(arch("gpt2-tiny").to_str().unwrap()).unwrap();
     let e = hesscope::layers::check_model(&m).unwrap_err().to_string();
     assert!(
-        e.contains("transformer.wte") && e.contains("no GPU kernels"),
+        e.contains("layer `transformer.h.0.attn.c_attn`: conv1d has no GPU kernels"),
         "{e}"
     );
-    // Every layer but the residual adds is a sequence layer without
-    // kernels: each is refused by its own unit, naming it.
-    for n in m.nodes.iter().filter(|n| n.kind() != "add") {
+    // Every layer but those with kernels (the token and position
+    // embeddings, the residual adds, gelu_tanh, layernorm, the tied
+    // lm_head `linear`) is a sequence layer without kernels (conv1d, mha):
+    // each is refused by its own unit, naming it.
+    let with_kernels = [
+        "embedding",
+        "pos_embedding",
+        "add",
+        "gelu_tanh",
+        "layernorm",
+        "linear",
+    ];
+    let mut refused = std::collections::BTreeSet::new();
+    for n in m.nodes.iter().filter(|n| !with_kernels.contains(&n.kind())) {
         let e = hesscope::layers::unit(&n.op)
             .check(n)
             .unwrap_err()
@@ -282,7 +293,9 @@ fn gpu_plans_refuse_the_sequence_layers_naming_them() {
             n.kind()
         );
         assert!(e.contains(&want), "{e}");
+        refused.insert(n.kind());
     }
+    assert_eq!(refused.into_iter().collect::<Vec<_>>(), ["conv1d", "mha"]);
     let mha = m.nodes.iter().find(|n| n.kind() == "mha").unwrap();
     let e = hesscope::layers::unit(&mha.op)
         .check(mha)
@@ -410,7 +423,7 @@ fn the_gpu_backends_refuse_gpt2_naming_the_layer() {
         ]);
         assert!(!ok, "{stdout}");
         assert!(
-            stderr.contains("layer `transformer.wte`: embedding has no GPU kernels yet"),
+            stderr.contains("layer `transformer.h.0.attn.c_attn`: conv1d has no GPU kernels yet"),
             "{flag}: {stderr}"
         );
         assert!(!stderr.contains("panicked"), "{stderr}");

@@ -19,6 +19,10 @@ pub const POOL: &str = include_str!("../../shaders/pool.wgsl");
 /// Concat, narrow, channel shuffle and the broadcast product.
 pub const CHANNELS: &str = include_str!("../../shaders/channels.wgsl");
 pub const ADAPTIVE_POOL: &str = include_str!("../../shaders/adaptive_pool.wgsl");
+/// LayerNorm over the last dimension (sequences).
+pub const LAYERNORM: &str = include_str!("../../shaders/layernorm.wgsl");
+/// nn.Embedding's gather and its deterministic scatter-add.
+pub const EMBEDDING: &str = include_str!("../../shaders/embedding.wgsl");
 pub const LOSS: &str = include_str!("../../shaders/loss.wgsl");
 pub const ACTIVATION: &str = include_str!("../../shaders/activation.wgsl");
 /// Training's SGD and running-statistics updates.
@@ -149,10 +153,12 @@ pub enum Module {
     Basis,
     Channels,
     AdaptivePool,
+    LayerNorm,
+    Embedding,
 }
 
 impl Module {
-    const ALL: [Module; 16] = [
+    const ALL: [Module; 18] = [
         Module::Conv,
         Module::ConvWindowed,
         Module::ConvHalfWindowed,
@@ -169,6 +175,8 @@ impl Module {
         Module::Basis,
         Module::Channels,
         Module::AdaptivePool,
+        Module::LayerNorm,
+        Module::Embedding,
     ];
 
     /// (file name, the file's own WGSL).
@@ -196,6 +204,8 @@ impl Module {
             Module::Basis => ("basis.wgsl", BASIS),
             Module::Channels => ("channels.wgsl", CHANNELS),
             Module::AdaptivePool => ("adaptive_pool.wgsl", ADAPTIVE_POOL),
+            Module::LayerNorm => ("layernorm.wgsl", LAYERNORM),
+            Module::Embedding => ("embedding.wgsl", EMBEDDING),
         }
     }
 
@@ -310,6 +320,18 @@ kernels! {
     Mul => Channels::"mul", [R, R, R, R, W], ChannelParams, ["PAIR_B", "ACC", "KB", "KMAX"];
     /// Per plane, Σ a·b (+ c·d): a workgroup per plane (`Grid::Groups`).
     PlaneDot => Channels::"plane_dot", [R, R, R, R, W], ChannelParams, ["PAIR_B", "ACC", "KB", "KMAX"];
+    /// LayerNorm over rows of `d` (shaders/layernorm.wgsl): a workgroup
+    /// per row (`Grid::Groups(rows)`); the parameter sums a thread per
+    /// feature.
+    LnForward => LayerNorm::"ln_forward", [R, R, W, W], LnParams, [];
+    LnRForward => LayerNorm::"ln_r_forward", [R, R, R, R, W, W], LnParams, ["KB", "KMAX"];
+    LnBackward => LayerNorm::"ln_backward", [R, R, R, W], LnParams, ["ACC"];
+    LnRBackward => LayerNorm::"ln_r_backward", [R, R, R, R, R, R, W], LnParams, ["ACC", "KB", "KMAX"];
+    LnParamSums => LayerNorm::"ln_param_sums", [R, R, R, R, W], LnParams, ["PAIR2", "KB", "KMAX"];
+    /// nn.Embedding (shaders/embedding.wgsl): the gather a thread per
+    /// output, the scatter-add a thread per weight element.
+    EmbGather => Embedding::"emb_gather", [R, R, W], EmbParams, ["KB", "KMAX"];
+    EmbScatter => Embedding::"emb_scatter", [R, R, W], EmbParams, ["KB", "KMAX"];
     XentForwardBackward => Loss::"xent_forward_backward", [R, R, W, W, W], LossParams, [];
     XentRBackward => Loss::"xent_r_backward", [R, R, W], LossParams, ["KB", "KMAX"];
     /// y = f(x) for the activation `ACT` (see `layers::activation`).
@@ -398,8 +420,8 @@ pub mod bn_rows {
 }
 
 pub use crate::dispatch::params::{
-    ActParams, BasisParams, BnParams, BnRunningParams, ChannelParams, ConvParams, EwParams,
-    KernelParams, LossParams, Params, PoolParams, ReduceParams, SgdParams,
+    ActParams, BasisParams, BnParams, BnRunningParams, ChannelParams, ConvParams, EmbParams,
+    EwParams, KernelParams, LnParams, LossParams, Params, PoolParams, ReduceParams, SgdParams,
 };
 
 /// Threads of the per-element batch-norm kernels: one per 4 elements of a

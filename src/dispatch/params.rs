@@ -131,6 +131,23 @@ params_struct! {
 }
 
 params_struct! {
+    /// shaders/layernorm.wgsl: `rows` rows of `d` features; γ and β at
+    /// `gamma_off` and `beta_off` of θ (and of v, the gradient, Hv).
+    LnParams {
+        rows: u32, d: u32, gamma_off: u32, beta_off: u32,
+        eps: f32, _p0: u32, _p1: u32, _p2: u32,
+    }
+}
+
+params_struct! {
+    /// shaders/embedding.wgsl: `tokens` ids, a weight [vocab, d] at
+    /// `w_off`.
+    EmbParams {
+        tokens: u32, d: u32, vocab: u32, w_off: u32,
+    }
+}
+
+params_struct! {
     /// shaders/activation.wgsl: `slope` of LeakyReLU.
     ActParams {
         len: u32, slope: f32, _p0: u32, _p1: u32,
@@ -182,6 +199,8 @@ pub fn all() -> Vec<(&'static str, Vec<(&'static str, usize)>)> {
         e::<ChannelParams>(),
         e::<LossParams>(),
         e::<ActParams>(),
+        e::<LnParams>(),
+        e::<EmbParams>(),
         e::<SgdParams>(),
         e::<BnRunningParams>(),
         e::<BasisParams>(),

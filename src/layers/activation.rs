@@ -1,5 +1,5 @@
 //! Elementwise activations y = f(x) (`model::Activation`): ReLU, LeakyReLU,
-//! Tanh, Sigmoid, GELU, SiLU, ReLU6, Hardswish, Hardsigmoid.
+//! Tanh, Sigmoid, GELU (exact and tanh form), SiLU, ReLU6, Hardswish, Hardsigmoid.
 //!
 //! R-forward: ẏ = f'(x)·ẋ. Backward: gx = f'(x)·gy.
 //! R-backward: R(gx) = f'(x)·R(gy) + f''(x)·ẋ·gy — the second term is the
@@ -100,16 +100,6 @@ fn pieces_of(p: &Plan, node: &Node, io: &NodeBufs) -> usize {
 }
 
 impl Layer for ActivationUnit {
-    fn check(&self, node: &Node) -> crate::error::Result<()> {
-        match of(node) {
-            Activation::GeluTanh => Err(super::unsupported(
-                node,
-                "gelu_tanh has no GPU kernels yet (the float64 reference computes it)",
-            )),
-            _ => Ok(()),
-        }
-    }
-
     fn decides(&self, node: &Node) -> bool {
         piecewise(of(node))
     }
@@ -383,8 +373,7 @@ pub fn act_code(a: Activation) -> u32 {
         Activation::Relu6 => 6,
         Activation::Hardswish => 7,
         Activation::Hardsigmoid => 8,
-        // No kernel: `ActivationUnit::check` refuses it on the GPU.
-        Activation::GeluTanh => u32::MAX,
+        Activation::GeluTanh => 9,
     }
 }
 

@@ -4,8 +4,15 @@
 //! positions, ViT's position embedding) and `Op::ClsToken` (P prepended as
 //! token 0). All three are affine in (x, θ), so the R-backward is the
 //! backward of R(gy) and carries no curvature term of its own.
+//! On the GPU `add_param` and `cls_token` are copies (shaders/elementwise
+//! and channels); the embedding's gather and scatter-add are
+//! shaders/embedding.wgsl.
 
+use super::channels::block_copy;
 use super::{CpuCx, Layer, Saved};
+use crate::dispatch::kernels::{EmbParams, Kernel};
+use crate::dispatch::plan::{NodeBufs, Plan};
+use crate::dispatch::step::Grid;
 use crate::model::{Node, Op};
 
 fn none() -> Saved {
@@ -92,7 +99,49 @@ impl Layer for EmbeddingUnit {
         scatter_add(xs[0], rgy, cx.param_mut(hv, w), d);
         vec![vec![0.0; xs[0].len()]]
     }
-    cpu_only_gpu!();
+    // GPU: shaders/embedding.wgsl; ids are data, so no input adjoint.
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        plan_gather(p, node, io.x[0], p.theta, io.y);
+    }
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        plan_gather(p, node, io.x[0], p.v, io.dy);
+        false
+    }
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
+        let ep = emb_params(p, node);
+        let target = p.target(r);
+        p.push(
+            Kernel::EmbScatter,
+            &ep,
+            vec![io.x[0], io.gy, target],
+            Grid::Threads((ep.vocab * ep.d) as usize),
+        );
+    }
+}
+
+fn emb_params(p: &Plan, node: &Node) -> EmbParams {
+    let (w, d) = emb(node);
+    let vocab = match node.op {
+        Op::Embedding { vocab, .. } => vocab,
+        _ => unreachable!("embedding unit on {}", node.kind()),
+    };
+    EmbParams {
+        tokens: (p.n * node.in_shape.tokens()) as u32,
+        d: d as u32,
+        vocab: vocab as u32,
+        w_off: p.param_off(w) as u32,
+    }
+}
+
+/// dst = rows of the weight in `table` (θ or v) by token id.
+fn plan_gather(p: &mut Plan, node: &Node, ids: usize, table: usize, dst: usize) {
+    let ep = emb_params(p, node);
+    p.push(
+        Kernel::EmbGather,
+        &ep,
+        vec![ids, table, dst],
+        Grid::Threads((ep.tokens * ep.d) as usize),
+    );
 }
 
 /// y = x + P[0..T·D] for every sample (position embeddings).
@@ -165,7 +214,36 @@ impl Layer for AddParamUnit {
         sum_samples(rgy, &mut cx.param_mut(hv, added(node))[..m]);
         vec![rgy.to_vec()]
     }
-    cpu_only_gpu!();
+    // GPU: copies (shaders/elementwise.wgsl `copy`, with offsets): P
+    // added to each sample, and the parameter's adjoint the samples' sum,
+    // added in sample order (deterministic).
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        let (m, off) = (node.out_shape.numel(), p.param_off(added(node)));
+        p.copy(io.x[0], 0, io.y, 0, p.n * m, false);
+        for s in 0..p.n {
+            p.copy(p.theta, off, io.y, s * m, m, true);
+        }
+    }
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        let (m, off) = (node.out_shape.numel(), p.param_off(added(node)));
+        for s in 0..p.n {
+            p.copy(p.v, off, io.dy, s * m, m, false);
+        }
+        if !io.dx_zero[0] {
+            p.copy(io.dx[0], 0, io.dy, 0, p.n * m, true);
+        }
+        false
+    }
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
+        let (m, off) = (node.out_shape.numel(), p.param_off(added(node)));
+        let target = p.target(r);
+        for s in 0..p.n {
+            p.copy(io.gy, s * m, target, off, m, true);
+        }
+        if io.needs_gx[0] {
+            p.copy(io.gy, 0, io.gx[0], 0, p.n * m, io.acc[0]);
+        }
+    }
 }
 
 /// Prepends the parameter P [1, 1, D] as token 0 (torch.cat at dim 1).
@@ -243,5 +321,55 @@ impl Layer for ClsTokenUnit {
         let per = node.out_shape.numel();
         vec![split_first(rgy, cx.param_mut(hv, cls(node)), per)]
     }
-    cpu_only_gpu!();
+    // GPU: block copies (shaders/channels.wgsl): the samples' rows after
+    // P's; the adjoint of P the samples' token-0 rows, added in sample
+    // order (deterministic).
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        plan_prepend(p, node, io.x[0], p.theta, io.y);
+    }
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        // A zero ẋ is read as the zero buffer it is.
+        plan_prepend(p, node, io.dx[0], p.v, io.dy);
+        false
+    }
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
+        let (per_in, per_out) = (node.in_shape.numel(), node.out_shape.numel());
+        let (d, off) = (per_out - per_in, p.param_off(cls(node)));
+        let target = p.target(r);
+        for s in 0..p.n {
+            p.copy(io.gy, s * per_out, target, off, d, true);
+        }
+        if io.needs_gx[0] {
+            block_copy(
+                p,
+                io.gy,
+                io.gx[0],
+                p.n,
+                per_in,
+                (per_out, d),
+                (per_in, 0),
+                io.acc[0],
+                false,
+            );
+        }
+    }
+}
+
+/// dst = per sample, the parameter row of `params` then the sample's rows
+/// of x.
+fn plan_prepend(p: &mut Plan, node: &Node, x: usize, params: usize, dst: usize) {
+    let (per_in, per_out) = (node.in_shape.numel(), node.out_shape.numel());
+    let (d, off) = (per_out - per_in, p.param_off(cls(node)));
+    block_copy(
+        p,
+        x,
+        dst,
+        p.n,
+        per_in,
+        (per_in, 0),
+        (per_out, d),
+        false,
+        false,
+    );
+    block_copy(p, params, dst, p.n, d, (0, off), (per_out, 0), false, false);
 }

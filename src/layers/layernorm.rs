@@ -10,8 +10,15 @@
 //!   γ⊙R(gy), and R(gx) = (ṡ/s)·gx + s·(R(g) − ⟨R(g)⟩ − ẋ̂·⟨g x̂⟩ −
 //!   x̂·⟨R(g)x̂ + g ẋ̂⟩): the terms in ṡ and ẋ̂ are the normalisation's own
 //!   curvature. Hv: γ gains Σ R(gy)⊙x̂ + gy⊙ẋ̂, β Σ R(gy).
+//!
+//! GPU: shaders/layernorm.wgsl, a workgroup per row for the row passes and
+//! a thread per feature for γ's and β's sums over the rows (no atomics).
+//! State: x̂ then the rows' s; ẋ̂ then the rows' ⟨x̂ẋ⟩ (per tangent).
 
-use super::{saved, CpuCx, Layer, Saved};
+use super::{saved, CpuCx, Layer, Saved, StateBuf, StateCx};
+use crate::dispatch::kernels::{Consts, Kernel, LnParams};
+use crate::dispatch::plan::{NodeBufs, Plan};
+use crate::dispatch::step::Grid;
 use crate::model::{Node, Op};
 
 pub struct LayerNormUnit;
@@ -191,5 +198,95 @@ impl Layer for LayerNormUnit {
         }
         vec![out]
     }
-    cpu_only_gpu!();
+    /// x̂ and the rows' s; ẋ̂ and the rows' ⟨x̂ẋ⟩, per tangent.
+    fn gpu_state(&self, node: &Node, n: usize, _cx: &StateCx) -> Vec<StateBuf> {
+        let (_, _, d, _) = of(node);
+        let len = n * node.in_shape.numel();
+        let rows = len / d;
+        vec![
+            StateBuf {
+                name: "x̂ and s",
+                len: len + rows,
+                init: None,
+                tangent: false,
+            },
+            StateBuf {
+                name: "R(x̂) and ⟨x̂ẋ⟩",
+                len: len + rows,
+                init: None,
+                tangent: true,
+            },
+        ]
+    }
+
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        let lp = ln_params(p, node);
+        p.push(
+            Kernel::LnForward,
+            &lp,
+            vec![io.x[0], p.theta, io.state[0], io.y],
+            Grid::Groups(lp.rows as usize),
+        );
+    }
+
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        let lp = ln_params(p, node);
+        // A zero ẋ is read as the zero buffer it is (`NodeBufs::dx`).
+        p.push(
+            Kernel::LnRForward,
+            &lp,
+            vec![io.dx[0], io.state[0], p.theta, p.v, io.state[1], io.dy],
+            Grid::Groups(lp.rows as usize),
+        );
+        false
+    }
+
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
+        let lp = ln_params(p, node);
+        let (xhat, xhd) = (io.state[0], io.state[1]);
+        let target = p.target(r);
+        let (c, cd) = if r { (io.g, xhd) } else { (p.dummy, p.dummy) };
+        p.push_with(
+            Kernel::LnParamSums,
+            Consts::new(&[("PAIR2", r as u32)]),
+            &lp,
+            vec![io.gy, xhat, c, cd, target],
+            Grid::Threads(lp.d as usize),
+        );
+        if !io.needs_gx[0] {
+            return;
+        }
+        let consts = Consts::new(&[("ACC", io.acc[0] as u32)]);
+        let grid = Grid::Groups(lp.rows as usize);
+        if r {
+            p.push_with(
+                Kernel::LnRBackward,
+                consts,
+                &lp,
+                vec![io.g, io.gy, xhat, xhd, p.theta, p.v, io.gx[0]],
+                grid,
+            );
+        } else {
+            p.push_with(
+                Kernel::LnBackward,
+                consts,
+                &lp,
+                vec![io.gy, xhat, p.theta, io.gx[0]],
+                grid,
+            );
+        }
+    }
+}
+
+/// The kernels' parameters for this batch: rows = samples · tokens.
+fn ln_params(p: &Plan, node: &Node) -> LnParams {
+    let (w, b, d, eps) = of(node);
+    LnParams {
+        rows: (p.n * node.in_shape.numel() / d) as u32,
+        d: d as u32,
+        gamma_off: p.param_off(w) as u32,
+        beta_off: p.param_off(b) as u32,
+        eps: eps as f32,
+        ..Default::default()
+    }
 }

@@ -4,12 +4,18 @@
 //! and `Op::SeqLinear` (nn.Linear on [T, DIN], or Hugging Face's Conv1D:
 //! the same map with the weight stored transposed).
 //!
-//! Tokens and select are linear in x; the linear map is bilinear in
+//! Tokens and select are linear in x (on the GPU: the channel shuffle and
+//! block copies of shaders/channels.wgsl); the linear map is bilinear in
 //! (x, W), so its R-backward gains the term Vᵀ·gy (into R(gx)) and
 //! gy·ẋᵀ (into Hv's weight block) beside the backward of R(gy).
 
-use super::{CpuCx, Layer, Saved};
-use crate::model::{Node, Op};
+use super::channels::block_copy;
+use super::conv::ConvUnit;
+use super::{CpuCx, Layer, Saved, StateBuf, StateCx};
+use crate::dispatch::kernels::{ChannelParams, Consts, Kernel};
+use crate::dispatch::plan::{NodeBufs, Plan};
+use crate::dispatch::step::Grid;
+use crate::model::{Node, Op, Shape};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -78,7 +84,44 @@ impl Layer for TokensUnit {
         let s = node.in_shape;
         vec![transpose(rgy, s.spatial(), s.c)]
     }
-    cpu_only_gpu!();
+    // GPU: the per-sample transpose [C, H·W] -> [H·W, C] is the channel
+    // shuffle of C·H·W one-element "channels" in C groups; its adjoint
+    // the shuffle in H·W groups (shaders/channels.wgsl).
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        plan_transpose(p, node, io.x[0], io.y, false, false);
+    }
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        if io.dx_zero[0] {
+            return true;
+        }
+        plan_transpose(p, node, io.dx[0], io.dy, false, false);
+        false
+    }
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, _r: bool) {
+        if io.needs_gx[0] {
+            plan_transpose(p, node, io.gy, io.gx[0], true, io.acc[0]);
+        }
+    }
+}
+
+/// dst (+)= the per-sample transpose of src: [C, H·W] -> [H·W, C], or back
+/// with `adjoint`.
+fn plan_transpose(p: &mut Plan, node: &Node, src: usize, dst: usize, adjoint: bool, acc: bool) {
+    let s = node.in_shape;
+    let groups = if adjoint { s.spatial() } else { s.c };
+    p.push_with(
+        Kernel::ChannelShuffle,
+        Consts::acc(acc),
+        &ChannelParams {
+            blocks: p.n as u32,
+            c: s.numel() as u32,
+            hw: 1,
+            groups: groups as u32,
+            ..Default::default()
+        },
+        vec![src, dst],
+        Grid::Threads(p.n * s.numel()),
+    );
 }
 
 /// Token `index` of [T, D] -> flat [D].
@@ -146,7 +189,48 @@ impl Layer for SelectUnit {
     ) -> Vec<Vec<f64>> {
         vec![unpick(node, rgy)]
     }
-    cpu_only_gpu!();
+    // GPU: block copies (shaders/channels.wgsl); the adjoint writes the
+    // token's row and zeros elsewhere, or adds the row alone.
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        plan_pick(p, node, io.x[0], io.y);
+    }
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        if io.dx_zero[0] {
+            return true;
+        }
+        plan_pick(p, node, io.dx[0], io.dy);
+        false
+    }
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, _r: bool) {
+        if !io.needs_gx[0] {
+            return;
+        }
+        let Op::Select { index } = node.op else {
+            unreachable!("select unit on {}", node.kind())
+        };
+        let (per, d) = (node.in_shape.numel(), node.in_shape.features());
+        let acc = io.acc[0];
+        block_copy(
+            p,
+            io.gy,
+            io.gx[0],
+            p.n,
+            d,
+            (d, 0),
+            (per, index * d),
+            acc,
+            !acc,
+        );
+    }
+}
+
+/// dst = token `index` of each sample of src.
+fn plan_pick(p: &mut Plan, node: &Node, src: usize, dst: usize) {
+    let Op::Select { index } = node.op else {
+        unreachable!("select unit on {}", node.kind())
+    };
+    let (per, d) = (node.in_shape.numel(), node.in_shape.features());
+    block_copy(p, src, dst, p.n, d, (per, index * d), (d, 0), false, false);
 }
 
 /// y = x·Wᵀ + b on every token (nn.Linear), or x·W + b (Conv1D).
@@ -324,5 +408,60 @@ impl Layer for SeqLinearUnit {
         l.transpose_acc(cx.param(v, l.weight), gy, &mut rgx);
         vec![rgx]
     }
-    cpu_only_gpu!();
+    /// The GPU runs nn.Linear on a sequence as the linear layer's kernels
+    /// (src/layers/conv.rs: the GEMM of a 1×1 conv) over samples · tokens
+    /// rows; Hugging Face's Conv1D (weight [DIN, DOUT]) has none yet.
+    fn check(&self, node: &Node) -> crate::error::Result<()> {
+        if lin(node).transposed {
+            return Err(super::unsupported(
+                node,
+                "conv1d has no GPU kernels yet (its weight is [DIN, DOUT], transposed; \
+                 the float64 reference computes it: --backend cpu)",
+            ));
+        }
+        ConvUnit.check(&as_linear(node))
+    }
+    fn gpu_scratch(&self, node: &Node, n: usize) -> usize {
+        ConvUnit.gpu_scratch(&as_linear(node), n * node.in_shape.tokens())
+    }
+    fn gpu_state(&self, node: &Node, n: usize, cx: &StateCx) -> Vec<StateBuf> {
+        ConvUnit.gpu_state(&as_linear(node), n * node.in_shape.tokens(), cx)
+    }
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        on_rows(p, node, |p, l| ConvUnit.plan_forward(p, l, io))
+    }
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        on_rows(p, node, |p, l| ConvUnit.plan_r_forward(p, l, io))
+    }
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
+        on_rows(p, node, |p, l| ConvUnit.plan_backward(p, l, io, r))
+    }
+}
+
+/// The flat linear layer [DIN] -> [DOUT] one token of a (non-transposed)
+/// sequence linear is.
+fn as_linear(node: &Node) -> Node {
+    let l = lin(node);
+    Node {
+        name: node.name.clone(),
+        op: Op::Linear {
+            weight: l.weight,
+            bias: l.bias,
+            din: l.din,
+            dout: l.dout,
+        },
+        inputs: node.inputs.clone(),
+        in_shape: Shape::new(l.din, 1, 1),
+        out_shape: Shape::new(l.dout, 1, 1),
+    }
+}
+
+/// Plans `f` for the flat linear layer with the batch's samples · tokens
+/// as its samples.
+fn on_rows<R>(p: &mut Plan, node: &Node, f: impl FnOnce(&mut Plan, &Node) -> R) -> R {
+    let n = p.n;
+    p.n = n * node.in_shape.tokens();
+    let out = f(p, &as_linear(node));
+    p.n = n;
+    out
 }
