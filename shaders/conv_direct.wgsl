@@ -30,6 +30,9 @@ override ACC: bool = false;
 // The dilation (taps DIL apart): a pipeline constant, as ConvParams's 16
 // words are all taken.
 override DIL: u32 = 1u;
+// Weights stored transposed, [cin, cout] (k = 1, groups = 1 only):
+// Hugging Face's Conv1D run as a 1×1 conv over samples · tokens rows.
+override WT: bool = false;
 
 const WG: u32 = 256u;
 
@@ -78,6 +81,15 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid;
 }
 
+// Index of weight (co, c, tap) of a group of cig input channels in the
+// layer's layout: [cout, cig, k, k], or [cin, cout] with WT.
+fn widx(co: u32, c: u32, cig: u32, kk: u32, tap: u32) -> u32 {
+    if (WT) {
+        return c * p.cout + co;
+    }
+    return (co * cig + c) * kk + tap;
+}
+
 // Writes v (+ what is there, with ACC) at element i of this tangent's
 // slice of `out`.
 fn store(i: u32, v: f32) {
@@ -110,7 +122,6 @@ fn conv_direct_forward(@builtin(workgroup_id) wid: vec3<u32>,
     var acc = 0.0;
     for (var c = 0u; c < cig; c++) {
         let xbase = (n * p.cin + ci0 + c) * p.h * p.w;
-        let wbase = (co * cig + c) * kk;
         for (var ky = 0u; ky < p.k; ky++) {
             let iy = i32(oy * p.stride + ky * DIL) - i32(p.pad);
             if (iy < 0 || iy >= i32(p.h)) { continue; }
@@ -118,7 +129,7 @@ fn conv_direct_forward(@builtin(workgroup_id) wid: vec3<u32>,
                 let ix = i32(ox * p.stride + kx * DIL) - i32(p.pad);
                 if (ix < 0 || ix >= i32(p.w)) { continue; }
                 let xi = xbase + u32(iy) * p.w + u32(ix);
-                let wi = wbase + ky * p.k + kx;
+                let wi = widx(co, c, cig, kk, ky * p.k + kx);
                 acc += at_wa(p.wa_off + wi) * at_xa(xi);
                 if (PAIR_B) {
                     acc += at_wb(p.wb_off + wi) * at_xb(xi);
@@ -169,7 +180,7 @@ fn conv_direct_backward_data(@builtin(workgroup_id) wid: vec3<u32>,
             for (var c = 0u; c < cog; c++) {
                 let co = co0 + c;
                 let gi = ((n * p.cout + co) * p.oh + oy) * p.ow + ox;
-                let wi = (co * cig + cl) * kk + tap;
+                let wi = widx(co, cl, cig, kk, tap);
                 acc += at_wa(p.wa_off + wi) * at_xa(gi);
                 if (PAIR_B) {
                     acc += at_wb(p.wb_off + wi) * at_xb(gi);
@@ -198,10 +209,17 @@ fn conv_direct_backward_weight(@builtin(workgroup_id) wid: vec3<u32>,
     if (idx >= nw * p.chunks) { return; }
     let wi = idx % nw;
     let chunk = idx / nw;
-    let kx = wi % p.k;
-    let ky = (wi / p.k) % p.k;
-    let cl = (wi / kk) % cig;
-    let co = wi / (kk * cig);
+    var kx = wi % p.k;
+    var ky = (wi / p.k) % p.k;
+    var cl = (wi / kk) % cig;
+    var co = wi / (kk * cig);
+    if (WT) {
+        // wi = cl · cout + co (k = 1).
+        kx = 0u;
+        ky = 0u;
+        co = wi % p.cout;
+        cl = wi / p.cout;
+    }
     let ci = (co / (p.cout / groups())) * cig + cl;
     let rows = p.n * p.oh;
     let r0 = min(chunk * p.rows_per_chunk, rows);

@@ -1,5 +1,7 @@
 // Softmax cross-entropy, scaled by 1/N so that summing over batches gives
-// the sample-weighted mean loss. One thread per sample (10 to 1000 classes).
+// the sample-weighted mean loss. One thread per row: a sample (10 to 1000
+// classes), or a token position of a language model (scaled by
+// 1/(N·(T−1)); the last position unlabelled).
 
 struct LossParams {
     n: u32, k: u32, scale: f32, _p0: u32,
@@ -36,6 +38,17 @@ fn xent_forward_backward(@builtin(workgroup_id) wid: vec3<u32>,
         t += exp(f_z[base + j] - m);
     }
     let y = f_labels[s];
+    // An unlabelled row (a language model's last position,
+    // next_token::NO_LABEL): no loss, and a zero softmax so that its
+    // R-adjoint is zero too.
+    if (y == 0xffffffffu) {
+        f_loss[s] = 0.0;
+        for (var j = 0u; j < p.k; j++) {
+            f_p[base + j] = 0.0;
+            f_gz[base + j] = 0.0;
+        }
+        return;
+    }
     f_loss[s] = p.scale * (m + log(t) - f_z[base + y]);
     for (var j = 0u; j < p.k; j++) {
         let pj = exp(f_z[base + j] - m) / t;

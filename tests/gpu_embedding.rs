@@ -1,9 +1,9 @@
 //! nn.Embedding on the GPU (shaders/embedding.wgsl: the gather and its
 //! deterministic scatter-add) against the float64 reference
 //! (`EmbeddingUnit`), on Vulkan (lavapipe) and GL (llvmpipe), outputs
-//! poisoned with NaN; a token classifier built on it against float64; and
-//! the refusal of the next-token loss, which has no GPU kernels yet. The
-//! other sequence layers: tests/gpu_seq.rs.
+//! poisoned with NaN; a token classifier built on it against float64. The
+//! other sequence layers: tests/gpu_seq.rs; language models (the
+//! next-token loss): tests/gpu_next_token.rs.
 
 mod common;
 
@@ -250,20 +250,4 @@ fn embedding_network_matches_float64_on_the_gpu() {
             "{name}: gradient {eg:.1e}, Hv {eh:.1e}, block {eb:.1e}"
         );
     }
-}
-
-/// A language model (token ids in, logits [T, V] out) is refused on the
-/// GPU naming its last layer: the next-token loss has no kernels yet.
-#[test]
-fn next_token_loss_is_refused_on_the_gpu() {
-    let text = "model lm\ninput tokens 5\nclasses 7\nembedding wte 7 8\nlinear head 7\n";
-    let model = arch::parse("lm.arch", text).unwrap();
-    assert!(model.next_token());
-    let e = hesscope::layers::check_model(&model)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("layer `head`") && e.contains("next-token cross-entropy"),
-        "{e}"
-    );
 }

@@ -699,19 +699,3 @@ fn token_networks_match_float64_on_the_gpu() {
         }
     }
 }
-
-/// conv1d (Hugging Face's transposed weight) is still refused on the GPU,
-/// naming the layer.
-#[test]
-fn conv1d_is_refused_on_the_gpu_naming_it() {
-    let text =
-        "model c\ninput 4 1 3\nclasses 2\ntokens\nconv1d proj 5\nselect index=0\nlinear fc 2\n";
-    let model = arch::parse("c.arch", text).unwrap();
-    let e = hesscope::layers::check_model(&model)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("layer `proj`: conv1d has no GPU kernels yet"),
-        "{e}"
-    );
-}

@@ -286,13 +286,14 @@ kernels! {
     ConvTiledForward => ConvTiled::"conv_tiled_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "TM", "TN", "TK", "KB", "KMAX"];
     ConvTiledBackwardData => ConvTiled::"conv_tiled_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "TM", "TN", "TK", "KB", "KMAX"];
     ConvTiledBackwardWeight => ConvTiled::"conv_tiled_backward_weight", [R, R, R, R, W], ConvParams, ["PAIR_B", "TM", "TN", "TK", "KB", "KMAX"];
-    /// Grouped and dilated layers (conv_direct.wgsl), on either conv path:
+    /// Grouped and dilated layers (conv_direct.wgsl), on either conv path,
+    /// and Conv1D (`WT`: the weight read transposed, [cin, cout]):
     /// forward, backward data and the weight gradient's stage one, a
     /// thread per output, input element, and (chunk, weight); `DIL` the
     /// dilation.
-    ConvDirectForward => ConvDirect::"conv_direct_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "DIL", "KB", "KMAX"];
-    ConvDirectBackwardData => ConvDirect::"conv_direct_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "DIL", "KB", "KMAX"];
-    ConvDirectBackwardWeight => ConvDirect::"conv_direct_backward_weight", [R, R, R, R, W], ConvParams, ["PAIR_B", "DIL", "KB", "KMAX"];
+    ConvDirectForward => ConvDirect::"conv_direct_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "DIL", "WT", "KB", "KMAX"];
+    ConvDirectBackwardData => ConvDirect::"conv_direct_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "DIL", "WT", "KB", "KMAX"];
+    ConvDirectBackwardWeight => ConvDirect::"conv_direct_backward_weight", [R, R, R, R, W], ConvParams, ["PAIR_B", "DIL", "WT", "KB", "KMAX"];
     ChannelSums => Reduce::"channel_sums", [R, R, W], ReduceParams, ["HAS_B", "ACC", "STAGE", "KB", "KMAX"];
     BnParamSums => Reduce::"bn_param_sums", [R, R, W, R, R, W], ReduceParams, ["PAIR2", "STAGE", "KB", "KMAX"];
     SumAll => Reduce::"sum_all", [R, W], ReduceParams, [];

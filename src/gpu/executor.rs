@@ -405,7 +405,7 @@ impl GpuEngine {
         let shared = self.workspaces.len() < self.programs.len();
         let k = self.model.classes;
         let last = self.canon[self.model.nodes.len()];
-        let mut correct = 0usize;
+        let mut correct = 0.0f64;
         for bi in 0..self.programs.len() {
             if shared || self.workspaces[self.programs[bi].ws].resident != Some(bi) {
                 self.upload_batch(bi)?;
@@ -429,8 +429,10 @@ impl GpuEngine {
             let (start, count, w) = (p.start, p.count, p.ws);
             self.check_bn_statistics(&[bi])?;
             let buf = &self.arena.buffers[self.workspaces[w].act[last]];
-            let z = self.ctx.read_f32(&[(buf, 0, count * k)])?;
-            correct += layers::loss::count_correct(&z[0], k, &self.data.y[start..start + count]);
+            let rows = layers::next_token::loss_rows(&self.model);
+            let z = self.ctx.read_f32(&[(buf, 0, count * rows * k)])?;
+            let z: Vec<f64> = z[0].iter().map(|&v| v as f64).collect();
+            correct += layers::next_token::correct(&self.model, &self.data, start, count, &z);
             self.workspaces[w].resident = None;
         }
         let r = self
@@ -444,7 +446,7 @@ impl GpuEngine {
                 self.ctx.info.name
             )));
         }
-        Ok((loss, correct as f64 / self.data.len() as f64))
+        Ok((loss, correct / self.data.len() as f64))
     }
 
     /// Writes batch norm's running statistics (`buffers`, by
@@ -557,9 +559,9 @@ impl GpuEngine {
         let ws = &self.workspaces[p.ws];
         let d = self.model.input.numel();
         let x = &self.data.x[p.start * d..(p.start + p.count) * d];
-        let y = &self.data.y[p.start..p.start + p.count];
+        let y = layers::next_token::gpu_labels(&self.model, &self.data, p.start, p.count);
         self.ctx.write_f32(&self.arena.buffers[ws.act[0]], 0, x)?;
-        self.ctx.write_u32(&self.arena.buffers[ws.labels], y)?;
+        self.ctx.write_u32(&self.arena.buffers[ws.labels], &y)?;
         Ok(())
     }
 

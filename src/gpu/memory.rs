@@ -209,10 +209,11 @@ pub fn workspace(
         state.push(ids);
     }
     let k = model.classes;
+    let rows = n * layers::next_token::loss_rows(model);
     Ok(Workspace {
-        labels: arena.alloc(ctx, format!("labels{tag}"), n)?,
-        probs: arena.alloc(ctx, format!("softmax{tag}"), n * k)?,
-        sample_loss: arena.alloc(ctx, format!("per-sample loss{tag}"), n)?,
+        labels: arena.alloc(ctx, format!("labels{tag}"), rows)?,
+        probs: arena.alloc(ctx, format!("softmax{tag}"), rows * k)?,
+        sample_loss: arena.alloc(ctx, format!("per-row loss{tag}"), rows)?,
         act,
         dact: tangents.dact.clone(),
         adj,

@@ -47,6 +47,8 @@ pub fn plan_batch<'a>(
         radj: ws.radj[last],
     };
     let k = model.classes;
+    let rows = layers::next_token::loss_rows(model);
+    let scale = layers::next_token::row_scale(model, scale as f64) as f32;
 
     // A frozen plan's recording forward pass.
     let record = p.frozen.then(|| {
@@ -72,7 +74,7 @@ pub fn plan_batch<'a>(
             let io = node_bufs(p, ws, canon, i, &[], false, &[]);
             unit.plan_forward(p, node, &io);
         }
-        loss::plan_forward_backward(p, &lb, k, scale, batch, losses);
+        loss::plan_forward_backward(p, &lb, k, scale, batch, losses, rows);
     };
     forward(&mut p);
     let forward_loss = p.take();
@@ -95,7 +97,7 @@ pub fn plan_batch<'a>(
         let io = node_bufs(&p, ws, canon, i, &zero, false, &[]);
         zero[out] = unit.plan_r_forward(&mut p, node, &io);
     }
-    loss::plan_r_backward(&mut p, &lb, k, scale);
+    loss::plan_r_backward(&mut p, &lb, k, scale, rows);
     backward(&mut p, ws, canon, true, &zero);
     let r_pass = p.take();
     BatchSteps {

@@ -97,6 +97,13 @@ impl GpuTrainer {
         max_count: usize,
     ) -> Result<GpuTrainer> {
         layers::check_model(model)?;
+        if let (true, Some(last)) = (model.next_token(), model.nodes.last()) {
+            return Err(layers::unsupported(
+                last,
+                "the GPU trainer has no next-token labels yet (gradients and Hv of a \
+                 language model do run on the GPU; train with --backend cpu)",
+            ));
+        }
         let model = model.clone();
         let np = model.n_params;
         let canon = memory::canonical_values(&model);

@@ -301,118 +301,146 @@ impl Layer for ConvUnit {
     }
 
     fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
-        let (weight, bias) = params_of(node);
-        let boff = bias.map_or(0, |b| p.param_off(b));
-        let pr = conv_params(node, p.n, p.param_off(weight), 0, boff);
-        let (x, th) = (io.x[0], p.theta);
+        plan_forward_wt(p, node, io, false)
+    }
+
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        plan_r_forward_wt(p, node, io, false)
+    }
+
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
+        plan_backward_wt(p, node, io, r, false)
+    }
+}
+
+/// The conv/linear forward step; `wt`: a linear layer whose weight is
+/// stored transposed, [din, dout] (Hugging Face's Conv1D), which the
+/// direct kernels read through their `WT` constant.
+pub fn plan_forward_wt(p: &mut Plan, node: &Node, io: &NodeBufs, wt: bool) {
+    let (weight, bias) = params_of(node);
+    let boff = bias.map_or(0, |b| p.param_off(b));
+    let pr = conv_params(node, p.n, p.param_off(weight), 0, boff);
+    let (x, th) = (io.x[0], p.theta);
+    let c = Consts::conv(false, bias.is_some(), false);
+    let grid = forward_grid(node, p.n);
+    push_conv(
+        p,
+        Kernel::ConvForward,
+        c,
+        &pr,
+        vec![x, th, x, th, io.y],
+        grid,
+        dims(node).dilation,
+        wt,
+    );
+}
+
+/// The R-forward step (`wt` as in `plan_forward_wt`).
+pub fn plan_r_forward_wt(p: &mut Plan, node: &Node, io: &NodeBufs, wt: bool) -> bool {
+    let (weight, bias) = params_of(node);
+    let woff = p.param_off(weight);
+    let boff = bias.map_or(0, |b| p.param_off(b));
+    let (x, dx) = (io.x[0], io.dx[0]);
+    let grid = forward_grid(node, p.n);
+    // conv(ẋ, W) + conv(x, V) + v_bias; the first term drops while ẋ is zero.
+    if io.dx_zero[0] {
+        let pr = conv_params(node, p.n, woff, 0, boff);
         let c = Consts::conv(false, bias.is_some(), false);
-        let grid = forward_grid(node, p.n);
         push_conv(
             p,
             Kernel::ConvForward,
             c,
             &pr,
-            vec![x, th, x, th, io.y],
+            vec![x, p.v, x, p.v, io.dy],
             grid,
             dims(node).dilation,
+            wt,
         );
+    } else {
+        let pr = conv_params(node, p.n, woff, woff, boff);
+        let c = Consts::conv(true, bias.is_some(), false);
+        let bufs = vec![dx, p.theta, x, p.v, io.dy];
+        let dil = dims(node).dilation;
+        push_conv(p, Kernel::ConvForward, c, &pr, bufs, grid, dil, wt);
     }
+    false
+}
 
-    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
-        let (weight, bias) = params_of(node);
-        let woff = p.param_off(weight);
-        let boff = bias.map_or(0, |b| p.param_off(b));
-        let (x, dx) = (io.x[0], io.dx[0]);
-        let grid = forward_grid(node, p.n);
-        // conv(ẋ, W) + conv(x, V) + v_bias; the first term drops while ẋ is zero.
-        if io.dx_zero[0] {
-            let pr = conv_params(node, p.n, woff, 0, boff);
-            let c = Consts::conv(false, bias.is_some(), false);
-            push_conv(
-                p,
-                Kernel::ConvForward,
-                c,
-                &pr,
-                vec![x, p.v, x, p.v, io.dy],
-                grid,
-                dims(node).dilation,
-            );
+/// The backward (or R-backward) step (`wt` as in `plan_forward_wt`).
+pub fn plan_backward_wt(p: &mut Plan, node: &Node, io: &NodeBufs, r: bool, wt: bool) {
+    let (weight, bias) = params_of(node);
+    let n = p.n;
+    let d = dims(node);
+    let woff = p.param_off(weight);
+    let (gy, g, x) = (io.gy, io.g, io.x[0]);
+    let target = p.target(r);
+    if io.needs_gx[0] {
+        // R(gx) = convᵀ(R(gy), W) + convᵀ(gy, V); gx = convᵀ(gy, W).
+        let (pr, bufs) = if r {
+            let bufs = vec![gy, p.theta, g, p.v, io.gx[0]];
+            (conv_params(node, n, woff, woff, 0), bufs)
         } else {
-            let pr = conv_params(node, p.n, woff, woff, boff);
-            let c = Consts::conv(true, bias.is_some(), false);
-            let bufs = vec![dx, p.theta, x, p.v, io.dy];
-            let dil = dims(node).dilation;
-            push_conv(p, Kernel::ConvForward, c, &pr, bufs, grid, dil);
-        }
-        false
-    }
-
-    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
-        let (weight, bias) = params_of(node);
-        let n = p.n;
-        let d = dims(node);
-        let woff = p.param_off(weight);
-        let (gy, g, x) = (io.gy, io.g, io.x[0]);
-        let target = p.target(r);
-        if io.needs_gx[0] {
-            // R(gx) = convᵀ(R(gy), W) + convᵀ(gy, V); gx = convᵀ(gy, W).
-            let (pr, bufs) = if r {
-                let bufs = vec![gy, p.theta, g, p.v, io.gx[0]];
-                (conv_params(node, n, woff, woff, 0), bufs)
-            } else {
-                let bufs = vec![gy, p.theta, gy, p.theta, io.gx[0]];
-                (conv_params(node, n, woff, 0, 0), bufs)
-            };
-            let c = Consts::conv(r, false, io.acc[0]);
-            let grid = Grid::Threads(kernels::conv_backward_data_threads(
-                n, d.cin, d.h, d.w, d.stride,
-            ));
-            push_conv(p, Kernel::ConvBackwardData, c, &pr, bufs, grid, d.dilation);
-        }
-        // The weight block: Σ R(gy)·x + Σ gy·ẋ (ẋ may be zero).
-        let pair_b = r && !io.dx_zero[0];
-        let (weights, per, chunks) = weight_split(node, n);
-        let pr = ConvParams {
-            rows_per_chunk: per as u32,
-            chunks: chunks as u32,
-            ..conv_params(node, n, woff, 0, 0)
+            let bufs = vec![gy, p.theta, gy, p.theta, io.gx[0]];
+            (conv_params(node, n, woff, 0, 0), bufs)
         };
-        let parts = p.partials;
-        let bufs = if pair_b {
-            vec![gy, x, g, io.dx[0], parts]
-        } else {
-            vec![gy, x, gy, x, parts]
-        };
-        let c = Consts::new(&[("PAIR_B", pair_b as u32)]);
-        let (kernel, grid, c) = if d.direct() {
-            (
-                Kernel::ConvDirectBackwardWeight,
-                Grid::Threads(weights * chunks),
-                c.with("DIL", d.dilation as u32),
-            )
-        } else if p.conv_tiled {
-            let taps = d.cin * d.k * d.k;
-            let tile = p.conv_tile.for_rows(d.cout);
-            let groups = tile.groups(d.cout, taps, chunks);
-            let grid = Grid::Groups(groups);
-            (Kernel::ConvTiledBackwardWeight, grid, tile.consts(c))
-        } else {
-            let kernel = kernels::conv_weight_variant(d.k, d.stride, d.ow);
-            let groups = kernels::conv_weight_groups(d.cout, d.cin, d.k, chunks);
-            (kernel, Grid::Groups(groups), c)
-        };
-        p.push_with(kernel, c, &pr, bufs, grid);
-        p.push(
-            Kernel::ConvWeightSum,
+        let c = Consts::conv(r, false, io.acc[0]);
+        let grid = Grid::Threads(kernels::conv_backward_data_threads(
+            n, d.cin, d.h, d.w, d.stride,
+        ));
+        push_conv(
+            p,
+            Kernel::ConvBackwardData,
+            c,
             &pr,
-            vec![parts, target],
-            Grid::Threads(weights),
+            bufs,
+            grid,
+            d.dilation,
+            wt,
         );
-        if let Some(b) = bias {
-            let boff = p.param_off(b);
-            let plane = node.out_shape.spatial();
-            p.channel_sums(gy, None, n, d.cout, plane, target, boff, 0, true);
-        }
+    }
+    // The weight block: Σ R(gy)·x + Σ gy·ẋ (ẋ may be zero).
+    let pair_b = r && !io.dx_zero[0];
+    let (weights, per, chunks) = weight_split(node, n);
+    let pr = ConvParams {
+        rows_per_chunk: per as u32,
+        chunks: chunks as u32,
+        ..conv_params(node, n, woff, 0, 0)
+    };
+    let parts = p.partials;
+    let bufs = if pair_b {
+        vec![gy, x, g, io.dx[0], parts]
+    } else {
+        vec![gy, x, gy, x, parts]
+    };
+    let c = Consts::new(&[("PAIR_B", pair_b as u32)]);
+    let (kernel, grid, c) = if d.direct() || wt {
+        (
+            Kernel::ConvDirectBackwardWeight,
+            Grid::Threads(weights * chunks),
+            c.with("DIL", d.dilation as u32).with("WT", wt as u32),
+        )
+    } else if p.conv_tiled {
+        let taps = d.cin * d.k * d.k;
+        let tile = p.conv_tile.for_rows(d.cout);
+        let groups = tile.groups(d.cout, taps, chunks);
+        let grid = Grid::Groups(groups);
+        (Kernel::ConvTiledBackwardWeight, grid, tile.consts(c))
+    } else {
+        let kernel = kernels::conv_weight_variant(d.k, d.stride, d.ow);
+        let groups = kernels::conv_weight_groups(d.cout, d.cin, d.k, chunks);
+        (kernel, Grid::Groups(groups), c)
+    };
+    p.push_with(kernel, c, &pr, bufs, grid);
+    p.push(
+        Kernel::ConvWeightSum,
+        &pr,
+        vec![parts, target],
+        Grid::Threads(weights),
+    );
+    if let Some(b) = bias {
+        let boff = p.param_off(b);
+        let plane = node.out_shape.spatial();
+        p.channel_sums(gy, None, n, d.cout, plane, target, boff, 0, true);
     }
 }
 
@@ -457,6 +485,7 @@ fn conv_params(node: &Node, n: usize, wa_off: usize, wb_off: usize, bias_off: us
 /// it: the offsets in `pr` become relative to the window. A grouped or
 /// dilated layer runs conv_direct.wgsl's kernel instead, on a thread per
 /// output (forward) or input (backward data) element.
+#[allow(clippy::too_many_arguments)]
 fn push_conv(
     p: &mut Plan,
     kernel: Kernel,
@@ -465,14 +494,15 @@ fn push_conv(
     buffers: Vec<usize>,
     grid: Grid,
     dilation: usize,
+    wt: bool,
 ) {
-    if kernels::conv_direct_applies(pr.groups as usize, dilation) {
+    if wt || kernels::conv_direct_applies(pr.groups as usize, dilation) {
         let (direct, elements) = match kernel {
             Kernel::ConvForward => (Kernel::ConvDirectForward, pr.cout * pr.oh * pr.ow),
             _ => (Kernel::ConvDirectBackwardData, pr.cin * pr.h * pr.w),
         };
         let grid = Grid::Threads((pr.n * elements) as usize);
-        let consts = consts.with("DIL", dilation as u32);
+        let consts = consts.with("DIL", dilation as u32).with("WT", wt as u32);
         return p.push_with(direct, consts, pr, buffers, grid);
     }
     if p.conv_tiled {

@@ -52,7 +52,8 @@ pub struct LossBufs {
     pub radj: usize,
 }
 
-/// Pushes the loss of one batch, its gradient into `b.adj`, and the batch
+/// Pushes the loss of one batch (`rows` loss rows per sample:
+/// `next_token::loss_rows`), its gradient into `b.adj`, and the batch
 /// loss into slot `batch` of `losses`.
 pub fn plan_forward_backward(
     p: &mut Plan,
@@ -61,8 +62,9 @@ pub fn plan_forward_backward(
     scale: f32,
     batch: usize,
     losses: usize,
+    rows: usize,
 ) {
-    let n = p.n;
+    let n = p.n * rows;
     p.push(
         Kernel::XentForwardBackward,
         &LossParams {
@@ -87,8 +89,8 @@ pub fn plan_forward_backward(
 }
 
 /// Pushes R(∂L/∂z) into `b.radj`.
-pub fn plan_r_backward(p: &mut Plan, b: &LossBufs, k: usize, scale: f32) {
-    let n = p.n;
+pub fn plan_r_backward(p: &mut Plan, b: &LossBufs, k: usize, scale: f32, rows: usize) {
+    let n = p.n * rows;
     p.push(
         Kernel::XentRBackward,
         &LossParams {

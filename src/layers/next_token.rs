@@ -62,6 +62,49 @@ pub fn correct(model: &Model, data: &Dataset, start: usize, count: usize, z: &[f
     count_correct(&zc, k, &labels) as f64 / (t - 1) as f64
 }
 
+/// Rows of the loss per sample on the GPU: the T positions of a language
+/// model (the last one unlabelled), else one.
+pub fn loss_rows(model: &Model) -> usize {
+    if model.next_token() {
+        model.input.tokens()
+    } else {
+        1
+    }
+}
+
+/// The GPU loss's row scale: 1/N per sample, or 1/(N·(T−1)) per
+/// predicted token.
+pub fn row_scale(model: &Model, scale: f64) -> f64 {
+    if model.next_token() {
+        token_scale(scale, model.input.tokens())
+    } else {
+        scale
+    }
+}
+
+/// The label of no row: the loss kernel gives it zero loss, softmax and
+/// adjoint (a language model's last position).
+pub const NO_LABEL: u32 = u32::MAX;
+
+/// The GPU's labels of samples `start..start + count`, one per loss row:
+/// `y`, or the ids shifted by one with [`NO_LABEL`] at each sample's last
+/// position.
+pub fn gpu_labels(model: &Model, data: &Dataset, start: usize, count: usize) -> Vec<u32> {
+    if !model.next_token() {
+        return data.y[start..start + count].to_vec();
+    }
+    let t = model.input.tokens();
+    let x = &data.x[start * t..(start + count) * t];
+    x.chunks(t)
+        .flat_map(|ids| {
+            ids[1..]
+                .iter()
+                .map(|&v| v as u32)
+                .chain(std::iter::once(NO_LABEL))
+        })
+        .collect()
+}
+
 /// 1/N per sample becomes 1/(N·(T−1)) per predicted token.
 fn token_scale(scale: f64, t: usize) -> f64 {
     scale / (t - 1) as f64

@@ -10,7 +10,7 @@
 //! gy·ẋᵀ (into Hv's weight block) beside the backward of R(gy).
 
 use super::channels::block_copy;
-use super::conv::ConvUnit;
+use super::conv::{self, ConvUnit};
 use super::{CpuCx, Layer, Saved, StateBuf, StateCx};
 use crate::dispatch::kernels::{ChannelParams, Consts, Kernel};
 use crate::dispatch::plan::{NodeBufs, Plan};
@@ -410,15 +410,9 @@ impl Layer for SeqLinearUnit {
     }
     /// The GPU runs nn.Linear on a sequence as the linear layer's kernels
     /// (src/layers/conv.rs: the GEMM of a 1×1 conv) over samples · tokens
-    /// rows; Hugging Face's Conv1D (weight [DIN, DOUT]) has none yet.
+    /// rows; Hugging Face's Conv1D (weight [DIN, DOUT]) as the direct conv
+    /// kernels (conv_direct.wgsl) reading the weight transposed (`WT`).
     fn check(&self, node: &Node) -> crate::error::Result<()> {
-        if lin(node).transposed {
-            return Err(super::unsupported(
-                node,
-                "conv1d has no GPU kernels yet (its weight is [DIN, DOUT], transposed; \
-                 the float64 reference computes it: --backend cpu)",
-            ));
-        }
         ConvUnit.check(&as_linear(node))
     }
     fn gpu_scratch(&self, node: &Node, n: usize) -> usize {
@@ -428,18 +422,21 @@ impl Layer for SeqLinearUnit {
         ConvUnit.gpu_state(&as_linear(node), n * node.in_shape.tokens(), cx)
     }
     fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
-        on_rows(p, node, |p, l| ConvUnit.plan_forward(p, l, io))
+        let wt = lin(node).transposed;
+        on_rows(p, node, |p, l| conv::plan_forward_wt(p, l, io, wt))
     }
     fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
-        on_rows(p, node, |p, l| ConvUnit.plan_r_forward(p, l, io))
+        let wt = lin(node).transposed;
+        on_rows(p, node, |p, l| conv::plan_r_forward_wt(p, l, io, wt))
     }
     fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
-        on_rows(p, node, |p, l| ConvUnit.plan_backward(p, l, io, r))
+        let wt = lin(node).transposed;
+        on_rows(p, node, |p, l| conv::plan_backward_wt(p, l, io, r, wt))
     }
 }
 
-/// The flat linear layer [DIN] -> [DOUT] one token of a (non-transposed)
-/// sequence linear is.
+/// The flat linear layer [DIN] -> [DOUT] one token of a sequence linear
+/// is (a Conv1D's weight is read transposed by the plan's `wt`).
 fn as_linear(node: &Node) -> Node {
     let l = lin(node);
     Node {
