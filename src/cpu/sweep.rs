@@ -97,7 +97,7 @@ pub(super) struct SweepCache {
 /// Whether the products cache their forward states, by default: yes,
 /// unless `HESSCOPE_CPU_CACHE=0` (for measuring what the cache saves).
 fn cache_enabled() -> bool {
-    std::env::var("HESSCOPE_CPU_CACHE").map_or(true, |v| v != "0")
+    !matches!(std::env::var("HESSCOPE_CPU_CACHE").as_deref(), Ok("0"))
 }
 
 impl CpuReference {
@@ -129,13 +129,21 @@ impl CpuReference {
         let mut total = 0.0;
         let batches = pr.data.batches(pr.batch);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let enabled = cache_enabled();
+        let mut enabled = cache_enabled();
         if !enabled || !cache.key.as_ref().is_some_and(|k| k.matches(self)) {
             *cache = SweepCache::default();
+            // Half of what the host has left beyond the passes' own peak,
+            // less the key's copies of θ and the data; no cache (and no
+            // copies) where that would not hold one batch.
+            let have = crate::host::available_memory().unwrap_or(0) as u64;
+            let room = have.saturating_sub(Self::host_bytes(pr)) / 2;
+            let key_bytes = 4 * (pr.data.x.len() + pr.data.y.len()) as u64
+                + 8 * (pr.weights.theta.len() as u64);
+            let one =
+                (Self::values_per_sample(&pr.model) * pr.batch.min(pr.data.len()) * 24) as u64;
+            enabled &= room >= key_bytes.saturating_add(one);
             if enabled {
-                // Half of what the host has left beyond the passes' own peak.
-                let have = crate::host::available_memory().unwrap_or(0) as u64;
-                cache.room = have.saturating_sub(Self::host_bytes(pr)) / 2;
+                cache.room = room - key_bytes;
                 cache.key = Some(Key::of(self));
             }
             cache.batches = (0..batches.len()).map(|_| None).collect();
