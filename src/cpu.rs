@@ -8,6 +8,10 @@ use crate::engine::{check_out_len, BnMode, Curvature, Problem};
 use crate::error::{Error, Result};
 use crate::layers::{self, next_token, CpuCx, Decision, Saved};
 use crate::model::{Activation, Op};
+use std::sync::Mutex;
+
+pub mod profile;
+mod sweep;
 
 pub struct CpuReference {
     pub problem: Problem,
@@ -22,6 +26,9 @@ pub struct CpuReference {
     /// gradient and Hv of the smooth piece that holds the recording θ —
     /// what differentiating Hv along θ (third derivatives) needs.
     pub frozen: Option<Vec<Vec<Decision>>>,
+    /// Each batch's forward state at the θ of the last product
+    /// (`sweep`), reused while θ, the data and the decisions stay.
+    cache: Mutex<sweep::SweepCache>,
 }
 
 /// Results of one pass over the data set.
@@ -71,6 +78,7 @@ impl CpuReference {
             problem,
             relu_masks: None,
             frozen: None,
+            cache: Mutex::default(),
         }
     }
 
@@ -113,6 +121,10 @@ impl CpuReference {
     /// layers save and the R-adjoints come and go: resnet20 in batches of
     /// 128 peaks at 1.87 GB resident, 2.7 floats per value, where this
     /// says 2.09 GB), plus θ, the gradient, Hv and v, plus the data set.
+    /// The products' cache of forward states (`sweep`; about 3 float64s
+    /// per value of every sample) is not counted: it takes at most half
+    /// of what the host has left beyond this, and batches that do not fit
+    /// are recomputed per product.
     pub fn host_bytes(problem: &Problem) -> u64 {
         let m = &problem.model;
         let n = problem.batch.min(problem.data.len()).max(1) as u64;
@@ -483,128 +495,6 @@ impl CpuReference {
     }
 }
 
-impl CpuReference {
-    /// H·vs[j] for every j over one sweep: per batch one forward pass and
-    /// one plain backward pass (its adjoints kept per node), then per
-    /// tangent an R-forward and an R-backward that reuse them. Each
-    /// tangent's R-forward runs right before its own R-backward (a unit's
-    /// R-forward may leave state in `saved` for its R-backward, as batch
-    /// norm does), and every sum is taken in the order of
-    /// [`CpuReference::pass`], so each output equals a single `hvp` bit for
-    /// bit.
-    pub fn hv_block(&self, vs: &[&[f64]]) -> Result<Vec<Vec<f64>>> {
-        let pr = &self.problem;
-        let np = pr.model.n_params;
-        for v in vs {
-            if v.len() != np {
-                return Err(Error::Invalid {
-                    what: "direction v",
-                    msg: format!("{} values for {np} parameters", v.len()),
-                });
-            }
-        }
-        let mut hvs = vec![vec![0.0; np]; vs.len()];
-        if vs.is_empty() {
-            return Ok(hvs);
-        }
-        let scale = 1.0 / pr.data.len() as f64;
-        let mut total = 0.0;
-        for (bi, (start, count)) in pr.data.batches(pr.batch).into_iter().enumerate() {
-            total += self.batch_block(bi, start, count, scale, vs, &mut hvs);
-        }
-        if !total.is_finite() {
-            return Err(Error::Numerical(format!(
-                "the loss is {total}: the weights or data overflow in float64"
-            )));
-        }
-        Ok(hvs)
-    }
-
-    /// One batch of [`CpuReference::hv_block`]: its loss (times `scale`),
-    /// with H·vs[j] of the batch added into `hvs[j]`.
-    fn batch_block(
-        &self,
-        bi: usize,
-        start: usize,
-        count: usize,
-        scale: f64,
-        vs: &[&[f64]],
-        hvs: &mut [Vec<f64>],
-    ) -> f64 {
-        let pr = &self.problem;
-        let nodes = &pr.model.nodes;
-        let cx = self.cx(count, None, None, None);
-        let (vals, mut saved) = self.forward(Some(bi), start, count);
-        let nv = vals.len();
-        let (l, gz, p) =
-            next_token::forward_backward(&pr.model, &pr.data, start, count, &vals[nv - 1], scale);
-
-        // The plain backward once: every node's output adjoint gy, kept
-        // (None where no adjoint reaches the node, which the R-backward
-        // then skips as `pass` does). The gradient itself is not wanted.
-        let mut adj: Vec<Option<Vec<f64>>> = vec![None; nv];
-        adj[nv - 1] = Some(gz);
-        let mut gys: Vec<Option<Vec<f64>>> = vec![None; nodes.len()];
-        let mut grad = vec![0.0; pr.model.n_params];
-        for (ni, node) in nodes.iter().enumerate().rev() {
-            let Some(gy) = adj[ni + 1].take() else {
-                continue;
-            };
-            let xs = slices(&node.inputs, &vals);
-            let gxs = layers::unit(&node.op).backward(&cx, node, &xs, &saved[ni], &gy, &mut grad);
-            for (&i, g) in node.inputs.iter().zip(gxs) {
-                add_into(&mut adj[i], g);
-            }
-            gys[ni] = Some(gy);
-        }
-
-        // Per tangent: its R-forward, then its R-backward.
-        for (v, hv) in vs.iter().zip(hvs.iter_mut()) {
-            let mut dvals: Vec<Vec<f64>> = Vec::with_capacity(nv);
-            dvals.push(vec![0.0; vals[0].len()]);
-            for (ni, node) in nodes.iter().enumerate() {
-                let dy = layers::unit(&node.op).r_forward(
-                    &cx,
-                    node,
-                    &slices(&node.inputs, &vals),
-                    &slices(&node.inputs, &dvals),
-                    v,
-                    &mut saved[ni],
-                );
-                dvals.push(dy);
-            }
-            let mut radj: Vec<Option<Vec<f64>>> = vec![None; nv];
-            radj[nv - 1] = Some(next_token::r_backward(
-                &pr.model,
-                count,
-                &p,
-                &dvals[nv - 1],
-                scale,
-            ));
-            for (ni, node) in nodes.iter().enumerate().rev() {
-                let (Some(gy), Some(rgy)) = (gys[ni].as_deref(), radj[ni + 1].take()) else {
-                    continue;
-                };
-                let rgxs = layers::unit(&node.op).r_backward(
-                    &cx,
-                    node,
-                    &slices(&node.inputs, &vals),
-                    &slices(&node.inputs, &dvals),
-                    &saved[ni],
-                    gy,
-                    &rgy,
-                    v,
-                    hv,
-                );
-                for (&i, r) in node.inputs.iter().zip(rgxs) {
-                    add_into(&mut radj[i], r);
-                }
-            }
-        }
-        l
-    }
-}
-
 /// The values (or tangents) a node reads.
 fn slices<'v>(inputs: &[usize], of: &'v [Vec<f64>]) -> Vec<&'v [f64]> {
     inputs.iter().map(|&i| of[i].as_slice()).collect()
@@ -618,10 +508,11 @@ impl Curvature for CpuReference {
         let o = self.pass(None)?;
         Ok((o.loss, o.grad))
     }
+    /// Through [`CpuReference::hv_block`]: the batches' forward states are
+    /// reused between products at one θ.
     fn hvp(&mut self, v: &[f64], out: &mut [f64]) -> Result<()> {
         check_out_len(out, self.problem.model.n_params)?;
-        let o = self.pass(Some(v))?;
-        if let Some(hv) = o.hv {
+        if let Some(hv) = self.hv_block(&[v])?.pop() {
             out.copy_from_slice(&hv);
         }
         Ok(())

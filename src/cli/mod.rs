@@ -459,6 +459,15 @@ fn bench(
     let kernel_paths = l.engine.kernel_paths();
     drop(l.engine);
     let model = l.model;
+    let cpu_layers = if backend == "cpu" {
+        let (m, w) = inputs.model_and_weights()?;
+        let data = inputs.dataset(&m)?;
+        let p = hesscope::engine::Problem::new(m, w, data, inputs.batch, inputs.bn_mode())?;
+        let cpu = hesscope::cpu::CpuReference::checked(p)?;
+        Some(hesscope::cpu::profile::cpu_layers(&cpu, reps))
+    } else {
+        None
+    };
     let mut kernels = vec![];
     // No kernel table on the float64 CPU engine (`cpu`, or `auto` without
     // a GPU).
@@ -493,6 +502,7 @@ fn bench(
         end_to_end: e2e,
         block_products,
         kernels,
+        cpu_layers,
         decisions,
     };
     if inputs.json {
@@ -534,6 +544,9 @@ fn bench(
     }
     if !report.kernels.is_empty() {
         text.push_str(&hesscope::bench::format_kernel_table(&report.kernels));
+    }
+    if let Some(c) = &report.cpu_layers {
+        text.push_str(&hesscope::cpu::profile::format_cpu_layers(c));
     }
     output::print(&text)
 }

@@ -85,6 +85,8 @@ struct Conv {
     per: usize,
     /// 1×1, stride 1, no padding: the input is its own im2col matrix.
     plain: bool,
+    /// Stride 1 and output rows as wide as the input's ([`Conv::im2col_block`]).
+    same: bool,
 }
 
 impl Conv {
@@ -103,6 +105,7 @@ impl Conv {
             kk,
             per,
             plain: g.k == 1 && g.stride == 1 && g.pad == 0 && g.oh == g.h && g.ow == g.w,
+            same: g.stride == 1 && g.ow == g.w,
         }
     }
 
@@ -143,6 +146,10 @@ impl Conv {
                     let (c0, c1, coff) = self.col_span(kw);
                     let r = (cl * g.k + kh) * g.k + kw;
                     let dst = &mut col[r * t..(r + 1) * t];
+                    if self.same {
+                        self.im2col_block(xp, (r0, r1), self.rows[kh], (c0, c1, coff), dst);
+                        continue;
+                    }
                     for (o_r, drow) in (r0..r1).zip(dst.chunks_exact_mut(g.ow)) {
                         if o_r < lo || o_r >= hi {
                             drow.fill(0.0);
@@ -169,7 +176,7 @@ impl Conv {
 
     /// The adjoint of [`Conv::im2col`]: gxg [cig, h, w] += the taps of
     /// `col` scattered back to their inputs, in a fixed order.
-    fn col2im(&self, col: &[f64], r0: usize, r1: usize, gxg: &mut [f64]) {
+    fn col2im(&self, col: &mut [f64], r0: usize, r1: usize, gxg: &mut [f64]) {
         let g = &self.g;
         let t = (r1 - r0) * g.ow;
         for cl in 0..self.cig {
@@ -179,6 +186,11 @@ impl Conv {
                 for kw in 0..g.k {
                     let (c0, c1, coff) = self.col_span(kw);
                     let r = (cl * g.k + kh) * g.k + kw;
+                    if self.same {
+                        let src = &mut col[r * t..(r + 1) * t];
+                        self.col2im_block(src, (r0, r1), self.rows[kh], (c0, c1, coff), xp);
+                        continue;
+                    }
                     let src = &col[r * t..(r + 1) * t];
                     for (o_r, srow) in (r0..r1).zip(src.chunks_exact(g.ow)) {
                         if o_r < lo || o_r >= hi {
@@ -200,6 +212,73 @@ impl Conv {
                 }
             }
         }
+    }
+
+    /// One im2col row (one input channel and tap) of a stride-1
+    /// convolution whose output rows are as wide as its input rows: the
+    /// valid output rows `lo..hi` of the tile read one contiguous run of
+    /// the input plane (rows advance by w on both sides), copied at once;
+    /// the columns that fall in the padding (which the run fills with the
+    /// neighbouring rows' ends) and the rows outside are then zeroed.
+    /// Short rows (cnn-tiny's 8×8 planes) otherwise cost a copy call per
+    /// row, the largest share of a small model's product.
+    fn im2col_block(
+        &self,
+        xp: &[f64],
+        (r0, r1): (usize, usize),
+        (lo, hi, roff): (usize, usize, isize),
+        (c0, c1, coff): (usize, usize, isize),
+        dst: &mut [f64],
+    ) {
+        let ow = self.g.ow;
+        let (a, b) = (lo.max(r0), hi.min(r1));
+        if a >= b || c1 == c0 {
+            dst.fill(0.0);
+            return;
+        }
+        dst[..(a - r0) * ow].fill(0.0);
+        dst[(b - r0) * ow..].fill(0.0);
+        let d0 = (a - r0) * ow + c0;
+        let len = (b - a - 1) * ow + (c1 - c0);
+        let s0 = ((a as isize + roff) as usize) * self.g.w + (c0 as isize + coff) as usize;
+        dst[d0..d0 + len].copy_from_slice(&xp[s0..s0 + len]);
+        if c0 > 0 || c1 < ow {
+            for row in dst[(a - r0) * ow..(b - r0) * ow].chunks_exact_mut(ow) {
+                row[..c0].iter_mut().for_each(|v| *v = 0.0);
+                row[c1..].iter_mut().for_each(|v| *v = 0.0);
+            }
+        }
+    }
+
+    /// The adjoint of [`Conv::im2col_block`]: the padding columns of `src`
+    /// (this call consumes it) are zeroed, then the run is added onto the
+    /// input plane at once (its wrapped-around elements add exact zeros).
+    fn col2im_block(
+        &self,
+        src: &mut [f64],
+        (r0, r1): (usize, usize),
+        (lo, hi, roff): (usize, usize, isize),
+        (c0, c1, coff): (usize, usize, isize),
+        xp: &mut [f64],
+    ) {
+        let ow = self.g.ow;
+        let (a, b) = (lo.max(r0), hi.min(r1));
+        if a >= b || c1 == c0 {
+            return;
+        }
+        if c0 > 0 || c1 < ow {
+            for row in src[(a - r0) * ow..(b - r0) * ow].chunks_exact_mut(ow) {
+                row[..c0].iter_mut().for_each(|v| *v = 0.0);
+                row[c1..].iter_mut().for_each(|v| *v = 0.0);
+            }
+        }
+        let d0 = (a - r0) * ow + c0;
+        let len = (b - a - 1) * ow + (c1 - c0);
+        let s0 = ((a as isize + roff) as usize) * self.g.w + (c0 as isize + coff) as usize;
+        xp[s0..s0 + len]
+            .iter_mut()
+            .zip(&src[d0..d0 + len])
+            .for_each(|(x, v)| *x += v);
     }
 
     /// Sample n's input channels of group gi.

@@ -120,6 +120,10 @@ pub struct BenchReport {
     /// at each block size (empty otherwise).
     pub block_products: Vec<crate::bench::BlockTiming>,
     pub kernels: Vec<crate::bench::KernelRow>,
+    /// On the float64 engine: per-layer pass times and GFLOP/s beside the
+    /// machine's measured float64 GEMM peak.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_layers: Option<crate::cpu::profile::CpuLayers>,
     /// The engine's piecewise decisions, with the seconds taking them
     /// cost (once per θ, in the warm-up: not in `end_to_end`).
     #[serde(skip_serializing_if = "Option::is_none")]
