@@ -4,6 +4,7 @@
 
 use super::GpuEngine;
 use crate::engine::BnMode;
+use crate::dispatch::kernels::bn_rows;
 use crate::error::{Error, Result};
 use crate::layers;
 use crate::model::{Activation, Model, Op};
@@ -31,15 +32,22 @@ impl GpuEngine {
         for &bi in batches {
             let ws = &self.workspaces[self.programs[bi].ws];
             for &(i, c) in &bns {
-                // Rows MEAN and S (kernels::bn_rows).
-                ranges.push((&self.arena.buffers[ws.state[i][2]], 0, 2 * c));
+                // Rows MEAN and S, and VAR (kernels::bn_rows). With float64
+                // statistics (`Plan::bn_float64`) s stays in range where σ²
+                // does not; the passes' products of s (s², s·gy) then leave
+                // float32's range, so σ² is checked too.
+                let buf = &self.arena.buffers[ws.state[i][2]];
+                ranges.push((buf, 0, 2 * c));
+                ranges.push((buf, bn_rows::VAR * c, c));
             }
         }
         let rows = self.ctx.read_f32(&ranges)?;
-        for (k, r) in rows.iter().enumerate() {
+        for (k, r) in rows.chunks(2).enumerate() {
             let (i, c) = bns[k % bns.len()];
-            let bad = r[..c].iter().any(|m| !m.is_finite())
-                || r[c..].iter().any(|s| !s.is_finite() || *s == 0.0);
+            let (ms, var) = (&r[0], &r[1]);
+            let bad = ms[..c].iter().any(|m| !m.is_finite())
+                || ms[c..].iter().any(|s| !s.is_finite() || *s == 0.0)
+                || var.iter().any(|v| !v.is_finite());
             if bad {
                 let bi = batches[k / bns.len()];
                 let node = &self.model.nodes[i];
