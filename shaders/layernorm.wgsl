@@ -51,6 +51,11 @@ fn wg_sum2(lid: u32, a: f32, b: f32) -> vec2<f32> {
     return r;
 }
 
+// The row means of every thread's partial sums (a, b) over its features.
+fn row_means(lid: u32, a: f32, b: f32) -> vec2<f32> {
+    return wg_sum2(lid, a, b) * (1.0 / f32(p.d));
+}
+
 // ---- forward
 @group(0) @binding(1) var<storage, read> f_x: array<f32>;
 @group(0) @binding(2) var<storage, read> f_theta: array<f32>;
@@ -64,16 +69,15 @@ fn ln_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let row = row_of(wid, nwg);
     if (row >= p.rows) { return; }
     let base = row * p.d;
-    let inv_d = 1.0 / f32(p.d);
     var a = 0.0;
     for (var j = lid; j < p.d; j += WG) { a += f_x[base + j]; }
-    let mu = wg_sum2(lid, a, 0.0).x * inv_d;
+    let mu = row_means(lid, a, 0.0).x;
     var q = 0.0;
     for (var j = lid; j < p.d; j += WG) {
         let c = f_x[base + j] - mu;
         q += c * c;
     }
-    let sig2 = wg_sum2(lid, q, 0.0).x * inv_d;
+    let sig2 = row_means(lid, q, 0.0).x;
     let s = 1.0 / sqrt(sig2 + p.eps);
     for (var j = lid; j < p.d; j += WG) {
         let h = (f_x[base + j] - mu) * s;
@@ -104,7 +108,6 @@ fn ln_r_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let o_xhd = kslice(5u, arrayLength(&rf_xhd), k);
     let o_dy = kslice(6u, arrayLength(&rf_dy), k);
     let base = row * p.d;
-    let inv_d = 1.0 / f32(p.d);
     let s = rf_xhat[p.rows * p.d + row];
     var a = 0.0;
     var b = 0.0;
@@ -113,7 +116,7 @@ fn ln_r_forward(@builtin(workgroup_id) wid: vec3<u32>,
         a += e;
         b += rf_xhat[base + j] * e;
     }
-    let sums = wg_sum2(lid, a, b) * inv_d;
+    let sums = row_means(lid, a, b);
     for (var j = lid; j < p.d; j += WG) {
         let h = rf_xhat[base + j];
         let e = s * (rf_dx[o_dx + base + j] - sums.x - h * sums.y);
@@ -130,6 +133,11 @@ fn ln_r_forward(@builtin(workgroup_id) wid: vec3<u32>,
 @group(0) @binding(3) var<storage, read> b_theta: array<f32>;
 @group(0) @binding(4) var<storage, read_write> b_gx: array<f32>;
 
+// g = γ⊙gy at feature j of the row at `base`.
+fn b_g(base: u32, j: u32) -> f32 {
+    return b_theta[p.gamma_off + j] * b_gy[base + j];
+}
+
 @compute @workgroup_size(256)
 fn ln_backward(@builtin(workgroup_id) wid: vec3<u32>,
                @builtin(num_workgroups) nwg: vec3<u32>,
@@ -137,18 +145,17 @@ fn ln_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let row = row_of(wid, nwg);
     if (row >= p.rows) { return; }
     let base = row * p.d;
-    let inv_d = 1.0 / f32(p.d);
     let s = b_xhat[p.rows * p.d + row];
     var a = 0.0;
     var b = 0.0;
     for (var j = lid; j < p.d; j += WG) {
-        let g = b_theta[p.gamma_off + j] * b_gy[base + j];
+        let g = b_g(base, j);
         a += g;
         b += g * b_xhat[base + j];
     }
-    let sums = wg_sum2(lid, a, b) * inv_d;
+    let sums = row_means(lid, a, b);
     for (var j = lid; j < p.d; j += WG) {
-        let g = b_theta[p.gamma_off + j] * b_gy[base + j];
+        let g = b_g(base, j);
         var v = s * (g - sums.x - b_xhat[base + j] * sums.y);
         if (ACC) { v += b_gx[base + j]; }
         b_gx[base + j] = v;
@@ -164,6 +171,15 @@ fn ln_backward(@builtin(workgroup_id) wid: vec3<u32>,
 @group(0) @binding(6) var<storage, read> rb_v: array<f32>;
 @group(0) @binding(7) var<storage, read_write> rb_gx: array<f32>;
 
+// (g, R(g), x̂) at feature j of the row at `base`, tangent offsets o_g,
+// o_rgy, o_v: g = γ⊙gy, R(g) = v_γ⊙gy + γ⊙R(gy).
+fn rb_terms(base: u32, j: u32, o_g: u32, o_rgy: u32, o_v: u32) -> vec3<f32> {
+    let gy = rb_g[o_g + base + j];
+    let gamma = rb_theta[p.gamma_off + j];
+    let rg = rb_v[o_v + p.gamma_off + j] * gy + gamma * rb_rgy[o_rgy + base + j];
+    return vec3<f32>(gamma * gy, rg, rb_xhat[base + j]);
+}
+
 @compute @workgroup_size(256)
 fn ln_r_backward(@builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(num_workgroups) nwg: vec3<u32>,
@@ -177,7 +193,6 @@ fn ln_r_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let o_v = kslice(6u, arrayLength(&rb_v), k);
     let o_gx = kslice(7u, arrayLength(&rb_gx), k);
     let base = row * p.d;
-    let inv_d = 1.0 / f32(p.d);
     let s = rb_xhat[p.rows * p.d + row];
     let xdx = rb_xhd[o_xhd + p.rows * p.d + row];
     var a = 0.0;
@@ -185,25 +200,23 @@ fn ln_r_backward(@builtin(workgroup_id) wid: vec3<u32>,
     var c = 0.0;
     var e = 0.0;
     for (var j = lid; j < p.d; j += WG) {
-        let gy = rb_g[o_g + base + j];
-        let gamma = rb_theta[p.gamma_off + j];
-        let g = gamma * gy;
-        let rg = rb_v[o_v + p.gamma_off + j] * gy + gamma * rb_rgy[o_rgy + base + j];
-        let h = rb_xhat[base + j];
+        let t = rb_terms(base, j, o_g, o_rgy, o_v);
+        let g = t.x;
+        let rg = t.y;
+        let h = t.z;
         a += g;
         b += g * h;
         c += rg;
         e += rg * h + g * rb_xhd[o_xhd + base + j];
     }
-    let s1 = wg_sum2(lid, a, b) * inv_d;
-    let s2 = wg_sum2(lid, c, e) * inv_d;
+    let s1 = row_means(lid, a, b);
+    let s2 = row_means(lid, c, e);
     let ds_s = -s * xdx;
     for (var j = lid; j < p.d; j += WG) {
-        let gy = rb_g[o_g + base + j];
-        let gamma = rb_theta[p.gamma_off + j];
-        let g = gamma * gy;
-        let rg = rb_v[o_v + p.gamma_off + j] * gy + gamma * rb_rgy[o_rgy + base + j];
-        let h = rb_xhat[base + j];
+        let t = rb_terms(base, j, o_g, o_rgy, o_v);
+        let g = t.x;
+        let rg = t.y;
+        let h = t.z;
         let hd = rb_xhd[o_xhd + base + j];
         let gx = s * (g - s1.x - h * s1.y);
         var v = ds_s * gx + s * (rg - s2.x - hd * s1.y - h * s2.y);

@@ -8,34 +8,13 @@
 
 mod common;
 
+use common::gpu::*;
 use common::{gpu_contexts, rel_err};
-use hesscope::cpu::CpuReference;
-use hesscope::data::Dataset;
-use hesscope::engine::{BnMode, Curvature, Problem};
 use hesscope::gpu::kernels::{Consts, ConvParams, Kernel};
 use hesscope::gpu::program::{dispatch_once, Grid};
-use hesscope::gpu::{GpuBuffer, GpuContext, GpuEngine};
-use hesscope::model::{arch, Weights};
+use hesscope::model::arch;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn upload(ctx: &GpuContext, name: &str, v: &[f64]) -> GpuBuffer {
-    let b = ctx.storage(name, v.len()).unwrap();
-    let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    ctx.write_f32(&b, 0, &f).unwrap();
-    b
-}
-
-fn poisoned(ctx: &GpuContext, name: &str, n: usize) -> GpuBuffer {
-    let b = ctx.storage(name, n).unwrap();
-    ctx.write_f32(&b, 0, &vec![f32::NAN; n]).unwrap();
-    b
-}
-
-fn read(ctx: &GpuContext, b: &GpuBuffer) -> Vec<f64> {
-    let r = ctx.read_f32(&[(b, 0, b.len)]).unwrap().remove(0);
-    r.iter().map(|&x| x as f64).collect()
-}
 
 fn uniform(r: &mut StdRng, n: usize) -> Vec<f64> {
     (0..n)
@@ -53,7 +32,7 @@ fn uniform(r: &mut StdRng, n: usize) -> Vec<f64> {
 /// `TOL` 1e-5 relative L2, as the kernels of tests/gpu_seq.rs.
 #[test]
 fn conv1d_kernels_match_the_float64_unit() {
-    use hesscope::layers::{seq::SeqLinearUnit, CpuCx, Layer};
+    use hesscope::layers::{seq::SeqLinearUnit, Layer};
     const TOL: f64 = 1e-5;
     let mut r = StdRng::seed_from_u64(2512);
     for (backend, ctx) in gpu_contexts() {
@@ -81,16 +60,7 @@ fn conv1d_kernels_match_the_float64_unit() {
             let (theta, v) = (uniform(&mut r, np), uniform(&mut r, np));
             let (x, dx) = (uniform(&mut r, rows * din), uniform(&mut r, rows * din));
             let (gy, rgy) = (uniform(&mut r, rows * dout), uniform(&mut r, rows * dout));
-            let cx = CpuCx {
-                model: &m,
-                n,
-                theta: &theta,
-                buffers: &[],
-                batch_mode: true,
-                mask: None,
-                argmax: None,
-                pieces: None,
-            };
+            let cx = batch_cx(&m, n, &theta);
             let u = SeqLinearUnit;
             let (y, mut saved) = u.forward(&cx, node, &[&x]);
             let ydot = u.r_forward(&cx, node, &[&x], &[&dx], &v, &mut saved);
@@ -223,13 +193,8 @@ fn conv1d_networks_match_float64_on_the_gpu() {
     const TOL_GPU: f64 = 1e-5;
     let mut r = StdRng::seed_from_u64(2511);
     for case in 0..3 {
-        let (c, h, w) = (
-            r.random_range(2..=12),
-            r.random_range(1..=4),
-            r.random_range(1..=5),
-        );
-        let t = h * w;
-        let (d1, d2) = (r.random_range(1..=40), r.random_range(1..=300));
+        let s = token_shapes(&mut r);
+        let TokenShapes { c, h, w, t, d1, d2 } = s;
         let pre = if case == 0 {
             ""
         } else {
@@ -241,60 +206,6 @@ fn conv1d_networks_match_float64_on_the_gpu() {
              conv1d c1 {d1}\ngelu_tanh g\nconv1d c2 {d2}\nlayernorm ln2\n\
              select index={index}\nlinear fc 4\n"
         );
-        let model = arch::parse("vt.arch", &text).unwrap();
-        hesscope::layers::check_model(&model).unwrap();
-        let theta: Vec<f64> = (0..model.n_params)
-            .map(|_| r.random_range(-1.0..1.0))
-            .collect();
-        // Batches of 1 to 4 samples, at least 2 in cases 1 and 2.
-        let n = r.random_range(1..=2) + 2 * case.min(1);
-        let data = Dataset {
-            x: (0..n * model.input.numel())
-                .map(|_| r.random_range(-2.0f32..2.0))
-                .collect(),
-            y: (0..n).map(|_| r.random_range(0..4u32)).collect(),
-            shape: model.input,
-            source: "uniform".into(),
-        };
-        let weights = Weights {
-            theta,
-            buffers: vec![],
-        };
-        let problem = Problem::new(model.clone(), weights, data, n, BnMode::Batch).unwrap();
-        let vs: Vec<Vec<f64>> = (0..3)
-            .map(|_| {
-                (0..model.n_params)
-                    .map(|_| r.random_range(-1.0..1.0))
-                    .collect()
-            })
-            .collect();
-        let mut cpu = CpuReference::new(problem.clone());
-        let (_, g, hv) = cpu.loss_grad_hvp(&vs[0]).unwrap();
-        let hvs: Vec<Vec<f64>> = vs
-            .iter()
-            .map(|v| {
-                let mut o = vec![0.0; v.len()];
-                cpu.hvp(v, &mut o).unwrap();
-                o
-            })
-            .collect();
-        let label =
-            format!("case {case}: [{c}, {h}, {w}] -> {t} tokens, widths {d1}, {d2}, batch {n}");
-        for (name, ctx) in gpu_contexts() {
-            let mut e = GpuEngine::new(ctx.share(), &problem).unwrap();
-            let (_, gg, gh) = e.loss_grad_hvp(&vs[0]).unwrap();
-            let (eg, eh) = (rel_err(&gg, &g), rel_err(&gh, &hv));
-            let refs: Vec<&[f64]> = vs.iter().map(|v| v.as_slice()).collect();
-            let mut outs = vec![vec![0.0; model.n_params]; 3];
-            e.hvp_block(&refs, &mut outs).unwrap();
-            let eb = (0..3)
-                .map(|j| rel_err(&outs[j], &hvs[j]))
-                .fold(0.0f64, f64::max);
-            eprintln!("{label} on {name}: gradient {eg:.1e}, Hv {eh:.1e}, block of 3 Hv {eb:.1e}");
-            assert!(
-                eg <= TOL_GPU && eh <= TOL_GPU && eb <= TOL_GPU,
-                "{label} on {name}: gradient {eg:.1e}, Hv {eh:.1e}, block {eb:.1e}"
-            );
-        }
+        check_token_network(&mut r, case, &s, &text, TOL_GPU);
     }
 }

@@ -7,55 +7,17 @@
 
 mod common;
 
-use common::{gpu_contexts, rel_err};
-use hesscope::cpu::CpuReference;
+use common::gpu::*;
+use common::gpu_contexts;
 use hesscope::data::Dataset;
-use hesscope::engine::{BnMode, Curvature, Problem};
 use hesscope::gpu::kernels::{Consts, Kernel};
 use hesscope::gpu::program::{dispatch_once, Grid};
-use hesscope::gpu::{GpuBuffer, GpuContext, GpuEngine};
-use hesscope::model::{arch, Weights};
+use hesscope::model::arch;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// The scatter-add's sums: see `embedding_kernels_match`.
 const TOL_LN: f64 = 1e-5;
-
-fn upload(ctx: &GpuContext, name: &str, v: &[f64]) -> GpuBuffer {
-    let b = ctx.storage(name, v.len()).unwrap();
-    let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    ctx.write_f32(&b, 0, &f).unwrap();
-    b
-}
-
-fn poisoned(ctx: &GpuContext, name: &str, n: usize) -> GpuBuffer {
-    let b = ctx.storage(name, n).unwrap();
-    ctx.write_f32(&b, 0, &vec![f32::NAN; n]).unwrap();
-    b
-}
-
-fn read_raw(ctx: &GpuContext, b: &GpuBuffer) -> Vec<f32> {
-    ctx.read_f32(&[(b, 0, b.len)]).unwrap().remove(0)
-}
-
-/// Uniform(lo, hi), f32-exact.
-fn uniform(r: &mut StdRng, n: usize, lo: f64, hi: f64) -> Vec<f64> {
-    (0..n)
-        .map(|_| r.random_range(lo..hi) as f32 as f64)
-        .collect()
-}
-
-fn rel_l2_f64(got: &[f64], want: &[f64]) -> f64 {
-    let (mut num, mut den) = (0.0, 0.0);
-    for (g, w) in got.iter().zip(want) {
-        num += (g - w) * (g - w);
-        den += w * w;
-    }
-    if den == 0.0 {
-        return if num == 0.0 { 0.0 } else { f64::INFINITY };
-    }
-    (num / den).sqrt()
-}
 
 // ------------------------------------------------------------- embedding
 
@@ -70,7 +32,7 @@ fn rel_l2_f64(got: &[f64], want: &[f64]) -> f64 {
 #[test]
 fn embedding_kernels_match() {
     use hesscope::gpu::kernels::EmbParams;
-    use hesscope::layers::{embedding::EmbeddingUnit, CpuCx, Layer};
+    use hesscope::layers::{embedding::EmbeddingUnit, Layer};
     for (backend, ctx) in gpu_contexts() {
         let mut r = StdRng::seed_from_u64(2505);
         for case in 0..8 {
@@ -92,16 +54,7 @@ fn embedding_kernels_match() {
             let ids: Vec<f64> = (0..n * t).map(|_| r.random_range(0..top) as f64).collect();
             let len = n * t * d;
             let gy = uniform(&mut r, len, -1.0, 1.0);
-            let cx = CpuCx {
-                model: &m,
-                n,
-                theta: &theta,
-                buffers: &[],
-                batch_mode: true,
-                mask: None,
-                argmax: None,
-                pieces: None,
-            };
+            let cx = batch_cx(&m, n, &theta);
             let u = EmbeddingUnit;
             let (y, mut saved) = u.forward(&cx, node, &[&ids]);
             let dy = u.r_forward(&cx, node, &[&ids], &[&ids], &v, &mut saved);
@@ -201,9 +154,7 @@ fn embedding_network_matches_float64_on_the_gpu() {
     );
     let model = arch::parse("et.arch", &text).unwrap();
     hesscope::layers::check_model(&model).unwrap();
-    let theta: Vec<f64> = (0..model.n_params)
-        .map(|_| r.random_range(-1.0..1.0))
-        .collect();
+    let theta = uniform_unit(&mut r, model.n_params);
     let data = Dataset {
         x: (0..n * t)
             .map(|_| r.random_range(0..vocab) as f32)
@@ -212,42 +163,7 @@ fn embedding_network_matches_float64_on_the_gpu() {
         shape: model.input,
         source: "uniform ids".into(),
     };
-    let weights = Weights {
-        theta,
-        buffers: vec![],
-    };
-    let problem = Problem::new(model.clone(), weights, data, n, BnMode::Batch).unwrap();
-    let vs: Vec<Vec<f64>> = (0..3)
-        .map(|_| {
-            (0..model.n_params)
-                .map(|_| r.random_range(-1.0..1.0))
-                .collect()
-        })
-        .collect();
-    let mut cpu = CpuReference::new(problem.clone());
-    let (_, g, hv) = cpu.loss_grad_hvp(&vs[0]).unwrap();
-    let hvs: Vec<Vec<f64>> = vs
-        .iter()
-        .map(|v| {
-            let mut o = vec![0.0; v.len()];
-            cpu.hvp(v, &mut o).unwrap();
-            o
-        })
-        .collect();
-    for (name, ctx) in gpu_contexts() {
-        let mut e = GpuEngine::new(ctx.share(), &problem).unwrap();
-        let (_, gg, gh) = e.loss_grad_hvp(&vs[0]).unwrap();
-        let (eg, eh) = (rel_err(&gg, &g), rel_err(&gh, &hv));
-        let refs: Vec<&[f64]> = vs.iter().map(|v| v.as_slice()).collect();
-        let mut outs = vec![vec![0.0; model.n_params]; 3];
-        e.hvp_block(&refs, &mut outs).unwrap();
-        let eb = (0..3)
-            .map(|j| rel_err(&outs[j], &hvs[j]))
-            .fold(0.0f64, f64::max);
-        eprintln!("embedding network on {name}: gradient {eg:.1e}, Hv {eh:.1e}, block {eb:.1e}");
-        assert!(
-            eg <= TOL_GPU && eh <= TOL_GPU && eb <= TOL_GPU,
-            "{name}: gradient {eg:.1e}, Hv {eh:.1e}, block {eb:.1e}"
-        );
-    }
+    let problem = problem_of(&model, theta, data, n);
+    let vs = tangents(&mut r, 3, model.n_params);
+    check_whole_model("embedding network", &problem, &vs, TOL_GPU, false);
 }

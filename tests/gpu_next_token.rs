@@ -9,36 +9,16 @@
 
 mod common;
 
+use common::gpu::*;
 use common::{gpu_contexts, rel_err};
-use hesscope::cpu::CpuReference;
 use hesscope::data::Dataset;
-use hesscope::engine::{BnMode, Curvature, Problem};
 use hesscope::gpu::kernels::{Consts, Kernel};
 use hesscope::gpu::params::LossParams;
 use hesscope::gpu::program::{dispatch_once, Grid};
-use hesscope::gpu::{GpuBuffer, GpuContext, GpuEngine};
 use hesscope::layers::next_token;
-use hesscope::model::{arch, Weights};
+use hesscope::model::arch;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn upload(ctx: &GpuContext, name: &str, v: &[f64]) -> GpuBuffer {
-    let b = ctx.storage(name, v.len()).unwrap();
-    let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    ctx.write_f32(&b, 0, &f).unwrap();
-    b
-}
-
-fn poisoned(ctx: &GpuContext, name: &str, n: usize) -> GpuBuffer {
-    let b = ctx.storage(name, n).unwrap();
-    ctx.write_f32(&b, 0, &vec![f32::NAN; n]).unwrap();
-    b
-}
-
-fn read(ctx: &GpuContext, b: &GpuBuffer, n: usize) -> Vec<f64> {
-    let r = ctx.read_f32(&[(b, 0, n)]).unwrap().remove(0);
-    r.iter().map(|&x| x as f64).collect()
-}
 
 fn lm(t: usize, v: usize) -> hesscope::model::Model {
     let text =
@@ -108,9 +88,9 @@ fn next_token_loss_kernels_match() {
             )
             .unwrap();
             let (gp, gl, gg) = (
-                read(&ctx, &pb, rows * v),
-                read(&ctx, &sb, rows),
-                read(&ctx, &gb, rows * v),
+                read_n(&ctx, &pb, rows * v),
+                read_n(&ctx, &sb, rows),
+                read_n(&ctx, &gb, rows * v),
             );
             // The last row of every sample: exactly zero.
             for s in 0..n {
@@ -134,7 +114,7 @@ fn next_token_loss_kernels_match() {
                 Grid::Threads(rows),
             )
             .unwrap();
-            let gr = read(&ctx, &rb, rows * v);
+            let gr = read_n(&ctx, &rb, rows * v);
             let el = (gl.iter().sum::<f64>() - loss).abs() / loss.abs();
             let (ep, eg, er) = (rel_err(&gp_rows, &p), rel_err(&gg, &gz), rel_err(&gr, &rgz));
             eprintln!(
@@ -159,56 +139,16 @@ fn check_model_on_gpus(label: &str, text: &str, n: usize, seed: u64) {
     assert!(model.next_token(), "{label}");
     hesscope::layers::check_model(&model).unwrap();
     let (t, v) = (model.input.tokens(), model.classes);
-    let theta: Vec<f64> = (0..model.n_params)
-        .map(|_| r.random_range(-1.0..1.0))
-        .collect();
+    let theta = uniform_unit(&mut r, model.n_params);
     let data = Dataset {
         x: (0..n * t).map(|_| r.random_range(0..v) as f32).collect(),
         y: vec![0; n],
         shape: model.input,
         source: "uniform ids".into(),
     };
-    let weights = Weights {
-        theta,
-        buffers: vec![],
-    };
-    let problem = Problem::new(model.clone(), weights, data, n, BnMode::Batch).unwrap();
-    let vs: Vec<Vec<f64>> = (0..3)
-        .map(|_| {
-            (0..model.n_params)
-                .map(|_| r.random_range(-1.0..1.0))
-                .collect()
-        })
-        .collect();
-    let mut cpu = CpuReference::new(problem.clone());
-    let (loss, g, hv) = cpu.loss_grad_hvp(&vs[0]).unwrap();
-    let hvs: Vec<Vec<f64>> = vs
-        .iter()
-        .map(|v| {
-            let mut o = vec![0.0; v.len()];
-            cpu.hvp(v, &mut o).unwrap();
-            o
-        })
-        .collect();
-    for (name, ctx) in gpu_contexts() {
-        let mut e = GpuEngine::new(ctx.share(), &problem).unwrap();
-        let (gl, gg, gh) = e.loss_grad_hvp(&vs[0]).unwrap();
-        let el = (gl - loss).abs() / loss.abs();
-        let (eg, eh) = (rel_err(&gg, &g), rel_err(&gh, &hv));
-        let refs: Vec<&[f64]> = vs.iter().map(|v| v.as_slice()).collect();
-        let mut outs = vec![vec![0.0; model.n_params]; 3];
-        e.hvp_block(&refs, &mut outs).unwrap();
-        let eb = (0..3)
-            .map(|j| rel_err(&outs[j], &hvs[j]))
-            .fold(0.0f64, f64::max);
-        eprintln!(
-            "{label} on {name}: loss {el:.1e}, gradient {eg:.1e}, Hv {eh:.1e}, block of 3 Hv {eb:.1e}"
-        );
-        assert!(
-            el <= TOL_GPU && eg <= TOL_GPU && eh <= TOL_GPU && eb <= TOL_GPU,
-            "{label} on {name}: loss {el:.1e}, gradient {eg:.1e}, Hv {eh:.1e}, block {eb:.1e}"
-        );
-    }
+    let problem = problem_of(&model, theta, data, n);
+    let vs = tangents(&mut r, 3, model.n_params);
+    check_whole_model(label, &problem, &vs, TOL_GPU, true);
 }
 
 /// Small language models (embedding, position embedding, a linear or

@@ -13,42 +13,16 @@
 
 mod common;
 
-use common::{gpu_contexts, rel_err};
-use hesscope::cpu::CpuReference;
-use hesscope::data::Dataset;
-use hesscope::engine::{BnMode, Curvature, Problem};
+use common::gpu::*;
+use common::gpu_contexts;
 use hesscope::gpu::kernels::{ActParams, Consts, Kernel};
 use hesscope::gpu::program::{dispatch_once, Grid};
-use hesscope::gpu::{GpuBuffer, GpuContext, GpuEngine};
+use hesscope::gpu::GpuBuffer;
 use hesscope::layers::activation::act_code;
-use hesscope::model::{arch, Activation, Weights};
+use hesscope::model::{arch, Activation};
 use hesscope::ops::activation as act;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn upload(ctx: &GpuContext, name: &str, v: &[f64]) -> GpuBuffer {
-    let b = ctx.storage(name, v.len()).unwrap();
-    let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    ctx.write_f32(&b, 0, &f).unwrap();
-    b
-}
-
-fn poisoned(ctx: &GpuContext, name: &str, n: usize) -> GpuBuffer {
-    let b = ctx.storage(name, n).unwrap();
-    ctx.write_f32(&b, 0, &vec![f32::NAN; n]).unwrap();
-    b
-}
-
-fn read_raw(ctx: &GpuContext, b: &GpuBuffer) -> Vec<f32> {
-    ctx.read_f32(&[(b, 0, b.len)]).unwrap().remove(0)
-}
-
-/// Uniform(lo, hi), f32-exact.
-fn uniform(r: &mut StdRng, n: usize, lo: f64, hi: f64) -> Vec<f64> {
-    (0..n)
-        .map(|_| r.random_range(lo..hi) as f32 as f64)
-        .collect()
-}
 
 // ------------------------------------------------------------- gelu_tanh
 
@@ -114,26 +88,7 @@ const F32_FLOOR: f64 = 1e-37;
 /// bits. Returns the worst relative error among the others.
 #[track_caller]
 fn check_elems(what: &str, got: &[f32], before: &[f32], want: &[f64], scale: &[f64]) -> f64 {
-    let mut worst = 0.0f64;
-    for i in 0..want.len() {
-        let (g, w) = (got[i] as f64, want[i]);
-        assert!(g.is_finite(), "{what}: element {i} is {g} (want {w})");
-        let e = (g - w).abs();
-        if e <= F32_FLOOR {
-            continue;
-        }
-        let rel = e / scale[i];
-        assert!(
-            rel <= TOL_GT,
-            "{what}: element {i}: got {g}, want {w}, {rel:.2e} of {} > {TOL_GT:e}",
-            scale[i]
-        );
-        worst = worst.max(rel);
-    }
-    for i in want.len()..got.len() {
-        assert_eq!(got[i].to_bits(), before[i].to_bits(), "{what}: tail {i}");
-    }
-    worst
+    check_scaled(what, got, before, (want, scale), TOL_GT, F32_FLOOR)
 }
 
 fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
@@ -287,34 +242,10 @@ fn gelu_tanh_network_matches_float64_on_the_gpu() {
         theta.extend((0..p.numel()).map(|_| r.random_range(-s..s)));
     }
     let n = 5;
-    let data = Dataset {
-        x: (0..n * model.input.numel())
-            .map(|_| r.random_range(-2.0f32..2.0))
-            .collect(),
-        y: (0..n).map(|_| r.random_range(0..4u32)).collect(),
-        shape: model.input,
-        source: "uniform".into(),
-    };
-    let weights = Weights {
-        theta,
-        buffers: vec![],
-    };
-    let problem = Problem::new(model.clone(), weights, data, n, BnMode::Batch).unwrap();
-    let v: Vec<f64> = (0..model.n_params)
-        .map(|_| r.random_range(-1.0..1.0))
-        .collect();
-    let mut cpu = CpuReference::new(problem.clone());
-    let (_, g, hv) = cpu.loss_grad_hvp(&v).unwrap();
-    for (name, ctx) in gpu_contexts() {
-        let mut e = GpuEngine::new(ctx.share(), &problem).unwrap();
-        let (_, gg, gh) = e.loss_grad_hvp(&v).unwrap();
-        let (eg, eh) = (rel_err(&gg, &g), rel_err(&gh, &hv));
-        eprintln!("gelu_tanh network on {name}: gradient {eg:.1e}, Hv {eh:.1e}");
-        assert!(
-            eg <= TOL_GPU && eh <= TOL_GPU,
-            "{name}: gradient {eg:.1e}, Hv {eh:.1e}"
-        );
-    }
+    let data = image_data(&mut r, &model, n, 4);
+    let problem = problem_of(&model, theta, data, n);
+    let vs = tangents(&mut r, 1, model.n_params);
+    check_whole_model("gelu_tanh network", &problem, &vs, TOL_GPU, false);
 }
 
 // ------------------------------------------------------------- layernorm
@@ -331,23 +262,6 @@ fn gelu_tanh_network_matches_float64_on_the_gpu() {
 /// (e.g. the R-backward's ṡ/s·gx or ẋ̂·⟨g x̂⟩) errs by ≥ 1e-2 on these
 /// random inputs.
 const TOL_LN: f64 = 1e-5;
-
-fn rel_l2_f64(got: &[f64], want: &[f64]) -> f64 {
-    let (mut num, mut den) = (0.0, 0.0);
-    for (g, w) in got.iter().zip(want) {
-        num += (g - w) * (g - w);
-        den += w * w;
-    }
-    // An all-zero reference (d = 1: x̂ = 0) must be matched exactly.
-    if den == 0.0 {
-        return if num == 0.0 { 0.0 } else { f64::INFINITY };
-    }
-    (num / den).sqrt()
-}
-
-fn read(ctx: &GpuContext, b: &GpuBuffer) -> Vec<f64> {
-    read_raw(ctx, b).iter().map(|&x| x as f64).collect()
-}
 
 /// Every element finite, within `TOL_LN` in relative L2, and the tail past
 /// `want` (and any element outside `range`) bit for bit as before.
@@ -390,7 +304,7 @@ fn ln_model(t: usize, d: usize, eps: f64) -> hesscope::model::Model {
 #[test]
 fn layernorm_kernels_match() {
     use hesscope::gpu::kernels::LnParams;
-    use hesscope::layers::{layernorm::LayerNormUnit, CpuCx, Layer};
+    use hesscope::layers::{layernorm::LayerNormUnit, Layer};
     let mut shapes = vec![(1, 1), (3, 1), (2, 3), (5, 256), (4, 257), (2, 700)];
     let mut r = StdRng::seed_from_u64(2502);
     for _ in 0..6 {
@@ -421,16 +335,7 @@ fn layernorm_kernels_match() {
             let dx = uniform(&mut r, len, -1.0, 1.0);
             let gy = uniform(&mut r, len, -1.0, 1.0);
             let rgy = uniform(&mut r, len, -1.0, 1.0);
-            let cx = CpuCx {
-                model: &m,
-                n,
-                theta: &theta,
-                buffers: &[],
-                batch_mode: true,
-                mask: None,
-                argmax: None,
-                pieces: None,
-            };
+            let cx = batch_cx(&m, n, &theta);
             let u = LayerNormUnit;
             let (y, mut saved) = u.forward(&cx, node, &[&x]);
             let dy = u.r_forward(&cx, node, &[&x], &[&dx], &v, &mut saved);
@@ -627,13 +532,8 @@ fn token_networks_match_float64_on_the_gpu() {
     const TOL_GPU: f64 = 1e-5;
     let mut r = StdRng::seed_from_u64(2504);
     for case in 0..3 {
-        let (c, h, w) = (
-            r.random_range(2..=12),
-            r.random_range(1..=4),
-            r.random_range(1..=5),
-        );
-        let t = h * w;
-        let (d1, d2) = (r.random_range(1..=40), r.random_range(1..=300));
+        let s = token_shapes(&mut r);
+        let TokenShapes { c, h, w, t, d1, d2 } = s;
         let bias = if case == 1 { "bias=false" } else { "" };
         let index = r.random_range(0..=t);
         let text = format!(
@@ -642,60 +542,6 @@ fn token_networks_match_float64_on_the_gpu() {
              linear l1 {d1} {bias}\ngelu_tanh g\nlinear l2 {d2}\nlayernorm ln2\n\
              select index={index}\nlinear fc 4\n"
         );
-        let model = arch::parse("vt.arch", &text).unwrap();
-        hesscope::layers::check_model(&model).unwrap();
-        let theta: Vec<f64> = (0..model.n_params)
-            .map(|_| r.random_range(-1.0..1.0))
-            .collect();
-        // Batches of 1 to 4 samples, at least 2 in cases 1 and 2.
-        let n = r.random_range(1..=2) + 2 * case.min(1);
-        let data = Dataset {
-            x: (0..n * model.input.numel())
-                .map(|_| r.random_range(-2.0f32..2.0))
-                .collect(),
-            y: (0..n).map(|_| r.random_range(0..4u32)).collect(),
-            shape: model.input,
-            source: "uniform".into(),
-        };
-        let weights = Weights {
-            theta,
-            buffers: vec![],
-        };
-        let problem = Problem::new(model.clone(), weights, data, n, BnMode::Batch).unwrap();
-        let vs: Vec<Vec<f64>> = (0..3)
-            .map(|_| {
-                (0..model.n_params)
-                    .map(|_| r.random_range(-1.0..1.0))
-                    .collect()
-            })
-            .collect();
-        let mut cpu = CpuReference::new(problem.clone());
-        let (_, g, hv) = cpu.loss_grad_hvp(&vs[0]).unwrap();
-        let hvs: Vec<Vec<f64>> = vs
-            .iter()
-            .map(|v| {
-                let mut o = vec![0.0; v.len()];
-                cpu.hvp(v, &mut o).unwrap();
-                o
-            })
-            .collect();
-        let label =
-            format!("case {case}: [{c}, {h}, {w}] -> {t} tokens, widths {d1}, {d2}, batch {n}");
-        for (name, ctx) in gpu_contexts() {
-            let mut e = GpuEngine::new(ctx.share(), &problem).unwrap();
-            let (_, gg, gh) = e.loss_grad_hvp(&vs[0]).unwrap();
-            let (eg, eh) = (rel_err(&gg, &g), rel_err(&gh, &hv));
-            let refs: Vec<&[f64]> = vs.iter().map(|v| v.as_slice()).collect();
-            let mut outs = vec![vec![0.0; model.n_params]; 3];
-            e.hvp_block(&refs, &mut outs).unwrap();
-            let eb = (0..3)
-                .map(|j| rel_err(&outs[j], &hvs[j]))
-                .fold(0.0f64, f64::max);
-            eprintln!("{label} on {name}: gradient {eg:.1e}, Hv {eh:.1e}, block of 3 Hv {eb:.1e}");
-            assert!(
-                eg <= TOL_GPU && eh <= TOL_GPU && eb <= TOL_GPU,
-                "{label} on {name}: gradient {eg:.1e}, Hv {eh:.1e}, block {eb:.1e}"
-            );
-        }
+        check_token_network(&mut r, case, &s, &text, TOL_GPU);
     }
 }

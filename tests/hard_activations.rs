@@ -21,6 +21,7 @@
 
 mod common;
 
+use common::gpu::{check_scaled, poisoned, read_raw, uniform, upload};
 use common::{gpu_contexts, rel_err};
 use hesscope::cpu::CpuReference;
 use hesscope::data::Dataset;
@@ -128,30 +129,6 @@ fn derivatives_match_differences() {
 
 // ---------------------------------------------------------------- kernels
 
-fn upload(ctx: &GpuContext, name: &str, v: &[f64]) -> GpuBuffer {
-    let b = ctx.storage(name, v.len()).unwrap();
-    let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    ctx.write_f32(&b, 0, &f).unwrap();
-    b
-}
-
-fn poisoned(ctx: &GpuContext, name: &str, n: usize) -> GpuBuffer {
-    let b = ctx.storage(name, n).unwrap();
-    ctx.write_f32(&b, 0, &vec![f32::NAN; n]).unwrap();
-    b
-}
-
-fn read_raw(ctx: &GpuContext, b: &GpuBuffer) -> Vec<f32> {
-    ctx.read_f32(&[(b, 0, b.len)]).unwrap().remove(0)
-}
-
-/// Uniform(lo, hi), f32-exact.
-fn uniform(r: &mut StdRng, n: usize, lo: f64, hi: f64) -> Vec<f64> {
-    (0..n)
-        .map(|_| r.random_range(lo..hi) as f32 as f64)
-        .collect()
-}
-
 /// Every kink, ±0, and the f32 neighbours on both sides of each kink.
 fn kink_values(a: Activation) -> Vec<f64> {
     let (lo, hi) = act::kinks(a).unwrap();
@@ -181,23 +158,7 @@ fn terms(a: Activation, p: u8, x: f64) -> (f64, f64, f64) {
 /// `scale` (exact where the scale is 0); the tail past `want` untouched.
 #[track_caller]
 fn check(what: &str, got: &[f32], before: &[f32], want: &[f64], scale: &[f64]) -> f64 {
-    let mut worst = 0.0f64;
-    for i in 0..want.len() {
-        let (g, w) = (got[i] as f64, want[i]);
-        assert!(g.is_finite(), "{what}: element {i} is {g} (want {w})");
-        let e = (g - w).abs();
-        let rel = if e == 0.0 { 0.0 } else { e / scale[i] };
-        assert!(
-            rel <= TOL_ELEM,
-            "{what}: element {i}: got {g}, want {w}, {rel:.2e} of {} > {TOL_ELEM:e}",
-            scale[i]
-        );
-        worst = worst.max(rel);
-    }
-    for i in want.len()..got.len() {
-        assert_eq!(got[i].to_bits(), before[i].to_bits(), "{what}: tail {i}");
-    }
-    worst
+    check_scaled(what, got, before, (want, scale), TOL_ELEM, 0.0)
 }
 
 /// One of the tested kernels: its inputs, its reference and the sizes of

@@ -8,20 +8,16 @@
 
 mod common;
 
+use common::onnx_ref::*;
 use common::*;
 use hesscope::cpu::CpuReference;
 use hesscope::data::Dataset;
 use hesscope::engine::{BnMode, Curvature, Problem};
-use hesscope::gpu::GpuEngine;
 use hesscope::model::graph::Op;
 use hesscope::model::onnx::{self, proto};
-use hesscope::model::{params, Model, Weights};
+use hesscope::model::{Model, Weights};
 use prost::Message;
-use std::path::{Path, PathBuf};
-
-fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/onnx")
-}
+use std::path::Path;
 
 /// The float64 reference against PyTorch float64: both compute the same
 /// sums in float64 in different orders, so they agree to a few ulps
@@ -33,17 +29,7 @@ const CPU_TOL: f64 = 1e-10;
 /// reaches ~1e-6 on such nets, and a wrong term would err by 1e-3 or more.
 const GPU_TOL: f64 = 1e-5;
 
-struct Case {
-    file: &'static str,
-    bn: BnMode,
-    problem: Problem,
-    v: Vec<f64>,
-    loss: f64,
-    grad: Vec<f64>,
-    hv: Vec<f64>,
-}
-
-fn cases() -> Vec<Case> {
+fn cases() -> Vec<OnnxCase> {
     let mut out = vec![];
     // channels.onnx (python/tests/make_onnx_channels.py) keeps its data
     // and references in channels/.
@@ -53,27 +39,7 @@ fn cases() -> Vec<Case> {
         ("channels.onnx", "channels"),
     ] {
         for bn in [BnMode::Batch, BnMode::Running] {
-            let (model, weights) = onnx::load(&dir().join(file), None).unwrap();
-            let d = dir().join(sub);
-            let data = Dataset::load(&d.join("data.safetensors")).unwrap();
-            let rd = d.join(match bn {
-                BnMode::Batch => "ref-batch",
-                BnMode::Running => "ref-running",
-            });
-            let v = params::load_vector(&model, &d.join("v.safetensors")).unwrap();
-            let grad = params::load_vector(&model, &rd.join("grad.safetensors")).unwrap();
-            let hv = params::load_vector(&model, &rd.join("hv.safetensors")).unwrap();
-            let loss = json(rd.join("reference.json"))["loss"].as_f64().unwrap();
-            let problem = Problem::new(model, weights, data, 4, bn).unwrap();
-            out.push(Case {
-                file,
-                bn,
-                problem,
-                v,
-                loss,
-                grad,
-                hv,
-            });
+            out.push(onnx_case(file, sub, bn));
         }
     }
     out
@@ -82,7 +48,7 @@ fn cases() -> Vec<Case> {
 #[test]
 fn the_small_onnx_model_reads_as_exported() {
     for file in ["small.onnx", "small-gelu20.onnx"] {
-        let (model, init) = onnx::load(&dir().join(file), None).unwrap();
+        let (model, init) = onnx::load(&onnx_dir().join(file), None).unwrap();
         let kinds: Vec<&str> = model.nodes.iter().map(|n| n.kind()).collect();
         assert_eq!(
             kinds,
@@ -113,7 +79,7 @@ fn the_small_onnx_model_reads_as_exported() {
         assert_eq!((model.input.c, model.input.h, model.input.w), (3, 16, 16));
         assert_eq!(model.classes, 5);
         // The initializers are the state_dict, under its names.
-        let sd = Weights::load(&model, &dir().join("weights.safetensors")).unwrap();
+        let sd = Weights::load(&model, &onnx_dir().join("weights.safetensors")).unwrap();
         assert_eq!(init.theta, sd.theta, "{file}");
         assert_eq!(init.buffers, sd.buffers, "{file}");
         let head = model.param("head.weight").unwrap();
@@ -123,11 +89,14 @@ fn the_small_onnx_model_reads_as_exported() {
             "the Transpose+MatMul Linear keeps [DOUT, DIN]"
         );
         // So is the same file read with the state_dict.
-        let (_, w) =
-            onnx::load(&dir().join(file), Some(&dir().join("weights.safetensors"))).unwrap();
+        let (_, w) = onnx::load(
+            &onnx_dir().join(file),
+            Some(&onnx_dir().join("weights.safetensors")),
+        )
+        .unwrap();
         assert_eq!(w.theta, init.theta);
         // Model::load reads the graph too.
-        let m = Model::load(dir().join(file).to_str().unwrap()).unwrap();
+        let m = Model::load(onnx_dir().join(file).to_str().unwrap()).unwrap();
         assert_eq!(m.n_params, model.n_params);
     }
 }
@@ -136,8 +105,8 @@ fn the_small_onnx_model_reads_as_exported() {
 /// onto its IR op (the shape arithmetic around the shuffle folded away).
 #[test]
 fn the_channels_onnx_model_reads_as_exported() {
-    let d = dir().join("channels");
-    let (model, init) = onnx::load(&dir().join("channels.onnx"), None).unwrap();
+    let d = onnx_dir().join("channels");
+    let (model, init) = onnx::load(&onnx_dir().join("channels.onnx"), None).unwrap();
     let kinds: Vec<&str> = model.nodes.iter().map(|n| n.kind()).collect();
     assert_eq!(
         kinds,
@@ -196,55 +165,18 @@ fn the_channels_onnx_model_reads_as_exported() {
 
 #[test]
 fn the_small_onnx_model_matches_pytorch_float64() {
-    for c in cases() {
-        let (loss, g, hv) = CpuReference::new(c.problem.clone())
-            .loss_grad_hvp(&c.v)
-            .unwrap();
-        let el = (loss - c.loss).abs() / c.loss.abs();
-        let (eg, eh) = (rel_err(&g, &c.grad), rel_err(&hv, &c.hv));
-        eprintln!(
-            "{} {:?} cpu: loss {el:.1e} grad {eg:.1e} Hv {eh:.1e}",
-            c.file, c.bn
-        );
-        assert!(
-            el <= CPU_TOL && eg <= CPU_TOL && eh <= CPU_TOL,
-            "{} {:?}: loss {el:.1e}, gradient {eg:.1e}, Hv {eh:.1e}",
-            c.file,
-            c.bn
-        );
-    }
+    check_cases_on_cpu(&cases(), CPU_TOL);
 }
 
 #[test]
 fn the_small_onnx_model_matches_on_every_gpu_backend() {
-    for choice in GPU_BACKENDS {
-        let backend = format!("{choice:?}");
-        for c in cases() {
-            let Some(ctx) = gpu_context(choice) else {
-                break;
-            };
-            let mut e = GpuEngine::new(ctx, &c.problem).unwrap();
-            let (loss, g, hv) = e.loss_grad_hvp(&c.v).unwrap();
-            let el = (loss - c.loss).abs() / c.loss.abs();
-            let (eg, eh) = (rel_err(&g, &c.grad), rel_err(&hv, &c.hv));
-            eprintln!(
-                "{} {:?} {backend}: loss {el:.1e} grad {eg:.1e} Hv {eh:.1e}",
-                c.file, c.bn
-            );
-            assert!(
-                el <= GPU_TOL && eg <= GPU_TOL && eh <= GPU_TOL,
-                "{} {:?} on {backend}: loss {el:.1e}, gradient {eg:.1e}, Hv {eh:.1e}",
-                c.file,
-                c.bn
-            );
-        }
-    }
+    check_cases_on_gpus(cases, GPU_TOL);
 }
 
 #[test]
 fn a_folded_export_is_refused_with_the_state_dict_naming_its_batch_norms() {
-    let folded = dir().join("folded.onnx");
-    let weights = dir().join("weights.safetensors");
+    let folded = onnx_dir().join("folded.onnx");
+    let weights = onnx_dir().join("weights.safetensors");
     // Alone it is a network of convolutions with bias (no batch norm).
     let (model, _) = onnx::load(&folded, None).unwrap();
     assert!(!model.has_bn());
@@ -266,7 +198,7 @@ fn a_folded_export_is_refused_with_the_state_dict_naming_its_batch_norms() {
         "--weights",
         weights.to_str().unwrap(),
         "--data",
-        dir().join("data.safetensors").to_str().unwrap(),
+        onnx_dir().join("data.safetensors").to_str().unwrap(),
         "--backend",
         "cpu",
     ]);
@@ -280,9 +212,9 @@ fn a_folded_export_is_refused_with_the_state_dict_naming_its_batch_norms() {
     let (ok, stdout, stderr) = hesscope(&[
         "grad",
         "--model",
-        dir().join("small.onnx").to_str().unwrap(),
+        onnx_dir().join("small.onnx").to_str().unwrap(),
         "--data",
-        dir().join("data.safetensors").to_str().unwrap(),
+        onnx_dir().join("data.safetensors").to_str().unwrap(),
         "--batch",
         "4",
         "--backend",
@@ -293,7 +225,7 @@ fn a_folded_export_is_refused_with_the_state_dict_naming_its_batch_norms() {
     let loss = serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["loss"]
         .as_f64()
         .unwrap();
-    let want = json(dir().join("ref-batch/reference.json"))["loss"]
+    let want = json(onnx_dir().join("ref-batch/reference.json"))["loss"]
         .as_f64()
         .unwrap();
     assert!(
@@ -303,7 +235,7 @@ fn a_folded_export_is_refused_with_the_state_dict_naming_its_batch_norms() {
 }
 
 fn small() -> proto::ModelProto {
-    let bytes = std::fs::read(dir().join("small.onnx")).unwrap();
+    let bytes = std::fs::read(onnx_dir().join("small.onnx")).unwrap();
     proto::ModelProto::decode(bytes.as_slice()).unwrap()
 }
 
@@ -332,7 +264,7 @@ fn node_mut<'a>(m: &'a mut proto::ModelProto, op: &str) -> &'a mut proto::NodePr
 #[test]
 fn bad_channel_ops_are_refused_naming_the_node() {
     let tmp = tempfile::tempdir().unwrap();
-    let whole = std::fs::read(dir().join("channels.onnx")).unwrap();
+    let whole = std::fs::read(onnx_dir().join("channels.onnx")).unwrap();
     let base = || proto::ModelProto::decode(whole.as_slice()).unwrap();
     let attr = |n: &mut proto::NodeProto, name: &str| -> usize {
         n.attribute.iter().position(|a| a.name == name).unwrap()
@@ -385,7 +317,7 @@ fn bad_channel_ops_are_refused_naming_the_node() {
 fn bad_onnx_files_are_refused_with_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let whole = std::fs::read(dir().join("small.onnx")).unwrap();
+    let whole = std::fs::read(onnx_dir().join("small.onnx")).unwrap();
     let check = |tag: &str, bytes: &[u8], wants: &[&str]| {
         let err = refused(t, tag, bytes);
         eprintln!("{tag}: {err}");
@@ -547,26 +479,8 @@ fn an_onnx_resnet18_matches_pytorch_float64() {
         &[],
     );
     eprintln!("{r}");
-    for bn in ["batch", "running"] {
-        for run in ["cpu", "cpu-state-dict"] {
-            let row = &r[bn][run];
-            let hv = row["hv_rel"]
-                .as_f64()
-                .unwrap_or_else(|| panic!("{bn} {run}: {row}"));
-            let loss = row["loss_rel"].as_f64().unwrap();
-            assert!(
-                hv <= CPU_TOL && loss <= CPU_TOL,
-                "{bn} {run}: Hv {hv:.1e}, loss {loss:.1e}"
-            );
-        }
-    }
-    let folded = &r["folded"];
-    assert_ne!(folded["status"].as_i64(), Some(0), "{folded}");
-    let err = folded["stderr"].as_str().unwrap();
-    assert!(
-        err.contains("layer1.0.bn1.") && err.contains("do_constant_folding=False"),
-        "{err}"
-    );
+    check_hv_loss_rows(&r, "", CPU_TOL);
+    check_folded_refused(&r, "layer1.0.bn1.");
 }
 
 /// Needs python3 with torch, torchvision and onnx (skipped with a message
@@ -594,18 +508,8 @@ fn onnx_squeezenet_mobilenet_v3_and_shufflenet_match_pytorch_float64() {
             &[("BATCH", "2")],
         );
         eprintln!("{name}: {r}");
+        check_hv_loss_rows(&r, &format!("{name} "), CPU_TOL);
         for bn in ["batch", "running"] {
-            for run in ["cpu", "cpu-state-dict"] {
-                let row = &r[bn][run];
-                let hv = row["hv_rel"]
-                    .as_f64()
-                    .unwrap_or_else(|| panic!("{name} {bn} {run}: {row}"));
-                let loss = row["loss_rel"].as_f64().unwrap();
-                assert!(
-                    hv <= CPU_TOL && loss <= CPU_TOL,
-                    "{name} {bn} {run}: Hv {hv:.1e}, loss {loss:.1e}"
-                );
-            }
             let row = &r[bn]["cpu-grad"];
             let g = row["grad_rel"]
                 .as_f64()
@@ -638,7 +542,7 @@ fn onnx_squeezenet_mobilenet_v3_and_shufflenet_match_pytorch_float64() {
 /// folded weights (~6e-8 relative each; 2e-10 seen on the loss): 1e-6.
 #[test]
 fn the_dynamo_export_reads_with_external_data() {
-    let path = dir().join("dynamo.onnx");
+    let path = onnx_dir().join("dynamo.onnx");
     let (model, weights) = onnx::load(&path, None).unwrap();
     let kinds: Vec<&str> = model.nodes.iter().map(|n| n.kind()).collect();
     assert!(!model.has_bn(), "{kinds:?}");
@@ -646,11 +550,11 @@ fn the_dynamo_export_reads_with_external_data() {
         kinds.ends_with(&["gelu", "gap", "flatten", "linear", "sigmoid", "linear"]),
         "{kinds:?}"
     );
-    let data = Dataset::load(&dir().join("data.safetensors")).unwrap();
+    let data = Dataset::load(&onnx_dir().join("data.safetensors")).unwrap();
     let p = Problem::new(model, weights, data, 4, BnMode::Running).unwrap();
     let v = vec![0.0; p.model.n_params];
     let (loss, _, _) = CpuReference::new(p).loss_grad_hvp(&v).unwrap();
-    let want = json(dir().join("ref-running/reference.json"))["loss"]
+    let want = json(onnx_dir().join("ref-running/reference.json"))["loss"]
         .as_f64()
         .unwrap();
     let e = (loss - want).abs() / want.abs();

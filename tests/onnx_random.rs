@@ -14,19 +14,12 @@
 
 mod common;
 
+use common::onnx_ref::*;
 use common::*;
-use hesscope::cpu::CpuReference;
-use hesscope::data::Dataset;
-use hesscope::engine::{BnMode, Curvature, Problem};
-use hesscope::gpu::GpuEngine;
+use hesscope::engine::BnMode;
 use hesscope::model::onnx::{self, proto};
-use hesscope::model::params;
 use prost::Message;
-use std::path::{Path, PathBuf};
-
-fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/onnx")
-}
+use std::path::Path;
 
 /// The float64 reference against PyTorch float64: the same sums in
 /// different orders (1e-15 seen); 1e-10 is the fixtures' bound.
@@ -37,98 +30,34 @@ const CPU_TOL: f64 = 1e-10;
 /// float32 reaches ~1e-6); a wrong term errs by 1e-3 or more.
 const GPU_TOL: f64 = 1e-5;
 
-struct Case {
-    bn: BnMode,
-    problem: Problem,
-    v: Vec<f64>,
-    loss: f64,
-    grad: Vec<f64>,
-    hv: Vec<f64>,
-}
-
-fn cases() -> Vec<Case> {
-    let d = dir().join("random");
+fn cases() -> Vec<OnnxCase> {
     [BnMode::Batch, BnMode::Running]
         .into_iter()
-        .map(|bn| {
-            let (model, weights) = onnx::load(&dir().join("random.onnx"), None).unwrap();
-            let rd = d.join(match bn {
-                BnMode::Batch => "ref-batch",
-                BnMode::Running => "ref-running",
-            });
-            let data = Dataset::load(&d.join("data.safetensors")).unwrap();
-            let v = params::load_vector(&model, &d.join("v.safetensors")).unwrap();
-            let grad = params::load_vector(&model, &rd.join("grad.safetensors")).unwrap();
-            let hv = params::load_vector(&model, &rd.join("hv.safetensors")).unwrap();
-            let loss = json(rd.join("reference.json"))["loss"].as_f64().unwrap();
-            let problem = Problem::new(model, weights, data, 4, bn).unwrap();
-            Case {
-                bn,
-                problem,
-                v,
-                loss,
-                grad,
-                hv,
-            }
-        })
+        .map(|bn| onnx_case("random.onnx", "random", bn))
         .collect()
 }
 
 #[test]
 fn stochastic_depth_and_dropout_read_as_the_identity() {
-    let path = dir().join("random.onnx");
+    let path = onnx_dir().join("random.onnx");
     let (model, init) = onnx::load(&path, None).unwrap();
     let kinds: Vec<&str> = model.nodes.iter().map(|n| n.kind()).collect();
     assert_eq!(
         kinds,
         ["conv", "bn", "relu", "conv", "tanh", "add", "conv", "add", "gap", "flatten", "linear"]
     );
-    let (_, sd) = onnx::load(&path, Some(&dir().join("random/weights.safetensors"))).unwrap();
+    let (_, sd) = onnx::load(&path, Some(&onnx_dir().join("random/weights.safetensors"))).unwrap();
     assert_eq!(init.theta, sd.theta);
-    for c in cases() {
-        let (loss, g, hv) = CpuReference::new(c.problem.clone())
-            .loss_grad_hvp(&c.v)
-            .unwrap();
-        let el = (loss - c.loss).abs() / c.loss.abs();
-        let (eg, eh) = (rel_err(&g, &c.grad), rel_err(&hv, &c.hv));
-        eprintln!(
-            "random.onnx {:?} cpu: loss {el:.1e} grad {eg:.1e} Hv {eh:.1e}",
-            c.bn
-        );
-        assert!(
-            el <= CPU_TOL && eg <= CPU_TOL && eh <= CPU_TOL,
-            "{:?}: loss {el:.1e}, gradient {eg:.1e}, Hv {eh:.1e}",
-            c.bn
-        );
-    }
+    check_cases_on_cpu(&cases(), CPU_TOL);
 }
 
 #[test]
 fn stochastic_depth_matches_on_every_gpu_backend() {
-    for choice in GPU_BACKENDS {
-        for c in cases() {
-            let Some(ctx) = gpu_context(choice) else {
-                break;
-            };
-            let mut e = GpuEngine::new(ctx, &c.problem).unwrap();
-            let (loss, g, hv) = e.loss_grad_hvp(&c.v).unwrap();
-            let el = (loss - c.loss).abs() / c.loss.abs();
-            let (eg, eh) = (rel_err(&g, &c.grad), rel_err(&hv, &c.hv));
-            eprintln!(
-                "random.onnx {:?} {choice:?}: loss {el:.1e} grad {eg:.1e} Hv {eh:.1e}",
-                c.bn
-            );
-            assert!(
-                el <= GPU_TOL && eg <= GPU_TOL && eh <= GPU_TOL,
-                "{:?} on {choice:?}: loss {el:.1e}, gradient {eg:.1e}, Hv {eh:.1e}",
-                c.bn
-            );
-        }
-    }
+    check_cases_on_gpus(cases, GPU_TOL);
 }
 
 fn random_model() -> proto::ModelProto {
-    let bytes = std::fs::read(dir().join("random.onnx")).unwrap();
+    let bytes = std::fs::read(onnx_dir().join("random.onnx")).unwrap();
     proto::ModelProto::decode(bytes.as_slice()).unwrap()
 }
 
@@ -231,7 +160,7 @@ fn random_ops_outside_stochastic_depth_are_refused() {
 /// separate parameters they are, with or without the state_dict.
 #[test]
 fn merged_initializers_read_as_separate_parameters() {
-    let path = dir().join("dedup.onnx");
+    let path = onnx_dir().join("dedup.onnx");
     let (model, init) = onnx::load(&path, None).unwrap();
     let names: Vec<&str> = model.params.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(
@@ -247,7 +176,7 @@ fn merged_initializers_read_as_separate_parameters() {
             "head.bias"
         ]
     );
-    let (_, sd) = onnx::load(&path, Some(&dir().join("dedup/weights.safetensors"))).unwrap();
+    let (_, sd) = onnx::load(&path, Some(&onnx_dir().join("dedup/weights.safetensors"))).unwrap();
     assert_eq!(init.theta, sd.theta);
 }
 
@@ -255,7 +184,7 @@ fn merged_initializers_read_as_separate_parameters() {
 /// Identity) share one tensor: refused, naming it and both layers.
 #[test]
 fn tied_initializers_are_refused() {
-    let err = onnx::load(&dir().join("tied.onnx"), None)
+    let err = onnx::load(&onnx_dir().join("tied.onnx"), None)
         .unwrap_err()
         .to_string();
     eprintln!("{err}");
@@ -269,7 +198,7 @@ fn tied_initializers_are_refused() {
 /// hesscope would refuse (here an op it does not know).
 #[test]
 fn a_folded_graph_is_refused_for_its_batch_norms_first() {
-    let bytes = std::fs::read(dir().join("folded.onnx")).unwrap();
+    let bytes = std::fs::read(onnx_dir().join("folded.onnx")).unwrap();
     let mut m = proto::ModelProto::decode(bytes.as_slice()).unwrap();
     let relu = first(&mut m, "Relu");
     nodes(&mut m)[relu].op_type = "Foo".into();
@@ -278,7 +207,7 @@ fn a_folded_graph_is_refused_for_its_batch_norms_first() {
     std::fs::write(&path, m.encode_to_vec()).unwrap();
     let err = onnx::load(&path, None).unwrap_err().to_string();
     assert!(err.contains("ONNX op Foo"), "{err}");
-    let err = onnx::load(&path, Some(&dir().join("weights.safetensors")))
+    let err = onnx::load(&path, Some(&onnx_dir().join("weights.safetensors")))
         .unwrap_err()
         .to_string();
     for want in [
@@ -314,24 +243,6 @@ fn an_onnx_efficientnet_b0_matches_pytorch_float64() {
         &[("BATCH", "2")],
     );
     eprintln!("{r}");
-    for bn in ["batch", "running"] {
-        for run in ["cpu", "cpu-state-dict"] {
-            let row = &r[bn][run];
-            let hv = row["hv_rel"]
-                .as_f64()
-                .unwrap_or_else(|| panic!("{bn} {run}: {row}"));
-            let loss = row["loss_rel"].as_f64().unwrap();
-            assert!(
-                hv <= CPU_TOL && loss <= CPU_TOL,
-                "{bn} {run}: Hv {hv:.1e}, loss {loss:.1e}"
-            );
-        }
-    }
-    let folded = &r["folded"];
-    assert_ne!(folded["status"].as_i64(), Some(0), "{folded}");
-    let err = folded["stderr"].as_str().unwrap();
-    assert!(
-        err.contains("features.0.1.") && err.contains("do_constant_folding=False"),
-        "{err}"
-    );
+    check_hv_loss_rows(&r, "", CPU_TOL);
+    check_folded_refused(&r, "features.0.1.");
 }

@@ -18,12 +18,12 @@ of one shape (x·sigmoid(x)), Flatten, Gemm.
                                       forms, which autograd differentiates twice)
 
 Run from the repository root: python3 python/tests/make_onnx_channels.py"""
-import json, os, sys, warnings
+import os, sys, warnings
 import torch, torch.nn as nn
-from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import clamp_forms, set_bn_mode
+from onnx_refs import write_model_and_references
 
 warnings.filterwarnings("ignore")
 OUT = "tests/data/onnx"
@@ -63,48 +63,9 @@ class Channels(nn.Module):
 
 def main():
     torch.manual_seed(3)
-    m = Channels()
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5); mod.bias.uniform_(-0.2, 0.2)
-                mod.running_mean.uniform_(-0.1, 0.1); mod.running_var.uniform_(0.5, 1.5)
-    sd = {k: v.clone().contiguous() for k, v in m.state_dict().items()}
     d = f"{OUT}/channels"
-    os.makedirs(d, exist_ok=True)
-    bns = [b for b in m.modules() if isinstance(b, nn.BatchNorm2d)]
-    for b in bns:
-        b.momentum = 0.0
-    m.train()
-    torch.onnx.export(m, (torch.zeros(2, 3, 12, 12),), f"{OUT}/channels.onnx", dynamo=False,
-                      opset_version=17, training=torch.onnx.TrainingMode.TRAINING,
-                      do_constant_folding=False, input_names=["x"], output_names=["logits"],
-                      dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
-    for k, t in m.state_dict().items():
-        assert k.endswith("num_batches_tracked") or torch.equal(t, sd[k]), f"the export changed {k}"
-    save_file(sd, f"{d}/weights.safetensors")
-    x = torch.randn(4, 3, 12, 12) * 2
-    y = torch.tensor([0, 3, 1, 4])
-    save_file({"x": x, "y": y}, f"{d}/data.safetensors")
-    g = torch.Generator().manual_seed(13)
-    v = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in m.named_parameters()}
-    save_file(v, f"{d}/v.safetensors")
-    for bn_mode in ("batch", "running"):
-        mm = Channels()
-        mm.load_state_dict(sd)
-        mm = set_bn_mode(clamp_forms(mm).double(), bn_mode == "batch")
-        names = [n for n, _ in mm.named_parameters()]
-        ps = [p for _, p in mm.named_parameters()]
-        loss = nn.functional.cross_entropy(mm(x.double()), y)
-        gr = torch.autograd.grad(loss, ps, create_graph=True)
-        hv = torch.autograd.grad(sum((a * v[n]).sum() for a, n in zip(gr, names)), ps)
-        r = f"{d}/ref-{bn_mode}"
-        os.makedirs(r, exist_ok=True)
-        save_file({n: t.detach().contiguous() for n, t in zip(names, gr)}, f"{r}/grad.safetensors")
-        save_file({n: t.detach().contiguous() for n, t in zip(names, hv)}, f"{r}/hv.safetensors")
-        with open(f"{r}/reference.json", "w") as f:
-            json.dump({"loss": loss.item(), "bn": bn_mode, "dtype": "float64"}, f, indent=1)
-            f.write("\n")
+    write_model_and_references(Channels, f"{OUT}/channels.onnx", d, 12, 13,
+                               lambda mm, batch: set_bn_mode(clamp_forms(mm).double(), batch))
     print("wrote", f"{OUT}/channels.onnx", sorted(os.listdir(d)))
 
 

@@ -24,13 +24,14 @@ shared initializers:
                                     refuses in ONNX
 
 Run from the repository root: python3 python/tests/make_onnx_random.py"""
-import json, os, sys, warnings
+import os, sys, warnings
 import torch, torch.nn as nn
 from safetensors.torch import save_file
 from torchvision.ops import StochasticDepth
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import set_bn_mode
+from onnx_refs import export, write_model_and_references
 
 warnings.filterwarnings("ignore")
 OUT = "tests/data/onnx"
@@ -73,64 +74,29 @@ class Dedup(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def export(m, path, train):
-    mode = torch.onnx.TrainingMode.TRAINING if train else torch.onnx.TrainingMode.EVAL
-    torch.onnx.export(m, (torch.zeros(2, 3, 10, 10),), path, dynamo=False, opset_version=17,
-                      training=mode, do_constant_folding=not train, input_names=["x"],
-                      output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
-
-
 def main():
     torch.manual_seed(4)
-    m = Random()
-    with torch.no_grad():
-        m.bn1.weight.uniform_(0.5, 1.5); m.bn1.bias.uniform_(-0.2, 0.2)
-        m.bn1.running_mean.uniform_(-0.1, 0.1); m.bn1.running_var.uniform_(0.5, 1.5)
-    sd = {k: v.clone().contiguous() for k, v in m.state_dict().items()}
     d = f"{OUT}/random"
-    os.makedirs(d, exist_ok=True)
-    m.bn1.momentum = 0.0
-    m.train()
-    export(m, f"{OUT}/random.onnx", True)
-    for k, t in m.state_dict().items():
-        assert k.endswith("num_batches_tracked") or torch.equal(t, sd[k]), f"the export changed {k}"
-    save_file(sd, f"{d}/weights.safetensors")
-    x = torch.randn(4, 3, 10, 10) * 2
-    y = torch.tensor([0, 3, 1, 4])
-    save_file({"x": x, "y": y}, f"{d}/data.safetensors")
-    g = torch.Generator().manual_seed(17)
-    v = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in m.named_parameters()}
-    save_file(v, f"{d}/v.safetensors")
-    for bn_mode in ("batch", "running"):
-        mm = Random()
-        mm.load_state_dict(sd)
+
+    def prepare(mm, batch):
         # set_bn_mode puts the module in eval() (stochastic depth and
         # dropout the identity) with its batch norms in the mode asked.
-        mm = set_bn_mode(mm.double(), bn_mode == "batch")
+        mm = set_bn_mode(mm.double(), batch)
         assert not mm.drop.training and not mm.drop_row.training
-        names = [n for n, _ in mm.named_parameters()]
-        ps = [p for _, p in mm.named_parameters()]
-        loss = nn.functional.cross_entropy(mm(x.double()), y)
-        gr = torch.autograd.grad(loss, ps, create_graph=True)
-        hv = torch.autograd.grad(sum((a * v[n]).sum() for a, n in zip(gr, names)), ps)
-        r = f"{d}/ref-{bn_mode}"
-        os.makedirs(r, exist_ok=True)
-        save_file({n: t.detach().contiguous() for n, t in zip(names, gr)}, f"{r}/grad.safetensors")
-        save_file({n: t.detach().contiguous() for n, t in zip(names, hv)}, f"{r}/hv.safetensors")
-        with open(f"{r}/reference.json", "w") as f:
-            json.dump({"loss": loss.item(), "bn": bn_mode, "dtype": "float64"}, f, indent=1)
-            f.write("\n")
+        return mm
+
+    write_model_and_references(Random, f"{OUT}/random.onnx", d, 10, 17, prepare)
 
     torch.manual_seed(6)
     dd = Dedup().eval()
     os.makedirs(f"{OUT}/dedup", exist_ok=True)
     save_file({k: v.clone().contiguous() for k, v in dd.state_dict().items()},
               f"{OUT}/dedup/weights.safetensors")
-    export(dd, f"{OUT}/dedup.onnx", False)
+    export(dd, f"{OUT}/dedup.onnx", False, 10)
     tied = Dedup()
     tied.c = nn.Conv2d(4, 4, 3, padding=1)
     tied.c.weight = tied.b.weight
-    export(tied, f"{OUT}/tied.onnx", True)
+    export(tied, f"{OUT}/tied.onnx", True, 10)
     print("wrote", f"{OUT}/random.onnx", sorted(os.listdir(d)), "dedup.onnx tied.onnx")
 
 

@@ -15,6 +15,27 @@ use crate::dispatch::plan::{NodeBufs, Plan};
 use crate::dispatch::step::Grid;
 use crate::model::{Node, Op};
 
+/// The R-backward of a unit affine in (x, θ): its backward of R(gy),
+/// into hv (no curvature term of its own).
+macro_rules! affine_r_backward {
+    () => {
+        fn r_backward(
+            &self,
+            cx: &CpuCx,
+            node: &Node,
+            xs: &[&[f64]],
+            _dxs: &[&[f64]],
+            saved: &Saved,
+            _gy: &[f64],
+            rgy: &[f64],
+            _v: &[f64],
+            hv: &mut [f64],
+        ) -> Vec<Vec<f64>> {
+            self.backward(cx, node, xs, saved, rgy, hv)
+        }
+    };
+}
+
 fn none() -> Saved {
     Box::new(())
 }
@@ -83,22 +104,7 @@ impl Layer for EmbeddingUnit {
         // Token ids are data: no adjoint flows into them.
         vec![vec![0.0; xs[0].len()]]
     }
-    fn r_backward(
-        &self,
-        cx: &CpuCx,
-        node: &Node,
-        xs: &[&[f64]],
-        _dxs: &[&[f64]],
-        _saved: &Saved,
-        _gy: &[f64],
-        rgy: &[f64],
-        _v: &[f64],
-        hv: &mut [f64],
-    ) -> Vec<Vec<f64>> {
-        let (w, d) = emb(node);
-        scatter_add(xs[0], rgy, cx.param_mut(hv, w), d);
-        vec![vec![0.0; xs[0].len()]]
-    }
+    affine_r_backward!();
     // GPU: shaders/embedding.wgsl; ids are data, so no input adjoint.
     fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
         plan_gather(p, node, io.x[0], p.theta, io.y);
@@ -198,22 +204,7 @@ impl Layer for AddParamUnit {
         sum_samples(gy, &mut cx.param_mut(grad, added(node))[..m]);
         vec![gy.to_vec()]
     }
-    fn r_backward(
-        &self,
-        cx: &CpuCx,
-        node: &Node,
-        _xs: &[&[f64]],
-        _dxs: &[&[f64]],
-        _saved: &Saved,
-        _gy: &[f64],
-        rgy: &[f64],
-        _v: &[f64],
-        hv: &mut [f64],
-    ) -> Vec<Vec<f64>> {
-        let m = node.out_shape.numel();
-        sum_samples(rgy, &mut cx.param_mut(hv, added(node))[..m]);
-        vec![rgy.to_vec()]
-    }
+    affine_r_backward!();
     // GPU: copies (shaders/elementwise.wgsl `copy`, with offsets): P
     // added to each sample, and the parameter's adjoint the samples' sum,
     // added in sample order (deterministic).
@@ -306,21 +297,7 @@ impl Layer for ClsTokenUnit {
         let per = node.out_shape.numel();
         vec![split_first(gy, cx.param_mut(grad, cls(node)), per)]
     }
-    fn r_backward(
-        &self,
-        cx: &CpuCx,
-        node: &Node,
-        _xs: &[&[f64]],
-        _dxs: &[&[f64]],
-        _saved: &Saved,
-        _gy: &[f64],
-        rgy: &[f64],
-        _v: &[f64],
-        hv: &mut [f64],
-    ) -> Vec<Vec<f64>> {
-        let per = node.out_shape.numel();
-        vec![split_first(rgy, cx.param_mut(hv, cls(node)), per)]
-    }
+    affine_r_backward!();
     // GPU: block copies (shaders/channels.wgsl): the samples' rows after
     // P's; the adjoint of P the samples' token-0 rows, added in sample
     // order (deterministic).

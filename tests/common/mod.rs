@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: the PyTorch fixtures.
 #![allow(dead_code)]
 
+pub mod gpu;
+pub mod onnx_ref;
 pub mod python;
 
 use hesscope::data::Dataset;
