@@ -6,8 +6,8 @@ mod common;
 
 use common::*;
 use hesscope::cpu::CpuReference;
-use hesscope::engine::{BnMode, Curvature, Problem};
 use hesscope::decisions::DecisionSource;
+use hesscope::engine::{BnMode, Curvature, Problem};
 use hesscope::gpu::{BackendChoice, EngineOptions, GpuEngine};
 use hesscope::model::{Model, Weights};
 

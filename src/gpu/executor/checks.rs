@@ -3,8 +3,8 @@
 //! vectors (naming the tensor), and the masks tests compare against.
 
 use super::GpuEngine;
-use crate::engine::BnMode;
 use crate::dispatch::kernels::bn_rows;
+use crate::engine::BnMode;
 use crate::error::{Error, Result};
 use crate::layers;
 use crate::model::{Activation, Model, Op};
