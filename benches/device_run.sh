@@ -181,6 +181,30 @@ if [ "${DRY_RUN:-0}" != 1 ] && python3 -c 'import torch, torchvision, safetensor
     rm -rf "$OUT/models"
 fi
 
+# 3c. The float64 CPU engine (issue 24) on this machine's quiet cores, beside
+# PyTorch's CPU HVP (float32 and float64) and PyHessian where installed:
+# same-run ratios, on two cores (taskset, as the CI-like machine) and on all.
+if [ "${DRY_RUN:-0}" != 1 ] && python3 -c 'import torch' 2>/dev/null; then
+    for CORES in 0,1 all; do
+        PIN=""; [ "$CORES" = all ] || PIN="taskset -c $CORES"
+        tag=$(echo "$CORES" | tr ',' '_')
+        $PIN sh benches/cpu_hvp_compare.sh 2 "$HS" > "$OUT/cpu_hvp_$tag.txt" 2>&1 || true
+        if python3 -c 'import pyhessian' 2>/dev/null; then
+            $PIN sh benches/cpu_density_compare.sh 1 "$HS" > "$OUT/cpu_density_$tag.txt" 2>&1 || true
+        else
+            $PIN "$HS" density --backend cpu --json > "$OUT/cpu_density_$tag.json" 2>>"$LOG" || true
+        fi
+    done
+fi
+
+# 3d. Transformers (issue 25) exported from torchvision and Hugging Face
+# against PyTorch float64 (the float64 engine; GPU layers so far refuse mha).
+if [ "${DRY_RUN:-0}" != 1 ] && python3 -c 'import torch, torchvision, transformers' 2>/dev/null; then
+    env PYTHONPATH=python HESSCOPE="$HS" timeout 120 python3 python/tests/check_transformers.py \
+        --backends cpu --work "$OUT/tf" > "$OUT/transformers.txt" 2>&1 || true
+    rm -rf "$OUT/tf"
+fi
+
 # 4. The PyTorch peer on the same files, FP32 with TF32 off.
 [ "${DRY_RUN:-0}" = 1 ] || timed peer_resnet20 python3 benches/peer/pytorch_hvp.py "${COMMON20[@]}" --repeats 20 --json
 

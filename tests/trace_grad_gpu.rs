@@ -94,7 +94,17 @@ fn held_decisions_replay_the_recorded_pieces() {
             };
             let p = problem(model, bn);
             let mut frozen = frozen_engine(ctx, &p);
-            let mut plain = GpuEngine::new(gpu_context(choice).unwrap(), &p).unwrap();
+            // A frozen engine takes its batch statistics in float32 (held
+            // decisions are evaluated away from the recording θ, where no
+            // float64 forward runs), so the plain engine it must equal bit
+            // for bit does too (`bn_state`; the default takes them from
+            // the float64 forward in batch mode).
+            let f32_stats = EngineOptions {
+                bn_state: DecisionSource::Float32,
+                ..Default::default()
+            };
+            let mut plain =
+                GpuEngine::with_options(gpu_context(choice).unwrap(), &p, f32_stats).unwrap();
             let np = p.model.n_params;
             let v: Vec<f64> = (0..np)
                 .map(|i| ((i * 7919 % 101) as f64 / 50.0) - 1.0)
