@@ -11,7 +11,7 @@
 
 use super::channels::block_copy;
 use super::conv::{self, ConvUnit};
-use super::{CpuCx, Layer, Saved, StateBuf, StateCx};
+use super::{CpuCx, Layer, LinearUnit, Saved, StateBuf, StateCx};
 use crate::dispatch::kernels::{ChannelParams, Consts, Kernel};
 use crate::dispatch::plan::{NodeBufs, Plan};
 use crate::dispatch::step::Grid;
@@ -40,67 +40,31 @@ fn transpose(x: &[f64], rows: usize, cols: usize) -> Vec<f64> {
     y
 }
 
-impl Layer for TokensUnit {
-    fn forward(&self, _cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
+impl LinearUnit for TokensUnit {
+    fn apply(&self, _cx: &CpuCx, node: &Node, _saved: &Saved, x: &[f64]) -> Vec<f64> {
         let s = node.in_shape;
-        (transpose(xs[0], s.c, s.spatial()), none())
+        transpose(x, s.c, s.spatial())
     }
-    fn r_forward(
-        &self,
-        _cx: &CpuCx,
-        node: &Node,
-        _xs: &[&[f64]],
-        dxs: &[&[f64]],
-        _v: &[f64],
-        _saved: &mut Saved,
-    ) -> Vec<f64> {
+    fn transpose(&self, _cx: &CpuCx, node: &Node, _saved: &Saved, g: &[f64]) -> Vec<f64> {
         let s = node.in_shape;
-        transpose(dxs[0], s.c, s.spatial())
-    }
-    fn backward(
-        &self,
-        _cx: &CpuCx,
-        node: &Node,
-        _xs: &[&[f64]],
-        _saved: &Saved,
-        gy: &[f64],
-        _grad: &mut [f64],
-    ) -> Vec<Vec<f64>> {
-        let s = node.in_shape;
-        vec![transpose(gy, s.spatial(), s.c)]
-    }
-    fn r_backward(
-        &self,
-        _cx: &CpuCx,
-        node: &Node,
-        _xs: &[&[f64]],
-        _dxs: &[&[f64]],
-        _saved: &Saved,
-        _gy: &[f64],
-        rgy: &[f64],
-        _v: &[f64],
-        _hv: &mut [f64],
-    ) -> Vec<Vec<f64>> {
-        let s = node.in_shape;
-        vec![transpose(rgy, s.spatial(), s.c)]
+        transpose(g, s.spatial(), s.c)
     }
     // GPU: the per-sample transpose [C, H·W] -> [H·W, C] is the channel
     // shuffle of C·H·W one-element "channels" in C groups; its adjoint
     // the shuffle in H·W groups (shaders/channels.wgsl).
-    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
-        plan_transpose(p, node, io.x[0], io.y, false, false);
+    fn plan_apply(&self, p: &mut Plan, node: &Node, _io: &NodeBufs, src: usize, dst: usize) {
+        plan_transpose(p, node, src, dst, false, false);
     }
-    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
-        if io.dx_zero[0] {
-            return true;
-        }
-        plan_transpose(p, node, io.dx[0], io.dy, false, false);
-        false
-    }
-    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, _r: bool) {
-        if io.needs_gx[0] {
-            plan_transpose(p, node, io.gy, io.gx[0], true, io.acc[0]);
-        }
+    fn plan_transpose(
+        &self,
+        p: &mut Plan,
+        node: &Node,
+        _io: &NodeBufs,
+        src: usize,
+        dst: usize,
+        acc: bool,
+    ) {
+        plan_transpose(p, node, src, dst, true, acc);
     }
 }
 
@@ -149,78 +113,32 @@ fn unpick(node: &Node, g: &[f64]) -> Vec<f64> {
     gx
 }
 
-impl Layer for SelectUnit {
-    fn forward(&self, _cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
-        (pick(node, xs[0]), none())
+impl LinearUnit for SelectUnit {
+    fn apply(&self, _cx: &CpuCx, node: &Node, _saved: &Saved, x: &[f64]) -> Vec<f64> {
+        pick(node, x)
     }
-    fn r_forward(
-        &self,
-        _cx: &CpuCx,
-        node: &Node,
-        _xs: &[&[f64]],
-        dxs: &[&[f64]],
-        _v: &[f64],
-        _saved: &mut Saved,
-    ) -> Vec<f64> {
-        pick(node, dxs[0])
-    }
-    fn backward(
-        &self,
-        _cx: &CpuCx,
-        node: &Node,
-        _xs: &[&[f64]],
-        _saved: &Saved,
-        gy: &[f64],
-        _grad: &mut [f64],
-    ) -> Vec<Vec<f64>> {
-        vec![unpick(node, gy)]
-    }
-    fn r_backward(
-        &self,
-        _cx: &CpuCx,
-        node: &Node,
-        _xs: &[&[f64]],
-        _dxs: &[&[f64]],
-        _saved: &Saved,
-        _gy: &[f64],
-        rgy: &[f64],
-        _v: &[f64],
-        _hv: &mut [f64],
-    ) -> Vec<Vec<f64>> {
-        vec![unpick(node, rgy)]
+    fn transpose(&self, _cx: &CpuCx, node: &Node, _saved: &Saved, g: &[f64]) -> Vec<f64> {
+        unpick(node, g)
     }
     // GPU: block copies (shaders/channels.wgsl); the adjoint writes the
     // token's row and zeros elsewhere, or adds the row alone.
-    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
-        plan_pick(p, node, io.x[0], io.y);
+    fn plan_apply(&self, p: &mut Plan, node: &Node, _io: &NodeBufs, src: usize, dst: usize) {
+        plan_pick(p, node, src, dst);
     }
-    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
-        if io.dx_zero[0] {
-            return true;
-        }
-        plan_pick(p, node, io.dx[0], io.dy);
-        false
-    }
-    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, _r: bool) {
-        if !io.needs_gx[0] {
-            return;
-        }
+    fn plan_transpose(
+        &self,
+        p: &mut Plan,
+        node: &Node,
+        _io: &NodeBufs,
+        src: usize,
+        dst: usize,
+        acc: bool,
+    ) {
         let Op::Select { index } = node.op else {
             unreachable!("select unit on {}", node.kind())
         };
         let (per, d) = (node.in_shape.numel(), node.in_shape.features());
-        let acc = io.acc[0];
-        block_copy(
-            p,
-            io.gy,
-            io.gx[0],
-            p.n,
-            d,
-            (d, 0),
-            (per, index * d),
-            acc,
-            !acc,
-        );
+        block_copy(p, src, dst, p.n, d, (d, 0), (per, index * d), acc, !acc);
     }
 }
 
