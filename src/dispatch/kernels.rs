@@ -23,6 +23,8 @@ pub const ADAPTIVE_POOL: &str = include_str!("../../shaders/adaptive_pool.wgsl")
 pub const LAYERNORM: &str = include_str!("../../shaders/layernorm.wgsl");
 /// nn.Embedding's gather and its deterministic scatter-add.
 pub const EMBEDDING: &str = include_str!("../../shaders/embedding.wgsl");
+/// Multi-head softmax attention's four passes.
+pub const ATTENTION: &str = include_str!("../../shaders/attention.wgsl");
 pub const LOSS: &str = include_str!("../../shaders/loss.wgsl");
 pub const ACTIVATION: &str = include_str!("../../shaders/activation.wgsl");
 /// Training's SGD and running-statistics updates.
@@ -155,10 +157,11 @@ pub enum Module {
     AdaptivePool,
     LayerNorm,
     Embedding,
+    Attention,
 }
 
 impl Module {
-    const ALL: [Module; 18] = [
+    const ALL: [Module; 19] = [
         Module::Conv,
         Module::ConvWindowed,
         Module::ConvHalfWindowed,
@@ -177,6 +180,7 @@ impl Module {
         Module::AdaptivePool,
         Module::LayerNorm,
         Module::Embedding,
+        Module::Attention,
     ];
 
     /// (file name, the file's own WGSL).
@@ -206,6 +210,7 @@ impl Module {
             Module::AdaptivePool => ("adaptive_pool.wgsl", ADAPTIVE_POOL),
             Module::LayerNorm => ("layernorm.wgsl", LAYERNORM),
             Module::Embedding => ("embedding.wgsl", EMBEDDING),
+            Module::Attention => ("attention.wgsl", ATTENTION),
         }
     }
 
@@ -333,6 +338,15 @@ kernels! {
     /// output, the scatter-add a thread per weight element.
     EmbGather => Embedding::"emb_gather", [R, R, W], EmbParams, ["KB", "KMAX"];
     EmbScatter => Embedding::"emb_scatter", [R, R, W], EmbParams, ["KB", "KMAX"];
+    /// Multi-head attention (shaders/attention.wgsl): a workgroup per
+    /// (sample, head, query row), `Grid::Groups(n·heads·t)`; the `Cols`
+    /// kernels one per key column, `WHICH` 0 the k adjoint, 1 the v one.
+    AttnForward => Attention::"attn_forward", [R, W, W], AttnParams, [];
+    AttnRForward => Attention::"attn_r_forward", [R, R, R, W, W], AttnParams, ["KB", "KMAX"];
+    AttnBackwardRows => Attention::"attn_backward_rows", [R, W, R, W], AttnParams, ["ACC"];
+    AttnBackwardCols => Attention::"attn_backward_cols", [R, R, R, W], AttnParams, ["WHICH", "ACC"];
+    AttnRBackwardRows => Attention::"attn_r_backward_rows", [R, R, R, W, R, R, W], AttnParams, ["ACC", "KB", "KMAX"];
+    AttnRBackwardCols => Attention::"attn_r_backward_cols", [R, R, R, R, R, R, W], AttnParams, ["WHICH", "ACC", "KB", "KMAX"];
     XentForwardBackward => Loss::"xent_forward_backward", [R, R, W, W, W], LossParams, [];
     XentRBackward => Loss::"xent_r_backward", [R, R, W], LossParams, ["KB", "KMAX"];
     /// y = f(x) for the activation `ACT` (see `layers::activation`).
@@ -421,8 +435,9 @@ pub mod bn_rows {
 }
 
 pub use crate::dispatch::params::{
-    ActParams, BasisParams, BnParams, BnRunningParams, ChannelParams, ConvParams, EmbParams,
-    EwParams, KernelParams, LnParams, LossParams, Params, PoolParams, ReduceParams, SgdParams,
+    ActParams, AttnParams, BasisParams, BnParams, BnRunningParams, ChannelParams, ConvParams,
+    EmbParams, EwParams, KernelParams, LnParams, LossParams, Params, PoolParams, ReduceParams,
+    SgdParams,
 };
 
 /// Threads of the per-element batch-norm kernels: one per 4 elements of a

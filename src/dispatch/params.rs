@@ -140,6 +140,16 @@ params_struct! {
 }
 
 params_struct! {
+    /// shaders/attention.wgsl: `n` samples of `t` tokens, width `d` in
+    /// `heads` heads of `e`, `causal` 0 or 1, `pt` = n·heads·t·t (the
+    /// second half of the state buffers), `scale` = 1/√e.
+    AttnParams {
+        n: u32, t: u32, d: u32, heads: u32,
+        e: u32, causal: u32, pt: u32, scale: f32,
+    }
+}
+
+params_struct! {
     /// shaders/embedding.wgsl: `tokens` ids, a weight [vocab, d] at
     /// `w_off`.
     EmbParams {
@@ -200,6 +210,7 @@ pub fn all() -> Vec<(&'static str, Vec<(&'static str, usize)>)> {
         e::<LossParams>(),
         e::<ActParams>(),
         e::<LnParams>(),
+        e::<AttnParams>(),
         e::<EmbParams>(),
         e::<SgdParams>(),
         e::<BnRunningParams>(),

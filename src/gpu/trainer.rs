@@ -10,6 +10,10 @@
 //! the momentum buffer and the running buffers are read by [`GpuTrainer::state`]
 //! (at checkpoints and the end).
 //!
+//! A language model's labels are its ids shifted by one
+//! (`next_token::shifted_labels`), one per loss row as `plan_batch` plans
+//! them.
+//!
 //! Batches of different sizes (the last may be smaller) get their own
 //! forward/backward programs over one shared workspace sized for the
 //! largest; update programs are cached per (count, first step, lr).
@@ -97,13 +101,6 @@ impl GpuTrainer {
         max_count: usize,
     ) -> Result<GpuTrainer> {
         layers::check_model(model)?;
-        if let (true, Some(last)) = (model.next_token(), model.nodes.last()) {
-            return Err(layers::unsupported(
-                last,
-                "the GPU trainer has no next-token labels yet (gradients and Hv of a \
-                 language model do run on the GPU; train with --backend cpu)",
-            ));
-        }
         let model = model.clone();
         let np = model.n_params;
         let canon = memory::canonical_values(&model);
@@ -507,7 +504,14 @@ impl GpuTrainer {
         let key = (count, s.first, s.lr.to_bits());
         let bufs = &self.arena.buffers;
         self.ctx.write_f32(&bufs[self.ws.act[0]], 0, x)?;
-        self.ctx.write_u32(&bufs[self.ws.labels], y)?;
+        // A language model's labels are its ids shifted by one (the loss
+        // rows of `plan_batch`, as the spectral engine's).
+        if self.model.next_token() {
+            let labels = layers::next_token::shifted_labels(x, self.model.input.tokens());
+            self.ctx.write_u32(&bufs[self.ws.labels], &labels)?;
+        } else {
+            self.ctx.write_u32(&bufs[self.ws.labels], y)?;
+        }
         let fb = &self.forward_backward[&count];
         let up = &self.updates[&key];
         let add = extra.and(self.add_extra.as_ref());

@@ -19,7 +19,10 @@
 //! Masked entries have P = Ṗ = 0 exactly, so every term above vanishes
 //! there; the loops visit j ≤ i only when causal.
 
-use super::{saved, CpuCx, Layer, Saved};
+mod gpu;
+
+use super::{saved, CpuCx, Layer, Saved, StateBuf, StateCx};
+use crate::dispatch::plan::{NodeBufs, Plan};
 use crate::model::{Node, Op};
 use rayon::prelude::*;
 
@@ -376,5 +379,20 @@ impl Layer for MhaUnit {
         }
         out
     }
-    cpu_only_gpu!();
+    // ---- GPU plan: attention/gpu.rs
+    fn check(&self, node: &Node) -> crate::error::Result<()> {
+        gpu::check(node)
+    }
+    fn gpu_state(&self, node: &Node, n: usize, _cx: &StateCx) -> Vec<StateBuf> {
+        gpu::state(node, n)
+    }
+    fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
+        gpu::forward(p, node, io)
+    }
+    fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
+        gpu::r_forward(p, node, io)
+    }
+    fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
+        gpu::backward(p, node, io, r)
+    }
 }

@@ -27,6 +27,8 @@ pub struct ConvUnit;
 
 /// The largest kernel size the GPU kernels are tested for.
 pub const MAX_K: usize = 11;
+/// The largest stride the GPU kernels are tested for.
+pub const MAX_STRIDE: usize = 11;
 
 /// (weight, bias) parameter indices of a conv or linear node.
 fn params_of(node: &Node) -> (usize, Option<usize>) {
@@ -172,7 +174,8 @@ fn bias_grad(cx: &CpuCx, node: &Node, bias: Option<usize>, gy: &[f64], out: &mut
 
 impl Layer for ConvUnit {
     /// k ≤ 11 and stride 1..=4 (tests/gpu_kernels.rs and tests/shapes.rs
-    /// cover them); any padding (the kernels' index arithmetic is exact for
+    /// cover them) or up to 11 (ViT's patch convolutions, k = stride;
+    /// tests/gpu_conv_stride.rs); any padding (the kernels' index arithmetic is exact for
     /// every size the parser accepts; tested to k + 3); groups dividing
     /// both channel counts, any dilation ≥ 1 (tests/gpu_grouped_conv.rs).
     fn check(&self, node: &Node) -> Result<()> {
@@ -196,10 +199,13 @@ impl Layer for ConvUnit {
                 format!("kernel size {} is above the supported {MAX_K}", d.k),
             ));
         }
-        if !(1..=4).contains(&d.stride) {
+        if !(1..=MAX_STRIDE).contains(&d.stride) {
             return Err(unsupported(
                 node,
-                format!("stride {} is outside the supported 1..=4", d.stride),
+                format!(
+                    "stride {} is outside the supported 1..={MAX_STRIDE}",
+                    d.stride
+                ),
             ));
         }
         let (_, bias) = params_of(node);

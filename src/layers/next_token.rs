@@ -94,7 +94,12 @@ pub fn gpu_labels(model: &Model, data: &Dataset, start: usize, count: usize) -> 
         return data.y[start..start + count].to_vec();
     }
     let t = model.input.tokens();
-    let x = &data.x[start * t..(start + count) * t];
+    shifted_labels(&data.x[start * t..(start + count) * t], t)
+}
+
+/// The labels of token ids `x` (samples of `t` ids): each sample's ids
+/// shifted by one, [`NO_LABEL`] at its last position.
+pub fn shifted_labels(x: &[f32], t: usize) -> Vec<u32> {
     x.chunks(t)
         .flat_map(|ids| {
             ids[1..]
