@@ -368,7 +368,9 @@ fn synth_writes_token_data_that_grad_reads() {
 #[test]
 fn the_gpu_backends_run_gpt2_from_the_cli() {
     let dir = fixtures_dir().join("hf-gpt2-tiny");
-    let loss_ref = common::json(dir.join("meta.json"))["loss"].as_f64().unwrap();
+    let loss_ref = common::json(dir.join("meta.json"))["loss"]
+        .as_f64()
+        .unwrap();
     for (choice, flag) in [
         (hesscope::gpu::BackendChoice::Vulkan, "vulkan"),
         (hesscope::gpu::BackendChoice::Gl, "gl"),
