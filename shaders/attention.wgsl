@@ -9,18 +9,20 @@
 //   attn_forward:          P (state), y = P·v
 //   attn_r_forward:        Ṡ = c(q̇kᵀ + qk̇ᵀ), Ṗ = P⊙(Ṡ − rowsum(P⊙Ṡ)) (state),
 //                          ẏ = Ṗ·v + P·v̇
-//   attn_backward_rows:    gP = gO·vᵀ, gS = P⊙(gP − rowsum(P⊙gP)) (state),
+//   attn_backward_rows:    gP = gO·vᵀ, gS = P⊙(gP − rowsum(P⊙gP)) (scratch),
 //                          gq (+)= c·gS·k
 //   attn_backward_cols:    WHICH 0: gk (+)= c·gSᵀ·q; 1: gv (+)= Pᵀ·gO
 //   attn_r_backward_rows:  R(gP) = R(gO)·vᵀ + gO·v̇ᵀ,
-//                          R(gS) = Ṗ⊙(gP − δ) + P⊙(R(gP) − Rδ) (state),
+//                          gS and R(gS) = Ṗ⊙(gP − δ) + P⊙(R(gP) − Rδ)
+//                          (scratch),
 //                          δ = rowsum(P⊙gP), Rδ = rowsum(Ṗ⊙gP + P⊙R(gP)),
 //                          R(gq) (+)= c·(R(gS)·k + gS·k̇)
 //   attn_r_backward_cols:  WHICH 0: R(gk) (+)= c·(R(gS)ᵀ·q + gSᵀ·q̇);
 //                          1: R(gv) (+)= Ṗᵀ·gO + Pᵀ·R(gO)
-// State: `ps` holds P [n, H, T, T] then gS (written by the backward, read
-// by the R-backward of the same batch, as the plain adjoint gO is); `pd`
-// (one slice per tangent) Ṗ then R(gS). Masked entries are stored as 0.
+// State: `ps` holds P [n, H, T, T], `pd` (one slice per tangent) Ṗ; the
+// `sc` scratch (shared by the layers, one slice per tangent) gS, then
+// R(gS) at `pt`, written by the rows kernel for the columns kernel that
+// follows it. Masked entries are stored as 0.
 // A row of T ≤ TMAX scores sits in workgroup memory (`ra`, `rb`), the
 // row's q (or gO) of e ≤ 256 in `va`, `vb`; a thread per column computes
 // the dot products over e, the products with v (or k, q, gO) split the
@@ -272,9 +274,10 @@ fn attn_r_forward(@builtin(workgroup_id) wid: vec3<u32>,
 
 // ---- backward, by rows: gS (state) and gq
 @group(0) @binding(1) var<storage, read> br_x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> br_ps: array<f32>;
+@group(0) @binding(2) var<storage, read> br_ps: array<f32>;
 @group(0) @binding(3) var<storage, read> br_go: array<f32>;
-@group(0) @binding(4) var<storage, read_write> br_gx: array<f32>;
+@group(0) @binding(4) var<storage, read_write> br_sc: array<f32>;
+@group(0) @binding(5) var<storage, read_write> br_gx: array<f32>;
 
 @compute @workgroup_size(256)
 fn attn_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
@@ -306,7 +309,7 @@ fn attn_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
             gs = ra[j] * (rb[j] - delta);
             rb[j] = gs;
         }
-        br_ps[p.pt + pi(r.s, r.h, r.i, j)] = gs;
+        br_sc[pi(r.s, r.h, r.i, j)] = gs;
     }
     workgroupBarrier();
     let c = feat(lid);
@@ -331,7 +334,8 @@ fn attn_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
 @group(0) @binding(1) var<storage, read> bc_x: array<f32>;
 @group(0) @binding(2) var<storage, read> bc_ps: array<f32>;
 @group(0) @binding(3) var<storage, read> bc_go: array<f32>;
-@group(0) @binding(4) var<storage, read_write> bc_gx: array<f32>;
+@group(0) @binding(4) var<storage, read> bc_sc: array<f32>;
+@group(0) @binding(5) var<storage, read_write> bc_gx: array<f32>;
 
 @compute @workgroup_size(256)
 fn attn_backward_cols(@builtin(workgroup_id) wid: vec3<u32>,
@@ -344,7 +348,7 @@ fn attn_backward_cols(@builtin(workgroup_id) wid: vec3<u32>,
     let i0 = first_row(j);
     for (var i = i0 + lid; i < p.t; i += WG) {
         if (WHICH == 0u) {
-            ra[i] = bc_ps[p.pt + pi(r.s, r.h, i, j)];
+            ra[i] = bc_sc[pi(r.s, r.h, i, j)];
         } else {
             ra[i] = bc_ps[pi(r.s, r.h, i, j)];
         }
@@ -379,10 +383,11 @@ fn attn_backward_cols(@builtin(workgroup_id) wid: vec3<u32>,
 @group(0) @binding(1) var<storage, read> rr_x: array<f32>;
 @group(0) @binding(2) var<storage, read> rr_dx: array<f32>;
 @group(0) @binding(3) var<storage, read> rr_ps: array<f32>;
-@group(0) @binding(4) var<storage, read_write> rr_pd: array<f32>;
+@group(0) @binding(4) var<storage, read> rr_pd: array<f32>;
 @group(0) @binding(5) var<storage, read> rr_go: array<f32>;
 @group(0) @binding(6) var<storage, read> rr_rgo: array<f32>;
-@group(0) @binding(7) var<storage, read_write> rr_gx: array<f32>;
+@group(0) @binding(7) var<storage, read_write> rr_sc: array<f32>;
+@group(0) @binding(8) var<storage, read_write> rr_gx: array<f32>;
 
 @compute @workgroup_size(256)
 fn attn_r_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
@@ -399,7 +404,8 @@ fn attn_r_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
     let o_pd = kslice(4u, arrayLength(&rr_pd), k);
     let o_go = kslice(5u, arrayLength(&rr_go), k);
     let o_rgo = kslice(6u, arrayLength(&rr_rgo), k);
-    let o_gx = kslice(7u, arrayLength(&rr_gx), k);
+    let o_sc = kslice(7u, arrayLength(&rr_sc), k);
+    let o_gx = kslice(8u, arrayLength(&rr_gx), k);
     for (var f = lid; f < p.e; f += WG) {
         va[f] = rr_go[o_go + yi(r.s, r.i, r.h, f)];
         vb[f] = rr_rgo[o_rgo + yi(r.s, r.i, r.h, f)];
@@ -427,16 +433,19 @@ fn attn_r_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
     let sums = wg_sum2(lid, a, b);
     for (var j = lid; j < p.t; j += WG) {
         let at = pi(r.s, r.h, r.i, j);
+        var gs = 0.0;
         var rgs = 0.0;
         if (j < nc) {
             let pv = rr_ps[o_ps + at];
             let pd = rr_pd[o_pd + at];
             let gp = ra[j] - sums.x;
+            gs = pv * gp;
             rgs = pd * gp + pv * (rb[j] - sums.y);
-            ra[j] = pv * gp;
+            ra[j] = gs;
             rb[j] = rgs;
         }
-        rr_pd[o_pd + p.pt + at] = rgs;
+        rr_sc[o_sc + at] = gs;
+        rr_sc[o_sc + p.pt + at] = rgs;
     }
     workgroupBarrier();
     let c = feat(lid);
@@ -465,7 +474,8 @@ fn attn_r_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
 @group(0) @binding(4) var<storage, read> rc_pd: array<f32>;
 @group(0) @binding(5) var<storage, read> rc_go: array<f32>;
 @group(0) @binding(6) var<storage, read> rc_rgo: array<f32>;
-@group(0) @binding(7) var<storage, read_write> rc_gx: array<f32>;
+@group(0) @binding(7) var<storage, read> rc_sc: array<f32>;
+@group(0) @binding(8) var<storage, read_write> rc_gx: array<f32>;
 
 @compute @workgroup_size(256)
 fn attn_r_backward_cols(@builtin(workgroup_id) wid: vec3<u32>,
@@ -483,13 +493,14 @@ fn attn_r_backward_cols(@builtin(workgroup_id) wid: vec3<u32>,
     let o_pd = kslice(4u, arrayLength(&rc_pd), k);
     let o_go = kslice(5u, arrayLength(&rc_go), k);
     let o_rgo = kslice(6u, arrayLength(&rc_rgo), k);
-    let o_gx = kslice(7u, arrayLength(&rc_gx), k);
+    let o_sc = kslice(7u, arrayLength(&rc_sc), k);
+    let o_gx = kslice(8u, arrayLength(&rc_gx), k);
     for (var i = i0 + lid; i < p.t; i += WG) {
         let at = pi(r.s, r.h, i, j);
         if (WHICH == 0u) {
             // R(gS) and gS.
-            ra[i] = rc_pd[o_pd + p.pt + at];
-            rb[i] = rc_ps[o_ps + p.pt + at];
+            ra[i] = rc_sc[o_sc + p.pt + at];
+            rb[i] = rc_sc[o_sc + at];
         } else {
             // Ṗ and P.
             ra[i] = rc_pd[o_pd + at];

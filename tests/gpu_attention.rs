@@ -131,10 +131,13 @@ fn run_case(
             eprintln!("{tag}: {what} {:.3} s", t0.elapsed().as_secs_f64());
         }
     };
-    let ps = poisoned(ctx, "P, gS", 2 * pt + TAIL);
+    let ps = poisoned(ctx, "P", pt + TAIL);
     let ps0 = read_raw(ctx, &ps);
-    let pd = poisoned(ctx, "Ṗ, R(gS)", 2 * pt + TAIL);
+    let pd = poisoned(ctx, "Ṗ", pt + TAIL);
     let pd0 = read_raw(ctx, &pd);
+    // The shared scratch: gS then R(gS).
+    let sc = poisoned(ctx, "gS, R(gS)", 2 * pt + TAIL);
+    let sc0 = read_raw(ctx, &sc);
     let mut errs = [0.0; 4];
 
     // Forward.
@@ -168,14 +171,14 @@ fn run_case(
         "backward rows",
         Kernel::AttnBackwardRows,
         Consts::acc(acc),
-        &[&xb, &ps, &gob, &gxb],
+        &[&xb, &ps, &gob, &sc, &gxb],
     );
     for which in 0..2 {
         run(
             ["backward cols k", "backward cols v"][which as usize],
             Kernel::AttnBackwardCols,
             Consts::acc(acc).with("WHICH", which),
-            &[&xb, &ps, &gob, &gxb],
+            &[&xb, &ps, &gob, &sc, &gxb],
         );
     }
     let want: Vec<f64> = gx[0].iter().zip(&start).map(|(a, b)| a + b).collect();
@@ -186,7 +189,7 @@ fn run_case(
     let acc = !acc;
     let (rgxb, start) = out_buf(ctx, r, lx, acc);
     let rgx0 = read_raw(ctx, &rgxb);
-    let bufs = [&xb, &dxb, &ps, &pd, &gob, &rgob, &rgxb];
+    let bufs = [&xb, &dxb, &ps, &pd, &gob, &rgob, &sc, &rgxb];
     run(
         "R-backward rows",
         Kernel::AttnRBackwardRows,
@@ -207,6 +210,7 @@ fn run_case(
     // The state buffers' tails too.
     check_tail(ctx, &ps, &ps0, &format!("{tag} P state"));
     check_tail(ctx, &pd, &pd0, &format!("{tag} Ṗ state"));
+    check_tail(ctx, &sc, &sc0, &format!("{tag} scratch"));
 
     eprintln!(
         "{tag}: forward {:.1e}, R-forward {:.1e}, backward {:.1e}, R-backward {:.1e}",

@@ -340,13 +340,15 @@ kernels! {
     EmbScatter => Embedding::"emb_scatter", [R, R, W], EmbParams, ["KB", "KMAX"];
     /// Multi-head attention (shaders/attention.wgsl): a workgroup per
     /// (sample, head, query row), `Grid::Groups(n·heads·t)`; the `Cols`
-    /// kernels one per key column, `WHICH` 0 the k adjoint, 1 the v one.
+    /// kernels one per key column, `WHICH` 0 the k adjoint, 1 the v one;
+    /// gS and R(gS) pass from the rows kernel to the columns one through
+    /// the shared scratch (`Plan::partials`).
     AttnForward => Attention::"attn_forward", [R, W, W], AttnParams, [];
     AttnRForward => Attention::"attn_r_forward", [R, R, R, W, W], AttnParams, ["KB", "KMAX"];
-    AttnBackwardRows => Attention::"attn_backward_rows", [R, W, R, W], AttnParams, ["ACC"];
-    AttnBackwardCols => Attention::"attn_backward_cols", [R, R, R, W], AttnParams, ["WHICH", "ACC"];
-    AttnRBackwardRows => Attention::"attn_r_backward_rows", [R, R, R, W, R, R, W], AttnParams, ["ACC", "KB", "KMAX"];
-    AttnRBackwardCols => Attention::"attn_r_backward_cols", [R, R, R, R, R, R, W], AttnParams, ["WHICH", "ACC", "KB", "KMAX"];
+    AttnBackwardRows => Attention::"attn_backward_rows", [R, R, R, W, W], AttnParams, ["ACC"];
+    AttnBackwardCols => Attention::"attn_backward_cols", [R, R, R, R, W], AttnParams, ["WHICH", "ACC"];
+    AttnRBackwardRows => Attention::"attn_r_backward_rows", [R, R, R, R, R, R, W, W], AttnParams, ["ACC", "KB", "KMAX"];
+    AttnRBackwardCols => Attention::"attn_r_backward_cols", [R, R, R, R, R, R, R, W], AttnParams, ["WHICH", "ACC", "KB", "KMAX"];
     XentForwardBackward => Loss::"xent_forward_backward", [R, R, W, W, W], LossParams, [];
     XentRBackward => Loss::"xent_r_backward", [R, R, W], LossParams, ["KB", "KMAX"];
     /// y = f(x) for the activation `ACT` (see `layers::activation`).

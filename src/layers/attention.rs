@@ -386,6 +386,9 @@ impl Layer for MhaUnit {
     fn gpu_state(&self, node: &Node, n: usize, _cx: &StateCx) -> Vec<StateBuf> {
         gpu::state(node, n)
     }
+    fn gpu_scratch(&self, node: &Node, n: usize) -> usize {
+        gpu::scratch(node, n)
+    }
     fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
         gpu::forward(p, node, io)
     }

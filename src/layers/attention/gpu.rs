@@ -9,8 +9,10 @@
 //! into state buffers, tangents likewise) and unpacks the adjoints after,
 //! so one input given twice (`mha(x, x, x)`) adds its adjoints in turn.
 //!
-//! State per workspace: P then gS ([n, H, T, T] each); per tangent Ṗ then
-//! R(gS); the three-input form's packed values, tangents and adjoints.
+//! State per workspace: P [n, H, T, T]; per tangent Ṗ; the three-input
+//! form's packed values, tangents and adjoints. gS and R(gS), which pass
+//! only from a backward's rows kernel to its columns kernel, live in the
+//! layers' shared scratch (`Plan::partials`, a slice per tangent).
 
 use crate::dispatch::kernels::{AttnParams, Consts, Kernel};
 use crate::dispatch::plan::{NodeBufs, Plan};
@@ -79,21 +81,27 @@ pub fn grid(ap: &AttnParams) -> Grid {
     Grid::Groups((ap.n * ap.heads * ap.t) as usize)
 }
 
-/// P and gS; Ṗ and R(gS) per tangent; the three-input form's packed q | k
-/// | v, its tangent and its adjoint.
+/// Floats of shared scratch: gS, then R(gS).
+pub fn scratch(node: &Node, n: usize) -> usize {
+    let (t, _, heads, ..) = geo(node);
+    2 * n * heads * t * t
+}
+
+/// P; Ṗ per tangent; the three-input form's packed q | k | v, its tangent
+/// and its adjoint.
 pub fn state(node: &Node, n: usize) -> Vec<StateBuf> {
     let (t, d, heads, _, _, fused) = geo(node);
     let pt = n * heads * t * t;
     let mut s = vec![
         StateBuf {
-            name: "P and gS",
-            len: 2 * pt,
+            name: "P",
+            len: pt,
             init: None,
             tangent: false,
         },
         StateBuf {
-            name: "Ṗ and R(gS)",
-            len: 2 * pt,
+            name: "Ṗ",
+            len: pt,
             init: None,
             tangent: true,
         },
@@ -181,7 +189,7 @@ pub fn backward(p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
     } else {
         (io.state[3], io.state[4], false)
     };
-    let (ps, pd) = (io.state[0], io.state[1]);
+    let (ps, pd, sc) = (io.state[0], io.state[1], p.partials);
     let g = grid(&ap);
     let with = |which: u32| Consts::acc(acc).with("WHICH", which);
     if r {
@@ -189,7 +197,7 @@ pub fn backward(p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
             Kernel::AttnRBackwardRows,
             Consts::acc(acc),
             &ap,
-            vec![x, dx, ps, pd, io.g, io.gy, gx],
+            vec![x, dx, ps, pd, io.g, io.gy, sc, gx],
             g,
         );
         for which in 0..2 {
@@ -197,7 +205,7 @@ pub fn backward(p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
                 Kernel::AttnRBackwardCols,
                 with(which),
                 &ap,
-                vec![x, dx, ps, pd, io.g, io.gy, gx],
+                vec![x, dx, ps, pd, io.g, io.gy, sc, gx],
                 g,
             );
         }
@@ -206,7 +214,7 @@ pub fn backward(p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
             Kernel::AttnBackwardRows,
             Consts::acc(acc),
             &ap,
-            vec![x, ps, io.gy, gx],
+            vec![x, ps, io.gy, sc, gx],
             g,
         );
         for which in 0..2 {
@@ -214,7 +222,7 @@ pub fn backward(p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
                 Kernel::AttnBackwardCols,
                 with(which),
                 &ap,
-                vec![x, ps, io.gy, gx],
+                vec![x, ps, io.gy, sc, gx],
                 g,
             );
         }
