@@ -84,13 +84,14 @@ fn numbers(v: &serde_json::Value, out: &mut Vec<f64>) {
     }
 }
 
-/// Hv and a density on 2 ranks against one process, on `flags`' engine.
-fn ranks_equal_one(flags: &[&str], tol: f64) {
+/// Hv and a density on 2 ranks (and `more`) against one process, on
+/// `flags`' engine.
+fn ranks_equal_one(flags: &[&str], tol: f64, more: Option<usize>) {
     let dir = tempfile::tempdir().unwrap();
     let model = hesscope::model::Model::load("cnn-tiny").unwrap();
     let mut hv = vec![];
     let mut stdout = vec![];
-    for ranks in [None, Some(2)] {
+    for ranks in [None, Some(2)].into_iter().chain(more.map(Some)) {
         let out = dir
             .path()
             .join(format!("hv-{}.safetensors", ranks.unwrap_or(1)));
@@ -102,11 +103,13 @@ fn ranks_equal_one(flags: &[&str], tol: f64) {
     // Only rank 0 prints: one JSON object.
     let j: serde_json::Value = serde_json::from_str(stdout[1].trim()).unwrap();
     assert!(j["backend"].as_str().unwrap().starts_with("mpi:2x"), "{j}");
-    let e = rel_err(&hv[1], &hv[0]);
-    eprintln!("hvp {flags:?}: 2 ranks vs 1 process {e:.2e}");
-    assert!(e <= tol, "{e:.3e}");
+    for (i, h) in hv.iter().enumerate().skip(1) {
+        let e = rel_err(h, &hv[0]);
+        eprintln!("hvp {flags:?}: run {i} (2 ranks, then {more:?}) vs 1 process {e:.2e}");
+        assert!(e <= tol, "{e:.3e}");
+    }
     let mut dens = vec![];
-    for ranks in [None, Some(2)] {
+    for ranks in [None, Some(2)].into_iter().chain(more.map(Some)) {
         let out = dir
             .path()
             .join(format!("density-{}.json", ranks.unwrap_or(1)));
@@ -119,15 +122,18 @@ fn ranks_equal_one(flags: &[&str], tol: f64) {
         dens.push(v);
     }
     assert!(!dens[0].is_empty());
-    assert_eq!(dens[0].len(), dens[1].len());
-    let e = rel_err(&dens[1], &dens[0]);
-    eprintln!("density {flags:?}: 2 ranks vs 1 process {e:.2e}");
-    assert!(e <= tol, "{e:.3e}");
+    for (i, d) in dens.iter().enumerate().skip(1) {
+        assert_eq!(dens[0].len(), d.len());
+        let e = rel_err(d, &dens[0]);
+        eprintln!("density {flags:?}: run {i} (2 ranks, then {more:?}) vs 1 process {e:.2e}");
+        assert!(e <= tol, "{e:.3e}");
+    }
 }
 
 #[test]
 fn two_float64_ranks_equal_one_process() {
-    ranks_equal_one(&["--backend", "cpu"], F64_TOL);
+    // 4 ranks over 3 batches: one rank idles, the sum is whole.
+    ranks_equal_one(&["--backend", "cpu"], F64_TOL, Some(4));
 }
 
 #[test]
@@ -135,7 +141,7 @@ fn two_lavapipe_ranks_equal_one_process() {
     if gpu_context(hesscope::gpu::BackendChoice::Vulkan).is_none() {
         return;
     }
-    ranks_equal_one(&["--backend", "vulkan"], F32_TOL);
+    ranks_equal_one(&["--backend", "vulkan"], F32_TOL, None);
 }
 
 #[test]
