@@ -193,3 +193,33 @@ fn a_failing_rank_ends_every_rank_with_its_message() {
         "{err}"
     );
 }
+
+/// `mpirun -n 2 --devices vulkan:0,gl:0` (rank 0 on lavapipe, rank 1 on
+/// llvmpipe) against the same list in one process (two threads): the
+/// same batches on the same adapters, and the sum of two weighted terms
+/// is the same in either order, so the two Hv agree to float64 rounding
+/// (1e-15), not merely float32's: a rank that took other batches, or the
+/// other rank's device, errs by ≥ 1e-7.
+#[test]
+fn ranks_on_two_emulators_equal_the_same_list_in_one_process() {
+    use hesscope::gpu::BackendChoice;
+    if gpu_context(BackendChoice::Vulkan).is_none() || gpu_context(BackendChoice::Gl).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = hesscope::model::Model::load("cnn-tiny").unwrap();
+    let mut hv = vec![];
+    for ranks in [None, Some(2)] {
+        let out = dir
+            .path()
+            .join(format!("hv-{}.safetensors", ranks.unwrap_or(1)));
+        let (ok, so, err) = run(ranks, &args("hvp", &["--devices", "vulkan:0,gl:0"], &out));
+        assert!(ok, "{ranks:?}: {err}");
+        let j: serde_json::Value = serde_json::from_str(so.trim()).unwrap();
+        eprintln!("{ranks:?}: {} on {}", j["backend"], j["adapter"]);
+        hv.push(hesscope::model::params::load_vector(&model, &out).unwrap());
+    }
+    let e = rel_err(&hv[1], &hv[0]);
+    eprintln!("hvp --devices vulkan:0,gl:0: 2 ranks vs 2 threads {e:.2e}");
+    assert!(e <= 1e-15, "{e:.3e}");
+}
