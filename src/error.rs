@@ -78,6 +78,10 @@ pub enum Error {
     },
     #[error("{0}")]
     TooLarge(String),
+    /// One of several workers (an adapter of `--devices`, an MPI rank)
+    /// failed: which one, and its error in words.
+    #[error("{worker}: {msg}")]
+    Worker { worker: String, msg: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -32,6 +32,9 @@ fn main() -> ExitCode {
         env_logger::Env::default().default_filter_or("warn,wgpu_hal::gles=off"),
     )
     .init();
+    // MPI ranks (feature `mpi`, under mpirun): MPI ends with `_mpi`.
+    #[cfg(feature = "mpi")]
+    let _mpi = hesscope::multi::mpi::init();
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,
         Err(e) => {
@@ -46,7 +49,17 @@ fn main() -> ExitCode {
         // The reader of stdout is gone (`| head`): stop quietly.
         Err(e) if cli::errors::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            cli::output::notice(format!("error: {}", cli::errors::render(&e)));
+            let text = format!("error: {}", cli::errors::render(&e));
+            // An error not raised alike on every rank ends them all (the
+            // others may wait in a collective); an agreed one ends each
+            // rank normally, rank 0 printing it.
+            #[cfg(feature = "mpi")]
+            if let Some(m) = &_mpi {
+                if hesscope::multi::world().1 > 1 && !hesscope::multi::error_agreed() {
+                    m.abort(&text);
+                }
+            }
+            cli::output::notice(text);
             ExitCode::FAILURE
         }
     }

@@ -145,6 +145,14 @@ pub struct Inputs {
     /// which GPU in auto's order.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub adapter: usize,
+    /// Several engines at once, whole batches dealt to them by sample
+    /// count and their products summed in float64: a comma-separated list
+    /// of adapters `BACKEND:INDEX` (`vulkan:0,gl:0`, `vulkan:0,vulkan:1`),
+    /// `cpu` entries (the float64 engine; not mixed with adapters), or
+    /// `all` (every GPU adapter of the first backend that has one). Under
+    /// `mpirun`, rank r runs entry r mod the list's length.
+    #[arg(long, value_name = "LIST", conflicts_with_all = ["backend", "adapter"])]
+    pub devices: Option<String>,
     /// GiB of GPU memory for keeping every batch's forward results resident
     /// between Hessian-vector products (above it each product recomputes
     /// them). Default: a quarter of the adapter's device-local memory
@@ -298,6 +306,9 @@ impl Inputs {
         problem: Problem,
         options: hesscope::gpu::EngineOptions,
     ) -> Result<Box<dyn Curvature>> {
+        if let Some((engine, _)) = crate::cli::parallel::engine(self, &problem, options)? {
+            return Ok(engine);
+        }
         Ok(match self.gpu_engine(&problem, options)? {
             Some(engine) => Box::new(engine),
             None => Box::new(CpuReference::checked(problem)?),

@@ -6,6 +6,7 @@
 mod common;
 pub mod errors;
 pub mod output;
+mod parallel;
 mod selftest_cmd;
 mod spectral_args;
 mod spectral_cmds;
@@ -188,11 +189,46 @@ fn inputs_of(c: &Command) -> Option<&Inputs> {
     })
 }
 
+/// `--devices` and MPI ranks serve the commands that sweep data; the
+/// others are refused with them (train: one engine per run as yet).
+fn parallel_scope(c: &Command) -> Result<()> {
+    let (name, sweeps) = match c {
+        Command::Grad { .. } => ("grad", true),
+        Command::Hvp { .. } => ("hvp", true),
+        Command::Density(_) => ("density", true),
+        Command::Eigs(_) => ("eigs", true),
+        Command::Trace(_) => ("trace", true),
+        Command::TraceGrad(_) => ("trace-grad", true),
+        Command::Exact(_) => ("exact", true),
+        Command::Layers(_) => ("layers", true),
+        Command::Train(_) => ("train", false),
+        Command::Bench { .. } => ("bench", false),
+        Command::Selftest(_) => ("selftest", false),
+        // Deterministic from the seed: every rank computes the same,
+        // rank 0 writes it.
+        Command::Devices { .. } | Command::Init { .. } | Command::Synth { .. } => return Ok(()),
+    };
+    if sweeps {
+        return Ok(());
+    }
+    if inputs_of(c).is_some_and(|i| i.devices.is_some()) {
+        bail!("invalid --devices with `{name}`: it runs on one engine (--backend, --adapter)");
+    }
+    let (_, ranks) = hesscope::multi::world();
+    if ranks > 1 {
+        // Every rank was given the same command.
+        hesscope::multi::mark_agreed();
+        bail!("`{name}` runs in one process, not over {ranks} MPI ranks");
+    }
+    Ok(())
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     // Output files are checked before any computation.
     for (flag, path) in outputs(&cli.command) {
         output::check_writable(flag, path)?;
     }
+    parallel_scope(&cli.command)?;
     // The float64 engine's threads, before any parallel work.
     if let Some(inputs) = inputs_of(&cli.command) {
         hesscope::host::set_threads(inputs.threads)?;

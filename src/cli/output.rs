@@ -11,13 +11,26 @@ use serde_json::Value;
 use std::io::Write;
 use std::path::Path;
 
-pub use hesscope::train::write_atomic;
+/// Writes `path` atomically (`hesscope::train::write_atomic`); under MPI
+/// only rank 0 writes, the other ranks computed the same result.
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&Path) -> hesscope::Result<()>,
+) -> hesscope::Result<()> {
+    if !hesscope::multi::is_root() {
+        return Ok(());
+    }
+    hesscope::train::write_atomic(path, write)
+}
 
 /// An output file `path` (given by `flag`) can be written: its folder
 /// exists and takes a new file (`NAME.tmp`, created and removed here), and
 /// it is not a folder itself. Checked before the computation, so a typo
 /// does not cost a run.
 pub fn check_writable(flag: &str, path: &Path) -> Result<()> {
+    if !hesscope::multi::is_root() {
+        return Ok(());
+    }
     if path.is_dir() {
         anyhow::bail!("invalid {flag} {}: a folder, not a file", path.display());
     }

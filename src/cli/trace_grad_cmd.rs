@@ -86,9 +86,13 @@ pub fn trace_grad_cmd(a: TraceGradArgs) -> Result<()> {
         ..Default::default()
     };
     let (mut engine, steps): (Box<dyn HoldsDecisions>, Steps) =
-        match a.inputs.gpu_engine(&problem, options)? {
-            Some(gpu) => (Box::new(gpu), Steps::for_f32()),
-            None => (Box::new(CpuReference::checked(problem)?), Steps::default()),
+        match crate::cli::parallel::engine(&a.inputs, &problem, options)? {
+            Some((e, true)) => (e, Steps::default()),
+            Some((e, false)) => (e, Steps::for_f32()),
+            None => match a.inputs.gpu_engine(&problem, options)? {
+                Some(gpu) => (Box::new(gpu), Steps::for_f32()),
+                None => (Box::new(CpuReference::checked(problem)?), Steps::default()),
+            },
         };
     let cpu = engine.as_mut();
     let t = trace_grad(cpu, &probes, steps).context("computing the trace gradient")?;
