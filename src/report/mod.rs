@@ -427,7 +427,10 @@ pub struct CurvatureRecord {
     pub lambda_max: f64,
     pub lambda_min: f64,
     pub slq_trace: f64,
+    /// Standard errors over the SLQ runs (`null` with one run).
+    pub slq_trace_stderr: Option<f64>,
     pub negative_mass: f64,
+    pub negative_mass_stderr: Option<f64>,
     pub slq_steps: usize,
     /// The density on `grid` (integrating to 1), Gaussian kernel `sigma`.
     pub sigma: f64,
