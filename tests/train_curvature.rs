@@ -186,10 +186,14 @@ fn records_are_the_spectral_commands_on_each_epochs_checkpoint() {
                 vec![
                     c["lambda_max"].as_f64().unwrap(),
                     c["slq_trace"].as_f64().unwrap(),
+                    c["slq_trace_stderr"].as_f64().unwrap(),
+                    c["negative_mass_stderr"].as_f64().unwrap(),
                 ],
                 vec![
                     den["lambda_max"].as_f64().unwrap(),
                     den["trace"].as_f64().unwrap(),
+                    den["trace_stderr"].as_f64().unwrap(),
+                    den["negative_mass_stderr"].as_f64().unwrap(),
                 ],
             ),
             (

@@ -9,6 +9,8 @@ use clap::{Args, ValueEnum};
 use hesscope::engine::Curvature;
 use hesscope::gpu::{BasisPlace, EngineOptions};
 use hesscope::model::Model;
+use hesscope::report::{DeflationReport, DensityReport};
+use hesscope::spectral::deflate::{self, DeflateCount};
 use hesscope::spectral::lanczos::BasisBudget;
 use hesscope::spectral::plot::density_svg;
 use hesscope::spectral::slq::{self, SlqRun};
@@ -224,6 +226,18 @@ pub struct Smoothed {
     pub grid: Vec<f64>,
     pub density: Vec<f64>,
     pub sigma: f64,
+    /// The mass of the runs' mean on the grid before normalising (≈ 1).
+    pub mass: f64,
+}
+
+impl Smoothed {
+    /// The band of the runs' mean at every grid point, normalised as the
+    /// density is (`bands::density_stderr`); None with one run.
+    pub fn stderr(&self, runs: &[SlqRun]) -> Option<Vec<f64>> {
+        let mut se = hesscope::spectral::bands::density_stderr(runs, &self.grid, self.sigma)?;
+        se.iter_mut().for_each(|x| *x /= self.mass);
+        Some(se)
+    }
 }
 
 impl SmoothingArgs {
@@ -267,6 +281,16 @@ impl SmoothingArgs {
     /// underflows to zero everywhere (a kernel far narrower than the grid
     /// spacing) or is not finite.
     pub(crate) fn density(&self, runs: &[SlqRun], grid: &[f64], sigma: f64) -> Result<Vec<f64>> {
+        Ok(self.density_and_mass(runs, grid, sigma)?.0)
+    }
+
+    /// [`SmoothingArgs::density`] and the mass it was normalised by.
+    fn density_and_mass(
+        &self,
+        runs: &[SlqRun],
+        grid: &[f64],
+        sigma: f64,
+    ) -> Result<(Vec<f64>, f64)> {
         let mut d = slq::density_on(runs, grid, sigma);
         let mass = slq::integrate(grid, &d);
         let spacing = (grid[grid.len() - 1] - grid[0]) / (grid.len() - 1) as f64;
@@ -285,17 +309,18 @@ impl SmoothingArgs {
                  {spacing:.3e}); choose a --sigma near the spacing or above"
             );
         }
-        Ok(d)
+        Ok((d, mass))
     }
 
     pub(crate) fn smooth(&self, runs: &[SlqRun], default_points: usize) -> Result<Smoothed> {
         let (lo, hi) = slq::extremes(runs);
         let (grid, sigma) = self.grid(lo, hi, slq::default_sigma(lo, hi), default_points)?;
-        let density = self.density(runs, &grid, sigma)?;
+        let (density, mass) = self.density_and_mass(runs, &grid, sigma)?;
         Ok(Smoothed {
             grid,
             density,
             sigma,
+            mass,
         })
     }
 }
@@ -349,13 +374,132 @@ pub(crate) fn write_plot(
     exact: Option<&[f64]>,
 ) -> Result<()> {
     if let Some(p) = path {
-        let text = density_svg(title, grid, dens, exact);
+        let text = density_svg(title, grid, dens, exact, None);
         output::write_atomic(p, |t| {
             std::fs::write(t, &text).map_err(|e| hesscope::Error::io(t, e))
         })
         .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
+}
+
+/// The density's plot with its band (±2 standard errors) shaded.
+pub(crate) fn write_band_plot(
+    path: &Option<PathBuf>,
+    title: &str,
+    grid: &[f64],
+    dens: &[f64],
+    stderr: Option<&[f64]>,
+) -> Result<()> {
+    if let Some(p) = path {
+        let text = density_svg(title, grid, dens, None, stderr);
+        output::write_atomic(p, |t| {
+            std::fs::write(t, &text).map_err(|e| hesscope::Error::io(t, e))
+        })
+        .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// `--deflate K|auto`.
+pub(crate) fn parse_deflate(s: &str) -> std::result::Result<DeflateCount, String> {
+    if s == "auto" {
+        return Ok(DeflateCount::Auto);
+    }
+    match s.parse::<usize>() {
+        Ok(k) if k >= 1 => Ok(DeflateCount::Fixed(k)),
+        _ => Err(format!(
+            "`{s}`: the number of eigenpairs to deflate (at least 1), or `auto`"
+        )),
+    }
+}
+
+/// A deflated SLQ over `op` ([`deflate::deflated_slq`]) within `total`
+/// products, counted and with a progress bar (on a terminal).
+pub(crate) fn counted_deflated_slq(
+    op: &mut dyn SymOperator,
+    count: DeflateCount,
+    total: usize,
+    steps: usize,
+    seed: u64,
+    block: usize,
+    budget: BasisBudget,
+) -> hesscope::Result<(CountedSlq, DeflationReport)> {
+    let mut counted = Counted::new(op, total, "density (deflated)");
+    let d = deflate::deflated_slq(&mut counted, count, total, steps, seed, block, budget)?;
+    counted.bar.finish_and_clear();
+    let o = &d.outliers;
+    let report = DeflationReport {
+        requested: match count {
+            DeflateCount::Auto => "auto".into(),
+            DeflateCount::Fixed(k) => k.to_string(),
+        },
+        rule: match count {
+            DeflateCount::Auto => DEFLATE_AUTO_RULE,
+            DeflateCount::Fixed(_) => DEFLATE_FIXED_RULE,
+        },
+        k: o.values.len(),
+        asked: o.asked,
+        eigenvalues: o.values.clone(),
+        residuals: o.residuals.clone(),
+        residual_bound: o.bound,
+        not_deflated: o
+            .candidates
+            .iter()
+            .filter(|(_, r)| *r > o.bound)
+            .map(|(l, _)| *l)
+            .collect(),
+        eigs_steps: o.steps,
+        eigs_hvps: o.hvps,
+        bulk_steps: d.steps,
+        bulk_runs: d.bulk_runs,
+        budget: total,
+    };
+    Ok((
+        CountedSlq {
+            runs: d.runs,
+            hvps: counted.count,
+            sweeps: counted.sweeps,
+            hvp_seconds: counted.product_seconds,
+            basis: d.basis,
+        },
+        report,
+    ))
+}
+
+/// The rules `DeflationReport::rule` states.
+pub(crate) const DEFLATE_FIXED_RULE: &str = "the K eigenpairs of largest |lambda| by eigs, kept where the true residual is <= 1e-6 |lambda|max";
+pub(crate) const DEFLATE_AUTO_RULE: &str = "every one of the top 64 eigenpairs by |lambda| that eigs resolves to a true residual <= 1e-6 |lambda|max within a third of the budget (a gap rule by convergence: those are the eigenvalues separated from the rest of the spectrum)";
+
+/// The text output's lines on the band and the deflation.
+pub(crate) fn band_text(r: &DensityReport) -> String {
+    let mut t = match r.density_stderr {
+        Some(_) => format!(
+            "  band: ±2 standard errors of the mean over the {} runs at every grid point \
+             (density_stderr in the JSON)\n",
+            r.runs_count
+        ),
+        None => "  no band: one run says nothing about the spread (use --runs 2 or more)\n".into(),
+    };
+    if let Some(d) = &r.deflation {
+        t.push_str(&format!(
+            "  deflated {} of {} eigenpairs of largest |λ| (residuals ≤ {:.1e}){}: eigs took {} \
+             of the {} products, the bulk {} runs × {} steps\n",
+            d.k,
+            d.asked,
+            d.residual_bound,
+            if d.k < d.asked {
+                format!(", {} not converged", d.asked - d.k)
+            } else {
+                String::new()
+            },
+            d.eigs_hvps,
+            d.budget,
+            d.bulk_runs,
+            d.bulk_steps
+        ));
+    }
+    t
 }
 
 /// `value` must be in 1..=max; the error names the flag, the value and

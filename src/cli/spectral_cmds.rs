@@ -9,6 +9,8 @@ use hesscope::report::{
     known, DensityReport, EigsReport, ExactReport, LayerRow, LayersReport, TraceEstimates,
     TraceReport, TraceRow,
 };
+use hesscope::spectral::bands;
+use hesscope::spectral::deflate::{self, DeflateCount};
 use hesscope::spectral::eigs::{eigs, gradient_fractions, EigsSettings, Which};
 use hesscope::spectral::exact::{exact_spectrum, EXACT_HARD_MAX_PARAMS, EXACT_MAX_PARAMS};
 use hesscope::spectral::layers::{bhattacharyya, BlockOperator};
@@ -24,12 +26,19 @@ pub use crate::cli::spectral_args::*;
 pub struct DensityArgs {
     #[command(flatten)]
     pub block: BlockArgs,
-    /// Lanczos steps per run.
-    #[arg(long, default_value_t = slq::DEFAULT_STEPS, allow_hyphen_values = true)]
-    pub steps: usize,
-    /// Independent runs (Gaussian start vectors).
+    /// Lanczos steps per run (default 90; with --deflate, 30 per bulk run).
+    #[arg(long, allow_hyphen_values = true)]
+    pub steps: Option<usize>,
+    /// Independent runs (Gaussian start vectors). With --deflate, the
+    /// budget is 90 × runs products in all (or --steps × runs), the
+    /// deflation's included, and the bulk gets as many runs as it leaves.
     #[arg(long, default_value_t = slq::DEFAULT_RUNS, allow_hyphen_values = true)]
     pub runs: usize,
+    /// Deflate the K eigenpairs of largest |λ| first (`eigs`, residual
+    /// checked) and run SLQ on the rest; `auto`: every one of the top 64
+    /// that converges within a third of the budget. See README.
+    #[arg(long, value_name = "K|auto", value_parser = parse_deflate, allow_hyphen_values = true)]
+    pub deflate: Option<DeflateCount>,
     #[command(flatten)]
     pub sweep: SweepArgs,
     #[command(flatten)]
@@ -47,7 +56,8 @@ pub struct DensityArgs {
 }
 
 pub fn density(a: DensityArgs) -> Result<()> {
-    check_count("--steps", a.steps, MAX_STEPS)?;
+    let given_steps = a.steps.unwrap_or(slq::DEFAULT_STEPS);
+    check_count("--steps", given_steps, MAX_STEPS)?;
     check_count("--runs", a.runs, MAX_RUNS)?;
     a.sweep.validate()?;
     let budget = a.basis.budget()?;
@@ -66,24 +76,51 @@ pub fn density(a: DensityArgs) -> Result<()> {
     let mut h = Hessian(l.engine.as_mut());
     let mut block = BlockOperator::new(&mut h, range.clone());
     let n = block.dim();
-    let steps = a.steps.min(n);
     let t = Instant::now();
-    let CountedSlq {
-        runs,
-        hvps,
-        sweeps,
-        hvp_seconds,
-        basis,
-    } = counted_slq(
-        &mut block,
+    let (
+        CountedSlq {
+            runs,
+            hvps,
+            sweeps,
+            hvp_seconds,
+            basis,
+        },
         steps,
-        a.runs,
-        a.inputs.seed,
-        sweep,
-        budget,
-        "density",
-    )
-    .context("stochastic Lanczos quadrature")?;
+        deflation,
+    ) = match a.deflate {
+        None => {
+            let steps = given_steps.min(n);
+            let r = counted_slq(
+                &mut block,
+                steps,
+                a.runs,
+                a.inputs.seed,
+                sweep,
+                budget,
+                "density",
+            )
+            .context("stochastic Lanczos quadrature")?;
+            (r, steps, None)
+        }
+        Some(count) => {
+            // The budget of the undeflated default (or of --steps × --runs).
+            let total = given_steps.saturating_mul(a.runs);
+            let steps = a.steps.unwrap_or(deflate::DEFLATED_STEPS);
+            check_count("--steps", steps, MAX_STEPS)?;
+            let (r, d) = counted_deflated_slq(
+                &mut block,
+                count,
+                total,
+                steps,
+                a.inputs.seed,
+                sweep,
+                budget,
+            )
+            .context("deflated stochastic Lanczos quadrature")?;
+            let steps = d.bulk_steps;
+            (r, steps, Some(d))
+        }
+    };
     let lanczos_seconds = t.elapsed().as_secs_f64();
     let mut summary = slq::summarize(&runs, n);
     // A block of a larger Hessian whose Ritz values are all tiny: compared
@@ -104,23 +141,35 @@ pub fn density(a: DensityArgs) -> Result<()> {
         }
     }
     let smoothed = a.smoothing.smooth(&runs, slq::DEFAULT_GRID)?;
+    let stderr = smoothed.stderr(&runs);
     let title = format!(
-        "{}{} Hessian density ({} steps × {} runs)",
+        "{}{} Hessian density ({} steps × {} runs{})",
         l.model.name,
         layer_suffix(&a.block.layer),
         steps,
-        a.runs
+        runs.len(),
+        deflation
+            .as_ref()
+            .map(|d| format!(", {} outliers deflated", d.k))
+            .unwrap_or_default()
     );
-    write_plot(&a.plot, &title, &smoothed.grid, &smoothed.density, None)?;
+    write_band_plot(
+        &a.plot,
+        &title,
+        &smoothed.grid,
+        &smoothed.density,
+        stderr.as_deref(),
+    )?;
     let report = DensityReport {
         lambda_max: summary.lambda_max,
         lambda_min: summary.lambda_min,
         trace: summary.trace,
         trace_stderr: known(summary.trace_stderr),
         negative_mass: summary.negative_mass,
+        negative_mass_stderr: known(summary.negative_mass_stderr),
         n_params: n,
         steps,
-        runs_count: a.runs,
+        runs_count: runs.len(),
         sigma: smoothed.sigma,
         grid_points: smoothed.grid.len(),
         hvps,
@@ -133,6 +182,9 @@ pub fn density(a: DensityArgs) -> Result<()> {
         settings,
         grid: smoothed.grid,
         density: smoothed.density,
+        band: bands::BAND_METHOD,
+        density_stderr: stderr,
+        deflation,
         runs,
     };
     export(a.inputs.json, a.out.as_deref(), &report)?;
@@ -143,15 +195,17 @@ pub fn density(a: DensityArgs) -> Result<()> {
         "{title} on {} ({})\n",
         report.settings.adapter, report.settings.backend
     );
+    text.push_str(&band_text(&report));
     text.push_str(&format!(
         "  λmax {:.6e}   λmin {:.6e}\n",
         report.lambda_max, report.lambda_min
     ));
     text.push_str(&format!(
-        "  trace ≈ {:.6e} ± {}   negative mass {:.4}\n",
+        "  trace ≈ {:.6e} ± {}   negative mass {:.4} ± {}\n",
         report.trace,
         or_unknown(report.trace_stderr, |s| format!("{s:.2e}")),
-        report.negative_mass
+        report.negative_mass,
+        or_unknown(report.negative_mass_stderr, |s| format!("{s:.1e}"))
     ));
     text.push_str(&format!(
         "  {hvps} Hessian-vector products ({sweeps} sweeps of up to {sweep}) in {lanczos_seconds:.1} s, \
@@ -634,6 +688,7 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
             trace: s.trace,
             trace_stderr: known(s.trace_stderr),
             negative_mass: s.negative_mass,
+            negative_mass_stderr: known(s.negative_mass_stderr),
             similarity: bhattacharyya(&grid, &d, &fd),
         });
     }

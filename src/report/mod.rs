@@ -139,8 +139,12 @@ pub struct DensityReport {
     /// Over runs; `null` with one run (unknown, not zero).
     pub trace_stderr: Option<f64>,
     pub negative_mass: f64,
+    /// Over runs (ratio estimator); `null` with one run.
+    pub negative_mass_stderr: Option<f64>,
     pub n_params: usize,
+    /// Lanczos steps per run (with `deflation`: per bulk run).
     pub steps: usize,
+    /// The runs the density, its band and its moments rest on.
     pub runs_count: usize,
     pub sigma: f64,
     pub grid_points: usize,
@@ -161,7 +165,42 @@ pub struct DensityReport {
     pub grid: Vec<f64>,
     /// On `grid`, integrating to 1.
     pub density: Vec<f64>,
+    /// What `density_stderr` is (`spectral::bands::BAND_METHOD`).
+    pub band: &'static str,
+    /// The standard error of `density` at every grid point (normalised as
+    /// it is); `null` with one run.
+    pub density_stderr: Option<Vec<f64>>,
+    /// With `--deflate`: the eigenpairs deflated and the budget's split;
+    /// `runs` then hold the spikes folded into every bulk run.
+    pub deflation: Option<DeflationReport>,
     pub runs: Vec<SlqRun>,
+}
+
+/// `hesscope density --deflate`: the outliers taken out before SLQ.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeflationReport {
+    /// `--deflate` as given: K or `auto`.
+    pub requested: String,
+    /// How the deflated pairs were chosen.
+    pub rule: &'static str,
+    /// Eigenpairs deflated (spikes of mass 1/n each).
+    pub k: usize,
+    /// Eigenpairs asked of `eigs`.
+    pub asked: usize,
+    /// The deflated eigenvalues, largest |λ| first, and their true
+    /// residuals ‖Hv − λv‖.
+    pub eigenvalues: Vec<f64>,
+    pub residuals: Vec<f64>,
+    pub residual_bound: f64,
+    /// Ritz values `eigs` returned that did not converge (left in the bulk).
+    pub not_deflated: Vec<f64>,
+    pub eigs_steps: usize,
+    /// Products `eigs` took, residual checks included (of `budget`).
+    pub eigs_hvps: usize,
+    pub bulk_steps: usize,
+    pub bulk_runs: usize,
+    /// Products in all: 90 × --runs by default (--steps × --runs).
+    pub budget: usize,
 }
 
 /// `hesscope eigs`.
@@ -286,6 +325,8 @@ pub struct LayerRow {
     /// `null` with one run.
     pub trace_stderr: Option<f64>,
     pub negative_mass: f64,
+    /// `null` with one run.
+    pub negative_mass_stderr: Option<f64>,
     pub similarity: f64,
 }
 
@@ -386,7 +427,10 @@ pub struct CurvatureRecord {
     pub lambda_max: f64,
     pub lambda_min: f64,
     pub slq_trace: f64,
+    /// Standard errors over the SLQ runs (`null` with one run).
+    pub slq_trace_stderr: Option<f64>,
     pub negative_mass: f64,
+    pub negative_mass_stderr: Option<f64>,
     pub slq_steps: usize,
     /// The density on `grid` (integrating to 1), Gaussian kernel `sigma`.
     pub sigma: f64,

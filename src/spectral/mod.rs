@@ -2,7 +2,9 @@
 //! stochastic Lanczos quadrature, Ritz pairs, trace estimators, layerwise
 //! blocks, dense spectra, plots.
 
+pub mod bands;
 pub mod compensated;
+pub mod deflate;
 pub mod eigs;
 pub mod exact;
 pub mod lanczos;

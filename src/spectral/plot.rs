@@ -1,5 +1,6 @@
 //! The density as an SVG on a log-scale y axis, as in Ghorbani et al.'s
-//! figures; with exact eigenvalues, their normalised histogram overlaid.
+//! figures; with exact eigenvalues, their normalised histogram overlaid;
+//! with a standard error per grid point, a shaded band of ±2 of them.
 //! Written by hand: a line, a histogram and two axes do not need a
 //! plotting crate.
 
@@ -30,12 +31,29 @@ fn nice_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     out
 }
 
-/// SVG text of the density (and an exact histogram) over `grid`.
-pub fn density_svg(title: &str, grid: &[f64], density: &[f64], exact: Option<&[f64]>) -> String {
+/// SVG text of the density (and an exact histogram, and a band of ±2
+/// standard errors `stderr`) over `grid`. The band's lower edge at or
+/// below zero is drawn at the axis' floor (a log scale has no zero).
+pub fn density_svg(
+    title: &str,
+    grid: &[f64],
+    density: &[f64],
+    exact: Option<&[f64]>,
+    stderr: Option<&[f64]>,
+) -> String {
     let (x0, x1) = (grid[0], *grid.last().unwrap());
     let peak = density.iter().cloned().fold(0.0f64, f64::max).max(1e-300);
+    // The band's top edge fits too (a density's own peak sets the floor).
+    let top = match stderr {
+        Some(se) => density
+            .iter()
+            .zip(se)
+            .map(|(d, e)| d + 2.0 * e)
+            .fold(peak, f64::max),
+        None => peak,
+    };
     // Twelve decades below the peak, as far as log-scale SLQ plots are read.
-    let (ly0, ly1) = ((peak * 1e-12).log10().floor(), peak.log10().ceil());
+    let (ly0, ly1) = ((peak * 1e-12).log10().floor(), top.log10().ceil());
     let px = |x: f64| L + (x - x0) / (x1 - x0).max(f64::MIN_POSITIVE) * (W - L - R);
     let py = |y: f64| {
         let ly = y.max(10f64.powf(ly0)).log10();
@@ -76,6 +94,32 @@ pub fn density_svg(title: &str, grid: &[f64], density: &[f64], exact: Option<&[f
                 (H - B - py(h)).max(0.0)
             );
         }
+    }
+    if let Some(se) = stderr {
+        let mut band = String::new();
+        let upper = grid
+            .iter()
+            .zip(density)
+            .zip(se)
+            .map(|((x, y), e)| (x, y + 2.0 * e));
+        let lower = grid
+            .iter()
+            .zip(density)
+            .zip(se)
+            .map(|((x, y), e)| (x, y - 2.0 * e));
+        for (i, (x, y)) in upper.chain(lower.rev()).enumerate() {
+            let _ = write!(
+                band,
+                "{}{:.2},{:.2} ",
+                if i == 0 { "M" } else { "L" },
+                px(*x),
+                py(y)
+            );
+        }
+        let _ = write!(
+            s,
+            r##"<path d="{band}Z" fill="#92c5de" fill-opacity="0.6" stroke="none"><title>±2 standard errors over the runs</title></path>"##
+        );
     }
     let mut path = String::new();
     for (i, (x, y)) in grid.iter().zip(density).enumerate() {

@@ -60,6 +60,22 @@ pub fn slq_with_plan(
     block: usize,
     plan: &BasisPlan,
 ) -> Result<Vec<SlqRun>> {
+    slq_from_starts(op, steps, runs, seed, block, plan, &|_| {})
+}
+
+/// [`slq_with_plan`] with every Gaussian start passed through `start`
+/// before Lanczos normalises it (the deflated SLQ projects its starts off
+/// the deflated vectors, `deflate::Projector`). The starts are drawn from
+/// `seed` as in [`slq_with_plan`], so an identity `start` gives its runs.
+pub fn slq_from_starts(
+    op: &mut dyn SymOperator,
+    steps: usize,
+    runs: usize,
+    seed: u64,
+    block: usize,
+    plan: &BasisPlan,
+    start: &dyn Fn(&mut [f64]),
+) -> Result<Vec<SlqRun>> {
     check_counts(op, steps, runs, block)?;
     let n = op.dim();
     let block = block.min(runs);
@@ -68,10 +84,11 @@ pub fn slq_with_plan(
     for first in (0..runs).step_by(block) {
         let mut group = vec![];
         for r in first..(first + block).min(runs) {
-            let start = gaussian_unit(n, &mut rng);
+            let mut v = gaussian_unit(n, &mut rng);
+            start(&mut v);
             group.push(Recurrence::with_basis(
                 n,
-                &start,
+                &v,
                 plan.basis(n, steps + 1)?,
                 seed.wrapping_add(r as u64),
             )?);
@@ -238,6 +255,9 @@ pub struct SlqSummary {
     pub trace_stderr: f64,
     /// Σ|λ| over λ < 0 divided by Σ|λ|, from the quadrature.
     pub negative_mass: f64,
+    /// Standard error of the negative mass over runs (the ratio of sums
+    /// over runs: `bands::ratio_stderr`); NaN (unknown) with one run.
+    pub negative_mass_stderr: f64,
 }
 
 pub fn summarize(runs: &[SlqRun], n: usize) -> SlqSummary {
@@ -262,13 +282,19 @@ pub fn summarize(runs: &[SlqRun], n: usize) -> SlqSummary {
         f64::NAN
     };
     let (mut neg, mut abs) = (0.0, 0.0);
+    let (mut negs, mut abss) = (vec![], vec![]);
     for r in runs {
+        let (mut rn, mut ra) = (0.0, 0.0);
         for (l, w) in r.nodes.iter().zip(&r.weights) {
             abs += w * l.abs();
+            ra += w * l.abs();
             if *l < 0.0 {
                 neg += w * l.abs();
+                rn += w * l.abs();
             }
         }
+        negs.push(rn);
+        abss.push(ra);
     }
     SlqSummary {
         lambda_max: lmax,
@@ -276,6 +302,7 @@ pub fn summarize(runs: &[SlqRun], n: usize) -> SlqSummary {
         trace: mean,
         trace_stderr: (var / k).sqrt(),
         negative_mass: if abs > 0.0 { neg / abs } else { 0.0 },
+        negative_mass_stderr: crate::spectral::bands::ratio_stderr(&negs, &abss),
     }
 }
 
@@ -304,6 +331,7 @@ impl SlqSummary {
             trace: 0.0,
             trace_stderr: 0.0,
             negative_mass: 0.0,
+            negative_mass_stderr: 0.0,
         }
     }
 }
