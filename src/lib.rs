@@ -19,6 +19,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod layers;
 pub mod model;
+pub mod operator;
 pub mod ops;
 pub mod report;
 pub mod selftest;

@@ -4,7 +4,6 @@ use crate::cli::common::{self, Backend, Inputs};
 use crate::cli::output::{self, export, or_unknown};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use hesscope::engine::Hessian;
 use hesscope::report::{
     known, DensityReport, EigsReport, ExactReport, LayerRow, LayersReport, TraceEstimates,
     TraceReport, TraceRow,
@@ -24,6 +23,8 @@ pub use crate::cli::spectral_args::*;
 pub struct DensityArgs {
     #[command(flatten)]
     pub block: BlockArgs,
+    #[command(flatten)]
+    pub operator: OperatorArgs,
     /// Lanczos steps per run.
     #[arg(long, default_value_t = slq::DEFAULT_STEPS, allow_hyphen_values = true)]
     pub steps: usize,
@@ -59,11 +60,12 @@ pub fn density(a: DensityArgs) -> Result<()> {
         .load_with_options(a.basis.engine_options(a.sweep.block)?)?;
     a.basis.check_engine(l.engine.as_ref())?;
     let range = block_range(&l.model, &a.block.layer)?;
-    let settings = a
+    let mut settings = a
         .inputs
         .settings_with_decisions(l.engine.as_mut(), a.block.layer.as_deref())?;
+    settings.operator = Some(a.operator.get());
     let sweep = a.sweep.resolve(l.engine.as_ref());
-    let mut h = Hessian(l.engine.as_mut());
+    let mut h = a.operator.of(l.engine.as_mut());
     let mut block = BlockOperator::new(&mut h, range.clone());
     let n = block.dim();
     let steps = a.steps.min(n);
@@ -105,9 +107,10 @@ pub fn density(a: DensityArgs) -> Result<()> {
     }
     let smoothed = a.smoothing.smooth(&runs, slq::DEFAULT_GRID)?;
     let title = format!(
-        "{}{} Hessian density ({} steps × {} runs)",
+        "{}{} {} density ({} steps × {} runs)",
         l.model.name,
         layer_suffix(&a.block.layer),
+        a.operator.get().describe(),
         steps,
         a.runs
     );
@@ -154,9 +157,11 @@ pub fn density(a: DensityArgs) -> Result<()> {
         report.negative_mass
     ));
     text.push_str(&format!(
-        "  {hvps} Hessian-vector products ({sweeps} sweeps of up to {sweep}) in {lanczos_seconds:.1} s, \
+        "  {hvps} {} products ({sweeps} sweeps of up to {sweep}) in {lanczos_seconds:.1} s, \
          {hvp_seconds:.1} s of them in the products (total {:.1} s); basis in {}\n",
-        report.seconds, report.basis
+        a.operator.get().describe(),
+        report.seconds,
+        report.basis
     ));
     for p in a.out.iter().chain(&a.plot) {
         text.push_str(&format!("  wrote {}\n", p.display()));
@@ -190,6 +195,8 @@ impl From<WhichArg> for Which {
 pub struct EigsArgs {
     #[command(flatten)]
     pub block: BlockArgs,
+    #[command(flatten)]
+    pub operator: OperatorArgs,
     /// How many eigenvalues.
     #[arg(long, default_value_t = 5, allow_hyphen_values = true)]
     pub top: usize,
@@ -239,13 +246,14 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
             l.model.name
         );
     }
-    let settings = a
+    let mut settings = a
         .inputs
         .settings_with_decisions(l.engine.as_mut(), a.block.layer.as_deref())?;
+    settings.operator = Some(a.operator.get());
     let sweep = a.sweep.resolve(l.engine.as_ref());
     let (_, grad) = l.engine.loss_grad().context("computing the gradient")?;
     let g = grad[range.clone()].to_vec();
-    let mut h = Hessian(l.engine.as_mut());
+    let mut h = a.operator.of(l.engine.as_mut());
     let mut block = BlockOperator::new(&mut h, range.clone());
     let mut op = Counted::new(&mut block, a.steps.min(range.len()), "eigs");
     let which: Which = a.which.into();
@@ -300,9 +308,10 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
         return Ok(());
     }
     let mut text = format!(
-        "{} eigenvalues ({:?}) of {}{}:\n",
+        "{} eigenvalues ({:?}) of the {} of {}{}:\n",
         report.eigenvalues.len(),
         which,
+        a.operator.get().describe(),
         l.model.name,
         layer_suffix(&a.block.layer)
     );
@@ -333,6 +342,8 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
 pub struct TraceArgs {
     #[command(flatten)]
     pub block: BlockArgs,
+    #[command(flatten)]
+    pub operator: OperatorArgs,
     /// Hutchinson probes (and Hutch++'s budget of products).
     #[arg(long, default_value_t = 100, allow_hyphen_values = true)]
     pub probes: usize,
@@ -371,9 +382,10 @@ pub fn trace_cmd(a: TraceArgs) -> Result<()> {
     a.sweep.validate()?;
     let t0 = Instant::now();
     let mut l = a.inputs.load_block(a.sweep.block)?;
-    let settings = a
+    let mut settings = a
         .inputs
         .settings_with_decisions(l.engine.as_mut(), a.block.layer.as_deref())?;
+    settings.operator = Some(a.operator.get());
     let sweep = a.sweep.resolve(l.engine.as_ref());
     let blocks: Vec<(String, std::ops::Range<usize>)> = if a.layerwise {
         l.model.modules()
@@ -383,7 +395,7 @@ pub fn trace_cmd(a: TraceArgs) -> Result<()> {
             block_range(&l.model, &a.block.layer)?,
         )]
     };
-    let mut h = Hessian(l.engine.as_mut());
+    let mut h = a.operator.of(l.engine.as_mut());
     let mut rows = vec![];
     for (name, range) in blocks {
         let mut block = BlockOperator::new(&mut h, range.clone());
@@ -429,6 +441,8 @@ pub fn trace_cmd(a: TraceArgs) -> Result<()> {
 pub struct ExactArgs {
     #[command(flatten)]
     pub block: BlockArgs,
+    #[command(flatten)]
+    pub operator: OperatorArgs,
     /// Largest model (or block) accepted: n Hessian-vector products and an
     /// n×n float64 matrix.
     #[arg(long, default_value_t = EXACT_MAX_PARAMS, allow_hyphen_values = true)]
@@ -473,12 +487,13 @@ pub fn exact_cmd(mut a: ExactArgs) -> Result<()> {
         );
     }
     let mut l = a.inputs.load_with(model, weights)?;
-    let settings = a
+    let mut settings = a
         .inputs
         .settings_with_decisions(l.engine.as_mut(), a.block.layer.as_deref())?;
+    settings.operator = Some(a.operator.get());
     let (_, grad) = l.engine.loss_grad().context("computing the gradient")?;
     let g = grad[range.clone()].to_vec();
-    let mut h = Hessian(l.engine.as_mut());
+    let mut h = a.operator.of(l.engine.as_mut());
     let mut block = BlockOperator::new(&mut h, range.clone());
     let n = block.dim();
     let mut op = Counted::new(&mut block, n, "exact");
@@ -505,7 +520,11 @@ pub fn exact_cmd(mut a: ExactArgs) -> Result<()> {
     let smoothed = a.smoothing.smooth(&one, slq::DEFAULT_GRID)?;
     write_plot(
         &a.plot,
-        &format!("{} exact Hessian spectrum (n = {n})", l.model.name),
+        &format!(
+            "{} exact {} spectrum (n = {n})",
+            l.model.name,
+            a.operator.get().describe()
+        ),
         &smoothed.grid,
         &smoothed.density,
         Some(&vals),
@@ -541,6 +560,8 @@ pub fn exact_cmd(mut a: ExactArgs) -> Result<()> {
 
 #[derive(Args, Debug, Clone)]
 pub struct LayersArgs {
+    #[command(flatten)]
+    pub operator: OperatorArgs,
     /// Lanczos steps per layer run.
     #[arg(long, default_value_t = 30, allow_hyphen_values = true)]
     pub steps: usize,
@@ -574,10 +595,11 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
         .inputs
         .load_with_options(a.basis.engine_options(a.sweep.block)?)?;
     a.basis.check_engine(l.engine.as_ref())?;
-    let settings = a.inputs.settings_with_decisions(l.engine.as_mut(), None)?;
+    let mut settings = a.inputs.settings_with_decisions(l.engine.as_mut(), None)?;
+    settings.operator = Some(a.operator.get());
     let sweep = a.sweep.resolve(l.engine.as_ref());
     let modules = l.model.modules();
-    let mut h = Hessian(l.engine.as_mut());
+    let mut h = a.operator.of(l.engine.as_mut());
     let n = h.dim();
     let CountedSlq {
         runs: full, basis, ..
@@ -588,7 +610,7 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
         a.inputs.seed,
         sweep,
         budget,
-        "full Hessian",
+        &format!("full {}", a.operator.get().describe()),
     )?;
     let mut per = vec![];
     for (name, range) in modules {
