@@ -532,6 +532,28 @@ impl Curvature for CpuReference {
         }
         Ok(())
     }
+    /// H, G or E for every direction in one sweep
+    /// ([`CpuReference::products`]).
+    fn product_block(
+        &mut self,
+        op: crate::operator::Operator,
+        vs: &[&[f64]],
+        outs: &mut [Vec<f64>],
+    ) -> Result<()> {
+        if vs.len() != outs.len() {
+            return Err(Error::Invalid {
+                what: "output vectors",
+                msg: format!("{} outputs for {} directions", outs.len(), vs.len()),
+            });
+        }
+        for out in outs.iter() {
+            check_out_len(out, self.problem.model.n_params)?;
+        }
+        for (out, p) in outs.iter_mut().zip(self.products(vs, op)?) {
+            *out = p;
+        }
+        Ok(())
+    }
     fn loss_grad_hvp(&mut self, v: &[f64]) -> Result<(f64, Vec<f64>, Vec<f64>)> {
         let o = self.pass(Some(v))?;
         let hv = o.hv.unwrap_or_default();

@@ -6,6 +6,8 @@ use crate::error::{Error, Result};
 use crate::model::{Model, Weights};
 use crate::spectral::SymOperator;
 
+pub use crate::operator::{CurvatureOperator, Operator};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BnMode {
@@ -101,6 +103,37 @@ pub trait Curvature {
         for (v, out) in vs.iter().zip(outs.iter_mut()) {
             self.hvp(v, out)?;
         }
+        Ok(())
+    }
+    /// outs[j] = A vs[j] for the curvature matrix `op` (`crate::operator`):
+    /// the Hessian (`hvp_block`), the Gauss–Newton term G = Jᵀ H_L J or the
+    /// residual E = H − G. Executors that offer only the Hessian refuse the
+    /// others, naming the operator.
+    fn product_block(&mut self, op: Operator, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
+        match op {
+            Operator::Hessian => self.hvp_block(vs, outs),
+            other => Err(Error::Invalid {
+                what: "operator",
+                msg: format!(
+                    "the {} engine ({}) computes no {} products (`--operator {}`); use --operator hessian",
+                    self.backend(),
+                    self.adapter(),
+                    other.describe(),
+                    other.name()
+                ),
+            }),
+        }
+    }
+    /// out = A v for the curvature matrix `op`: `hvp` for the Hessian,
+    /// else a block of one.
+    fn product(&mut self, op: Operator, v: &[f64], out: &mut [f64]) -> Result<()> {
+        if op == Operator::Hessian {
+            return self.hvp(v, out);
+        }
+        check_out_len(out, self.n_params())?;
+        let mut outs = vec![vec![0.0; out.len()]];
+        self.product_block(op, &[v], &mut outs)?;
+        out.copy_from_slice(&outs[0]);
         Ok(())
     }
     /// The block size one sweep serves best within the executor's memory

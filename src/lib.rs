@@ -20,6 +20,7 @@ pub mod engine;
 pub mod layers;
 pub mod model;
 pub mod multi;
+pub mod operator;
 pub mod ops;
 pub mod report;
 pub mod selftest;

@@ -410,6 +410,7 @@ impl Inputs {
             layer: layer.map(str::to_string),
             backend: engine.backend(),
             adapter: engine.adapter(),
+            operator: None,
             decisions: None,
         }
     }

@@ -7,6 +7,7 @@ mod common;
 pub mod errors;
 pub mod output;
 mod parallel;
+mod papyan_cmd;
 mod selftest_cmd;
 mod spectral_args;
 mod spectral_cmds;
@@ -59,12 +60,14 @@ pub enum Command {
         #[command(flatten)]
         inputs: Inputs,
     },
-    /// Hessian-vector product Hv for a direction v.
+    /// Hessian-vector product Hv for a direction v (or G·v, E·v: --operator).
     Hvp {
         /// The direction, as safetensors with the trainable tensors' names
         /// (default: a random unit Gaussian direction from --seed).
         #[arg(long)]
         vector: Option<PathBuf>,
+        #[command(flatten)]
+        operator: spectral_cmds::OperatorArgs,
         /// Write Hv as safetensors with the parameter names.
         #[arg(long, help_heading = "Output")]
         out: Option<PathBuf>,
@@ -88,6 +91,9 @@ pub enum Command {
     Exact(spectral_cmds::ExactArgs),
     /// Per-layer λmax, trace and density similarity.
     Layers(spectral_cmds::LayersArgs),
+    /// Papyan's view: the densities of H, its Gauss–Newton term G and
+    /// E = H − G side by side, with G's outliers against the classes.
+    Papyan(papyan_cmd::PapyanArgs),
     /// Kernel throughput at the model's layer shapes and end-to-end
     /// gradient / HVP times on the chosen backend.
     Bench {
@@ -161,6 +167,7 @@ fn outputs(c: &Command) -> Vec<(&'static str, &std::path::Path)> {
         Command::Trace(a) => v.push(("--out", a.out.as_ref())),
         Command::Exact(a) => v.extend([("--out", a.out.as_ref()), ("--plot", a.plot.as_ref())]),
         Command::Layers(a) => v.push(("--out", a.out.as_ref())),
+        Command::Papyan(a) => v.extend([("--out", a.out.as_ref()), ("--plot", a.plot.as_ref())]),
         Command::TraceGrad(a) => v.push(("--out", Some(&a.out))),
         _ => {}
     }
@@ -185,6 +192,7 @@ fn inputs_of(c: &Command) -> Option<&Inputs> {
         Command::Train(a) => &a.inputs,
         Command::Exact(a) => &a.inputs,
         Command::Layers(a) => &a.inputs,
+        Command::Papyan(a) => &a.inputs,
         Command::Devices { .. } | Command::Selftest(_) => return None,
     })
 }
@@ -242,6 +250,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train_cmd::train_cmd(a),
         Command::Exact(a) => spectral_cmds::exact_cmd(a),
         Command::Layers(a) => spectral_cmds::layers_cmd(a),
+        Command::Papyan(a) => papyan_cmd::papyan_cmd(a),
         Command::Selftest(a) => selftest_cmd::selftest_cmd(a),
         Command::Bench {
             inputs,
@@ -264,8 +273,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Hvp {
             inputs,
             vector,
+            operator,
             out,
-        } => hvp(&inputs, vector, out),
+        } => hvp(&inputs, vector, operator.get(), out),
         Command::Init { inputs, out } => {
             let (model, weights) = inputs.model_and_weights()?;
             output::write_atomic(&out, |t| {
@@ -324,7 +334,12 @@ fn grad(inputs: &Inputs, out: Option<PathBuf>) -> Result<()> {
     )
 }
 
-fn hvp(inputs: &Inputs, vector: Option<PathBuf>, out: Option<PathBuf>) -> Result<()> {
+fn hvp(
+    inputs: &Inputs,
+    vector: Option<PathBuf>,
+    operator: hesscope::operator::Operator,
+    out: Option<PathBuf>,
+) -> Result<()> {
     let (model, weights) = inputs.model_and_weights()?;
     // The direction is checked before the engine is built.
     let v = match &vector {
@@ -333,7 +348,16 @@ fn hvp(inputs: &Inputs, vector: Option<PathBuf>, out: Option<PathBuf>) -> Result
     };
     let mut l = inputs.load_with(model, weights)?;
     let t = Instant::now();
-    let (loss, grad, hv) = l.engine.loss_grad_hvp(&v).context("computing Hv")?;
+    let (loss, grad, hv) = if operator == hesscope::operator::Operator::Hessian {
+        l.engine.loss_grad_hvp(&v).context("computing Hv")?
+    } else {
+        let (loss, grad) = l.engine.loss_grad().context("computing the gradient")?;
+        let mut av = vec![0.0; v.len()];
+        l.engine
+            .product(operator, &v, &mut av)
+            .with_context(|| format!("computing the {} product", operator.describe()))?;
+        (loss, grad, av)
+    };
     let seconds = t.elapsed().as_secs_f64();
     for (what, x) in [("Hv", &hv), ("the gradient", &grad)] {
         if let Some(i) = x.iter().position(|x| !x.is_finite()) {
@@ -377,6 +401,7 @@ fn hvp(inputs: &Inputs, vector: Option<PathBuf>, out: Option<PathBuf>) -> Result
             backend: l.engine.backend(),
             adapter: l.engine.adapter(),
             seconds,
+            operator,
             vector: vector
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| format!("random unit Gaussian (seed {})", inputs.seed)),

@@ -11,6 +11,7 @@ use hesscope::gpu::{BasisPlace, EngineOptions};
 use hesscope::model::Model;
 use hesscope::report::{DeflationReport, DensityReport};
 use hesscope::spectral::deflate::{self, DeflateCount};
+use hesscope::operator::{CurvatureOperator, Operator};
 use hesscope::spectral::lanczos::BasisBudget;
 use hesscope::spectral::plot::density_svg;
 use hesscope::spectral::slq::{self, SlqRun};
@@ -101,6 +102,45 @@ pub struct BlockArgs {
     /// The diagonal block of one layer or name-prefix group (`layer1`, `fc`).
     #[arg(long)]
     pub layer: Option<String>,
+}
+
+/// Which curvature matrix the products are of.
+#[derive(Args, Debug, Clone)]
+pub struct OperatorArgs {
+    /// The matrix: hessian (H), ggn (the generalised Gauss–Newton term
+    /// G = Jᵀ H_L J: J the Jacobian of the logits, H_L the cross-entropy's
+    /// Hessian in them; positive semi-definite) or residual (E = H − G).
+    #[arg(long, value_enum, default_value_t = OperatorArg::Hessian)]
+    pub operator: OperatorArg,
+}
+
+/// `--operator`: the CLI's mirror of [`Operator`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OperatorArg {
+    Hessian,
+    Ggn,
+    Residual,
+}
+
+impl From<OperatorArg> for Operator {
+    fn from(o: OperatorArg) -> Operator {
+        match o {
+            OperatorArg::Hessian => Operator::Hessian,
+            OperatorArg::Ggn => Operator::Ggn,
+            OperatorArg::Residual => Operator::Residual,
+        }
+    }
+}
+
+impl OperatorArgs {
+    pub fn get(&self) -> Operator {
+        self.operator.into()
+    }
+
+    /// `engine`'s products of this operator for the solvers.
+    pub fn of<'a>(&self, engine: &'a mut dyn Curvature) -> CurvatureOperator<'a> {
+        CurvatureOperator::new(engine, self.get())
+    }
 }
 
 /// How many Hessian-vector products one sweep over the data computes.

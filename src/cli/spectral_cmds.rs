@@ -4,7 +4,6 @@ use crate::cli::common::{self, Backend, Inputs};
 use crate::cli::output::{self, export, or_unknown};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use hesscope::engine::Hessian;
 use hesscope::report::{
     known, DensityReport, EigsReport, ExactReport, LayerRow, LayersReport, TraceEstimates,
     TraceReport, TraceRow,
@@ -26,6 +25,8 @@ pub use crate::cli::spectral_args::*;
 pub struct DensityArgs {
     #[command(flatten)]
     pub block: BlockArgs,
+    #[command(flatten)]
+    pub operator: OperatorArgs,
     /// Lanczos steps per run (default 90; with --deflate, 30 per bulk run).
     #[arg(long, allow_hyphen_values = true)]
     pub steps: Option<usize>,
@@ -69,11 +70,12 @@ pub fn density(a: DensityArgs) -> Result<()> {
         .load_with_options(a.basis.engine_options(a.sweep.block)?)?;
     a.basis.check_engine(l.engine.as_ref())?;
     let range = block_range(&l.model, &a.block.layer)?;
-    let settings = a
+    let mut settings = a
         .inputs
         .settings_with_decisions(l.engine.as_mut(), a.block.layer.as_deref())?;
+    settings.operator = Some(a.operator.get());
     let sweep = a.sweep.resolve(l.engine.as_ref());
-    let mut h = Hessian(l.engine.as_mut());
+    let mut h = a.operator.of(l.engine.as_mut());
     let mut block = BlockOperator::new(&mut h, range.clone());
     let n = block.dim();
     let t = Instant::now();
@@ -143,9 +145,10 @@ pub fn density(a: DensityArgs) -> Result<()> {
     let smoothed = a.smoothing.smooth(&runs, slq::DEFAULT_GRID)?;
     let stderr = smoothed.stderr(&runs);
     let title = format!(
-        "{}{} Hessian density ({} steps × {} runs{})",
+        "{}{} {} density ({} steps × {} runs{})",
         l.model.name,
         layer_suffix(&a.block.layer),
+        a.operator.get().describe(),
         steps,
         runs.len(),
         deflation
@@ -208,9 +211,11 @@ pub fn density(a: DensityArgs) -> Result<()> {
         or_unknown(report.negative_mass_stderr, |s| format!("{s:.1e}"))
     ));
     text.push_str(&format!(
-        "  {hvps} Hessian-vector products ({sweeps} sweeps of up to {sweep}) in {lanczos_seconds:.1} s, \
+        "  {hvps} {} products ({sweeps} sweeps of up to {sweep}) in {lanczos_seconds:.1} s, \
          {hvp_seconds:.1} s of them in the products (total {:.1} s); basis in {}\n",
-        report.seconds, report.basis
+        a.operator.get().describe(),
+        report.seconds,
+        report.basis
     ));
     for p in a.out.iter().chain(&a.plot) {
         text.push_str(&format!("  wrote {}\n", p.display()));
@@ -244,6 +249,8 @@ impl From<WhichArg> for Which {
 pub struct EigsArgs {
     #[command(flatten)]
     pub block: BlockArgs,
+    #[command(flatten)]
+    pub operator: OperatorArgs,
     /// How many eigenvalues.
     #[arg(long, default_value_t = 5, allow_hyphen_values = true)]
     pub top: usize,
@@ -293,13 +300,14 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
             l.model.name
         );
     }
-    let settings = a
+    let mut settings = a
         .inputs
         .settings_with_decisions(l.engine.as_mut(), a.block.layer.as_deref())?;
+    settings.operator = Some(a.operator.get());
     let sweep = a.sweep.resolve(l.engine.as_ref());
     let (_, grad) = l.engine.loss_grad().context("computing the gradient")?;
     let g = grad[range.clone()].to_vec();
-    let mut h = Hessian(l.engine.as_mut());
+    let mut h = a.operator.of(l.engine.as_mut());
     let mut block = BlockOperator::new(&mut h, range.clone());
     let mut op = Counted::new(&mut block, a.steps.min(range.len()), "eigs");
     let which: Which = a.which.into();
@@ -354,9 +362,10 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
         return Ok(());
     }
     let mut text = format!(
-        "{} eigenvalues ({:?}) of {}{}:\n",
+        "{} eigenvalues ({:?}) of the {} of {}{}:\n",
         report.eigenvalues.len(),
         which,
+        a.operator.get().describe(),
         l.model.name,
         layer_suffix(&a.block.layer)
     );
@@ -387,6 +396,8 @@ pub fn eigs_cmd(a: EigsArgs) -> Result<()> {
 pub struct TraceArgs {
     #[command(flatten)]
     pub block: BlockArgs,
+    #[command(flatten)]
+    pub operator: OperatorArgs,
     /// Hutchinson probes (and Hutch++'s budget of products).
     #[arg(long, default_value_t = 100, allow_hyphen_values = true)]
     pub probes: usize,
@@ -425,9 +436,10 @@ pub fn trace_cmd(a: TraceArgs) -> Result<()> {
     a.sweep.validate()?;
     let t0 = Instant::now();
     let mut l = a.inputs.load_block(a.sweep.block)?;
-    let settings = a
+    let mut settings = a
         .inputs
         .settings_with_decisions(l.engine.as_mut(), a.block.layer.as_deref())?;
+    settings.operator = Some(a.operator.get());
     let sweep = a.sweep.resolve(l.engine.as_ref());
     let blocks: Vec<(String, std::ops::Range<usize>)> = if a.layerwise {
         l.model.modules()
@@ -437,7 +449,7 @@ pub fn trace_cmd(a: TraceArgs) -> Result<()> {
             block_range(&l.model, &a.block.layer)?,
         )]
     };
-    let mut h = Hessian(l.engine.as_mut());
+    let mut h = a.operator.of(l.engine.as_mut());
     let mut rows = vec![];
     for (name, range) in blocks {
         let mut block = BlockOperator::new(&mut h, range.clone());
@@ -483,6 +495,8 @@ pub fn trace_cmd(a: TraceArgs) -> Result<()> {
 pub struct ExactArgs {
     #[command(flatten)]
     pub block: BlockArgs,
+    #[command(flatten)]
+    pub operator: OperatorArgs,
     /// Largest model (or block) accepted: n Hessian-vector products and an
     /// n×n float64 matrix.
     #[arg(long, default_value_t = EXACT_MAX_PARAMS, allow_hyphen_values = true)]
@@ -527,12 +541,13 @@ pub fn exact_cmd(mut a: ExactArgs) -> Result<()> {
         );
     }
     let mut l = a.inputs.load_with(model, weights)?;
-    let settings = a
+    let mut settings = a
         .inputs
         .settings_with_decisions(l.engine.as_mut(), a.block.layer.as_deref())?;
+    settings.operator = Some(a.operator.get());
     let (_, grad) = l.engine.loss_grad().context("computing the gradient")?;
     let g = grad[range.clone()].to_vec();
-    let mut h = Hessian(l.engine.as_mut());
+    let mut h = a.operator.of(l.engine.as_mut());
     let mut block = BlockOperator::new(&mut h, range.clone());
     let n = block.dim();
     let mut op = Counted::new(&mut block, n, "exact");
@@ -559,7 +574,11 @@ pub fn exact_cmd(mut a: ExactArgs) -> Result<()> {
     let smoothed = a.smoothing.smooth(&one, slq::DEFAULT_GRID)?;
     write_plot(
         &a.plot,
-        &format!("{} exact Hessian spectrum (n = {n})", l.model.name),
+        &format!(
+            "{} exact {} spectrum (n = {n})",
+            l.model.name,
+            a.operator.get().describe()
+        ),
         &smoothed.grid,
         &smoothed.density,
         Some(&vals),
@@ -595,6 +614,8 @@ pub fn exact_cmd(mut a: ExactArgs) -> Result<()> {
 
 #[derive(Args, Debug, Clone)]
 pub struct LayersArgs {
+    #[command(flatten)]
+    pub operator: OperatorArgs,
     /// Lanczos steps per layer run.
     #[arg(long, default_value_t = 30, allow_hyphen_values = true)]
     pub steps: usize,
@@ -628,10 +649,11 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
         .inputs
         .load_with_options(a.basis.engine_options(a.sweep.block)?)?;
     a.basis.check_engine(l.engine.as_ref())?;
-    let settings = a.inputs.settings_with_decisions(l.engine.as_mut(), None)?;
+    let mut settings = a.inputs.settings_with_decisions(l.engine.as_mut(), None)?;
+    settings.operator = Some(a.operator.get());
     let sweep = a.sweep.resolve(l.engine.as_ref());
     let modules = l.model.modules();
-    let mut h = Hessian(l.engine.as_mut());
+    let mut h = a.operator.of(l.engine.as_mut());
     let n = h.dim();
     let CountedSlq {
         runs: full, basis, ..
@@ -642,7 +664,7 @@ pub fn layers_cmd(a: LayersArgs) -> Result<()> {
         a.inputs.seed,
         sweep,
         budget,
-        "full Hessian",
+        &format!("full {}", a.operator.get().describe()),
     )?;
     let mut per = vec![];
     for (name, range) in modules {

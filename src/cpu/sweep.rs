@@ -18,6 +18,7 @@ use super::{add_into, slices, CpuReference};
 use crate::engine::BnMode;
 use crate::error::{Error, Result};
 use crate::layers::{self, next_token, Decision, Saved};
+use crate::operator::Operator;
 
 /// What a batch's R-passes read at one θ: its forward and plain backward.
 pub(super) struct BatchState {
@@ -111,6 +112,15 @@ impl CpuReference {
     /// [`CpuReference::pass`], so each output equals a single `hvp` bit for
     /// bit.
     pub fn hv_block(&self, vs: &[&[f64]]) -> Result<Vec<Vec<f64>>> {
+        self.products(vs, Operator::Hessian)
+    }
+
+    /// [`CpuReference::hv_block`] for any curvature matrix
+    /// (`crate::operator`): per tangent one R-forward pass; for H its
+    /// R-backward, for G = Jᵀ H_L J a plain backward pass of the loss
+    /// Hessian's product at the logits (the R-adjoint there) with the
+    /// forward's saved states, for E = H − G both from that one R-forward.
+    pub fn products(&self, vs: &[&[f64]], op: Operator) -> Result<Vec<Vec<f64>>> {
         let pr = &self.problem;
         let np = pr.model.n_params;
         for v in vs {
@@ -155,7 +165,7 @@ impl CpuReference {
                 None => fresh.insert(self.batch_state(bi, start, count, scale)),
             };
             total += st.loss;
-            self.tangents(st, count, scale, vs, &mut hvs);
+            self.tangents(st, count, scale, vs, &mut hvs, op);
             if let Some(st) = fresh {
                 let b = st.bytes();
                 if enabled && b <= cache.room {
@@ -221,6 +231,7 @@ impl CpuReference {
         scale: f64,
         vs: &[&[f64]],
         hvs: &mut [Vec<f64>],
+        op: Operator,
     ) {
         let pr = &self.problem;
         let nodes = &pr.model.nodes;
@@ -241,14 +252,37 @@ impl CpuReference {
                 );
                 dvals.push(dy);
             }
+            // H_L·(J v) at the logits: the loss's R-adjoint.
+            let rz = next_token::r_backward(&pr.model, count, &st.p, &dvals[nv - 1], scale);
+            if op != Operator::Hessian {
+                // Jᵀ(H_L J v): the plain backward pass of that adjoint.
+                let mut g = vec![0.0; hv.len()];
+                let target: &mut [f64] = if op == Operator::Ggn {
+                    &mut hv[..]
+                } else {
+                    &mut g[..]
+                };
+                let mut adj: Vec<Option<Vec<f64>>> = vec![None; nv];
+                adj[nv - 1] = Some(rz.clone());
+                for (ni, node) in nodes.iter().enumerate().rev() {
+                    let Some(gy) = adj[ni + 1].take() else {
+                        continue;
+                    };
+                    let xs = slices(&node.inputs, vals);
+                    let gxs =
+                        layers::unit(&node.op).backward(&cx, node, &xs, &st.saved[ni], &gy, target);
+                    for (&i, g) in node.inputs.iter().zip(gxs) {
+                        add_into(&mut adj[i], g);
+                    }
+                }
+                if op == Operator::Ggn {
+                    continue;
+                }
+                // E = H − G: G of this batch taken off before H is added.
+                hv.iter_mut().zip(&g).for_each(|(a, b)| *a -= b);
+            }
             let mut radj: Vec<Option<Vec<f64>>> = vec![None; nv];
-            radj[nv - 1] = Some(next_token::r_backward(
-                &pr.model,
-                count,
-                &st.p,
-                &dvals[nv - 1],
-                scale,
-            ));
+            radj[nv - 1] = Some(rz);
             for (ni, node) in nodes.iter().enumerate().rev() {
                 let (Some(gy), Some(rgy)) = (st.gys[ni].as_deref(), radj[ni + 1].take()) else {
                     continue;

@@ -23,6 +23,7 @@ use crate::spectral::lanczos::BasisDevice;
 use std::rc::Rc;
 
 mod checks;
+mod curvature;
 mod decisions;
 mod options;
 
@@ -45,6 +46,10 @@ struct BatchProgram {
     /// (most engines never evaluate).
     forward_loss: Vec<Step>,
     forward_loss_compiled: Option<Compiled>,
+    /// The forward/backward of a zero loss adjoint (Gauss–Newton
+    /// products), compiled on first use.
+    zero_adjoint: Vec<Step>,
+    zero_adjoint_compiled: Option<Compiled>,
 }
 
 pub struct GpuEngine {
@@ -271,6 +276,8 @@ impl GpuEngine {
                 record,
                 forward_loss: steps.forward_loss,
                 forward_loss_compiled: None,
+                zero_adjoint: steps.zero_adjoint,
+                zero_adjoint_compiled: None,
             });
         }
         let kernel_paths = format!(
@@ -551,6 +558,7 @@ impl GpuEngine {
         let fb = p.forward_backward.profile(&self.ctx)?;
         let r = p.r_pass.profile(&self.ctx)?;
         self.workspaces[p.ws].resident = Some(0);
+        self.workspaces[p.ws].zero_adjoint = false;
         Ok((fb, r))
     }
 
@@ -582,7 +590,23 @@ impl GpuEngine {
 
     /// `run` with the R-pass for the first `tangents` slices of v.
     fn run_block(&mut self, grad: bool, r: bool, tangents: usize) -> Result<()> {
+        self.run_sweep(grad, r, tangents, false)
+    }
+
+    /// `run_block`; with `zero_adjoint` (and not `grad`), on the adjoints
+    /// of a zero loss adjoint: the R-pass then computes G·v.
+    fn run_sweep(
+        &mut self,
+        grad: bool,
+        r: bool,
+        tangents: usize,
+        zero_adjoint: bool,
+    ) -> Result<()> {
+        let zero_adjoint = zero_adjoint && !grad;
         self.ensure_decisions()?;
+        if zero_adjoint {
+            self.compile_zero_adjoint()?;
+        }
         let (gb, hb, lb) = (self.grad, self.hv, self.losses);
         self.submit("clearing the accumulators", |enc| {
             if grad {
@@ -597,7 +621,8 @@ impl GpuEngine {
         let mut fresh = vec![];
         for bi in 0..self.programs.len() {
             let w = self.programs[bi].ws;
-            let resident = self.workspaces[w].resident == Some(bi);
+            let resident = self.workspaces[w].resident == Some(bi)
+                && self.workspaces[w].zero_adjoint == zero_adjoint;
             let need_fb = grad || !resident;
             if need_fb && shared {
                 self.upload_batch(bi)?;
@@ -605,14 +630,17 @@ impl GpuEngine {
             }
             let p = &self.programs[bi];
             self.submit(&format!("batch {bi}"), |enc| {
-                if need_fb {
-                    p.forward_backward.record(enc);
+                match (&p.zero_adjoint_compiled, need_fb, zero_adjoint) {
+                    (Some(z), true, true) => z.record(enc),
+                    (_, true, _) => p.forward_backward.record(enc),
+                    _ => {}
                 }
                 if r {
                     p.r_pass.record_block(enc, tangents as u32);
                 }
             })?;
             self.workspaces[w].resident = Some(bi);
+            self.workspaces[w].zero_adjoint = zero_adjoint;
             if need_fb {
                 fresh.push(bi);
                 if shared {
@@ -667,112 +695,6 @@ impl GpuEngine {
         }
         self.check_finite("the gradient", &r[1])?;
         Ok((loss, r[1].iter().map(|&x| x as f64).collect()))
-    }
-}
-
-impl Curvature for GpuEngine {
-    fn n_params(&self) -> usize {
-        self.model.n_params
-    }
-
-    fn loss_grad(&mut self) -> Result<(f64, Vec<f64>)> {
-        self.run(true, false)?;
-        self.read_loss_grad()
-    }
-
-    fn hvp(&mut self, v: &[f64], out: &mut [f64]) -> Result<()> {
-        check_out_len(out, self.model.n_params)?;
-        self.upload_v(v)?;
-        self.run(false, true)?;
-        let r = self
-            .ctx
-            .read_f32(&[(&self.arena.buffers[self.hv], 0, self.model.n_params)])?;
-        if r[0].iter().any(|x| !x.is_finite()) {
-            self.diagnose(true)?;
-        }
-        self.check_finite("Hv", &r[0])?;
-        out.iter_mut().zip(&r[0]).for_each(|(o, &x)| *o = x as f64);
-        Ok(())
-    }
-
-    /// One sweep over the data per `block()` directions: the forward pass,
-    /// its caches and the weights are shared by the tangents, each layer's
-    /// R-pass kernels take them together (one dispatch per layer).
-    fn hvp_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
-        if vs.len() != outs.len() {
-            return Err(Error::Invalid {
-                what: "output vectors",
-                msg: format!("{} outputs for {} directions", outs.len(), vs.len()),
-            });
-        }
-        let np = self.model.n_params;
-        for o in outs.iter() {
-            check_out_len(o, np)?;
-        }
-        for (vc, oc) in vs.chunks(self.kmax).zip(outs.chunks_mut(self.kmax)) {
-            for (k, v) in vc.iter().enumerate() {
-                self.upload_v_at(v, k)?;
-            }
-            self.run_block(false, true, vc.len())?;
-            let r = self
-                .ctx
-                .read_f32(&[(&self.arena.buffers[self.hv], 0, vc.len() * np)])?;
-            if r[0].iter().any(|x| !x.is_finite()) {
-                self.diagnose(true)?;
-            }
-            self.check_finite("Hv", &r[0])?;
-            for (o, hv) in oc.iter_mut().zip(r[0].chunks(np)) {
-                o.iter_mut().zip(hv).for_each(|(a, &b)| *a = b as f64);
-            }
-        }
-        Ok(())
-    }
-
-    fn preferred_block(&self) -> usize {
-        self.kmax
-    }
-
-    fn loss_grad_hvp(&mut self, v: &[f64]) -> Result<(f64, Vec<f64>, Vec<f64>)> {
-        self.upload_v(v)?;
-        self.run(true, true)?;
-        let (loss, grad) = self.read_loss_grad()?;
-        let r = self
-            .ctx
-            .read_f32(&[(&self.arena.buffers[self.hv], 0, self.model.n_params)])?;
-        self.check_finite("Hv", &r[0])?;
-        Ok((loss, grad, r[0].iter().map(|&x| x as f64).collect()))
-    }
-
-    fn backend(&self) -> String {
-        self.ctx.info.backend.clone()
-    }
-
-    fn adapter(&self) -> String {
-        self.ctx.info.name.clone()
-    }
-
-    fn kernel_paths(&self) -> Option<String> {
-        Some(self.kernel_paths.clone())
-    }
-
-    fn decision_report(&mut self) -> Result<Option<crate::decisions::DecisionReport>> {
-        self.decisions_report()
-    }
-
-    /// This GPU, by `EngineOptions::basis_place`: offered (and preferred)
-    /// for `Auto` unless it is a CPU emulator, required for `Device`.
-    fn basis_device(&self) -> Option<Rc<dyn BasisDevice>> {
-        let required = match self.basis_place {
-            BasisPlace::Host => return None,
-            BasisPlace::Auto if self.ctx.is_cpu_adapter() => return None,
-            BasisPlace::Auto => false,
-            BasisPlace::Device => true,
-        };
-        let budget = self
-            .basis_budget
-            .unwrap_or_else(|| device_basis_budget(self.ctx.info.device_memory));
-        let ctx = self.basis_ctx.get_or_init(|| Rc::new(self.ctx.share()));
-        Some(Rc::new(GpuBasisDevice::new(ctx.clone(), budget, required)))
     }
 }
 

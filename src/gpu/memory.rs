@@ -71,6 +71,10 @@ pub struct Workspace {
     pub state: Vec<Vec<usize>>,
     /// The batch whose forward/backward results the buffers hold.
     pub resident: Option<usize>,
+    /// The resident batch's adjoints are those of a zero loss adjoint
+    /// (`BatchSteps::zero_adjoint`: what a Gauss–Newton R-pass reads), not
+    /// the loss's own.
+    pub zero_adjoint: bool,
 }
 
 /// The storage value of every value: flatten (an alias unit) shares its
@@ -220,5 +224,6 @@ pub fn workspace(
         radj: tangents.radj.clone(),
         state,
         resident: None,
+        zero_adjoint: false,
     })
 }

@@ -15,6 +15,14 @@ pub use crate::dispatch::plan::{BlockPlan, NodeBufs, Plan};
 /// The programs of one batch, as steps.
 pub struct BatchSteps {
     pub forward_backward: Vec<Step>,
+    /// `forward_backward` with a zero loss adjoint (the loss's scale 0;
+    /// the softmax the R-loss reads is the same): every plain adjoint, and
+    /// every unit state the backward derives from them, is then zero, and
+    /// `r_pass` after it computes the Gauss–Newton product G·v = Jᵀ H_L J v
+    /// (the R-backward is linear in the pair (gy, R(gy)): with gy = 0 it is
+    /// the plain backward of R(gy)). The loss and gradient it leaves are
+    /// zero.
+    pub zero_adjoint: Vec<Step>,
     pub r_pass: Vec<Step>,
     /// A frozen plan's forward pass that records the decisions the other
     /// two replay.
@@ -65,7 +73,7 @@ pub fn plan_batch<'a>(
     });
 
     // Forward and loss; then again with the backward pass.
-    let forward = |p: &mut Plan<'a>| {
+    let forward = |p: &mut Plan<'a>, scale: f32| {
         for (i, node) in nodes.iter().enumerate() {
             let unit = layers::unit(&node.op);
             if unit.is_alias() {
@@ -76,11 +84,14 @@ pub fn plan_batch<'a>(
         }
         loss::plan_forward_backward(p, &lb, k, scale, batch, losses, rows);
     };
-    forward(&mut p);
+    forward(&mut p, scale);
     let forward_loss = p.take();
-    forward(&mut p);
+    forward(&mut p, scale);
     backward(&mut p, ws, canon, false, &[]);
     let forward_backward = p.take();
+    forward(&mut p, 0.0);
+    backward(&mut p, ws, canon, false, &[]);
+    let zero_adjoint = p.take();
 
     // R-forward (tracking which tangents are still zero: ẋ = 0 at the
     // input), R-loss, R-backward.
@@ -102,6 +113,7 @@ pub fn plan_batch<'a>(
     let r_pass = p.take();
     BatchSteps {
         forward_backward,
+        zero_adjoint,
         r_pass,
         record,
         forward_loss,

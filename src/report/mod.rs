@@ -35,6 +35,10 @@ pub struct Settings {
     pub layer: Option<String>,
     pub backend: String,
     pub adapter: String,
+    /// The curvature matrix the products are of (`--operator`: hessian,
+    /// ggn, residual), on the commands that take one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operator: Option<crate::operator::Operator>,
     /// The piecewise decisions the products took (`crate::decisions`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decisions: Option<DecisionReport>,
@@ -64,6 +68,9 @@ pub struct HvpReport {
     pub backend: String,
     pub adapter: String,
     pub seconds: f64,
+    /// The curvature matrix A of the product (`--operator`): `hv_norm` is
+    /// ‖A v‖ and `vhv` vᵀ A v.
+    pub operator: crate::operator::Operator,
     /// The direction's file, or how it was drawn.
     pub vector: String,
     pub out: Option<PathBuf>,

@@ -100,6 +100,7 @@ impl GpuEngine {
                 let p = &self.programs[bi];
                 self.submit(&format!("batch {bi}"), |enc| p.forward_backward.record(enc))?;
                 self.workspaces[w].resident = Some(bi);
+                self.workspaces[w].zero_adjoint = false;
             }
             let count = self.programs[bi].count;
             let ws = &self.workspaces[w];

@@ -248,6 +248,7 @@ impl GpuEngine {
         // A recording pass leaves values, not adjoints, and its own
         // decisions in the state: the next pass recomputes.
         self.workspaces[w].resident = p.record.is_none().then_some(bi);
+        self.workspaces[w].zero_adjoint = false;
         if p.record.is_some() && self.held.source == DecisionSource::Float64 {
             self.held.dirty = true;
             // The float64 batch-norm state it overwrote is not kept on the
