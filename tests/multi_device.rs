@@ -14,6 +14,7 @@ use hesscope::cpu::CpuReference;
 use hesscope::engine::{BnMode, Curvature, Problem};
 use hesscope::gpu::{BackendChoice, EngineOptions};
 use hesscope::multi::{self, DeviceSpec, MultiEngine};
+use hesscope::operator::Operator;
 use hesscope::trace_grad::HoldsDecisions;
 use rand::{Rng, SeedableRng};
 
@@ -67,7 +68,7 @@ fn gpu_factory(d: DeviceSpec) -> multi::local::Factory {
 }
 
 /// Every product of `multi` against `single`: loss, gradient, Hv, a block
-/// of three, (L, ∇L, Hv) together; the worst relative error. Outputs are
+/// of three (of H, G and E), (L, ∇L, Hv) together; the worst relative error. Outputs are
 /// poisoned with NaN first.
 fn compare(multi: &mut dyn Curvature, single: &mut dyn Curvature) -> f64 {
     let n = single.n_params();
@@ -88,6 +89,16 @@ fn compare(multi: &mut dyn Curvature, single: &mut dyn Curvature) -> f64 {
     single.hvp_block(&refs, &mut b0).unwrap();
     for (a, b) in b1.iter().zip(&b0) {
         worst = worst.max(rel_err(a, b));
+    }
+    // The Gauss–Newton and residual products are sums over batches too.
+    for op in [Operator::Ggn, Operator::Residual] {
+        let mut b1 = vec![vec![f64::NAN; n]; 3];
+        let mut b0 = vec![vec![0.0; n]; 3];
+        multi.product_block(op, &refs, &mut b1).unwrap();
+        single.product_block(op, &refs, &mut b0).unwrap();
+        for (a, b) in b1.iter().zip(&b0) {
+            worst = worst.max(rel_err(a, b));
+        }
     }
     let (l1, g1, h1) = multi.loss_grad_hvp(&vs[1]).unwrap();
     let (l0, g0, h0) = single.loss_grad_hvp(&vs[1]).unwrap();

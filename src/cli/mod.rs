@@ -6,8 +6,8 @@
 mod common;
 pub mod errors;
 pub mod output;
-mod parallel;
 mod papyan_cmd;
+mod parallel;
 mod selftest_cmd;
 mod spectral_args;
 mod spectral_cmds;
@@ -209,6 +209,7 @@ fn parallel_scope(c: &Command) -> Result<()> {
         Command::TraceGrad(_) => ("trace-grad", true),
         Command::Exact(_) => ("exact", true),
         Command::Layers(_) => ("layers", true),
+        Command::Papyan(_) => ("papyan", true),
         Command::Train(_) => ("train", false),
         Command::Bench { .. } => ("bench", false),
         Command::Selftest(_) => ("selftest", false),

@@ -9,6 +9,7 @@ use super::{merge_reports, weighted_sum, DeviceSpec};
 use crate::decisions::DecisionReport;
 use crate::engine::{check_out_len, Curvature, Problem};
 use crate::error::{Error, Result};
+use crate::operator::Operator;
 use crate::trace_grad::HoldsDecisions;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -21,6 +22,7 @@ enum Cmd {
     LossGrad,
     Hvp(Arc<Vec<f64>>),
     Block(Arc<Vec<Vec<f64>>>),
+    Product(Operator, Arc<Vec<Vec<f64>>>),
     LossGradHvp(Arc<Vec<f64>>),
     Decisions,
     SetTheta(Arc<Vec<f64>>),
@@ -97,6 +99,12 @@ fn serve(
                 let refs: Vec<&[f64]> = vs.iter().map(Vec::as_slice).collect();
                 let mut outs = vec![vec![0.0; n]; vs.len()];
                 e.hvp_block(&refs, &mut outs).map(|_| Reply::Vecs(outs))
+            }
+            Cmd::Product(op, vs) => {
+                let refs: Vec<&[f64]> = vs.iter().map(Vec::as_slice).collect();
+                let mut outs = vec![vec![0.0; n]; vs.len()];
+                e.product_block(op, &refs, &mut outs)
+                    .map(|_| Reply::Vecs(outs))
             }
             Cmd::LossGradHvp(v) => e
                 .loss_grad_hvp(&v)
@@ -317,6 +325,25 @@ impl Curvature for MultiEngine {
         }
         let vs = Arc::new(vs.iter().map(|v| v.to_vec()).collect::<Vec<_>>());
         self.vecs(|| Cmd::Block(vs.clone()), outs)
+    }
+
+    /// Each worker's products of `op` over its batches, weighted and summed
+    /// as the Hessian's (G and E are sums over batches as H is).
+    fn product_block(&mut self, op: Operator, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
+        if op == Operator::Hessian {
+            return self.hvp_block(vs, outs);
+        }
+        if vs.len() != outs.len() {
+            return Err(Error::Invalid {
+                what: "output vectors",
+                msg: format!("{} outputs for {} directions", outs.len(), vs.len()),
+            });
+        }
+        for out in outs.iter() {
+            check_out_len(out, self.n_params)?;
+        }
+        let vs = Arc::new(vs.iter().map(|v| v.to_vec()).collect::<Vec<_>>());
+        self.vecs(|| Cmd::Product(op, vs.clone()), outs)
     }
 
     fn preferred_block(&self) -> usize {

@@ -25,6 +25,7 @@ use super::{merge_reports, DeviceSpec};
 use crate::decisions::DecisionReport;
 use crate::engine::{check_out_len, Curvature, Problem};
 use crate::error::{Error, Result};
+use crate::operator::Operator;
 use crate::trace_grad::HoldsDecisions;
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
@@ -311,8 +312,14 @@ impl Curvature for MpiEngine {
     }
 
     fn hvp_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
+        self.product_block(Operator::Hessian, vs, outs)
+    }
+
+    /// Every rank's products of `op` over its batches, summed: the same
+    /// reduction as the Hessian's (G and E are sums over batches as H is).
+    fn product_block(&mut self, op: Operator, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
         let r = match self.local.as_mut() {
-            Some(l) => l.hvp_block(vs, outs),
+            Some(l) => l.product_block(op, vs, outs),
             None => {
                 outs.iter_mut().for_each(|o| o.fill(0.0));
                 if vs.len() != outs.len() {
