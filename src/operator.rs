@@ -85,3 +85,18 @@ impl SymOperator for CurvatureOperator<'_> {
         self.engine.basis_device()
     }
 }
+
+/// The outliers of a spectrum's top values (largest first): how many lie
+/// above the widest ratio gap λ_i/λ_(i+1) among the positive ones, and
+/// that ratio (0 and 1 with fewer than two positive values).
+pub fn outliers(top: &[f64]) -> (usize, f64) {
+    let pos: Vec<f64> = top.iter().copied().take_while(|x| *x > 0.0).collect();
+    let mut best = (0, 1.0);
+    for i in 1..pos.len() {
+        let r = pos[i - 1] / pos[i];
+        if r > best.1 {
+            best = (i, r);
+        }
+    }
+    best
+}

@@ -18,7 +18,10 @@
 use crate::engine::{Curvature, Hessian};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::report::{known, CurvatureRecord, LayerCurvature, QuadratureRun};
+use crate::operator::{CurvatureOperator, Operator};
+use crate::report::{
+    known, CurvatureRecord, LayerCurvature, OperatorCurvature, PapyanRecord, QuadratureRun,
+};
 use crate::spectral::eigs::{eigs, gradient_fractions, EigsSettings, Which};
 use crate::spectral::lanczos::BasisBudget;
 use crate::spectral::layers::BlockOperator;
@@ -54,6 +57,10 @@ pub struct SnapshotSettings {
     /// available memory, `BasisBudget::host_default`).
     #[serde(default)]
     pub basis_budget: Option<usize>,
+    /// Papyan's decomposition too: the SLQ of G and E (same steps, runs and
+    /// seed), and G's top 2·classes + 2 eigenvalues with its outliers.
+    #[serde(default)]
+    pub papyan: bool,
 }
 
 /// Counts the products an operator serves (blocks included) and reports
@@ -119,7 +126,7 @@ pub fn snapshot_with(
     let block = s.block.unwrap_or_else(|| engine.preferred_block()).max(1);
     let backend = engine.backend();
     let adapter = engine.adapter();
-    let mut h = Hessian(engine);
+    let mut h = Hessian(&mut *engine);
     let mut op = Counting {
         inner: &mut h,
         count: 0,
@@ -186,6 +193,16 @@ pub fn snapshot_with(
             });
         }
     }
+    let mut hvps = op.count;
+    drop(op);
+    drop(h);
+    let papyan = if s.papyan {
+        let (record, count) = papyan_record(engine, model, s, block, budget, progress)?;
+        hvps += count;
+        Some(record)
+    } else {
+        None
+    };
     let (samples, batch, bn, weight_decay_shift) = about;
     Ok(CurvatureRecord {
         samples,
@@ -221,7 +238,84 @@ pub fn snapshot_with(
         trace_stderr: known(tr.stderr),
         layers,
         block,
-        hvps: op.count,
+        hvps,
+        papyan,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// G's and E's SLQ from the Hessian's seed, and G's outliers (the second
+/// half of [`snapshot_with`] with `papyan`); the products it took.
+fn papyan_record(
+    engine: &mut dyn Curvature,
+    model: &Model,
+    s: &SnapshotSettings,
+    block: usize,
+    budget: BasisBudget,
+    progress: &mut dyn FnMut(&str, usize),
+) -> Result<(PapyanRecord, usize)> {
+    let n = engine.n_params();
+    let slq_steps = s.slq_steps.min(n);
+    let mut count = 0;
+    let mut parts = vec![];
+    for which in [Operator::Ggn, Operator::Residual] {
+        let mut c = CurvatureOperator::new(&mut *engine, which);
+        let mut op = Counting {
+            inner: &mut c,
+            count,
+            stage: which.name().into(),
+            progress: &mut *progress,
+        };
+        let runs = slq::slq_block(&mut op, slq_steps, s.slq_runs, s.seed, block, budget)?;
+        count = op.count;
+        let sum = slq::summarize(&runs, n);
+        parts.push(OperatorCurvature {
+            operator: which.name().into(),
+            lambda_max: sum.lambda_max,
+            lambda_min: sum.lambda_min,
+            slq_trace: sum.trace,
+            slq_trace_stderr: known(sum.trace_stderr),
+            negative_mass: sum.negative_mass,
+            negative_mass_stderr: known(sum.negative_mass_stderr),
+            runs: runs
+                .into_iter()
+                .map(|r| QuadratureRun {
+                    nodes: r.nodes,
+                    weights: r.weights,
+                })
+                .collect(),
+        });
+    }
+    let classes = model.classes;
+    let mut c = CurvatureOperator::new(&mut *engine, Operator::Ggn);
+    let mut op = Counting {
+        inner: &mut c,
+        count,
+        stage: "ggn eigs".into(),
+        progress: &mut *progress,
+    };
+    let mut es = EigsSettings::new((2 * classes + 2).min(n), Which::Largest);
+    es.tol = s.tol;
+    es.max_steps = s.eigs_steps;
+    es.seed = s.seed;
+    es.block = block;
+    es.basis_budget = budget;
+    let top = eigs(&mut op, &es)?;
+    count = op.count;
+    let (outliers, gap_ratio) = crate::operator::outliers(&top.values);
+    let residual = parts.pop().expect("two operators");
+    let ggn = parts.pop().expect("two operators");
+    Ok((
+        PapyanRecord {
+            ggn,
+            residual,
+            classes,
+            ggn_top: top.values,
+            ggn_residuals: top.residuals,
+            ggn_converged: top.converged,
+            outliers,
+            gap_ratio,
+        },
+        count,
+    ))
 }

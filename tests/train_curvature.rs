@@ -510,3 +510,95 @@ fn block_products_give_the_same_records() {
         assert!((x - y).abs() <= 1e-5 * b[0].abs(), "{a:?} vs {b:?}");
     }
 }
+
+/// `--papyan`: at every measurement G's and E's SLQ and G's top
+/// eigenvalues, each equal to the spectral commands' `--operator ggn` /
+/// `residual` on that epoch's checkpoint (same seed, steps and runs), and
+/// H = G + E in the SLQ traces: with the same start vectors each run's
+/// quadrature trace is n·q̂ᵀAq̂, linear in A, so the three agree to rounding
+/// (1e-10 relative; an operator off by any term breaks it by far more).
+#[test]
+fn papyan_records_g_and_e_beside_h() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut extra = MLP_SPECTRUM.to_vec();
+    extra.retain(|a| *a != "--layerwise");
+    extra.extend(["--epochs", "1", "--spectrum-every", "1", "--papyan"]);
+    let (ok, stdout, stderr) = hesscope(&args("mlp-tiny", &out, &extra));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("G outliers"), "{stdout}");
+    let t = json(out.join("trajectory.json"));
+    let records = [
+        (
+            &t["start"]["curvature"],
+            fixtures_dir().join("mlp-tiny/weights.safetensors"),
+        ),
+        (
+            &t["epochs"][0]["curvature"],
+            out.join("checkpoints/epoch-1.safetensors"),
+        ),
+    ];
+    for (c, w) in records {
+        let p = &c["papyan"];
+        assert_eq!(p["classes"], 4);
+        let (h, g, e) = (
+            c["slq_trace"].as_f64().unwrap(),
+            p["ggn"]["slq_trace"].as_f64().unwrap(),
+            p["residual"]["slq_trace"].as_f64().unwrap(),
+        );
+        assert!(rel(g + e, h) <= 1e-10, "H {h} vs G + E {}", g + e);
+        // G is positive semi-definite: its Ritz values too.
+        let (gmin, gmax) = (
+            p["ggn"]["lambda_min"].as_f64().unwrap(),
+            p["ggn"]["lambda_max"].as_f64().unwrap(),
+        );
+        assert!(gmin >= -1e-8 * gmax, "G λmin {gmin}, λmax {gmax}");
+        for (op, key) in [("ggn", "ggn"), ("residual", "residual")] {
+            let den = spectral(
+                "mlp-tiny",
+                &w,
+                &["density", "--steps", "20", "--runs", "2", "--operator", op],
+                "batch",
+                "48",
+            );
+            for k in ["lambda_max", "lambda_min", "negative_mass"] {
+                let (got, want) = (p[key][k].as_f64().unwrap(), den[k].as_f64().unwrap());
+                assert!(rel(got, want) <= TOL, "{op} {k}: {got} vs {want}");
+            }
+            let (got, want) = (
+                p[key]["slq_trace"].as_f64().unwrap(),
+                den["trace"].as_f64().unwrap(),
+            );
+            assert!(rel(got, want) <= TOL, "{op} trace: {got} vs {want}");
+        }
+        let top = floats(&p["ggn_top"]);
+        assert_eq!(top.len(), 10);
+        let eig = spectral(
+            "mlp-tiny",
+            &w,
+            &["eigs", "--top", "10", "--steps", "120", "--operator", "ggn"],
+            "batch",
+            "48",
+        );
+        for (a, b) in top.iter().zip(&floats(&eig["eigenvalues"])) {
+            assert!(
+                rel(*a, *b) <= 1e-6,
+                "G's top: {top:?} vs {:?}",
+                eig["eigenvalues"]
+            );
+        }
+        assert!(p["outliers"].as_u64().unwrap() <= 10);
+    }
+    assert!(out.join("curvature.svg").exists());
+    let svg = std::fs::read_to_string(out.join("curvature.svg")).unwrap();
+    assert!(
+        svg.contains("G outliers"),
+        "curvature.svg lacks the G/E panels"
+    );
+    // --papyan is a measurement's: refused without one.
+    let out2 = tmp.path().join("run2");
+    let (ok, _, stderr) = hesscope(&args("mlp-tiny", &out2, &["--epochs", "1", "--papyan"]));
+    assert!(!ok);
+    assert!(stderr.contains("--papyan"), "{stderr}");
+    assert!(!out2.exists());
+}

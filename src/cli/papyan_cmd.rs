@@ -11,7 +11,7 @@ use crate::cli::output::{self, export};
 use crate::cli::spectral_args::*;
 use anyhow::{Context, Result};
 use clap::Args;
-use hesscope::operator::{CurvatureOperator, Operator};
+use hesscope::operator::{outliers, CurvatureOperator, Operator};
 use hesscope::report::Settings;
 use hesscope::spectral::eigs::{eigs, EigsSettings, Which};
 use hesscope::spectral::plot::{densities_svg, DensitySeries};
@@ -81,21 +81,6 @@ pub struct PapyanReport {
     pub densities: Vec<OperatorDensity>,
     pub seconds: f64,
     pub settings: Settings,
-}
-
-/// The outliers of a spectrum's top values (largest first): how many lie
-/// above the widest ratio gap λ_i/λ_(i+1) among the positive ones, and
-/// that ratio (0 and 1 with fewer than two positive values).
-pub fn outliers(top: &[f64]) -> (usize, f64) {
-    let pos: Vec<f64> = top.iter().copied().take_while(|x| *x > 0.0).collect();
-    let mut best = (0, 1.0);
-    for i in 1..pos.len() {
-        let r = pos[i - 1] / pos[i];
-        if r > best.1 {
-            best = (i, r);
-        }
-    }
-    best
 }
 
 pub fn papyan_cmd(a: PapyanArgs) -> Result<()> {
@@ -231,7 +216,7 @@ pub fn papyan_cmd(a: PapyanArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::outliers;
+    use hesscope::operator::outliers;
 
     #[test]
     fn outliers_sit_above_the_widest_gap() {

@@ -102,6 +102,12 @@ pub struct SpectrumArgs {
     /// Each module's λmax and trace (its diagonal block of the Hessian).
     #[arg(long)]
     pub layerwise: bool,
+    /// Papyan's decomposition at every measurement too: the densities of
+    /// the Gauss–Newton term G and the residual E = H − G (same steps, runs
+    /// and start vectors as H's), and G's top 2·classes + 2 eigenvalues
+    /// with its outliers (as `hesscope papyan`).
+    #[arg(long)]
+    pub papyan: bool,
     #[command(flatten)]
     pub sweep: SweepArgs,
     #[command(flatten)]
@@ -250,6 +256,12 @@ impl SpectrumArgs {
                  no vectors on a device; use a GPU backend or --basis-on host"
             );
         }
+        if self.papyan && self.spectrum_every.is_none() {
+            bail!(
+                "invalid --papyan without --spectrum-every: G and E are measured beside the \
+                 Hessian, at its epochs"
+            );
+        }
         if !(2..=MAX_GRID).contains(&self.grid) {
             bail!(
                 "invalid --grid: {}; a density needs between 2 and {MAX_GRID} grid points",
@@ -283,6 +295,7 @@ impl SpectrumArgs {
                 Some(_) => Some(self.basis.budget()?.0),
                 None => None,
             },
+            papyan: self.papyan,
         })
     }
 }

@@ -130,13 +130,20 @@ impl Measures<'_> {
 }
 
 pub fn describe_curvature(c: &CurvatureRecord) -> String {
-    format!(
+    let mut s = format!(
         "  λmax {:.4e}  trace {:.4e}  ‖g‖² in top-{} {:.3}",
         c.top_eigenvalues.first().copied().unwrap_or(f64::NAN),
         c.trace,
         c.grad_frac_in_top_k.len(),
         c.grad_frac_in_top_k.last().copied().unwrap_or(f64::NAN)
-    )
+    );
+    if let Some(p) = &c.papyan {
+        s += &format!(
+            "  G λmax {:.4e}  E negative mass {:.3}  G outliers {} (×{:.2} gap; classes {})",
+            p.ggn.lambda_max, p.residual.negative_mass, p.outliers, p.gap_ratio, p.classes
+        );
+    }
+    s
 }
 
 /// An epoch's progress line (and its curvature's).

@@ -190,6 +190,35 @@ fn write_plots(dir: &Path, model: &Model, r: &TrainReport) -> Result<Vec<PathBuf
                 series: per(|l| l.trace),
             });
         }
+        if curv.iter().any(|(_, c)| c.papyan.is_some()) {
+            // Papyan's H = G + E along training (`--papyan`).
+            panels.push(Panel {
+                y_label: "λmax (SLQ)".into(),
+                series: vec![
+                    line("H", &|c| Some(c.lambda_max)),
+                    line("G", &|c| c.papyan.as_ref().map(|p| p.ggn.lambda_max)),
+                    line("E", &|c| c.papyan.as_ref().map(|p| p.residual.lambda_max)),
+                ],
+            });
+            panels.push(Panel {
+                y_label: "negative mass".into(),
+                series: vec![
+                    line("H", &|c| Some(c.negative_mass)),
+                    line("E", &|c| {
+                        c.papyan.as_ref().map(|p| p.residual.negative_mass)
+                    }),
+                ],
+            });
+            panels.push(Panel {
+                y_label: "G outliers".into(),
+                series: vec![
+                    line("above the widest gap", &|c| {
+                        c.papyan.as_ref().map(|p| p.outliers as f64)
+                    }),
+                    line("classes", &|c| c.papyan.as_ref().map(|p| p.classes as f64)),
+                ],
+            });
+        }
         write(
             "curvature.svg",
             panels_svg(

@@ -411,6 +411,39 @@ pub struct LayerCurvature {
     pub trace_stderr: Option<f64>,
 }
 
+/// One curvature operator's SLQ at a point of a run (`train --papyan`):
+/// its summary and the quadrature the density is drawn from.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct OperatorCurvature {
+    /// `ggn` or `residual`.
+    pub operator: String,
+    pub lambda_max: f64,
+    pub lambda_min: f64,
+    pub slq_trace: f64,
+    pub slq_trace_stderr: Option<f64>,
+    pub negative_mass: f64,
+    pub negative_mass_stderr: Option<f64>,
+    pub runs: Vec<QuadratureRun>,
+}
+
+/// Papyan's decomposition H = G + E at a point of a run: the SLQ of the
+/// Gauss–Newton term G and of the residual E (same steps, runs and start
+/// vectors as the Hessian's), G's top eigenvalues and how many of them lie
+/// above the widest ratio gap (`operator::outliers`), beside the classes.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct PapyanRecord {
+    pub ggn: OperatorCurvature,
+    pub residual: OperatorCurvature,
+    pub classes: usize,
+    /// G's top 2·classes + 2 eigenvalues (largest first), their residuals
+    /// ‖Gx − λx‖, and whether all converged.
+    pub ggn_top: Vec<f64>,
+    pub ggn_residuals: Vec<f64>,
+    pub ggn_converged: bool,
+    pub outliers: usize,
+    pub gap_ratio: f64,
+}
+
 /// The Hessian of the data loss (mean cross-entropy, no weight decay) over
 /// a fixed subset of the training data at one point of a run.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
@@ -463,6 +496,9 @@ pub struct CurvatureRecord {
     pub block: usize,
     pub hvps: usize,
     pub seconds: f64,
+    /// G and E beside H (`train --papyan`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub papyan: Option<PapyanRecord>,
 }
 
 fn one() -> usize {
