@@ -195,7 +195,6 @@ pub fn snapshot_with(
     }
     let mut hvps = op.count;
     drop(op);
-    drop(h);
     let papyan = if s.papyan {
         let (record, count) = papyan_record(engine, model, s, block, budget, progress)?;
         hvps += count;
