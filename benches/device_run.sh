@@ -176,7 +176,7 @@ done
 if [ "${DRY_RUN:-0}" != 1 ] && python3 -c 'import torch, torchvision, safetensors' 2>/dev/null; then
     timed torchvision_models env PYTHONPATH=python HESSCOPE="$HS" timeout 300 \
         python3 python/tests/check_models.py resnet50 mobilenet_v3_small densenet121 \
-        efficientnet_b0 shufflenet_v2_x0_5 --size 64 --batch 4 --backends vulkan \
+        efficientnet_b0 shufflenet_v2_x0_5 vgg11_bn alexnet wide_resnet50_2 --size 64 --batch 4 --backends vulkan \
         --hesscope-args "--adapter $ADAPTER" --work "$OUT/models"
     rm -rf "$OUT/models"
 fi
@@ -198,12 +198,28 @@ if [ "${DRY_RUN:-0}" != 1 ] && python3 -c 'import torch' 2>/dev/null; then
 fi
 
 # 3d. Transformers (issue 25) exported from torchvision and Hugging Face
-# against PyTorch float64 (the float64 engine; GPU layers so far refuse mha).
+# against PyTorch float64: the float64 engine and the NVIDIA adapter
+# (attention kernels, shaders/attention.wgsl); then GPT-2 small's shape
+# (12 layers, 12 heads of 64, 50257 tokens' vocabulary; batch 4 of 256
+# tokens) on the GPU against PyTorch float64 on the host, timed.
 if [ "${DRY_RUN:-0}" != 1 ] && python3 -c 'import torch, torchvision, transformers' 2>/dev/null; then
-    env PYTHONPATH=python HESSCOPE="$HS" timeout 120 python3 python/tests/check_transformers.py \
-        --backends cpu --work "$OUT/tf" > "$OUT/transformers.txt" 2>&1 || true
-    rm -rf "$OUT/tf"
+    env PYTHONPATH=python HESSCOPE="$HS" timeout 180 python3 python/tests/check_transformers.py \
+        --backends cpu,vulkan --hesscope-args "--adapter $ADAPTER" --work "$OUT/tf" \
+        > "$OUT/transformers.txt" 2>&1 || true
+    env PYTHONPATH=python HESSCOPE="$HS" timeout 300 python3 python/tests/check_transformers.py hf-gpt2-tiny \
+        --config '{"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 256, "vocab_size": 50257}' \
+        --backends vulkan --hesscope-args "--adapter $ADAPTER" --work "$OUT/tf_small" \
+        > "$OUT/transformers_gpt2_small.txt" 2>&1 || true
+    rm -rf "$OUT/tf" "$OUT/tf_small"
 fi
+
+# 3e. Papyan's operators (issue 22): a Gauss–Newton and a residual product
+# against the Hessian's at resnet20 (the GPU engine's G·v runs its R-pass
+# on zero loss adjoints; E takes one sweep of each).
+for OP in ggn residual; do
+    timed "hvp_${OP}_resnet20" "$HS" hvp "${GPU[@]}" "${COMMON20[@]}" --operator "$OP" --json
+done
+timed hvp_hessian_resnet20 "$HS" hvp "${GPU[@]}" "${COMMON20[@]}" --json
 
 # 4. The PyTorch peer on the same files, FP32 with TF32 off.
 [ "${DRY_RUN:-0}" = 1 ] || timed peer_resnet20 python3 benches/peer/pytorch_hvp.py "${COMMON20[@]}" --repeats 20 --json
