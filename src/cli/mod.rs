@@ -5,6 +5,7 @@
 
 mod common;
 pub mod errors;
+mod layers_cmd;
 pub mod output;
 mod selftest_cmd;
 mod spectral_args;
@@ -86,7 +87,7 @@ pub enum Command {
     /// The whole spectrum of a small model from its dense Hessian.
     Exact(spectral_cmds::ExactArgs),
     /// Per-layer λmax, trace and density similarity.
-    Layers(spectral_cmds::LayersArgs),
+    Layers(layers_cmd::LayersArgs),
     /// Kernel throughput at the model's layer shapes and end-to-end
     /// gradient / HVP times on the chosen backend.
     Bench {
@@ -205,7 +206,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::TraceGrad(a) => trace_grad_cmd::trace_grad_cmd(a),
         Command::Train(a) => train_cmd::train_cmd(a),
         Command::Exact(a) => spectral_cmds::exact_cmd(a),
-        Command::Layers(a) => spectral_cmds::layers_cmd(a),
+        Command::Layers(a) => layers_cmd::layers_cmd(a),
         Command::Selftest(a) => selftest_cmd::selftest_cmd(a),
         Command::Bench {
             inputs,

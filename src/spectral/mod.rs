@@ -5,6 +5,7 @@
 pub mod compensated;
 pub mod eigs;
 pub mod exact;
+pub mod heatmap;
 pub mod lanczos;
 pub mod layers;
 pub mod operator;
