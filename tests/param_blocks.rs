@@ -250,11 +250,12 @@ fn jensen_shannon_distance_bounds_and_a_hand_value() {
         .map(|_| (0..50).map(|_| rng.random::<f64>().powi(4)).collect())
         .collect();
     let m = js_matrix(&ds);
-    for i in 0..6 {
-        assert_eq!(m[i][i], Some(0.0));
-        for j in 0..6 {
-            let v = m[i][j].unwrap();
-            assert_eq!(m[i][j], m[j][i]);
+    assert_eq!(m.len(), 6);
+    for (i, row) in m.iter().enumerate() {
+        assert_eq!(row[i], Some(0.0));
+        for (j, x) in row.iter().enumerate() {
+            let v = x.unwrap();
+            assert_eq!(*x, m[j][i]);
             assert!((0.0..=1.0).contains(&v));
             if i != j {
                 assert!(v > 0.0);
@@ -312,11 +313,13 @@ fn layers_cli_reports_js_matrix_and_heat_map() {
     }
     let js = r["js_distance"].as_array().unwrap();
     assert_eq!(js.len(), rows.len());
-    for i in 0..js.len() {
-        assert_eq!(js[i][i].as_f64(), Some(0.0));
-        for j in 0..js.len() {
-            let v = js[i][j].as_f64().unwrap();
-            assert_eq!(js[i][j], js[j][i]);
+    for (i, row) in js.iter().enumerate() {
+        let row = row.as_array().unwrap();
+        assert_eq!(row.len(), js.len());
+        assert_eq!(row[i].as_f64(), Some(0.0));
+        for (j, x) in row.iter().enumerate() {
+            let v = x.as_f64().unwrap();
+            assert_eq!(*x, js[j][i]);
             assert!((0.0..=1.0).contains(&v), "{v}");
         }
     }

@@ -91,7 +91,7 @@ fn part_ranges(model: &Model, p: usize, f: &FusedQkv, part: usize) -> Vec<Range<
     } else {
         // [3D, DIN] rows or a [3D] bias: contiguous thirds.
         let third = spec.numel() / 3;
-        vec![o + part * third..o + (part + 1) * third]
+        std::iter::once(o + part * third..o + (part + 1) * third).collect()
     }
 }
 
