@@ -175,6 +175,10 @@ fn deep_problem(samples: usize, batch: usize, seed: u64) -> Problem {
                 let b = 1.0 / (f as f64).sqrt();
                 theta.extend(rnd(&mut r, n, -b, b));
             }
+            // The sequence layers' laws; none of these CNNs has them.
+            Init::Uniform { bound: b } | Init::Normal { std: b } => {
+                theta.extend(rnd(&mut r, n, -b, b))
+            }
         }
     }
     let buffers = model.buffers.iter().map(|b| vec![b.init; b.len]).collect();

@@ -71,6 +71,10 @@ fn init_weights(model: &Model, conv: ConvInit, bn: BnInit, seed: u64) -> Weights
                 let b = 1.0 / (f as f64).sqrt();
                 theta.extend((0..n).map(|_| rng.random_range(-b..b)));
             }
+            // The sequence layers' laws; none of these CNNs has them.
+            Init::Uniform { bound: b } | Init::Normal { std: b } => {
+                theta.extend((0..n).map(|_| rng.random_range(-b..b)))
+            }
         }
     }
     let buffers = model

@@ -5,6 +5,7 @@
 
 mod common;
 pub mod errors;
+mod layers_cmd;
 pub mod output;
 mod papyan_cmd;
 mod parallel;
@@ -90,7 +91,7 @@ pub enum Command {
     /// The whole spectrum of a small model from its dense Hessian.
     Exact(spectral_cmds::ExactArgs),
     /// Per-layer λmax, trace and density similarity.
-    Layers(spectral_cmds::LayersArgs),
+    Layers(layers_cmd::LayersArgs),
     /// Papyan's view: the densities of H, its Gauss–Newton term G and
     /// E = H − G side by side, with G's outliers against the classes.
     Papyan(papyan_cmd::PapyanArgs),
@@ -250,7 +251,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::TraceGrad(a) => trace_grad_cmd::trace_grad_cmd(a),
         Command::Train(a) => train_cmd::train_cmd(a),
         Command::Exact(a) => spectral_cmds::exact_cmd(a),
-        Command::Layers(a) => spectral_cmds::layers_cmd(a),
+        Command::Layers(a) => layers_cmd::layers_cmd(a),
         Command::Papyan(a) => papyan_cmd::papyan_cmd(a),
         Command::Selftest(a) => selftest_cmd::selftest_cmd(a),
         Command::Bench {

@@ -5,14 +5,13 @@ use crate::cli::output::{self, export, or_unknown};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hesscope::report::{
-    known, DensityReport, EigsReport, ExactReport, LayerRow, LayersReport, TraceEstimates,
-    TraceReport, TraceRow,
+    known, DensityReport, EigsReport, ExactReport, TraceEstimates, TraceReport, TraceRow,
 };
 use hesscope::spectral::bands;
 use hesscope::spectral::deflate::{self, DeflateCount};
 use hesscope::spectral::eigs::{eigs, gradient_fractions, EigsSettings, Which};
 use hesscope::spectral::exact::{exact_spectrum, EXACT_HARD_MAX_PARAMS, EXACT_MAX_PARAMS};
-use hesscope::spectral::layers::{bhattacharyya, BlockOperator};
+use hesscope::spectral::layers::BlockOperator;
 use hesscope::spectral::slq::{self, SlqRun};
 use hesscope::spectral::trace::{hutchinson_block, hutchpp_block};
 use hesscope::spectral::SymOperator;
@@ -610,140 +609,4 @@ pub fn exact_cmd(mut a: ExactArgs) -> Result<()> {
         l.model.name, report.negative_mass, report.asymmetry, report.seconds,
         decisions_text(&report.settings)
     ))
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct LayersArgs {
-    #[command(flatten)]
-    pub operator: OperatorArgs,
-    /// Lanczos steps per layer run.
-    #[arg(long, default_value_t = 30, allow_hyphen_values = true)]
-    pub steps: usize,
-    /// SLQ runs per layer (and for the full Hessian).
-    #[arg(long, default_value_t = 3, allow_hyphen_values = true)]
-    pub runs: usize,
-    #[command(flatten)]
-    pub sweep: SweepArgs,
-    #[command(flatten)]
-    pub basis: BasisArgs,
-    #[command(flatten)]
-    pub smoothing: SmoothingArgs,
-    /// Write the report as JSON (per module: λmax, λmin, trace, similarity; settings).
-    #[arg(long, help_heading = "Output")]
-    pub out: Option<PathBuf>,
-    #[command(flatten)]
-    pub inputs: Inputs,
-}
-
-/// Per module: λmax and trace from SLQ on its diagonal block, and the
-/// Bhattacharyya coefficient between its density and the full one on a
-/// shared grid (see `layers::bhattacharyya` for why that measure).
-pub fn layers_cmd(a: LayersArgs) -> Result<()> {
-    check_count("--steps", a.steps, MAX_STEPS)?;
-    check_count("--runs", a.runs, MAX_RUNS)?;
-    a.sweep.validate()?;
-    let budget = a.basis.budget()?;
-    a.smoothing.validate()?;
-    let t0 = Instant::now();
-    let mut l = a
-        .inputs
-        .load_with_options(a.basis.engine_options(a.sweep.block)?)?;
-    a.basis.check_engine(l.engine.as_ref())?;
-    let mut settings = a.inputs.settings_with_decisions(l.engine.as_mut(), None)?;
-    settings.operator = Some(a.operator.get());
-    let sweep = a.sweep.resolve(l.engine.as_ref());
-    let modules = l.model.modules();
-    let mut h = a.operator.of(l.engine.as_mut());
-    let n = h.dim();
-    let CountedSlq {
-        runs: full, basis, ..
-    } = counted_slq(
-        &mut h,
-        a.steps.min(n),
-        a.runs,
-        a.inputs.seed,
-        sweep,
-        budget,
-        &format!("full {}", a.operator.get().describe()),
-    )?;
-    let mut per = vec![];
-    for (name, range) in modules {
-        let mut block = BlockOperator::new(&mut h, range.clone());
-        let steps = a.steps.min(range.len());
-        let runs = counted_slq(
-            &mut block,
-            steps,
-            a.runs,
-            a.inputs.seed,
-            sweep,
-            budget,
-            &name,
-        )?
-        .runs;
-        per.push((name, range.len(), runs));
-    }
-    // One grid for all, covering every layer's and the full spectrum.
-    let (mut lo, mut hi) = slq::extremes(&full);
-    for (_, _, r) in &per {
-        let (a_, b_) = slq::extremes(r);
-        lo = lo.min(a_);
-        hi = hi.max(b_);
-    }
-    let default_sigma = slq::default_sigma(lo, hi).max(0.01 * (hi - lo));
-    let (grid, sigma) = a.smoothing.grid(lo, hi, default_sigma, LAYERS_GRID)?;
-    let fd = a.smoothing.density(&full, &grid, sigma)?;
-    let fs = slq::summarize(&full, n);
-    let mut rows = vec![];
-    let scale = fs.lambda_max.abs().max(fs.lambda_min.abs());
-    for (name, size, runs) in &per {
-        let s = if slq::is_zero_block(runs, scale) {
-            slq::SlqSummary::zero()
-        } else {
-            slq::summarize(runs, *size)
-        };
-        let d = a.smoothing.density(runs, &grid, sigma)?;
-        rows.push(LayerRow {
-            module: name.clone(),
-            size: *size,
-            lambda_max: s.lambda_max,
-            lambda_min: s.lambda_min,
-            trace: s.trace,
-            trace_stderr: known(s.trace_stderr),
-            negative_mass: s.negative_mass,
-            negative_mass_stderr: known(s.negative_mass_stderr),
-            similarity: bhattacharyya(&grid, &d, &fd),
-        });
-    }
-    let report = LayersReport {
-        similarity_measure: "Bhattacharyya coefficient ∫√(p·q) between the layer's and the full SLQ density on a shared grid",
-        full: fs,
-        layers: rows,
-        steps: a.steps,
-        runs: a.runs,
-        block: sweep,
-        basis,
-        sigma,
-        seconds: t0.elapsed().as_secs_f64(),
-        settings,
-    };
-    export(a.inputs.json, a.out.as_deref(), &report)?;
-    if a.inputs.json {
-        return Ok(());
-    }
-    let mut text = format!(
-        "{:<28} {:>9} {:>14} {:>14} {:>14} {:>10}\n",
-        "module", "size", "λmax", "λmin", "trace", "similarity"
-    );
-    text.push_str(&format!(
-        "{:<28} {:>9} {:>14.6e} {:>14.6e} {:>14.6e} {:>10.4}\n",
-        "(all)", n, report.full.lambda_max, report.full.lambda_min, report.full.trace, 1.0
-    ));
-    for r in &report.layers {
-        text.push_str(&format!(
-            "{:<28} {:>9} {:>14.6e} {:>14.6e} {:>14.6e} {:>10.4}\n",
-            r.module, r.size, r.lambda_max, r.lambda_min, r.trace, r.similarity
-        ));
-    }
-    text.push_str(&decisions_text(&report.settings));
-    output::print(&text)
 }

@@ -115,18 +115,16 @@ impl Geo {
     fn scale(&self) -> f64 {
         1.0 / (self.e as f64).sqrt()
     }
-    /// c·a·bᵀ over the attending entries ([T, T], zero elsewhere).
+    /// c·a·bᵀ over the attending entries ([T, T], zero elsewhere): one
+    /// GEMM for all entries, the masked ones zeroed after.
     fn scores(&self, a: &[f64], b: &[f64]) -> Vec<f64> {
         let (t, e, c) = (self.t, self.e, self.scale());
-        let mut s = vec![0.0; t * t];
+        let mut s = mmt(t, e, a, b);
         for i in 0..t {
-            for j in 0..self.cols(i) {
-                let mut acc = 0.0;
-                for k in 0..e {
-                    acc += a[i * e + k] * b[j * e + k];
-                }
-                s[i * t + j] = c * acc;
-            }
+            let n = self.cols(i);
+            let row = &mut s[i * t..(i + 1) * t];
+            row[..n].iter_mut().for_each(|x| *x *= c);
+            row[n..].iter_mut().for_each(|x| *x = 0.0);
         }
         s
     }
@@ -167,45 +165,21 @@ impl Geo {
     }
 }
 
-/// a [T, T] · b [T, e], accumulated into out [T, e].
+/// a [T, T] · b [T, e], accumulated into out [T, e] (one sequential faer
+/// GEMM: the caller's parallelism is over (sample, head) pairs, so the
+/// result does not depend on the thread count).
 fn mm_acc(t: usize, e: usize, a: &[f64], b: &[f64], out: &mut [f64]) {
-    for i in 0..t {
-        for j in 0..t {
-            let w = a[i * t + j];
-            if w == 0.0 {
-                continue;
-            }
-            for k in 0..e {
-                out[i * e + k] += w * b[j * e + k];
-            }
-        }
-    }
+    crate::ops::gemm::dense::mm_acc(t, t, e, a, b, out);
 }
 
 /// aᵀ [T, T] · b [T, e], accumulated into out [T, e].
 fn mtm_acc(t: usize, e: usize, a: &[f64], b: &[f64], out: &mut [f64]) {
-    for i in 0..t {
-        for j in 0..t {
-            let w = a[i * t + j];
-            if w == 0.0 {
-                continue;
-            }
-            for k in 0..e {
-                out[j * e + k] += w * b[i * e + k];
-            }
-        }
-    }
+    crate::ops::gemm::dense::mtm_acc(t, t, e, a, b, out);
 }
 
 /// a [T, e] · bᵀ ([T, e]) -> [T, T] (all entries).
 fn mmt(t: usize, e: usize, a: &[f64], b: &[f64]) -> Vec<f64> {
-    let mut out = vec![0.0; t * t];
-    for i in 0..t {
-        for j in 0..t {
-            out[i * t + j] = (0..e).map(|k| a[i * e + k] * b[j * e + k]).sum();
-        }
-    }
-    out
+    crate::ops::gemm::dense::mmt(t, e, t, a, b)
 }
 
 /// The attention probabilities of every (sample, head), [T, T] each.

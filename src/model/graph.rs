@@ -316,6 +316,16 @@ pub enum Init {
     /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)): kaiming_uniform(a=sqrt(5)) for
     /// conv/linear weights, and their biases.
     UniformFanIn(usize),
+    /// U(-bound, bound): xavier_uniform_ (nn.MultiheadAttention's
+    /// in_proj_weight: bound = sqrt(6 / (fan_in + fan_out))).
+    Uniform {
+        bound: f64,
+    },
+    /// N(0, std²): nn.Embedding's default (std 1), Hugging Face Conv1D's
+    /// weight and torchvision ViT's pos_embedding (std 0.02).
+    Normal {
+        std: f64,
+    },
     Const(f64),
 }
 

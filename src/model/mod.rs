@@ -4,6 +4,7 @@
 pub mod arch;
 pub mod graph;
 pub mod onnx;
+pub mod param_blocks;
 pub mod params;
 pub mod tensorio;
 

@@ -27,6 +27,13 @@ impl Weights {
                     let b = 1.0 / (fan_in as f64).sqrt();
                     theta.extend((0..p.numel()).map(|_| rng.random_range(-b..b)));
                 }
+                Init::Uniform { bound } => {
+                    theta.extend((0..p.numel()).map(|_| rng.random_range(-bound..bound)));
+                }
+                Init::Normal { std } => {
+                    let n = rand_distr::Normal::new(0.0, std).expect("a finite positive std");
+                    theta.extend((0..p.numel()).map(|_| rng.sample(n)));
+                }
                 Init::Const(c) => theta.extend(std::iter::repeat_n(c, p.numel())),
             }
         }

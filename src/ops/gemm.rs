@@ -513,3 +513,43 @@ pub fn linear_backward_weight_acc(
             mm(view_mut(gwb, rows, din, din), Accum::Add, gyb, xm);
         });
 }
+
+/// Dense row-major products for attention's per-(sample, head) matrices,
+/// each one sequential faer GEMM (callers parallelise over independent
+/// (sample, head) pairs, so results do not depend on the thread count).
+pub mod dense {
+    use super::{mm, view, view_mut};
+    use faer::Accum;
+
+    /// out [m, n] += a [m, k] · b [k, n].
+    pub fn mm_acc(m: usize, k: usize, n: usize, a: &[f64], b: &[f64], out: &mut [f64]) {
+        mm(
+            view_mut(out, m, n, n),
+            Accum::Add,
+            view(a, m, k, k),
+            view(b, k, n, n),
+        );
+    }
+
+    /// out [m, n] += aᵀ · b with a [k, m], b [k, n].
+    pub fn mtm_acc(m: usize, k: usize, n: usize, a: &[f64], b: &[f64], out: &mut [f64]) {
+        mm(
+            view_mut(out, m, n, n),
+            Accum::Add,
+            view(a, k, m, m).transpose(),
+            view(b, k, n, n),
+        );
+    }
+
+    /// a [m, k] · bᵀ with b [n, k] -> [m, n].
+    pub fn mmt(m: usize, k: usize, n: usize, a: &[f64], b: &[f64]) -> Vec<f64> {
+        let mut out = vec![0.0; m * n];
+        mm(
+            view_mut(&mut out, m, n, n),
+            Accum::Replace,
+            view(a, m, k, k),
+            view(b, n, k, k).transpose(),
+        );
+        out
+    }
+}

@@ -324,8 +324,13 @@ pub struct ExactReport {
 /// One module of `hesscope layers`.
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerRow {
+    /// The block's name: a module, or `MODULE.q` / `.k` / `.v` of a fused
+    /// attention projection.
     pub module: String,
     pub size: usize,
+    /// How many contiguous runs of the flat parameter vector the block's
+    /// indices form (1 but for split or interleaved tensors).
+    pub runs_of_indices: usize,
     pub lambda_max: f64,
     pub lambda_min: f64,
     pub trace: f64,
@@ -335,14 +340,26 @@ pub struct LayerRow {
     /// `null` with one run.
     pub negative_mass_stderr: Option<f64>,
     pub similarity: f64,
+    /// The block's smoothed SLQ density on the report's `grid`.
+    pub density: Vec<f64>,
 }
 
 /// `hesscope layers`.
 #[derive(Clone, Debug, Serialize)]
 pub struct LayersReport {
     pub similarity_measure: &'static str,
+    /// How `js_distance` is computed (log base, zero density).
+    pub js_measure: &'static str,
+    /// Whether fused q|k|v projections were split into Q, K, V blocks.
+    pub split_qkv: bool,
     pub full: SlqSummary,
+    /// The full Hessian's smoothed density on `grid`.
+    pub full_density: Vec<f64>,
     pub layers: Vec<LayerRow>,
+    /// js_distance[i][j]: the Jensen–Shannon distance between the
+    /// densities of layers[i] and layers[j] (symmetric, zero diagonal;
+    /// null where undefined).
+    pub js_distance: Vec<Vec<Option<f64>>>,
     pub steps: usize,
     pub runs: usize,
     /// Runs in lockstep per sweep (`--block`).
@@ -351,6 +368,8 @@ pub struct LayersReport {
     /// `DensityReport`; a layer's, being smaller, fit at least as well).
     pub basis: String,
     pub sigma: f64,
+    /// The uniform grid every density is sampled on.
+    pub grid: Vec<f64>,
     pub seconds: f64,
     pub settings: Settings,
 }

@@ -7,6 +7,7 @@ pub mod compensated;
 pub mod deflate;
 pub mod eigs;
 pub mod exact;
+pub mod heatmap;
 pub mod lanczos;
 pub mod layers;
 pub mod operator;

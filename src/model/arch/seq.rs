@@ -159,8 +159,17 @@ impl Parser<'_> {
             vec![a.dout, din]
         };
         let weight = self.linear_weight(label, weight_name, shape, din, a.tie)?;
+        // Hugging Face Conv1D: weight N(0, 0.02²), bias zeros.
+        if transposed && a.tie.is_none() {
+            self.params[weight].init = Init::Normal { std: 0.02 };
+        }
+        let bias_init = if transposed {
+            Init::Const(0.0)
+        } else {
+            Init::UniformFanIn(din)
+        };
         let bias = if a.bias {
-            Some(self.add_param(bias_name.to_string(), vec![a.dout], Init::UniformFanIn(din))?)
+            Some(self.add_param(bias_name.to_string(), vec![a.dout], bias_init)?)
         } else {
             None
         };
@@ -216,7 +225,7 @@ impl Parser<'_> {
                 let weight = self.add_param(
                     format!("{name}.weight"),
                     vec![vocab, dim],
-                    Init::UniformFanIn(1),
+                    Init::Normal { std: 1.0 },
                 )?;
                 let op = Op::Embedding { weight, vocab, dim };
                 self.push(name, op, vec![v], Shape::seq(s.tokens(), dim), false)
@@ -238,7 +247,7 @@ impl Parser<'_> {
                 let param = self.add_param(
                     format!("{name}.weight"),
                     vec![rows, s.features()],
-                    Init::UniformFanIn(1),
+                    Init::Normal { std: 1.0 },
                 )?;
                 self.push(name, Op::AddParam { param, pos: true }, vec![v], s, false)
             }
@@ -252,7 +261,8 @@ impl Parser<'_> {
                 let (v, s) = self.seq_input(&label)?;
                 let (t, d) = (s.tokens(), s.features());
                 if kw == "add_param" {
-                    let p = self.add_param(param, vec![1, t, d], Init::Const(0.0))?;
+                    // torchvision's ViT: pos_embedding.normal_(std=0.02).
+                    let p = self.add_param(param, vec![1, t, d], Init::Normal { std: 0.02 })?;
                     self.push(
                         n,
                         Op::AddParam {
@@ -457,12 +467,26 @@ impl Parser<'_> {
             format!("{name}.in_proj_bias"),
         );
         self.seq_affine(label, format!("{name}.in_proj"), &w, &b, a(3 * d), false)?;
+        // nn.MultiheadAttention._reset_parameters: xavier_uniform_ in_proj
+        // weight, zero in_proj and out_proj biases.
+        let bound = (6.0 / (4 * d) as f64).sqrt();
+        self.set_init(&w, Init::Uniform { bound });
+        self.set_init(&b, Init::Const(0.0));
         self.mha(label, name.clone(), heads, causal)?;
         let (w, b) = (
             format!("{name}.out_proj.weight"),
             format!("{name}.out_proj.bias"),
         );
-        self.seq_affine(label, format!("{name}.out_proj"), &w, &b, a(d), false)
+        self.seq_affine(label, format!("{name}.out_proj"), &w, &b, a(d), false)?;
+        self.set_init(&b, Init::Const(0.0));
+        Ok(())
+    }
+
+    /// The default initialisation of the declared tensor `name`.
+    fn set_init(&mut self, name: &str, init: Init) {
+        if let Some(p) = self.params.iter_mut().find(|p| p.name == name) {
+            p.init = init;
+        }
     }
 }
 
