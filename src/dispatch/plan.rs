@@ -22,11 +22,14 @@ pub struct ParamSplit {
     pub node_chunk: Vec<Option<usize>>,
     /// Linear weights larger than a binding, split by rows between chunks:
     /// (parameter, its row blocks `(r0, r1, chunk)`).
-    pub rows: Vec<(usize, Vec<(usize, usize, usize)>)>,
+    pub rows: Vec<(usize, Vec<RowSpan>)>,
     /// Two scratch buffers of a row block's outputs or adjoints for every
     /// sample (`layers::linear_rows`).
     pub row_scratch: [usize; 2],
 }
+
+/// Rows `r0..r1` of a split linear weight and the chunk holding them.
+pub type RowSpan = (usize, usize, usize);
 
 /// Rows `r0..r1` of a linear weight split by rows: the buffers of the
 /// chunk holding them and the offset of row `r0` there.

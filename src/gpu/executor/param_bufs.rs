@@ -1,14 +1,15 @@
 //! The parameter-sized arrays of an engine (θ, v, the gradient, Hv) and
 //! their host reads and writes. Where each fits in one storage binding
 //! (`max_storage_buffer_binding_size`) they are one buffer each, exactly
-//! as before. Where one does not (alexnet's 228 MB of θ on lavapipe's
+//! as before. Where one does not (wide_resnet50_2's 275 MB of θ on lavapipe's
 //! 128 MiB bindings), each is held as several buffers split between nodes,
 //! so that every node's parameters lie in one chunk: the walker binds the
 //! chunk of the node being planned and rebases its parameter offsets
 //! (`Plan::enter_node`, `Plan::param_off`), and the kernels, their
 //! parameters' layout and the arithmetic stay those of the single buffer.
-//! A node whose own parameters exceed a binding is refused, naming its
-//! largest tensor.
+//! A linear layer whose own parameters exceed a binding is split by rows
+//! (`layers::linear_rows`); any other node is refused, naming its largest
+//! tensor.
 
 use crate::error::{Error, Result};
 use crate::gpu::context::{GpuBuffer, GpuContext};
