@@ -8,6 +8,54 @@ use crate::dispatch::kernels::{
 use crate::dispatch::reduce::{self, SplitParams};
 use crate::dispatch::step::{Grid, Step};
 use crate::model::Model;
+use std::cell::RefCell;
+
+/// Parameter-sized arrays (θ, v, the gradient, Hv) held as several
+/// buffers, each within the device's storage binding limit, split between
+/// nodes (`gpu::executor::param_bufs`). A node's passes address the chunk
+/// holding its parameters, at offsets rebased to the chunk's start
+/// (`Plan::enter_node`, `Plan::param_off`).
+pub struct ParamSplit {
+    pub chunks: Vec<ParamChunk>,
+    /// Per node: the chunk holding every parameter its passes address
+    /// (None for a linear layer split by rows, and parameter-free nodes).
+    pub node_chunk: Vec<Option<usize>>,
+    /// Linear weights larger than a binding, split by rows between chunks:
+    /// (parameter, its row blocks `(r0, r1, chunk)`).
+    pub rows: Vec<(usize, Vec<RowSpan>)>,
+    /// Two scratch buffers of a row block's outputs or adjoints for every
+    /// sample (`layers::linear_rows`).
+    pub row_scratch: [usize; 2],
+}
+
+/// Rows `r0..r1` of a split linear weight and the chunk holding them.
+pub type RowSpan = (usize, usize, usize);
+
+/// Rows `r0..r1` of a linear weight split by rows: the buffers of the
+/// chunk holding them and the offset of row `r0` there.
+#[derive(Clone, Copy, Debug)]
+pub struct RowBlock {
+    pub r0: usize,
+    pub r1: usize,
+    pub at: ParamChunk,
+    pub off: usize,
+}
+
+/// One chunk: floats `start..start + len` of the parameter vector, and
+/// its buffers (arena indices), whose float 0 is the vector's `base`
+/// (`start` rounded down to the uniform window alignment, so that every
+/// offset keeps its remainder and each layer's kernels, windows included,
+/// are those of the single buffer).
+#[derive(Clone, Copy, Debug)]
+pub struct ParamChunk {
+    pub base: usize,
+    pub start: usize,
+    pub len: usize,
+    pub theta: usize,
+    pub v: usize,
+    pub grad: usize,
+    pub hv: usize,
+}
 
 /// The buffers (arena indices) one node's passes read and write.
 pub struct NodeBufs {
@@ -78,6 +126,13 @@ pub struct Plan<'a> {
     /// Set while planning the R-pass of a block product.
     pub(crate) block: Option<BlockPlan<'a>>,
     pub(crate) steps: Vec<Step>,
+    /// Parameter-sized arrays split in chunks; None: one buffer each.
+    pub split: Option<&'a ParamSplit>,
+    /// Records (node, parameter) for every `param_off` (`gpu::plan::node_params`).
+    pub probe: Option<&'a RefCell<Vec<(usize, usize)>>>,
+    /// The node being planned and the chunk its parameters lie in.
+    node: usize,
+    chunk: usize,
 }
 
 /// The R-pass of a block product: every step serves up to `kmax` tangents
@@ -123,6 +178,24 @@ impl<'a> Plan<'a> {
             reduce_split: None,
             block: None,
             steps: vec![],
+            split: None,
+            probe: None,
+            node: 0,
+            chunk: 0,
+        }
+    }
+
+    /// Called by the walker before a node's unit plans: with split
+    /// parameter arrays, θ, v, the gradient and Hv become the buffers of
+    /// the chunk holding the node's parameters.
+    pub fn enter_node(&mut self, i: usize) {
+        self.node = i;
+        if let Some(c) = self
+            .split
+            .and_then(|s| s.node_chunk[i].map(|c| (c, s.chunks[c])))
+        {
+            self.chunk = c.0;
+            (self.theta, self.v, self.grad, self.hv) = (c.1.theta, c.1.v, c.1.grad, c.1.hv);
         }
     }
 
@@ -135,8 +208,78 @@ impl<'a> Plan<'a> {
         }
     }
 
+    /// A linear weight split by rows (`ParamSplit::rows`): its blocks.
+    pub fn row_blocks(&self, weight: usize) -> Option<Vec<RowBlock>> {
+        let s = self.split?;
+        let (_, blocks) = s.rows.iter().find(|r| r.0 == weight)?;
+        let spec = &self.model.params[weight];
+        let cols = spec.numel() / spec.shape[0].max(1);
+        let blocks = blocks
+            .iter()
+            .map(|&(r0, r1, c)| {
+                let at = s.chunks[c];
+                let off = spec.offset + r0 * cols - at.base;
+                RowBlock { r0, r1, at, off }
+            })
+            .collect();
+        Some(blocks)
+    }
+
+    /// The chunk holding parameter `idx` and its offset there (the whole
+    /// buffers and the parameter's offset when not split).
+    pub fn param_at(&self, idx: usize) -> (ParamChunk, usize) {
+        let off = self.model.params[idx].offset;
+        match self.split {
+            Some(s) => {
+                let c = s
+                    .chunks
+                    .iter()
+                    .find(|c| off >= c.start && off < c.start + c.len)
+                    .expect("internal: a parameter outside every chunk");
+                (*c, off - c.base)
+            }
+            None => {
+                let c = ParamChunk {
+                    base: 0,
+                    start: 0,
+                    len: self.model.n_params,
+                    theta: self.theta,
+                    v: self.v,
+                    grad: self.grad,
+                    hv: self.hv,
+                };
+                (c, off)
+            }
+        }
+    }
+
+    /// The two row-block scratch buffers (`ParamSplit::row_scratch`).
+    pub fn row_scratch(&self) -> [usize; 2] {
+        self.split.map_or([self.dummy; 2], |s| s.row_scratch)
+    }
+
+    /// Where parameter `idx` starts in θ, v, the gradient and Hv as bound
+    /// for the node being planned (rebased to its chunk when split).
     pub fn param_off(&self, idx: usize) -> usize {
-        self.model.params[idx].offset
+        let spec = &self.model.params[idx];
+        if let Some(probe) = self.probe {
+            probe.borrow_mut().push((self.node, idx));
+        }
+        match self.split {
+            None => spec.offset,
+            Some(s) => {
+                let c = &s.chunks[self.chunk];
+                assert!(
+                    s.node_chunk[self.node] == Some(self.chunk)
+                        && spec.offset >= c.start
+                        && spec.offset + spec.numel() <= c.start + c.len,
+                    "internal: parameter {} outside the chunk of node {}",
+                    spec.name,
+                    self.node
+                );
+                spec.offset - c.base
+            }
+        }
     }
 
     pub fn push<P: KernelParams>(

@@ -26,6 +26,7 @@ mod checks;
 mod curvature;
 mod decisions;
 mod options;
+mod param_bufs;
 
 use checks::non_finite_error;
 pub use checks::ValueKind;
@@ -58,9 +59,8 @@ pub struct GpuEngine {
     data: Dataset,
     bn: BnMode,
     arena: Arena,
-    v: usize,
-    grad: usize,
-    hv: usize,
+    /// θ, v, the gradient and Hv: one buffer each, or chunks.
+    params: param_bufs::ParamBufs,
     losses: usize,
     workspaces: Vec<Workspace>,
     programs: Vec<BatchProgram>,
@@ -68,7 +68,6 @@ pub struct GpuEngine {
     canon: Vec<usize>,
     /// Tangents one R-pass dispatch serves (block products).
     kmax: usize,
-    theta: usize,
     /// θ as last uploaded.
     theta_host: Vec<f64>,
     /// Planned for held decisions (`EngineOptions::frozen`): kept as θ
@@ -131,26 +130,28 @@ impl GpuEngine {
             }
             None => default_block(&ctx, &model, &canon, max_count),
         };
-        let mut arena = Arena::default();
-        let np = model.n_params;
-        let theta = arena.weights(&ctx, "parameters θ", np)?;
-        // A block product reads v from storage (one slice per tangent).
-        let v = if kmax > 1 {
-            arena.alloc_tangent(&ctx, "directions v".into(), np, kmax)?
-        } else {
-            arena.weights(&ctx, "direction v", np)?
+        let batch_mode = problem.bn == BnMode::Batch;
+        let replay = options.frozen || options.decisions == DecisionSource::Float64;
+        let bn_float64 = options.bn_float64(batch_mode);
+        let scx = StateCx {
+            model: &model,
+            buffers: &problem.weights.buffers,
+            batch_mode,
+            frozen: replay,
         };
-        let grad = arena.alloc(&ctx, "gradient".into(), np)?;
-        let hv = arena.alloc_tangent(&ctx, "Hv".into(), np, kmax)?;
+        let mut arena = Arena::default();
+        let (params, kmax) = param_bufs::ParamBufs::new(
+            &ctx,
+            &mut arena,
+            &model,
+            max_count,
+            kmax,
+            options.block.is_none(),
+            || param_bufs::probe(&model, &canon, max_count, &scx),
+        )?;
         let losses = arena.alloc(&ctx, "batch losses".into(), batches.len())?;
         let dummy = arena.alloc(&ctx, "unused binding".into(), 4)?;
-        let scratch = model
-            .nodes
-            .iter()
-            .map(|nd| layers::unit(&nd.op).gpu_scratch(nd, max_count))
-            .max()
-            .unwrap_or(0)
-            .max(1);
+        let scratch = params.partial_floats(&model, max_count);
         let partials =
             arena.alloc_tangent(&ctx, "weight-gradient partial sums".into(), scratch, kmax)?;
         let reduce_span = options.reduce_path.span_on(&ctx.info.device_type)?;
@@ -165,17 +166,7 @@ impl GpuEngine {
         // infinite weight is the driver's business (llvmpipe's uniform
         // reads, for one, do not carry it through).
         non_finite_error(&model, "the weights", &theta_f32, &ctx.info.name)?;
-        ctx.write_f32(&arena.buffers[theta], 0, &theta_f32)?;
-
-        let batch_mode = problem.bn == BnMode::Batch;
-        let replay = options.frozen || options.decisions == DecisionSource::Float64;
-        let bn_float64 = options.bn_float64(batch_mode);
-        let scx = StateCx {
-            model: &model,
-            buffers: &problem.weights.buffers,
-            batch_mode,
-            frozen: replay,
-        };
+        params.write_theta(&ctx, &arena, &theta_f32)?;
         let ws_bytes = memory::workspace_bytes(&model, &canon, max_count, &scx, kmax);
         let n_ws = if ws_bytes.saturating_mul(batches.len()) <= budget {
             batches.len()
@@ -224,13 +215,14 @@ impl GpuEngine {
         let mut programs = vec![];
         for (bi, &(start, count)) in batches.iter().enumerate() {
             let w = bi % n_ws;
+            let c = params.first();
             let mut p = Plan::new(
                 &model,
                 count,
-                theta,
-                v,
-                grad,
-                hv,
+                c.theta,
+                c.v,
+                c.grad,
+                c.hv,
                 dummy,
                 partials,
                 batch_mode,
@@ -241,6 +233,7 @@ impl GpuEngine {
             p.reduce_split = reduce_span.map(|s| (s, reduce_partials));
             p.frozen = replay;
             p.bn_float64 = bn_float64;
+            p.split = params.split.as_ref();
             let block = plan::BlockPlan {
                 kmax,
                 tangent: &arena.tangent,
@@ -295,15 +288,12 @@ impl GpuEngine {
             data,
             bn: problem.bn,
             arena,
-            v,
-            grad,
-            hv,
+            params,
             losses,
             workspaces,
             programs,
             canon,
             kmax,
-            theta,
             theta_host: problem.weights.theta.clone(),
             frozen: options.frozen,
             replay,
@@ -350,8 +340,7 @@ impl GpuEngine {
         }
         let tf: Vec<f32> = theta.iter().map(|&x| x as f32).collect();
         non_finite_error(&self.model, "the weights", &tf, &self.ctx.info.name)?;
-        self.ctx
-            .write_f32(&self.arena.buffers[self.theta], 0, &tf)?;
+        self.params.write_theta(&self.ctx, &self.arena, &tf)?;
         self.theta_host.copy_from_slice(theta);
         for w in &mut self.workspaces {
             w.resident = None;
@@ -607,15 +596,12 @@ impl GpuEngine {
         if zero_adjoint {
             self.compile_zero_adjoint()?;
         }
-        let (gb, hb, lb) = (self.grad, self.hv, self.losses);
+        let lb = self.losses;
         self.submit("clearing the accumulators", |enc| {
             if grad {
-                enc.clear_buffer(&self.arena.buffers[gb].buffer, 0, None);
                 enc.clear_buffer(&self.arena.buffers[lb].buffer, 0, None);
             }
-            if r {
-                enc.clear_buffer(&self.arena.buffers[hb].buffer, 0, None);
-            }
+            self.params.clear(enc, &self.arena, grad, r);
         })?;
         let shared = self.workspaces.len() < self.programs.len();
         let mut fresh = vec![];
@@ -667,8 +653,21 @@ impl GpuEngine {
         }
         let vf: Vec<f32> = v.iter().map(|&x| x as f32).collect();
         self.check_finite("the direction v", &vf)?;
-        let np = self.model.n_params;
-        self.ctx.write_f32(&self.arena.buffers[self.v], k * np, &vf)
+        self.params.write_v(&self.ctx, &self.arena, k, &vf)
+    }
+
+    /// The first `tangents` slices of Hv, as one vector.
+    fn read_hv(&self, tangents: usize) -> Result<Vec<Vec<f32>>> {
+        let r = self
+            .ctx
+            .read_f32(&self.params.ranges(&self.arena, true, tangents))?;
+        Ok(vec![r.into_iter().flatten().collect()])
+    }
+
+    /// How many buffers θ, v, the gradient and Hv are each split in
+    /// (1: one each; more where one exceeds a storage binding).
+    pub fn param_chunks(&self) -> usize {
+        self.params.chunks.len()
     }
 
     /// Tangents one sweep serves.
@@ -677,12 +676,12 @@ impl GpuEngine {
     }
 
     fn read_loss_grad(&self) -> Result<(f64, Vec<f64>)> {
-        let np = self.model.n_params;
         let nb = self.programs.len();
-        let r = self.ctx.read_f32(&[
-            (&self.arena.buffers[self.losses], 0, nb),
-            (&self.arena.buffers[self.grad], 0, np),
-        ])?;
+        let mut ranges = vec![(&self.arena.buffers[self.losses], 0, nb)];
+        ranges.extend(self.params.ranges(&self.arena, false, 1));
+        let mut r = self.ctx.read_f32(&ranges)?;
+        let g: Vec<f32> = r.drain(1..).flatten().collect();
+        r.push(g);
         let loss: f64 = r[0].iter().map(|&x| x as f64).sum();
         if !loss.is_finite() || r[1].iter().any(|x| !x.is_finite()) {
             self.diagnose(false)?;

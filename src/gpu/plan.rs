@@ -10,7 +10,7 @@ use crate::gpu::memory::Workspace;
 use crate::gpu::program::Step;
 use crate::layers::{self, loss};
 
-pub use crate::dispatch::plan::{BlockPlan, NodeBufs, Plan};
+pub use crate::dispatch::plan::{BlockPlan, NodeBufs, ParamChunk, ParamSplit, Plan};
 
 /// The programs of one batch, as steps.
 pub struct BatchSteps {
@@ -64,6 +64,7 @@ pub fn plan_batch<'a>(
         for (i, node) in nodes.iter().enumerate() {
             let unit = layers::unit(&node.op);
             if !unit.is_alias() {
+                p.enter_node(i);
                 let io = node_bufs(&p, ws, canon, i, &[], false, &[]);
                 unit.plan_forward(&mut p, node, &io);
             }
@@ -79,6 +80,7 @@ pub fn plan_batch<'a>(
             if unit.is_alias() {
                 continue;
             }
+            p.enter_node(i);
             let io = node_bufs(p, ws, canon, i, &[], false, &[]);
             unit.plan_forward(p, node, &io);
         }
@@ -105,6 +107,7 @@ pub fn plan_batch<'a>(
             zero[out] = zero[canon[node.inputs[0]]];
             continue;
         }
+        p.enter_node(i);
         let io = node_bufs(&p, ws, canon, i, &zero, false, &[]);
         zero[out] = unit.plan_r_forward(&mut p, node, &io);
     }
@@ -168,6 +171,7 @@ fn backward(p: &mut Plan, ws: &Workspace, canon: &[usize], r: bool, zero: &[bool
         if unit.is_alias() {
             continue;
         }
+        p.enter_node(i);
         let io = node_bufs(p, ws, canon, i, zero, r, &written);
         unit.plan_backward(p, node, &io, r);
         for (&v, &needs) in node.inputs.iter().zip(&io.needs_gx) {
@@ -176,4 +180,33 @@ fn backward(p: &mut Plan, ws: &Workspace, canon: &[usize], r: bool, zero: &[bool
             }
         }
     }
+}
+
+/// Which parameters each node's passes address (`Plan::param_off`): the
+/// model planned once for one batch against placeholder buffers. `p` is a
+/// plan with the engine's flags and `probe` set; `state` is each node's
+/// count of state buffers (`Layer::gpu_state`).
+pub fn node_params(p: Plan, canon: &[usize], state: &[usize]) -> Vec<Vec<usize>> {
+    let nv = p.model.nodes.len() + 1;
+    let probe = p.probe.expect("internal: node_params without a probe");
+    let ws = Workspace {
+        labels: 0,
+        probs: 0,
+        sample_loss: 0,
+        act: vec![0; nv],
+        dact: vec![0; nv],
+        adj: vec![0; nv],
+        radj: vec![0; nv],
+        state: state.iter().map(|&k| vec![0; k]).collect(),
+        zero_adjoint: false,
+        resident: None,
+    };
+    plan_batch(p, &ws, canon, 0, 0, 1.0, None);
+    let mut out = vec![vec![]; nv - 1];
+    for &(node, idx) in probe.borrow().iter() {
+        if !out[node].contains(&idx) {
+            out[node].push(idx);
+        }
+    }
+    out
 }

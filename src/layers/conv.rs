@@ -15,7 +15,7 @@
 //! ones run on shaders/conv_direct.wgsl on either path (a thread per
 //! element over its group's channels only), conv_weight_sum after it.
 
-use super::{unsupported, CpuCx, Layer, Saved};
+use super::{linear_rows, unsupported, CpuCx, Layer, Saved};
 use crate::dispatch::kernels::{self, Consts, ConvParams, Kernel, WeightsVia};
 use crate::dispatch::plan::{NodeBufs, Plan};
 use crate::dispatch::step::Grid;
@@ -31,7 +31,7 @@ pub const MAX_K: usize = 11;
 pub const MAX_STRIDE: usize = 11;
 
 /// (weight, bias) parameter indices of a conv or linear node.
-fn params_of(node: &Node) -> (usize, Option<usize>) {
+pub(super) fn params_of(node: &Node) -> (usize, Option<usize>) {
     match node.op {
         Op::Conv { weight, bias, .. } | Op::Linear { weight, bias, .. } => (weight, bias),
         _ => unreachable!("conv unit on {}", node.kind()),
@@ -307,15 +307,24 @@ impl Layer for ConvUnit {
     }
 
     fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
-        plan_forward_wt(p, node, io, false)
+        match linear_rows::blocks(p, node) {
+            Some(b) => linear_rows::forward(p, node, io, &b),
+            None => plan_forward_wt(p, node, io, false),
+        }
     }
 
     fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
-        plan_r_forward_wt(p, node, io, false)
+        match linear_rows::blocks(p, node) {
+            Some(b) => linear_rows::r_forward(p, node, io, &b),
+            None => plan_r_forward_wt(p, node, io, false),
+        }
     }
 
     fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
-        plan_backward_wt(p, node, io, r, false)
+        match linear_rows::blocks(p, node) {
+            Some(b) => linear_rows::backward(p, node, io, r, &b),
+            None => plan_backward_wt(p, node, io, r, false),
+        }
     }
 }
 
@@ -406,17 +415,38 @@ pub fn plan_backward_wt(p: &mut Plan, node: &Node, io: &NodeBufs, r: bool, wt: b
     }
     // The weight block: Σ R(gy)·x + Σ gy·ẋ (ẋ may be zero).
     let pair_b = r && !io.dx_zero[0];
-    let (weights, per, chunks) = weight_split(node, n);
-    let pr = ConvParams {
-        rows_per_chunk: per as u32,
-        chunks: chunks as u32,
-        ..conv_params(node, n, woff, 0, 0)
-    };
     let parts = p.partials;
     let bufs = if pair_b {
         vec![gy, x, g, io.dx[0], parts]
     } else {
         vec![gy, x, gy, x, parts]
+    };
+    push_weight_grad(p, node, woff, bufs, pair_b, target, wt);
+    if let Some(b) = bias {
+        let boff = p.param_off(b);
+        let plane = node.out_shape.spatial();
+        p.channel_sums(gy, None, n, d.cout, plane, target, boff, 0, true);
+    }
+}
+
+/// The weight gradient's two stages: partial sums of `bufs` (adjoint,
+/// input, [second pair,] partials) by chunks of output rows, then their
+/// sum added into `target` at `woff`.
+pub(super) fn push_weight_grad(
+    p: &mut Plan,
+    node: &Node,
+    woff: usize,
+    bufs: Vec<usize>,
+    pair_b: bool,
+    target: usize,
+    wt: bool,
+) {
+    let (n, d, parts) = (p.n, dims(node), p.partials);
+    let (weights, per, chunks) = weight_split(node, n);
+    let pr = ConvParams {
+        rows_per_chunk: per as u32,
+        chunks: chunks as u32,
+        ..conv_params(node, n, woff, 0, 0)
     };
     let c = Consts::new(&[("PAIR_B", pair_b as u32)]);
     let (kernel, grid, c) = if d.direct() || wt {
@@ -443,14 +473,9 @@ pub fn plan_backward_wt(p: &mut Plan, node: &Node, io: &NodeBufs, r: bool, wt: b
         vec![parts, target],
         Grid::Threads(weights),
     );
-    if let Some(b) = bias {
-        let boff = p.param_off(b);
-        let plane = node.out_shape.spatial();
-        p.channel_sums(gy, None, n, d.cout, plane, target, boff, 0, true);
-    }
 }
 
-fn forward_grid(node: &Node, n: usize) -> Grid {
+pub(super) fn forward_grid(node: &Node, n: usize) -> Grid {
     let d = dims(node);
     Grid::Threads(kernels::conv_forward_threads(n, d.cout, d.oh, d.ow))
 }
@@ -464,7 +489,13 @@ pub fn weight_split(node: &Node, n: usize) -> (usize, usize, usize) {
 }
 
 /// The kernels' parameters for a batch of `n`.
-fn conv_params(node: &Node, n: usize, wa_off: usize, wb_off: usize, bias_off: usize) -> ConvParams {
+pub(super) fn conv_params(
+    node: &Node,
+    n: usize,
+    wa_off: usize,
+    wb_off: usize,
+    bias_off: usize,
+) -> ConvParams {
     let d = dims(node);
     ConvParams {
         n: n as u32,
@@ -492,7 +523,7 @@ fn conv_params(node: &Node, n: usize, wa_off: usize, wb_off: usize, bias_off: us
 /// dilated layer runs conv_direct.wgsl's kernel instead, on a thread per
 /// output (forward) or input (backward data) element.
 #[allow(clippy::too_many_arguments)]
-fn push_conv(
+pub(super) fn push_conv(
     p: &mut Plan,
     kernel: Kernel,
     consts: Consts,

@@ -32,6 +32,7 @@ pub mod conv;
 pub mod embedding;
 pub mod flatten;
 pub mod layernorm;
+pub mod linear_rows;
 pub mod loss;
 pub mod mul;
 pub mod next_token;

@@ -21,9 +21,7 @@ impl Curvature for GpuEngine {
         check_out_len(out, self.model.n_params)?;
         self.upload_v(v)?;
         self.run(false, true)?;
-        let r = self
-            .ctx
-            .read_f32(&[(&self.arena.buffers[self.hv], 0, self.model.n_params)])?;
+        let r = self.read_hv(1)?;
         if r[0].iter().any(|x| !x.is_finite()) {
             self.diagnose(true)?;
         }
@@ -51,9 +49,7 @@ impl Curvature for GpuEngine {
                 self.upload_v_at(v, k)?;
             }
             self.run_block(false, true, vc.len())?;
-            let r = self
-                .ctx
-                .read_f32(&[(&self.arena.buffers[self.hv], 0, vc.len() * np)])?;
+            let r = self.read_hv(vc.len())?;
             if r[0].iter().any(|x| !x.is_finite()) {
                 self.diagnose(true)?;
             }
@@ -93,9 +89,7 @@ impl Curvature for GpuEngine {
         self.upload_v(v)?;
         self.run(true, true)?;
         let (loss, grad) = self.read_loss_grad()?;
-        let r = self
-            .ctx
-            .read_f32(&[(&self.arena.buffers[self.hv], 0, self.model.n_params)])?;
+        let r = self.read_hv(1)?;
         self.check_finite("Hv", &r[0])?;
         Ok((loss, grad, r[0].iter().map(|&x| x as f64).collect()))
     }
@@ -168,9 +162,7 @@ impl GpuEngine {
                 self.upload_v_at(v, k)?;
             }
             self.run_sweep(false, true, vc.len(), true)?;
-            let r = self
-                .ctx
-                .read_f32(&[(&self.arena.buffers[self.hv], 0, vc.len() * np)])?;
+            let r = self.read_hv(vc.len())?;
             if r[0].iter().any(|x| !x.is_finite()) {
                 self.diagnose(true)?;
             }
