@@ -28,6 +28,7 @@ mod decisions;
 mod options;
 mod param_bufs;
 
+pub(crate) use checks::check_emulator_loops;
 use checks::non_finite_error;
 pub use checks::ValueKind;
 pub use options::*;
@@ -112,6 +113,9 @@ impl GpuEngine {
         options: EngineOptions,
     ) -> Result<GpuEngine> {
         layers::check_model(&problem.model)?;
+        if ctx.is_cpu_adapter() {
+            check_emulator_loops(&problem.model, &ctx.info.name)?;
+        }
         let budget = options
             .cache_budget
             .unwrap_or_else(|| default_cache_budget(&ctx));

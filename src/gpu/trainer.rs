@@ -101,6 +101,9 @@ impl GpuTrainer {
         max_count: usize,
     ) -> Result<GpuTrainer> {
         layers::check_model(model)?;
+        if ctx.is_cpu_adapter() {
+            crate::gpu::executor::check_emulator_loops(model, &ctx.info.name)?;
+        }
         let model = model.clone();
         let np = model.n_params;
         let canon = memory::canonical_values(&model);

@@ -224,3 +224,59 @@ pub(super) fn non_finite_error(model: &Model, what: &str, xs: &[f32], device: &s
     }
     Ok(())
 }
+
+/// Loop iterations one shader invocation may run on llvmpipe (the CPU
+/// driver behind lavapipe and Mesa's GL): gallivm's loop limiter
+/// (`LP_MAX_TGSI_LOOP_ITERATIONS`) ends every loop of an invocation once
+/// 65535 iterations have run in all, silently, so a longer loop leaves a
+/// partial sum and a wrong answer.
+pub const EMULATOR_LOOP_LIMIT: usize = 65_535;
+
+/// Iterations counted per channel (or feature) a conv/linear kernel's
+/// thread loops over, per tap: measured on lavapipe and llvmpipe (Mesa
+/// 22.3), a 1×1 convolution (a linear layer) went wrong above about
+/// 65535/6 = 10922 input features (10800 right, 11000 wrong) and a 3×3 one
+/// at stride 2 above 2700..4000 channels (≤ 24 per channel, against the
+/// 54 taken here): 6 per channel and tap bounds both from above.
+const ITERATIONS_PER_TAP: usize = 6;
+
+/// Refuses, on a CPU emulator, a layer whose conv/linear kernels would loop
+/// past [`EMULATOR_LOOP_LIMIT`] in one invocation: the forward (and
+/// R-forward) threads loop over the input channels × taps, the backward
+/// (data) threads over the output channels × the taps of one phase.
+pub(crate) fn check_emulator_loops(model: &Model, adapter: &str) -> Result<()> {
+    for node in &model.nodes {
+        let (fwd, bwd, what) = match node.op {
+            Op::Conv {
+                cin,
+                cout,
+                k,
+                stride,
+                groups,
+                ..
+            } => {
+                let g = groups.max(1);
+                let phase = k.div_ceil(stride.max(1));
+                (cin / g * k * k, cout / g * phase * phase, "channels")
+            }
+            Op::Linear { din, dout, .. } | Op::SeqLinear { din, dout, .. } => {
+                (din, dout, "features")
+            }
+            _ => continue,
+        };
+        let worst = fwd.max(bwd) * ITERATIONS_PER_TAP;
+        if worst > EMULATOR_LOOP_LIMIT {
+            return Err(Error::Unsupported {
+                layer: node.name.clone(),
+                msg: format!(
+                    "its float32 kernels loop over {} input and {} output {what} (taps included) \
+                     per GPU thread, about {worst} loop iterations, past the {EMULATOR_LOOP_LIMIT} \
+                     after which {adapter} (Mesa's CPU driver) silently stops a shader's loops; \
+                     run it on a GPU, or on the float64 CPU engine",
+                    fwd, bwd
+                ),
+            });
+        }
+    }
+    Ok(())
+}

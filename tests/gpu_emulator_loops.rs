@@ -1,0 +1,101 @@
+//! llvmpipe (behind lavapipe and Mesa's GL) silently ends a shader's loops
+//! once one invocation has run 65535 iterations in all (gallivm's loop
+//! limiter). A linear layer of 11000 input features gave loss 2.368 on
+//! lavapipe and 2.542 on llvmpipe where float64 gives 2.560, with exit 0;
+//! vgg11_bn's classifier.0 (25088 features) was wrong the same way. Engines
+//! on a CPU emulator now refuse a conv or linear layer whose kernels would
+//! loop that far, naming it (`check_emulator_loops`). These tests hold both
+//! sides of that line: just inside it the results match the float64 engine;
+//! just outside it the engine (and the GPU trainer) refuse by name.
+
+mod common;
+
+use common::gpu::{check_whole_model, image_data, problem_of, tangents};
+use common::gpu_contexts;
+use hesscope::gpu::GpuEngine;
+use hesscope::model::{arch, Weights};
+use rand::SeedableRng;
+
+/// Within 1e-5 of float64, as every whole-network GPU check (float32
+/// kernels over sums of ~10⁴ terms); a loop cut short errs by ≥ 1e-2.
+const TOL: f64 = 1e-5;
+
+fn model(text: &str) -> hesscope::model::Model {
+    arch::parse("loops.arch", text).unwrap()
+}
+
+fn problem(text: &str) -> hesscope::engine::Problem {
+    let m = model(text);
+    let mut r = rand::rngs::StdRng::seed_from_u64(5);
+    let data = image_data(&mut r, &m, 3, m.classes as u32);
+    let theta = Weights::init(&m, 5).theta;
+    problem_of(&m, theta, data, 3)
+}
+
+/// The widest layers the emulators take: a linear of 10800 features (the
+/// largest measured right before the guard; 10800·6 ≤ 65535) and a 3×3
+/// convolution at stride 2 over 1200 channels (1200·9·6 ≤ 65535), with
+/// their backward passes over as many outputs.
+#[test]
+fn the_widest_accepted_layers_match_float64() {
+    let cases = [
+        "model wide-linear\ninput 10800 1 1\nclasses 10\nflatten\nlinear fc 10\n",
+        "model wide-conv\ninput 1200 3 3\nclasses 10\nconv c1 4 k=3 stride=2\nflatten\nlinear fc 10\n",
+        "model wide-out\ninput 4 1 1\nclasses 10\nflatten\nlinear fc1 10800\nrelu\nlinear fc2 10\n",
+    ];
+    for text in cases {
+        let p = problem(text);
+        let mut r = rand::rngs::StdRng::seed_from_u64(6);
+        let vs = tangents(&mut r, 2, p.model.n_params);
+        check_whole_model(&p.model.name, &p, &vs, TOL, true);
+    }
+}
+
+/// One step past the line, forward (input features or channels) and
+/// backward (output features; the guard counts a first layer's backward
+/// too, though nothing needs its input adjoint): refused on every CPU emulator, naming the
+/// layer and the cause, by the engine and by the trainer.
+#[test]
+fn wider_layers_are_refused_on_emulators_by_name() {
+    let cases = [
+        ("input 11000 1 1\nclasses 10\nflatten\nlinear fc 10\n", "fc"),
+        (
+            "input 1300 3 3\nclasses 10\nconv c1 4 k=3 stride=2\nflatten\nlinear fc 10\n",
+            "c1",
+        ),
+        (
+            "input 4 1 1\nclasses 10\nflatten\nlinear fc1 11000\nrelu\nlinear fc2 10\n",
+            "fc1",
+        ),
+    ];
+    let mut checked = 0;
+    for (name, ctx) in gpu_contexts() {
+        if !ctx.is_cpu_adapter() {
+            continue;
+        }
+        for (body, layer) in cases {
+            let p = problem(&format!("model wide\n{body}"));
+            let Err(e) = GpuEngine::new(ctx.share(), &p) else {
+                panic!("{name}: `{layer}` accepted");
+            };
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("layer `{layer}`")) && msg.contains("65535"),
+                "{name}: {msg}"
+            );
+            let t =
+                hesscope::gpu::trainer::GpuTrainer::new(ctx.share(), &p.model, &p.weights, None, 3);
+            let Err(e) = t else {
+                panic!("{name}: the trainer accepted `{layer}`");
+            };
+            assert!(
+                e.to_string().contains(&format!("layer `{layer}`")),
+                "{name}: {e}"
+            );
+            checked += 1;
+        }
+    }
+    if common::under_ci() {
+        assert!(checked >= 3, "no CPU emulator checked");
+    }
+}
