@@ -4,9 +4,10 @@
 //! lavapipe and 2.542 on llvmpipe where float64 gives 2.560, with exit 0;
 //! vgg11_bn's classifier.0 (25088 features) was wrong the same way. Engines
 //! on a CPU emulator now refuse a conv or linear layer whose kernels would
-//! loop that far, naming it (`check_emulator_loops`). These tests hold both
-//! sides of that line: just inside it the results match the float64 engine;
-//! just outside it the engine (and the GPU trainer) refuse by name.
+//! loop that far, and a batch whose per-channel sums would, naming the
+//! layer (`check_emulator_loops`). These tests hold both sides of that
+//! line: just inside it the results match the float64 engine; just outside
+//! it the engine (and the GPU trainer) refuse by name.
 
 mod common;
 
@@ -24,13 +25,18 @@ fn model(text: &str) -> hesscope::model::Model {
     arch::parse("loops.arch", text).unwrap()
 }
 
-fn problem(text: &str) -> hesscope::engine::Problem {
+fn problem(text: &str, n: usize) -> hesscope::engine::Problem {
     let m = model(text);
     let mut r = rand::rngs::StdRng::seed_from_u64(5);
-    let data = image_data(&mut r, &m, 3, m.classes as u32);
+    let data = image_data(&mut r, &m, n, m.classes as u32);
     let theta = Weights::init(&m, 5).theta;
-    problem_of(&m, theta, data, 3)
+    problem_of(&m, theta, data, n)
 }
+
+/// A batch of `n` 64×64 images through a 1×1 convolution and batch norm:
+/// n·4096 values per channel in its sums.
+const BIG_BATCH: &str =
+    "model big-batch\ninput 1 64 64\nclasses 2\nconv c1 2 k=1\nbn b1\nrelu\ngap\nflatten\nlinear fc 2\n";
 
 /// The widest layers the emulators take: a linear of 10800 features (the
 /// largest measured right before the guard; 10800·6 ≤ 65535) and a 3×3
@@ -44,11 +50,17 @@ fn the_widest_accepted_layers_match_float64() {
         "model wide-out\ninput 4 1 1\nclasses 10\nflatten\nlinear fc1 10800\nrelu\nlinear fc2 10\n",
     ];
     for text in cases {
-        let p = problem(text);
+        let p = problem(text, 3);
         let mut r = rand::rngs::StdRng::seed_from_u64(6);
         let vs = tangents(&mut r, 2, p.model.n_params);
         check_whole_model(&p.model.name, &p, &vs, TOL, true);
     }
+    // The largest batch whose per-channel sums stay inside: 600·4096 values
+    // a channel, 9600 per thread of a 256-thread workgroup.
+    let p = problem(BIG_BATCH, 600);
+    let mut r = rand::rngs::StdRng::seed_from_u64(7);
+    let vs = tangents(&mut r, 1, p.model.n_params);
+    check_whole_model("big-batch 600", &p, &vs, TOL, true);
 }
 
 /// One step past the line, forward (input features or channels) and
@@ -73,8 +85,11 @@ fn wider_layers_are_refused_on_emulators_by_name() {
         if !ctx.is_cpu_adapter() {
             continue;
         }
-        for (body, layer) in cases {
-            let p = problem(&format!("model wide\n{body}"));
+        let batches = cases
+            .iter()
+            .map(|(body, layer)| (problem(&format!("model wide\n{body}"), 3), *layer))
+            .chain([(problem(BIG_BATCH, 700), "c1")]);
+        for (p, layer) in batches {
             let Err(e) = GpuEngine::new(ctx.share(), &p) else {
                 panic!("{name}: `{layer}` accepted");
             };
@@ -96,6 +111,6 @@ fn wider_layers_are_refused_on_emulators_by_name() {
         }
     }
     if common::under_ci() {
-        assert!(checked >= 3, "no CPU emulator checked");
+        assert!(checked >= 4, "no CPU emulator checked");
     }
 }

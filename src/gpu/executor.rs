@@ -114,7 +114,8 @@ impl GpuEngine {
     ) -> Result<GpuEngine> {
         layers::check_model(&problem.model)?;
         if ctx.is_cpu_adapter() {
-            check_emulator_loops(&problem.model, &ctx.info.name)?;
+            let most = problem.batch.min(problem.data.len()).max(1);
+            check_emulator_loops(&problem.model, &ctx.info.name, most)?;
         }
         let budget = options
             .cache_budget

@@ -102,7 +102,7 @@ impl GpuTrainer {
     ) -> Result<GpuTrainer> {
         layers::check_model(model)?;
         if ctx.is_cpu_adapter() {
-            crate::gpu::executor::check_emulator_loops(model, &ctx.info.name)?;
+            crate::gpu::executor::check_emulator_loops(model, &ctx.info.name, max_count)?;
         }
         let model = model.clone();
         let np = model.n_params;

@@ -240,12 +240,28 @@ pub const EMULATOR_LOOP_LIMIT: usize = 65_535;
 /// 54 taken here): 6 per channel and tap bounds both from above.
 const ITERATIONS_PER_TAP: usize = 6;
 
-/// Refuses, on a CPU emulator, a layer whose conv/linear kernels would loop
-/// past [`EMULATOR_LOOP_LIMIT`] in one invocation: the forward (and
+/// Refuses, on a CPU emulator, a layer whose kernels would loop past
+/// [`EMULATOR_LOOP_LIMIT`] in one invocation: the conv/linear forward (and
 /// R-forward) threads loop over the input channels × taps, the backward
-/// (data) threads over the output channels × the taps of one phase.
-pub(crate) fn check_emulator_loops(model: &Model, adapter: &str) -> Result<()> {
+/// (data) threads over the output channels × the taps of one phase; the
+/// per-channel reductions (batch norm, bias and weight-gradient sums) over
+/// a channel's values in a batch of `max_count`, a workgroup of 256 threads
+/// sharing them.
+pub(crate) fn check_emulator_loops(model: &Model, adapter: &str, max_count: usize) -> Result<()> {
     for node in &model.nodes {
+        let per_channel = max_count * node.in_shape.spatial().max(node.out_shape.spatial());
+        let reduce = per_channel.div_ceil(256) * ITERATIONS_PER_TAP;
+        if reduce > EMULATOR_LOOP_LIMIT {
+            return Err(Error::Unsupported {
+                layer: node.name.clone(),
+                msg: format!(
+                    "its per-channel sums over {per_channel} values of a batch of {max_count} \
+                     loop about {reduce} times per GPU thread, past the {EMULATOR_LOOP_LIMIT} \
+                     after which {adapter} (Mesa's CPU driver) silently stops a shader's loops; \
+                     take smaller batches, or run it on a GPU or on the float64 CPU engine"
+                ),
+            });
+        }
         let (fwd, bwd, what) = match node.op {
             Op::Conv {
                 cin,
