@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::model::{Model, Weights};
 use crate::spectral::SymOperator;
 
-pub use crate::operator::{CurvatureOperator, Operator};
+pub use crate::operator::Operator;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -197,5 +197,33 @@ impl SymOperator for Hessian<'_> {
     }
     fn basis_device(&self) -> Option<std::rc::Rc<dyn crate::spectral::lanczos::BasisDevice>> {
         self.0.basis_device()
+    }
+}
+
+/// An executor's products of one operator as a symmetric operator for the
+/// spectral solvers (`engine::Hessian` is this with `Operator::Hessian`).
+pub struct CurvatureOperator<'a> {
+    pub engine: &'a mut dyn Curvature,
+    pub op: Operator,
+}
+
+impl<'a> CurvatureOperator<'a> {
+    pub fn new(engine: &'a mut dyn Curvature, op: Operator) -> CurvatureOperator<'a> {
+        CurvatureOperator { engine, op }
+    }
+}
+
+impl SymOperator for CurvatureOperator<'_> {
+    fn dim(&self) -> usize {
+        self.engine.n_params()
+    }
+    fn apply(&mut self, v: &[f64], out: &mut [f64]) -> Result<()> {
+        self.engine.product(self.op, v, out)
+    }
+    fn apply_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
+        self.engine.product_block(self.op, vs, outs)
+    }
+    fn basis_device(&self) -> Option<std::rc::Rc<dyn crate::spectral::lanczos::BasisDevice>> {
+        self.engine.basis_device()
     }
 }

@@ -10,10 +10,6 @@
 //! of it; J is then the Jacobian of the whole batch's logits (as
 //! `torch.func.jvp`/`vjp` of the batched function give it).
 
-use crate::engine::Curvature;
-use crate::error::Result;
-use crate::spectral::SymOperator;
-
 /// The curvature matrix of a product (`Curvature::product_block`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -55,34 +51,6 @@ impl Operator {
 impl std::fmt::Display for Operator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-/// An executor's products of one operator as a symmetric operator for the
-/// spectral solvers (`engine::Hessian` is this with `Operator::Hessian`).
-pub struct CurvatureOperator<'a> {
-    pub engine: &'a mut dyn Curvature,
-    pub op: Operator,
-}
-
-impl<'a> CurvatureOperator<'a> {
-    pub fn new(engine: &'a mut dyn Curvature, op: Operator) -> CurvatureOperator<'a> {
-        CurvatureOperator { engine, op }
-    }
-}
-
-impl SymOperator for CurvatureOperator<'_> {
-    fn dim(&self) -> usize {
-        self.engine.n_params()
-    }
-    fn apply(&mut self, v: &[f64], out: &mut [f64]) -> Result<()> {
-        self.engine.product(self.op, v, out)
-    }
-    fn apply_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
-        self.engine.product_block(self.op, vs, outs)
-    }
-    fn basis_device(&self) -> Option<std::rc::Rc<dyn crate::spectral::lanczos::BasisDevice>> {
-        self.engine.basis_device()
     }
 }
 

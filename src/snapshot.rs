@@ -15,10 +15,11 @@
 //! epochs are compared with the same start vectors and probes (common
 //! random numbers: differences between epochs are not probe noise).
 
+use crate::engine::CurvatureOperator;
 use crate::engine::{Curvature, Hessian};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::operator::{CurvatureOperator, Operator};
+use crate::operator::Operator;
 use crate::report::{
     known, CurvatureRecord, LayerCurvature, OperatorCurvature, PapyanRecord, QuadratureRun,
 };

@@ -267,7 +267,7 @@ fn rand_rng(seed: u64) -> rand::rngs::StdRng {
 /// N·(K−1)), symmetric (vᵀGw = wᵀGv), and G + E = H (to rounding).
 #[test]
 fn ggn_is_psd_symmetric_and_g_plus_e_is_h() {
-    use hesscope::operator::CurvatureOperator;
+    use hesscope::engine::CurvatureOperator;
     use hesscope::spectral::exact::exact_spectrum;
     for c in cases() {
         let p = c.problem();

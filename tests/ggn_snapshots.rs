@@ -7,8 +7,8 @@
 mod common;
 use common::*;
 use hesscope::cpu::CpuReference;
+use hesscope::engine::CurvatureOperator;
 use hesscope::engine::{BnMode, Curvature, Operator};
-use hesscope::operator::CurvatureOperator;
 use hesscope::spectral::eigs::{eigs, EigsSettings, Which};
 use hesscope::spectral::exact::exact_spectrum;
 use hesscope::spectral::slq;

@@ -98,8 +98,13 @@ fn wider_layers_are_refused_on_emulators_by_name() {
                 msg.contains(&format!("layer `{layer}`")) && msg.contains("65535"),
                 "{name}: {msg}"
             );
-            let t =
-                hesscope::gpu::trainer::GpuTrainer::new(ctx.share(), &p.model, &p.weights, None, 3);
+            let t = hesscope::gpu::trainer::GpuTrainer::new(
+                ctx.share(),
+                &p.model,
+                &p.weights,
+                None,
+                p.batch,
+            );
             let Err(e) = t else {
                 panic!("{name}: the trainer accepted `{layer}`");
             };

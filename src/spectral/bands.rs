@@ -14,6 +14,7 @@
 //! ratio estimator's standard error (the delta method):
 //! SE = √(Σ_r (N_r − ρ A_r)² / (R (R − 1))) / Ā with ρ the ratio.
 
+pub use crate::spectral::slq::ratio_stderr;
 use crate::spectral::slq::SlqRun;
 
 /// What the band is, for reports.
@@ -67,28 +68,6 @@ pub fn mean_stderr(xs: &[f64]) -> f64 {
     let m = xs.iter().sum::<f64>() / k;
     let var = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (k - 1.0);
     (var / k).sqrt()
-}
-
-/// The standard error of ρ = Σ num / Σ den over independent runs (the
-/// ratio estimator's delta-method error); NaN with fewer than two runs,
-/// 0 where the denominator is 0 (then ρ is reported as 0).
-pub fn ratio_stderr(num: &[f64], den: &[f64]) -> f64 {
-    let k = num.len() as f64;
-    if num.len() < 2 {
-        return f64::NAN;
-    }
-    let (sn, sd) = (num.iter().sum::<f64>(), den.iter().sum::<f64>());
-    if sd <= 0.0 {
-        return 0.0;
-    }
-    let rho = sn / sd;
-    let s2 = num
-        .iter()
-        .zip(den)
-        .map(|(n, d)| (n - rho * d).powi(2))
-        .sum::<f64>()
-        / (k - 1.0);
-    (s2 / k).sqrt() / (sd / k)
 }
 
 #[cfg(test)]

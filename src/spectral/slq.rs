@@ -4,6 +4,29 @@
 //! weights, so Σ wᵢ f(λᵢ) ≈ vᵀ f(H) v / ‖v‖² ≈ (1/n) tr f(H).
 
 use crate::error::{Error, Result};
+
+/// The standard error of ρ = Σ num / Σ den over independent runs (the
+/// ratio estimator's delta-method error); NaN with fewer than two runs,
+/// 0 where the denominator is 0 (then ρ is reported as 0).
+pub fn ratio_stderr(num: &[f64], den: &[f64]) -> f64 {
+    let k = num.len() as f64;
+    if num.len() < 2 {
+        return f64::NAN;
+    }
+    let (sn, sd) = (num.iter().sum::<f64>(), den.iter().sum::<f64>());
+    if sd <= 0.0 {
+        return 0.0;
+    }
+    let rho = sn / sd;
+    let s2 = num
+        .iter()
+        .zip(den)
+        .map(|(n, d)| (n - rho * d).powi(2))
+        .sum::<f64>()
+        / (k - 1.0);
+    (s2 / k).sqrt() / (sd / k)
+}
+
 #[cfg(test)]
 use crate::spectral::lanczos::BasisPrecision;
 use crate::spectral::lanczos::{gaussian_unit, BasisBudget, BasisPlan, Recurrence};
@@ -256,7 +279,7 @@ pub struct SlqSummary {
     /// Σ|λ| over λ < 0 divided by Σ|λ|, from the quadrature.
     pub negative_mass: f64,
     /// Standard error of the negative mass over runs (the ratio of sums
-    /// over runs: `bands::ratio_stderr`); NaN (unknown) with one run.
+    /// over runs: [`ratio_stderr`]); NaN (unknown) with one run.
     pub negative_mass_stderr: f64,
 }
 
@@ -302,7 +325,7 @@ pub fn summarize(runs: &[SlqRun], n: usize) -> SlqSummary {
         trace: mean,
         trace_stderr: (var / k).sqrt(),
         negative_mass: if abs > 0.0 { neg / abs } else { 0.0 },
-        negative_mass_stderr: crate::spectral::bands::ratio_stderr(&negs, &abss),
+        negative_mass_stderr: ratio_stderr(&negs, &abss),
     }
 }
 
