@@ -8,14 +8,6 @@ use hesscope::spectral::bands::density_stderr;
 use hesscope::spectral::{slq, DiagonalOperator};
 use rayon::prelude::*;
 
-fn f64s(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
 /// Seeds per fixture.
 const SEEDS: u64 = 24;
 

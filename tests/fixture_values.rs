@@ -9,14 +9,6 @@ use hesscope::engine::BnMode;
 use hesscope::spectral::layers::bhattacharyya;
 use hesscope::spectral::slq;
 
-fn f64s(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap_or_else(|| panic!("not an array: {v}"))
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
 /// The CLI's problem flags for a fixture (its weights, data, batch, bn),
 /// on the float64 reference.
 fn fixture_flags(model: &str, bn: BnMode) -> Vec<String> {

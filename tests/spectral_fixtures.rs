@@ -13,43 +13,6 @@ use hesscope::spectral::layers::BlockOperator;
 use hesscope::spectral::slq;
 use hesscope::spectral::trace::hutchinson;
 use hesscope::spectral::DenseOperator;
-use rayon::prelude::*;
-
-fn f64s(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-/// The dense Hessian by the float64 reference, columns in parallel (the
-/// reference pass is `&self`), as a dense operator for the cheaper checks.
-fn dense_hessian(cpu: &CpuReference) -> DenseOperator {
-    let n = cpu.problem.model.n_params;
-    let cols: Vec<Vec<f64>> = (0..n)
-        .into_par_iter()
-        .map(|j| {
-            let mut e = vec![0.0; n];
-            e[j] = 1.0;
-            cpu.pass(Some(&e)).unwrap().hv.unwrap()
-        })
-        .collect();
-    let mut a = vec![0.0; n * n];
-    for (j, c) in cols.iter().enumerate() {
-        for i in 0..n {
-            a[i * n + j] = c[i];
-        }
-    }
-    for i in 0..n {
-        for j in 0..i {
-            let m = 0.5 * (a[i * n + j] + a[j * n + i]);
-            a[i * n + j] = m;
-            a[j * n + i] = m;
-        }
-    }
-    DenseOperator { n, a }
-}
 
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-300)

@@ -271,3 +271,41 @@ pub fn third_fixture(model: &str, bn: BnMode, tag: &str) -> ThirdFixture {
         json: j,
     }
 }
+
+/// A JSON array of numbers.
+pub fn f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+/// The dense Hessian by the float64 reference, columns in parallel (the
+/// reference pass is `&self`), symmetrised, as a dense operator.
+pub fn dense_hessian(cpu: &hesscope::cpu::CpuReference) -> hesscope::spectral::DenseOperator {
+    use rayon::prelude::*;
+    let n = cpu.problem.model.n_params;
+    let cols: Vec<Vec<f64>> = (0..n)
+        .into_par_iter()
+        .map(|j| {
+            let mut e = vec![0.0; n];
+            e[j] = 1.0;
+            cpu.pass(Some(&e)).unwrap().hv.unwrap()
+        })
+        .collect();
+    let mut a = vec![0.0; n * n];
+    for (j, c) in cols.iter().enumerate() {
+        for i in 0..n {
+            a[i * n + j] = c[i];
+        }
+    }
+    for i in 0..n {
+        for j in 0..i {
+            let m = 0.5 * (a[i * n + j] + a[j * n + i]);
+            a[i * n + j] = m;
+            a[j * n + i] = m;
+        }
+    }
+    hesscope::spectral::DenseOperator { n, a }
+}
