@@ -518,19 +518,7 @@ impl Curvature for CpuReference {
         Ok(())
     }
     fn hvp_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
-        if vs.len() != outs.len() {
-            return Err(Error::Invalid {
-                what: "output vectors",
-                msg: format!("{} outputs for {} directions", outs.len(), vs.len()),
-            });
-        }
-        for out in outs.iter() {
-            check_out_len(out, self.problem.model.n_params)?;
-        }
-        for (out, hv) in outs.iter_mut().zip(self.hv_block(vs)?) {
-            *out = hv;
-        }
-        Ok(())
+        self.product_block(crate::operator::Operator::Hessian, vs, outs)
     }
     /// H, G or E for every direction in one sweep
     /// ([`CpuReference::products`]).

@@ -21,7 +21,6 @@ pub type Factory = Box<dyn FnOnce(Problem) -> Result<Box<dyn HoldsDecisions>> + 
 enum Cmd {
     LossGrad,
     Hvp(Arc<Vec<f64>>),
-    Block(Arc<Vec<Vec<f64>>>),
     Product(Operator, Arc<Vec<Vec<f64>>>),
     LossGradHvp(Arc<Vec<f64>>),
     Decisions,
@@ -94,11 +93,6 @@ fn serve(
             Cmd::Hvp(v) => {
                 let mut out = vec![0.0; n];
                 e.hvp(&v, &mut out).map(|_| Reply::Vecs(vec![out]))
-            }
-            Cmd::Block(vs) => {
-                let refs: Vec<&[f64]> = vs.iter().map(Vec::as_slice).collect();
-                let mut outs = vec![vec![0.0; n]; vs.len()];
-                e.hvp_block(&refs, &mut outs).map(|_| Reply::Vecs(outs))
             }
             Cmd::Product(op, vs) => {
                 let refs: Vec<&[f64]> = vs.iter().map(Vec::as_slice).collect();
@@ -314,25 +308,13 @@ impl Curvature for MultiEngine {
     }
 
     fn hvp_block(&mut self, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
-        if vs.len() != outs.len() {
-            return Err(Error::Invalid {
-                what: "output vectors",
-                msg: format!("{} outputs for {} directions", outs.len(), vs.len()),
-            });
-        }
-        for out in outs.iter() {
-            check_out_len(out, self.n_params)?;
-        }
-        let vs = Arc::new(vs.iter().map(|v| v.to_vec()).collect::<Vec<_>>());
-        self.vecs(|| Cmd::Block(vs.clone()), outs)
+        self.product_block(Operator::Hessian, vs, outs)
     }
 
-    /// Each worker's products of `op` over its batches, weighted and summed
-    /// as the Hessian's (G and E are sums over batches as H is).
+    /// Each worker's products of `op` over its batches (the Hessian's
+    /// through the worker's `hvp_block`), weighted and summed as the
+    /// Hessian's: G and E are sums over batches as H is.
     fn product_block(&mut self, op: Operator, vs: &[&[f64]], outs: &mut [Vec<f64>]) -> Result<()> {
-        if op == Operator::Hessian {
-            return self.hvp_block(vs, outs);
-        }
         if vs.len() != outs.len() {
             return Err(Error::Invalid {
                 what: "output vectors",
