@@ -199,22 +199,47 @@ fn gemm_linear_layers_match_the_plain_loops() {
             randv(&mut r, dout * din),
             randv(&mut r, n * dout),
         );
-        let y0 = randv(&mut r, n * dout);
-        let (mut want, mut got) = (y0.clone(), y0);
-        linear::forward_acc(n, din, dout, &x, &w, &mut want);
-        gemm::linear_forward_acc(n, din, dout, &x, &w, &mut got);
-        assert!(rel(&got, &want) <= TOL, "forward {n} {din} {dout}");
-        let gx0 = randv(&mut r, n * din);
-        let (mut want, mut got) = (gx0.clone(), gx0);
-        linear::backward_data_acc(n, din, dout, &gy, &w, &mut want);
-        gemm::linear_backward_data_acc(n, din, dout, &gy, &w, &mut got);
-        assert!(rel(&got, &want) <= TOL, "data {n} {din} {dout}");
-        let gw0 = randv(&mut r, dout * din);
-        let (mut want, mut got) = (gw0.clone(), gw0);
-        linear::backward_weight_acc(n, din, dout, &gy, &x, &mut want);
-        gemm::linear_backward_weight_acc(n, din, dout, &gy, &x, &mut got);
-        assert!(rel(&got, &want) <= TOL, "weight {n} {din} {dout}");
+        // The weight as stored: [dout, din] (nn.Linear), or its transpose
+        // [din, dout] (Hugging Face's Conv1D), which the GEMMs read in place.
+        let wt = transpose(&w, dout, din);
+        for transposed in [false, true] {
+            let ws = if transposed { &wt } else { &w };
+            let y0 = randv(&mut r, n * dout);
+            let (mut want, mut got) = (y0.clone(), y0);
+            linear::forward_acc(n, din, dout, &x, &w, &mut want);
+            gemm::linear_forward_acc(n, din, dout, transposed, &x, ws, &mut got);
+            assert!(rel(&got, &want) <= TOL, "forward {n} {din} {dout} {transposed}");
+            let gx0 = randv(&mut r, n * din);
+            let (mut want, mut got) = (gx0.clone(), gx0);
+            linear::backward_data_acc(n, din, dout, &gy, &w, &mut want);
+            gemm::linear_backward_data_acc(n, din, dout, transposed, &gy, ws, &mut got);
+            assert!(rel(&got, &want) <= TOL, "data {n} {din} {dout} {transposed}");
+            let gw0 = randv(&mut r, dout * din);
+            let (mut want, got) = (gw0.clone(), gw0);
+            linear::backward_weight_acc(n, din, dout, &gy, &x, &mut want);
+            let got = if transposed {
+                let mut got_t = transpose(&got, dout, din);
+                gemm::linear_backward_weight_acc(n, din, dout, true, &gy, &x, &mut got_t);
+                transpose(&got_t, din, dout)
+            } else {
+                let mut got = got;
+                gemm::linear_backward_weight_acc(n, din, dout, false, &gy, &x, &mut got);
+                got
+            };
+            assert!(rel(&got, &want) <= TOL, "weight {n} {din} {dout} {transposed}");
+        }
     }
+}
+
+/// The transpose of a row-major [rows, cols] matrix.
+fn transpose(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let mut t = vec![0.0; a.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = a[i * cols + j];
+        }
+    }
+    t
 }
 
 fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {

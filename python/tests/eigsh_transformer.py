@@ -12,7 +12,8 @@ GPT-2's loss is next-token cross-entropy in float64 (mean over B·(T−1)),
 not Hugging Face's `labels=` loss, which casts the logits to float32.
 
     PYTHONPATH=python HESSCOPE=target/release/hesscope \\
-        python3 python/tests/eigsh_transformer.py [--k 5] [--tol 1e-10]
+        python3 python/tests/eigsh_transformer.py [--k 5] [--tol 1e-10] \\
+        [--cases tv-vit-tiny hf-gpt2-tiny] [--ends largest smallest]
 
 Needs torch, torchvision, transformers, safetensors, scipy."""
 import argparse, json, os, subprocess, sys, time
@@ -91,12 +92,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--tol", type=float, default=1e-10, help="hesscope eigs --tol")
+    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    ap.add_argument("--ends", nargs="+", choices=["largest", "smallest"],
+                    default=["largest", "smallest"])
     a = ap.parse_args()
     worst = 0.0
-    for kind in CASES:
+    for kind in a.cases:
         fx = os.path.join(FIXTURES, kind)
         op, meta, count = operator(kind, fx)
         for which, sc in [("largest", "LA"), ("smallest", "SA")]:
+            if which not in a.ends:
+                continue
             count[0] = 0
             t = time.time()
             vals = eigsh(op, k=a.k, which=sc, tol=0, return_eigenvectors=False, maxiter=100000)

@@ -133,7 +133,7 @@ fn fwd_acc(node: &Node, n: usize, pairs: &Pairs, y: &mut [f64]) {
     match node.op {
         Op::Linear { din, dout, .. } => {
             for &(x, w) in pairs {
-                gemm::linear_forward_acc(n, din, dout, x, w, y);
+                gemm::linear_forward_acc(n, din, dout, false, x, w, y);
             }
         }
         _ => gemm::conv_forward_acc(&geom(node, n), pairs, y),
@@ -145,7 +145,7 @@ fn data_acc(node: &Node, n: usize, pairs: &Pairs, gx: &mut [f64]) {
     match node.op {
         Op::Linear { din, dout, .. } => {
             for &(gy, w) in pairs {
-                gemm::linear_backward_data_acc(n, din, dout, gy, w, gx);
+                gemm::linear_backward_data_acc(n, din, dout, false, gy, w, gx);
             }
         }
         _ => gemm::conv_backward_data_acc(&geom(node, n), pairs, gx),
@@ -157,7 +157,7 @@ fn weight_acc(node: &Node, n: usize, pairs: &Pairs, gw: &mut [f64]) {
     match node.op {
         Op::Linear { din, dout, .. } => {
             for &(gy, x) in pairs {
-                gemm::linear_backward_weight_acc(n, din, dout, gy, x, gw);
+                gemm::linear_backward_weight_acc(n, din, dout, false, gy, x, gw);
             }
         }
         _ => gemm::conv_backward_weight_acc(&geom(node, n), pairs, gw),

@@ -16,8 +16,7 @@ use crate::dispatch::kernels::{ChannelParams, Consts, Kernel};
 use crate::dispatch::plan::{NodeBufs, Plan};
 use crate::dispatch::step::Grid;
 use crate::model::{Node, Op, Shape};
-use rayon::prelude::*;
-use std::borrow::Cow;
+use crate::ops::gemm;
 
 fn none() -> Saved {
     Box::new(())
@@ -181,68 +180,24 @@ fn lin(node: &Node) -> Lin {
     }
 }
 
+/// The map's GEMMs (ops::gemm: faer, fixed row blocks, so the bits do not
+/// depend on the thread count), reading Conv1D's [DIN, DOUT] weight in
+/// place.
 impl Lin {
-    /// W as [dout, din] row-major: the stored weight, or a transposed copy
-    /// of Conv1D's [din, dout].
-    fn rows<'a>(&self, w: &'a [f64]) -> Cow<'a, [f64]> {
-        if !self.transposed {
-            return Cow::Borrowed(w);
-        }
-        let mut t = vec![0.0; w.len()];
-        for i in 0..self.din {
-            for o in 0..self.dout {
-                t[o * self.din + i] = w[i * self.dout + o];
-            }
-        }
-        Cow::Owned(t)
-    }
-    /// y[r] += W·x[r] for every row (rows in parallel).
+    /// y[r] += W·x[r] for every row.
     fn apply_acc(&self, w: &[f64], x: &[f64], y: &mut [f64]) {
-        let w = self.rows(w);
-        let din = self.din;
-        y.par_chunks_mut(self.dout)
-            .zip(x.par_chunks(din))
-            .for_each(|(yr, xr)| {
-                for (yo, wo) in yr.iter_mut().zip(w.chunks(din)) {
-                    *yo += wo.iter().zip(xr).map(|(a, b)| a * b).sum::<f64>();
-                }
-            });
+        let rows = x.len() / self.din;
+        gemm::linear_forward_acc(rows, self.din, self.dout, self.transposed, x, w, y);
     }
-    /// gx[r] += Wᵀ·g[r] for every row (rows in parallel).
+    /// gx[r] += Wᵀ·g[r] for every row.
     fn transpose_acc(&self, w: &[f64], g: &[f64], gx: &mut [f64]) {
-        let w = self.rows(w);
-        let din = self.din;
-        gx.par_chunks_mut(din)
-            .zip(g.par_chunks(self.dout))
-            .for_each(|(xr, gr)| {
-                for (go, wo) in gr.iter().zip(w.chunks(din)) {
-                    if *go != 0.0 {
-                        xr.iter_mut().zip(wo).for_each(|(a, b)| *a += go * b);
-                    }
-                }
-            });
+        let rows = gx.len() / self.din;
+        gemm::linear_backward_data_acc(rows, self.din, self.dout, self.transposed, g, w, gx);
     }
-    /// dW(o, i) += Σ_r g[r, o]·x[r, i] (output rows of dW in parallel).
+    /// dW(o, i) += Σ_r g[r, o]·x[r, i], in W's stored layout.
     fn outer_acc(&self, g: &[f64], x: &[f64], dw: &mut [f64]) {
-        let (din, dout) = (self.din, self.dout);
-        let mut t = vec![0.0; din * dout];
-        t.par_chunks_mut(din).enumerate().for_each(|(o, row)| {
-            for (gr, xr) in g.chunks(dout).zip(x.chunks(din)) {
-                let go = gr[o];
-                if go != 0.0 {
-                    row.iter_mut().zip(xr).for_each(|(a, b)| *a += go * b);
-                }
-            }
-        });
-        if self.transposed {
-            for o in 0..dout {
-                for i in 0..din {
-                    dw[i * dout + o] += t[o * din + i];
-                }
-            }
-        } else {
-            dw.iter_mut().zip(&t).for_each(|(a, b)| *a += b);
-        }
+        let rows = x.len() / self.din;
+        gemm::linear_backward_weight_acc(rows, self.din, self.dout, self.transposed, g, x, dw);
     }
     /// db(o) += Σ_r g[r, o].
     fn bias_acc(&self, g: &[f64], db: &mut [f64]) {

@@ -441,12 +441,31 @@ fn add_parts(gw: &mut [f64], parts: &[Vec<f64>]) {
     });
 }
 
-/// y [n, dout] += x [n, din] · wᵀ.
-pub fn linear_forward_acc(n: usize, din: usize, dout: usize, x: &[f64], w: &[f64], y: &mut [f64]) {
+/// A linear layer's weight as the [dout, din] matrix W: stored so
+/// (nn.Linear's weight), or stored as its transpose [din, dout]
+/// (`transposed`: Hugging Face's Conv1D).
+fn weight(w: &[f64], din: usize, dout: usize, transposed: bool) -> MatRef<'_, f64> {
+    if transposed {
+        view(w, din, dout, dout).transpose()
+    } else {
+        view(w, dout, din, din)
+    }
+}
+
+/// y [n, dout] += x [n, din] · Wᵀ (W as [`weight`] reads `w`).
+pub fn linear_forward_acc(
+    n: usize,
+    din: usize,
+    dout: usize,
+    transposed: bool,
+    x: &[f64],
+    w: &[f64],
+    y: &mut [f64],
+) {
     if dout == 0 {
         return;
     }
-    let wt = view(w, dout, din, din).transpose();
+    let wt = weight(w, din, dout, transposed).transpose();
     y[..n * dout]
         .par_chunks_mut(LINEAR_ROWS * dout)
         .enumerate()
@@ -462,11 +481,12 @@ pub fn linear_forward_acc(n: usize, din: usize, dout: usize, x: &[f64], w: &[f64
         });
 }
 
-/// gx [n, din] += gy [n, dout] · w.
+/// gx [n, din] += gy [n, dout] · W.
 pub fn linear_backward_data_acc(
     n: usize,
     din: usize,
     dout: usize,
+    transposed: bool,
     gy: &[f64],
     w: &[f64],
     gx: &mut [f64],
@@ -474,7 +494,7 @@ pub fn linear_backward_data_acc(
     if din == 0 {
         return;
     }
-    let wm = view(w, dout, din, din);
+    let wm = weight(w, din, dout, transposed);
     gx[..n * din]
         .par_chunks_mut(LINEAR_ROWS * din)
         .enumerate()
@@ -490,27 +510,36 @@ pub fn linear_backward_data_acc(
         });
 }
 
-/// gw [dout, din] += gyᵀ · x, in blocks of output rows (each sums over the
-/// whole batch).
+/// The weight gradient gyᵀ · x, accumulated into `gw` in the weight's
+/// stored layout ([dout, din], or [din, dout] when `transposed`: there
+/// gw += xᵀ · gy), in blocks of stored rows, each summing over the whole
+/// batch.
 pub fn linear_backward_weight_acc(
     n: usize,
     din: usize,
     dout: usize,
+    transposed: bool,
     gy: &[f64],
     x: &[f64],
     gw: &mut [f64],
 ) {
-    if din == 0 || n == 0 {
+    if din == 0 || dout == 0 || n == 0 {
         return;
     }
-    let xm = view(x, n, din, din);
-    gw[..dout * din]
-        .par_chunks_mut(LINEAR_ROWS * din)
+    // Stored rows (dout, or din when transposed) of `cols` floats: the
+    // block's rows select columns of `a`, summed against all of `b`.
+    let (cols, a, a_cols, b) = if transposed {
+        (dout, x, din, view(gy, n, dout, dout))
+    } else {
+        (din, gy, dout, view(x, n, din, din))
+    };
+    gw[..din * dout]
+        .par_chunks_mut(LINEAR_ROWS * cols)
         .enumerate()
-        .for_each(|(b, gwb)| {
-            let rows = gwb.len() / din;
-            let gyb = view(&gy[b * LINEAR_ROWS..], n, rows, dout).transpose();
-            mm(view_mut(gwb, rows, din, din), Accum::Add, gyb, xm);
+        .for_each(|(blk, gwb)| {
+            let rows = gwb.len() / cols;
+            let ab = view(&a[blk * LINEAR_ROWS..], n, rows, a_cols).transpose();
+            mm(view_mut(gwb, rows, cols, cols), Accum::Add, ab, b);
         });
 }
 
