@@ -153,6 +153,11 @@ pub trait Curvature {
     fn basis_device(&self) -> Option<std::rc::Rc<dyn crate::spectral::lanczos::BasisDevice>> {
         None
     }
+    /// The ranks this engine's products are summed over (MPI), for
+    /// sharded Lanczos bases (`SymOperator::basis_ranks`); None: one process.
+    fn basis_ranks(&self) -> Option<std::rc::Rc<dyn crate::spectral::shard::Collective>> {
+        None
+    }
     /// The piecewise decisions (ReLU/LeakyReLU sides, max-pool choices)
     /// the products take at the current θ: where they come from and how
     /// many lie within float32 rounding of their threshold, per layer
@@ -198,6 +203,9 @@ impl SymOperator for Hessian<'_> {
     fn basis_device(&self) -> Option<std::rc::Rc<dyn crate::spectral::lanczos::BasisDevice>> {
         self.0.basis_device()
     }
+    fn basis_ranks(&self) -> Option<std::rc::Rc<dyn crate::spectral::shard::Collective>> {
+        self.0.basis_ranks()
+    }
 }
 
 /// An executor's products of one operator as a symmetric operator for the
@@ -225,5 +233,8 @@ impl SymOperator for CurvatureOperator<'_> {
     }
     fn basis_device(&self) -> Option<std::rc::Rc<dyn crate::spectral::lanczos::BasisDevice>> {
         self.engine.basis_device()
+    }
+    fn basis_ranks(&self) -> Option<std::rc::Rc<dyn crate::spectral::shard::Collective>> {
+        self.engine.basis_ranks()
     }
 }

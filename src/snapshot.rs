@@ -92,6 +92,9 @@ impl SymOperator for Counting<'_, '_> {
     fn basis_device(&self) -> Option<std::rc::Rc<dyn crate::spectral::lanczos::BasisDevice>> {
         self.inner.basis_device()
     }
+    fn basis_ranks(&self) -> Option<std::rc::Rc<dyn crate::spectral::shard::Collective>> {
+        self.inner.basis_ranks()
+    }
 }
 
 /// The curvature of `engine`'s loss at its weights. `about` fills the

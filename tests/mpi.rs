@@ -223,3 +223,90 @@ fn ranks_on_two_emulators_equal_the_same_list_in_one_process() {
     eprintln!("hvp --devices vulkan:0,gl:0: 2 ranks vs 2 threads {e:.2e}");
     assert!(e <= 1e-15, "{e:.3e}");
 }
+
+/// Issue 28 item 4: at a basis budget too small for a whole basis, 2 and
+/// 3 ranks (1400 parameters: slices of 700, or 466, 467 and 467) keep a
+/// slice of every Lanczos vector and gather the dot products' partial
+/// sums. Density (SLQ, 2 runs in lockstep) and eigs (single-vector and
+/// block Lanczos) equal the single process's whole float64 basis within
+/// 1e-12: the same products (summed over ranks to rounding, see
+/// F64_TOL), the dot products summed in another order (per-rank partials,
+/// each compensated); a slice lost or misplaced errs by O(1).
+#[test]
+fn sharded_bases_on_two_and_three_ranks_equal_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = hesscope::model::Model::load("cnn-tiny").unwrap();
+    let n = model.n_params;
+    // Bytes → GiB for --basis-budget: 0.6 of the whole f64 basis, which
+    // holds a slice over 2 or 3 ranks (≤ 0.5 + one entry) but not the
+    // whole.
+    let gib = |bytes: usize| format!("{:.12}", 0.6 * bytes as f64 / (1u64 << 30) as f64);
+    // density: 2 bases of 13 vectors; eigs --steps 60 --block 2: 63.
+    let density_budget = gib(n * 13 * 2 * 8);
+    let eigs_budget = gib(n * 63 * 8);
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        (
+            "density",
+            vec!["--steps", "12", "--runs", "2", "--block", "2"],
+            &density_budget,
+        ),
+        (
+            "eigs",
+            vec!["--top", "2", "--steps", "60", "--block", "1"],
+            &eigs_budget,
+        ),
+        (
+            "eigs",
+            vec!["--top", "2", "--steps", "60", "--block", "2"],
+            &eigs_budget,
+        ),
+    ];
+    for (cmd, extra, budget) in cases {
+        let mut results = vec![];
+        for ranks in [None, Some(2), Some(3)] {
+            let tag = format!("{cmd}-{}-{}", extra.join(""), ranks.unwrap_or(1));
+            let out = dir.path().join(format!("{tag}.json"));
+            let vectors = dir.path().join(format!("{tag}.safetensors"));
+            let mut flags: Vec<&str> = vec!["--backend", "cpu"];
+            flags.extend(&extra);
+            if ranks.is_some() {
+                flags.extend(["--basis-budget", budget]);
+            }
+            if cmd == "eigs" {
+                flags.extend(["--vectors", vectors.to_str().unwrap()]);
+            }
+            let (ok, _, err) = run(ranks, &args(cmd, &flags, &out));
+            assert!(ok, "{cmd} {ranks:?}: {err}");
+            let j = json(out);
+            let basis = j["basis"].as_str().unwrap().to_string();
+            let want = match ranks {
+                None => "host f64".to_string(),
+                Some(r) => format!("host f64 sharded over {r} MPI ranks"),
+            };
+            assert_eq!(basis, want, "{cmd} {extra:?}");
+            let mut v = vec![];
+            if cmd == "density" {
+                numbers(&j["runs"], &mut v);
+            } else {
+                numbers(&j["eigenvalues"], &mut v);
+                for t in hesscope::model::tensorio::read(&vectors)
+                    .unwrap()
+                    .into_values()
+                {
+                    v.extend(t.data);
+                }
+            }
+            results.push(v);
+        }
+        assert!(!results[0].is_empty());
+        for (i, r) in results.iter().enumerate().skip(1) {
+            assert_eq!(results[0].len(), r.len());
+            let e = rel_err(r, &results[0]);
+            eprintln!(
+                "sharded {cmd} {extra:?}: {} ranks vs one process {e:.2e}",
+                i + 1
+            );
+            assert!(e <= F64_TOL, "{e:.3e}");
+        }
+    }
+}

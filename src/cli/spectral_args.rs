@@ -95,6 +95,9 @@ impl SymOperator for Counted<'_> {
     fn basis_device(&self) -> Option<std::rc::Rc<dyn hesscope::spectral::lanczos::BasisDevice>> {
         self.inner.basis_device()
     }
+    fn basis_ranks(&self) -> Option<std::rc::Rc<dyn hesscope::spectral::shard::Collective>> {
+        self.inner.basis_ranks()
+    }
 }
 
 /// Which diagonal block of the Hessian a command works on.
@@ -163,7 +166,9 @@ pub struct BasisArgs {
     /// GiB of memory the Lanczos bases may take where they live: on the
     /// host, f64 while they fit, f32 beyond, refused if they do not fit
     /// even so (default: half of the host's available memory); on a GPU
-    /// (--basis-on), f32 (default: a quarter of its memory).
+    /// (--basis-on), f32 (default: a quarter of its memory). Under MPI the
+    /// budget is per rank, and bases that do not fit it whole in f64 are
+    /// sharded: each rank keeps a slice of every vector (f64, else f32).
     #[arg(long, value_name = "GIB", allow_hyphen_values = true)]
     pub basis_budget: Option<f64>,
     /// Where the Lanczos bases live. auto: in the GPU's memory when the

@@ -26,8 +26,10 @@ use crate::decisions::DecisionReport;
 use crate::engine::{check_out_len, Curvature, Problem};
 use crate::error::{Error, Result};
 use crate::operator::Operator;
+use crate::spectral::shard::Collective;
 use crate::trace_grad::HoldsDecisions;
 use mpi::collective::SystemOperation;
+use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::*;
@@ -102,6 +104,79 @@ impl Session {
             libc::write(self.stderr, text.as_ptr().cast(), text.len());
         }
         SimpleCommunicator::world().abort(1)
+    }
+}
+
+/// The ranks of MPI_COMM_WORLD as the [`Collective`] of a sharded Lanczos
+/// basis (`spectral::shard`).
+pub struct MpiRanks {
+    world: SimpleCommunicator,
+    rank: usize,
+    size: usize,
+}
+
+impl MpiRanks {
+    pub fn world() -> MpiRanks {
+        let world = SimpleCommunicator::world();
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        MpiRanks { world, rank, size }
+    }
+}
+
+impl Collective for MpiRanks {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    /// MPI_Allgatherv in rounds of at most CHUNK / size values a rank, so
+    /// that counts and displacements stay C ints for any n.
+    fn all_gather(&self, mine: &[f64], counts: &[usize]) -> Result<Vec<f64>> {
+        let per = (CHUNK / self.size.max(1)).max(1);
+        let offsets: Vec<usize> = counts
+            .iter()
+            .scan(0, |at, &c| {
+                let o = *at;
+                *at += c;
+                Some(o)
+            })
+            .collect();
+        let mut out = vec![0.0; counts.iter().sum()];
+        let rounds = counts.iter().max().copied().unwrap_or(0).div_ceil(per);
+        for t in 0..rounds {
+            let lo = t * per;
+            let part: Vec<i32> = counts
+                .iter()
+                .map(|&c| c.saturating_sub(lo).min(per) as i32)
+                .collect();
+            let displs: Vec<i32> = part
+                .iter()
+                .scan(0i32, |at, &c| {
+                    let d = *at;
+                    *at += c;
+                    Some(d)
+                })
+                .collect();
+            let total: usize = part.iter().map(|&c| c as usize).sum();
+            let mut buf = vec![0.0; total];
+            let send = &mine[lo.min(mine.len())..(lo + per).min(mine.len())];
+            {
+                let mut recv = PartitionMut::new(&mut buf[..], &part[..], &displs[..]);
+                self.world.all_gather_varcount_into(send, &mut recv);
+            }
+            for r in 0..part.len() {
+                let (d, c) = (displs[r] as usize, part[r] as usize);
+                out[offsets[r] + lo..offsets[r] + lo + c].copy_from_slice(&buf[d..d + c]);
+            }
+        }
+        Ok(out)
+    }
+
+    fn describe(&self) -> String {
+        format!("{} MPI ranks", self.size)
     }
 }
 
@@ -389,6 +464,11 @@ impl Curvature for MpiEngine {
 
     fn kernel_paths(&self) -> Option<String> {
         self.kernel_paths.clone()
+    }
+
+    /// Every rank holds a slice of a basis that does not fit one whole.
+    fn basis_ranks(&self) -> Option<std::rc::Rc<dyn Collective>> {
+        (self.size > 1).then(|| std::rc::Rc::new(MpiRanks::world()) as std::rc::Rc<dyn Collective>)
     }
 }
 

@@ -132,6 +132,9 @@ impl SymOperator for Deflated<'_> {
     fn basis_device(&self) -> Option<std::rc::Rc<dyn BasisDevice>> {
         self.inner.basis_device()
     }
+    fn basis_ranks(&self) -> Option<std::rc::Rc<dyn crate::spectral::shard::Collective>> {
+        self.inner.basis_ranks()
+    }
 }
 
 /// The eigenpairs found for deflation.

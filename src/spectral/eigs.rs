@@ -118,7 +118,7 @@ pub fn eigs(op: &mut dyn SymOperator, s: &EigsSettings) -> Result<EigsResult> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed ^ 0xe165);
     let start = gaussian_unit(n, &mut rng);
     let max_steps = s.max_steps.min(n).max(s.k);
-    let plan = BasisPlan::choose(op.basis_device(), n, max_steps, 1, s.basis_budget)?;
+    let plan = BasisPlan::choose_for(&*op, max_steps, 1, s.basis_budget)?;
     let basis = plan.basis(n, max_steps + 1)?;
     let mut lz = Lanczos::with_basis(op, &start, basis, s.seed)?;
     let mut more = true;
@@ -198,29 +198,31 @@ pub fn block_eigs(op: &mut dyn SymOperator, s: &EigsSettings) -> Result<EigsResu
     let max_steps = s.max_steps.min(n).max(s.k);
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed ^ 0xe165);
     let mut restart = rand::rngs::StdRng::seed_from_u64(s.seed ^ 0x1a2c05);
-    let plan = BasisPlan::choose(op.basis_device(), n, max_steps + b, 1, s.basis_budget)?;
+    let plan = BasisPlan::choose_for(&*op, max_steps + b, 1, s.basis_budget)?;
     let mut basis = plan.basis(n, max_steps + b + 1)?;
     // cols[p]: the coefficients of A q_p on q_0, q_1, … (T's column p).
     let mut cols: Vec<Vec<f64>> = vec![];
     let mut scale: f64 = 0.0;
     // w ⟂ the basis, normalised and stored; a random vector instead when
     // w is (numerically) in the span. Returns the coupling (0 for a
-    // replacement) or None once the basis spans the space.
-    let mut extend = |basis: &mut Basis, mut w: Vec<f64>, thresh: f64| -> Result<Option<f64>> {
+    // replacement) or None once the basis spans the space. w is whole;
+    // the basis works on its local part (`Basis::local`).
+    let mut extend = |basis: &mut Basis, w: Vec<f64>, thresh: f64| -> Result<Option<f64>> {
         if basis.len() >= n {
             return Ok(None);
         }
+        let mut w = basis.local(w);
         basis.orthogonalize(&mut w)?;
-        let r = norm(&w);
+        let r = basis.norm(&w)?;
         if r > thresh {
             w.iter_mut().for_each(|x| *x /= r);
             basis.push(w)?;
             return Ok(Some(r));
         }
         for _ in 0..3 {
-            let mut g = gaussian_unit(n, &mut restart);
+            let mut g = basis.local(gaussian_unit(n, &mut restart));
             basis.orthogonalize(&mut g)?;
-            let r = norm(&g);
+            let r = basis.norm(&g)?;
             if r >= 1e-8 {
                 g.iter_mut().for_each(|x| *x /= r);
                 basis.push(g)?;
@@ -258,14 +260,14 @@ pub fn block_eigs(op: &mut dyn SymOperator, s: &EigsSettings) -> Result<EigsResu
                         w[i]
                     )));
                 }
-                let mut w = w;
+                let mut w = basis.local(w);
                 let c1 = basis.dots(&w)?;
                 basis.subtract(&mut w, &c1)?;
                 let c2 = basis.dots(&w)?;
                 basis.subtract(&mut w, &c2)?;
                 let mut col: Vec<f64> = c1.iter().zip(&c2).map(|(a, b)| a + b).collect();
                 scale = col.iter().fold(scale, |m, x| m.max(x.abs()));
-                let r = norm(&w);
+                let r = basis.norm(&w)?;
                 if basis.len() < n {
                     if r > 1e-10 * scale.max(f64::MIN_POSITIVE) {
                         w.iter_mut().for_each(|x| *x /= r);

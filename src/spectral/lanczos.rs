@@ -21,6 +21,7 @@
 use crate::error::{Error, Result};
 use crate::spectral::compensated::{dot, norm, subtract_combination};
 use crate::spectral::operator::SymOperator;
+pub use crate::spectral::shard::{Collective, ShardedBasis};
 use crate::spectral::tridiagonal::{tridiagonal_eigen, TridiagEigen};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -123,6 +124,8 @@ pub fn device_basis_bytes(n: usize, vectors: usize) -> usize {
 pub enum BasisPlan {
     Host(BasisPrecision),
     Device(std::rc::Rc<dyn BasisDevice>),
+    /// A slice of every vector on each rank (`shard.rs`).
+    Sharded(BasisPrecision, std::rc::Rc<dyn Collective>),
 }
 
 impl std::fmt::Debug for BasisPlan {
@@ -143,6 +146,69 @@ impl BasisPlan {
         bases: usize,
         budget: BasisBudget,
     ) -> Result<BasisPlan> {
+        BasisPlan::choose_among(device, None, n, steps, bases, budget)
+    }
+
+    /// As [`BasisPlan::choose`] for an operator whose products are summed
+    /// over the ranks of `ranks` (MPI; None or one rank: as `choose`).
+    /// `budget` is per rank. Whole in f64 where that fits (today's bits);
+    /// else, over several ranks, sharded: each rank keeps its slice of
+    /// every vector, in f64 where the largest slice fits, else in f32;
+    /// refused where even f32 slices do not fit. Sharding comes before a
+    /// whole f32 basis: it keeps f64 storage for one allgather of partial
+    /// dot products per pass.
+    pub fn choose_for(
+        op: &dyn SymOperator,
+        steps: usize,
+        bases: usize,
+        budget: BasisBudget,
+    ) -> Result<BasisPlan> {
+        BasisPlan::choose_among(
+            op.basis_device(),
+            op.basis_ranks(),
+            op.dim(),
+            steps,
+            bases,
+            budget,
+        )
+    }
+
+    /// The choice of [`BasisPlan::choose_for`], from its parts.
+    pub fn choose_among(
+        device: Option<std::rc::Rc<dyn BasisDevice>>,
+        ranks: Option<std::rc::Rc<dyn Collective>>,
+        n: usize,
+        steps: usize,
+        bases: usize,
+        budget: BasisBudget,
+    ) -> Result<BasisPlan> {
+        if let Some(comm) = ranks.filter(|c| c.size() > 1) {
+            let vectors = steps.saturating_add(1).saturating_mul(bases.max(1));
+            if n.saturating_mul(vectors).saturating_mul(8) > budget.0 {
+                let size = comm.size();
+                let f64_bytes = crate::spectral::shard::shard_bytes(n, vectors, size, 8);
+                if f64_bytes <= budget.0 {
+                    return Ok(BasisPlan::Sharded(BasisPrecision::F64, comm));
+                }
+                if f64_bytes / 2 <= budget.0 {
+                    return Ok(BasisPlan::Sharded(BasisPrecision::F32, comm));
+                }
+                return Err(Error::Invalid {
+                    what: "basis budget",
+                    msg: format!(
+                        "{} of {} vectors × {n} entries {} {} a rank even in f32 sharded \
+                         over {}, over the budget of {} a rank: take fewer steps, fewer runs \
+                         in lockstep (the block), more ranks, or a larger budget",
+                        bases_phrase(bases),
+                        steps.saturating_add(1),
+                        need(bases),
+                        crate::host::bytes_text((f64_bytes / 2) as u64),
+                        comm.describe(),
+                        crate::host::bytes_text(budget.0 as u64)
+                    ),
+                });
+            }
+        }
         if let Some(dev) = device {
             let bytes = device_basis_bytes(n, steps.saturating_add(1)).saturating_mul(bases.max(1));
             if bytes <= dev.budget() {
@@ -175,6 +241,11 @@ impl BasisPlan {
         Ok(match self {
             BasisPlan::Host(p) => Basis::new(*p),
             BasisPlan::Device(dev) => Basis::Device(dev.allocate(n, vectors)?),
+            BasisPlan::Sharded(p, comm) => Basis::Sharded(ShardedBasis::new(
+                comm.clone(),
+                n,
+                *p == BasisPrecision::F32,
+            )),
         })
     }
 
@@ -184,16 +255,31 @@ impl BasisPlan {
             BasisPlan::Host(BasisPrecision::F64) => "host f64".into(),
             BasisPlan::Host(BasisPrecision::F32) => "host f32".into(),
             BasisPlan::Device(d) => format!("{} f32", d.name()),
+            BasisPlan::Sharded(p, comm) => format!(
+                "host {} sharded over {}",
+                if *p == BasisPrecision::F64 {
+                    "f64"
+                } else {
+                    "f32"
+                },
+                comm.describe()
+            ),
         }
     }
 }
 
 /// Orthonormal vectors kept in f64 or f32 on the host, or on a device,
-/// with compensated products.
+/// with compensated products; or a slice of each on every MPI rank.
+///
+/// The products take *local* vectors: the whole vector, except in a
+/// sharded basis, where they take this rank's slice ([`Basis::range`];
+/// [`Basis::local`] cuts it, [`Basis::assemble`] gathers it whole).
+/// `get` and `combine` return whole vectors.
 pub enum Basis {
     F64(Vec<Vec<f64>>),
     F32(Vec<Vec<f32>>),
     Device(Box<dyn DeviceBasis>),
+    Sharded(ShardedBasis),
 }
 
 impl Basis {
@@ -208,13 +294,53 @@ impl Basis {
             Basis::F64(v) => v.len(),
             Basis::F32(v) => v.len(),
             Basis::Device(d) => d.len(),
+            Basis::Sharded(s) => s.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Stores q and returns it as stored (rounded to f32 if so kept), so
-    /// the recurrence runs on exactly the vectors that are kept.
+    /// The entries of an n-vector this process works on: all of them,
+    /// or its slice where sharded.
+    pub fn range(&self, n: usize) -> std::ops::Range<usize> {
+        match self {
+            Basis::Sharded(s) => s.range(),
+            _ => 0..n,
+        }
+    }
+    /// This process's part of a whole vector (the vector itself unless
+    /// sharded).
+    pub fn local(&self, whole: Vec<f64>) -> Vec<f64> {
+        match self {
+            Basis::Sharded(s) => whole[s.range()].to_vec(),
+            _ => whole,
+        }
+    }
+    /// The whole vector from the local parts (every rank's, gathered,
+    /// where sharded; else the vector itself).
+    pub fn assemble(&self, local: Vec<f64>) -> Result<Vec<f64>> {
+        match self {
+            Basis::Sharded(s) => s.assemble(&local),
+            _ => Ok(local),
+        }
+    }
+    /// a · b of two local vectors, compensated (summed over the ranks
+    /// where sharded).
+    pub fn dot(&self, a: &[f64], b: &[f64]) -> Result<f64> {
+        match self {
+            Basis::Sharded(s) => s.dot(a, b),
+            _ => Ok(dot(a, b)),
+        }
+    }
+    /// ‖w‖ of a local vector.
+    pub fn norm(&self, w: &[f64]) -> Result<f64> {
+        match self {
+            Basis::Sharded(s) => Ok(s.dot(w, w)?.sqrt()),
+            _ => Ok(norm(w)),
+        }
+    }
+    /// Stores local q and returns it as stored (rounded to f32 if so
+    /// kept), so the recurrence runs on exactly the vectors that are kept.
     pub fn push(&mut self, q: Vec<f64>) -> Result<Vec<f64>> {
         Ok(match self {
             Basis::F64(v) => {
@@ -228,22 +354,28 @@ impl Basis {
                 back
             }
             Basis::Device(d) => d.push(&q)?,
+            Basis::Sharded(s) => s.push(q)?,
         })
     }
+    /// Stored vector j, whole.
     pub fn get(&mut self, j: usize) -> Result<Vec<f64>> {
         Ok(match self {
             Basis::F64(v) => v[j].clone(),
             Basis::F32(v) => v[j].iter().map(|&x| x as f64).collect(),
             Basis::Device(d) => d.get(j)?,
+            Basis::Sharded(s) => s.get(j)?,
         })
     }
+    /// q_j · w for every stored q_j, w local.
     pub fn dots(&mut self, w: &[f64]) -> Result<Vec<f64>> {
         Ok(match self {
             Basis::F64(v) => v.iter().map(|q| dot(w, q)).collect(),
             Basis::F32(v) => v.iter().map(|q| dot(w, q)).collect(),
             Basis::Device(d) => d.dots(w)?,
+            Basis::Sharded(s) => s.dots(w)?,
         })
     }
+    /// w -= Σ_j c_j q_j, w local.
     pub fn subtract(&mut self, w: &mut [f64], c: &[f64]) -> Result<()> {
         match self {
             Basis::F64(v) => {
@@ -256,10 +388,11 @@ impl Basis {
                 let y = d.combination(c)?;
                 w.iter_mut().zip(&y).for_each(|(x, y)| *x -= y);
             }
+            Basis::Sharded(s) => s.subtract(w, c),
         }
         Ok(())
     }
-    /// w ⟂ every stored vector: two passes of classical Gram–Schmidt.
+    /// Local w ⟂ every stored vector: two passes of classical Gram–Schmidt.
     pub fn orthogonalize(&mut self, w: &mut [f64]) -> Result<()> {
         for _ in 0..2 {
             let c = self.dots(w)?;
@@ -267,7 +400,7 @@ impl Basis {
         }
         Ok(())
     }
-    /// Σ_j y_j q_j over the first y.len() stored vectors.
+    /// Σ_j y_j q_j over the first y.len() stored vectors, whole.
     pub fn combine(&mut self, y: &[f64], n: usize) -> Result<Vec<f64>> {
         let k = y.len().min(self.len());
         let neg: Vec<f64> = y[..k].iter().map(|x| -x).collect();
@@ -284,6 +417,7 @@ impl Basis {
                 &v[..k].iter().map(|q| q.as_slice()).collect::<Vec<_>>(),
             ),
             Basis::Device(d) => return d.combination(&y[..k]),
+            Basis::Sharded(s) => return s.combine(&y[..k]),
         }
         Ok(out)
     }
@@ -300,7 +434,9 @@ pub struct Recurrence {
     pub alpha: Vec<f64>,
     /// T's off-diagonal: beta[j] couples q_j and q_{j+1}; 0 after a breakdown.
     pub beta: Vec<f64>,
+    /// The newest basis vector, whole (the next product's input).
     current: Vec<f64>,
+    /// The one before, local (`Basis::local`: whole unless sharded).
     previous: Option<Vec<f64>>,
     rng: rand::rngs::StdRng,
     /// Invariant subspaces found (β ≈ 0), each restarted from a fresh
@@ -406,7 +542,9 @@ impl Recurrence {
                 "the Lanczos start vector is zero or not finite".into(),
             ));
         }
-        let current = basis.push(start.iter().map(|x| x / s).collect())?;
+        let q = basis.local(start.iter().map(|x| x / s).collect());
+        let stored = basis.push(q)?;
+        let current = basis.assemble(stored)?;
         Ok(Recurrence {
             basis,
             alpha: vec![],
@@ -438,7 +576,7 @@ impl Recurrence {
     /// three-term update, full reorthogonalisation, and the next basis
     /// vector. Returns false once the basis spans the whole space (or
     /// already did: then `w` is ignored).
-    pub fn absorb(&mut self, mut w: Vec<f64>) -> Result<bool> {
+    pub fn absorb(&mut self, w: Vec<f64>) -> Result<bool> {
         if self.exhausted {
             return Ok(false);
         }
@@ -455,13 +593,14 @@ impl Recurrence {
                 w[i]
             )));
         }
+        // From here on w is local: this rank's slice where sharded.
+        let mut w = self.basis.local(w);
+        let current = &self.current[self.basis.range(n)];
         if let (Some(prev), Some(&b)) = (&self.previous, self.beta.last()) {
             w.iter_mut().zip(prev).for_each(|(x, p)| *x -= b * p);
         }
-        let a = dot(&w, &self.current);
-        w.iter_mut()
-            .zip(&self.current)
-            .for_each(|(x, q)| *x -= a * q);
+        let a = self.basis.dot(&w, current)?;
+        w.iter_mut().zip(current).for_each(|(x, q)| *x -= a * q);
         self.basis.orthogonalize(&mut w)?;
         self.alpha.push(a);
         self.scale = self
@@ -472,14 +611,14 @@ impl Recurrence {
             self.exhausted = true;
             return Ok(false);
         }
-        let mut b = norm(&w);
+        let mut b = self.basis.norm(&w)?;
         // β ≈ 0: the Krylov space is invariant. Continue from a random
         // vector orthogonal to it, with a zero coupling (T splits).
         if b <= 1e-10 * self.scale.max(f64::MIN_POSITIVE) {
             self.breakdowns += 1;
-            w = gaussian_unit(n, &mut self.rng);
+            w = self.basis.local(gaussian_unit(n, &mut self.rng));
             self.basis.orthogonalize(&mut w)?;
-            let r = norm(&w);
+            let r = self.basis.norm(&w)?;
             if r < 1e-8 {
                 self.exhausted = true;
                 return Ok(false);
@@ -490,8 +629,10 @@ impl Recurrence {
             w.iter_mut().for_each(|x| *x /= b);
         }
         self.beta.push(b);
-        let next = self.basis.push(w)?;
-        self.previous = Some(std::mem::replace(&mut self.current, next));
+        let stored = self.basis.push(w)?;
+        let next = self.basis.assemble(stored)?;
+        let old = std::mem::replace(&mut self.current, next);
+        self.previous = Some(self.basis.local(old));
         Ok(true)
     }
 
@@ -523,6 +664,7 @@ impl Recurrence {
         let mut worst: f64 = 0.0;
         for i in 0..m {
             let qi = self.basis.get(i)?;
+            let qi = self.basis.local(qi);
             for (j, d) in self.basis.dots(&qi)?.into_iter().enumerate() {
                 let target = if i == j { 1.0 } else { 0.0 };
                 worst = worst.max((d - target).abs());

@@ -100,6 +100,9 @@ impl SymOperator for BlockOperator<'_> {
     fn basis_device(&self) -> Option<std::rc::Rc<dyn crate::spectral::lanczos::BasisDevice>> {
         self.inner.basis_device()
     }
+    fn basis_ranks(&self) -> Option<std::rc::Rc<dyn crate::spectral::shard::Collective>> {
+        self.inner.basis_ranks()
+    }
 }
 
 /// Bhattacharyya coefficient ∫ √(p q) of two densities on one grid: 1 for

@@ -12,6 +12,7 @@ pub mod lanczos;
 pub mod layers;
 pub mod operator;
 pub mod plot;
+pub mod shard;
 pub mod slq;
 pub mod trace;
 pub mod tridiagonal;

@@ -23,6 +23,12 @@ pub trait SymOperator {
     fn basis_device(&self) -> Option<std::rc::Rc<dyn BasisDevice>> {
         None
     }
+    /// The ranks whose products this operator sums (MPI), over which the
+    /// solvers may shard their Lanczos bases where they do not fit one
+    /// rank (`BasisPlan::choose_for`); None: one process.
+    fn basis_ranks(&self) -> Option<std::rc::Rc<dyn crate::spectral::shard::Collective>> {
+        None
+    }
 }
 
 /// A dense symmetric matrix (row-major), for tests and small models.

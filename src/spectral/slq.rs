@@ -160,7 +160,8 @@ fn check_counts(op: &dyn SymOperator, steps: usize, runs: usize, block: usize) -
 
 /// Where `slq_block` keeps the bases of `block` runs in lockstep (of
 /// `runs`): on the operator's device where it offers one and they fit,
-/// else on the host (`BasisPlan::choose`).
+/// else on the host, sharded over MPI ranks where they do not fit one
+/// whole (`BasisPlan::choose_for`).
 pub fn basis_plan(
     op: &dyn SymOperator,
     steps: usize,
@@ -168,13 +169,7 @@ pub fn basis_plan(
     block: usize,
     budget: BasisBudget,
 ) -> Result<BasisPlan> {
-    BasisPlan::choose(
-        op.basis_device(),
-        op.dim(),
-        steps,
-        block.min(runs).max(1),
-        budget,
-    )
+    BasisPlan::choose_for(op, steps, block.min(runs).max(1), budget)
 }
 
 /// Steps every recurrence of `group` until it has `steps` steps or spans
