@@ -14,8 +14,11 @@ const WG: u32 = 256u;
 override ACC: bool = false;
 // block_copy: write zeros over the rest of every destination block too.
 override FILL: bool = false;
-// mul, plane_dot: add a second product c·d.
+// mul, plane_dot, channel_dot: add a second product c·d.
 override PAIR_B: bool = false;
+// mul: b and d are a parameter [c] at src_off of theta / v (ConvNeXt's
+// layer scale), shared by the samples: factor (⌊i/hw⌋ mod c) + src_off.
+override B_PARAM: bool = false;
 
 @group(0) @binding(0) var<uniform> p: ChannelParams;
 
@@ -89,8 +92,12 @@ fn channel_shuffle(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // ---- products: `mul` out[i] (+)= a[i]·b[⌊i/hw⌋] (+ c[i]·d[⌊i/hw⌋]) for
-// i < len (hw = 1: elementwise); `plane_dot` out[pl] (+)= Σ over the
-// plane's hw elements of a·b (+ c·d), for pl < blocks (a workgroup each).
+// i < len (hw = 1: elementwise; B_PARAM: a parameter per channel);
+// `plane_dot` out[pl] (+)= Σ over the plane's hw elements of a·b (+ c·d),
+// for pl < blocks (a workgroup each); `channel_dot` out[dst_off + ch] +=
+// Σ over the `blocks` samples' planes ch of [blocks, c, hw] of a·b
+// (+ c·d), for ch < c (a workgroup each: a layer scale's parameter
+// adjoint).
 @group(0) @binding(1) var<storage, read> m_a: array<f32>;
 @group(0) @binding(2) var<storage, read> m_b: array<f32>;
 @group(0) @binding(3) var<storage, read> m_c: array<f32>;
@@ -107,7 +114,10 @@ fn mul(@builtin(workgroup_id) wid: vec3<u32>,
     let o_a = kslice(1u, arrayLength(&m_a), k);
     let o_b = kslice(2u, arrayLength(&m_b), k);
     let o_out = kslice(5u, arrayLength(&m_out), k);
-    let bi = i / p.hw;
+    var bi = i / p.hw;
+    if (B_PARAM) {
+        bi = bi % p.c + p.src_off;
+    }
     var v = m_a[o_a + i] * m_b[o_b + bi];
     if (PAIR_B) {
         let o_c = kslice(3u, arrayLength(&m_c), k);
@@ -160,6 +170,50 @@ fn plane_dot(@builtin(workgroup_id) wid: vec3<u32>,
             m_out[o_out + pl] += pd_sum[0];
         } else {
             m_out[o_out + pl] = pd_sum[0];
+        }
+    }
+}
+
+// A workgroup per channel: each thread sums a stride of the channel's
+// blocks·hw elements, then the same tree as plane_dot.
+@compute @workgroup_size(256)
+fn channel_dot(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    // Uniform per workgroup, so every thread reaches the barriers.
+    let ch = wid.x + wid.y * nwg.x;
+    if (ch >= p.c) { return; }
+    let k = wid.z;
+    let o_a = kslice(1u, arrayLength(&m_a), k);
+    let o_b = kslice(2u, arrayLength(&m_b), k);
+    let o_out = kslice(5u, arrayLength(&m_out), k);
+    let count = p.blocks * p.hw;
+    var s = 0.0;
+    for (var j = lid; j < count; j += WG) {
+        let i = ((j / p.hw) * p.c + ch) * p.hw + j % p.hw;
+        s += m_a[o_a + i] * m_b[o_b + i];
+    }
+    if (PAIR_B) {
+        let o_c = kslice(3u, arrayLength(&m_c), k);
+        let o_d = kslice(4u, arrayLength(&m_d), k);
+        for (var j = lid; j < count; j += WG) {
+            let i = ((j / p.hw) * p.c + ch) * p.hw + j % p.hw;
+            s += m_c[o_c + i] * m_d[o_d + i];
+        }
+    }
+    pd_sum[lid] = s;
+    workgroupBarrier();
+    for (var half = WG / 2u; half > 0u; half /= 2u) {
+        if (lid < half) {
+            pd_sum[lid] += pd_sum[lid + half];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        if (ACC) {
+            m_out[o_out + p.dst_off + ch] += pd_sum[0];
+        } else {
+            m_out[o_out + p.dst_off + ch] = pd_sum[0];
         }
     }
 }

@@ -174,6 +174,7 @@ class _Exporter(SequenceMixin):
         self.const_memo = {}
         self.records = []  # (name, keyword, inputs, args, first parameter index)
         self.value = {}  # graph node -> hesscope value name, or a _Shuffle/_Parts
+        self.channels_last = set()  # value names of [N, H, W, C] tensors (sequences here)
         self.used = {"input"}
         # Layer names with tensors (the state_dict prefixes): other values
         # never take them.
@@ -238,6 +239,13 @@ class _Exporter(SequenceMixin):
         first = self.param_index.get(param) if param is not None else None
         self.records.append((name, kw, ins, args, first))
         self.value[node] = name
+        # Channels-last values (ConvNeXt's [N, H, W, C] between its
+        # permutes) are hesscope sequences [H·W, C]: `tokens` makes one,
+        # the layers on the last dimension keep it, `untokens` ends it.
+        if kw == "tokens" and len(_shape(node) or ()) == 4:
+            self.channels_last.add(name)
+        elif kw != "untokens" and ins and ins[0] in self.channels_last:
+            self.channels_last.add(name)
 
     # ---- the graph
     def run(self):
@@ -377,9 +385,10 @@ class _Exporter(SequenceMixin):
         a = node.args
         w, b = a[1], _arg(node, 2, "bias", None)
         shape_in = _shape(a[0])
-        if shape_in is None or len(shape_in) not in (2, 3):
-            raise UnsupportedOp(f"{where}: linear on a {len(shape_in or ())}-d input (hesscope's takes [N, F] "
-                                "or a sequence [N, T, F])")
+        ok = (2, 3, 4) if self.value.get(a[0]) in self.channels_last else (2, 3)
+        if shape_in is None or len(shape_in) not in ok:
+            raise UnsupportedOp(f"{where}: linear on a {len(shape_in or ())}-d input (hesscope's takes [N, F], "
+                                "a sequence [N, T, F] or channels-last [N, H, W, C] between permutes)")
         dout = _shape(w)[0]
         bias = f" bias={'true' if b is not None else 'false'}"
         if isinstance(w, torch.fx.Node) and w.name in self.params:
@@ -511,6 +520,8 @@ class _Exporter(SequenceMixin):
     def transpose(self, node, where):
         if self.seq_transpose(node, where):
             return
+        if self.channels_last_permute(node, where):
+            return
         v = self.value.get(node.args[0])
         if node.target == aten.transpose.int:
             dims = sorted(d % 5 for d in node.args[1:3])
@@ -526,6 +537,8 @@ class _Exporter(SequenceMixin):
         a, b = node.args[0], node.args[1]
         if not isinstance(b, torch.fx.Node) or not isinstance(a, torch.fx.Node):
             raise UnsupportedOp(f"{where}: aten.mul by a constant is not supported")
+        if self.layer_scale(node, where):
+            return
         sa, sb = _shape(a), _shape(b)
         pair = None
         if sa is not None and sb is not None and len(sa) == 4 and len(sb) == 4 and sa[:2] == sb[:2]:

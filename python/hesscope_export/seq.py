@@ -370,9 +370,11 @@ class SequenceMixin:
         b = a[3] if len(a) > 3 else node.kwargs.get("bias")
         eps = a[4] if len(a) > 4 else node.kwargs.get("eps", 1e-5)
         shape_in = _shape(x)
-        if shape_in is None or len(shape) != 1 or shape[0] != shape_in[-1] or len(shape_in) != 3:
+        dims = 4 if self.value.get(x) in self.channels_last else 3
+        if shape_in is None or len(shape) != 1 or shape[0] != shape_in[-1] or len(shape_in) != dims:
             raise UnsupportedOp(f"{where}: layer_norm over {shape} of {shape_in} is not supported "
-                                "(only over the last dimension of a sequence [N, T, D])")
+                                "(only over the last dimension of a sequence [N, T, D] or of "
+                                "channels-last [N, H, W, C] between permutes)")
         if w is None or b is None:
             raise UnsupportedOp(f"{where}: layer_norm without its weight and bias is not supported")
         name = self.layer_name(where, node, "layer norm", [("weight", w), ("bias", b)])
@@ -474,3 +476,43 @@ class SequenceMixin:
             return False
         self.emit(node, where, "tokens", [v.src])
         return True
+
+    # ---- channels-last images (torchvision's ConvNeXt)
+    def channels_last_permute(self, node, where):
+        """permute(0, 2, 3, 1) of an image [N, C, H, W] (`tokens`: a
+        sequence [H·W, C] here) or permute(0, 3, 1, 2) of such a
+        channels-last value back (`untokens h=H w=W`)."""
+        if node.target != aten.permute.default:
+            return False
+        x = node.args[0]
+        v = self.value.get(x)
+        dims = [d % 4 for d in node.args[1]]
+        shape = _shape(node)
+        if not isinstance(v, str) or shape is None or len(shape) != 4:
+            return False
+        if dims == [0, 2, 3, 1] and v not in self.channels_last and v != "input":
+            self.emit(node, where, "tokens", [v])
+            return True
+        if dims == [0, 3, 1, 2] and v in self.channels_last:
+            self.emit(node, where, "untokens", [v], f" h={shape[2]} w={shape[3]}")
+            return True
+        return False
+
+    def layer_scale(self, node, where):
+        """A parameter P [C, 1, 1] times an image [N, C, H, W] (ConvNeXt's
+        layer scale): `mul_param(X) P`."""
+        a, b = node.args[0], node.args[1]
+        for p, x in ((a, b), (b, a)):
+            if p.op != "placeholder" or p.name not in self.params:
+                continue
+            sp, sx = _shape(p), _shape(x)
+            vx = self.value.get(x)
+            if (sx is None or len(sx) != 4 or sp != (sx[1], 1, 1) or not isinstance(vx, str)
+                    or vx in self.channels_last):
+                raise UnsupportedOp(f"{where}: aten.mul of parameter {self.canon_name(p)} of shape "
+                                    f"{sp} and {sx} is not supported (only a layer scale [C, 1, 1] "
+                                    "times an image [N, C, H, W])")
+            name = self.canon_name(p)
+            self.emit(node, where, "mul_param", [vx], f" {name}", param=name)
+            return True
+        return False

@@ -1,4 +1,5 @@
-"""Checks hesscope on the fifteen torchvision CNNs of issue 26 against
+"""Checks hesscope on the fifteen torchvision CNNs of issue 26 and
+convnext_tiny (issue 25) against
 PyTorch float64: for each model, exports it (hesscope_export), saves its
 weights, a batch and a direction v, computes loss, gradient and Hv in
 PyTorch float64 in both batch-norm modes (model.train() for batch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from models import MODELS, build, clamp_forms, set_bn_mode  # noqa: E402
+from models import EXTRA_MODELS, MODELS, build, clamp_forms, set_bn_mode  # noqa: E402
 from hesscope_export import UnsupportedOp, export  # noqa: E402
 
 BOUND = {"cpu": 1e-10}
@@ -118,7 +119,7 @@ def check(name, a, work):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("names", nargs="*", default=MODELS)
+    ap.add_argument("names", nargs="*", default=MODELS + EXTRA_MODELS)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--backends", default="cpu,auto", help="comma-separated --backend values")

@@ -15,6 +15,10 @@ with torch.no_grad():
         if isinstance(mod, nn.BatchNorm2d):
             mod.weight.uniform_(0.5, 1.5); mod.bias.uniform_(-0.2, 0.2)
             mod.running_mean.uniform_(-0.1, 0.1); mod.running_var.uniform_(0.5, 1.5)
+        # ConvNeXt's layer scale (1e-6 at init) away from 0, so that its
+        # second-order terms matter.
+        if isinstance(getattr(mod, "layer_scale", None), nn.Parameter):
+            mod.layer_scale.normal_(0.5, 0.1)
 export(m, torch.zeros(2, *shape), f"{name}.arch")
 sd = {k: v.contiguous() for k, v in m.state_dict().items()}
 save_file(sd, "w.safetensors")

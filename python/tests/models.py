@@ -1,6 +1,8 @@
-"""The fifteen torchvision CNNs of issue 26 (item 4), built as the checks
-use them: 10 classes, BN affine parameters and running statistics perturbed
-(so that batch and running modes differ), a fixed seed. Shared by
+"""The fifteen torchvision CNNs of issue 26 (item 4) and ConvNeXt-tiny
+(issue 25), built as the checks use them: 10 classes, BN affine parameters
+and running statistics perturbed (so that batch and running modes differ),
+LayerNorm affine parameters and ConvNeXt's layer scale perturbed, a fixed
+seed. Shared by
 export_all.py and check_models.py."""
 import torch
 import torch.nn as nn
@@ -11,6 +13,12 @@ MODELS = [
     "squeezenet1_1", "densenet121", "googlenet", "mobilenet_v2", "mobilenet_v3_small",
     "mnasnet0_5", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x0_5",
 ]
+
+# Checked by check_models.py beside the fifteen (issue 25): ConvNeXt's
+# channel LayerNorm, depthwise 7×7 and layer scale. Not in MODELS, whose
+# exports export_all.py holds to model.parameters() order (ConvNeXt's
+# layer_scale comes first in its block but is read last).
+EXTRA_MODELS = ["convnext_tiny"]
 
 # Factory keyword arguments besides num_classes.
 KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}
@@ -25,6 +33,12 @@ def build(name, seed=5):
             if isinstance(mod, nn.BatchNorm2d):
                 mod.weight.uniform_(0.5, 1.5); mod.bias.uniform_(-0.2, 0.2)
                 mod.running_mean.uniform_(-0.1, 0.1); mod.running_var.uniform_(0.5, 1.5)
+            if isinstance(mod, nn.LayerNorm):
+                mod.weight.uniform_(0.5, 1.5); mod.bias.uniform_(-0.2, 0.2)
+            # ConvNeXt's layer scale (1e-6 at init) away from 0, so that its
+            # second-order terms matter.
+            if isinstance(getattr(mod, "layer_scale", None), nn.Parameter):
+                mod.layer_scale.normal_(0.5, 0.1)
     return m.eval()
 
 

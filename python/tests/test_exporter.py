@@ -259,7 +259,7 @@ def param_shapes(text, sd):
         elif kw == "pos_embedding":
             got[name + ".weight"] = sd[name + ".weight"].shape
             assert sd[name + ".weight"].shape[0] == int(pos[0])
-        elif kw in ("add_param", "cls_token"):
+        elif kw in ("add_param", "cls_token", "mul_param"):
             got[pos[0]] = sd[pos[0]].shape
         dims[name] = kw
     return got
@@ -277,9 +277,17 @@ def run_arch(text, sd, x):
         z = ins[0]
         if kw == "conv":
             z = F.conv2d(z, sd[name + ".weight"], sd.get(name + ".bias"), int(args.get("stride", 1)),
-                         int(args.get("pad", 0)))
+                         int(args.get("pad", 0)), 1, int(args.get("groups", 1)))
         elif kw == "tokens":
             z = z.flatten(2).transpose(1, 2)
+        elif kw == "untokens":
+            z = z.transpose(1, 2).reshape(z.shape[0], z.shape[2], int(args["h"]), int(args["w"]))
+        elif kw == "mul_param":
+            z = z * sd[pos[0]]
+        elif kw == "adaptive_avgpool":
+            z = F.adaptive_avg_pool2d(z, (int(args["h"]), int(args["w"])))
+        elif kw == "flatten":
+            z = z.flatten(1)
         elif kw == "cls_token":
             z = torch.cat([sd[pos[0]].expand(z.shape[0], -1, -1), z], 1)
         elif kw == "add_param":
@@ -435,6 +443,90 @@ def test_sequence_refusals():
         def forward(self, ids):
             return self.head(self.ln(self.emb(ids)))
     refused(Ln2(), torch.zeros(2, 5, dtype=torch.long), "ln: layer_norm over [5, 8]")
+
+
+def test_convnext():
+    """torchvision's convnext_tiny (issue 25): LayerNorm2d as tokens,
+    layernorm, untokens; the block's Linear layers on the channels-last
+    sequence; the layer scale as mul_param; every tensor declared under its
+    state_dict name and shape; the text computes the module's function."""
+    import torchvision
+    torch.manual_seed(3)
+    m = torchvision.models.convnext_tiny(num_classes=10)
+    text = to_text(m, torch.zeros(2, 3, 32, 32))
+    d = declared(text)
+    kinds = [kw for _, kw, _, _ in d]
+    block = ["conv", "tokens", "layernorm", "linear", "gelu", "linear", "untokens", "mul_param", "add"]
+    ln2d = ["tokens", "layernorm", "untokens"]
+    want = ["conv"] + ln2d
+    for stage, depth in enumerate([3, 3, 9, 3]):
+        if stage:
+            want += ln2d + ["conv"]
+        want += block * depth
+    want += ["adaptive_avgpool"] + ln2d + ["flatten", "linear"]
+    assert kinds == want, kinds
+    by = {n: (kw, a, p) for n, kw, a, p in d}
+    assert by["features.1.0.block.0"][1] == {"k": "7", "stride": "1", "pad": "3", "bias": "true",
+                                             "groups": "96"}
+    assert by["features.1.0.block.2"][1] == {"eps": "1e-06"}
+    assert any(kw == "mul_param" and p == ["features.5.8.layer_scale"] for kw, a, p in by.values())
+    assert any(kw == "untokens" and a == {"h": "2", "w": "2"} for kw, a, p in by.values())
+    sd = m.state_dict()
+    got = param_shapes(text, sd)
+    assert got == {k: v.shape for k, v in sd.items()}, sorted(set(got) ^ set(sd))
+    with torch.no_grad():
+        for mod in m.modules():
+            if hasattr(mod, "layer_scale"):
+                mod.layer_scale.normal_(0.5, 0.1)
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        e = (run_arch(text, m.state_dict(), x) - m.double().eval()(x)).abs().max().item()
+    assert e <= 1e-10, e
+
+
+def test_convnext_refusals():
+    """Variants hesscope has no layer for are refused naming the module
+    path and the op."""
+    x = torch.zeros(2, 3, 8, 8)
+
+    class Scale4d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 1)
+            self.gamma = nn.Parameter(torch.ones(1, 4, 1, 1))
+            self.fc = nn.Linear(4 * 8 * 8, 2)
+
+        def forward(self, x):
+            return self.fc((self.gamma * self.c(x)).flatten(1))
+
+    refused(Scale4d(), x, "aten.mul of parameter gamma of shape (1, 4, 1, 1)", "layer scale [C, 1, 1]")
+
+    class LnHW(nn.Module):
+        """LayerNorm over the last two dimensions of a channels-last image."""
+
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 1)
+            self.ln = nn.LayerNorm([8, 4])
+            self.fc = nn.Linear(4 * 8 * 8, 2)
+
+        def forward(self, x):
+            y = self.ln(self.c(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self.fc(y.flatten(1))
+
+    refused(LnHW(), x, "ln: layer_norm over [8, 4]")
+
+    class Hwc(nn.Module):
+        """A permute to [N, H, C, W]: no hesscope layer."""
+
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 1)
+            self.fc = nn.Linear(4 * 8 * 8, 2)
+
+        def forward(self, x):
+            return self.fc(self.c(x).permute(0, 2, 1, 3).flatten(1))
+
+    refused(Hwc(), x, "aten.permute is not supported")
 
 
 if __name__ == "__main__":

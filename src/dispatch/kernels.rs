@@ -322,10 +322,14 @@ kernels! {
     /// each destination block.
     BlockCopy => Channels::"block_copy", [R, W], ChannelParams, ["ACC", "FILL", "KB", "KMAX"];
     ChannelShuffle => Channels::"channel_shuffle", [R, W], ChannelParams, ["ACC", "KB", "KMAX"];
-    /// a·b (+ c·d), b and d per plane of `hw` elements.
-    Mul => Channels::"mul", [R, R, R, R, W], ChannelParams, ["PAIR_B", "ACC", "KB", "KMAX"];
+    /// a·b (+ c·d), b and d per plane of `hw` elements (`B_PARAM`: a
+    /// parameter per channel at `src_off`, shared by the samples).
+    Mul => Channels::"mul", [R, R, R, R, W], ChannelParams, ["PAIR_B", "ACC", "B_PARAM", "KB", "KMAX"];
     /// Per plane, Σ a·b (+ c·d): a workgroup per plane (`Grid::Groups`).
     PlaneDot => Channels::"plane_dot", [R, R, R, R, W], ChannelParams, ["PAIR_B", "ACC", "KB", "KMAX"];
+    /// Per channel of [blocks, c, hw], Σ a·b (+ c·d) into out[dst_off +
+    /// ch]: a workgroup per channel (`Grid::Groups(c)`).
+    ChannelDot => Channels::"channel_dot", [R, R, R, R, W], ChannelParams, ["PAIR_B", "ACC", "KB", "KMAX"];
     /// LayerNorm over rows of `d` (shaders/layernorm.wgsl): a workgroup
     /// per row (`Grid::Groups(rows)`); the parameter sums a thread per
     /// feature.

@@ -31,6 +31,7 @@ pub mod channels;
 pub mod conv;
 pub mod embedding;
 pub mod flatten;
+pub mod layer_scale;
 pub mod layernorm;
 pub mod linear_rows;
 pub mod loss;
@@ -368,6 +369,8 @@ pub fn unit(op: &Op) -> &'static dyn Layer {
         Op::AddParam { .. } => &embedding::AddParamUnit,
         Op::ClsToken { .. } => &embedding::ClsTokenUnit,
         Op::Tokens => &seq::TokensUnit,
+        Op::Untokens { .. } => &seq::UntokensUnit,
+        Op::MulParam { .. } => &layer_scale::MulParamUnit,
         Op::Select { .. } => &seq::SelectUnit,
         Op::SeqLinear { .. } => &seq::SeqLinearUnit,
         Op::LayerNorm { .. } => &layernorm::LayerNormUnit,

@@ -67,23 +67,64 @@ impl LinearUnit for TokensUnit {
     }
 }
 
+/// Sequence [H·W, C] -> image [C, H, W], per sample (ConvNeXt's
+/// permute(0, 3, 1, 2)): the transpose of `tokens`.
+pub struct UntokensUnit;
+
+impl LinearUnit for UntokensUnit {
+    fn apply(&self, _cx: &CpuCx, node: &Node, _saved: &Saved, x: &[f64]) -> Vec<f64> {
+        let s = node.in_shape;
+        transpose(x, s.tokens(), s.features())
+    }
+    fn transpose(&self, _cx: &CpuCx, node: &Node, _saved: &Saved, g: &[f64]) -> Vec<f64> {
+        let s = node.in_shape;
+        transpose(g, s.features(), s.tokens())
+    }
+    // GPU: the shuffles of `tokens` the other way round: [T, C] -> [C, T]
+    // is the shuffle of T·C one-element channels in T groups, its adjoint
+    // the shuffle in C groups.
+    fn plan_apply(&self, p: &mut Plan, node: &Node, _io: &NodeBufs, src: usize, dst: usize) {
+        let s = node.in_shape;
+        shuffle(p, s.numel(), s.tokens(), src, dst, false);
+    }
+    fn plan_transpose(
+        &self,
+        p: &mut Plan,
+        node: &Node,
+        _io: &NodeBufs,
+        src: usize,
+        dst: usize,
+        acc: bool,
+    ) {
+        let s = node.in_shape;
+        shuffle(p, s.numel(), s.features(), src, dst, acc);
+    }
+}
+
 /// dst (+)= the per-sample transpose of src: [C, H·W] -> [H·W, C], or back
 /// with `adjoint`.
 fn plan_transpose(p: &mut Plan, node: &Node, src: usize, dst: usize, adjoint: bool, acc: bool) {
     let s = node.in_shape;
     let groups = if adjoint { s.spatial() } else { s.c };
+    shuffle(p, s.numel(), groups, src, dst, acc);
+}
+
+/// dst (+)= the channel shuffle of each sample's `per` one-element
+/// channels in `groups` groups: the transpose of a [groups, per/groups]
+/// matrix.
+fn shuffle(p: &mut Plan, per: usize, groups: usize, src: usize, dst: usize, acc: bool) {
     p.push_with(
         Kernel::ChannelShuffle,
         Consts::acc(acc),
         &ChannelParams {
             blocks: p.n as u32,
-            c: s.numel() as u32,
+            c: per as u32,
             hw: 1,
             groups: groups as u32,
             ..Default::default()
         },
         vec![src, dst],
-        Grid::Threads(p.n * s.numel()),
+        Grid::Threads(p.n * per),
     );
 }
 

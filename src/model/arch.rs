@@ -31,6 +31,7 @@
 //! add_param [NAME] PARAM; cls_token [NAME] PARAM; tokens [NAME];
 //! select [NAME] index=I; layernorm NAME [eps=1e-5]; conv1d NAME DOUT;
 //! mha [NAME] heads=H [causal=false]; attention NAME heads=H [causal=false]
+//! untokens [NAME] h=H w=W; mul_param [NAME] PARAM [init=1e-6]  # ConvNeXt
 //!                                    # sequences: see `seq`
 //! NAME = OP(INPUT, ...) [ARGS]   # explicit edges: any layer above by
 //!                                # its keyword, add(A, B, ...),
@@ -53,6 +54,7 @@
 
 mod blocks;
 mod channels;
+mod channels_last;
 mod edges;
 mod seq;
 mod windows;
@@ -103,6 +105,8 @@ pub const KEYWORDS: &[&str] = &[
     "conv1d",
     "mha",
     "attention",
+    "untokens",
+    "mul_param",
 ];
 
 /// The `key=value` options each keyword takes.

@@ -237,6 +237,17 @@ pub enum Op {
     },
     /// Image [C, H, W] -> sequence [H·W, C].
     Tokens,
+    /// Sequence [H·W, C] -> image [C, H, W], the inverse of `Tokens`
+    /// (ConvNeXt's permute(0, 3, 1, 2) after its channels-last layers).
+    Untokens {
+        h: usize,
+        w: usize,
+    },
+    /// y = x·P of an image [C, H, W] and a raw parameter P [C, 1, 1]
+    /// broadcast over the batch and H, W (ConvNeXt's `layer_scale`).
+    MulParam {
+        param: usize,
+    },
     /// Token `index` of a sequence [T, D] -> flat [D].
     Select {
         index: usize,
@@ -299,6 +310,8 @@ impl Node {
             Op::AddParam { pos: false, .. } => "add_param",
             Op::ClsToken { .. } => "cls_token",
             Op::Tokens => "tokens",
+            Op::Untokens { .. } => "untokens",
+            Op::MulParam { .. } => "mul_param",
             Op::Select { .. } => "select",
             Op::LayerNorm { .. } => "layernorm",
             Op::SeqLinear {

@@ -94,3 +94,23 @@ pub fn plane_dot(a: &[f64], b: &[f64], hw: usize) -> Vec<f64> {
         .map(|(p, q)| p.iter().zip(q).map(|(x, y)| x * y).sum())
         .collect()
 }
+
+/// y = x·g of x [n, c, hw] and one factor per channel g [c], shared by
+/// the samples (ConvNeXt's layer scale).
+pub fn scale_channels(x: &[f64], g: &[f64], hw: usize) -> Vec<f64> {
+    let c = g.len();
+    x.iter()
+        .enumerate()
+        .map(|(i, v)| v * g[(i / hw) % c])
+        .collect()
+}
+
+/// Per channel of [n, c, hw], Σ a·b over the samples and the plane: the
+/// adjoint of [`scale_channels`]'s factor.
+pub fn channel_dot(a: &[f64], b: &[f64], c: usize, hw: usize) -> Vec<f64> {
+    let mut out = vec![0.0; c];
+    for (pl, (p, q)) in a.chunks(hw).zip(b.chunks(hw)).enumerate() {
+        out[pl % c] += p.iter().zip(q).map(|(x, y)| x * y).sum::<f64>();
+    }
+    out
+}

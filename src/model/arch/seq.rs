@@ -28,6 +28,8 @@ pub(super) const SEQ_KEYWORDS: &[&str] = &[
     "conv1d",
     "mha",
     "attention",
+    "untokens",
+    "mul_param",
 ];
 
 /// Their options.
@@ -36,6 +38,8 @@ pub(super) fn seq_options(kw: &str) -> Option<&'static [&'static str]> {
         "select" => &["index"],
         "layernorm" => &["eps"],
         "mha" | "attention" => &["heads", "causal"],
+        "untokens" => &["h", "w"],
+        "mul_param" => &["init"],
         "embedding" | "pos_embedding" | "add_param" | "cls_token" | "tokens" | "conv1d" => &[],
         _ => return None,
     })
@@ -314,6 +318,22 @@ impl Parser<'_> {
                     false,
                 )
             }
+            "untokens" => {
+                let name = match pos {
+                    [] => String::new(),
+                    [n] => self.full_name(&module(n)?),
+                    _ => return Err(usage("untokens [NAME] h=H w=W")),
+                };
+                self.untokens(name, kv)
+            }
+            "mul_param" => {
+                let (n, param) = match pos {
+                    [p] => (String::new(), module(p)?),
+                    [n, p] => (self.full_name(&module(n)?), module(p)?),
+                    _ => return Err(usage("mul_param [NAME] PARAM [init=1e-6]")),
+                };
+                self.mul_param(n, param, kv)
+            }
             "select" => {
                 let name = match pos {
                     [] => String::new(),
@@ -493,6 +513,9 @@ impl Parser<'_> {
 /// The explicit-form arguments of a sequence layer (empty for others).
 pub(super) fn seq_args(model: &Model, node: &Node) -> String {
     let pname = |i: usize| model.params[i].name.as_str();
+    if let Some(a) = super::channels_last::channels_last_args(model, node) {
+        return a;
+    }
     match node.op {
         Op::Embedding { vocab, dim, .. } => format!(" {vocab} {dim}"),
         Op::AddParam { param, pos: true } => format!(" {}", model.params[param].shape[0]),
