@@ -59,6 +59,7 @@ fn reference(problem: &Problem, v: &[f64]) -> Ref {
         mask: None,
         argmax: None,
         pieces: None,
+        sync: None,
     };
     let nodes = &pr.model.nodes;
     let mut vals = vec![pr.data.x.iter().map(|&x| x as f64).collect::<Vec<f64>>()];

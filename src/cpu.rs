@@ -8,6 +8,7 @@ use crate::engine::{check_out_len, BnMode, Curvature, Problem};
 use crate::error::{Error, Result};
 use crate::layers::{self, next_token, CpuCx, Decision, Saved};
 use crate::model::{Activation, Op};
+use crate::ops::bn::AllSum;
 use std::sync::Mutex;
 
 pub mod profile;
@@ -153,6 +154,7 @@ impl CpuReference {
             mask,
             argmax,
             pieces,
+            sync: None,
         }
     }
 
@@ -181,6 +183,7 @@ impl CpuReference {
                 v,
                 &mut grad,
                 hv.as_deref_mut(),
+                None,
             );
             total += l;
         }
@@ -281,6 +284,18 @@ impl CpuReference {
         start: usize,
         count: usize,
     ) -> (Vec<Vec<f64>>, Vec<Saved>) {
+        self.forward_with(bi, start, count, None)
+    }
+
+    /// [`CpuReference::forward`], batch norm's sums over workers with
+    /// `sync` (`CpuCx::sync`).
+    fn forward_with(
+        &self,
+        bi: Option<usize>,
+        start: usize,
+        count: usize,
+        sync: Option<AllSum>,
+    ) -> (Vec<Vec<f64>>, Vec<Saved>) {
         let pr = &self.problem;
         let d = pr.model.input.numel();
         let mut vals: Vec<Vec<f64>> = Vec::with_capacity(pr.model.nodes.len() + 1);
@@ -311,7 +326,8 @@ impl CpuReference {
                     _ => (None, None),
                 },
             };
-            let cx = self.cx(count, mask, argmax, pieces);
+            let mut cx = self.cx(count, mask, argmax, pieces);
+            cx.sync = sync;
             let xs: Vec<&[f64]> = node.inputs.iter().map(|&i| vals[i].as_slice()).collect();
             let (y, s) = layers::unit(&node.op).forward(&cx, node, &xs);
             vals.push(y);
@@ -358,8 +374,36 @@ impl CpuReference {
     /// gradient, and every batch-norm node's batch moments (batch mode
     /// only; empty in running mode). Forced decisions are not applied.
     pub fn batch_step(&self, start: usize, count: usize) -> Result<BatchStep> {
+        let st = self.batch_step_part(start, count, count, None)?;
+        if !st.loss.is_finite() {
+            return Err(Error::Numerical(format!(
+                "the loss of samples {start}..{} is {}: the weights or data overflow in float64",
+                start + count,
+                st.loss
+            )));
+        }
+        Ok(st)
+    }
+
+    /// One worker's part of a mini-batch of `total` samples spread over
+    /// workers (data-parallel training, `crate::multi::train`): samples
+    /// `start..start + count` are this worker's. The loss is this worker's
+    /// Σℓ/total and the gradient its derivative, so the workers' parts sum
+    /// to the mini-batch's mean loss and its gradient; batch norm
+    /// normalises by the whole mini-batch's statistics, its per-channel
+    /// sums summed over the workers by `sync` (None: the whole mini-batch
+    /// is here, `count == total`), and the moments returned are the whole
+    /// mini-batch's. The loss is not checked here (a non-finite part is
+    /// seen in the sum by every worker alike).
+    pub fn batch_step_part(
+        &self,
+        start: usize,
+        count: usize,
+        total: usize,
+        sync: Option<AllSum>,
+    ) -> Result<BatchStep> {
         let pr = &self.problem;
-        if count == 0 || start + count > pr.data.len() {
+        if count == 0 || count > total || start + count > pr.data.len() {
             return Err(Error::Invalid {
                 what: "batch size",
                 msg: format!(
@@ -374,17 +418,12 @@ impl CpuReference {
             None,
             start,
             count,
-            1.0 / count as f64,
+            1.0 / total as f64,
             None,
             &mut grad,
             None,
+            sync,
         );
-        if !loss.is_finite() {
-            return Err(Error::Numerical(format!(
-                "the loss of samples {start}..{} is {loss}: the weights or data overflow in float64",
-                start + count
-            )));
-        }
         let bn = pr
             .model
             .nodes
@@ -400,7 +439,7 @@ impl CpuReference {
                     node: ni,
                     running_mean,
                     running_var,
-                    count: count * n.in_shape.spatial(),
+                    count: total * n.in_shape.spatial(),
                     mean: mean.to_vec(),
                     var: var.to_vec(),
                 }),
@@ -423,11 +462,13 @@ impl CpuReference {
         v: Option<&[f64]>,
         grad: &mut [f64],
         mut hv: Option<&mut [f64]>,
+        sync: Option<AllSum>,
     ) -> (f64, Vec<Saved>) {
         let pr = &self.problem;
         let nodes = &pr.model.nodes;
-        let cx = self.cx(count, None, None, None);
-        let (vals, mut saved) = self.forward(bi, start, count);
+        let mut cx = self.cx(count, None, None, None);
+        cx.sync = sync;
+        let (vals, mut saved) = self.forward_with(bi, start, count, sync);
 
         // R-forward: the directional derivative of every value along v.
         let mut dvals: Vec<Vec<f64>> = Vec::new();

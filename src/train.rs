@@ -108,6 +108,10 @@ pub struct Trainer {
     /// The state_dict is saved as float32: every step also checks that θ
     /// and the running buffers stay finite in float32.
     pub f32_saved: bool,
+    /// Data-parallel steps ([`Trainer::set_workers`]).
+    workers: Option<crate::multi::train::Workers>,
+    /// Data-parallel steps on GPU adapters ([`Trainer::set_gpu_workers`]).
+    gpu_workers: Option<crate::multi::train_gpu::GpuWorkers>,
 }
 
 impl Trainer {
@@ -137,7 +141,79 @@ impl Trainer {
             gpu_ahead: false,
             htr_engines: HashMap::new(),
             f32_saved: false,
+            workers: None,
+            gpu_workers: None,
         })
+    }
+
+    /// Spread every mini-batch over `workers` from now on
+    /// ([`crate::multi::train`]: batch norm synchronised, the gradients
+    /// summed, one step; the float64 reference only). `flag` names the
+    /// setting in errors (e.g. `--devices cpu,cpu`). Refused with a GPU
+    /// trainer, with the Hessian-trace regulariser, and where a mini-batch
+    /// has fewer samples than there are workers.
+    pub fn set_workers(&mut self, workers: crate::multi::train::Workers, flag: &str) -> Result<()> {
+        let refuse = |msg: &str| Error::Argument {
+            flag: flag.into(),
+            msg: msg.into(),
+        };
+        if self.gpu.is_some() || self.gpu_workers.is_some() {
+            return Err(refuse(
+                "data-parallel training runs on the float64 CPU engine (cpu); the GPU \
+                 trainer runs on one adapter",
+            ));
+        }
+        if self.htr.is_some() {
+            return Err(refuse(
+                "the Hessian-trace regulariser (--htr) trains on one worker; data-parallel \
+                 training takes plain SGD steps",
+            ));
+        }
+        let batches = self.data.batches(self.cpu.problem.batch);
+        workers.check(&batches, self.cpu.problem.batch, flag)?;
+        self.workers = Some(workers);
+        Ok(())
+    }
+
+    /// Spread every mini-batch over GPU adapters from now on
+    /// ([`crate::multi::train_gpu`]: float32 loss and gradient of each
+    /// part, summed in float64, the step on the host in float64). Refused
+    /// for a model with batch norm (naming the layer), with the GPU
+    /// trainer, with the regulariser, and where a mini-batch has fewer
+    /// samples than there are adapters.
+    pub fn set_gpu_workers(
+        &mut self,
+        devices: &[crate::multi::DeviceSpec],
+        flag: &str,
+    ) -> Result<()> {
+        if self.gpu.is_some() || self.workers.is_some() || self.htr.is_some() {
+            return Err(Error::Argument {
+                flag: flag.into(),
+                msg: "GPU adapters train data-parallel alone: not beside the GPU trainer, \
+                      float64 workers or the Hessian-trace regulariser (--htr)"
+                    .into(),
+            });
+        }
+        crate::multi::train_gpu::check_model(self.model(), flag)?;
+        let batches = self.data.batches(self.cpu.problem.batch);
+        crate::multi::train::Workers::Threads(devices.len()).check(
+            &batches,
+            self.cpu.problem.batch,
+            flag,
+        )?;
+        let w = crate::multi::train_gpu::GpuWorkers::open(
+            self.model(),
+            self.weights(),
+            self.data.shape,
+            devices,
+        )?;
+        self.gpu_workers = Some(w);
+        Ok(())
+    }
+
+    /// The data-parallel workers, if any.
+    pub fn workers(&self) -> Option<crate::multi::train::Workers> {
+        self.workers
     }
 
     /// Run the steps on a GPU from now on (after [`Trainer::restore`], or
@@ -148,6 +224,12 @@ impl Trainer {
     /// with float32 products ([`Steps::for_f32`]) on an engine sharing the
     /// device, and adds it to the gradient on the device.
     pub fn use_gpu(&mut self, ctx: crate::gpu::GpuContext) -> Result<()> {
+        if self.workers.is_some() || self.gpu_workers.is_some() {
+            return Err(invalid(
+                "backend",
+                "the GPU trainer runs on one adapter, not beside data-parallel workers",
+            ));
+        }
         self.htr_engines.clear();
         let max_count = self.cpu.problem.batch.min(self.data.len()).max(1);
         let g = crate::gpu::trainer::GpuTrainer::new(
@@ -183,6 +265,12 @@ impl Trainer {
     /// Turn the Hessian-trace regulariser on (or off with None).
     pub fn set_htr(&mut self, htr: Option<Htr>) -> Result<()> {
         self.htr = match htr {
+            Some(_) if self.workers.is_some() || self.gpu_workers.is_some() => {
+                return Err(invalid(
+                    "htr",
+                    "the Hessian-trace regulariser trains on one worker, not data-parallel",
+                ))
+            }
             Some(h) => {
                 let set = h.check(self.model())?;
                 Some((h, set))
@@ -259,7 +347,25 @@ impl Trainer {
     /// estimate and its gradient over the same mini-batch (the probes of
     /// [`htr_probes`] for this epoch and step).
     pub fn gradient(&self, start: usize, count: usize) -> Result<StepGradient> {
-        let st = self.cpu.batch_step(start, count)?;
+        let st = match (&self.workers, &self.gpu_workers) {
+            (Some(w), _) => crate::multi::train::step(&self.cpu, w, start, count)?,
+            (None, Some(g)) => {
+                let pr = &self.cpu.problem;
+                let (loss, grad) = g.loss_grad(&pr.data, start, count, &pr.weights.theta)?;
+                if !loss.is_finite() {
+                    return Err(Error::Numerical(format!(
+                        "the loss of samples {start}..{} is {loss} on the GPU workers",
+                        start + count
+                    )));
+                }
+                crate::cpu::BatchStep {
+                    loss,
+                    grad,
+                    bn: vec![],
+                }
+            }
+            (None, None) => self.cpu.batch_step(start, count)?,
+        };
         let htr = match &self.htr {
             Some((h, set)) if h.active(self.epoch, self.steps) => {
                 let pr = &self.cpu.problem;

@@ -175,23 +175,132 @@ fn a_failing_rank_ends_every_rank_with_its_message() {
     assert!(t.elapsed().as_secs() < 60, "no hang");
     assert!(!out.exists(), "no output after a failure");
     // A command that runs in one process only: refused on every rank.
-    let (ok, _, err) = run(
-        Some(2),
-        &[
-            "train".into(),
-            "--epochs".into(),
-            "1".into(),
-            "--lr".into(),
-            "0.1".into(),
-            "--out".into(),
-            dir.path().join("t").to_str().unwrap().into(),
-        ],
-    );
+    let (ok, _, err) = run(Some(2), &["selftest".into()]);
     assert!(!ok);
     assert!(
         err.contains("runs in one process, not over 2 MPI ranks"),
         "{err}"
     );
+}
+
+/// Data-parallel `train` (issue 28 item 3; tests/train_parallel.rs for
+/// the method): cnn-tiny, 23 samples in mini-batches of 5 (each split
+/// 2 + 3 over the ranks, the last 1 + 2), momentum and weight decay,
+/// shuffled, 3 epochs.
+fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let fx = fixtures_dir().join("cnn-tiny");
+    let mut a: Vec<String> = [
+        "train",
+        "--model",
+        "cnn-tiny",
+        "--weights",
+        fx.join("weights.safetensors").to_str().unwrap(),
+        "--data",
+        fx.join("data.safetensors").to_str().unwrap(),
+        "--samples",
+        "23",
+        "--batch",
+        "5",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.05",
+        "--momentum",
+        "0.9",
+        "--weight-decay",
+        "5e-4",
+        "--milestones",
+        "2",
+        "--seed",
+        "7",
+        "--dtype",
+        "f64",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// `mpirun -n 2 hesscope train --backend cpu` against `--devices cpu,cpu`
+/// in one process: the same parts summed in the same order (worker order
+/// from zero, `multi::train`), so the same bits; against one worker within
+/// tests/train_parallel.rs's 1e-12 (float64 rounding of the split sums;
+/// unsynchronised batch norm errs by > 1e-3). Only rank 0 writes: a
+/// second writer would find the run folder locked and fail, and only one
+/// JSON line reaches stdout.
+#[test]
+fn train_over_two_ranks_equals_two_threads_and_one_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mpi, threads, one) = (
+        dir.path().join("mpi"),
+        dir.path().join("threads"),
+        dir.path().join("one"),
+    );
+    let (ok, so, err) = run(Some(2), &train_args(&mpi, &["--backend", "cpu"]));
+    assert!(ok, "{err}");
+    assert_eq!(so.trim().lines().count(), 1, "{so}");
+    let (ok, _, err) = run(None, &train_args(&threads, &["--devices", "cpu,cpu"]));
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(None, &train_args(&one, &["--backend", "cpu"]));
+    assert!(ok, "{err}");
+    for f in ["final.safetensors", "final.optim.safetensors"] {
+        assert!(
+            std::fs::read(mpi.join(f)).unwrap() == std::fs::read(threads.join(f)).unwrap(),
+            "{f}: 2 ranks and 2 threads differ"
+        );
+    }
+    let losses = |d: &Path| f64s(&json(d.join("trajectory.json"))["step_losses"]);
+    assert_eq!(losses(&mpi).len(), 15);
+    let e = rel_err(&losses(&mpi), &losses(&one));
+    eprintln!("train over 2 ranks against one worker: step losses {e:.2e}");
+    assert!(e <= F64_TOL, "{e:.3e}");
+    // θ and the running buffers, by name (BTreeMap order).
+    let state = |d: &Path| -> Vec<f64> {
+        hesscope::model::tensorio::read(&d.join("final.safetensors"))
+            .unwrap()
+            .into_values()
+            .flat_map(|t| t.data)
+            .collect()
+    };
+    let e = rel_err(&state(&mpi), &state(&one));
+    eprintln!("train over 2 ranks against one worker: final state {e:.2e}");
+    assert!(e <= F64_TOL, "{e:.3e}");
+}
+
+/// A rank failing its step ends both ranks with that rank's message
+/// (agreed before the step's collectives), promptly, writing no final
+/// state.
+#[test]
+fn a_failing_training_rank_ends_both_with_its_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let t = std::time::Instant::now();
+    let o = Command::new("mpirun")
+        .args([
+            "--oversubscribe",
+            "-n",
+            "2",
+            "-x",
+            "HESSCOPE_TEST_FAIL_TRAIN_RANK=1",
+            env!("CARGO_BIN_EXE_hesscope"),
+        ])
+        .args(train_args(&out, &["--backend", "cpu"]))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("MPI rank 1") && err.contains("injected failure"),
+        "{err}"
+    );
+    assert!(t.elapsed().as_secs() < 60, "no hang");
+    assert!(!out.join("final.safetensors").exists());
 }
 
 /// `mpirun -n 2 --devices vulkan:0,gl:0` (rank 0 on lavapipe, rank 1 on

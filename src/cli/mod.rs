@@ -16,6 +16,7 @@ mod trace_grad_cmd;
 mod train_cmd;
 mod train_guard;
 mod train_measures;
+mod train_parallel;
 mod train_plots;
 
 use anyhow::{bail, Context, Result};
@@ -198,8 +199,8 @@ fn inputs_of(c: &Command) -> Option<&Inputs> {
     })
 }
 
-/// `--devices` and MPI ranks serve the commands that sweep data; the
-/// others are refused with them (train: one engine per run as yet).
+/// `--devices` and MPI ranks serve the commands that sweep data and
+/// `train` (data-parallel); the others are refused with them.
 fn parallel_scope(c: &Command) -> Result<()> {
     let (name, sweeps) = match c {
         Command::Grad { .. } => ("grad", true),
@@ -211,7 +212,8 @@ fn parallel_scope(c: &Command) -> Result<()> {
         Command::Exact(_) => ("exact", true),
         Command::Layers(_) => ("layers", true),
         Command::Papyan(_) => ("papyan", true),
-        Command::Train(_) => ("train", false),
+        // Data-parallel (`train_parallel`): each mini-batch split.
+        Command::Train(_) => ("train", true),
         Command::Bench { .. } => ("bench", false),
         Command::Selftest(_) => ("selftest", false),
         // Deterministic from the seed: every rank computes the same,

@@ -373,6 +373,12 @@ fn run_settings(a: &TrainArgs, tr: &Trainer) -> hesscope::report::Settings {
         s.backend = ctx.info.backend.clone();
         s.adapter = ctx.info.name.clone();
     }
+    // Data-parallel: the workers, as the sweeping commands name them.
+    match (hesscope::multi::world().1, &a.inputs.devices) {
+        (r, _) if r > 1 => s.backend = format!("mpi:{r}xcpu"),
+        (_, Some(list)) => s.backend = list.clone(),
+        _ => {}
+    }
     s
 }
 
@@ -419,7 +425,12 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     let f64_out = a.dtype == SaveDtype::F64;
     let dtype = if f64_out { "F64" } else { "F32" };
     let t0 = Instant::now();
-    let device = train_device(&a)?;
+    // Data-parallel workers run on the float64 engine: no GPU trainer.
+    let workers = super::train_parallel::workers(&a)?;
+    let device = match workers {
+        Some(_) => None,
+        None => train_device(&a)?,
+    };
     let (model, mut weights) = a.inputs.model_and_weights()?;
     LayerSet::parse(&model, &a.htr.htr_layers)
         .map_err(|e| anyhow!("invalid --htr-layers: {}", strip_invalid(&e)))?;
@@ -462,7 +473,12 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         }
     }
     // The folder is ours (locked, no other run's files) before any work.
-    let _held = train_guard::claim(&out, a.resume.is_some(), a.overwrite)?;
+    // (Rank 0's only, under MPI: it alone writes.)
+    let root = hesscope::multi::is_root();
+    let _held = match root {
+        true => Some(train_guard::claim(&out, a.resume.is_some(), a.overwrite)?),
+        false => None,
+    };
     let (model_sha256, data_sha256) = run_identity(&model, &data);
     let run_measures = RunMeasures {
         spectrum_every: a.spectrum.spectrum_every,
@@ -517,6 +533,11 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     tr.augment = augment;
     tr.f32_saved = !f64_out;
     tr.set_htr(htr.clone())?;
+    if let Some((w, flag)) = workers {
+        // The same arguments on every rank: a refusal is agreed.
+        w.apply(&mut tr, &flag)
+            .inspect_err(|_| hesscope::multi::mark_agreed())?;
+    }
     if let Some(ctx) = device {
         tr.use_gpu(ctx).context("building the GPU trainer")?;
     }
@@ -669,6 +690,10 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
             curvature,
         };
         let stem = format!("epoch-{done}");
+        if !root {
+            step_losses.extend(r.losses);
+            continue;
+        }
         let (_, json) = save_checkpoint(
             &tr,
             &ckdir,
@@ -699,6 +724,9 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
         if !a.inputs.json {
             say.line(describe_epoch(&rec));
         }
+    }
+    if !root {
+        return Ok(());
     }
     let (fin, _) = save_checkpoint(
         &tr,

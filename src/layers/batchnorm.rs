@@ -96,6 +96,9 @@ struct BnSaved {
     /// Batch mode: the batch's per-channel mean and biased variance, which
     /// training folds into the running buffers ([`batch_moments`]).
     moments: Option<(Vec<f64>, Vec<f64>)>,
+    /// Elements per channel of the whole batch (over every worker where
+    /// `CpuCx::sync` spread it).
+    count: f64,
     xhat: Vec<f64>,
     r: Option<(Vec<f64>, Vec<f64>)>,
 }
@@ -132,8 +135,16 @@ impl Layer for BatchNormUnit {
     fn forward(&self, cx: &CpuCx, node: &Node, xs: &[&[f64]]) -> (Vec<f64>, Saved) {
         let b = of(node);
         let g = geom(cx, node);
+        let mut count = g.n as f64 * g.hw as f64;
         let (mean, s, moments) = if cx.batch_mode {
-            let (mean, var) = bn::batch_moments(&g, xs[0]);
+            let (mean, var) = match cx.sync {
+                Some(all_sum) => {
+                    let (mean, var, m) = bn::batch_moments_synced(&g, xs[0], all_sum);
+                    count = m;
+                    (mean, var)
+                }
+                None => bn::batch_moments(&g, xs[0]),
+            };
             let s = bn::scales_eps(&var, b.eps);
             (mean.clone(), s, Some((mean, var)))
         } else {
@@ -157,6 +168,7 @@ impl Layer for BatchNormUnit {
             Box::new(BnSaved {
                 s,
                 moments,
+                count,
                 xhat,
                 r: None,
             }),
@@ -203,7 +215,13 @@ impl Layer for BatchNormUnit {
         let b = of(node);
         let st: &BnSaved = saved(sv, node);
         let gm = cx.param(cx.theta, b.gamma);
-        let (gx, dg, db) = bn::backward(&geom(cx, node), cx.batch_mode, gy, &st.xhat, &st.s, gm);
+        let g = geom(cx, node);
+        let (gx, dg, db) = match cx.sync {
+            Some(all_sum) if cx.batch_mode => {
+                bn::backward_synced(&g, gy, &st.xhat, &st.s, gm, st.count, all_sum)
+            }
+            _ => bn::backward(&g, cx.batch_mode, gy, &st.xhat, &st.s, gm),
+        };
         add_into(cx.param_mut(grad, b.gamma), &dg);
         add_into(cx.param_mut(grad, b.beta), &db);
         vec![gx]

@@ -71,6 +71,12 @@ pub struct CpuCx<'a> {
     /// the input's own: the activation then computes that piece's
     /// polynomial at the input (frozen [`Decision`]s).
     pub pieces: Option<&'a [u8]>,
+    /// Data-parallel training (issue 28): the batch's samples are spread
+    /// over workers and batch norm's per-channel sums are summed over them
+    /// with this (`crate::ops::bn::AllSum`), as PyTorch's SyncBatchNorm.
+    /// Only the forward and backward passes take it (training needs no
+    /// R-passes); None: the batch is all here.
+    pub sync: Option<crate::ops::bn::AllSum<'a>>,
 }
 
 /// The piecewise choice a node made in one batch's forward pass: which

@@ -26,6 +26,8 @@ use std::sync::OnceLock;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod train;
+pub mod train_gpu;
 
 pub use local::MultiEngine;
 

@@ -495,3 +495,63 @@ impl HoldsDecisions for MpiEngine {
         self.agree(r, &self.device())
     }
 }
+
+/// Every rank's `part` (the same length on every rank) summed in rank
+/// order, the same bits on every rank: gathered chunk by chunk (each
+/// rank's share of a chunk below 2^31 elements) and added from zero
+/// (`super::train::sum_gathered`), so that a run over MPI ranks and one
+/// over threads agree bit for bit. For data-parallel training, whose
+/// collectives all run on the calling thread.
+pub fn world_all_sum(part: &[f64]) -> Vec<f64> {
+    let world = SimpleCommunicator::world();
+    let size = world.size() as usize;
+    let mut out = Vec::with_capacity(part.len());
+    let per = (CHUNK / size.max(1)).max(1);
+    for c in part.chunks(per) {
+        let mut all = vec![0.0; c.len() * size];
+        world.all_gather_into(c, &mut all[..]);
+        out.extend(super::train::sum_gathered(&all, c.len()));
+    }
+    out
+}
+
+/// Ok on every rank where every rank's `local` is Ok; else the lowest
+/// failing rank's error, on every rank (marked agreed: each ends normally).
+pub fn world_agree(local: Result<()>) -> Result<()> {
+    let world = SimpleCommunicator::world();
+    let (rank, size) = (world.rank() as usize, world.size() as usize);
+    let code = (if local.is_err() { rank } else { size }) as u64;
+    let mut first = 0u64;
+    world.all_reduce_into(&code, &mut first, SystemOperation::min());
+    let first = first as usize;
+    if first == size {
+        return Ok(());
+    }
+    let mut msg = match &local {
+        Err(e) if rank == first => e.to_string().into_bytes(),
+        _ => vec![],
+    };
+    let root = world.process_at_rank(first as i32);
+    let mut len = msg.len() as u64;
+    root.broadcast_into(&mut len);
+    msg.resize(len as usize, 0);
+    for c in msg.chunks_mut(CHUNK) {
+        root.broadcast_into(c);
+    }
+    super::mark_agreed();
+    Err(Error::Worker {
+        worker: format!("MPI rank {first}"),
+        msg: String::from_utf8_lossy(&msg).into_owned(),
+    })
+}
+
+/// This rank's place among the ranks for data-parallel training.
+pub fn train_workers() -> super::train::Workers {
+    let (rank, size) = super::world();
+    super::train::Workers::Ranks {
+        rank,
+        size,
+        all_sum: world_all_sum,
+        agree: world_agree,
+    }
+}

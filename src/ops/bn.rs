@@ -225,3 +225,49 @@ pub fn r_backward(
     }
     (rgx, r_dgamma, r_dbeta)
 }
+
+/// A batch's per-channel sums over several workers (SyncBatchNorm): each
+/// worker holds some of the batch's samples and `all_sum` returns the sum
+/// of every worker's `part` (the same bits on every worker).
+pub type AllSum<'a> = &'a (dyn Fn(&[f64]) -> Vec<f64> + Sync);
+
+/// [`batch_moments`] of a batch whose samples are spread over workers
+/// (this worker's `x` in `g`): the per-channel Σx and the element count
+/// are summed over the workers, then Σ(x − μ)² about the whole batch's
+/// mean — the same two rounds as one worker's. Returns (mean, biased
+/// variance, the batch's elements per channel).
+pub fn batch_moments_synced(g: &BnGeom, x: &[f64], all_sum: AllSum) -> (Vec<f64>, Vec<f64>, f64) {
+    let mut part = g.channel_sums(|i, _| x[i]);
+    part.push(g.count());
+    let mut sums = all_sum(&part);
+    let m = sums.pop().unwrap_or(0.0);
+    let mean: Vec<f64> = sums.iter().map(|s| s / m).collect();
+    let dev = g.channel_sums(|i, c| (x[i] - mean[c]).powi(2));
+    let var = all_sum(&dev).into_iter().map(|v| v / m).collect();
+    (mean, var, m)
+}
+
+/// [`backward`] in batch mode over workers: γ's and β's gradients are this
+/// worker's own sums (the workers' gradients are summed later), while the
+/// input gradient takes the whole batch's Σgy and Σgy·x̂ over its `m`
+/// elements per channel.
+pub fn backward_synced(
+    g: &BnGeom,
+    gy: &[f64],
+    xhat: &[f64],
+    s: &[f64],
+    gamma: &[f64],
+    m: f64,
+    all_sum: AllSum,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let dgamma = g.channel_sums(|i, _| gy[i] * xhat[i]);
+    let dbeta = g.channel_sums(|i, _| gy[i]);
+    let part: Vec<f64> = dbeta.iter().chain(&dgamma).copied().collect();
+    let total = all_sum(&part);
+    let (tb, tg) = total.split_at(g.c);
+    let mut gx = vec![0.0; gy.len()];
+    g.each(&mut gx, |i, c| {
+        s[c] * gamma[c] * (gy[i] - tb[c] / m - xhat[i] * tg[c] / m)
+    });
+    (gx, dgamma, dbeta)
+}

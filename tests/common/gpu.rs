@@ -146,6 +146,7 @@ pub fn batch_cx<'a>(model: &'a Model, n: usize, theta: &'a [f64]) -> hesscope::l
         mask: None,
         argmax: None,
         pieces: None,
+        sync: None,
     }
 }
 

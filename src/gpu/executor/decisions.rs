@@ -323,5 +323,6 @@ fn cpu_cx<'a>(model: &'a Model, n: usize, theta: &'a [f64]) -> CpuCx<'a> {
         mask: None,
         argmax: None,
         pieces: None,
+        sync: None,
     }
 }
