@@ -20,6 +20,13 @@ struct ConvParams {
 override PAIR_B: bool = false;
 override BIAS: bool = false;
 override ACC: bool = false;
+// The reduction's channels [RED0, min(RED1, all)): input channels
+// (forward) or output channels (backward data). The whole by default; on
+// CPU emulators a reduction longer than llvmpipe's loop limit runs as
+// several dispatches, one chunk each, the first writing and the rest
+// adding (ACC) — src/layers/conv_split.rs.
+override RED0: u32 = 0u;
+override RED1: u32 = 4294967295u;
 
 const WG: u32 = 256u;
 
@@ -213,7 +220,7 @@ fn conv_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let kk = p.k * p.k;
     let wstride = p.cin * kk;
     var acc: Acc8;
-    for (var ci = 0u; ci < p.cin; ci++) {
+    for (var ci = RED0; ci < min(p.cin, RED1); ci++) {
         let xbase = (n * p.cin + ci) * p.h * p.w;
         for (var ky = 0u; ky < p.k; ky++) {
             let iy = i32(oy * p.stride + ky) - i32(p.pad);
@@ -249,7 +256,7 @@ fn conv_forward_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
     let wstride = p.cin * 9u;
     let lo = vec4<i32>(COLS) + vec4<i32>(i32(ox0) - i32(p.pad));
     var acc: Acc8;
-    for (var ci = 0u; ci < p.cin; ci++) {
+    for (var ci = RED0; ci < min(p.cin, RED1); ci++) {
         let xbase = (n * p.cin + ci) * p.h * p.w;
         for (var ky = 0u; ky < 3u; ky++) {
             let iy = i32(oy + ky) - i32(p.pad);
@@ -316,7 +323,7 @@ fn conv_backward_data(@builtin(workgroup_id) wid: vec3<u32>,
             let tx = vec4<i32>(ix + vec4<u32>(p.pad)) - vec4<i32>(i32(kx));
             let ox = select(vec4<i32>(-1), tx / vec4<i32>(i32(s)), tx >= vec4<i32>(0));
             let tap = ky * p.k + kx;
-            for (var co = 0u; co < p.cout; co++) {
+            for (var co = RED0; co < min(p.cout, RED1); co++) {
                 let grow = ((n * p.cout + co) * p.oh + oyc) * p.ow;
                 let wbase = (co * p.cin + ci0) * kk + tap;
                 acc = taps8_a(acc, ci0, p.cin, p.wa_off + wbase, kk, row4_a(grow, ox, p.ow, row_ok));
@@ -348,7 +355,7 @@ fn conv_backward_data_k3s1(@builtin(workgroup_id) wid: vec3<u32>,
     let lo = vec4<i32>(COLS) + vec4<i32>(i32(ix0 + p.pad) - 2);
     let hi = lo + vec4<i32>(4);
     var acc: Acc8;
-    for (var co = 0u; co < p.cout; co++) {
+    for (var co = RED0; co < min(p.cout, RED1); co++) {
         for (var ky = 0u; ky < 3u; ky++) {
             let oy = i32(iy + p.pad) - i32(ky);
             let row_ok = vec4<bool>(oy >= 0 && oy < i32(p.oh));

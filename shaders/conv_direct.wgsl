@@ -33,6 +33,10 @@ override DIL: u32 = 1u;
 // Weights stored transposed, [cin, cout] (k = 1, groups = 1 only):
 // Hugging Face's Conv1D run as a 1×1 conv over samples · tokens rows.
 override WT: bool = false;
+// The reduction's channels of the group [RED0, min(RED1, all)), as in
+// conv.wgsl: the whole by default, a chunk per dispatch on CPU emulators.
+override RED0: u32 = 0u;
+override RED1: u32 = 4294967295u;
 
 const WG: u32 = 256u;
 
@@ -120,7 +124,7 @@ fn conv_direct_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let ci0 = (co / (p.cout / groups())) * cig;
     let kk = p.k * p.k;
     var acc = 0.0;
-    for (var c = 0u; c < cig; c++) {
+    for (var c = RED0; c < min(cig, RED1); c++) {
         let xbase = (n * p.cin + ci0 + c) * p.h * p.w;
         for (var ky = 0u; ky < p.k; ky++) {
             let iy = i32(oy * p.stride + ky * DIL) - i32(p.pad);
@@ -177,7 +181,7 @@ fn conv_direct_backward_data(@builtin(workgroup_id) wid: vec3<u32>,
             let ox = u32(tx) / p.stride;
             if (ox * p.stride != u32(tx) || ox >= p.ow) { continue; }
             let tap = ky * p.k + kx;
-            for (var c = 0u; c < cog; c++) {
+            for (var c = RED0; c < min(cog, RED1); c++) {
                 let co = co0 + c;
                 let gi = ((n * p.cout + co) * p.oh + oy) * p.ow + ox;
                 let wi = widx(co, cl, cig, kk, tap);

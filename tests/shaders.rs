@@ -128,6 +128,10 @@ fn override_values(name: &str) -> Vec<f64> {
         "TM" => vec![16.0, 64.0],
         "TN" => vec![4.0, 64.0],
         "TK" => vec![1.0, 16.0],
+        // A split reduction's chunk [RED0, RED1) (src/layers/conv_split.rs):
+        // the whole (0, u32::MAX, the defaults) and an inner chunk.
+        "RED0" => vec![0.0, 8.0],
+        "RED1" => vec![12.0, 4294967295.0],
         _ => vec![0.0, 1.0],
     }
 }

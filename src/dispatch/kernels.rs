@@ -98,16 +98,23 @@ pub fn conv_half_windowed_source() -> &'static str {
 /// Pipeline-overridable constants a step specialises its kernel with
 /// (WGSL `override`), e.g. `ACC` (add into the output) or `ACT` (which
 /// activation): no dispatch computes or branches on a term that is absent.
-/// At most eight per kernel; part of the pipeline cache key.
+/// At most `MAX_CONSTS` per kernel; part of the pipeline cache key.
+/// The most override constants one kernel takes (conv_direct.wgsl's
+/// forward: PAIR_B, BIAS, ACC, RED0, RED1, DIL, WT, KB, KMAX).
+pub const MAX_CONSTS: usize = 10;
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Consts {
-    items: [(&'static str, u32); 8],
+    items: [(&'static str, u32); MAX_CONSTS],
     len: u8,
 }
 
 impl Consts {
     pub fn new(items: &[(&'static str, u32)]) -> Consts {
-        assert!(items.len() <= 8, "at most eight override constants");
+        assert!(
+            items.len() <= MAX_CONSTS,
+            "at most {MAX_CONSTS} override constants"
+        );
         let mut c = Consts::default();
         c.items[..items.len()].copy_from_slice(items);
         c.len = items.len() as u8;
@@ -265,21 +272,21 @@ macro_rules! kernels {
 }
 
 kernels! {
-    ConvForward => Conv::"conv_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
-    ConvBackwardData => Conv::"conv_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
+    ConvForward => Conv::"conv_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "RED0", "RED1", "KB", "KMAX"];
+    ConvBackwardData => Conv::"conv_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "RED0", "RED1", "KB", "KMAX"];
     /// ConvForward and ConvBackwardData reading the weights through uniform
     /// windows (`WINDOW_FLOATS` of θ and v from a step's window offset).
-    ConvForwardWindowed => ConvWindowed::"conv_forward", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
-    ConvBackwardDataWindowed => ConvWindowed::"conv_backward_data", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
+    ConvForwardWindowed => ConvWindowed::"conv_forward", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "RED0", "RED1"];
+    ConvBackwardDataWindowed => ConvWindowed::"conv_backward_data", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "RED0", "RED1"];
     /// The four above for 3×3 taps at stride 1 (`conv_k3s1_applies`).
-    ConvForwardK3 => Conv::"conv_forward_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
-    ConvBackwardDataK3 => Conv::"conv_backward_data_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
-    ConvForwardK3Windowed => ConvWindowed::"conv_forward_k3s1", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
-    ConvBackwardDataK3Windowed => ConvWindowed::"conv_backward_data_k3s1", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC"];
-    ConvForwardHalfWindowed => ConvHalfWindowed::"conv_forward", [R, U, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
-    ConvBackwardDataHalfWindowed => ConvHalfWindowed::"conv_backward_data", [R, U, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
-    ConvForwardK3HalfWindowed => ConvHalfWindowed::"conv_forward_k3s1", [R, U, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
-    ConvBackwardDataK3HalfWindowed => ConvHalfWindowed::"conv_backward_data_k3s1", [R, U, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "KB", "KMAX"];
+    ConvForwardK3 => Conv::"conv_forward_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "RED0", "RED1", "KB", "KMAX"];
+    ConvBackwardDataK3 => Conv::"conv_backward_data_k3s1", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "RED0", "RED1", "KB", "KMAX"];
+    ConvForwardK3Windowed => ConvWindowed::"conv_forward_k3s1", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "RED0", "RED1"];
+    ConvBackwardDataK3Windowed => ConvWindowed::"conv_backward_data_k3s1", [R, U, R, U, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "RED0", "RED1"];
+    ConvForwardHalfWindowed => ConvHalfWindowed::"conv_forward", [R, U, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "RED0", "RED1", "KB", "KMAX"];
+    ConvBackwardDataHalfWindowed => ConvHalfWindowed::"conv_backward_data", [R, U, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "RED0", "RED1", "KB", "KMAX"];
+    ConvForwardK3HalfWindowed => ConvHalfWindowed::"conv_forward_k3s1", [R, U, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "RED0", "RED1", "KB", "KMAX"];
+    ConvBackwardDataK3HalfWindowed => ConvHalfWindowed::"conv_backward_data_k3s1", [R, U, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "RED0", "RED1", "KB", "KMAX"];
     ConvBackwardWeight => ConvWeight::"conv_backward_weight", [R, R, R, R, W], ConvParams, ["PAIR_B", "KB", "KMAX"];
     /// ConvBackwardWeight for 3×3, stride 1, output rows of a multiple of
     /// 4 columns (`conv_weight_k3_applies`).
@@ -296,8 +303,8 @@ kernels! {
     /// forward, backward data and the weight gradient's stage one, a
     /// thread per output, input element, and (chunk, weight); `DIL` the
     /// dilation.
-    ConvDirectForward => ConvDirect::"conv_direct_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "DIL", "WT", "KB", "KMAX"];
-    ConvDirectBackwardData => ConvDirect::"conv_direct_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "DIL", "WT", "KB", "KMAX"];
+    ConvDirectForward => ConvDirect::"conv_direct_forward", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "RED0", "RED1", "DIL", "WT", "KB", "KMAX"];
+    ConvDirectBackwardData => ConvDirect::"conv_direct_backward_data", [R, R, R, R, W], ConvParams, ["PAIR_B", "BIAS", "ACC", "RED0", "RED1", "DIL", "WT", "KB", "KMAX"];
     ConvDirectBackwardWeight => ConvDirect::"conv_direct_backward_weight", [R, R, R, R, W], ConvParams, ["PAIR_B", "DIL", "WT", "KB", "KMAX"];
     ChannelSums => Reduce::"channel_sums", [R, R, W], ReduceParams, ["HAS_B", "ACC", "STAGE", "KB", "KMAX"];
     BnParamSums => Reduce::"bn_param_sums", [R, R, W, R, R, W], ReduceParams, ["PAIR2", "STAGE", "KB", "KMAX"];
@@ -355,6 +362,10 @@ kernels! {
     AttnRBackwardCols => Attention::"attn_r_backward_cols", [R, R, R, R, R, R, R, W], AttnParams, ["WHICH", "ACC", "KB", "KMAX"];
     XentForwardBackward => Loss::"xent_forward_backward", [R, R, W, W, W], LossParams, [];
     XentRBackward => Loss::"xent_r_backward", [R, R, W], LossParams, ["KB", "KMAX"];
+    /// The two above with a workgroup per row (CPU emulators: a thread's
+    /// loops over a large vocabulary would pass llvmpipe's loop limit).
+    XentForwardBackwardRows => Loss::"xent_forward_backward_rows", [R, R, W, W, W], LossParams, [];
+    XentRBackwardRows => Loss::"xent_r_backward_rows", [R, R, W], LossParams, ["KB", "KMAX"];
     /// y = f(x) for the activation `ACT` (see `layers::activation`).
     ActForward => Activation::"act_forward", [R, W], ActParams, ["ACT"];
     ActRForward => Activation::"act_r_forward", [R, R, W], ActParams, ["ACT", "KB", "KMAX"];
@@ -408,10 +419,26 @@ impl Consts {
     }
     /// These constants and one more.
     pub fn with(mut self, name: &'static str, value: u32) -> Consts {
-        assert!((self.len as usize) < 8, "at most eight override constants");
+        assert!(
+            (self.len as usize) < MAX_CONSTS,
+            "at most {MAX_CONSTS} override constants"
+        );
         self.items[self.len as usize] = (name, value);
         self.len += 1;
         self
+    }
+    /// These constants with `name` set to `value` (replaced if present).
+    pub fn set(mut self, name: &'static str, value: u32) -> Consts {
+        match self.items[..self.len as usize]
+            .iter_mut()
+            .find(|p| p.0 == name)
+        {
+            Some(p) => {
+                p.1 = value;
+                self
+            }
+            None => self.with(name, value),
+        }
     }
     /// Just `ACC` (add into the output).
     pub fn acc(acc: bool) -> Consts {
@@ -556,6 +583,23 @@ pub fn conv_weight_k3_applies(k: usize, stride: usize, ow: usize) -> bool {
 
 /// Largest weight-gradient partials buffer, in floats (64 MiB).
 pub const WEIGHT_PARTIALS_MAX: usize = 16 << 20;
+
+/// Loop iterations one shader invocation may run on llvmpipe (the CPU
+/// driver behind lavapipe and Mesa's GL): gallivm's loop limiter
+/// (`LP_MAX_TGSI_LOOP_ITERATIONS`) ends every loop of an invocation once
+/// 65535 iterations have run in all, silently, so a longer loop leaves a
+/// partial sum and a wrong answer.
+pub const EMULATOR_LOOP_LIMIT: usize = 65_535;
+
+/// Iterations counted per channel (or feature) a conv/linear kernel's
+/// thread loops over, per tap: measured on lavapipe and llvmpipe (Mesa
+/// 22.3), a 1×1 convolution (a linear layer) went wrong above about
+/// 65535/6 = 10922 input features (10800 right, 11000 wrong) and a 3×3 one
+/// at stride 2 above 2700..4000 channels (≤ 24 per channel, against the
+/// 54 taken here): 6 per channel and tap bounds both from above. The
+/// guard (`gpu::executor::check_emulator_loops`) and the split
+/// (src/layers/conv_split.rs) use the same rate.
+pub const ITERATIONS_PER_TAP: usize = 6;
 
 /// How conv_backward_weight splits the n·oh output rows: (rows per chunk,
 /// chunks), aiming at ~256 products per thread and at most

@@ -103,6 +103,10 @@ pub struct Plan<'a> {
     /// Convolutions run the tiled kernels (shaders/conv_tiled.wgsl;
     /// `executor::ConvPath`); false (`new`): the emulator kernels.
     pub conv_tiled: bool,
+    /// Conv/linear forward and backward-data steps whose reduction would
+    /// pass a CPU emulator's loop limit run as several dispatches
+    /// (src/layers/conv_split.rs); false (`new`, GPUs): never split.
+    pub split_loops: bool,
     /// The adapter's tile for them, narrowed per layer
     /// (`ConvTile::for_rows`).
     pub conv_tile: ConvTile,
@@ -171,6 +175,7 @@ impl<'a> Plan<'a> {
             batch_mode,
             window_alignment,
             conv_tiled: false,
+            split_loops: false,
             conv_tile: ConvTile::DEFAULT,
             frozen: false,
             recording: false,

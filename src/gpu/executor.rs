@@ -115,7 +115,8 @@ impl GpuEngine {
         layers::check_model(&problem.model)?;
         if ctx.is_cpu_adapter() {
             let most = problem.batch.min(problem.data.len()).max(1);
-            check_emulator_loops(&problem.model, &ctx.info.name, most)?;
+            let split = !options.conv_path.tiled_for(&ctx)?;
+            check_emulator_loops(&problem.model, &ctx.info.name, most, split)?;
         }
         let budget = options
             .cache_budget
@@ -234,6 +235,7 @@ impl GpuEngine {
                 window_alignment,
             );
             p.conv_tiled = conv_tiled;
+            p.split_loops = ctx.is_cpu_adapter() && !conv_tiled;
             p.conv_tile = conv_tile;
             p.reduce_split = reduce_span.map(|s| (s, reduce_partials));
             p.frozen = replay;

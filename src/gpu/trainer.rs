@@ -102,7 +102,8 @@ impl GpuTrainer {
     ) -> Result<GpuTrainer> {
         layers::check_model(model)?;
         if ctx.is_cpu_adapter() {
-            crate::gpu::executor::check_emulator_loops(model, &ctx.info.name, max_count)?;
+            let split = !ConvPath::Auto.tiled_for(&ctx)?;
+            crate::gpu::executor::check_emulator_loops(model, &ctx.info.name, max_count, split)?;
         }
         let model = model.clone();
         let np = model.n_params;
@@ -329,6 +330,7 @@ impl GpuTrainer {
             );
             // The conv kernels of the spectral engine's default path.
             p.conv_tiled = ConvPath::Auto.tiled_for(&self.ctx)?;
+            p.split_loops = self.ctx.is_cpu_adapter() && !p.conv_tiled;
             p.reduce_split = self.reduce_split;
             let steps = plan::plan_batch(
                 p,

@@ -15,7 +15,7 @@
 //! ones run on shaders/conv_direct.wgsl on either path (a thread per
 //! element over its group's channels only), conv_weight_sum after it.
 
-use super::{linear_rows, unsupported, CpuCx, Layer, Saved};
+use super::{conv_split, linear_rows, unsupported, CpuCx, Layer, Saved};
 use crate::dispatch::kernels::{self, Consts, ConvParams, Kernel, WeightsVia};
 use crate::dispatch::plan::{NodeBufs, Plan};
 use crate::dispatch::step::Grid;
@@ -517,13 +517,44 @@ pub(super) fn conv_params(
     }
 }
 
+/// Pushes a conv forward or backward-data step (`push_conv_whole`); on a
+/// plan that splits loops (CPU emulators) and a reduction past their loop
+/// limit, as one dispatch per chunk of the reduced channels
+/// (src/layers/conv_split.rs: wgpu runs a pass's dispatches in order, so
+/// each chunk adds to the sums the previous one finished).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn push_conv(
+    p: &mut Plan,
+    kernel: Kernel,
+    consts: Consts,
+    pr: &ConvParams,
+    buffers: Vec<usize>,
+    grid: Grid,
+    dilation: usize,
+    wt: bool,
+) {
+    let spans = if p.split_loops && !p.conv_tiled {
+        let (channels, taps) = conv_split::reduction(kernel, pr, dilation, wt);
+        conv_split::spans(channels, taps)
+    } else {
+        vec![]
+    };
+    if spans.len() <= 1 {
+        return push_conv_whole(p, kernel, consts, pr, buffers, grid, dilation, wt);
+    }
+    for (i, &(lo, hi)) in spans.iter().enumerate() {
+        let c = conv_split::chunk_consts(consts, i, lo, hi);
+        push_conv_whole(p, kernel, c, pr, buffers.clone(), grid, dilation, wt);
+    }
+}
+
 /// Pushes a conv forward or backward-data step, reading the layer's
 /// weights (and bias) through one uniform window of θ/v where they fit in
 /// it: the offsets in `pr` become relative to the window. A grouped or
 /// dilated layer runs conv_direct.wgsl's kernel instead, on a thread per
 /// output (forward) or input (backward data) element.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn push_conv(
+fn push_conv_whole(
     p: &mut Plan,
     kernel: Kernel,
     consts: Consts,

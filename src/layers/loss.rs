@@ -4,7 +4,9 @@
 //! f64: `crate::ops::loss`; kernels: shaders/loss.wgsl and the loss sum of
 //! shaders/reduce.wgsl.
 
-use crate::dispatch::kernels::{Kernel, LossParams, ReduceParams};
+use crate::dispatch::kernels::{
+    Kernel, LossParams, ReduceParams, EMULATOR_LOOP_LIMIT, ITERATIONS_PER_TAP,
+};
 use crate::dispatch::plan::Plan;
 use crate::dispatch::step::Grid;
 use crate::ops::loss;
@@ -52,6 +54,19 @@ pub struct LossBufs {
     pub radj: usize,
 }
 
+/// Whether the loss over `k` classes takes a workgroup per row: on CPU
+/// emulators (`Plan::split_loops`) where a thread's three loops over the
+/// classes (a vocabulary of 50257 for GPT-2) would pass llvmpipe's loop
+/// limit; elsewhere a thread per row, as before.
+pub fn by_rows(p: &Plan, k: usize) -> bool {
+    p.split_loops && by_rows_at(k)
+}
+
+/// Whether a thread's loops over `k` classes would pass the loop limit.
+pub fn by_rows_at(k: usize) -> bool {
+    3 * k * ITERATIONS_PER_TAP > EMULATOR_LOOP_LIMIT
+}
+
 /// Pushes the loss of one batch (`rows` loss rows per sample:
 /// `next_token::loss_rows`), its gradient into `b.adj`, and the batch
 /// loss into slot `batch` of `losses`.
@@ -65,8 +80,13 @@ pub fn plan_forward_backward(
     rows: usize,
 ) {
     let n = p.n * rows;
+    let (kernel, grid) = if by_rows(p, k) {
+        (Kernel::XentForwardBackwardRows, Grid::Groups(n))
+    } else {
+        (Kernel::XentForwardBackward, Grid::Threads(n))
+    };
     p.push(
-        Kernel::XentForwardBackward,
+        kernel,
         &LossParams {
             n: n as u32,
             k: k as u32,
@@ -74,7 +94,7 @@ pub fn plan_forward_backward(
             _p0: 0,
         },
         vec![b.logits, b.labels, b.probs, b.sample_loss, b.adj],
-        Grid::Threads(n),
+        grid,
     );
     p.push(
         Kernel::SumAll,
@@ -91,8 +111,13 @@ pub fn plan_forward_backward(
 /// Pushes R(∂L/∂z) into `b.radj`.
 pub fn plan_r_backward(p: &mut Plan, b: &LossBufs, k: usize, scale: f32, rows: usize) {
     let n = p.n * rows;
+    let (kernel, grid) = if by_rows(p, k) {
+        (Kernel::XentRBackwardRows, Grid::Groups(n))
+    } else {
+        (Kernel::XentRBackward, Grid::Threads(n))
+    };
     p.push(
-        Kernel::XentRBackward,
+        kernel,
         &LossParams {
             n: n as u32,
             k: k as u32,
@@ -100,6 +125,6 @@ pub fn plan_r_backward(p: &mut Plan, b: &LossBufs, k: usize, scale: f32, rows: u
             _p0: 0,
         },
         vec![b.probs, b.dlogits, b.radj],
-        Grid::Threads(n),
+        grid,
     );
 }

@@ -29,6 +29,7 @@ pub mod attention;
 pub mod batchnorm;
 pub mod channels;
 pub mod conv;
+pub mod conv_split;
 pub mod embedding;
 pub mod flatten;
 pub mod layer_scale;

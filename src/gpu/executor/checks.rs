@@ -225,44 +225,47 @@ pub(super) fn non_finite_error(model: &Model, what: &str, xs: &[f32], device: &s
     Ok(())
 }
 
-/// Loop iterations one shader invocation may run on llvmpipe (the CPU
-/// driver behind lavapipe and Mesa's GL): gallivm's loop limiter
-/// (`LP_MAX_TGSI_LOOP_ITERATIONS`) ends every loop of an invocation once
-/// 65535 iterations have run in all, silently, so a longer loop leaves a
-/// partial sum and a wrong answer.
-pub const EMULATOR_LOOP_LIMIT: usize = 65_535;
-
-/// Iterations counted per channel (or feature) a conv/linear kernel's
-/// thread loops over, per tap: measured on lavapipe and llvmpipe (Mesa
-/// 22.3), a 1×1 convolution (a linear layer) went wrong above about
-/// 65535/6 = 10922 input features (10800 right, 11000 wrong) and a 3×3 one
-/// at stride 2 above 2700..4000 channels (≤ 24 per channel, against the
-/// 54 taken here): 6 per channel and tap bounds both from above.
-const ITERATIONS_PER_TAP: usize = 6;
+pub use crate::dispatch::kernels::{EMULATOR_LOOP_LIMIT, ITERATIONS_PER_TAP};
 
 /// Refuses, on a CPU emulator, a layer whose kernels would loop past
-/// [`EMULATOR_LOOP_LIMIT`] in one invocation: the conv/linear forward (and
-/// R-forward) threads loop over the input channels × taps, the backward
-/// (data) threads over the output channels × the taps of one phase; the
+/// [`EMULATOR_LOOP_LIMIT`] in one invocation and cannot be split: the
 /// per-channel reductions (batch norm, bias and weight-gradient sums) over
 /// a channel's values in a batch of `max_count`, a workgroup of 256 threads
-/// sharing them.
-pub(crate) fn check_emulator_loops(model: &Model, adapter: &str, max_count: usize) -> Result<()> {
+/// sharing them; a conv/linear weight gradient's stage one (a thread's
+/// chunk of output rows × columns) and its sum over the chunks; the
+/// cross-entropy's loops over the classes (named by the last layer). The
+/// conv/linear forward (and R-forward) threads loop over the input
+/// channels × taps, the backward (data) threads over the output channels ×
+/// the taps of one phase: with `split` (the emulator kernels) those run in
+/// chunks (src/layers/conv_split.rs) and pass; without it (the tiled
+/// kernels forced onto an emulator) they are refused too.
+pub(crate) fn check_emulator_loops(
+    model: &Model,
+    adapter: &str,
+    max_count: usize,
+    split: bool,
+) -> Result<()> {
+    let refuse = |node: &crate::model::Node, what: String| Error::Unsupported {
+        layer: node.name.clone(),
+        msg: format!(
+            "{what}, past the {EMULATOR_LOOP_LIMIT} after which {adapter} (Mesa's CPU driver) \
+             silently stops a shader's loops; take smaller batches, or run it on a GPU or on \
+             the float64 CPU engine"
+        ),
+    };
     for node in &model.nodes {
         let per_channel = max_count * node.in_shape.spatial().max(node.out_shape.spatial());
         let reduce = per_channel.div_ceil(256) * ITERATIONS_PER_TAP;
         if reduce > EMULATOR_LOOP_LIMIT {
-            return Err(Error::Unsupported {
-                layer: node.name.clone(),
-                msg: format!(
+            return Err(refuse(
+                node,
+                format!(
                     "its per-channel sums over {per_channel} values of a batch of {max_count} \
-                     loop about {reduce} times per GPU thread, past the {EMULATOR_LOOP_LIMIT} \
-                     after which {adapter} (Mesa's CPU driver) silently stops a shader's loops; \
-                     take smaller batches, or run it on a GPU or on the float64 CPU engine"
+                     loop about {reduce} times per GPU thread"
                 ),
-            });
+            ));
         }
-        let (fwd, bwd, what) = match node.op {
+        let (fwd, bwd, what, rows, k, oh, ow, weights) = match node.op {
             Op::Conv {
                 cin,
                 cout,
@@ -273,26 +276,71 @@ pub(crate) fn check_emulator_loops(model: &Model, adapter: &str, max_count: usiz
             } => {
                 let g = groups.max(1);
                 let phase = k.div_ceil(stride.max(1));
-                (cin / g * k * k, cout / g * phase * phase, "channels")
+                let (oh, ow) = (node.out_shape.h, node.out_shape.w);
+                let w = cout * (cin / g) * k * k;
+                (
+                    cin / g * k * k,
+                    cout / g * phase * phase,
+                    "channels",
+                    max_count,
+                    k,
+                    oh,
+                    ow,
+                    w,
+                )
             }
-            Op::Linear { din, dout, .. } | Op::SeqLinear { din, dout, .. } => {
-                (din, dout, "features")
+            Op::Linear { din, dout, .. } => (din, dout, "features", max_count, 1, 1, 1, din * dout),
+            Op::SeqLinear { din, dout, .. } => {
+                let rows = max_count * node.in_shape.tokens();
+                (din, dout, "features", rows, 1, 1, 1, din * dout)
             }
             _ => continue,
         };
-        let worst = fwd.max(bwd) * ITERATIONS_PER_TAP;
-        if worst > EMULATOR_LOOP_LIMIT {
-            return Err(Error::Unsupported {
-                layer: node.name.clone(),
-                msg: format!(
-                    "its float32 kernels loop over {} input and {} output {what} (taps included) \
-                     per GPU thread, about {worst} loop iterations, past the {EMULATOR_LOOP_LIMIT} \
-                     after which {adapter} (Mesa's CPU driver) silently stops a shader's loops; \
-                     run it on a GPU, or on the float64 CPU engine",
-                    fwd, bwd
+        // The weight gradient (conv_weight.wgsl, conv_direct.wgsl): stage
+        // one loops over ⌈k/7⌉ passes of a chunk's rows × columns, the sum
+        // over the chunks; counted at the same rate as a tap.
+        let (per, chunks) = crate::dispatch::kernels::conv_weight_chunks(rows, oh, ow, weights);
+        let stage = k.div_ceil(7) * per * ow.max(1) * ITERATIONS_PER_TAP;
+        let sum = chunks * ITERATIONS_PER_TAP;
+        if stage.max(sum) > EMULATOR_LOOP_LIMIT {
+            return Err(refuse(
+                node,
+                format!(
+                    "its weight gradient over a batch of {max_count} loops about {} times per \
+                     GPU thread",
+                    stage.max(sum)
                 ),
-            });
+            ));
         }
+        let worst = fwd.max(bwd) * ITERATIONS_PER_TAP;
+        if !split && worst > EMULATOR_LOOP_LIMIT {
+            return Err(refuse(
+                node,
+                format!(
+                    "its float32 kernels (the tiled path, which does not split them) loop over \
+                     {fwd} input and {bwd} output {what} (taps included) per GPU thread, about \
+                     {worst} loop iterations"
+                ),
+            ));
+        }
+    }
+    // The cross-entropy's three loops over the classes (a vocabulary for a
+    // language model): a thread per row, or with `split` a workgroup per
+    // row whose threads stride over them (shaders/loss.wgsl).
+    let k = model.classes;
+    let per_thread = if split && crate::layers::loss::by_rows_at(k) {
+        k.div_ceil(256)
+    } else {
+        k
+    };
+    let loss = 3 * per_thread * ITERATIONS_PER_TAP;
+    if let (true, Some(last)) = (loss > EMULATOR_LOOP_LIMIT, model.nodes.last()) {
+        return Err(refuse(
+            last,
+            format!(
+                "the cross-entropy over its {k} outputs loops about {loss} times per GPU thread"
+            ),
+        ));
     }
     Ok(())
 }
