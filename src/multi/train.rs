@@ -34,7 +34,7 @@
 use crate::cpu::{BatchStep, CpuReference};
 use crate::error::{Error, Result};
 use std::ops::Range;
-use std::sync::{Barrier, Mutex};
+use std::sync::{Condvar, Mutex};
 
 /// How a trainer's mini-batches are spread.
 #[derive(Clone, Copy, Debug)]
@@ -111,30 +111,84 @@ pub fn sum_gathered(gathered: &[f64], len: usize) -> Vec<f64> {
 }
 
 /// The all-sum of the threads of one step: each worker puts its vector in
-/// its slot, all wait, each adds the slots in worker order, all wait again
-/// (so no slot is overwritten before every worker has read it).
+/// its slot; the last to arrive adds the slots in worker order and wakes
+/// the others, which all take that sum. A worker that leaves the step
+/// early (an error or a panic: [`Leave`]) aborts the exchange, so the
+/// others never wait for it: from then on every all-sum returns the
+/// caller's own vector, and the step's result is discarded for the error.
 struct Exchange {
-    slots: Mutex<Vec<Vec<f64>>>,
-    barrier: Barrier,
+    state: Mutex<Round>,
+    woken: Condvar,
+}
+
+struct Round {
+    slots: Vec<Vec<f64>>,
+    arrived: usize,
+    /// Completed rounds; a waiter leaves when it moves.
+    round: u64,
+    sum: Vec<f64>,
+    aborted: bool,
 }
 
 impl Exchange {
     fn new(workers: usize) -> Exchange {
         Exchange {
-            slots: Mutex::new(vec![vec![]; workers]),
-            barrier: Barrier::new(workers),
+            state: Mutex::new(Round {
+                slots: vec![vec![]; workers],
+                arrived: 0,
+                round: 0,
+                sum: vec![],
+                aborted: false,
+            }),
+            woken: Condvar::new(),
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Round> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn all_sum(&self, worker: usize, part: &[f64]) -> Vec<f64> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())[worker] = part.to_vec();
-        self.barrier.wait();
-        let out = {
-            let s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            sum_in_order(part.len(), s.iter().map(Vec::as_slice))
-        };
-        self.barrier.wait();
-        out
+        let mut st = self.lock();
+        if st.aborted {
+            return part.to_vec();
+        }
+        st.slots[worker] = part.to_vec();
+        st.arrived += 1;
+        if st.arrived == st.slots.len() {
+            st.sum = sum_in_order(part.len(), st.slots.iter().map(Vec::as_slice));
+            st.arrived = 0;
+            st.round += 1;
+            self.woken.notify_all();
+            return st.sum.clone();
+        }
+        let round = st.round;
+        while st.round == round && !st.aborted {
+            st = self.woken.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.round == round {
+            return part.to_vec();
+        }
+        // The round this worker joined is complete: its sum stays until
+        // every worker has arrived at the next, which this one has not.
+        st.sum.clone()
+    }
+
+    fn abort(&self) {
+        self.lock().aborted = true;
+        self.woken.notify_all();
+    }
+}
+
+/// Aborts the exchange when dropped armed: a worker thread that returns an
+/// error or unwinds from a panic.
+struct Leave<'a>(&'a Exchange, bool);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.abort();
+        }
     }
 }
 
@@ -172,8 +226,12 @@ pub fn step(
                         let ex = &ex;
                         let r = r.clone();
                         s.spawn(move || {
+                            let mut leave = Leave(ex, true);
                             let f = move |p: &[f64]| ex.all_sum(i, p);
-                            cpu.batch_step_part(start + r.start, r.len(), count, Some(&f))
+                            let out =
+                                cpu.batch_step_part(start + r.start, r.len(), count, Some(&f));
+                            leave.1 = out.is_err();
+                            out
                         })
                     })
                     .collect();
@@ -233,4 +291,41 @@ pub fn step(
         )));
     }
     Ok(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three workers sum in worker order; then one leaves with an error
+    /// while the others wait in the next round: they are released with
+    /// their own vectors, and later rounds do not wait either.
+    #[test]
+    fn a_worker_that_leaves_releases_the_others() {
+        let ex = Exchange::new(3);
+        let out: Vec<(Vec<f64>, Vec<f64>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3)
+                .map(|i| {
+                    let ex = &ex;
+                    s.spawn(move || {
+                        let first = ex.all_sum(i, &[i as f64, 1.0]);
+                        if i == 1 {
+                            let _leave = Leave(ex, true);
+                            return (first, vec![]);
+                        }
+                        let second = ex.all_sum(i, &[10.0 + i as f64]);
+                        let third = ex.all_sum(i, &[20.0 + i as f64]);
+                        (first, [second, third].concat())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, (first, later)) in out.iter().enumerate() {
+            assert_eq!(first, &vec![3.0, 3.0], "worker {i}");
+            if i != 1 {
+                assert_eq!(later, &vec![10.0 + i as f64, 20.0 + i as f64], "worker {i}");
+            }
+        }
+    }
 }
