@@ -374,15 +374,7 @@ impl CpuReference {
     /// gradient, and every batch-norm node's batch moments (batch mode
     /// only; empty in running mode). Forced decisions are not applied.
     pub fn batch_step(&self, start: usize, count: usize) -> Result<BatchStep> {
-        let st = self.batch_step_part(start, count, count, None)?;
-        if !st.loss.is_finite() {
-            return Err(Error::Numerical(format!(
-                "the loss of samples {start}..{} is {}: the weights or data overflow in float64",
-                start + count,
-                st.loss
-            )));
-        }
-        Ok(st)
+        finite_step(self.batch_step_part(start, count, count, None)?, start, count)
     }
 
     /// One worker's part of a mini-batch of `total` samples spread over
@@ -605,4 +597,17 @@ impl Curvature for CpuReference {
     fn adapter(&self) -> String {
         "float64 reference".into()
     }
+}
+
+/// A training step's result, refused where its loss is not finite (one
+/// worker's or the sum over data-parallel workers').
+pub(crate) fn finite_step(st: BatchStep, start: usize, count: usize) -> Result<BatchStep> {
+    if !st.loss.is_finite() {
+        return Err(Error::Numerical(format!(
+            "the loss of samples {start}..{} is {}: the weights or data overflow in float64",
+            start + count,
+            st.loss
+        )));
+    }
+    Ok(st)
 }

@@ -188,39 +188,7 @@ fn a_failing_rank_ends_every_rank_with_its_message() {
 /// 2 + 3 over the ranks, the last 1 + 2), momentum and weight decay,
 /// shuffled, 3 epochs.
 fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
-    let fx = fixtures_dir().join("cnn-tiny");
-    let mut a: Vec<String> = [
-        "train",
-        "--model",
-        "cnn-tiny",
-        "--weights",
-        fx.join("weights.safetensors").to_str().unwrap(),
-        "--data",
-        fx.join("data.safetensors").to_str().unwrap(),
-        "--samples",
-        "23",
-        "--batch",
-        "5",
-        "--epochs",
-        "3",
-        "--lr",
-        "0.05",
-        "--momentum",
-        "0.9",
-        "--weight-decay",
-        "5e-4",
-        "--milestones",
-        "2",
-        "--seed",
-        "7",
-        "--dtype",
-        "f64",
-        "--json",
-        "--out",
-        out.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut a = parallel_train_args(out, &["--json"]);
     a.extend(extra.iter().map(|s| s.to_string()));
     a
 }

@@ -167,43 +167,10 @@ fn workers_without_a_sample_and_the_regulariser_are_refused() {
 }
 
 fn cli_args(out: &Path, devices: Option<&str>) -> Vec<String> {
-    let fx = fixtures_dir().join("cnn-tiny");
-    let mut a: Vec<String> = [
-        "train",
-        "--model",
-        "cnn-tiny",
-        "--weights",
-        fx.join("weights.safetensors").to_str().unwrap(),
-        "--data",
-        fx.join("data.safetensors").to_str().unwrap(),
-        "--samples",
-        "23",
-        "--batch",
-        "5",
-        "--epochs",
-        "3",
-        "--lr",
-        "0.05",
-        "--momentum",
-        "0.9",
-        "--weight-decay",
-        "5e-4",
-        "--milestones",
-        "2",
-        "--seed",
-        "7",
-        "--dtype",
-        "f64",
-        "--out",
-        out.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
     match devices {
-        Some(d) => a.extend(["--devices".into(), d.into()]),
-        None => a.extend(["--backend".into(), "cpu".into()]),
+        Some(d) => parallel_train_args(out, &["--devices", d]),
+        None => parallel_train_args(out, &["--backend", "cpu"]),
     }
-    a
 }
 
 fn step_losses(dir: &Path) -> Vec<f64> {

@@ -57,7 +57,10 @@ def hesscope(args):
     t = time.time()
     r = subprocess.run([exe] + args, capture_output=True, text=True)
     if r.returncode != 0:
-        return None, (r.stderr.strip() or r.stdout.strip()).splitlines()[-1:], time.time() - t
+        # A process killed by a signal (the kernel's OOM killer: -9) prints
+        # nothing: say so rather than return an empty error.
+        last = (r.stderr.strip() or r.stdout.strip()).splitlines()[-1:]
+        return None, last or [f"{args[0]}: exit status {r.returncode}, no output"], time.time() - t
     return json.loads(r.stdout), None, time.time() - t
 
 

@@ -283,14 +283,7 @@ pub fn step(
             }
         }
     };
-    if !st.loss.is_finite() {
-        return Err(Error::Numerical(format!(
-            "the loss of samples {start}..{} is {}: the weights or data overflow in float64",
-            start + count,
-            st.loss
-        )));
-    }
-    Ok(st)
+    crate::cpu::finite_step(st, start, count)
 }
 
 #[cfg(test)]

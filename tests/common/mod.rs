@@ -309,3 +309,46 @@ pub fn dense_hessian(cpu: &hesscope::cpu::CpuReference) -> hesscope::spectral::D
     }
     hesscope::spectral::DenseOperator { n, a }
 }
+
+/// `train` on cnn-tiny as the data-parallel tests run it (tests/
+/// train_parallel.rs, tests/mpi.rs): 23 samples in mini-batches of 5 (so
+/// 2 or 3 workers get uneven parts, the last mini-batch 3 samples),
+/// momentum, weight decay, a milestone, shuffled, 3 epochs, float64,
+/// written to `out`; `extra` appended (the backend or `--devices`).
+#[allow(dead_code)]
+pub fn parallel_train_args(out: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let fx = fixtures_dir().join("cnn-tiny");
+    let mut a: Vec<String> = [
+        "train",
+        "--model",
+        "cnn-tiny",
+        "--weights",
+        fx.join("weights.safetensors").to_str().unwrap(),
+        "--data",
+        fx.join("data.safetensors").to_str().unwrap(),
+        "--samples",
+        "23",
+        "--batch",
+        "5",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.05",
+        "--momentum",
+        "0.9",
+        "--weight-decay",
+        "5e-4",
+        "--milestones",
+        "2",
+        "--seed",
+        "7",
+        "--dtype",
+        "f64",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
