@@ -70,6 +70,9 @@ fn embedding_kernels_match() {
                 d: d as u32,
                 vocab: vocab as u32,
                 w_off: off as u32,
+                r0: 0,
+                rows: vocab as u32,
+                ..Default::default()
             };
             let tag = format!("{backend} vocab {vocab} d {d} {n}×{t} tokens");
             let (idb, thb, vb, gyb) = (

@@ -150,10 +150,12 @@ params_struct! {
 }
 
 params_struct! {
-    /// shaders/embedding.wgsl: `tokens` ids, a weight [vocab, d] at
-    /// `w_off`.
+    /// shaders/embedding.wgsl: `tokens` ids, a weight [vocab, d] of
+    /// which rows `r0..r0 + rows` lie at `w_off` (all of them, r0 = 0,
+    /// unless the weight is split by rows between bindings).
     EmbParams {
         tokens: u32, d: u32, vocab: u32, w_off: u32,
+        r0: u32, rows: u32, _p0: u32, _p1: u32,
     }
 }
 

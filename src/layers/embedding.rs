@@ -11,7 +11,7 @@
 use super::channels::block_copy;
 use super::{CpuCx, Layer, Saved};
 use crate::dispatch::kernels::{EmbParams, Kernel};
-use crate::dispatch::plan::{NodeBufs, Plan};
+use crate::dispatch::plan::{NodeBufs, ParamChunk, Plan};
 use crate::dispatch::step::Grid;
 use crate::model::{Node, Op};
 
@@ -105,46 +105,74 @@ impl Layer for EmbeddingUnit {
         vec![vec![0.0; xs[0].len()]]
     }
     affine_r_backward!();
-    // GPU: shaders/embedding.wgsl; ids are data, so no input adjoint.
+    // GPU: shaders/embedding.wgsl; ids are data, so no input adjoint. A
+    // weight split by rows between bindings (`Plan::row_blocks`, shared
+    // with a tied lm_head) runs one dispatch per row block: each gathers
+    // the tokens whose id falls in its rows and scatter-adds into its own
+    // window of the gradient or Hv.
     fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
-        plan_gather(p, node, io.x[0], p.theta, io.y);
+        for (ep, at) in windows(p, node) {
+            let table = at.map_or(p.theta, |c| c.theta);
+            plan_gather(p, &ep, io.x[0], table, io.y);
+        }
     }
     fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
-        plan_gather(p, node, io.x[0], p.v, io.dy);
+        for (ep, at) in windows(p, node) {
+            let table = at.map_or(p.v, |c| c.v);
+            plan_gather(p, &ep, io.x[0], table, io.dy);
+        }
         false
     }
     fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
-        let ep = emb_params(p, node);
-        let target = p.target(r);
-        p.push(
-            Kernel::EmbScatter,
-            &ep,
-            vec![io.x[0], io.gy, target],
-            Grid::Threads((ep.vocab * ep.d) as usize),
-        );
+        for (ep, at) in windows(p, node) {
+            let target = match at {
+                Some(c) if r => c.hv,
+                Some(c) => c.grad,
+                None => p.target(r),
+            };
+            p.push(
+                Kernel::EmbScatter,
+                &ep,
+                vec![io.x[0], io.gy, target],
+                Grid::Threads((ep.rows * ep.d) as usize),
+            );
+        }
     }
 }
 
-fn emb_params(p: &Plan, node: &Node) -> EmbParams {
+/// The kernels' parameters per row window of the weight: the whole weight
+/// in the node's bound chunk (None), or each row block of a weight split
+/// by rows with the chunk holding it.
+fn windows(p: &Plan, node: &Node) -> Vec<(EmbParams, Option<ParamChunk>)> {
     let (w, d) = emb(node);
     let vocab = match node.op {
         Op::Embedding { vocab, .. } => vocab,
         _ => unreachable!("embedding unit on {}", node.kind()),
     };
-    EmbParams {
+    let ep = |w_off: usize, r0: usize, rows: usize| EmbParams {
         tokens: (p.n * node.in_shape.tokens()) as u32,
         d: d as u32,
         vocab: vocab as u32,
-        w_off: p.param_off(w) as u32,
+        w_off: w_off as u32,
+        r0: r0 as u32,
+        rows: rows as u32,
+        ..Default::default()
+    };
+    match p.row_blocks(w) {
+        Some(blocks) => blocks
+            .iter()
+            .map(|b| (ep(b.off, b.r0, b.r1 - b.r0), Some(b.at)))
+            .collect(),
+        None => vec![(ep(p.param_off(w), 0, vocab), None)],
     }
 }
 
-/// dst = rows of the weight in `table` (θ or v) by token id.
-fn plan_gather(p: &mut Plan, node: &Node, ids: usize, table: usize, dst: usize) {
-    let ep = emb_params(p, node);
+/// dst = rows of the weight in `table` (θ or v) by token id, for the ids
+/// in the window of `ep`.
+fn plan_gather(p: &mut Plan, ep: &EmbParams, ids: usize, table: usize, dst: usize) {
     p.push(
         Kernel::EmbGather,
-        &ep,
+        ep,
         vec![ids, table, dst],
         Grid::Threads((ep.tokens * ep.d) as usize),
     );

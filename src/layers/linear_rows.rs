@@ -1,5 +1,7 @@
 //! A linear layer whose weight exceeds a storage binding (vgg11_bn's
-//! classifier.0, 4096 × 25088 floats = 411 MB, against lavapipe's 128 MiB):
+//! classifier.0, 4096 × 25088 floats = 411 MB, against lavapipe's 128 MiB;
+//! GPT-2's lm_head on a sequence, tied to the 50257 × 768 token embedding,
+//! runs here too with the batch's samples · tokens as its samples):
 //! its weight lies in several chunks of θ, v, the gradient and Hv
 //! (`gpu::executor::param_bufs`), split between rows, and each pass runs
 //! the conv unit's kernels on one row block at a time, every binding a
@@ -20,6 +22,7 @@
 //! Block products take one tangent at a time here (the engine's block
 //! size is 1 when a layer is split).
 
+use super::channels::block_copy;
 use super::conv;
 use crate::dispatch::kernels::{self, Consts, Kernel};
 use crate::dispatch::plan::{NodeBufs, Plan, RowBlock};
@@ -65,20 +68,37 @@ fn sub(node: &Node, b: &RowBlock) -> Node {
     }
 }
 
-/// Columns r0..r1 of every sample of `src` [n, dout] into `dst` [n, rows].
+/// Columns r0..r1 of every sample of `src` [n, dout] into `dst` [n, rows]
+/// (one strided block copy).
 fn gather(p: &mut Plan, src: usize, dst: usize, dout: usize, b: &RowBlock) {
     let rows = b.r1 - b.r0;
-    for s in 0..p.n {
-        p.copy(src, s * dout + b.r0, dst, s * rows, rows, false);
-    }
+    block_copy(
+        p,
+        src,
+        dst,
+        p.n,
+        rows,
+        (dout, b.r0),
+        (rows, 0),
+        false,
+        false,
+    );
 }
 
 /// `src` [n, rows] into columns r0..r1 of `dst` [n, dout].
 fn scatter(p: &mut Plan, src: usize, dst: usize, dout: usize, b: &RowBlock) {
     let rows = b.r1 - b.r0;
-    for s in 0..p.n {
-        p.copy(src, s * rows, dst, s * dout + b.r0, rows, false);
-    }
+    block_copy(
+        p,
+        src,
+        dst,
+        p.n,
+        rows,
+        (rows, 0),
+        (dout, b.r0),
+        false,
+        false,
+    );
 }
 
 /// Adds the bias (θ's or v's, by `v`) to every sample of `y` [n, dout].
@@ -89,9 +109,7 @@ fn add_bias(p: &mut Plan, node: &Node, y: usize, v: bool) {
     let (_, dout) = din_dout(node);
     let (c, off) = p.param_at(bias);
     let src = if v { c.v } else { c.theta };
-    for s in 0..p.n {
-        p.copy(src, off, y, s * dout, dout, true);
-    }
+    block_copy(p, src, y, p.n, dout, (0, off), (dout, 0), true, false);
 }
 
 pub fn forward(p: &mut Plan, node: &Node, io: &NodeBufs, blocks: &[RowBlock]) {

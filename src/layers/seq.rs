@@ -11,6 +11,7 @@
 
 use super::channels::block_copy;
 use super::conv::{self, ConvUnit};
+use super::linear_rows;
 use super::{CpuCx, Layer, LinearUnit, Saved, StateBuf, StateCx};
 use crate::dispatch::kernels::{ChannelParams, Consts, Kernel};
 use crate::dispatch::plan::{NodeBufs, Plan};
@@ -335,23 +336,35 @@ impl Layer for SeqLinearUnit {
     fn gpu_state(&self, node: &Node, n: usize, cx: &StateCx) -> Vec<StateBuf> {
         ConvUnit.gpu_state(&as_linear(node), n * node.in_shape.tokens(), cx)
     }
+    // A weight split by rows between bindings (an nn.Linear's, never a
+    // Conv1D's, tied or not: `Plan::row_blocks`) runs by blocks of output
+    // rows as the flat linear layer does (`layers::linear_rows`).
     fn plan_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) {
         let wt = lin(node).transposed;
-        on_rows(p, node, |p, l| conv::plan_forward_wt(p, l, io, wt))
+        on_rows(p, node, |p, l| match linear_rows::blocks(p, l) {
+            Some(b) => linear_rows::forward(p, l, io, &b),
+            None => conv::plan_forward_wt(p, l, io, wt),
+        })
     }
     fn plan_r_forward(&self, p: &mut Plan, node: &Node, io: &NodeBufs) -> bool {
         let wt = lin(node).transposed;
-        on_rows(p, node, |p, l| conv::plan_r_forward_wt(p, l, io, wt))
+        on_rows(p, node, |p, l| match linear_rows::blocks(p, l) {
+            Some(b) => linear_rows::r_forward(p, l, io, &b),
+            None => conv::plan_r_forward_wt(p, l, io, wt),
+        })
     }
     fn plan_backward(&self, p: &mut Plan, node: &Node, io: &NodeBufs, r: bool) {
         let wt = lin(node).transposed;
-        on_rows(p, node, |p, l| conv::plan_backward_wt(p, l, io, r, wt))
+        on_rows(p, node, |p, l| match linear_rows::blocks(p, l) {
+            Some(b) => linear_rows::backward(p, l, io, r, &b),
+            None => conv::plan_backward_wt(p, l, io, r, wt),
+        })
     }
 }
 
 /// The flat linear layer [DIN] -> [DOUT] one token of a sequence linear
 /// is (a Conv1D's weight is read transposed by the plan's `wt`).
-fn as_linear(node: &Node) -> Node {
+pub(crate) fn as_linear(node: &Node) -> Node {
     let l = lin(node);
     Node {
         name: node.name.clone(),

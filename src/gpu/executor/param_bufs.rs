@@ -7,9 +7,11 @@
 //! chunk of the node being planned and rebases its parameter offsets
 //! (`Plan::enter_node`, `Plan::param_off`), and the kernels, their
 //! parameters' layout and the arithmetic stay those of the single buffer.
-//! A linear layer whose own parameters exceed a binding is split by rows
-//! (`layers::linear_rows`); any other node is refused, naming its largest
-//! tensor.
+//! A linear layer (flat, or nn.Linear on a sequence) or a token embedding
+//! whose own parameters exceed a binding is split by rows
+//! (`layers::linear_rows`, `layers::embedding`; a tied weight such as
+//! GPT-2's wte/lm_head when every node reading it runs so); any other
+//! node is refused, naming its largest tensor.
 
 use crate::error::{Error, Result};
 use crate::gpu::context::{GpuBuffer, GpuContext};
@@ -82,24 +84,43 @@ fn segments(
     out
 }
 
-/// The linear layers whose parameters exceed `cap` floats, to be split by
-/// rows: (weight, its row length). A weight another node also reads (a
-/// tied one) is not split.
+/// The weight a node can run by blocks of its rows, with the row length:
+/// a flat linear layer's, a sequence nn.Linear's (not a Conv1D's: its
+/// stored rows are input features) and a token embedding's.
+fn row_weight(op: &Op) -> Option<(usize, usize)> {
+    match *op {
+        Op::Linear { weight, din, .. } => Some((weight, din)),
+        Op::SeqLinear {
+            weight,
+            din,
+            transposed: false,
+            ..
+        } => Some((weight, din)),
+        Op::Embedding { weight, dim, .. } => Some((weight, dim)),
+        _ => None,
+    }
+}
+
+/// The weights to be split by rows: those of the layers whose parameters
+/// exceed `cap` floats that run by row blocks (`row_weight`), with their
+/// row length. A weight another node also reads (a tied one) is split
+/// only where every node reading it runs by row blocks of the same rows
+/// (GPT-2's token embedding and lm_head).
 fn row_split(model: &Model, node_params: &[Vec<usize>], cap: usize) -> Vec<(usize, usize)> {
-    let mut out = vec![];
+    let mut out: Vec<(usize, usize)> = vec![];
     for (i, node) in model.nodes.iter().enumerate() {
-        if let Op::Linear { weight, din, .. } = node.op {
-            let total: usize = node_params[i]
-                .iter()
-                .map(|&p| model.params[p].numel())
-                .sum();
-            let shared = node_params
-                .iter()
-                .enumerate()
-                .any(|(j, ps)| j != i && ps.contains(&weight));
-            if total > cap && !shared && din > 0 {
-                out.push((weight, din));
-            }
+        let Some((weight, cols)) = row_weight(&node.op) else {
+            continue;
+        };
+        let total: usize = node_params[i]
+            .iter()
+            .map(|&p| model.params[p].numel())
+            .sum();
+        let readers_split = node_params.iter().enumerate().all(|(j, ps)| {
+            !ps.contains(&weight) || row_weight(&model.nodes[j].op) == Some((weight, cols))
+        });
+        if total > cap && readers_split && cols > 0 && !out.iter().any(|r| r.0 == weight) {
+            out.push((weight, cols));
         }
     }
     out
@@ -281,12 +302,25 @@ impl ParamBufs {
             }
             blocks.push((w, list));
         }
-        let most = blocks
+        // A block's outputs for every sample (every token of a sequence).
+        let samples = |w: usize| {
+            model
+                .nodes
+                .iter()
+                .map(|nd| match nd.op {
+                    Op::Linear { weight, .. } if weight == w => n,
+                    Op::SeqLinear { weight, .. } if weight == w => n * nd.in_shape.tokens(),
+                    _ => 0,
+                })
+                .max()
+                .unwrap_or(0)
+        };
+        let scratch = blocks
             .iter()
-            .flat_map(|b| b.1.iter().map(|r| r.1 - r.0))
+            .flat_map(|b| b.1.iter().map(|r| (r.1 - r.0) * samples(b.0)))
             .max()
-            .unwrap_or(0);
-        let scratch = (most * n).max(1);
+            .unwrap_or(0)
+            .max(1);
         let row_scratch = [
             arena.alloc(ctx, "row-block scratch a".into(), scratch)?,
             arena.alloc(ctx, "row-block scratch b".into(), scratch)?,
@@ -301,21 +335,31 @@ impl ParamBufs {
     }
 
     /// Floats of the weight-gradient partial sums: each unit's
-    /// `gpu_scratch`, a row block's for a linear layer split by rows.
+    /// `gpu_scratch`, a row block's for a linear layer split by rows (a
+    /// sequence one's over the batch's samples · tokens; an embedding
+    /// needs none).
     pub fn partial_floats(&self, model: &Model, n: usize) -> usize {
         let rows = self.split.as_ref().map_or(&[][..], |s| &s.rows[..]);
+        let split_rows = |w: usize| rows.iter().find(|r| r.0 == w).map(|r| &r.1);
         model
             .nodes
             .iter()
-            .map(|nd| match (&nd.op, rows) {
-                (Op::Linear { weight, din, .. }, rows) if rows.iter().any(|r| r.0 == *weight) => {
-                    let r = &rows.iter().find(|r| r.0 == *weight).unwrap().1;
-                    r.iter()
-                        .map(|b| crate::layers::linear_rows::partial_floats((b.1 - b.0) * din, n))
+            .map(|nd| {
+                let blocks = row_weight(&nd.op).and_then(|(w, _)| split_rows(w));
+                let (din, m) = match nd.op {
+                    Op::Linear { din, .. } => (din, n),
+                    Op::SeqLinear { din, .. } => (din, n * nd.in_shape.tokens()),
+                    _ => (0, 0),
+                };
+                match blocks {
+                    Some(_) if din == 0 => 0,
+                    Some(r) => r
+                        .iter()
+                        .map(|b| crate::layers::linear_rows::partial_floats((b.1 - b.0) * din, m))
                         .max()
-                        .unwrap_or(0)
+                        .unwrap_or(0),
+                    None => crate::layers::unit(&nd.op).gpu_scratch(nd, n),
                 }
-                _ => crate::layers::unit(&nd.op).gpu_scratch(nd, n),
             })
             .max()
             .unwrap_or(0)
