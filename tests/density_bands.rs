@@ -132,22 +132,16 @@ fn the_negative_mass_stderr_covers_the_exact_one() {
     );
 }
 
-/// The band of a deflated density (`--deflate auto` at 900 products: 27
-/// bulk runs of 20 steps beside 175–266 deflated Ritz pairs), over 12
-/// seeds per dense fixture. The spikes
+/// The band of a deflated density (`--deflate auto` at 900 products: 21–22
+/// bulk runs of 30 steps), over 12 seeds per dense fixture. The spikes
 /// are deterministic (residual-checked eigenvalues) and the band is the
 /// bulk's sampling spread alone, so the coverage is taken where the bulk
 /// is read: grid points where the bulk's part of the density (the
 /// density less the spikes) is at least 1e-3 of the exact density's peak.
 /// Where only the spikes are, the band is ~0 and so is the error (the
-/// eigenvalues to 1e-6·|λ|max). With 27 runs, P(|T| ≤ 2) = 0.94 for t
-/// with 26 degrees of freedom; measured with the previous rule (top 64,
-/// 22 runs of 30 steps) 0.918–0.961; with today's: cnn-smooth 0.973,
-/// cnn-tiny batch 0.948, running 0.901, cnn-tiny-nobn 0.879 and mlp-tiny
-/// 0.867 — below the bound, on 62–77 bulk grid points (SE/2: 0.61–0.73,
-/// 2·SE: 0.990–1.000): the band of the now narrow bulk is too narrow
-/// where it holds few eigenvalues (not the 20 steps' quadrature: 25-step
-/// runs give cnn-tiny-nobn 0.855). The
+/// eigenvalues to 1e-6·|λ|max). With ~22 runs, P(|T| ≤ 2) = 0.94 for t
+/// with 21 degrees of freedom; measured 0.918–0.961 (SE/2: 0.55–0.68,
+/// 2·SE: 0.996–1.000). The
 /// test asks for [0.88, 0.98], and that SE/2 (P(|T| ≤ 1) = 0.67) falls
 /// below 0.88 and 2·SE (0.9994) above 0.98.
 #[test]

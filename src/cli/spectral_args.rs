@@ -515,7 +515,7 @@ pub(crate) fn counted_deflated_slq(
 
 /// The rules `DeflationReport::rule` states.
 pub(crate) const DEFLATE_FIXED_RULE: &str = "the K eigenpairs of largest |lambda| by eigs, kept where the true residual is <= 1e-6 |lambda|max";
-pub(crate) const DEFLATE_AUTO_RULE: &str = "every Ritz pair of one Lanczos run of 0.4 of the budget with a true residual <= 1e-6 |lambda|max (a gap rule by convergence: those are the eigenvalues separated from the rest of the spectrum, at both ends)";
+pub(crate) const DEFLATE_AUTO_RULE: &str = "every one of the top 64 eigenpairs by |lambda| that eigs resolves to a true residual <= 1e-6 |lambda|max within a third of the budget (a gap rule by convergence: those are the eigenvalues separated from the rest of the spectrum)";
 
 /// The text output's lines on the band and the deflation.
 pub(crate) fn band_text(r: &DensityReport) -> String {

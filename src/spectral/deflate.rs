@@ -1,64 +1,52 @@
 //! Outlier deflation for SLQ densities.
 //!
-//! The eigenpairs at the spectrum's ends come first — with `--deflate K`
-//! the K of largest |λ| from `eigs`, with `--deflate auto` every Ritz pair
-//! of one Lanczos run that converges ([`krylov_outliers`]) — each kept only
-//! where its true residual ‖Hv − λv‖ ≤ [`DEFLATE_TOL`]·|λ|max; SLQ then
-//! runs on the deflated operator P H P, P = I − V Vᵀ over the kept vectors
-//! V, from Gaussian starts projected off V. The Krylov spaces of those
-//! starts stay in the complement of V (P after every product keeps them
-//! there to rounding), so the K zero eigenvalues P H P has on span V get
-//! no quadrature weight: the bulk's runs are quadratures of the n − K
-//! remaining eigenvalues. The density is the K spikes at the eigenvalues,
-//! each of mass 1/n, plus the bulk with mass (n − K)/n, smoothed by the
-//! same Gaussian ([`with_spikes`] folds both into every run, so the runs'
-//! mean, its band and its moments come out of the same code as without
-//! deflation).
+//! The top eigenpairs (by |λ|) come first, from `eigs` with its true
+//! residual check; SLQ then runs on the deflated operator P H P, P = I −
+//! V Vᵀ over the converged eigenvectors V, from Gaussian starts projected
+//! off V. The Krylov spaces of those starts stay in the complement of V (P
+//! after every product keeps them there to rounding), so the K zero
+//! eigenvalues P H P has on span V get no quadrature weight: the bulk's
+//! runs are quadratures of the n − K remaining eigenvalues. The density is
+//! the K spikes at the eigenvalues, each of mass 1/n, plus the bulk with
+//! mass (n − K)/n, smoothed by the same Gaussian ([`with_spikes`] folds
+//! both into every run, so the runs' mean, its band and its moments come
+//! out of the same code as without deflation).
 //!
 //! Why it helps: at Ghorbani et al.'s 90 steps the quadrature of each run
 //! is already that of the exact spectrum at the default smoothing (the
 //! fixtures' L1 at 90 steps equals that of an n-step quadrature from the
 //! same starts to 4 digits); what is left is the sampling error of the
-//! random starts' weights, which falls only as 1/√runs. A deflated
-//! eigenvalue carries its exact mass 1/n instead; and the bulk left, being
-//! narrower than the spectrum, is resolved by fewer steps per run
-//! ([`DEFLATED_STEPS`]), so the products saved go into more runs. Both
-//! grow with the number deflated: on cnn-tiny in batch mode (a wide bulk,
-//! λ in [−4.6, 4.5] at σ 0.09) the top 64 left a bulk that needed 30 steps
-//! a run and L1 0.0156 at 900 products, the ~195 pairs 360 Lanczos steps
-//! resolve leave one that 20 steps resolve, L1 0.0093 (tests/deflate.rs).
+//! random starts' weights, largest at eigenvalues isolated at the scale σ
+//! — the outliers, whose weight (v·u)² has the spread of its own mean. A
+//! deflated eigenvalue carries its exact mass 1/n instead; the bulk, being
+//! narrower, is resolved by fewer steps per run ([`DEFLATED_STEPS`]), and
+//! the products saved go into more runs.
 
 use crate::error::{Error, Result};
 use crate::spectral::compensated::{dot, norm};
 use crate::spectral::eigs::{eigs, EigsSettings, Which};
-use crate::spectral::lanczos::{gaussian_unit, BasisBudget, BasisPlan, Lanczos};
+use crate::spectral::lanczos::BasisBudget;
 use crate::spectral::operator::{BasisDevice, SymOperator};
 use crate::spectral::slq::{self, SlqRun};
-use rand::SeedableRng;
 
-/// Lanczos steps per run of the deflated bulk, unless asked otherwise
-/// (measured on the dense fixtures at 900 products with `auto`, mean L1
-/// over 4 seeds: 20 steps better than 25 and 30 on cnn-tiny batch, 0.0093
-/// against 0.0125 and 0.0133, and within 0.0003 of the best elsewhere).
-pub const DEFLATED_STEPS: usize = 20;
+/// `--deflate auto`: how many eigenpairs are asked of `eigs` at most.
+pub const AUTO_CAP: usize = 64;
+/// Lanczos steps per run of the deflated bulk, unless asked otherwise.
+pub const DEFLATED_STEPS: usize = 30;
 /// An eigenpair is deflated when its true residual ‖Hv − λv‖ is at most
 /// this times |λ|max (`eigs`' default tolerance).
 pub const DEFLATE_TOL: f64 = 1e-6;
-/// The share of the total product budget the outliers' Lanczos run may
-/// take (its step budget; `eigs`' residual checks for `--deflate K` come on
-/// top; `auto`'s cost nothing more where its products fit in memory, see
-/// [`krylov_outliers`]). Measured with `auto` at 900 products and 20-step
-/// bulk runs, mean (worst) L1 of 4 seeds on cnn-tiny batch: 1/3 0.0093
-/// (0.0112), 0.4 0.0093 (0.0104); at or below 1/3's on the other four.
-pub const EIGS_SHARE: f64 = 0.4;
+/// The share of the total product budget `eigs` may take (its step
+/// budget; its residual checks come on top).
+pub const EIGS_SHARE: f64 = 1.0 / 3.0;
 
 /// How many eigenpairs to deflate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeflateCount {
     /// The K of largest |λ| (those of them that converge).
     Fixed(usize),
-    /// Every Ritz pair one Lanczos run of [`EIGS_SHARE`] of the budget
-    /// resolves ([`krylov_outliers`]).
+    /// Up to [`AUTO_CAP`]: every one `eigs` resolves within its step
+    /// budget (see [`find_outliers`]).
     Auto,
 }
 
@@ -169,11 +157,19 @@ pub struct Outliers {
     pub hvps: usize,
 }
 
-/// The pairs to deflate. [`DeflateCount::Fixed`]: `eigs` (largest |λ|
-/// first, `max_steps` steps at most) for K pairs; the pairs whose true
-/// residual is within `DEFLATE_TOL`·|λ|max are kept, the others dropped (a
-/// vector that is not an eigenvector would carry its Rayleigh quotient's
-/// mass where no eigenvalue is). [`DeflateCount::Auto`]: [`krylov_outliers`].
+/// The pairs to deflate: `eigs` (largest |λ| first, `max_steps` steps at
+/// most) for K pairs, or for [`AUTO_CAP`] with [`DeflateCount::Auto`];
+/// the pairs whose true residual is within `DEFLATE_TOL`·|λ|max are kept,
+/// the others dropped (a vector that is not an eigenvector would carry its
+/// Rayleigh quotient's mass where no eigenvalue is).
+///
+/// The automatic rule is a gap rule measured by convergence: Lanczos
+/// resolves an eigenvalue to a residual of 1e-6·|λ|max within a few
+/// hundred steps only where it is separated from the rest of the spectrum
+/// by a gap large against the spectrum's width (Kaniel–Paige), and those
+/// are the eigenvalues SLQ's weights represent worst. So K = the number of
+/// the top-|λ| Ritz pairs, at most [`AUTO_CAP`], that converge within the
+/// step budget ([`EIGS_SHARE`] of the products).
 pub fn find_outliers(
     op: &mut dyn SymOperator,
     count: DeflateCount,
@@ -185,7 +181,7 @@ pub fn find_outliers(
     let n = op.dim();
     let asked = match count {
         DeflateCount::Fixed(k) => k,
-        DeflateCount::Auto => return krylov_outliers(op, max_steps, seed, block, budget),
+        DeflateCount::Auto => AUTO_CAP,
     };
     if asked == 0 || asked >= n {
         return Err(Error::Invalid {
@@ -205,151 +201,22 @@ pub fn find_outliers(
     let r = eigs(op, &s)?;
     let lmax = r.values.iter().fold(0.0f64, |m, x| m.max(x.abs()));
     let bound = DEFLATE_TOL * lmax.max(f64::MIN_POSITIVE);
-    let candidates = r
-        .values
-        .iter()
-        .copied()
-        .zip(r.residuals.iter().copied())
-        .collect();
     let mut out = Outliers {
         values: vec![],
         vectors: vec![],
         residuals: vec![],
         asked,
-        candidates,
+        candidates: r
+            .values
+            .iter()
+            .copied()
+            .zip(r.residuals.iter().copied())
+            .collect(),
         bound,
         steps: r.steps,
         hvps: r.operator_applications,
     };
     for ((l, v), res) in r.values.into_iter().zip(r.vectors).zip(r.residuals) {
-        if res <= bound {
-            out.values.push(l);
-            out.vectors.push(v);
-            out.residuals.push(res);
-        }
-    }
-    Ok(out)
-}
-
-/// `--deflate auto`: one Lanczos run of `max_steps` steps (full
-/// reorthogonalisation, from a Gaussian start drawn from `seed`), and every
-/// Ritz pair of it whose true residual ‖Hv − θv‖ is within
-/// `DEFLATE_TOL`·|θ|max — whatever its rank by |θ|. The Ritz pairs whose
-/// Lanczos estimate |β_m y_m| says converged are the candidates, largest
-/// |θ| first (at most n − 1); their true residuals cost one product each
-/// (in blocks of `block`), and those that fail it stay in the bulk.
-///
-/// A gap rule measured by convergence: Lanczos resolves an eigenvalue to
-/// 1e-6·|λ|max within a few hundred steps only where it is separated from
-/// the rest of the spectrum by a gap large against the spectrum's width
-/// (Kaniel–Paige) — the spectrum's wide tails, at both ends, whose width
-/// sets the steps a bulk run needs. Taking every converged pair instead of
-/// a fixed top few is what makes the budget go furthest: on the dense
-/// fixtures 360 steps resolve 175–265 pairs (tests/deflate.rs prints K),
-/// where asking `eigs` for a top 64 stopped there.
-///
-/// The true residuals need A v for every candidate v = Q y: where the
-/// run's products A q_j fit in `budget` beside its basis they are kept and
-/// A v = Σ y_j (A q_j) costs no product (the operator's own products,
-/// combined; not the recurrence's estimate); otherwise each candidate
-/// costs one product, counted in `hvps`.
-pub fn krylov_outliers(
-    op: &mut dyn SymOperator,
-    max_steps: usize,
-    seed: u64,
-    block: usize,
-    budget: BasisBudget,
-) -> Result<Outliers> {
-    let n = op.dim();
-    if n < 2 {
-        return Err(Error::Invalid {
-            what: "deflation",
-            msg: format!("an operator of dimension {n} has no bulk left to deflate"),
-        });
-    }
-    let steps = max_steps.clamp(1, n);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xe165);
-    let start = gaussian_unit(n, &mut rng);
-    let plan = BasisPlan::choose(op.basis_device(), n, steps, 1, budget)?;
-    let basis = plan.basis(n, steps + 1)?;
-    // The products A q_j are kept (where they fit in the basis budget
-    // beside the basis) so that the true residuals cost no more products.
-    let keep = n
-        .saturating_mul(steps + 1)
-        .saturating_mul(2 * std::mem::size_of::<f64>())
-        <= budget.0;
-    let mut rec = Recorder {
-        inner: op,
-        products: keep.then(Vec::new),
-    };
-    let mut lz = Lanczos::with_basis(&mut rec, &start, basis, seed)?;
-    while lz.steps() < steps && lz.step()? {}
-    let taken = lz.steps();
-    let t = lz.ritz()?;
-    let lmax = t.values.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    let bound = DEFLATE_TOL * lmax.max(f64::MIN_POSITIVE);
-    let beta = lz.last_beta();
-    let mut idx: Vec<usize> = (0..t.values.len())
-        .filter(|&i| (beta * t.vectors[i].last().copied().unwrap_or(0.0)).abs() <= bound)
-        .collect();
-    idx.sort_by(|&a, &b| {
-        t.values[b]
-            .abs()
-            .partial_cmp(&t.values[a].abs())
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    idx.truncate(n - 1);
-    let vectors: Vec<Vec<f64>> = idx
-        .iter()
-        .map(|&i| lz.combine(&t.vectors[i]))
-        .collect::<Result<_>>()?;
-    let values: Vec<f64> = idx.iter().map(|&i| t.values[i]).collect();
-    drop(lz);
-    let mut residuals = Vec::with_capacity(vectors.len());
-    let mut checks = 0;
-    let residual = |av: &[f64], v: &[f64], l: f64| {
-        let r: Vec<f64> = av.iter().zip(v).map(|(a, x)| a - l * x).collect();
-        norm(&r)
-    };
-    match rec.products.take() {
-        // A v = Σ_j y_j (A q_j): the operator's own products, combined.
-        Some(w) if w.len() == taken => {
-            for ((&i, v), &l) in idx.iter().zip(&vectors).zip(&values) {
-                let mut av = vec![0.0; n];
-                for (wj, yj) in w.iter().zip(&t.vectors[i]) {
-                    av.iter_mut().zip(wj).for_each(|(a, x)| *a += yj * x);
-                }
-                residuals.push(residual(&av, v, l));
-            }
-        }
-        _ => {
-            let b = block.max(1);
-            for (vs, ls) in vectors.chunks(b).zip(values.chunks(b)) {
-                let refs: Vec<&[f64]> = vs.iter().map(|v| v.as_slice()).collect();
-                let mut avs = vec![vec![0.0; n]; vs.len()];
-                rec.inner.apply_block(&refs, &mut avs)?;
-                checks += vs.len();
-                for ((av, v), &l) in avs.iter().zip(vs).zip(ls) {
-                    residuals.push(residual(av, v, l));
-                }
-            }
-        }
-    }
-    let mut out = Outliers {
-        values: vec![],
-        vectors: vec![],
-        residuals: vec![],
-        asked: idx.len(),
-        candidates: values
-            .iter()
-            .copied()
-            .zip(residuals.iter().copied())
-            .collect(),
-        bound,
-        steps: taken,
-        hvps: taken + checks,
-    };
-    for ((l, v), res) in values.into_iter().zip(vectors).zip(residuals) {
         if res <= bound {
             out.values.push(l);
             out.vectors.push(v);
@@ -377,29 +244,6 @@ pub fn with_spikes(bulk: &[SlqRun], spikes: &[f64], n: usize) -> Vec<SlqRun> {
         .collect()
 }
 
-/// An operator that keeps a copy of every product it computes (when
-/// `products` is `Some`).
-struct Recorder<'a> {
-    inner: &'a mut dyn SymOperator,
-    products: Option<Vec<Vec<f64>>>,
-}
-
-impl SymOperator for Recorder<'_> {
-    fn dim(&self) -> usize {
-        self.inner.dim()
-    }
-    fn apply(&mut self, v: &[f64], out: &mut [f64]) -> Result<()> {
-        self.inner.apply(v, out)?;
-        if let Some(p) = &mut self.products {
-            p.push(out.to_vec());
-        }
-        Ok(())
-    }
-    fn basis_device(&self) -> Option<std::rc::Rc<dyn BasisDevice>> {
-        self.inner.basis_device()
-    }
-}
-
 /// A deflated SLQ and what it took.
 pub struct DeflatedSlq {
     pub outliers: Outliers,
@@ -425,24 +269,8 @@ pub fn deflated_slq(
     block: usize,
     budget: BasisBudget,
 ) -> Result<DeflatedSlq> {
-    deflated_slq_with_share(op, count, total, EIGS_SHARE, steps, seed, block, budget)
-}
-
-/// [`deflated_slq`] with the outliers' step budget `share` × `total`
-/// instead of [`EIGS_SHARE`] (for measuring the split).
-#[allow(clippy::too_many_arguments)]
-pub fn deflated_slq_with_share(
-    op: &mut dyn SymOperator,
-    count: DeflateCount,
-    total: usize,
-    share: f64,
-    steps: usize,
-    seed: u64,
-    block: usize,
-    budget: BasisBudget,
-) -> Result<DeflatedSlq> {
     let n = op.dim();
-    let max_steps = ((total as f64 * share) as usize).max(1);
+    let max_steps = ((total as f64 * EIGS_SHARE) as usize).max(1);
     let outliers = find_outliers(op, count, max_steps, seed, block, budget)?;
     let left = total.saturating_sub(outliers.hvps);
     let k = outliers.values.len();
@@ -567,47 +395,5 @@ mod tests {
                 assert!(l.abs() <= 1.0 + 1e-9 || *w <= 1e-20, "{l} ({w})");
             }
         }
-    }
-
-    /// `auto`'s true residuals from the kept products equal those from
-    /// fresh products (a basis budget too small to keep them forces the
-    /// latter) to rounding, with the same pairs deflated; only the
-    /// product count differs, by one per candidate. The pairs found are
-    /// eigenvalues of the operator (a spectrum in [−1, 1] with outliers at
-    /// ±3, ±4, …, a gap Lanczos resolves in 120 steps), and both ends' are.
-    #[test]
-    fn auto_residuals_from_kept_products_equal_fresh_ones() {
-        let mut d: Vec<f64> = (0..300).map(|i| (i as f64 * 0.917).sin()).collect();
-        for j in 0..6 {
-            d[j * 40] = (3.0 + j as f64) * if j % 2 == 0 { 1.0 } else { -1.0 };
-        }
-        let run = |bytes| {
-            krylov_outliers(
-                &mut DiagonalOperator { d: d.clone() },
-                120,
-                7,
-                2,
-                BasisBudget(bytes),
-            )
-            .unwrap()
-        };
-        // Basis and products in f64: 300 × 121 × 16 bytes; the basis
-        // alone (f64, 300 × 121 × 8) fits in the smaller budget.
-        let kept = run(300 * 121 * 16);
-        let fresh = run(300 * 121 * 16 - 1);
-        assert_eq!(kept.hvps, 120);
-        assert_eq!(fresh.hvps, 120 + fresh.asked);
-        assert_eq!(kept.values, fresh.values);
-        assert!(kept.values.len() >= 6, "{:?}", kept.values);
-        for (a, b) in kept.residuals.iter().zip(&fresh.residuals) {
-            assert!((a - b).abs() <= 1e-12 * 8.0, "{a} vs {b}");
-        }
-        for l in &kept.values {
-            assert!(
-                d.iter().any(|x| (x - l).abs() <= 1e-5),
-                "{l} is not an eigenvalue"
-            );
-        }
-        assert!(kept.values.iter().any(|l| *l > 6.9) && kept.values.iter().any(|l| *l < -7.9));
     }
 }
