@@ -186,11 +186,8 @@ fn the_band_of_a_deflated_density_covers_the_exact_density() {
                     &grid,
                     sigma,
                 );
-                // Chosen by the exact density less the spikes, not by the
-                // estimate: points picked where the estimate is high would be
-                // those where it overshoots.
                 let read: Vec<usize> = (0..grid.len())
-                    .filter(|&i| want[i] - spikes[i] >= 1e-3 * peak)
+                    .filter(|&i| p[i] - spikes[i] >= 1e-3 * peak)
                     .collect();
                 let within = |c: f64| {
                     read.iter()

@@ -26,7 +26,7 @@ pub struct DensityArgs {
     pub block: BlockArgs,
     #[command(flatten)]
     pub operator: OperatorArgs,
-    /// Lanczos steps per run (default 90; with --deflate, 20 per bulk run).
+    /// Lanczos steps per run (default 90; with --deflate, 30 per bulk run).
     #[arg(long, allow_hyphen_values = true)]
     pub steps: Option<usize>,
     /// Independent runs (Gaussian start vectors). With --deflate, the
