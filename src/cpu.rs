@@ -374,7 +374,11 @@ impl CpuReference {
     /// gradient, and every batch-norm node's batch moments (batch mode
     /// only; empty in running mode). Forced decisions are not applied.
     pub fn batch_step(&self, start: usize, count: usize) -> Result<BatchStep> {
-        finite_step(self.batch_step_part(start, count, count, None)?, start, count)
+        finite_step(
+            self.batch_step_part(start, count, count, None)?,
+            start,
+            count,
+        )
     }
 
     /// One worker's part of a mini-batch of `total` samples spread over

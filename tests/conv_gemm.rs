@@ -208,12 +208,18 @@ fn gemm_linear_layers_match_the_plain_loops() {
             let (mut want, mut got) = (y0.clone(), y0);
             linear::forward_acc(n, din, dout, &x, &w, &mut want);
             gemm::linear_forward_acc(n, din, dout, transposed, &x, ws, &mut got);
-            assert!(rel(&got, &want) <= TOL, "forward {n} {din} {dout} {transposed}");
+            assert!(
+                rel(&got, &want) <= TOL,
+                "forward {n} {din} {dout} {transposed}"
+            );
             let gx0 = randv(&mut r, n * din);
             let (mut want, mut got) = (gx0.clone(), gx0);
             linear::backward_data_acc(n, din, dout, &gy, &w, &mut want);
             gemm::linear_backward_data_acc(n, din, dout, transposed, &gy, ws, &mut got);
-            assert!(rel(&got, &want) <= TOL, "data {n} {din} {dout} {transposed}");
+            assert!(
+                rel(&got, &want) <= TOL,
+                "data {n} {din} {dout} {transposed}"
+            );
             let gw0 = randv(&mut r, dout * din);
             let (mut want, got) = (gw0.clone(), gw0);
             linear::backward_weight_acc(n, din, dout, &gy, &x, &mut want);
@@ -226,7 +232,10 @@ fn gemm_linear_layers_match_the_plain_loops() {
                 gemm::linear_backward_weight_acc(n, din, dout, false, &gy, &x, &mut got);
                 got
             };
-            assert!(rel(&got, &want) <= TOL, "weight {n} {din} {dout} {transposed}");
+            assert!(
+                rel(&got, &want) <= TOL,
+                "weight {n} {din} {dout} {transposed}"
+            );
         }
     }
 }
