@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::gpu::{problem_of, tangents, uniform_unit};
+use common::gpu::{problem_of, products, tangents, uniform_unit};
 use common::{gpu_context, rel_err, GPU_BACKENDS};
 use hesscope::cpu::CpuReference;
 use hesscope::data::Dataset;
@@ -88,36 +88,6 @@ fn capped(ctx: &GpuContext) -> GpuContext {
     c
 }
 
-struct Results {
-    loss: f64,
-    grad: Vec<f64>,
-    hv: Vec<f64>,
-    block: Vec<Vec<f64>>,
-}
-
-fn run(e: &mut GpuEngine, vs: &[Vec<f64>]) -> Results {
-    let n = vs[0].len();
-    let (loss, grad, hv) = e.loss_grad_hvp(&vs[0]).unwrap();
-    let mut single = vec![f64::NAN; n];
-    e.hvp(&vs[1], &mut single).unwrap();
-    let refs: Vec<&[f64]> = vs.iter().map(|v| v.as_slice()).collect();
-    // Poisoned: every element must be written.
-    let mut block = vec![vec![f64::NAN; n]; vs.len()];
-    e.hvp_block(&refs, &mut block).unwrap();
-    assert!(grad.iter().chain(&hv).chain(&single).all(|x| x.is_finite()));
-    assert!(block.iter().flatten().all(|x| x.is_finite()));
-    assert_eq!(
-        single, block[1],
-        "an engine's single and block products are the same float32 arithmetic"
-    );
-    Results {
-        loss,
-        grad,
-        hv,
-        block,
-    }
-}
-
 fn worst(x: &[Vec<f64>], y: &[Vec<f64>]) -> f64 {
     x.iter()
         .zip(y)
@@ -159,8 +129,8 @@ fn an_embedding_larger_than_a_binding_runs_by_row_blocks_tied_or_not() {
             // floats span two 16 Ki-float chunks.
             assert_eq!(split.block(), 1);
             assert!(split.param_chunks() >= 2, "{}", split.param_chunks());
-            let a = run(&mut whole, &vs);
-            let b = run(&mut split, &vs);
+            let a = products(&mut whole, &vs);
+            let b = products(&mut split, &vs);
             let what = format!("{choice:?} tied={tied}");
             let d = [
                 (a.loss - b.loss).abs() / a.loss.abs(),

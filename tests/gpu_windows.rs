@@ -12,6 +12,7 @@
 
 mod common;
 
+use common::gpu::products;
 use common::{gpu_context, rel_err, GPU_BACKENDS};
 use hesscope::cpu::CpuReference;
 use hesscope::engine::{BnMode, Curvature, Problem};
@@ -97,36 +98,6 @@ fn engine(ctx: GpuContext, p: &Problem, block: usize) -> GpuEngine {
     GpuEngine::with_options(ctx, p, options).unwrap()
 }
 
-struct Results {
-    loss: f64,
-    grad: Vec<f64>,
-    hv: Vec<f64>,
-    block: Vec<Vec<f64>>,
-}
-
-fn run(e: &mut GpuEngine, vs: &[Vec<f64>]) -> Results {
-    let n = vs[0].len();
-    let (loss, grad, hv) = e.loss_grad_hvp(&vs[0]).unwrap();
-    let mut single = vec![f64::NAN; n];
-    e.hvp(&vs[1], &mut single).unwrap();
-    let refs: Vec<&[f64]> = vs.iter().map(|v| v.as_slice()).collect();
-    // Poisoned: every element must be written.
-    let mut block = vec![vec![f64::NAN; n]; vs.len()];
-    e.hvp_block(&refs, &mut block).unwrap();
-    assert!(grad.iter().chain(&hv).chain(&single).all(|x| x.is_finite()));
-    assert!(block.iter().flatten().all(|x| x.is_finite()));
-    assert_eq!(
-        single, block[1],
-        "an engine's single and block products are the same float32 arithmetic"
-    );
-    Results {
-        loss,
-        grad,
-        hv,
-        block,
-    }
-}
-
 #[test]
 fn split_parameter_buffers_match_float64_and_the_single_buffer_bit_for_bit() {
     let m = model(ARCH);
@@ -160,8 +131,8 @@ fn split_parameter_buffers_match_float64_and_the_single_buffer_bit_for_bit() {
                 let mut split = engine(capped(&ctx), &p, block);
                 assert_eq!(whole.param_chunks(), 1);
                 assert_eq!(split.param_chunks(), 4, "{np} floats in chunks of ≤ 16 Ki");
-                let a = run(&mut whole, &vs);
-                let b = run(&mut split, &vs);
+                let a = products(&mut whole, &vs);
+                let b = products(&mut split, &vs);
                 let what = format!("{choice:?} {bn:?} block {block}");
                 // The same kernels on the same values in the same order:
                 // only the buffer a node's parameters lie in and their
@@ -237,8 +208,8 @@ fn a_linear_layer_larger_than_a_binding_is_split_by_rows() {
                 GpuEngine::with_options(capped(&ctx), &p, EngineOptions::default()).unwrap();
             assert_eq!(split.block(), 1);
             assert!(split.param_chunks() >= 4, "{}", split.param_chunks());
-            let a = run(&mut whole, &vs);
-            let b = run(&mut split, &vs);
+            let a = products(&mut whole, &vs);
+            let b = products(&mut split, &vs);
             let what = format!("{choice:?} {bn:?}");
             let worst_block = |x: &[Vec<f64>], y: &[Vec<f64>]| {
                 x.iter()

@@ -222,3 +222,37 @@ pub fn check_token_network(r: &mut StdRng, case: usize, s: &TokenShapes, text: &
     let label = format!("case {case}: [{c}, {h}, {w}] -> {t} tokens, widths {d1}, {d2}, batch {n}");
     check_whole_model(&label, &problem, &vs, tol, false);
 }
+
+/// An engine's loss, gradient and Hv at vs[0], and its block product of
+/// all `vs` into NaN-poisoned outputs (every element must be written),
+/// checked against its single product of vs[1] (the same float32
+/// arithmetic, so the same bits).
+pub struct Products {
+    pub loss: f64,
+    pub grad: Vec<f64>,
+    pub hv: Vec<f64>,
+    pub block: Vec<Vec<f64>>,
+}
+
+pub fn products(e: &mut GpuEngine, vs: &[Vec<f64>]) -> Products {
+    let n = vs[0].len();
+    let (loss, grad, hv) = e.loss_grad_hvp(&vs[0]).unwrap();
+    let mut single = vec![f64::NAN; n];
+    e.hvp(&vs[1], &mut single).unwrap();
+    let refs: Vec<&[f64]> = vs.iter().map(|v| v.as_slice()).collect();
+    // Poisoned: every element must be written.
+    let mut block = vec![vec![f64::NAN; n]; vs.len()];
+    e.hvp_block(&refs, &mut block).unwrap();
+    assert!(grad.iter().chain(&hv).chain(&single).all(|x| x.is_finite()));
+    assert!(block.iter().flatten().all(|x| x.is_finite()));
+    assert_eq!(
+        single, block[1],
+        "an engine's single and block products are the same float32 arithmetic"
+    );
+    Products {
+        loss,
+        grad,
+        hv,
+        block,
+    }
+}
